@@ -65,7 +65,7 @@ class CommandTimeout(CommandExecutionFailure):
 class ExecutorFailure(Exception):
     """The executor itself failed: connection lost, channel refused, host unreachable."""
 
-    def __init__(self, description: str, executor: Optional["Executor"] = None) -> None:
+    def __init__(self, description: str, executor: Optional[Executor] = None) -> None:
         super().__init__(description)
         self.description = description
         self.executor = executor

@@ -1,0 +1,330 @@
+"""Connection state: the one shared paramiko Transport of an executor and its session slots.
+
+`Connection` owns the state of one executor's connection, guarded by one
+`threading.Lock`: the current `ConnectionState` (a Transport published
+together with its slot semaphore, so a reconnect never pairs a new transport
+with an old bound) and the connect attempt in flight, which every thread that
+needs a connection meanwhile waits for and shares the outcome of.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import weakref
+from typing import List, NamedTuple, Optional
+
+import paramiko
+
+from .auth import authenticate
+from .channel import install_channel_hooks
+from .keepalive import Keepalive, keepalive_for, pinger_of
+from .options import Target
+from .results import AuthenticationFailure, ExecutorFailure, HostKeyFailure
+from .retry import ConnectRetry
+from .slots import FairBoundedSemaphore
+
+__all__ = ["Connection", "ConnectionState", "open_transport", "probe_max_session"]
+
+log = logging.getLogger("paramiko_executor.connection")
+
+#: Flow control for bulk output: a larger window and packets than paramiko's
+#: 2 MiB / 32 KiB cut the per-packet Python overhead that bounds throughput.
+WINDOW_SIZE = 8 * 1024 * 1024
+MAX_PACKET_SIZE = 64 * 1024
+
+#: How long a round trip may take when confirming the server freed probed channels.
+SETTLE_TIMEOUT = 5.0
+
+
+class ConnectionState(NamedTuple):
+    """A connected transport and the semaphore that caps its open channels."""
+
+    transport: paramiko.Transport
+    bound: threading.BoundedSemaphore
+
+
+class TemporaryFailure(Exception):
+    """A connect attempt failed for a reason that retrying may cure."""
+
+
+def probe_max_session(transport: paramiko.Transport, *, limit: int = 64) -> int:
+    """How many session channels the server lets ``transport`` open at once.
+
+    Opens bare session channels (no shell, no exec: on a command-restricted
+    key a shell would run the forced command) until the server refuses one or
+    ``limit`` are open, closes them all, and returns how many opened. Raises
+    `ExecutorFailure` when the connection breaks meanwhile.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be an integer, not {type(limit).__name__}")
+    if limit < 1:
+        raise ValueError(f"limit must be 1 or more, not {limit}")
+    channels: List[paramiko.Channel] = []
+    try:
+        while len(channels) < limit:
+            try:
+                channels.append(transport.open_session())
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                if not transport.is_active():
+                    raise ExecutorFailure(f"connection lost while probing: {exc}") from None
+                break
+        return len(channels)
+    finally:
+        for chan in channels:
+            chan.close()
+        if channels and transport.is_active():
+            # The server answers in order: once it replied, it has seen every CLOSE.
+            pinger_of(transport).round_trip(SETTLE_TIMEOUT)
+
+
+def _classify(exc: BaseException, target: Target) -> BaseException:
+    """Map a failed connect attempt to what the caller sees, or to `TemporaryFailure`."""
+    if isinstance(exc, (AuthenticationFailure, HostKeyFailure)):
+        return exc
+    if isinstance(exc, socket.gaierror) and exc.errno != socket.EAI_AGAIN:
+        return ExecutorFailure(f"cannot resolve {target.hostname!r}: {exc.strerror}")
+    if isinstance(exc, (OSError, EOFError, paramiko.SSHException, TemporaryFailure)):
+        return TemporaryFailure(f"{type(exc).__name__}: {exc}".rstrip(": "))
+    if isinstance(exc, ExecutorFailure):
+        return exc
+    return ExecutorFailure(f"cannot connect to {target}: {type(exc).__name__}: {exc}")
+
+
+def _open_socket(target: Target) -> object:
+    if target.sock is not None:
+        return target.sock
+    if target.jump is not None:
+        upstream = open_transport(target.jump)
+        try:
+            return upstream.open_channel(
+                "direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0),
+                timeout=target.timeout,
+            )
+        except BaseException:
+            upstream.close()
+            raise
+    if target.proxy_command:
+        return paramiko.ProxyCommand(target.proxy_command)
+    sock = socket.create_connection((target.hostname, target.port), timeout=target.timeout)
+    # paramiko leaves Nagle on: with delayed ACKs each command would cost ~40 ms.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def close_transport(transport: paramiko.Transport) -> None:
+    """Close ``transport`` and the jump-host transports it was tunnelled through."""
+    transport.close()
+    sock = transport.sock
+    if isinstance(sock, paramiko.Channel):
+        close_transport(sock.get_transport())
+
+
+def open_transport(target: Target) -> paramiko.Transport:
+    """Connect, verify the host key and authenticate: one attempt, no retry.
+
+    Raises `AuthenticationFailure`/`HostKeyFailure` (never worth retrying), and
+    otherwise whatever the socket or paramiko raised.
+    """
+    sock = _open_socket(target)
+    factory = target.transport_factory or paramiko.Transport
+    try:
+        transport = factory(sock, disabled_algorithms=target.disabled_algorithms)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        transport.default_window_size = WINDOW_SIZE
+        transport.default_max_packet_size = MAX_PACKET_SIZE
+        transport.use_compression(target.compress)
+        if target.banner_timeout is not None:
+            transport.banner_timeout = target.banner_timeout
+        if target.auth_timeout is not None:
+            transport.auth_timeout = target.auth_timeout
+        if target.channel_timeout is not None:
+            transport.channel_timeout = target.channel_timeout
+        install_channel_hooks(transport)
+        target.host_keys.prepare(transport, target.hostname, target.port)
+        transport.start_client(timeout=target.timeout)
+        target.host_keys.verify(transport, target.hostname, target.port)
+        authenticate(transport, target.credentials)
+        return transport
+    except BaseException:
+        close_transport(transport)
+        raise
+
+
+class _Attempt:
+    """One connect in flight: its outcome, shared by every thread waiting for it."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.done = threading.Event()
+        self.cancelled = threading.Event()
+        self.state: Optional[ConnectionState] = None
+        self.error: Optional[ExecutorFailure] = None
+
+
+_connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    for connection in list(_connections):
+        connection._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+class Connection:
+    """The shared connection of one executor; `lock` guards all of its state.
+
+    `get` returns the current state, connecting first when there is none:
+    one thread connects (with `ConnectRetry`), every other thread waits for
+    that same attempt and shares its outcome. `drop` closes a state only if
+    it is still the current one, so a thread never tears down a newer
+    connection; `close` drops the current state and cancels an attempt in flight.
+    """
+
+    def __init__(self, target: Target, *, retry: ConnectRetry, max_sessions: Optional[int]) -> None:
+        self.target = target
+        self.retry = retry
+        self.max_sessions = max_sessions
+        self.lock = threading.Lock()
+        #: Bumped by `close`: commands started before it are not retried.
+        self.epoch = 0
+        self._state: Optional[ConnectionState] = None
+        self._keepalive: Optional[Keepalive] = None
+        self._attempt: Optional[_Attempt] = None
+        _connections.add(self)
+
+    @property
+    def state(self) -> Optional[ConnectionState]:
+        """The current state, or None when not connected."""
+        return self._state
+
+    def get(self) -> ConnectionState:
+        """The current connection state, connecting (or waiting for a connect) first."""
+        with self.lock:
+            state = self._state
+            if state is not None and state.transport.is_active():
+                return state
+            if state is not None:
+                self._discard_locked(state)
+            attempt = self._attempt
+            leader = attempt is None
+            if leader:
+                attempt = self._attempt = _Attempt(self.epoch)
+        if leader:
+            self._lead(attempt)
+        else:
+            attempt.done.wait()
+        if attempt.error is not None:
+            err = attempt.error
+            raise type(err)(err.description, err.executor)
+        assert attempt.state is not None
+        return attempt.state
+
+    def _lead(self, attempt: _Attempt) -> None:
+        state: Optional[ConnectionState] = None
+        keepalive: Optional[Keepalive] = None
+        try:
+            state = self._establish(attempt)
+            keepalive = keepalive_for(state.transport, self.target.keepalive_interval,
+                                      self.target.keepalive_count_max or 3)
+        except ExecutorFailure as exc:
+            attempt.error = exc
+        except BaseException as exc:
+            attempt.error = ExecutorFailure(f"cannot connect to {self.target}: {exc!r}")
+            raise
+        finally:
+            with self.lock:
+                self._attempt = None
+                if attempt.error is None and attempt.epoch != self.epoch:
+                    attempt.error = ExecutorFailure("the executor was closed while connecting")
+                if attempt.error is None:
+                    self._state = attempt.state = state
+                    self._keepalive = keepalive
+            if attempt.state is None and state is not None:
+                if keepalive is not None:
+                    keepalive.stop()
+                close_transport(state.transport)
+            attempt.done.set()
+
+    def _establish(self, attempt: _Attempt) -> ConnectionState:
+        delays = self.retry.delays()
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                transport = open_transport(self.target)
+            except BaseException as exc:
+                failure = _classify(exc, self.target)
+                if not isinstance(failure, TemporaryFailure):
+                    log.info("connecting to %s failed: %s", self.target, failure)
+                    raise failure from None
+                delay = next(delays, None)
+                if delay is None:
+                    raise ExecutorFailure(
+                        f"cannot connect to {self.target} after {tries} attempts: {failure}"
+                    ) from None
+                log.info("connecting to %s failed (%s); retrying in %.1f s",
+                         self.target, failure, delay)
+                if attempt.cancelled.wait(delay):
+                    raise ExecutorFailure("the executor was closed while connecting") from None
+                continue
+            try:
+                limit = self.max_sessions
+                if limit is None:
+                    limit = probe_max_session(transport)
+                    log.info("%s allows %d sessions per connection", self.target, limit)
+                    if limit == 0:
+                        raise ExecutorFailure(f"{self.target} refuses every session channel")
+            except BaseException:
+                close_transport(transport)
+                raise
+            log.info("connected to %s", self.target)
+            return ConnectionState(transport, FairBoundedSemaphore(limit))
+
+    def _discard_locked(self, state: ConnectionState) -> None:
+        # Caller holds the lock; closing waits for paramiko's thread, so it
+        # runs in the background rather than under the lock.
+        self._state = None
+        keepalive, self._keepalive = self._keepalive, None
+        if keepalive is not None:
+            keepalive.stop()
+        threading.Thread(target=close_transport, args=(state.transport,), daemon=True,
+                         name="paramiko_executor close").start()
+
+    def drop(self, state: ConnectionState) -> bool:
+        """Close ``state`` if it is still the current connection; True if it was."""
+        with self.lock:
+            if self._state is not state:
+                return False
+            log.info("dropping the connection to %s", self.target)
+            self._discard_locked(state)
+            return True
+
+    def close(self) -> None:
+        """Drop the connection and cancel a connect in flight; a later `get` connects anew."""
+        with self.lock:
+            self.epoch += 1
+            if self._attempt is not None:
+                self._attempt.cancelled.set()
+            state, self._state = self._state, None
+            keepalive, self._keepalive = self._keepalive, None
+        if keepalive is not None:
+            keepalive.stop()
+        if state is not None:
+            close_transport(state.transport)
+
+    def _reset_after_fork(self) -> None:
+        # The child must never touch the parent's socket: forget it without
+        # closing it, and replace a lock another thread may have held at fork.
+        self.lock = threading.Lock()
+        self._state = None
+        self._keepalive = None
+        self._attempt = None

@@ -1,0 +1,376 @@
+"""The executors: run a shell command and return its `CommandResult`.
+
+`SSHExecutor` runs commands over one shared SSH connection from any number of
+threads; `DupingSSHExecutor` feeds them to a fixed wrapper for command-restricted
+keys; `ShellExecutor` runs them locally. All three share `Executor`'s contract.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import signal
+import subprocess
+from typing import Any, Dict, Iterator, Optional, Union
+
+import paramiko
+
+from .channel import ChannelOutcome, ConnectionLost, open_command_channel, run_on_channel
+from .connection import Connection
+from .options import DEFAULT, normalize_parameters, resolve_target
+from .results import (
+    CommandExecutionFailure,
+    CommandResult,
+    CommandTimeout,
+    ExecutorFailure,
+    decode_output,
+)
+from .retry import ConnectRetry
+
+__all__ = ["DupingSSHExecutor", "Executor", "SSHExecutor", "ShellExecutor"]
+
+log = logging.getLogger("paramiko_executor.executors")
+
+StdinInput = Union[str, bytes, None]
+
+#: How often a command may find its connection already replaced before it
+#: counts that as a failure of its own.
+STALE_LIMIT = 16
+
+
+def _check_command(command: Any) -> str:
+    if not isinstance(command, str):
+        raise TypeError(f"command must be a str, not {type(command).__name__}")
+    return command
+
+
+def _stdin_bytes(stdin_input: Any) -> bytes:
+    if stdin_input is None:
+        return b""
+    if isinstance(stdin_input, str):
+        return stdin_input.encode("utf-8")
+    if isinstance(stdin_input, (bytes, bytearray, memoryview)):
+        return bytes(stdin_input)
+    raise TypeError(f"stdin_input must be str, bytes or None, not {type(stdin_input).__name__}")
+
+
+def _check_timeout(timeout: Any) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive, not {timeout!r}")
+    return float(timeout)
+
+
+def _result(
+    command: str,
+    stdin_input: StdinInput,
+    exit_code: Optional[int],
+    stdout: bytes,
+    stderr: bytes,
+    *,
+    timeout: Optional[float] = None,
+    signal_name: Optional[str] = None,
+) -> CommandResult:
+    """The result of a finished command, or the failure it raises."""
+    out, err = decode_output(stdout), decode_output(stderr)
+    if timeout is not None:
+        raise CommandTimeout(
+            f"command {command!r} timed out after {timeout:g} s", None, out, err, stdin_input
+        )
+    if exit_code == 0:
+        return CommandResult(stdout=out, stderr=err, exit_code=0)
+    if exit_code is None:
+        how = f"was killed by signal {signal_name}" if signal_name else "ended without exit status"
+        raise CommandExecutionFailure(f"command {command!r} {how}", -1, out, err, stdin_input)
+    raise CommandExecutionFailure(
+        f"command {command!r} failed with exit code {exit_code}", exit_code, out, err, stdin_input
+    )
+
+
+class Executor(abc.ABC):
+    """Runs shell commands; the common base of the three executors.
+
+    Executors are context managers: leaving the ``with`` block calls `close`.
+    """
+
+    @abc.abstractmethod
+    def run_command(
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None
+    ) -> CommandResult:
+        """Run ``command``; return its result on exit 0, else raise `CommandExecutionFailure`."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
+        """Release whatever the executor holds; it stays usable."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _check_retries(value: Any) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if not isinstance(value, int):
+        raise TypeError(f"on_disconnect_retry must be an int or bool, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"on_disconnect_retry must be 0 or more, not {value}")
+    return value
+
+
+def _check_max_sessions(value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_sessions must be an int or None, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"max_sessions must be 1 or more, not {value}")
+    return value
+
+
+def _check_count_max(value: Any) -> Any:
+    if value is DEFAULT:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"keepalive_count_max must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"keepalive_count_max must be 1 or more, not {value}")
+    return value
+
+
+class SSHExecutor(Executor):
+    """Runs commands on one remote host over one shared, multiplexed SSH connection.
+
+    Thread-safe: any number of threads may call `run_command` at once. Each
+    command runs on its own session channel of the one ``paramiko.Transport``;
+    at most MaxSessions channels are open at a time (probed on every connect
+    unless ``max_sessions`` is given) and the commands past that wait for a
+    slot, first come, first served. Nothing connects until the first command.
+
+    A command whose connection breaks is retried on a new connection up to
+    ``on_disconnect_retry`` times. **A retried command may already have run
+    once on the server**: make commands that must not run twice idempotent,
+    or pass ``on_disconnect_retry=0``.
+
+    ``parameters`` are the keyword arguments of paramiko's
+    ``SSHClient.connect`` (``hostname``, ``port``, ``username``, ``password``,
+    ``pkey``, ``key_filename``, ...) or their asyncssh-style spellings
+    ``host`` and ``client_keys``, plus ``known_hosts`` (a path, a list of
+    paths, or None to switch host-key verification off). ``config`` names
+    the ssh_config files to read (default ``~/.ssh/config``; ``()`` for none).
+    """
+
+    def __init__(
+        self,
+        *,
+        on_disconnect_retry: Union[int, bool] = 3,
+        max_sessions: Optional[int] = None,
+        mfa_config: Optional[list] = None,
+        connect_retries: int = 9,
+        connect_backoff: float = 1.0,
+        keepalive_interval: Optional[float] = DEFAULT,
+        keepalive_count_max: int = DEFAULT,
+        config: Any = DEFAULT,
+        **parameters: Any,
+    ) -> None:
+        self._arguments: Dict[str, Any] = dict(
+            parameters,
+            on_disconnect_retry=on_disconnect_retry,
+            max_sessions=max_sessions,
+            mfa_config=mfa_config,
+            connect_retries=connect_retries,
+            connect_backoff=connect_backoff,
+            keepalive_interval=keepalive_interval,
+            keepalive_count_max=keepalive_count_max,
+            config=config,
+        )
+        self._retries = _check_retries(on_disconnect_retry)
+        target = resolve_target(
+            normalize_parameters(parameters),
+            mfa_config=mfa_config,
+            config=config,
+            keepalive_interval=keepalive_interval,
+            keepalive_count_max=_check_count_max(keepalive_count_max),
+        )
+        self._connection = Connection(
+            target,
+            retry=ConnectRetry(retries=connect_retries, backoff=connect_backoff),
+            max_sessions=_check_max_sessions(max_sessions),
+        )
+
+    def __repr__(self) -> str:
+        target = self._connection.target
+        return (
+            f"{type(self).__name__}(host={target.hostname!r}, port={target.port}, "
+            f"username={target.credentials.username!r})"
+        )
+
+    # Pickling carries the configuration only; the copy connects on first use.
+    def __getstate__(self) -> Dict[str, Any]:
+        return dict(self._arguments)
+
+    def __setstate__(self, arguments: Dict[str, Any]) -> None:
+        self.__init__(**{k: v for k, v in arguments.items() if v is not DEFAULT})
+
+    @property
+    def lock(self):
+        """The `threading.Lock` that guards the connection state."""
+        return self._connection.lock
+
+    @property
+    def session_limit(self) -> Optional[int]:
+        """The channel cap of the current connection (probed or configured), None if unconnected."""
+        state = self._connection.state
+        return None if state is None else state.bound._initial_value
+
+    @property
+    def bounded_connection(self) -> contextlib.AbstractContextManager:
+        """A context manager yielding the current ``paramiko.Transport`` with one slot reserved."""
+        return self._bounded_connection()
+
+    @contextlib.contextmanager
+    def _bounded_connection(self) -> Iterator[paramiko.Transport]:
+        state = self._get_state()
+        with state.bound:
+            yield state.transport
+
+    def close(self) -> None:
+        """Drop the connection; commands running on it fail, a later command reconnects."""
+        self._connection.close()
+
+    def _get_state(self):
+        try:
+            return self._connection.get()
+        except ExecutorFailure as exc:
+            exc.executor = self
+            raise
+
+    def run_command(
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None
+    ) -> CommandResult:
+        """Run ``command`` remotely, feeding it ``stdin_input`` and then end-of-file.
+
+        Returns the `CommandResult` on exit 0; raises `CommandExecutionFailure`
+        on a non-zero exit, `CommandTimeout` once ``timeout`` seconds passed
+        (the remote command is sent TERM, the connection stays usable), and
+        `ExecutorFailure` when the connection cannot be had or broke more
+        than ``on_disconnect_retry`` times.
+        """
+        _check_command(command)
+        return self._execute(command, _stdin_bytes(stdin_input), _check_timeout(timeout),
+                             command, stdin_input)
+
+    def _execute(
+        self,
+        command: str,
+        stdin: bytes,
+        timeout: Optional[float],
+        shown_command: str,
+        shown_stdin: StdinInput,
+    ) -> CommandResult:
+        encoded = command.encode("utf-8")
+        failures = stale = 0
+        while True:
+            epoch = self._connection.epoch
+            state = self._get_state()
+            try:
+                with state.bound:
+                    log.debug("running %r", shown_command)
+                    chan = open_command_channel(state.transport)
+                    outcome: ChannelOutcome = run_on_channel(chan, encoded, stdin, timeout)
+            except ConnectionLost as lost:
+                first_to_notice = self._connection.drop(state)
+                if epoch != self._connection.epoch:
+                    raise ExecutorFailure("the executor was closed during the command",
+                                          self) from None
+                # A command that found its connection already replaced while it
+                # waited for a slot never ran on it: that costs no retry, up to a bound.
+                if not first_to_notice and stale < STALE_LIMIT:
+                    stale += 1
+                    continue
+                failures += 1
+                if failures > self._retries:
+                    raise ExecutorFailure(
+                        f"{lost.description} (command {shown_command!r}, "
+                        f"{failures} attempts)", self) from None
+                log.info("connection lost during %r; retrying (%d of %d)",
+                         shown_command, failures, self._retries)
+                continue
+            except ExecutorFailure as exc:
+                exc.executor = self
+                raise
+            return _result(
+                shown_command, shown_stdin, outcome.exit_status, outcome.stdout, outcome.stderr,
+                timeout=timeout if outcome.timed_out else None, signal_name=outcome.exit_signal,
+            )
+
+
+class DupingSSHExecutor(SSHExecutor):
+    """For keys that may run one fixed command only (``authorized_keys`` ``command=``).
+
+    Every command runs ``wrapper`` on the server, fed ``f"{command}\\n{stdin_input}\\n"``
+    (or ``f"{command}\\n"`` without stdin) on its standard input; the wrapper
+    decides what to run. A wrapper that runs whatever it reads grants a full
+    shell: restrict it to the commands you need.
+    """
+
+    def __init__(self, *, wrapper: str = "/bin/bash", **arguments: Any) -> None:
+        if not isinstance(wrapper, str) or not wrapper:
+            raise TypeError("wrapper must be a non-empty string")
+        self._wrapper = wrapper
+        super().__init__(**arguments)
+        self._arguments["wrapper"] = wrapper
+
+    def run_command(
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None
+    ) -> CommandResult:
+        """Run ``command`` through the wrapper; same results and failures as `SSHExecutor`."""
+        payload = _check_command(command).encode("utf-8") + b"\n"
+        data = _stdin_bytes(stdin_input)
+        if data:
+            payload += data + b"\n"
+        return self._execute(self._wrapper, payload, _check_timeout(timeout), command, stdin_input)
+
+
+class ShellExecutor(Executor):
+    """Runs commands locally with ``/bin/sh``, with the same contract as `SSHExecutor`."""
+
+    def __repr__(self) -> str:
+        return "ShellExecutor()"
+
+    def run_command(
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None
+    ) -> CommandResult:
+        """Run ``command`` in a local shell; on timeout it is sent TERM (then KILL)."""
+        _check_command(command)
+        data = _stdin_bytes(stdin_input)
+        timeout = _check_timeout(timeout)
+        proc = subprocess.Popen(
+            command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            stdout, stderr = proc.communicate(data, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                stdout, stderr = proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            return _result(command, stdin_input, None, stdout, stderr, timeout=timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        code = proc.returncode
+        signal_name = None
+        if code < 0:
+            signal_name = signal.Signals(-code).name[3:]
+            code = None
+        return _result(command, stdin_input, code, stdout, stderr, signal_name=signal_name)

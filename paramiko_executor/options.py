@@ -1,0 +1,352 @@
+"""Connection options: the executor's keyword arguments and ssh_config, checked and resolved.
+
+`resolve_target` turns the keyword arguments of an executor (paramiko's
+``SSHClient.connect`` names plus the asyncssh-style ``host``, ``client_keys``
+and ``known_hosts``) and the user's OpenSSH client configuration into one
+`Target`: everything needed to open one connection, checked once at
+construction so that bad input fails at the boundary, not deep in paramiko.
+Explicit parameters win over the configuration file.
+"""
+
+from __future__ import annotations
+
+import getpass
+import inspect
+import os
+import shlex
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import paramiko
+
+from .auth import Credentials, parse_mfa_config
+from .hostkeys import HostKeyPolicy
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DEFAULT_KNOWN_HOSTS",
+    "Target",
+    "connect_parameter_names",
+    "normalize_parameters",
+    "resolve_target",
+]
+
+DEFAULT_CONFIG = "~/.ssh/config"
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+
+#: asyncssh-style spellings accepted beside paramiko's names.
+ALIASES = {"host": "hostname", "client_keys": "key_filename"}
+
+ConfigPaths = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]
+
+
+class _Default:
+    """Marks a parameter the caller did not give."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+DEFAULT: Any = _Default()
+
+
+def connect_parameter_names() -> frozenset:
+    """The keyword arguments of the installed paramiko's ``SSHClient.connect``."""
+    names = inspect.signature(paramiko.SSHClient.connect).parameters
+    return frozenset(name for name in names if name != "self")
+
+
+def normalize_parameters(parameters: Mapping[str, Any]) -> Dict[str, Any]:
+    """Map asyncssh-style names to paramiko's and reject unknown or doubled ones.
+
+    Returns a new dict keyed by paramiko's names plus ``known_hosts``.
+    Raises `TypeError` naming an unknown parameter, or both spellings of one.
+    """
+    known = connect_parameter_names() | {"known_hosts"}
+    result: Dict[str, Any] = {}
+    for name, value in parameters.items():
+        canonical = ALIASES.get(name, name)
+        if canonical not in known:
+            raise TypeError(f"unexpected keyword argument {name!r}")
+        if canonical in result:
+            other = next(n for n in parameters if n != name and ALIASES.get(n, n) == canonical)
+            raise TypeError(f"{name!r} and {other!r} are the same parameter: give only one")
+        result[canonical] = value
+    return result
+
+
+@dataclass(frozen=True)
+class Target:
+    """Everything needed to open one connection: where, through what, as whom."""
+
+    hostname: str
+    port: int
+    credentials: Credentials
+    host_keys: HostKeyPolicy
+    timeout: Optional[float] = None
+    banner_timeout: Optional[float] = None
+    auth_timeout: Optional[float] = None
+    channel_timeout: Optional[float] = None
+    compress: bool = False
+    sock: Any = field(default=None, compare=False)
+    proxy_command: Optional[str] = None
+    jump: Optional[Target] = None
+    disabled_algorithms: Optional[Mapping[str, Sequence[str]]] = None
+    transport_factory: Any = None
+    keepalive_interval: Optional[float] = None
+    keepalive_count_max: Optional[int] = None
+
+    def __str__(self) -> str:
+        return f"{self.credentials.username}@{self.hostname}:{self.port}"
+
+
+def _check_optional_number(name: str, value: Any, *, allow_zero: bool = False) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or None, not {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be positive, not {value!r}")
+    return float(value)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
+    return value
+
+
+def _check_str(name: str, value: Any, *, optional: bool = True) -> Optional[str]:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, not {type(value).__name__}")
+    return value
+
+
+def _paths(name: str, value: Any) -> Tuple[str, ...]:
+    """One path or a sequence of paths, each ``~``-expanded."""
+    if isinstance(value, (str, os.PathLike)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a path or a list of paths, not {type(value).__name__}")
+    out = []
+    for item in value:
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"{name} must contain paths, not {type(item).__name__}")
+        out.append(os.path.expanduser(os.fspath(item)))
+    return tuple(out)
+
+
+def _check_port(value: Any) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"port must be an integer, not {type(value).__name__}")
+    if not 0 < value < 65536:
+        raise ValueError(f"port must be between 1 and 65535, not {value}")
+    return value
+
+
+def load_ssh_config(config: ConfigPaths) -> paramiko.SSHConfig:
+    """Parse the ssh_config files named by ``config`` (the default one may be missing)."""
+    parsed = paramiko.SSHConfig()
+    if config is DEFAULT:
+        path = os.path.expanduser(DEFAULT_CONFIG)
+        if os.path.isfile(path):
+            with open(path) as stream:
+                parsed.parse(stream)
+        return parsed
+    for path in _paths("config", config):
+        try:
+            with open(path) as stream:
+                parsed.parse(stream)
+        except OSError as exc:
+            raise ValueError(f"config: cannot read {path!r}: {exc.strerror}") from None
+    return parsed
+
+
+def _split_jump(spec: str) -> Tuple[Optional[str], str, Optional[int]]:
+    """``[user@]host[:port]`` (or ``ssh://[user@]host[:port]``) of one ProxyJump hop."""
+    spec = spec.strip()
+    if spec.startswith("ssh://"):
+        spec = spec[len("ssh://") :]
+    user, _, hostport = spec.rpartition("@")
+    host, port = hostport, None
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        if rest.startswith(":"):
+            port = _check_port(rest[1:])
+    elif hostport.count(":") == 1:
+        host, _, port_text = hostport.partition(":")
+        port = _check_port(port_text)
+    if not host:
+        raise ValueError(f"ProxyJump: cannot parse hop {spec!r}")
+    return (user or None), host, port
+
+
+def _host_key_policy(explicit: Any, host_config: Mapping[str, Any]) -> HostKeyPolicy:
+    strict = str(host_config.get("stricthostkeychecking", "yes")).lower()
+    if explicit is not DEFAULT:
+        if explicit is None:
+            return HostKeyPolicy(None)
+        return HostKeyPolicy(_paths("known_hosts", explicit), accept_new=strict == "accept-new")
+    if strict in ("no", "off"):
+        return HostKeyPolicy(None)
+    files = host_config.get("userknownhostsfile")
+    paths = tuple(shlex.split(files)) if files else (DEFAULT_KNOWN_HOSTS,)
+    paths = tuple(os.path.expanduser(p) for p in paths if p.lower() != "none")
+    return HostKeyPolicy(paths, accept_new=strict == "accept-new")
+
+
+def resolve_target(
+    parameters: Mapping[str, Any],
+    *,
+    mfa_config: Any = None,
+    config: Any = DEFAULT,
+    keepalive_interval: Any = DEFAULT,
+    keepalive_count_max: Any = DEFAULT,
+) -> Target:
+    """Check ``parameters`` (already `normalize_parameters`-d) and resolve them against ssh_config.
+
+    Raises `TypeError`/`ValueError` naming the offending parameter.
+    """
+    params = dict(parameters)
+    hostname = params.pop("hostname", None)
+    if hostname is None:
+        raise TypeError("missing required parameter 'host' (or 'hostname')")
+    if not isinstance(hostname, str) or not hostname:
+        raise TypeError("host must be a non-empty string")
+    ssh_config = load_ssh_config(config)
+    return _resolve(hostname, params, ssh_config, mfa_config, keepalive_interval,
+                    keepalive_count_max, seen=())
+
+
+def _resolve(
+    alias: str,
+    params: Dict[str, Any],
+    ssh_config: paramiko.SSHConfig,
+    mfa_config: Any,
+    keepalive_interval: Any,
+    keepalive_count_max: Any,
+    *,
+    seen: Tuple[str, ...],
+    proxy: bool = True,
+) -> Target:
+    host_config = ssh_config.lookup(alias)
+    port = params.pop("port", DEFAULT)
+    port = _check_port(port if port is not DEFAULT else host_config.get("port", 22))
+    username = _check_str("username", params.pop("username", None)) or host_config.get("user")
+    username = username or getpass.getuser()
+
+    key_filename = params.pop("key_filename", None)
+    if key_filename is not None:
+        key_filenames = _paths("client_keys", key_filename)
+    else:
+        key_filenames = tuple(p for p in host_config.get("identityfile", ()) if os.path.isfile(p))
+    pkey = params.pop("pkey", None)
+    if pkey is not None and not isinstance(pkey, paramiko.PKey):
+        raise TypeError(f"pkey must be a paramiko.PKey, not {type(pkey).__name__}")
+    credentials = Credentials(
+        username=username,
+        password=_check_str("password", params.pop("password", None)),
+        pkey=pkey,
+        key_filenames=key_filenames,
+        passphrase=_check_str("passphrase", params.pop("passphrase", None)),
+        allow_agent=_check_bool("allow_agent", params.pop("allow_agent", True)),
+        look_for_keys=_check_bool("look_for_keys", params.pop("look_for_keys", True)),
+        mfa=parse_mfa_config(mfa_config),
+        auth_strategy=params.pop("auth_strategy", None),
+    )
+    host_keys = _host_key_policy(params.pop("known_hosts", DEFAULT), host_config)
+
+    if keepalive_interval is DEFAULT:
+        keepalive_interval = host_config.get("serveraliveinterval")
+        keepalive_interval = float(keepalive_interval) if keepalive_interval else None
+        if keepalive_interval == 0:
+            keepalive_interval = None
+    if keepalive_count_max is DEFAULT:
+        keepalive_count_max = int(host_config.get("serveralivecountmax", 3))
+
+    sock = params.pop("sock", None)
+    jump = None
+    proxy_command = None
+    if sock is None and proxy:
+        proxy_jump = host_config.get("proxyjump")
+        proxy_command = host_config.get("proxycommand")
+        if proxy_jump and proxy_jump.lower() != "none":
+            jump = _resolve_jumps(proxy_jump, ssh_config, key_filenames, host_keys,
+                                  seen=seen + (alias,))
+            proxy_command = None
+        elif proxy_command and proxy_command.lower() == "none":
+            proxy_command = None
+    elif sock is not None and not (hasattr(sock, "send") and hasattr(sock, "recv")):
+        raise TypeError(f"sock must be a socket-like object, not {type(sock).__name__}")
+
+    disabled = params.pop("disabled_algorithms", None)
+    if disabled is not None and not isinstance(disabled, Mapping):
+        raise TypeError("disabled_algorithms must be a dict of lists")
+    transport_factory = params.pop("transport_factory", None)
+    if transport_factory is not None and not callable(transport_factory):
+        raise TypeError("transport_factory must be callable")
+    target = Target(
+        hostname=host_config.get("hostname", alias),
+        port=port,
+        credentials=credentials,
+        host_keys=host_keys,
+        timeout=_check_optional_number("timeout", params.pop("timeout", None)),
+        banner_timeout=_check_optional_number("banner_timeout", params.pop("banner_timeout", None)),
+        auth_timeout=_check_optional_number("auth_timeout", params.pop("auth_timeout", None)),
+        channel_timeout=_check_optional_number(
+            "channel_timeout", params.pop("channel_timeout", None)
+        ),
+        compress=_check_bool("compress", params.pop("compress", False)),
+        sock=sock,
+        proxy_command=proxy_command,
+        jump=jump,
+        disabled_algorithms=disabled,
+        transport_factory=transport_factory,
+        keepalive_interval=_check_optional_number("keepalive_interval", keepalive_interval),
+        keepalive_count_max=keepalive_count_max,
+    )
+    for name, value in params.items():
+        # paramiko 3.x's GSS-API options: accepted by name, supported only switched off.
+        if name.startswith("gss_") and not value:
+            continue
+        raise ValueError(f"{name}={value!r} is not supported by paramiko_executor")
+    return target
+
+
+def _resolve_jumps(
+    spec: str,
+    ssh_config: paramiko.SSHConfig,
+    key_filenames: Tuple[str, ...],
+    host_keys: HostKeyPolicy,
+    *,
+    seen: Tuple[str, ...],
+) -> Target:
+    """The last hop of a ProxyJump chain, each hop reached through the one before it."""
+    jump: Optional[Target] = None
+    for hop in spec.split(","):
+        user, host, port = _split_jump(hop)
+        if host in seen:
+            raise ValueError(f"ProxyJump loops back to {host!r}")
+        hop_config = ssh_config.lookup(host)
+        params: Dict[str, Any] = {}
+        if user:
+            params["username"] = user
+        if port is not None:
+            params["port"] = port
+        if "identityfile" not in hop_config and key_filenames:
+            params["key_filename"] = list(key_filenames)
+        # Only the first hop follows its own ProxyJump/ProxyCommand; each later
+        # hop is reached through the one before it, as OpenSSH does.
+        hop_target = _resolve(host, params, ssh_config, None, DEFAULT, DEFAULT,
+                              seen=seen + (host,), proxy=jump is None)
+        if host_keys.known_hosts is not None and "userknownhostsfile" not in hop_config:
+            hop_target = replace(hop_target, host_keys=host_keys)
+        if jump is not None:
+            hop_target = replace(hop_target, jump=jump)
+        jump = hop_target
+    assert jump is not None
+    return jump
