@@ -96,6 +96,23 @@ class _Exchange:
         self.refused = False
 
 
+class _RefusalsExpected(logging.Filter):
+    """Demote paramiko's ERROR record of a refused channel open to DEBUG.
+
+    A refusal at the server's MaxSessions is expected and handled (the open is
+    retried), so it must not reach a user's console as an error.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and "open FAILED" in str(record.msg):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_REFUSALS_EXPECTED = _RefusalsExpected()
+
+
 def _exchange(chan: paramiko.Channel) -> Optional[_Exchange]:
     return chan.__dict__.get("_pe_exchange")
 
@@ -108,6 +125,9 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
     so a command that sees ``remote_closed`` knows the channel is closed on both
     sides and the server can reuse its session slot.
     """
+    # A logger of our own below paramiko's, so that the filter touches only our transports.
+    transport.set_log_channel(transport.get_log_channel() + ".paramiko_executor")
+    transport.logger.addFilter(_REFUSALS_EXPECTED)
     table = dict(transport._channel_handler_table)
     on_close = table[MSG_CHANNEL_CLOSE]
     on_request = table[MSG_CHANNEL_REQUEST]

@@ -316,7 +316,9 @@ class DupingSSHExecutor(SSHExecutor):
     Every command runs ``wrapper`` on the server, fed ``f"{command}\\n{stdin_input}\\n"``
     (or ``f"{command}\\n"`` without stdin) on its standard input; the wrapper
     decides what to run. A wrapper that runs whatever it reads grants a full
-    shell: restrict it to the commands you need.
+    shell: restrict it to the commands you need. The wrapper must read its
+    first line without reading ahead (bash does; dash, Debian's ``/bin/sh``,
+    reads a pipe in blocks and leaves nothing for the command's own stdin).
     """
 
     def __init__(self, *, wrapper: str = "/bin/bash", **arguments: Any) -> None:
@@ -339,6 +341,10 @@ class DupingSSHExecutor(SSHExecutor):
 
 class ShellExecutor(Executor):
     """Runs commands locally with ``/bin/sh``, with the same contract as `SSHExecutor`."""
+
+    def __init__(self) -> None:
+        # Explicit, so that a stray keyword argument is a TypeError that names it.
+        super().__init__()
 
     def __repr__(self) -> str:
         return "ShellExecutor()"

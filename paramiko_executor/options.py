@@ -46,6 +46,9 @@ class _Default:
     def __repr__(self) -> str:
         return "<default>"
 
+    def __reduce__(self) -> str:
+        return "DEFAULT"  # unpickles as the module's one instance
+
 
 DEFAULT: Any = _Default()
 

@@ -1,0 +1,525 @@
+"""The ``paramiko-executor`` command line: ``demo``, ``run`` and ``probe``.
+
+Also reachable as ``python -m paramiko_executor``. :func:`main` returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import List, Optional, Sequence, TextIO
+
+from .executors import DupingSSHExecutor, Executor, SSHExecutor
+from .results import CommandExecutionFailure, CommandTimeout, ExecutorFailure
+
+__all__ = ["main", "EXIT_USAGE", "EXIT_TIMEOUT", "EXIT_EXECUTOR_FAILURE"]
+
+PROG = "paramiko-executor"
+#: bad command line or configuration (argparse's own convention)
+EXIT_USAGE = 2
+#: the command outran ``--timeout`` (as GNU ``timeout`` reports it)
+EXIT_TIMEOUT = 124
+#: the executor failed, or the remote command left no exit status (as ``ssh`` reports it)
+EXIT_EXECUTOR_FAILURE = 255
+
+
+class CommandLineError(Exception):
+    """Bad options or configuration: reported in one line, exit status ``EXIT_USAGE``."""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        )
+    try:
+        return args.handler(args)
+    except CommandLineError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+# --------------------------------------------------------------------------- parser
+
+_RUN_EPILOG = f"""\
+exit status:
+  the remote command's own exit status, or
+  {EXIT_TIMEOUT}  the command outran --timeout (the remote command is asked to stop)
+  {EXIT_EXECUTOR_FAILURE}  the executor failed: host unreachable after all connect retries,
+       authentication or host key refused, connection lost; or the remote command
+       was killed by a signal (as ssh reports it). A one-line message goes to stderr.
+  {EXIT_USAGE}    bad options or configuration file
+
+A single COMMAND argument is sent as it is, so the remote shell interprets it;
+several are quoted and joined with shlex.join. Put -- before the command.
+
+examples:
+  {PROG} run --host login.example.org --user clown --key ~/.ssh/id_ed25519 -- hostname
+  {PROG} run --host myalias -- 'squeue -u $USER | wc -l'
+  {PROG} run --config executor.yaml --timeout 30 -- sbatch job.sh
+  tar c dir | {PROG} run --host node1 --stdin -- tar x -C /tmp
+"""
+
+_PROBE_EPILOG = f"""\
+Prints one number: how many session channels the server lets one connection
+open at once (OpenSSH's MaxSessions, default 10), as the executor probed it
+when it connected. A configuration that sets max_sessions skips the probe and
+prints that value instead. The probe opens bare channels only: no shell and no
+command runs, so it is safe on keys restricted to one command.
+Exit status 0, {EXIT_EXECUTOR_FAILURE} when the executor fails, {EXIT_USAGE} on bad options.
+
+examples:
+  {PROG} probe --host login.example.org --user clown
+  {PROG} probe --config executor.yaml
+"""
+
+_DEMO_EPILOG = f"""\
+Nothing but the installed package is needed: no sshd, no keys, no network
+beyond 127.0.0.1. A terminal shows a progress bar; otherwise progress comes as
+plain lines. The summary goes to stdout. Exit status 0 when every command
+returned its own output, 1 otherwise.
+
+examples:
+  {PROG} demo
+  {PROG} demo --commands 5000 --threads 200 --max-sessions 10
+"""
+
+_MAIN_EPILOG = f"""\
+examples:
+  {PROG} demo
+  {PROG} run --host login.example.org --user clown -- uptime
+  {PROG} run --config executor.yaml -- squeue -u clown
+  {PROG} probe --host login.example.org
+
+Run '{PROG} COMMAND --help' for the options of each command.
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``paramiko-executor`` command."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Run shell commands on a remote host over one multiplexed SSH connection\n"
+            "(paramiko_executor: thread-safe, MaxSessions-aware, with retries)."
+        ),
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log connects, probes and retries to stderr (-vv: per-command detail too)",
+    )
+    commands = parser.add_subparsers(title="commands", dest="command_name", metavar="COMMAND")
+    commands.required = True
+
+    demo = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="run many commands from many threads against a built-in local SSH server",
+        description=(
+            "Start the built-in SSH test server on 127.0.0.1, run many commands ('echo N')\n"
+            "from a thread pool through ONE SSHExecutor, check that every command got its\n"
+            "own output, and print a summary: commands/s, the MaxSessions the executor\n"
+            "probed, the peak number of concurrent channels and the TCP connections used."
+        ),
+        epilog=_DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--commands", type=_positive_int, default=500, metavar="N",
+        help="how many commands to run (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--threads", type=_positive_int, default=50, metavar="N",
+        help="thread-pool workers sharing the one executor (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--max-sessions", type=_positive_int, default=10, metavar="N",
+        help="the test server's MaxSessions, which the executor probes (default: %(default)s)",
+    )
+    demo.set_defaults(handler=_demo)
+
+    connection = _connection_parser()
+    run = commands.add_parser(
+        "run",
+        parents=[common, connection],
+        help="run one command on a host and pass on its output and exit status",
+        usage=f"{PROG} run (--config FILE.yaml | --host HOST [options]) [--timeout S] "
+        "-- COMMAND [ARG ...]",
+        description=(
+            "Run one command through an SSHExecutor: its stdout and stderr go to this\n"
+            "program's stdout and stderr, unchanged, and its exit status becomes ours.\n"
+            "The command's stdin is empty (end-of-file at once) unless --stdin is given."
+        ),
+        epilog=_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "--timeout", type=_positive_float, metavar="SECONDS",
+        help=f"stop waiting after SECONDS, ask the server to end the command, exit {EXIT_TIMEOUT}",
+    )
+    run.add_argument(
+        "--stdin", action="store_true",
+        help="send this program's standard input to the command (read to its end first)",
+    )
+    run.add_argument("command", nargs="+", metavar="COMMAND", help="the command to run")
+    run.set_defaults(handler=_run)
+
+    probe = commands.add_parser(
+        "probe",
+        parents=[common, connection],
+        help="print how many sessions the server allows on one connection (MaxSessions)",
+        usage=f"{PROG} probe (--config FILE.yaml | --host HOST [options])",
+        description="Connect and print the server's MaxSessions, as the executor probed it.",
+        epilog=_PROBE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    probe.set_defaults(handler=_probe)
+    return parser
+
+
+def _connection_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    source = parser.add_argument_group(
+        "executor configuration",
+        "Either a YAML file with one executor document, or the options below.",
+    )
+    source.add_argument(
+        "--config", metavar="FILE.yaml",
+        help="YAML document with one executor, e.g. '!SSHExecutor {host: h, username: u}' "
+        "(the !Tardis... spellings work too; needs PyYAML: pip install paramiko-executor[yaml])",
+    )
+    options = parser.add_argument_group(
+        "connection options (instead of --config)",
+        "Options not given come from the OpenSSH client configuration, then the defaults.",
+    )
+    options.add_argument(
+        "--host", help="host name, address, or a Host alias from the ssh_config file"
+    )
+    options.add_argument(
+        "--port", type=_positive_int, help="SSH port (default: ssh_config Port, else 22)"
+    )
+    options.add_argument("-l", "--user", metavar="USER", help="login name")
+    options.add_argument(
+        "-i", "--key", action="append", metavar="PATH",
+        help="private key file; repeat for several (default: ssh_config IdentityFile, the "
+        "SSH agent and ~/.ssh/id_*)",
+    )
+    options.add_argument(
+        "--known-hosts", metavar="PATH|none",
+        help="known_hosts file to verify the host key against (default: ~/.ssh/known_hosts). "
+        "'none' turns host key verification OFF: INSECURE, anyone in between can "
+        "impersonate the host; for throw-away test hosts only",
+    )
+    options.add_argument(
+        "--password-env", metavar="VAR",
+        help="take the password from environment variable VAR (never from the command line, "
+        "where other users can read it)",
+    )
+    options.add_argument(
+        "-F", "--ssh-config", action="append", metavar="PATH|none",
+        help="OpenSSH client configuration file; repeat for several "
+        "(default: ~/.ssh/config; 'none' reads none)",
+    )
+    options.add_argument(
+        "--wrapper", metavar="PATH",
+        help="use a DupingSSHExecutor: run PATH and feed it the command on stdin "
+        "(for keys restricted to one command)",
+    )
+    options.add_argument(
+        "--connect-retries", type=_non_negative_int, metavar="N",
+        help="retries while the host is unreachable before giving up (default: 9)",
+    )
+    options.add_argument(
+        "--connect-backoff", type=_non_negative_float, metavar="SECONDS",
+        help="first wait between connect retries, doubled each time (default: 1)",
+    )
+    return parser
+
+
+# the connection options that --config replaces, by their attribute name
+_CONNECTION_DESTS = (
+    "host", "port", "user", "key", "known_hosts", "password_env",
+    "ssh_config", "wrapper", "connect_retries", "connect_backoff",
+)
+
+
+# --------------------------------------------------------------------------- executors
+
+
+def _executor(args: argparse.Namespace) -> Executor:
+    """The executor the options describe; ``CommandLineError`` if they do not fit."""
+    if args.config is not None:
+        given = [f"--{dest.replace('_', '-')}" for dest in _CONNECTION_DESTS
+                 if getattr(args, dest) is not None]
+        if given:
+            raise CommandLineError(f"--config cannot be combined with {', '.join(given)}")
+        return _load_config(args.config)
+    if args.host is None:
+        raise CommandLineError("give --host HOST or --config FILE.yaml")
+    parameters = {"host": args.host}
+    if args.port is not None:
+        parameters["port"] = args.port
+    if args.user is not None:
+        parameters["username"] = args.user
+    if args.key is not None:
+        parameters["client_keys"] = args.key
+    if args.known_hosts is not None:
+        parameters["known_hosts"] = None if args.known_hosts == "none" else args.known_hosts
+    if args.password_env is not None:
+        if args.password_env not in os.environ:
+            raise CommandLineError(
+                f"--password-env: environment variable {args.password_env} is not set"
+            )
+        parameters["password"] = os.environ[args.password_env]
+    if args.ssh_config is not None:
+        parameters["config"] = () if args.ssh_config == ["none"] else tuple(args.ssh_config)
+    if args.connect_retries is not None:
+        parameters["connect_retries"] = args.connect_retries
+    if args.connect_backoff is not None:
+        parameters["connect_backoff"] = args.connect_backoff
+    try:
+        if args.wrapper is not None:
+            return DupingSSHExecutor(wrapper=args.wrapper, **parameters)
+        return SSHExecutor(**parameters)
+    except (TypeError, ValueError) as err:
+        raise CommandLineError(str(err)) from err
+
+
+def _load_config(path: str) -> Executor:
+    try:
+        # optional dependency: only --config needs PyYAML
+        from . import yaml as executor_yaml
+    except ImportError as err:
+        raise CommandLineError(str(err)) from err
+    try:
+        with open(path, encoding="utf-8") as stream:
+            executor = executor_yaml.load(stream)
+    except OSError as err:
+        raise CommandLineError(f"--config: cannot read {path}: {err.strerror}") from err
+    except (TypeError, ValueError) as err:
+        raise CommandLineError(f"--config {path}: {err}") from err
+    except executor_yaml.yaml.YAMLError as err:
+        raise CommandLineError(f"--config {path}: {_one_line(str(err))}") from err
+    if not isinstance(executor, Executor):
+        raise CommandLineError(
+            f"--config {path}: the document must be one executor, e.g. '!SSHExecutor {{...}}', "
+            f"not {type(executor).__name__}"
+        )
+    return executor
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _write(stream: TextIO, text: str) -> None:
+    """Write command output as UTF-8 bytes, whatever this terminal's locale encoding is."""
+    if text:
+        stream.flush()
+        stream.buffer.write(text.encode("utf-8"))
+        stream.flush()
+
+
+# --------------------------------------------------------------------------- run / probe
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
+    executor = _executor(args)
+    stdin_input = sys.stdin.buffer.read() if args.stdin else None
+    try:
+        with executor:
+            result = executor.run_command(command, stdin_input, timeout=args.timeout)
+    except CommandTimeout as failure:
+        _write(sys.stdout, failure.stdout)
+        _write(sys.stderr, failure.stderr)
+        print(f"{PROG}: {_one_line(str(failure))}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except CommandExecutionFailure as failure:
+        _write(sys.stdout, failure.stdout)
+        _write(sys.stderr, failure.stderr)
+        if failure.exit_code is None or not 0 < failure.exit_code < 256:
+            # killed by a signal, or no exit status at all: no code of its own to pass on
+            print(f"{PROG}: {_one_line(str(failure))}", file=sys.stderr)
+            return EXIT_EXECUTOR_FAILURE
+        return failure.exit_code
+    except ExecutorFailure as failure:
+        print(f"{PROG}: {_one_line(str(failure))}", file=sys.stderr)
+        return EXIT_EXECUTOR_FAILURE
+    _write(sys.stdout, result.stdout)
+    _write(sys.stderr, result.stderr)
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    executor = _executor(args)
+    if not isinstance(executor, SSHExecutor):
+        raise CommandLineError(f"probe needs an SSH executor, not {type(executor).__name__}")
+    try:
+        with executor, executor.bounded_connection:
+            limit = executor.session_limit
+    except ExecutorFailure as failure:
+        print(f"{PROG}: {_one_line(str(failure))}", file=sys.stderr)
+        return EXIT_EXECUTOR_FAILURE
+    print(limit)
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+class Progress:
+    """Shows how many of ``total`` commands finished on ``stream``.
+
+    On a terminal a bar is redrawn in place (``\\r``), at most every
+    ``interval`` seconds so that drawing never slows the run down; elsewhere
+    (pipes, CI logs) a plain line is written at every tenth of the way.
+    """
+
+    def __init__(
+        self, total: int, stream: TextIO, interactive: bool, interval: float = 0.1
+    ) -> None:
+        self.total = total
+        self.stream = stream
+        self.interactive = interactive
+        self.interval = interval
+        self._start = time.monotonic()
+        self._last_draw = float("-inf")
+        self._last_tenth = 0
+
+    def update(self, done: int, failed: int) -> None:
+        """Report ``done`` finished commands, ``failed`` of them failed."""
+        now = time.monotonic()
+        if self.interactive:
+            if now - self._last_draw >= self.interval or done == self.total:
+                self._last_draw = now
+                self.stream.write("\r" + self._bar(done, failed, now))
+                self.stream.flush()
+        else:
+            tenth = done * 10 // self.total
+            if tenth > self._last_tenth:
+                self._last_tenth = tenth
+                self.stream.write(
+                    f"progress: {done}/{self.total} commands ({done * 100 // self.total}%), "
+                    f"{failed} failed\n"
+                )
+                self.stream.flush()
+
+    def finish(self) -> None:
+        """End the bar's line so that what follows starts on a fresh line."""
+        if self.interactive:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _bar(self, done: int, failed: int, now: float, width: int = 30) -> str:
+        filled = width * done // self.total
+        elapsed = now - self._start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        return (
+            f"[{'#' * filled}{'.' * (width - filled)}] {done:>{len(str(self.total))}}/{self.total} "
+            f"{done * 100 // self.total:3d}%  {rate:7.1f} commands/s  {failed} failed"
+        )
+
+
+def _demo_command(executor: SSHExecutor, number: int) -> Optional[str]:
+    """Run ``echo number``; None when it printed its own number, else what went wrong."""
+    try:
+        result = executor.run_command(f"echo {number}")
+    except (CommandExecutionFailure, ExecutorFailure) as failure:
+        return f"echo {number}: {type(failure).__name__}: {_one_line(str(failure))}"
+    if result.stdout != f"{number}\n":
+        return f"echo {number}: got {result.stdout!r}"
+    return None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    # imported here: run and probe never need the test server
+    from .testing import SSHTestServer
+
+    progress = Progress(args.commands, sys.stderr, interactive=sys.stderr.isatty())
+    failures: List[str] = []
+    with SSHTestServer(max_sessions=args.max_sessions) as server:
+        parameters = server.executor_parameters()
+        print(
+            f"Built-in SSH test server on {parameters['host']}:{parameters['port']} "
+            f"(MaxSessions {args.max_sessions}); running {args.commands} commands "
+            f"from {args.threads} threads through one SSHExecutor",
+            file=sys.stderr,
+        )
+        with SSHExecutor(**parameters) as executor:
+            start = time.monotonic()
+            with ThreadPoolExecutor(max_workers=args.threads) as pool:
+                futures = [pool.submit(_demo_command, executor, n) for n in range(args.commands)]
+                for done, future in enumerate(as_completed(futures), 1):
+                    failure = future.result()
+                    if failure is not None:
+                        failures.append(failure)
+                    progress.update(done, len(failures))
+            elapsed = time.monotonic() - start
+            session_limit = executor.session_limit
+        progress.finish()
+        peak_channels = server.peak_channels
+        connections = server.connections_accepted
+    for failure in failures[:5]:
+        print(f"failed: {failure}", file=sys.stderr)
+    if len(failures) > 5:
+        print(f"... and {len(failures) - 5} more failures", file=sys.stderr)
+    rows = [
+        ("commands", f"{args.commands}"),
+        ("failures", f"{len(failures)}"),
+        ("threads", f"{args.threads}"),
+        ("elapsed", f"{elapsed:.2f} s"),
+        ("commands/s", f"{args.commands / elapsed:.1f}"),
+        ("MaxSessions (probed)", f"{session_limit}"),
+        ("peak concurrent channels", f"{peak_channels}"),
+        ("TCP connections", f"{connections}"),
+    ]
+    print("paramiko-executor demo summary")
+    for label, value in rows:
+        print(f"  {label:<26}{value}")
+    return 1 if failures else 0
