@@ -255,8 +255,16 @@ def attach(chan: paramiko.Channel) -> _Exchange:
     return ex
 
 
-def open_command_channel(transport: paramiko.Transport) -> paramiko.Channel:
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def open_command_channel(
+    transport: paramiko.Transport, deadline: Optional[float] = None
+) -> Optional[paramiko.Channel]:
     """Open a session channel, asking again while a live server refuses it.
+
+    Returns None once ``deadline`` (a `time.monotonic` value) has passed.
 
     OpenSSH frees a session slot a little after the channel's close, so a
     refusal at its MaxSessions is not a broken connection: wait for a round
@@ -267,14 +275,18 @@ def open_command_channel(transport: paramiko.Transport) -> paramiko.Channel:
     from a lost connection.
     """
     for tries in range(1, OPEN_TRIES + 1):
+        remaining = _remaining(deadline)
+        if remaining is not None and remaining <= 0:
+            return None
         try:
-            return transport.open_session()
+            return transport.open_session(timeout=remaining)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             if not transport.is_active():
                 raise ConnectionLost(f"the connection was lost opening a channel: {exc}") from None
             error = exc
         log.debug("channel refused (%s), try %d of %d", error, tries, OPEN_TRIES)
-        pinger_of(transport).round_trip(CLOSE_GRACE)
+        remaining = _remaining(deadline)
+        pinger_of(transport).round_trip(CLOSE_GRACE if remaining is None else max(remaining, 0))
         if tries > 2:
             time.sleep(min(OPEN_BACKOFF * 2 ** (tries - 3), OPEN_BACKOFF_MAX))
     raise ExecutorFailure(f"the server refused a session channel {OPEN_TRIES} times: {error}")
@@ -300,19 +312,18 @@ def run_on_channel(
     chan: paramiko.Channel,
     command: bytes,
     stdin: bytes,
-    timeout: Optional[float],
+    deadline: Optional[float],
 ) -> ChannelOutcome:
     """Run ``command`` on the freshly opened session ``chan`` and close it.
 
     Returns once the exit status and the end of both output streams have
-    arrived and the channel is closed on both sides (or once ``timeout``
-    passed: the server is asked to TERM the command and the channel is
-    closed). Raises `ConnectionLost` when the connection breaks first, and
+    arrived and the channel is closed on both sides (or once ``deadline``,
+    a `time.monotonic` value, passed: the server is asked to TERM the command
+    and the channel is closed). Raises `ConnectionLost` when the connection breaks first, and
     `ExecutorFailure` when the server refuses to run the command.
     """
     transport = chan.get_transport()
     ex = attach(chan)
-    deadline = None if timeout is None else time.monotonic() + timeout
     stdout: List[bytes] = []
     stderr: List[bytes] = []
     pending = memoryview(stdin)

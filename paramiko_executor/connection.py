@@ -19,7 +19,7 @@ from typing import List, NamedTuple, Optional
 import paramiko
 
 from .auth import authenticate
-from .channel import install_channel_hooks
+from .channel import ConnectionLost, install_channel_hooks
 from .keepalive import Keepalive, keepalive_for, pinger_of
 from .options import Target
 from .results import AuthenticationFailure, ExecutorFailure, HostKeyFailure
@@ -56,7 +56,7 @@ def probe_max_session(transport: paramiko.Transport, *, limit: int = 64) -> int:
     Opens bare session channels (no shell, no exec: on a command-restricted
     key a shell would run the forced command) until the server refuses one or
     ``limit`` are open, closes them all, and returns how many opened. Raises
-    `ExecutorFailure` when the connection breaks meanwhile.
+    `ExecutorFailure` (a `ConnectionLost`) when the connection breaks meanwhile.
     """
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise TypeError(f"limit must be an integer, not {type(limit).__name__}")
@@ -69,7 +69,7 @@ def probe_max_session(transport: paramiko.Transport, *, limit: int = 64) -> int:
                 channels.append(transport.open_session())
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 if not transport.is_active():
-                    raise ExecutorFailure(f"connection lost while probing: {exc}") from None
+                    raise ConnectionLost(f"connection lost while probing: {exc}") from None
                 break
         return len(channels)
     finally:
@@ -260,7 +260,7 @@ class Connection:
         while True:
             tries += 1
             try:
-                transport = open_transport(self.target)
+                return self._connect_once()
             except BaseException as exc:
                 failure = _classify(exc, self.target)
                 if not isinstance(failure, TemporaryFailure):
@@ -275,19 +275,23 @@ class Connection:
                          self.target, failure, delay)
                 if attempt.cancelled.wait(delay):
                     raise ExecutorFailure("the executor was closed while connecting") from None
-                continue
-            try:
-                limit = self.max_sessions
-                if limit is None:
-                    limit = probe_max_session(transport)
-                    log.info("%s allows %d sessions per connection", self.target, limit)
-                    if limit == 0:
-                        raise ExecutorFailure(f"{self.target} refuses every session channel")
-            except BaseException:
-                close_transport(transport)
-                raise
-            log.info("connected to %s", self.target)
-            return ConnectionState(transport, FairBoundedSemaphore(limit))
+
+    def _connect_once(self) -> ConnectionState:
+        transport = open_transport(self.target)
+        try:
+            limit = self.max_sessions
+            if limit is None:
+                limit = probe_max_session(transport)
+                log.info("%s allows %d sessions per connection", self.target, limit)
+                if limit == 0:
+                    raise ExecutorFailure(f"{self.target} refuses every session channel")
+        except BaseException as exc:
+            close_transport(transport)
+            if isinstance(exc, ConnectionLost):
+                raise TemporaryFailure(exc.description) from None
+            raise
+        log.info("connected to %s", self.target)
+        return ConnectionState(transport, FairBoundedSemaphore(limit))
 
     def _discard_locked(self, state: ConnectionState) -> None:
         # Caller holds the lock; closing waits for paramiko's thread, so it

@@ -12,12 +12,13 @@ import contextlib
 import logging
 import signal
 import subprocess
+import time
 from typing import Any, Dict, Iterator, Optional, Union
 
 import paramiko
 
 from .channel import ChannelOutcome, ConnectionLost, open_command_channel, run_on_channel
-from .connection import Connection
+from .connection import Connection, ConnectionState
 from .options import DEFAULT, normalize_parameters, resolve_target
 from .results import (
     CommandExecutionFailure,
@@ -274,15 +275,15 @@ class SSHExecutor(Executor):
         shown_stdin: StdinInput,
     ) -> CommandResult:
         encoded = command.encode("utf-8")
+        # The timeout covers waiting for a slot, opening the channel and the
+        # command itself, not connecting (which has its own retry policy).
+        deadline = None if timeout is None else time.monotonic() + timeout
         failures = stale = 0
         while True:
             epoch = self._connection.epoch
             state = self._get_state()
             try:
-                with state.bound:
-                    log.debug("running %r", shown_command)
-                    chan = open_command_channel(state.transport)
-                    outcome: ChannelOutcome = run_on_channel(chan, encoded, stdin, timeout)
+                outcome = self._run_once(state, encoded, stdin, deadline, shown_command)
             except ConnectionLost as lost:
                 first_to_notice = self._connection.drop(state)
                 if epoch != self._connection.epoch:
@@ -304,10 +305,35 @@ class SSHExecutor(Executor):
             except ExecutorFailure as exc:
                 exc.executor = self
                 raise
+            if outcome is None:
+                return _result(shown_command, shown_stdin, None, b"", b"", timeout=timeout)
             return _result(
                 shown_command, shown_stdin, outcome.exit_status, outcome.stdout, outcome.stderr,
                 timeout=timeout if outcome.timed_out else None, signal_name=outcome.exit_signal,
             )
+
+    @staticmethod
+    def _run_once(
+        state: ConnectionState, command: bytes, stdin: bytes, deadline: Optional[float],
+        shown_command: str,
+    ) -> Optional[ChannelOutcome]:
+        """One try on one connection; None when the deadline passed before the command started."""
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+        if not state.bound.acquire(timeout=remaining):
+            return None
+        try:
+            log.debug("running %r", shown_command)
+            chan = open_command_channel(state.transport, deadline)
+            if chan is None:
+                return None
+            return run_on_channel(chan, command, stdin, deadline)
+        except (EOFError, OSError, paramiko.SSHException) as exc:
+            # paramiko raises these from any send once its transport is closing.
+            if not state.transport.is_active():
+                raise ConnectionLost(f"the connection was lost: {exc!r}") from None
+            raise ExecutorFailure(f"SSH error: {exc!r}") from None
+        finally:
+            state.bound.release()
 
 
 class DupingSSHExecutor(SSHExecutor):

@@ -193,7 +193,7 @@ def _host_key_policy(explicit: Any, host_config: Mapping[str, Any]) -> HostKeyPo
     if explicit is not DEFAULT:
         if explicit is None:
             return HostKeyPolicy(None)
-        return HostKeyPolicy(_paths("known_hosts", explicit), accept_new=strict == "accept-new")
+        return HostKeyPolicy(explicit, accept_new=strict == "accept-new")
     if strict in ("no", "off"):
         return HostKeyPolicy(None)
     files = host_config.get("userknownhostsfile")
@@ -346,7 +346,7 @@ def _resolve_jumps(
         # hop is reached through the one before it, as OpenSSH does.
         hop_target = _resolve(host, params, ssh_config, None, DEFAULT, DEFAULT,
                               seen=seen + (host,), proxy=jump is None)
-        if host_keys.known_hosts is not None and "userknownhostsfile" not in hop_config:
+        if host_keys.files is not None and "userknownhostsfile" not in hop_config:
             hop_target = replace(hop_target, host_keys=host_keys)
         if jump is not None:
             hop_target = replace(hop_target, jump=jump)

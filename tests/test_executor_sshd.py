@@ -162,14 +162,14 @@ def test_timeout_terminates_the_command_and_keeps_the_connection(sshd):
         ex.run_command("true")
         transport = ex._connection.state.transport
         with pytest.raises(CommandTimeout) as timeout:
-            ex.run_command("echo started; sleep 60; echo never", timeout=1)
+            ex.run_command("echo started; sleep 59.125; echo never", timeout=1)
         assert timeout.value.exit_code is None
         assert timeout.value.stdout == "started\n"
         assert ex.run_command("echo still here").stdout == "still here\n"
         assert ex._connection.state.transport is transport
         # sshd delivered the TERM: no `sleep 60` of ours is left.
         wait_for(
-            lambda: ex.run_command("pgrep -u $(id -u) -x sleep || true").stdout == "",
+            lambda: ex.run_command("pgrep -f 'slee[p] 59.125' || true").stdout == "",
             "the timed-out command to end",
         )
 

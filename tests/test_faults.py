@@ -1,0 +1,183 @@
+"""Lost, frozen and half-finished connections: real sshd and the project's test server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
+    """Wait, bounded, for a condition another thread or process makes true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory both the tests (root) and the sshd login user can use."""
+    path = tempfile.mkdtemp(prefix="pe-shared-")
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def current_transport(ex):
+    return ex._connection.state.transport
+
+
+def exchanges(transport):
+    """The per-command records of the channels open on ``transport``."""
+    return [chan._pe_exchange for chan in list(transport._channels.values())
+            if "_pe_exchange" in chan.__dict__]
+
+
+def test_result_waits_for_output_after_the_exit_status(sshd):
+    # The shell exits first; a background child still writes and holds stdout.
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        result = ex.run_command("echo first; (sleep 1; echo late) & exit 0")
+        assert result.stdout == "first\nlate\n"
+
+
+def test_connection_lost_between_exit_status_and_eof_is_not_a_success(make_sshd):
+    server = make_sshd(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters(on_disconnect_retry=0)) as ex:
+        ex.run_command("true")
+        transport = current_transport(ex)
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(ex.run_command, "echo first; (sleep 20; echo late) & exit 0")
+            wait_for(lambda: any(e.exit_status == 0 for e in exchanges(transport)),
+                     "the exit status to arrive before the output ended")
+            for pid in server.serving_pids():
+                os.kill(pid, signal.SIGKILL)
+            with pytest.raises(ExecutorFailure, match="lost"):
+                future.result(timeout=30)
+
+
+def test_keepalive_fails_over_from_a_frozen_sshd(make_sshd, shared_dir):
+    server = make_sshd(max_sessions=10)
+    marker = os.path.join(shared_dir, "started")
+    frozen = []
+    try:
+        with SSHExecutor(**server.executor_parameters(keepalive_interval=0.5,
+                                                      keepalive_count_max=3)) as ex:
+            ex.run_command("true")
+            first = current_transport(ex)
+            with ThreadPoolExecutor(1) as pool:
+                future = pool.submit(
+                    ex.run_command,
+                    f"test -e {marker} && echo second && exit 0; touch {marker}; sleep 3",
+                )
+                wait_for(lambda: os.path.exists(marker), "the command to start")
+                frozen = server.serving_pids()
+                for pid in frozen:
+                    os.kill(pid, signal.SIGSTOP)
+                assert future.result(timeout=30).stdout == "second\n"
+            assert not first.is_active()
+            assert current_transport(ex) is not first
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_keepalive_fails_over_from_a_frozen_test_server(make_test_server):
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters(keepalive_interval=0.3,
+                                                  keepalive_count_max=3)) as ex:
+        ex.run_command("true")
+        first = current_transport(ex)
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(ex.run_command, "sleep 1; echo done")
+            wait_for(lambda: "sleep 1; echo done" in server.commands, "the command to start")
+            server.freeze()
+            try:
+                wait_for(lambda: not first.is_active(), "the keepalive to give up")
+            finally:
+                server.thaw()
+            assert future.result(timeout=30).stdout == "done\n"
+        assert server.commands.count("sleep 1; echo done") == 2
+        assert current_transport(ex) is not first
+
+
+def test_without_keepalive_a_frozen_server_is_not_declared_dead(make_test_server):
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true")
+        transport = current_transport(ex)
+        assert ex._connection._keepalive is None
+        server.freeze()
+        try:
+            with pytest.raises(CommandTimeout):
+                ex.run_command("echo hi", timeout=1)
+            assert transport.is_active()
+        finally:
+            server.thaw()
+
+
+def test_drop_connections_mid_command_retries(make_test_server):
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(ex.run_command, f"sleep 0.5; echo {i}") for i in range(8)]
+            wait_for(lambda: server.open_channels >= 8, "eight commands running")
+            server.drop_connections()
+            assert [f.result(timeout=30).stdout for f in futures] == [f"{i}\n" for i in range(8)]
+        assert server.connections_accepted == 2
+
+
+def test_connect_attempt_shared_by_waiting_threads(make_test_server):
+    server = make_test_server(max_sessions=10)
+    ex = SSHExecutor(**server.executor_parameters())
+    gate = threading.Barrier(100)
+
+    def run(i):
+        gate.wait(30)
+        return ex.run_command(f"echo {i}").stdout
+
+    with ThreadPoolExecutor(100) as pool:
+        assert list(pool.map(run, range(100))) == [f"{i}\n" for i in range(100)]
+    assert server.connections_accepted == 1
+    ex.close()
+
+
+def test_channel_refusals_are_retried_on_the_same_connection(make_test_server):
+    # max_sessions above the server's limit: the surplus opens are refused
+    # by a live server and must wait and retry, not reconnect.
+    server = make_test_server(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters(max_sessions=4)) as ex:
+        with ThreadPoolExecutor(16) as pool:
+            outputs = list(pool.map(lambda i: ex.run_command(f"echo {i}").stdout, range(64)))
+    assert outputs == [f"{i}\n" for i in range(64)]
+    assert server.connections_accepted == 1
+    assert server.peak_channels <= 2
+
+
+def test_mock_ssh_server_compatibility(tmp_path):
+    mockssh = pytest.importorskip("mockssh")
+    from paramiko_executor.testing import SSHTestServer
+
+    key_path = str(tmp_path / "id")
+    with SSHTestServer() as keys:  # borrow a generated (ECDSA) client key
+        shutil.copy(keys.client_key_path, key_path)
+    server = mockssh.Server({})
+    server.add_user("user", key_path, keytype="ecdsa-sha2-nistp256")
+    with server:
+        with SSHExecutor(host="127.0.0.1", port=server.port, username="user",
+                         client_keys=[key_path], known_hosts=None, config=(),
+                         max_sessions=4) as ex:
+            assert ex.run_command("echo hello").stdout == "hello\n"
+            with ThreadPoolExecutor(4) as pool:
+                outputs = list(pool.map(lambda i: ex.run_command(f"echo {i}", timeout=30).stdout,
+                                        range(8)))
+            assert outputs == [f"{i}\n" for i in range(8)]
