@@ -281,8 +281,9 @@ def open_command_channel(
         try:
             return transport.open_session(timeout=remaining)
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            if not transport.is_active():
-                raise ConnectionLost(f"the connection was lost opening a channel: {exc}") from None
+            if isinstance(exc, (EOFError, OSError)) or not transport.is_active():
+                raise ConnectionLost(f"the connection was lost opening a channel: {exc!r}") \
+                    from None
             error = exc
         log.debug("channel refused (%s), try %d of %d", error, tries, OPEN_TRIES)
         remaining = _remaining(deadline)

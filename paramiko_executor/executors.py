@@ -328,8 +328,9 @@ class SSHExecutor(Executor):
                 return None
             return run_on_channel(chan, command, stdin, deadline)
         except (EOFError, OSError, paramiko.SSHException) as exc:
-            # paramiko raises these from any send once its transport is closing.
-            if not state.transport.is_active():
+            # paramiko raises these from any send once its socket broke; its
+            # transport may not have marked itself inactive yet.
+            if isinstance(exc, (EOFError, OSError)) or not state.transport.is_active():
                 raise ConnectionLost(f"the connection was lost: {exc!r}") from None
             raise ExecutorFailure(f"SSH error: {exc!r}") from None
         finally:
