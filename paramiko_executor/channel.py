@@ -135,6 +135,9 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
 
     def handle_close(chan: paramiko.Channel, m: Message) -> None:
         on_close(chan, m)
+        # Both CLOSEs are out, so nothing more can arrive for this channel:
+        # forgetting it keeps paramiko's memory flat over millions of commands.
+        transport.channels_seen.pop(chan.chanid, None)
         ex = _exchange(chan)
         if ex is not None:
             ex.remote_closed = True
