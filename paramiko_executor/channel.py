@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import paramiko
 from paramiko.common import (
@@ -317,13 +317,15 @@ def run_on_channel(
     command: bytes,
     stdin: bytes,
     deadline: Optional[float],
+    after_exec: Optional[Callable[[], None]] = None,
 ) -> ChannelOutcome:
     """Run ``command`` on the freshly opened session ``chan`` and close it.
 
     Returns once the exit status and the end of both output streams have
     arrived and the channel is closed on both sides (or once ``deadline``,
     a `time.monotonic` value, passed: the server is asked to TERM the command
-    and the channel is closed). Raises `ConnectionLost` when the connection breaks first, and
+    and the channel is closed). ``after_exec`` is called once the command is
+    on its way. Raises `ConnectionLost` when the connection breaks first, and
     `ExecutorFailure` when the server refuses to run the command.
     """
     transport = chan.get_transport()
@@ -334,6 +336,8 @@ def run_on_channel(
     # exec, stdin and EOF are pipelined without waiting for the exec reply:
     # the server handles them in order, and a refused exec closes the channel.
     _send_request(chan, "exec", command, want_reply=True)
+    if after_exec is not None:
+        after_exec()
     eof_sent = False
     try:
         while True:

@@ -28,6 +28,7 @@ from .results import (
     decode_output,
 )
 from .retry import ConnectRetry
+from .warm import warm_channel_of
 
 __all__ = ["DupingSSHExecutor", "Executor", "SSHExecutor", "ShellExecutor"]
 
@@ -323,10 +324,14 @@ class SSHExecutor(Executor):
             return None
         try:
             log.debug("running %r", shown_command)
-            chan = open_command_channel(state.transport, deadline)
+            warm = warm_channel_of(state.transport)
+            chan = warm.take(None if deadline is None else max(deadline - time.monotonic(), 0))
             if chan is None:
-                return None
-            return run_on_channel(chan, command, stdin, deadline)
+                chan = open_command_channel(state.transport, deadline)
+                if chan is None:
+                    return None
+            return run_on_channel(chan, command, stdin, deadline,
+                                  after_exec=lambda: warm.replenish(state.bound))
         except (EOFError, OSError, paramiko.SSHException) as exc:
             # paramiko raises these from any send once its socket broke; its
             # transport may not have marked itself inactive yet.

@@ -1,0 +1,42 @@
+"""The session channel opened ahead of time for the next command."""
+
+from __future__ import annotations
+
+import pytest
+
+from paramiko_executor import SSHExecutor
+from paramiko_executor.warm import warm_channel_of
+
+
+def test_next_command_runs_on_the_channel_opened_ahead(test_server):
+    with SSHExecutor(**test_server.executor_parameters()) as ex:
+        ex.run_command("true")
+        warm = warm_channel_of(ex._connection.state.transport)
+        spare, answered = warm._pending
+        assert answered.wait(10) and spare.active
+        assert ex.run_command("echo warm").stdout == "warm\n"
+        assert spare.closed and warm._pending is not None and warm._pending[0] is not spare
+        # The probe's 10, the first command's own, the spare it used, the next spare.
+        assert test_server.channels_opened == 10 + 3
+
+
+def test_no_spare_when_every_slot_is_taken(test_server):
+    with SSHExecutor(**test_server.executor_parameters(max_sessions=1)) as ex:
+        for i in range(5):
+            assert ex.run_command(f"echo {i}").stdout == f"{i}\n"
+        assert warm_channel_of(ex._connection.state.transport)._pending is None
+        assert test_server.peak_channels == 1
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_refused_spares_cost_nothing(make_test_server, limit):
+    # max_sessions equal to the server's limit: a spare asked for while a
+    # burst fills every slot is refused and dropped, and no command fails.
+    server = make_test_server(max_sessions=limit)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with SSHExecutor(**server.executor_parameters(max_sessions=limit)) as ex:
+        with ThreadPoolExecutor(8) as pool:
+            outputs = list(pool.map(lambda i: ex.run_command(f"echo {i}").stdout, range(200)))
+    assert outputs == [f"{i}\n" for i in range(200)]
+    assert server.connections_accepted == 1
