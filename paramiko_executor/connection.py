@@ -167,7 +167,7 @@ def open_transport(target: Target) -> paramiko.Transport:
             timeout=HANDSHAKE_TIMEOUT if target.timeout is None else target.timeout
         )
         target.host_keys.verify(transport, target.hostname, target.port)
-        authenticate(transport, target.credentials)
+        authenticate(transport, target.credentials, host=f"{target.hostname}:{target.port}")
         return transport
     except BaseException:
         close_transport(transport)

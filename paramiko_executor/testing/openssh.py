@@ -359,10 +359,13 @@ class OpenSSHServer:
             return []
         table = _process_table()
         sshd_exe = os.path.realpath(self.sshd_path)
+        # sshd titles its processes after the name it was started by: the PAM
+        # symlink for TOTP servers.
+        prefix = f"{self._pam_service or os.path.basename(self.sshd_path)}: "
         candidates = set()
         for pid in _descendants(table, self._proc.pid):
             title = _cmdline(pid)
-            if "[" in title or not title.startswith("sshd: "):
+            if "[" in title or not title.startswith(prefix):
                 continue  # monitors, preauth children, user commands
             try:
                 if os.path.realpath(f"/proc/{pid}/exe") != sshd_exe:

@@ -1,0 +1,622 @@
+"""Authentication on a ``paramiko.Transport``: keys or password, then keyboard-interactive MFA.
+
+``SSHClient.connect`` cannot answer keyboard-interactive prompts from code, so the executor
+authenticates on the transport itself with :func:`authenticate`. The first factor follows
+``SSHClient._auth``'s rules (explicit ``pkey``, ``key_filenames``, the agent, ``~/.ssh/id_*``, then
+the password); when the server answers with partial success, or offers keyboard-interactive
+only, ``Transport.auth_interactive`` answers its prompts from ``mfa_config`` (TOTP codes via pyotp)
+and the password.
+
+Secrets (password, passphrase, TOTP secret) never appear in a ``repr()``, an exception text or a
+log record written here.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import paramiko
+import pyotp
+from paramiko.ssh_exception import (
+    AuthenticationException,
+    BadAuthenticationType,
+    PartialAuthentication,
+    SSHException,
+)
+
+from .hostkeys import fingerprint
+from .results import AuthenticationFailure
+
+__all__ = [
+    "MFAEntry",
+    "Credentials",
+    "parse_mfa_config",
+    "authenticate",
+    "AuthenticationInterrupted",
+    "TOTPLedger",
+    "TOTP_LEDGER",
+]
+
+log = logging.getLogger("paramiko_executor.auth")
+
+_HIDDEN = "<hidden>"
+# Methods in the order a first factor is tried, like SSHClient._auth: keys, password, then
+# keyboard-interactive (which also answers a password prompt when the password method is off).
+_METHOD_ORDER = ("publickey", "password", "keyboard-interactive")
+# A server may chain factors ("publickey,keyboard-interactive,keyboard-interactive"); a server
+# that keeps answering "partial success" forever must not keep us looping.
+_MAX_ROUNDS = 8
+# RFC 4253 disconnect reason SSH_DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE.
+_NO_MORE_AUTH_METHODS = 14
+# Prompts that contain "password" but must never be answered with the current password
+# (an expired password being changed through PAM).
+_PASSWORD_CHANGE_WORDS = ("new", "retype", "again", "confirm", "repeat")
+_KEY_TYPE_MISMATCH = re.compile(r"encountered \S+ key, expected|not a valid \S+ private key")
+
+
+class _TOTP(pyotp.TOTP):
+    # The secret is the one the server issued: accept google-authenticator's classic 80-bit
+    # secrets, which recent pyotp releases refuse by default (they want 112 bits, fit for new
+    # secrets).
+    min_secret_length_bits = 8
+
+
+@dataclass(frozen=True, repr=False)
+class MFAEntry:
+    """One ``mfa_config`` entry: a keyboard-interactive prompt and the base32 TOTP secret for it.
+
+    ``totp`` is kept normalised (upper case, no whitespace). ``repr()`` hides it.
+    """
+
+    prompt: str
+    totp: str
+
+    def __repr__(self) -> str:
+        return f"MFAEntry(prompt={self.prompt!r}, totp={_HIDDEN})"
+
+
+@dataclass(frozen=True, repr=False)
+class Credentials:
+    """Everything :func:`authenticate` may use to log in; ``repr()`` hides every secret.
+
+    ``password`` doubles as the key passphrase when ``passphrase`` is None (paramiko's rule),
+    and answers keyboard-interactive password prompts. ``auth_strategy`` is a paramiko
+    ``AuthStrategy`` (paramiko >= 3.2); when given it replaces the first factor.
+    """
+
+    username: str
+    password: Optional[str] = None
+    pkey: Optional[paramiko.PKey] = None
+    key_filenames: Tuple[str, ...] = ()
+    passphrase: Optional[str] = None
+    allow_agent: bool = True
+    look_for_keys: bool = True
+    mfa: Tuple[MFAEntry, ...] = ()
+    auth_strategy: Optional[Any] = None
+
+    def __repr__(self) -> str:
+        def hidden(value: Optional[str]) -> Optional[str]:
+            return None if value is None else _HIDDEN
+
+        return (
+            f"Credentials(username={self.username!r}, password={hidden(self.password)}, "
+            f"pkey={self.pkey!r}, key_filenames={self.key_filenames!r}, "
+            f"passphrase={hidden(self.passphrase)}, allow_agent={self.allow_agent!r}, "
+            f"look_for_keys={self.look_for_keys!r}, mfa={self.mfa!r}, "
+            f"auth_strategy={self.auth_strategy!r})"
+        )
+
+
+def _normalise_secret(secret: str) -> str:
+    return "".join(secret.split()).upper()
+
+
+def _make_totp(secret: str) -> pyotp.TOTP:
+    return _TOTP(secret)
+
+
+def parse_mfa_config(
+    value: Optional[Sequence[Union[Mapping[str, str], MFAEntry]]],
+) -> Tuple[MFAEntry, ...]:
+    """Validate ``mfa_config`` and return it as a tuple of :class:`MFAEntry`.
+
+    ``value`` is None (no MFA: ``()``) or a list of dicts with exactly the keys ``"prompt"`` and
+    ``"totp"``, both strings; already parsed :class:`MFAEntry` items pass through. Raises
+    ``TypeError`` for wrong types and ``ValueError`` for an empty or duplicate prompt or a secret
+    that is not valid base32, naming ``mfa_config`` and the entry, never echoing a secret.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise TypeError(
+            "mfa_config must be a list of {'prompt': ..., 'totp': ...} dicts or None, "
+            f"not {type(value).__name__}"
+        )
+    entries: List[MFAEntry] = []
+    for index, item in enumerate(value):
+        where = f"mfa_config[{index}]"
+        if isinstance(item, MFAEntry):
+            prompt, secret = item.prompt, item.totp
+        elif isinstance(item, Mapping):
+            keys = set(item)
+            if keys != {"prompt", "totp"}:
+                names = sorted(str(k) for k in keys ^ {"prompt", "totp"})
+                raise ValueError(
+                    f"{where} must have exactly the keys 'prompt' and 'totp' "
+                    f"(missing or unknown: {', '.join(names)})"
+                )
+            prompt, secret = item["prompt"], item["totp"]
+        else:
+            raise TypeError(f"{where} must be a dict, not {type(item).__name__}")
+        if not isinstance(prompt, str):
+            raise TypeError(f"{where}['prompt'] must be a str, not {type(prompt).__name__}")
+        if not isinstance(secret, str):
+            raise TypeError(f"{where}['totp'] must be a str, not {type(secret).__name__}")
+        if not prompt.strip():
+            raise ValueError(f"{where}['prompt'] must not be empty")
+        if any(e.prompt.strip() == prompt.strip() for e in entries):
+            raise ValueError(f"{where}['prompt'] repeats an earlier prompt: {prompt.strip()!r}")
+        secret = _normalise_secret(secret)
+        if not secret:
+            raise ValueError(f"{where}['totp'] must not be empty")
+        try:
+            _make_totp(secret).now()
+        except (ValueError, TypeError, binascii.Error):
+            # ``from None``: the underlying message could quote the secret.
+            raise ValueError(f"{where}['totp'] is not a valid base32 TOTP secret") from None
+        entries.append(MFAEntry(prompt=prompt, totp=secret))
+    return tuple(entries)
+
+
+class TOTPLedger:
+    """The last TOTP code this process sent for each secret, so that no code is sent twice.
+
+    Servers with reuse protection (google-authenticator's ``DISALLOW_REUSE``) refuse a code
+    that was already accepted in its time step and count that as a failed login. Before a code
+    is handed to the server, :meth:`issue` compares it with the last one sent for that secret
+    and, if equal, waits (a Condition wait, releasing the lock) until the next time step.
+    Thread-safe. A child process after ``os.fork`` keeps the record (it shares the parent's
+    secrets and clock) with a fresh lock. Secrets are keyed by their SHA-256 only.
+
+    ``clock`` (seconds since the epoch) and ``wait`` (called with a timeout, instead of the
+    Condition wait) exist for tests with a fake clock.
+    """
+
+    # A code can only repeat within its own step (or, one time in a million, in the next one):
+    # three waits to a step boundary always suffice unless the clock stands still.
+    _MAX_WAITS = 3
+    # Wake just after the step boundary, not just before it.
+    _BOUNDARY_MARGIN = 0.05
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        wait: Optional[Callable[[float], Any]] = None,
+    ) -> None:
+        self._clock = clock
+        self._wait_hook = wait
+        self._cond = threading.Condition()
+        self._last: Dict[bytes, str] = {}
+        ref = weakref.ref(self)
+
+        def reset_lock_in_child() -> None:
+            ledger = ref()
+            if ledger is not None:
+                # Another thread may have held the lock at fork time; it does not exist here.
+                ledger._cond = threading.Condition()
+
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=reset_lock_in_child)
+
+    @staticmethod
+    def _key(secret: str) -> bytes:
+        return hashlib.sha256(_normalise_secret(secret).encode()).digest()
+
+    def _fresh_code(self, key: bytes, totp: pyotp.TOTP) -> str:
+        """Return the current code once it differs from the last one sent. Hold ``_cond``."""
+        for _ in range(self._MAX_WAITS + 1):
+            now = self._clock()
+            code = totp.at(now)
+            if self._last.get(key) != code:
+                return code
+            delay = totp.interval - (now % totp.interval) + self._BOUNDARY_MARGIN
+            log.info(
+                "TOTP code for this secret was already sent; waiting %.1f s for the next time step",
+                delay,
+            )
+            if self._wait_hook is not None:
+                self._wait_hook(delay)
+            else:
+                self._cond.wait(delay)
+        raise AuthenticationFailure(
+            "no fresh TOTP code became available (is the system clock standing still?)"
+        )
+
+    def wait_until_fresh(self, secret: str) -> None:
+        """Block (at most about one time step) until the current code for ``secret`` is unsent."""
+        with self._cond:
+            self._fresh_code(self._key(secret), _make_totp(secret))
+
+    def issue(self, secret: str) -> str:
+        """Return a code for ``secret`` that this process never sent, recording it as sent.
+
+        Call this at the moment the code is handed to the server.
+        """
+        key = self._key(secret)
+        with self._cond:
+            code = self._fresh_code(key, _make_totp(secret))
+            self._last[key] = code
+            return code
+
+
+#: The process-wide ledger :func:`authenticate` uses.
+TOTP_LEDGER = TOTPLedger()
+
+
+class AuthenticationInterrupted(SSHException):
+    """The connection broke, or the server stopped answering, during authentication.
+
+    Not a refusal of the credentials: a temporary connection failure, like any other
+    ``paramiko.SSHException`` while connecting, which the caller may retry.
+    """
+
+
+class _PromptRefused(EOFError):
+    """Raised inside paramiko's transport thread so that an unknown prompt is never answered.
+
+    paramiko then closes the transport. An ``EOFError`` because paramiko ends its thread on
+    one quietly (a DEBUG record), where any other exception is logged at ERROR with a
+    traceback (printed to stderr in programs without logging set up); the refusal itself
+    reaches the caller as ``AuthenticationFailure``.
+    """
+
+
+def _is_password_prompt(text: str) -> bool:
+    lowered = text.lower()
+    return "password" in lowered and not any(w in lowered for w in _PASSWORD_CHANGE_WORDS)
+
+
+class _PromptAnswerer:
+    """The ``auth_interactive`` handler: answers from ``mfa_config`` and the password only.
+
+    Runs in paramiko's transport thread. A prompt it cannot answer is recorded in ``refusal``
+    and nothing is sent (the transport is closed instead): a wrong answer could count as a
+    failed login and lock the account.
+    """
+
+    def __init__(self, creds: Credentials, ledger: TOTPLedger) -> None:
+        self._password = creds.password
+        self._ledger = ledger
+        self._secrets = {entry.prompt.strip(): entry.totp for entry in creds.mfa}
+        self.refusal: Optional[str] = None
+        self.answered: List[str] = []
+
+    def __call__(
+        self, title: str, instructions: str, prompt_list: Sequence[Tuple[str, bool]]
+    ) -> List[str]:
+        prompts = [prompt.strip() for prompt, _echo in prompt_list]
+        log.debug("keyboard-interactive prompts from server: %r", prompts)
+        # Decide every answer before producing any code: a refused prompt later in the list
+        # must not leave a TOTP code recorded as sent.
+        plan: List[Tuple[str, Optional[str]]] = []
+        for prompt in prompts:
+            if prompt in self._secrets:
+                plan.append((prompt, self._secrets[prompt]))
+            elif _is_password_prompt(prompt) and self._password is not None:
+                plan.append((prompt, None))
+            else:
+                if _is_password_prompt(prompt):
+                    why = "the server asks for a password and none was given"
+                else:
+                    configured = ", ".join(repr(p) for p in self._secrets) or "none"
+                    why = f"no mfa_config entry matches it (configured prompts: {configured})"
+                self.refusal = f"keyboard-interactive prompt {prompt!r} not answered: {why}"
+                raise _PromptRefused(self.refusal)
+        answers: List[str] = []
+        for prompt, secret in plan:
+            if secret is None:
+                answers.append(self._password or "")
+            else:
+                answers.append(self._ledger.issue(secret))
+            self.answered.append(prompt)
+        return answers
+
+
+_Outcome = Optional[List[str]]  # None: refused; []: authenticated; [...]: partial, methods left
+
+
+class _Login:
+    """One run of :func:`authenticate`: the attempts made and what the server said."""
+
+    def __init__(self, transport: paramiko.Transport, creds: Credentials, host: Optional[str]):
+        self.t = transport
+        self.creds = creds
+        self.target = host if host is not None else _peer(transport)
+        self.ledger = TOTP_LEDGER
+        self.answerer = _PromptAnswerer(creds, self.ledger)
+        self.tried: List[str] = []
+        self.allowed: Optional[List[str]] = None
+        self.succeeded: List[str] = []
+        self.disconnect: Optional[Tuple[int, str]] = None
+        self.agent: Optional[paramiko.Agent] = None
+
+    # -- outcome classification -------------------------------------------------------------
+
+    def fail(self, reason: str) -> AuthenticationFailure:
+        allowed = ", ".join(self.allowed) if self.allowed is not None else "unknown"
+        tried = "; ".join(self.tried) or "nothing"
+        return AuthenticationFailure(
+            f"Authentication as {self.creds.username!r} on {self.target} failed: {reason} "
+            f"(tried: {tried}; server allows: {allowed})"
+        )
+
+    def _raise_if_not_refusal(self, what: str, error: BaseException, started: float) -> None:
+        """Raise what an exception during one attempt really means, unless it is a refusal."""
+        if self.answerer.refusal is not None:
+            raise self.fail(self.answerer.refusal) from None
+        if self.disconnect is not None:
+            code, text = self.disconnect
+            if code == _NO_MORE_AUTH_METHODS or "auth" in text.lower():
+                self.tried.append(f"{what} (server disconnected)")
+                raise self.fail(f"the server closed the connection: {text}") from None
+        if not self.t.is_active():
+            said = f" (server said: {self.disconnect[1]})" if self.disconnect else ""
+            raise AuthenticationInterrupted(
+                f"connection to {self.target} lost during authentication ({what}){said}"
+            ) from error
+        timeout = self.t.auth_timeout
+        if (
+            isinstance(error, AuthenticationException)
+            and timeout is not None
+            and time.monotonic() - started >= timeout
+        ):
+            raise AuthenticationInterrupted(
+                f"{self.target} did not answer {what} within auth_timeout ({timeout} s)"
+            ) from error
+
+    def attempt(self, what: str, call: Callable[[], Any]) -> _Outcome:
+        """Run one ``auth_*`` call and classify its result."""
+        log.debug("trying %s for %r on %s", what, self.creds.username, self.target)
+        started = time.monotonic()
+        try:
+            result = call()
+        except PartialAuthentication as e:
+            self.tried.append(f"{what} (partial success)")
+            return list(e.allowed_types)
+        except BadAuthenticationType as e:
+            self._raise_if_not_refusal(what, e, started)
+            self.allowed = list(e.allowed_types)
+            self.tried.append(f"{what} (method not allowed)")
+            return None
+        except AuthenticationException as e:
+            self._raise_if_not_refusal(what, e, started)
+            detail = str(e).strip() if self.creds.auth_strategy is not None else ""
+            self.tried.append(f"{what} (refused{': ' + detail if detail else ''})")
+            return None
+        except (SSHException, EOFError, OSError) as e:
+            self._raise_if_not_refusal(what, e, started)
+            self.tried.append(f"{what} ({type(e).__name__}: {e})")
+            return None
+        if self.t.is_authenticated():
+            return []
+        # auth_* returns the methods left after a partial success; AuthStrategy returns the
+        # results of its sources, the last of which holds that list.
+        if isinstance(result, list) and result and hasattr(result[-1], "result"):
+            result = result[-1].result
+        if isinstance(result, (list, tuple)) and result:
+            self.tried.append(f"{what} (partial success)")
+            return [str(m) for m in result]
+        self.tried.append(f"{what} (no answer)")
+        return None
+
+    # -- the first factor, paramiko's way ---------------------------------------------------
+
+    def _load_key(self, path: str) -> Optional[paramiko.PKey]:
+        """Load a private key file as SSHClient._key_from_filepath does (with its -cert.pub)."""
+        cert_suffix = "-cert.pub"
+        key_path = path[: -len(cert_suffix)] if path.endswith(cert_suffix) else path
+        cert_path = key_path + cert_suffix
+        passphrase = self.creds.passphrase
+        if passphrase is None:
+            passphrase = self.creds.password
+        problems: List[BaseException] = []
+        for key_class in (paramiko.RSAKey, paramiko.ECDSAKey, paramiko.Ed25519Key):
+            try:
+                key = key_class.from_private_key_file(key_path, passphrase)
+            except SSHException as e:
+                problems.append(e)
+                continue
+            except OSError as e:
+                problems.append(e)
+                break
+            if os.path.isfile(cert_path):
+                key.load_certificate(cert_path)
+            return key
+        text = _key_problem(problems)
+        log.warning("cannot use key file %s: %s", key_path, text)
+        self.tried.append(f"publickey {key_path} (unusable: {text})")
+        return None
+
+    def _discovered_key_files(self) -> Iterator[str]:
+        for name in ("rsa", "ecdsa", "ed25519"):
+            for directory in (".ssh", "ssh"):  # ~/ssh/ is for Windows, as in paramiko
+                path = os.path.expanduser(f"~/{directory}/id_{name}")
+                if os.path.isfile(path):
+                    yield path
+
+    def _keys(self) -> Iterator[Tuple[str, paramiko.PKey]]:
+        creds = self.creds
+        if creds.pkey is not None:
+            yield "given pkey", creds.pkey
+        for path in creds.key_filenames:
+            key = self._load_key(os.path.expanduser(path))
+            if key is not None:
+                yield path, key
+        if creds.allow_agent:
+            try:
+                self.agent = paramiko.Agent()
+                agent_keys = self.agent.get_keys()
+            except (SSHException, OSError) as e:
+                log.debug("SSH agent unusable: %s", e)
+                agent_keys = ()
+            for key in agent_keys:
+                yield "agent key", key
+        if creds.look_for_keys:
+            for path in self._discovered_key_files():
+                key = self._load_key(path)
+                if key is not None:
+                    yield path, key
+
+    def publickey(self) -> _Outcome:
+        for source, key in self._keys():
+            what = f"publickey {source} {key.get_name()} {fingerprint(key)}"
+            outcome = self.attempt(
+                what, lambda key=key: self.t.auth_publickey(self.creds.username, key)
+            )
+            if outcome is not None:
+                return outcome
+            if self.allowed is not None and "publickey" not in self.allowed:
+                return None
+        return None
+
+    # -- rounds -------------------------------------------------------------------------------
+
+    def one_round(self, allowed: List[str]) -> List[str]:
+        """Try the allowed methods in order; return [] when done or the methods still required."""
+        self.allowed = allowed
+        user = self.creds.username
+        for method in _METHOD_ORDER:
+            if method not in self.allowed:
+                continue
+            if method == "publickey":
+                outcome = self.publickey()
+            elif method == "password":
+                password = self.creds.password
+                if password is None:
+                    continue
+                outcome = self.attempt(
+                    "password",
+                    lambda password=password: self.t.auth_password(user, password, fallback=False),
+                )
+            else:
+                for entry in self.creds.mfa:
+                    # Wait here, not inside the handler: the handler runs under auth_timeout.
+                    self.ledger.wait_until_fresh(entry.totp)
+                outcome = self.attempt(
+                    "keyboard-interactive", lambda: self.t.auth_interactive(user, self.answerer)
+                )
+            if outcome is not None:
+                self.succeeded.append(method)
+                return outcome
+        raise self.fail("no method was accepted")
+
+    def first_request(self) -> List[str]:
+        """The auth_strategy, or the "none" probe: return [] when done or the methods to try."""
+        t, user = self.t, self.creds.username
+        strategy = self.creds.auth_strategy
+        if strategy is not None:
+            outcome = self.attempt("auth_strategy", lambda: strategy.authenticate(transport=t))
+            if outcome is None:
+                raise self.fail("the auth_strategy was refused")
+            self.succeeded.append("auth_strategy")
+            return outcome
+        # "none" costs one round trip, is not counted as a failed try by OpenSSH, and tells
+        # which methods the server allows, so that no refused method is attempted.
+        outcome = self.attempt("none", lambda: t.auth_none(user))
+        if outcome is not None:
+            self.succeeded.append("none")
+            return outcome
+        self.tried.pop()  # the probe is not an attempt worth reporting
+        return self.allowed or list(_METHOD_ORDER)
+
+    def run(self) -> None:
+        remaining = self.first_request()
+        rounds = 0
+        while not self.t.is_authenticated():
+            if rounds == _MAX_ROUNDS:
+                raise self.fail(f"the server still asked for more after {rounds} partial successes")
+            remaining = self.one_round(remaining)
+            rounds += 1
+        log.info(
+            "authenticated as %r on %s (%s)",
+            self.creds.username,
+            self.target,
+            ", ".join(self.succeeded),
+        )
+
+
+def _key_problem(problems: Sequence[BaseException]) -> str:
+    """Why a key file could not be loaded, from the errors of each key class tried on it."""
+    for problem in problems:
+        if isinstance(problem, OSError):
+            return problem.strerror or str(problem)
+        if isinstance(problem, paramiko.PasswordRequiredException):
+            return "it is encrypted and no passphrase (or password) was given"
+    # Each key class also fails with "encountered EC key, expected RSA key" or "not a valid
+    # RSA private key file" for a key of another type: those say nothing about this file.
+    relevant = [p for p in problems if not _KEY_TYPE_MISMATCH.match(str(p))]
+    return str((relevant or list(problems))[0])
+
+
+def _peer(transport: paramiko.Transport) -> str:
+    try:
+        address = transport.getpeername()
+        return f"{address[0]}:{address[1]}"
+    except (OSError, AttributeError, TypeError, IndexError):
+        return "the server"
+
+
+def authenticate(
+    transport: paramiko.Transport, creds: Credentials, *, host: Optional[str] = None
+) -> None:
+    """Authenticate ``transport`` (after ``start_client``) with ``creds``; return when done.
+
+    The first factor is ``creds.auth_strategy`` if given, else, in paramiko's order: ``pkey``,
+    each of ``key_filenames`` (decrypted with ``passphrase``, or ``password`` if that is None),
+    the agent's keys when ``allow_agent``, ``~/.ssh/id_{rsa,ecdsa,ed25519}`` when
+    ``look_for_keys``, then ``password``. A method the server does not allow (learnt from a
+    "none" request first) is skipped. When the server answers with partial success, or allows
+    keyboard-interactive only, ``Transport.auth_interactive`` follows: each prompt (stripped)
+    equal to a configured ``mfa_config`` prompt (stripped) gets the current TOTP code, a
+    password prompt gets ``password`` if given, an empty prompt list gets an empty answer. A
+    TOTP code is never sent twice by this process: see :class:`TOTPLedger`. ``host`` names
+    the server in messages (default: the transport's peer address).
+
+    Raises :class:`~paramiko_executor.results.AuthenticationFailure` (do not retry) when the
+    server refuses every method, disconnects saying authentication failed, or asks a prompt
+    nothing answers (then nothing is sent and the transport is closed). Raises
+    :class:`AuthenticationInterrupted` (a ``paramiko.SSHException``: temporary, may be retried
+    on a new connection) when the transport dies or the server does not answer within
+    ``transport.auth_timeout``; ``OSError`` from the socket may also propagate. After any
+    exception the transport must be closed by the caller.
+    """
+    if transport.is_authenticated():
+        return
+    login = _Login(transport, creds, host)
+    original = transport._parse_disconnect
+
+    def record_disconnect(message: paramiko.Message) -> None:
+        # paramiko logs the server's disconnect reason but keeps no record of it; the reason
+        # tells "too many authentication failures" apart from a dropped connection.
+        position = message.packet.tell()
+        code, text = message.get_int(), message.get_text()
+        login.disconnect = (code, text)
+        message.packet.seek(position)
+        original(message)
+
+    transport._parse_disconnect = record_disconnect
+    try:
+        login.run()
+    finally:
+        del transport._parse_disconnect
+        if login.agent is not None:
+            login.agent.close()
