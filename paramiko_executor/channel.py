@@ -14,12 +14,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import paramiko
 from paramiko.common import (
     MSG_CHANNEL_CLOSE,
     MSG_CHANNEL_FAILURE,
+    MSG_CHANNEL_OPEN_FAILURE,
     MSG_CHANNEL_REQUEST,
     cMSG_CHANNEL_DATA,
     cMSG_CHANNEL_EOF,
@@ -165,6 +166,20 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
             ex.refused = True
         on_failure(chan, m)
 
+    transport_table = dict(transport._handler_table)
+    on_open_failure = transport_table[MSG_CHANNEL_OPEN_FAILURE]
+
+    def handle_open_failure(*args: Any) -> None:  # (m), or (transport, m) on older paramiko
+        m = args[-1]
+        start = m.packet.tell()
+        chanid = m.get_int()
+        m.packet.seek(start)
+        on_open_failure(*args)
+        # paramiko forgets a refused channel everywhere but here.
+        transport.channels_seen.pop(chanid, None)
+
+    transport_table[MSG_CHANNEL_OPEN_FAILURE] = handle_open_failure
+    transport._handler_table = transport_table
     table[MSG_CHANNEL_CLOSE] = handle_close
     table[MSG_CHANNEL_REQUEST] = handle_request
     table[MSG_CHANNEL_FAILURE] = handle_failure

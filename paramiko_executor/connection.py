@@ -102,6 +102,21 @@ def _classify(exc: BaseException, target: Target) -> BaseException:
     return ExecutorFailure(f"cannot connect to {target}: {type(exc).__name__}: {exc}")
 
 
+class _QuickAckSocket(socket.socket):
+    """A TCP socket that acknowledges every read at once (Linux ``TCP_QUICKACK``).
+
+    sshd leaves Nagle on for sessions without a pty: a small packet it sends
+    right after another (a channel's open confirmation after its host-keys
+    notice, say) waits for our ACK, which Linux delays by up to 40 ms unless
+    told otherwise, and the kernel forgets the setting after a while.
+    """
+
+    def recv(self, bufsize: int, *flags: int) -> bytes:
+        data = super().recv(bufsize, *flags)
+        self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return data
+
+
 def _open_socket(target: Target) -> object:
     if target.sock is not None:
         return target.sock
@@ -120,6 +135,8 @@ def _open_socket(target: Target) -> object:
     sock = socket.create_connection((target.hostname, target.port), timeout=target.timeout)
     # paramiko leaves Nagle on: with delayed ACKs each command would cost ~40 ms.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(socket, "TCP_QUICKACK"):
+        sock = _QuickAckSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
     return sock
 
 

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterator, Optional, Union
 import paramiko
 
 from .channel import ChannelOutcome, ConnectionLost, open_command_channel, run_on_channel
+from .checks import check_int, check_number
 from .connection import Connection, ConnectionState
 from .options import DEFAULT, normalize_parameters, resolve_target
 from .results import (
@@ -55,16 +56,6 @@ def _stdin_bytes(stdin_input: Any) -> bytes:
     if isinstance(stdin_input, (bytes, bytearray, memoryview)):
         return bytes(stdin_input)
     raise TypeError(f"stdin_input must be str, bytes or None, not {type(stdin_input).__name__}")
-
-
-def _check_timeout(timeout: Any) -> Optional[float]:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
-    if not timeout > 0:
-        raise ValueError(f"timeout must be positive, not {timeout!r}")
-    return float(timeout)
 
 
 def _result(
@@ -116,33 +107,8 @@ class Executor(abc.ABC):
 
 
 def _check_retries(value: Any) -> int:
-    if isinstance(value, bool):
-        return int(value)
-    if not isinstance(value, int):
-        raise TypeError(f"on_disconnect_retry must be an int or bool, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"on_disconnect_retry must be 0 or more, not {value}")
-    return value
-
-
-def _check_max_sessions(value: Any) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"max_sessions must be an int or None, not {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"max_sessions must be 1 or more, not {value}")
-    return value
-
-
-def _check_count_max(value: Any) -> Any:
-    if value is DEFAULT:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"keepalive_count_max must be an int, not {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"keepalive_count_max must be 1 or more, not {value}")
-    return value
+    return int(value) if isinstance(value, bool) else check_int(
+        "on_disconnect_retry", value, minimum=0)
 
 
 class SSHExecutor(Executor):
@@ -197,12 +163,13 @@ class SSHExecutor(Executor):
             mfa_config=mfa_config,
             config=config,
             keepalive_interval=keepalive_interval,
-            keepalive_count_max=_check_count_max(keepalive_count_max),
+            keepalive_count_max=keepalive_count_max if keepalive_count_max is DEFAULT
+            else check_int("keepalive_count_max", keepalive_count_max, minimum=1),
         )
         self._connection = Connection(
             target,
             retry=ConnectRetry(retries=connect_retries, backoff=connect_backoff),
-            max_sessions=_check_max_sessions(max_sessions),
+            max_sessions=check_int("max_sessions", max_sessions, minimum=1, optional=True),
         )
 
     def __repr__(self) -> str:
@@ -264,7 +231,7 @@ class SSHExecutor(Executor):
         than ``on_disconnect_retry`` times.
         """
         _check_command(command)
-        return self._execute(command, _stdin_bytes(stdin_input), _check_timeout(timeout),
+        return self._execute(command, _stdin_bytes(stdin_input), check_number("timeout", timeout),
                              command, stdin_input)
 
     def _execute(
@@ -368,7 +335,8 @@ class DupingSSHExecutor(SSHExecutor):
         data = _stdin_bytes(stdin_input)
         if data:
             payload += data + b"\n"
-        return self._execute(self._wrapper, payload, _check_timeout(timeout), command, stdin_input)
+        timeout = check_number("timeout", timeout)
+        return self._execute(self._wrapper, payload, timeout, command, stdin_input)
 
 
 class ShellExecutor(Executor):
@@ -387,7 +355,7 @@ class ShellExecutor(Executor):
         """Run ``command`` in a local shell; on timeout it is sent TERM (then KILL)."""
         _check_command(command)
         data = _stdin_bytes(stdin_input)
-        timeout = _check_timeout(timeout)
+        timeout = check_number("timeout", timeout)
         proc = subprocess.Popen(
             command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -20,6 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import paramiko
 
 from .auth import Credentials, parse_mfa_config
+from .checks import check_bool, check_number, check_str
 from .hostkeys import HostKeyPolicy
 
 __all__ = [
@@ -101,30 +102,6 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.credentials.username}@{self.hostname}:{self.port}"
-
-
-def _check_optional_number(name: str, value: Any, *, allow_zero: bool = False) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number or None, not {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be positive, not {value!r}")
-    return float(value)
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
-    return value
-
-
-def _check_str(name: str, value: Any, *, optional: bool = True) -> Optional[str]:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, not {type(value).__name__}")
-    return value
 
 
 def _paths(name: str, value: Any) -> Tuple[str, ...]:
@@ -239,7 +216,7 @@ def _resolve(
     host_config = ssh_config.lookup(alias)
     port = params.pop("port", DEFAULT)
     port = _check_port(port if port is not DEFAULT else host_config.get("port", 22))
-    username = _check_str("username", params.pop("username", None)) or host_config.get("user")
+    username = check_str("username", params.pop("username", None)) or host_config.get("user")
     username = username or getpass.getuser()
 
     key_filename = params.pop("key_filename", None)
@@ -252,12 +229,12 @@ def _resolve(
         raise TypeError(f"pkey must be a paramiko.PKey, not {type(pkey).__name__}")
     credentials = Credentials(
         username=username,
-        password=_check_str("password", params.pop("password", None)),
+        password=check_str("password", params.pop("password", None)),
         pkey=pkey,
         key_filenames=key_filenames,
-        passphrase=_check_str("passphrase", params.pop("passphrase", None)),
-        allow_agent=_check_bool("allow_agent", params.pop("allow_agent", True)),
-        look_for_keys=_check_bool("look_for_keys", params.pop("look_for_keys", True)),
+        passphrase=check_str("passphrase", params.pop("passphrase", None)),
+        allow_agent=check_bool("allow_agent", params.pop("allow_agent", True)),
+        look_for_keys=check_bool("look_for_keys", params.pop("look_for_keys", True)),
         mfa=parse_mfa_config(mfa_config),
         auth_strategy=params.pop("auth_strategy", None),
     )
@@ -297,19 +274,19 @@ def _resolve(
         port=port,
         credentials=credentials,
         host_keys=host_keys,
-        timeout=_check_optional_number("timeout", params.pop("timeout", None)),
-        banner_timeout=_check_optional_number("banner_timeout", params.pop("banner_timeout", None)),
-        auth_timeout=_check_optional_number("auth_timeout", params.pop("auth_timeout", None)),
-        channel_timeout=_check_optional_number(
+        timeout=check_number("timeout", params.pop("timeout", None)),
+        banner_timeout=check_number("banner_timeout", params.pop("banner_timeout", None)),
+        auth_timeout=check_number("auth_timeout", params.pop("auth_timeout", None)),
+        channel_timeout=check_number(
             "channel_timeout", params.pop("channel_timeout", None)
         ),
-        compress=_check_bool("compress", params.pop("compress", False)),
+        compress=check_bool("compress", params.pop("compress", False)),
         sock=sock,
         proxy_command=proxy_command,
         jump=jump,
         disabled_algorithms=disabled,
         transport_factory=transport_factory,
-        keepalive_interval=_check_optional_number("keepalive_interval", keepalive_interval),
+        keepalive_interval=check_number("keepalive_interval", keepalive_interval),
         keepalive_count_max=keepalive_count_max,
     )
     for name, value in params.items():

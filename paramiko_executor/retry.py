@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+from .checks import check_int, check_number
+
 __all__ = ["ConnectRetry"]
 
 
@@ -22,15 +24,8 @@ class ConnectRetry:
     max_backoff: float = 60.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int):
-            kind = type(self.retries).__name__
-            raise TypeError(f"connect_retries must be an integer, not {kind}")
-        if self.retries < 0:
-            raise ValueError(f"connect_retries must be 0 or more, not {self.retries}")
-        if isinstance(self.backoff, bool) or not isinstance(self.backoff, (int, float)):
-            raise TypeError(f"connect_backoff must be a number, not {type(self.backoff).__name__}")
-        if self.backoff < 0:
-            raise ValueError(f"connect_backoff must be 0 or more, not {self.backoff}")
+        check_int("connect_retries", self.retries, minimum=0)
+        check_number("connect_backoff", self.backoff, allow_zero=True, optional=False)
 
     def delays(self) -> Iterator[float]:
         """The waits before each retry, in order."""

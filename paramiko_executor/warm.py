@@ -42,6 +42,9 @@ def _open_in_background(transport: paramiko.Transport) -> Tuple[paramiko.Channel
         transport.channels_seen[chanid] = True
         chan._set_transport(transport)
         chan._set_window(window, max_packet)
+        # paramiko sets the open event on the server's answer, but not when
+        # the transport is closed from our side; the channel's close wakes it then.
+        chan.in_buffer.set_event(event)
     transport._send_user_message(m)
     return chan, event
 
@@ -57,8 +60,9 @@ class WarmChannel:
     def take(self, timeout: Optional[float]) -> Optional[paramiko.Channel]:
         """The spare channel once the server opened it; None if there is none to have.
 
-        Waits at most ``timeout`` seconds for the server's answer; on time-out
-        the spare stays for a later command, so no channel is ever orphaned.
+        Waits at most ``timeout`` seconds for the server's answer (or the
+        connection's end); on time-out the spare stays for a later command, so
+        no channel is ever orphaned.
         """
         pending = self._pending
         if pending is None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import shutil
+import tempfile
 from typing import Any, Callable, Iterator, List, NoReturn
 
 import pyotp
@@ -171,3 +173,15 @@ def make_test_server() -> Iterator[Callable[..., Any]]:
 def test_server(make_test_server: Callable[..., Any]) -> Any:
     """The project's paramiko-based test server with MaxSessions 10, for this test only."""
     return make_test_server(max_sessions=10)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[str]:
+    """A directory both the tests (root) and the sshd login user can use.
+
+    pytest's ``tmp_path`` lies below a directory only root may enter.
+    """
+    path = tempfile.mkdtemp(prefix="pe-shared-")
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

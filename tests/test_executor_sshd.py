@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import wait_for
 
 from paramiko_executor import (
     CommandExecutionFailure,
@@ -33,15 +31,6 @@ class OpenCounter(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if "open FAILED" in record.getMessage():
             self.refused += 1
-
-
-def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
-    """Wait, bounded, for a condition that another thread or process makes true."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def test_output_exit_codes_and_decoding(sshd):
@@ -110,15 +99,6 @@ def test_200_threads_2000_commands_one_connection(sshd):
         paramiko_log.setLevel(old_level)
     # Refusals at MaxSessions are retried on the same connection, never lost.
     print(f"sshd refused {counter.refused} channel opens (each retried)")
-
-
-@pytest.fixture
-def shared_dir():
-    """A directory both the tests (root) and the sshd login user can use."""
-    path = tempfile.mkdtemp(prefix="pe-shared-")
-    os.chmod(path, 0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_max_sessions_makes_the_fourth_command_wait(sshd3, shared_dir):

@@ -5,32 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import wait_for
 
 from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor
-
-
-def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
-    """Wait, bounded, for a condition another thread or process makes true."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-@pytest.fixture
-def shared_dir():
-    """A directory both the tests (root) and the sshd login user can use."""
-    path = tempfile.mkdtemp(prefix="pe-shared-")
-    os.chmod(path, 0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def current_transport(ex):

@@ -1,0 +1,49 @@
+"""Argument checks at the public boundary: each error names the parameter, not its value."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+__all__ = ["check_bool", "check_int", "check_number", "check_str"]
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is True or False, else `TypeError`."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
+    return value
+
+
+def check_int(name: str, value: Any, *, minimum: int, optional: bool = False) -> Optional[int]:
+    """An integer (not a bool) of at least ``minimum``; None passes when ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {minimum} or more, not {value}")
+    return value
+
+
+def check_number(
+    name: str, value: Any, *, allow_zero: bool = False, optional: bool = True
+) -> Optional[float]:
+    """A positive number (or zero when ``allow_zero``) as a float; None passes when ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "a number or None" if optional else "a number"
+        raise TypeError(f"{name} must be {kind}, not {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'0 or more' if allow_zero else 'positive'}, "
+                         f"not {value!r}")
+    return float(value)
+
+
+def check_str(name: str, value: Any, *, optional: bool = True) -> Optional[str]:
+    """A string; None passes when ``optional``."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, not {type(value).__name__}")
+    return value
