@@ -290,8 +290,9 @@ def _resolve(
         keepalive_count_max=keepalive_count_max,
     )
     for name, value in params.items():
-        # paramiko 3.x's GSS-API options: accepted by name, supported only switched off.
-        if name.startswith("gss_") and not value:
+        # paramiko 3.x's GSS-API options: accepted by name, supported only switched
+        # off; the others (gss_host, gss_trust_dns, ...) only refine those two.
+        if name.startswith("gss_") and not (name in ("gss_auth", "gss_kex") and value):
             continue
         raise ValueError(f"{name}={value!r} is not supported by paramiko_executor")
     return target

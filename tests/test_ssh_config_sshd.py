@@ -77,3 +77,18 @@ def test_accept_new_records_the_key_then_refuses_a_changed_one(sshd, sshd3, tmp_
     recorded.write_text(other)
     with pytest.raises(HostKeyFailure):
         SSHExecutor(host="new", config=str(config)).run_command("true")
+
+
+def test_default_config_with_alias_and_jump_needs_only_host(sshd, sshd3, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    known = known_hosts(tmp_path, sshd, sshd3)
+    (home / ".ssh" / "config").write_text(
+        host_block("cluster", sshd3, known, "    ProxyJump gateway\n")
+        + host_block("gateway", sshd, known)
+    )
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    with SSHExecutor(host="cluster") as ex:
+        assert ex.run_command("echo hello from the cluster").stdout == "hello from the cluster\n"
+        assert isinstance(ex._connection.state.transport.sock, paramiko.Channel)
