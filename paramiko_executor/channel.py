@@ -48,6 +48,7 @@ CLOSE_GRACE = 10.0
 #: How often a channel the live server refused is asked for again, and how
 #: long to back off between tries once a round trip alone did not help.
 OPEN_TRIES = 20
+QUICK_TRIES = 2
 OPEN_BACKOFF = 0.005
 OPEN_BACKOFF_MAX = 0.5
 
@@ -73,24 +74,31 @@ class _Wakeup(threading.Event):
 
 
 class _WakingCondition(threading.Condition):
-    """The channel's send-window condition, also waking the command's thread."""
+    """The channel's send-window condition, also waking a command that has stdin to send.
 
-    def __init__(self, lock: threading.Lock, wakeup: _Wakeup) -> None:
+    sshd opens the window of every session it starts; a command with nothing
+    left to send need not wake for that.
+    """
+
+    def __init__(self, lock: threading.Lock, exchange: _Exchange) -> None:
         super().__init__(lock)
-        self._wakeup = wakeup
+        self._exchange = exchange
 
     def notify_all(self) -> None:
         super().notify_all()
-        self._wakeup.set()
+        if self._exchange.sending:
+            self._exchange.wakeup.set()
 
 
 class _Exchange:
     """What the transport thread reports about one command's channel."""
 
-    __slots__ = ("wakeup", "exit_status", "exit_signal", "remote_closed", "refused")
+    __slots__ = ("wakeup", "exit_status", "exit_signal", "remote_closed", "refused", "sending")
 
     def __init__(self) -> None:
         self.wakeup = _Wakeup()
+        #: True while stdin is left to send: only then does the window matter.
+        self.sending = True
         self.exit_status: Optional[int] = None
         self.exit_signal: Optional[str] = None
         self.remote_closed = False
@@ -118,13 +126,36 @@ def _exchange(chan: paramiko.Channel) -> Optional[_Exchange]:
     return chan.__dict__.get("_pe_exchange")
 
 
+def _outside_key_exchange(transport: paramiko.Transport, handler: Callable[[], None]) -> None:
+    """Run a transport-thread handler that sends, without stalling that thread in a key exchange.
+
+    paramiko's handlers for a channel's CLOSE, a refused request or a request
+    wanting a reply send from the transport thread and wait while a key
+    exchange runs; but only the transport thread can finish the exchange, so
+    it would wait for itself until paramiko gives up on the connection. Only
+    this thread starts key exchanges, so the check cannot go stale while the
+    handler runs; during one, the handler runs in a thread of its own.
+    """
+    if transport.clear_to_send.is_set():
+        handler()
+        return
+
+    def deferred() -> None:
+        try:
+            handler()
+        except (EOFError, OSError, paramiko.SSHException):
+            pass  # the connection ended: the commands on it notice by themselves
+
+    threading.Thread(target=deferred, name="paramiko_executor rekey", daemon=True).start()
+
+
 def install_channel_hooks(transport: paramiko.Transport) -> None:
     """Let ``transport`` report exit status, exit signal, refusals and closes to commands.
 
-    The hooks wrap paramiko's own handlers and run after them, in the transport
-    thread. The close hook runs after paramiko has sent its own CLOSE in reply,
-    so a command that sees ``remote_closed`` knows the channel is closed on both
-    sides and the server can reuse its session slot.
+    The hooks wrap paramiko's own handlers and run after them. The close hook
+    runs after paramiko has sent its own CLOSE in reply, so a command that
+    sees ``remote_closed`` knows the channel is closed on both sides and the
+    server can reuse its session slot.
     """
     # A logger of our own below paramiko's, so that the filter touches only our transports.
     transport.set_log_channel(transport.get_log_channel() + ".paramiko_executor")
@@ -134,7 +165,7 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
     on_request = table[MSG_CHANNEL_REQUEST]
     on_failure = table[MSG_CHANNEL_FAILURE]
 
-    def handle_close(chan: paramiko.Channel, m: Message) -> None:
+    def finish_close(chan: paramiko.Channel, m: Message) -> None:
         on_close(chan, m)
         # Both CLOSEs are out, so nothing more can arrive for this channel:
         # forgetting it keeps paramiko's memory flat over millions of commands.
@@ -144,27 +175,33 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
             ex.remote_closed = True
             ex.wakeup.set()
 
+    def handle_close(chan: paramiko.Channel, m: Message) -> None:
+        _outside_key_exchange(transport, lambda: finish_close(chan, m))
+
     def handle_request(chan: paramiko.Channel, m: Message) -> None:
-        ex = _exchange(chan)
-        if ex is None:
-            on_request(chan, m)
-            return
         start = m.packet.tell()
         kind = m.get_text()
-        if kind == "exit-signal":
-            m.get_boolean()
+        want_reply = m.get_boolean()
+        ex = _exchange(chan)
+        if ex is not None and kind == "exit-signal":
             ex.exit_signal = m.get_text()
         m.packet.seek(start)
+        if want_reply:
+            _outside_key_exchange(transport, lambda: on_request(chan, m))
+            return
         on_request(chan, m)
+        if ex is None:
+            return
         if kind == "exit-status":
             ex.exit_status = chan.exit_status
-        ex.wakeup.set()
+        if chan.eof_received:  # else the EOF still to come wakes the command
+            ex.wakeup.set()
 
     def handle_failure(chan: paramiko.Channel, m: Message) -> None:
         ex = _exchange(chan)
         if ex is not None:
             ex.refused = True
-        on_failure(chan, m)
+        _outside_key_exchange(transport, lambda: on_failure(chan, m))
 
     transport_table = dict(transport._handler_table)
     on_open_failure = transport_table[MSG_CHANNEL_OPEN_FAILURE]
@@ -197,18 +234,42 @@ class ChannelOutcome:
     timed_out: bool
 
 
-def _send_locked(chan: paramiko.Channel, message: Message) -> bool:
-    """Send ``message`` unless the channel is closed; False when it was.
+def _send_unless_closed(
+    chan: paramiko.Channel, message: Message, *, window: int = 0, eof: bool = False
+) -> bool:
+    """Send ``message`` on ``chan`` unless it is closed; False when it was.
 
-    Held under the channel lock so that nothing we send can follow paramiko's
-    own CLOSE for this channel: sshd drops the whole connection on a packet
-    for a channel it has already freed.
+    The check and the send happen under the channel lock, so that nothing we
+    send can follow paramiko's own CLOSE for this channel: sshd drops the
+    whole connection on a packet for a channel it has already freed. The lock
+    is never held while waiting out a key exchange (the transport thread may
+    need it to finish one): the message goes out only while sending is clear,
+    else the lock is released and the exchange awaited. ``window`` is taken
+    from the send window, and ``eof`` marks EOF sent, only with the send.
     """
-    with chan.lock:
-        if chan.closed:
-            return False
-        chan.transport._send_user_message(message)
-        return True
+    transport = chan.transport
+    while True:
+        with chan.lock:
+            if chan.closed:
+                return False
+            with transport.clear_to_send_lock:
+                if transport.clear_to_send.is_set():
+                    transport._send_message(message)
+                    chan.out_window_size -= window
+                    if eof:
+                        chan.eof_sent = True
+                    return True
+        _await_key_exchange(transport)
+
+
+def _await_key_exchange(transport: paramiko.Transport) -> None:
+    """Wait until a key exchange in progress ends, or the transport with it."""
+    deadline = time.monotonic() + transport.clear_to_send_timeout
+    while not transport.clear_to_send.wait(1.0):
+        if not transport.is_active():
+            raise EOFError("the connection ended during a key exchange")
+        if time.monotonic() > deadline:
+            raise paramiko.SSHException("key exchange timed out")
 
 
 def _send_request(chan: paramiko.Channel, kind: str, *fields: object, want_reply: bool) -> bool:
@@ -222,38 +283,37 @@ def _send_request(chan: paramiko.Channel, kind: str, *fields: object, want_reply
             m.add_boolean(field)
         else:
             m.add_string(field)
-    return _send_locked(chan, m)
+    return _send_unless_closed(chan, m)
 
 
 def _send_stdin(chan: paramiko.Channel, data: memoryview) -> int:
-    """Send as much of ``data`` as the window allows now; -1 once the channel is closed."""
+    """Send as much of ``data`` as the window allows now; -1 once the channel is closed.
+
+    One packet per lock hold, so the transport thread can open the window meanwhile.
+    """
     sent = 0
-    with chan.lock:
-        while sent < len(data):
-            if chan.closed:
-                return -1
+    while sent < len(data):
+        with chan.lock:
             size = min(len(data) - sent, chan.out_window_size, chan.out_max_packet_size - 64)
-            if size <= 0:
-                break
-            chan.out_window_size -= size
-            m = Message()
-            m.add_byte(cMSG_CHANNEL_DATA)
-            m.add_int(chan.remote_chanid)
-            m.add_string(data[sent : sent + size].tobytes())
-            chan.transport._send_user_message(m)
-            sent += size
+        if size <= 0:
+            break
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_DATA)
+        m.add_int(chan.remote_chanid)
+        m.add_string(data[sent : sent + size].tobytes())
+        if not _send_unless_closed(chan, m, window=size):
+            return -1
+        sent += size
     return sent
 
 
 def _send_eof(chan: paramiko.Channel) -> None:
-    with chan.lock:
-        if chan.closed or chan.eof_sent:
-            return
-        chan.eof_sent = True
-        m = Message()
-        m.add_byte(cMSG_CHANNEL_EOF)
-        m.add_int(chan.remote_chanid)
-        chan.transport._send_user_message(m)
+    if chan.eof_sent:
+        return
+    m = Message()
+    m.add_byte(cMSG_CHANNEL_EOF)
+    m.add_int(chan.remote_chanid)
+    _send_unless_closed(chan, m, eof=True)
 
 
 def _drain(chan: paramiko.Channel, stdout: List[bytes], stderr: List[bytes]) -> None:
@@ -269,7 +329,7 @@ def attach(chan: paramiko.Channel) -> _Exchange:
     chan._pe_exchange = ex
     chan.in_buffer.set_event(ex.wakeup)
     chan.in_stderr_buffer.set_event(ex.wakeup)
-    chan.out_buffer_cv = _WakingCondition(chan.lock, ex.wakeup)
+    chan.out_buffer_cv = _WakingCondition(chan.lock, ex)
     return ex
 
 
@@ -284,10 +344,12 @@ def open_command_channel(
 
     Returns None once ``deadline`` (a `time.monotonic` value) has passed.
 
-    OpenSSH frees a session slot a little after the channel's close, so a
-    refusal at its MaxSessions is not a broken connection: wait for a round
-    trip (after which the server has processed every earlier CLOSE), back off
-    when that was not enough, and try again, `OPEN_TRIES` times at most.
+    OpenSSH frees a session slot a little after the channel's close (at the
+    end of the loop iteration that read the CLOSE, so an OPEN read together
+    with it is refused), so a refusal at its MaxSessions is not a broken
+    connection. The refusal itself is a round trip, after which the next OPEN
+    arrives in a later read: ask again at once, `QUICK_TRIES` times, then wait
+    for a round trip of our own and back off, `OPEN_TRIES` times at most.
     paramiko keeps one open error per transport, which another thread may
     pick up, so the transport's state, not the exception, tells a refusal
     from a lost connection.
@@ -304,10 +366,11 @@ def open_command_channel(
                     from None
             error = exc
         log.debug("channel refused (%s), try %d of %d", error, tries, OPEN_TRIES)
+        if tries <= QUICK_TRIES:
+            continue
         remaining = _remaining(deadline)
         pinger_of(transport).round_trip(CLOSE_GRACE if remaining is None else max(remaining, 0))
-        if tries > 2:
-            time.sleep(min(OPEN_BACKOFF * 2 ** (tries - 3), OPEN_BACKOFF_MAX))
+        time.sleep(min(OPEN_BACKOFF * 2 ** (tries - QUICK_TRIES - 1), OPEN_BACKOFF_MAX))
     raise ExecutorFailure(f"the server refused a session channel {OPEN_TRIES} times: {error}")
 
 
@@ -367,6 +430,7 @@ def run_on_channel(
                     if not pending:
                         _send_eof(chan)
                         eof_sent = True
+                ex.sending = not eof_sent
             if chan.closed or (ex.exit_status is not None and chan.eof_received):
                 break
             if deadline is None:

@@ -162,3 +162,22 @@ def test_mock_ssh_server_compatibility(tmp_path):
                 outputs = list(pool.map(lambda i: ex.run_command(f"echo {i}", timeout=30).stdout,
                                         range(8)))
             assert outputs == [f"{i}\n" for i in range(8)]
+
+
+def test_key_exchanges_under_load_neither_stall_nor_drop(sshd):
+    # paramiko re-keys after 512 MiB by default; 256 KiB makes it happen
+    # hundreds of times while channels open, carry data both ways and close.
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        ex.run_command("true")
+        transport = current_transport(ex)
+        transport.packetizer.REKEY_BYTES = 256 * 1024
+        data = "x" * 100_000
+
+        def run(i):
+            return ex.run_command(f"head -c 50000 /dev/zero | wc -c; wc -c; echo {i}",
+                                  data, timeout=60).stdout.split()
+
+        with ThreadPoolExecutor(20) as pool:
+            outputs = list(pool.map(run, range(300)))
+        assert outputs == [["50000", "100000", str(i)] for i in range(300)]
+        assert current_transport(ex) is transport
