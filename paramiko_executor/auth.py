@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import io
 import logging
 import os
 import re
@@ -26,6 +27,8 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import paramiko
 import pyotp
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from paramiko.ssh_exception import (
     AuthenticationException,
     BadAuthenticationType,
@@ -429,9 +432,19 @@ class _Login:
         if passphrase is None:
             passphrase = self.creds.password
         problems: List[BaseException] = []
-        for key_class in (paramiko.RSAKey, paramiko.ECDSAKey, paramiko.Ed25519Key):
+        key_classes: Tuple[type, ...] = (paramiko.RSAKey, paramiko.ECDSAKey, paramiko.Ed25519Key)
+        decrypted = None
+        try:
+            decrypted = _decrypt_legacy_pem(key_path, passphrase)
+        except SSHException as e:
+            problems.append(e)
+            key_classes = ()
+        for key_class in key_classes:
             try:
-                key = key_class.from_private_key_file(key_path, passphrase)
+                if decrypted is not None:
+                    key = key_class.from_private_key(io.StringIO(decrypted))
+                else:
+                    key = key_class.from_private_key_file(key_path, passphrase)
             except SSHException as e:
                 problems.append(e)
                 continue
@@ -552,6 +565,36 @@ class _Login:
             self.target,
             ", ".join(self.succeeded),
         )
+
+
+def _decrypt_legacy_pem(path: str, passphrase: Optional[str]) -> Optional[str]:
+    """The decrypted text of a legacy encrypted PEM key file ("Proc-Type: 4,ENCRYPTED"), else None.
+
+    paramiko before 3.5.1 leaves the cipher's padding on such a key once decrypted, which
+    cryptography 45 and later reject ("ASN.1 parsing error"); cryptography itself decrypts
+    it right with every paramiko. Raises SSHException for a wrong passphrase, with the
+    message of paramiko 3.5.1 and later.
+    """
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except OSError:
+        return None  # from_private_key_file reports it
+    if passphrase is None or b"Proc-Type: 4,ENCRYPTED" not in data:
+        return None
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase.encode())
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        ).decode("ascii")
+    except ValueError as e:
+        if "password" in str(e).lower():
+            raise SSHException("Bad password or corrupt private key file") from None
+        return None  # paramiko's own loader reports the problem
+    except (TypeError, UnsupportedAlgorithm):
+        return None
 
 
 def _key_problem(problems: Sequence[BaseException]) -> str:
