@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import paramiko
 from paramiko.common import (
@@ -24,6 +24,7 @@ from paramiko.common import (
     MSG_CHANNEL_REQUEST,
     cMSG_CHANNEL_DATA,
     cMSG_CHANNEL_EOF,
+    cMSG_CHANNEL_OPEN,
     cMSG_CHANNEL_REQUEST,
 )
 from paramiko.message import Message
@@ -34,7 +35,9 @@ from .results import ExecutorFailure
 __all__ = [
     "ChannelOutcome",
     "ConnectionLost",
+    "PendingOpen",
     "install_channel_hooks",
+    "is_lost",
     "open_command_channel",
     "run_on_channel",
 ]
@@ -49,6 +52,9 @@ CLOSE_GRACE = 10.0
 #: long to back off between tries once a round trip alone did not help.
 OPEN_TRIES = 20
 QUICK_TRIES = 2
+
+#: How often a wait for the server's answer to an open checks that the connection lives.
+ANSWER_POLL = 0.1
 OPEN_BACKOFF = 0.005
 OPEN_BACKOFF_MAX = 0.5
 
@@ -56,7 +62,14 @@ _RECV_ALL = 1 << 30
 
 
 class ConnectionLost(ExecutorFailure):
-    """The connection broke under a command; the executor may retry it elsewhere."""
+    """The connection broke under a command; the executor may retry it elsewhere.
+
+    ``started`` is False when the command cannot have reached the server.
+    """
+
+    def __init__(self, description: str, executor: object = None, *, started: bool = True):
+        super().__init__(description, executor)
+        self.started = started
 
 
 class _Wakeup(threading.Event):
@@ -337,12 +350,101 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else deadline - time.monotonic()
 
 
+def is_lost(exc: BaseException, transport: paramiko.Transport) -> bool:
+    """Whether ``exc``, raised by paramiko while using ``transport``, means the connection broke.
+
+    paramiko raises EOFError or OSError (ProxyCommandFailure for a dead proxy
+    command) from a send on a broken connection, sometimes before the
+    transport has marked itself inactive; anything else counts as lost only
+    once it has.
+    """
+    return (isinstance(exc, (EOFError, OSError, paramiko.ProxyCommandFailure))
+            or not transport.is_active())
+
+
+class PendingOpen:
+    """A session channel asked for, and the server's answer once it comes.
+
+    paramiko's ``open_session`` waits for the answer itself and, when its
+    time runs out, leaves the channel behind: confirmed later, it would hold
+    one of the server's sessions for good. Asking without waiting lets the
+    caller give up and still close the channel once it is answered.
+    """
+
+    def __init__(self, transport: paramiko.Transport) -> None:
+        self._transport = transport
+        self.channel, self._answered = _request_session(transport)
+
+    def wait(self, timeout: float) -> bool:
+        """True once the server answered, or the connection ended, within ``timeout``."""
+        end = time.monotonic() + timeout
+        # Sliced: a connection that ended just as the channel was asked for
+        # may never wake the event.
+        while not self._answered.wait(min(ANSWER_POLL, max(0.0, end - time.monotonic()))):
+            if not self._transport.is_active():
+                return True
+            if time.monotonic() >= end:
+                return False
+        return True
+
+    def result(self) -> Optional[paramiko.Channel]:
+        """After `wait`: the open channel, or None when the server refused it."""
+        chan = self.channel
+        if chan.active and not chan.closed:
+            return chan
+        if not self._transport.is_active():
+            raise ConnectionLost("the connection was lost opening a channel")
+        return None
+
+    def abandon(self) -> None:
+        """Close the channel once the server answers, so that no server session is orphaned."""
+
+        def reap() -> None:
+            if self.wait(self._transport.channel_timeout) and self.channel.active:
+                try:
+                    self.channel.close()
+                except (EOFError, OSError, paramiko.SSHException):
+                    pass  # the connection ended, and the session with it
+
+        threading.Thread(target=reap, name="paramiko_executor reap", daemon=True).start()
+
+
+def _request_session(transport: paramiko.Transport) -> Tuple[paramiko.Channel, threading.Event]:
+    """Ask for a session channel without waiting; the event is set on the server's answer.
+
+    This is the first half of ``Transport.open_channel``, whose second half
+    waits for the answer; paramiko offers no way to open without waiting.
+    """
+    with transport.lock:
+        window = transport._sanitize_window_size(None)
+        max_packet = transport._sanitize_packet_size(None)
+        chanid = transport._next_channel()
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_OPEN)
+        m.add_string("session")
+        m.add_int(chanid)
+        m.add_int(window)
+        m.add_int(max_packet)
+        chan = paramiko.Channel(chanid)
+        transport._channels.put(chanid, chan)
+        transport.channel_events[chanid] = answered = threading.Event()
+        transport.channels_seen[chanid] = True
+        chan._set_transport(transport)
+        chan._set_window(window, max_packet)
+        # paramiko sets the open event on the server's answer, but not when
+        # the transport is closed from our side; the channel's close wakes it then.
+        chan.in_buffer.set_event(answered)
+    transport._send_user_message(m)
+    return chan, answered
+
+
 def open_command_channel(
     transport: paramiko.Transport, deadline: Optional[float] = None
 ) -> Optional[paramiko.Channel]:
     """Open a session channel, asking again while a live server refuses it.
 
-    Returns None once ``deadline`` (a `time.monotonic` value) has passed.
+    Returns None once ``deadline`` (a `time.monotonic` value) has passed;
+    raises `ConnectionLost` when the connection breaks.
 
     OpenSSH frees a session slot a little after the channel's close (at the
     end of the loop iteration that read the CLOSE, so an OPEN read together
@@ -350,28 +452,28 @@ def open_command_channel(
     connection. The refusal itself is a round trip, after which the next OPEN
     arrives in a later read: ask again at once, `QUICK_TRIES` times, then wait
     for a round trip of our own and back off, `OPEN_TRIES` times at most.
-    paramiko keeps one open error per transport, which another thread may
-    pick up, so the transport's state, not the exception, tells a refusal
-    from a lost connection.
     """
     for tries in range(1, OPEN_TRIES + 1):
         remaining = _remaining(deadline)
         if remaining is not None and remaining <= 0:
             return None
         try:
-            return transport.open_session(timeout=remaining)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            if isinstance(exc, (EOFError, OSError)) or not transport.is_active():
-                raise ConnectionLost(f"the connection was lost opening a channel: {exc!r}") \
-                    from None
-            error = exc
-        log.debug("channel refused (%s), try %d of %d", error, tries, OPEN_TRIES)
+            pending = PendingOpen(transport)
+        except (EOFError, OSError, paramiko.SSHException) as exc:
+            raise ConnectionLost(f"the connection was lost opening a channel: {exc!r}") from None
+        if not pending.wait(transport.channel_timeout if remaining is None else remaining):
+            pending.abandon()
+            return None
+        chan = pending.result()
+        if chan is not None:
+            return chan
+        log.debug("channel refused, try %d of %d", tries, OPEN_TRIES)
         if tries <= QUICK_TRIES:
             continue
         remaining = _remaining(deadline)
         pinger_of(transport).round_trip(CLOSE_GRACE if remaining is None else max(remaining, 0))
         time.sleep(min(OPEN_BACKOFF * 2 ** (tries - QUICK_TRIES - 1), OPEN_BACKOFF_MAX))
-    raise ExecutorFailure(f"the server refused a session channel {OPEN_TRIES} times: {error}")
+    raise ExecutorFailure(f"the server refused a session channel {OPEN_TRIES} times")
 
 
 def _settle(chan: paramiko.Channel, ex: _Exchange, transport: paramiko.Transport) -> None:
@@ -411,13 +513,13 @@ def run_on_channel(
     stdout: List[bytes] = []
     stderr: List[bytes] = []
     pending = memoryview(stdin)
-    # exec, stdin and EOF are pipelined without waiting for the exec reply:
-    # the server handles them in order, and a refused exec closes the channel.
-    _send_request(chan, "exec", command, want_reply=True)
-    if after_exec is not None:
-        after_exec()
     eof_sent = False
     try:
+        # exec, stdin and EOF are pipelined without waiting for the exec reply:
+        # the server handles them in order, and a refused exec closes the channel.
+        _send_request(chan, "exec", command, want_reply=True)
+        if after_exec is not None:
+            after_exec()
         while True:
             ex.wakeup.reset()
             _drain(chan, stdout, stderr)
@@ -447,6 +549,7 @@ def run_on_channel(
         _drain(chan, stdout, stderr)
         if ex.exit_status is None and ex.exit_signal is None:
             if ex.refused and transport.is_active():
+                _settle(chan, ex, transport)  # the slot is free only once both sides closed
                 raise ExecutorFailure(f"the server refused to run {command!r}")
             if not (ex.remote_closed and chan.eof_received and transport.is_active()):
                 raise ConnectionLost("the connection was lost before the command finished")

@@ -14,13 +14,13 @@ import os
 import socket
 import threading
 import weakref
-from typing import List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import paramiko
 
 from .auth import authenticate
-from .channel import ConnectionLost, install_channel_hooks
-from .keepalive import Keepalive, keepalive_for, pinger_of
+from .channel import ConnectionLost, PendingOpen, install_channel_hooks
+from .keepalive import Keepalive, keepalive_for
 from .options import Target
 from .results import AuthenticationFailure, ExecutorFailure, HostKeyFailure
 from .retry import ConnectRetry
@@ -44,8 +44,8 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 #: every thread waiting for this connect.
 HANDSHAKE_TIMEOUT = 60.0
 
-#: How long a round trip may take when confirming the server freed probed channels.
-SETTLE_TIMEOUT = 5.0
+#: How long the probe waits for the server to answer one channel open.
+PROBE_TIMEOUT = 30.0
 
 
 class ConnectionState(NamedTuple):
@@ -75,27 +75,32 @@ def probe_max_session(transport: paramiko.Transport, *, limit: int = 64) -> int:
     try:
         while len(channels) < limit:
             try:
-                channels.append(transport.open_session())
-            except (paramiko.SSHException, EOFError, OSError) as exc:
-                if not transport.is_active():
-                    raise ConnectionLost(f"connection lost while probing: {exc}") from None
+                pending = PendingOpen(transport)
+            except (EOFError, OSError, paramiko.SSHException) as exc:
+                raise ConnectionLost(f"connection lost while probing: {exc!r}") from None
+            if not pending.wait(PROBE_TIMEOUT):
+                pending.abandon()
+                raise ConnectionLost(f"no answer to a channel open in {PROBE_TIMEOUT:g} s")
+            chan = pending.result()
+            if chan is None:
                 break
+            channels.append(chan)
         return len(channels)
     finally:
         for chan in channels:
-            chan.close()
-        if channels and transport.is_active():
-            # The server answers in order: once it replied, it has seen every CLOSE.
-            pinger_of(transport).round_trip(SETTLE_TIMEOUT)
+            try:
+                chan.close()
+            except (EOFError, OSError, paramiko.SSHException):
+                pass  # the connection broke: the caller hears of it
 
 
 def _classify(exc: BaseException, target: Target) -> BaseException:
     """Map a failed connect attempt to what the caller sees, or to `TemporaryFailure`."""
-    if isinstance(exc, (AuthenticationFailure, HostKeyFailure)):
+    if isinstance(exc, (AuthenticationFailure, HostKeyFailure, TemporaryFailure)):
         return exc
     if isinstance(exc, socket.gaierror) and exc.errno != socket.EAI_AGAIN:
         return ExecutorFailure(f"cannot resolve {target.hostname!r}: {exc.strerror}")
-    if isinstance(exc, (OSError, EOFError, paramiko.SSHException, TemporaryFailure)):
+    if isinstance(exc, (OSError, EOFError, paramiko.SSHException)):
         return TemporaryFailure(f"{type(exc).__name__}: {exc}".rstrip(": "))
     if isinstance(exc, ExecutorFailure):
         return exc
@@ -154,11 +159,14 @@ def close_transport(transport: paramiko.Transport) -> None:
         close_transport(sock.get_transport())
 
 
-def open_transport(target: Target) -> paramiko.Transport:
+def open_transport(
+    target: Target, started: Optional[Callable[[paramiko.Transport], None]] = None
+) -> paramiko.Transport:
     """Connect, verify the host key and authenticate: one attempt, no retry.
 
-    Raises `AuthenticationFailure`/`HostKeyFailure` (never worth retrying), and
-    otherwise whatever the socket or paramiko raised.
+    ``started`` is handed the transport before its handshake, so that another
+    thread can close it meanwhile. Raises `AuthenticationFailure`/`HostKeyFailure`
+    (never worth retrying), and otherwise whatever the socket or paramiko raised.
     """
     sock = _open_socket(target)
     factory = target.transport_factory or paramiko.Transport
@@ -168,6 +176,8 @@ def open_transport(target: Target) -> paramiko.Transport:
         sock.close()
         raise
     try:
+        if started is not None:
+            started(transport)
         transport.default_window_size = WINDOW_SIZE
         transport.default_max_packet_size = MAX_PACKET_SIZE
         transport.use_compression(target.compress)
@@ -200,12 +210,22 @@ class _Attempt:
         self.cancelled = threading.Event()
         self.state: Optional[ConnectionState] = None
         self.error: Optional[ExecutorFailure] = None
+        #: The transport being set up, for `Connection.close` to cut short.
+        self.transport: Optional[paramiko.Transport] = None
+
+    def started(self, transport: paramiko.Transport) -> None:
+        self.transport = transport
+        if self.cancelled.is_set():  # close() came first and could not see it
+            transport.close()
 
 
 _connections: weakref.WeakSet[Connection] = weakref.WeakSet()
 
 
 def _forget_after_fork() -> None:
+    # paramiko's exit hook would stop the parent's transports from the child
+    # (closing their sockets, killing a ProxyCommand): they are not the child's.
+    del paramiko.transport._active_threads[:]
     for connection in list(_connections):
         connection._reset_after_fork()
 
@@ -295,13 +315,15 @@ class Connection:
         while True:
             tries += 1
             try:
-                return self._connect_once()
+                return self._connect_once(attempt)
             except BaseException as exc:
                 failure = _classify(exc, self.target)
                 if not isinstance(failure, TemporaryFailure):
                     log.info("connecting to %s failed: %s", self.target, failure)
                     raise failure from None
                 delay = next(delays, None)
+                if attempt.cancelled.is_set():
+                    raise ExecutorFailure("the executor was closed while connecting") from None
                 if delay is None:
                     raise ExecutorFailure(
                         f"cannot connect to {self.target} after {tries} attempts: {failure}"
@@ -311,8 +333,8 @@ class Connection:
                 if attempt.cancelled.wait(delay):
                     raise ExecutorFailure("the executor was closed while connecting") from None
 
-    def _connect_once(self) -> ConnectionState:
-        transport = open_transport(self.target)
+    def _connect_once(self, attempt: _Attempt) -> ConnectionState:
+        transport = open_transport(self.target, attempt.started)
         try:
             limit = self.max_sessions
             if limit is None:
@@ -338,25 +360,27 @@ class Connection:
         threading.Thread(target=close_transport, args=(state.transport,), daemon=True,
                          name="paramiko_executor close").start()
 
-    def drop(self, state: ConnectionState) -> bool:
-        """Close ``state`` if it is still the current connection; True if it was."""
+    def drop(self, state: ConnectionState) -> None:
+        """Close ``state`` if it is still the current connection; otherwise do nothing."""
         with self.lock:
-            if self._state is not state:
-                return False
-            log.info("dropping the connection to %s", self.target)
-            self._discard_locked(state)
-            return True
+            if self._state is state:
+                log.info("dropping the connection to %s", self.target)
+                self._discard_locked(state)
 
     def close(self) -> None:
         """Drop the connection and cancel a connect in flight; a later `get` connects anew."""
         with self.lock:
             self.epoch += 1
-            if self._attempt is not None:
-                self._attempt.cancelled.set()
+            attempt = self._attempt
+            if attempt is not None:
+                attempt.cancelled.set()
             state, self._state = self._state, None
             keepalive, self._keepalive = self._keepalive, None
         if keepalive is not None:
             keepalive.stop()
+        if attempt is not None and attempt.transport is not None:
+            # Cuts a handshake, login or probe short: its waiters hear at once.
+            attempt.transport.close()
         if state is not None:
             close_transport(state.transport)
 

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import io
 import logging
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Optional, Union
 
 import paramiko
 
-from .channel import ChannelOutcome, ConnectionLost, open_command_channel, run_on_channel
+from .channel import (
+    ChannelOutcome,
+    ConnectionLost,
+    is_lost,
+    open_command_channel,
+    run_on_channel,
+)
 from .checks import check_int, check_number
 from .connection import Connection, ConnectionState
 from .options import DEFAULT, normalize_parameters, resolve_target
@@ -82,6 +90,23 @@ def _result(
     raise CommandExecutionFailure(
         f"command {command!r} failed with exit code {exit_code}", exit_code, out, err, stdin_input
     )
+
+
+@dataclass(frozen=True, repr=False)
+class _KeyText:
+    """A ``paramiko.PKey`` as its private key text: the keys themselves do not pickle."""
+
+    kind: type
+    text: str
+
+    @classmethod
+    def of(cls, key: paramiko.PKey) -> _KeyText:
+        out = io.StringIO()
+        key.write_private_key(out)
+        return cls(type(key), out.getvalue())
+
+    def load(self) -> paramiko.PKey:
+        return self.kind.from_private_key(io.StringIO(self.text))
 
 
 class Executor(abc.ABC):
@@ -181,9 +206,14 @@ class SSHExecutor(Executor):
 
     # Pickling carries the configuration only; the copy connects on first use.
     def __getstate__(self) -> Dict[str, Any]:
-        return dict(self._arguments)
+        state = dict(self._arguments)
+        if isinstance(state.get("pkey"), paramiko.PKey):
+            state["pkey"] = _KeyText.of(state["pkey"])
+        return state
 
     def __setstate__(self, arguments: Dict[str, Any]) -> None:
+        if isinstance(arguments.get("pkey"), _KeyText):
+            arguments = dict(arguments, pkey=arguments["pkey"].load())
         self.__init__(**{k: v for k, v in arguments.items() if v is not DEFAULT})
 
     @property
@@ -228,7 +258,10 @@ class SSHExecutor(Executor):
         on a non-zero exit, `CommandTimeout` once ``timeout`` seconds passed
         (the remote command is sent TERM, the connection stays usable), and
         `ExecutorFailure` when the connection cannot be had or broke more
-        than ``on_disconnect_retry`` times.
+        than ``on_disconnect_retry`` times. ``timeout`` covers waiting for a
+        slot, opening the channel and the command; after it, the channel's
+        close is awaited up to 10 seconds more (`channel.CLOSE_GRACE`), so that its slot is
+        reused only once the server has let go of it too.
         """
         _check_command(command)
         return self._execute(command, _stdin_bytes(stdin_input), check_number("timeout", timeout),
@@ -253,13 +286,13 @@ class SSHExecutor(Executor):
             try:
                 outcome = self._run_once(state, encoded, stdin, deadline, shown_command)
             except ConnectionLost as lost:
-                first_to_notice = self._connection.drop(state)
+                self._connection.drop(state)
                 if epoch != self._connection.epoch:
                     raise ExecutorFailure("the executor was closed during the command",
                                           self) from None
-                # A command that found its connection already replaced while it
-                # waited for a slot never ran on it: that costs no retry, up to a bound.
-                if not first_to_notice and stale < STALE_LIMIT:
+                # A command that lost its connection before it was sent never
+                # ran: trying it again costs no retry, up to a bound.
+                if not lost.started and stale < STALE_LIMIT:
                     stale += 1
                     continue
                 failures += 1
@@ -289,6 +322,7 @@ class SSHExecutor(Executor):
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
         if not state.bound.acquire(timeout=remaining):
             return None
+        started = False
         try:
             log.debug("running %r", shown_command)
             warm = warm_channel_of(state.transport)
@@ -297,13 +331,16 @@ class SSHExecutor(Executor):
                 chan = open_command_channel(state.transport, deadline)
                 if chan is None:
                     return None
+            started = True  # from here on the command may reach the server
             return run_on_channel(chan, command, stdin, deadline,
                                   after_exec=lambda: warm.replenish(state.bound))
+        except ConnectionLost as lost:
+            lost.started = started
+            raise
         except (EOFError, OSError, paramiko.SSHException) as exc:
-            # paramiko raises these from any send once its socket broke; its
-            # transport may not have marked itself inactive yet.
-            if isinstance(exc, (EOFError, OSError)) or not state.transport.is_active():
-                raise ConnectionLost(f"the connection was lost: {exc!r}") from None
+            if is_lost(exc, state.transport):
+                raise ConnectionLost(f"the connection was lost: {exc!r}", started=started) \
+                    from None
             raise ExecutorFailure(f"SSH error: {exc!r}") from None
         finally:
             state.bound.release()

@@ -34,6 +34,7 @@ class Pinger:
     def __init__(self, transport: paramiko.Transport) -> None:
         self.transport = transport
         self._lock = threading.Lock()
+        self._sender: Optional[threading.Thread] = None
 
     def round_trip(self, timeout: float) -> bool:
         """Send a keepalive request; True once any reply arrives within ``timeout``."""
@@ -45,16 +46,26 @@ class Pinger:
                 return False
             replied = threading.Event()
             self.transport.completion_event = replied
-            m = Message()
-            m.add_byte(cMSG_GLOBAL_REQUEST)
-            m.add_string("keepalive@openssh.com")
-            m.add_boolean(True)
-            self.transport._send_user_message(m)
+            # The request is sent from a thread of its own: against a peer that
+            # stopped reading, a send can block until the transport is closed,
+            # and closing it is what the caller's timing may have to decide.
+            if self._sender is None or not self._sender.is_alive():
+                self._sender = threading.Thread(target=self._send, daemon=True,
+                                                name="paramiko_executor ping")
+                self._sender.start()
             return replied.wait(max(0.0, deadline - time.monotonic()))
-        except (OSError, EOFError, paramiko.SSHException):
-            return False
         finally:
             self._lock.release()
+
+    def _send(self) -> None:
+        m = Message()
+        m.add_byte(cMSG_GLOBAL_REQUEST)
+        m.add_string("keepalive@openssh.com")
+        m.add_boolean(True)
+        try:
+            self.transport._send_user_message(m)
+        except (OSError, EOFError, paramiko.SSHException):
+            pass  # the connection ended: no reply will come
 
 
 def pinger_of(transport: paramiko.Transport) -> Pinger:

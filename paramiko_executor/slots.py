@@ -34,8 +34,16 @@ class FairBoundedSemaphore(threading.BoundedSemaphore):
             waiter = threading.Lock()
             waiter.acquire()
             self._waiters.append(waiter)
-        if waiter.acquire(True, -1 if timeout is None else timeout):
-            return True
+        try:
+            if waiter.acquire(True, -1 if timeout is None else timeout):
+                return True
+        except BaseException:  # e.g. KeyboardInterrupt: leave no dead waiter behind
+            with self._cond:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    self._release_one()  # the slot was ours already: pass it on
+            raise
         with self._cond:
             try:
                 self._waiters.remove(waiter)
@@ -50,9 +58,13 @@ class FairBoundedSemaphore(threading.BoundedSemaphore):
             raise ValueError("n must be one or more")
         with self._cond:
             for _ in range(n):
-                if self._waiters:
-                    self._waiters.popleft().release()
-                elif self._value >= self._initial_value:
-                    raise ValueError("Semaphore released too many times")
-                else:
-                    self._value += 1
+                self._release_one()
+
+    def _release_one(self) -> None:
+        # Caller holds self._cond.
+        if self._waiters:
+            self._waiters.popleft().release()
+        elif self._value >= self._initial_value:
+            raise ValueError("Semaphore released too many times")
+        else:
+            self._value += 1

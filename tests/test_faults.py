@@ -181,3 +181,117 @@ def test_key_exchanges_under_load_neither_stall_nor_drop(sshd):
             outputs = list(pool.map(run, range(300)))
         assert outputs == [["50000", "100000", str(i)] for i in range(300)]
         assert current_transport(ex) is transport
+
+
+def test_no_retry_means_no_command_runs_twice(make_test_server):
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters(on_disconnect_retry=0)) as ex:
+        ex.run_command("true")
+        with ThreadPoolExecutor(5) as pool:
+            futures = [pool.submit(ex.run_command, f"sleep 5; echo {i}") for i in range(5)]
+            wait_for(lambda: server.open_channels >= 5, "five commands running")
+            server.drop_connections()
+            errors = [f.exception(timeout=30) for f in futures]
+    assert all(isinstance(e, ExecutorFailure) for e in errors), errors
+    assert len([c for c in server.commands if c.startswith("sleep 5")]) == 5
+
+
+def test_an_open_that_timed_out_leaves_no_channel_behind(make_test_server):
+    server = make_test_server(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters(max_sessions=2)) as ex:
+        with ex.bounded_connection as transport:
+            pass  # connected, and no spare channel opened yet
+        for _ in range(2):
+            server.freeze()
+            try:
+                with pytest.raises(CommandTimeout):
+                    ex.run_command("true", timeout=0.3)
+            finally:
+                server.thaw()
+        # The late-confirmed channels are closed again as soon as they open.
+        wait_for(lambda: server.open_channels == 0 and not transport._channels.values(),
+                 "the abandoned channels to close")
+        assert ex.run_command("echo hi", timeout=30).stdout == "hi\n"
+
+
+def test_keepalive_fires_while_stdin_is_stuck_on_a_frozen_server(make_test_server):
+    server = make_test_server(max_sessions=10)
+    ex = SSHExecutor(**server.executor_parameters(keepalive_interval=0.3, keepalive_count_max=3,
+                                                  on_disconnect_retry=0))
+    ex.run_command("true")
+    transport = current_transport(ex)
+    data = b"x" * (64 << 20)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(ex.run_command, "cat > /dev/null", data) for _ in range(4)]
+        wait_for(lambda: server.open_channels >= 4, "four uploads running")
+        server.freeze()
+        try:
+            wait_for(lambda: not transport.is_active(), "the keepalive to give up")
+            errors = [f.exception(timeout=30) for f in futures]
+        finally:
+            server.thaw()
+    assert all(isinstance(e, ExecutorFailure) for e in errors), errors
+    ex.close()
+
+
+def test_close_releases_threads_waiting_for_a_connect_that_hangs(make_test_server):
+    import paramiko
+
+    server = make_test_server(max_sessions=10)
+
+    class FreezesAfterLogin(paramiko.Transport):
+        def auth_publickey(self, *args, **kwargs):
+            result = super().auth_publickey(*args, **kwargs)
+            server.freeze()  # the server hangs while the executor probes it
+            return result
+
+    ex = SSHExecutor(**server.executor_parameters(transport_factory=FreezesAfterLogin))
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(ex.run_command, "true") for _ in range(3)]
+            wait_for(lambda: server.frozen, "the login")
+            ex.close()
+            errors = [f.exception(timeout=10) for f in futures]
+        assert all(isinstance(e, ExecutorFailure) and "closed" in str(e) for e in errors), errors
+    finally:
+        server.thaw()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_exiting_leaves_the_parents_proxy_command_alone(make_test_server, tmp_path):
+    import atexit
+    import sys
+
+    server = make_test_server(max_sessions=10)
+    relay = tmp_path / "relay.py"
+    relay.write_text(
+        "import os, socket, sys, threading\n"
+        "s = socket.create_connection((sys.argv[1], int(sys.argv[2])))\n"
+        "def up():\n"
+        "    while True:\n"
+        "        d = os.read(0, 65536)\n"
+        "        if not d:\n"
+        "            return s.shutdown(socket.SHUT_WR)\n"
+        "        s.sendall(d)\n"
+        "threading.Thread(target=up, daemon=True).start()\n"
+        "while True:\n"
+        "    d = s.recv(65536)\n"
+        "    if not d:\n"
+        "        break\n"
+        "    os.write(1, d)\n"
+    )
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host proxied\n  HostName 127.0.0.1\n  Port {server.port}\n"
+                      f"  ProxyCommand {sys.executable} {relay} %h %p\n")
+    params = server.executor_parameters(host="proxied", config=str(config), on_disconnect_retry=0)
+    with SSHExecutor(**params) as ex:
+        assert ex.run_command("echo before").stdout == "before\n"
+        pid = os.fork()
+        if pid == 0:  # a child that never uses the executor and exits normally
+            try:
+                atexit._run_exitfuncs()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert ex.run_command("echo after").stdout == "after\n"
+        assert server.connections_accepted == 1

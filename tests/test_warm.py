@@ -12,10 +12,11 @@ def test_next_command_runs_on_the_channel_opened_ahead(test_server):
     with SSHExecutor(**test_server.executor_parameters()) as ex:
         ex.run_command("true")
         warm = warm_channel_of(ex._connection.state.transport)
-        spare, answered = warm._pending
-        assert answered.wait(10) and spare.active
+        pending = warm._pending
+        assert pending.wait(10) and pending.channel.active
+        spare = pending.channel
         assert ex.run_command("echo warm").stdout == "warm\n"
-        assert spare.closed and warm._pending is not None and warm._pending[0] is not spare
+        assert spare.closed and warm._pending is not None and warm._pending.channel is not spare
         # The probe's 10, the first command's own, the spare it used, the next spare.
         assert test_server.channels_opened == 10 + 3
 

@@ -239,6 +239,7 @@ class SSHTestServer:
             if self._state != "new":
                 raise RuntimeError(f"SSHTestServer cannot start: it is {self._state}")
             self._state = "running"
+            self._owner_pid = os.getpid()
         directory = Path(tempfile.mkdtemp(prefix="paramiko-executor-test-server-"))
         try:
             listener = _Listener(self._requested_port, self._accept)
@@ -266,9 +267,12 @@ class SSHTestServer:
 
         Waits at most about `timeout` seconds for the server's threads, then
         removes the temporary directory with the key and known_hosts files.
-        Calling it again, or on a server never started, does nothing.
+        Calling it again, or on a server never started, does nothing; so does
+        calling it in a forked child, whose sockets are the parent's too.
         """
         with self._lock:
+            if self._state == "running" and self._owner_pid != os.getpid():
+                return
             if self._state != "running":
                 self._state = "stopped"
                 return
@@ -994,7 +998,10 @@ class _Session:
         writable = True
         try:
             while True:
-                data = self._channel.recv(_CHUNK)
+                try:
+                    data = self._channel.recv(_CHUNK)
+                except (EOFError, OSError, paramiko.SSHException):
+                    return  # the connection ended while acknowledging the data
                 if not data:
                     return  # EOF or channel closed
                 if writable:
