@@ -1,11 +1,13 @@
 """One command on one session channel: exec, stdin, stdout/stderr, exit status, timeout.
 
-The calling thread does all the I/O of its command itself (no helper thread per
-command): paramiko's transport thread wakes it through a single event whenever
-output arrives, the send window opens, an exit status or signal is reported, or
-the channel closes. stdin is fed only as far as the send window allows, and
-output is drained on every wake-up, so no size or interleaving of the three
-streams can deadlock.
+The calling thread does the I/O of its command itself (no helper thread per
+command). paramiko's transport thread appends the output to the command's
+lists as it arrives and opens the window again, so output never waits for
+the command's thread; it wakes that thread through a single event only when
+there is something to do: the send window opened while stdin is left, the end
+of the output or the exit status arrived, or the channel closed. stdin is fed
+only as far as the send window allows, so no size or interleaving of the
+three streams can deadlock.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any, Callable, List, Optional, Tuple
 import paramiko
 from paramiko.common import (
     MSG_CHANNEL_CLOSE,
+    MSG_CHANNEL_DATA,
+    MSG_CHANNEL_EXTENDED_DATA,
     MSG_CHANNEL_FAILURE,
     MSG_CHANNEL_OPEN_FAILURE,
     MSG_CHANNEL_REQUEST,
@@ -26,6 +30,7 @@ from paramiko.common import (
     cMSG_CHANNEL_EOF,
     cMSG_CHANNEL_OPEN,
     cMSG_CHANNEL_REQUEST,
+    cMSG_CHANNEL_WINDOW_ADJUST,
 )
 from paramiko.message import Message
 
@@ -106,10 +111,14 @@ class _WakingCondition(threading.Condition):
 class _Exchange:
     """What the transport thread reports about one command's channel."""
 
-    __slots__ = ("wakeup", "exit_status", "exit_signal", "remote_closed", "refused", "sending")
+    __slots__ = ("wakeup", "exit_status", "exit_signal", "remote_closed", "refused", "sending",
+                 "stdout", "stderr")
 
     def __init__(self) -> None:
         self.wakeup = _Wakeup()
+        #: Output as it arrives, appended by the transport thread.
+        self.stdout: List[bytes] = []
+        self.stderr: List[bytes] = []
         #: True while stdin is left to send: only then does the window matter.
         self.sending = True
         self.exit_status: Optional[int] = None
@@ -174,9 +183,43 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
     transport.set_log_channel(transport.get_log_channel() + ".paramiko_executor")
     transport.logger.addFilter(_REFUSALS_EXPECTED)
     table = dict(transport._channel_handler_table)
+    on_data = table[MSG_CHANNEL_DATA]
+    on_extended_data = table[MSG_CHANNEL_EXTENDED_DATA]
     on_close = table[MSG_CHANNEL_CLOSE]
     on_request = table[MSG_CHANNEL_REQUEST]
     on_failure = table[MSG_CHANNEL_FAILURE]
+
+    def acknowledge(chan: paramiko.Channel, size: int) -> None:
+        # What paramiko's recv() does once the reader took the data: open the
+        # window again once a tenth of it was used.
+        ack = chan._check_add_window(size)
+        if ack:
+            m = Message()
+            m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
+            m.add_int(chan.remote_chanid)
+            m.add_int(ack)
+            _outside_key_exchange(transport, lambda: transport._send_user_message(m))
+
+    def handle_data(chan: paramiko.Channel, m: Message) -> None:
+        # Output goes straight to the command's list: no buffer copies, and
+        # no wake-up per packet for a thread that only needs the whole.
+        ex = _exchange(chan)
+        if ex is None:
+            on_data(chan, m)
+            return
+        data = m.get_binary()
+        ex.stdout.append(data)
+        acknowledge(chan, len(data))
+
+    def handle_extended_data(chan: paramiko.Channel, m: Message) -> None:
+        ex = _exchange(chan)
+        if ex is None:
+            on_extended_data(chan, m)
+            return
+        if m.get_int() == 1:  # SSH_EXTENDED_DATA_STDERR, the only kind there is
+            data = m.get_binary()
+            ex.stderr.append(data)
+            acknowledge(chan, len(data))
 
     def finish_close(chan: paramiko.Channel, m: Message) -> None:
         on_close(chan, m)
@@ -230,6 +273,8 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
 
     transport_table[MSG_CHANNEL_OPEN_FAILURE] = handle_open_failure
     transport._handler_table = transport_table
+    table[MSG_CHANNEL_DATA] = handle_data
+    table[MSG_CHANNEL_EXTENDED_DATA] = handle_extended_data
     table[MSG_CHANNEL_CLOSE] = handle_close
     table[MSG_CHANNEL_REQUEST] = handle_request
     table[MSG_CHANNEL_FAILURE] = handle_failure
@@ -329,11 +374,9 @@ def _send_eof(chan: paramiko.Channel) -> None:
     _send_unless_closed(chan, m, eof=True)
 
 
-def _drain(chan: paramiko.Channel, stdout: List[bytes], stderr: List[bytes]) -> None:
-    if chan.recv_ready():
-        stdout.append(chan.recv(_RECV_ALL))
-    if chan.recv_stderr_ready():
-        stderr.append(chan.recv_stderr(_RECV_ALL))
+def _output(ex: _Exchange) -> Tuple[bytes, bytes]:
+    # Copies of the lists first: after a time-out, output may still be arriving.
+    return b"".join(ex.stdout[:]), b"".join(ex.stderr[:])
 
 
 def attach(chan: paramiko.Channel) -> _Exchange:
@@ -510,8 +553,6 @@ def run_on_channel(
     """
     transport = chan.get_transport()
     ex = attach(chan)
-    stdout: List[bytes] = []
-    stderr: List[bytes] = []
     pending = memoryview(stdin)
     eof_sent = False
     try:
@@ -522,7 +563,6 @@ def run_on_channel(
             after_exec()
         while True:
             ex.wakeup.reset()
-            _drain(chan, stdout, stderr)
             if not eof_sent:
                 sent = _send_stdin(chan, pending) if pending else 0
                 if sent < 0:
@@ -544,9 +584,7 @@ def run_on_channel(
                 continue
             _send_request(chan, "signal", "TERM", want_reply=False)
             _settle(chan, ex, transport)
-            _drain(chan, stdout, stderr)
-            return ChannelOutcome(b"".join(stdout), b"".join(stderr), None, None, True)
-        _drain(chan, stdout, stderr)
+            return ChannelOutcome(*_output(ex), None, None, True)
         if ex.exit_status is None and ex.exit_signal is None:
             if ex.refused and transport.is_active():
                 _settle(chan, ex, transport)  # the slot is free only once both sides closed
@@ -556,9 +594,7 @@ def run_on_channel(
         elif not (chan.eof_received or ex.remote_closed):
             raise ConnectionLost("the connection was lost before the output was complete")
         _settle(chan, ex, transport)
-        return ChannelOutcome(
-            b"".join(stdout), b"".join(stderr), ex.exit_status, ex.exit_signal, False
-        )
+        return ChannelOutcome(*_output(ex), ex.exit_status, ex.exit_signal, False)
     finally:
         if not chan.closed:
             chan.close()

@@ -227,10 +227,13 @@ def test_keepalive_fires_while_stdin_is_stuck_on_a_frozen_server(make_test_serve
         server.freeze()
         try:
             wait_for(lambda: not transport.is_active(), "the keepalive to give up")
-            errors = [f.exception(timeout=30) for f in futures]
         finally:
             server.thaw()
-    assert all(isinstance(e, ExecutorFailure) for e in errors), errors
+        # An upload that had started fails (no retries); one whose channel was
+        # not open yet never ran, so it is sent again on a new connection.
+        outcomes = [f.exception(timeout=60) for f in futures]
+    assert all(e is None or isinstance(e, ExecutorFailure) for e in outcomes), outcomes
+    assert any(isinstance(e, ExecutorFailure) for e in outcomes)
     ex.close()
 
 
