@@ -57,13 +57,11 @@ CLOSE_GRACE = 10.0
 #: long to back off between tries once a round trip alone did not help.
 OPEN_TRIES = 20
 QUICK_TRIES = 2
-
-#: How often a wait for the server's answer to an open checks that the connection lives.
-ANSWER_POLL = 0.1
 OPEN_BACKOFF = 0.005
 OPEN_BACKOFF_MAX = 0.5
 
-_RECV_ALL = 1 << 30
+#: How often a wait for the server's answer to an open checks that the connection lives.
+ANSWER_POLL = 0.1
 
 
 class ConnectionLost(ExecutorFailure):
