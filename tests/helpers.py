@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Callable
+from typing import Any, Callable, Dict, List, Tuple
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -13,3 +14,32 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def run_threads(
+    work: Callable[[int], Any], count: int, timeout: float
+) -> Tuple[Dict[int, Any], List[BaseException]]:
+    """Run ``work(i)`` in ``count`` threads released together; return results and errors.
+
+    Every thread must end within ``timeout`` seconds (else AssertionError), so a
+    hang fails the test instead of stalling it.
+    """
+    barrier = threading.Barrier(count)
+    results: Dict[int, Any] = {}
+    errors: List[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            barrier.wait(timeout=timeout)
+            results[i] = work(i)
+        except BaseException as e:  # collected for the caller to assert on
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "threads still running"
+    return results, errors

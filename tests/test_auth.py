@@ -12,6 +12,7 @@ import time
 import paramiko
 import pyotp
 import pytest
+from helpers import run_threads
 
 from paramiko_executor import auth as auth_module
 from paramiko_executor.auth import (
@@ -524,19 +525,7 @@ def test_login_again_in_the_same_step_waits_for_a_fresh_code(
 def test_concurrent_logins_never_share_a_code(make_test_server, login, shifted_ledger):
     server = make_test_server(totp_secret=SECRET)
     mfa = parse_mfa_config(server.mfa_config())
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            login(server, pkey=server.client_key, mfa=mfa)
-        except BaseException as e:  # collected and asserted below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    _, errors = run_threads(lambda i: login(server, pkey=server.client_key, mfa=mfa), 2, 60)
     assert errors == [] and server.totp_accepted == 2
 
 

@@ -12,6 +12,7 @@ import paramiko
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from helpers import run_threads
 from paramiko.hostkeys import HostKeys
 
 from paramiko_executor.hostkeys import HostKeyPolicy, fingerprint, known_hosts_name
@@ -172,21 +173,9 @@ def test_accept_new_appends_after_a_line_without_newline(tmp_path):
 def test_accept_new_threads_record_one_line(tmp_path):
     path = tmp_path / "known_hosts"
     policy = HostKeyPolicy([str(path)], accept_new=True)
-    barrier = threading.Barrier(8)
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            barrier.wait(timeout=10)
-            policy.verify(FakeTransport(KEY), "127.0.0.1", 2222)
-        except BaseException as e:  # collected and asserted below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
+    _, errors = run_threads(
+        lambda i: policy.verify(FakeTransport(KEY), "127.0.0.1", 2222), 8, 10
+    )
     assert errors == []
     assert path.read_text() == line("[127.0.0.1]:2222", KEY)
 

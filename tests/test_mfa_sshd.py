@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import threading
 import time
 
 import pyotp
 import pytest
+from helpers import run_threads
 
 from paramiko_executor import SSHExecutor
 from paramiko_executor.results import AuthenticationFailure
@@ -60,23 +60,8 @@ def start_of_a_step(min_left: float = 5.0) -> None:
 
 def test_50_threads_on_a_fresh_executor_share_one_mfa_login(sshd_totp):
     ex = SSHExecutor(**sshd_totp.executor_parameters(), mfa_config=mfa_of(sshd_totp))
-    barrier = threading.Barrier(50)
-    results: dict = {}
-    errors: list = []
-
-    def worker(i: int) -> None:
-        try:
-            barrier.wait(timeout=30)
-            results[i] = ex.run_command(f"echo {i}").stdout
-        except BaseException as e:  # collected and asserted below
-            errors.append(e)
-
     with ex:
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(50)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        results, errors = run_threads(lambda i: ex.run_command(f"echo {i}").stdout, 50, 120)
     assert errors == []
     assert results == {i: f"{i}\n" for i in range(50)}
     assert kbd_accepted(sshd_totp) == 1  # one authenticated connection for all 50 threads
