@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import paramiko
 from paramiko.common import (
@@ -35,7 +35,7 @@ from paramiko.common import (
 from paramiko.message import Message
 
 from .keepalive import pinger_of
-from .results import ExecutorFailure
+from .results import ExecutorFailure, RawOutput
 
 __all__ = [
     "ChannelOutcome",
@@ -114,9 +114,10 @@ class _Exchange:
 
     def __init__(self) -> None:
         self.wakeup = _Wakeup()
-        #: Output as it arrives, appended by the transport thread.
-        self.stdout: List[bytes] = []
-        self.stderr: List[bytes] = []
+        #: Output as it arrives, appended by the transport thread: one growing
+        #: buffer, as a list of packets joined at the end faults every page twice.
+        self.stdout = bytearray()
+        self.stderr = bytearray()
         #: True while stdin is left to send: only then does the window matter.
         self.sending = True
         self.exit_status: Optional[int] = None
@@ -206,7 +207,7 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
             on_data(chan, m)
             return
         data = m.get_binary()
-        ex.stdout.append(data)
+        ex.stdout += data
         acknowledge(chan, len(data))
 
     def handle_extended_data(chan: paramiko.Channel, m: Message) -> None:
@@ -216,7 +217,7 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
             return
         if m.get_int() == 1:  # SSH_EXTENDED_DATA_STDERR, the only kind there is
             data = m.get_binary()
-            ex.stderr.append(data)
+            ex.stderr += data
             acknowledge(chan, len(data))
 
     def finish_close(chan: paramiko.Channel, m: Message) -> None:
@@ -283,8 +284,8 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
 class ChannelOutcome:
     """What came back from one command: raw output and how it ended."""
 
-    stdout: bytes
-    stderr: bytes
+    stdout: RawOutput
+    stderr: RawOutput
     exit_status: Optional[int]  # None: timed out, or ended by a signal
     exit_signal: Optional[str]
     timed_out: bool
@@ -370,11 +371,6 @@ def _send_eof(chan: paramiko.Channel) -> None:
     m.add_byte(cMSG_CHANNEL_EOF)
     m.add_int(chan.remote_chanid)
     _send_unless_closed(chan, m, eof=True)
-
-
-def _output(ex: _Exchange) -> Tuple[bytes, bytes]:
-    # Copies of the lists first: after a time-out, output may still be arriving.
-    return b"".join(ex.stdout[:]), b"".join(ex.stderr[:])
 
 
 def attach(chan: paramiko.Channel) -> _Exchange:
@@ -582,7 +578,8 @@ def run_on_channel(
                 continue
             _send_request(chan, "signal", "TERM", want_reply=False)
             _settle(chan, ex, transport)
-            return ChannelOutcome(*_output(ex), None, None, True)
+            # Copies: output may still be arriving after a time-out.
+            return ChannelOutcome(bytes(ex.stdout), bytes(ex.stderr), None, None, True)
         if ex.exit_status is None and ex.exit_signal is None:
             if ex.refused and transport.is_active():
                 _settle(chan, ex, transport)  # the slot is free only once both sides closed
@@ -592,7 +589,9 @@ def run_on_channel(
         elif not (chan.eof_received or ex.remote_closed):
             raise ConnectionLost("the connection was lost before the output was complete")
         _settle(chan, ex, transport)
-        return ChannelOutcome(*_output(ex), ex.exit_status, ex.exit_signal, False)
+        # EOF is in, so nothing more arrives: the buffers themselves, not copies
+        # (a copy of 64 MiB costs 16 384 page faults).
+        return ChannelOutcome(ex.stdout, ex.stderr, ex.exit_status, ex.exit_signal, False)
     finally:
         if not chan.closed:
             chan.close()

@@ -34,6 +34,7 @@ from .results import (
     CommandResult,
     CommandTimeout,
     ExecutorFailure,
+    RawOutput,
     decode_output,
 )
 from .retry import ConnectRetry
@@ -70,8 +71,8 @@ def _result(
     command: str,
     stdin_input: StdinInput,
     exit_code: Optional[int],
-    stdout: bytes,
-    stderr: bytes,
+    stdout: RawOutput,
+    stderr: RawOutput,
     *,
     timeout: Optional[float] = None,
     signal_name: Optional[str] = None,

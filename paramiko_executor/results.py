@@ -19,7 +19,11 @@ __all__ = [
 ]
 
 
-def decode_output(data: bytes) -> str:
+#: Raw command output: the receive buffer itself when the command is over.
+RawOutput = Union[bytes, bytearray]
+
+
+def decode_output(data: RawOutput) -> str:
     """Decode command output as UTF-8; invalid bytes become U+FFFD, never an error."""
     return data.decode("utf-8", errors="replace")
 
