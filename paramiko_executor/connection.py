@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import weakref
-from typing import Callable, List, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, Optional
 
 import paramiko
 
@@ -107,19 +107,44 @@ def _classify(exc: BaseException, target: Target) -> BaseException:
     return ExecutorFailure(f"cannot connect to {target}: {type(exc).__name__}: {exc}")
 
 
-class _QuickAckSocket(socket.socket):
-    """A TCP socket that acknowledges every read at once (Linux ``TCP_QUICKACK``).
+#: How much one read of the connection's socket may take in ahead of what paramiko asked for.
+READ_AHEAD = 256 * 1024
 
-    sshd leaves Nagle on for sessions without a pty: a small packet it sends
-    right after another (a channel's open confirmation after its host-keys
-    notice, say) waits for our ACK, which Linux delays by up to 40 ms unless
-    told otherwise, and the kernel forgets the setting after a while.
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+class _TransportSocket(socket.socket):
+    """The TCP socket under a transport: reads ahead, and acknowledges every read at once.
+
+    paramiko reads each packet with two ``recv`` calls (its first cipher
+    block, then the rest); a command's end (EOF, exit status, CLOSE) arrives
+    as three packets in one TCP segment. Reading ahead serves such a burst,
+    or several bulk packets, from one system call. Only the transport thread
+    reads, so the read-ahead needs no lock.
+
+    Linux ``TCP_QUICKACK``: sshd leaves Nagle on for sessions without a pty:
+    a small packet it sends right after another (a channel's open
+    confirmation after its host-keys notice, say) waits for our ACK, which
+    Linux delays by up to 40 ms unless told otherwise, and the kernel forgets
+    the setting after a while.
     """
 
-    def recv(self, bufsize: int, *flags: int) -> bytes:
-        data = super().recv(bufsize, *flags)
-        self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        return data
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # One buffer for the socket's life: a fresh 256 KiB bytes per read
+        # would cost an mmap, page faults and a munmap.
+        self._buffer = memoryview(bytearray(READ_AHEAD))
+        self._at = self._end = 0
+
+    def recv(self, bufsize: int) -> bytes:
+        at = self._at
+        if at == self._end:
+            at = self._end = 0  # if recv_into raises, the buffer stays empty
+            self._end = self.recv_into(self._buffer)
+            if _QUICKACK is not None:
+                self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        end = self._at = min(at + bufsize, self._end)
+        return bytes(self._buffer[at:end])
 
 
 def _open_socket(target: Target) -> object:
@@ -140,9 +165,7 @@ def _open_socket(target: Target) -> object:
     sock = socket.create_connection((target.hostname, target.port), timeout=target.timeout)
     # paramiko leaves Nagle on: with delayed ACKs each command would cost ~40 ms.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if hasattr(socket, "TCP_QUICKACK"):
-        sock = _QuickAckSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-    return sock
+    return _TransportSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
 
 
 def _prefer_ciphers(transport: paramiko.Transport) -> None:
