@@ -75,8 +75,37 @@ class ConnectionLost(ExecutorFailure):
         self.started = started
 
 
-class _Wakeup(threading.Event):
-    """An event that only its owner clears.
+class _NetworkEvent(threading.Event):
+    """Set by the transport thread, it fires when that thread next waits for the network.
+
+    A command's end arrives as one burst (EOF, exit status, CLOSE). Woken at
+    the first packet, the command's thread would only contend for the GIL
+    with the transport thread still handling the rest, and sleep again;
+    deferred, it wakes once, to a finished exchange. The transport's socket
+    (see ``connection._TransportSocket.defer``) fires deferred events before
+    each read that may block and when it is closed, which paramiko does last
+    thing in the transport thread, so no deferred event is ever lost. Set from
+    any other thread, or over a socket that cannot defer, it fires at once.
+    """
+
+    def __init__(self, transport: paramiko.Transport) -> None:
+        super().__init__()
+        self._transport = transport
+
+    def set(self) -> None:
+        transport = self._transport
+        if threading.current_thread() is transport:
+            defer = getattr(transport.sock, "defer", None)
+            if defer is not None:
+                defer(self.fire)
+                return
+        threading.Event.set(self)
+
+    fire = threading.Event.set
+
+
+class _Wakeup(_NetworkEvent):
+    """A command's wake-up, which only its owner clears.
 
     paramiko's buffers clear the event they signal once they are read empty;
     with two buffers sharing one event that would lose the other's wake-up.
@@ -112,8 +141,8 @@ class _Exchange:
     __slots__ = ("wakeup", "exit_status", "exit_signal", "remote_closed", "refused", "sending",
                  "stdout", "stderr")
 
-    def __init__(self) -> None:
-        self.wakeup = _Wakeup()
+    def __init__(self, transport: paramiko.Transport) -> None:
+        self.wakeup = _Wakeup(transport)
         #: Output as it arrives, appended by the transport thread: one growing
         #: buffer, as a list of packets joined at the end faults every page twice.
         self.stdout = bytearray()
@@ -375,7 +404,7 @@ def _send_eof(chan: paramiko.Channel) -> None:
 
 def attach(chan: paramiko.Channel) -> _Exchange:
     """Route every event of ``chan`` to one wake-up the command's thread waits on."""
-    ex = _Exchange()
+    ex = _Exchange(chan.transport)
     chan._pe_exchange = ex
     chan.in_buffer.set_event(ex.wakeup)
     chan.in_stderr_buffer.set_event(ex.wakeup)
@@ -464,7 +493,7 @@ def _request_session(transport: paramiko.Transport) -> Tuple[paramiko.Channel, t
         m.add_int(max_packet)
         chan = paramiko.Channel(chanid)
         transport._channels.put(chanid, chan)
-        transport.channel_events[chanid] = answered = threading.Event()
+        transport.channel_events[chanid] = answered = _NetworkEvent(transport)
         transport.channels_seen[chanid] = True
         chan._set_transport(transport)
         chan._set_window(window, max_packet)

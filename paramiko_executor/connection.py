@@ -135,16 +135,40 @@ class _TransportSocket(socket.socket):
         # would cost an mmap, page faults and a munmap.
         self._buffer = memoryview(bytearray(READ_AHEAD))
         self._at = self._end = 0
+        self._deferred: List[Callable[[], None]] = []
+
+    def defer(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` before the next read that may block, or at close; at once if closed.
+
+        For the transport thread only (see ``channel._NetworkEvent``).
+        """
+        if self.fileno() < 0:
+            wake()
+        else:
+            self._deferred.append(wake)
+
+    def _wake(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for wake in deferred:
+            wake()
 
     def recv(self, bufsize: int) -> bytes:
         at = self._at
         if at == self._end:
-            at = self._end = 0  # if recv_into raises, the buffer stays empty
+            if self._deferred:
+                self._wake()
+            # Emptied first: a read that times out (every 0.1 s while idle) must
+            # leave the buffer empty, not replay it.
+            at = self._at = self._end = 0
             self._end = self.recv_into(self._buffer)
             if _QUICKACK is not None:
                 self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         end = self._at = min(at + bufsize, self._end)
         return bytes(self._buffer[at:end])
+
+    def close(self) -> None:
+        super().close()
+        self._wake()
 
 
 def _open_socket(target: Target) -> object:
