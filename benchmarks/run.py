@@ -142,7 +142,7 @@ def main() -> int:
         epilog="See the module docstring of benchmarks/run.py.",
     )
     parser.add_argument(
-        "--repeat", type=int, default=None, help="repetitions per contender (default 3; --quick 1)"
+        "--repeat", type=int, default=None, help="repetitions per contender (default 5; --quick 1)"
     )
     parser.add_argument("--quick", action="store_true", help="small workloads: a fast smoke run")
     parser.add_argument("--only", help="comma-separated contenders: " + ", ".join(MODULES))
@@ -179,7 +179,7 @@ def main() -> int:
     workloads = [name.strip().upper() for name in args.workloads.split(",")]
     if set(workloads) - set(WORKLOADS):
         parser.error(f"--workloads: choose from {', '.join(WORKLOADS)}")
-    repeat = args.repeat if args.repeat is not None else (1 if args.quick or args.scale else 3)
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick or args.scale else 5)
     if repeat < 1:
         parser.error("--repeat must be at least 1")
     timeout = args.timeout or (90.0 if args.quick else 300.0)

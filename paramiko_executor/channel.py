@@ -122,24 +122,35 @@ class _WakingCondition(threading.Condition):
     """The channel's send-window condition, also waking a command that has stdin to send.
 
     sshd opens the window of every session it starts; a command with nothing
-    left to send need not wake for that.
+    left to send need not wake for that. One with stdin left wakes once a
+    quarter of the largest window seen is open (or all it has left fits, or
+    the channel closed): sshd returns window every 96 KiB, and a thread
+    switch per three packets would cost more than the packets. The server
+    still holds three quarters of its window to work on meanwhile, and a
+    window that stops growing is the server's whole window, so it always wakes.
     """
 
-    def __init__(self, lock: threading.Lock, exchange: _Exchange) -> None:
-        super().__init__(lock)
+    def __init__(self, chan: paramiko.Channel, exchange: _Exchange) -> None:
+        super().__init__(chan.lock)
+        self._chan = chan
         self._exchange = exchange
 
     def notify_all(self) -> None:
         super().notify_all()
-        if self._exchange.sending:
-            self._exchange.wakeup.set()
+        ex = self._exchange
+        if not ex.sending:
+            return
+        window = self._chan.out_window_size  # we hold the channel lock, as paramiko does here
+        ex.window_peak = max(ex.window_peak, window)
+        if window >= min(ex.unsent, ex.window_peak // 4) or self._chan.closed:
+            ex.wakeup.set()
 
 
 class _Exchange:
     """What the transport thread reports about one command's channel."""
 
     __slots__ = ("wakeup", "exit_status", "exit_signal", "remote_closed", "refused", "sending",
-                 "stdout", "stderr")
+                 "unsent", "window_peak", "stdout", "stderr")
 
     def __init__(self, transport: paramiko.Transport) -> None:
         self.wakeup = _Wakeup(transport)
@@ -149,6 +160,9 @@ class _Exchange:
         self.stderr = bytearray()
         #: True while stdin is left to send: only then does the window matter.
         self.sending = True
+        #: Bytes of stdin not sent yet, and the largest send window seen.
+        self.unsent = 0
+        self.window_peak = 0
         self.exit_status: Optional[int] = None
         self.exit_signal: Optional[str] = None
         self.remote_closed = False
@@ -408,7 +422,7 @@ def attach(chan: paramiko.Channel) -> _Exchange:
     chan._pe_exchange = ex
     chan.in_buffer.set_event(ex.wakeup)
     chan.in_stderr_buffer.set_event(ex.wakeup)
-    chan.out_buffer_cv = _WakingCondition(chan.lock, ex)
+    chan.out_buffer_cv = _WakingCondition(chan, ex)
     return ex
 
 
@@ -595,6 +609,7 @@ def run_on_channel(
                     if not pending:
                         _send_eof(chan)
                         eof_sent = True
+                ex.unsent = len(pending)
                 ex.sending = not eof_sent
             if chan.closed or (ex.exit_status is not None and chan.eof_received):
                 break
