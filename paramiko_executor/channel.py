@@ -35,7 +35,8 @@ from paramiko.common import (
 from paramiko.message import Message
 
 from .keepalive import pinger_of
-from .results import ExecutorFailure, RawOutput
+from .output import OutputBuffer
+from .results import ExecutorFailure
 
 __all__ = [
     "ChannelOutcome",
@@ -154,10 +155,9 @@ class _Exchange:
 
     def __init__(self, transport: paramiko.Transport) -> None:
         self.wakeup = _Wakeup(transport)
-        #: Output as it arrives, appended by the transport thread: one growing
-        #: buffer, as a list of packets joined at the end faults every page twice.
-        self.stdout = bytearray()
-        self.stderr = bytearray()
+        #: Output as it arrives, appended by the transport thread.
+        self.stdout = OutputBuffer()
+        self.stderr = OutputBuffer()
         #: True while stdin is left to send: only then does the window matter.
         self.sending = True
         #: Bytes of stdin not sent yet, and the largest send window seen.
@@ -249,8 +249,10 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
         if ex is None:
             on_data(chan, m)
             return
+        if chan.eof_received:
+            return  # past EOF (a server's error): the command may be reading its output already
         data = m.get_binary()
-        ex.stdout += data
+        ex.stdout.append(data)
         acknowledge(chan, len(data))
 
     def handle_extended_data(chan: paramiko.Channel, m: Message) -> None:
@@ -258,9 +260,9 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
         if ex is None:
             on_extended_data(chan, m)
             return
-        if m.get_int() == 1:  # SSH_EXTENDED_DATA_STDERR, the only kind there is
+        if m.get_int() == 1 and not chan.eof_received:  # SSH_EXTENDED_DATA_STDERR, the only kind
             data = m.get_binary()
-            ex.stderr += data
+            ex.stderr.append(data)
             acknowledge(chan, len(data))
 
     def finish_close(chan: paramiko.Channel, m: Message) -> None:
@@ -327,8 +329,8 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
 class ChannelOutcome:
     """What came back from one command: raw output and how it ended."""
 
-    stdout: RawOutput
-    stderr: RawOutput
+    stdout: str
+    stderr: str
     exit_status: Optional[int]  # None: timed out, or ended by a signal
     exit_signal: Optional[str]
     timed_out: bool
@@ -622,8 +624,8 @@ def run_on_channel(
                 continue
             _send_request(chan, "signal", "TERM", want_reply=False)
             _settle(chan, ex, transport)
-            # Copies: output may still be arriving after a time-out.
-            return ChannelOutcome(bytes(ex.stdout), bytes(ex.stderr), None, None, True)
+            return ChannelOutcome(ex.stdout.text_so_far(), ex.stderr.text_so_far(), None, None,
+                                  True)
         if ex.exit_status is None and ex.exit_signal is None:
             if ex.refused and transport.is_active():
                 _settle(chan, ex, transport)  # the slot is free only once both sides closed
@@ -633,9 +635,9 @@ def run_on_channel(
         elif not (chan.eof_received or ex.remote_closed):
             raise ConnectionLost("the connection was lost before the output was complete")
         _settle(chan, ex, transport)
-        # EOF is in, so nothing more arrives: the buffers themselves, not copies
-        # (a copy of 64 MiB costs 16 384 page faults).
-        return ChannelOutcome(ex.stdout, ex.stderr, ex.exit_status, ex.exit_signal, False)
+        # EOF is in, so nothing more arrives.
+        return ChannelOutcome(ex.stdout.text(), ex.stderr.text(), ex.exit_status, ex.exit_signal,
+                              False)
     finally:
         if not chan.closed:
             chan.close()

@@ -34,7 +34,6 @@ from .results import (
     CommandResult,
     CommandTimeout,
     ExecutorFailure,
-    RawOutput,
     decode_output,
 )
 from .retry import ConnectRetry
@@ -71,14 +70,13 @@ def _result(
     command: str,
     stdin_input: StdinInput,
     exit_code: Optional[int],
-    stdout: RawOutput,
-    stderr: RawOutput,
+    out: str,
+    err: str,
     *,
     timeout: Optional[float] = None,
     signal_name: Optional[str] = None,
 ) -> CommandResult:
     """The result of a finished command, or the failure it raises."""
-    out, err = decode_output(stdout), decode_output(stderr)
     if timeout is not None:
         raise CommandTimeout(
             f"command {command!r} timed out after {timeout:g} s", None, out, err, stdin_input
@@ -308,7 +306,7 @@ class SSHExecutor(Executor):
                 exc.executor = self
                 raise
             if outcome is None:
-                return _result(shown_command, shown_stdin, None, b"", b"", timeout=timeout)
+                return _result(shown_command, shown_stdin, None, "", "", timeout=timeout)
             return _result(
                 shown_command, shown_stdin, outcome.exit_status, outcome.stdout, outcome.stderr,
                 timeout=timeout if outcome.timed_out else None, signal_name=outcome.exit_signal,
@@ -407,7 +405,8 @@ class ShellExecutor(Executor):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 stdout, stderr = proc.communicate()
-            return _result(command, stdin_input, None, stdout, stderr, timeout=timeout)
+            return _result(command, stdin_input, None, decode_output(stdout),
+                           decode_output(stderr), timeout=timeout)
         except BaseException:
             proc.kill()
             proc.wait()
@@ -417,4 +416,5 @@ class ShellExecutor(Executor):
         if code < 0:
             signal_name = signal.Signals(-code).name[3:]
             code = None
-        return _result(command, stdin_input, code, stdout, stderr, signal_name=signal_name)
+        return _result(command, stdin_input, code, decode_output(stdout), decode_output(stderr),
+                       signal_name=signal_name)

@@ -19,13 +19,9 @@ __all__ = [
 ]
 
 
-#: Raw command output: the receive buffer itself when the command is over.
-RawOutput = Union[bytes, bytearray]
-
-
-def decode_output(data: RawOutput) -> str:
+def decode_output(data: Union[bytes, bytearray, memoryview]) -> str:
     """Decode command output as UTF-8; invalid bytes become U+FFFD, never an error."""
-    return data.decode("utf-8", errors="replace")
+    return str(data, "utf-8", "replace")
 
 
 @dataclass(frozen=True)

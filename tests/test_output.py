@@ -1,0 +1,66 @@
+"""Output buffers: decoding, growth, and reuse of a finished command's memory."""
+
+import pytest
+
+from paramiko_executor import output
+from paramiko_executor.output import KEEP_MIN, OutputBuffer
+
+
+@pytest.fixture
+def spares(monkeypatch):
+    """A fresh process-wide pool for each test."""
+    pool = output._Spares()
+    monkeypatch.setattr(output, "_SPARES", pool)
+    return pool
+
+
+def fill(chunks):
+    buffer = OutputBuffer()
+    for chunk in chunks:
+        buffer.append(chunk)
+    return buffer
+
+
+def test_chunks_come_back_in_order_and_decoded(spares):
+    assert fill([b"a" * 70_000, "é".encode(), b"\xff", b"end"]).text() == (
+        "a" * 70_000 + "é\ufffdend"
+    )
+
+
+def test_no_output_is_empty_text(spares):
+    assert OutputBuffer().text() == ""
+    assert OutputBuffer().text_so_far() == ""
+
+
+def test_a_large_buffer_is_reused_and_a_shorter_output_does_not_see_the_old_one(spares):
+    big = b"x" * (2 * KEEP_MIN)
+    first = fill([big[: KEEP_MIN], big[KEEP_MIN:]])
+    assert first.text() == big.decode()
+    kept = spares._buffers[-1]
+    second = fill([b"short"])
+    assert second._data is kept  # the same memory, overwritten in place
+    assert second.text() == "short"
+    third = fill([b"y" * (3 * KEEP_MIN)])  # outgrows the reused buffer
+    assert third.text() == "y" * (3 * KEEP_MIN)
+
+
+def test_small_buffers_are_not_kept(spares):
+    fill([b"z" * (KEEP_MIN - 1)]).text()
+    assert spares._buffers == []
+
+
+def test_kept_memory_is_bounded(spares, monkeypatch):
+    monkeypatch.setattr(output, "KEEP_BYTES", 3 * KEEP_MIN)
+    buffers = [fill([b"q" * (2 * KEEP_MIN)]) for _ in range(3)]
+    for buffer in buffers:
+        buffer.text()
+    assert len(spares._buffers) == 1
+    assert spares._bytes == 2 * KEEP_MIN
+
+
+def test_text_so_far_copies_and_keeps_nothing(spares):
+    buffer = fill([b"p" * (2 * KEEP_MIN)])
+    assert buffer.text_so_far() == "p" * (2 * KEEP_MIN)
+    buffer.append(b"more")  # still growable: no view of it is left behind
+    assert buffer.text_so_far().endswith("pmore")
+    assert spares._buffers == []
