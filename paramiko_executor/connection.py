@@ -135,21 +135,28 @@ class _TransportSocket(socket.socket):
         # would cost an mmap, page faults and a munmap.
         self._buffer = memoryview(bytearray(READ_AHEAD))
         self._at = self._end = 0
-        self._deferred: List[Callable[[], None]] = []
+        # Deferred wake-ups: added by the transport thread, fired by it or by
+        # whichever thread closes the socket; the lock makes a close and a
+        # deferral exclude each other, so none is lost.
+        self._deferred_lock = threading.Lock()
+        self._deferred: Optional[List[Callable[[], None]]] = []  # None once closed
 
     def defer(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` before the next read that may block, or at close; at once if closed.
 
         For the transport thread only (see ``channel._NetworkEvent``).
         """
-        if self.fileno() < 0:
-            wake()
-        else:
-            self._deferred.append(wake)
+        with self._deferred_lock:
+            if self._deferred is not None:
+                self._deferred.append(wake)
+                return
+        wake()
 
-    def _wake(self) -> None:
-        deferred, self._deferred = self._deferred, []
-        for wake in deferred:
+    def _wake(self, *, closing: bool = False) -> None:
+        with self._deferred_lock:
+            deferred = self._deferred
+            self._deferred = None if closing else []
+        for wake in deferred or ():
             wake()
 
     def recv(self, bufsize: int) -> bytes:
@@ -168,7 +175,7 @@ class _TransportSocket(socket.socket):
 
     def close(self) -> None:
         super().close()
-        self._wake()
+        self._wake(closing=True)
 
 
 def _open_socket(target: Target) -> object:

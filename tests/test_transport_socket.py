@@ -1,5 +1,6 @@
 """The socket under each transport: read-ahead and deferred wake-ups, over real TCP on 127.0.0.1."""
 
+import functools
 import socket
 import threading
 
@@ -81,3 +82,19 @@ def test_deferred_wakes_fire_at_close_and_at_once_after_it(pair):
     assert fired == ["before"]
     sock.defer(lambda: fired.append("after"))
     assert fired == ["before", "after"]
+
+
+def test_a_close_from_another_thread_loses_no_deferred_wake():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        for _ in range(100):
+            plain = socket.create_connection(listener.getsockname(), timeout=10)
+            peer, _ = listener.accept()
+            sock = _TransportSocket(plain.family, plain.type, plain.proto, fileno=plain.detach())
+            fired = []
+            closer = threading.Thread(target=sock.close)
+            closer.start()
+            for n in range(50):  # the transport thread deferring while the socket closes
+                sock.defer(functools.partial(fired.append, n))
+            closer.join(10)
+            assert sorted(fired) == list(range(50))
+            peer.close()
