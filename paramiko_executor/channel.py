@@ -327,7 +327,7 @@ def install_channel_hooks(transport: paramiko.Transport) -> None:
 
 @dataclass(frozen=True)
 class ChannelOutcome:
-    """What came back from one command: raw output and how it ended."""
+    """What came back from one command: its decoded output and how it ended."""
 
     stdout: str
     stderr: str
