@@ -10,6 +10,7 @@ caller keeps, needs fresh memory.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import List, Optional
 
@@ -50,6 +51,11 @@ class _Spares:
 
 
 _SPARES = _Spares()
+
+if hasattr(os, "register_at_fork"):
+    # A thread of the parent may have held the lock at the fork; the child
+    # starts with an empty pool and a lock of its own.
+    os.register_at_fork(after_in_child=_SPARES.__init__)
 
 
 class OutputBuffer:

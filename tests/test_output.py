@@ -1,5 +1,7 @@
 """Output buffers: decoding, growth, and reuse of a finished command's memory."""
 
+import os
+
 import pytest
 
 from paramiko_executor import output
@@ -64,3 +66,18 @@ def test_text_so_far_copies_and_keeps_nothing(spares):
     buffer.append(b"more")  # still growable: no view of it is left behind
     assert buffer.text_so_far().endswith("pmore")
     assert spares._buffers == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_with_an_empty_pool_and_a_free_lock():
+    fill([b"f" * (2 * KEEP_MIN)]).text()  # the real pool now holds a buffer
+    output._SPARES._lock.acquire()  # as if another thread held it at the fork
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: must neither see the buffers nor block
+            ok = output._SPARES._buffers == [] and output._SPARES._lock.acquire(timeout=5)
+            os._exit(0 if ok else 1)
+    finally:
+        output._SPARES._lock.release()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
