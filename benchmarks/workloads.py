@@ -188,7 +188,10 @@ class _Tally:
             self.started += 1
             return True
 
-    def finish(self, error: Optional[BaseException]) -> int:
+    def record(
+        self, error: Optional[BaseException], on_progress: Optional[Callable[[int], None]]
+    ) -> None:
+        """Count one finished command (``error`` None: it succeeded) and report progress."""
         with self.lock:
             if error is None:
                 self.done += 1
@@ -196,7 +199,9 @@ class _Tally:
                 self.failures += 1
                 if self.first_error is None:
                     self.first_error = f"{type(error).__name__}: {error}"[:300]
-            return self.done + self.failures
+            finished = self.done + self.failures
+        if on_progress is not None:
+            on_progress(finished)
 
 
 class ThreadDriver(Driver):
@@ -218,11 +223,9 @@ class ThreadDriver(Driver):
                 try:
                     check(self.contender.run(command, None))
                 except Exception as error:  # a failure is a result here, not a crash
-                    finished = tally.finish(error)
+                    tally.record(error, on_progress)
                 else:
-                    finished = tally.finish(None)
-                if on_progress is not None:
-                    on_progress(finished)
+                    tally.record(None, on_progress)
 
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
         for thread in threads:
@@ -266,11 +269,9 @@ class AsyncDriver(Driver):
                 try:
                     check(await self.contender.run(command, None))
                 except Exception as error:  # a failure is a result here, not a crash
-                    finished = tally.finish(error)
+                    tally.record(error, on_progress)
                 else:
-                    finished = tally.finish(None)
-                if on_progress is not None:
-                    on_progress(finished)
+                    tally.record(None, on_progress)
 
         async def all_workers() -> int:
             tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
