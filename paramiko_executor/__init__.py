@@ -5,29 +5,36 @@ local SSH server for tests.
 """
 
 from .connection import ConnectionState, probe_max_session
-from .executors import DupingSSHExecutor, Executor, ShellExecutor, SSHExecutor
-from .results import (
+from .errors import (
     AuthenticationFailure,
     CommandExecutionFailure,
-    CommandResult,
     CommandTimeout,
+    ExecutorError,
     ExecutorFailure,
     HostKeyFailure,
 )
-from .retry import ConnectRetry
+from .executors import SAFE_WRAPPER, DupingSSHExecutor, Executor, SSHExecutor
+from .results import CommandResult
+from .retry import CommandRetry, ConnectRetry
+from .shell import ShellExecutor
+from .stats import ExecutorStatistics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SAFE_WRAPPER",
     "AuthenticationFailure",
     "CommandExecutionFailure",
     "CommandResult",
+    "CommandRetry",
     "CommandTimeout",
     "ConnectRetry",
     "ConnectionState",
     "DupingSSHExecutor",
     "Executor",
+    "ExecutorError",
     "ExecutorFailure",
+    "ExecutorStatistics",
     "HostKeyFailure",
     "SSHExecutor",
     "ShellExecutor",

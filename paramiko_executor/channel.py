@@ -1,22 +1,36 @@
-"""One command on one session channel: exec, stdin, stdout/stderr, exit status, timeout.
+"""A session channel's life, from the slot it holds to the outcome it reports.
 
-The calling thread does the I/O of its command itself (no helper thread per
-command). paramiko's transport thread appends the output to the command's
-lists as it arrives and opens the window again, so output never waits for
-the command's thread; it wakes that thread through a single event only when
-there is something to do: the send window opened while stdin is left, the end
-of the output or the exit status arrived, or the channel closed. stdin is fed
-only as far as the send window allows, so no size or interleaving of the
-three streams can deadlock.
+Two invariants are kept here (see ``shared/design/CHANNEL.md``):
+
+1. **A slot is a server session.** A `SessionChannel` is created holding one
+   slot of its connection's `Slots`, and gives it back exactly once: when the
+   server refused the open (`release_refused`), or when the server's CLOSE
+   for the channel arrived (the transport thread's close hook), or never if
+   the connection goes first (its `Slots` are then closed as a whole). Not a
+   timeout, not our own CLOSE: a command that outlives its timeout keeps its
+   slot until the server lets go of the session.
+2. **The outcome is decided once**, when the deciding message arrives and
+   before any cleanup I/O (`_decide`): complete (exit status or signal, and
+   both EOFs or the CLOSE), never started (`NeverStarted`: exec refused, or
+   closed before its reply), lost (`ConnectionLost`), closed without status
+   (`ExecutorFailure`), or timed out. An error while closing a complete
+   channel changes nothing.
+
+The calling thread does its command's I/O itself. paramiko's transport thread
+only feeds events (confirm, refusal, data, EOF, exit status, CLOSE) through the
+hooks of `install_channel_hooks`, appending output to the command's buffers and
+waking the command's thread through a single event, and only when there is
+something to do.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Mapping, Optional, Union
 
 import paramiko
 from paramiko.common import (
@@ -26,54 +40,53 @@ from paramiko.common import (
     MSG_CHANNEL_FAILURE,
     MSG_CHANNEL_OPEN_FAILURE,
     MSG_CHANNEL_REQUEST,
+    MSG_CHANNEL_SUCCESS,
     cMSG_CHANNEL_DATA,
     cMSG_CHANNEL_EOF,
-    cMSG_CHANNEL_OPEN,
     cMSG_CHANNEL_REQUEST,
     cMSG_CHANNEL_WINDOW_ADJUST,
 )
 from paramiko.message import Message
 
-from .keepalive import pinger_of
-from .output import OutputBuffer
-from .results import ExecutorFailure
+from .errors import (
+    TRANSPORT_ERRORS,
+    ConnectionLost,
+    ExecutorFailure,
+    NeverStarted,
+)
+from .internals import (
+    Handler,
+    await_key_exchange,
+    forget_channel,
+    key_exchange_running,
+    new_session_channel,
+    replace_send_condition,
+    send_if_clear,
+    send_when_clear,
+    window_to_return,
+    wrap_handlers,
+)
+from .output import LineSplitter, LiveStream, OutputBuffer
+from .results import Output
+from .slots import Slots
 
 __all__ = [
     "ChannelOutcome",
-    "ConnectionLost",
-    "PendingOpen",
+    "CommandSpec",
+    "SessionChannel",
     "install_channel_hooks",
-    "is_lost",
-    "open_command_channel",
-    "run_on_channel",
 ]
 
 log = logging.getLogger("paramiko_executor.channel")
 
-#: How long a channel may take to confirm its close after the command ended or
-#: was cancelled. Only a broken server exceeds it; the slot is released then anyway.
-CLOSE_GRACE = 10.0
+#: After a timeout (or a raising callback) the command is sent TERM; if the
+#: server has not closed the channel this many seconds later, KILL; as long
+#: again after that, our CLOSE. The slot stays taken until the server's CLOSE.
+KILL_GRACE = 5.0
 
-#: How often a channel the live server refused is asked for again, and how
-#: long to back off between tries once a round trip alone did not help.
-OPEN_TRIES = 20
-QUICK_TRIES = 2
-OPEN_BACKOFF = 0.005
-OPEN_BACKOFF_MAX = 0.5
-
-#: How often a wait for the server's answer to an open checks that the connection lives.
-ANSWER_POLL = 0.1
-
-
-class ConnectionLost(ExecutorFailure):
-    """The connection broke under a command; the executor may retry it elsewhere.
-
-    ``started`` is False when the command cannot have reached the server.
-    """
-
-    def __init__(self, description: str, executor: object = None, *, started: bool = True):
-        super().__init__(description, executor)
-        self.started = started
+#: How often a thread waiting on a channel checks that the connection lives:
+#: a channel we closed ourselves is not woken by the transport's end.
+LIVENESS_POLL = 1.0
 
 
 class _NetworkEvent(threading.Event):
@@ -131,42 +144,20 @@ class _WakingCondition(threading.Condition):
     window that stops growing is the server's whole window, so it always wakes.
     """
 
-    def __init__(self, chan: paramiko.Channel, exchange: _Exchange) -> None:
+    def __init__(self, chan: paramiko.Channel, session: SessionChannel) -> None:
         super().__init__(chan.lock)
         self._chan = chan
-        self._exchange = exchange
+        self._session = session
 
     def notify_all(self) -> None:
         super().notify_all()
-        ex = self._exchange
-        if not ex.sending:
+        s = self._session
+        if not s.sending:
             return
         window = self._chan.out_window_size  # we hold the channel lock, as paramiko does here
-        ex.window_peak = max(ex.window_peak, window)
-        if window >= min(ex.unsent, ex.window_peak // 4) or self._chan.closed:
-            ex.wakeup.set()
-
-
-class _Exchange:
-    """What the transport thread reports about one command's channel."""
-
-    __slots__ = ("wakeup", "exit_status", "exit_signal", "remote_closed", "refused", "sending",
-                 "unsent", "window_peak", "stdout", "stderr")
-
-    def __init__(self, transport: paramiko.Transport) -> None:
-        self.wakeup = _Wakeup(transport)
-        #: Output as it arrives, appended by the transport thread.
-        self.stdout = OutputBuffer()
-        self.stderr = OutputBuffer()
-        #: True while stdin is left to send: only then does the window matter.
-        self.sending = True
-        #: Bytes of stdin not sent yet, and the largest send window seen.
-        self.unsent = 0
-        self.window_peak = 0
-        self.exit_status: Optional[int] = None
-        self.exit_signal: Optional[str] = None
-        self.remote_closed = False
-        self.refused = False
+        s.window_peak = max(s.window_peak, window)
+        if window >= min(s.unsent, s.window_peak // 4) or self._chan.closed:
+            s.wakeup.set()
 
 
 class _RefusalsExpected(logging.Filter):
@@ -186,8 +177,28 @@ class _RefusalsExpected(logging.Filter):
 _REFUSALS_EXPECTED = _RefusalsExpected()
 
 
-def _exchange(chan: paramiko.Channel) -> Optional[_Exchange]:
-    return chan.__dict__.get("_pe_exchange")
+@dataclass(frozen=True)
+class ChannelOutcome:
+    """How one command ended: its output (decoded, or bytes) and its exit."""
+
+    stdout: Output
+    stderr: Output
+    exit_status: Optional[int]  # None: timed out, or ended by a signal
+    exit_signal: Optional[str]
+    timed_out: bool
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """What to run on a channel, and how."""
+
+    command: bytes
+    stdin: bytes = b""
+    env: Optional[Mapping[str, str]] = None
+    pty: bool = False
+    encoding: Optional[str] = "utf-8"
+    on_output: Optional[Callable[[str, Any], None]] = None
+    keep_output: bool = True
 
 
 def _outside_key_exchange(transport: paramiko.Transport, handler: Callable[[], None]) -> None:
@@ -200,444 +211,590 @@ def _outside_key_exchange(transport: paramiko.Transport, handler: Callable[[], N
     this thread starts key exchanges, so the check cannot go stale while the
     handler runs; during one, the handler runs in a thread of its own.
     """
-    if transport.clear_to_send.is_set():
+    if not key_exchange_running(transport):
         handler()
         return
 
     def deferred() -> None:
         try:
             handler()
-        except (EOFError, OSError, paramiko.SSHException):
+        except TRANSPORT_ERRORS:
             pass  # the connection ended: the commands on it notice by themselves
 
     threading.Thread(target=deferred, name="paramiko_executor rekey", daemon=True).start()
 
 
-def install_channel_hooks(transport: paramiko.Transport) -> None:
-    """Let ``transport`` report exit status, exit signal, refusals and closes to commands.
+def install_channel_hooks(transport: paramiko.Transport,
+                          sessions: Dict[int, SessionChannel]) -> None:
+    """Let ``transport`` report each session channel's events to its `SessionChannel`.
 
-    The hooks wrap paramiko's own handlers and run after them. The close hook
-    runs after paramiko has sent its own CLOSE in reply, so a command that
-    sees ``remote_closed`` knows the channel is closed on both sides and the
-    server can reuse its session slot.
+    ``sessions`` maps channel ids to the executor's channels of this
+    transport. The hooks wrap paramiko's own handlers and run after them. The
+    close hook runs after paramiko has sent its own CLOSE in reply, so the
+    channel is closed on both sides and the server can reuse its session slot:
+    that is where the slot is released.
     """
     # A logger of our own below paramiko's, so that the filter touches only our transports.
     transport.set_log_channel(transport.get_log_channel() + ".paramiko_executor")
     transport.logger.addFilter(_REFUSALS_EXPECTED)
-    table = dict(transport._channel_handler_table)
-    on_data = table[MSG_CHANNEL_DATA]
-    on_extended_data = table[MSG_CHANNEL_EXTENDED_DATA]
-    on_close = table[MSG_CHANNEL_CLOSE]
-    on_request = table[MSG_CHANNEL_REQUEST]
-    on_failure = table[MSG_CHANNEL_FAILURE]
 
-    def acknowledge(chan: paramiko.Channel, size: int) -> None:
-        # What paramiko's recv() does once the reader took the data: open the
-        # window again once a tenth of it was used.
-        ack = chan._check_add_window(size)
-        if ack:
-            m = Message()
-            m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
-            m.add_int(chan.remote_chanid)
-            m.add_int(ack)
-            _outside_key_exchange(transport, lambda: transport._send_user_message(m))
+    def data(on_data: Handler) -> Handler:
+        def handle(chan: paramiko.Channel, m: Message) -> None:
+            s = sessions.get(chan.chanid)
+            if s is None:
+                on_data(chan, m)
+            elif not chan.eof_received:  # past EOF (a server's error): dropped
+                s.received("stdout", m.get_binary())
+        return handle
 
-    def handle_data(chan: paramiko.Channel, m: Message) -> None:
-        # Output goes straight to the command's list: no buffer copies, and
-        # no wake-up per packet for a thread that only needs the whole.
-        ex = _exchange(chan)
-        if ex is None:
-            on_data(chan, m)
-            return
-        if chan.eof_received:
-            return  # past EOF (a server's error): the command may be reading its output already
-        data = m.get_binary()
-        ex.stdout.append(data)
-        acknowledge(chan, len(data))
+    def extended_data(on_extended_data: Handler) -> Handler:
+        def handle(chan: paramiko.Channel, m: Message) -> None:
+            s = sessions.get(chan.chanid)
+            if s is None:
+                on_extended_data(chan, m)
+            elif m.get_int() == 1 and not chan.eof_received:  # SSH_EXTENDED_DATA_STDERR
+                s.received("stderr", m.get_binary())
+        return handle
 
-    def handle_extended_data(chan: paramiko.Channel, m: Message) -> None:
-        ex = _exchange(chan)
-        if ex is None:
-            on_extended_data(chan, m)
-            return
-        if m.get_int() == 1 and not chan.eof_received:  # SSH_EXTENDED_DATA_STDERR, the only kind
-            data = m.get_binary()
-            ex.stderr.append(data)
-            acknowledge(chan, len(data))
+    def close(on_close: Handler) -> Handler:
+        def finish(chan: paramiko.Channel, m: Message) -> None:
+            on_close(chan, m)
+            # Both CLOSEs are out, so nothing more can arrive for this channel:
+            # forgetting it keeps paramiko's memory flat over millions of commands.
+            forget_channel(transport, chan.chanid)
+            s = sessions.pop(chan.chanid, None)
+            if s is not None:
+                s.server_closed()
 
-    def finish_close(chan: paramiko.Channel, m: Message) -> None:
-        on_close(chan, m)
-        # Both CLOSEs are out, so nothing more can arrive for this channel:
-        # forgetting it keeps paramiko's memory flat over millions of commands.
-        transport.channels_seen.pop(chan.chanid, None)
-        ex = _exchange(chan)
-        if ex is not None:
-            ex.remote_closed = True
-            ex.wakeup.set()
+        def handle(chan: paramiko.Channel, m: Message) -> None:
+            _outside_key_exchange(transport, lambda: finish(chan, m))
+        return handle
 
-    def handle_close(chan: paramiko.Channel, m: Message) -> None:
-        _outside_key_exchange(transport, lambda: finish_close(chan, m))
+    def request(on_request: Handler) -> Handler:
+        def handle(chan: paramiko.Channel, m: Message) -> None:
+            start = m.packet.tell()
+            kind = m.get_text()
+            want_reply = m.get_boolean()
+            s = sessions.get(chan.chanid)
+            if s is not None:
+                if kind == "exit-status":
+                    s.exit_status = m.get_int()
+                elif kind == "exit-signal":
+                    s.exit_signal = m.get_text()
+            m.packet.seek(start)
+            if want_reply:
+                _outside_key_exchange(transport, lambda: on_request(chan, m))
+            else:
+                on_request(chan, m)
+            if s is not None and (chan.eof_received or chan.closed):
+                s.wakeup.set()  # else the EOF still to come wakes the command
+        return handle
 
-    def handle_request(chan: paramiko.Channel, m: Message) -> None:
-        start = m.packet.tell()
-        kind = m.get_text()
-        want_reply = m.get_boolean()
-        ex = _exchange(chan)
-        if ex is not None and kind == "exit-signal":
-            ex.exit_signal = m.get_text()
-        m.packet.seek(start)
-        if want_reply:
-            _outside_key_exchange(transport, lambda: on_request(chan, m))
-            return
-        on_request(chan, m)
-        if ex is None:
-            return
-        if kind == "exit-status":
-            ex.exit_status = chan.exit_status
-        if chan.eof_received:  # else the EOF still to come wakes the command
-            ex.wakeup.set()
+    def reply(success: bool) -> Callable[[Handler], Handler]:
+        def wrap(on_reply: Handler) -> Handler:
+            def handle(chan: paramiko.Channel, m: Message) -> None:
+                s = sessions.get(chan.chanid)
+                if s is not None:
+                    s.replied(success)
+                if success:
+                    on_reply(chan, m)
+                else:  # paramiko closes the channel, which sends: not during a key exchange
+                    _outside_key_exchange(transport, lambda: on_reply(chan, m))
+            return handle
+        return wrap
 
-    def handle_failure(chan: paramiko.Channel, m: Message) -> None:
-        ex = _exchange(chan)
-        if ex is not None:
-            ex.refused = True
-        _outside_key_exchange(transport, lambda: on_failure(chan, m))
+    def open_failure(on_open_failure: Handler) -> Handler:
+        def handle(*args: Any) -> None:  # (m), or (transport, m) on paramiko < 4
+            m = args[-1]
+            start = m.packet.tell()
+            chanid = m.get_int()
+            m.packet.seek(start)
+            on_open_failure(*args)
+            # paramiko forgets a refused channel everywhere but here.
+            forget_channel(transport, chanid)
+            sessions.pop(chanid, None)
+        return handle
 
-    transport_table = dict(transport._handler_table)
-    on_open_failure = transport_table[MSG_CHANNEL_OPEN_FAILURE]
-
-    def handle_open_failure(*args: Any) -> None:  # (m), or (transport, m) on older paramiko
-        m = args[-1]
-        start = m.packet.tell()
-        chanid = m.get_int()
-        m.packet.seek(start)
-        on_open_failure(*args)
-        # paramiko forgets a refused channel everywhere but here.
-        transport.channels_seen.pop(chanid, None)
-
-    transport_table[MSG_CHANNEL_OPEN_FAILURE] = handle_open_failure
-    transport._handler_table = transport_table
-    table[MSG_CHANNEL_DATA] = handle_data
-    table[MSG_CHANNEL_EXTENDED_DATA] = handle_extended_data
-    table[MSG_CHANNEL_CLOSE] = handle_close
-    table[MSG_CHANNEL_REQUEST] = handle_request
-    table[MSG_CHANNEL_FAILURE] = handle_failure
-    transport._channel_handler_table = table
-
-
-@dataclass(frozen=True)
-class ChannelOutcome:
-    """What came back from one command: its decoded output and how it ended."""
-
-    stdout: str
-    stderr: str
-    exit_status: Optional[int]  # None: timed out, or ended by a signal
-    exit_signal: Optional[str]
-    timed_out: bool
-
-
-def _send_unless_closed(
-    chan: paramiko.Channel, message: Message, *, window: int = 0, eof: bool = False
-) -> bool:
-    """Send ``message`` on ``chan`` unless it is closed; False when it was.
-
-    The check and the send happen under the channel lock, so that nothing we
-    send can follow paramiko's own CLOSE for this channel: sshd drops the
-    whole connection on a packet for a channel it has already freed. The lock
-    is never held while waiting out a key exchange (the transport thread may
-    need it to finish one): the message goes out only while sending is clear,
-    else the lock is released and the exchange awaited. ``window`` is taken
-    from the send window, and ``eof`` marks EOF sent, only with the send.
-    """
-    transport = chan.transport
-    while True:
-        with chan.lock:
-            if chan.closed:
-                return False
-            with transport.clear_to_send_lock:
-                if transport.clear_to_send.is_set():
-                    transport._send_message(message)
-                    chan.out_window_size -= window
-                    if eof:
-                        chan.eof_sent = True
-                    return True
-        _await_key_exchange(transport)
-
-
-def _await_key_exchange(transport: paramiko.Transport) -> None:
-    """Wait until a key exchange in progress ends, or the transport with it."""
-    deadline = time.monotonic() + transport.clear_to_send_timeout
-    while not transport.clear_to_send.wait(1.0):
-        if not transport.is_active():
-            raise EOFError("the connection ended during a key exchange")
-        if time.monotonic() > deadline:
-            raise paramiko.SSHException("key exchange timed out")
-
-
-def _send_request(chan: paramiko.Channel, kind: str, *fields: object, want_reply: bool) -> bool:
-    m = Message()
-    m.add_byte(cMSG_CHANNEL_REQUEST)
-    m.add_int(chan.remote_chanid)
-    m.add_string(kind)
-    m.add_boolean(want_reply)
-    for field in fields:
-        if isinstance(field, bool):
-            m.add_boolean(field)
-        else:
-            m.add_string(field)
-    return _send_unless_closed(chan, m)
-
-
-def _send_stdin(chan: paramiko.Channel, data: memoryview) -> int:
-    """Send as much of ``data`` as the window allows now; -1 once the channel is closed.
-
-    One packet per lock hold, so the transport thread can open the window meanwhile.
-    """
-    sent = 0
-    while sent < len(data):
-        with chan.lock:
-            size = min(len(data) - sent, chan.out_window_size, chan.out_max_packet_size - 64)
-        if size <= 0:
-            break
-        m = Message()
-        m.add_byte(cMSG_CHANNEL_DATA)
-        m.add_int(chan.remote_chanid)
-        m.add_string(data[sent : sent + size].tobytes())
-        if not _send_unless_closed(chan, m, window=size):
-            return -1
-        sent += size
-    return sent
-
-
-def _send_eof(chan: paramiko.Channel) -> None:
-    if chan.eof_sent:
-        return
-    m = Message()
-    m.add_byte(cMSG_CHANNEL_EOF)
-    m.add_int(chan.remote_chanid)
-    _send_unless_closed(chan, m, eof=True)
-
-
-def attach(chan: paramiko.Channel) -> _Exchange:
-    """Route every event of ``chan`` to one wake-up the command's thread waits on."""
-    ex = _Exchange(chan.transport)
-    chan._pe_exchange = ex
-    chan.in_buffer.set_event(ex.wakeup)
-    chan.in_stderr_buffer.set_event(ex.wakeup)
-    chan.out_buffer_cv = _WakingCondition(chan, ex)
-    return ex
+    wrap_handlers(
+        transport,
+        {
+            MSG_CHANNEL_DATA: data,
+            MSG_CHANNEL_EXTENDED_DATA: extended_data,
+            MSG_CHANNEL_CLOSE: close,
+            MSG_CHANNEL_REQUEST: request,
+            MSG_CHANNEL_SUCCESS: reply(True),
+            MSG_CHANNEL_FAILURE: reply(False),
+        },
+        {MSG_CHANNEL_OPEN_FAILURE: open_failure},
+    )
 
 
 def _remaining(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else deadline - time.monotonic()
 
 
-def is_lost(exc: BaseException, transport: paramiko.Transport) -> bool:
-    """Whether ``exc``, raised by paramiko while using ``transport``, means the connection broke.
+class SessionChannel:
+    """One session channel of the executor, and the slot that covers it.
 
-    paramiko raises EOFError or OSError (ProxyCommandFailure for a dead proxy
-    command) from a send on a broken connection, sometimes before the
-    transport has marked itself inactive; anything else counts as lost only
-    once it has.
-    """
-    return (isinstance(exc, (EOFError, OSError, paramiko.ProxyCommandFailure))
-            or not transport.is_active())
-
-
-class PendingOpen:
-    """A session channel asked for, and the server's answer once it comes.
-
-    paramiko's ``open_session`` waits for the answer itself and, when its
-    time runs out, leaves the channel behind: confirmed later, it would hold
-    one of the server's sessions for good. Asking without waiting lets the
-    caller give up and still close the channel once it is answered.
+    Created holding a slot the caller took from ``slots``; sends the OPEN at
+    once. Its states move forward only: opening, open, exec sent, running,
+    decided (complete, timed out, ...), closed by the server. Output is
+    appended by the transport thread; everything else is done by the thread
+    that owns the channel (or, after a timeout, by its reaper).
     """
 
-    def __init__(self, transport: paramiko.Transport) -> None:
-        self._transport = transport
-        self.channel, self._answered = _request_session(transport)
+    def __init__(self, transport: paramiko.Transport, slots: Slots,
+                 sessions: Dict[int, SessionChannel]) -> None:
+        self.transport = transport
+        self._slots: Optional[Slots] = slots
+        self._slot_lock = threading.Lock()
+        self.wakeup = _Wakeup(transport)
+        self.answered = _NetworkEvent(transport)
+        #: Output: buffers filled by the transport thread (or live streams).
+        self.stdout: Union[OutputBuffer, LiveStream] = OutputBuffer()
+        self.stderr: Union[OutputBuffer, LiveStream] = OutputBuffer()
+        #: After the outcome is fixed, output is only acknowledged, not kept.
+        self.discarding = False
+        #: True while stdin is left to send: only then does the window matter.
+        self.sending = False
+        self.unsent = 0
+        self.window_peak = 0
+        self.exit_status: Optional[int] = None
+        self.exit_signal: Optional[str] = None
+        self.remote_closed = False
+        #: Requests sent with want-reply, oldest first, and the replies not yet looked at.
+        self._awaiting: Deque[str] = collections.deque()
+        self.replies: Deque[tuple] = collections.deque()
+        self.exec_sent = False
+        self.exec_accepted: Optional[bool] = None
+        try:
+            self.chan = new_session_channel(transport, self.answered)
+        except BaseException:
+            self._release()
+            raise
+        self._sessions = sessions
+        sessions[self.chan.chanid] = self
 
-    def wait(self, timeout: float) -> bool:
-        """True once the server answered, or the connection ended, within ``timeout``."""
-        end = time.monotonic() + timeout
-        # Sliced: a connection that ended just as the channel was asked for
-        # may never wake the event.
-        while not self._answered.wait(min(ANSWER_POLL, max(0.0, end - time.monotonic()))):
-            if not self._transport.is_active():
+    # --- events from the transport thread --------------------------------------
+
+    def received(self, stream: str, data: bytes) -> None:
+        if self.discarding:
+            self._acknowledge(len(data))
+            return
+        buffer = self.stdout if stream == "stdout" else self.stderr
+        buffer.append(data)
+        if isinstance(buffer, LiveStream):
+            self.wakeup.set()  # the owner acknowledges as it hands the lines on
+        else:
+            self._acknowledge(len(data))
+
+    def replied(self, success: bool) -> None:
+        kind = self._awaiting.popleft() if self._awaiting else "?"
+        if kind == "exec":
+            self.exec_accepted = success
+        self.replies.append((kind, success))
+        self.wakeup.set()
+
+    def server_closed(self) -> None:
+        self.remote_closed = True
+        self.wakeup.set()
+        self._release()
+
+    # --- the slot ---------------------------------------------------------------
+
+    def _release(self) -> None:
+        with self._slot_lock:
+            slots, self._slots = self._slots, None
+        if slots is not None:
+            slots.release()
+
+    def release_refused(self) -> None:
+        """The server refused the open: it holds no session for us, so the slot is free."""
+        self._sessions.pop(self.chan.chanid, None)
+        self._release()
+
+    @property
+    def holds_slot(self) -> bool:
+        return self._slots is not None
+
+    # --- opening ------------------------------------------------------------------
+
+    def wait_open(self, timeout: Optional[float]) -> bool:
+        """True once the server answered the open (or the connection ended) within ``timeout``."""
+        end = None if timeout is None else time.monotonic() + timeout
+        # Sliced: a connection that ended just as the channel was asked for may never wake it.
+        while not self.answered.wait(LIVENESS_POLL if end is None
+                                     else min(LIVENESS_POLL, max(0.0, end - time.monotonic()))):
+            if not self.transport.is_active():
                 return True
-            if time.monotonic() >= end:
+            if end is not None and time.monotonic() >= end:
                 return False
         return True
 
-    def result(self) -> Optional[paramiko.Channel]:
-        """After `wait`: the open channel, or None when the server refused it."""
-        chan = self.channel
-        if chan.active and not chan.closed:
-            return chan
-        if not self._transport.is_active():
-            raise ConnectionLost("the connection was lost opening a channel")
-        return None
+    @property
+    def opened(self) -> bool:
+        """After `wait_open`: whether the server confirmed the open.
 
-    def abandon(self) -> None:
-        """Close the channel once the server answers, so that no server session is orphaned."""
+        Raises `ConnectionLost` (never started) if the connection ended.
+        """
+        chan = self.chan
+        if chan.active and not chan.closed:
+            return True
+        if not self.transport.is_active():
+            raise ConnectionLost("the connection was lost opening a channel", started=False)
+        return False
+
+    def abandon_open(self) -> None:
+        """Give up waiting for the open's answer; close the channel once it comes.
+
+        The slot stays taken until then: a late confirmation is a server
+        session like any other, freed on the server's CLOSE.
+        """
 
         def reap() -> None:
-            if self.wait(self._transport.channel_timeout) and self.channel.active:
-                try:
-                    self.channel.close()
-                except (EOFError, OSError, paramiko.SSHException):
-                    pass  # the connection ended, and the session with it
+            while not self.answered.wait(LIVENESS_POLL):
+                if not self.transport.is_active():
+                    return
+            try:
+                if self.opened:
+                    self.chan.close()
+                else:
+                    self.release_refused()
+            except (*TRANSPORT_ERRORS, ConnectionLost):
+                pass  # the connection ended, and the session with it
 
         threading.Thread(target=reap, name="paramiko_executor reap", daemon=True).start()
 
-
-def _request_session(transport: paramiko.Transport) -> Tuple[paramiko.Channel, threading.Event]:
-    """Ask for a session channel without waiting; the event is set on the server's answer.
-
-    This is the first half of ``Transport.open_channel``, whose second half
-    waits for the answer; paramiko offers no way to open without waiting.
-    """
-    with transport.lock:
-        window = transport._sanitize_window_size(None)
-        max_packet = transport._sanitize_packet_size(None)
-        chanid = transport._next_channel()
-        m = Message()
-        m.add_byte(cMSG_CHANNEL_OPEN)
-        m.add_string("session")
-        m.add_int(chanid)
-        m.add_int(window)
-        m.add_int(max_packet)
-        chan = paramiko.Channel(chanid)
-        transport._channels.put(chanid, chan)
-        transport.channel_events[chanid] = answered = _NetworkEvent(transport)
-        transport.channels_seen[chanid] = True
-        chan._set_transport(transport)
-        chan._set_window(window, max_packet)
-        # paramiko sets the open event on the server's answer, but not when
-        # the transport is closed from our side; the channel's close wakes it then.
-        chan.in_buffer.set_event(answered)
-    transport._send_user_message(m)
-    return chan, answered
-
-
-def open_command_channel(
-    transport: paramiko.Transport, deadline: Optional[float] = None
-) -> Optional[paramiko.Channel]:
-    """Open a session channel, asking again while a live server refuses it.
-
-    Returns None once ``deadline`` (a `time.monotonic` value) has passed;
-    raises `ConnectionLost` when the connection breaks.
-
-    OpenSSH frees a session slot a little after the channel's close (at the
-    end of the loop iteration that read the CLOSE, so an OPEN read together
-    with it is refused), so a refusal at its MaxSessions is not a broken
-    connection. The refusal itself is a round trip, after which the next OPEN
-    arrives in a later read: ask again at once, `QUICK_TRIES` times, then wait
-    for a round trip of our own and back off, `OPEN_TRIES` times at most.
-    """
-    for tries in range(1, OPEN_TRIES + 1):
-        remaining = _remaining(deadline)
-        if remaining is not None and remaining <= 0:
-            return None
+    def discard(self) -> None:
+        """Close an unused channel (a spare); its slot frees on the server's CLOSE."""
+        if not self.answered.is_set():
+            self.abandon_open()
+            return
         try:
-            pending = PendingOpen(transport)
-        except (EOFError, OSError, paramiko.SSHException) as exc:
-            raise ConnectionLost(f"the connection was lost opening a channel: {exc!r}") from None
-        if not pending.wait(transport.channel_timeout if remaining is None else remaining):
-            pending.abandon()
-            return None
-        chan = pending.result()
-        if chan is not None:
-            return chan
-        log.debug("channel refused, try %d of %d", tries, OPEN_TRIES)
-        if tries <= QUICK_TRIES:
-            continue
-        remaining = _remaining(deadline)
-        pinger_of(transport).round_trip(CLOSE_GRACE if remaining is None else max(remaining, 0))
-        time.sleep(min(OPEN_BACKOFF * 2 ** (tries - QUICK_TRIES - 1), OPEN_BACKOFF_MAX))
-    raise ExecutorFailure(f"the server refused a session channel {OPEN_TRIES} times")
+            if self.opened:
+                self.chan.close()
+            else:
+                self.release_refused()
+        except (*TRANSPORT_ERRORS, ConnectionLost):
+            pass  # the connection ended, and the session with it
 
+    # --- sending --------------------------------------------------------------------
 
-def _settle(chan: paramiko.Channel, ex: _Exchange, transport: paramiko.Transport) -> None:
-    """Close our side and wait, bounded, until the server has closed its side too."""
-    chan.close()
-    deadline = time.monotonic() + CLOSE_GRACE
-    while not ex.remote_closed and transport.is_active():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            log.warning("channel %s: no CLOSE from the server after %.0f s",
-                        chan.get_id(), CLOSE_GRACE)
-            return
-        ex.wakeup.reset()
-        if ex.remote_closed or not transport.is_active():
-            return
-        ex.wakeup.wait(min(remaining, 1.0))
+    def _send(self, message: Message, *, window: int = 0, eof: bool = False) -> bool:
+        """Send ``message`` unless the channel is closed; False when it was.
 
-
-def run_on_channel(
-    chan: paramiko.Channel,
-    command: bytes,
-    stdin: bytes,
-    deadline: Optional[float],
-    after_exec: Optional[Callable[[], None]] = None,
-) -> ChannelOutcome:
-    """Run ``command`` on the freshly opened session ``chan`` and close it.
-
-    Returns once the exit status and the end of both output streams have
-    arrived and the channel is closed on both sides (or once ``deadline``,
-    a `time.monotonic` value, passed: the server is asked to TERM the command
-    and the channel is closed). ``after_exec`` is called once the command is
-    on its way. Raises `ConnectionLost` when the connection breaks first, and
-    `ExecutorFailure` when the server refuses to run the command.
-    """
-    transport = chan.get_transport()
-    ex = attach(chan)
-    pending = memoryview(stdin)
-    eof_sent = False
-    try:
-        # exec, stdin and EOF are pipelined without waiting for the exec reply:
-        # the server handles them in order, and a refused exec closes the channel.
-        _send_request(chan, "exec", command, want_reply=True)
-        if after_exec is not None:
-            after_exec()
+        The check and the send happen under the channel lock, so that nothing
+        we send can follow paramiko's own CLOSE for this channel: sshd drops the
+        whole connection on a packet for a channel it has already freed. The
+        lock is never held while waiting out a key exchange (the transport
+        thread may need it to finish one). ``window`` is taken from the send
+        window, and ``eof`` marks EOF sent, only with the send.
+        """
+        chan = self.chan
         while True:
-            ex.wakeup.reset()
+            with chan.lock:
+                if chan.closed:
+                    return False
+                if send_if_clear(self.transport, message):
+                    chan.out_window_size -= window
+                    if eof:
+                        chan.eof_sent = True
+                    return True
+            await_key_exchange(self.transport)
+
+    def _request(self, kind: str, *fields: Any, want_reply: bool) -> bool:
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_REQUEST)
+        m.add_int(self.chan.remote_chanid)
+        m.add_string(kind)
+        m.add_boolean(want_reply)
+        for field in fields:
+            if isinstance(field, bool):
+                m.add_boolean(field)
+            elif isinstance(field, int):
+                m.add_int(field)
+            else:
+                m.add_string(field)
+        if want_reply:
+            # Queued before the send: the reply may come before the send returns.
+            self._awaiting.append(kind)
+        sent = self._send(m)
+        if not sent and want_reply:
+            self._awaiting.pop()
+        return sent
+
+    def _send_stdin(self, data: memoryview) -> int:
+        """Send as much of ``data`` as the window allows now; -1 once the channel is closed.
+
+        One packet per lock hold, so the transport thread can open the window meanwhile.
+        """
+        chan = self.chan
+        sent = 0
+        while sent < len(data):
+            with chan.lock:
+                size = min(len(data) - sent, chan.out_window_size, chan.out_max_packet_size - 64)
+            if size <= 0:
+                break
+            m = Message()
+            m.add_byte(cMSG_CHANNEL_DATA)
+            m.add_int(chan.remote_chanid)
+            m.add_string(data[sent:sent + size].tobytes())
+            if not self._send(m, window=size):
+                return -1
+            sent += size
+        return sent
+
+    def _send_eof(self) -> None:
+        if self.chan.eof_sent:
+            return
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_EOF)
+        m.add_int(self.chan.remote_chanid)
+        self._send(m, eof=True)
+
+    def _acknowledge(self, size: int) -> None:
+        """Open the receive window again once a tenth of it was used, as paramiko's recv() does."""
+        ack = window_to_return(self.chan, size)
+        if ack:
+            m = Message()
+            m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
+            m.add_int(self.chan.remote_chanid)
+            m.add_int(ack)
+            if threading.current_thread() is self.transport:
+                _outside_key_exchange(self.transport, lambda: send_when_clear(self.transport, m))
+            else:
+                self._send(m)
+
+    # --- waiting --------------------------------------------------------------------
+
+    def _wait(self, deadline: Optional[float]) -> None:
+        """Sleep until woken, the deadline, or the next liveness check."""
+        remaining = _remaining(deadline)
+        self.wakeup.wait(LIVENESS_POLL if remaining is None
+                         else max(0.0, min(remaining, LIVENESS_POLL)))
+
+    def _lost(self) -> ConnectionLost:
+        return ConnectionLost("the connection was lost before the command finished",
+                              started=self.exec_sent and self.exec_accepted is not False)
+
+    def _await_replies(self, deadline: Optional[float]) -> Optional[bool]:
+        """Wait for the replies to every request sent so far; None if the deadline passed first.
+
+        Returns True when all succeeded. A refusal is left in `replies`.
+        """
+        while self._awaiting:
+            if self.remote_closed or not all(success for _, success in self.replies):
+                return False
+            if not self.transport.is_active():
+                raise ConnectionLost("the connection was lost", started=False)
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                return None
+            self.wakeup.reset()
+            if self._awaiting and not self.remote_closed:
+                self._wait(deadline)
+        return all(success for _, success in self.replies)
+
+    # --- running a command ---------------------------------------------------------
+
+    def run(self, spec: CommandSpec, deadline: Optional[float],
+            after_exec: Optional[Callable[[], None]] = None) -> Optional[ChannelOutcome]:
+        """Run ``spec`` on this freshly opened channel.
+
+        Returns the outcome once the command is complete or timed out (None
+        when the deadline passed before the exec was sent: it never ran).
+        Raises `NeverStarted` (the server turned the exec away: try again),
+        `ConnectionLost`, `ExecutorFailure` (a refused variable or terminal,
+        or a channel closed with no exit status after the exec was accepted),
+        or whatever ``spec.on_output`` raised (the command is then ended
+        as on a timeout).
+        """
+        live = spec.on_output is not None
+        if live:
+            self.stdout = LiveStream()
+            self.stderr = LiveStream()
+        replace_send_condition(self.chan, _WakingCondition(self.chan, self))
+        # The buffers' own events: a channel closed under us (the connection
+        # ending) wakes the command too.
+        self.chan.in_buffer.set_event(self.wakeup)
+        self.chan.in_stderr_buffer.set_event(self.wakeup)
+        try:
+            if spec.pty or spec.env:
+                if not self._prepare(spec, deadline):
+                    return None
+            # exec, stdin and EOF are pipelined without waiting for the exec
+            # reply: the server handles them in order, and a refused exec
+            # closes the channel before the rest is read.
+            self.sending = True
+            if not self._request("exec", spec.command, want_reply=True):
+                raise NeverStarted("the server closed the channel before the command was sent")
+            self.exec_sent = True
+            if after_exec is not None:
+                after_exec()
+            return self._converse(spec, deadline, live)
+        except TRANSPORT_ERRORS as exc:
+            if not self.transport.is_active() or isinstance(exc, (EOFError, OSError)):
+                raise ConnectionLost(f"the connection was lost: {exc!r}",
+                                     started=self.exec_sent) from None
+            raise ExecutorFailure(f"SSH error: {exc!r}") from None
+        finally:
+            if not self.discarding:
+                self._close_quietly()
+
+    def _prepare(self, spec: CommandSpec, deadline: Optional[float]) -> bool:
+        """Ask for a terminal and the variables, and wait for every answer before the exec.
+
+        Waiting costs a round trip, but a refused variable must fail before
+        the command runs, not after. False when the deadline passed first.
+        """
+        if spec.pty:
+            self._request("pty-req", "xterm", 80, 24, 0, 0, b"\x00", want_reply=True)
+        for name, value in (spec.env or {}).items():
+            self._request("env", name, value, want_reply=True)
+        answered = self._await_replies(deadline)
+        if answered is None:
+            return False
+        if answered:
+            return True
+        refused = [kind for kind, success in self.replies if not success]
+        if not refused and self.remote_closed:
+            raise NeverStarted("the server closed the channel before the command was sent")
+        if refused and refused[0] == "pty-req":
+            raise ExecutorFailure("the server refused a pseudo-terminal (pty=True)")
+        # Replies come in request order: the first refused env request names the variable.
+        names = list((spec.env or {}).keys())
+        env_replies = [success for kind, success in self.replies if kind == "env"]
+        name = names[env_replies.index(False)] if False in env_replies else "?"
+        raise ExecutorFailure(
+            f"the server refused the environment variable {name!r} (OpenSSH accepts only "
+            "the names its AcceptEnv allows); the command did not run")
+
+    def _converse(self, spec: CommandSpec, deadline: Optional[float],
+                  live: bool) -> ChannelOutcome:
+        pending = memoryview(spec.stdin)
+        eof_sent = False
+        splitters = ({"stdout": LineSplitter("stdout", spec.on_output, spec.encoding),
+                      "stderr": LineSplitter("stderr", spec.on_output, spec.encoding)}
+                     if live else None)
+        while True:
+            self.wakeup.reset()
             if not eof_sent:
-                sent = _send_stdin(chan, pending) if pending else 0
+                sent = self._send_stdin(pending) if pending else 0
                 if sent < 0:
                     eof_sent = True
                 else:
                     pending = pending[sent:]
                     if not pending:
-                        _send_eof(chan)
+                        self._send_eof()
                         eof_sent = True
-                ex.unsent = len(pending)
-                ex.sending = not eof_sent
-            if chan.closed or (ex.exit_status is not None and chan.eof_received):
-                break
-            if deadline is None:
-                ex.wakeup.wait()
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining > 0:
-                ex.wakeup.wait(remaining)
-                continue
-            _send_request(chan, "signal", "TERM", want_reply=False)
-            _settle(chan, ex, transport)
-            return ChannelOutcome(ex.stdout.text_so_far(), ex.stderr.text_so_far(), None, None,
-                                  True)
-        if ex.exit_status is None and ex.exit_signal is None:
-            if ex.refused and transport.is_active():
-                _settle(chan, ex, transport)  # the slot is free only once both sides closed
-                raise ExecutorFailure(f"the server refused to run {command!r}")
-            if not (ex.remote_closed and chan.eof_received and transport.is_active()):
-                raise ConnectionLost("the connection was lost before the command finished")
-        elif not (chan.eof_received or ex.remote_closed):
-            raise ConnectionLost("the connection was lost before the output was complete")
-        _settle(chan, ex, transport)
-        # EOF is in, so nothing more arrives.
-        return ChannelOutcome(ex.stdout.text(), ex.stderr.text(), ex.exit_status, ex.exit_signal,
-                              False)
-    finally:
-        if not chan.closed:
-            chan.close()
+                self.unsent = len(pending)
+                self.sending = not eof_sent
+            if splitters is not None:
+                try:
+                    self._hand_on(splitters, spec.keep_output, final=False)
+                except BaseException:
+                    self._end_remote_command()
+                    raise
+            outcome = self._decide(spec, splitters)
+            if outcome is not None:
+                return outcome
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                self._end_remote_command()
+                return ChannelOutcome(self._so_far(self.stdout, spec),
+                                      self._so_far(self.stderr, spec), None, None, True)
+            self._wait(deadline)
+
+    def _decide(self, spec: CommandSpec, splitters: Optional[Dict[str, LineSplitter]]
+                ) -> Optional[ChannelOutcome]:
+        """The outcome, once the messages that decide it are in; None while it is open."""
+        exited = self.exit_status is not None or self.exit_signal is not None
+        if exited and (self.chan.eof_received or self.remote_closed):
+            # Complete: EOF (or CLOSE) is in, so nothing more arrives.
+            if splitters is not None:
+                self._hand_on(splitters, spec.keep_output, final=True)
+            return ChannelOutcome(self._whole(self.stdout, spec), self._whole(self.stderr, spec),
+                                  self.exit_status, self.exit_signal, False)
+        if self.remote_closed:
+            if self.exec_accepted is not True:
+                raise NeverStarted("the server closed the channel before running the command")
+            raise ExecutorFailure("the server closed the channel without an exit status; "
+                                  "the command may have run")
+        if self.exec_accepted is False and self.chan.closed:
+            return None  # refused: paramiko sent our CLOSE; the server's decides (never started)
+        if not self.transport.is_active():
+            raise self._lost()
+        return None
+
+    # --- output ----------------------------------------------------------------------
+
+    def _whole(self, buffer: Union[OutputBuffer, LiveStream], spec: CommandSpec) -> Output:
+        if isinstance(buffer, LiveStream):
+            return buffer.kept(spec.encoding)
+        return buffer.decode(spec.encoding)
+
+    def _so_far(self, buffer: Union[OutputBuffer, LiveStream], spec: CommandSpec) -> Output:
+        if isinstance(buffer, LiveStream):
+            return buffer.kept(spec.encoding)
+        return buffer.decode_so_far(spec.encoding)
+
+    def _hand_on(self, splitters: Dict[str, LineSplitter], keep: bool, *, final: bool) -> None:
+        """Give the output that arrived to the caller's callback, line by line, from this thread."""
+        for name, stream in (("stdout", self.stdout), ("stderr", self.stderr)):
+            assert isinstance(stream, LiveStream)
+            chunk = stream.drain(keep)
+            if chunk:
+                self._acknowledge(len(chunk))
+                splitters[name].feed(chunk)
+            if final:
+                splitters[name].finish()
+
+    # --- ending ------------------------------------------------------------------------
+
+    def _close_quietly(self) -> None:
+        """Our CLOSE, after the outcome is fixed: an error here changes nothing."""
+        self.sending = False
+        try:
+            self.chan.close()
+        except TRANSPORT_ERRORS:
+            pass  # the connection broke a moment later; the slot goes with it
+
+    def _end_remote_command(self) -> None:
+        """Ask the server to end the command; escalate in the background; keep the slot until CLOSE.
+
+        TERM now; KILL if the server has not closed the channel `KILL_GRACE`
+        seconds later; our CLOSE as long again after that. The caller returns
+        at once. sshd refuses signals to a forced-command session, and keeps a
+        session whose command ignores them until it ends: the slot stays taken
+        that long, and commands queued meanwhile wait for it.
+        """
+        self.discarding = True
+        self.sending = False
+        self._signal("TERM")
+
+        def escalate() -> None:
+            for step in ("KILL", "CLOSE"):
+                end = time.monotonic() + KILL_GRACE
+                while not self.remote_closed and self.transport.is_active():
+                    remaining = end - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self.wakeup.reset()
+                    if not self.remote_closed:
+                        self.wakeup.wait(min(remaining, LIVENESS_POLL))
+                if self.remote_closed or not self.transport.is_active():
+                    return
+                if step == "KILL":
+                    self._signal("KILL")
+                else:
+                    log.debug("channel %s: no CLOSE after TERM and KILL; closing our side",
+                              self.chan.get_id())
+                    self._close_quietly()
+
+        threading.Thread(target=escalate, name="paramiko_executor escalate", daemon=True).start()
+
+    def _signal(self, name: str) -> None:
+        try:
+            self._request("signal", name, want_reply=False)
+        except TRANSPORT_ERRORS:
+            pass  # the connection ended: so did the command's session

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
-__all__ = ["check_bool", "check_int", "check_number", "check_str"]
+__all__ = ["check_bool", "check_int", "check_number", "check_str", "check_timeout"]
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -34,6 +35,8 @@ def check_number(
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         kind = "a number or None" if optional else "a number"
         raise TypeError(f"{name} must be {kind}, not {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must be a number, not NaN")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'0 or more' if allow_zero else 'positive'}, "
                          f"not {value!r}")
@@ -47,3 +50,9 @@ def check_str(name: str, value: Any, *, optional: bool = True) -> Optional[str]:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, not {type(value).__name__}")
     return value
+
+
+def check_timeout(name: str, value: Any) -> Optional[float]:
+    """None or a positive number of seconds; infinity means None (no limit)."""
+    seconds = check_number(name, value)
+    return None if seconds is None or math.isinf(seconds) else seconds

@@ -1,10 +1,33 @@
-"""Connection state: the one shared paramiko Transport of an executor and its session slots.
+"""Connection state: the one shared paramiko Transport of an executor and what hangs off it.
 
 `Connection` owns the state of one executor's connection, guarded by one
-`threading.Lock`: the current `ConnectionState` (a Transport published
-together with its slot semaphore, so a reconnect never pairs a new transport
-with an old bound) and the connect attempt in flight, which every thread that
-needs a connection meanwhile waits for and shares the outcome of.
+`threading.Lock`: the current `Link` (a Transport published together with its
+slots, its channels, its spare channel and its keepalive, so a reconnect never
+pairs a new transport with an old bound) and the connect attempt in flight,
+which every thread that needs a connection meanwhile waits for and shares the
+outcome of.
+
+Threads and locks
+-----------------
+Threads: the callers' (each does its own command's I/O); paramiko's transport
+thread, one per connection (it only feeds events to `channel.SessionChannel`);
+per connection while configured, one keepalive thread; short-lived ones: a
+ping sender per round trip, a reaper per abandoned channel open, an escalator
+per timed-out command (TERM, KILL, CLOSE), a closer per dropped connection, and
+a rekey helper when a handler must send during a key exchange.
+
+Locks, and what each guards (taken in this order when nested; no other nesting):
+
+1. ``Connection.lock``: the current `Link`, the attempt in flight, the epoch.
+2. ``Spare._lock``: the spare channel of one link.
+3. ``Slots._cond``: the slot count and the queue of waiters.
+4. ``Channel.lock`` (paramiko's), then ``Transport.clear_to_send_lock``: a
+   message is sent only while its channel is open and no key exchange runs
+   (`SessionChannel._send`); never held while waiting.
+5. ``SessionChannel._slot_lock``: that the slot is released once.
+6. ``GlobalRequests._lock``: the order of global requests and their replies.
+7. ``Counters._lock``: the statistics.
+8. ``_TransportSocket._deferred_lock``: deferred wake-ups against the socket's close.
 """
 
 from __future__ import annotations
@@ -14,19 +37,29 @@ import os
 import socket
 import threading
 import weakref
-from typing import Any, Callable, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import paramiko
 
 from .auth import authenticate
-from .channel import ConnectionLost, PendingOpen, install_channel_hooks
-from .keepalive import Keepalive, keepalive_for
+from .channel import SessionChannel, install_channel_hooks
+from .errors import (
+    TRANSPORT_ERRORS,
+    AuthenticationFailure,
+    ConnectionLost,
+    ExecutorFailure,
+    HostKeyFailure,
+    TemporaryFailure,
+)
+from .internals import forget_parent_transports
+from .keepalive import GlobalRequests, Keepalive, Pinger
 from .options import Target
-from .results import AuthenticationFailure, ExecutorFailure, HostKeyFailure
 from .retry import ConnectRetry
-from .slots import FairBoundedSemaphore
+from .slots import Slots
+from .stats import Counters
+from .warm import Spare
 
-__all__ = ["Connection", "ConnectionState", "open_transport", "probe_max_session"]
+__all__ = ["Connection", "ConnectionState", "Link", "open_transport", "probe_max_session"]
 
 log = logging.getLogger("paramiko_executor.connection")
 
@@ -55,43 +88,39 @@ class ConnectionState(NamedTuple):
     bound: threading.BoundedSemaphore
 
 
-class TemporaryFailure(Exception):
-    """A connect attempt failed for a reason that retrying may cure."""
-
-
 def probe_max_session(transport: paramiko.Transport, *, limit: int = 64) -> int:
     """How many session channels the server lets ``transport`` open at once.
 
     Opens bare session channels (no shell, no exec: on a command-restricted
     key a shell would run the forced command) until the server refuses one or
     ``limit`` are open, closes them all, and returns how many opened. Raises
-    `ExecutorFailure` (a `ConnectionLost`) when the connection breaks meanwhile.
+    `ExecutorFailure` (a `ConnectionLost`) when the connection breaks meanwhile,
+    or when the server does not answer an open within `PROBE_TIMEOUT` seconds.
     """
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise TypeError(f"limit must be an integer, not {type(limit).__name__}")
     if limit < 1:
         raise ValueError(f"limit must be 1 or more, not {limit}")
-    channels: List[paramiko.Channel] = []
+    slots = Slots(limit)
+    channels: List[SessionChannel] = []
+    sessions: Dict[int, SessionChannel] = {}
     try:
         while len(channels) < limit:
+            slots.acquire()
             try:
-                pending = PendingOpen(transport)
-            except (EOFError, OSError, paramiko.SSHException) as exc:
+                chan = SessionChannel(transport, slots, sessions)
+            except TRANSPORT_ERRORS as exc:
                 raise ConnectionLost(f"connection lost while probing: {exc!r}") from None
-            if not pending.wait(PROBE_TIMEOUT):
-                pending.abandon()
-                raise ConnectionLost(f"no answer to a channel open in {PROBE_TIMEOUT:g} s")
-            chan = pending.result()
-            if chan is None:
-                break
             channels.append(chan)
+            if not chan.wait_open(PROBE_TIMEOUT):
+                raise ConnectionLost(f"no answer to a channel open in {PROBE_TIMEOUT:g} s")
+            if not chan.opened:
+                channels.pop()
+                break
         return len(channels)
     finally:
         for chan in channels:
-            try:
-                chan.close()
-            except (EOFError, OSError, paramiko.SSHException):
-                pass  # the connection broke: the caller hears of it
+            chan.discard()
 
 
 def _classify(exc: BaseException, target: Target) -> BaseException:
@@ -100,7 +129,9 @@ def _classify(exc: BaseException, target: Target) -> BaseException:
         return exc
     if isinstance(exc, socket.gaierror) and exc.errno != socket.EAI_AGAIN:
         return ExecutorFailure(f"cannot resolve {target.hostname!r}: {exc.strerror}")
-    if isinstance(exc, (OSError, EOFError, paramiko.SSHException)):
+    if isinstance(exc, ConnectionLost):
+        return TemporaryFailure(exc.description)
+    if isinstance(exc, TRANSPORT_ERRORS):
         return TemporaryFailure(f"{type(exc).__name__}: {exc}".rstrip(": "))
     if isinstance(exc, ExecutorFailure):
         return exc
@@ -122,6 +153,10 @@ class _TransportSocket(socket.socket):
     or several bulk packets, from one system call. Only the transport thread
     reads, so the read-ahead needs no lock.
 
+    The buffer is held only while data flows: a read that times out (paramiko
+    reads with a 0.1 s timeout, so an idle connection does so ten times a
+    second) gives it back, so an idle connection costs no 256 KiB.
+
     Linux ``TCP_QUICKACK``: sshd leaves Nagle on for sessions without a pty:
     a small packet it sends right after another (a channel's open
     confirmation after its host-keys notice, say) waits for our ACK, which
@@ -131,9 +166,9 @@ class _TransportSocket(socket.socket):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # One buffer for the socket's life: a fresh 256 KiB bytes per read
-        # would cost an mmap, page faults and a munmap.
-        self._buffer = memoryview(bytearray(READ_AHEAD))
+        # One buffer while data flows: a fresh 256 KiB bytes per read would
+        # cost an mmap, page faults and a munmap.
+        self._buffer: Optional[memoryview] = None
         self._at = self._end = 0
         # Deferred wake-ups: added by the transport thread, fired by it or by
         # whichever thread closes the socket; the lock makes a close and a
@@ -167,19 +202,41 @@ class _TransportSocket(socket.socket):
             # Emptied first: a read that times out (every 0.1 s while idle) must
             # leave the buffer empty, not replay it.
             at = self._at = self._end = 0
-            self._end = self.recv_into(self._buffer)
+            buffer = self._buffer
+            if buffer is None:
+                buffer = self._buffer = memoryview(bytearray(READ_AHEAD))
+            try:
+                self._end = self.recv_into(buffer)
+            except socket.timeout:
+                self._buffer = None  # idle: give the memory back
+                raise
             if _QUICKACK is not None:
                 self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         end = self._at = min(at + bufsize, self._end)
-        return bytes(self._buffer[at:end])
+        return bytes(self._buffer[at:end])  # type: ignore[index]
 
     def close(self) -> None:
         super().close()
         self._wake(closing=True)
 
 
+def _sock_is_spent(sock: Any) -> bool:
+    """Whether a caller-given socket was closed (by an earlier connection over it)."""
+    fileno = getattr(sock, "fileno", None)
+    if fileno is not None:
+        try:
+            return fileno() < 0
+        except OSError:
+            return True
+    return bool(getattr(sock, "closed", False) or getattr(sock, "_closed", False))
+
+
 def _open_socket(target: Target) -> object:
     if target.sock is not None:
+        if _sock_is_spent(target.sock):
+            raise ExecutorFailure(
+                "the socket given as sock= is closed: a given socket carries one "
+                "connection, and that one has ended (give a new socket, or none)")
         return target.sock
     if target.jump is not None:
         upstream = open_transport(target.jump)
@@ -189,7 +246,7 @@ def _open_socket(target: Target) -> object:
                 timeout=target.timeout,
             )
         except BaseException:
-            upstream.close()
+            close_transport(upstream)
             raise
     if target.proxy_command:
         return paramiko.ProxyCommand(target.proxy_command)
@@ -213,6 +270,51 @@ def close_transport(transport: paramiko.Transport) -> None:
         close_transport(sock.get_transport())
 
 
+class Link:
+    """One live connection: its transport and everything that belongs to it alone.
+
+    Created once the login succeeded; replaced as a whole on reconnect, so no
+    part of it is ever paired with another connection's.
+    """
+
+    def __init__(self, transport: paramiko.Transport, sessions: Dict[int, SessionChannel],
+                 requests: GlobalRequests, target: Target) -> None:
+        self.transport = transport
+        #: The executor's channels on this transport, by channel id (see `install_channel_hooks`).
+        self.sessions = sessions
+        self.requests = requests
+        self.pinger = Pinger(requests, transport)
+        self.slots: Optional[Slots] = None
+        self.spare: Optional[Spare] = None
+        self.keepalive: Optional[Keepalive] = None
+        self._target = target
+
+    def start(self, limit: int) -> None:
+        """Publishable from here on: ``limit`` slots, the spare, and the keepalive if configured."""
+        self.slots = Slots(limit)
+        self.spare = Spare(self.transport, self.slots, self.sessions)
+        interval = self._target.keepalive_interval
+        if interval:
+            self.keepalive = Keepalive(self.pinger, interval,
+                                       self._target.keepalive_count_max or 3)
+
+    @property
+    def state(self) -> ConnectionState:
+        assert self.slots is not None
+        return ConnectionState(self.transport, self.slots)
+
+    def alive(self) -> bool:
+        return self.transport.is_active()
+
+    def end(self) -> None:
+        """The connection is gone (or going): waiters leave, keepalive stops, the socket closes."""
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        if self.slots is not None:
+            self.slots.close()
+        close_transport(self.transport)
+
+
 def open_transport(
     target: Target, started: Optional[Callable[[paramiko.Transport], None]] = None
 ) -> paramiko.Transport:
@@ -220,8 +322,15 @@ def open_transport(
 
     ``started`` is handed the transport before its handshake, so that another
     thread can close it meanwhile. Raises `AuthenticationFailure`/`HostKeyFailure`
-    (never worth retrying), and otherwise whatever the socket or paramiko raised.
+    (never worth retrying), `TemporaryFailure` when the key exchange did not
+    finish in time, and otherwise whatever the socket or paramiko raised.
     """
+    return _open(target, started)[0]
+
+
+def _open(
+    target: Target, started: Optional[Callable[[paramiko.Transport], None]] = None
+) -> tuple:
     sock = _open_socket(target)
     factory = target.transport_factory or paramiko.Transport
     try:
@@ -242,14 +351,18 @@ def open_transport(
             transport.auth_timeout = target.auth_timeout
         if target.channel_timeout is not None:
             transport.channel_timeout = target.channel_timeout
-        install_channel_hooks(transport)
+        sessions: Dict[int, SessionChannel] = {}
+        install_channel_hooks(transport, sessions)
+        requests = GlobalRequests(transport)
         target.host_keys.prepare(transport, target.hostname, target.port)
-        transport.start_client(
-            timeout=HANDSHAKE_TIMEOUT if target.timeout is None else target.timeout
-        )
+        limit = HANDSHAKE_TIMEOUT if target.timeout is None else target.timeout
+        transport.start_client(timeout=limit)
+        # start_client returns without a word when its time ran out mid-exchange.
+        if transport.session_id is None:
+            raise TemporaryFailure(f"the key exchange did not finish within {limit:g} s")
         target.host_keys.verify(transport, target.hostname, target.port)
         authenticate(transport, target.credentials, host=f"{target.hostname}:{target.port}")
-        return transport
+        return transport, sessions, requests
     except BaseException:
         close_transport(transport)
         raise
@@ -262,7 +375,7 @@ class _Attempt:
         self.epoch = epoch
         self.done = threading.Event()
         self.cancelled = threading.Event()
-        self.state: Optional[ConnectionState] = None
+        self.link: Optional[Link] = None
         self.error: Optional[ExecutorFailure] = None
         #: The transport being set up, for `Connection.close` to cut short.
         self.transport: Optional[paramiko.Transport] = None
@@ -279,7 +392,7 @@ _connections: weakref.WeakSet[Connection] = weakref.WeakSet()
 def _forget_after_fork() -> None:
     # paramiko's exit hook would stop the parent's transports from the child
     # (closing their sockets, killing a ProxyCommand): they are not the child's.
-    del paramiko.transport._active_threads[:]
+    forget_parent_transports()
     for connection in list(_connections):
         connection._reset_after_fork()
 
@@ -291,11 +404,12 @@ if hasattr(os, "register_at_fork"):
 class Connection:
     """The shared connection of one executor; `lock` guards all of its state.
 
-    `get` returns the current state, connecting first when there is none:
+    `get` returns the current `Link`, connecting first when there is none:
     one thread connects (with `ConnectRetry`), every other thread waits for
-    that same attempt and shares its outcome. `drop` closes a state only if
-    it is still the current one, so a thread never tears down a newer
-    connection; `close` drops the current state and cancels an attempt in flight.
+    that same attempt and shares its outcome. `drop` ends a link only if it
+    is still the current one, so a thread never tears down a newer
+    connection; `close` drops the current link and cancels an attempt in
+    flight, whose waiters (and only they) hear that the executor was closed.
     """
 
     def __init__(self, target: Target, *, retry: ConnectRetry, max_sessions: Optional[int]) -> None:
@@ -305,65 +419,69 @@ class Connection:
         self.lock = threading.Lock()
         #: Bumped by `close`: commands started before it are not retried.
         self.epoch = 0
-        self._state: Optional[ConnectionState] = None
-        self._keepalive: Optional[Keepalive] = None
+        self.counters = Counters()
+        self._link: Optional[Link] = None
         self._attempt: Optional[_Attempt] = None
+        #: The limit of the latest connection, for statistics after it is gone.
+        self.limit: Optional[int] = None
+        self._connected_before = False
         _connections.add(self)
 
     @property
-    def state(self) -> Optional[ConnectionState]:
-        """The current state, or None when not connected."""
-        return self._state
+    def link(self) -> Optional[Link]:
+        """The current link, or None when not connected."""
+        return self._link
 
-    def get(self) -> ConnectionState:
-        """The current connection state, connecting (or waiting for a connect) first."""
+    def get(self) -> Link:
+        """The current link, connecting (or waiting for a connect) first."""
         with self.lock:
-            state = self._state
-            if state is not None and state.transport.is_active():
-                return state
-            if state is not None:
-                self._discard_locked(state)
+            link = self._link
+            if link is not None and link.alive():
+                return link
+            if link is not None:
+                self._discard_locked(link)
             attempt = self._attempt
-            leader = attempt is None
+            # A caller after close() never joins an attempt that close() cancelled.
+            leader = attempt is None or attempt.epoch != self.epoch
             if leader:
                 attempt = self._attempt = _Attempt(self.epoch)
+        assert attempt is not None
         if leader:
             self._lead(attempt)
         else:
             attempt.done.wait()
         if attempt.error is not None:
             err = attempt.error
-            raise type(err)(err.description, err.executor)
-        assert attempt.state is not None
-        return attempt.state
+            raise type(err)(err.description)
+        assert attempt.link is not None
+        return attempt.link
 
     def _lead(self, attempt: _Attempt) -> None:
-        state: Optional[ConnectionState] = None
-        keepalive: Optional[Keepalive] = None
+        link: Optional[Link] = None
         try:
-            state = self._establish(attempt)
-            keepalive = keepalive_for(state.transport, self.target.keepalive_interval,
-                                      self.target.keepalive_count_max or 3)
+            link = self._establish(attempt)
         except ExecutorFailure as exc:
             attempt.error = exc
         except BaseException as exc:
             attempt.error = ExecutorFailure(f"cannot connect to {self.target}: {exc!r}")
             raise
         finally:
-            with self.lock:
-                self._attempt = None
-                if attempt.error is None and attempt.epoch != self.epoch:
-                    attempt.error = ExecutorFailure("the executor was closed while connecting")
-                if attempt.error is None:
-                    self._state = attempt.state = state
-                    self._keepalive = keepalive
-            if attempt.state is None and state is not None:
-                if keepalive is not None:
-                    keepalive.stop()
-                close_transport(state.transport)
-            attempt.done.set()
+            try:
+                with self.lock:
+                    if self._attempt is attempt:
+                        self._attempt = None
+                    if attempt.error is None and attempt.epoch != self.epoch:
+                        attempt.error = ExecutorFailure("the executor was closed while connecting")
+                    if attempt.error is None:
+                        self._link = attempt.link = link
+                        self.counters.add(connects=1, reconnects=int(self._connected_before))
+                        self._connected_before = True
+                if attempt.link is None and link is not None:
+                    link.end()
+            finally:
+                attempt.done.set()
 
-    def _establish(self, attempt: _Attempt) -> ConnectionState:
+    def _establish(self, attempt: _Attempt) -> Link:
         delays = self.retry.delays()
         tries = 0
         while True:
@@ -372,6 +490,7 @@ class Connection:
                 return self._connect_once(attempt)
             except BaseException as exc:
                 failure = _classify(exc, self.target)
+                self.counters.add(connect_failures=1)
                 if not isinstance(failure, TemporaryFailure):
                     log.info("connecting to %s failed: %s", self.target, failure)
                     raise failure from None
@@ -387,8 +506,9 @@ class Connection:
                 if attempt.cancelled.wait(delay):
                     raise ExecutorFailure("the executor was closed while connecting") from None
 
-    def _connect_once(self, attempt: _Attempt) -> ConnectionState:
-        transport = open_transport(self.target, attempt.started)
+    def _connect_once(self, attempt: _Attempt) -> Link:
+        transport, sessions, requests = _open(self.target, attempt.started)
+        link = Link(transport, sessions, requests, self.target)
         try:
             limit = self.max_sessions
             if limit is None:
@@ -396,30 +516,31 @@ class Connection:
                 log.info("%s allows %d sessions per connection", self.target, limit)
                 if limit == 0:
                     raise ExecutorFailure(f"{self.target} refuses every session channel")
-        except BaseException as exc:
+                # The probe's channels are closed; once the server answered a
+                # round trip it has handled their CLOSEs too.
+                link.pinger.round_trip(PROBE_TIMEOUT)
+        except BaseException:
             close_transport(transport)
-            if isinstance(exc, ConnectionLost):
-                raise TemporaryFailure(exc.description) from None
             raise
+        link.start(limit)
+        self.limit = limit
         log.info("connected to %s", self.target)
-        return ConnectionState(transport, FairBoundedSemaphore(limit))
+        return link
 
-    def _discard_locked(self, state: ConnectionState) -> None:
+    def _discard_locked(self, link: Link) -> None:
         # Caller holds the lock; closing waits for paramiko's thread, so it
         # runs in the background rather than under the lock.
-        self._state = None
-        keepalive, self._keepalive = self._keepalive, None
-        if keepalive is not None:
-            keepalive.stop()
-        threading.Thread(target=close_transport, args=(state.transport,), daemon=True,
-                         name="paramiko_executor close").start()
+        self._link = None
+        if link.slots is not None:
+            link.slots.close()
+        threading.Thread(target=link.end, daemon=True, name="paramiko_executor close").start()
 
-    def drop(self, state: ConnectionState) -> None:
-        """Close ``state`` if it is still the current connection; otherwise do nothing."""
+    def drop(self, link: Link) -> None:
+        """End ``link`` if it is still the current connection; otherwise do nothing."""
         with self.lock:
-            if self._state is state:
+            if self._link is link:
                 log.info("dropping the connection to %s", self.target)
-                self._discard_locked(state)
+                self._discard_locked(link)
 
     def close(self) -> None:
         """Drop the connection and cancel a connect in flight; a later `get` connects anew."""
@@ -428,20 +549,17 @@ class Connection:
             attempt = self._attempt
             if attempt is not None:
                 attempt.cancelled.set()
-            state, self._state = self._state, None
-            keepalive, self._keepalive = self._keepalive, None
-        if keepalive is not None:
-            keepalive.stop()
+            link, self._link = self._link, None
         if attempt is not None and attempt.transport is not None:
             # Cuts a handshake, login or probe short: its waiters hear at once.
             attempt.transport.close()
-        if state is not None:
-            close_transport(state.transport)
+        if link is not None:
+            link.end()
 
     def _reset_after_fork(self) -> None:
         # The child must never touch the parent's socket: forget it without
         # closing it, and replace a lock another thread may have held at fork.
         self.lock = threading.Lock()
-        self._state = None
-        self._keepalive = None
+        self._link = None
         self._attempt = None
+        self.counters.reset_after_fork()

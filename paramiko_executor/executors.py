@@ -2,110 +2,53 @@
 
 `SSHExecutor` runs commands over one shared SSH connection from any number of
 threads; `DupingSSHExecutor` feeds them to a fixed wrapper for command-restricted
-keys; `ShellExecutor` runs them locally. All three share `Executor`'s contract.
+keys; `ShellExecutor` (in `shell`) runs them locally. All three share
+`Executor`'s contract.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import io
 import logging
-import signal
-import subprocess
+import pickle
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Optional, TypeVar, Union
 
 import paramiko
 
-from .channel import (
-    ChannelOutcome,
+from .channel import CommandSpec, SessionChannel
+from .checks import check_int
+from .command import RunOptions, StdinInput, check_command, outcome, stdin_bytes
+from .connection import Connection, ConnectionState, Link
+from .errors import (
     ConnectionLost,
-    is_lost,
-    open_command_channel,
-    run_on_channel,
-)
-from .checks import check_int, check_number
-from .connection import Connection, ConnectionState
-from .options import DEFAULT, normalize_parameters, resolve_target
-from .results import (
-    CommandExecutionFailure,
-    CommandResult,
-    CommandTimeout,
     ExecutorFailure,
-    decode_output,
+    NeverStarted,
+    for_executor,
+    translate,
 )
-from .retry import ConnectRetry
-from .warm import warm_channel_of
+from .internals import private_key_object
+from .options import DEFAULT, normalize_parameters, resolve_target
+from .results import CommandResult
+from .retry import Backoff, CommandRetry, ConnectRetry
+from .stats import ExecutorStatistics
 
-__all__ = ["DupingSSHExecutor", "Executor", "SSHExecutor", "ShellExecutor"]
+__all__ = ["SAFE_WRAPPER", "DupingSSHExecutor", "Executor", "SSHExecutor"]
 
 log = logging.getLogger("paramiko_executor.executors")
 
-StdinInput = Union[str, bytes, None]
+#: How often a channel the live server refused is asked for again: at once
+#: `QUICK_TRIES` times, then after a round trip and a backoff.
+OPEN_TRIES = 20
+QUICK_TRIES = 2
+OPEN_BACKOFF = Backoff(0.005, 0.5)
 
-#: How often a command may find its connection already replaced before it
-#: counts that as a failure of its own.
-STALE_LIMIT = 16
-
-
-def _check_command(command: Any) -> str:
-    if not isinstance(command, str):
-        raise TypeError(f"command must be a str, not {type(command).__name__}")
-    return command
-
-
-def _stdin_bytes(stdin_input: Any) -> bytes:
-    if stdin_input is None:
-        return b""
-    if isinstance(stdin_input, str):
-        return stdin_input.encode("utf-8")
-    if isinstance(stdin_input, (bytes, bytearray, memoryview)):
-        return bytes(stdin_input)
-    raise TypeError(f"stdin_input must be str, bytes or None, not {type(stdin_input).__name__}")
-
-
-def _result(
-    command: str,
-    stdin_input: StdinInput,
-    exit_code: Optional[int],
-    out: str,
-    err: str,
-    *,
-    timeout: Optional[float] = None,
-    signal_name: Optional[str] = None,
-) -> CommandResult:
-    """The result of a finished command, or the failure it raises."""
-    if timeout is not None:
-        raise CommandTimeout(
-            f"command {command!r} timed out after {timeout:g} s", None, out, err, stdin_input
-        )
-    if exit_code == 0:
-        return CommandResult(stdout=out, stderr=err, exit_code=0)
-    if exit_code is None:
-        how = f"was killed by signal {signal_name}" if signal_name else "ended without exit status"
-        raise CommandExecutionFailure(f"command {command!r} {how}", -1, out, err, stdin_input)
-    raise CommandExecutionFailure(
-        f"command {command!r} failed with exit code {exit_code}", exit_code, out, err, stdin_input
-    )
-
-
-@dataclass(frozen=True, repr=False)
-class _KeyText:
-    """A ``paramiko.PKey`` as its private key text: the keys themselves do not pickle."""
-
-    kind: type
-    text: str
-
-    @classmethod
-    def of(cls, key: paramiko.PKey) -> _KeyText:
-        out = io.StringIO()
-        key.write_private_key(out)
-        return cls(type(key), out.getvalue())
-
-    def load(self) -> paramiko.PKey:
-        return self.kind.from_private_key(io.StringIO(self.text))
+T = TypeVar("T")
 
 
 class Executor(abc.ABC):
@@ -116,7 +59,10 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def run_command(
-        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
+        check: bool = True, env: Optional[Dict[str, str]] = None,
+        encoding: Optional[str] = "utf-8", pty: bool = False,
+        on_output: Optional[Callable[[str, Any], None]] = None, keep_output: bool = True,
     ) -> CommandResult:
         """Run ``command``; return its result on exit 0, else raise `CommandExecutionFailure`."""
 
@@ -135,6 +81,48 @@ def _check_retries(value: Any) -> int:
         "on_disconnect_retry", value, minimum=0)
 
 
+@dataclass(frozen=True, repr=False)
+class _KeyText:
+    """A ``paramiko.PKey`` as OpenSSH private key text, encrypted when a passphrase was given.
+
+    The keys themselves do not pickle; the text is never weaker than what the
+    caller gave: with ``passphrase`` it is encrypted with it.
+    """
+
+    kind: type
+    text: str
+
+    @classmethod
+    def of(cls, key: paramiko.PKey, passphrase: Optional[str]) -> _KeyText:
+        from cryptography.hazmat.primitives import serialization
+
+        private = private_key_object(key)
+        if private is None or not hasattr(private, "private_bytes"):
+            raise TypeError(f"a {type(key).__name__} pkey cannot be pickled: "
+                            "give key_filename instead")
+        encryption = (serialization.BestAvailableEncryption(passphrase.encode())
+                      if passphrase else serialization.NoEncryption())
+        text = private.private_bytes(serialization.Encoding.PEM,
+                                     serialization.PrivateFormat.OpenSSH, encryption)
+        return cls(type(key), text.decode())
+
+    def load(self, passphrase: Optional[str]) -> paramiko.PKey:
+        return self.kind.from_private_key(io.StringIO(self.text), password=passphrase)
+
+
+#: Connections shared by the executors unpickled in this process, by configuration.
+_SHARED: Dict[bytes, Connection] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_connection(key: bytes, make: Callable[[], Connection]) -> Connection:
+    with _SHARED_LOCK:
+        connection = _SHARED.get(key)
+        if connection is None:
+            connection = _SHARED[key] = make()
+        return connection
+
+
 class SSHExecutor(Executor):
     """Runs commands on one remote host over one shared, multiplexed SSH connection.
 
@@ -147,7 +135,9 @@ class SSHExecutor(Executor):
     A command whose connection breaks is retried on a new connection up to
     ``on_disconnect_retry`` times. **A retried command may already have run
     once on the server**: make commands that must not run twice idempotent,
-    or pass ``on_disconnect_retry=0``.
+    or pass ``on_disconnect_retry=0``. A command the server turned away
+    before it ran (an unanswered open, an exec refused or closed before its
+    reply) is tried again on the same connection, a bounded number of times.
 
     ``parameters`` are the keyword arguments of paramiko's
     ``SSHClient.connect`` (``hostname``, ``port``, ``username``, ``password``,
@@ -155,6 +145,12 @@ class SSHExecutor(Executor):
     ``host`` and ``client_keys``, plus ``known_hosts`` (a path, a list of
     paths, or None to switch host-key verification off). ``config`` names
     the ssh_config files to read (default ``~/.ssh/config``; ``()`` for none).
+
+    Pickling carries the configuration, credentials included (a ``pkey``
+    travels as key text, encrypted with ``passphrase`` when one is given),
+    never the connection. Copies unpickled in one process with the same
+    configuration share one connection, kept open after the copy that made
+    it is gone, until `close` on any of them.
     """
 
     def __init__(
@@ -207,142 +203,235 @@ class SSHExecutor(Executor):
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self._arguments)
         if isinstance(state.get("pkey"), paramiko.PKey):
-            state["pkey"] = _KeyText.of(state["pkey"])
+            state["pkey"] = _KeyText.of(state["pkey"], state.get("passphrase"))
         return state
 
-    def __setstate__(self, arguments: Dict[str, Any]) -> None:
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        arguments = dict(state)
         if isinstance(arguments.get("pkey"), _KeyText):
-            arguments = dict(arguments, pkey=arguments["pkey"].load())
+            arguments["pkey"] = arguments["pkey"].load(arguments.get("passphrase"))
         self.__init__(**{k: v for k, v in arguments.items() if v is not DEFAULT})
+        # The state's pickle is the configuration's identity: the key of the
+        # process-wide connection it shares with other copies of itself.
+        key = hashlib.sha256(pickle.dumps((type(self), state), protocol=4)).digest()
+        fresh = self._connection
+        self._connection = _shared_connection(key, lambda: fresh)
 
     @property
-    def lock(self):
+    def lock(self) -> threading.Lock:
         """The `threading.Lock` that guards the connection state."""
         return self._connection.lock
 
     @property
     def session_limit(self) -> Optional[int]:
         """The channel cap of the current connection (probed or configured), None if unconnected."""
-        state = self._connection.state
-        return None if state is None else state.bound._initial_value
+        link = self._connection.link
+        return None if link is None or link.slots is None else link.slots.limit
 
     @property
     def bounded_connection(self) -> contextlib.AbstractContextManager:
-        """A context manager yielding the current ``paramiko.Transport`` with one slot reserved."""
+        """A context manager yielding the current ``paramiko.Transport`` with one slot reserved.
+
+        The slot covers one session: close what you opened before the block ends.
+        """
         return self._bounded_connection()
 
     @contextlib.contextmanager
     def _bounded_connection(self) -> Iterator[paramiko.Transport]:
-        state = self._get_state()
-        with state.bound:
-            yield state.transport
+        link = self._get_link()
+        try:
+            self._take_slot(link, None)
+        except ExecutorFailure as exc:
+            raise for_executor(exc, self) from None
+        try:
+            yield link.transport
+        finally:
+            assert link.slots is not None
+            link.slots.release()
+
+    @property
+    def state(self) -> Optional[ConnectionState]:
+        """The current `ConnectionState`, or None when not connected."""
+        link = self._connection.link
+        return None if link is None else link.state
+
+    def statistics(self) -> ExecutorStatistics:
+        """A consistent snapshot of what this executor did (see `ExecutorStatistics`)."""
+        link = self._connection.link
+        slots = None if link is None else link.slots
+        live = slots is not None and not slots.closed
+        return self._connection.counters.snapshot(
+            open_channels=slots.limit - slots.available if live else 0,
+            waiting=slots.waiting if live else 0,
+            max_sessions=self._connection.limit,
+        )
 
     def close(self) -> None:
         """Drop the connection; commands running on it fail, a later command reconnects."""
         self._connection.close()
 
-    def _get_state(self):
+    def _get_link(self) -> Link:
         try:
             return self._connection.get()
         except ExecutorFailure as exc:
-            exc.executor = self
-            raise
+            raise for_executor(exc, self) from None
+
+    # --- running ----------------------------------------------------------------
 
     def run_command(
-        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
+        check: bool = True, env: Optional[Dict[str, str]] = None,
+        encoding: Optional[str] = "utf-8", pty: bool = False,
+        on_output: Optional[Callable[[str, Any], None]] = None, keep_output: bool = True,
     ) -> CommandResult:
         """Run ``command`` remotely, feeding it ``stdin_input`` and then end-of-file.
 
-        Returns the `CommandResult` on exit 0; raises `CommandExecutionFailure`
-        on a non-zero exit, `CommandTimeout` once ``timeout`` seconds passed
-        (the remote command is sent TERM, the connection stays usable), and
-        `ExecutorFailure` when the connection cannot be had or broke more
+        Returns the `CommandResult` on exit 0 (on any exit with
+        ``check=False``); raises `CommandExecutionFailure` on a non-zero exit
+        or a signal, `CommandTimeout` once ``timeout`` seconds passed (the
+        remote command is sent TERM, then KILL; the connection stays usable),
+        and `ExecutorFailure` when the connection cannot be had or broke more
         than ``on_disconnect_retry`` times. ``timeout`` covers waiting for a
-        slot, opening the channel and the command; after it, the channel's
-        close is awaited up to 10 seconds more (`channel.CLOSE_GRACE`), so that its slot is
-        reused only once the server has let go of it too.
+        slot, opening the channel and the command, not connecting (which has
+        its own retry policy). ``env``: variables sent as SSH ``env``
+        requests (the server must accept them: OpenSSH's ``AcceptEnv``);
+        ``encoding``: the output's codec, None for bytes; ``pty``: run on a
+        pseudo-terminal (stderr then arrives merged into stdout).
+        ``on_output(stream, line)`` is called from this thread with each
+        complete line as it arrives; a retried command streams again from the
+        start. ``keep_output=False`` keeps no output in the result.
         """
-        _check_command(command)
-        return self._execute(command, _stdin_bytes(stdin_input), check_number("timeout", timeout),
-                             command, stdin_input)
+        check_command(command)
+        options = RunOptions.of(timeout=timeout, check=check, env=env, encoding=encoding,
+                                pty=pty, on_output=on_output, keep_output=keep_output)
+        spec = CommandSpec(command.encode("utf-8"), stdin_bytes(stdin_input), options.env,
+                           options.pty, options.encoding, options.on_output, options.keep_output)
+        return self._execute(spec, options, command, stdin_input)
 
-    def _execute(
-        self,
-        command: str,
-        stdin: bytes,
-        timeout: Optional[float],
-        shown_command: str,
-        shown_stdin: StdinInput,
-    ) -> CommandResult:
-        encoded = command.encode("utf-8")
-        # The timeout covers waiting for a slot, opening the channel and the
-        # command itself, not connecting (which has its own retry policy).
-        deadline = None if timeout is None else time.monotonic() + timeout
-        failures = stale = 0
-        while True:
-            epoch = self._connection.epoch
-            state = self._get_state()
-            try:
-                outcome = self._run_once(state, encoded, stdin, deadline, shown_command)
-            except ConnectionLost as lost:
-                self._connection.drop(state)
-                if epoch != self._connection.epoch:
-                    raise ExecutorFailure("the executor was closed during the command",
-                                          self) from None
-                # A command that lost its connection before it was sent never
-                # ran: trying it again costs no retry, up to a bound.
-                if not lost.started and stale < STALE_LIMIT:
-                    stale += 1
-                    continue
-                failures += 1
-                if failures > self._retries:
-                    raise ExecutorFailure(
-                        f"{lost.description} (command {shown_command!r}, "
-                        f"{failures} attempts)", self) from None
-                log.info("connection lost during %r; retrying (%d of %d)",
-                         shown_command, failures, self._retries)
-                continue
-            except ExecutorFailure as exc:
-                exc.executor = self
-                raise
-            if outcome is None:
-                return _result(shown_command, shown_stdin, None, "", "", timeout=timeout)
-            return _result(
-                shown_command, shown_stdin, outcome.exit_status, outcome.stdout, outcome.stderr,
-                timeout=timeout if outcome.timed_out else None, signal_name=outcome.exit_signal,
-            )
-
-    @staticmethod
-    def _run_once(
-        state: ConnectionState, command: bytes, stdin: bytes, deadline: Optional[float],
-        shown_command: str,
-    ) -> Optional[ChannelOutcome]:
-        """One try on one connection; None when the deadline passed before the command started."""
-        remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
-        if not state.bound.acquire(timeout=remaining):
-            return None
-        started = False
+    def _execute(self, spec: CommandSpec, options: RunOptions, shown_command: str,
+                 shown_stdin: StdinInput) -> CommandResult:
+        counters = self._connection.counters
+        counters.add(commands_started=1)
+        succeeded = False
         try:
-            log.debug("running %r", shown_command)
-            warm = warm_channel_of(state.transport)
-            chan = warm.take(None if deadline is None else max(deadline - time.monotonic(), 0))
-            if chan is None:
-                chan = open_command_channel(state.transport, deadline)
-                if chan is None:
-                    return None
-            started = True  # from here on the command may reach the server
-            return run_on_channel(chan, command, stdin, deadline,
-                                  after_exec=lambda: warm.replenish(state.bound))
-        except ConnectionLost as lost:
-            lost.started = started
-            raise
-        except (EOFError, OSError, paramiko.SSHException) as exc:
-            if is_lost(exc, state.transport):
-                raise ConnectionLost(f"the connection was lost: {exc!r}", started=started) \
-                    from None
-            raise ExecutorFailure(f"SSH error: {exc!r}") from None
+            deadline = None if options.timeout is None else time.monotonic() + options.timeout
+            found = self._with_retries(lambda link: self._run_once(link, spec, deadline), deadline)
+            if found is None:
+                return outcome(shown_command, shown_stdin, options, None, "", "", timed_out=True)
+            counters.add(bytes_sent=len(spec.stdin),
+                         bytes_received=len(found.stdout) + len(found.stderr))
+            result = outcome(shown_command, shown_stdin, options, found.exit_status, found.stdout,
+                             found.stderr, timed_out=found.timed_out,
+                             signal_name=found.exit_signal)
+            succeeded = result.exit_code == 0
+            return result
         finally:
-            state.bound.release()
+            counters.add(**{"commands_succeeded" if succeeded else "commands_failed": 1})
+
+    def _with_retries(self, attempt: Callable[[Link], Optional[T]],
+                      deadline: Optional[float]) -> Optional[T]:
+        """Run ``attempt`` on the connection, trying again as `CommandRetry` allows.
+
+        None when the deadline passed first. A lost connection is dropped (only
+        if still current) before the next try.
+        """
+        retry = CommandRetry(lost=self._retries)
+        tries = 0
+        while True:
+            tries += 1
+            epoch = self._connection.epoch
+            link = self._get_link()
+            try:
+                return attempt(link)
+            except (ConnectionLost, NeverStarted) as exc:
+                if isinstance(exc, ConnectionLost):
+                    self._connection.drop(link)
+                    if epoch != self._connection.epoch:
+                        raise ExecutorFailure("the executor was closed during the command",
+                                              self) from None
+                try:
+                    retry = retry.increment(exc)
+                except ExecutorFailure:
+                    raise ExecutorFailure(f"{exc.description} ({tries} attempts)", self) from None
+                if isinstance(exc, ConnectionLost) and exc.started:
+                    self._connection.counters.add(commands_retried=1)
+                    log.info("connection to %s lost during a command; retrying (%d of %d)",
+                             self._connection.target, self._retries - retry.lost, self._retries)
+                log.debug("trying again after: %s", exc.description)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+            except ExecutorFailure as exc:
+                raise for_executor(exc, self) from None
+
+    def _run_once(self, link: Link, spec: CommandSpec,
+                  deadline: Optional[float]) -> Optional[Any]:
+        """One try on one connection; None when the deadline passed before the command started."""
+        session = self._open_session(link, deadline)
+        if session is None:
+            return None
+        log.debug("running %r", spec.command)
+        assert link.spare is not None
+        return session.run(spec, deadline, after_exec=link.spare.replenish)
+
+    def _take_slot(self, link: Link, deadline: Optional[float]) -> bool:
+        """A slot of ``link`` by ``deadline``; a spare channel gives its own back first."""
+        slots, spare = link.slots, link.spare
+        assert slots is not None and spare is not None
+        if slots.acquire(blocking=False):
+            return True
+        spare.discard()
+        started = time.monotonic()
+        try:
+            return slots.take(deadline, link.alive)
+        finally:
+            self._connection.counters.waited(time.monotonic() - started)
+
+    def _open_session(self, link: Link, deadline: Optional[float]) -> Optional[SessionChannel]:
+        """An open session channel holding its slot; None once ``deadline`` passed.
+
+        Takes the spare if there is one, else a slot and a new channel. A
+        channel a live server refuses is asked for again (`OPEN_TRIES`); one
+        it does not answer within the channel timeout is given up (closed
+        once answered, its slot kept until then) and reported `NeverStarted`.
+        """
+        assert link.spare is not None
+        for tries in range(1, OPEN_TRIES + 1):
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            session = link.spare.take(deadline)
+            if session is not None:
+                return session
+            if not self._take_slot(link, deadline):
+                return None
+            assert link.slots is not None
+            with translate(link.transport, started=False, what="opening a channel"):
+                session = SessionChannel(link.transport, link.slots, link.sessions)
+            timeout = link.transport.channel_timeout
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+            if not session.wait_open(timeout):
+                session.abandon_open()
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                raise NeverStarted(f"the server did not answer a channel open within {timeout:g} s")
+            if session.opened:
+                return session
+            session.release_refused()
+            self._connection.counters.add(refused_opens=1)
+            log.debug("channel refused, try %d of %d", tries, OPEN_TRIES)
+            if tries <= QUICK_TRIES:
+                continue
+            remaining = 10.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            link.pinger.round_trip(remaining)
+            time.sleep(min(OPEN_BACKOFF.delay(tries - QUICK_TRIES - 1),
+                           remaining if deadline is not None else OPEN_BACKOFF.maximum))
+        raise ExecutorFailure(f"the server refused a session channel {OPEN_TRIES} times")
+
+
+#: A wrapper for `DupingSSHExecutor` on an ordinary key that runs the first line it
+#: reads and nothing more: stdin the command leaves unread is never run as commands
+#: (as it is with the default ``/bin/bash``).
+SAFE_WRAPPER = "/bin/bash -c 'IFS= read -r line && exec /bin/bash -c \"$line\"'"
 
 
 class DupingSSHExecutor(SSHExecutor):
@@ -354,6 +443,14 @@ class DupingSSHExecutor(SSHExecutor):
     shell: restrict it to the commands you need. The wrapper must read its
     first line without reading ahead (bash does; dash, Debian's ``/bin/sh``,
     reads a pipe in blocks and leaves nothing for the command's own stdin).
+
+    **With the default wrapper ``/bin/bash`` on an ordinary key, stdin that the
+    command leaves unread runs as shell commands** (``cat > /missing/x`` fails,
+    and bash then runs the data): the default stays for configurations written
+    for the asyncio executor (and for command keys, where the server runs its
+    own command and ``SSH_ORIGINAL_COMMAND`` is ``/bin/bash``); on an ordinary
+    key pass ``wrapper=SAFE_WRAPPER``. A command holding a newline, carriage
+    return or NUL is refused with `ValueError`: it would break the line framing.
     """
 
     def __init__(self, *, wrapper: str = "/bin/bash", **arguments: Any) -> None:
@@ -364,57 +461,23 @@ class DupingSSHExecutor(SSHExecutor):
         self._arguments["wrapper"] = wrapper
 
     def run_command(
-        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
+        check: bool = True, env: Optional[Dict[str, str]] = None,
+        encoding: Optional[str] = "utf-8", pty: bool = False,
+        on_output: Optional[Callable[[str, Any], None]] = None, keep_output: bool = True,
     ) -> CommandResult:
         """Run ``command`` through the wrapper; same results and failures as `SSHExecutor`."""
-        payload = _check_command(command).encode("utf-8") + b"\n"
-        data = _stdin_bytes(stdin_input)
+        check_command(command)
+        for bad in ("\n", "\r", "\0"):
+            if bad in command:
+                raise ValueError(f"command must be one line: it holds {bad!r}, which would "
+                                 "break the wrapper's line framing")
+        options = RunOptions.of(timeout=timeout, check=check, env=env, encoding=encoding,
+                                pty=pty, on_output=on_output, keep_output=keep_output)
+        payload = command.encode("utf-8") + b"\n"
+        data = stdin_bytes(stdin_input)
         if data:
             payload += data + b"\n"
-        timeout = check_number("timeout", timeout)
-        return self._execute(self._wrapper, payload, timeout, command, stdin_input)
-
-
-class ShellExecutor(Executor):
-    """Runs commands locally with ``/bin/sh``, with the same contract as `SSHExecutor`."""
-
-    def __init__(self) -> None:
-        # Explicit, so that a stray keyword argument is a TypeError that names it.
-        super().__init__()
-
-    def __repr__(self) -> str:
-        return "ShellExecutor()"
-
-    def run_command(
-        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None
-    ) -> CommandResult:
-        """Run ``command`` in a local shell; on timeout it is sent TERM (then KILL)."""
-        _check_command(command)
-        data = _stdin_bytes(stdin_input)
-        timeout = check_number("timeout", timeout)
-        proc = subprocess.Popen(
-            command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            stdout, stderr = proc.communicate(data, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                stdout, stderr = proc.communicate(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                stdout, stderr = proc.communicate()
-            return _result(command, stdin_input, None, decode_output(stdout),
-                           decode_output(stderr), timeout=timeout)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        code = proc.returncode
-        signal_name = None
-        if code < 0:
-            signal_name = signal.Signals(-code).name[3:]
-            code = None
-        return _result(command, stdin_input, code, decode_output(stdout), decode_output(stderr),
-                       signal_name=signal_name)
+        spec = CommandSpec(self._wrapper.encode("utf-8"), payload, options.env, options.pty,
+                           options.encoding, options.on_output, options.keep_output)
+        return self._execute(spec, options, command, stdin_input)

@@ -1,79 +1,142 @@
-"""Round trips to the server: keepalive requests that expect a reply, and dead-peer detection.
+"""Round trips to the server: global requests with their replies routed, keepalive, dead peers.
 
-paramiko's ``Transport.set_keepalive`` sends requests that expect no reply, so
-it cannot notice a peer that stopped answering, and ``global_request`` waits
-for its reply without a time limit. `Pinger` sends ``keepalive@openssh.com``
-with want-reply and waits a bounded time; any reply (OpenSSH answers with a
-failure) proves the server alive and, since it handles requests in order, that
-it has processed everything sent before.
+paramiko keeps a single reply slot per transport for global requests
+(``completion_event`` and ``global_response``), so two requests in flight would
+take each other's replies. `GlobalRequests` owns the replies of a transport:
+every request that wants one, ours and the user's (``transport.global_request``,
+``request_port_forward``, ... through ``bounded_connection``), is sent under one
+lock and queued, and each reply, which the server sends in request order, goes
+to the request at the head of the queue.
+
+`Pinger` sends ``keepalive@openssh.com`` with want-reply and waits a bounded
+time; any reply (OpenSSH answers with a failure) proves the server alive and,
+since it handles requests in order, that it has processed everything sent
+before. `Keepalive` closes the transport after ``count_max`` unanswered pings.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
-from typing import Optional
+from typing import Any, Deque, Optional, Sequence
 
 import paramiko
-from paramiko.common import cMSG_GLOBAL_REQUEST
+from paramiko.common import MSG_REQUEST_FAILURE, MSG_REQUEST_SUCCESS, cMSG_GLOBAL_REQUEST
 from paramiko.message import Message
 
-__all__ = ["Keepalive", "Pinger", "pinger_of"]
+from .errors import TRANSPORT_ERRORS
+from .internals import Handler, send_when_clear, wrap_handlers
+
+__all__ = ["GlobalRequests", "Keepalive", "Pinger"]
 
 log = logging.getLogger("paramiko_executor.keepalive")
 
 
-class Pinger:
-    """Bounded round trips over one transport, one at a time.
+class _Reply:
+    """The reply to one global request: set by the transport thread."""
 
-    paramiko keeps a single reply slot per transport for global requests, so
-    concurrent requests would steal each other's replies: one lock orders them.
-    """
+    __slots__ = ("event", "message")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.message: Optional[Message] = None
+
+
+class GlobalRequests:
+    """The global requests of one transport that want a reply, and their replies, in order."""
 
     def __init__(self, transport: paramiko.Transport) -> None:
-        self.transport = transport
+        self._transport = transport
         self._lock = threading.Lock()
-        self._sender: Optional[threading.Thread] = None
+        self._waiting: Deque[_Reply] = collections.deque()
+
+        def route(success: bool) -> Any:
+            def wrap(original: Handler) -> Handler:
+                def handler(*args: Any) -> None:  # (m), or (transport, m) on paramiko < 4
+                    with self._lock:
+                        reply = self._waiting.popleft() if self._waiting else None
+                    if reply is None:
+                        original(*args)  # sent around us (a wait=False request answered anyway)
+                        return
+                    reply.message = args[-1] if success else None
+                    reply.event.set()
+                return handler
+            return wrap
+
+        wrap_handlers(transport, {}, {MSG_REQUEST_SUCCESS: route(True),
+                                      MSG_REQUEST_FAILURE: route(False)})
+        # paramiko's own callers (request_port_forward, ...) call it through the instance.
+        transport.global_request = self.global_request
+
+    def send(self, kind: str, data: Optional[Sequence[Any]] = None) -> _Reply:
+        """Send a request wanting a reply; its `_Reply` is set when the reply arrives."""
+        m = Message()
+        m.add_byte(cMSG_GLOBAL_REQUEST)
+        m.add_string(kind)
+        m.add_boolean(True)
+        if data is not None:
+            m.add(*data)
+        reply = _Reply()
+        # Queued and sent under one lock: the queue's order is the wire's.
+        with self._lock:
+            self._waiting.append(reply)
+            try:
+                send_when_clear(self._transport, m)
+            except BaseException:
+                self._waiting.remove(reply)
+                raise
+        return reply
+
+    def global_request(self, kind: str, data: Optional[Sequence[Any]] = None,
+                       wait: bool = True) -> Optional[Message]:
+        """``paramiko.Transport.global_request``, with the reply routed to this request."""
+        if not wait:
+            m = Message()
+            m.add_byte(cMSG_GLOBAL_REQUEST)
+            m.add_string(kind)
+            m.add_boolean(False)
+            if data is not None:
+                m.add(*data)
+            send_when_clear(self._transport, m)
+            return None
+        reply = self.send(kind, data)
+        while not reply.event.wait(0.1):
+            if not self._transport.is_active():
+                return None
+        return reply.message
+
+
+class Pinger:
+    """Bounded round trips over one transport."""
+
+    def __init__(self, requests: GlobalRequests, transport: paramiko.Transport) -> None:
+        self.transport = transport
+        self._requests = requests
 
     def round_trip(self, timeout: float) -> bool:
         """Send a keepalive request; True once any reply arrives within ``timeout``."""
-        deadline = time.monotonic() + timeout
-        if not self._lock.acquire(timeout=timeout):
+        if not self.transport.is_active():
             return False
-        try:
-            if not self.transport.is_active():
-                return False
-            replied = threading.Event()
-            self.transport.completion_event = replied
-            # The request is sent from a thread of its own: against a peer that
-            # stopped reading, a send can block until the transport is closed,
-            # and closing it is what the caller's timing may have to decide.
-            if self._sender is None or not self._sender.is_alive():
-                self._sender = threading.Thread(target=self._send, daemon=True,
-                                                name="paramiko_executor ping")
-                self._sender.start()
-            return replied.wait(max(0.0, deadline - time.monotonic()))
-        finally:
-            self._lock.release()
+        sent = threading.Event()
+        box: list = []
 
-    def _send(self) -> None:
-        m = Message()
-        m.add_byte(cMSG_GLOBAL_REQUEST)
-        m.add_string("keepalive@openssh.com")
-        m.add_boolean(True)
-        try:
-            self.transport._send_user_message(m)
-        except (OSError, EOFError, paramiko.SSHException):
-            pass  # the connection ended: no reply will come
+        def send() -> None:
+            try:
+                box.append(self._requests.send("keepalive@openssh.com"))
+            except TRANSPORT_ERRORS:
+                pass  # the connection ended: no reply will come
+            sent.set()
 
-
-def pinger_of(transport: paramiko.Transport) -> Pinger:
-    """The one `Pinger` of ``transport``."""
-    pinger = transport.__dict__.get("_pe_pinger")
-    if pinger is None:
-        pinger = transport.__dict__.setdefault("_pe_pinger", Pinger(transport))
-    return pinger
+        # Sent from a thread of its own: against a peer that stopped reading, a
+        # send can block until the transport is closed, and closing it is what
+        # the caller's timing may have to decide.
+        deadline = time.monotonic() + timeout
+        threading.Thread(target=send, daemon=True, name="paramiko_executor ping").start()
+        if not sent.wait(timeout) or not box:
+            return False
+        return box[0].event.wait(max(0.0, deadline - time.monotonic()))
 
 
 class Keepalive:
@@ -86,8 +149,8 @@ class Keepalive:
     with the transport or on `stop`.
     """
 
-    def __init__(self, transport: paramiko.Transport, interval: float, count_max: int) -> None:
-        self._pinger = pinger_of(transport)
+    def __init__(self, pinger: Pinger, interval: float, count_max: int) -> None:
+        self._pinger = pinger
         self._interval = interval
         self._count_max = count_max
         self._stopped = threading.Event()
@@ -116,9 +179,3 @@ class Keepalive:
                             unanswered * self._interval)
                 transport.close()
                 return
-
-
-def keepalive_for(transport: paramiko.Transport, interval: Optional[float],
-                  count_max: int) -> Optional[Keepalive]:
-    """Start a `Keepalive` for ``transport`` when ``interval`` is set."""
-    return Keepalive(transport, interval, count_max) if interval else None

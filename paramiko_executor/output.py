@@ -10,13 +10,14 @@ caller keeps, needs fresh memory.
 
 from __future__ import annotations
 
+import codecs
 import os
 import threading
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
-from .results import decode_output
+from .results import Output, decode_output
 
-__all__ = ["OutputBuffer", "KEEP_BYTES", "KEEP_MIN"]
+__all__ = ["KEEP_BYTES", "KEEP_MIN", "LineSplitter", "LiveStream", "OutputBuffer"]
 
 #: At most this much buffer memory is kept for reuse, for the whole process.
 KEEP_BYTES = 128 * 1024 * 1024
@@ -82,19 +83,91 @@ class OutputBuffer:
         data[used:used + len(chunk)] = chunk
         self._used = used + len(chunk)
 
-    def text_so_far(self) -> str:
+    def decode_so_far(self, encoding: Optional[str] = "utf-8") -> Output:
         """What arrived so far, decoded, while more may arrive; the buffer is not reused."""
         used = self._used  # read first: the buffer only grows behind it
         data = self._data
         # A slice, not a view: a view would stop the transport thread growing the buffer.
-        return "" if data is None else decode_output(data[:used])
+        return decode_output(b"" if data is None else data[:used], encoding)
 
-    def text(self) -> str:
-        """The whole output decoded, once no more can arrive; the buffer goes back for reuse."""
+    def decode(self, encoding: Optional[str] = "utf-8") -> Output:
+        """The whole output decoded (bytes for None), once no more can arrive.
+
+        The buffer goes back for reuse.
+        """
         data, self._data = self._data, None
         if data is None:
-            return ""
+            return decode_output(b"", encoding)
         with memoryview(data) as whole, whole[:self._used] as written:
-            text = decode_output(written)
+            text = decode_output(written, encoding)
         _SPARES.keep(data)
         return text
+
+
+class LiveStream:
+    """One output stream of a command whose caller watches it live (``on_output``).
+
+    The transport thread appends; the caller's thread drains what arrived and
+    keeps it only if asked (``keep_output``), so an unkept stream holds no
+    more than what arrived since the last drain. The channel's window is
+    given back as the caller drains, so a slow callback slows the command
+    instead of filling memory.
+    """
+
+    __slots__ = ("_lock", "_chunks", "_kept")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._chunks: List[bytes] = []
+        self._kept = bytearray()
+
+    def append(self, chunk: bytes) -> None:
+        with self._lock:
+            self._chunks.append(chunk)
+
+    def drain(self, keep: bool) -> bytes:
+        """What arrived since the last drain."""
+        with self._lock:
+            chunks, self._chunks = self._chunks, []
+        data = b"".join(chunks)
+        if keep:
+            self._kept += data
+        return data
+
+    def kept(self, encoding: Optional[str]) -> Output:
+        """Everything drained with ``keep``, decoded (empty when nothing was kept)."""
+        return decode_output(self._kept, encoding)
+
+
+class LineSplitter:
+    """Hands a stream's output to ``callback(stream, line)`` one complete line at a time.
+
+    Lines keep their ``"\n"``; the last unterminated piece goes out at
+    `finish`. Text is decoded incrementally (a character split across two
+    chunks is decoded whole); with ``encoding`` None, lines are bytes.
+    """
+
+    def __init__(self, stream: str, callback: Callable[[str, Any], None],
+                 encoding: Optional[str]) -> None:
+        self._stream = stream
+        self._callback = callback
+        self._decoder = (None if encoding is None
+                         else codecs.getincrementaldecoder(encoding)("replace"))
+        self._partial: Any = b"" if encoding is None else ""
+
+    def feed(self, data: bytes, final: bool = False) -> None:
+        text = data if self._decoder is None else self._decoder.decode(data, final)
+        if not text:
+            return
+        newline = b"\n" if self._decoder is None else "\n"
+        lines = (self._partial + text).split(newline)
+        self._partial = lines.pop()
+        for line in lines:
+            self._callback(self._stream, line + newline)
+
+    def finish(self) -> None:
+        if self._decoder is not None:
+            self.feed(b"", final=True)
+        if self._partial:
+            partial, self._partial = self._partial, self._partial[:0]
+            self._callback(self._stream, partial)

@@ -1,85 +1,68 @@
-"""Results and errors: what a command gives back, and how it fails."""
+"""What a command gives back: `CommandResult`, and how its output is decoded.
+
+The errors live in `errors`; they are importable from here too.
+"""
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
-if TYPE_CHECKING:
-    from .executors import Executor
+from .errors import (
+    AuthenticationFailure,
+    CommandExecutionFailure,
+    CommandTimeout,
+    ExecutorError,
+    ExecutorFailure,
+    HostKeyFailure,
+)
 
 __all__ = [
-    "CommandResult",
-    "CommandExecutionFailure",
-    "CommandTimeout",
-    "ExecutorFailure",
     "AuthenticationFailure",
+    "CommandExecutionFailure",
+    "CommandResult",
+    "CommandTimeout",
+    "ExecutorError",
+    "ExecutorFailure",
     "HostKeyFailure",
+    "check_encoding",
     "decode_output",
 ]
 
+Output = Union[str, bytes]
 
-def decode_output(data: Union[bytes, bytearray, memoryview]) -> str:
-    """Decode command output as UTF-8; invalid bytes become U+FFFD, never an error."""
-    return str(data, "utf-8", "replace")
+
+def check_encoding(encoding: object) -> Optional[str]:
+    """``encoding`` if it names a codec Python knows (or is None), else `TypeError`/`ValueError`."""
+    if encoding is None:
+        return None
+    if not isinstance(encoding, str):
+        raise TypeError(f"encoding must be a codec name or None, not {type(encoding).__name__}")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"encoding names no known codec: {encoding!r}") from None
+    return encoding
+
+
+def decode_output(data: Union[bytes, bytearray, memoryview], encoding: Optional[str] = "utf-8"
+                  ) -> Output:
+    """Decode output; invalid bytes become U+FFFD, never an error. None: bytes, unchanged."""
+    if encoding is None:
+        return bytes(data)
+    return str(data, encoding, "replace")
 
 
 @dataclass(frozen=True)
 class CommandResult:
-    """The outcome of a command that exited 0. Output is decoded, not stripped."""
+    """The outcome of a command that ran to its end. Output is decoded, not stripped.
 
-    stdout: str
-    stderr: str
-    exit_code: int
-
-
-class CommandExecutionFailure(Exception):
-    """The command ran and exited non-zero (or was killed by a signal: ``exit_code`` -1).
-
-    ``stdin`` is the ``stdin_input`` the caller gave, unchanged.
+    ``exit_signal`` names the signal that killed the command (``exit_code``
+    is then -1), else None; only ``check=False`` returns such a result.
     """
 
-    def __init__(
-        self,
-        message: str,
-        exit_code: Optional[int],
-        stdout: str,
-        stderr: str,
-        stdin: Union[str, bytes, None] = None,
-    ) -> None:
-        super().__init__(message, exit_code, stdout, stderr, stdin)
-        self.message = message
-        self.exit_code = exit_code
-        self.stdout = stdout
-        self.stderr = stderr
-        self.stdin = stdin
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class CommandTimeout(CommandExecutionFailure):
-    """The command outran its ``timeout``: ``exit_code`` is None, output is what arrived."""
-
-
-class ExecutorFailure(Exception):
-    """The executor itself failed: connection lost, channel refused, host unreachable."""
-
-    def __init__(self, description: str, executor: Optional[Executor] = None) -> None:
-        super().__init__(description)
-        self.description = description
-        self.executor = executor
-
-    def __reduce__(self):  # keep pickling (e.g. across process pools) lossless
-        return (type(self), (self.description, self.executor))
-
-    def __str__(self) -> str:
-        return self.description
-
-
-class AuthenticationFailure(ExecutorFailure):
-    """The server refused the credentials, or asked a prompt no answer matches. Never retried."""
-
-
-class HostKeyFailure(ExecutorFailure):
-    """The server's host key is unknown or does not match. Never retried."""
+    stdout: Output
+    stderr: Output
+    exit_code: int
+    exit_signal: Optional[str] = None

@@ -1,13 +1,34 @@
-"""The connect retry policy, as a value."""
+"""Retry policies, as immutable values.
+
+`Backoff` is the one backoff formula (doubling, capped). `ConnectRetry` says how
+a connect that failed for a temporary reason is retried; `CommandRetry` how a
+command (or transfer) is tried again: after a lost connection at most
+``on_disconnect_retry`` times, and after the server turned it away before it
+ran (never started) a bounded number of times free of charge. Like urllib3's
+``Retry``, `CommandRetry.increment` returns a new value or raises.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 from .checks import check_int, check_number
+from .errors import ConnectionLost, ExecutorFailure
 
-__all__ = ["ConnectRetry"]
+__all__ = ["Backoff", "CommandRetry", "ConnectRetry"]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Waits of ``initial`` seconds, doubling each time, at most ``maximum``."""
+
+    initial: float
+    maximum: float
+
+    def delay(self, attempt: int) -> float:
+        """The wait before retry number ``attempt`` (0 for the first)."""
+        return min(self.initial * 2 ** attempt, self.maximum)
 
 
 @dataclass(frozen=True)
@@ -29,5 +50,38 @@ class ConnectRetry:
 
     def delays(self) -> Iterator[float]:
         """The waits before each retry, in order."""
+        backoff = Backoff(self.backoff, self.max_backoff)
         for attempt in range(self.retries):
-            yield min(self.backoff * 2**attempt, self.max_backoff)
+            yield backoff.delay(attempt)
+
+
+#: How often work the server turned away before it ran is tried again.
+NEVER_STARTED_TRIES = 8
+
+
+@dataclass(frozen=True)
+class CommandRetry:
+    """What is left of a command's retries.
+
+    ``lost``: retries left after a lost connection (``on_disconnect_retry``);
+    ``never_started``: free retries left after the work never reached the
+    server (a connection lost before the exec, an open nobody answered, an
+    exec refused or closed before its reply).
+    """
+
+    lost: int = 3
+    never_started: int = NEVER_STARTED_TRIES
+
+    def increment(self, error: ExecutorFailure) -> CommandRetry:
+        """The retries left after ``error``; raises ``error`` once none are left for its kind.
+
+        A `ConnectionLost` with ``started`` counts against ``lost``; one
+        without, and a `NeverStarted`, against ``never_started``.
+        """
+        if isinstance(error, ConnectionLost) and error.started:
+            if self.lost <= 0:
+                raise error
+            return replace(self, lost=self.lost - 1)
+        if self.never_started <= 0:
+            raise error
+        return replace(self, never_started=self.never_started - 1)

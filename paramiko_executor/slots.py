@@ -1,31 +1,72 @@
-"""Session slots: a BoundedSemaphore that serves waiters first come, first served."""
+"""Session slots: one per server session, handed out first come, first served.
+
+A connection's `Slots` counts the sessions the executor may hold on the
+server at once (its MaxSessions). The rule the executor keeps: every server
+session it holds (a command's channel, a spare channel, a transfer,
+``bounded_connection``'s reservation) is covered by exactly one slot, and a
+slot is released only once the server has closed that session's channel, or
+the connection is gone. A connection that is gone closes its `Slots` as a
+whole: its waiters leave at once (to wait on the next connection's), and the
+releases still to come for it are ignored.
+"""
 
 from __future__ import annotations
 
 import collections
 import threading
-from typing import Deque, Optional
+import time
+from typing import Callable, Deque, Optional
 
-__all__ = ["FairBoundedSemaphore"]
+from .errors import ConnectionLost
+
+__all__ = ["Slots"]
+
+#: How often a thread waiting for a slot checks that its connection still lives.
+LIVENESS_POLL = 1.0
 
 
-class FairBoundedSemaphore(threading.BoundedSemaphore):
+class Slots(threading.BoundedSemaphore):
     """A `threading.BoundedSemaphore` that hands out slots in the order they were asked for.
 
     A released slot goes straight to the longest-waiting thread instead of
     back into the pool, so a thread arriving later cannot take it first: no
     caller starves while others keep the semaphore saturated. Each waiter
     sleeps on its own lock, so a release wakes exactly one thread.
+    Non-blocking acquires fail while anyone waits.
     """
 
     def __init__(self, value: int = 1) -> None:
         super().__init__(value)
         self._waiters: Deque[threading.Lock] = collections.deque()
+        self._closed = False
+
+    @property
+    def limit(self) -> int:
+        """How many slots there are in all."""
+        return self._initial_value
+
+    @property
+    def available(self) -> int:
+        """How many slots are free right now."""
+        return self._value
+
+    @property
+    def waiting(self) -> int:
+        """How many threads wait for a slot right now."""
+        return len(self._waiters)
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection these slots belong to is gone."""
+        return self._closed
 
     def acquire(self, blocking: bool = True, timeout: Optional[float] = None) -> bool:
+        """Take a slot; raises `ConnectionLost` (never started) once the slots are closed."""
         if not blocking and timeout is not None:
             raise ValueError("can't specify timeout for non-blocking acquire")
         with self._cond:
+            if self._closed:
+                raise ConnectionLost("the connection was lost", started=False)
             if self._value > 0 and not self._waiters:
                 self._value -= 1
                 return True
@@ -35,36 +76,85 @@ class FairBoundedSemaphore(threading.BoundedSemaphore):
             waiter.acquire()
             self._waiters.append(waiter)
         try:
-            if waiter.acquire(True, -1 if timeout is None else timeout):
-                return True
+            got = waiter.acquire(True, -1 if timeout is None else timeout)
         except BaseException:  # e.g. KeyboardInterrupt: leave no dead waiter behind
-            with self._cond:
-                try:
-                    self._waiters.remove(waiter)
-                except ValueError:
-                    self._release_one()  # the slot was ours already: pass it on
+            self._leave(waiter)
             raise
-        with self._cond:
-            try:
-                self._waiters.remove(waiter)
-            except ValueError:
-                return True  # a release handed us the slot as we gave up
-            return False
+        if not got:
+            got = not self._give_up(waiter)
+        if got and self._closed:
+            raise ConnectionLost("the connection was lost", started=False)
+        return got
 
     __enter__ = acquire
 
+    def take(self, deadline: Optional[float], alive: Callable[[], bool]) -> bool:
+        """Take a slot by ``deadline`` (a `time.monotonic` value, None: no limit).
+
+        False once the deadline passed. Raises `ConnectionLost` (never
+        started) as soon as ``alive()`` turns false or the slots are closed,
+        checking every `LIVENESS_POLL` seconds without losing its place in line.
+        """
+        if self.acquire(blocking=False):
+            return True
+        with self._cond:
+            if self._closed:
+                raise ConnectionLost("the connection was lost", started=False)
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
+        try:
+            while True:
+                remaining = LIVENESS_POLL if deadline is None else min(
+                    LIVENESS_POLL, deadline - time.monotonic())
+                if waiter.acquire(True, max(remaining, 0.0)):
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    if self._give_up(waiter):
+                        return False
+                    break  # a release handed us the slot as we gave up
+                if self._closed or not alive():
+                    raise ConnectionLost("the connection was lost", started=False)
+        except BaseException:
+            self._leave(waiter)
+            raise
+        if self._closed:
+            raise ConnectionLost("the connection was lost", started=False)
+        return True
+
+    def _leave(self, waiter: threading.Lock) -> None:
+        """Leave the line on an error; a slot handed to us meanwhile goes on to the next."""
+        if not self._give_up(waiter):
+            self.release()
+
+    def _give_up(self, waiter: threading.Lock) -> bool:
+        """Leave the line; False if a release handed us the slot meanwhile (we hold it then)."""
+        with self._cond:
+            try:
+                self._waiters.remove(waiter)
+                return True
+            except ValueError:
+                return False
+
     def release(self, n: int = 1) -> None:
+        """Give back ``n`` slots; ignored once the slots are closed."""
         if n < 1:
             raise ValueError("n must be one or more")
         with self._cond:
+            if self._closed:
+                return
             for _ in range(n):
-                self._release_one()
+                if self._waiters:
+                    self._waiters.popleft().release()
+                elif self._value >= self._initial_value:
+                    raise ValueError("Semaphore released too many times")
+                else:
+                    self._value += 1
 
-    def _release_one(self) -> None:
-        # Caller holds self._cond.
-        if self._waiters:
-            self._waiters.popleft().release()
-        elif self._value >= self._initial_value:
-            raise ValueError("Semaphore released too many times")
-        else:
-            self._value += 1
+    def close(self) -> None:
+        """The connection is gone: waiters leave with `ConnectionLost`; releases are ignored."""
+        with self._cond:
+            self._closed = True
+            waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
+            waiter.release()

@@ -2,71 +2,88 @@
 
 Opening a channel costs a round trip to the server before a command can be
 sent. While one command runs, the next one's channel is asked for in the
-background; the next command finds it open. The spare channel holds no slot
-of the connection's semaphore: it is asked for only while a slot is free, and
-the command that takes it holds its own slot. Should the server refuse it (a
-burst filled every slot meanwhile), it is simply dropped.
+background, and the next command finds it open. The spare is a server session
+like any other, so it holds a slot of its own, taken only when one is free and
+nobody waits (`Slots.acquire` without blocking fails while anyone waits). It
+is a luxury: whenever a thread has to wait for a slot, the spare is closed,
+and its slot comes back on the server's CLOSE.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Optional
+import time
+from typing import Dict, Optional
 
 import paramiko
 
-from .channel import ConnectionLost, PendingOpen
+from .channel import SessionChannel
+from .errors import TRANSPORT_ERRORS, ConnectionLost
+from .slots import Slots
 
-__all__ = ["WarmChannel", "warm_channel_of"]
+__all__ = ["Spare"]
 
 
-class WarmChannel:
-    """At most one spare session channel of one transport, guarded by its own lock."""
+class Spare:
+    """At most one spare session channel of one connection, guarded by its own lock."""
 
-    def __init__(self, transport: paramiko.Transport) -> None:
+    def __init__(self, transport: paramiko.Transport, slots: Slots,
+                 sessions: Dict[int, SessionChannel]) -> None:
         self._transport = transport
+        self._slots = slots
+        self._sessions = sessions
         self._lock = threading.Lock()
-        self._pending: Optional[PendingOpen] = None
+        self._pending: Optional[SessionChannel] = None
 
-    def take(self, timeout: Optional[float]) -> Optional[paramiko.Channel]:
-        """The spare channel once the server opened it; None if there is none to have.
-
-        Waits at most ``timeout`` seconds for the server's answer (or the
-        connection's end); on time-out the spare stays for a later command, so
-        no channel is ever orphaned.
-        """
-        pending = self._pending
-        if pending is None:
-            return None
-        if not pending.wait(self._transport.channel_timeout if timeout is None else timeout):
-            return None
+    def _pop(self) -> Optional[SessionChannel]:
         with self._lock:
-            if self._pending is not pending:
-                return None  # another command took it
-            self._pending = None
-        try:
-            return pending.result()
-        except ConnectionLost:
-            return None  # the command's own open reports it
+            pending, self._pending = self._pending, None
+        return pending
 
-    def replenish(self, bound: threading.BoundedSemaphore) -> None:
-        """Ask for a new spare if there is none and ``bound`` has a slot free."""
-        # Read without the semaphore's lock: a stale answer costs at most one
-        # refused spare, which the server answers and we drop.
-        if self._pending is not None or bound._value <= 0:
+    def take(self, deadline: Optional[float]) -> Optional[SessionChannel]:
+        """The spare, open and with its slot, for a command; None if there is none to have.
+
+        Waits for the server's answer until ``deadline`` at most (the
+        transport's channel timeout without one); a spare that is refused or
+        not answered in time is given up like any other open.
+        """
+        if self._pending is None:
+            return None
+        spare = self._pop()
+        if spare is None:
+            return None
+        timeout = self._transport.channel_timeout if deadline is None else max(
+            0.0, deadline - time.monotonic())
+        if not spare.wait_open(timeout):
+            spare.abandon_open()
+            return None
+        try:
+            if spare.opened:
+                return spare
+        except ConnectionLost:
+            return None  # the command's own path reports it
+        spare.release_refused()
+        return None
+
+    def replenish(self) -> None:
+        """Ask for a new spare if there is none and a slot is free with nobody waiting."""
+        if self._pending is not None:
             return
         with self._lock:
             if self._pending is not None:
                 return
             try:
-                self._pending = PendingOpen(self._transport)
-            except (EOFError, OSError, paramiko.SSHException):
+                if not self._slots.acquire(blocking=False):
+                    return
+            except ConnectionLost:
+                return  # the connection is gone
+            try:
+                self._pending = SessionChannel(self._transport, self._slots, self._sessions)
+            except TRANSPORT_ERRORS:
                 pass  # a dying transport: the command's own path reports it
 
-
-def warm_channel_of(transport: paramiko.Transport) -> WarmChannel:
-    """The one `WarmChannel` of ``transport``."""
-    warm = transport.__dict__.get("_pe_warm")
-    if warm is None:
-        warm = transport.__dict__.setdefault("_pe_warm", WarmChannel(transport))
-    return warm
+    def discard(self) -> None:
+        """Close the spare, if any: someone needs its slot."""
+        spare = self._pop()
+        if spare is not None:
+            spare.discard()

@@ -30,7 +30,8 @@ except ImportError as err:  # pragma: no cover - exercised only without PyYAML
         "paramiko_executor.yaml needs PyYAML: pip install paramiko-executor[yaml]"
     ) from err
 
-from .executors import DupingSSHExecutor, Executor, ShellExecutor, SSHExecutor
+from .executors import DupingSSHExecutor, Executor, SSHExecutor
+from .shell import ShellExecutor
 
 __all__ = ["ExecutorLoader", "TAGS", "load", "register"]
 

@@ -15,13 +15,12 @@ from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor
 
 
 def current_transport(ex):
-    return ex._connection.state.transport
+    return ex.state.transport
 
 
-def exchanges(transport):
-    """The per-command records of the channels open on ``transport``."""
-    return [chan._pe_exchange for chan in list(transport._channels.values())
-            if "_pe_exchange" in chan.__dict__]
+def exchanges(ex):
+    """The executor's session channels open on its current connection."""
+    return list(ex._connection.link.sessions.values())
 
 
 def test_result_waits_for_output_after_the_exit_status(sshd):
@@ -35,10 +34,9 @@ def test_connection_lost_between_exit_status_and_eof_is_not_a_success(make_sshd)
     server = make_sshd(max_sessions=10)
     with SSHExecutor(**server.executor_parameters(on_disconnect_retry=0)) as ex:
         ex.run_command("true")
-        transport = current_transport(ex)
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(ex.run_command, "echo first; (sleep 20; echo late) & exit 0")
-            wait_for(lambda: any(e.exit_status == 0 for e in exchanges(transport)),
+            wait_for(lambda: any(e.exit_status == 0 for e in exchanges(ex)),
                      "the exit status to arrive before the output ended")
             for pid in server.serving_pids():
                 os.kill(pid, signal.SIGKILL)
@@ -96,7 +94,7 @@ def test_without_keepalive_a_frozen_server_is_not_declared_dead(make_test_server
     with SSHExecutor(**server.executor_parameters()) as ex:
         ex.run_command("true")
         transport = current_transport(ex)
-        assert ex._connection._keepalive is None
+        assert ex._connection.link.keepalive is None
         server.freeze()
         try:
             with pytest.raises(CommandTimeout):

@@ -200,6 +200,6 @@ def test_pickle_carries_configuration_only(tmp_path):
     ex = SSHExecutor(host="h", port=2022, username="u", password="s3cret", config=())
     copy = pickle.loads(pickle.dumps(ex))
     assert repr(copy) == repr(ex)
-    assert copy._connection is not ex._connection and copy._connection.state is None
+    assert copy._connection is not ex._connection and copy.state is None
     duping = pickle.loads(pickle.dumps(DupingSSHExecutor(host="h", wrapper="/w", config=())))
     assert duping._wrapper == "/w"

@@ -24,30 +24,30 @@ def fill(chunks):
 
 
 def test_chunks_come_back_in_order_and_decoded(spares):
-    assert fill([b"a" * 70_000, "é".encode(), b"\xff", b"end"]).text() == (
+    assert fill([b"a" * 70_000, "é".encode(), b"\xff", b"end"]).decode() == (
         "a" * 70_000 + "é\ufffdend"
     )
 
 
 def test_no_output_is_empty_text(spares):
-    assert OutputBuffer().text() == ""
-    assert OutputBuffer().text_so_far() == ""
+    assert OutputBuffer().decode() == ""
+    assert OutputBuffer().decode_so_far() == ""
 
 
 def test_a_large_buffer_is_reused_and_a_shorter_output_does_not_see_the_old_one(spares):
     big = b"x" * (2 * KEEP_MIN)
     first = fill([big[: KEEP_MIN], big[KEEP_MIN:]])
-    assert first.text() == big.decode()
+    assert first.decode() == big.decode()
     kept = spares._buffers[-1]
     second = fill([b"short"])
     assert second._data is kept  # the same memory, overwritten in place
-    assert second.text() == "short"
+    assert second.decode() == "short"
     third = fill([b"y" * (3 * KEEP_MIN)])  # outgrows the reused buffer
-    assert third.text() == "y" * (3 * KEEP_MIN)
+    assert third.decode() == "y" * (3 * KEEP_MIN)
 
 
 def test_small_buffers_are_not_kept(spares):
-    fill([b"z" * (KEEP_MIN - 1)]).text()
+    fill([b"z" * (KEEP_MIN - 1)]).decode()
     assert spares._buffers == []
 
 
@@ -55,22 +55,22 @@ def test_kept_memory_is_bounded(spares, monkeypatch):
     monkeypatch.setattr(output, "KEEP_BYTES", 3 * KEEP_MIN)
     buffers = [fill([b"q" * (2 * KEEP_MIN)]) for _ in range(3)]
     for buffer in buffers:
-        buffer.text()
+        buffer.decode()
     assert len(spares._buffers) == 1
     assert spares._bytes == 2 * KEEP_MIN
 
 
 def test_text_so_far_copies_and_keeps_nothing(spares):
     buffer = fill([b"p" * (2 * KEEP_MIN)])
-    assert buffer.text_so_far() == "p" * (2 * KEEP_MIN)
+    assert buffer.decode_so_far() == "p" * (2 * KEEP_MIN)
     buffer.append(b"more")  # still growable: no view of it is left behind
-    assert buffer.text_so_far().endswith("pmore")
+    assert buffer.decode_so_far().endswith("pmore")
     assert spares._buffers == []
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_starts_with_an_empty_pool_and_a_free_lock():
-    fill([b"f" * (2 * KEEP_MIN)]).text()  # the real pool now holds a buffer
+    fill([b"f" * (2 * KEEP_MIN)]).decode()  # the real pool now holds a buffer
     output._SPARES._lock.acquire()  # as if another thread held it at the fork
     try:
         pid = os.fork()

@@ -22,7 +22,7 @@ def test_pickled_executor_connects_on_first_use(test_server):
     ex = SSHExecutor(**test_server.executor_parameters())
     assert ex.run_command("echo parent").stdout == "parent\n"
     copy = pickle.loads(pickle.dumps(ex))
-    assert copy._connection.state is None
+    assert copy.state is None
     assert copy.run_command("echo copy").stdout == "copy\n"
     assert test_server.connections_accepted == 2
     assert ex.run_command("echo parent again").stdout == "parent again\n"
@@ -36,14 +36,14 @@ def test_forked_child_opens_its_own_connection(test_server):
     with ThreadPoolExecutor(8) as pool:
         # Commands in flight in other threads while the process forks.
         busy = [pool.submit(ex.run_command, f"sleep 0.2; echo {i}") for i in range(8)]
-        parent_transport = ex._connection.state.transport if ex._connection.state else None
+        parent_transport = ex.state.transport if ex.state else None
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: must not touch the parent's socket
             status = 1
             try:
                 os.close(read_end)
-                assert ex._connection.state is None
+                assert ex.state is None
                 outputs = [ex.run_command(f"echo child {i}").stdout for i in range(20)]
                 ok = outputs == [f"child {i}\n" for i in range(20)]
                 os.write(write_end, b"ok" if ok else b"bad")
@@ -58,7 +58,7 @@ def test_forked_child_opens_its_own_connection(test_server):
         assert [f.result(timeout=30).stdout for f in busy] == [f"{i}\n" for i in range(8)]
     assert ex.run_command("echo parent").stdout == "parent\n"
     if parent_transport is not None:
-        assert ex._connection.state.transport is parent_transport
+        assert ex.state.transport is parent_transport
     assert test_server.connections_accepted == 2
     ex.close()
 

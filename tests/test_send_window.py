@@ -5,17 +5,21 @@ paramiko's window-adjust handler does; the real-server tests (16 and 64 MiB of
 stdin through sshd and the test server) prove the flow end to end.
 """
 
+from types import SimpleNamespace
+
 import paramiko
 import pytest
 
-from paramiko_executor.channel import attach
+from paramiko_executor.channel import _Wakeup, _WakingCondition
+from paramiko_executor.internals import replace_send_condition
 
 
 @pytest.fixture
 def sending():
     chan = paramiko.Channel(7)
-    ex = attach(chan)
-    ex.unsent = 10 << 20
+    # The fields of a SessionChannel that the condition reads.
+    ex = SimpleNamespace(sending=True, unsent=10 << 20, window_peak=0, wakeup=_Wakeup(None))
+    replace_send_condition(chan, _WakingCondition(chan, ex))
 
     def adjust(window):
         with chan.lock:

@@ -1,4 +1,4 @@
-"""FairBoundedSemaphore and ConnectRetry: pure unit tests."""
+"""Slots and ConnectRetry: pure unit tests."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import threading
 import pytest
 
 from paramiko_executor.retry import ConnectRetry
-from paramiko_executor.slots import FairBoundedSemaphore
+from paramiko_executor.slots import Slots
 
 
 def test_is_a_bounded_semaphore():
-    sem = FairBoundedSemaphore(2)
+    sem = Slots(2)
     assert isinstance(sem, threading.BoundedSemaphore)
     assert sem.acquire() and sem.acquire()
     assert not sem.acquire(blocking=False)
@@ -23,7 +23,7 @@ def test_is_a_bounded_semaphore():
 
 
 def test_waiters_are_served_in_arrival_order():
-    sem = FairBoundedSemaphore(1)
+    sem = Slots(1)
     sem.acquire()
     order = []
     lock = threading.Lock()
@@ -49,7 +49,7 @@ def test_waiters_are_served_in_arrival_order():
 
 
 def test_a_late_arrival_cannot_barge_past_waiters():
-    sem = FairBoundedSemaphore(1)
+    sem = Slots(1)
     sem.acquire()
     waiter_done = threading.Event()
     t = threading.Thread(target=lambda: (sem.acquire(), waiter_done.set()))
@@ -66,7 +66,7 @@ def test_a_late_arrival_cannot_barge_past_waiters():
 
 
 def test_timed_out_waiter_leaves_the_queue_and_slots_balance():
-    sem = FairBoundedSemaphore(3)
+    sem = Slots(3)
     for _ in range(3):
         sem.acquire()
     results = []
@@ -83,7 +83,7 @@ def test_timed_out_waiter_leaves_the_queue_and_slots_balance():
 
 
 def test_hundreds_of_threads_never_exceed_the_bound():
-    sem = FairBoundedSemaphore(5)
+    sem = Slots(5)
     lock = threading.Lock()
     inside = peak = 0
     done = []

@@ -46,7 +46,7 @@ def test_proxy_jump_through_a_second_sshd(sshd, sshd3, tmp_path):
                       + host_block("jump", sshd, known))
     with SSHExecutor(host="target", config=str(config)) as ex:
         assert ex.run_command("echo through the jump host").stdout == "through the jump host\n"
-        transport = ex._connection.state.transport
+        transport = ex.state.transport
         assert isinstance(transport.sock, paramiko.Channel)  # tunnelled, not a TCP socket
         assert ex.session_limit == 3
         jump_transport = transport.sock.get_transport()
@@ -91,4 +91,4 @@ def test_default_config_with_alias_and_jump_needs_only_host(sshd, sshd3, tmp_pat
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     with SSHExecutor(host="cluster") as ex:
         assert ex.run_command("echo hello from the cluster").stdout == "hello from the cluster\n"
-        assert isinstance(ex._connection.state.transport.sock, paramiko.Channel)
+        assert isinstance(ex.state.transport.sock, paramiko.Channel)

@@ -5,18 +5,21 @@ from __future__ import annotations
 import pytest
 
 from paramiko_executor import SSHExecutor
-from paramiko_executor.warm import warm_channel_of
+
+
+def spare_of(ex):
+    return ex._connection.link.spare
 
 
 def test_next_command_runs_on_the_channel_opened_ahead(test_server):
     with SSHExecutor(**test_server.executor_parameters()) as ex:
         ex.run_command("true")
-        warm = warm_channel_of(ex._connection.state.transport)
+        warm = spare_of(ex)
         pending = warm._pending
-        assert pending.wait(10) and pending.channel.active
-        spare = pending.channel
+        assert pending.wait_open(10) and pending.opened and pending.holds_slot
+        spare = pending.chan
         assert ex.run_command("echo warm").stdout == "warm\n"
-        assert spare.closed and warm._pending is not None and warm._pending.channel is not spare
+        assert spare.closed and warm._pending is not None and warm._pending.chan is not spare
         # The probe's 10, the first command's own, the spare it used, the next spare.
         assert test_server.channels_opened == 10 + 3
 
@@ -25,7 +28,7 @@ def test_no_spare_when_every_slot_is_taken(test_server):
     with SSHExecutor(**test_server.executor_parameters(max_sessions=1)) as ex:
         for i in range(5):
             assert ex.run_command(f"echo {i}").stdout == f"{i}\n"
-        assert warm_channel_of(ex._connection.state.transport)._pending is None
+        assert spare_of(ex)._pending is None
         assert test_server.peak_channels == 1
 
 

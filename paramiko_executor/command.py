@@ -1,0 +1,107 @@
+"""What every executor's ``run_command`` shares: its options, checked once, and its outcomes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+from .checks import check_bool, check_timeout
+from .errors import CommandExecutionFailure, CommandTimeout
+from .results import CommandResult, Output, check_encoding
+
+__all__ = ["RunOptions", "StdinInput", "check_command", "outcome", "stdin_bytes"]
+
+StdinInput = Union[str, bytes, None]
+OnOutput = Callable[[str, Any], None]
+
+
+def check_command(command: Any) -> str:
+    if not isinstance(command, str):
+        raise TypeError(f"command must be a str, not {type(command).__name__}")
+    return command
+
+
+def stdin_bytes(stdin_input: Any) -> bytes:
+    """``stdin_input`` as the bytes to send (UTF-8 for text)."""
+    if stdin_input is None:
+        return b""
+    if isinstance(stdin_input, str):
+        return stdin_input.encode("utf-8")
+    if isinstance(stdin_input, (bytes, bytearray, memoryview)):
+        return bytes(stdin_input)
+    raise TypeError(f"stdin_input must be str, bytes or None, not {type(stdin_input).__name__}")
+
+
+def _check_env(env: Any) -> Optional[Dict[str, str]]:
+    if env is None:
+        return None
+    if not isinstance(env, Mapping):
+        raise TypeError(f"env must be a mapping of str to str, not {type(env).__name__}")
+    checked: Dict[str, str] = {}
+    for name, value in env.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError("env must map str to str: "
+                            f"{type(name).__name__} -> {type(value).__name__} given")
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            raise ValueError(f"env: {name!r} is not a valid variable name (or its value holds NUL)")
+        checked[name] = value
+    return checked
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The keyword options of ``run_command``, checked at the call."""
+
+    timeout: Optional[float] = None
+    check: bool = True
+    env: Optional[Dict[str, str]] = None
+    encoding: Optional[str] = "utf-8"
+    pty: bool = False
+    on_output: Optional[OnOutput] = None
+    keep_output: bool = True
+
+    @classmethod
+    def of(cls, *, timeout: Any = None, check: Any = True, env: Any = None,
+           encoding: Any = "utf-8", pty: Any = False, on_output: Any = None,
+           keep_output: Any = True) -> RunOptions:
+        if on_output is not None and not callable(on_output):
+            raise TypeError(f"on_output must be callable or None, not {type(on_output).__name__}")
+        return cls(
+            timeout=check_timeout("timeout", timeout),
+            check=check_bool("check", check),
+            env=_check_env(env),
+            encoding=check_encoding(encoding),
+            pty=check_bool("pty", pty),
+            on_output=on_output,
+            keep_output=check_bool("keep_output", keep_output),
+        )
+
+
+def outcome(
+    command: str,
+    stdin_input: StdinInput,
+    options: RunOptions,
+    exit_code: Optional[int],
+    out: Output,
+    err: Output,
+    *,
+    timed_out: bool = False,
+    signal_name: Optional[str] = None,
+) -> CommandResult:
+    """The result of a finished command, or the failure it raises.
+
+    A timeout always raises `CommandTimeout`; a non-zero exit or a signal
+    raises `CommandExecutionFailure` unless ``options.check`` is False.
+    """
+    if timed_out:
+        raise CommandTimeout(f"command {command!r} timed out after {options.timeout:g} s",
+                             None, out, err, stdin_input)
+    code = -1 if exit_code is None else exit_code
+    if code == 0 or not options.check:
+        return CommandResult(stdout=out, stderr=err, exit_code=code, exit_signal=signal_name)
+    if exit_code is None:
+        how = f"was killed by signal {signal_name}" if signal_name else "ended without exit status"
+        raise CommandExecutionFailure(f"command {command!r} {how}", -1, out, err, stdin_input,
+                                      signal_name)
+    raise CommandExecutionFailure(f"command {command!r} failed with exit code {exit_code}",
+                                  exit_code, out, err, stdin_input)

@@ -1,0 +1,195 @@
+"""Every error of the library, and the one place where low-level errors are translated.
+
+The public tree::
+
+    ExecutorError                      common root: catch everything the library raises
+     +-- CommandExecutionFailure       the command ran and failed (non-zero exit, signal)
+     |    +-- CommandTimeout           the command outran its timeout
+     +-- ExecutorFailure               the executor failed: connection, channel, host
+          +-- AuthenticationFailure    credentials or prompt refused; never retried
+          +-- HostKeyFailure           host key unknown, changed or revoked; never retried
+          +-- GroupFailure             (``group``) some hosts of a HostGroup failed
+
+The internal signals, never seen by a caller (the executors turn them into the
+public errors above):
+
+- `ConnectionLost` (an `ExecutorFailure`): the connection broke under a command
+  or transfer; ``started`` says whether the work may have reached the server.
+- `NeverStarted` (an `ExecutorFailure`): the server turned the work away before
+  it ran (an open nobody answered, an exec refused or closed before its reply);
+  tried again on the same connection, free of charge, a bounded number of times.
+- `TemporaryFailure`: a connect attempt failed for a reason that retrying may cure.
+
+`TRANSPORT_ERRORS` is the tuple of what paramiko and the socket raise on a
+broken connection, and `translate` the one context manager that maps them, given
+the transport's state, to `ConnectionLost` or `ExecutorFailure`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple, Type, TypeVar, Union
+
+import paramiko
+
+if TYPE_CHECKING:
+    from .executors import Executor
+
+__all__ = [
+    "AuthenticationFailure",
+    "CommandExecutionFailure",
+    "CommandTimeout",
+    "ConnectionLost",
+    "ExecutorError",
+    "ExecutorFailure",
+    "HostKeyFailure",
+    "NeverStarted",
+    "TRANSPORT_ERRORS",
+    "TemporaryFailure",
+    "for_executor",
+    "translate",
+]
+
+#: What paramiko and the socket layer raise when a connection breaks under a call.
+TRANSPORT_ERRORS: Tuple[Type[BaseException], ...] = (EOFError, OSError, paramiko.SSHException)
+
+Output = Union[str, bytes]
+
+
+class ExecutorError(Exception):
+    """The common root of every error this library raises on purpose."""
+
+
+class CommandExecutionFailure(ExecutorError):
+    """The command ran and exited non-zero, or was killed by a signal (``exit_code`` -1).
+
+    ``stdin`` is the ``stdin_input`` the caller gave, unchanged. It is an
+    attribute only: it is not part of ``args``, the repr or a pickle, since
+    stdin is where ``sudo -S`` and ``--password-stdin`` secrets go.
+    ``exit_signal`` names the signal of a killed command (``"TERM"``), else None.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        exit_code: Optional[int],
+        stdout: Output,
+        stderr: Output,
+        stdin: Union[str, bytes, None] = None,
+        exit_signal: Optional[str] = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+        self.stdin = stdin
+        self.exit_signal = exit_signal
+
+    def __reduce__(self) -> Any:
+        # Without stdin: an unpickled failure has stdin None.
+        return (type(self), (self.message, self.exit_code, self.stdout, self.stderr, None,
+                             self.exit_signal))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CommandTimeout(CommandExecutionFailure):
+    """The command outran its ``timeout``: ``exit_code`` is None, output is what arrived."""
+
+
+class ExecutorFailure(ExecutorError):
+    """The executor itself failed: connection lost, channel refused, host unreachable.
+
+    ``executor`` is the executor that failed; an unpickled failure has None
+    there (a pickle never carries the executor, nor so its credentials).
+    """
+
+    def __init__(self, description: str, executor: Optional[Executor] = None) -> None:
+        super().__init__(description)
+        self.description = description
+        self.executor = executor
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.description,), self._picklable_state())
+
+    def _picklable_state(self) -> Optional[dict]:
+        """Attributes a subclass adds that a pickle may carry (never the executor)."""
+        return None
+
+    def __setstate__(self, state: Optional[dict]) -> None:
+        if state:
+            self.__dict__.update(state)
+
+    def __str__(self) -> str:
+        return self.description
+
+
+class AuthenticationFailure(ExecutorFailure):
+    """The server refused the credentials, or asked a prompt no answer matches. Never retried."""
+
+
+class HostKeyFailure(ExecutorFailure):
+    """The server's host key is unknown, changed or revoked. Never retried."""
+
+
+class ConnectionLost(ExecutorFailure):
+    """The connection broke under a command; the executor may retry it on a new one.
+
+    ``started`` is False when the work cannot have reached the server.
+    """
+
+    def __init__(self, description: str, executor: Optional[Executor] = None, *,
+                 started: bool = True) -> None:
+        super().__init__(description, executor)
+        self.started = started
+
+
+class NeverStarted(ExecutorFailure):
+    """The server turned the work away before it ran: safe to try again on the same connection."""
+
+
+class TemporaryFailure(Exception):
+    """A connect attempt failed for a reason that retrying may cure."""
+
+
+def is_lost(exc: BaseException, transport: paramiko.Transport) -> bool:
+    """Whether ``exc``, raised by paramiko while using ``transport``, means the connection broke.
+
+    paramiko raises EOFError or OSError (ProxyCommandFailure for a dead proxy
+    command) from a send on a broken connection, sometimes before the
+    transport has marked itself inactive; anything else counts as lost only
+    once it has.
+    """
+    return (isinstance(exc, (EOFError, OSError, paramiko.ProxyCommandFailure))
+            or not transport.is_active())
+
+
+@contextlib.contextmanager
+def translate(transport: paramiko.Transport, *, started: bool = True,
+              what: str = "the connection") -> Iterator[None]:
+    """Map the low-level errors raised inside the block to the library's own.
+
+    A `TRANSPORT_ERRORS` exception becomes `ConnectionLost` (with ``started``)
+    when it means the connection broke, else `ExecutorFailure` naming ``what``.
+    The library's own errors pass unchanged.
+    """
+    try:
+        yield
+    except ExecutorError:
+        raise
+    except TRANSPORT_ERRORS as exc:
+        if is_lost(exc, transport):
+            raise ConnectionLost(f"{what} was lost: {exc!r}", started=started) from None
+        raise ExecutorFailure(f"SSH error on {what}: {exc!r}") from None
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def for_executor(exc: E, executor: Any) -> E:
+    """``exc`` with ``executor`` attached when it is an `ExecutorFailure` that has none yet."""
+    if isinstance(exc, ExecutorFailure) and exc.executor is None:
+        exc.executor = executor
+    return exc

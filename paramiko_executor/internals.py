@@ -1,0 +1,207 @@
+"""Every use of paramiko's private API, in one place.
+
+paramiko offers no public way to open a channel without waiting for the
+answer, to see a channel's messages as they arrive, or to send a message
+without waiting out a key exchange; the executor needs all three. Each private
+name it touches is listed here, with why; `tests/test_internals.py` fails
+loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
+
+``Transport._channel_handler_table``, ``Transport._handler_table``
+    The message handlers, wrapped per transport (`wrap_handlers`) so that exit
+    status, output, closes, refusals and global replies reach the executor as
+    they arrive, from the transport thread. paramiko < 4 keeps
+    ``_handler_table`` on the class with unbound functions (called with the
+    transport first); newer versions bind it per instance.
+``Transport._send_user_message``
+    Sends a message, waiting out a key exchange: `send_when_clear`.
+``Transport._send_message``, ``Transport.clear_to_send``, ``Transport.clear_to_send_lock``,
+``Transport.clear_to_send_timeout``
+    Send now or not at all while no key exchange runs (`send_if_clear`), so
+    that the channel lock is never held while a key exchange is awaited.
+``Transport._next_channel``, ``Transport._channels``, ``Transport.channel_events``,
+``Transport.channels_seen``, ``Transport._sanitize_window_size``, ``Transport._sanitize_packet_size``
+    Register a new session channel and send its OPEN without waiting
+    (`new_session_channel`): the first half of ``Transport.open_channel``.
+    ``channels_seen`` is also pruned of fully closed channels (`forget_channel`),
+    which paramiko never does, so that memory stays flat over millions of commands.
+``Channel._set_transport``, ``Channel._set_window``
+    Set up that channel as ``open_channel`` does.
+``Channel._check_add_window``
+    How much receive window to give back once output was consumed (`window_to_return`).
+``Channel.out_buffer_cv``
+    The channel's send-window condition, replaced to wake a sender with stdin left.
+``Transport._parse_disconnect``
+    Wrapped during authentication to keep the server's reason for a disconnect.
+``Ed25519Key._signing_key``
+    paramiko keeps an Ed25519 key as a PyNaCl signing key (whose bytes are its
+    seed) and cannot write it out: read to pickle an executor's ``pkey``
+    (`private_key_object`).
+``paramiko.transport._active_threads``
+    Emptied in a forked child, whose exit hook would otherwise stop the
+    parent's transports (`forget_parent_transports`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Tuple
+
+import paramiko
+import paramiko.transport
+from paramiko.common import cMSG_CHANNEL_OPEN
+from paramiko.message import Message
+
+__all__ = [
+    "PRIVATE_NAMES",
+    "forget_channel",
+    "forget_parent_transports",
+    "new_session_channel",
+    "send_if_clear",
+    "send_when_clear",
+    "window_to_return",
+    "wrap_disconnect",
+    "wrap_handlers",
+]
+
+#: (owner, name) of every private attribute used; the canary test checks each.
+PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
+    ("Transport", "_channel_handler_table"),
+    ("Transport", "_handler_table"),
+    ("Transport", "_send_user_message"),
+    ("Transport", "_send_message"),
+    ("Transport", "_next_channel"),
+    ("Transport", "_channels"),
+    ("Transport", "_sanitize_window_size"),
+    ("Transport", "_sanitize_packet_size"),
+    ("Transport", "_parse_disconnect"),
+    ("Transport", "channel_events"),
+    ("Transport", "channels_seen"),
+    ("Transport", "clear_to_send"),
+    ("Transport", "clear_to_send_lock"),
+    ("Transport", "clear_to_send_timeout"),
+    ("Channel", "_set_transport"),
+    ("Channel", "_set_window"),
+    ("Channel", "_check_add_window"),
+    ("Channel", "out_buffer_cv"),
+    ("Ed25519Key", "_signing_key"),
+    ("transport module", "_active_threads"),
+)
+
+Handler = Callable[..., None]
+
+
+def wrap_handlers(
+    transport: paramiko.Transport,
+    channel: Dict[int, Callable[[Handler], Handler]],
+    connection: Dict[int, Callable[[Handler], Handler]],
+) -> None:
+    """Replace ``transport``'s handlers of the given message types by wrapped ones.
+
+    Each wrapper factory is given paramiko's own handler and returns the new
+    one. Channel handlers are called ``(chan, m)``; connection handlers
+    ``(m)`` or, on paramiko < 4, ``(transport, m)``.
+    """
+    table = dict(transport._channel_handler_table)
+    for kind, wrap in channel.items():
+        table[kind] = wrap(table[kind])
+    transport._channel_handler_table = table
+    table = dict(transport._handler_table)
+    for kind, wrap in connection.items():
+        table[kind] = wrap(table[kind])
+    transport._handler_table = table
+
+
+def send_when_clear(transport: paramiko.Transport, message: Message) -> None:
+    """Send ``message``, waiting first while a key exchange runs."""
+    transport._send_user_message(message)
+
+
+def send_if_clear(transport: paramiko.Transport, message: Message) -> bool:
+    """Send ``message`` now if no key exchange runs; False (nothing sent) if one does."""
+    with transport.clear_to_send_lock:
+        if transport.clear_to_send.is_set():
+            transport._send_message(message)
+            return True
+    return False
+
+
+def key_exchange_running(transport: paramiko.Transport) -> bool:
+    """Whether a key exchange holds back sending right now."""
+    return not transport.clear_to_send.is_set()
+
+
+def await_key_exchange(transport: paramiko.Transport, poll: float = 1.0) -> None:
+    """Wait until a key exchange in progress ends; raises when the transport ends or time runs out."""
+    deadline = time.monotonic() + transport.clear_to_send_timeout
+    while not transport.clear_to_send.wait(poll):
+        if not transport.is_active():
+            raise EOFError("the connection ended during a key exchange")
+        if time.monotonic() > deadline:
+            raise paramiko.SSHException("key exchange timed out")
+
+
+def new_session_channel(transport: paramiko.Transport, answered: Any) -> paramiko.Channel:
+    """Register a session channel and send its OPEN without waiting for the answer.
+
+    ``answered`` (an Event) is set on the server's answer, and also when the
+    channel is closed from our side, which paramiko does not signal otherwise.
+    """
+    with transport.lock:
+        window = transport._sanitize_window_size(None)
+        max_packet = transport._sanitize_packet_size(None)
+        chanid = transport._next_channel()
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_OPEN)
+        m.add_string("session")
+        m.add_int(chanid)
+        m.add_int(window)
+        m.add_int(max_packet)
+        chan = paramiko.Channel(chanid)
+        transport._channels.put(chanid, chan)
+        transport.channel_events[chanid] = answered
+        transport.channels_seen[chanid] = True
+        chan._set_transport(transport)
+        chan._set_window(window, max_packet)
+        chan.in_buffer.set_event(answered)
+    transport._send_user_message(m)
+    return chan
+
+
+def forget_channel(transport: paramiko.Transport, chanid: int) -> None:
+    """Drop a channel that can receive nothing more from paramiko's ``channels_seen``."""
+    transport.channels_seen.pop(chanid, None)
+
+
+def window_to_return(chan: paramiko.Channel, consumed: int) -> int:
+    """How much window to give back after ``consumed`` bytes were taken (0: not yet)."""
+    return chan._check_add_window(consumed)
+
+
+def replace_send_condition(chan: paramiko.Channel, condition: Any) -> None:
+    """Use ``condition`` (built on ``chan.lock``) as the channel's send-window condition."""
+    chan.out_buffer_cv = condition
+
+
+def wrap_disconnect(transport: paramiko.Transport,
+                    wrapper: Callable[[Handler], Handler]) -> Callable[[], None]:
+    """Wrap the transport's disconnect handler; returns a function that undoes it."""
+    transport._parse_disconnect = wrapper(transport._parse_disconnect)
+
+    def undo() -> None:
+        transport.__dict__.pop("_parse_disconnect", None)
+
+    return undo
+
+
+def forget_parent_transports() -> None:
+    """In a forked child: let paramiko's exit hook leave the parent's transports alone."""
+    del paramiko.transport._active_threads[:]
+
+
+def private_key_object(key: paramiko.PKey) -> Any:
+    """The ``cryptography`` private key behind ``key`` (None if it has none)."""
+    if isinstance(key, paramiko.Ed25519Key):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return Ed25519PrivateKey.from_private_bytes(bytes(key._signing_key)[:32])
+    return getattr(key, "key", None)

@@ -1,0 +1,191 @@
+"""`ShellExecutor`: the executors' contract, run locally in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from typing import Any, Callable, Dict, Optional
+
+from .command import RunOptions, StdinInput, check_command, outcome, stdin_bytes
+from .executors import Executor
+from .output import LineSplitter
+from .results import CommandResult, decode_output
+
+__all__ = ["ShellExecutor"]
+
+#: After a timeout the command's process group is sent TERM, and KILL this much later.
+KILL_GRACE = 5.0
+
+#: Bytes written to the command's stdin per write.
+PIPE_CHUNK = 64 * 1024
+
+
+class ShellExecutor(Executor):
+    """Runs commands locally with ``/bin/sh``, with the same contract as `SSHExecutor`.
+
+    Each command runs in a process group of its own: a timeout (or a raising
+    ``on_output`` callback) sends TERM to the whole group, grandchildren
+    included, and KILL after a grace period, and returns at once.
+    """
+
+    def __init__(self) -> None:
+        # Explicit, so that a stray keyword argument is a TypeError that names it.
+        super().__init__()
+
+    def __repr__(self) -> str:
+        return "ShellExecutor()"
+
+    def run_command(
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
+        check: bool = True, env: Optional[Dict[str, str]] = None,
+        encoding: Optional[str] = "utf-8", pty: bool = False,
+        on_output: Optional[Callable[[str, Any], None]] = None, keep_output: bool = True,
+    ) -> CommandResult:
+        """Run ``command`` in a local shell; same results and failures as `SSHExecutor`.
+
+        ``env`` is added to this process's environment for the command;
+        ``pty=True`` runs it on a pseudo-terminal (stdout and stderr merged).
+        """
+        check_command(command)
+        options = RunOptions.of(timeout=timeout, check=check, env=env, encoding=encoding,
+                                pty=pty, on_output=on_output, keep_output=keep_output)
+        data = stdin_bytes(stdin_input)
+        deadline = None if options.timeout is None else time.monotonic() + options.timeout
+        environment = None if options.env is None else {**os.environ, **options.env}
+        if options.pty:
+            return self._run_on_pty(command, data, options, deadline, environment, stdin_input)
+        proc = subprocess.Popen(
+            command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=environment, start_new_session=True,
+        )
+        streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}  # type: ignore[union-attr]
+        collected, timed_out = _communicate(proc, data, streams, options, deadline)
+        return self._finish(proc, command, stdin_input, options, collected, timed_out)
+
+    def _run_on_pty(self, command: str, data: bytes, options: RunOptions,
+                    deadline: Optional[float], environment: Optional[Dict[str, str]],
+                    stdin_input: StdinInput) -> CommandResult:
+        import pty as pty_module
+
+        controller, terminal = pty_module.openpty()
+        try:
+            proc = subprocess.Popen(command, shell=True, stdin=terminal, stdout=terminal,
+                                    stderr=terminal, env=environment, start_new_session=True)
+        finally:
+            os.close(terminal)
+        try:
+            # A terminal has no EOF of its own: end-of-file is Ctrl-D at a line's start.
+            eof = b"\x04" if not data or data.endswith(b"\n") else b"\x04\x04"
+            os.write(controller, data + eof)
+            collected, timed_out = _communicate(proc, b"", {controller: "stdout"}, options,
+                                                deadline, pty_fd=controller)
+        finally:
+            os.close(controller)
+        return self._finish(proc, command, stdin_input, options, collected, timed_out)
+
+    @staticmethod
+    def _finish(proc: subprocess.Popen, command: str, stdin_input: StdinInput,
+                options: RunOptions, collected: Dict[str, bytearray],
+                timed_out: bool) -> CommandResult:
+        out = decode_output(collected["stdout"], options.encoding)
+        err = decode_output(collected["stderr"], options.encoding)
+        if timed_out:
+            return outcome(command, stdin_input, options, None, out, err, timed_out=True)
+        code = proc.wait()
+        signal_name = None
+        if code < 0:
+            signal_name = signal.Signals(-code).name[3:]
+            code = None
+        return outcome(command, stdin_input, options, code, out, err, signal_name=signal_name)
+
+
+def _communicate(proc: subprocess.Popen, data: bytes, streams: Dict[int, str],
+                 options: RunOptions, deadline: Optional[float],
+                 pty_fd: Optional[int] = None) -> tuple:
+    """Feed stdin, collect (and hand on) output until both streams end or the deadline.
+
+    Returns the output per stream and whether the deadline passed. On a
+    timeout or an exception (a raising callback) the process group is ended.
+    """
+    collected = {"stdout": bytearray(), "stderr": bytearray()}
+    splitters = ({name: LineSplitter(name, options.on_output, options.encoding)
+                  for name in ("stdout", "stderr")} if options.on_output else None)
+    pending = memoryview(data)
+    try:
+        with selectors.DefaultSelector() as selector:
+            for fd in streams:
+                selector.register(fd, selectors.EVENT_READ)
+            stdin = proc.stdin
+            if stdin is not None:
+                if pending:
+                    os.set_blocking(stdin.fileno(), False)
+                    selector.register(stdin.fileno(), selectors.EVENT_WRITE)
+                else:
+                    stdin.close()
+            open_streams = len(streams)
+            while open_streams:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    _end_group(proc)
+                    return collected, True
+                for key, _ in selector.select(remaining):
+                    fd = key.fd
+                    if fd not in streams:  # stdin is writable
+                        try:
+                            written = os.write(fd, pending[:PIPE_CHUNK])
+                        except BrokenPipeError:
+                            written = len(pending)
+                        pending = pending[written:]
+                        if not pending:
+                            selector.unregister(fd)
+                            stdin.close()  # type: ignore[union-attr]
+                        continue
+                    try:
+                        chunk = os.read(fd, PIPE_CHUNK)
+                    except OSError:  # a pty reads EIO once the terminal's last holder closed it
+                        chunk = b""
+                    name = streams[fd]
+                    if not chunk:
+                        selector.unregister(fd)
+                        open_streams -= 1
+                        if splitters is not None:
+                            splitters[name].finish()
+                        continue
+                    if splitters is None or options.keep_output:
+                        collected[name] += chunk
+                    if splitters is not None:
+                        splitters[name].feed(chunk)
+    except BaseException:
+        _end_group(proc)
+        raise
+    finally:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    return collected, False
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """TERM to the command's process group now, KILL after `KILL_GRACE`; never waits for it."""
+    _signal_group(proc, signal.SIGTERM)
+
+    def escalate() -> None:
+        try:
+            proc.wait(KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(proc, signal.SIGKILL)  # grandchildren that ignored TERM too
+        proc.wait()
+
+    threading.Thread(target=escalate, name="paramiko_executor escalate", daemon=True).start()
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:
+        pass  # the group is gone already
