@@ -19,7 +19,8 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     Send now or not at all while no key exchange runs (`send_if_clear`), so
     that the channel lock is never held while a key exchange is awaited.
 ``Transport._next_channel``, ``Transport._channels``, ``Transport.channel_events``,
-``Transport.channels_seen``, ``Transport._sanitize_window_size``, ``Transport._sanitize_packet_size``
+``Transport.channels_seen``, ``Transport._sanitize_window_size``,
+``Transport._sanitize_packet_size``
     Register a new session channel and send its OPEN without waiting
     (`new_session_channel`): the first half of ``Transport.open_channel``.
     ``channels_seen`` is also pruned of fully closed channels (`forget_channel`),
@@ -44,7 +45,7 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import paramiko
 import paramiko.transport
@@ -53,6 +54,7 @@ from paramiko.message import Message
 
 __all__ = [
     "PRIVATE_NAMES",
+    "missing_private_names",
     "forget_channel",
     "forget_parent_transports",
     "new_session_channel",
@@ -131,7 +133,7 @@ def key_exchange_running(transport: paramiko.Transport) -> bool:
 
 
 def await_key_exchange(transport: paramiko.Transport, poll: float = 1.0) -> None:
-    """Wait until a key exchange in progress ends; raises when the transport ends or time runs out."""
+    """Wait until a key exchange in progress ends; raises if the transport ends or time runs out."""
     deadline = time.monotonic() + transport.clear_to_send_timeout
     while not transport.clear_to_send.wait(poll):
         if not transport.is_active():
@@ -205,3 +207,34 @@ def private_key_object(key: paramiko.PKey) -> Any:
 
         return Ed25519PrivateKey.from_private_bytes(bytes(key._signing_key)[:32])
     return getattr(key, "key", None)
+
+
+def missing_private_names() -> List[str]:
+    """The names of `PRIVATE_NAMES` that the installed paramiko lacks; empty when all are there.
+
+    Looked up on live objects (an unstarted transport over a socket pair, a
+    channel, an Ed25519 key), since several are set per instance.
+    """
+    import io
+    import socket
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    text = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption()).decode()
+    ours, theirs = socket.socketpair()
+    try:
+        transport = paramiko.Transport(ours)
+        owners = {
+            "Transport": transport,
+            "Channel": paramiko.Channel(0),
+            "Ed25519Key": paramiko.Ed25519Key.from_private_key(io.StringIO(text)),
+            "transport module": paramiko.transport,
+        }
+        return [f"{owner}.{name}" for owner, name in PRIVATE_NAMES
+                if not hasattr(owners[owner], name)]
+    finally:
+        ours.close()
+        theirs.close()

@@ -1,0 +1,187 @@
+"""The everyday options of run_command (check, env, encoding, pty) and live output.
+
+Against a real sshd that accepts ``PEXEC_*`` variables, and ShellExecutor
+with the same expectations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import threading
+
+import pytest
+from conftest import start_openssh
+
+from paramiko_executor import (
+    CommandExecutionFailure,
+    CommandResult,
+    CommandTimeout,
+    DupingSSHExecutor,
+    ExecutorFailure,
+    ShellExecutor,
+    SSHExecutor,
+)
+
+
+@pytest.fixture(scope="module")
+def env_sshd():
+    server = start_openssh(max_sessions=4, extra_config=["AcceptEnv PEXEC_*"],
+                           forced_command="/bin/bash")
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def remote(env_sshd):
+    with SSHExecutor(**env_sshd.executor_parameters()) as ex:
+        yield ex
+
+
+@pytest.fixture(params=["ssh", "shell"])
+def executor(request, remote):
+    return remote if request.param == "ssh" else ShellExecutor()
+
+
+def test_check_false_returns_non_zero_and_signalled_results(executor):
+    result = executor.run_command("echo out; exit 7", check=False)
+    assert result == CommandResult("out\n", "", 7, None)
+    killed = executor.run_command("kill -KILL $$", check=False)
+    assert killed.exit_code == -1 and killed.exit_signal == "KILL"
+    with pytest.raises(CommandExecutionFailure) as info:
+        executor.run_command("kill -TERM $$")
+    assert info.value.exit_code == -1 and info.value.exit_signal == "TERM"
+
+
+def test_check_false_still_raises_a_timeout(executor):
+    with pytest.raises(CommandTimeout):
+        executor.run_command("sleep 10", timeout=0.5, check=False)
+
+
+def test_env_values_with_spaces_and_equals_arrive(executor):
+    env = {"PEXEC_A": "two words", "PEXEC_B": "x=y=z", "PEXEC_C": ""}
+    result = executor.run_command('printf "%s|%s|%s" "$PEXEC_A" "$PEXEC_B" "${PEXEC_C-unset}"',
+                                  env=env)
+    assert result.stdout == "two words|x=y=z|"
+
+
+def test_a_refused_variable_fails_before_the_command_runs(remote, env_sshd, tmp_path):
+    marker = f"/tmp/pe-env-refused-{os.getpid()}"
+    before = remote.statistics()
+    with pytest.raises(ExecutorFailure) as info:
+        remote.run_command(f"touch {marker}", env={"PEXEC_OK": "1", "NOT_ACCEPTED": "x"})
+    text = str(info.value)
+    assert "NOT_ACCEPTED" in text and "AcceptEnv" in text
+    assert not os.path.exists(marker)
+    # The connection stays, and the refused channel's slot came back.
+    assert remote.run_command("echo still").stdout == "still\n"
+    after = remote.statistics()
+    assert after.connects == before.connects
+    limit = remote.session_limit
+    results = [remote.run_command("sleep 0.2; echo ok") for _ in range(limit + 1)]
+    assert all(r.stdout == "ok\n" for r in results)
+
+
+def test_bad_env_is_refused_at_the_call(executor):
+    with pytest.raises(TypeError, match="env"):
+        executor.run_command("true", env={"A": 1})
+    with pytest.raises(TypeError, match="env"):
+        executor.run_command("true", env=["A=1"])
+    with pytest.raises(ValueError, match="env"):
+        executor.run_command("true", env={"A=B": "1"})
+
+
+def test_bytes_output_matches_a_random_blob(executor, shared_dir):
+    blob = os.urandom(3 * 1024 * 1024)
+    path = os.path.join(shared_dir, "blob")
+    with open(path, "wb") as file:
+        file.write(blob)
+    os.chmod(path, 0o644)
+    result = executor.run_command(f"cat {path}", encoding=None)
+    assert isinstance(result.stdout, bytes) and isinstance(result.stderr, bytes)
+    assert hashlib.sha256(result.stdout).digest() == hashlib.sha256(blob).digest()
+
+
+def test_another_codec_decodes_with_it(executor):
+    result = executor.run_command(r"printf 'caf\351\n'", encoding="latin-1")
+    assert result.stdout == "café\n"
+    with pytest.raises(ValueError, match="encoding"):
+        executor.run_command("true", encoding="no-such-codec")
+
+
+def test_pty_gives_the_command_a_terminal(executor):
+    assert executor.run_command("test -t 1", check=False).exit_code == 1
+    result = executor.run_command("test -t 1 && echo tty; echo err >&2", pty=True)
+    assert result.stdout.replace("\r\n", "\n") == "tty\nerr\n"
+
+
+def test_live_lines_arrive_before_the_command_ends(executor):
+    seen = []
+    released = threading.Event()
+
+    def on_output(stream, line):
+        seen.append((stream, line))
+        if line == "first\n":
+            released.set()
+
+    # The command waits until the first line was seen, so it must arrive live.
+    result = executor.run_command(
+        "echo first; echo oops >&2; sleep 1; printf 'last'", on_output=on_output)
+    assert released.is_set()
+    assert ("stdout", "first\n") in seen and ("stderr", "oops\n") in seen
+    assert [line for stream, line in seen if stream == "stdout"] == ["first\n", "last"]
+    assert result.stdout == "first\nlast" and result.stderr == "oops\n"
+
+
+def test_live_output_comes_from_the_calling_thread(executor):
+    threads = set()
+    executor.run_command("seq 1 100", on_output=lambda s, l: threads.add(threading.get_ident()))
+    assert threads == {threading.get_ident()}
+
+
+def test_live_bytes_with_encoding_none(executor):
+    lines = []
+    executor.run_command(r"printf 'a\nb\377\n'", encoding=None,
+                         on_output=lambda s, line: lines.append(line))
+    assert lines == [b"a\n", b"b\xff\n"]
+
+
+def test_a_raising_callback_ends_the_command_and_reaches_the_caller(executor):
+    class Stop(Exception):
+        pass
+
+    def on_output(stream, line):
+        raise Stop(line)
+
+    with pytest.raises(Stop):
+        executor.run_command("echo go; sleep 30", on_output=on_output, timeout=20)
+    assert executor.run_command("echo after").stdout == "after\n"
+
+
+def test_unkept_output_keeps_memory_flat(executor):
+    count = [0, 0]
+
+    def on_output(stream, line):
+        count[0] += 1
+        count[1] += len(line)
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # 100 MB of lines, none kept.
+    result = executor.run_command("yes 0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghij"
+                                  " | head -c 100000000", on_output=on_output, keep_output=False)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert result.stdout == "" and count[1] == 100_000_000
+    assert grown_kib < 50 * 1024, f"peak RSS grew by {grown_kib} KiB"
+
+
+def test_duping_executor_sends_env_and_live_lines(env_sshd):
+    params = env_sshd.executor_parameters(client_keys=[env_sshd.forced_key_path])
+    with DupingSSHExecutor(**params) as ex:
+        lines = []
+        result = ex.run_command('echo "$PEXEC_X"', env={"PEXEC_X": "duped"},
+                                on_output=lambda s, line: lines.append(line))
+        assert result.stdout == "duped\n" and lines == ["duped\n"]
+        with pytest.raises(ValueError, match="line"):
+            ex.run_command("sbatch\n#!/bin/sh\nrm -rf ~")
+        assert ex.run_command("echo usable").stdout == "usable\n"
