@@ -136,7 +136,7 @@ def test_live_lines_arrive_before_the_command_ends(executor):
 
 def test_live_output_comes_from_the_calling_thread(executor):
     threads = set()
-    executor.run_command("seq 1 100", on_output=lambda s, l: threads.add(threading.get_ident()))
+    executor.run_command("seq 1 100", on_output=lambda s, line: threads.add(threading.get_ident()))
     assert threads == {threading.get_ident()}
 
 
