@@ -58,7 +58,8 @@ _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
 def _short(path: str) -> str:
-    for marker in ("site-packages/", "lib/python3.11/", "/work/main/"):
+    for marker in ("site-packages/", f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/",
+                   f"{REPO}/"):
         if marker in path:
             return path.split(marker, 1)[1]
     return path

@@ -1,4 +1,4 @@
-"""Benchmark of issue 6: this library against raw paramiko, the asyncio executor and asyncssh.
+"""The command benchmark: this library against raw paramiko, the asyncio executor and asyncssh.
 
 One command::
 
@@ -11,7 +11,7 @@ It starts a private OpenSSH sshd on 127.0.0.1 with ``MaxSessions 10``
 /usr/sbin/sshd), then runs every contender in its own fresh interpreter,
 once per repetition (the order rotates between repetitions), and prints one
 table of medians with each contender's ratio to the asyncio executor measured
-in the same run, and PASS/FAIL against issue 6's targets for this library.
+in the same run, and PASS/FAIL against the library's targets (the ``target`` column).
 
 The asyncio executor is cobald-tardis' ``SSHExecutor``. cobald-tardis pins
 ``pydantic<2``, so it may live in its own virtual environment:

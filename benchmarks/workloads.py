@@ -27,7 +27,7 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of the workloads; ``FULL`` is issue 6's, ``QUICK`` a smoke run."""
+    """Sizes of the workloads; ``FULL`` is the targets' sizes, ``QUICK`` a smoke run."""
 
     w1_commands: int = 200
     w2_commands: int = 1000

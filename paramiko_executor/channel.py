@@ -53,6 +53,7 @@ from .errors import (
     ConnectionLost,
     ExecutorFailure,
     NeverStarted,
+    translate,
 )
 from .internals import (
     Handler,
@@ -619,27 +620,28 @@ class SessionChannel:
         self.chan.in_buffer.set_event(self.wakeup)
         self.chan.in_stderr_buffer.set_event(self.wakeup)
         try:
-            if spec.pty or spec.env:
-                if not self._prepare(spec, deadline):
-                    return None
-            # exec, stdin and EOF are pipelined without waiting for the exec
-            # reply: the server handles them in order, and a refused exec
-            # closes the channel before the rest is read.
-            self.sending = True
-            if not self._request("exec", spec.command, want_reply=True):
-                raise NeverStarted("the server closed the channel before the command was sent")
-            self.exec_sent = True
-            if after_exec is not None:
-                after_exec()
-            return self._converse(spec, deadline, live)
-        except TRANSPORT_ERRORS as exc:
-            if not self.transport.is_active() or isinstance(exc, (EOFError, OSError)):
-                raise ConnectionLost(f"the connection was lost: {exc!r}",
-                                     started=self.exec_sent) from None
-            raise ExecutorFailure(f"SSH error: {exc!r}") from None
+            with translate(self.transport, started=lambda: self.exec_sent,
+                           what="the command's channel"):
+                return self._start(spec, deadline, live, after_exec)
         finally:
             if not self.discarding:
                 self._close_quietly()
+
+    def _start(self, spec: CommandSpec, deadline: Optional[float], live: bool,
+               after_exec: Optional[Callable[[], None]]) -> Optional[ChannelOutcome]:
+        if spec.pty or spec.env:
+            if not self._prepare(spec, deadline):
+                return None
+        # exec, stdin and EOF are pipelined without waiting for the exec
+        # reply: the server handles them in order, and a refused exec
+        # closes the channel before the rest is read.
+        self.sending = True
+        if not self._request("exec", spec.command, want_reply=True):
+            raise NeverStarted("the server closed the channel before the command was sent")
+        self.exec_sent = True
+        if after_exec is not None:
+            after_exec()
+        return self._converse(spec, deadline, live)
 
     def _prepare(self, spec: CommandSpec, deadline: Optional[float]) -> bool:
         """Ask for a terminal and the variables, and wait for every answer before the exec.

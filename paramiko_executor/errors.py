@@ -28,7 +28,7 @@ the transport's state, to `ConnectionLost` or `ExecutorFailure`.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple, Type, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple, Type, TypeVar, Union
 
 import paramiko
 
@@ -167,13 +167,15 @@ def is_lost(exc: BaseException, transport: paramiko.Transport) -> bool:
 
 
 @contextlib.contextmanager
-def translate(transport: paramiko.Transport, *, started: bool = True,
+def translate(transport: paramiko.Transport, *,
+              started: Union[bool, Callable[[], bool]] = True,
               what: str = "the connection") -> Iterator[None]:
     """Map the low-level errors raised inside the block to the library's own.
 
-    A `TRANSPORT_ERRORS` exception becomes `ConnectionLost` (with ``started``)
-    when it means the connection broke, else `ExecutorFailure` naming ``what``.
-    The library's own errors pass unchanged.
+    A `TRANSPORT_ERRORS` exception becomes `ConnectionLost` (with ``started``,
+    or what ``started()`` says at that moment) when it means the connection
+    broke, else `ExecutorFailure` naming ``what``. The library's own errors pass
+    unchanged.
     """
     try:
         yield
@@ -181,7 +183,8 @@ def translate(transport: paramiko.Transport, *, started: bool = True,
         raise
     except TRANSPORT_ERRORS as exc:
         if is_lost(exc, transport):
-            raise ConnectionLost(f"{what} was lost: {exc!r}", started=started) from None
+            began = started() if callable(started) else started
+            raise ConnectionLost(f"{what} was lost: {exc!r}", started=began) from None
         raise ExecutorFailure(f"SSH error on {what}: {exc!r}") from None
 
 
