@@ -10,8 +10,8 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-
 from helpers import run_threads, wait_for
+
 from paramiko_executor import connection as connection_module
 from paramiko_executor.connection import Connection
 from paramiko_executor.errors import ExecutorFailure, TemporaryFailure
