@@ -460,3 +460,57 @@ def test_expand_paths_none_and_quotes(tmp_path):
     assert expand_paths("none", "UserKnownHostsFile", {}) is None
     assert expand_paths(f'"{tmp_path}/a b" {tmp_path}/c', "K", {}) == (
         f"{tmp_path}/a b", f"{tmp_path}/c")
+
+
+def test_auth_messages_escape_server_text():
+    from paramiko_executor import AuthenticationFailure
+    from paramiko_executor.auth import Credentials, TOTPLedger, _Login, _PromptAnswerer
+
+    answerer = _PromptAnswerer(Credentials(username="u"), TOTPLedger())
+    with pytest.raises(EOFError):
+        answerer("", "", [("Code\x1b]0;owned\x07:", False)])
+    assert "\x1b" not in answerer.refusal and "Code\\x1b]0;owned\\x07:" in answerer.refusal
+
+    class DeadTransport:
+        auth_timeout = None
+
+        def is_active(self) -> bool:
+            return False
+
+    login = _Login(DeadTransport(), Credentials(username="u"), "h:22")
+    login.disconnect = (14, "Too many authentication failures\x1b[2J")
+    with pytest.raises(AuthenticationFailure) as info:
+        login._raise_if_not_refusal("password", EOFError(), 0.0)
+    assert "\x1b" not in str(info.value) and "failures\\x1b[2J" in str(info.value)
+    login.disconnect = (2, "bye\x1b[2J")
+    with pytest.raises(Exception) as info:
+        login._raise_if_not_refusal("password", EOFError(), 0.0)
+    assert "\x1b" not in str(info.value) and "bye\\x1b[2J" in str(info.value)
+
+
+# -- 16. ssh_config errors are the executor's own, without quoting the file -----------------------
+
+
+@pytest.mark.parametrize("content", ["LeakySecretLine\n", "Host a\nMatch\n"])
+def test_unparsable_ssh_config_is_a_value_error_naming_the_file(tmp_path, content):
+    config = write(tmp_path / "config", content)
+    with pytest.raises(ValueError, match="ssh_config") as info:
+        SSHExecutor(host="a", config=config)
+    assert config in str(info.value)
+    assert "LeakySecretLine" not in str(info.value) and "Match" not in str(info.value)
+
+
+def test_binary_ssh_config_is_a_value_error(tmp_path):
+    config = tmp_path / "config"
+    config.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match="not a UTF-8 text file"):
+        SSHExecutor(host="a", config=str(config))
+
+
+def test_yaml_names_the_bad_ssh_config_and_the_document_position(tmp_path):
+    executor_yaml = pytest.importorskip("paramiko_executor.yaml")
+    config = write(tmp_path / "config", "LeakySecretLine\n")
+    with pytest.raises(ValueError) as info:
+        executor_yaml.load(f"!SSHExecutor {{host: h, config: '{config}'}}")
+    text = str(info.value)
+    assert config in text and "line 1" in text and "LeakySecretLine" not in text
