@@ -231,6 +231,10 @@ class HostKeyPolicy:
     with its directory, owner-only permissions; the name hashed when ``hash_known_hosts``) and
     accepts it; a changed key is still refused. With an empty list of user files there is
     nowhere to record: a new key is accepted each time (like a ``/dev/null`` file).
+
+    ``strict=False`` (OpenSSH's ``StrictHostKeyChecking no``) accepts unknown and changed keys
+    (a changed one with a warning in the log) and records nothing, but still refuses revoked
+    keys: OpenSSH refuses those whatever ``StrictHostKeyChecking`` says.
     """
 
     def __init__(
@@ -242,6 +246,7 @@ class HostKeyPolicy:
         revoked_host_keys: Union[str, os.PathLike, None] = None,
         hash_known_hosts: bool = False,
         host_key_alias: Optional[str] = None,
+        strict: bool = True,
     ) -> None:
         self.files: Optional[Tuple[str, ...]] = (
             None if known_hosts is None else _check_paths("known_hosts", known_hosts)
@@ -250,18 +255,22 @@ class HostKeyPolicy:
         if revoked_host_keys is not None:
             (revoked_host_keys,) = _check_paths("revoked_host_keys", [revoked_host_keys])
         self.revoked_file: Optional[str] = revoked_host_keys
-        for name, value in (("accept_new", accept_new), ("hash_known_hosts", hash_known_hosts)):
+        for name, value in (("accept_new", accept_new), ("hash_known_hosts", hash_known_hosts),
+                            ("strict", strict)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+        if accept_new and not strict:
+            raise ValueError("accept_new=True and strict=False exclude each other")
         if host_key_alias is not None and (not isinstance(host_key_alias, str)
                                            or not host_key_alias):
             raise TypeError("host_key_alias must be a non-empty str or None")
         self.accept_new = accept_new
+        self.strict = strict
         self.hash_known_hosts = hash_known_hosts
         self.host_key_alias = host_key_alias
 
     def __repr__(self) -> str:
-        extra = ""
+        extra = "" if self.strict else ", strict=False"
         if self.global_files:
             extra += f", global_known_hosts={self.global_files!r}"
         if self.revoked_file is not None:
@@ -331,6 +340,13 @@ class HostKeyPolicy:
         trusted, revoked = self._for_host(self._entries(), name)
         if self.revoked_file is not None:
             revoked += _read_revoked(self.revoked_file)
+        if not self.strict:
+            self._refuse_revoked(key, name, revoked)
+            try:
+                self._check(key, name, trusted, ())
+            except HostKeyFailure as changed:
+                log.warning("%s; accepted anyway (StrictHostKeyChecking no)", changed)
+            return
         if self._check(key, name, trusted, revoked):
             return
         if not self.accept_new:
@@ -341,15 +357,24 @@ class HostKeyPolicy:
         self._record(key, name)
 
     @staticmethod
-    def _check(
-        key: paramiko.PKey, name: str, trusted: Sequence[_Entry], revoked: Sequence[_Entry]
-    ) -> bool:
-        """True if ``key`` is known for ``name``; False if the host has no known key at all."""
-        offered = f"{key.get_name()} {fingerprint(key)}"
+    def _refuse_revoked(key: paramiko.PKey, name: str, revoked: Sequence[_Entry]) -> None:
+        """Raise ``HostKeyFailure`` if one of the ``revoked`` entries is ``key``."""
         blob = key.asbytes()
         for entry in revoked:
             if entry.key.asbytes() == blob:
-                raise HostKeyFailure(f"Host key for {name} is revoked ({offered}; {entry.where})")
+                raise HostKeyFailure(
+                    f"Host key for {name} is revoked ({key.get_name()} {fingerprint(key)}; "
+                    f"{entry.where})"
+                )
+
+    @classmethod
+    def _check(
+        cls, key: paramiko.PKey, name: str, trusted: Sequence[_Entry], revoked: Sequence[_Entry]
+    ) -> bool:
+        """True if ``key`` is known for ``name``; False if the host has no known key at all."""
+        cls._refuse_revoked(key, name, revoked)
+        offered = f"{key.get_name()} {fingerprint(key)}"
+        blob = key.asbytes()
         if any(entry.key.asbytes() == blob for entry in trusted):
             log.debug("host key for %s is known (%s)", name, offered)
             return True

@@ -255,10 +255,16 @@ def _tokens(alias: str, hostname: str, port: int, username: str) -> Dict[str, st
 def _host_key_policy(
     explicit: Any, host_config: Mapping[str, Any], tokens: Mapping[str, str]
 ) -> HostKeyPolicy:
-    """The host-key rules for one host: explicit ``known_hosts`` first, then ssh_config."""
+    """The host-key rules for one host: explicit ``known_hosts`` first, then ssh_config.
+
+    ``known_hosts=None`` switches verification off. ``StrictHostKeyChecking no`` from
+    ssh_config accepts unknown and changed keys but, as in OpenSSH, never a revoked one.
+    """
     strict = str(host_config.get("stricthostkeychecking", "yes")).lower()
-    if explicit is None or (explicit is DEFAULT and strict in ("no", "off")):
+    if explicit is None:
         return HostKeyPolicy(None)
+    # An explicit known_hosts means "verify against these": ssh_config cannot loosen it.
+    lax = explicit is DEFAULT and strict in ("no", "off")
     if explicit is not DEFAULT:
         files: Any = explicit
     else:
@@ -285,6 +291,7 @@ def _host_key_policy(
     return HostKeyPolicy(
         files,
         accept_new=strict == "accept-new",
+        strict=not lax,
         global_known_hosts=global_paths,
         revoked_host_keys=revoked,
         hash_known_hosts=str(host_config.get("hashknownhosts", "no")).lower() == "yes",
@@ -448,7 +455,8 @@ def _resolve_jumps(
             params["port"] = port
         if "identityfile" not in hop_config and key_filenames:
             params["key_filename"] = list(key_filenames)
-        if known_hosts not in (DEFAULT, None) and "userknownhostsfile" not in hop_config:
+        if known_hosts is not DEFAULT and known_hosts is not None \
+                and "userknownhostsfile" not in hop_config:
             params["known_hosts"] = known_hosts
         # Only the first hop follows its own ProxyJump/ProxyCommand; each later
         # hop is reached through the one before it, as OpenSSH does.

@@ -153,7 +153,8 @@ Host off
 Host new
     StrictHostKeyChecking accept-new
 """)
-    assert target(SSHExecutor(host="off", config=config)).host_keys.files is None
+    off = target(SSHExecutor(host="off", config=config)).host_keys
+    assert not off.strict and not off.accept_new  # still refuses revoked keys
     new = target(SSHExecutor(host="new", config=config)).host_keys
     assert new.files is not None and new.accept_new
     assert target(SSHExecutor(host="other", config=config)).host_keys.files is not None

@@ -178,6 +178,27 @@ def test_revoked_host_keys_file(sshd, tmp_path):
     assert run(config) == "ok\n"
 
 
+def test_strict_host_key_checking_no_still_refuses_revoked_keys(sshd, sshd3, tmp_path, caplog):
+    key = sshd.host_public_key
+    known = tmp_path / "kh"
+    config = write(tmp_path / "config", block("target", sshd, "    StrictHostKeyChecking no\n",
+                                              known=known))
+    write(known, host_line(name_of(sshd), sshd3.host_public_key))  # a changed key: accepted
+    with caplog.at_level(logging.WARNING, logger="paramiko_executor.hostkeys"):
+        assert run(config) == "ok\n"
+    assert any("does not match" in r.getMessage() for r in caplog.records)
+    write(known, host_line("*", key, marker="@revoked"))
+    with pytest.raises(HostKeyFailure, match="revoked"):
+        run(config)
+    write(known, "")
+    revoked = write(tmp_path / "revoked", f"{key.get_name()} {key.get_base64()}\n")
+    config = write(tmp_path / "config", f"Host target\n    RevokedHostKeys {revoked}\n"
+                   + block("target", sshd, "    StrictHostKeyChecking no\n", known=known))
+    with pytest.raises(HostKeyFailure, match="revoked"):
+        run(config)
+    assert known.read_text() == ""  # nothing recorded
+
+
 # -- 3. a ProxyJump hop keeps its own StrictHostKeyChecking ---------------------------------------
 
 
