@@ -20,6 +20,7 @@ import hmac
 import logging
 import os
 import re
+import struct
 import threading
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -160,36 +161,101 @@ def _read_entries(path: str) -> List[_Entry]:
     return entries
 
 
-def _read_revoked(path: str) -> List[_Entry]:
-    """The keys a ``RevokedHostKeys`` file lists (``type base64 [comment]`` lines).
+class _Reader:
+    """Reads the SSH wire encoding (RFC 4251) of a KRL; ``ValueError`` when it is truncated."""
 
-    Like OpenSSH, a file that cannot be read (or is missing) refuses every key: a revocation
-    list that silently counts as empty would let a revoked key through. Binary key revocation
-    lists (KRL) are not understood, and refused the same way.
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = 0
+
+    def take(self, count: int) -> bytes:
+        if count > len(self.data) - self.at:
+            raise ValueError("truncated")
+        self.at += count
+        return self.data[self.at - count:self.at]
+
+    def uint32(self) -> int:
+        return struct.unpack(">I", self.take(4))[0]
+
+    def string(self) -> bytes:
+        return self.take(self.uint32())
+
+    def done(self) -> bool:
+        return self.at == len(self.data)
+
+
+def _krl_revokes(data: bytes, blob: bytes) -> bool:
+    """Whether an OpenSSH key revocation list (PROTOCOL.krl) revokes the plain key ``blob``.
+
+    Explicit keys and SHA1/SHA256 fingerprints are checked; certificate sections do not apply
+    to plain keys and signatures are not verified (nor does OpenSSH verify them here). A
+    malformed list, another format version or an unknown (or critical extension) section is a
+    ``ValueError``: OpenSSH refuses to connect then too.
+    """
+    krl = _Reader(data)
+    krl.take(len(_KRL_MAGIC))
+    if krl.uint32() != 1:
+        raise ValueError("unsupported KRL format version")
+    krl.take(8 * 3)  # krl_version, generated_date, flags
+    krl.string()  # reserved
+    krl.string()  # comment
+    sha1, sha256 = hashlib.sha1(blob).digest(), hashlib.sha256(blob).digest()
+    revoked = False
+    while not krl.done():
+        section, body = krl.take(1)[0], _Reader(krl.string())
+        if section in (2, 3, 5):  # explicit keys, SHA1 and SHA256 fingerprints
+            wanted = {2: blob, 3: sha1, 5: sha256}[section]
+            while not body.done():
+                revoked = body.string() == wanted or revoked
+        elif section == 255:  # extension: name, critical flag, data
+            name, critical = body.string(), body.take(1)[0]
+            if critical:
+                raise ValueError(f"critical KRL extension {name!r}")
+        elif section not in (1, 4):  # certificates, signature
+            raise ValueError(f"unknown KRL section {section}")
+    return revoked
+
+
+def _revoked(name: str, key: paramiko.PKey, where: str) -> HostKeyFailure:
+    """The failure for a revoked ``key`` of host ``name``, revoked at ``where``."""
+    return HostKeyFailure(
+        f"Host key for {name} is revoked ({key.get_name()} {fingerprint(key)}; {where})"
+    )
+
+
+def _revoked_by_file(path: str, key: paramiko.PKey) -> Optional[str]:
+    """Where a ``RevokedHostKeys`` file revokes ``key`` (``path:line`` or ``path``), else None.
+
+    The file is a binary KRL (``ssh-keygen -k``) or lists public keys one per line
+    (``type base64 [comment]``; malformed lines skipped). Like OpenSSH, a file that cannot be
+    read (or is missing) or a malformed KRL refuses every key: a revocation list that silently
+    counted as empty would let a revoked key through.
     """
     try:
         with open(path, "rb") as f:
-            head = f.read(len(_KRL_MAGIC))
+            data = f.read()
     except OSError as e:
         raise HostKeyFailure(f"cannot read RevokedHostKeys file {path}: {e.strerror}") from None
-    if head == _KRL_MAGIC:
-        raise HostKeyFailure(
-            f"RevokedHostKeys file {path} is a binary KRL, which paramiko_executor cannot "
-            "read: list the revoked public keys one per line instead"
-        )
-    entries = []
-    for lineno, raw in enumerate(_lines(path, "RevokedHostKeys") or (), 1):
+    blob = key.asbytes()
+    if data.startswith(_KRL_MAGIC):
+        try:
+            return path if _krl_revokes(data, blob) else None
+        except ValueError as e:
+            raise HostKeyFailure(f"RevokedHostKeys file {path} is not a valid KRL ({e})") \
+                from None
+    for lineno, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
         fields = raw.split()
         if not fields or fields[0].startswith("#"):
             continue
         where = f"{path}:{lineno}"
         try:
-            key = _public_key(fields[0], fields[1] if len(fields) > 1 else "")
+            listed = _public_key(fields[0], fields[1] if len(fields) > 1 else "")
         except Exception as e:  # noqa: BLE001 - as in _parse_line
             log.debug("%s: unusable key (%s); line skipped", where, type(e).__name__)
             continue
-        entries.append(_Entry("@revoked", ("*",), key, where))
-    return entries
+        if listed.asbytes() == blob:
+            return where
+    return None
 
 
 Paths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
@@ -224,7 +290,8 @@ class HostKeyPolicy:
     ``!negation``) and the ``@revoked`` marker are understood in every file (a revoked key is
     refused even if another line trusts it); ``@cert-authority`` lines are ignored (paramiko
     has no host certificates). ``revoked_host_keys`` (OpenSSH's ``RevokedHostKeys``) names a
-    file of public keys refused for every host; if it cannot be read, every key is refused.
+    file of public keys, or a binary KRL, refused for every host; if it cannot be read, every
+    key is refused.
 
     ``accept_new=True`` (OpenSSH's ``StrictHostKeyChecking accept-new``) records the key of a
     host that has no known key in any file (user or global) in the first user file (created
@@ -339,7 +406,9 @@ class HostKeyPolicy:
         name = self.name_for(hostname, port)
         trusted, revoked = self._for_host(self._entries(), name)
         if self.revoked_file is not None:
-            revoked += _read_revoked(self.revoked_file)
+            where = _revoked_by_file(self.revoked_file, key)
+            if where is not None:
+                raise _revoked(name, key, f"RevokedHostKeys {where}")
         if not self.strict:
             self._refuse_revoked(key, name, revoked)
             try:
@@ -362,10 +431,7 @@ class HostKeyPolicy:
         blob = key.asbytes()
         for entry in revoked:
             if entry.key.asbytes() == blob:
-                raise HostKeyFailure(
-                    f"Host key for {name} is revoked ({key.get_name()} {fingerprint(key)}; "
-                    f"{entry.where})"
-                )
+                raise _revoked(name, key, entry.where)
 
     @classmethod
     def _check(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -197,6 +199,33 @@ def test_strict_host_key_checking_no_still_refuses_revoked_keys(sshd, sshd3, tmp
     with pytest.raises(HostKeyFailure, match="revoked"):
         run(config)
     assert known.read_text() == ""  # nothing recorded
+
+
+@pytest.mark.parametrize("spec", ["key", "sha1", "hash"])
+def test_revoked_host_keys_krl(sshd, sshd3, tmp_path, spec):
+    ssh_keygen = shutil.which("ssh-keygen")
+    if ssh_keygen is None:
+        pytest.skip("ssh-keygen not installed")
+
+    def krl(key: paramiko.PKey, path: Path) -> str:
+        pub = write(tmp_path / "key.pub", f"{key.get_name()} {key.get_base64()}\n")
+        lines = {"key": f"key: {key.get_name()} {key.get_base64()}",
+                 "sha1": f"sha1: {key.get_name()} {key.get_base64()}",
+                 "hash": f"hash: {key.fingerprint}"}
+        spec_file = write(tmp_path / "spec", lines[spec] + "\n")
+        subprocess.run([ssh_keygen, "-q", "-k", "-f", str(path), spec_file], check=True,
+                       capture_output=True, timeout=30)
+        os.unlink(pub)
+        return str(path)
+
+    known = write(tmp_path / "kh", host_line(name_of(sshd), sshd.host_public_key))
+    revoked = krl(sshd.host_public_key, tmp_path / "revoked.krl")
+    config = write(tmp_path / "config", f"Host target\n    RevokedHostKeys {revoked}\n"
+                   + block("target", sshd, known=known))
+    with pytest.raises(HostKeyFailure, match="revoked"):
+        run(config)
+    krl(sshd3.host_public_key, Path(revoked))  # revokes another key only
+    assert run(config) == "ok\n"
 
 
 # -- 3. a ProxyJump hop keeps its own StrictHostKeyChecking ---------------------------------------
