@@ -252,7 +252,8 @@ def _connection_parser() -> argparse.ArgumentParser:
     )
     options.add_argument(
         "--known-hosts", metavar="PATH|none",
-        help="known_hosts file to verify the host key against (default: ~/.ssh/known_hosts). "
+        help="known_hosts file to verify the host key against (default: ~/.ssh/known_hosts; "
+        "the system-wide GlobalKnownHostsFile and RevokedHostKeys are read too). "
         "'none' turns host key verification OFF: INSECURE, anyone in between can "
         "impersonate the host; for throw-away test hosts only",
     )
