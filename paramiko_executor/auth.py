@@ -38,6 +38,7 @@ from paramiko.ssh_exception import (
 
 from .hostkeys import fingerprint
 from .results import AuthenticationFailure
+from .text import printable
 
 __all__ = [
     "MFAEntry",
@@ -322,7 +323,10 @@ class _PromptAnswerer:
                 else:
                     configured = ", ".join(repr(p) for p in self._secrets) or "none"
                     why = f"no mfa_config entry matches it (configured prompts: {configured})"
-                self.refusal = f"keyboard-interactive prompt {prompt!r} not answered: {why}"
+                # The prompt is the server's text: escaped, it cannot drive a terminal.
+                self.refusal = (
+                    f"keyboard-interactive prompt '{printable(prompt)}' not answered: {why}"
+                )
                 raise _PromptRefused(self.refusal)
         answers: List[str] = []
         for prompt, secret in plan:
@@ -370,9 +374,9 @@ class _Login:
             code, text = self.disconnect
             if code == _NO_MORE_AUTH_METHODS or "auth" in text.lower():
                 self.tried.append(f"{what} (server disconnected)")
-                raise self.fail(f"the server closed the connection: {text}") from None
+                raise self.fail(f"the server closed the connection: {printable(text)}") from None
         if not self.t.is_active():
-            said = f" (server said: {self.disconnect[1]})" if self.disconnect else ""
+            said = f" (server said: {printable(self.disconnect[1])})" if self.disconnect else ""
             raise AuthenticationInterrupted(
                 f"connection to {self.target} lost during authentication ({what}){said}"
             ) from error
@@ -402,12 +406,12 @@ class _Login:
             return None
         except AuthenticationException as e:
             self._raise_if_not_refusal(what, e, started)
-            detail = str(e).strip() if self.creds.auth_strategy is not None else ""
+            detail = printable(str(e).strip()) if self.creds.auth_strategy is not None else ""
             self.tried.append(f"{what} (refused{': ' + detail if detail else ''})")
             return None
         except (SSHException, EOFError, OSError) as e:
             self._raise_if_not_refusal(what, e, started)
-            self.tried.append(f"{what} ({type(e).__name__}: {e})")
+            self.tried.append(f"{what} ({type(e).__name__}: {printable(e)})")
             return None
         if self.t.is_authenticated():
             return []

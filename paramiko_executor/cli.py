@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, TextIO
 
 from .executors import DupingSSHExecutor, Executor, SSHExecutor
 from .results import CommandExecutionFailure, CommandTimeout, ExecutorFailure
+from .text import printable
 
 __all__ = ["main", "EXIT_USAGE", "EXIT_TIMEOUT", "EXIT_EXECUTOR_FAILURE"]
 
@@ -44,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.handler(args)
     except CommandLineError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {printable(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
@@ -251,14 +252,16 @@ def _connection_parser() -> argparse.ArgumentParser:
     )
     options.add_argument(
         "--known-hosts", metavar="PATH|none",
-        help="known_hosts file to verify the host key against (default: ~/.ssh/known_hosts). "
+        help="known_hosts file to verify the host key against (default: ~/.ssh/known_hosts; "
+        "the system-wide GlobalKnownHostsFile and RevokedHostKeys are read too). "
         "'none' turns host key verification OFF: INSECURE, anyone in between can "
         "impersonate the host; for throw-away test hosts only",
     )
     options.add_argument(
         "--password-env", metavar="VAR",
         help="take the password from environment variable VAR (never from the command line, "
-        "where other users can read it)",
+        "where other users can read it); VAR is removed from the environment once read, so "
+        "no child process (a ProxyCommand) inherits it",
     )
     options.add_argument(
         "-F", "--ssh-config", action="append", metavar="PATH|none",
@@ -315,7 +318,9 @@ def _executor(args: argparse.Namespace) -> Executor:
             raise CommandLineError(
                 f"--password-env: environment variable {args.password_env} is not set"
             )
-        parameters["password"] = os.environ[args.password_env]
+        # Taken out of the environment, not just read: a ProxyCommand (or any other child
+        # this process starts) would inherit it, and /proc/PID/environ shows it.
+        parameters["password"] = os.environ.pop(args.password_env)
     if args.ssh_config is not None:
         parameters["config"] = () if args.ssh_config == ["none"] else tuple(args.ssh_config)
     if args.connect_retries is not None:
@@ -354,7 +359,8 @@ def _load_config(path: str) -> Executor:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """``text`` on one line, safe for a terminal: messages may carry server-sent text."""
+    return printable(" ".join(text.split()))
 
 
 def _write(stream: TextIO, text: str) -> None:

@@ -4,20 +4,29 @@
 with several host keys presents the one we know) and checks the server's key after it, raising
 :class:`~paramiko_executor.results.HostKeyFailure` for an unknown, changed or revoked key.
 Files are read on every check, so edits to ``known_hosts`` take effect on the next connection.
+
+It trusts no more than OpenSSH would: the user's files and the system-wide ones
+(``GlobalKnownHostsFile``) are both consulted, for trust and for ``@revoked`` lines, and a
+``RevokedHostKeys`` file revokes keys for every host. Lines are split on any whitespace, as
+OpenSSH splits them; a malformed line is skipped (logged at DEBUG with its file and line).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import logging
 import os
 import re
+import struct
 import threading
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import paramiko
-from paramiko.hostkeys import HostKeyEntry, HostKeys
-from paramiko.ssh_exception import SSHException
+from paramiko.hostkeys import HostKeys
 
 from .results import HostKeyFailure
 
@@ -26,7 +35,7 @@ try:
 except ImportError:  # Windows: the in-process lock below still serialises our own threads
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["HostKeyPolicy", "fingerprint", "known_hosts_name"]
+__all__ = ["DEFAULT_GLOBAL_KNOWN_HOSTS", "HostKeyPolicy", "fingerprint", "known_hosts_name"]
 
 log = logging.getLogger("paramiko_executor.hostkeys")
 
@@ -35,6 +44,15 @@ _append_lock = threading.Lock()
 
 # known_hosts names an RSA key "ssh-rsa"; the transport negotiates it as one of these.
 _RSA_ALGORITHMS = ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
+
+#: OpenSSH's default ``GlobalKnownHostsFile``: the system-wide known hosts an administrator keeps.
+DEFAULT_GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
+
+#: The markers OpenSSH knows; a line with any other is malformed.
+_MARKERS = ("@revoked", "@cert-authority")
+
+#: The first bytes of an OpenSSH key revocation list (binary ``RevokedHostKeys`` format).
+_KRL_MAGIC = b"SSHKRL\n\0"
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -56,9 +74,23 @@ class _Entry:
     where: str  # "path:line"
 
 
+def _hashed_name_matches(hashed: str, name: str) -> bool:
+    """``|1|salt|hmac`` (HashKnownHosts yes): the HMAC-SHA1 of ``name`` keyed by the salt."""
+    parts = hashed.split("|")
+    if len(parts) != 4:
+        return False
+    try:
+        salt = base64.b64decode(parts[2], validate=True)
+        expected = base64.b64decode(parts[3], validate=True)
+    except (binascii.Error, ValueError):
+        return False  # a damaged hash matches nothing, as in OpenSSH
+    digest = hmac.new(salt, name.encode("utf-8"), hashlib.sha1).digest()
+    return hmac.compare_digest(digest, expected)
+
+
 def _name_matches(pattern: str, name: str) -> bool:
     if pattern.startswith("|1|"):  # hashed entry (HashKnownHosts yes)
-        return HostKeys.hash_host(name, pattern) == pattern
+        return _hashed_name_matches(pattern, name)
     # OpenSSH patterns know only "*" and "?"; "[" is literal ("[host]:port"), unlike fnmatch.
     regex = re.escape(pattern.lower()).replace(r"\*", ".*").replace(r"\?", ".")
     return re.fullmatch(regex, name) is not None
@@ -76,79 +108,258 @@ def _names_match(patterns: Sequence[str], name: str) -> bool:
     return matched
 
 
-def _read_entries(path: str) -> List[_Entry]:
-    """Parse one known_hosts file. A missing file has no entries; unparsable lines are skipped."""
+def _lines(path: str, what: str) -> Optional[List[str]]:
+    """The lines of ``path``; None if it does not exist. Unreadable: ``HostKeyFailure``."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
+            return f.read().splitlines()
     except FileNotFoundError:
-        return []
+        return None
     except OSError as e:
-        raise HostKeyFailure(f"cannot read known_hosts file {path}: {e.strerror}") from None
+        raise HostKeyFailure(f"cannot read {what} file {path}: {e.strerror}") from None
+
+
+def _public_key(key_type: str, data: str) -> paramiko.PKey:
+    """A public key from its known_hosts fields; raises for anything malformed or unknown."""
+    return paramiko.PKey.from_type_string(key_type, base64.b64decode(data, validate=True))
+
+
+def _parse_line(raw: str, where: str) -> Optional[_Entry]:
+    """One known_hosts line as an entry; None for a blank, comment or malformed line.
+
+    Fields and the marker are separated by any run of spaces or tabs, as in OpenSSH (a tab
+    after ``@revoked`` must not turn a revocation into nothing).
+    """
+    fields = raw.split()
+    if not fields or fields[0].startswith("#"):
+        return None
+    marker = None
+    if fields[0].startswith("@"):
+        marker, fields = fields[0], fields[1:]
+        if marker not in _MARKERS:
+            log.debug("%s: unknown marker %s; line skipped", where, marker)
+            return None
+    if len(fields) < 3:
+        log.debug("%s: not a known_hosts line (too few fields); skipped", where)
+        return None
+    try:
+        key = _public_key(fields[1], fields[2])
+    except Exception as e:  # noqa: BLE001 - paramiko's key parsers raise many types
+        # OpenSSH skips a line it cannot parse; one bad line must not refuse every host.
+        log.debug("%s: unusable %s key (%s); line skipped", where, fields[1], type(e).__name__)
+        return None
+    return _Entry(marker, tuple(fields[0].split(",")), key, where)
+
+
+def _read_entries(path: str) -> List[_Entry]:
+    """Parse one known_hosts file. A missing file has no entries; malformed lines are skipped."""
     entries = []
-    for lineno, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        marker = None
-        if line.startswith("@"):
-            marker, _, line = line.partition(" ")
-            line = line.strip()
-        try:
-            entry = HostKeyEntry.from_line(line, lineno)
-        except (SSHException, ValueError):
-            entry = None
-        if entry is None:  # bad line or key type paramiko does not know: not ours to judge
-            continue
-        entries.append(_Entry(marker, tuple(entry.hostnames), entry.key, f"{path}:{lineno}"))
+    for lineno, raw in enumerate(_lines(path, "known_hosts") or (), 1):
+        entry = _parse_line(raw, f"{path}:{lineno}")
+        if entry is not None:
+            entries.append(entry)
     return entries
+
+
+class _Reader:
+    """Reads the SSH wire encoding (RFC 4251) of a KRL; ``ValueError`` when it is truncated."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = 0
+
+    def take(self, count: int) -> bytes:
+        if count > len(self.data) - self.at:
+            raise ValueError("truncated")
+        self.at += count
+        return self.data[self.at - count:self.at]
+
+    def uint32(self) -> int:
+        return struct.unpack(">I", self.take(4))[0]
+
+    def string(self) -> bytes:
+        return self.take(self.uint32())
+
+    def done(self) -> bool:
+        return self.at == len(self.data)
+
+
+def _krl_revokes(data: bytes, blob: bytes) -> bool:
+    """Whether an OpenSSH key revocation list (PROTOCOL.krl) revokes the plain key ``blob``.
+
+    Explicit keys and SHA1/SHA256 fingerprints are checked; certificate sections do not apply
+    to plain keys and signatures are not verified (nor does OpenSSH verify them here). A
+    malformed list, another format version or an unknown (or critical extension) section is a
+    ``ValueError``: OpenSSH refuses to connect then too.
+    """
+    krl = _Reader(data)
+    krl.take(len(_KRL_MAGIC))
+    if krl.uint32() != 1:
+        raise ValueError("unsupported KRL format version")
+    krl.take(8 * 3)  # krl_version, generated_date, flags
+    krl.string()  # reserved
+    krl.string()  # comment
+    sha1, sha256 = hashlib.sha1(blob).digest(), hashlib.sha256(blob).digest()
+    revoked = False
+    while not krl.done():
+        section, body = krl.take(1)[0], _Reader(krl.string())
+        if section in (2, 3, 5):  # explicit keys, SHA1 and SHA256 fingerprints
+            wanted = {2: blob, 3: sha1, 5: sha256}[section]
+            while not body.done():
+                revoked = body.string() == wanted or revoked
+        elif section == 255:  # extension: name, critical flag, data
+            name, critical = body.string(), body.take(1)[0]
+            if critical:
+                raise ValueError(f"critical KRL extension {name!r}")
+        elif section not in (1, 4):  # certificates, signature
+            raise ValueError(f"unknown KRL section {section}")
+    return revoked
+
+
+def _revoked(name: str, key: paramiko.PKey, where: str) -> HostKeyFailure:
+    """The failure for a revoked ``key`` of host ``name``, revoked at ``where``."""
+    return HostKeyFailure(
+        f"Host key for {name} is revoked ({key.get_name()} {fingerprint(key)}; {where})"
+    )
+
+
+def _revoked_by_file(path: str, key: paramiko.PKey) -> Optional[str]:
+    """Where a ``RevokedHostKeys`` file revokes ``key`` (``path:line`` or ``path``), else None.
+
+    The file is a binary KRL (``ssh-keygen -k``) or lists public keys one per line
+    (``type base64 [comment]``; malformed lines skipped). Like OpenSSH, a file that cannot be
+    read (or is missing) or a malformed KRL refuses every key: a revocation list that silently
+    counted as empty would let a revoked key through.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise HostKeyFailure(f"cannot read RevokedHostKeys file {path}: {e.strerror}") from None
+    blob = key.asbytes()
+    if data.startswith(_KRL_MAGIC):
+        try:
+            return path if _krl_revokes(data, blob) else None
+        except ValueError as e:
+            raise HostKeyFailure(f"RevokedHostKeys file {path} is not a valid KRL ({e})") \
+                from None
+    for lineno, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        fields = raw.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            listed = _public_key(fields[0], fields[1] if len(fields) > 1 else "")
+        except Exception as e:  # noqa: BLE001 - as in _parse_line
+            log.debug("%s: unusable key (%s); line skipped", where, type(e).__name__)
+            continue
+        if listed.asbytes() == blob:
+            return where
+    return None
+
+
+Paths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+
+def _check_paths(name: str, value: Paths) -> Tuple[str, ...]:
+    """One path or a sequence of paths, each ``~``-expanded; ``TypeError`` naming ``name``."""
+    paths = [value] if isinstance(value, (str, os.PathLike)) else value
+    if isinstance(paths, bytes) or not isinstance(paths, Sequence):
+        raise TypeError(
+            f"{name} must be a path, a list of paths or None, not {type(value).__name__}"
+        )
+    files = []
+    for path in paths:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"{name} entries must be paths, not {type(path).__name__}")
+        if not os.fspath(path):
+            raise ValueError(f"{name} paths must not be empty")
+        files.append(os.path.expanduser(os.fspath(path)))
+    return tuple(files)
 
 
 class HostKeyPolicy:
     """Checks server host keys against known_hosts files, the way OpenSSH does.
 
-    ``known_hosts``: the files to trust (``~`` expanded; a single path may be a string), or
-    None to turn verification off (the explicit opt-out; nothing is checked or recorded).
-    Missing files hold no keys. A host is looked up as ``hostname`` on port 22 and as
-    ``[hostname]:port`` otherwise; hashed entries, patterns and the ``@revoked`` marker are
-    understood (``@cert-authority`` lines are ignored: paramiko has no host certificates).
+    ``known_hosts``: the user's files to trust (``~`` expanded; a single path may be a string),
+    or None to turn verification off (the explicit opt-out; nothing is checked or recorded).
+    ``global_known_hosts``: the system-wide files (OpenSSH's ``GlobalKnownHostsFile``), read
+    the same way but never written. Missing files hold no keys. A host is looked up as
+    ``hostname`` on port 22 and as ``[hostname]:port`` otherwise, or as ``host_key_alias``
+    (OpenSSH's ``HostKeyAlias``) when given. Hashed entries, patterns (``*``, ``?``,
+    ``!negation``) and the ``@revoked`` marker are understood in every file (a revoked key is
+    refused even if another line trusts it); ``@cert-authority`` lines are ignored (paramiko
+    has no host certificates). ``revoked_host_keys`` (OpenSSH's ``RevokedHostKeys``) names a
+    file of public keys, or a binary KRL, refused for every host; if it cannot be read, every
+    key is refused.
 
     ``accept_new=True`` (OpenSSH's ``StrictHostKeyChecking accept-new``) records the key of a
-    host that has no known key in the first file (created with its directory, owner-only
-    permissions) and accepts it; a changed key is still refused. With an empty list of files
-    there is nowhere to record: a new key is accepted each time (like a ``/dev/null`` file).
+    host that has no known key in any file (user or global) in the first user file (created
+    with its directory, owner-only permissions; the name hashed when ``hash_known_hosts``) and
+    accepts it; a changed key is still refused. With an empty list of user files there is
+    nowhere to record: a new key is accepted each time (like a ``/dev/null`` file).
+
+    ``strict=False`` (OpenSSH's ``StrictHostKeyChecking no``) accepts unknown and changed keys
+    (a changed one with a warning in the log) and records nothing, but still refuses revoked
+    keys: OpenSSH refuses those whatever ``StrictHostKeyChecking`` says.
     """
 
     def __init__(
-        self, known_hosts: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], None],
+        self,
+        known_hosts: Optional[Paths],
         accept_new: bool = False,
+        *,
+        global_known_hosts: Paths = (),
+        revoked_host_keys: Union[str, os.PathLike, None] = None,
+        hash_known_hosts: bool = False,
+        host_key_alias: Optional[str] = None,
+        strict: bool = True,
     ) -> None:
-        if known_hosts is None:
-            self.files: Optional[Tuple[str, ...]] = None
-        else:
-            paths = [known_hosts] if isinstance(known_hosts, (str, os.PathLike)) else known_hosts
-            if isinstance(paths, bytes) or not isinstance(paths, Sequence):
-                raise TypeError(
-                    "known_hosts must be a path, a list of paths or None, "
-                    f"not {type(known_hosts).__name__}"
-                )
-            files = []
-            for path in paths:
-                if not isinstance(path, (str, os.PathLike)):
-                    raise TypeError(f"known_hosts entries must be paths, not {type(path).__name__}")
-                if not os.fspath(path):
-                    raise ValueError("known_hosts paths must not be empty")
-                files.append(os.path.expanduser(os.fspath(path)))
-            self.files = tuple(files)
-        if not isinstance(accept_new, bool):
-            raise TypeError(f"accept_new must be a bool, not {type(accept_new).__name__}")
+        self.files: Optional[Tuple[str, ...]] = (
+            None if known_hosts is None else _check_paths("known_hosts", known_hosts)
+        )
+        self.global_files = _check_paths("global_known_hosts", global_known_hosts)
+        if revoked_host_keys is not None:
+            (revoked_host_keys,) = _check_paths("revoked_host_keys", [revoked_host_keys])
+        self.revoked_file: Optional[str] = revoked_host_keys
+        for name, value in (("accept_new", accept_new), ("hash_known_hosts", hash_known_hosts),
+                            ("strict", strict)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+        if accept_new and not strict:
+            raise ValueError("accept_new=True and strict=False exclude each other")
+        if host_key_alias is not None and (not isinstance(host_key_alias, str)
+                                           or not host_key_alias):
+            raise TypeError("host_key_alias must be a non-empty str or None")
         self.accept_new = accept_new
+        self.strict = strict
+        self.hash_known_hosts = hash_known_hosts
+        self.host_key_alias = host_key_alias
 
     def __repr__(self) -> str:
-        return f"HostKeyPolicy(known_hosts={self.files!r}, accept_new={self.accept_new!r})"
+        extra = "" if self.strict else ", strict=False"
+        if self.global_files:
+            extra += f", global_known_hosts={self.global_files!r}"
+        if self.revoked_file is not None:
+            extra += f", revoked_host_keys={self.revoked_file!r}"
+        if self.hash_known_hosts:
+            extra += ", hash_known_hosts=True"
+        if self.host_key_alias is not None:
+            extra += f", host_key_alias={self.host_key_alias!r}"
+        return f"HostKeyPolicy(known_hosts={self.files!r}, accept_new={self.accept_new!r}{extra})"
+
+    def name_for(self, hostname: str, port: int) -> str:
+        """The name the host is filed under: ``host_key_alias`` if set (as given, no port)."""
+        if self.host_key_alias is not None:
+            return self.host_key_alias
+        return known_hosts_name(hostname, port)
 
     def _entries(self) -> List[_Entry]:
-        return [entry for path in self.files or () for entry in _read_entries(path)]
+        paths = (self.files or ()) + self.global_files
+        return [entry for path in paths for entry in _read_entries(path)]
+
+    def _all_files(self) -> str:
+        return ", ".join((self.files or ()) + self.global_files) or "any known_hosts file"
 
     @staticmethod
     def _for_host(entries: Sequence[_Entry], name: str) -> Tuple[List[_Entry], List[_Entry]]:
@@ -171,7 +382,7 @@ class HostKeyPolicy:
         """
         if self.files is None:
             return
-        trusted, _revoked = self._for_host(self._entries(), known_hosts_name(hostname, port))
+        trusted, _revoked = self._for_host(self._entries(), self.name_for(hostname, port))
         known = set()
         for entry in trusted:
             name = entry.key.get_name()
@@ -192,27 +403,44 @@ class HostKeyPolicy:
         if self.files is None:
             return
         key = transport.get_remote_server_key()
-        name = known_hosts_name(hostname, port)
+        name = self.name_for(hostname, port)
         trusted, revoked = self._for_host(self._entries(), name)
+        if self.revoked_file is not None:
+            where = _revoked_by_file(self.revoked_file, key)
+            if where is not None:
+                raise _revoked(name, key, f"RevokedHostKeys {where}")
+        if not self.strict:
+            self._refuse_revoked(key, name, revoked)
+            try:
+                self._check(key, name, trusted, ())
+            except HostKeyFailure as changed:
+                log.warning("%s; accepted anyway (StrictHostKeyChecking no)", changed)
+            return
         if self._check(key, name, trusted, revoked):
             return
         if not self.accept_new:
             raise HostKeyFailure(
                 f"Host key for {name} is unknown ({key.get_name()} {fingerprint(key)}); "
-                f"not in {', '.join(self.files) or 'any known_hosts file'}"
+                f"not in {self._all_files()}"
             )
         self._record(key, name)
 
     @staticmethod
-    def _check(
-        key: paramiko.PKey, name: str, trusted: Sequence[_Entry], revoked: Sequence[_Entry]
-    ) -> bool:
-        """True if ``key`` is known for ``name``; False if the host has no known key at all."""
-        offered = f"{key.get_name()} {fingerprint(key)}"
+    def _refuse_revoked(key: paramiko.PKey, name: str, revoked: Sequence[_Entry]) -> None:
+        """Raise ``HostKeyFailure`` if one of the ``revoked`` entries is ``key``."""
         blob = key.asbytes()
         for entry in revoked:
             if entry.key.asbytes() == blob:
-                raise HostKeyFailure(f"Host key for {name} is revoked ({offered}; {entry.where})")
+                raise _revoked(name, key, entry.where)
+
+    @classmethod
+    def _check(
+        cls, key: paramiko.PKey, name: str, trusted: Sequence[_Entry], revoked: Sequence[_Entry]
+    ) -> bool:
+        """True if ``key`` is known for ``name``; False if the host has no known key at all."""
+        cls._refuse_revoked(key, name, revoked)
+        offered = f"{key.get_name()} {fingerprint(key)}"
+        blob = key.asbytes()
         if any(entry.key.asbytes() == blob for entry in trusted):
             log.debug("host key for %s is known (%s)", name, offered)
             return True
@@ -251,7 +479,9 @@ class HostKeyPolicy:
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-        line = HostKeyEntry([name], key).to_line()
+        # Hashed like ssh-keygen -H: the file then does not list the hosts one can reach.
+        filed = HostKeys.hash_host(name) if self.hash_known_hosts else name
+        line = f"{filed} {key.get_name()} {key.get_base64()}\n"
         with _append_lock:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             with os.fdopen(fd, "r+b") as f:

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import getpass
 import inspect
+import io
 import os
-import shlex
+import re
+import socket
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import paramiko
 
+from . import hostkeys
 from .auth import Credentials, parse_mfa_config
 from .checks import check_bool, check_number, check_str
 from .hostkeys import HostKeyPolicy
+from .hostnames import check_hostname, expand_paths
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -128,21 +132,88 @@ def _check_port(value: Any) -> int:
     return value
 
 
-def load_ssh_config(config: ConfigPaths) -> paramiko.SSHConfig:
-    """Parse the ssh_config files named by ``config`` (the default one may be missing)."""
-    parsed = paramiko.SSHConfig()
-    if config is DEFAULT:
-        path = os.path.expanduser(DEFAULT_CONFIG)
-        if os.path.isfile(path):
-            with open(path) as stream:
-                parsed.parse(stream)
-        return parsed
-    for path in _paths("config", config):
+#: Keywords whose value is a list of file names that may be quoted: paramiko strips one pair of
+#: quotes around a whole value ("a b" "c d" would become a b" "c d), so their raw text is kept
+#: behind this prefix and split by hostnames.expand_paths.
+_RAW_KEYWORDS = ("userknownhostsfile", "globalknownhostsfile", "revokedhostkeys")
+_RAW_PREFIX = "\0raw:"
+_SETTING = re.compile(r"(\w+)(?:\s*=\s*|\s+)(.+)")  # paramiko's SETTINGS_REGEX
+
+
+def _keep_raw_values(text: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        match = _SETTING.match(line.strip())
+        if match and match.group(1).lower() in _RAW_KEYWORDS:
+            line = f"{match.group(1)} {_RAW_PREFIX}{match.group(2)}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _raw(host_config: Mapping[str, Any], key: str) -> Optional[str]:
+    """The unprocessed text of a `_RAW_KEYWORDS` value, None when not set."""
+    value = host_config.get(key)
+    if value is None:
+        return None
+    value = str(value)
+    return value[len(_RAW_PREFIX):] if value.startswith(_RAW_PREFIX) else value
+
+
+class _SSHConfig(paramiko.SSHConfig):
+    """``paramiko.SSHConfig`` that remembers which files it read, for error messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths: List[str] = []
+
+    def parse_file(self, path: str, *, missing_ok: bool = False) -> None:
+        """Parse ``path``; an unreadable or unparsable file is a ``ValueError`` naming it.
+
+        The message never quotes the file's lines (they may hold anything, and an error
+        message is shown and logged).
+        """
         try:
-            with open(path) as stream:
-                parsed.parse(stream)
+            with open(path, encoding="utf-8") as stream:
+                text = stream.read()
+        except FileNotFoundError:
+            if missing_ok:
+                return
+            raise ValueError(f"config: cannot read {path!r}: file not found") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config: {path!r} is not a UTF-8 text file") from None
         except OSError as exc:
             raise ValueError(f"config: cannot read {path!r}: {exc.strerror}") from None
+        try:
+            self.parse(io.StringIO(_keep_raw_values(text)))
+        except Exception as exc:  # noqa: BLE001 - paramiko raises several types here
+            raise ValueError(
+                f"config: {path!r} is not a valid ssh_config file ({type(exc).__name__})"
+            ) from None
+        self.paths.append(path)
+
+    def lookup_host(self, alias: str) -> Dict[str, Any]:
+        """``lookup(alias)``, with its errors (``Match``, canonicalisation) as ``ValueError``."""
+        try:
+            return self.lookup(alias)
+        except Exception as exc:  # noqa: BLE001 - ConfigParseError, CouldNotCanonicalize, ...
+            files = ", ".join(repr(p) for p in self.paths) or "ssh_config"
+            raise ValueError(
+                f"config: looking up {alias!r} in {files} failed ({type(exc).__name__})"
+            ) from None
+
+
+def load_ssh_config(config: ConfigPaths) -> paramiko.SSHConfig:
+    """Parse the ssh_config files named by ``config`` (the default one may be missing).
+
+    An ssh_config file is trusted configuration: it can run programs (``ProxyCommand``,
+    ``Match exec``). Errors are ``ValueError`` naming the file, never quoting its lines.
+    """
+    parsed = _SSHConfig()
+    if config is DEFAULT:
+        parsed.parse_file(os.path.expanduser(DEFAULT_CONFIG), missing_ok=True)
+        return parsed
+    for path in _paths("config", config):
+        parsed.parse_file(path)
     return parsed
 
 
@@ -165,18 +236,67 @@ def _split_jump(spec: str) -> Tuple[Optional[str], str, Optional[int]]:
     return (user or None), host, port
 
 
-def _host_key_policy(explicit: Any, host_config: Mapping[str, Any]) -> HostKeyPolicy:
+def _tokens(alias: str, hostname: str, port: int, username: str) -> Dict[str, str]:
+    """The ``%`` tokens OpenSSH expands in file names (ssh_config(5), TOKENS)."""
+    fqdn = socket.gethostname()
+    return {
+        "d": os.path.expanduser("~"),  # local home directory
+        "h": hostname,                  # remote host name (after HostName)
+        "i": str(os.getuid()) if hasattr(os, "getuid") else "",
+        "L": fqdn.split(".")[0],        # local host name
+        "l": fqdn,                      # local host name with its domain
+        "n": alias,                     # the host name as given
+        "p": str(port),
+        "r": username,                  # remote user name
+        "u": getpass.getuser(),         # local user name
+    }
+
+
+def _host_key_policy(
+    explicit: Any, host_config: Mapping[str, Any], tokens: Mapping[str, str]
+) -> HostKeyPolicy:
+    """The host-key rules for one host: explicit ``known_hosts`` first, then ssh_config.
+
+    ``known_hosts=None`` switches verification off. ``StrictHostKeyChecking no`` from
+    ssh_config accepts unknown and changed keys but, as in OpenSSH, never a revoked one.
+    """
     strict = str(host_config.get("stricthostkeychecking", "yes")).lower()
-    if explicit is not DEFAULT:
-        if explicit is None:
-            return HostKeyPolicy(None)
-        return HostKeyPolicy(explicit, accept_new=strict == "accept-new")
-    if strict in ("no", "off"):
+    if explicit is None:
         return HostKeyPolicy(None)
-    files = host_config.get("userknownhostsfile")
-    paths = tuple(shlex.split(files)) if files else (DEFAULT_KNOWN_HOSTS,)
-    paths = tuple(os.path.expanduser(p) for p in paths if p.lower() != "none")
-    return HostKeyPolicy(paths, accept_new=strict == "accept-new")
+    # An explicit known_hosts means "verify against these": ssh_config cannot loosen it.
+    lax = explicit is DEFAULT and strict in ("no", "off")
+    if explicit is not DEFAULT:
+        files: Any = explicit
+    else:
+        user_files = _raw(host_config, "userknownhostsfile")
+        files = ((DEFAULT_KNOWN_HOSTS,) if user_files is None
+                 else expand_paths(user_files, "UserKnownHostsFile", tokens) or ())
+    global_files = _raw(host_config, "globalknownhostsfile")
+    # Read through the module attribute, so that tests can point it elsewhere.
+    global_paths = (hostkeys.DEFAULT_GLOBAL_KNOWN_HOSTS if global_files is None
+                    else expand_paths(global_files, "GlobalKnownHostsFile", tokens) or ())
+    revoked_value = _raw(host_config, "revokedhostkeys")
+    revoked = None
+    if revoked_value is not None:
+        revoked_paths = expand_paths(revoked_value, "RevokedHostKeys", tokens)
+        if revoked_paths is not None and len(revoked_paths) != 1:
+            raise ValueError("RevokedHostKeys takes one file")
+        revoked = revoked_paths[0] if revoked_paths else None
+    alias = host_config.get("hostkeyalias")
+    if alias is not None and alias.lower() != "none":
+        # Recorded and matched as a known_hosts name: pattern characters would widen trust.
+        check_hostname(alias, "HostKeyAlias")
+    else:
+        alias = None
+    return HostKeyPolicy(
+        files,
+        accept_new=strict == "accept-new",
+        strict=not lax,
+        global_known_hosts=global_paths,
+        revoked_host_keys=revoked,
+        hash_known_hosts=str(host_config.get("hashknownhosts", "no")).lower() == "yes",
+        host_key_alias=alias,
+    )
 
 
 def resolve_target(
@@ -197,6 +317,9 @@ def resolve_target(
         raise TypeError("missing required parameter 'host' (or 'hostname')")
     if not isinstance(hostname, str) or not hostname:
         raise TypeError("host must be a non-empty string")
+    # Before anything reads, substitutes or records the name (ssh_config Match exec, %h in
+    # ProxyCommand, known_hosts): the checks OpenSSH 9.6 makes against CVE-2023-51385.
+    check_hostname(hostname)
     ssh_config = load_ssh_config(config)
     return _resolve(hostname, params, ssh_config, mfa_config, keepalive_interval,
                     keepalive_count_max, seen=())
@@ -213,7 +336,10 @@ def _resolve(
     seen: Tuple[str, ...],
     proxy: bool = True,
 ) -> Target:
-    host_config = ssh_config.lookup(alias)
+    host_config = ssh_config.lookup_host(alias)
+    # The HostName from ssh_config is trusted configuration, but it too is substituted for %h
+    # into ProxyCommand and filed in known_hosts: it must be a plain host name as well.
+    resolved = check_hostname(host_config.get("hostname", alias), f"HostName of {alias!r}")
     port = params.pop("port", DEFAULT)
     port = _check_port(port if port is not DEFAULT else host_config.get("port", 22))
     username = check_str("username", params.pop("username", None)) or host_config.get("user")
@@ -238,7 +364,9 @@ def _resolve(
         mfa=parse_mfa_config(mfa_config),
         auth_strategy=params.pop("auth_strategy", None),
     )
-    host_keys = _host_key_policy(params.pop("known_hosts", DEFAULT), host_config)
+    explicit_known_hosts = params.pop("known_hosts", DEFAULT)
+    host_keys = _host_key_policy(explicit_known_hosts, host_config,
+                                 _tokens(alias, resolved, port, username))
 
     if keepalive_interval is DEFAULT:
         keepalive_interval = host_config.get("serveraliveinterval")
@@ -255,7 +383,7 @@ def _resolve(
         proxy_jump = host_config.get("proxyjump")
         proxy_command = host_config.get("proxycommand")
         if proxy_jump and proxy_jump.lower() != "none":
-            jump = _resolve_jumps(proxy_jump, ssh_config, key_filenames, host_keys,
+            jump = _resolve_jumps(proxy_jump, ssh_config, key_filenames, explicit_known_hosts,
                                   seen=seen + (alias,))
             proxy_command = None
         elif proxy_command and proxy_command.lower() == "none":
@@ -270,7 +398,7 @@ def _resolve(
     if transport_factory is not None and not callable(transport_factory):
         raise TypeError("transport_factory must be callable")
     target = Target(
-        hostname=host_config.get("hostname", alias),
+        hostname=resolved,
         port=port,
         credentials=credentials,
         host_keys=host_keys,
@@ -302,17 +430,24 @@ def _resolve_jumps(
     spec: str,
     ssh_config: paramiko.SSHConfig,
     key_filenames: Tuple[str, ...],
-    host_keys: HostKeyPolicy,
+    known_hosts: Any,
     *,
     seen: Tuple[str, ...],
 ) -> Target:
-    """The last hop of a ProxyJump chain, each hop reached through the one before it."""
+    """The last hop of a ProxyJump chain, each hop reached through the one before it.
+
+    Each hop checks host keys by its own ssh_config settings (``StrictHostKeyChecking``,
+    ``HostKeyAlias``, ...): a bastion configured ``yes`` stays ``yes`` whatever the target
+    says. An explicit ``known_hosts`` parameter (the files, not the strictness) applies to
+    hops whose ssh_config names no ``UserKnownHostsFile``.
+    """
     jump: Optional[Target] = None
     for hop in spec.split(","):
         user, host, port = _split_jump(hop)
+        check_hostname(host, "ProxyJump host")
         if host in seen:
             raise ValueError(f"ProxyJump loops back to {host!r}")
-        hop_config = ssh_config.lookup(host)
+        hop_config = ssh_config.lookup_host(host)
         params: Dict[str, Any] = {}
         if user:
             params["username"] = user
@@ -320,12 +455,13 @@ def _resolve_jumps(
             params["port"] = port
         if "identityfile" not in hop_config and key_filenames:
             params["key_filename"] = list(key_filenames)
+        if known_hosts is not DEFAULT and known_hosts is not None \
+                and "userknownhostsfile" not in hop_config:
+            params["known_hosts"] = known_hosts
         # Only the first hop follows its own ProxyJump/ProxyCommand; each later
         # hop is reached through the one before it, as OpenSSH does.
         hop_target = _resolve(host, params, ssh_config, None, DEFAULT, DEFAULT,
                               seen=seen + (host,), proxy=jump is None)
-        if host_keys.files is not None and "userknownhostsfile" not in hop_config:
-            hop_target = replace(hop_target, host_keys=host_keys)
         if jump is not None:
             hop_target = replace(hop_target, jump=jump)
         jump = hop_target

@@ -15,6 +15,15 @@ The ``!Tardis...`` spellings construct the same classes.
 
 Nothing connects while loading: the first command connects.
 
+**Executor YAML is trusted configuration**, like ``~/.ssh/config``: load only files you
+(or your administrator) control. Its parameters choose where to connect and how much to
+trust: ``known_hosts: null`` turns host-key verification off, ``config:`` names any
+ssh_config file, whose ``ProxyCommand`` or ``Match exec`` runs programs on this machine,
+and ``wrapper:`` chooses what runs on the server. The safe loader only keeps YAML itself
+from constructing arbitrary Python objects; it does not make an untrusted document safe.
+An ssh_config file that cannot be read or parsed is a ``ValueError`` naming the file (and
+where the tag is in the document), never quoting the file's lines.
+
 PyYAML is an optional dependency: ``pip install paramiko-executor[yaml]``.
 """
 
@@ -85,10 +94,12 @@ def _where(mark: yaml.Mark | None) -> str:
 
 
 def register(loader_class: Type[yaml.BaseLoader]) -> Type[yaml.BaseLoader]:
-    """Add the executor tags to ``loader_class`` (e.g. ``yaml.SafeLoader``) and return it.
+    """Add the executor tags to ``loader_class`` and return it.
 
-    PyYAML keeps constructors per class, so only ``loader_class`` and its
-    subclasses learn the tags.
+    Pass a subclass of your own (``class MyLoader(yaml.SafeLoader): ...``), never PyYAML's
+    ``yaml.SafeLoader`` itself: PyYAML keeps constructors per class, so the tags would reach
+    every ``yaml.safe_load`` in the process, and any document loaded there could then
+    configure executors (trusted configuration, see the module documentation).
     """
     for tag, cls in TAGS.items():
         loader_class.add_constructor(tag, _constructor(tag, cls))

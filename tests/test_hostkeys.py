@@ -356,3 +356,79 @@ def test_accept_new_into_an_unwritable_place_is_a_host_key_failure():
 def test_empty_known_hosts_path_is_refused():
     with pytest.raises(ValueError, match="known_hosts"):
         HostKeyPolicy([""])
+
+
+# -- issue 14: as strict as OpenSSH ---------------------------------------------------------------
+
+
+def test_markers_and_fields_split_on_tabs(tmp_path):
+    path = tmp_path / "kh"
+    path.write_text(line("[127.0.0.1]:2222", KEY) + f"@revoked\t*\t{KEY.get_name()}\t"
+                    f"{KEY.get_base64()}\n")
+    with pytest.raises(HostKeyFailure, match="revoked"):
+        HostKeyPolicy([str(path)]).verify(FakeTransport(KEY), "127.0.0.1", 2222)
+
+
+def test_malformed_lines_and_hashes_are_skipped(tmp_path):
+    path = tmp_path / "kh"
+    path.write_text("|1|bad|hash ssh-ed25519 AAAA\n"           # bad base64 key
+                    f"|1|!!|!! {KEY.get_name()} {KEY.get_base64()}\n"  # bad hash: no match
+                    f"x ssh-unknown {KEY.get_base64()}\n"
+                    + line("[127.0.0.1]:2222", KEY))
+    HostKeyPolicy([str(path)]).verify(FakeTransport(KEY), "127.0.0.1", 2222)
+    with pytest.raises(HostKeyFailure, match="unknown"):
+        HostKeyPolicy([str(path)]).verify(FakeTransport(KEY), "127.0.0.1", 2223)
+
+
+def test_global_files_trust_and_revoke_but_are_never_written(tmp_path):
+    user, system = tmp_path / "user", tmp_path / "system"
+    system.write_text(line("[127.0.0.1]:2222", KEY))
+    policy = HostKeyPolicy([str(user)], accept_new=True, global_known_hosts=[str(system)])
+    policy.verify(FakeTransport(KEY), "127.0.0.1", 2222)
+    with pytest.raises(HostKeyFailure, match="does not match"):
+        policy.verify(FakeTransport(OTHER), "127.0.0.1", 2222)
+    assert not user.exists()
+    system.write_text(line("*", KEY, "@revoked"))
+    user.write_text(line("[127.0.0.1]:2222", KEY))
+    with pytest.raises(HostKeyFailure, match="revoked"):
+        policy.verify(FakeTransport(KEY), "127.0.0.1", 2222)
+
+
+def test_revoked_host_keys_file_missing_or_krl_refuses_everything(tmp_path):
+    known = tmp_path / "kh"
+    known.write_text(line("[127.0.0.1]:2222", KEY))
+    revoked = tmp_path / "revoked"
+    policy = HostKeyPolicy([str(known)], revoked_host_keys=str(revoked))
+    with pytest.raises(HostKeyFailure, match="cannot read RevokedHostKeys"):
+        policy.verify(FakeTransport(KEY), "127.0.0.1", 2222)
+    revoked.write_bytes(b"SSHKRL\n\0" + b"\0" * 40)
+    with pytest.raises(HostKeyFailure, match="KRL"):
+        policy.verify(FakeTransport(KEY), "127.0.0.1", 2222)
+    revoked.write_text(f"{OTHER.get_name()} {OTHER.get_base64()}\nnot a key\n")
+    policy.verify(FakeTransport(KEY), "127.0.0.1", 2222)
+    with pytest.raises(HostKeyFailure, match="revoked"):
+        HostKeyPolicy([], accept_new=True, revoked_host_keys=str(revoked)).verify(
+            FakeTransport(OTHER), "127.0.0.1", 2222)
+
+
+def test_hashed_recording_and_alias(tmp_path):
+    path = tmp_path / "kh"
+    HostKeyPolicy([str(path)], accept_new=True, hash_known_hosts=True,
+                  host_key_alias="box").verify(FakeTransport(KEY), "127.0.0.1", 2222)
+    text = path.read_text()
+    assert text.startswith("|1|") and "box" not in text and "127.0.0.1" not in text
+    hosts = HostKeys(str(path))
+    assert hosts.lookup("box") is not None and hosts.lookup("[127.0.0.1]:2222") is None
+    HostKeyPolicy([str(path)], host_key_alias="box").verify(FakeTransport(KEY), "10.1.1.1", 22)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [({"global_known_hosts": 5}, TypeError, "global_known_hosts"),
+     ({"revoked_host_keys": 5}, TypeError, "revoked_host_keys"),
+     ({"hash_known_hosts": "yes"}, TypeError, "hash_known_hosts"),
+     ({"host_key_alias": ""}, TypeError, "host_key_alias")],
+)
+def test_bad_new_parameters(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        HostKeyPolicy([], **kwargs)

@@ -153,7 +153,8 @@ Host off
 Host new
     StrictHostKeyChecking accept-new
 """)
-    assert target(SSHExecutor(host="off", config=config)).host_keys.files is None
+    off = target(SSHExecutor(host="off", config=config)).host_keys
+    assert not off.strict and not off.accept_new  # still refuses revoked keys
     new = target(SSHExecutor(host="new", config=config)).host_keys
     assert new.files is not None and new.accept_new
     assert target(SSHExecutor(host="other", config=config)).host_keys.files is not None
@@ -203,3 +204,45 @@ def test_pickle_carries_configuration_only(tmp_path):
     assert copy._connection is not ex._connection and copy.state is None
     duping = pickle.loads(pickle.dumps(DupingSSHExecutor(host="h", wrapper="/w", config=())))
     assert duping._wrapper == "/w"
+
+
+def test_jump_hops_keep_their_own_host_key_settings(tmp_path):
+    config = write_config(tmp_path, f"""
+Host target
+    StrictHostKeyChecking accept-new
+    UserKnownHostsFile {tmp_path}/target_kh
+    ProxyJump bastion
+Host bastion
+    StrictHostKeyChecking yes
+    HostKeyAlias bastion-key
+""")
+    t = target(SSHExecutor(host="target", config=config))
+    assert t.host_keys.accept_new and t.host_keys.files == (f"{tmp_path}/target_kh",)
+    hop = t.jump.host_keys
+    assert not hop.accept_new and hop.host_key_alias == "bastion-key"
+    assert hop.files == (__import__("os").path.expanduser("~/.ssh/known_hosts"),)
+    # An explicit known_hosts names the files of the whole chain, not its strictness.
+    t = target(SSHExecutor(host="target", config=config, known_hosts=str(tmp_path / "kh")))
+    assert t.jump.host_keys.files == (str(tmp_path / "kh"),)
+    assert t.host_keys.accept_new and not t.jump.host_keys.accept_new
+
+
+@pytest.mark.parametrize("host", ["evil,*", "a b", "-x", "x;y", "$(id)", "`id`", "a\x1b", ""])
+def test_unsafe_host_names_fail_at_construction(host):
+    with pytest.raises((ValueError, TypeError), match="host"):
+        SSHExecutor(host=host, config=())
+
+
+def test_global_known_hosts_and_revoked_from_config(tmp_path):
+    config = write_config(tmp_path, f"""
+Host h
+    GlobalKnownHostsFile "{tmp_path}/g 1" ~/g2
+    RevokedHostKeys %d/revoked_%h
+    HashKnownHosts yes
+""")
+    keys = target(SSHExecutor(host="h", config=config)).host_keys
+    home = __import__("os").path.expanduser("~")
+    assert keys.global_files == (f"{tmp_path}/g 1", f"{home}/g2")
+    assert keys.revoked_file == f"{home}/revoked_h" and keys.hash_known_hosts
+    default = target(SSHExecutor(host="h", config=())).host_keys
+    assert default.global_files == ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")

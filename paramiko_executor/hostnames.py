@@ -1,0 +1,111 @@
+"""Host names and ssh_config file paths: what OpenSSH accepts, and how it expands them.
+
+:func:`check_hostname` refuses the host names OpenSSH 9.6 refuses (CVE-2023-51385): a name
+is substituted for ``%h`` into a ``ProxyCommand`` that a shell may interpret, into the
+arguments of ``ssh -W %h:%p``, into ``Match exec`` commands, and it is written to
+``known_hosts``, where ``*?!,`` are pattern syntax. So a name with shell metacharacters,
+whitespace, control characters, a leading ``-`` or pattern characters is refused before
+anything is resolved, substituted or recorded.
+
+:func:`expand_paths` turns the value of ``UserKnownHostsFile``, ``GlobalKnownHostsFile`` or
+``RevokedHostKeys`` into absolute paths the way OpenSSH does: split into words honouring
+quotes, ``~`` expanded, then the ``%`` tokens and ``${VAR}`` environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from typing import Mapping, Optional, Tuple
+
+__all__ = ["check_hostname", "expand_path", "expand_paths", "HOSTNAME_REFUSED"]
+
+#: Characters never allowed in a host name: OpenSSH 9.6's shell metacharacters, then the
+#: known_hosts pattern characters (a name recorded with them would be a pattern).
+HOSTNAME_REFUSED = "'`\"$\\;&<>|(){}" + "*?!,"
+
+_TOKEN_OR_VARIABLE = re.compile(r"%(.?)|\$\{([^}]*)\}")
+
+
+def check_hostname(name: str, what: str = "host") -> str:
+    """Return ``name`` if it is a host name OpenSSH would accept; else raise ``ValueError``.
+
+    Refused: the empty name, a leading ``-`` (it would be read as an option by ``ssh -W``
+    or ``nc``), whitespace and control characters, shell metacharacters
+    ``'"`$\\;&<>|(){}`` and the known_hosts pattern characters ``*?!,``. ``what`` names
+    the parameter or ssh_config keyword in the message (the name is shown escaped).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, not {type(name).__name__}")
+    problem = None
+    if not name:
+        problem = "it is empty"
+    elif name.startswith("-"):
+        problem = "it starts with '-'"
+    else:
+        for char in name:
+            if char.isspace() or not char.isprintable():
+                problem = "it contains whitespace or a control character"
+                break
+            if char in HOSTNAME_REFUSED:
+                problem = f"it contains {char!r}"
+                break
+    if problem is not None:
+        raise ValueError(
+            f"{what} {name!r} is not a valid host name: {problem} (OpenSSH refuses it too)"
+        )
+    return name
+
+
+def expand_path(word: str, keyword: str, tokens: Mapping[str, str]) -> str:
+    """One file name of ``keyword``: ``~`` expanded, then ``%x`` tokens and ``${VAR}``.
+
+    ``tokens`` maps token letters (``"h"``, ``"d"``, ...) to their values; ``%%`` is a
+    literal ``%``. An unknown token, a ``%`` at the end, an unset variable or a path that
+    is still relative after expansion is a ``ValueError`` naming ``keyword``.
+    """
+    if word.startswith("~"):
+        word = os.path.expanduser(word)
+
+    def substitute(match: re.Match[str]) -> str:
+        letter, variable = match.group(1), match.group(2)
+        if variable is not None:
+            if variable not in os.environ:
+                raise ValueError(f"{keyword}: environment variable ${{{variable}}} is not set")
+            return os.environ[variable]
+        if letter == "%":
+            return "%"
+        if letter not in tokens:
+            shown = f"%{letter}" if letter else "a '%' at the end"
+            raise ValueError(f"{keyword}: unknown token {shown} in {word!r}")
+        return tokens[letter]
+
+    expanded = _TOKEN_OR_VARIABLE.sub(substitute, word)
+    if not os.path.isabs(expanded):
+        # OpenSSH would look for it relative to wherever the program runs, and accept-new
+        # would create it there: never what the configuration meant.
+        raise ValueError(
+            f"{keyword}: {word!r} is a relative path after expansion ({expanded!r}); "
+            "give an absolute path or start it with ~ or %d"
+        )
+    return expanded
+
+
+def expand_paths(
+    value: str, keyword: str, tokens: Mapping[str, str]
+) -> Optional[Tuple[str, ...]]:
+    """The files a ``keyword`` value names (see :func:`expand_path`); None for ``none``.
+
+    The value is split into words like a shell would (``"a b"`` is one file) before anything
+    is expanded, so a token or variable whose value holds a space stays one file.
+    """
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        raise ValueError(f"{keyword}: unbalanced quotes in its value") from None
+    if not words:
+        raise ValueError(f"{keyword} needs a value")
+    if len(words) == 1 and words[0].lower() == "none":
+        return None
+    return tuple(expand_path(word, keyword, tokens) for word in words)
