@@ -36,8 +36,9 @@ from paramiko.ssh_exception import (
     SSHException,
 )
 
+from .errors import AuthenticationFailure, AuthenticationInterrupted
 from .hostkeys import fingerprint
-from .results import AuthenticationFailure
+from .internals import wrap_disconnect
 from .text import printable
 
 __all__ = [
@@ -264,14 +265,6 @@ class TOTPLedger:
 
 #: The process-wide ledger :func:`authenticate` uses.
 TOTP_LEDGER = TOTPLedger()
-
-
-class AuthenticationInterrupted(SSHException):
-    """The connection broke, or the server stopped answering, during authentication.
-
-    Not a refusal of the credentials: a temporary connection failure, like any other
-    ``paramiko.SSHException`` while connecting, which the caller may retry.
-    """
 
 
 class _PromptRefused(EOFError):
@@ -649,21 +642,23 @@ def authenticate(
     if transport.is_authenticated():
         return
     login = _Login(transport, creds, host)
-    original = transport._parse_disconnect
 
-    def record_disconnect(message: paramiko.Message) -> None:
-        # paramiko logs the server's disconnect reason but keeps no record of it; the reason
-        # tells "too many authentication failures" apart from a dropped connection.
-        position = message.packet.tell()
-        code, text = message.get_int(), message.get_text()
-        login.disconnect = (code, text)
-        message.packet.seek(position)
-        original(message)
+    def record_disconnect(original: Callable[[paramiko.Message], None]
+                          ) -> Callable[[paramiko.Message], None]:
+        def handle(message: paramiko.Message) -> None:
+            # paramiko logs the server's disconnect reason but keeps no record of it; the
+            # reason tells "too many authentication failures" apart from a dropped connection.
+            position = message.packet.tell()
+            code, text = message.get_int(), message.get_text()
+            login.disconnect = (code, text)
+            message.packet.seek(position)
+            original(message)
+        return handle
 
-    transport._parse_disconnect = record_disconnect
+    undo = wrap_disconnect(transport, record_disconnect)
     try:
         login.run()
     finally:
-        del transport._parse_disconnect
+        undo()
         if login.agent is not None:
             login.agent.close()

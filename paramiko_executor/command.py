@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 from .checks import check_bool, check_timeout
 from .errors import CommandExecutionFailure, CommandTimeout
 from .results import CommandResult, Output, check_encoding
+from .text import printable
 
 __all__ = ["RunOptions", "StdinInput", "check_command", "outcome", "stdin_bytes"]
 
@@ -100,7 +101,9 @@ def outcome(
     if code == 0 or not options.check:
         return CommandResult(stdout=out, stderr=err, exit_code=code, exit_signal=signal_name)
     if exit_code is None:
-        how = f"was killed by signal {signal_name}" if signal_name else "ended without exit status"
+        # The signal's name comes from the server: escaped before it is shown.
+        how = (f"was killed by signal {printable(signal_name)}" if signal_name
+               else "ended without exit status")
         raise CommandExecutionFailure(f"command {command!r} {how}", -1, out, err, stdin_input,
                                       signal_name)
     raise CommandExecutionFailure(f"command {command!r} failed with exit code {exit_code}",

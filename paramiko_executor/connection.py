@@ -57,6 +57,7 @@ from .options import Target
 from .retry import ConnectRetry
 from .slots import Slots
 from .stats import Counters
+from .text import printable
 from .warm import Spare
 
 __all__ = ["Connection", "ConnectionState", "Link", "open_transport", "probe_max_session"]
@@ -131,11 +132,13 @@ def _classify(exc: BaseException, target: Target) -> BaseException:
         return ExecutorFailure(f"cannot resolve {target.hostname!r}: {exc.strerror}")
     if isinstance(exc, ConnectionLost):
         return TemporaryFailure(exc.description)
+    # paramiko's texts may quote the server (its banner): escaped before they are shown.
     if isinstance(exc, TRANSPORT_ERRORS):
-        return TemporaryFailure(f"{type(exc).__name__}: {exc}".rstrip(": "))
+        return TemporaryFailure(printable(f"{type(exc).__name__}: {exc}".rstrip(": ")))
     if isinstance(exc, ExecutorFailure):
         return exc
-    return ExecutorFailure(f"cannot connect to {target}: {type(exc).__name__}: {exc}")
+    return ExecutorFailure(f"cannot connect to {target}: {type(exc).__name__}: "
+                           f"{printable(str(exc))}")
 
 
 #: How much one read of the connection's socket may take in ahead of what paramiko asked for.

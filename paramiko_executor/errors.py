@@ -19,6 +19,9 @@ public errors above):
   it ran (an open nobody answered, an exec refused or closed before its reply);
   tried again on the same connection, free of charge, a bounded number of times.
 - `TemporaryFailure`: a connect attempt failed for a reason that retrying may cure.
+- `AuthenticationInterrupted` (a ``paramiko.SSHException``): the connection broke
+  or stopped answering during authentication: temporary, like any such error
+  while connecting.
 
 `TRANSPORT_ERRORS` is the tuple of what paramiko and the socket raise on a
 broken connection, and `translate` the one context manager that maps them, given
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuthenticationFailure",
+    "AuthenticationInterrupted",
     "CommandExecutionFailure",
     "CommandTimeout",
     "ConnectionLost",
@@ -152,6 +156,14 @@ class NeverStarted(ExecutorFailure):
 
 class TemporaryFailure(Exception):
     """A connect attempt failed for a reason that retrying may cure."""
+
+
+class AuthenticationInterrupted(paramiko.SSHException):
+    """The connection broke, or the server stopped answering, during authentication.
+
+    Not a refusal of the credentials: a temporary connection failure, like any other
+    ``paramiko.SSHException`` while connecting, which the caller may retry.
+    """
 
 
 def is_lost(exc: BaseException, transport: paramiko.Transport) -> bool:
