@@ -6,16 +6,18 @@ Also reachable as ``python -m paramiko_executor``. :func:`main` returns the exit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import List, Optional, Sequence, TextIO
+from typing import List, Optional, Sequence, TextIO, Tuple
 
 from .executors import DupingSSHExecutor, Executor, SSHExecutor
 from .results import CommandExecutionFailure, CommandTimeout, ExecutorFailure
+from .stats import ExecutorStatistics
 from .text import printable
 
 __all__ = ["main", "EXIT_USAGE", "EXIT_TIMEOUT", "EXIT_EXECUTOR_FAILURE"]
@@ -207,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--stdin", action="store_true",
         help="send this program's standard input to the command (read to its end first)",
     )
+    run.add_argument(
+        "--env", action="append", type=_env_pair, default=[], metavar="NAME=VALUE",
+        help="set a variable for the command (repeatable; the server must accept the name, "
+        "OpenSSH: AcceptEnv)",
+    )
+    run.add_argument(
+        "--pty", action="store_true",
+        help="run the command on a pseudo-terminal (its stderr then arrives on stdout)",
+    )
     run.add_argument("command", nargs="+", metavar="COMMAND", help="the command to run")
     run.set_defaults(handler=_run)
 
@@ -374,13 +385,27 @@ def _write(stream: TextIO, text: str) -> None:
 # --------------------------------------------------------------------------- run / probe
 
 
+def _env_pair(text: str) -> Tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
+    return name, value
+
+
 def _run(args: argparse.Namespace) -> int:
     command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
     executor = _executor(args)
     stdin_input = sys.stdin.buffer.read() if args.stdin else None
     try:
         with executor:
-            result = executor.run_command(command, stdin_input, timeout=args.timeout)
+            try:
+                result = executor.run_command(command, stdin_input, timeout=args.timeout,
+                                              env=dict(args.env) or None, pty=args.pty)
+            finally:
+                statistics = getattr(executor, "statistics", None)
+                if args.verbose and statistics is not None:
+                    print(f"{PROG}: executor statistics", file=sys.stderr)
+                    _print_statistics(statistics(), sys.stderr)
     except CommandTimeout as failure:
         _write(sys.stdout, failure.stdout)
         _write(sys.stderr, failure.stderr)
@@ -508,6 +533,7 @@ def _demo(args: argparse.Namespace) -> int:
                     progress.update(done, len(failures))
             elapsed = time.monotonic() - start
             session_limit = executor.session_limit
+            stats = executor.statistics()
         progress.finish()
         peak_channels = server.peak_channels
         connections = server.connections_accepted
@@ -528,4 +554,14 @@ def _demo(args: argparse.Namespace) -> int:
     print("paramiko-executor demo summary")
     for label, value in rows:
         print(f"  {label:<26}{value}")
+    print("executor statistics")
+    _print_statistics(stats, sys.stdout)
     return 1 if failures else 0
+
+
+def _print_statistics(stats: ExecutorStatistics, stream: TextIO) -> None:
+    """Every field of ``stats``, one per line."""
+    for field in dataclasses.fields(stats):
+        value = getattr(stats, field.name)
+        shown = f"{value:.3f} s" if isinstance(value, float) else f"{value}"
+        print(f"  {field.name:<26}{shown}", file=stream)

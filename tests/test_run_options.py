@@ -185,3 +185,19 @@ def test_duping_executor_sends_env_and_live_lines(env_sshd):
         with pytest.raises(ValueError, match="line"):
             ex.run_command("sbatch\n#!/bin/sh\nrm -rf ~")
         assert ex.run_command("echo usable").stdout == "usable\n"
+
+
+def test_command_line_env_pty_and_statistics(env_sshd, capfd):
+    from paramiko_executor.cli import main
+
+    params = env_sshd.executor_parameters()
+    options = ["--host", "127.0.0.1", "--port", str(params["port"]), "--user",
+               params["username"], "--key", params["client_keys"][0], "--known-hosts",
+               str(params["known_hosts"]), "-F", "none"]
+    status = main(["run", *options, "--env", "PEXEC_X=a=b c", "--pty", "-v", "--",
+                   'test -t 1 && printf "%s" "$PEXEC_X"'])
+    out, err = capfd.readouterr()
+    assert (status, out) == (0, "a=b c")
+    assert "commands_succeeded" in err and "connects" in err
+    assert main(["run", *options, "--env", "NOT_ACCEPTED=1", "--", "true"]) == 255
+    assert "AcceptEnv" in capfd.readouterr().err
