@@ -242,7 +242,7 @@ def install_channel_hooks(transport: paramiko.Transport,
     def data(on_data: Handler) -> Handler:
         def handle(chan: paramiko.Channel, m: Message) -> None:
             s = sessions.get(chan.chanid)
-            if s is None:
+            if s is None or s.raw:
                 on_data(chan, m)
             elif not chan.eof_received:  # past EOF (a server's error): dropped
                 s.received("stdout", m.get_binary())
@@ -251,7 +251,7 @@ def install_channel_hooks(transport: paramiko.Transport,
     def extended_data(on_extended_data: Handler) -> Handler:
         def handle(chan: paramiko.Channel, m: Message) -> None:
             s = sessions.get(chan.chanid)
-            if s is None:
+            if s is None or s.raw:
                 on_extended_data(chan, m)
             elif m.get_int() == 1 and not chan.eof_received:  # SSH_EXTENDED_DATA_STDERR
                 s.received("stderr", m.get_binary())
@@ -277,6 +277,8 @@ def install_channel_hooks(transport: paramiko.Transport,
             kind = m.get_text()
             want_reply = m.get_boolean()
             s = sessions.get(chan.chanid)
+            if s is not None and s.raw:
+                s = None  # paramiko's own handling only
             if s is not None:
                 if kind == "exit-status":
                     s.exit_status = m.get_int()
@@ -295,7 +297,7 @@ def install_channel_hooks(transport: paramiko.Transport,
         def wrap(on_reply: Handler) -> Handler:
             def handle(chan: paramiko.Channel, m: Message) -> None:
                 s = sessions.get(chan.chanid)
-                if s is not None:
+                if s is not None and not s.raw:
                     s.replied(success)
                 if success:
                     on_reply(chan, m)
@@ -368,6 +370,8 @@ class SessionChannel:
         self.replies: Deque[tuple] = collections.deque()
         self.exec_sent = False
         self.exec_accepted: Optional[bool] = None
+        #: Handed over for paramiko's own use (`hand_over`): only the CLOSE is ours.
+        self.raw = False
         try:
             self.chan = new_session_channel(transport, self.answered)
         except BaseException:
@@ -478,6 +482,15 @@ class SessionChannel:
                 self.release_refused()
         except (*TRANSPORT_ERRORS, ConnectionLost):
             pass  # the connection ended, and the session with it
+
+    def hand_over(self) -> paramiko.Channel:
+        """The open channel, for use through paramiko's own API (an SFTP client, say).
+
+        Its data and requests go to paramiko's handlers from here on; the slot
+        is still released on the server's CLOSE, and only then.
+        """
+        self.raw = True
+        return self.chan
 
     # --- sending --------------------------------------------------------------------
 
@@ -722,8 +735,9 @@ class SessionChannel:
                 raise NeverStarted("the server closed the channel before running the command")
             raise ExecutorFailure("the server closed the channel without an exit status; "
                                   "the command may have run")
-        if self.exec_accepted is False and self.chan.closed:
-            return None  # refused: paramiko sent our CLOSE; the server's decides (never started)
+        if self.exec_accepted is False:
+            # Refused: paramiko sent our CLOSE; the slot stays until the server's.
+            raise NeverStarted("the server refused to run the command")
         if not self.transport.is_active():
             raise self._lost()
         return None
