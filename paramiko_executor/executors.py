@@ -379,10 +379,11 @@ class SSHExecutor(Executor):
         assert slots is not None and spare is not None
         if slots.acquire(blocking=False):
             return True
-        spare.discard()
         started = time.monotonic()
         try:
-            return slots.take(deadline, link.alive)
+            # The spare is discarded once this thread is in line: a spare made
+            # in between would hold a slot while we wait for one.
+            return slots.take(deadline, link.alive, queued=spare.discard)
         finally:
             self._connection.counters.waited(time.monotonic() - started)
 

@@ -88,12 +88,16 @@ class Slots(threading.BoundedSemaphore):
 
     __enter__ = acquire
 
-    def take(self, deadline: Optional[float], alive: Callable[[], bool]) -> bool:
+    def take(self, deadline: Optional[float], alive: Callable[[], bool],
+             queued: Optional[Callable[[], None]] = None) -> bool:
         """Take a slot by ``deadline`` (a `time.monotonic` value, None: no limit).
 
         False once the deadline passed. Raises `ConnectionLost` (never
         started) as soon as ``alive()`` turns false or the slots are closed,
         checking every `LIVENESS_POLL` seconds without losing its place in line.
+        ``queued`` is called once this thread is in line, when no
+        non-blocking acquire can succeed any more (to give back a slot that
+        is held without need, such as a spare channel's).
         """
         if self.acquire(blocking=False):
             return True
@@ -104,6 +108,8 @@ class Slots(threading.BoundedSemaphore):
             waiter.acquire()
             self._waiters.append(waiter)
         try:
+            if queued is not None:
+                queued()
             while True:
                 remaining = LIVENESS_POLL if deadline is None else min(
                     LIVENESS_POLL, deadline - time.monotonic())
