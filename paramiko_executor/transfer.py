@@ -338,12 +338,14 @@ class _StatusError(Exception):
 
 def _raise_for(exc: _StatusError, action: str, path: str) -> NoReturn:
     """Raise the public exception for SFTP status ``exc`` of ``action`` on remote ``path``."""
-    detail = f"{exc.message} " if exc.message else ""
     if exc.code == _FX_NO_SUCH_FILE:
-        raise FileNotFoundError(errno.ENOENT, f"{action}: {detail}(no such remote file)", path)
+        message = exc.message or "No such file"
+        raise FileNotFoundError(errno.ENOENT, f"{action}: {message} (remote)", path)
     if exc.code == _FX_PERMISSION_DENIED:
-        raise PermissionError(errno.EACCES, f"{action}: {detail}(permission denied)", path)
-    raise ExecutorFailure(f"SFTP {action} {path!r} failed: {detail}(SFTP status {exc.code})")
+        message = exc.message or "Permission denied"
+        raise PermissionError(errno.EACCES, f"{action}: {message} (remote)", path)
+    message = exc.message or "no message"
+    raise ExecutorFailure(f"{action}: {path!r}: {message} (SFTP status {exc.code})")
 
 
 def _string(value: Union[str, bytes]) -> bytes:
