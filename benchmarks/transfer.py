@@ -14,7 +14,9 @@ times, in rotating order:
   preference, ``TCP_NODELAY``; the executor's read-ahead socket when the
   installed ``paramiko_executor.connection`` has one).
 - ``paramiko``: ``SFTPClient.put``/``get`` with their defaults, over a
-  Transport set up the same way, so only the SFTP code differs.
+  plain ``SSHClient.connect`` (paramiko's defaults throughout); and
+  ``paramiko*``: the same over a Transport set up like the executor's, so
+  only the SFTP code differs. The targets are checked against the faster.
 - ``asyncssh``: ``SFTPClient.put``/``get`` with their defaults.
 - ``sftp -b`` and ``scp``: OpenSSH's binaries. Their process start and login
   are subtracted: each run of a binary is paired with a run moving a 1-byte
@@ -144,9 +146,23 @@ class Bench:
             self.transport.open_session(), self.remote, self.local, deadline=deadline))
         return up, down
 
-    def paramiko(self) -> Tuple[Measure, Measure]:
+    def paramiko_defaults(self) -> Tuple[Measure, Measure]:
+        client = paramiko.SSHClient()
+        client.load_host_keys(self.server.known_hosts_path)
+        client.connect(self.server.host, self.server.port, self.server.username,
+                       key_filename=self.server.client_key_path, look_for_keys=False,
+                       allow_agent=False, timeout=30)
+        try:
+            return self._paramiko(client.open_sftp())
+        finally:
+            client.close()
+
+    def paramiko_executor_transport(self) -> Tuple[Measure, Measure]:
         sftp = paramiko.SFTPClient.from_transport(self.transport)
         assert sftp is not None
+        return self._paramiko(sftp)
+
+    def _paramiko(self, sftp: paramiko.SFTPClient) -> Tuple[Measure, Measure]:
         sftp.get_channel().settimeout(TRANSFER_TIMEOUT)
         try:
             up = timed(lambda: sftp.put(self.source, self.remote))
@@ -211,7 +227,8 @@ class Bench:
     def run(self, repeat: int) -> Dict[str, List[Tuple[Measure, Measure]]]:
         contenders: Dict[str, Callable[[], Tuple[Measure, Measure]]] = {
             "transfer": self.this_module,
-            "paramiko": self.paramiko,
+            "paramiko": self.paramiko_defaults,
+            "paramiko*": self.paramiko_executor_transport,
             "asyncssh": self.asyncssh,
             "sftp -b": self.sftp,
             "scp": self.scp,
@@ -259,16 +276,18 @@ def report(bench: Bench, results: Dict[str, List[Tuple[Measure, Measure]]]) -> N
         print(f"{name:10s} {up:9.1f} {down:10.1f} {up_cpu:9.2f} {down_cpu:10.2f}")
     ours = medians["transfer"]
     print("\nthis module's ratios (speed): up / down")
-    targets = {"paramiko": 1.5, "asyncssh": 1.0, "sftp -b": 0.8}
     for name, (up, down, _, _) in medians.items():
-        if name == "transfer":
-            continue
-        line = f"  vs {name:9s} {ours[0] / up:5.2f} / {ours[1] / down:5.2f}"
-        if name in targets:
-            goal = targets[name]
-            verdict = "PASS" if min(ours[0] / up, ours[1] / down) >= goal else "FAIL"
-            line += f"   target >= {goal:g}: {verdict}"
-        print(line)
+        if name != "transfer":
+            print(f"  vs {name:9s} {ours[0] / up:5.2f} / {ours[1] / down:5.2f}")
+    # paramiko: the faster of its two set-ups, per direction.
+    paramiko_best = tuple(max(medians[n][i] for n in ("paramiko", "paramiko*")) for i in (0, 1))
+    print("targets (issue 12):")
+    for name, best, goal in (("paramiko", paramiko_best, 1.5),
+                             ("asyncssh", medians["asyncssh"][:2], 1.0),
+                             ("sftp -b", medians["sftp -b"][:2], 0.8)):
+        ratios = (ours[0] / best[0], ours[1] / best[1])
+        verdict = "PASS" if min(ratios) >= goal else "FAIL"
+        print(f"  >= {goal:g} x {name:9s} up {ratios[0]:5.2f} down {ratios[1]:5.2f}  {verdict}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

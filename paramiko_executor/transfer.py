@@ -31,6 +31,9 @@ active; the caller decides by ``chan.get_transport().is_active()``.
 
 paramiko private names used (checked on paramiko 3.4, 3.5 and 5.1):
 
+- ``Transport.saved_exception`` (read only): paramiko closes the channels of a
+  broken connection before it marks the transport inactive; the exception it
+  saved first tells a lost connection from a session the server ended.
 - ``Channel._event_pending()``, ``Channel.event``, ``Channel.event_ready`` and
   ``Transport._send_user_message()``: to ask for the subsystem and wait for the
   answer with a time limit; ``Channel.invoke_subsystem`` waits without one.
@@ -156,12 +159,6 @@ _ATTR_PERMISSIONS = 0x04
 
 _POSIX_RENAME = "posix-rename@openssh.com"
 _LIMITS = "limits@openssh.com"
-
-#: The id of the limits query sent right behind INIT. It holds a newline
-#: byte (0x0a) on purpose: a shell run as a key's forced command reads our
-#: bytes as a script and acts only on a complete line; given one, it
-#: complains on stderr at once instead of waiting for a line forever.
-_LIMITS_ID = 0x0A
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -385,7 +382,7 @@ class _Session:
     def __init__(self, chan: paramiko.Channel, deadline: Optional[float]) -> None:
         self.chan = chan
         self.deadline = deadline
-        self._next_id = 0x100  # clear of _LIMITS_ID
+        self._next_id = 1
         self.extensions: Dict[str, bytes] = {}
         self.block = DEFAULT_BLOCK
         # Whether the request stream is intact: a send cut off mid-packet
@@ -411,23 +408,19 @@ class _Session:
             until = min(until, self.deadline)
         self._invoke_subsystem(until)
         self.send(_FXP_INIT, _U32.pack(3), request_id=None)
-        # See _LIMITS_ID; the query is answered after VERSION, by a STATUS on
-        # servers that do not know it.
-        self.send(_FXP_EXTENDED, _string(_LIMITS), request_id=_LIMITS_ID)
-        kind, body = self._negotiate(until)
+        body = self._negotiate(until)
         at = 5  # past type and version
         while at < len(body):
             name, at = _get_string(body, at)
             data, at = _get_string(body, at)
-            self.extensions[bytes(name).decode("utf-8", "replace")] = bytes(data)
-        kind, body = self.receive(until)
-        if _U32.unpack_from(body, 1)[0] != _LIMITS_ID:
-            raise ExecutorFailure("the SFTP server answered a request it was not sent")
-        if kind == _FXP_EXTENDED_REPLY and len(body) >= 5 + 32:
-            _packet, read_max, write_max = struct.unpack_from(">QQQ", body, 5)
-            # A limit of 0 means "no limit" in OpenSSH's extension.
-            limit = min(x for x in (read_max, write_max, MAX_BLOCK) if x)
-            self.block = max(DEFAULT_BLOCK, limit)
+            self.extensions[name.decode("utf-8", "replace")] = data
+        if _LIMITS in self.extensions:
+            reply, limits = self.call(_FXP_EXTENDED, _string(_LIMITS), until=until)
+            if reply == _FXP_EXTENDED_REPLY and len(limits) >= 5 + 32:
+                _packet, read_max, write_max = struct.unpack_from(">QQQ", limits, 5)
+                # 0 means "no limit" in OpenSSH's extension.
+                limit = min(x for x in (read_max, write_max, MAX_BLOCK) if x)
+                self.block = max(DEFAULT_BLOCK, limit)
 
     def _invoke_subsystem(self, until: float) -> None:
         chan = self.chan
@@ -440,37 +433,40 @@ class _Session:
         chan._event_pending()
         chan.transport._send_user_message(m)
         if not chan.event.wait(max(0.0, until - time.monotonic())):
-            self._not_started(until, "no answer to the SFTP subsystem request")
+            self._negotiation_timed_out(until, "no answer to the SFTP subsystem request")
         if not chan.event_ready:
             self._check_transport()
             raise ExecutorFailure("the server refused to start the SFTP subsystem")
 
-    def _negotiate(self, until: float) -> Tuple[int, bytes]:
-        """The server's VERSION reply, or `ExecutorFailure` if something else answers."""
+    def _negotiate(self, until: float) -> bytes:
+        """The server's VERSION reply (from its type byte on), checked to be one."""
         reason = self._out.wait_for(4, until, self._err)
         if reason == "ready":
             (size,) = _U32.unpack(self._out.peek(4) or b"")
             if not 5 <= size <= _MAX_VERSION_PACKET:
-                self._not_started(until, "it answered something that is not SFTP")
+                raise self._not_started("it answered something that is not SFTP")
             reason = self._out.wait_for(4 + size, until, self._err)
         if reason == "other":
             text = self.chan.recv_stderr(4096).decode("utf-8", "replace").strip()
-            self._not_started(until, f"it answered on stderr: {text[:300]!r}")
+            raise self._not_started(f"it answered on stderr: {text[:300]!r}")
         if reason == "closed":
             self._check_transport()
-            self._not_started(until, "it ended the session without answering")
+            raise self._not_started("it ended the session without answering")
         if reason == "timeout":
-            self._not_started(until, "no SFTP version came")
-        body = self.chan.recv(4)
-        body = self.chan.recv(_U32.unpack(body)[0])
-        if body[0] != _FXP_VERSION or len(body) < 5:
-            self._not_started(until, "it answered something that is not SFTP")
-        return body[0], body
+            self._negotiation_timed_out(until, "no SFTP version came")
+        body = self.chan.recv(_U32.unpack(self.chan.recv(4))[0])
+        if body[0] != _FXP_VERSION:
+            raise self._not_started("it answered something that is not SFTP")
+        return body
 
-    def _not_started(self, until: float, why: str) -> None:
-        if self.deadline is not None and until >= self.deadline and time.monotonic() >= until:
+    def _negotiation_timed_out(self, until: float, why: str) -> NoReturn:
+        if self.deadline is not None and until >= self.deadline:
             raise TimeoutError(f"the deadline passed while starting SFTP ({why})")
-        raise ExecutorFailure(
+        raise self._not_started(f"{why} within {NEGOTIATION_TIMEOUT:g} s")
+
+    @staticmethod
+    def _not_started(why: str) -> ExecutorFailure:
+        return ExecutorFailure(
             f"the server did not start SFTP: {why}. On a command-restricted key "
             "(authorized_keys command=...) the server runs the forced command "
             "instead of the SFTP subsystem."
@@ -486,8 +482,13 @@ class _Session:
     def _check_transport(self) -> None:
         """Raise `EOFError` if the channel ended because the connection did."""
         transport = self.chan.get_transport()
-        if transport is None or not transport.is_active():
-            error = transport.get_exception() if transport is not None else None
+        # paramiko closes the channels of a broken connection before it marks
+        # the transport inactive; the reason, saved first, tells meanwhile.
+        # (Authentication leaves its own kind there on live transports.)
+        error = getattr(transport, "saved_exception", None)
+        if isinstance(error, paramiko.AuthenticationException):
+            error = None
+        if transport is None or not transport.is_active() or error is not None:
             raise EOFError(f"the connection was lost during the SFTP session: {error!r}")
 
     def _channel_ended(self) -> None:
@@ -535,7 +536,7 @@ class _Session:
 
     def new_id(self) -> int:
         request_id = self._next_id
-        self._next_id = (request_id + 1) & 0xFFFFFFFF or 0x100
+        self._next_id = (request_id + 1) & 0xFFFFFFFF
         return request_id
 
     def receive(
@@ -571,15 +572,17 @@ class _Session:
         if reason == "timeout":
             raise TimeoutError("the deadline passed while waiting for the SFTP server")
 
-    def call(self, kind: int, *fields: bytes) -> Tuple[int, memoryview]:
+    def call(
+        self, kind: int, *fields: bytes, until: Optional[float] = None
+    ) -> Tuple[int, memoryview]:
         """Send a request and return its reply; replies to earlier requests are dropped.
 
         Dropping them lets clean-up run while a failed transfer's requests
-        are still being answered.
+        are still being answered. Waits until ``until`` (default: the deadline).
         """
         request_id = self.send(kind, *fields)
         while True:
-            reply, body = self.receive()
+            reply, body = self.receive(until)
             if _U32.unpack_from(body, 1)[0] == request_id:
                 return reply, body
 
