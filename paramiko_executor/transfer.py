@@ -29,7 +29,8 @@ surfaces as paramiko raised it (`EOFError`, `OSError`, `paramiko.SSHException`),
 or as `EOFError` when the channel closes under a transport that is no longer
 active; the caller decides by ``chan.get_transport().is_active()``.
 
-paramiko private names used (checked on paramiko 3.4, 3.5 and 5.1):
+paramiko private names used (checked on paramiko 3.4.0, 3.5.1, 4.0.0 and 5.1.0, where
+this module's tests pass):
 
 - ``Transport.saved_exception`` (read only): paramiko closes the channels of a
   broken connection before it marks the transport inactive; the exception it
