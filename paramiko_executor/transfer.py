@@ -26,8 +26,10 @@ refused, or a command-restricted key whose forced command runs instead)
 raises `ExecutorFailure` within `NEGOTIATION_TIMEOUT`. Past ``deadline``
 (a `time.monotonic` value) `TimeoutError` is raised. A broken connection
 surfaces as paramiko raised it (`EOFError`, `OSError`, `paramiko.SSHException`),
-or as `EOFError` when the channel closes under a transport that is no longer
-active; the caller decides by ``chan.get_transport().is_active()``.
+or as `EOFError` when the channel was closed by the connection's end; a
+session the server ended on a live connection is an `ExecutorFailure`. Note
+that `FileNotFoundError`, `PermissionError` and `TimeoutError` are `OSError`
+subclasses too: a caller classifying by type must test them first.
 
 paramiko private names used (checked on paramiko 3.4.0, 3.5.1, 4.0.0 and 5.1.0, where
 this module's tests pass):
