@@ -1,0 +1,1070 @@
+"""File transfer: SFTP over one session channel of the shared connection, and its local twin.
+
+`upload` and `download` speak SFTP version 3 (what OpenSSH serves) themselves
+on a session channel the caller opened on its transport: they start the
+``sftp`` subsystem on it, move the file with many requests in flight, and
+close the channel on every path. `local_put` and `local_get` keep the same
+contract on the local file system (``ShellExecutor``).
+
+Atomicity: an upload writes a temporary file next to its target and renames
+it over the target (``posix-rename@openssh.com``) after the last byte; a
+download to a path writes a temporary file in the target's directory and
+``os.replace``-s it. A reader never sees a partial file under the final
+name, and a failed transfer removes its temporary file (remotely: if the
+SFTP session still works).
+
+Speed: paramiko's ``SFTPClient`` pays a round trip or a thread wake-up per
+32 KiB. Here one thread keeps up to `IN_FLIGHT` bytes of requests of the
+server's largest block size (``limits@openssh.com``; 255 KiB on OpenSSH)
+outstanding, and paramiko's transport thread wakes it only when a whole SFTP
+reply has arrived, not per 32 KiB channel packet.
+
+Errors: a missing remote file or directory raises `FileNotFoundError`, a
+refused one `PermissionError` (both naming the remote path), other SFTP
+failures `ExecutorFailure`. A server that does not start SFTP (subsystem
+refused, or a command-restricted key whose forced command runs instead)
+raises `ExecutorFailure` within `NEGOTIATION_TIMEOUT`. Past ``deadline``
+(a `time.monotonic` value) `TimeoutError` is raised. A broken connection
+surfaces as paramiko raised it (`EOFError`, `OSError`, `paramiko.SSHException`),
+or as `EOFError` when the channel was closed by the connection's end; a
+session the server ended on a live connection is an `ExecutorFailure`. Note
+that `FileNotFoundError`, `PermissionError` and `TimeoutError` are `OSError`
+subclasses too: a caller classifying by type must test them first.
+
+paramiko private names used (checked on paramiko 3.4.0, 3.5.1, 4.0.0 and 5.1.0, where
+this module's tests pass):
+
+- ``Transport.saved_exception`` (read only): paramiko closes the channels of a
+  broken connection before it marks the transport inactive; the exception it
+  saved first tells a lost connection from a session the server ended.
+- ``Channel._event_pending()``, ``Channel.event``, ``Channel.event_ready`` and
+  ``Transport._send_user_message()``: to ask for the subsystem and wait for the
+  answer with a time limit; ``Channel.invoke_subsystem`` waits without one.
+- ``Channel.in_buffer`` and ``Channel.in_stderr_buffer`` (replaced by an
+  `_Inbox` before the subsystem starts): paramiko's ``BufferedPipe`` wakes the
+  reader per packet and offers no way to wait for "this many bytes", nor one
+  wait for stdout *or* stderr. paramiko calls ``feed``, ``read``,
+  ``read_ready``, ``set_event``, ``close``, ``empty`` and ``len()`` on them;
+  `_Inbox` provides each with BufferedPipe's meaning, so ``Channel.recv`` (which
+  does paramiko's window accounting) keeps working.
+- ``Channel.out_buffer_cv`` (replaced by a `_WindowCondition` on the same
+  ``Channel.lock``) and ``Channel.out_window_size``, ``closed``, ``eof_sent``
+  read in its ``notify_all``: paramiko wakes a sender blocked on the send
+  window at every window adjustment; this wakes it once a useful window is open.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from typing import (
+    IO,
+    Any,
+    BinaryIO,
+    Callable,
+    Deque,
+    Dict,
+    Iterator,
+    NoReturn,
+    Optional,
+    Tuple,
+    Union,
+)
+
+import paramiko
+from paramiko.buffered_pipe import PipeTimeout
+from paramiko.common import cMSG_CHANNEL_REQUEST
+from paramiko.message import Message
+
+from .results import ExecutorFailure
+
+__all__ = [
+    "upload",
+    "download",
+    "local_put",
+    "local_get",
+    "remove",
+    "temp_path_for",
+    "NEGOTIATION_TIMEOUT",
+    "IN_FLIGHT",
+]
+
+#: Seconds the server has to start SFTP and answer its version, whatever the deadline.
+NEGOTIATION_TIMEOUT = 10.0
+
+#: Seconds the clean-up after a failure (close the handle, remove the temporary
+#: file) may take, past the deadline if that is what ran out.
+CLEANUP_GRACE = 5.0
+
+#: Bytes of read or write requests kept outstanding at once.
+IN_FLIGHT = 16 * 1024 * 1024
+
+#: Most requests outstanding at once, whatever their size.
+MAX_REQUESTS = 256
+
+#: Block size when the server does not say (every SFTP server takes 32 KiB).
+DEFAULT_BLOCK = 32 * 1024
+
+#: Largest block asked for even if the server allows more.
+MAX_BLOCK = 1024 * 1024
+
+#: Block size of local copies.
+LOCAL_BLOCK = 1024 * 1024
+
+#: Longest SFTP packet accepted while negotiating; a longer "length" means the
+#: channel carries something else (a forced command's output).
+_MAX_VERSION_PACKET = 256 * 1024
+
+Progress = Callable[[int, int], None]
+Source = Union[str, "os.PathLike[str]", BinaryIO, IO[bytes]]
+
+# SFTP version 3 (draft-ietf-secsh-filexfer-02) packet types and constants.
+_FXP_INIT = 1
+_FXP_VERSION = 2
+_FXP_OPEN = 3
+_FXP_CLOSE = 4
+_FXP_READ = 5
+_FXP_WRITE = 6
+_FXP_FSTAT = 8
+_FXP_FSETSTAT = 10
+_FXP_REMOVE = 13
+_FXP_RENAME = 18
+_FXP_STATUS = 101
+_FXP_HANDLE = 102
+_FXP_DATA = 103
+_FXP_ATTRS = 105
+_FXP_EXTENDED = 200
+_FXP_EXTENDED_REPLY = 201
+
+_FX_OK = 0
+_FX_EOF = 1
+_FX_NO_SUCH_FILE = 2
+_FX_PERMISSION_DENIED = 3
+_FX_OP_UNSUPPORTED = 8
+
+_FXF_READ = 0x01
+_FXF_WRITE = 0x02
+_FXF_CREAT = 0x08
+_FXF_TRUNC = 0x10
+_FXF_EXCL = 0x20
+
+_ATTR_SIZE = 0x01
+_ATTR_UIDGID = 0x02
+_ATTR_PERMISSIONS = 0x04
+
+_POSIX_RENAME = "posix-rename@openssh.com"
+_LIMITS = "limits@openssh.com"
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_HEAD = struct.Struct(">IBI")  # length, type, request id
+
+
+class _Inbox:
+    """Stand-in for paramiko's ``BufferedPipe`` under one stream of an SFTP channel.
+
+    paramiko's transport thread calls `feed` per channel packet. The reader
+    says how many bytes it needs (`wait_for`), and is woken only once that
+    many are here, the stream ended, or (shared condition) the other stream
+    of the channel got data: one wake-up per SFTP reply, not per packet.
+    """
+
+    def __init__(self, cond: threading.Condition, want: int) -> None:
+        self._cond = cond
+        self._chunks: Deque[bytes] = deque()
+        self._size = 0
+        self._closed = False
+        self._event: Optional[threading.Event] = None
+        self._idle_want = want
+        self._want = want
+
+    # --- paramiko's side (the BufferedPipe interface) -------------------
+
+    def feed(self, data: bytes) -> None:
+        with self._cond:
+            self._chunks.append(data)
+            self._size += len(data)
+            if self._event is not None:
+                self._event.set()
+            if self._size >= self._want:
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            if self._event is not None:
+                self._event.set()
+            self._cond.notify_all()
+
+    def set_event(self, event: threading.Event) -> None:
+        with self._cond:
+            self._event = event
+            if self._size or self._closed:
+                event.set()
+            else:
+                event.clear()
+
+    def read_ready(self) -> bool:
+        with self._cond:
+            return self._size > 0
+
+    def empty(self) -> bytes:
+        with self._cond:
+            out = b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            return out
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, nbytes: int, timeout: Optional[float] = None) -> bytes:
+        """Up to ``nbytes`` bytes, waiting up to ``timeout`` for the first; b"" at the end."""
+        with self._cond:
+            if not self._size and not self._closed:
+                if timeout == 0.0:
+                    raise PipeTimeout()
+                until = None if timeout is None else time.monotonic() + timeout
+                while not self._size and not self._closed:
+                    left = None if until is None else until - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise PipeTimeout()
+                    self._want = 1
+                    try:
+                        self._cond.wait(left)
+                    finally:
+                        self._want = self._idle_want
+            return self._take(nbytes)
+
+    # --- the SFTP reader's side -------------------------------------------
+
+    def _take(self, nbytes: int) -> bytes:
+        # Called with the condition held.
+        if nbytes >= self._size:
+            out = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+            self._chunks.clear()
+            self._size = 0
+            return out
+        parts = []
+        need = nbytes
+        while need:
+            chunk = self._chunks[0]
+            if len(chunk) <= need:
+                parts.append(self._chunks.popleft())
+                need -= len(chunk)
+            else:
+                parts.append(chunk[:need])
+                self._chunks[0] = chunk[need:]
+                need = 0
+        self._size -= nbytes
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def peek(self, nbytes: int) -> Optional[bytes]:
+        """The first ``nbytes`` bytes without taking them, or None if fewer are here."""
+        with self._cond:
+            if self._size < nbytes:
+                return None
+            first = self._chunks[0]
+            if len(first) >= nbytes:
+                return first[:nbytes]
+            return b"".join(self._chunks)[:nbytes]
+
+    def wait_for(self, nbytes: int, until: Optional[float], other: Optional[_Inbox]) -> str:
+        """Wait until ``nbytes`` are here; return why the wait ended.
+
+        ``"ready"``: they are; ``"closed"``: the stream ended short of them;
+        ``"other"``: ``other`` (the channel's other stream) has data;
+        ``"timeout"``: ``until`` (a monotonic time) passed.
+        """
+        with self._cond:
+            self._want = nbytes
+            try:
+                while True:
+                    if self._size >= nbytes:
+                        return "ready"
+                    if other is not None and other._size:
+                        return "other"
+                    if self._closed:
+                        return "closed"
+                    left = None if until is None else until - time.monotonic()
+                    if left is not None and left <= 0:
+                        return "timeout"
+                    self._cond.wait(left)
+            finally:
+                self._want = self._idle_want
+
+
+class _WindowCondition(threading.Condition):
+    """The channel's send-window condition, waking the sender only for a window worth it.
+
+    paramiko notifies it at every window adjustment; sshd returns window
+    every few packets it consumed, so a sender blocked on a full window
+    would wake (a thread switch each) to send one packet at a time. This one
+    wakes it once a quarter of the largest window seen is open, or at the
+    channel's end: the server still holds three quarters to work on, and its
+    window always comes back whole in the end, so the wake-up never fails to come.
+    """
+
+    def __init__(self, chan: paramiko.Channel) -> None:
+        super().__init__(chan.lock)
+        self._chan = chan
+        self._peak = chan.out_window_size
+
+    def notify_all(self) -> None:
+        # paramiko holds the channel lock here, as for any Condition use.
+        chan = self._chan
+        window = chan.out_window_size
+        self._peak = max(self._peak, window)
+        if window >= self._peak // 4 or chan.closed or chan.eof_sent:
+            super().notify_all()
+
+
+class _StatusError(Exception):
+    """An SFTP request failed with a STATUS reply; `_raise_for` maps it."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+def _raise_for(exc: _StatusError, action: str, path: str) -> NoReturn:
+    """Raise the public exception for SFTP status ``exc`` of ``action`` on remote ``path``."""
+    if exc.code == _FX_NO_SUCH_FILE:
+        message = exc.message or "No such file"
+        raise FileNotFoundError(errno.ENOENT, f"{action}: {message} (remote)", path)
+    if exc.code == _FX_PERMISSION_DENIED:
+        message = exc.message or "Permission denied"
+        raise PermissionError(errno.EACCES, f"{action}: {message} (remote)", path)
+    message = exc.message or "no message"
+    raise ExecutorFailure(f"{action}: {path!r}: {message} (SFTP status {exc.code})")
+
+
+def _string(value: Union[str, bytes]) -> bytes:
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    return _U32.pack(len(data)) + data
+
+
+def _get_string(body: bytes, at: int) -> Tuple[bytes, int]:
+    (size,) = _U32.unpack_from(body, at)
+    at += 4
+    if at + size > len(body):
+        raise ExecutorFailure("the SFTP server sent a malformed packet")
+    return body[at : at + size], at + size
+
+
+def _attrs(mode: Optional[int] = None) -> bytes:
+    if mode is None:
+        return _U32.pack(0)
+    return _U32.pack(_ATTR_PERMISSIONS) + _U32.pack(mode & 0o7777)
+
+
+def _attrs_size(body: bytes, at: int) -> Optional[int]:
+    """The size field of the ATTRS at ``body[at:]``, if the server sent one."""
+    (flags,) = _U32.unpack_from(body, at)
+    if flags & _ATTR_SIZE:
+        return _U64.unpack_from(body, at + 4)[0]
+    return None
+
+
+def _remaining(until: Optional[float]) -> Optional[float]:
+    return None if until is None else until - time.monotonic()
+
+
+class _Session:
+    """One SFTP session on one channel, used by one thread."""
+
+    def __init__(self, chan: paramiko.Channel, deadline: Optional[float]) -> None:
+        self.chan = chan
+        self.deadline = deadline
+        self._next_id = 1
+        self.extensions: Dict[str, bytes] = {}
+        self.block = DEFAULT_BLOCK
+        # Whether the request stream is intact: a send cut off mid-packet
+        # leaves it unusable, and only then may clean-up not use it.
+        self.in_sync = True
+        # What a deadline cut off of the last request (a copy): clean-up sends
+        # it first, which brings the stream back in step.
+        self._unsent: Optional[bytes] = None
+        cond = threading.Condition(threading.Lock())
+        self._out = _Inbox(cond, want=1 << 62)
+        self._err = _Inbox(cond, want=1)
+        # Replaced before the subsystem starts: nothing can have arrived yet.
+        chan.in_buffer = self._out
+        chan.in_stderr_buffer = self._err
+        chan.out_buffer_cv = _WindowCondition(chan)
+
+    # --- lifetime ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the ``sftp`` subsystem, agree on version 3, learn the server's limits."""
+        until = time.monotonic() + NEGOTIATION_TIMEOUT
+        if self.deadline is not None:
+            until = min(until, self.deadline)
+        self._invoke_subsystem(until)
+        self.send(_FXP_INIT, _U32.pack(3), request_id=None)
+        body = self._negotiate(until)
+        at = 5  # past type and version
+        while at < len(body):
+            name, at = _get_string(body, at)
+            data, at = _get_string(body, at)
+            self.extensions[name.decode("utf-8", "replace")] = data
+        if _LIMITS in self.extensions:
+            reply, limits = self.call(_FXP_EXTENDED, _string(_LIMITS), until=until)
+            if reply == _FXP_EXTENDED_REPLY and len(limits) >= 5 + 32:
+                _packet, read_max, write_max = struct.unpack_from(">QQQ", limits, 5)
+                # 0 means "no limit" in OpenSSH's extension.
+                limit = min(x for x in (read_max, write_max, MAX_BLOCK) if x)
+                self.block = max(DEFAULT_BLOCK, limit)
+
+    def _invoke_subsystem(self, until: float) -> None:
+        chan = self.chan
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_REQUEST)
+        m.add_int(chan.remote_chanid)
+        m.add_string("subsystem")
+        m.add_boolean(True)
+        m.add_string("sftp")
+        chan._event_pending()
+        chan.transport._send_user_message(m)
+        if not chan.event.wait(max(0.0, until - time.monotonic())):
+            self._negotiation_timed_out(until, "no answer to the SFTP subsystem request")
+        if not chan.event_ready:
+            self._check_transport()
+            raise ExecutorFailure("the server refused to start the SFTP subsystem")
+
+    def _negotiate(self, until: float) -> bytes:
+        """The server's VERSION reply (from its type byte on), checked to be one."""
+        reason = self._out.wait_for(4, until, self._err)
+        if reason == "ready":
+            (size,) = _U32.unpack(self._out.peek(4) or b"")
+            if not 5 <= size <= _MAX_VERSION_PACKET:
+                raise self._not_started("it answered something that is not SFTP")
+            reason = self._out.wait_for(4 + size, until, self._err)
+        if reason == "other":
+            text = self.chan.recv_stderr(4096).decode("utf-8", "replace").strip()
+            raise self._not_started(f"it answered on stderr: {text[:300]!r}")
+        if reason == "closed":
+            self._check_transport()
+            raise self._not_started("it ended the session without answering")
+        if reason == "timeout":
+            self._negotiation_timed_out(until, "no SFTP version came")
+        body = self.chan.recv(_U32.unpack(self.chan.recv(4))[0])
+        if body[0] != _FXP_VERSION:
+            raise self._not_started("it answered something that is not SFTP")
+        return body
+
+    def _negotiation_timed_out(self, until: float, why: str) -> NoReturn:
+        if self.deadline is not None and until >= self.deadline:
+            raise TimeoutError(f"the deadline passed while starting SFTP ({why})")
+        raise self._not_started(f"{why} within {NEGOTIATION_TIMEOUT:g} s")
+
+    @staticmethod
+    def _not_started(why: str) -> ExecutorFailure:
+        return ExecutorFailure(
+            f"the server did not start SFTP: {why}. On a command-restricted key "
+            "(authorized_keys command=...) the server runs the forced command "
+            "instead of the SFTP subsystem."
+        )
+
+    def close(self) -> None:
+        """Close the channel; a connection that already broke is not an error here."""
+        try:
+            self.chan.close()
+        except (EOFError, OSError, paramiko.SSHException):
+            pass
+
+    def _check_transport(self) -> None:
+        """Raise `EOFError` if the channel ended because the connection did."""
+        transport = self.chan.get_transport()
+        # paramiko closes the channels of a broken connection before it marks
+        # the transport inactive; the reason, saved first, tells meanwhile.
+        # (Authentication leaves its own kind there on live transports.)
+        error = getattr(transport, "saved_exception", None)
+        if isinstance(error, paramiko.AuthenticationException):
+            error = None
+        if transport is None or not transport.is_active() or error is not None:
+            raise EOFError(f"the connection was lost during the SFTP session: {error!r}")
+
+    def _channel_ended(self) -> None:
+        self._check_transport()
+        raise ExecutorFailure("the server closed the SFTP session unexpectedly")
+
+    # --- packets ----------------------------------------------------------
+
+    def send(self, kind: int, *fields: bytes, request_id: Optional[int] = -1) -> int:
+        """Send one request; return its id (a new one unless given; None: INIT, no id)."""
+        if request_id == -1:
+            request_id = self.new_id()
+        body = b"".join(fields)
+        if request_id is None:
+            head = _U32.pack(1 + len(body)) + bytes((kind,))
+        else:
+            head = _HEAD.pack(5 + len(body), kind, request_id)
+        self.send_bytes(memoryview(head + body))
+        return request_id if request_id is not None else 0
+
+    def send_bytes(self, data: memoryview) -> None:
+        """Send ``data`` whole, bounded by the deadline."""
+        chan = self.chan
+        sent = 0
+        while sent < len(data):
+            left = _remaining(self.deadline)
+            try:
+                if left is not None and left <= 0:
+                    raise socket.timeout()
+                chan.settimeout(left)
+                # paramiko sends one channel packet's worth per call; a
+                # memoryview slice spares a copy of the rest each time.
+                n = chan.send(data[sent:])
+            except socket.timeout:
+                if sent:
+                    self._unsent = data[sent:].tobytes()
+                raise TimeoutError("the deadline passed while sending SFTP requests") from None
+            except BaseException:
+                self.in_sync = False
+                raise
+            if n <= 0:
+                self.in_sync = False
+                self._channel_ended()
+            sent += n
+
+    def new_id(self) -> int:
+        request_id = self._next_id
+        self._next_id = (request_id + 1) & 0xFFFFFFFF
+        return request_id
+
+    def receive(
+        self, until: Optional[float] = None, *, block: bool = True
+    ) -> Tuple[int, memoryview]:
+        """The next reply: (its type, its body from the type byte on).
+
+        Without ``block``, (0, empty) when no whole reply is here yet; with it,
+        waits until ``until`` (default: the deadline), raising `TimeoutError` past it.
+        """
+        if until is None:
+            until = self.deadline
+        head = self._out.peek(4)
+        if head is None:
+            if not block:
+                return 0, memoryview(b"")
+            self._wait(4, until)
+            head = self._out.peek(4) or b""
+        (size,) = _U32.unpack(head)
+        if not 5 <= size <= _MAX_REPLY:
+            raise ExecutorFailure(f"the SFTP server sent a malformed packet (length {size})")
+        if len(self._out) < 4 + size:
+            if not block:
+                return 0, memoryview(b"")
+            self._wait(4 + size, until)
+        body = memoryview(self.chan.recv(4 + size))[4:]
+        return body[0], body
+
+    def _wait(self, nbytes: int, until: Optional[float]) -> None:
+        reason = self._out.wait_for(nbytes, until, None)
+        if reason == "closed":
+            self._channel_ended()
+        if reason == "timeout":
+            raise TimeoutError("the deadline passed while waiting for the SFTP server")
+
+    def call(
+        self, kind: int, *fields: bytes, until: Optional[float] = None
+    ) -> Tuple[int, memoryview]:
+        """Send a request and return its reply; replies to earlier requests are dropped.
+
+        Dropping them lets clean-up run while a failed transfer's requests
+        are still being answered. Waits until ``until`` (default: the deadline).
+        """
+        request_id = self.send(kind, *fields)
+        while True:
+            reply, body = self.receive(until)
+            if _U32.unpack_from(body, 1)[0] == request_id:
+                return reply, body
+
+    def checked(self, kind: int, *fields: bytes) -> None:
+        """Send a request answered by a STATUS; raise `_StatusError` unless it is OK."""
+        _check_status(*self.call(kind, *fields))
+
+    def open(self, path: str, flags: int, mode: Optional[int] = None) -> bytes:
+        """Open remote ``path``; its handle."""
+        reply, body = self.call(_FXP_OPEN, _string(path), _U32.pack(flags), _attrs(mode))
+        _expect(reply, body, _FXP_HANDLE, "OPEN")
+        return bytes(_get_string(body, 5)[0])
+
+    def fstat_size(self, handle: bytes) -> Optional[int]:
+        reply, body = self.call(_FXP_FSTAT, _string(handle))
+        _expect(reply, body, _FXP_ATTRS, "FSTAT")
+        return _attrs_size(body, 5)
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename ``old`` over ``new``: atomically where the server offers posix-rename."""
+        if _POSIX_RENAME in self.extensions:
+            self.checked(_FXP_EXTENDED, _string(_POSIX_RENAME), _string(old), _string(new))
+            return
+        # Plain SFTP RENAME refuses an existing target: remove it first. Not
+        # atomic, but only servers without the extension (not OpenSSH) get here.
+        self.remove(new)
+        self.checked(_FXP_RENAME, _string(old), _string(new))
+
+    def remove(self, path: str) -> bool:
+        """Remove remote file ``path``; False if there was none."""
+        try:
+            self.checked(_FXP_REMOVE, _string(path))
+        except _StatusError as exc:
+            if exc.code == _FX_NO_SUCH_FILE:
+                return False
+            raise
+        return True
+
+    # --- transfers ----------------------------------------------------------
+
+    def _limit(self) -> int:
+        """How many block-sized requests may be outstanding."""
+        return max(1, min(MAX_REQUESTS, IN_FLIGHT // self.block))
+
+    def write_file(
+        self, handle: bytes, readinto: _ReadInto, total: int, progress: Optional[Progress]
+    ) -> int:
+        """Write everything ``readinto`` gives to ``handle``; the byte count."""
+        handle_field = _string(handle)
+        # One buffer for every WRITE: header, handle, offset, length, data.
+        head_size = 9 + len(handle_field) + 12
+        buffer = bytearray(head_size + self.block)
+        buffer[9 : 9 + len(handle_field)] = handle_field
+        view = memoryview(buffer)
+        data = view[head_size:]
+        limit = self._limit()
+        outstanding: Dict[int, int] = {}
+        offset = done = 0
+        at_end = False
+        while True:
+            while not at_end and len(outstanding) < limit:
+                size = _fill(readinto, data)
+                if not size:
+                    at_end = True
+                    break
+                request_id = self.new_id()
+                _HEAD.pack_into(buffer, 0, head_size - 4 + size, _FXP_WRITE, request_id)
+                struct.pack_into(">QI", buffer, head_size - 12, offset, size)
+                self.send_bytes(view[: head_size + size])
+                outstanding[request_id] = size
+                offset += size
+                # Take the statuses that are here already, without waiting.
+                done = self._acknowledge(outstanding, done, total, progress, block=False)
+            if not outstanding:
+                break
+            done = self._acknowledge(outstanding, done, total, progress, block=True)
+        if not offset and progress is not None:
+            progress(0, total)
+        return done
+
+    def _acknowledge(
+        self,
+        outstanding: Dict[int, int],
+        done: int,
+        total: int,
+        progress: Optional[Progress],
+        *,
+        block: bool,
+    ) -> int:
+        """Take the WRITE statuses that have arrived (at least one if ``block``); bytes done."""
+        while outstanding:
+            reply, body = self.receive(block=block)
+            if not reply:
+                break
+            size = outstanding.pop(_U32.unpack_from(body, 1)[0], None)
+            if size is None:
+                raise ExecutorFailure("the SFTP server answered a request it was not sent")
+            _check_status(reply, body)
+            done += size
+            if progress is not None:
+                progress(done, total)
+            block = False
+        return done
+
+    def read_file(
+        self, handle: bytes, size: Optional[int], write: _Write, progress: Optional[Progress]
+    ) -> int:
+        """Read ``handle`` to its end into ``write``, in order; the byte count.
+
+        ``size`` (from FSTAT) only decides how far to ask ahead: the file may
+        grow or shrink meanwhile, and its end is where the server says EOF.
+        """
+        handle_field = _string(handle)
+        block = self.block
+        limit = self._limit()
+        total = -1 if size is None else size
+        known = size  # None once the file turned out longer than FSTAT said
+        outstanding: Dict[int, Tuple[int, int]] = {}
+        parked: Dict[int, memoryview] = {}  # data that came before the data ahead of it
+        ask_at = done = 0
+        end: Optional[int] = None
+
+        def ask(offset: int, length: int) -> None:
+            request_id = self.send(_FXP_READ, handle_field, _U64.pack(offset), _U32.pack(length))
+            outstanding[request_id] = (offset, length)
+
+        while True:
+            # Ask up to and including one read at the expected end, whose EOF
+            # ends the transfer without a round trip of its own.
+            while end is None and len(outstanding) < limit and (known is None or ask_at <= known):
+                ask(ask_at, block)
+                ask_at += block
+            if not outstanding:
+                break
+            reply, body = self.receive()
+            request = outstanding.pop(_U32.unpack_from(body, 1)[0], None)
+            if request is None:
+                raise ExecutorFailure("the SFTP server answered a request it was not sent")
+            offset, length = request
+            if reply == _FXP_STATUS and _U32.unpack_from(body, 5)[0] == _FX_EOF:
+                end = offset if end is None else min(end, offset)
+                continue
+            _expect(reply, body, _FXP_DATA, "READ")
+            (got,) = _U32.unpack_from(body, 5)
+            if not 0 < got <= length or 9 + got > len(body):
+                raise ExecutorFailure("the SFTP server sent a malformed DATA reply")
+            if got < length:  # a short read: ask for the rest
+                ask(offset + got, length - got)
+            if known is not None and offset + got > known:
+                known = None
+            if offset != done:
+                parked[offset] = body[9 : 9 + got]
+                continue
+            write(body[9 : 9 + got])
+            done += got
+            while done in parked:
+                piece = parked.pop(done)
+                write(piece)
+                done += len(piece)
+            if progress is not None:
+                progress(done, total)
+        if parked or end is None or done != end:
+            raise ExecutorFailure("the SFTP server sent the file with gaps")
+        if not done and progress is not None:
+            progress(0, total)
+        return done
+
+    def discard_upload(self, handle: Optional[bytes], temp: str) -> None:
+        """After a failed upload: close ``handle`` and remove ``temp`` if the session still works.
+
+        Bounded by `CLEANUP_GRACE`; gives up quietly (the caller raises the
+        original error).
+        """
+        if not self.in_sync or self.chan.closed:
+            return
+        self.deadline = time.monotonic() + CLEANUP_GRACE
+        try:
+            if self._unsent is not None:
+                self.send_bytes(memoryview(self._unsent))
+                self._unsent = None
+            if handle is not None:
+                self.call(_FXP_CLOSE, _string(handle))
+            self.remove(temp)
+        except (_StatusError, ExecutorFailure, TimeoutError, EOFError, OSError,
+                paramiko.SSHException):
+            pass
+
+
+_MAX_REPLY = MAX_BLOCK + 1024
+
+_ReadInto = Callable[[memoryview], Optional[int]]
+_Write = Callable[[memoryview], None]
+
+
+def _check_status(reply: int, body: memoryview) -> None:
+    """Raise `_StatusError` unless ``body`` is a STATUS saying OK."""
+    if reply != _FXP_STATUS or len(body) < 9:
+        raise ExecutorFailure(f"the SFTP server sent reply type {reply} where a status belongs")
+    (code,) = _U32.unpack_from(body, 5)
+    if code != _FX_OK:
+        message = b""
+        if len(body) >= 13:
+            message = bytes(_get_string(body, 9)[0])
+        raise _StatusError(code, message.decode("utf-8", "replace"))
+
+
+def _expect(reply: int, body: memoryview, wanted: int, request: str) -> None:
+    """Raise unless ``reply`` is of type ``wanted``: `_StatusError` for an error status."""
+    if reply != wanted:
+        _check_status(reply, body)
+        raise ExecutorFailure(f"the SFTP server answered {request} with an empty status")
+
+
+def _fill(readinto: _ReadInto, view: memoryview) -> int:
+    """Fill ``view`` from ``readinto`` until it is full or the source ends; bytes read."""
+    got = 0
+    while got < len(view):
+        n = readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _write_all(write: Callable[[memoryview], Optional[int]]) -> _Write:
+    """``write`` made to take everything (raw files may take part of a buffer)."""
+
+    def write_all(data: memoryview) -> None:
+        while data:
+            n = write(data)
+            if n is None:  # a file object that does not count: it took everything
+                return
+            data = data[n:]
+
+    return write_all
+
+
+def _is_path(value: object) -> bool:
+    return isinstance(value, (str, os.PathLike))
+
+
+def _size_of(file: Any) -> int:
+    """Bytes left to read in ``file``, or -1 if it cannot tell (a pipe, a socket)."""
+    try:
+        here = file.tell()
+        end = file.seek(0, os.SEEK_END)
+        file.seek(here)
+        return max(0, end - here)
+    except (AttributeError, OSError, ValueError):
+        return -1
+
+
+@contextmanager
+def _reading(source: Source) -> Iterator[Tuple[_ReadInto, int]]:
+    """``(readinto, size)`` of a path (opened here) or a binary file object (size -1: unknown)."""
+    if _is_path(source):
+        with open(source, "rb", buffering=0) as file:  # type: ignore[arg-type]
+            yield file.readinto, os.fstat(file.fileno()).st_size
+        return
+    readinto = getattr(source, "readinto", None)
+    if readinto is None:
+        read = source.read
+
+        def readinto(view: memoryview) -> int:
+            data = read(len(view))
+            view[: len(data)] = data
+            return len(data)
+
+    yield readinto, _size_of(source)
+
+
+@contextmanager
+def _writing(target: Source, mode: Optional[int] = None) -> Iterator[_Write]:
+    """A write function for ``target``: a file object as is, or a path written atomically.
+
+    A path gets a new temporary file in its directory, ``os.replace``-d over
+    it (after ``chmod`` to ``mode``, if given) when the block ends without
+    error, and removed when it does not.
+    """
+    if not _is_path(target):
+        yield _write_all(target.write)  # type: ignore[union-attr]
+        return
+    path = os.fspath(target)  # type: ignore[arg-type]
+    head, name = os.path.split(path)
+    temp = os.path.join(head, f".{name}.{secrets.token_hex(8)}.tmp")
+    try:
+        # The umask applies, as to any new file; with ``mode`` the temporary
+        # file is private until it gets its bits.
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else 0o600)
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror, path) from None
+    try:
+        with open(fd, "wb", buffering=0) as file:
+            yield _write_all(file.write)
+            if mode is not None:
+                os.fchmod(file.fileno(), mode)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+
+
+def _check_mode(mode: Optional[int]) -> None:
+    if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int)):
+        raise TypeError(f"mode must be an int or None, not {type(mode).__name__}")
+    if mode is not None and not 0 <= mode <= 0o7777:
+        raise ValueError(f"mode must be permission bits (0 to 0o7777), not {mode:#o}")
+
+
+def temp_path_for(remote: str) -> str:
+    """A new temporary name next to ``remote``: ``.<name>.<16 hex digits>.tmp`` in its directory."""
+    head, name = posixpath.split(remote)
+    if not name:
+        raise ValueError(f"remote must name a file, not a directory: {remote!r}")
+    return posixpath.join(head, f".{name}.{secrets.token_hex(8)}.tmp")
+
+
+@contextmanager
+def _session(chan: paramiko.Channel, deadline: Optional[float]) -> Iterator[_Session]:
+    """A started SFTP session on ``chan``; the channel is closed when the block ends."""
+    session = _Session(chan, deadline)
+    try:
+        session.start()
+        yield session
+    finally:
+        session.close()
+
+
+def upload(
+    chan: paramiko.Channel,
+    source: Source,
+    remote: str,
+    *,
+    mode: Optional[int] = None,
+    progress: Optional[Progress] = None,
+    deadline: Optional[float] = None,
+    temp_name: Optional[str] = None,
+) -> int:
+    """Write ``source`` to ``remote`` over SFTP on ``chan``, atomically; the bytes sent.
+
+    ``chan`` is a new, unused session channel; it is closed on return, also
+    on error. ``source`` is a path or a binary file object (read from its
+    current position to its end). The data goes to a temporary file next to
+    ``remote`` (``temp_name``: a name in ``remote``'s directory or a path;
+    default: a new random one, see `temp_path_for`), which gets ``mode``
+    (if given; else the server's default for new files) and is renamed over
+    ``remote`` after the last byte. A given ``temp_name`` is overwritten if it
+    exists (a retry may reuse the name of a broken attempt); a random one is
+    created exclusively. On failure the temporary file is removed if the SFTP
+    session still works.
+
+    ``progress(done, total)`` is called in this thread as the server confirms
+    blocks; ``total`` is -1 when the source cannot tell its size.
+
+    Raises `FileNotFoundError` (``remote``'s directory is missing) or
+    `PermissionError` (refused), naming ``remote``; `ExecutorFailure` for other
+    SFTP errors and a server that does not start SFTP; `TimeoutError` past
+    ``deadline``; connection errors as paramiko raised them. An error of
+    ``source`` or of ``progress`` propagates unchanged.
+    """
+    _check_mode(mode)
+    if temp_name is None:
+        temp = temp_path_for(remote)
+    else:
+        temp = temp_name
+        if "/" not in temp:
+            temp = posixpath.join(posixpath.dirname(remote), temp)
+    with _session(chan, deadline) as session, _reading(source) as (readinto, total):
+        flags = _FXF_WRITE | _FXF_CREAT | _FXF_TRUNC | (_FXF_EXCL if temp_name is None else 0)
+        try:
+            # With ``mode`` the file starts with (at most) those bits, so it is
+            # never more open than it ends up.
+            handle: Optional[bytes] = session.open(temp, flags, mode)
+        except _StatusError as exc:
+            _raise_for(exc, "cannot create a temporary file for the upload", remote)
+        try:
+            done = session.write_file(handle, readinto, total, progress)
+            if mode is not None:  # the umask applied at open; set the bits exactly
+                session.checked(_FXP_FSETSTAT, _string(handle), _attrs(mode))
+            session.checked(_FXP_CLOSE, _string(handle))
+            handle = None
+            session.rename(temp, remote)
+        except BaseException as exc:
+            session.discard_upload(handle, temp)
+            if isinstance(exc, _StatusError):
+                _raise_for(exc, "upload failed", remote)
+            raise
+        return done
+
+
+def download(
+    chan: paramiko.Channel,
+    remote: str,
+    target: Source,
+    *,
+    progress: Optional[Progress] = None,
+    deadline: Optional[float] = None,
+) -> int:
+    """Read ``remote`` over SFTP on ``chan`` into ``target``; the bytes received.
+
+    ``chan`` is a new, unused session channel; it is closed on return, also
+    on error. ``target`` is a path (written to a temporary file in its
+    directory and renamed over it at the end; removed on failure) or a binary
+    file object (written at its current position; on failure it holds
+    part of the file). ``progress(done, total)`` is called in this thread as
+    data arrives; ``total`` is the size the server reported at the start (-1
+    if none), the transfer runs to the file's actual end.
+
+    Raises `FileNotFoundError` or `PermissionError` naming ``remote``;
+    `ExecutorFailure` for other SFTP errors and a server that does not start
+    SFTP; `TimeoutError` past ``deadline``; connection errors as paramiko
+    raised them; local file errors as the OS raised them.
+    """
+    with _session(chan, deadline) as session:
+        try:
+            handle = session.open(remote, _FXF_READ)
+            size = session.fstat_size(handle)
+            with _writing(target) as write:
+                done = session.read_file(handle, size, write, progress)
+            session.checked(_FXP_CLOSE, _string(handle))
+        except _StatusError as exc:
+            _raise_for(exc, "download failed", remote)
+        # The server closes a handle left open with the channel: no clean-up
+        # on failure.
+        return done
+
+
+def remove(chan: paramiko.Channel, remote: str, *, deadline: Optional[float] = None) -> bool:
+    """Remove remote file ``remote`` over SFTP on ``chan`` (closed on return); False if absent.
+
+    For cleaning up the temporary file of an upload broken with its
+    connection (see `upload`'s ``temp_name``). Errors as for `upload`.
+    """
+    with _session(chan, deadline) as session:
+        try:
+            return session.remove(remote)
+        except _StatusError as exc:
+            _raise_for(exc, "cannot remove", remote)
+    raise AssertionError("unreachable")  # _raise_for always raises
+
+
+def _local_copy(
+    source: Source, target: Source, mode: Optional[int], progress: Optional[Progress]
+) -> int:
+    _check_mode(mode)
+    done = 0
+    buffer = memoryview(bytearray(LOCAL_BLOCK))
+    with _reading(source) as (readinto, total), _writing(target, mode) as write:
+        while True:
+            size = _fill(readinto, buffer)
+            if not size:
+                break
+            write(buffer[:size])
+            done += size
+            if progress is not None:
+                progress(done, total)
+        if not done and progress is not None:
+            progress(0, total)
+    return done
+
+
+def local_put(
+    source: Source, dest: str, *, mode: Optional[int] = None, progress: Optional[Progress] = None
+) -> int:
+    """`upload`'s contract on the local file system: copy ``source`` to path ``dest`` atomically.
+
+    ``source`` is a path or a binary file object. ``dest`` gets ``mode`` if
+    given (else the umask's default for new files) and appears whole or not
+    at all. OS errors (`FileNotFoundError`, `PermissionError`, ...) propagate.
+    """
+    return _local_copy(source, dest, mode, progress)
+
+
+def local_get(source: str, target: Source, *, progress: Optional[Progress] = None) -> int:
+    """`download`'s contract on the local file system: copy path ``source`` to ``target``.
+
+    ``target`` is a path (written atomically) or a binary file object.
+    """
+    return _local_copy(source, target, None, progress)
