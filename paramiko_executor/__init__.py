@@ -12,6 +12,7 @@ from .errors import (
     ExecutorError,
     ExecutorFailure,
     HostKeyFailure,
+    TransferTimeout,
 )
 from .executors import SAFE_WRAPPER, DupingSSHExecutor, Executor, SSHExecutor
 from .results import CommandResult
@@ -38,5 +39,6 @@ __all__ = [
     "HostKeyFailure",
     "SSHExecutor",
     "ShellExecutor",
+    "TransferTimeout",
     "probe_max_session",
 ]

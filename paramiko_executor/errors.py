@@ -8,6 +8,7 @@ The public tree::
      +-- ExecutorFailure               the executor failed: connection, channel, host
           +-- AuthenticationFailure    credentials or prompt refused; never retried
           +-- HostKeyFailure           host key unknown, changed or revoked; never retried
+          +-- TransferTimeout          a put or get outran its timeout (also a TimeoutError)
           +-- GroupFailure             (``group``) some hosts of a HostGroup failed
 
 The internal signals, never seen by a caller (the executors turn them into the
@@ -50,7 +51,9 @@ __all__ = [
     "NeverStarted",
     "TRANSPORT_ERRORS",
     "TemporaryFailure",
+    "TransferTimeout",
     "for_executor",
+    "mapped",
     "translate",
 ]
 
@@ -130,6 +133,13 @@ class ExecutorFailure(ExecutorError):
         return self.description
 
 
+class TransferTimeout(ExecutorFailure, TimeoutError):
+    """A ``put`` or ``get`` outran its ``timeout``; no partial file is left under the final name."""
+
+    def __str__(self) -> str:
+        return self.description
+
+
 class AuthenticationFailure(ExecutorFailure):
     """The server refused the credentials, or asked a prompt no answer matches. Never retried."""
 
@@ -194,10 +204,15 @@ def translate(transport: paramiko.Transport, *,
     except ExecutorError:
         raise
     except TRANSPORT_ERRORS as exc:
-        if is_lost(exc, transport):
-            began = started() if callable(started) else started
-            raise ConnectionLost(f"{what} was lost: {exc!r}", started=began) from None
-        raise ExecutorFailure(f"SSH error on {what}: {exc!r}") from None
+        raise mapped(exc, transport, started() if callable(started) else started, what) from None
+
+
+def mapped(exc: BaseException, transport: paramiko.Transport, started: bool,
+           what: str) -> ExecutorFailure:
+    """The library's error for ``exc`` (one of `TRANSPORT_ERRORS`), given the transport's state."""
+    if is_lost(exc, transport):
+        return ConnectionLost(f"{what} was lost: {exc!r}", started=started)
+    return ExecutorFailure(f"SSH error on {what}: {exc!r}")
 
 
 E = TypeVar("E", bound=BaseException)

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 import pickle
 import threading
 import time
@@ -22,14 +23,17 @@ from typing import Any, Callable, Dict, Iterator, Optional, TypeVar, Union
 import paramiko
 
 from .channel import CommandSpec, SessionChannel
-from .checks import check_int
+from .checks import check_int, check_timeout
 from .command import RunOptions, StdinInput, check_command, outcome, stdin_bytes
 from .connection import Connection, ConnectionState, Link
 from .errors import (
+    TRANSPORT_ERRORS,
     ConnectionLost,
     ExecutorFailure,
     NeverStarted,
+    TransferTimeout,
     for_executor,
+    mapped,
     translate,
 )
 from .internals import private_key_object
@@ -37,10 +41,15 @@ from .options import DEFAULT, normalize_parameters, resolve_target
 from .results import CommandResult
 from .retry import Backoff, CommandRetry, ConnectRetry
 from .stats import ExecutorStatistics
+from .transfer import Progress, Source, download, remove, temp_path_for, upload
 
-__all__ = ["SAFE_WRAPPER", "DupingSSHExecutor", "Executor", "SSHExecutor"]
+__all__ = ["SAFE_WRAPPER", "DupingSSHExecutor", "Executor", "SSHExecutor",
+           "check_transfer_arguments"]
 
 log = logging.getLogger("paramiko_executor.executors")
+
+#: How long a failed upload's temporary file may take to remove.
+LEFTOVER_TIMEOUT = 10.0
 
 #: How often a channel the live server refused is asked for again: at once
 #: `QUICK_TRIES` times, then after a round trip and a backoff.
@@ -74,6 +83,30 @@ class Executor(abc.ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _is_file(value: Any) -> bool:
+    return not isinstance(value, (str, bytes)) and not hasattr(value, "__fspath__")
+
+
+def check_transfer_arguments(local: Any, remote: Any, *, mode: Any = None, timeout: Any = None,
+                             progress: Any = None) -> Optional[float]:
+    """Check the arguments of ``put``/``get`` at the call; returns the timeout in seconds."""
+    if not isinstance(remote, str) or not remote:
+        raise TypeError(f"remote must be a non-empty str, not {type(remote).__name__}")
+    if _is_file(local):
+        if not (hasattr(local, "read") or hasattr(local, "write")):
+            raise TypeError("local must be a path or a binary file object, "
+                            f"not {type(local).__name__}")
+    elif isinstance(local, bytes) or not os.fspath(local):
+        raise TypeError("local must be a non-empty path (str or os.PathLike) or a file object")
+    if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int)):
+        raise TypeError(f"mode must be an int or None, not {type(mode).__name__}")
+    if mode is not None and not 0 <= mode <= 0o7777:
+        raise ValueError(f"mode must be permission bits (0 to 0o7777), not {mode:#o}")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable or None, not {type(progress).__name__}")
+    return check_timeout("timeout", timeout)
 
 
 def _check_retries(value: Any) -> int:
@@ -275,6 +308,101 @@ class SSHExecutor(Executor):
             return self._connection.get()
         except ExecutorFailure as exc:
             raise for_executor(exc, self) from None
+
+    # --- files --------------------------------------------------------------------
+
+    def put(self, local: Source, remote: str, *, mode: Optional[int] = None,
+            timeout: Optional[float] = None, progress: Optional[Progress] = None) -> int:
+        """Copy ``local`` (a path or a binary file object) to ``remote`` over SFTP; the bytes sent.
+
+        The transfer runs on a session channel of the executor's one
+        connection and holds one slot of the same MaxSessions cap as the
+        commands. It is atomic: the data goes to a temporary file next to
+        ``remote``, which is renamed over ``remote`` after the last byte (a
+        failed transfer removes it). A transfer broken by a lost connection
+        is retried from the start, up to ``on_disconnect_retry`` times
+        (a file object is read again from where it stood). ``mode`` sets the
+        file's permission bits. ``progress(done, total)`` is called from this
+        thread. Raises `FileNotFoundError`/`PermissionError` naming ``remote``,
+        `TransferTimeout` past ``timeout``, and `ExecutorFailure` when the
+        connection cannot be had or the server runs no SFTP.
+        """
+        timeout = check_transfer_arguments(local, remote, mode=mode, timeout=timeout,
+                                           progress=progress)
+        temp = temp_path_for(remote)  # one name for every try: a retry overwrites it
+        start = local.tell() if _is_file(local) else None
+
+        def attempt(chan: paramiko.Channel, deadline: Optional[float]) -> int:
+            if start is not None:
+                local.seek(start)  # type: ignore[union-attr]
+            return upload(chan, local, remote, mode=mode, progress=progress, deadline=deadline,
+                          temp_name=temp)
+
+        try:
+            return self._transfer(attempt, timeout, sent=True)
+        except ExecutorFailure:
+            self._remove_leftover(temp)
+            raise
+
+    def get(self, remote: str, local: Source, *, timeout: Optional[float] = None,
+            progress: Optional[Progress] = None) -> int:
+        """Copy ``remote`` to ``local`` (a path, written atomically, or a binary file object).
+
+        Returns the bytes received; same slots, retries and errors as `put`.
+        """
+        timeout = check_transfer_arguments(local, remote, timeout=timeout, progress=progress)
+        start = local.tell() if _is_file(local) else None
+
+        def attempt(chan: paramiko.Channel, deadline: Optional[float]) -> int:
+            if start is not None:
+                local.seek(start)  # type: ignore[union-attr]
+                local.truncate()  # type: ignore[union-attr]
+            return download(chan, remote, local, progress=progress, deadline=deadline)
+
+        return self._transfer(attempt, timeout, sent=False)
+
+    def _transfer(self, work: Callable[[paramiko.Channel, Optional[float]], int],
+                  timeout: Optional[float], *, sent: bool) -> int:
+        counters = self._connection.counters
+        counters.add(commands_started=1)
+        succeeded = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def attempt(link: Link) -> Optional[int]:
+            session = self._open_session(link, deadline)
+            if session is None:
+                return None
+            try:
+                return work(session.hand_over(), deadline)
+            except TimeoutError:
+                return None
+            except (FileNotFoundError, PermissionError):
+                raise  # the file's answer, local or remote: not the connection's
+            except TRANSPORT_ERRORS as exc:
+                raise mapped(exc, link.transport, True, "the transfer") from None
+
+        try:
+            done = self._with_retries(attempt, deadline)
+            if done is None:
+                raise TransferTimeout(f"the transfer timed out after {timeout:g} s", self)
+            counters.add(**{"bytes_sent" if sent else "bytes_received": done})
+            succeeded = True
+            return done
+        finally:
+            counters.add(**{"commands_succeeded" if succeeded else "commands_failed": 1})
+
+    def _remove_leftover(self, temp: str) -> None:
+        """Remove a failed upload's temporary file, if the connection is still there to do it."""
+        link = self._connection.link
+        if link is None or not link.alive():
+            return
+        try:
+            session = self._open_session(link, time.monotonic() + LEFTOVER_TIMEOUT)
+            if session is not None:
+                with translate(link.transport, what="the clean-up"):
+                    remove(session.hand_over(), temp, deadline=time.monotonic() + LEFTOVER_TIMEOUT)
+        except (ExecutorFailure, OSError):
+            log.debug("could not remove the temporary file of a failed upload", exc_info=True)
 
     # --- running ----------------------------------------------------------------
 

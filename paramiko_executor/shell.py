@@ -11,9 +11,10 @@ import time
 from typing import Any, Callable, Dict, Optional
 
 from .command import RunOptions, StdinInput, check_command, outcome, stdin_bytes
-from .executors import Executor
+from .executors import Executor, check_transfer_arguments
 from .output import LineSplitter
 from .results import CommandResult, decode_output
+from .transfer import Progress, Source, local_get, local_put
 
 __all__ = ["ShellExecutor"]
 
@@ -65,6 +66,18 @@ class ShellExecutor(Executor):
         streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}  # type: ignore[union-attr]
         collected, timed_out = _communicate(proc, data, streams, options, deadline)
         return self._finish(proc, command, stdin_input, options, collected, timed_out)
+
+    def put(self, local: Source, remote: str, *, mode: Optional[int] = None,
+            timeout: Optional[float] = None, progress: Optional[Progress] = None) -> int:
+        """`SSHExecutor.put`'s contract here: copy ``local`` to path ``remote``, atomically."""
+        check_transfer_arguments(local, remote, mode=mode, timeout=timeout, progress=progress)
+        return local_put(local, remote, mode=mode, progress=progress)
+
+    def get(self, remote: str, local: Source, *, timeout: Optional[float] = None,
+            progress: Optional[Progress] = None) -> int:
+        """`SSHExecutor.get`'s contract on this machine: copy path ``remote`` to ``local``."""
+        check_transfer_arguments(local, remote, timeout=timeout, progress=progress)
+        return local_get(remote, local, progress=progress)
 
     def _run_on_pty(self, command: str, data: bytes, options: RunOptions,
                     deadline: Optional[float], environment: Optional[Dict[str, str]],
