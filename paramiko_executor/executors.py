@@ -224,6 +224,8 @@ class SSHExecutor(Executor):
             retry=ConnectRetry(retries=connect_retries, backoff=connect_backoff),
             max_sessions=check_int("max_sessions", max_sessions, minimum=1, optional=True),
         )
+        #: Temporary files of failed uploads, to remove once a connection lets us.
+        self._leftovers: set = set()
 
     def __repr__(self) -> str:
         target = self._connection.target
@@ -369,6 +371,8 @@ class SSHExecutor(Executor):
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def attempt(link: Link) -> Optional[int]:
+            if self._leftovers:
+                self._remove_leftovers(link)
             session = self._open_session(link, deadline)
             if session is None:
                 return None
@@ -392,17 +396,33 @@ class SSHExecutor(Executor):
             counters.add(**{"commands_succeeded" if succeeded else "commands_failed": 1})
 
     def _remove_leftover(self, temp: str) -> None:
-        """Remove a failed upload's temporary file, if the connection is still there to do it."""
+        """Remove a failed upload's temporary file now if the connection lives, else later.
+
+        Without a live connection the name is kept, and removed by the next
+        transfer once it has one (`_remove_leftovers`).
+        """
+        with self._connection.lock:
+            self._leftovers.add(temp)
         link = self._connection.link
-        if link is None or not link.alive():
-            return
-        try:
-            session = self._open_session(link, time.monotonic() + LEFTOVER_TIMEOUT)
-            if session is not None:
-                with translate(link.transport, what="the clean-up"):
-                    remove(session.hand_over(), temp, deadline=time.monotonic() + LEFTOVER_TIMEOUT)
-        except (ExecutorFailure, OSError):
-            log.debug("could not remove the temporary file of a failed upload", exc_info=True)
+        if link is not None and link.alive():
+            self._remove_leftovers(link)
+
+    def _remove_leftovers(self, link: Link) -> None:
+        with self._connection.lock:
+            pending, self._leftovers = self._leftovers, set()
+        for temp in pending:
+            try:
+                session = self._open_session(link, time.monotonic() + LEFTOVER_TIMEOUT)
+                if session is not None:
+                    with translate(link.transport, what="the clean-up"):
+                        remove(session.hand_over(), temp,
+                               deadline=time.monotonic() + LEFTOVER_TIMEOUT)
+                    continue
+            except (ExecutorFailure, OSError):
+                log.debug("could not remove the temporary file of a failed upload",
+                          exc_info=True)
+            with self._connection.lock:
+                self._leftovers.add(temp)  # tried again by the next transfer
 
     # --- running ----------------------------------------------------------------
 

@@ -1,0 +1,214 @@
+"""put and get through the executors: slots, retries, atomicity and errors, against real servers.
+
+The SFTP engine itself is tested in test_transfer.py; here it is the
+executor's contract: one connection, one slot per transfer, retries after a
+lost connection, no temporary file left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pathlib
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from paramiko_executor import (
+    DupingSSHExecutor,
+    ExecutorFailure,
+    ShellExecutor,
+    SSHExecutor,
+    TransferTimeout,
+)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def workdir(shared_dir):
+    """A directory the sshd login user can write and the test can read."""
+    return pathlib.Path(shared_dir)
+
+
+def leftovers(directory: pathlib.Path):
+    return [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(params=["ssh", "shell"])
+def executor(request, sshd):
+    if request.param == "shell":
+        yield ShellExecutor()
+        return
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        yield ex
+
+
+def test_round_trips_paths_pathlike_and_file_objects(executor, workdir, tmp_path):
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    source = tmp_path / "source.bin"
+    source.write_bytes(data)
+    remote = str(workdir / "remote.bin")
+    assert executor.put(source, remote) == len(data)           # os.PathLike
+    assert executor.get(remote, str(tmp_path / "back.bin")) == len(data)
+    assert digest((tmp_path / "back.bin").read_bytes()) == digest(data)
+    assert executor.put(io.BytesIO(data[:1000]), remote) == 1000   # file object
+    out = io.BytesIO()
+    assert executor.get(remote, out) == 1000 and out.getvalue() == data[:1000]
+    assert executor.put(io.BytesIO(b""), remote) == 0               # empty file
+    assert executor.get(remote, str(tmp_path / "empty")) == 0
+    assert (tmp_path / "empty").read_bytes() == b""
+    assert leftovers(workdir) == [] and leftovers(tmp_path) == []
+
+
+def test_mode_and_progress(executor, workdir, tmp_path):
+    remote = str(workdir / "script.sh")
+    calls = []
+    executor.put(io.BytesIO(b"#!/bin/sh\necho hi\n"), remote, mode=0o750,
+                 progress=lambda done, total: calls.append((done, total, threading.get_ident())))
+    assert os.stat(remote).st_mode & 0o7777 == 0o750
+    assert calls and calls[-1][0] == 18 and {c[2] for c in calls} == {threading.get_ident()}
+
+
+def test_missing_and_forbidden_files_name_the_path(executor, workdir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        executor.get(str(workdir / "nowhere"), str(tmp_path / "x"))
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+        executor.put(io.BytesIO(b"x"), str(workdir / "no-such-dir" / "f"))
+    assert not (tmp_path / "x").exists() and leftovers(tmp_path) == []
+
+
+def test_forbidden_remote_paths_are_permission_errors(sshd, tmp_path):
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        with pytest.raises(PermissionError, match="/root"):
+            ex.put(io.BytesIO(b"x"), "/root/pe-forbidden")
+        with pytest.raises(PermissionError, match="shadow"):
+            ex.get("/etc/shadow", str(tmp_path / "shadow"))
+        assert ex.run_command("echo usable").stdout == "usable\n"
+
+
+def test_bad_arguments_fail_at_the_call(executor):
+    with pytest.raises(TypeError, match="remote"):
+        executor.put(io.BytesIO(b""), None)
+    with pytest.raises(TypeError, match="local"):
+        executor.get("/tmp/x", 42)
+    with pytest.raises(ValueError, match="mode"):
+        executor.put(io.BytesIO(b""), "/tmp/x", mode=0o17777)
+    with pytest.raises(ValueError, match="timeout"):
+        executor.get("/tmp/x", io.BytesIO(), timeout=-1)
+
+
+def test_transfers_and_commands_share_the_cap_on_one_connection(make_sshd, tmp_path, workdir):
+    server = make_sshd(max_sessions=10)
+    data = os.urandom(1024 * 1024)
+    source = tmp_path / "one-mib"
+    source.write_bytes(data)
+    remote_dir = workdir
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        with ThreadPoolExecutor(100) as pool:
+            puts = [pool.submit(ex.put, str(source), str(remote_dir / f"f{i}")) for i in range(50)]
+            runs = [pool.submit(ex.run_command, f"echo {i}") for i in range(50)]
+            assert [f.result(timeout=120) for f in puts] == [len(data)] * 50
+            assert [f.result(timeout=120).stdout for f in runs] == [f"{i}\n" for i in range(50)]
+        stats = ex.statistics()
+    assert all(digest((remote_dir / f"f{i}").read_bytes()) == digest(data) for i in range(50))
+    assert stats.connects == 1 and stats.commands_failed == 0
+    assert stats.bytes_sent == 50 * len(data)
+    assert server.read_log().count("Accepted publickey") == 1
+
+
+def kill_connections(server):
+    for pid in server.serving_pids():
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_an_upload_broken_by_a_lost_connection_is_retried_and_leaves_nothing(
+        make_sshd, workdir):
+    server = make_sshd(max_sessions=10)
+    data = os.urandom(64 * 1024 * 1024)
+    target = workdir / "big.bin"
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true")
+        killed = threading.Event()
+
+        def progress(done, total):
+            if done > len(data) // 8 and not killed.is_set():
+                killed.set()
+                kill_connections(server)
+
+        assert ex.put(io.BytesIO(data), str(target), progress=progress) == len(data)
+        stats = ex.statistics()
+        assert killed.is_set() and stats.reconnects == 1 and stats.commands_retried == 1
+    assert digest(target.read_bytes()) == digest(data)
+    assert leftovers(workdir) == []
+
+
+def test_no_retries_left_removes_the_temporary_file(make_sshd, workdir):
+    server = make_sshd(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters(on_disconnect_retry=0)) as ex:
+        ex.run_command("true")
+        killed = threading.Event()
+
+        def progress(done, total):
+            if done > 1024 * 1024 and not killed.is_set():
+                killed.set()
+                kill_connections(server)
+
+        with pytest.raises(ExecutorFailure):
+            ex.put(io.BytesIO(os.urandom(32 * 1024 * 1024)), str(workdir / "f"),
+                   progress=progress)
+        assert ex.statistics().commands_failed == 1
+        # The clean-up needs a connection: the next transfer's (re)connect brings one.
+        ex.put(io.BytesIO(b"ok"), str(workdir / "g"))
+    assert not (workdir / "f").exists() and leftovers(workdir) == []
+
+
+def test_a_timeout_is_a_transfer_timeout(make_test_server, tmp_path):
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true")
+        server.freeze()
+        try:
+            with pytest.raises(TransferTimeout) as info:
+                ex.get(str(tmp_path / "x"), io.BytesIO(), timeout=1)
+            assert isinstance(info.value, TimeoutError) and isinstance(info.value, ExecutorFailure)
+        finally:
+            server.thaw()
+
+
+def test_a_command_restricted_key_cannot_open_sftp(sshd, tmp_path):
+    params = sshd.executor_parameters(client_keys=[sshd.forced_key_path])
+    with DupingSSHExecutor(**params) as ex:
+        with pytest.raises(ExecutorFailure, match="SFTP") as info:
+            ex.put(io.BytesIO(b"x"), str(tmp_path / "x"), timeout=60)
+        assert "command" in str(info.value)
+        assert ex.run_command("echo still").stdout == "still\n"
+
+
+def test_atomic_put_seen_from_a_concurrent_reader(sshd, workdir):
+    remote = workdir / "atomic.bin"
+    data = os.urandom(32 * 1024 * 1024)
+    sizes = set()
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                sizes.add(remote.stat().st_size)
+            except FileNotFoundError:
+                sizes.add(None)
+
+    watcher = threading.Thread(target=watch)
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        watcher.start()
+        try:
+            ex.put(io.BytesIO(data), str(remote))
+        finally:
+            stop.set()
+            watcher.join(10)
+    assert sizes <= {None, len(data)} and len(data) in sizes | {remote.stat().st_size}
