@@ -460,21 +460,19 @@ class SessionChannel:
             while not self.answered.wait(LIVENESS_POLL):
                 if not self.transport.is_active():
                     return
-            try:
-                if self.opened:
-                    self.chan.close()
-                else:
-                    self.release_refused()
-            except (*TRANSPORT_ERRORS, ConnectionLost):
-                pass  # the connection ended, and the session with it
+            self._close_answered()
 
         threading.Thread(target=reap, name="paramiko_executor reap", daemon=True).start()
 
     def discard(self) -> None:
         """Close an unused channel (a spare); its slot frees on the server's CLOSE."""
-        if not self.answered.is_set():
+        if self.answered.is_set():
+            self._close_answered()
+        else:
             self.abandon_open()
-            return
+
+    def _close_answered(self) -> None:
+        """Close a channel whose open was answered: an open one on the server's side too."""
         try:
             if self.opened:
                 self.chan.close()

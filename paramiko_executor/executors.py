@@ -452,9 +452,13 @@ class SSHExecutor(Executor):
         check_command(command)
         options = RunOptions.of(timeout=timeout, check=check, env=env, encoding=encoding,
                                 pty=pty, on_output=on_output, keep_output=keep_output)
-        spec = CommandSpec(command.encode("utf-8"), stdin_bytes(stdin_input), options.env,
+        return self._execute(self._spec(command, stdin_input, options), options, command,
+                             stdin_input)
+
+    def _spec(self, command: str, stdin_input: StdinInput, options: RunOptions) -> CommandSpec:
+        """What goes over the channel for ``command``: the command itself, and its stdin."""
+        return CommandSpec(command.encode("utf-8"), stdin_bytes(stdin_input), options.env,
                            options.pty, options.encoding, options.on_output, options.keep_output)
-        return self._execute(spec, options, command, stdin_input)
 
     def _execute(self, spec: CommandSpec, options: RunOptions, shown_command: str,
                  shown_stdin: StdinInput) -> CommandResult:
@@ -609,24 +613,15 @@ class DupingSSHExecutor(SSHExecutor):
         super().__init__(**arguments)
         self._arguments["wrapper"] = wrapper
 
-    def run_command(
-        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
-        check: bool = True, env: Optional[Dict[str, str]] = None,
-        encoding: Optional[str] = "utf-8", pty: bool = False,
-        on_output: Optional[Callable[[str, Any], None]] = None, keep_output: bool = True,
-    ) -> CommandResult:
-        """Run ``command`` through the wrapper; same results and failures as `SSHExecutor`."""
-        check_command(command)
+    def _spec(self, command: str, stdin_input: StdinInput, options: RunOptions) -> CommandSpec:
+        """The wrapper, fed the command as its first line and then ``stdin_input``."""
         for bad in ("\n", "\r", "\0"):
             if bad in command:
                 raise ValueError(f"command must be one line: it holds {bad!r}, which would "
                                  "break the wrapper's line framing")
-        options = RunOptions.of(timeout=timeout, check=check, env=env, encoding=encoding,
-                                pty=pty, on_output=on_output, keep_output=keep_output)
         payload = command.encode("utf-8") + b"\n"
         data = stdin_bytes(stdin_input)
         if data:
             payload += data + b"\n"
-        spec = CommandSpec(self._wrapper.encode("utf-8"), payload, options.env, options.pty,
+        return CommandSpec(self._wrapper.encode("utf-8"), payload, options.env, options.pty,
                            options.encoding, options.on_output, options.keep_output)
-        return self._execute(spec, options, command, stdin_input)

@@ -44,6 +44,16 @@ class _Reply:
         self.message: Optional[Message] = None
 
 
+def _request(kind: str, data: Optional[Sequence[Any]], *, want_reply: bool) -> Message:
+    m = Message()
+    m.add_byte(cMSG_GLOBAL_REQUEST)
+    m.add_string(kind)
+    m.add_boolean(want_reply)
+    if data is not None:
+        m.add(*data)
+    return m
+
+
 class GlobalRequests:
     """The global requests of one transport that want a reply, and their replies, in order."""
 
@@ -72,12 +82,7 @@ class GlobalRequests:
 
     def send(self, kind: str, data: Optional[Sequence[Any]] = None) -> _Reply:
         """Send a request wanting a reply; its `_Reply` is set when the reply arrives."""
-        m = Message()
-        m.add_byte(cMSG_GLOBAL_REQUEST)
-        m.add_string(kind)
-        m.add_boolean(True)
-        if data is not None:
-            m.add(*data)
+        m = _request(kind, data, want_reply=True)
         reply = _Reply()
         # Queued and sent under one lock: the queue's order is the wire's.
         with self._lock:
@@ -93,13 +98,7 @@ class GlobalRequests:
                        wait: bool = True) -> Optional[Message]:
         """``paramiko.Transport.global_request``, with the reply routed to this request."""
         if not wait:
-            m = Message()
-            m.add_byte(cMSG_GLOBAL_REQUEST)
-            m.add_string(kind)
-            m.add_boolean(False)
-            if data is not None:
-                m.add(*data)
-            send_when_clear(self._transport, m)
+            send_when_clear(self._transport, _request(kind, data, want_reply=False))
             return None
         reply = self.send(kind, data)
         while not reply.event.wait(0.1):
