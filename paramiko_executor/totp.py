@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pyotp
 
@@ -147,11 +147,11 @@ class _LedgerFile:
                 file.write(key)
         return key
 
-    def claim(self, secret: str, step: int, record: bool) -> Optional[int]:
+    def claim(self, secret: str, step: int) -> Optional[int]:
         """The step recorded for ``secret`` if it is ``step`` or later, else None.
 
-        When the step is free and ``record`` is true, ``step`` is recorded in the same locked
-        read-modify-write, so two processes can never both claim one step. Records older than
+        When the step is free, it is recorded in the same locked read-modify-write, so two
+        processes can never both claim one step. Records older than
         the step being written are dropped: they can no longer make anybody wait, and the file
         stays a few lines long.
         """
@@ -168,12 +168,11 @@ class _LedgerFile:
                 recorded = records.get(name)
                 if recorded is not None and recorded >= step:
                     return recorded
-                if record:
-                    records[name] = step
-                    kept = {k: v for k, v in records.items() if v >= step - 2}
-                    file.seek(0)
-                    file.truncate()
-                    file.write("".join(f"{k} {v}\n" for k, v in kept.items()))
+                records[name] = step
+                kept = {k: v for k, v in records.items() if v >= step - 2}
+                file.seek(0)
+                file.truncate()
+                file.write("".join(f"{k} {v}\n" for k, v in kept.items()))
                 return None
         finally:
             os.close(fd)  # also releases the lock
@@ -183,8 +182,9 @@ class TOTPLedger:
     """The last TOTP time step sent for each secret, so that no code is sent twice.
 
     Before a code is handed to the server, :meth:`issue` looks up the last step whose code
-    was sent for that secret (in this process, and in the ledger file when ``path`` is given)
-    and, if it is the current step (or later), waits until the step after it begins. Thread-
+    was sent (or reserved, see :meth:`wait_until_fresh`) for that secret (in this process, and
+    in the ledger file when ``path`` is given) and, if it is the current step (or later),
+    waits until the step after it begins. Thread-
     safe (a Condition wait, releasing the lock, so other secrets are not held up). A child
     process after ``os.fork`` keeps the record (it shares the parent's secrets and clock) with
     a fresh lock. Secrets are keyed by their SHA-256 in memory, by a keyed HMAC in the file.
@@ -215,6 +215,10 @@ class TOTPLedger:
         self._wait_hook = wait
         self._cond = threading.Condition()
         self._last: Dict[bytes, int] = {}
+        # Steps wait_until_fresh claimed for logins of this process, oldest first, each for
+        # one later issue() (the keyboard-interactive handler runs in paramiko's thread, so a
+        # reservation cannot be tied to the thread that made it).
+        self._reserved: Dict[bytes, List[int]] = {}
         self._file = None if path is None else _LedgerFile(path)
         ref = weakref.ref(self)
 
@@ -232,25 +236,27 @@ class TOTPLedger:
         """The shared ledger file, or None when the record is kept in this process only."""
         return None if self._file is None else self._file.path
 
-    def _take_turn(self, secret: str, record: bool) -> str:
-        """Wait until the current step's code for ``secret`` was never sent; return that code.
+    @staticmethod
+    def _key(secret: str) -> bytes:
+        return hashlib.sha256(secret.encode()).digest()
 
-        With ``record`` the step is recorded as sent, in the same locked step as the check.
-        Hold ``_cond``.
+    def _take_turn(self, secret: str) -> Tuple[int, str]:
+        """Wait until the current step's code for ``secret`` was never sent; claim it.
+
+        The step is recorded as taken (here and in the file) in the same locked step as the
+        check. Returns the step and its code. Hold ``_cond``.
         """
-        secret = normalise_secret(secret)
-        key = hashlib.sha256(secret.encode()).digest()
+        key = self._key(secret)
         totp = make_totp(secret)
         stalls = 0
         for _turn in range(self._MAX_TURNS):
             now = self._clock()
             step = int(now // totp.interval)
             last = self._last.get(key)
-            taken = last if last is not None and last >= step else self._claim(secret, step, record)
+            taken = last if last is not None and last >= step else self._claim(secret, step)
             if taken is None:
-                if record:
-                    self._last[key] = step
-                return totp.at(now)
+                self._last[key] = step
+                return step, totp.at(now)
             delay = (taken + 1) * totp.interval - now + self._BOUNDARY_MARGIN
             log.info(
                 "TOTP code for this secret was already sent; waiting %.1f s for the next time step",
@@ -268,11 +274,11 @@ class TOTPLedger:
             "no fresh TOTP code became available (is the system clock standing still?)"
         )
 
-    def _claim(self, secret: str, step: int, record: bool) -> Optional[int]:
+    def _claim(self, secret: str, step: int) -> Optional[int]:
         """`_LedgerFile.claim` on the shared file, if there is a usable one."""
         if self._file is not None:
             try:
-                return self._file.claim(secret, step, record)
+                return self._file.claim(secret, step)
             except OSError as exc:
                 log.warning(
                     "TOTP ledger %s unusable (%s): codes are tracked in this process only",
@@ -282,17 +288,40 @@ class TOTPLedger:
         return None
 
     def wait_until_fresh(self, secret: str) -> None:
-        """Block until the current code for ``secret`` is unsent; record nothing."""
+        """Block until a step whose code for ``secret`` was never sent begins; reserve it.
+
+        Call this before a login starts the exchange that will ask for the code: the next
+        :meth:`issue` in this process, during that step, gets the reserved code without
+        waiting. Others (threads, processes) wait for a later step before they start theirs,
+        so logins with one secret never overlap at the server (google-authenticator's PAM
+        module refuses a login whose secret file another login rewrote meanwhile).
+        """
+        secret = normalise_secret(secret)
         with self._cond:
-            self._take_turn(secret, record=False)
+            step, _code = self._take_turn(secret)
+            self._reserved.setdefault(self._key(secret), []).append(step)
 
     def issue(self, secret: str) -> str:
         """Return a code for ``secret`` that was never sent, recording it as sent.
 
-        Call this at the moment the code is handed to the server.
+        Call this at the moment the code is handed to the server. A step this process
+        reserved with :meth:`wait_until_fresh` is used if it is the current one; reservations
+        of steps gone by are dropped.
         """
+        secret = normalise_secret(secret)
+        key = self._key(secret)
         with self._cond:
-            return self._take_turn(secret, record=True)
+            now = self._clock()
+            totp = make_totp(secret)
+            step = int(now // totp.interval)
+            reserved = [s for s in self._reserved.pop(key, ()) if s >= step]
+            if reserved and reserved[0] == step:
+                if reserved[1:]:
+                    self._reserved[key] = reserved[1:]
+                return totp.at(now)
+            if reserved:
+                self._reserved[key] = reserved
+            return self._take_turn(secret)[1]
 
 
 #: The process-wide ledger authentication uses, shared through :func:`default_ledger_path`.
