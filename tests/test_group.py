@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Dict, List
@@ -434,3 +436,65 @@ def test_statistics_per_host(sshd_hosts):
         stats = group.statistics()
     assert list(stats) == list(ADDRESSES[:2])
     assert all(s.connects == 1 and s.commands_succeeded == 1 for s in stats.values())
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m paramiko_executor ARGS`` with this checkout's package first on the path."""
+    import paramiko_executor
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(paramiko_executor.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [root, os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "paramiko_executor", *args], input=b"",
+                          capture_output=True, timeout=120, env=env)
+
+
+def cli_options(server) -> List[str]:
+    parameters = common(server)
+    return ["--port", str(parameters["port"]), "--user", parameters["username"], "-F", "none",
+            "--key", parameters["client_keys"][0], "--known-hosts", parameters["known_hosts"],
+            "--connect-retries", "0"]
+
+
+def test_cli_runs_on_every_host_with_prefixed_lines(sshd_hosts):
+    hosts = ",".join(ADDRESSES[:3])
+    proc = cli("run", "--hosts", hosts, *cli_options(sshd_hosts), "--",
+               'echo "$SSH_CONNECTION" | cut -d" " -f3; echo second; echo err >&2')
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stdout.decode().splitlines()
+    for address in ADDRESSES[:3]:
+        # each host's lines together, in its order, each prefixed with its name
+        at = lines.index(f"{address}: {address}")
+        assert lines[at + 1] == f"{address}: second"
+    assert len(lines) == 6
+    assert sorted(proc.stderr.decode().splitlines()) == [f"{a}: err" for a in ADDRESSES[:3]]
+
+
+def test_cli_hosts_file_failures_and_exit_status(sshd_hosts, tmp_path):
+    hosts_file = tmp_path / "hosts"
+    hosts_file.write_text(f"# the nodes\n{ADDRESSES[0]}\n\n{ADDRESSES[1]}  # fails\n")
+    failing = f'case "$SSH_CONNECTION" in *" {ADDRESSES[1]} "*) echo no; exit 3;; esac; echo ok'
+    proc = cli("run", "--hosts-file", str(hosts_file), *cli_options(sshd_hosts), "--", failing)
+    assert proc.returncode == 1
+    assert sorted(proc.stdout.decode().splitlines()) == [f"{ADDRESSES[0]}: ok",
+                                                         f"{ADDRESSES[1]}: no"]
+    stderr = proc.stderr.decode()
+    assert "1 of 2 hosts failed:" in stderr and f"  {ADDRESSES[1]}: command" in stderr
+    assert "exit code 3" in stderr and "\r" not in stderr  # not a terminal: no progress bar
+    # A host nobody answers on (127.0.0.9 does not listen) is an executor failure: 255.
+    proc = cli("run", "--hosts", f"{ADDRESSES[2]},127.0.0.9", "--hosts-file", str(hosts_file),
+               *cli_options(sshd_hosts), "--", failing)
+    assert proc.returncode == 255
+    assert "3 of 4 hosts failed:" not in proc.stderr.decode()
+    assert "2 of 4 hosts failed:" in proc.stderr.decode()
+
+
+def test_cli_hosts_usage_errors(sshd_hosts):
+    assert cli("run", "--hosts", "a,b,a", *cli_options(sshd_hosts), "--", "true").returncode == 2
+    proc = cli("run", "--hosts", " , ", *cli_options(sshd_hosts), "--", "true")
+    assert proc.returncode == 2 and b"no host" in proc.stderr
+    proc = cli("run", "--hosts", "a", "--host", "b", "--", "true")
+    assert proc.returncode == 2 and b"cannot be combined" in proc.stderr
