@@ -47,6 +47,8 @@ PAM_DIR = "/etc/pam.d"
 #: creating process's pid follows it, so leftovers of dead processes can be
 #: recognised and removed.
 PAM_SERVICE_PREFIX = "sshd-pe-"
+#: How many ``listen_addresses`` sshd takes besides 127.0.0.1 (its MAX_LISTEN_SOCKS is 16).
+MAX_EXTRA_ADDRESSES = 15
 #: The prompt pam_google_authenticator sends unless told otherwise.
 DEFAULT_TOTP_PROMPT = "Verification code: "
 
@@ -107,7 +109,8 @@ class OpenSSHServer:
             127.0.0.0/8 reaches this machine on Linux) to listen on, besides
             127.0.0.1, at the same port: each looks like a host of its own to a
             client (own TCP connections; ``$SSH_CONNECTION`` names the address
-            a session reached) and :attr:`known_hosts_path` lists them all.
+            a session reached) and :attr:`known_hosts_path` lists them all. At
+            most 15: sshd listens on 16 sockets at most.
         max_startups: the first number of sshd's ``MaxStartups``
             (``N:30:2N``): unauthenticated connections sshd takes at once before
             it starts dropping new ones. Raise it to log in to many addresses
@@ -642,7 +645,7 @@ def _loopback_addresses(addresses: Sequence[str]) -> tuple:
     """``addresses`` checked: distinct IPv4 loopback addresses other than 127.0.0.1."""
     if isinstance(addresses, (str, bytes)):
         raise TypeError("listen_addresses must be a sequence of addresses, not a single string")
-    checked = []
+    checked: List[str] = []
     for address in addresses:
         if not isinstance(address, str):
             raise TypeError(f"listen_addresses must hold strings, not {type(address).__name__}")
@@ -655,6 +658,9 @@ def _loopback_addresses(addresses: Sequence[str]) -> tuple:
         if str(parsed) == OpenSSHServer.host or str(parsed) in checked:
             raise ValueError(f"listen_addresses: {address} is given twice (127.0.0.1 always is)")
         checked.append(str(parsed))
+    if len(checked) > MAX_EXTRA_ADDRESSES:
+        raise ValueError(f"listen_addresses: at most {MAX_EXTRA_ADDRESSES} (sshd listens on at "
+                         f"most {MAX_EXTRA_ADDRESSES + 1} sockets, 127.0.0.1 included)")
     return tuple(checked)
 
 
