@@ -250,6 +250,8 @@ class HostGroup:
                     try:
                         self._executors[name] = self._executor_class(**parameters)
                     except (TypeError, ValueError) as exc:
+                        if type(exc) not in (TypeError, ValueError):
+                            raise  # a subclass may not take one message: pass it on as it is
                         raise type(exc)(f"host {name!r}: {exc}") from exc
             return dict(self._executors)
 

@@ -498,3 +498,43 @@ def test_cli_hosts_usage_errors(sshd_hosts):
     assert proc.returncode == 2 and b"no host" in proc.stderr
     proc = cli("run", "--hosts", "a", "--host", "b", "--", "true")
     assert proc.returncode == 2 and b"cannot be combined" in proc.stderr
+
+
+def test_cli_draws_progress_on_a_terminal_only(sshd_hosts):
+    import pty
+    import select
+
+    import paramiko_executor
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(paramiko_executor.__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "paramiko_executor", "run", "--hosts", ",".join(ADDRESSES),
+             *cli_options(sshd_hosts), "--", "echo ok"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal, env=env)
+        os.close(terminal)
+        terminal = None
+        drawn = b""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # drain the terminal so the program never blocks
+            ready, _, _ = select.select([controller], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(controller, 4096)
+                except OSError:  # EIO: the program closed its end
+                    break
+                if not chunk:
+                    break
+                drawn += chunk
+            elif proc.poll() is not None:
+                break
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        os.close(controller)
+        if terminal is not None:
+            os.close(terminal)
+    assert proc.returncode == 0
+    assert b"\r[" in drawn and b"4/4 100%" in drawn
+    assert sorted(stdout.decode().splitlines()) == [f"{a}: ok" for a in ADDRESSES]
