@@ -257,6 +257,18 @@ def test_threads_never_exceed_max_workers():
     assert not any(t.is_alive() for t in pool_threads)  # close() ended the pool
 
 
+def test_a_thousand_hosts_from_one_process():
+    hosts = [{"host": f"10.0.{i // 250}.{i % 250}", "name": f"n{i:04}"} for i in range(1000)]
+    before = set(threading.enumerate())
+    with fake_group(hosts, max_workers=16) as group:
+        started = time.monotonic()
+        result = group.run_command("x")
+        assert time.monotonic() - started < WAIT
+        assert len(new_group_threads(before)) <= 16
+    assert list(result) == [f"n{i:04}" for i in range(1000)] and not result.failed
+    assert result["n0999"].stdout == "10.0.3.249: x\n"
+
+
 def test_close_closes_every_executor_and_the_group_stays_usable():
     before = set(threading.enumerate())
     group = fake_group(["a", "b"])
