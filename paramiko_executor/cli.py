@@ -380,9 +380,9 @@ def _write(stream: TextIO, text: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.hosts is not None or args.hosts_file is not None:
-        return _run_on_hosts(args)
     command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
+    if args.hosts is not None or args.hosts_file is not None:
+        return _run_on_hosts(args, command)
     executor = _executor(args)
     stdin_input = sys.stdin.buffer.read() if args.stdin else None
     try:
@@ -434,13 +434,12 @@ def _print_host_output(name: str, stdout: str, stderr: str) -> None:
             _write(stream, "".join(f"{name}: {line}\n" for line in lines))
 
 
-def _run_on_hosts(args: argparse.Namespace) -> int:
-    """``run --hosts``: the command on every host, output as each host finishes."""
+def _run_on_hosts(args: argparse.Namespace, command: str) -> int:
+    """``run --hosts``: ``command`` on every host, output as each host finishes."""
     from .group import HostGroup  # only this subcommand needs it
 
     if args.config is not None or args.host is not None:
         raise CommandLineError("--hosts/--hosts-file cannot be combined with --config or --host")
-    command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
     names = _host_names(args)
     stdin_input = sys.stdin.buffer.read() if args.stdin else None
 
