@@ -17,7 +17,6 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Tuple
 
 import pytest
-from conftest import start_openssh
 
 from paramiko_executor import SSHExecutor
 
@@ -30,19 +29,13 @@ def where_it_ran(executor: SSHExecutor, task: int) -> Tuple[int, str, int]:
     return os.getpid(), client_port, task
 
 
-@pytest.fixture(scope="module")
-def sshd_workers():
-    """A private sshd for this module: its log counts only this module's connections."""
-    server = start_openssh(max_sessions=10)
-    yield server
-    server.close()
+@pytest.fixture
+def sshd_workers(make_sshd):
+    """A private sshd for one test: its log holds only that test's logins."""
+    return make_sshd(max_sessions=10)
 
 
-def accepted(server) -> int:
-    return server.read_log().count("Accepted publickey")
-
-
-def check_one_connection_per_process(server, before: int, results, tasks: int) -> None:
+def check_one_connection_per_process(server, results, tasks: int) -> None:
     assert sorted(task for _, _, task in results) == list(range(tasks))
     pids = {pid for pid, _, _ in results}
     ports = {port for _, port, _ in results}
@@ -53,20 +46,18 @@ def check_one_connection_per_process(server, before: int, results, tasks: int) -
         assert len({port for p, port, _ in results if p == pid}) == 1
     # ...and sshd saw exactly that many logins (wait_for_log: sshd logs a bit late; it
     # returns early once it sees more, which then fails the equality).
-    expected = before + len(pids)
-    assert server.wait_for_log("Accepted publickey", expected + 1, timeout=2) == expected
+    assert server.wait_for_log("Accepted publickey", len(pids) + 1, timeout=2) == len(pids)
 
 
 @pytest.mark.hang_timeout(300)
 def test_process_pool_opens_one_connection_per_worker_process(sshd_workers):
     executor = SSHExecutor(**sshd_workers.executor_parameters())
-    before = accepted(sshd_workers)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(2, mp_context=context) as pool:
         # submit pickles the executor anew for every task, as task frameworks do
         futures = [pool.submit(where_it_ran, executor, task) for task in range(20)]
         results = [future.result(timeout=WAIT) for future in futures]
-    check_one_connection_per_process(sshd_workers, before, results, 20)
+    check_one_connection_per_process(sshd_workers, results, 20)
 
 
 @pytest.mark.hang_timeout(300)
@@ -76,7 +67,6 @@ def test_dask_local_cluster_opens_one_connection_per_worker_process(sshd_workers
     # Ship this module's task function by value: the worker processes need not import it.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     executor = SSHExecutor(**sshd_workers.executor_parameters())
-    before = accepted(sshd_workers)
     try:
         with distributed.LocalCluster(
             n_workers=2, processes=True, threads_per_worker=2, dashboard_address=None,
@@ -90,4 +80,4 @@ def test_dask_local_cluster_opens_one_connection_per_worker_process(sshd_workers
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert {pid for pid, _, _ in results} <= worker_pids
-    check_one_connection_per_process(sshd_workers, before, results, 40)
+    check_one_connection_per_process(sshd_workers, results, 40)
