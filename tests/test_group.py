@@ -228,6 +228,24 @@ def test_results_come_as_hosts_finish_and_a_slow_host_holds_up_only_its_own_entr
     group.close()
 
 
+def test_leaving_the_loop_early_cancels_the_hosts_not_started():
+    started_b, release_b = threading.Event(), threading.Event()
+
+    def hold_b() -> None:
+        started_b.set()
+        release_b.wait(WAIT)
+
+    FakeExecutor.behaviour = {"b": hold_b}
+    group = fake_group(["a", "b", "c"], max_workers=1)
+    for name, _outcome in group.run_command_as_completed("x"):
+        assert name == "a"
+        assert started_b.wait(WAIT)  # the one worker holds "b"; "c" waits in the queue
+        break
+    release_b.set()
+    group.close()  # waits for "b"
+    assert FakeExecutor.calls == ["a", "b"]
+
+
 def test_threads_never_exceed_max_workers():
     # Every call waits at a barrier of max_workers parties: it passes only when that
     # many calls run at once, and a ninth concurrent call would show in the peak.
