@@ -269,9 +269,12 @@ class TOTPLedger:
             if int(self._clock() // totp.interval) <= step:
                 stalls += 1
                 if stalls > self._MAX_WAITS:
-                    break
+                    raise AuthenticationFailure(
+                        "no fresh TOTP code became available (is the system clock standing still?)"
+                    )
         raise AuthenticationFailure(
-            "no fresh TOTP code became available (is the system clock standing still?)"
+            f"no fresh TOTP code in {self._MAX_TURNS} time steps: other logins with this secret "
+            "took every one"
         )
 
     def _claim(self, secret: str, step: int) -> Optional[int]:
