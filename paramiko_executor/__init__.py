@@ -15,6 +15,7 @@ from .errors import (
     TransferTimeout,
 )
 from .executors import SAFE_WRAPPER, DupingSSHExecutor, Executor, SSHExecutor
+from .group import GroupFailure, GroupResult, HostGroup
 from .results import CommandResult
 from .retry import CommandRetry, ConnectRetry
 from .shell import ShellExecutor
@@ -36,6 +37,9 @@ __all__ = [
     "ExecutorError",
     "ExecutorFailure",
     "ExecutorStatistics",
+    "GroupFailure",
+    "GroupResult",
+    "HostGroup",
     "HostKeyFailure",
     "SSHExecutor",
     "ShellExecutor",

@@ -14,19 +14,15 @@ log record written here.
 from __future__ import annotations
 
 import binascii
-import hashlib
 import io
 import logging
 import os
 import re
-import threading
 import time
-import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import paramiko
-import pyotp
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from paramiko.ssh_exception import (
@@ -40,6 +36,12 @@ from .errors import AuthenticationFailure, AuthenticationInterrupted
 from .hostkeys import fingerprint
 from .internals import wrap_disconnect
 from .text import printable
+
+# The ledger lives in .totp; imported here so that auth.TOTP_LEDGER and auth.TOTPLedger keep
+# working (tests replace auth.TOTP_LEDGER, which _Login reads at each login).
+from .totp import TOTP_LEDGER, TOTPLedger
+from .totp import make_totp as _make_totp
+from .totp import normalise_secret as _normalise_secret
 
 __all__ = [
     "MFAEntry",
@@ -66,13 +68,6 @@ _NO_MORE_AUTH_METHODS = 14
 # (an expired password being changed through PAM).
 _PASSWORD_CHANGE_WORDS = ("new", "retype", "again", "confirm", "repeat")
 _KEY_TYPE_MISMATCH = re.compile(r"encountered \S+ key, expected|not a valid \S+ private key")
-
-
-class _TOTP(pyotp.TOTP):
-    # The secret is the one the server issued: accept google-authenticator's classic 80-bit
-    # secrets, which recent pyotp releases refuse by default (they want 112 bits, fit for new
-    # secrets).
-    min_secret_length_bits = 8
 
 
 @dataclass(frozen=True, repr=False)
@@ -119,14 +114,6 @@ class Credentials:
             f"look_for_keys={self.look_for_keys!r}, mfa={self.mfa!r}, "
             f"auth_strategy={self.auth_strategy!r})"
         )
-
-
-def _normalise_secret(secret: str) -> str:
-    return "".join(secret.split()).upper()
-
-
-def _make_totp(secret: str) -> pyotp.TOTP:
-    return _TOTP(secret)
 
 
 def parse_mfa_config(
@@ -181,90 +168,6 @@ def parse_mfa_config(
         entries.append(MFAEntry(prompt=prompt, totp=secret))
     return tuple(entries)
 
-
-class TOTPLedger:
-    """The last TOTP code this process sent for each secret, so that no code is sent twice.
-
-    Servers with reuse protection (google-authenticator's ``DISALLOW_REUSE``) refuse a code
-    that was already accepted in its time step and count that as a failed login. Before a code
-    is handed to the server, :meth:`issue` compares it with the last one sent for that secret
-    and, if equal, waits (a Condition wait, releasing the lock) until the next time step.
-    Thread-safe. A child process after ``os.fork`` keeps the record (it shares the parent's
-    secrets and clock) with a fresh lock. Secrets are keyed by their SHA-256 only.
-
-    ``clock`` (seconds since the epoch) and ``wait`` (called with a timeout, instead of the
-    Condition wait) exist for tests with a fake clock.
-    """
-
-    # A code can only repeat within its own step (or, one time in a million, in the next one):
-    # three waits to a step boundary always suffice unless the clock stands still.
-    _MAX_WAITS = 3
-    # Wake just after the step boundary, not just before it.
-    _BOUNDARY_MARGIN = 0.05
-
-    def __init__(
-        self,
-        clock: Callable[[], float] = time.time,
-        wait: Optional[Callable[[float], Any]] = None,
-    ) -> None:
-        self._clock = clock
-        self._wait_hook = wait
-        self._cond = threading.Condition()
-        self._last: Dict[bytes, str] = {}
-        ref = weakref.ref(self)
-
-        def reset_lock_in_child() -> None:
-            ledger = ref()
-            if ledger is not None:
-                # Another thread may have held the lock at fork time; it does not exist here.
-                ledger._cond = threading.Condition()
-
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=reset_lock_in_child)
-
-    @staticmethod
-    def _key(secret: str) -> bytes:
-        return hashlib.sha256(_normalise_secret(secret).encode()).digest()
-
-    def _fresh_code(self, key: bytes, totp: pyotp.TOTP) -> str:
-        """Return the current code once it differs from the last one sent. Hold ``_cond``."""
-        for _ in range(self._MAX_WAITS + 1):
-            now = self._clock()
-            code = totp.at(now)
-            if self._last.get(key) != code:
-                return code
-            delay = totp.interval - (now % totp.interval) + self._BOUNDARY_MARGIN
-            log.info(
-                "TOTP code for this secret was already sent; waiting %.1f s for the next time step",
-                delay,
-            )
-            if self._wait_hook is not None:
-                self._wait_hook(delay)
-            else:
-                self._cond.wait(delay)
-        raise AuthenticationFailure(
-            "no fresh TOTP code became available (is the system clock standing still?)"
-        )
-
-    def wait_until_fresh(self, secret: str) -> None:
-        """Block (at most about one time step) until the current code for ``secret`` is unsent."""
-        with self._cond:
-            self._fresh_code(self._key(secret), _make_totp(secret))
-
-    def issue(self, secret: str) -> str:
-        """Return a code for ``secret`` that this process never sent, recording it as sent.
-
-        Call this at the moment the code is handed to the server.
-        """
-        key = self._key(secret)
-        with self._cond:
-            code = self._fresh_code(key, _make_totp(secret))
-            self._last[key] = code
-            return code
-
-
-#: The process-wide ledger :func:`authenticate` uses.
-TOTP_LEDGER = TOTPLedger()
 
 
 class _PromptRefused(EOFError):
@@ -628,7 +531,7 @@ def authenticate(
     keyboard-interactive only, ``Transport.auth_interactive`` follows: each prompt (stripped)
     equal to a configured ``mfa_config`` prompt (stripped) gets the current TOTP code, a
     password prompt gets ``password`` if given, an empty prompt list gets an empty answer. A
-    TOTP code is never sent twice by this process: see :class:`TOTPLedger`. ``host`` names
+    TOTP code is never sent twice by any process of this user: see :class:`TOTPLedger`. ``host`` names
     the server in messages (default: the transport's peer address).
 
     Raises :class:`~paramiko_executor.results.AuthenticationFailure` (do not retry) when the

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import List, Optional, Sequence, TextIO, Tuple
 
 from .executors import DupingSSHExecutor, Executor, SSHExecutor
-from .results import CommandExecutionFailure, CommandTimeout, ExecutorFailure
+from .results import CommandExecutionFailure, CommandResult, CommandTimeout, ExecutorFailure
 from .stats import ExecutorStatistics
 from .text import printable
 
@@ -218,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--pty", action="store_true",
         help="run the command on a pseudo-terminal (its stderr then arrives on stdout)",
     )
+    run.add_argument(
+        "--hosts", metavar="A,B,C",
+        help="run on these hosts (names or ssh_config aliases) at once, with the connection "
+        "options for all of them: each output line is prefixed 'HOST: ', failures are "
+        f"summed up on stderr; exit 0 if every host succeeded, {EXIT_EXECUTOR_FAILURE} if an "
+        "executor failed on any, else 1 if a command failed on any",
+    )
+    run.add_argument(
+        "--hosts-file", metavar="FILE",
+        help="like --hosts, one host per line ('#' starts a comment); may be combined with it",
+    )
     run.add_argument("command", nargs="+", metavar="COMMAND", help="the command to run")
     run.set_defaults(handler=_run)
 
@@ -394,6 +405,8 @@ def _env_pair(text: str) -> Tuple[str, str]:
 
 def _run(args: argparse.Namespace) -> int:
     command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
+    if args.hosts is not None or args.hosts_file is not None:
+        return _run_on_hosts(args, command)
     executor = _executor(args)
     stdin_input = sys.stdin.buffer.read() if args.stdin else None
     try:
@@ -425,6 +438,75 @@ def _run(args: argparse.Namespace) -> int:
     _write(sys.stdout, result.stdout)
     _write(sys.stderr, result.stderr)
     return 0
+
+
+def _host_names(args: argparse.Namespace) -> List[str]:
+    """The hosts of ``--hosts`` then ``--hosts-file``, in order; `CommandLineError` if none."""
+    names = [name.strip() for name in (args.hosts or "").split(",") if name.strip()]
+    if args.hosts_file is not None:
+        try:
+            with open(args.hosts_file, encoding="utf-8") as file:
+                lines = file.read().splitlines()
+        except OSError as err:
+            raise CommandLineError(f"--hosts-file: cannot read {args.hosts_file}: "
+                                   f"{err.strerror}") from err
+        names.extend(line.split("#", 1)[0].strip() for line in lines)
+        names = [name for name in names if name]
+    if not names:
+        raise CommandLineError("--hosts/--hosts-file name no host")
+    return names
+
+
+def _print_host_output(name: str, stdout: str, stderr: str) -> None:
+    """A host's output, each line prefixed with ``name: `` (its last line ended)."""
+    for stream, text in ((sys.stdout, stdout), (sys.stderr, stderr)):
+        if text:
+            lines = text.splitlines()
+            _write(stream, "".join(f"{name}: {line}\n" for line in lines))
+
+
+def _run_on_hosts(args: argparse.Namespace, command: str) -> int:
+    """``run --hosts``: ``command`` on every host, output as each host finishes."""
+    from .group import HostGroup  # only this subcommand needs it
+
+    if args.config is not None or args.host is not None:
+        raise CommandLineError("--hosts/--hosts-file cannot be combined with --config or --host")
+    names = _host_names(args)
+    stdin_input = sys.stdin.buffer.read() if args.stdin else None
+
+    def executor_for(host: str) -> Executor:
+        # The connection options of this command line, for one host.
+        return _executor(argparse.Namespace(**dict(vars(args), host=host)))
+
+    try:
+        group = HostGroup(names, executor_class=executor_for)
+    except (TypeError, ValueError) as err:
+        raise CommandLineError(f"--hosts: {err}") from err
+    interactive = sys.stderr.isatty()
+    progress = Progress(len(names), sys.stderr, interactive=True) if interactive else None
+    failed = {}
+    with group:
+        outcomes = group.run_command_as_completed(command, stdin_input, timeout=args.timeout)
+        for done, (name, outcome) in enumerate(outcomes, 1):
+            if progress is not None:
+                sys.stderr.write("\r\x1b[K")  # clear the bar: output lines come first
+            if isinstance(outcome, (CommandResult, CommandExecutionFailure)):
+                _print_host_output(name, outcome.stdout, outcome.stderr)
+            if not isinstance(outcome, CommandResult):
+                failed[name] = outcome
+            if progress is not None:
+                progress.update(done, len(failed))
+    if progress is not None:
+        progress.finish()
+    if not failed:
+        return 0
+    print(f"{PROG}: {len(failed)} of {len(names)} hosts failed:", file=sys.stderr)
+    for name in names:  # in the order given, not the order they failed
+        if name in failed:
+            print(f"  {name}: {_one_line(str(failed[name]))}", file=sys.stderr)
+    if any(isinstance(failure, ExecutorFailure) for failure in failed.values()):
+        return EXIT_EXECUTOR_FAILURE
+    return 1
 
 
 def _probe(args: argparse.Namespace) -> int:

@@ -31,6 +31,8 @@ EXPECTED = {
     ],
     "local_remote_switch.py": ["local:  kernel ", "remote: kernel ",
                                "wc -w counted 3 words; failing command: exit 7"],
+    "dask_hosts.py": ["40 of 40 tasks succeeded on 2 worker processes",
+                      "SSH connections used: 2 (one per worker process)"],
     "yaml_config.py": ["executor.yaml loads as SSHExecutor(host='login.example.org'",
                        "remote: SSHExecutor(", "local: ShellExecutor(): hello from"],
 }

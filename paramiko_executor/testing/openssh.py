@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import base64
 import glob
+import ipaddress
 import os
 import pwd
 import re
@@ -46,6 +47,8 @@ PAM_DIR = "/etc/pam.d"
 #: creating process's pid follows it, so leftovers of dead processes can be
 #: recognised and removed.
 PAM_SERVICE_PREFIX = "sshd-pe-"
+#: How many ``listen_addresses`` sshd takes besides 127.0.0.1 (its MAX_LISTEN_SOCKS is 16).
+MAX_EXTRA_ADDRESSES = 15
 #: The prompt pam_google_authenticator sends unless told otherwise.
 DEFAULT_TOTP_PROMPT = "Verification code: "
 
@@ -102,6 +105,16 @@ class OpenSSHServer:
         sshd_path: the sshd binary.
         start_timeout: seconds :meth:`start` waits for the SSH banner.
         log_level: sshd's ``LogLevel``; the log is :attr:`log_path`.
+        listen_addresses: more loopback addresses (127.0.0.2, ...; all of
+            127.0.0.0/8 reaches this machine on Linux) to listen on, besides
+            127.0.0.1, at the same port: each looks like a host of its own to a
+            client (own TCP connections; ``$SSH_CONNECTION`` names the address
+            a session reached) and :attr:`known_hosts_path` lists them all. At
+            most 15: sshd listens on 16 sockets at most.
+        max_startups: the first number of sshd's ``MaxStartups``
+            (``N:30:2N``): unauthenticated connections sshd takes at once before
+            it starts dropping new ones. Raise it to log in to many addresses
+            at once.
     """
 
     host = "127.0.0.1"
@@ -119,6 +132,8 @@ class OpenSSHServer:
         sshd_path: str = SSHD_PATH,
         start_timeout: float = 15.0,
         log_level: str = "VERBOSE",
+        listen_addresses: Sequence[str] = (),
+        max_startups: int = 100,
     ) -> None:
         if not isinstance(max_sessions, int) or isinstance(max_sessions, bool):
             raise TypeError(f"max_sessions must be an int, not {type(max_sessions).__name__}")
@@ -143,6 +158,11 @@ class OpenSSHServer:
             _check_line("extra_config", line)
         if not isinstance(start_timeout, (int, float)) or start_timeout <= 0:
             raise ValueError("start_timeout must be a positive number of seconds")
+        extra_addresses = _loopback_addresses(listen_addresses)
+        if isinstance(max_startups, bool) or not isinstance(max_startups, int):
+            raise TypeError(f"max_startups must be an int, not {type(max_startups).__name__}")
+        if max_startups < 1:
+            raise ValueError(f"max_startups must be at least 1, not {max_startups}")
 
         self.max_sessions = max_sessions
         self.username = user
@@ -153,6 +173,8 @@ class OpenSSHServer:
         self.sshd_path = sshd_path
         self.start_timeout = float(start_timeout)
         self.log_level = log_level
+        self.addresses = (self.host,) + extra_addresses
+        self.max_startups = max_startups
         self._given_workdir = workdir
         self._workdir: Optional[str] = None
         self._port: Optional[int] = None
@@ -203,7 +225,7 @@ class OpenSSHServer:
 
     @property
     def known_hosts_path(self) -> str:
-        """A known_hosts file holding ``[127.0.0.1]:PORT`` with the host key."""
+        """A known_hosts file holding ``[ADDRESS]:PORT`` with the host key, for each address."""
         return os.path.join(self.workdir, "known_hosts")
 
     @property
@@ -446,7 +468,8 @@ class OpenSSHServer:
             self._port = sock.getsockname()[1]
         with open(self.known_hosts_path, "w", encoding="ascii") as file:
             key = self.host_public_key
-            file.write(f"[{self.host}]:{self._port} {key.get_name()} {key.get_base64()}\n")
+            for address in self.addresses:
+                file.write(f"[{address}]:{self._port} {key.get_name()} {key.get_base64()}\n")
         with open(self.config_path, "w", encoding="utf-8") as file:
             file.write(self._config_text())
 
@@ -456,7 +479,7 @@ class OpenSSHServer:
         lines = [
             "# Private sshd of paramiko_executor.testing.OpenSSHServer (not the system sshd).",
             f"Port {self._port}",
-            f"ListenAddress {self.host}",
+            *(f"ListenAddress {address}" for address in self.addresses),
             "AddressFamily inet",
             f"PidFile {self.pid_path}",
             f"HostKey {os.path.join(workdir, 'host_ed25519')}",
@@ -464,7 +487,7 @@ class OpenSSHServer:
             f"MaxSessions {self.max_sessions}",
             # Tests open many connections at once; sshd's default 10:30:100
             # would drop some of them at random.
-            "MaxStartups 100:30:200",
+            f"MaxStartups {self.max_startups}:30:{2 * self.max_startups}",
             "PubkeyAuthentication yes",
             "PasswordAuthentication no",
             "HostbasedAuthentication no",
@@ -616,6 +639,29 @@ def _check_line(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a str, not {type(value).__name__}")
     if "\n" in value or "\r" in value or "\0" in value:
         raise ValueError(f"{name} must be a single line")
+
+
+def _loopback_addresses(addresses: Sequence[str]) -> tuple:
+    """``addresses`` checked: distinct IPv4 loopback addresses other than 127.0.0.1."""
+    if isinstance(addresses, (str, bytes)):
+        raise TypeError("listen_addresses must be a sequence of addresses, not a single string")
+    checked: List[str] = []
+    for address in addresses:
+        if not isinstance(address, str):
+            raise TypeError(f"listen_addresses must hold strings, not {type(address).__name__}")
+        try:
+            parsed = ipaddress.IPv4Address(address)
+        except ValueError:
+            raise ValueError(f"listen_addresses: {address!r} is not an IPv4 address") from None
+        if not parsed.is_loopback:
+            raise ValueError(f"listen_addresses: {address} is not in 127.0.0.0/8")
+        if str(parsed) == OpenSSHServer.host or str(parsed) in checked:
+            raise ValueError(f"listen_addresses: {address} is given twice (127.0.0.1 always is)")
+        checked.append(str(parsed))
+    if len(checked) > MAX_EXTRA_ADDRESSES:
+        raise ValueError(f"listen_addresses: at most {MAX_EXTRA_ADDRESSES} (sshd listens on at "
+                         f"most {MAX_EXTRA_ADDRESSES + 1} sockets, 127.0.0.1 included)")
+    return tuple(checked)
 
 
 def _read(path: str) -> str:

@@ -1,0 +1,393 @@
+"""Fan-out benchmark (issue 15): one command on N hosts at once, HostGroup against the others.
+
+    python benchmarks/fanout.py                 # N = 20 and N = 100, all contenders
+    python benchmarks/fanout.py --hosts 20      # one size only
+    python benchmarks/fanout.py --only hostgroup,asyncssh
+
+Needs root and /usr/sbin/sshd: one private OpenSSH sshd (the tests' fixture,
+``paramiko_executor.testing.openssh.OpenSSHServer``) listens on 127.0.0.1 ...
+127.0.0.16 (sshd listens on 16 sockets at most); host i is 127.0.0.(1 + i % 16),
+a host of its own to every client: its own TCP connection and login, and the
+answer of ``echo $SSH_CONNECTION`` is checked against its address. ``MaxStartups``
+is raised so that N logins at once are not dropped; ``MaxSessions`` stays
+OpenSSH's default 10. All traffic stays on 127.0.0.0/8.
+
+Per contender and N, in a fresh interpreter each:
+
+- cold: connect, log in and run ``echo`` on every host; wall time until the
+  last result;
+- warm: ``true`` on every host over the open connections; the median of 20
+  rounds, and the client's CPU time (user + system, all threads) per round.
+
+Contenders: ``hostgroup`` (this library, defaults: each executor probes the
+server's MaxSessions when it connects, which costs a few channel opens),
+``hostgroup-ms10`` (``max_sessions=10``: no probe), ``paramiko`` (an
+``SSHClient`` per host in a thread pool of 64, as a user would write it),
+``asyncssh`` (``asyncio.gather`` over one connection per host),
+``parallel-ssh`` (``pssh.clients.ParallelSSHClient``, libssh2) and ``fabric``
+(``ThreadingGroup``), the last two when installed
+(``pip install paramiko-executor[bench]``). Ratios are the contender's time
+divided by HostGroup's: above 1 means HostGroup is faster.
+
+Then the memory per idle connected SSHExecutor: the RSS growth of one process
+over 100 connected, idle executors (after one more was connected, so that
+imports and first-use allocations are not counted), divided by 100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CONTENDERS = ("hostgroup", "hostgroup-ms10", "paramiko", "asyncssh", "parallel-ssh", "fabric")
+ROUNDS = 20
+POOL = 64  # threads for the thread-based contenders: HostGroup's default max_workers
+RUN_TIMEOUT = 600.0  # seconds one contender run may take
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def measure(cold: Callable[[], List[str]], warm: Callable[[], None],
+            expected: List[str]) -> Dict[str, Any]:
+    """Time ``cold`` (whose outputs must be ``expected``) once, then ``warm`` ROUNDS times."""
+    started = time.perf_counter()
+    outputs = cold()
+    cold_seconds = time.perf_counter() - started
+    if outputs != expected:
+        wrong = sum(1 for got, want in zip(outputs, expected) if got != want)
+        raise RuntimeError(f"cold round: {wrong + abs(len(outputs) - len(expected))} hosts "
+                           f"answered wrongly, e.g. {outputs[:2]!r}")
+    times = []
+    cpu = cpu_seconds()
+    for _ in range(ROUNDS):
+        started = time.perf_counter()
+        warm()
+        times.append(time.perf_counter() - started)
+    cpu = cpu_seconds() - cpu
+    return {"cold": cold_seconds, "warm": statistics.median(times), "cpu": cpu / ROUNDS}
+
+
+# -- contenders: each runs in its own interpreter ---------------------------------------------
+
+
+def run_hostgroup(spec: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
+    from paramiko_executor.group import HostGroup
+
+    hosts = [{"host": address, "name": f"h{i}"} for i, address in enumerate(spec["addresses"])]
+    with HostGroup(hosts, **spec["parameters"], **extra) as group:
+
+        def cold() -> List[str]:
+            result = group.run_command("echo $SSH_CONNECTION").raise_for_failures()
+            return [outcome.stdout.split()[2] for outcome in result.values()]
+
+        return measure(cold, lambda: group.run_command("true").raise_for_failures(),
+                       spec["addresses"])
+
+
+def run_paramiko(spec: Dict[str, Any]) -> Dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import paramiko
+
+    parameters = spec["parameters"]
+    clients: Dict[int, paramiko.SSHClient] = {}
+    indexes = range(len(spec["addresses"]))
+
+    def exec_on(client: paramiko.SSHClient, command: str) -> str:
+        _stdin, stdout, _stderr = client.exec_command(command)
+        out = stdout.read().decode()
+        if stdout.channel.recv_exit_status() != 0:
+            raise RuntimeError(f"{command!r} failed")
+        return out
+
+    def connect_and_echo(index: int) -> str:
+        address = spec["addresses"][index]
+        client = paramiko.SSHClient()
+        client.load_host_keys(parameters["known_hosts"])
+        client.connect(address, port=parameters["port"], username=parameters["username"],
+                       key_filename=parameters["client_keys"][0], allow_agent=False,
+                       look_for_keys=False)
+        clients[index] = client
+        return exec_on(client, "echo $SSH_CONNECTION").split()[2]
+
+    with ThreadPoolExecutor(min(POOL, len(spec["addresses"]))) as pool:
+        try:
+            return measure(
+                lambda: list(pool.map(connect_and_echo, indexes)),
+                lambda: list(pool.map(lambda i: exec_on(clients[i], "true"), indexes)),
+                spec["addresses"],
+            )
+        finally:
+            for client in clients.values():
+                client.close()
+
+
+def run_asyncssh(spec: Dict[str, Any]) -> Dict[str, Any]:
+    import asyncio
+
+    import asyncssh
+
+    parameters = spec["parameters"]
+
+    async def main() -> Dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        connections: Dict[int, Any] = {}
+        indexes = range(len(spec["addresses"]))
+
+        async def connect_and_echo(index: int) -> str:
+            address = spec["addresses"][index]
+            conn = await asyncssh.connect(
+                address, port=parameters["port"], username=parameters["username"],
+                client_keys=parameters["client_keys"], known_hosts=parameters["known_hosts"],
+                agent_path=None, config=None)
+            connections[index] = conn
+            return (await conn.run("echo $SSH_CONNECTION", check=True)).stdout.split()[2]
+
+        async def cold() -> List[str]:
+            return list(await asyncio.gather(*map(connect_and_echo, indexes)))
+
+        async def warm() -> None:
+            await asyncio.gather(*(connections[i].run("true", check=True) for i in indexes))
+
+        # measure() is synchronous: run each awaited step to completion on this loop
+        # from a worker thread, so the event loop itself is what gets measured.
+        def sync(coroutine_function: Callable[[], Any]) -> Callable[[], Any]:
+            return lambda: asyncio.run_coroutine_threadsafe(coroutine_function(), loop).result()
+
+        try:
+            return await loop.run_in_executor(
+                None, measure, sync(cold), sync(warm), spec["addresses"])
+        finally:
+            for conn in connections.values():
+                conn.close()
+
+    return asyncio.run(main())
+
+
+def run_parallel_ssh(spec: Dict[str, Any]) -> Dict[str, Any]:
+    from pssh.clients import ParallelSSHClient
+
+    parameters = spec["parameters"]
+    client = ParallelSSHClient(
+        spec["addresses"], user=parameters["username"], port=parameters["port"],
+        pkey=parameters["client_keys"][0], num_retries=0,
+        pool_size=max(100, len(spec["addresses"])), allow_agent=False)
+
+    def run(command: str) -> List[str]:
+        output = client.run_command(command, stop_on_errors=True)
+        client.join(output)
+        lines = []
+        for host_output in output:
+            if host_output.exit_code != 0:
+                raise RuntimeError(f"{command!r} failed on {host_output.host}")
+            lines.append(" ".join(host_output.stdout))
+        return lines
+
+    def cold() -> List[str]:
+        return [line.split()[2] for line in run("echo $SSH_CONNECTION")]
+
+    return measure(cold, lambda: run("true"), spec["addresses"])
+
+
+def run_fabric(spec: Dict[str, Any]) -> Dict[str, Any]:
+    from fabric import ThreadingGroup
+
+    parameters = spec["parameters"]
+    group = ThreadingGroup(
+        *spec["addresses"], user=parameters["username"], port=parameters["port"],
+        connect_kwargs={"key_filename": parameters["client_keys"][0], "allow_agent": False,
+                        "look_for_keys": False})
+    try:
+        def cold() -> List[str]:
+            results = group.run("echo $SSH_CONNECTION", hide=True)
+            return [results[conn].stdout.split()[2] for conn in group]
+
+        return measure(cold, lambda: group.run("true", hide=True), spec["addresses"])
+    finally:
+        group.close()
+
+
+def run_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """RSS per idle connected SSHExecutor, over len(addresses) - 1 of them."""
+    import gc
+    import threading
+
+    from paramiko_executor import SSHExecutor
+
+    first, *rest = spec["addresses"]
+    warm_up = SSHExecutor(host=first, **spec["parameters"])
+    warm_up.run_command("true")  # imports, crypto and first-use allocations: not counted
+    gc.collect()
+    rss, threads = rss_bytes(), threading.active_count()
+    executors = [SSHExecutor(host=address, **spec["parameters"]) for address in rest]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(POOL, len(rest))) as pool:
+        list(pool.map(lambda executor: executor.run_command("true"), executors))
+    gc.collect()
+    time.sleep(0.5)  # let the transports' threads settle into their idle loop
+    result = {"per_executor_bytes": (rss_bytes() - rss) / len(rest),
+              "threads_per_executor": (threading.active_count() - threads) / len(rest),
+              "executors": len(rest)}
+    for executor in executors + [warm_up]:
+        executor.close()
+    return result
+
+
+RUNNERS: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
+    "hostgroup": run_hostgroup,
+    "hostgroup-ms10": lambda spec: run_hostgroup(spec, max_sessions=10),
+    "paramiko": run_paramiko,
+    "asyncssh": run_asyncssh,
+    "parallel-ssh": run_parallel_ssh,
+    "fabric": run_fabric,
+    "memory": run_memory,
+}
+# The import that shows whether an optional contender is installed.
+OPTIONAL = {"asyncssh": "asyncssh", "parallel-ssh": "pssh", "fabric": "fabric"}
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+def run_contender(name: str, spec: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], str]:
+    """Run one contender in a fresh interpreter; its numbers, or None and why."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--contender", name, "--spec", json.dumps(spec)],
+            capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {RUN_TIMEOUT:g} s"
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, tail[:160]
+    return json.loads(lines[-1]), ""
+
+
+def installed(name: str) -> bool:
+    module = OPTIONAL.get(name)
+    if module is None:
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hosts", default="20,100", help="host counts (default: 20,100)")
+    parser.add_argument("--only", help="contenders to run, comma-separated")
+    parser.add_argument("--json", metavar="FILE", help="write all numbers to FILE")
+    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.contender:
+        print(json.dumps(RUNNERS[args.contender](json.loads(args.spec))))
+        return 0
+
+    sizes = [int(n) for n in args.hosts.split(",")]
+    names = args.only.split(",") if args.only else list(CONTENDERS)
+    biggest = max(max(sizes), 101)  # the memory run uses 101 hosts
+    sys.path.insert(0, ROOT)
+    from paramiko_executor.testing.openssh import MAX_EXTRA_ADDRESSES, OpenSSHServer
+
+    extra = [f"127.0.0.{i}" for i in range(2, MAX_EXTRA_ADDRESSES + 2)]
+    cycle = ["127.0.0.1"] + extra
+    addresses = [cycle[i % len(cycle)] for i in range(biggest)]
+    results: Dict[str, Dict[int, Any]] = {name: {} for name in names}
+    notes: Dict[str, str] = {}
+    with OpenSSHServer(listen_addresses=extra, max_startups=3 * biggest,
+                       log_level="ERROR") as server:
+        parameters = server.executor_parameters()
+        del parameters["host"]
+        parameters["config"] = ()
+        base = {"parameters": {k: v for k, v in parameters.items() if k != "config"}}
+        base["parameters"]["config"] = []
+        print(f"sshd on 127.0.0.1 and {len(extra)} more loopback addresses, port "
+              f"{server.port}, MaxSessions {server.max_sessions}", file=sys.stderr)
+        for size in sizes:
+            spec = dict(base, addresses=addresses[:size])
+            for name in names:
+                if not installed(name):
+                    notes[name] = f"not installed (pip install {OPTIONAL[name]})"
+                    continue
+                print(f"  N={size} {name} ...", file=sys.stderr, flush=True)
+                numbers, why = run_contender(name, spec)
+                results[name][size] = numbers
+                if numbers is None:
+                    notes[name] = f"N={size}: {why}"
+        print("  memory ...", file=sys.stderr, flush=True)
+        memory, why = run_contender("memory", dict(base, addresses=addresses[:101]))
+    print_table(results, sizes, notes)
+    if memory is None:
+        print(f"\nmemory per idle connected SSHExecutor: failed: {why}")
+    else:
+        print(f"\nmemory per idle connected SSHExecutor: {memory['per_executor_bytes'] / 1024:.0f}"
+              f" KiB RSS, {memory['threads_per_executor']:.1f} threads "
+              f"(over {memory['executors']} executors)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as file:
+            json.dump({"results": results, "memory": memory, "notes": notes}, file, indent=2)
+    return 0
+
+
+def print_table(results: Dict[str, Dict[int, Any]], sizes: List[int],
+                notes: Dict[str, str]) -> None:
+    reference = results.get("hostgroup", {})
+
+    def cell(name: str, size: int, key: str, scale: float, unit: str) -> str:
+        numbers = results[name].get(size)
+        if not numbers:
+            return "n/a"
+        text = f"{numbers[key] * scale:.1f} {unit}"
+        ref = reference.get(size)
+        if ref and name != "hostgroup":
+            text += f" ({numbers[key] / ref[key]:.2f}x)"
+        return text
+
+    header = ["contender"]
+    for size in sizes:
+        header += [f"N={size} cold", f"N={size} warm", f"N={size} CPU/round"]
+    rows = [header]
+    for name in results:
+        row = [name]
+        for size in sizes:
+            row += [cell(name, size, "cold", 1000, "ms"), cell(name, size, "warm", 1000, "ms"),
+                    cell(name, size, "cpu", 1000, "ms")]
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    print()
+    for index, row in enumerate(rows):
+        print("  ".join(text.ljust(width) for text, width in zip(row, widths)).rstrip())
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+    print("\n(x) = the contender's time / HostGroup's (defaults): above 1, HostGroup is faster.")
+    for name, note in notes.items():
+        print(f"note: {name}: {note}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""Many hosts at once: `HostGroup` runs a command (or a transfer) on every host of a list.
+
+One executor per host, each with its own connection; a thread pool of at most
+``max_workers`` threads, owned by the group, drives them. A host's failure is
+an entry of the `GroupResult`, never an exception of the call, and a host that
+is down or slow holds up only its own entry.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from types import MappingProxyType
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    Mapping,
+    Optional,
+    Tuple,
+    Type,
+    Union,
+)
+
+from .checks import check_int, check_timeout
+from .command import StdinInput, check_command, stdin_bytes
+from .executors import Executor, SSHExecutor
+from .hostnames import check_hostname
+from .results import CommandExecutionFailure, CommandResult, ExecutorFailure
+
+__all__ = ["GroupFailure", "GroupResult", "HostGroup", "Outcome"]
+
+#: What one host's entry of a `GroupResult` of `HostGroup.run_command` holds.
+Outcome = Union[CommandResult, CommandExecutionFailure, ExecutorFailure]
+
+# The failures that belong to one host (its entry), not to the call: a command's
+# exit status, its executor's failure, and for transfers the remote file missing
+# or refused (FileNotFoundError, PermissionError: OSErrors). Anything else (a
+# TypeError from a bug, KeyboardInterrupt) is raised by the call.
+_COMMAND_FAILURES: Tuple[Type[BaseException], ...] = (CommandExecutionFailure, ExecutorFailure)
+_TRANSFER_FAILURES: Tuple[Type[BaseException], ...] = _COMMAND_FAILURES + (OSError,)
+# How many failed hosts GroupFailure's message names before it says "and N more".
+_NAMED_IN_MESSAGE = 5
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class GroupFailure(ExecutorFailure):
+    """Some hosts of a group failed; ``failed`` maps each of their names to its exception."""
+
+    def __init__(
+        self,
+        description: str,
+        failed: Optional[Mapping[str, BaseException]] = None,
+        executor: Optional[Executor] = None,
+    ) -> None:
+        super().__init__(description, executor)
+        self.failed: Mapping[str, BaseException] = MappingProxyType(dict(failed or {}))
+
+    def __reduce__(self):  # MappingProxyType does not pickle: carry a plain dict
+        return (type(self), (self.description, dict(self.failed)))
+
+
+class GroupResult(Mapping[str, Any]):
+    """Each host's outcome, keyed by host name, in the order the hosts were given.
+
+    An outcome is the host's result (a `CommandResult`; for transfers the byte
+    count) or its failure (`CommandExecutionFailure`, `ExecutorFailure`, and
+    for transfers ``FileNotFoundError``/``PermissionError``): an entry is failed
+    exactly when it is an exception. Immutable.
+    """
+
+    def __init__(self, outcomes: Iterable[Tuple[str, Any]]) -> None:
+        self._outcomes: Dict[str, Any] = dict(outcomes)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._outcomes[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._outcomes)
+
+    def __len__(self) -> int:
+        return len(self._outcomes)
+
+    @property
+    def succeeded(self) -> Mapping[str, Any]:
+        """The hosts that succeeded and their results, in the given order (read-only)."""
+        outcomes = self._outcomes.items()
+        return MappingProxyType(
+            {name: out for name, out in outcomes if not isinstance(out, BaseException)}
+        )
+
+    @property
+    def failed(self) -> Mapping[str, BaseException]:
+        """The hosts that failed and their exceptions, in the given order (read-only)."""
+        outcomes = self._outcomes.items()
+        return MappingProxyType(
+            {name: out for name, out in outcomes if isinstance(out, BaseException)}
+        )
+
+    def raise_for_failures(self) -> GroupResult:
+        """Raise `GroupFailure` naming the failed hosts if there are any; else return self."""
+        failed = self.failed
+        if not failed:
+            return self
+        named = [
+            f"{name}: {type(exc).__name__}: {_one_line(str(exc))}"
+            for name, exc in list(failed.items())[:_NAMED_IN_MESSAGE]
+        ]
+        more = len(failed) - len(named)
+        text = "; ".join(named) + (f"; and {more} more" if more else "")
+        raise GroupFailure(f"{len(failed)} of {len(self)} hosts failed: {text}", failed)
+
+    def __repr__(self) -> str:
+        failed = list(self.failed)
+        return (
+            f"<GroupResult {len(self)} hosts: {len(self) - len(failed)} succeeded, "
+            f"{len(failed)} failed{' ' + repr(failed) if failed else ''}>"
+        )
+
+
+def _host_entry(host: Any, index: int) -> Tuple[str, Dict[str, Any]]:
+    """The name of ``hosts[index]`` and the executor parameters it sets."""
+    where = f"hosts[{index}]"
+    if isinstance(host, str):
+        if not host:
+            raise ValueError(f"{where} must not be an empty string")
+        return host, {"host": host}
+    if not isinstance(host, Mapping):
+        raise TypeError(f"{where} must be a host name or a mapping, not {type(host).__name__}")
+    params = dict(host)
+    for key in params:
+        if not isinstance(key, str):
+            raise TypeError(f"{where} has a key that is not a string: {key!r}")
+    name = params.pop("name", None)
+    if "host" in params and "hostname" in params:
+        raise TypeError(f"{where}: 'host' and 'hostname' are the same parameter: give only one")
+    address = params.get("host", params.get("hostname"))
+    if address is None:
+        raise TypeError(f"{where} must give 'host' (or 'hostname')")
+    if not isinstance(address, str) or not address:
+        raise TypeError(f"{where}['host'] must be a non-empty string")
+    if name is None:
+        port = params.get("port")
+        name = address if port is None else f"{address}:{port}"
+    elif not isinstance(name, str) or not name:
+        raise TypeError(f"{where}['name'] must be a non-empty string")
+    return name, params
+
+
+# One host's share of a group call: (name, executor) -> its result.
+_HostCall = Callable[[str, Executor], Any]
+
+
+def _outcome(
+    call: _HostCall, name: str, executor: Executor, failures: Tuple[Type[BaseException], ...]
+) -> Any:
+    """``call(name, executor)``, with a host's own failure returned as its outcome, not raised."""
+    try:
+        return call(name, executor)
+    except failures as failure:
+        return failure
+
+
+class HostGroup:
+    """Runs commands and transfers on many hosts at once, one executor per host.
+
+    ``hosts``: host names (or ssh_config ``Host`` aliases) and mappings of
+    executor parameters for one host (``{"host": "n1", "port": 2222,
+    "username": ...}``, optional ``"name"``). Each host's executor is
+    ``executor_class(**common_parameters)`` updated by its own mapping (or
+    ``host=name``). A host is known by its name: the string as given, or the
+    mapping's ``"name"``, else its ``"host"`` (or ``"hostname"``), as
+    ``"host:port"`` when it gives a port. Two hosts with one name are a
+    `ValueError`; ``common_parameters`` may not name a host (`TypeError`).
+
+    Executors are built on first use (the first `run_command`, `put`, `get`
+    or `statistics`), all at once and in the calling thread before anything
+    runs, so that a host's bad parameters (a `TypeError`/`ValueError` from its
+    executor's constructor, prefixed with the host's name) are raised by that
+    call before any command starts. Building one reads the ssh_config files,
+    so a group of thousands of hosts is cheap to make and pays that only when
+    used. Nothing connects until a command needs it.
+
+    A pool of at most ``max_workers`` threads, owned by the group and started
+    on first use, runs the hosts' calls: hosts past that wait their turn.
+    paramiko adds one thread per open connection. `close` closes every
+    executor and ends the pool (a later call starts a new one); the group is a
+    context manager.
+    """
+
+    def __init__(
+        self,
+        hosts: Iterable[Union[str, Mapping[str, Any]]],
+        *,
+        max_workers: int = 64,
+        executor_class: Callable[..., Executor] = SSHExecutor,
+        **common_parameters: Any,
+    ) -> None:
+        if isinstance(hosts, (str, bytes, Mapping)):
+            raise TypeError(
+                f"hosts must be an iterable of host names or mappings, not {type(hosts).__name__}"
+            )
+        self._max_workers = check_int("max_workers", max_workers, minimum=1)
+        if not callable(executor_class):
+            raise TypeError("executor_class must be callable")
+        for key in ("host", "hostname"):
+            if key in common_parameters:
+                raise TypeError(f"{key!r} cannot be a common parameter: each host gives its own")
+        self._executor_class = executor_class
+        self._parameters: Dict[str, Dict[str, Any]] = {}
+        for index, host in enumerate(hosts):
+            name, own = _host_entry(host, index)
+            if name in self._parameters:
+                raise ValueError(f"hosts[{index}]: duplicate host {name!r}")
+            parameters = dict(common_parameters)
+            parameters.update(own)
+            # Names an executor would refuse are refused here, before anything runs.
+            target = parameters.get("host", parameters.get("hostname"))
+            if isinstance(target, str):
+                check_hostname(target)
+            self._parameters[name] = parameters
+        self._executors: Dict[str, Executor] = {}
+        self._lock = threading.Lock()
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def __repr__(self) -> str:
+        return f"<HostGroup {len(self._parameters)} hosts, max_workers={self._max_workers}>"
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        """The hosts' names, in the order given."""
+        return tuple(self._parameters)
+
+    @property
+    def max_workers(self) -> int:
+        """The most threads the group runs its hosts' calls on."""
+        return self._max_workers
+
+    def executor(self, name: str) -> Executor:
+        """The executor of the host ``name`` (built now if it was not yet); `KeyError` if none."""
+        if name not in self._parameters:
+            raise KeyError(name)
+        return self._build()[name]
+
+    def _build(self) -> Dict[str, Executor]:
+        """Every host's executor, building those not built yet, in the given order."""
+        with self._lock:
+            for name, parameters in self._parameters.items():
+                if name not in self._executors:
+                    try:
+                        self._executors[name] = self._executor_class(**parameters)
+                    except (TypeError, ValueError) as exc:
+                        if type(exc) not in (TypeError, ValueError):
+                            raise  # a subclass may not take one message: pass it on as it is
+                        raise type(exc)(f"host {name!r}: {exc}") from exc
+            return dict(self._executors)
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=max(1, min(self._max_workers, len(self._parameters))),
+                    thread_name_prefix="HostGroup",
+                )
+            return self._pool
+
+    def _as_completed(
+        self, call: _HostCall, failures: Tuple[Type[BaseException], ...]
+    ) -> Iterator[Tuple[str, Any]]:
+        """``(name, outcome)`` of ``call`` on every host, as each one finishes.
+
+        Leaving early (``break``, an exception) cancels the hosts not started yet;
+        those already running finish on the pool's threads.
+        """
+        executors = self._build()
+        pool = self._thread_pool()
+        futures: Dict[Future, str] = {
+            pool.submit(_outcome, call, name, executor, failures): name
+            for name, executor in executors.items()
+        }
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _collect(self, call: _HostCall, failures: Tuple[Type[BaseException], ...]) -> GroupResult:
+        """Every host's outcome of ``call``, once all are in, in the given order."""
+        outcomes = dict(self._as_completed(call, failures))
+        return GroupResult((name, outcomes[name]) for name in self._parameters)
+
+    @staticmethod
+    def _command_call(command: str, stdin_input: StdinInput, timeout: Optional[float]) -> _HostCall:
+        """The per-host call of a command, its arguments checked once, here, for all hosts."""
+        check_command(command)
+        stdin_bytes(stdin_input)
+        check_timeout("timeout", timeout)
+        return lambda _name, executor: executor.run_command(command, stdin_input, timeout=timeout)
+
+    def run_command(
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None
+    ) -> GroupResult:
+        """Run ``command`` on every host at once; return when every host has an outcome.
+
+        Each host gets its executor's ``run_command(command, stdin_input,
+        timeout=timeout)``. Never raises for a host's failure: its
+        `CommandExecutionFailure` or `ExecutorFailure` is its entry of the
+        `GroupResult` (`GroupResult.raise_for_failures` turns those into one
+        `GroupFailure`). Bad arguments are a `TypeError`/`ValueError` before
+        anything runs. ``timeout`` applies to each host's command.
+        """
+        return self._collect(self._command_call(command, stdin_input, timeout), _COMMAND_FAILURES)
+
+    def run_command_as_completed(
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None
+    ) -> Iterator[Tuple[str, Outcome]]:
+        """Like `run_command`, but yield ``(name, outcome)`` pairs as hosts finish.
+
+        The arguments are checked at the call, before anything runs; leaving
+        the loop early cancels the hosts not started yet.
+        """
+        return self._as_completed(self._command_call(command, stdin_input, timeout),
+                                  _COMMAND_FAILURES)
+
+    def put(self, local: Union[str, os.PathLike], remote: str, **options: Any) -> GroupResult:
+        """Copy the local file ``local`` to ``remote`` on every host; entries are bytes sent.
+
+        ``options`` (``mode``, ``timeout``, ``progress``) go to each executor's
+        ``put``; ``progress`` is then called from the group's threads, for
+        every host. ``local`` must name an existing file (else
+        `FileNotFoundError` before anything runs); every host reads it.
+        A host's failure (including a refused or missing remote directory) is
+        its entry.
+        """
+        local = os.fspath(local)
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"put: no such local file: {local!r}")
+        if not isinstance(remote, str):
+            raise TypeError(f"remote must be a str, not {type(remote).__name__}")
+        return self._collect(lambda _name, executor: executor.put(local, remote, **options),
+                             _TRANSFER_FAILURES)
+
+    def get(self, remote: str, local_dir: Union[str, os.PathLike], **options: Any) -> GroupResult:
+        """Copy ``remote`` from every host into ``local_dir``, as a file named after the host.
+
+        Entries are the bytes received. ``local_dir`` must be an existing
+        directory (else `NotADirectoryError` before anything runs), and every
+        host's name must be usable as a file name there (no ``/``, not ``.``
+        or ``..``: give such a host a ``"name"``), else `ValueError`.
+        ``options`` go to each executor's ``get``. A host's failure (its file
+        missing: `FileNotFoundError`) is its entry.
+        """
+        local_dir = os.fspath(local_dir)
+        if not os.path.isdir(local_dir):
+            raise NotADirectoryError(f"get: not a directory: {local_dir!r}")
+        if not isinstance(remote, str):
+            raise TypeError(f"remote must be a str, not {type(remote).__name__}")
+        for name in self._parameters:
+            if "/" in name or "\0" in name or name in (".", ".."):
+                raise ValueError(f"host name {name!r} cannot name a file: give the host a 'name'")
+        return self._collect(
+            lambda name, executor: executor.get(remote, os.path.join(local_dir, name), **options),
+            _TRANSFER_FAILURES,
+        )
+
+    def statistics(self) -> Dict[str, Any]:
+        """Each host's ``executor.statistics()`` (an `ExecutorStatistics`), in the given order."""
+        return {name: executor.statistics() for name, executor in self._build().items()}
+
+    def close(self) -> None:
+        """Close every executor built so far, then end the thread pool.
+
+        Waits for calls still running on the pool (closing their executors first
+        makes commands on open connections fail at once). The group stays usable:
+        a later call reconnects and starts a new pool.
+        """
+        with self._lock:
+            executors = list(self._executors.values())
+            pool, self._pool = self._pool, None
+        for executor in executors:
+            executor.close()
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> HostGroup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

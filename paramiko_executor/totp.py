@@ -1,0 +1,331 @@
+"""TOTP codes, and the ledger that keeps any code from being sent twice.
+
+Servers with reuse protection (google-authenticator's ``DISALLOW_REUSE``) accept a code
+once per time step and count a second use as a failed login. :class:`TOTPLedger` records,
+for each secret, the last time step whose code was sent, and makes a login that would repeat
+it wait for the next step. The process-wide :data:`TOTP_LEDGER` keeps that record in a small
+file shared by every process of the user on this machine (see :func:`default_ledger_path`),
+so worker processes that log in at once with one secret take turns instead of being refused.
+
+The file holds no secret: each secret is known by its HMAC-SHA256 under a random per-user
+key kept beside the file (mode 0600), and the only other datum is the step number.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import threading
+import time
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pyotp
+
+from .results import AuthenticationFailure
+
+__all__ = [
+    "LEDGER_ENV",
+    "TOTPLedger",
+    "TOTP_LEDGER",
+    "default_ledger_path",
+    "make_totp",
+    "normalise_secret",
+]
+
+log = logging.getLogger("paramiko_executor.auth")
+
+#: Environment variable naming the ledger file, overriding :func:`default_ledger_path`.
+LEDGER_ENV = "PARAMIKO_EXECUTOR_TOTP_LEDGER"
+_LEDGER_NAME = "totp-ledger"
+_KEY_SUFFIX = ".key"
+_KEY_BYTES = 32
+
+
+class _TOTP(pyotp.TOTP):
+    # The secret is the one the server issued: accept google-authenticator's classic 80-bit
+    # secrets, which recent pyotp releases refuse by default (they want 112 bits, fit for new
+    # secrets).
+    min_secret_length_bits = 8
+
+
+def normalise_secret(secret: str) -> str:
+    """``secret`` without whitespace, upper-case: the form every other function expects."""
+    return "".join(secret.split()).upper()
+
+
+def make_totp(secret: str) -> pyotp.TOTP:
+    """A ``pyotp.TOTP`` for a normalised base32 ``secret`` (short legacy secrets accepted)."""
+    return _TOTP(secret)
+
+
+def default_ledger_path() -> str:
+    """Where the process-wide ledger lives: the first of
+
+    1. the file named by the environment variable ``PARAMIKO_EXECUTOR_TOTP_LEDGER``;
+    2. ``$XDG_RUNTIME_DIR/paramiko_executor/totp-ledger`` when ``XDG_RUNTIME_DIR`` is an
+       absolute path to a directory owned by this user (a tmpfs on systemd machines: never on
+       a network file system, where file locks may not work);
+    3. ``${XDG_CACHE_HOME:-~/.cache}/paramiko_executor/totp-ledger``.
+
+    Processes only share a ledger when they agree on it: give processes started outside a
+    login session (cron, systemd services) the same ``XDG_RUNTIME_DIR``, or set the variable.
+    """
+    explicit = os.environ.get(LEDGER_ENV)
+    if explicit:
+        return os.path.abspath(os.path.expanduser(explicit))
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        try:
+            if os.stat(runtime).st_uid == os.getuid() and os.path.isdir(runtime):
+                return os.path.join(runtime, "paramiko_executor", _LEDGER_NAME)
+        except OSError:
+            pass
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(cache):
+        cache = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "paramiko_executor", _LEDGER_NAME)
+
+
+class _LedgerFile:
+    """The shared record: ``<hex HMAC of the secret> <last step sent>`` lines, under ``flock``.
+
+    Every access opens the file, takes an exclusive ``flock``, reads or rewrites it and closes
+    it again, so no descriptor (nor lock) is ever shared with a forked child, and the lock is
+    held for microseconds, never while waiting for a time step.
+    """
+
+    # A lock held longer than this belongs to a stopped or hung process: give up, loudly.
+    LOCK_TIMEOUT = 10.0
+    _LOCK_POLL = 0.005
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _open_locked(self) -> int:
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            deadline = time.monotonic() + self.LOCK_TIMEOUT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise
+                if time.monotonic() > deadline:
+                    raise AuthenticationFailure(
+                        f"the TOTP ledger {self.path} stayed locked for {self.LOCK_TIMEOUT:g} s "
+                        "(a stopped process holds it?)"
+                    )
+                time.sleep(self._LOCK_POLL)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _hmac_key(self) -> bytes:
+        """The per-user key, created on first use. Called with the ledger lock held.
+
+        Read every time, not cached: a key file removed and made anew by another process
+        must not leave this one hashing with the old key.
+        """
+        key_path = self.path + _KEY_SUFFIX
+        fd = os.open(key_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        with os.fdopen(fd, "r+b") as file:
+            key = file.read()
+            if len(key) != _KEY_BYTES:  # new (or damaged): the ledger lock makes this race-free
+                key = secrets.token_bytes(_KEY_BYTES)
+                file.seek(0)
+                file.truncate()
+                file.write(key)
+        return key
+
+    def claim(self, secret: str, step: int) -> Optional[int]:
+        """The step recorded for ``secret`` if it is ``step`` or later, else None.
+
+        When the step is free, it is recorded in the same locked read-modify-write, so two
+        processes can never both claim one step. Records older than
+        the step being written are dropped: they can no longer make anybody wait, and the file
+        stays a few lines long.
+        """
+        fd = self._open_locked()
+        try:
+            name = hmac.new(self._hmac_key(), secret.encode(), hashlib.sha256).hexdigest()
+            with os.fdopen(os.dup(fd), "r+", encoding="ascii", errors="replace") as file:
+                records: Dict[str, int] = {}
+                for line in file.read().splitlines():
+                    fields = line.split()
+                    # A line damaged by a crash mid-write is ignored, not fatal.
+                    if len(fields) == 2 and fields[1].isdigit():
+                        records[fields[0]] = int(fields[1])
+                recorded = records.get(name)
+                if recorded is not None and recorded >= step:
+                    return recorded
+                records[name] = step
+                kept = {k: v for k, v in records.items() if v >= step - 2}
+                file.seek(0)
+                file.truncate()
+                file.write("".join(f"{k} {v}\n" for k, v in kept.items()))
+                return None
+        finally:
+            os.close(fd)  # also releases the lock
+
+
+class TOTPLedger:
+    """The last TOTP time step sent for each secret, so that no code is sent twice.
+
+    Before a code is handed to the server, :meth:`issue` looks up the last step whose code
+    was sent (or reserved, see :meth:`wait_until_fresh`) for that secret (in this process, and
+    in the ledger file when ``path`` is given) and, if it is the current step (or later),
+    waits until the step after it begins. Thread-
+    safe (a Condition wait, releasing the lock, so other secrets are not held up). A child
+    process after ``os.fork`` keeps the record (it shares the parent's secrets and clock) with
+    a fresh lock. Secrets are keyed by their SHA-256 in memory, by a keyed HMAC in the file.
+
+    ``path``: the ledger file shared with other processes; None keeps the record in this
+    process only. A file that cannot be used (read-only home) is logged once at WARNING and
+    the ledger carries on in this process only.
+
+    ``clock`` (seconds since the epoch) and ``wait`` (called with a timeout, instead of the
+    Condition wait) exist for tests with a fake clock.
+    """
+
+    # A clock that does not reach a new step after this many waits is standing still.
+    _MAX_WAITS = 3
+    # Turns to wait for while other processes or threads take the steps (20 minutes).
+    _MAX_TURNS = 40
+    # Wake just after the step boundary, not just before it.
+    _BOUNDARY_MARGIN = 0.05
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        wait: Optional[Callable[[float], Any]] = None,
+        *,
+        path: Optional[str] = None,
+    ) -> None:
+        self._clock = clock
+        self._wait_hook = wait
+        self._cond = threading.Condition()
+        self._last: Dict[bytes, int] = {}
+        # Steps wait_until_fresh claimed for logins of this process, oldest first, each for
+        # one later issue() (the keyboard-interactive handler runs in paramiko's thread, so a
+        # reservation cannot be tied to the thread that made it).
+        self._reserved: Dict[bytes, List[int]] = {}
+        self._file = None if path is None else _LedgerFile(path)
+        ref = weakref.ref(self)
+
+        def reset_lock_in_child() -> None:
+            ledger = ref()
+            if ledger is not None:
+                # Another thread may have held the lock at fork time; it does not exist here.
+                ledger._cond = threading.Condition()
+
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=reset_lock_in_child)
+
+    @property
+    def path(self) -> Optional[str]:
+        """The shared ledger file, or None when the record is kept in this process only."""
+        return None if self._file is None else self._file.path
+
+    @staticmethod
+    def _key(secret: str) -> bytes:
+        return hashlib.sha256(secret.encode()).digest()
+
+    def _take_turn(self, secret: str) -> Tuple[int, str]:
+        """Wait until the current step's code for ``secret`` was never sent; claim it.
+
+        The step is recorded as taken (here and in the file) in the same locked step as the
+        check. Returns the step and its code. Hold ``_cond``.
+        """
+        key = self._key(secret)
+        totp = make_totp(secret)
+        stalls = 0
+        for _turn in range(self._MAX_TURNS):
+            now = self._clock()
+            step = int(now // totp.interval)
+            last = self._last.get(key)
+            taken = last if last is not None and last >= step else self._claim(secret, step)
+            if taken is None:
+                self._last[key] = step
+                return step, totp.at(now)
+            delay = (taken + 1) * totp.interval - now + self._BOUNDARY_MARGIN
+            log.info(
+                "TOTP code for this secret was already sent; waiting %.1f s for the next time step",
+                delay,
+            )
+            if self._wait_hook is not None:
+                self._wait_hook(delay)
+            else:
+                self._cond.wait(delay)
+            if int(self._clock() // totp.interval) <= step:
+                stalls += 1
+                if stalls > self._MAX_WAITS:
+                    raise AuthenticationFailure(
+                        "no fresh TOTP code became available (is the system clock standing still?)"
+                    )
+        raise AuthenticationFailure(
+            f"no fresh TOTP code in {self._MAX_TURNS} time steps: other logins with this secret "
+            "took every one"
+        )
+
+    def _claim(self, secret: str, step: int) -> Optional[int]:
+        """`_LedgerFile.claim` on the shared file, if there is a usable one."""
+        if self._file is not None:
+            try:
+                return self._file.claim(secret, step)
+            except OSError as exc:
+                log.warning(
+                    "TOTP ledger %s unusable (%s): codes are tracked in this process only",
+                    self._file.path, exc.strerror or exc,
+                )
+                self._file = None
+        return None
+
+    def wait_until_fresh(self, secret: str) -> None:
+        """Block until a step whose code for ``secret`` was never sent begins; reserve it.
+
+        Call this before a login starts the exchange that will ask for the code: the next
+        :meth:`issue` in this process, during that step, gets the reserved code without
+        waiting. Others (threads, processes) wait for a later step before they start theirs,
+        so logins with one secret never overlap at the server (google-authenticator's PAM
+        module refuses a login whose secret file another login rewrote meanwhile).
+        """
+        secret = normalise_secret(secret)
+        with self._cond:
+            step, _code = self._take_turn(secret)
+            self._reserved.setdefault(self._key(secret), []).append(step)
+
+    def issue(self, secret: str) -> str:
+        """Return a code for ``secret`` that was never sent, recording it as sent.
+
+        Call this at the moment the code is handed to the server. A step this process
+        reserved with :meth:`wait_until_fresh` is used if it is the current one; reservations
+        of steps gone by are dropped.
+        """
+        secret = normalise_secret(secret)
+        key = self._key(secret)
+        with self._cond:
+            now = self._clock()
+            totp = make_totp(secret)
+            step = int(now // totp.interval)
+            reserved = [s for s in self._reserved.pop(key, ()) if s >= step]
+            if reserved and reserved[0] == step:
+                if reserved[1:]:
+                    self._reserved[key] = reserved[1:]
+                return totp.at(now)
+            if reserved:
+                self._reserved[key] = reserved
+            return self._take_turn(secret)[1]
+
+
+#: The process-wide ledger authentication uses, shared through :func:`default_ledger_path`.
+TOTP_LEDGER = TOTPLedger(path=default_ledger_path())
