@@ -531,8 +531,8 @@ def authenticate(
     keyboard-interactive only, ``Transport.auth_interactive`` follows: each prompt (stripped)
     equal to a configured ``mfa_config`` prompt (stripped) gets the current TOTP code, a
     password prompt gets ``password`` if given, an empty prompt list gets an empty answer. A
-    TOTP code is never sent twice by any process of this user: see :class:`TOTPLedger`. ``host`` names
-    the server in messages (default: the transport's peer address).
+    TOTP code is never sent twice by any process of this user: see :class:`TOTPLedger`.
+    ``host`` names the server in messages (default: the transport's peer address).
 
     Raises :class:`~paramiko_executor.results.AuthenticationFailure` (do not retry) when the
     server refuses every method, disconnects saying authentication failed, or asks a prompt

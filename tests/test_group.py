@@ -44,8 +44,8 @@ class FakeExecutor:
     lock = threading.Lock()
 
     def __init__(self, **parameters: Any) -> None:
-        if parameters.get("host") == "invalid host":
-            raise ValueError("host must not contain spaces")
+        if not isinstance(parameters.get("port", 22), int):
+            raise TypeError("port must be an integer")
         self.parameters = parameters
         self.host = parameters.get("host", parameters.get("hostname"))
         self.closed = 0
@@ -157,10 +157,18 @@ def test_executors_are_built_on_first_use_with_the_hosts_own_parameters():
 
 
 def test_a_hosts_bad_parameters_are_raised_before_any_command_runs():
-    group = fake_group(["a", "invalid host", "c"])
-    with pytest.raises(ValueError, match="host 'invalid host': host must not contain spaces"):
+    group = fake_group(["a", "b", "c"], port="not a port")
+    with pytest.raises((TypeError, ValueError), match="host 'a'"):
         group.run_command("true")
     assert FakeExecutor.calls == []
+
+
+@pytest.mark.parametrize("bad", ["invalid host", "x;touch /tmp/f", "evil,*", "-oProxyCommand=x"])
+def test_unsafe_host_names_are_refused_when_the_group_is_built(bad):
+    with pytest.raises(ValueError, match="not a valid host name"):
+        HostGroup(["ok", bad])
+    with pytest.raises(ValueError, match="not a valid host name"):
+        HostGroup([{"host": bad, "name": "fine"}])
 
 
 @pytest.mark.parametrize("args, kwargs, error", [
