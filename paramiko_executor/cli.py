@@ -87,6 +87,16 @@ examples:
   {PROG} probe --config executor.yaml
 """
 
+_TRANSFER_EPILOG = f"""\
+Exit status 0 when the file was copied whole, {EXIT_EXECUTOR_FAILURE} when it was not (missing
+or refused file, connection trouble, timeout: a one-line message goes to stderr),
+{EXIT_USAGE} on bad options. The file never appears half-written under its final name.
+
+examples:
+  {PROG} put --host login.example.org job.sh /home/clown/job.sh --mode 750
+  {PROG} get --config executor.yaml /scratch/clown/result.csv result.csv
+"""
+
 _DEMO_EPILOG = f"""\
 Nothing but the installed package is needed: no sshd, no keys, no network
 beyond 127.0.0.1. A terminal shows a progress bar; otherwise progress comes as
@@ -242,6 +252,34 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     probe.set_defaults(handler=_probe)
+
+    for name, first, second, what in (
+        ("put", "LOCAL", "REMOTE", "copy a local file to the host (SFTP, atomic)"),
+        ("get", "REMOTE", "LOCAL", "copy a file from the host (SFTP, atomic)"),
+    ):
+        transfer = commands.add_parser(
+            name,
+            parents=[common, connection],
+            help=what,
+            usage=f"{PROG} {name} (--config FILE.yaml | --host HOST [options]) {first} {second}",
+            description=(
+                f"{what[0].upper()}{what[1:]}: over SFTP on the executor's one connection,\n"
+                "written under a temporary name and renamed when complete, retried from the\n"
+                "start after a lost connection. A terminal shows a progress bar on stderr."
+            ),
+            epilog=_TRANSFER_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        transfer.add_argument("source", metavar=first)
+        transfer.add_argument("destination", metavar=second)
+        transfer.add_argument(
+            "--timeout", type=_positive_float, metavar="SECONDS",
+            help=f"give up after SECONDS (exit {EXIT_EXECUTOR_FAILURE})",
+        )
+        if name == "put":
+            transfer.add_argument("--mode", type=_file_mode, metavar="OCTAL",
+                                  help="permission bits of the remote file, e.g. 640")
+        transfer.set_defaults(handler=_transfer)
     return parser
 
 
@@ -523,45 +561,98 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _file_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected octal permission bits, not {text!r}") from None
+    if not 0 <= mode <= 0o7777:
+        raise argparse.ArgumentTypeError(f"expected permission bits 0 to 7777, not {text}")
+    return mode
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    executor = _executor(args)
+    if not hasattr(executor, "put"):
+        raise CommandLineError(f"{args.command_name} needs an SSH executor, "
+                               f"not {type(executor).__name__}")
+    progress: Optional[Progress] = None
+
+    def show(done: int, total: int) -> None:
+        nonlocal progress
+        if progress is None:
+            progress = Progress(total, sys.stderr, interactive=sys.stderr.isatty(), unit="bytes")
+        progress.update(done)
+
+    try:
+        with executor:
+            if args.command_name == "put":
+                moved = executor.put(args.source, args.destination, mode=args.mode,
+                                     timeout=args.timeout, progress=show)
+            else:
+                moved = executor.get(args.source, args.destination, timeout=args.timeout,
+                                     progress=show)
+    except (ExecutorFailure, OSError) as failure:
+        if progress is not None:
+            progress.finish()
+        print(f"{PROG}: {_one_line(str(failure))}", file=sys.stderr)
+        return EXIT_EXECUTOR_FAILURE
+    if progress is not None:
+        progress.finish()
+    print(f"{PROG}: {args.command_name} {moved} bytes", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- demo
 
 
 class Progress:
-    """Shows how many of ``total`` commands finished on ``stream``.
+    """Shows how many of ``total`` commands (or bytes) are done on ``stream``.
 
     On a terminal a bar is redrawn in place (``\\r``), at most every
     ``interval`` seconds so that drawing never slows the run down; elsewhere
     (pipes, CI logs) a plain line is written at every tenth of the way.
+    ``unit`` "bytes" counts data, shown in MiB; a ``total`` below 1 is unknown.
     """
 
     def __init__(
-        self, total: int, stream: TextIO, interactive: bool, interval: float = 0.1
+        self, total: int, stream: TextIO, interactive: bool, interval: float = 0.1,
+        unit: str = "commands",
     ) -> None:
         self.total = total
         self.stream = stream
         self.interactive = interactive
         self.interval = interval
+        self.unit = unit
         self._start = time.monotonic()
         self._last_draw = float("-inf")
         self._last_tenth = 0
 
-    def update(self, done: int, failed: int) -> None:
-        """Report ``done`` finished commands, ``failed`` of them failed."""
+    def update(self, done: int, failed: int = 0) -> None:
+        """Report ``done`` finished commands (or bytes), ``failed`` of them failed."""
         now = time.monotonic()
         if self.interactive:
             if now - self._last_draw >= self.interval or done == self.total:
                 self._last_draw = now
                 self.stream.write("\r" + self._bar(done, failed, now))
                 self.stream.flush()
-        else:
+        elif self.total > 0:
             tenth = done * 10 // self.total
             if tenth > self._last_tenth:
                 self._last_tenth = tenth
+                failures = f", {failed} failed" if self.unit == "commands" else ""
                 self.stream.write(
-                    f"progress: {done}/{self.total} commands ({done * 100 // self.total}%), "
-                    f"{failed} failed\n"
+                    f"progress: {self._amount(done)}/{self._amount(self.total)} {self._label} "
+                    f"({done * 100 // self.total}%){failures}\n"
                 )
                 self.stream.flush()
+
+    @property
+    def _label(self) -> str:
+        return "MiB" if self.unit == "bytes" else self.unit
+
+    def _amount(self, count: float) -> str:
+        return f"{count / 2**20:.1f}" if self.unit == "bytes" else f"{count:.0f}"
 
     def finish(self) -> None:
         """End the bar's line so that what follows starts on a fresh line."""
@@ -570,13 +661,15 @@ class Progress:
             self.stream.flush()
 
     def _bar(self, done: int, failed: int, now: float, width: int = 30) -> str:
-        filled = width * done // self.total
         elapsed = now - self._start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        return (
-            f"[{'#' * filled}{'.' * (width - filled)}] {done:>{len(str(self.total))}}/{self.total} "
-            f"{done * 100 // self.total:3d}%  {rate:7.1f} commands/s  {failed} failed"
-        )
+        rate = f"{self._amount(done / elapsed if elapsed > 0 else 0.0):>7} {self._label}/s"
+        if self.total <= 0:
+            return f"{self._amount(done)} {self._label}  {rate}"
+        filled = width * done // self.total
+        total = self._amount(self.total)
+        bar = (f"[{'#' * filled}{'.' * (width - filled)}] {self._amount(done):>{len(total)}}/"
+               f"{total} {done * 100 // self.total:3d}%  {rate}")
+        return bar + (f"  {failed} failed" if self.unit == "commands" else "")
 
 
 def _demo_command(executor: SSHExecutor, number: int) -> Optional[str]:

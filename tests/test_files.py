@@ -212,3 +212,23 @@ def test_atomic_put_seen_from_a_concurrent_reader(sshd, workdir):
             stop.set()
             watcher.join(10)
     assert sizes <= {None, len(data)} and len(data) in sizes | {remote.stat().st_size}
+
+
+def test_command_line_put_and_get(sshd, workdir, tmp_path, capfd):
+    from paramiko_executor.cli import main
+
+    params = sshd.executor_parameters()
+    options = ["--host", "127.0.0.1", "--port", str(params["port"]), "--user",
+               params["username"], "--key", params["client_keys"][0], "--known-hosts",
+               str(params["known_hosts"]), "-F", "none"]
+    data = os.urandom(5 * 1024 * 1024)
+    (tmp_path / "up").write_bytes(data)
+    remote = str(workdir / "cli.bin")
+    assert main(["put", *options, "--mode", "640", str(tmp_path / "up"), remote]) == 0
+    err = capfd.readouterr().err
+    assert "progress:" in err and f"put {len(data)} bytes" in err  # plain lines: no terminal
+    assert os.stat(remote).st_mode & 0o777 == 0o640
+    assert main(["get", *options, remote, str(tmp_path / "down")]) == 0
+    assert digest((tmp_path / "down").read_bytes()) == digest(data)
+    assert main(["get", *options, str(workdir / "missing"), str(tmp_path / "x")]) == 255
+    assert "missing" in capfd.readouterr().err
