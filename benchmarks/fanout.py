@@ -5,7 +5,7 @@
     python benchmarks/fanout.py --only hostgroup,asyncssh
 
 Needs root and /usr/sbin/sshd: one private OpenSSH sshd (the tests' fixture,
-``paramiko_executor.testing.openssh.OpenSSHServer``) listens on 127.0.0.1 ...
+``testsupport.openssh.OpenSSHServer``) listens on 127.0.0.1 ...
 127.0.0.16 (sshd listens on 16 sockets at most); host i is 127.0.0.(1 + i % 16),
 a host of its own to every client: its own TCP connection and login, and the
 answer of ``echo $SSH_CONNECTION`` is checked against its address. ``MaxStartups``
@@ -312,7 +312,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = args.only.split(",") if args.only else list(CONTENDERS)
     biggest = max(max(sizes), 101)  # the memory run uses 101 hosts
     sys.path.insert(0, ROOT)
-    from paramiko_executor.testing.openssh import MAX_EXTRA_ADDRESSES, OpenSSHServer
+    from testsupport.openssh import MAX_EXTRA_ADDRESSES, OpenSSHServer
 
     extra = [f"127.0.0.{i}" for i in range(2, MAX_EXTRA_ADDRESSES + 2)]
     cycle = ["127.0.0.1"] + extra

@@ -334,7 +334,7 @@ def main() -> int:
         return 0
     if args.tool == "py-spy" and shutil.which("py-spy") is None:
         parser.error("py-spy not found: pip install py-spy")
-    from paramiko_executor.testing.openssh import OpenSSHServer
+    from testsupport.openssh import OpenSSHServer
 
     out_dir = Path(tempfile.mkdtemp(prefix="paramiko-executor-profile-"))
     with OpenSSHServer(max_sessions=10) as server:

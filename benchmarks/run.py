@@ -7,7 +7,7 @@ One command::
     python benchmarks/run.py --scale         # 1000 threads x 10 000 commands on one executor
 
 It starts a private OpenSSH sshd on 127.0.0.1 with ``MaxSessions 10``
-(``paramiko_executor.testing.openssh.OpenSSHServer``; needs root and
+(``testsupport.openssh.OpenSSHServer``; needs root and
 /usr/sbin/sshd), then runs every contender in its own fresh interpreter,
 once per repetition (the order rotates between repetitions), and prints one
 table of medians with each contender's ratio to the asyncio executor measured
@@ -186,7 +186,7 @@ def main() -> int:
     if args.setup_tardis:
         setup_tardis()
 
-    from paramiko_executor.testing.openssh import OpenSSHServer, OpenSSHUnavailable
+    from testsupport.openssh import OpenSSHServer, OpenSSHUnavailable
 
     plan = QUICK if args.quick else FULL
     pythons = {name: sys.executable for name in contenders}

@@ -50,7 +50,7 @@ import paramiko
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from paramiko_executor import connection, transfer  # noqa: E402
-from paramiko_executor.testing.openssh import OpenSSHServer  # noqa: E402
+from testsupport.openssh import OpenSSHServer  # noqa: E402
 
 #: One transfer may take at most this long before the benchmark gives up.
 TRANSFER_TIMEOUT = 600.0

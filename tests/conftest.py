@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, List, NoReturn
 import pyotp
 import pytest
 
-from paramiko_executor.testing.openssh import (
+from testsupport.openssh import (
     SSHD_PATH,
     OpenSSHServer,
     OpenSSHUnavailable,

@@ -21,7 +21,7 @@ import pyotp
 import pytest
 from conftest import openssh_unavailable, require_sshd
 
-from paramiko_executor.testing.openssh import OpenSSHServer, OpenSSHUnavailable, close_all
+from testsupport.openssh import OpenSSHServer, OpenSSHUnavailable, close_all
 
 WAIT = 10.0  # seconds: the bound on every wait for the server below
 
@@ -366,7 +366,7 @@ def test_no_sshd_outlives_a_killed_test_process(tmp_path) -> None:
     require_sshd()
     script = (
         "import sys, time\n"
-        "from paramiko_executor.testing.openssh import OpenSSHServer\n"
+        "from testsupport.openssh import OpenSSHServer\n"
         "server = OpenSSHServer(workdir=sys.argv[1]).start()\n"
         "print(server.pid, flush=True)\n"
         "time.sleep(60)\n"

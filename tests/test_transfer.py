@@ -24,7 +24,7 @@ import pytest
 from paramiko_executor import transfer
 from paramiko_executor.connection import MAX_PACKET_SIZE, WINDOW_SIZE
 from paramiko_executor.results import ExecutorFailure
-from paramiko_executor.testing.openssh import OpenSSHServer
+from testsupport.openssh import OpenSSHServer
 
 MiB = 1024 * 1024
 
