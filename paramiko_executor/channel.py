@@ -332,6 +332,10 @@ def install_channel_hooks(transport: paramiko.Transport,
     )
 
 
+#: Makes each channel's slot release happen once (rare contention: one lock serves all).
+_RELEASE_LOCK = threading.Lock()
+
+
 def _remaining(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else deadline - time.monotonic()
 
@@ -350,9 +354,10 @@ class SessionChannel:
                  sessions: Dict[int, SessionChannel]) -> None:
         self.transport = transport
         self._slots: Optional[Slots] = slots
-        self._slot_lock = threading.Lock()
         self.wakeup = _Wakeup(transport)
-        self.answered = _NetworkEvent(transport)
+        #: Set on the server's answer to the open. The same event as `wakeup`:
+        #: nothing else sets it before the answer, and it is only reset after.
+        self.answered = self.wakeup
         #: Output: buffers filled by the transport thread (or live streams).
         self.stdout: Union[OutputBuffer, LiveStream] = OutputBuffer()
         self.stderr: Union[OutputBuffer, LiveStream] = OutputBuffer()
@@ -368,6 +373,8 @@ class SessionChannel:
         #: Requests sent with want-reply, oldest first, and the replies not yet looked at.
         self._awaiting: Deque[str] = collections.deque()
         self.replies: Deque[tuple] = collections.deque()
+        #: True while the owner waits for replies; an accepted exec wakes nobody.
+        self._reply_wakes = False
         self.exec_sent = False
         self.exec_accepted: Optional[bool] = None
         #: Handed over for paramiko's own use (`hand_over`): only the CLOSE is ours.
@@ -398,7 +405,8 @@ class SessionChannel:
         if kind == "exec":
             self.exec_accepted = success
         self.replies.append((kind, success))
-        self.wakeup.set()
+        if self._reply_wakes or not success:
+            self.wakeup.set()
 
     def server_closed(self) -> None:
         self.remote_closed = True
@@ -408,7 +416,7 @@ class SessionChannel:
     # --- the slot ---------------------------------------------------------------
 
     def _release(self) -> None:
-        with self._slot_lock:
+        with _RELEASE_LOCK:
             slots, self._slots = self._slots, None
         if slots is not None:
             slots.release()
@@ -594,18 +602,22 @@ class SessionChannel:
 
         Returns True when all succeeded. A refusal is left in `replies`.
         """
-        while self._awaiting:
-            if self.remote_closed or not all(success for _, success in self.replies):
-                return False
-            if not self.transport.is_active():
-                raise ConnectionLost("the connection was lost", started=False)
-            remaining = _remaining(deadline)
-            if remaining is not None and remaining <= 0:
-                return None
-            self.wakeup.reset()
-            if self._awaiting and not self.remote_closed:
-                self._wait(deadline)
-        return all(success for _, success in self.replies)
+        self._reply_wakes = True
+        try:
+            while self._awaiting:
+                if self.remote_closed or not all(success for _, success in self.replies):
+                    return False
+                if not self.transport.is_active():
+                    raise ConnectionLost("the connection was lost", started=False)
+                remaining = _remaining(deadline)
+                if remaining is not None and remaining <= 0:
+                    return None
+                self.wakeup.reset()
+                if self._awaiting and not self.remote_closed:
+                    self._wait(deadline)
+            return all(success for _, success in self.replies)
+        finally:
+            self._reply_wakes = False
 
     # --- running a command ---------------------------------------------------------
 
@@ -625,7 +637,8 @@ class SessionChannel:
         if live:
             self.stdout = LiveStream()
             self.stderr = LiveStream()
-        replace_send_condition(self.chan, _WakingCondition(self.chan, self))
+        if spec.stdin:  # only a sender of stdin waits for window
+            replace_send_condition(self.chan, _WakingCondition(self.chan, self))
         # The buffers' own events: a channel closed under us (the connection
         # ending) wakes the command too.
         self.chan.in_buffer.set_event(self.wakeup)

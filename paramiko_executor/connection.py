@@ -24,7 +24,7 @@ Locks, and what each guards (taken in this order when nested; no other nesting):
 4. ``Channel.lock`` (paramiko's), then ``Transport.clear_to_send_lock``: a
    message is sent only while its channel is open and no key exchange runs
    (`SessionChannel._send`); never held while waiting.
-5. ``SessionChannel._slot_lock``: that the slot is released once.
+5. ``channel._RELEASE_LOCK``: that each channel's slot is released once.
 6. ``GlobalRequests._lock``: the order of global requests and their replies.
 7. ``Counters._lock``: the statistics.
 8. ``_TransportSocket._deferred_lock``: deferred wake-ups against the socket's close.
