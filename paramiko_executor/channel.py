@@ -379,6 +379,8 @@ class SessionChannel:
         self.exec_accepted: Optional[bool] = None
         #: Handed over for paramiko's own use (`hand_over`): only the CLOSE is ours.
         self.raw = False
+        #: True from a given-up open (`abandon_open`) until the server answers it.
+        self.abandoned = False
         try:
             self.chan = new_session_channel(transport, self.answered)
         except BaseException:
@@ -468,8 +470,10 @@ class SessionChannel:
             while not self.answered.wait(LIVENESS_POLL):
                 if not self.transport.is_active():
                     return
+            self.abandoned = False
             self._close_answered()
 
+        self.abandoned = True
         threading.Thread(target=reap, name="paramiko_executor reap", daemon=True).start()
 
     def discard(self) -> None:

@@ -526,18 +526,32 @@ class SSHExecutor(Executor):
         return session.run(spec, deadline, after_exec=link.spare.replenish)
 
     def _take_slot(self, link: Link, deadline: Optional[float]) -> bool:
-        """A slot of ``link`` by ``deadline``; a spare channel gives its own back first."""
+        """A slot of ``link`` by ``deadline``; a spare channel gives its own back first.
+
+        While the server leaves channel opens unanswered (their slots stay
+        taken until it answers), the wait is bounded by the channel timeout
+        too: past it, `NeverStarted`.
+        """
         slots, spare = link.slots, link.spare
         assert slots is not None and spare is not None
         if slots.acquire(blocking=False):
             return True
         started = time.monotonic()
+        until = deadline
+        if any(session.abandoned for session in list(link.sessions.values())):
+            bound = started + link.transport.channel_timeout
+            until = bound if deadline is None else min(deadline, bound)
         try:
             # The spare is discarded once this thread is in line: a spare made
             # in between would hold a slot while we wait for one.
-            return slots.take(deadline, link.alive, queued=spare.discard)
+            if slots.take(until, link.alive, queued=spare.discard):
+                return True
         finally:
             self._connection.counters.waited(time.monotonic() - started)
+        if deadline is None or time.monotonic() < deadline:
+            raise NeverStarted("no session slot came free within the channel timeout while "
+                               "the server leaves channel opens unanswered")
+        return False
 
     def _open_session(self, link: Link, deadline: Optional[float]) -> Optional[SessionChannel]:
         """An open session channel holding its slot; None once ``deadline`` passed.
