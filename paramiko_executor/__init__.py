@@ -17,7 +17,6 @@ from .errors import (
 from .executors import SAFE_WRAPPER, DupingSSHExecutor, Executor, SSHExecutor
 from .group import GroupFailure, GroupResult, HostGroup
 from .results import CommandResult
-from .retry import CommandRetry, ConnectRetry
 from .shell import ShellExecutor
 from .stats import ExecutorStatistics
 
@@ -28,9 +27,7 @@ __all__ = [
     "AuthenticationFailure",
     "CommandExecutionFailure",
     "CommandResult",
-    "CommandRetry",
     "CommandTimeout",
-    "ConnectRetry",
     "ConnectionState",
     "DupingSSHExecutor",
     "Executor",

@@ -123,3 +123,20 @@ def test_connect_retry_delays_double_up_to_the_cap():
 def test_connect_retry_rejects_bad_values(kwargs, error, name):
     with pytest.raises(error, match=name):
         ConnectRetry(**kwargs)
+
+
+def test_command_retry_counts_lost_and_never_started_apart():
+    from paramiko_executor.errors import ConnectionLost, NeverStarted
+    from paramiko_executor.retry import CommandRetry
+
+    retry = CommandRetry(lost=1, never_started=2)
+    lost = ConnectionLost("lost", started=True)
+    retry = retry.increment(lost)
+    assert (retry.lost, retry.never_started) == (0, 2)
+    with pytest.raises(ConnectionLost):
+        retry.increment(lost)
+    retry = retry.increment(ConnectionLost("before the exec", started=False))
+    retry = retry.increment(NeverStarted("refused"))
+    assert (retry.lost, retry.never_started) == (0, 0)
+    with pytest.raises(NeverStarted):
+        retry.increment(NeverStarted("again"))
