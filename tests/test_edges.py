@@ -651,6 +651,33 @@ def test_channel_closed_without_status_fails_alone(make_test_server, monkeypatch
     assert server.commands.count("echo close-without-status") == 1
 
 
+@pytest.mark.hang_timeout(60)
+def test_exec_refused_once_is_retried_on_the_same_connection(make_test_server, monkeypatch):
+    # The server turns the first exec of the command away (a failure reply): it never
+    # ran, so it is tried again on the same connection and runs exactly once.
+    original = test_server_module._Connection.check_channel_exec_request
+    refused: List[bytes] = []
+
+    def check(connection, channel, command):
+        if b"refuse-once" in command and not refused:
+            refused.append(command)
+            return False
+        return original(connection, channel, command)
+
+    monkeypatch.setattr(test_server_module._Connection, "check_channel_exec_request", check)
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true")
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(ex.run_command, "sleep 1; echo other")
+            assert ex.run_command("echo refuse-once").stdout == "refuse-once\n"
+            assert other.result(timeout=30).stdout == "other\n"
+        assert len(refused) == 1
+        assert ex.statistics().commands_retried == 0
+    assert server.connections_accepted == 1
+    assert server.commands.count("echo refuse-once") == 1
+
+
 # --- 13. the spare-channel race ---------------------------------------------------------------
 
 
