@@ -39,7 +39,7 @@ from .errors import (
 from .internals import private_key_object
 from .options import DEFAULT, normalize_parameters, resolve_target
 from .results import CommandResult
-from .retry import Backoff, CommandRetry, ConnectRetry
+from .retry import NEVER_STARTED_TRIES, Backoff, CommandRetry, ConnectRetry
 from .stats import ExecutorStatistics
 from .transfer import Progress, Source, download, remove, temp_path_for, upload
 
@@ -56,6 +56,9 @@ LEFTOVER_TIMEOUT = 10.0
 OPEN_TRIES = 20
 QUICK_TRIES = 2
 OPEN_BACKOFF = Backoff(0.005, 0.5)
+
+#: The pause before trying again work the server turned away (`NeverStarted`).
+NEVER_STARTED_BACKOFF = Backoff(0.01, 0.5)
 
 T = TypeVar("T")
 
@@ -509,6 +512,12 @@ class SSHExecutor(Executor):
                     self._connection.counters.add(commands_retried=1)
                     log.info("connection to %s lost during a command; retrying (%d of %d)",
                              self._connection.target, self._retries - retry.lost, self._retries)
+                elif isinstance(exc, NeverStarted):
+                    # A server that turns work away under load needs a moment.
+                    turned_away = NEVER_STARTED_TRIES - retry.never_started - 1
+                    pause = NEVER_STARTED_BACKOFF.delay(turned_away)
+                    time.sleep(pause if deadline is None
+                               else max(0.0, min(pause, deadline - time.monotonic())))
                 log.debug("trying again after: %s", exc.description)
                 if deadline is not None and time.monotonic() >= deadline:
                     return None

@@ -288,10 +288,6 @@ def test_unanswered_open_is_an_executor_failure_then_cleaned_up(make_test_server
         assert server.connections_accepted == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: abandoned opens keep their slots, so at a MaxSessions below the never-started "
-    "retry count (9 tries) the retries run out of slots and run_command waits for a slot "
-    "with no deadline until the server answers again: channel_timeout is not honoured"))
 @pytest.mark.hang_timeout(60)
 def test_unanswered_opens_at_a_low_max_sessions_still_fail(make_test_server):
     server = make_test_server(max_sessions=3)
