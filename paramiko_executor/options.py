@@ -10,6 +10,7 @@ Explicit parameters win over the configuration file.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import inspect
 import io
@@ -58,8 +59,9 @@ class _Default:
 DEFAULT: Any = _Default()
 
 
+@functools.lru_cache(maxsize=1)
 def connect_parameter_names() -> frozenset:
-    """The keyword arguments of the installed paramiko's ``SSHClient.connect``."""
+    """The keyword arguments of the installed paramiko's ``SSHClient.connect`` (looked up once)."""
     names = inspect.signature(paramiko.SSHClient.connect).parameters
     return frozenset(name for name in names if name != "self")
 
