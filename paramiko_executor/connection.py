@@ -144,6 +144,9 @@ def _classify(exc: BaseException, target: Target) -> BaseException:
 #: How much one read of the connection's socket may take in ahead of what paramiko asked for.
 READ_AHEAD = 256 * 1024
 
+#: The read-ahead of an idle connection, or one that only exchanges small packets.
+SMALL_READ = 4096
+
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
@@ -156,9 +159,11 @@ class _TransportSocket(socket.socket):
     or several bulk packets, from one system call. Only the transport thread
     reads, so the read-ahead needs no lock.
 
-    The buffer is held only while data flows: a read that times out (paramiko
-    reads with a 0.1 s timeout, so an idle connection does so ten times a
-    second) gives it back, so an idle connection costs no 256 KiB.
+    The large buffer is held only while data flows: reads start in a small
+    one, a read that fills it brings the large one in, and a read that times
+    out (paramiko reads with a 0.1 s timeout, so an idle connection does so
+    ten times a second) gives it back. A command's end (a few hundred bytes)
+    never needs it, and an idle connection costs 4 KiB, not 256.
 
     Linux ``TCP_QUICKACK``: sshd leaves Nagle on for sessions without a pty:
     a small packet it sends right after another (a channel's open
@@ -169,9 +174,11 @@ class _TransportSocket(socket.socket):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # One buffer while data flows: a fresh 256 KiB bytes per read would
-        # cost an mmap, page faults and a munmap.
-        self._buffer: Optional[memoryview] = None
+        # One large buffer while data flows: a fresh 256 KiB bytes per read
+        # would cost an mmap, page faults and a munmap.
+        self._small = memoryview(bytearray(SMALL_READ))
+        self._large: Optional[memoryview] = None
+        self._data = self._small  # the buffer that holds what was read
         self._at = self._end = 0
         # Deferred wake-ups: added by the transport thread, fired by it or by
         # whichever thread closes the socket; the lock makes a close and a
@@ -205,18 +212,18 @@ class _TransportSocket(socket.socket):
             # Emptied first: a read that times out (every 0.1 s while idle) must
             # leave the buffer empty, not replay it.
             at = self._at = self._end = 0
-            buffer = self._buffer
-            if buffer is None:
-                buffer = self._buffer = memoryview(bytearray(READ_AHEAD))
+            buffer = self._data = self._large or self._small
             try:
                 self._end = self.recv_into(buffer)
             except socket.timeout:
-                self._buffer = None  # idle: give the memory back
+                self._large = None  # idle: give the memory back
                 raise
+            if self._end == len(buffer) and self._large is None:
+                self._large = memoryview(bytearray(READ_AHEAD))  # data flows: read ahead
             if _QUICKACK is not None:
                 self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         end = self._at = min(at + bufsize, self._end)
-        return bytes(self._buffer[at:end])  # type: ignore[index]
+        return bytes(self._data[at:end])
 
     def close(self) -> None:
         super().close()

@@ -98,3 +98,23 @@ def test_a_close_from_another_thread_loses_no_deferred_wake():
             closer.join(10)
             assert sorted(fired) == list(range(50))
             peer.close()
+
+
+def test_the_large_buffer_is_held_only_while_data_flows(pair):
+    sock, theirs = pair
+    theirs.sendall(b"x" * 300)  # a command's end: a few packets
+    assert sock.recv(1000) == b"x" * 300
+    assert sock._large is None
+    data = b"y" * (2 * READ_AHEAD)  # bulk output fills the small buffer: read ahead
+    sender = threading.Thread(target=theirs.sendall, args=(data,))
+    sender.start()
+    got = bytearray()
+    for _ in range(10_000):
+        if len(got) == len(data):
+            break
+        got += sock.recv(READ_AHEAD)
+    sender.join(10)
+    assert bytes(got) == data and sock._large is not None
+    with pytest.raises(socket.timeout):  # idle: the memory goes back
+        sock.recv(100)
+    assert sock._large is None
