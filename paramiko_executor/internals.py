@@ -31,6 +31,15 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     How much receive window to give back once output was consumed (`window_to_return`).
 ``Channel.out_buffer_cv``
     The channel's send-window condition, replaced to wake a sender with stdin left.
+``Channel._event_pending``, ``Channel.event``, ``Channel.event_ready``
+    Send a channel request and wait for its answer with a time limit
+    (`send_awaiting_reply`): ``Channel.invoke_subsystem`` waits without one.
+``Channel.in_buffer``, ``Channel.in_stderr_buffer``
+    Replaced (`replace_receive_buffers`) for SFTP by buffers that wake the
+    reader once per whole reply, not per packet.
+``Transport.saved_exception``
+    Read to tell a channel closed by the connection's end from one the server
+    closed (`connection_error`).
 ``Transport._parse_disconnect``
     Wrapped during authentication to keep the server's reason for a disconnect.
 ``Ed25519Key._signing_key``
@@ -45,7 +54,7 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import paramiko
 import paramiko.transport
@@ -58,6 +67,10 @@ __all__ = [
     "forget_channel",
     "forget_parent_transports",
     "new_session_channel",
+    "connection_error",
+    "replace_receive_buffers",
+    "reply_arrived",
+    "send_awaiting_reply",
     "send_if_clear",
     "send_when_clear",
     "window_to_return",
@@ -85,6 +98,12 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("Channel", "_set_window"),
     ("Channel", "_check_add_window"),
     ("Channel", "out_buffer_cv"),
+    ("Channel", "_event_pending"),
+    ("Channel", "event"),
+    ("Channel", "event_ready"),
+    ("Channel", "in_buffer"),
+    ("Channel", "in_stderr_buffer"),
+    ("Transport", "saved_exception"),
     ("Ed25519Key", "_signing_key"),
     ("transport module", "_active_threads"),
 )
@@ -182,6 +201,30 @@ def window_to_return(chan: paramiko.Channel, consumed: int) -> int:
 def replace_send_condition(chan: paramiko.Channel, condition: Any) -> None:
     """Use ``condition`` (built on ``chan.lock``) as the channel's send-window condition."""
     chan.out_buffer_cv = condition
+
+
+def send_awaiting_reply(chan: paramiko.Channel, message: Message) -> None:
+    """Send a channel request that wants a reply; `reply_arrived` then waits for it."""
+    chan._event_pending()
+    chan.transport._send_user_message(message)
+
+
+def reply_arrived(chan: paramiko.Channel, timeout: float) -> Tuple[bool, bool]:
+    """(answered within ``timeout``, accepted) for the request of `send_awaiting_reply`."""
+    if not chan.event.wait(timeout):
+        return False, False
+    return True, bool(chan.event_ready)
+
+
+def replace_receive_buffers(chan: paramiko.Channel, stdout: Any, stderr: Any) -> None:
+    """Let ``stdout``/``stderr`` (BufferedPipe look-alikes) take the channel's incoming data."""
+    chan.in_buffer = stdout
+    chan.in_stderr_buffer = stderr
+
+
+def connection_error(transport: Optional[paramiko.Transport]) -> Optional[BaseException]:
+    """The exception that ended ``transport``'s thread, if any (paramiko saves it first)."""
+    return getattr(transport, "saved_exception", None)
 
 
 def wrap_disconnect(transport: paramiko.Transport,

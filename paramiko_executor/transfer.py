@@ -31,26 +31,20 @@ session the server ended on a live connection is an `ExecutorFailure`. Note
 that `FileNotFoundError`, `PermissionError` and `TimeoutError` are `OSError`
 subclasses too: a caller classifying by type must test them first.
 
-paramiko private names used (checked on paramiko 3.4.0, 3.5.1, 4.0.0 and 5.1.0, where
-this module's tests pass):
-
-- ``Transport.saved_exception`` (read only): paramiko closes the channels of a
-  broken connection before it marks the transport inactive; the exception it
-  saved first tells a lost connection from a session the server ended.
-- ``Channel._event_pending()``, ``Channel.event``, ``Channel.event_ready`` and
-  ``Transport._send_user_message()``: to ask for the subsystem and wait for the
-  answer with a time limit; ``Channel.invoke_subsystem`` waits without one.
-- ``Channel.in_buffer`` and ``Channel.in_stderr_buffer`` (replaced by an
-  `_Inbox` before the subsystem starts): paramiko's ``BufferedPipe`` wakes the
-  reader per packet and offers no way to wait for "this many bytes", nor one
-  wait for stdout *or* stderr. paramiko calls ``feed``, ``read``,
-  ``read_ready``, ``set_event``, ``close``, ``empty`` and ``len()`` on them;
-  `_Inbox` provides each with BufferedPipe's meaning, so ``Channel.recv`` (which
-  does paramiko's window accounting) keeps working.
-- ``Channel.out_buffer_cv`` (replaced by a `_WindowCondition` on the same
-  ``Channel.lock``) and ``Channel.out_window_size``, ``closed``, ``eof_sent``
-  read in its ``notify_all``: paramiko wakes a sender blocked on the send
-  window at every window adjustment; this wakes it once a useful window is open.
+paramiko's internals, all through `internals` (which lists and checks them):
+the subsystem is asked for and awaited with a time limit
+(``Channel.invoke_subsystem`` waits without one); the channel's receive
+buffers are replaced by `_Inbox` es before the subsystem starts (paramiko's
+``BufferedPipe`` wakes the reader per packet and offers no way to wait for
+"this many bytes", nor one wait for stdout *or* stderr; paramiko calls
+``feed``, ``read``, ``read_ready``, ``set_event``, ``close``, ``empty`` and
+``len()`` on them, and `_Inbox` gives each BufferedPipe's meaning, so
+``Channel.recv`` keeps its window accounting); the send-window condition is
+replaced by a `_WindowCondition` on the same ``Channel.lock`` that wakes the
+sender once a useful window is open, not at every adjustment; and the
+transport's saved exception tells a lost connection from a session the server
+ended (paramiko closes the channels of a broken connection before it marks
+the transport inactive).
 """
 
 from __future__ import annotations
@@ -84,6 +78,13 @@ from paramiko.buffered_pipe import PipeTimeout
 from paramiko.common import cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
 
+from .internals import (
+    connection_error,
+    replace_receive_buffers,
+    replace_send_condition,
+    reply_arrived,
+    send_awaiting_reply,
+)
 from .results import ExecutorFailure
 
 __all__ = [
@@ -398,9 +399,8 @@ class _Session:
         self._out = _Inbox(cond, want=1 << 62)
         self._err = _Inbox(cond, want=1)
         # Replaced before the subsystem starts: nothing can have arrived yet.
-        chan.in_buffer = self._out
-        chan.in_stderr_buffer = self._err
-        chan.out_buffer_cv = _WindowCondition(chan)
+        replace_receive_buffers(chan, self._out, self._err)
+        replace_send_condition(chan, _WindowCondition(chan))
 
     # --- lifetime ---------------------------------------------------------
 
@@ -433,11 +433,11 @@ class _Session:
         m.add_string("subsystem")
         m.add_boolean(True)
         m.add_string("sftp")
-        chan._event_pending()
-        chan.transport._send_user_message(m)
-        if not chan.event.wait(max(0.0, until - time.monotonic())):
+        send_awaiting_reply(chan, m)
+        answered, accepted = reply_arrived(chan, max(0.0, until - time.monotonic()))
+        if not answered:
             self._negotiation_timed_out(until, "no answer to the SFTP subsystem request")
-        if not chan.event_ready:
+        if not accepted:
             self._check_transport()
             raise ExecutorFailure("the server refused to start the SFTP subsystem")
 
@@ -488,7 +488,7 @@ class _Session:
         # paramiko closes the channels of a broken connection before it marks
         # the transport inactive; the reason, saved first, tells meanwhile.
         # (Authentication leaves its own kind there on live transports.)
-        error = getattr(transport, "saved_exception", None)
+        error = connection_error(transport)
         if isinstance(error, paramiko.AuthenticationException):
             error = None
         if transport is None or not transport.is_active() or error is not None:
