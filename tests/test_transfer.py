@@ -201,6 +201,18 @@ def test_upload_replaces_an_existing_file(
     assert temp_files(remote_dir) == []
 
 
+def test_servers_without_posix_rename_get_remove_then_rename(
+    transport: paramiko.Transport, remote_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if the server did not offer the extension (only OpenSSH's does).
+    monkeypatch.setattr(transfer, "_POSIX_RENAME", "no-such-extension@example.com")
+    remote = os.path.join(remote_dir, "file")
+    transfer.upload(transport.open_session(), io.BytesIO(b"old"), remote)
+    transfer.upload(transport.open_session(), io.BytesIO(b"new"), remote)
+    assert read(remote) == b"new"
+    assert os.listdir(remote_dir) == ["file"]
+
+
 # --- atomicity ----------------------------------------------------------------------
 
 
@@ -307,7 +319,7 @@ def test_temp_path_for_is_next_to_the_target() -> None:
 # --- modes --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", [0o600, 0o640, 0o755, 0o777])
+@pytest.mark.parametrize("mode", [0o400, 0o600, 0o640, 0o755, 0o777])
 def test_mode_bits(transport: paramiko.Transport, remote_dir: str, mode: int) -> None:
     remote = os.path.join(remote_dir, "file")
     transfer.upload(transport.open_session(), io.BytesIO(b"data"), remote, mode=mode)
