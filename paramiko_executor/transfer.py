@@ -148,7 +148,6 @@ _FX_OK = 0
 _FX_EOF = 1
 _FX_NO_SUCH_FILE = 2
 _FX_PERMISSION_DENIED = 3
-_FX_OP_UNSUPPORTED = 8
 
 _FXF_READ = 0x01
 _FXF_WRITE = 0x02
@@ -157,7 +156,6 @@ _FXF_TRUNC = 0x10
 _FXF_EXCL = 0x20
 
 _ATTR_SIZE = 0x01
-_ATTR_UIDGID = 0x02
 _ATTR_PERMISSIONS = 0x04
 
 _POSIX_RENAME = "posix-rename@openssh.com"
@@ -840,7 +838,7 @@ def _size_of(file: Any) -> int:
 
 @contextmanager
 def _reading(source: Source) -> Iterator[Tuple[_ReadInto, int]]:
-    """``(readinto, size)`` of a path (opened here) or a binary file object (size -1: unknown)."""
+    """``(readinto, bytes left)`` of a path (opened here) or a binary file object (-1: unknown)."""
     if _is_path(source):
         with open(source, "rb", buffering=0) as file:  # type: ignore[arg-type]
             yield file.readinto, os.fstat(file.fileno()).st_size
