@@ -191,6 +191,32 @@ def test_large_random_file_keeps_its_sha256(
     assert sha256(read(target)) == sha256(data)
 
 
+def test_concurrent_transfers_share_one_connection(
+    transport: paramiko.Transport, remote_dir: str, shared_dir: str
+) -> None:
+    datas = [os.urandom(4 * MiB + i) for i in range(4)]
+    failures: List[BaseException] = []
+
+    def round_trip(i: int) -> None:
+        try:
+            remote = os.path.join(remote_dir, f"file{i}")
+            transfer.upload(transport.open_session(), io.BytesIO(datas[i]), remote)
+            target = io.BytesIO()
+            transfer.download(transport.open_session(), remote, target)
+            assert target.getvalue() == datas[i]
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=round_trip, args=(i,)) for i in range(len(datas))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert failures == []
+    assert sorted(os.listdir(remote_dir)) == [f"file{i}" for i in range(len(datas))]
+
+
 def test_upload_replaces_an_existing_file(
     transport: paramiko.Transport, remote_dir: str
 ) -> None:
