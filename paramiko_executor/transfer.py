@@ -17,7 +17,9 @@ Speed: paramiko's ``SFTPClient`` pays a round trip or a thread wake-up per
 32 KiB. Here one thread keeps up to `IN_FLIGHT` bytes of requests of the
 server's largest block size (``limits@openssh.com``; 255 KiB on OpenSSH)
 outstanding, and paramiko's transport thread wakes it only when a whole SFTP
-reply has arrived, not per 32 KiB channel packet.
+reply has arrived, not per 32 KiB channel packet. What remains is paramiko's
+own cost per SSH packet (sshd takes at most 32 KiB of session data per
+packet): an upload costs about what ``Channel.sendall`` of the same bytes does.
 
 Errors: a missing remote file or directory raises `FileNotFoundError`, a
 refused one `PermissionError` (both naming the remote path), other SFTP
@@ -27,9 +29,11 @@ raises `ExecutorFailure` within `NEGOTIATION_TIMEOUT`. Past ``deadline``
 (a `time.monotonic` value) `TimeoutError` is raised. A broken connection
 surfaces as paramiko raised it (`EOFError`, `OSError`, `paramiko.SSHException`),
 or as `EOFError` when the channel was closed by the connection's end; a
-session the server ended on a live connection is an `ExecutorFailure`. Note
-that `FileNotFoundError`, `PermissionError` and `TimeoutError` are `OSError`
-subclasses too: a caller classifying by type must test them first.
+session the server ended on a live connection is an `ExecutorFailure`. Errors
+of the local side (opening, reading or writing a local file or file object,
+and of ``progress``) propagate unchanged. Note that `FileNotFoundError`,
+`PermissionError`, `TimeoutError` and local file errors are `OSError`s too: a
+caller classifying by type must not take every `OSError` for a lost connection.
 
 paramiko private names used (checked on paramiko 3.4.0, 3.5.1, 4.0.0 and 5.1.0, where
 this module's tests pass):
