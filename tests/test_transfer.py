@@ -177,6 +177,30 @@ def test_empty_file(transport: paramiko.Transport, remote_dir: str, shared_dir: 
     down.check(0, 0)
 
 
+def test_download_follows_a_file_that_grows_meanwhile(
+    transport: paramiko.Transport, remote_dir: str
+) -> None:
+    # Larger than the requests kept in flight, so the read at the size FSTAT
+    # reported is asked for only after the first block has arrived.
+    remote = os.path.join(remote_dir, "growing")
+    data = random_file(remote, transfer.IN_FLIGHT + 8 * MiB)
+    more = os.urandom(1000)
+    sizes: List[int] = []
+
+    def progress(done: int, total: int) -> None:
+        if not sizes:
+            with open(remote, "ab") as file:
+                file.write(more)
+        sizes.append(total)
+
+    target = io.BytesIO()
+    assert transfer.download(transport.open_session(), remote, target, progress=progress) == len(
+        data + more
+    )
+    assert target.getvalue() == data + more
+    assert set(sizes) == {len(data)}  # total: the size at the start
+
+
 def test_large_random_file_keeps_its_sha256(
     transport: paramiko.Transport, remote_dir: str, shared_dir: str
 ) -> None:
