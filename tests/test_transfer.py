@@ -29,10 +29,17 @@ from paramiko_executor.testing.openssh import OpenSSHServer
 MiB = 1024 * 1024
 
 
-def connect(host: str, port: int, username: str, key_path: str) -> paramiko.Transport:
+def connect(
+    host: str, port: int, username: str, key_path: str, *, hooks: bool = False
+) -> paramiko.Transport:
+    """A logged-in Transport with the executor's window; ``hooks``: and its channel hooks."""
     sock = socket.create_connection((host, port), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport = paramiko.Transport(sock)
+    if hooks:
+        from paramiko_executor.channel import install_channel_hooks
+
+        install_channel_hooks(transport)
     transport.default_window_size = WINDOW_SIZE
     transport.default_max_packet_size = MAX_PACKET_SIZE
     transport.start_client(timeout=10)
@@ -213,6 +220,32 @@ def test_large_random_file_keeps_its_sha256(
     target = os.path.join(shared_dir, "big-copy")
     assert transfer.download(transport.open_session(), remote, target) == size
     assert sha256(read(target)) == sha256(data)
+
+
+def test_on_a_transport_and_channel_prepared_by_the_executor(
+    sshd: OpenSSHServer, remote_dir: str
+) -> None:
+    # What SSHExecutor.put/get will hand over: a channel from its own opener,
+    # on a transport carrying its channel hooks.
+    from paramiko_executor.channel import open_command_channel
+
+    t = connect(sshd.host, sshd.port, sshd.username, sshd.client_key_path, hooks=True)
+    try:
+        data = os.urandom(3 * MiB + 1)
+        remote = os.path.join(remote_dir, "file")
+        chan = open_command_channel(t, time.monotonic() + 30)
+        assert chan is not None
+        assert transfer.upload(chan, io.BytesIO(data), remote) == len(data)
+        chan = open_command_channel(t, time.monotonic() + 30)
+        assert chan is not None
+        target = io.BytesIO()
+        assert transfer.download(chan, remote, target) == len(data)
+        assert target.getvalue() == data
+        with pytest.raises(FileNotFoundError):
+            transfer.download(open_command_channel(t, time.monotonic() + 30), remote + "-absent",
+                              io.BytesIO())
+    finally:
+        t.close()
 
 
 def test_concurrent_transfers_share_one_connection(
