@@ -60,6 +60,7 @@ this module's tests pass):
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import posixpath
 import secrets
@@ -89,6 +90,8 @@ from paramiko.common import cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
 
 from .results import ExecutorFailure
+
+log = logging.getLogger("paramiko_executor.transfer")
 
 __all__ = [
     "upload",
@@ -571,7 +574,14 @@ class _Session:
         return body[0], body
 
     def _wait(self, nbytes: int, until: Optional[float]) -> None:
-        reason = self._out.wait_for(nbytes, until, None)
+        while True:
+            reason = self._out.wait_for(nbytes, until, self._err)
+            if reason != "other":
+                break
+            # A server's stderr (an sftp-server logging there, say) is only
+            # logged, but taken: it counts against the channel's window too.
+            text = self.chan.recv_stderr(1 << 20)
+            log.debug("SFTP server stderr: %r", text[:1000])
         if reason == "closed":
             self._channel_ended()
         if reason == "timeout":
