@@ -130,6 +130,9 @@ LOCAL_BLOCK = 1024 * 1024
 #: channel carries something else (a forced command's output).
 _MAX_VERSION_PACKET = 256 * 1024
 
+#: Bytes of the server's stderr kept for error messages.
+_STDERR_KEPT = 300
+
 Progress = Callable[[int, int], None]
 Source = Union[str, "os.PathLike[str]", BinaryIO, IO[bytes]]
 
@@ -399,6 +402,7 @@ class _Session:
         # What a deadline cut off of the last request (a copy): clean-up sends
         # it first, which brings the stream back in step.
         self._unsent: Optional[bytes] = None
+        self._stderr = b""  # the start of what the server wrote on stderr
         cond = threading.Condition(threading.Lock())
         self._out = _Inbox(cond, want=1 << 62)
         self._err = _Inbox(cond, want=1)
@@ -448,15 +452,12 @@ class _Session:
 
     def _negotiate(self, until: float) -> bytes:
         """The server's VERSION reply (from its type byte on), checked to be one."""
-        reason = self._out.wait_for(4, until, self._err)
+        reason = self._await(4, until)
         if reason == "ready":
             (size,) = _U32.unpack(self._out.peek(4) or b"")
             if not 5 <= size <= _MAX_VERSION_PACKET:
                 raise self._not_started("it answered something that is not SFTP")
-            reason = self._out.wait_for(4 + size, until, self._err)
-        if reason == "other":
-            text = self.chan.recv_stderr(4096).decode("utf-8", "replace").strip()
-            raise self._not_started(f"it answered on stderr: {text[:300]!r}")
+            reason = self._await(4 + size, until)
         if reason == "closed":
             self._check_transport()
             raise self._not_started("it ended the session without answering")
@@ -472,8 +473,10 @@ class _Session:
             raise TimeoutError(f"the deadline passed while starting SFTP ({why})")
         raise self._not_started(f"{why} within {NEGOTIATION_TIMEOUT:g} s")
 
-    @staticmethod
-    def _not_started(why: str) -> ExecutorFailure:
+    def _not_started(self, why: str) -> ExecutorFailure:
+        said = self._stderr.decode("utf-8", "replace").strip()
+        if said:
+            why += f" (it wrote on stderr: {said!r})"
         return ExecutorFailure(
             f"the server did not start SFTP: {why}. On a command-restricted key "
             "(authorized_keys command=...) the server runs the forced command "
@@ -573,15 +576,23 @@ class _Session:
         body = memoryview(self.chan.recv(4 + size))[4:]
         return body[0], body
 
-    def _wait(self, nbytes: int, until: Optional[float]) -> None:
+    def _await(self, nbytes: int, until: Optional[float]) -> str:
+        """Wait for ``nbytes`` of SFTP data: "ready", "closed" or "timeout" (see `_Inbox.wait_for`).
+
+        What the server writes on stderr meanwhile (an sftp-server logging
+        there, a forced command complaining) is taken, since it counts against
+        the channel's window too, logged, and its start kept for error messages.
+        """
         while True:
             reason = self._out.wait_for(nbytes, until, self._err)
             if reason != "other":
-                break
-            # A server's stderr (an sftp-server logging there, say) is only
-            # logged, but taken: it counts against the channel's window too.
+                return reason
             text = self.chan.recv_stderr(1 << 20)
             log.debug("SFTP server stderr: %r", text[:1000])
+            self._stderr += text[: max(0, _STDERR_KEPT - len(self._stderr))]
+
+    def _wait(self, nbytes: int, until: Optional[float]) -> None:
+        reason = self._await(nbytes, until)
         if reason == "closed":
             self._channel_ended()
         if reason == "timeout":
