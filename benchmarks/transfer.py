@@ -11,8 +11,10 @@ times, in rotating order:
 
 - ``transfer``: ``paramiko_executor.transfer.upload``/``download`` over a
   paramiko Transport set up like the executor's (window, max packet, cipher
-  preference, ``TCP_NODELAY``; the executor's read-ahead socket when the
-  installed ``paramiko_executor.connection`` has one).
+  preference, ``TCP_NODELAY``; the executor's read-ahead socket and channel
+  hooks when ``paramiko_executor.connection``/``channel`` have them: without
+  the hooks, paramiko can deadlock when a key exchange, due every 512 MiB,
+  meets a channel close the server started).
 - ``paramiko``: ``SFTPClient.put``/``get`` with their defaults, over a
   plain ``SSHClient.connect`` (paramiko's defaults throughout); and
   ``paramiko*``: the same over a Transport set up like the executor's, so
@@ -49,7 +51,7 @@ import paramiko
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from paramiko_executor import connection, transfer  # noqa: E402
+from paramiko_executor import channel, connection, transfer  # noqa: E402
 from testsupport.openssh import OpenSSHServer  # noqa: E402
 
 #: One transfer may take at most this long before the benchmark gives up.
@@ -76,6 +78,9 @@ def executor_like_transport(server: OpenSSHServer) -> paramiko.Transport:
     if wrapper is not None:
         sock = wrapper(sock.family, sock.type, sock.proto, fileno=sock.detach())
     transport = paramiko.Transport(sock)
+    hooks = getattr(channel, "install_channel_hooks", None)
+    if hooks is not None:
+        hooks(transport, {})  # the executor's hooks, no session of its own on this transport
     transport.default_window_size = connection.WINDOW_SIZE
     transport.default_max_packet_size = connection.MAX_PACKET_SIZE
     options = transport.get_security_options()

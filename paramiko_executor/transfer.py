@@ -17,7 +17,9 @@ Speed: paramiko's ``SFTPClient`` pays a round trip or a thread wake-up per
 32 KiB. Here one thread keeps up to `IN_FLIGHT` bytes of requests of the
 server's largest block size (``limits@openssh.com``; 255 KiB on OpenSSH)
 outstanding, and paramiko's transport thread wakes it only when a whole SFTP
-reply has arrived, not per 32 KiB channel packet.
+reply has arrived, not per 32 KiB channel packet. What remains is paramiko's
+own cost per SSH packet (sshd takes at most 32 KiB of session data per
+packet): an upload costs about what ``Channel.sendall`` of the same bytes does.
 
 Errors: a missing remote file or directory raises `FileNotFoundError`, a
 refused one `PermissionError` (both naming the remote path), other SFTP
@@ -27,9 +29,11 @@ raises `ExecutorFailure` within `NEGOTIATION_TIMEOUT`. Past ``deadline``
 (a `time.monotonic` value) `TimeoutError` is raised. A broken connection
 surfaces as paramiko raised it (`EOFError`, `OSError`, `paramiko.SSHException`),
 or as `EOFError` when the channel was closed by the connection's end; a
-session the server ended on a live connection is an `ExecutorFailure`. Note
-that `FileNotFoundError`, `PermissionError` and `TimeoutError` are `OSError`
-subclasses too: a caller classifying by type must test them first.
+session the server ended on a live connection is an `ExecutorFailure`. Errors
+of the local side (opening, reading or writing a local file or file object,
+and of ``progress``) propagate unchanged. Note that `FileNotFoundError`,
+`PermissionError`, `TimeoutError` and local file errors are `OSError`s too: a
+caller classifying by type must not take every `OSError` for a lost connection.
 
 paramiko's internals, all through `internals` (which lists and checks them):
 the subsystem is asked for and awaited with a time limit
@@ -50,6 +54,7 @@ the transport inactive).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import posixpath
 import secrets
@@ -86,6 +91,8 @@ from .internals import (
     send_awaiting_reply,
 )
 from .results import ExecutorFailure
+
+log = logging.getLogger("paramiko_executor.transfer")
 
 __all__ = [
     "upload",
@@ -124,6 +131,9 @@ LOCAL_BLOCK = 1024 * 1024
 #: channel carries something else (a forced command's output).
 _MAX_VERSION_PACKET = 256 * 1024
 
+#: Bytes of the server's stderr kept for error messages.
+_STDERR_KEPT = 300
+
 Progress = Callable[[int, int], None]
 Source = Union[str, "os.PathLike[str]", BinaryIO, IO[bytes]]
 
@@ -149,7 +159,6 @@ _FX_OK = 0
 _FX_EOF = 1
 _FX_NO_SUCH_FILE = 2
 _FX_PERMISSION_DENIED = 3
-_FX_OP_UNSUPPORTED = 8
 
 _FXF_READ = 0x01
 _FXF_WRITE = 0x02
@@ -158,7 +167,6 @@ _FXF_TRUNC = 0x10
 _FXF_EXCL = 0x20
 
 _ATTR_SIZE = 0x01
-_ATTR_UIDGID = 0x02
 _ATTR_PERMISSIONS = 0x04
 
 _POSIX_RENAME = "posix-rename@openssh.com"
@@ -395,6 +403,7 @@ class _Session:
         # What a deadline cut off of the last request (a copy): clean-up sends
         # it first, which brings the stream back in step.
         self._unsent: Optional[bytes] = None
+        self._stderr = b""  # the start of what the server wrote on stderr
         cond = threading.Condition(threading.Lock())
         self._out = _Inbox(cond, want=1 << 62)
         self._err = _Inbox(cond, want=1)
@@ -443,15 +452,12 @@ class _Session:
 
     def _negotiate(self, until: float) -> bytes:
         """The server's VERSION reply (from its type byte on), checked to be one."""
-        reason = self._out.wait_for(4, until, self._err)
+        reason = self._await(4, until)
         if reason == "ready":
             (size,) = _U32.unpack(self._out.peek(4) or b"")
             if not 5 <= size <= _MAX_VERSION_PACKET:
                 raise self._not_started("it answered something that is not SFTP")
-            reason = self._out.wait_for(4 + size, until, self._err)
-        if reason == "other":
-            text = self.chan.recv_stderr(4096).decode("utf-8", "replace").strip()
-            raise self._not_started(f"it answered on stderr: {text[:300]!r}")
+            reason = self._await(4 + size, until)
         if reason == "closed":
             self._check_transport()
             raise self._not_started("it ended the session without answering")
@@ -467,8 +473,10 @@ class _Session:
             raise TimeoutError(f"the deadline passed while starting SFTP ({why})")
         raise self._not_started(f"{why} within {NEGOTIATION_TIMEOUT:g} s")
 
-    @staticmethod
-    def _not_started(why: str) -> ExecutorFailure:
+    def _not_started(self, why: str) -> ExecutorFailure:
+        said = self._stderr.decode("utf-8", "replace").strip()
+        if said:
+            why += f" (it wrote on stderr: {said!r})"
         return ExecutorFailure(
             f"the server did not start SFTP: {why}. On a command-restricted key "
             "(authorized_keys command=...) the server runs the forced command "
@@ -568,8 +576,23 @@ class _Session:
         body = memoryview(self.chan.recv(4 + size))[4:]
         return body[0], body
 
+    def _await(self, nbytes: int, until: Optional[float]) -> str:
+        """Wait for ``nbytes`` of SFTP data: "ready", "closed" or "timeout" (see `_Inbox.wait_for`).
+
+        What the server writes on stderr meanwhile (an sftp-server logging
+        there, a forced command complaining) is taken, since it counts against
+        the channel's window too, logged, and its start kept for error messages.
+        """
+        while True:
+            reason = self._out.wait_for(nbytes, until, self._err)
+            if reason != "other":
+                return reason
+            text = self.chan.recv_stderr(1 << 20)
+            log.debug("SFTP server stderr: %r", text[:1000])
+            self._stderr += text[: max(0, _STDERR_KEPT - len(self._stderr))]
+
     def _wait(self, nbytes: int, until: Optional[float]) -> None:
-        reason = self._out.wait_for(nbytes, until, None)
+        reason = self._await(nbytes, until)
         if reason == "closed":
             self._channel_ended()
         if reason == "timeout":
@@ -840,7 +863,7 @@ def _size_of(file: Any) -> int:
 
 @contextmanager
 def _reading(source: Source) -> Iterator[Tuple[_ReadInto, int]]:
-    """``(readinto, size)`` of a path (opened here) or a binary file object (size -1: unknown)."""
+    """``(readinto, bytes left)`` of a path (opened here) or a binary file object (-1: unknown)."""
     if _is_path(source):
         with open(source, "rb", buffering=0) as file:  # type: ignore[arg-type]
             yield file.readinto, os.fstat(file.fileno()).st_size

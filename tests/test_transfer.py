@@ -30,6 +30,7 @@ MiB = 1024 * 1024
 
 
 def connect(host: str, port: int, username: str, key_path: str) -> paramiko.Transport:
+    """A logged-in Transport with the executor's window (the executor's own path: test_files)."""
     sock = socket.create_connection((host, port), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport = paramiko.Transport(sock)
@@ -177,6 +178,30 @@ def test_empty_file(transport: paramiko.Transport, remote_dir: str, shared_dir: 
     down.check(0, 0)
 
 
+def test_download_follows_a_file_that_grows_meanwhile(
+    transport: paramiko.Transport, remote_dir: str
+) -> None:
+    # Larger than the requests kept in flight, so the read at the size FSTAT
+    # reported is asked for only after the first block has arrived.
+    remote = os.path.join(remote_dir, "growing")
+    data = random_file(remote, transfer.IN_FLIGHT + 8 * MiB)
+    more = os.urandom(1000)
+    sizes: List[int] = []
+
+    def progress(done: int, total: int) -> None:
+        if not sizes:
+            with open(remote, "ab") as file:
+                file.write(more)
+        sizes.append(total)
+
+    target = io.BytesIO()
+    assert transfer.download(transport.open_session(), remote, target, progress=progress) == len(
+        data + more
+    )
+    assert target.getvalue() == data + more
+    assert set(sizes) == {len(data)}  # total: the size at the start
+
+
 def test_large_random_file_keeps_its_sha256(
     transport: paramiko.Transport, remote_dir: str, shared_dir: str
 ) -> None:
@@ -191,6 +216,32 @@ def test_large_random_file_keeps_its_sha256(
     assert sha256(read(target)) == sha256(data)
 
 
+def test_concurrent_transfers_share_one_connection(
+    transport: paramiko.Transport, remote_dir: str, shared_dir: str
+) -> None:
+    datas = [os.urandom(4 * MiB + i) for i in range(4)]
+    failures: List[BaseException] = []
+
+    def round_trip(i: int) -> None:
+        try:
+            remote = os.path.join(remote_dir, f"file{i}")
+            transfer.upload(transport.open_session(), io.BytesIO(datas[i]), remote)
+            target = io.BytesIO()
+            transfer.download(transport.open_session(), remote, target)
+            assert target.getvalue() == datas[i]
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=round_trip, args=(i,)) for i in range(len(datas))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert failures == []
+    assert sorted(os.listdir(remote_dir)) == [f"file{i}" for i in range(len(datas))]
+
+
 def test_upload_replaces_an_existing_file(
     transport: paramiko.Transport, remote_dir: str
 ) -> None:
@@ -199,6 +250,18 @@ def test_upload_replaces_an_existing_file(
     transfer.upload(transport.open_session(), io.BytesIO(b"new"), remote)
     assert read(remote) == b"new"
     assert temp_files(remote_dir) == []
+
+
+def test_servers_without_posix_rename_get_remove_then_rename(
+    transport: paramiko.Transport, remote_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if the server did not offer the extension (only OpenSSH's does).
+    monkeypatch.setattr(transfer, "_POSIX_RENAME", "no-such-extension@example.com")
+    remote = os.path.join(remote_dir, "file")
+    transfer.upload(transport.open_session(), io.BytesIO(b"old"), remote)
+    transfer.upload(transport.open_session(), io.BytesIO(b"new"), remote)
+    assert read(remote) == b"new"
+    assert os.listdir(remote_dir) == ["file"]
 
 
 # --- atomicity ----------------------------------------------------------------------
@@ -307,7 +370,7 @@ def test_temp_path_for_is_next_to_the_target() -> None:
 # --- modes --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", [0o600, 0o640, 0o755, 0o777])
+@pytest.mark.parametrize("mode", [0o400, 0o600, 0o640, 0o755, 0o777])
 def test_mode_bits(transport: paramiko.Transport, remote_dir: str, mode: int) -> None:
     remote = os.path.join(remote_dir, "file")
     transfer.upload(transport.open_session(), io.BytesIO(b"data"), remote, mode=mode)
