@@ -46,6 +46,10 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     paramiko keeps an Ed25519 key as a PyNaCl signing key (whose bytes are its
     seed) and cannot write it out: read to pickle an executor's ``pkey``
     (`private_key_object`).
+``Transport._unlink_channel``, ``Transport._queue_incoming_channel``
+    Overridden by the test server's transport (``testing.server``): it learns
+    when a channel is fully closed, and keeps opened channels itself instead of
+    queueing them for ``accept``.
 ``paramiko.transport._active_threads``
     Emptied in a forked child, whose exit hook would otherwise stop the
     parent's transports (`forget_parent_transports`).
@@ -105,6 +109,8 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("Channel", "in_stderr_buffer"),
     ("Transport", "saved_exception"),
     ("Ed25519Key", "_signing_key"),
+    ("Transport", "_unlink_channel"),
+    ("Transport", "_queue_incoming_channel"),
     ("transport module", "_active_threads"),
 )
 

@@ -57,6 +57,8 @@ from paramiko.common import (
 )
 from paramiko.message import Message
 
+from paramiko_executor.internals import send_when_clear, wrap_handlers
+
 __all__ = ["SSHTestServer"]
 
 _log = logging.getLogger(__name__)
@@ -652,33 +654,36 @@ class _GatedSocket:
         return getattr(self._sock, name)
 
 
-def _handle_channel_request(channel: Channel, m: Message) -> None:
+def _channel_request_handler(on_request: Callable[[Channel, Message], None]
+                             ) -> Callable[[Channel, Message], None]:
     """paramiko's channel-request handler, extended with ``signal`` and with
     starting commands only after their ``exec`` reply.
 
-    paramiko's `Channel._handle_request` answers every request it does not
-    know, ``signal`` included, with failure and never tells the
-    ServerInterface, and `Transport` dispatches channel messages through its
-    class attribute ``_channel_handler_table``; `_ServerTransport` replaces
-    that one entry with this function.
+    paramiko's own handler answers every request it does not know, ``signal``
+    included, with failure and never tells the ServerInterface;
+    `_ServerTransport` wraps it with this (through `internals.wrap_handlers`).
     """
-    connection: _Connection = channel.transport.server_object
-    start = m.packet.tell()
-    if m.get_text() == "signal":
-        want_reply = m.get_boolean()
-        ok = connection.signal_session(channel, m.get_text())
-        if want_reply:
-            reply = Message()
-            reply.add_byte(cMSG_CHANNEL_SUCCESS if ok else cMSG_CHANNEL_FAILURE)
-            reply.add_int(channel.remote_chanid)
-            channel.transport._send_user_message(reply)
-        return
-    m.packet.seek(start)
-    Channel._handle_request(channel, m)
-    # The reply to exec/shell has been sent by now: a fast command's output,
-    # exit status or close must never overtake it (a client waiting for the
-    # reply would see a closed channel instead of a started command).
-    connection.start_session(channel)
+
+    def handle(channel: Channel, m: Message) -> None:
+        connection: _Connection = channel.transport.server_object
+        start = m.packet.tell()
+        if m.get_text() == "signal":
+            want_reply = m.get_boolean()
+            ok = connection.signal_session(channel, m.get_text())
+            if want_reply:
+                reply = Message()
+                reply.add_byte(cMSG_CHANNEL_SUCCESS if ok else cMSG_CHANNEL_FAILURE)
+                reply.add_int(channel.remote_chanid)
+                send_when_clear(channel.transport, reply)
+            return
+        m.packet.seek(start)
+        on_request(channel, m)
+        # The reply to exec/shell has been sent by now: a fast command's output,
+        # exit status or close must never overtake it (a client waiting for the
+        # reply would see a closed channel instead of a started command).
+        connection.start_session(channel)
+
+    return handle
 
 
 class _ServerTransport(paramiko.Transport):
@@ -693,10 +698,9 @@ class _ServerTransport(paramiko.Transport):
       reference, so the connection holds them until they are closed.
     """
 
-    _channel_handler_table = {
-        **paramiko.Transport._channel_handler_table,
-        MSG_CHANNEL_REQUEST: _handle_channel_request,
-    }
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        wrap_handlers(self, {MSG_CHANNEL_REQUEST: _channel_request_handler}, {})
 
     def _unlink_channel(self, chanid: int) -> None:
         # Called once the client's CLOSE has been handled (both sides closed),
@@ -729,7 +733,7 @@ class _Connection(paramiko.ServerInterface):
         self._prompt: Optional[int] = None  # keyboard-interactive prompt awaiting its answer
         self._forced = False
         self._open_channels: Set[int] = set()
-        self._channels: Dict[int, Channel] = {}  # strong references, see _ServerTransport
+        self._held_channels: Dict[int, Channel] = {}  # strong references, see _ServerTransport
         self._sessions: Dict[int, _Session] = {}
         # Sessions waiting for their exec reply to go out, with the requested command.
         self._unstarted: Dict[int, Tuple[_Session, Optional[str]]] = {}
@@ -849,7 +853,7 @@ class _Connection(paramiko.ServerInterface):
 
     def channel_opened(self, channel: Channel) -> None:
         with self._lock:
-            self._channels[channel.get_id()] = channel
+            self._held_channels[channel.get_id()] = channel
 
     def check_channel_exec_request(self, channel: Channel, command: bytes) -> bool:
         return self._prepare_session(channel, command.decode("utf-8", "surrogateescape"))
@@ -900,7 +904,7 @@ class _Connection(paramiko.ServerInterface):
             if chanid not in self._open_channels:
                 return
             self._open_channels.discard(chanid)
-            self._channels.pop(chanid, None)
+            self._held_channels.pop(chanid, None)
             session = self._sessions.pop(chanid, None)
             self._unstarted.pop(chanid, None)
         self._server._channel_closed()
@@ -914,7 +918,7 @@ class _Connection(paramiko.ServerInterface):
             self._unstarted.clear()
             still_open = len(self._open_channels)
             self._open_channels.clear()
-            self._channels.clear()
+            self._held_channels.clear()
         for session in sessions:
             session.terminate()
         self._server._connection_ended(self, still_open)
@@ -1075,7 +1079,7 @@ def _send_exit_signal(channel: Channel, signum: int) -> None:
     m.add_boolean(False)  # core dumped: subprocess does not tell
     m.add_string("")  # error message
     m.add_string("")  # language tag
-    channel.transport._send_user_message(m)
+    send_when_clear(channel.transport, m)
 
 
 def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
