@@ -577,9 +577,15 @@ class SSHExecutor(Executor):
             session = link.spare.take(deadline)
             if session is not None:
                 return session
-            if not self._take_slot(link, deadline):
-                return None
             assert link.slots is not None
+            if not link.slots.acquire(blocking=False):
+                # A spare made since is ours to use, rather than to close
+                # while we wait for the slot it gives back.
+                session = link.spare.take(deadline)
+                if session is not None:
+                    return session
+                if not self._take_slot(link, deadline):
+                    return None
             with translate(link.transport, started=False, what="opening a channel"):
                 session = SessionChannel(link.transport, link.slots, link.sessions)
             timeout = link.transport.channel_timeout
