@@ -1,4 +1,4 @@
-"""Fan-out benchmark (issue 15): one command on N hosts at once, HostGroup against the others.
+"""Fan-out benchmark: one command on N hosts at once, HostGroup against the others.
 
     python benchmarks/fanout.py                 # N = 20 and N = 100, all contenders
     python benchmarks/fanout.py --hosts 20      # one size only

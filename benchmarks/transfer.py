@@ -1,4 +1,4 @@
-"""Benchmark of issue 12 (files): SFTP upload/download speed and client CPU.
+"""The file-transfer benchmark: SFTP upload/download speed and client CPU.
 
 One command::
 
@@ -286,7 +286,7 @@ def report(bench: Bench, results: Dict[str, List[Tuple[Measure, Measure]]]) -> N
             print(f"  vs {name:9s} {ours[0] / up:5.2f} / {ours[1] / down:5.2f}")
     # paramiko: the faster of its two set-ups, per direction.
     paramiko_best = tuple(max(medians[n][i] for n in ("paramiko", "paramiko*")) for i in (0, 1))
-    print("targets (issue 12):")
+    print("targets:")
     for name, best, goal in (("paramiko", paramiko_best, 1.5),
                              ("asyncssh", medians["asyncssh"][:2], 1.0),
                              ("sftp -b", medians["sftp -b"][:2], 0.8)):
