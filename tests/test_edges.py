@@ -320,7 +320,7 @@ def test_unanswered_opens_at_a_low_max_sessions_still_fail(make_test_server):
 @pytest.fixture
 def dropbear(sshd):
     """A private Dropbear on 127.0.0.1 logging in sshd's test user with sshd's client key."""
-    from dropbear import DropbearServer, DropbearUnavailable
+    from testsupport.dropbear import DropbearServer, DropbearUnavailable
 
     try:
         server = DropbearServer(username=sshd.username, client_key_path=sshd.client_key_path)

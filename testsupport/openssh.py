@@ -38,6 +38,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import paramiko
 
+from testsupport.private import PrivateServer
+
 __all__ = ["OpenSSHServer", "OpenSSHServerError", "OpenSSHUnavailable", "close_all"]
 
 SSHD_PATH = "/usr/sbin/sshd"
@@ -72,7 +74,7 @@ class OpenSSHUnavailable(OpenSSHServerError):
     """This machine cannot run a private sshd (sshd or the PAM module is missing, not root)."""
 
 
-class OpenSSHServer:
+class OpenSSHServer(PrivateServer):
     """A private OpenSSH sshd listening on 127.0.0.1 at a free port.
 
     Nothing runs until :meth:`start` (or ``with``). The constructor only checks
@@ -117,7 +119,6 @@ class OpenSSHServer:
             at once.
     """
 
-    host = "127.0.0.1"
 
     def __init__(
         self,
@@ -247,27 +248,6 @@ class OpenSSHServer:
     def running(self) -> bool:
         """Whether the listening sshd process is alive."""
         return self._proc is not None and self._proc.poll() is None
-
-    def executor_parameters(self, **overrides: Any) -> Dict[str, Any]:
-        """Keyword arguments for ``SSHExecutor`` to log in here, updated with ``overrides``."""
-        params: Dict[str, Any] = {
-            "host": self.host,
-            "port": self.port,
-            "username": self.username,
-            "client_keys": [self.client_key_path],
-            "known_hosts": self.known_hosts_path,
-            "config": (),
-        }
-        params.update(overrides)
-        return params
-
-    def read_log(self) -> str:
-        """The sshd log so far (empty before the first start)."""
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as log:
-                return log.read()
-        except (OSError, RuntimeError):
-            return ""
 
     def wait_for_log(self, text: str, count: int = 1, timeout: float = 10.0) -> int:
         """Wait until ``text`` occurs ``count`` times in the log; return how often it occurs.

@@ -20,7 +20,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Any, Dict, Optional
+from typing import Optional
+
+from testsupport.private import PrivateServer
 
 DROPBEAR_PATH = "/usr/sbin/dropbear"
 DROPBEARKEY_PATH = "/usr/bin/dropbearkey"
@@ -36,10 +38,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class DropbearServer:
+class DropbearServer(PrivateServer):
     """Dropbear on 127.0.0.1, logging in ``username`` with the public key in ``public_key_path``."""
 
-    host = "127.0.0.1"
 
     def __init__(self, *, username: str, client_key_path: str, start_timeout: float = 15.0):
         for path in (DROPBEAR_PATH, DROPBEARKEY_PATH):
@@ -64,25 +65,6 @@ class DropbearServer:
     @property
     def log_path(self) -> str:
         return os.path.join(self.workdir, "dropbear.log")
-
-    def executor_parameters(self, **overrides: Any) -> Dict[str, Any]:
-        params: Dict[str, Any] = {
-            "host": self.host,
-            "port": self.port,
-            "username": self.username,
-            "client_keys": [self.client_key_path],
-            "known_hosts": self.known_hosts_path,
-            "config": (),
-        }
-        params.update(overrides)
-        return params
-
-    def read_log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as file:
-                return file.read()
-        except OSError:
-            return ""
 
     def start(self) -> DropbearServer:
         try:
