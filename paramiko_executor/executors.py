@@ -249,9 +249,14 @@ class SSHExecutor(Executor):
         if isinstance(arguments.get("pkey"), _KeyText):
             arguments["pkey"] = arguments["pkey"].load(arguments.get("passphrase"))
         self.__init__(**{k: v for k, v in arguments.items() if v is not DEFAULT})
-        # The state's pickle is the configuration's identity: the key of the
-        # process-wide connection it shares with other copies of itself.
-        key = hashlib.sha256(pickle.dumps((type(self), state), protocol=4)).digest()
+        # The configuration's pickle is its identity: the key of the process-wide
+        # connection it shares with other copies of itself. A key's text is
+        # written anew (with a random check value) by every pickling, so the
+        # key counts by its public half.
+        identity = dict(state)
+        if isinstance(identity.get("pkey"), _KeyText):
+            identity["pkey"] = arguments["pkey"].asbytes()
+        key = hashlib.sha256(pickle.dumps((type(self), identity), protocol=4)).digest()
         fresh = self._connection
         self._connection = _shared_connection(key, lambda: fresh)
 

@@ -77,3 +77,29 @@ def test_spawned_process_pool_runs_its_own_connections(test_server):
     assert test_server.connections_accepted == 1 + len(workers)
     assert ex.run_command("echo parent").stdout == "parent\n"
     ex.close()
+
+
+def test_copies_unpickled_from_separate_pickles_share_one_connection():
+    # A task framework pickles the executor anew for every task; a pkey's text
+    # differs between picklings (OpenSSH's random check value, a fresh salt when
+    # encrypted), yet it is the same configuration.
+    import io
+
+    import paramiko
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from paramiko_executor import SSHExecutor
+
+    text = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption()).decode()
+    key = paramiko.Ed25519Key.from_private_key(io.StringIO(text))
+    for extra in ({}, {"passphrase": "not a secret"}):
+        ex = SSHExecutor(host="127.0.0.1", port=1, username="u", pkey=key, known_hosts=None,
+                         config=(), **extra)
+        first, second = (pickle.loads(pickle.dumps(ex)) for _ in range(2))
+        assert first._connection is second._connection
+        other = SSHExecutor(host="127.0.0.1", port=2, username="u", pkey=key, known_hosts=None,
+                            config=(), **extra)
+        assert pickle.loads(pickle.dumps(other))._connection is not first._connection
