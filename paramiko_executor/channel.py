@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Deque, Dict, Optional, Union
 
 import paramiko
 from paramiko.common import (
@@ -48,6 +48,7 @@ from paramiko.common import (
 )
 from paramiko.message import Message
 
+from .command import RunOptions
 from .errors import (
     TRANSPORT_ERRORS,
     ConnectionLost,
@@ -67,7 +68,7 @@ from .internals import (
     window_to_return,
     wrap_handlers,
 )
-from .output import LineSplitter, LiveStream, OutputBuffer
+from .output import LineSplitter, LiveStream, OutputBuffer, line_splitters
 from .results import Output
 from .slots import Slots
 
@@ -191,15 +192,11 @@ class ChannelOutcome:
 
 @dataclass(frozen=True)
 class CommandSpec:
-    """What to run on a channel, and how."""
+    """What to run on a channel (the bytes of the command and of its stdin), and how."""
 
     command: bytes
     stdin: bytes = b""
-    env: Optional[Mapping[str, str]] = None
-    pty: bool = False
-    encoding: Optional[str] = "utf-8"
-    on_output: Optional[Callable[[str, Any], None]] = None
-    keep_output: bool = True
+    options: RunOptions = RunOptions()
 
 
 def _outside_key_exchange(transport: paramiko.Transport, handler: Callable[[], None]) -> None:
@@ -634,11 +631,10 @@ class SessionChannel:
         Raises `NeverStarted` (the server turned the exec away: try again),
         `ConnectionLost`, `ExecutorFailure` (a refused variable or terminal,
         or a channel closed with no exit status after the exec was accepted),
-        or whatever ``spec.on_output`` raised (the command is then ended
+        or whatever ``spec.options.on_output`` raised (the command is then ended
         as on a timeout).
         """
-        live = spec.on_output is not None
-        if live:
+        if spec.options.on_output is not None:
             self.stdout = LiveStream()
             self.stderr = LiveStream()
         if spec.stdin:  # only a sender of stdin waits for window
@@ -650,14 +646,14 @@ class SessionChannel:
         try:
             with translate(self.transport, started=lambda: self.exec_sent,
                            what="the command's channel"):
-                return self._start(spec, deadline, live, after_exec)
+                return self._start(spec, deadline, after_exec)
         finally:
             if not self.discarding:
                 self._close_quietly()
 
-    def _start(self, spec: CommandSpec, deadline: Optional[float], live: bool,
+    def _start(self, spec: CommandSpec, deadline: Optional[float],
                after_exec: Optional[Callable[[], None]]) -> Optional[ChannelOutcome]:
-        if spec.pty or spec.env:
+        if spec.options.pty or spec.options.env:
             if not self._prepare(spec, deadline):
                 return None
         # exec, stdin and EOF are pipelined without waiting for the exec
@@ -669,7 +665,7 @@ class SessionChannel:
         self.exec_sent = True
         if after_exec is not None:
             after_exec()
-        return self._converse(spec, deadline, live)
+        return self._converse(spec, deadline)
 
     def _prepare(self, spec: CommandSpec, deadline: Optional[float]) -> bool:
         """Ask for a terminal and the variables, and wait for every answer before the exec.
@@ -677,9 +673,9 @@ class SessionChannel:
         Waiting costs a round trip, but a refused variable must fail before
         the command runs, not after. False when the deadline passed first.
         """
-        if spec.pty:
+        if spec.options.pty:
             self._request("pty-req", "xterm", 80, 24, 0, 0, b"\x00", want_reply=True)
-        for name, value in (spec.env or {}).items():
+        for name, value in (spec.options.env or {}).items():
             self._request("env", name, value, want_reply=True)
         answered = self._await_replies(deadline)
         if answered is None:
@@ -692,20 +688,17 @@ class SessionChannel:
         if refused and refused[0] == "pty-req":
             raise ExecutorFailure("the server refused a pseudo-terminal (pty=True)")
         # Replies come in request order: the first refused env request names the variable.
-        names = list((spec.env or {}).keys())
+        names = list((spec.options.env or {}).keys())
         env_replies = [success for kind, success in self.replies if kind == "env"]
         name = names[env_replies.index(False)] if False in env_replies else "?"
         raise ExecutorFailure(
             f"the server refused the environment variable {name!r} (OpenSSH accepts only "
             "the names its AcceptEnv allows); the command did not run")
 
-    def _converse(self, spec: CommandSpec, deadline: Optional[float],
-                  live: bool) -> ChannelOutcome:
+    def _converse(self, spec: CommandSpec, deadline: Optional[float]) -> ChannelOutcome:
         pending = memoryview(spec.stdin)
         eof_sent = False
-        splitters = ({"stdout": LineSplitter("stdout", spec.on_output, spec.encoding),
-                      "stderr": LineSplitter("stderr", spec.on_output, spec.encoding)}
-                     if live else None)
+        splitters = line_splitters(spec.options.on_output, spec.options.encoding)
         while True:
             self.wakeup.reset()
             if not eof_sent:
@@ -721,7 +714,7 @@ class SessionChannel:
                 self.sending = not eof_sent
             if splitters is not None:
                 try:
-                    self._hand_on(splitters, spec.keep_output, final=False)
+                    self._hand_on(splitters, spec.options.keep_output, final=False)
                 except BaseException:
                     self._end_remote_command()
                     raise
@@ -742,7 +735,7 @@ class SessionChannel:
         if exited and (self.chan.eof_received or self.remote_closed):
             # Complete: EOF (or CLOSE) is in, so nothing more arrives.
             if splitters is not None:
-                self._hand_on(splitters, spec.keep_output, final=True)
+                self._hand_on(splitters, spec.options.keep_output, final=True)
             return ChannelOutcome(self._whole(self.stdout, spec), self._whole(self.stderr, spec),
                                   self.exit_status, self.exit_signal, False)
         if self.remote_closed:
@@ -761,13 +754,13 @@ class SessionChannel:
 
     def _whole(self, buffer: Union[OutputBuffer, LiveStream], spec: CommandSpec) -> Output:
         if isinstance(buffer, LiveStream):
-            return buffer.kept(spec.encoding)
-        return buffer.decode(spec.encoding)
+            return buffer.kept(spec.options.encoding)
+        return buffer.decode(spec.options.encoding)
 
     def _so_far(self, buffer: Union[OutputBuffer, LiveStream], spec: CommandSpec) -> Output:
         if isinstance(buffer, LiveStream):
-            return buffer.kept(spec.encoding)
-        return buffer.decode_so_far(spec.encoding)
+            return buffer.kept(spec.options.encoding)
+        return buffer.decode_so_far(spec.options.encoding)
 
     def _hand_on(self, splitters: Dict[str, LineSplitter], keep: bool, *, final: bool) -> None:
         """Give the output that arrived to the caller's callback, line by line, from this thread."""

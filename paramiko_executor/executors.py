@@ -460,16 +460,15 @@ class SSHExecutor(Executor):
         check_command(command)
         options = RunOptions.of(timeout=timeout, check=check, env=env, encoding=encoding,
                                 pty=pty, on_output=on_output, keep_output=keep_output)
-        return self._execute(self._spec(command, stdin_input, options), options, command,
-                             stdin_input)
+        return self._execute(self._spec(command, stdin_input, options), command, stdin_input)
 
     def _spec(self, command: str, stdin_input: StdinInput, options: RunOptions) -> CommandSpec:
         """What goes over the channel for ``command``: the command itself, and its stdin."""
-        return CommandSpec(command.encode("utf-8"), stdin_bytes(stdin_input), options.env,
-                           options.pty, options.encoding, options.on_output, options.keep_output)
+        return CommandSpec(command.encode("utf-8"), stdin_bytes(stdin_input), options)
 
-    def _execute(self, spec: CommandSpec, options: RunOptions, shown_command: str,
+    def _execute(self, spec: CommandSpec, shown_command: str,
                  shown_stdin: StdinInput) -> CommandResult:
+        options = spec.options
         counters = self._connection.counters
         counters.add(commands_started=1)
         succeeded = False
@@ -657,5 +656,4 @@ class DupingSSHExecutor(SSHExecutor):
         data = stdin_bytes(stdin_input)
         if data:
             payload += data + b"\n"
-        return CommandSpec(self._wrapper.encode("utf-8"), payload, options.env, options.pty,
-                           options.encoding, options.on_output, options.keep_output)
+        return CommandSpec(self._wrapper.encode("utf-8"), payload, options)

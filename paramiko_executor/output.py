@@ -13,11 +13,12 @@ from __future__ import annotations
 import codecs
 import os
 import threading
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .results import Output, decode_output
 
-__all__ = ["KEEP_BYTES", "KEEP_MIN", "LineSplitter", "LiveStream", "OutputBuffer"]
+__all__ = ["KEEP_BYTES", "KEEP_MIN", "LineSplitter", "LiveStream", "OutputBuffer",
+           "line_splitters"]
 
 #: At most this much buffer memory is kept for reuse, for the whole process.
 KEEP_BYTES = 128 * 1024 * 1024
@@ -171,3 +172,11 @@ class LineSplitter:
         if self._partial:
             partial, self._partial = self._partial, self._partial[:0]
             self._callback(self._stream, partial)
+
+
+def line_splitters(callback: Optional[Callable[[str, Any], None]],
+                   encoding: Optional[str]) -> Optional[Dict[str, LineSplitter]]:
+    """A `LineSplitter` per stream for a live-output ``callback``; None without one."""
+    if callback is None:
+        return None
+    return {name: LineSplitter(name, callback, encoding) for name in ("stdout", "stderr")}

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional
 
 from .command import RunOptions, StdinInput, check_command, outcome, stdin_bytes
 from .executors import Executor, check_transfer_arguments
-from .output import LineSplitter
+from .output import line_splitters
 from .results import CommandResult, decode_output
 from .transfer import Progress, Source, local_get, local_put
 
@@ -125,8 +125,7 @@ def _communicate(proc: subprocess.Popen, data: bytes, streams: Dict[int, str],
     timeout or an exception (a raising callback) the process group is ended.
     """
     collected = {"stdout": bytearray(), "stderr": bytearray()}
-    splitters = ({name: LineSplitter(name, options.on_output, options.encoding)
-                  for name in ("stdout", "stderr")} if options.on_output else None)
+    splitters = line_splitters(options.on_output, options.encoding)
     pending = memoryview(data)
     try:
         with selectors.DefaultSelector() as selector:
