@@ -166,15 +166,20 @@ def test_timeout_ignoring_term_returns_promptly_and_queued_commands_wait(make_ss
         assert time.monotonic() - started < 5
         # The timed-out session holds its slot until sshd lets go of it: of two
         # commands, one runs at once, the other waits; neither is refused.
-        queued = time.monotonic()
-        with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(ex.run_command, f"sleep 3; echo {i}") for i in range(2)]
-            wait_for(lambda: ex.statistics().waiting == 1, "one command to queue")
-            assert ex.statistics().open_channels == 2
-            outputs = [f.result(timeout=60).stdout for f in futures]
-        assert outputs == ["0\n", "1\n"]
-        assert time.monotonic() - queued >= 5.5  # one after the other
-        assert ex.statistics().connects == 1
+        assert_two_commands_run_one_after_the_other(ex)
+
+
+def assert_two_commands_run_one_after_the_other(ex):
+    """Of two commands, one runs and one queues (a held slot is left): neither is refused."""
+    queued = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(ex.run_command, f"sleep 3; echo {i}") for i in range(2)]
+        wait_for(lambda: ex.statistics().waiting == 1, "one command to queue")
+        assert ex.statistics().open_channels == 2
+        outputs = [f.result(timeout=60).stdout for f in futures]
+    assert outputs == ["0\n", "1\n"]
+    assert time.monotonic() - queued >= 5.5  # one after the other
+    assert ex.statistics().connects == 1
 
 
 @pytest.mark.hang_timeout(120)
@@ -205,15 +210,7 @@ def test_forced_command_timeout_keeps_its_slot_and_queued_commands_wait(make_ssh
             ex.run_command("trap '' TERM; sleep 8", timeout=1)
         assert time.monotonic() - started < 5
         assert server.wait_for_log("refusing to send signal TERM to forced-command session") >= 1
-        queued = time.monotonic()
-        with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(ex.run_command, f"sleep 3; echo {i}") for i in range(2)]
-            wait_for(lambda: ex.statistics().waiting == 1, "one command to queue")
-            assert ex.statistics().open_channels == 2
-            outputs = [f.result(timeout=60).stdout for f in futures]
-        assert outputs == ["0\n", "1\n"]
-        assert time.monotonic() - queued >= 5.5  # one after the other
-        assert ex.statistics().connects == 1
+        assert_two_commands_run_one_after_the_other(ex)
 
 
 # --- 2 and 14. bounded_connection's slot; global requests vs keepalive ----------------------
