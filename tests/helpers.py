@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import select
+import subprocess
 import threading
 import time
 from typing import Any, Callable, Dict, List, Tuple
@@ -43,3 +46,25 @@ def run_threads(
         thread.join(max(0.0, deadline - time.monotonic()))
     assert not any(thread.is_alive() for thread in threads), "threads still running"
     return results, errors
+
+
+def drain_terminal(controller: int, proc: subprocess.Popen, timeout: float) -> bytes:
+    """Read a pty's controller end until the program closes it or exits (bounded by ``timeout``).
+
+    Reading meanwhile keeps the program from blocking on a full terminal.
+    """
+    drawn = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([controller], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the program closed its end
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        elif proc.poll() is not None:
+            break
+    return drawn

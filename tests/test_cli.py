@@ -4,13 +4,12 @@ import json
 import os
 import pty
 import re
-import select
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
+from helpers import drain_terminal
 
 import paramiko_executor
 from paramiko_executor.testing import SSHTestServer
@@ -85,20 +84,7 @@ def test_demo_draws_a_progress_bar_on_a_terminal():
         os.close(terminal)
         terminal = None
         drawn = b""
-        deadline = time.monotonic() + TIMEOUT
-        # drain the terminal while the demo runs so that it never blocks on a full pty
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([controller], [], [], 1.0)
-            if ready:
-                try:
-                    chunk = os.read(controller, 4096)
-                except OSError:  # EIO: the demo closed its end
-                    break
-                if not chunk:
-                    break
-                drawn += chunk
-            elif proc.poll() is not None:
-                break
+        drawn += drain_terminal(controller, proc, TIMEOUT)
         stdout, _ = proc.communicate(timeout=TIMEOUT)
     finally:
         os.close(controller)

@@ -19,6 +19,7 @@ from typing import Any, Dict, List
 
 import pytest
 from conftest import start_openssh
+from helpers import drain_terminal
 
 from paramiko_executor import SSHExecutor
 from paramiko_executor.group import GroupFailure, GroupResult, HostGroup
@@ -541,7 +542,6 @@ def test_cli_hosts_usage_errors(sshd_hosts):
 
 def test_cli_draws_progress_on_a_terminal_only(sshd_hosts):
     import pty
-    import select
 
     import paramiko_executor
 
@@ -555,20 +555,7 @@ def test_cli_draws_progress_on_a_terminal_only(sshd_hosts):
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal, env=env)
         os.close(terminal)
         terminal = None
-        drawn = b""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # drain the terminal so the program never blocks
-            ready, _, _ = select.select([controller], [], [], 1.0)
-            if ready:
-                try:
-                    chunk = os.read(controller, 4096)
-                except OSError:  # EIO: the program closed its end
-                    break
-                if not chunk:
-                    break
-                drawn += chunk
-            elif proc.poll() is not None:
-                break
+        drawn = drain_terminal(controller, proc, 120)
         stdout, _ = proc.communicate(timeout=120)
     finally:
         os.close(controller)
