@@ -23,6 +23,17 @@ public errors above):
 - `AuthenticationInterrupted` (a ``paramiko.SSHException``): the connection broke
   or stopped answering during authentication: temporary, like any such error
   while connecting.
+- `CallerError`: carries an exception raised by the caller's own code (a
+  callback, a file object) or by local I/O past the connection's error
+  handling; the public method re-raises the original, unchanged.
+
+Where an error comes from decides what it means, never its type alone. Code
+the caller owns and local I/O run inside `callers_code()`, which wraps what
+they raise in a `CallerError`; nothing inside `translate` ever looks at such
+an exception, so a callback's ``BrokenPipeError`` can never pass for a broken
+connection. What remains inside `translate` was raised by paramiko or its
+socket, and counts as a lost connection only with evidence about the transport
+(`is_lost`).
 
 `TRANSPORT_ERRORS` is the tuple of what paramiko and the socket raise on a
 broken connection, and `translate` the one context manager that maps them, given
@@ -42,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AuthenticationFailure",
     "AuthenticationInterrupted",
+    "CallerError",
     "CommandExecutionFailure",
     "CommandTimeout",
     "ConnectionLost",
@@ -52,6 +64,7 @@ __all__ = [
     "TRANSPORT_ERRORS",
     "TemporaryFailure",
     "TransferTimeout",
+    "callers_code",
     "for_executor",
     "mapped",
     "translate",
@@ -174,6 +187,35 @@ class AuthenticationInterrupted(paramiko.SSHException):
     Not a refusal of the credentials: a temporary connection failure, like any other
     ``paramiko.SSHException`` while connecting, which the caller may retry.
     """
+
+
+class CallerError(Exception):
+    """An exception of the caller's own code or of local I/O, carried past the connection's handling.
+
+    Never an `ExecutorError` and never one of `TRANSPORT_ERRORS`, so no handler
+    of the connection's failures can catch it. The public method that made
+    the call ends its channel as for a timeout and raises ``original``.
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(original)
+        self.original = original
+
+
+@contextlib.contextmanager
+def callers_code() -> Iterator[None]:
+    """Run the caller's code (a callback, a file object) or local I/O: what it raises is theirs.
+
+    Any `Exception` raised inside becomes a `CallerError` carrying it (one
+    already carried passes unchanged). ``KeyboardInterrupt`` and other
+    ``BaseException``s pass as they are.
+    """
+    try:
+        yield
+    except CallerError:
+        raise
+    except Exception as exc:
+        raise CallerError(exc) from exc
 
 
 def is_lost(exc: BaseException, transport: paramiko.Transport) -> bool:
