@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import hashlib
 import io
 import logging
 import os
-import pickle
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from .errors import (
 )
 from .internals import private_key_object
 from .options import DEFAULT, normalize_parameters, resolve_target
+from .registry import connection_key, shared_connection
 from .results import CommandResult
 from .retry import NEVER_STARTED_TRIES, Backoff, CommandRetry, ConnectRetry
 from .stats import ExecutorStatistics
@@ -146,19 +145,6 @@ class _KeyText:
         return self.kind.from_private_key(io.StringIO(self.text), password=passphrase)
 
 
-#: Connections shared by the executors unpickled in this process, by configuration.
-_SHARED: Dict[bytes, Connection] = {}
-_SHARED_LOCK = threading.Lock()
-
-
-def _shared_connection(key: bytes, make: Callable[[], Connection]) -> Connection:
-    with _SHARED_LOCK:
-        connection = _SHARED.get(key)
-        if connection is None:
-            connection = _SHARED[key] = make()
-        return connection
-
-
 class SSHExecutor(Executor):
     """Runs commands on one remote host over one shared, multiplexed SSH connection.
 
@@ -249,16 +235,9 @@ class SSHExecutor(Executor):
         if isinstance(arguments.get("pkey"), _KeyText):
             arguments["pkey"] = arguments["pkey"].load(arguments.get("passphrase"))
         self.__init__(**{k: v for k, v in arguments.items() if v is not DEFAULT})
-        # The configuration's pickle is its identity: the key of the process-wide
-        # connection it shares with other copies of itself. A key's text is
-        # written anew (with a random check value) by every pickling, so the
-        # key counts by its public half.
-        identity = dict(state)
-        if isinstance(identity.get("pkey"), _KeyText):
-            identity["pkey"] = arguments["pkey"].asbytes()
-        key = hashlib.sha256(pickle.dumps((type(self), identity), protocol=4)).digest()
+        # Copies that resolve to the same connection here share it (see `registry`).
         fresh = self._connection
-        self._connection = _shared_connection(key, lambda: fresh)
+        self._connection = shared_connection(connection_key(fresh), lambda: fresh)
 
     @property
     def lock(self) -> threading.Lock:
