@@ -69,14 +69,14 @@ def _canonical(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return (kind,) + tuple((f.name, _canonical(getattr(value, f.name)))
                                for f in dataclasses.fields(value))
-    if callable(value) or hasattr(value, "fileno"):
-        # A function, class or socket is itself in this process (a function
-        # unpickles as the same object): its identity is the object.
+    # Anything else (a host-key policy, an auth_strategy, a transport factory) by its
+    # pickle, as copies arrive; never by walking its attributes, which may reach loggers,
+    # locks or cycles. What does not pickle (a socket, a lambda) is itself in this process:
+    # its identity is the object.
+    try:
+        return ("pickled", kind, pickle.dumps(value, protocol=4))
+    except Exception:
         return ("object", kind, id(value))
-    if hasattr(value, "__dict__"):
-        return (kind,) + tuple(sorted((name, _canonical(item))
-                                      for name, item in vars(value).items()))
-    return ("object", kind, id(value))
 
 
 class _Entry:
@@ -97,6 +97,7 @@ class _Registry:
         self.lock = threading.Lock()
         self.entries: Dict[bytes, _Entry] = {}
         self.timer: Optional[threading.Timer] = None
+        self.swept = time.monotonic()
 
     def lookup(self, key: bytes, make: Callable[[], Connection]) -> Connection:
         now = time.monotonic()
@@ -106,7 +107,9 @@ class _Registry:
                 entry = self.entries[key] = _Entry(make(), now)
             else:
                 entry.used = now
-            idle = self._sweep_locked(now)
+            # A task framework looks up once per task: the entries are walked at most
+            # as often as the timer would.
+            idle = self._sweep_locked(now) if now - self.swept >= IDLE_CLOSE / 4 else []
             self._schedule_locked()
         _close_idle(idle)
         return entry.connection
@@ -126,6 +129,7 @@ class _Registry:
         A use is seen as a change of the connection's command count or of
         its link, or a session held or awaited.
         """
+        self.swept = now
         idle = []
         for entry in self.entries.values():
             connection = entry.connection

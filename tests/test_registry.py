@@ -134,3 +134,41 @@ def test_an_idle_shared_connection_is_closed_by_the_timer_alone(sshd_registry):
     done = subprocess.run([sys.executable, "-c", TIMER_SCRIPT.format(wait=WAIT)], input=data,
                           capture_output=True, cwd=root, timeout=WAIT * 3, check=True)
     assert done.stdout.split() == [b"True", b"1"], done.stderr.decode(errors="replace")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_while_another_thread_holds_the_registry_lock(sshd_registry):
+    import threading
+
+    data = pickle.dumps(SSHExecutor(**sshd_registry.executor_parameters()))
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with registry._REGISTRY.lock:
+            held.set()
+            release.wait(WAIT)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(WAIT)
+    pid = os.fork()
+    if pid == 0:  # child: the holder thread does not exist here
+        status = 1
+        try:
+            copy = pickle.loads(data)  # a lookup: needs the registry's lock
+            status = 0 if copy.run_command("echo child").stdout == "child\n" else 1
+        finally:
+            os._exit(status)
+    release.set()
+    holder.join(WAIT)
+    deadline = time.monotonic() + WAIT
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the child hung on the registry's lock")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
