@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from types import MappingProxyType
 from typing import (
     Any,
@@ -308,15 +308,18 @@ class HostGroup:
         finish on the pool's threads.
         """
         futures, closed = self._start(call, failures)
-        pending = set(futures)
+        pending = dict(futures)
         try:
-            while pending:
-                wait(pending | {closed}, return_when=FIRST_COMPLETED)
-                ended = [future for future in futures
-                         if future in pending and (future.done() or closed.done())]
-                for future in ended:
-                    pending.discard(future)
+            if pending:
+                for future in as_completed([*futures, closed]):
+                    if future is closed:
+                        break
+                    del pending[future]
                     yield futures[future], _finished_or_closed(future)
+                    if not pending:
+                        break
+            for future, name in list(pending.items()):  # close() came first
+                yield name, _finished_or_closed(future)
         finally:
             with self._lock:
                 self._calls.discard(closed)
