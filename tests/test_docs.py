@@ -148,3 +148,11 @@ def test_docs_never_point_outside_the_repository():
             continue
         text = path.read_text()
         assert "shared/design" not in text and "../shared" not in text, path
+
+
+def test_api_reference_covers_every_public_name():
+    import paramiko_executor
+
+    api = (DOCS / "api.rst").read_text()
+    documented = set(re.findall(r"^\.\. auto\w+:: paramiko_executor\.(\w+)$", api, re.MULTILINE))
+    assert set(paramiko_executor.__all__) - documented == set()
