@@ -20,7 +20,7 @@ from .results import CommandResult
 from .shell import ShellExecutor
 from .stats import ExecutorStatistics
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SAFE_WRAPPER",
