@@ -532,7 +532,7 @@ class _Session:
     def _not_started(self, why: str) -> ExecutorFailure:
         said = self._stderr.decode("utf-8", "replace").strip()
         if said:
-            why += f" (it wrote on stderr: {printable(said)!r})"
+            why += f" (it wrote on stderr: \"{printable(said)}\")"
         return ExecutorFailure(
             f"the server did not start SFTP: {why}. On a command-restricted key "
             "(authorized_keys command=...) the server runs the forced command "
@@ -1036,10 +1036,11 @@ class Local:
         if not self._moved:
             return
         if self._start is None:
+            # Only a lost connection brings a second attempt with bytes moved.
             raise ExecutorFailure(
-                "the transfer cannot be tried again: its file object cannot seek back to "
-                "where the transfer started, and an earlier attempt already moved bytes "
-                "through it")
+                "the connection was lost during the transfer, and the transfer cannot be tried "
+                "again: its file object cannot seek back to where it started, and the "
+                "broken attempt already moved bytes through it")
         with callers_code():
             self._file.seek(self._start)
             if truncate:
@@ -1201,10 +1202,10 @@ def upload(
         temp = temp_name
         if "/" not in temp:
             temp = posixpath.join(posixpath.dirname(remote), temp)
-    local = Local.of(source)
     if progress is not None:
         progress = _callers(progress)
-    with _session(chan, deadline) as session, local.reading() as (readinto, total, bits):
+    with _session(chan, deadline) as session, \
+            Local.of(source).reading() as (readinto, total, bits):
         try:
             kept, handle = session.stat_and_create(remote, temp)
         except _StatusError as exc:
@@ -1214,11 +1215,18 @@ def upload(
         try:
             done = session.write_file(handle, readinto, total, progress)
             final = mode if mode is not None else kept if kept is not None else bits
-            replies = session.calls((_FXP_FSETSTAT, (handle_field, _attrs(final))),
-                                    (_FXP_CLOSE, (handle_field,)))
+            chmod, close = session.calls((_FXP_FSETSTAT, (handle_field, _attrs(final))),
+                                         (_FXP_CLOSE, (handle_field,)))
             still_open = None
-            for reply in replies:
-                _check_status(*reply)
+            try:
+                _check_status(*chmod)
+            except _StatusError:
+                if mode is not None:
+                    raise
+                # A server that refuses to set modes leaves the file owner-only:
+                # narrower than asked, never wider.
+                log.debug("the SFTP server did not set %s's mode", remote, exc_info=True)
+            _check_status(*close)
             session.rename(temp, remote)
         except BaseException as exc:
             session.discard_upload(still_open, temp, exc)
@@ -1252,10 +1260,10 @@ def download(
     raised them. An error of ``target``, of a local file or of ``progress``
     comes out as a `CallerError` carrying it.
     """
-    local = Local.of(target)
     if progress is not None:
         progress = _callers(progress)
     with _session(chan, deadline) as session:
+        local = Local.of(target)
         try:
             handle = session.open(remote, _FXF_READ)
             size, bits = session.fstat(handle)

@@ -279,6 +279,10 @@ class HostileSFTPServer:
         chan.settimeout(10)
         try:
             read_packet(chan)  # INIT
+            if "stderr" in self.scenario:  # a subsystem that only complains, and ends
+                chan.sendall_stderr(self.scenario["stderr"])
+                chan.close()
+                return
             chan.sendall(self.scenario.get("version") or packet(FXP["VERSION"], _U32.pack(3)))
             while True:
                 kind, request_id, payload = read_packet(chan)
@@ -412,3 +416,20 @@ def test_one_hostile_host_does_not_cost_the_others_their_results(
     assert got["good"] == len(CONTENT) and (down / "good").read_bytes() == CONTENT
     assert put["good"] == len(b"everyone\n")
 
+
+
+def test_a_server_that_cannot_set_modes_leaves_the_file_owner_only(hostile: Any) -> None:
+    server = hostile({"FSETSTAT": lambda rid, _: status(rid, 8, b"unsupported")})
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.put(io.BytesIO(b"data"), "/file", timeout=30) == 4
+        with pytest.raises(ExecutorFailure, match="SFTP status 8"):
+            ex.put(io.BytesIO(b"data"), "/file", mode=0o640, timeout=30)
+
+
+def test_server_text_on_stderr_is_escaped(hostile: Any, tmp_path: pathlib.Path) -> None:
+    server = hostile({"stderr": ESCAPES.encode()})
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        with pytest.raises(ExecutorFailure, match="did not start SFTP") as caught:
+            ex.get("/file", str(tmp_path / "copy"), timeout=30)
+    text = str(caught.value)
+    assert "\x1b" not in text and "\\x1b]0;pwned" in text
