@@ -134,11 +134,13 @@ def test_an_upload_broken_by_a_lost_connection_is_retried_and_leaves_nothing(
     server = make_sshd(max_sessions=10)
     data = os.urandom(64 * 1024 * 1024)
     target = workdir / "big.bin"
+    temps = set()
     with SSHExecutor(**server.executor_parameters()) as ex:
         ex.run_command("true")
         killed = threading.Event()
 
         def progress(done, total):
+            temps.update(leftovers(workdir))
             if done > len(data) // 8 and not killed.is_set():
                 killed.set()
                 kill_connections(server)
@@ -148,6 +150,7 @@ def test_an_upload_broken_by_a_lost_connection_is_retried_and_leaves_nothing(
         assert killed.is_set() and stats.reconnects == 1 and stats.commands_retried == 1
     assert digest(target.read_bytes()) == digest(data)
     assert leftovers(workdir) == []
+    assert len(temps) == 2  # each attempt made a temporary file of its own
 
 
 def test_no_retries_left_removes_the_temporary_file(make_sshd, workdir):
