@@ -46,7 +46,7 @@ connection's end; a session the server ended on a live connection is an
 The caller's code and local I/O (opening, reading or writing a local file or
 file object, ``progress``) run inside `errors.callers_code`: what they raise
 comes out as a `CallerError` carrying it, which no handler of connection
-failures can take for one; `caller_errors_raised` gives the caller its own
+failures can take for one; `callers_own` gives the caller its own
 exception back. A file object serves every attempt from the position it had
 at the start (`Local`); one that cannot seek (a pipe) serves one attempt once
 bytes went through it, and a later attempt is an `ExecutorFailure`.
@@ -125,7 +125,6 @@ __all__ = [
     "ProtocolError",
     "callers_own",
     "check_mode",
-    "local_umask",
     "NEGOTIATION_TIMEOUT",
     "IN_FLIGHT",
 ]
@@ -989,7 +988,7 @@ def _size_of(file: Any) -> int:
         return -1
 
 
-def local_umask() -> int:
+def _local_umask() -> int:
     """The process's umask, read without changing it where Linux shows it (``/proc``)."""
     try:
         with open("/proc/self/status", "rb") as status:
@@ -1267,7 +1266,7 @@ def download(
         try:
             handle = session.open(remote, _FXF_READ)
             size, bits = session.fstat(handle)
-            new_bits = (0o666 if bits is None else bits & 0o777) & ~local_umask()
+            new_bits = (0o666 if bits is None else bits & 0o777) & ~_local_umask()
             with local.writing(new_bits) as write:
                 done = session.read_file(handle, size, write, progress)
             session.checked(_FXP_CLOSE, _string(handle))
@@ -1300,7 +1299,7 @@ def _local_copy(source: Source, target: Source, mode: Optional[int],
     if progress is not None:
         progress = _callers(progress)
     with Local(source).reading() as (readinto, total, bits):
-        with Local(target).writing(bits & ~local_umask() if umask else bits, mode) as write:
+        with Local(target).writing(bits & ~_local_umask() if umask else bits, mode) as write:
             while True:
                 size = _fill(readinto, buffer)
                 if not size:
