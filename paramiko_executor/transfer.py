@@ -715,7 +715,10 @@ class _Session:
     def handle(reply: int, body: memoryview) -> bytes:
         """The handle an OPEN's reply gives; `_StatusError` if refused."""
         _expect(reply, body, _FXP_HANDLE, "OPEN")
-        return bytes(_get_string(body, 5, "a HANDLE reply")[0])
+        handle = bytes(_get_string(body, 5, "a HANDLE reply")[0])
+        if len(handle) > _MAX_HANDLE:  # each WRITE and READ would carry it
+            raise _malformed(f"a handle of {len(handle)} bytes")
+        return handle
 
     def fstat(self, handle: bytes) -> Tuple[Optional[int], Optional[int]]:
         """(size, permission bits) of the open file, each None if the server does not say."""
@@ -894,6 +897,9 @@ class _Session:
 
 
 _MAX_REPLY = MAX_BLOCK + 1024
+
+#: Longest handle the protocol allows (draft-ietf-secsh-filexfer-02, 7).
+_MAX_HANDLE = 256
 
 _ReadInto = Callable[[memoryview], Optional[int]]
 _Write = Callable[[memoryview], None]

@@ -216,6 +216,8 @@ SCENARIOS: Dict[str, Dict[str, Any]] = {
         "OPEN": lambda rid, _: packet(FXP["HANDLE"], _U32.pack(rid))},
     "handle of 4 GiB": {
         "OPEN": lambda rid, _: packet(FXP["HANDLE"], _U32.pack(rid), _U32.pack(0xFFFFFFF0))},
+    "handle of 1000 bytes": {
+        "OPEN": lambda rid, _: packet(FXP["HANDLE"], _U32.pack(rid), string(b"h" * 1000))},
     "attrs cut short": {
         "FSTAT": lambda rid, _: packet(FXP["ATTRS"], _U32.pack(rid), _U32.pack(0x5))},
     "data reply without data": {
