@@ -14,7 +14,7 @@ from .command import RunOptions, StdinInput, check_command, outcome, stdin_bytes
 from .executors import Executor, check_transfer_arguments
 from .output import line_splitters
 from .results import CommandResult, decode_output
-from .transfer import Progress, Source, local_get, local_put
+from .transfer import Progress, Source, callers_own, local_get, local_put
 
 __all__ = ["ShellExecutor"]
 
@@ -70,14 +70,15 @@ class ShellExecutor(Executor):
     def put(self, local: Source, remote: str, *, mode: Optional[int] = None,
             timeout: Optional[float] = None, progress: Optional[Progress] = None) -> int:
         """`SSHExecutor.put`'s contract here: copy ``local`` to path ``remote``, atomically."""
-        check_transfer_arguments(local, remote, mode=mode, timeout=timeout, progress=progress)
-        return local_put(local, remote, mode=mode, progress=progress)
+        check_transfer_arguments(local, remote, put=True, mode=mode, timeout=timeout,
+                                 progress=progress)
+        return callers_own(lambda: local_put(local, remote, mode=mode, progress=progress))
 
     def get(self, remote: str, local: Source, *, timeout: Optional[float] = None,
             progress: Optional[Progress] = None) -> int:
         """`SSHExecutor.get`'s contract on this machine: copy path ``remote`` to ``local``."""
-        check_transfer_arguments(local, remote, timeout=timeout, progress=progress)
-        return local_get(remote, local, progress=progress)
+        check_transfer_arguments(local, remote, put=False, timeout=timeout, progress=progress)
+        return callers_own(lambda: local_get(remote, local, progress=progress))
 
     def _run_on_pty(self, command: str, data: bytes, options: RunOptions,
                     deadline: Optional[float], environment: Optional[Dict[str, str]],
