@@ -16,6 +16,14 @@ Two invariants are kept here (``docs/design/channel.rst`` draws them):
    (`ExecutorFailure`), or timed out. An error while closing a complete
    channel changes nothing.
 
+The caller's ``on_output`` runs inside `callers_code()`: what it raises ends
+the command as a timeout does (TERM, KILL, our CLOSE; the slot kept until the
+server's CLOSE) and reaches the executor as a `CallerError`, never as a
+connection failure. What the server sends on a command's channel is parsed
+strictly here: a malformed message, or more data than the window granted,
+ends that channel with an `ExecutorFailure` naming the protocol error
+(paramiko pads short fields with zeros, and does not enforce the window).
+
 The calling thread does its command's I/O itself. paramiko's transport thread
 only feeds events (confirm, refusal, data, EOF, exit status, CLOSE) through the
 hooks of `install_channel_hooks`, appending output to the command's buffers and
@@ -26,7 +34,9 @@ something to do.
 from __future__ import annotations
 
 import collections
+import io
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -54,6 +64,7 @@ from .errors import (
     ConnectionLost,
     ExecutorFailure,
     NeverStarted,
+    callers_code,
     translate,
 )
 from .internals import (
@@ -65,6 +76,7 @@ from .internals import (
     replace_send_condition,
     send_if_clear,
     send_when_clear,
+    transport_reading,
     window_to_return,
     wrap_handlers,
 )
@@ -222,6 +234,45 @@ def _outside_key_exchange(transport: paramiko.Transport, handler: Callable[[], N
     threading.Thread(target=deferred, name="paramiko_executor rekey", daemon=True).start()
 
 
+class _Malformed(Exception):
+    """A message from the server that does not parse; the text names what is wrong."""
+
+
+def _uint32(packet: io.BytesIO) -> int:
+    field = packet.read(4)
+    if len(field) != 4:
+        raise _Malformed(f"a 4-byte integer holds {len(field)} bytes")
+    return int.from_bytes(field, "big")
+
+
+def _boolean(packet: io.BytesIO) -> bool:
+    field = packet.read(1)
+    if not field:
+        raise _Malformed("a boolean is missing")
+    return field != b"\x00"
+
+
+def _string(packet: io.BytesIO) -> bytes:
+    size = _uint32(packet)
+    field = packet.read(size)
+    if len(field) != size:
+        raise _Malformed(f"a string of {size} bytes holds {len(field)}")
+    return field
+
+
+def _name(packet: io.BytesIO) -> str:
+    """A request or signal name: printable US-ASCII, as RFC 4250 requires of names."""
+    field = _string(packet)
+    if not field or len(field) > 64 or not all(0x21 <= c <= 0x7E for c in field):
+        raise _Malformed(f"a name is not printable US-ASCII ({len(field)} bytes)")
+    return field.decode("ascii")
+
+
+def _end(packet: io.BytesIO) -> None:
+    if packet.read(1):
+        raise _Malformed("bytes follow the end of the message")
+
+
 def install_channel_hooks(transport: paramiko.Transport,
                           sessions: Dict[int, SessionChannel]) -> None:
     """Let ``transport`` report each session channel's events to its `SessionChannel`.
@@ -241,8 +292,14 @@ def install_channel_hooks(transport: paramiko.Transport,
             s = sessions.get(chan.chanid)
             if s is None or s.raw:
                 on_data(chan, m)
-            elif not chan.eof_received:  # past EOF (a server's error): dropped
-                s.received("stdout", m.get_binary())
+                return
+            try:
+                payload = _string(m.packet)
+                _end(m.packet)
+            except _Malformed as exc:
+                s.violated(f"malformed data: {exc}")
+                return
+            s.received("stdout", payload)
         return handle
 
     def extended_data(on_extended_data: Handler) -> Handler:
@@ -250,8 +307,17 @@ def install_channel_hooks(transport: paramiko.Transport,
             s = sessions.get(chan.chanid)
             if s is None or s.raw:
                 on_extended_data(chan, m)
-            elif m.get_int() == 1 and not chan.eof_received:  # SSH_EXTENDED_DATA_STDERR
-                s.received("stderr", m.get_binary())
+                return
+            try:
+                code = _uint32(m.packet)
+                payload = _string(m.packet)
+                _end(m.packet)
+            except _Malformed as exc:
+                s.violated(f"malformed extended data: {exc}")
+                return
+            # Only SSH_EXTENDED_DATA_STDERR is output; any other code is dropped,
+            # its window given back.
+            s.received("stderr" if code == 1 else None, payload)
         return handle
 
     def close(on_close: Handler) -> Handler:
@@ -270,23 +336,29 @@ def install_channel_hooks(transport: paramiko.Transport,
 
     def request(on_request: Handler) -> Handler:
         def handle(chan: paramiko.Channel, m: Message) -> None:
-            start = m.packet.tell()
-            kind = m.get_text()
-            want_reply = m.get_boolean()
             s = sessions.get(chan.chanid)
-            if s is not None and s.raw:
-                s = None  # paramiko's own handling only
-            if s is not None:
+            if s is None or s.raw:
+                on_request(chan, m)  # paramiko's own handling only
+                return
+            start = m.packet.tell()
+            try:
+                kind = _name(m.packet)
+                want_reply = _boolean(m.packet)
                 if kind == "exit-status":
-                    s.exit_status = m.get_int()
+                    status = _uint32(m.packet)
+                    _end(m.packet)
+                    s.exit_status = status
                 elif kind == "exit-signal":
-                    s.exit_signal = m.get_text()
+                    s.exit_signal = _name(m.packet)
+            except _Malformed as exc:
+                s.violated(f"a malformed channel request: {exc}")
+                return
             m.packet.seek(start)
             if want_reply:
                 _outside_key_exchange(transport, lambda: on_request(chan, m))
             else:
                 on_request(chan, m)
-            if s is not None and (chan.eof_received or chan.closed):
+            if chan.eof_received or chan.closed:
                 s.wakeup.set()  # else the EOF still to come wakes the command
         return handle
 
@@ -331,6 +403,16 @@ def install_channel_hooks(transport: paramiko.Transport,
 
 #: Makes each channel's slot release happen once (rare contention: one lock serves all).
 _RELEASE_LOCK = threading.Lock()
+
+
+def _renew_release_lock() -> None:
+    # A thread of the parent may have held it at the fork; the child's is free.
+    global _RELEASE_LOCK
+    _RELEASE_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_release_lock)
 
 
 def _remaining(deadline: Optional[float]) -> Optional[float]:
@@ -378,18 +460,38 @@ class SessionChannel:
         self.raw = False
         #: True from a given-up open (`abandon_open`) until the server answers it.
         self.abandoned = False
+        #: The protocol error that ended this channel (set once, by the transport thread).
+        self.violation: Optional[str] = None
         try:
             self.chan = new_session_channel(transport, self.answered)
         except BaseException:
             self._release()
             raise
+        #: The receive window the server may still fill, under the channel's lock.
+        self._window: int = self.chan.in_window_size
         self._sessions = sessions
         sessions[self.chan.chanid] = self
 
     # --- events from the transport thread --------------------------------------
 
-    def received(self, stream: str, data: bytes) -> None:
-        if self.discarding:
+    def received(self, stream: Optional[str], data: bytes) -> None:
+        """Output for ``stream`` ("stdout", "stderr", None to drop) arrived.
+
+        More than the window granted is a protocol error: paramiko does not
+        refuse it, and would let a server grow the buffers without bound.
+        Output past EOF (a server's error) or after the outcome is dropped.
+        """
+        if self.violation is not None:
+            return
+        chan = self.chan
+        with chan.lock:
+            window = self._window
+            if len(data) <= window:
+                self._window = window - len(data)
+        if len(data) > window:
+            self.violated(f"{len(data)} bytes of data with {window} bytes of window left")
+            return
+        if self.discarding or stream is None or chan.eof_received:
             self._acknowledge(len(data))
             return
         buffer = self.stdout if stream == "stdout" else self.stderr
@@ -406,6 +508,20 @@ class SessionChannel:
         self.replies.append((kind, success))
         if self._reply_wakes or not success:
             self.wakeup.set()
+
+    def violated(self, reason: str) -> None:
+        """The server broke the protocol on this channel: the owner ends it with `ExecutorFailure`.
+
+        Everything that arrives on the channel from here on is dropped.
+        """
+        if self.violation is None:
+            self.violation = reason
+        self.wakeup.set()
+
+    def _check_violation(self) -> None:
+        if self.violation is not None:
+            raise ExecutorFailure(f"protocol error from the server on the command's channel: "
+                                  f"{self.violation}; the command may have run")
 
     def server_closed(self) -> None:
         self.remote_closed = True
@@ -577,6 +693,9 @@ class SessionChannel:
         """Open the receive window again once a tenth of it was used, as paramiko's recv() does."""
         ack = window_to_return(self.chan, size)
         if ack:
+            # Counted before it is sent: the server may use it at once.
+            with self.chan.lock:
+                self._window += ack
             m = Message()
             m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
             m.add_int(self.chan.remote_chanid)
@@ -606,9 +725,10 @@ class SessionChannel:
         self._reply_wakes = True
         try:
             while self._awaiting:
+                self._check_violation()
                 if self.remote_closed or not all(success for _, success in self.replies):
                     return False
-                if not self.transport.is_active():
+                if not transport_reading(self.transport):
                     raise ConnectionLost("the connection was lost", started=False)
                 remaining = _remaining(deadline)
                 if remaining is not None and remaining <= 0:
@@ -631,8 +751,9 @@ class SessionChannel:
         Raises `NeverStarted` (the server turned the exec away: try again),
         `ConnectionLost`, `ExecutorFailure` (a refused variable or terminal,
         or a channel closed with no exit status after the exec was accepted),
-        or whatever ``spec.options.on_output`` raised (the command is then ended
-        as on a timeout).
+        a `CallerError` carrying what ``spec.options.on_output`` raised (the
+        command is then ended as on a timeout), or `ExecutorFailure` naming a
+        protocol error of the server (the channel is then closed).
         """
         if spec.options.on_output is not None:
             self.stdout = LiveStream()
@@ -715,7 +836,7 @@ class SessionChannel:
             if splitters is not None:
                 try:
                     self._hand_on(splitters, spec.options.keep_output, final=False)
-                except BaseException:
+                except BaseException:  # a CallerError, or KeyboardInterrupt and the like
                     self._end_remote_command()
                     raise
             outcome = self._decide(spec, splitters)
@@ -731,6 +852,7 @@ class SessionChannel:
     def _decide(self, spec: CommandSpec, splitters: Optional[Dict[str, LineSplitter]]
                 ) -> Optional[ChannelOutcome]:
         """The outcome, once the messages that decide it are in; None while it is open."""
+        self._check_violation()
         exited = self.exit_status is not None or self.exit_signal is not None
         if exited and (self.chan.eof_received or self.remote_closed):
             # Complete: EOF (or CLOSE) is in, so nothing more arrives.
@@ -746,7 +868,9 @@ class SessionChannel:
         if self.exec_accepted is False:
             # Refused: paramiko sent our CLOSE; the slot stays until the server's.
             raise NeverStarted("the server refused to run the command")
-        if not self.transport.is_active():
+        # Not only is_active(): paramiko closes the channels before it marks
+        # the transport inactive, and the woken command must not wait a poll.
+        if not transport_reading(self.transport):
             raise self._lost()
         return None
 
@@ -763,15 +887,20 @@ class SessionChannel:
         return buffer.decode_so_far(spec.options.encoding)
 
     def _hand_on(self, splitters: Dict[str, LineSplitter], keep: bool, *, final: bool) -> None:
-        """Give the output that arrived to the caller's callback, line by line, from this thread."""
+        """Give the output that arrived to the caller's callback, line by line, from this thread.
+
+        What the callback raises comes out as a `CallerError` (`callers_code`).
+        """
         for name, stream in (("stdout", self.stdout), ("stderr", self.stderr)):
             assert isinstance(stream, LiveStream)
             chunk = stream.drain(keep)
             if chunk:
                 self._acknowledge(len(chunk))
-                splitters[name].feed(chunk)
+                with callers_code():
+                    splitters[name].feed(chunk)
             if final:
-                splitters[name].finish()
+                with callers_code():
+                    splitters[name].finish()
 
     # --- ending ------------------------------------------------------------------------
 

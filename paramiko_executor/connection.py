@@ -347,6 +347,8 @@ def _open(
         transport = factory(sock, disabled_algorithms=target.disabled_algorithms)
     except BaseException:
         sock.close()
+        if isinstance(sock, paramiko.Channel):
+            close_transport(sock.get_transport())  # the jump hosts' connections too
         raise
     try:
         if started is not None:

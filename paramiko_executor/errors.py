@@ -27,17 +27,47 @@ public errors above):
   callback, a file object) or by local I/O past the connection's error
   handling; the public method re-raises the original, unchanged.
 
-Where an error comes from decides what it means, never its type alone. Code
-the caller owns and local I/O run inside `callers_code()`, which wraps what
-they raise in a `CallerError`; nothing inside `translate` ever looks at such
-an exception, so a callback's ``BrokenPipeError`` can never pass for a broken
-connection. What remains inside `translate` was raised by paramiko or its
-socket, and counts as a lost connection only with evidence about the transport
-(`is_lost`).
+Where an error comes from
+-------------------------
+An error is classified by where it came from, never by its type alone.
+
+*The caller's own code and local I/O* (an ``on_output`` or ``progress``
+callback, a file object's ``read``/``write``, a local path that is a
+directory, a full disk) run inside `callers_code()`, which wraps what they
+raise in a `CallerError`. A `CallerError` is neither an `ExecutorError` nor
+one of `TRANSPORT_ERRORS`, so no handler of the connection's failures can
+catch it: the channel of that call is ended as for a timeout, nothing else is
+touched (no drop of the connection, no retry), and the public method raises
+the original exception, the same object. A callback's ``BrokenPipeError`` is
+the caller's, never a broken connection.
+
+*Everything else* inside `translate` was raised by paramiko or by the code of
+this library around it, and `is_lost` decides whether it means the connection
+broke. It does from evidence about the transport only:
+
+1. the transport is no longer active (closed by us, by the keepalive that
+   found the peer dead, or by paramiko after a failure);
+2. the transport's thread has left its read loop (the server's DISCONNECT,
+   end of stream or a socket error in the reader): paramiko unlinks the
+   channels a moment before it marks itself inactive, and a thread woken by
+   that unlink must not mistake the connection's end for its channel's;
+3. the exception was raised by the transport's own packetizer (its socket,
+   proxy command or jump channel failed under a send from this thread).
+
+Anything else is an `ExecutorFailure` naming what failed, on a connection
+that stays up: an SFTP status, a channel the server closed, a request it
+refused, a key exchange that timed out. The class of an exception is only a
+filter (`TRANSPORT_ERRORS`: what paramiko and the socket may raise); it never
+decides "lost" by itself.
+
+Anything malformed that a server sends (a packet too short, a length past
+the end, text that is not UTF-8, more data than the window granted) ends the
+affected channel with an `ExecutorFailure` naming the protocol error;
+``struct.error``, ``IndexError`` and ``UnicodeError`` never reach the caller.
 
 `TRANSPORT_ERRORS` is the tuple of what paramiko and the socket raise on a
 broken connection, and `translate` the one context manager that maps them, given
-the transport's state, to `ConnectionLost` or `ExecutorFailure`.
+that evidence, to `ConnectionLost` or `ExecutorFailure`.
 """
 
 from __future__ import annotations
@@ -46,6 +76,9 @@ import contextlib
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple, Type, TypeVar, Union
 
 import paramiko
+import paramiko.packet
+
+from .internals import transport_reading
 
 if TYPE_CHECKING:
     from .executors import Executor
@@ -190,7 +223,7 @@ class AuthenticationInterrupted(paramiko.SSHException):
 
 
 class CallerError(Exception):
-    """An exception of the caller's own code or of local I/O, carried past the connection's handling.
+    """An exception of the caller's code or of local I/O, carried past the connection's handling.
 
     Never an `ExecutorError` and never one of `TRANSPORT_ERRORS`, so no handler
     of the connection's failures can catch it. The public method that made
@@ -219,15 +252,27 @@ def callers_code() -> Iterator[None]:
 
 
 def is_lost(exc: BaseException, transport: paramiko.Transport) -> bool:
-    """Whether ``exc``, raised by paramiko while using ``transport``, means the connection broke.
+    """Whether ``exc``, raised by paramiko inside `translate`, means the connection broke.
 
-    paramiko raises EOFError or OSError (ProxyCommandFailure for a dead proxy
-    command) from a send on a broken connection, sometimes before the
-    transport has marked itself inactive; anything else counts as lost only
-    once it has.
+    Decided from evidence about ``transport`` (see the module's docstring):
+    it is no longer active, its thread has left its read loop, or ``exc``
+    came through its packetizer. ``exc``'s class alone decides nothing.
     """
-    return (isinstance(exc, (EOFError, OSError, paramiko.ProxyCommandFailure))
-            or not transport.is_active())
+    return not transport_reading(transport) or _through_packetizer(exc)
+
+
+#: The module of paramiko's packetizer: the only code that touches the transport's socket.
+_PACKETIZER = paramiko.packet.__name__
+
+
+def _through_packetizer(exc: BaseException) -> bool:
+    """Whether ``exc`` came from below the transport's packetizer (its socket, proxy or channel)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == _PACKETIZER:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 @contextlib.contextmanager
@@ -237,9 +282,10 @@ def translate(transport: paramiko.Transport, *,
     """Map the low-level errors raised inside the block to the library's own.
 
     A `TRANSPORT_ERRORS` exception becomes `ConnectionLost` (with ``started``,
-    or what ``started()`` says at that moment) when it means the connection
-    broke, else `ExecutorFailure` naming ``what``. The library's own errors pass
-    unchanged.
+    or what ``started()`` says at that moment) when `is_lost` finds evidence
+    that the connection broke, else `ExecutorFailure` naming ``what``. The
+    library's own errors and a `CallerError` pass unchanged: the caller's code
+    never runs inside this decision.
     """
     try:
         yield

@@ -26,6 +26,7 @@ from .command import RunOptions, StdinInput, check_command, outcome, stdin_bytes
 from .connection import Connection, ConnectionState, Link
 from .errors import (
     TRANSPORT_ERRORS,
+    CallerError,
     ConnectionLost,
     ExecutorFailure,
     NeverStarted,
@@ -507,8 +508,19 @@ class SSHExecutor(Executor):
         """Run ``attempt`` on the connection, trying again as `CommandRetry` allows.
 
         None when the deadline passed first. A lost connection is dropped (only
-        if still current) before the next try.
+        if still current) before the next try. A `CallerError` ends the call at
+        once, touching nothing: the caller's own exception is raised, the same
+        object, with its context as it was.
         """
+        try:
+            return self._retrying(attempt, deadline)
+        except CallerError as exc:
+            original = exc.original
+        # Raised outside the handler: inside, the CallerError would become its context.
+        raise original
+
+    def _retrying(self, attempt: Callable[[Link], Optional[T]],
+                  deadline: Optional[float]) -> Optional[T]:
         retry = CommandRetry(lost=self._retries)
         tries = 0
         while True:

@@ -52,7 +52,10 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     queueing them for ``accept``.
 ``paramiko.transport._active_threads``
     Emptied in a forked child, whose exit hook would otherwise stop the
-    parent's transports (`forget_parent_transports`).
+    parent's transports (`forget_parent_transports`). A transport leaves it
+    when its thread leaves the read loop, before it unlinks its channels and
+    marks itself inactive: read to tell that the connection is ending
+    (`transport_reading`).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ __all__ = [
     "send_awaiting_reply",
     "send_if_clear",
     "send_when_clear",
+    "transport_reading",
     "window_to_return",
     "wrap_disconnect",
     "wrap_handlers",
@@ -249,13 +253,24 @@ def forget_parent_transports() -> None:
     del paramiko.transport._active_threads[:]
 
 
+def transport_reading(transport: paramiko.Transport) -> bool:
+    """Whether ``transport`` is active and its thread still reads from the server.
+
+    False from the moment the thread leaves its read loop (the server's
+    DISCONNECT, end of stream, a socket error): paramiko unlinks the channels
+    before it marks the transport inactive.
+    """
+    return bool(transport.is_active()) and transport in paramiko.transport._active_threads
+
+
 def private_key_object(key: paramiko.PKey) -> Any:
     """The ``cryptography`` private key behind ``key`` (None if it has none)."""
     if isinstance(key, paramiko.Ed25519Key):
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         return Ed25519PrivateKey.from_private_bytes(bytes(key._signing_key)[:32])
-    return getattr(key, "key", None)
+    # RSA and DSS keys hold it as ``key``, ECDSA keys as ``signing_key``.
+    return getattr(key, "key", None) or getattr(key, "signing_key", None)
 
 
 def missing_private_names() -> List[str]:

@@ -5,7 +5,9 @@ a connect that failed for a temporary reason is retried; `CommandRetry` how a
 command (or transfer) is tried again: after a lost connection at most
 ``on_disconnect_retry`` times, and after the server turned it away before it
 ran (never started) a bounded number of times free of charge. Like urllib3's
-``Retry``, `CommandRetry.increment` returns a new value or raises.
+``Retry``, `CommandRetry.increment` returns a new value or raises. Only those
+two are ever retried: the caller's own errors (`errors.CallerError`), timeouts
+and protocol errors of the server end the call at once.
 """
 
 from __future__ import annotations
