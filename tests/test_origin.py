@@ -73,21 +73,39 @@ def test_on_output_raising_broken_pipe_touches_nothing_else(sshd, shared_dir):
     assert statistics.commands_failed == 1
 
 
-@pytest.mark.parametrize("exc", [
-    BrokenPipeError(errno.EPIPE, "Broken pipe"),
-    EOFError("the caller's own end of file"),
-    OSError(errno.ENOSPC, "No space left on device"),
-    paramiko.SSHException("the caller uses paramiko too"),
-    ValueError("a plain bug in the callback"),
-], ids=lambda exc: type(exc).__name__)
-def test_a_raising_callback_keeps_its_slot_until_the_server_closes(sshd, exc):
+def every_exception_a_connection_could_raise() -> List[BaseException]:
+    """One of each OSError subclass, EOFError and paramiko's exceptions, as a callback may raise."""
+    found: List[BaseException] = []
+    pending = [OSError]
+    while pending:
+        kind = pending.pop()
+        pending.extend(kind.__subclasses__())
+        if kind.__module__ == "builtins":
+            found.append(kind(errno.EIO, f"{kind.__name__} from the callback"))
+    return found + [
+        EOFError("the caller's own end of file"),
+        paramiko.SSHException("the caller uses paramiko too"),
+        paramiko.ChannelException(2, "a channel of the caller's"),
+        paramiko.ProxyCommandFailure("the caller's proxy", "gone"),
+        ValueError("a plain bug in the callback"),
+    ]
+
+
+@pytest.mark.hang_timeout(300)
+def test_whatever_a_callback_raises_is_the_callers_and_its_slot_comes_back(sshd):
+    raised = every_exception_a_connection_could_raise()
+    assert len(raised) > 15
     with SSHExecutor(**sshd.executor_parameters(max_sessions=1)) as ex:
-        with pytest.raises(type(exc)) as caught:
-            ex.run_command("echo line; exec sleep 30", on_output=raising(exc), timeout=60)
-        assert caught.value is exc
-        # The only slot comes back once sshd closed the TERMed command's channel.
-        assert ex.run_command("echo after", timeout=30).stdout == "after\n"
-        assert ex.statistics().reconnects == 0
+        for exc in raised:
+            with pytest.raises(type(exc)) as caught:
+                ex.run_command("echo line; exec sleep 30", on_output=raising(exc), timeout=60)
+            assert caught.value is exc
+            # The only slot comes back once sshd closed the TERMed command's channel.
+            assert ex.run_command("echo after", timeout=30).stdout == "after\n"
+        statistics = ex.statistics()
+    assert statistics.reconnects == 0
+    assert statistics.commands_failed == len(raised)
+    assert statistics.commands_succeeded == len(raised)
 
 
 def test_a_callback_raising_on_the_last_partial_line_is_the_callers(sshd):
