@@ -98,6 +98,7 @@ __all__ = [
     "TemporaryFailure",
     "TransferTimeout",
     "callers_code",
+    "callers_own",
     "for_executor",
     "mapped",
     "translate",
@@ -249,6 +250,22 @@ def callers_code() -> Iterator[None]:
         raise
     except Exception as exc:
         raise CallerError(exc) from exc
+
+
+R = TypeVar("R")
+
+
+def callers_own(call: Callable[[], R]) -> R:
+    """``call()``, at a public method's boundary: a `CallerError` out of it becomes the original.
+
+    The caller gets its own exception, the same object, raised outside any
+    handler so that its context stays what it was.
+    """
+    try:
+        return call()
+    except CallerError as exc:
+        original = exc.original
+    raise original
 
 
 def is_lost(exc: BaseException, transport: paramiko.Transport) -> bool:

@@ -26,11 +26,11 @@ from .command import RunOptions, StdinInput, check_command, outcome, stdin_bytes
 from .connection import Connection, ConnectionState, Link
 from .errors import (
     TRANSPORT_ERRORS,
-    CallerError,
     ConnectionLost,
     ExecutorFailure,
     NeverStarted,
     TransferTimeout,
+    callers_own,
     for_executor,
     mapped,
     translate,
@@ -45,7 +45,6 @@ from .transfer import (
     Local,
     Progress,
     Source,
-    callers_own,
     check_mode,
     download,
     remove,
@@ -490,7 +489,8 @@ class SSHExecutor(Executor):
         succeeded = False
         try:
             deadline = None if options.timeout is None else time.monotonic() + options.timeout
-            found = self._with_retries(lambda link: self._run_once(link, spec, deadline), deadline)
+            found = callers_own(lambda: self._with_retries(
+                lambda link: self._run_once(link, spec, deadline), deadline))
             if found is None:
                 return outcome(shown_command, shown_stdin, options, None, "", "", timed_out=True)
             counters.add(bytes_sent=len(spec.stdin),
@@ -509,18 +509,9 @@ class SSHExecutor(Executor):
 
         None when the deadline passed first. A lost connection is dropped (only
         if still current) before the next try. A `CallerError` ends the call at
-        once, touching nothing: the caller's own exception is raised, the same
-        object, with its context as it was.
+        once, touching nothing: no handler here takes it for a connection's
+        failure, and the public method unwraps it (`callers_own`).
         """
-        try:
-            return self._retrying(attempt, deadline)
-        except CallerError as exc:
-            original = exc.original
-        # Raised outside the handler: inside, the CallerError would become its context.
-        raise original
-
-    def _retrying(self, attempt: Callable[[Link], Optional[T]],
-                  deadline: Optional[float]) -> Optional[T]:
         retry = CommandRetry(lost=self._retries)
         tries = 0
         while True:

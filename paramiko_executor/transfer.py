@@ -102,7 +102,7 @@ from paramiko.buffered_pipe import PipeTimeout
 from paramiko.common import cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
 
-from .errors import CallerError, ExecutorFailure, callers_code
+from .errors import ExecutorFailure, callers_code, callers_own
 from .internals import (
     connection_error,
     replace_receive_buffers,
@@ -957,15 +957,6 @@ def _callers(function: Callable[..., R]) -> Callable[..., R]:
             return function(*args)
 
     return call
-
-
-def callers_own(call: Callable[[], R]) -> R:
-    """``call()``; a `CallerError` out of it is raised as the caller's own exception."""
-    try:
-        return call()
-    except CallerError as exc:
-        original = exc.original
-    raise original  # outside the handler: the exception keeps its own context
 
 
 def _is_path(value: object) -> bool:
