@@ -1,0 +1,824 @@
+"""Port forwarding over an executor's one shared connection: tunnels and `open_connection`.
+
+Every forwarded connection is a channel of the executor's connection, beside
+its commands: ``direct-tcpip`` for a local forward and `open_connection`,
+``forwarded-tcpip`` for a remote forward. None holds a MaxSessions slot
+(OpenSSH counts sessions only); `ForwardLimit` caps how many are open at once,
+and the ones past the cap wait.
+
+Threads and flow control
+------------------------
+A forwarded connection (`Pipe`) has two threads of its own, one per
+direction, so each direction is its own stream: a client's EOF becomes the
+channel's EOF while replies keep flowing back. paramiko's transport thread
+only appends a channel's data to that channel's buffer, which the window we
+granted bounds; the window is given back only as the pipe's thread writes
+the data to the local socket. A local reader that stops reading therefore
+stops its own channel, never the transport thread, the other channels or
+the commands.
+
+A `LocalTunnel` has a listening thread and one thread per client (it opens
+the channel, then pumps one direction); a `RemoteTunnel` has a supervising
+thread that asks each new connection for its port again, and one thread per
+forwarded connection. `Tunnel.close` stops all of them and waits for them
+(bounded); `Forwarding.close` does so for every tunnel and socket of an
+executor.
+
+Locks: each tunnel's ``_lock`` guards its pipes and threads; the
+`ForwardLimit`'s condition its count; `Forwarding._lock` its tunnels. None is
+held while another is taken, nor during I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import struct
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple
+
+import paramiko
+
+from .checks import check_int, check_str, check_timeout
+from .connection import Link
+from .errors import TRANSPORT_ERRORS, ExecutorFailure, for_executor
+from .internals import set_forward_handler
+from .text import printable
+
+if TYPE_CHECKING:
+    from .executors import SSHExecutor
+
+__all__ = ["ForwardLimit", "ForwardedSocket", "Forwarding", "LocalTunnel", "Pipe",
+           "RemoteTunnel", "Tunnel"]
+
+log = logging.getLogger("paramiko_executor.tunnels")
+
+Address = Tuple[str, int]
+
+#: The largest read from a local socket or a channel: big reads keep the
+#: per-call Python overhead small against the bytes moved.
+CHUNK = 1024 * 1024
+
+#: How long a remote forward's supervisor sleeps between looks at its connection.
+LIVENESS_POLL = 0.25
+
+#: The pause before a remote forward's supervisor tries to connect again
+#: after a whole connect cycle (with its own retries) failed.
+RECONNECT_PAUSE = 5.0
+
+#: How long `Tunnel.close` waits for the tunnel's threads.
+JOIN_TIMEOUT = 10.0
+
+#: How long connecting to a remote forward's local target may take.
+LOCAL_CONNECT_TIMEOUT = 10.0
+
+#: The texts of the SSH channel-open failure codes (RFC 4254 5.1).
+_REASONS = {1: "administratively prohibited", 2: "connect failed",
+            3: "unknown channel type", 4: "resource shortage"}
+
+
+class ForwardLimit:
+    """A cap on the forwarded channels of one executor; those past it wait their turn."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._cond = threading.Condition()
+        self._used = 0
+        self._queue: List[object] = []
+
+    @property
+    def used(self) -> int:
+        with self._cond:
+            return self._used
+
+    def acquire(self, deadline: Optional[float], cancelled: Callable[[], bool]) -> bool:
+        """Take one place by ``deadline``; False when time ran out or ``cancelled()`` became true.
+
+        ``cancelled`` is checked whenever `wake` is called.
+        """
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            try:
+                while self._queue[0] is not me or self._used >= self.limit:
+                    if cancelled():
+                        return False
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                if cancelled():
+                    return False
+                self._used += 1
+                return True
+            finally:
+                self._queue.remove(me)
+                self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._used -= 1
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Let the waiters look at their ``cancelled`` again."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _send_all(chan: paramiko.Channel, data: bytes) -> None:
+    """``chan.sendall`` without copying the rest of ``data`` after every packet."""
+    view = memoryview(data)
+    while view:
+        sent = chan.send(view)
+        if sent == 0:
+            raise OSError("the channel was closed")
+        view = view[sent:]
+
+
+def _reset(sock: socket.socket) -> None:
+    """Make the next close send a reset: the client must not take a cut stream for a whole one."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
+class Pipe:
+    """One forwarded connection: a local socket and its channel, each direction its own stream.
+
+    `run` pumps socket to channel in the calling thread and channel to
+    socket in a thread of its own. An EOF read on one side is passed on as
+    an EOF (the channel's, or a ``shutdown(SHUT_WR)`` of the socket) while
+    the other direction goes on. When the connection under the channel is
+    lost, or `abort` is called, both directions end at once and the local
+    socket is closed with a reset, so its peer never mistakes a cut stream
+    for a complete one. ``done(pipe)`` is called once both directions have
+    ended and both ends are closed.
+    """
+
+    def __init__(self, sock: socket.socket, chan: paramiko.Channel, name: str,
+                 done: Callable[[Pipe], None] = lambda pipe: None) -> None:
+        self.sock = sock
+        self.chan = chan
+        self.name = name
+        self._done = done
+        self._lock = threading.Lock()
+        self._running = 2
+        self._aborted = False
+        self.thread: Optional[threading.Thread] = None
+
+    def run(self) -> None:
+        """Pump both directions until both have ended; returns when they have."""
+        self.thread = threading.Thread(target=self._channel_to_socket, daemon=True,
+                                       name=f"paramiko_executor tunnel {self.name} in")
+        try:
+            self.thread.start()
+        except BaseException:
+            self.discard()
+            raise
+        self._socket_to_channel()
+        self.thread.join()
+
+    def discard(self) -> None:
+        """End a pipe that never ran: both ends closed (the local one with a reset)."""
+        self.abort()
+        with self._lock:
+            self._running = 1
+        self._end()
+
+    def _socket_to_channel(self) -> None:
+        try:
+            while True:
+                data = self.sock.recv(CHUNK)
+                if not data:
+                    break
+                _send_all(self.chan, data)
+            self.chan.shutdown_write()
+        except TRANSPORT_ERRORS:
+            # A server that closed the channel after its own EOF only stops
+            # this direction; the replies already on their way still arrive.
+            if self._lost():
+                self.abort()
+        finally:
+            self._end()
+
+    def _channel_to_socket(self) -> None:
+        try:
+            while True:
+                data = self.chan.recv(CHUNK)
+                if not data:
+                    break
+                self.sock.sendall(data)
+            if self.chan.eof_received and not self._lost():
+                self.sock.shutdown(socket.SHUT_WR)
+            else:
+                self.abort()  # closed without an EOF: the stream was cut
+        except TRANSPORT_ERRORS:
+            self.abort()
+        finally:
+            self._end()
+
+    def _lost(self) -> bool:
+        transport = self.chan.get_transport()
+        return self._aborted or transport is None or not transport.is_active()
+
+    def abort(self) -> None:
+        """End both directions now (from any thread); the local peer sees a reset."""
+        with self._lock:
+            if self._aborted or self._running == 0:
+                return
+            self._aborted = True
+        _reset(self.sock)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a recv or sendall blocked on it
+        except OSError:
+            pass
+        try:
+            self.chan.close()  # wakes a recv or send blocked on the channel
+        except TRANSPORT_ERRORS:
+            pass
+
+    def _end(self) -> None:
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+        if not last:
+            return
+        try:
+            self.chan.close()
+        except TRANSPORT_ERRORS:
+            pass
+        self.sock.close()
+        self._done(self)
+
+
+class Tunnel:
+    """A port forward; a context manager. `close` stops it and ends the connections it carries.
+
+    It works from its creation on (not from ``__enter__``). A lost
+    connection does not end it: the forwarded connections of that moment
+    end, later ones go through the reconnected connection.
+    """
+
+    def __init__(self, forwarding: Forwarding, name: str) -> None:
+        self._forwarding = forwarding
+        self.name = name
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._pipes: Set[Pipe] = set()
+        self._threads: Set[threading.Thread] = set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def __enter__(self) -> Tunnel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}{' closed' if self.closed else ''}>"
+
+    def close(self) -> None:
+        """Stop forwarding, end the tunnel's forwarded connections, and wait for its threads."""
+        self.stop()
+        self.join(JOIN_TIMEOUT)
+
+    def stop(self) -> None:
+        """Stop forwarding and end the forwarded connections, without waiting for the threads."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            pipes = list(self._pipes)
+        self._forwarding.limit.wake()
+        self._stop_listening()
+        for pipe in pipes:
+            pipe.abort()
+        self._forwarding.forget(self)
+
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the tunnel's threads to end."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                threads = [t for t in self._threads if t is not threading.current_thread()]
+            if not threads:
+                return
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                return
+
+    def _stop_listening(self) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> None:
+        """Start ``target(*args)`` in a thread of this tunnel (one `join` waits for)."""
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(thread)
+
+        thread = threading.Thread(target=run, name=f"paramiko_executor tunnel {name}",
+                                  daemon=True)
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._threads.add(thread)
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._threads.discard(thread)
+            raise
+
+    def _carry(self, sock: socket.socket, chan: paramiko.Channel, name: str) -> None:
+        """Pump ``sock`` <-> ``chan`` in this thread until both directions end."""
+        pipe = Pipe(sock, chan, name, done=self._pipe_done)
+        with self._lock:
+            closed = self._closed.is_set()
+            if not closed:
+                self._pipes.add(pipe)
+        if closed:
+            pipe.discard()
+            return
+        pipe.run()
+
+    def _pipe_done(self, pipe: Pipe) -> None:
+        with self._lock:
+            self._pipes.discard(pipe)
+
+    @property
+    def connections(self) -> int:
+        """How many forwarded connections this tunnel carries right now."""
+        with self._lock:
+            return len(self._pipes)
+
+
+class LocalTunnel(Tunnel):
+    """``forward_local``: a listening socket whose clients reach ``remote`` through the server.
+
+    ``local_address`` is the ``(host, port)`` it listens on.
+    """
+
+    def __init__(self, forwarding: Forwarding, remote: Address, local: Address) -> None:
+        family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(local)
+            listener.listen(128)
+        except OSError as exc:
+            listener.close()
+            raise ExecutorFailure(f"cannot listen on {local[0]}:{local[1]}: {exc}") from None
+        self._listener = listener
+        self.local_address: Address = listener.getsockname()[:2]
+        self.remote = remote
+        super().__init__(forwarding, f"{self.local_address[0]}:{self.local_address[1]} -> "
+                                     f"{remote[0]}:{remote[1]}")
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._accepting = threading.Thread(target=self._accept, daemon=True,
+                                           name=f"paramiko_executor tunnel {self.name}")
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self._listener, selectors.EVENT_READ)
+                selector.register(self._wake_reader, selectors.EVENT_READ)
+                while not self._closed.is_set():
+                    ready = [key.fileobj for key, _ in selector.select()]
+                    if self._wake_reader in ready:
+                        return
+                    try:
+                        client, origin = self._listener.accept()
+                    except (BlockingIOError, ConnectionAbortedError):
+                        continue  # the client gave up between select and accept
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    try:
+                        self._spawn(self._serve, client, origin[:2], name=self.name)
+                    except RuntimeError:  # no thread to be had: refuse this client
+                        client.close()
+                        log.warning("tunnel %s: could not start a thread for a client", self.name)
+        except OSError:
+            if not self._closed.is_set():
+                log.exception("tunnel %s: no longer listening", self.name)
+        finally:
+            self._listener.close()
+            self._wake_reader.close()
+
+    def _stop_listening(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:
+            pass
+        self._accepting.join(JOIN_TIMEOUT)
+        self._wake_writer.close()
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self._accepting.join(timeout)
+        super().join(max(0.0, deadline - time.monotonic()))
+
+    def _serve(self, client: socket.socket, origin: Address) -> None:
+        limit = self._forwarding.limit
+        if not limit.acquire(None, self._closed.is_set):
+            client.close()
+            return
+        try:
+            try:
+                chan = self._forwarding.open_channel(self.remote, origin, None)
+            except ExecutorFailure as exc:
+                if not self._closed.is_set():
+                    log.warning("tunnel %s: %s; closing the client's connection",
+                                self.name, exc.description)
+                client.close()
+                return
+            self._carry(client, chan, self.name)
+        finally:
+            limit.release()
+
+
+class RemoteTunnel(Tunnel):
+    """``forward_remote``: the server listens, and each connection to it reaches ``local``.
+
+    ``remote_address`` is the ``(host, port)`` the server bound; after a
+    reconnect the forward is asked for again, and the port (when the server
+    picked it) may differ: the attribute follows.
+    """
+
+    def __init__(self, forwarding: Forwarding, requested: Address, local: Address) -> None:
+        self.requested = requested
+        self.local = local
+        super().__init__(forwarding, f"{requested[0]}:{requested[1]} <- "
+                                     f"{local[0]}:{local[1]}")
+        self.remote_address: Address = requested
+        self._link: Optional[Link] = None
+
+    def start(self) -> None:
+        """Ask for the port (`ExecutorFailure` when refused), then keep it asked for."""
+        link = self._forwarding.get_link()
+        if not self._ask(link):
+            raise ExecutorFailure(f"the server refused to listen on "
+                                  f"{self.requested[0]}:{self.requested[1]}")
+        self.name = (f"{self.remote_address[0]}:{self.remote_address[1]} <- "
+                     f"{self.local[0]}:{self.local[1]}")
+        self._spawn(self._supervise, link, name=f"{self.name} supervisor")
+
+    def _ask(self, link: Link) -> bool:
+        """Ask ``link`` to listen on the requested port; False if refused. Raises if it broke."""
+        address, port = self.requested
+        self._forwarding.accept_forwards(link)
+        reply = link.requests.send("tcpip-forward", (address, port))
+        timeout = link.transport.channel_timeout
+        if not _wait_reply(reply.event, link, timeout):
+            raise ExecutorFailure(f"no answer to a port forward request within {timeout:g} s")
+        if reply.message is None:
+            return False
+        bound = reply.message.get_int() if port == 0 else port
+        self.remote_address = (address, bound)
+        self._link = link
+        return True
+
+    def owns(self, link: Link, server: Address) -> bool:
+        """Whether a forwarded connection to ``server`` on ``link`` belongs to this tunnel."""
+        return self._link is link and server[1] == self.remote_address[1]
+
+    def _supervise(self, link: Optional[Link]) -> None:
+        """Keep the forward asked for on every new connection, until closed."""
+        while not self._closed.is_set():
+            if link is not None:
+                while link.alive() and not self._closed.wait(LIVENESS_POLL):
+                    pass
+                if self._closed.is_set():
+                    return
+                log.info("remote forward %s: the connection was lost; reconnecting", self.name)
+            try:
+                link = self._forwarding.get_link()
+            except ExecutorFailure as exc:
+                link = None
+                if not self._closed.is_set():
+                    log.warning("remote forward %s: cannot reconnect (%s); trying again",
+                                self.name, exc.description)
+                    self._closed.wait(RECONNECT_PAUSE)
+                continue
+            if self._closed.is_set():
+                return
+            try:
+                if self._ask(link):
+                    self.name = (f"{self.remote_address[0]}:{self.remote_address[1]} <- "
+                                 f"{self.local[0]}:{self.local[1]}")
+                    log.info("remote forward %s: listening again", self.name)
+                else:
+                    log.warning("remote forward %s: the server refused to listen on %s:%d "
+                                "after the reconnect; asking again after the next one",
+                                self.name, *self.requested)
+            except (ExecutorFailure, *TRANSPORT_ERRORS) as exc:
+                log.info("remote forward %s: asking for the port failed: %r", self.name, exc)
+
+    def received(self, chan: paramiko.Channel, origin: Address) -> None:
+        """A forwarded connection arrived (in paramiko's transport thread): serve it elsewhere."""
+        try:
+            self._spawn(self._serve, chan, origin, name=self.name)
+        except RuntimeError:
+            log.warning("remote forward %s: could not start a thread for a connection", self.name)
+
+    def _serve(self, chan: paramiko.Channel, origin: Address) -> None:
+        limit = self._forwarding.limit
+        if not limit.acquire(None, self._closed.is_set):
+            chan.close()
+            return
+        try:
+            try:
+                sock = socket.create_connection(self.local, timeout=LOCAL_CONNECT_TIMEOUT)
+            except OSError as exc:
+                log.warning("remote forward %s: cannot connect to %s:%d (%s); closing the "
+                            "forwarded connection", self.name, *self.local, exc)
+                chan.close()
+                return
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._carry(sock, chan, self.name)
+        finally:
+            limit.release()
+
+    def _stop_listening(self) -> None:
+        link = self._link
+        if link is not None and link.alive():
+            try:
+                # No wait for the answer: the connection may be going away.
+                link.requests.send("cancel-tcpip-forward", self.remote_address)
+            except TRANSPORT_ERRORS:
+                pass
+
+
+def _wait_reply(event: threading.Event, link: Link, timeout: float) -> bool:
+    """Wait for a global request's reply; False if ``timeout`` passed. Raises if the link died."""
+    deadline = time.monotonic() + timeout
+    while not event.wait(min(LIVENESS_POLL, max(0.0, deadline - time.monotonic()))):
+        if not link.alive():
+            raise ExecutorFailure("the connection was lost while asking for a port forward")
+        if time.monotonic() >= deadline:
+            return False
+    return True
+
+
+class ForwardedSocket:
+    """What `open_connection` returns: a socket-like object over a ``direct-tcpip`` channel.
+
+    ``sendall``, ``send``, ``recv``, ``makefile``, ``settimeout``,
+    ``gettimeout``, ``shutdown``, ``close``, and a context manager. ``recv``
+    returns ``b""`` at the far end's EOF; a connection lost meanwhile raises
+    `ConnectionResetError` instead, so a cut stream never looks complete.
+    Closing it frees its place under ``max_forwarded``.
+    """
+
+    def __init__(self, chan: paramiko.Channel, release: Callable[[ForwardedSocket], None],
+                 name: str) -> None:
+        self._chan = chan
+        self._release: Optional[Callable[[ForwardedSocket], None]] = release
+        self._lock = threading.Lock()
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<ForwardedSocket {self.name}{' closed' if self.closed else ''}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._release is None
+
+    @property
+    def channel(self) -> paramiko.Channel:
+        """The underlying paramiko channel."""
+        return self._chan
+
+    def _check_cut(self) -> None:
+        transport = self._chan.get_transport()
+        if not self._chan.eof_received and (transport is None or not transport.is_active()
+                                            or self._chan.closed):
+            raise ConnectionResetError(f"the forwarded connection to {self.name} was cut")
+
+    def recv(self, size: int) -> bytes:
+        data: bytes = self._chan.recv(size)
+        if not data and not self.closed:
+            self._check_cut()
+        return data
+
+    def send(self, data: bytes) -> int:
+        sent: int = self._chan.send(data)
+        return sent
+
+    def sendall(self, data: bytes) -> None:
+        _send_all(self._chan, data)
+
+    def makefile(self, mode: str = "r", bufsize: int = -1) -> Any:
+        return self._chan.makefile(mode, bufsize)
+
+    def settimeout(self, timeout: Optional[float]) -> None:
+        self._chan.settimeout(timeout)
+
+    def gettimeout(self) -> Optional[float]:
+        timeout: Optional[float] = self._chan.gettimeout()
+        return timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self._chan.setblocking(flag)
+
+    def shutdown(self, how: int) -> None:
+        self._chan.shutdown(how)
+
+    def getpeername(self) -> Address:
+        return self._chan.getpeername()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Close the channel and free its place; calling it again does nothing."""
+        with self._lock:
+            release, self._release = self._release, None
+        if release is None:
+            return
+        try:
+            self._chan.close()
+        except TRANSPORT_ERRORS:
+            pass
+        finally:
+            release(self)
+
+    def __enter__(self) -> ForwardedSocket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _check_port(name: str, value: Any, *, minimum: int) -> int:
+    port = check_int(name, value, minimum=minimum)
+    assert port is not None
+    if port > 65535:
+        raise ValueError(f"{name} must be 65535 or less, not {port}")
+    return port
+
+
+def _check_host(name: str, value: Any) -> str:
+    host = check_str(name, value, optional=False)
+    assert host is not None
+    if not host or "\0" in host:
+        raise ValueError(f"{name} must be a non-empty host name")
+    return host
+
+
+class Forwarding:
+    """The tunnels and forwarded sockets of one executor, and the cap they share."""
+
+    def __init__(self, executor: SSHExecutor, max_forwarded: int) -> None:
+        self._executor = executor
+        self.limit = ForwardLimit(max_forwarded)
+        self._lock = threading.Lock()
+        self._tunnels: Set[Tunnel] = set()
+        self._sockets: Set[ForwardedSocket] = set()
+
+    # --- the executor's connection -------------------------------------------------
+
+    def get_link(self) -> Link:
+        """The executor's current connection, connecting (with its retries) first."""
+        return self._executor._get_link()
+
+    def open_channel(self, target: Address, origin: Address,
+                     deadline: Optional[float]) -> paramiko.Channel:
+        """A ``direct-tcpip`` channel to ``target``; `ExecutorFailure` naming it when that fails.
+
+        A connection found lost is dropped and the open tried on a new one,
+        up to the executor's ``on_disconnect_retry`` times.
+        """
+        where = f"{target[0]}:{target[1]}"
+        lost = 0
+        while True:
+            link = self.get_link()
+            timeout = link.transport.channel_timeout
+            if deadline is not None:
+                timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+            try:
+                chan: paramiko.Channel = link.transport.open_channel(
+                    "direct-tcpip", target, origin, timeout=timeout)
+                return chan
+            except paramiko.ChannelException as exc:
+                reason = _REASONS.get(exc.code, f"code {exc.code}")
+                text = printable(str(exc.text or ""))
+                raise ExecutorFailure(f"the server refused to forward to {where} ({reason}"
+                                      f"{': ' + text if text and text != reason else ''})",
+                                      self._executor) from None
+            except TRANSPORT_ERRORS as exc:
+                if link.alive():
+                    raise ExecutorFailure(f"opening a forward to {where} failed: "
+                                          f"{printable(repr(exc))}", self._executor) from None
+                self._executor._connection.drop(link)
+                lost += 1
+                if lost > self._executor._retries:
+                    raise ExecutorFailure(f"the connection was lost while opening a forward to "
+                                          f"{where} ({lost} attempts)", self._executor) from None
+
+    def accept_forwards(self, link: Link) -> None:
+        """Let ``link``'s forwarded-tcpip channels reach this executor's remote tunnels."""
+        set_forward_handler(link.transport, self._received)
+
+    def _received(self, chan: paramiko.Channel, origin: Address, server: Address) -> None:
+        # paramiko's transport thread: find the tunnel and hand over; never block here.
+        transport = chan.get_transport()
+        with self._lock:
+            tunnels = [t for t in self._tunnels if isinstance(t, RemoteTunnel)]
+        for tunnel in tunnels:
+            link = tunnel._link
+            if link is not None and link.transport is transport and tunnel.owns(link, server):
+                tunnel.received(chan, origin)
+                return
+        log.info("a forwarded connection to %s:%d matches no open remote forward; closed",
+                 *server)
+        threading.Thread(target=chan.close, daemon=True,
+                         name="paramiko_executor tunnel refuse").start()
+
+    # --- the public calls --------------------------------------------------------------
+
+    def forward_local(self, remote_port: Any, remote_host: Any, local_port: Any,
+                      local_host: Any) -> LocalTunnel:
+        remote = (_check_host("remote_host", remote_host),
+                  _check_port("remote_port", remote_port, minimum=1))
+        local = (_check_host("local_host", local_host),
+                 _check_port("local_port", local_port, minimum=0))
+        tunnel = LocalTunnel(self, remote, local)
+        self._remember(tunnel)
+        log.info("forwarding %s", tunnel.name)
+        return tunnel
+
+    def forward_remote(self, remote_port: Any, local_port: Any, local_host: Any,
+                       remote_host: Any) -> RemoteTunnel:
+        requested = (_check_host("remote_host", remote_host),
+                     _check_port("remote_port", remote_port, minimum=0))
+        local = (_check_host("local_host", local_host),
+                 _check_port("local_port", local_port, minimum=1))
+        tunnel = RemoteTunnel(self, requested, local)
+        self._remember(tunnel)
+        try:
+            tunnel.start()
+        except BaseException as exc:
+            tunnel.close()
+            raise for_executor(exc, self._executor) from None
+        log.info("forwarding %s", tunnel.name)
+        return tunnel
+
+    def open_connection(self, host: Any, port: Any, timeout: Any) -> ForwardedSocket:
+        target = (_check_host("host", host), _check_port("port", port, minimum=1))
+        seconds = check_timeout("timeout", timeout)
+        deadline = None if seconds is None else time.monotonic() + seconds
+        if not self.limit.acquire(deadline, lambda: False):
+            raise ExecutorFailure(f"no forwarded channel came free within {seconds:g} s "
+                                  f"(max_forwarded={self.limit.limit})", self._executor)
+        try:
+            chan = self.open_channel(target, ("127.0.0.1", 0), deadline)
+        except BaseException:
+            self.limit.release()
+            raise
+        chan.settimeout(seconds)
+        sock = ForwardedSocket(chan, self._socket_closed, f"{target[0]}:{target[1]}")
+        with self._lock:
+            self._sockets.add(sock)
+        return sock
+
+    # --- bookkeeping -----------------------------------------------------------------
+
+    def _remember(self, tunnel: Tunnel) -> None:
+        with self._lock:
+            self._tunnels.add(tunnel)
+
+    def forget(self, tunnel: Tunnel) -> None:
+        with self._lock:
+            self._tunnels.discard(tunnel)
+
+    def _socket_closed(self, sock: ForwardedSocket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+        self.limit.release()
+
+    def close(self, then: Callable[[], None]) -> None:
+        """Close every tunnel and forwarded socket; ``then()`` runs before awaiting their threads.
+
+        ``then`` closes the connection, which cuts short a connect that a
+        tunnel's thread may be waiting for.
+        """
+        with self._lock:
+            tunnels = list(self._tunnels)
+            sockets = list(self._sockets)
+        for tunnel in tunnels:
+            tunnel.stop()
+        for sock in sockets:
+            sock.close()
+        then()
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        for tunnel in tunnels:
+            tunnel.join(max(0.0, deadline - time.monotonic()))
