@@ -37,7 +37,7 @@ import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, cast
 
 import paramiko
 
@@ -60,6 +60,10 @@ Address = Tuple[str, int]
 #: The largest read from a local socket or a channel: big reads keep the
 #: per-call Python overhead small against the bytes moved.
 CHUNK = 1024 * 1024
+
+#: How often a pipe's thread blocked on its local socket looks whether it was aborted:
+#: only a write to a peer that stopped reading stays blocked that long.
+SOCKET_POLL = 0.5
 
 #: How long a remote forward's supervisor sleeps between looks at its connection.
 LIVENESS_POLL = 0.25
@@ -132,7 +136,7 @@ def _send_all(chan: paramiko.Channel, data: bytes) -> None:
     """``chan.sendall`` without copying the rest of ``data`` after every packet."""
     view = memoryview(data)
     while view:
-        sent = chan.send(view)
+        sent = chan.send(cast(bytes, view))  # paramiko slices it to a packet
         if sent == 0:
             raise OSError("the channel was closed")
         view = view[sent:]
@@ -172,6 +176,7 @@ class Pipe:
 
     def run(self) -> None:
         """Pump both directions until both have ended; returns when they have."""
+        self.sock.settimeout(SOCKET_POLL)
         self.thread = threading.Thread(target=self._channel_to_socket, daemon=True,
                                        name=f"paramiko_executor tunnel {self.name} in")
         try:
@@ -192,11 +197,17 @@ class Pipe:
     def _socket_to_channel(self) -> None:
         try:
             while True:
-                data = self.sock.recv(CHUNK)
+                try:
+                    data = self.sock.recv(CHUNK)
+                except socket.timeout:
+                    if self._aborted:
+                        break
+                    continue
                 if not data:
                     break
                 _send_all(self.chan, data)
-            self.chan.shutdown_write()
+            if not self._aborted:
+                self.chan.shutdown_write()
         except TRANSPORT_ERRORS:
             # A server that closed the channel after its own EOF only stops
             # this direction; the replies already on their way still arrive.
@@ -211,7 +222,7 @@ class Pipe:
                 data = self.chan.recv(CHUNK)
                 if not data:
                     break
-                self.sock.sendall(data)
+                self._write(data)
             if self.chan.eof_received and not self._lost():
                 self.sock.shutdown(socket.SHUT_WR)
             else:
@@ -220,6 +231,15 @@ class Pipe:
             self.abort()
         finally:
             self._end()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except socket.timeout:
+                if self._aborted:
+                    raise ConnectionAbortedError("the forwarded connection was aborted") from None
 
     def _lost(self) -> bool:
         transport = self.chan.get_transport()
@@ -233,7 +253,9 @@ class Pipe:
             self._aborted = True
         _reset(self.sock)
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a recv or sendall blocked on it
+            # Wakes a recv; unlike SHUT_WR it sends nothing, so the peer never
+            # sees an EOF before the reset. A blocked write notices within SOCKET_POLL.
+            self.sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass
         try:
@@ -440,6 +462,7 @@ class LocalTunnel(Tunnel):
                 if not self._closed.is_set():
                     log.warning("tunnel %s: %s; closing the client's connection",
                                 self.name, exc.description)
+                _reset(client)  # an empty reply must not pass for an answer
                 client.close()
                 return
             self._carry(client, chan, self.name)
@@ -521,7 +544,7 @@ class RemoteTunnel(Tunnel):
                     log.warning("remote forward %s: the server refused to listen on %s:%d "
                                 "after the reconnect; asking again after the next one",
                                 self.name, *self.requested)
-            except (ExecutorFailure, *TRANSPORT_ERRORS) as exc:
+            except _ASK_ERRORS as exc:
                 log.info("remote forward %s: asking for the port failed: %r", self.name, exc)
 
     def received(self, chan: paramiko.Channel, origin: Address) -> None:
@@ -558,6 +581,9 @@ class RemoteTunnel(Tunnel):
                 link.requests.send("cancel-tcpip-forward", self.remote_address)
             except TRANSPORT_ERRORS:
                 pass
+
+
+_ASK_ERRORS = (ExecutorFailure,) + TRANSPORT_ERRORS
 
 
 def _wait_reply(event: threading.Event, link: Link, timeout: float) -> bool:
@@ -635,9 +661,6 @@ class ForwardedSocket:
     def shutdown(self, how: int) -> None:
         self._chan.shutdown(how)
 
-    def getpeername(self) -> Address:
-        return self._chan.getpeername()  # type: ignore[no-any-return]
-
     def close(self) -> None:
         """Close the channel and free its place; calling it again does nothing."""
         with self._lock:
@@ -712,7 +735,7 @@ class Forwarding:
                 reason = _REASONS.get(exc.code, f"code {exc.code}")
                 text = printable(str(exc.text or ""))
                 raise ExecutorFailure(f"the server refused to forward to {where} ({reason}"
-                                      f"{': ' + text if text and text != reason else ''})",
+                                      f"{': ' + text if text and text.lower() != reason else ''})",
                                       self._executor) from None
             except TRANSPORT_ERRORS as exc:
                 if link.alive():
