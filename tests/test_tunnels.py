@@ -527,3 +527,48 @@ def test_a_slow_reader_is_given_window_only_as_it_reads(sshd: Any, make_backend:
         while total < 4 * window:  # reading gives the window back: the flood goes on
             total += len(sock.recv(BLOCK))
         sock.close()
+
+
+# --- the command line ------------------------------------------------------------------
+
+
+def test_the_forward_command_carries_l_and_r_until_terminated(sshd: Any, make_backend: Any
+                                                              ) -> None:
+    import subprocess
+    import sys
+
+    import paramiko_executor
+
+    backend = make_backend("echo")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(paramiko_executor.__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paramiko_executor", "forward", "--host", "127.0.0.1",
+         "--port", str(sshd.port), "--user", sshd.username, "--key", sshd.client_key_path,
+         "--known-hosts", str(sshd.known_hosts_path), "--ssh-config", "none",
+         "-L", f"0:127.0.0.1:{backend.port}", "-R", f"0:127.0.0.1:{backend.port}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None
+        local = proc.stdout.readline().decode().split()
+        remote = proc.stdout.readline().decode().split()
+        assert local[0] == "-L" and local[3] == f"127.0.0.1:{backend.port}"
+        assert remote[0] == "-R" and remote[1].startswith("localhost:")
+        payload = os.urandom(BLOCK)
+        for where in (local[1], remote[1]):
+            port = int(where.rsplit(":", 1)[1])
+            assert echo_once(("127.0.0.1", port), payload) == payload
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_forward_command_refuses_bad_specs() -> None:
+    from paramiko_executor.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["forward", "--host", "h", "-L", "5432:db"])
+    assert exit_info.value.code == 2
