@@ -37,6 +37,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, cast
 
 import paramiko
@@ -200,13 +201,14 @@ class Pipe:
                 try:
                     data = self.sock.recv(CHUNK)
                 except socket.timeout:
-                    if self._aborted:
+                    # A channel the server closed ends the client's connection too.
+                    if self._aborted or self.chan.closed:
                         break
                     continue
                 if not data:
                     break
                 _send_all(self.chan, data)
-            if not self._aborted:
+            if not self._aborted and not self.chan.closed:
                 self.chan.shutdown_write()
         except TRANSPORT_ERRORS:
             # A server that closed the channel after its own EOF only stops
@@ -340,8 +342,12 @@ class Tunnel:
     def _stop_listening(self) -> None:
         raise NotImplementedError
 
-    def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> None:
-        """Start ``target(*args)`` in a thread of this tunnel (one `join` waits for)."""
+    def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> bool:
+        """Start ``target(*args)`` in a thread of this tunnel (one `join` waits for).
+
+        False, and nothing started, once the tunnel is closed; `RuntimeError`
+        when no thread can be had.
+        """
         def run() -> None:
             try:
                 target(*args)
@@ -353,7 +359,7 @@ class Tunnel:
                                   daemon=True)
         with self._lock:
             if self._closed.is_set():
-                return
+                return False
             self._threads.add(thread)
         try:
             thread.start()
@@ -361,6 +367,7 @@ class Tunnel:
             with self._lock:
                 self._threads.discard(thread)
             raise
+        return True
 
     def _carry(self, sock: socket.socket, chan: paramiko.Channel, name: str) -> None:
         """Pump ``sock`` <-> ``chan`` in this thread until both directions end."""
@@ -426,7 +433,8 @@ class LocalTunnel(Tunnel):
                         continue  # the client gave up between select and accept
                     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     try:
-                        self._spawn(self._serve, client, origin[:2], name=self.name)
+                        if not self._spawn(self._serve, client, origin[:2], name=self.name):
+                            client.close()  # closed meanwhile
                     except RuntimeError:  # no thread to be had: refuse this client
                         client.close()
                         log.warning("tunnel %s: could not start a thread for a client", self.name)
@@ -545,14 +553,18 @@ class RemoteTunnel(Tunnel):
                                 "after the reconnect; asking again after the next one",
                                 self.name, *self.requested)
             except _ASK_ERRORS as exc:
-                log.info("remote forward %s: asking for the port failed: %r", self.name, exc)
+                if link.alive():  # else the loop reconnects at once, and asks again
+                    log.warning("remote forward %s: asking for the port failed (%s); asking "
+                                "again after the next reconnect", self.name, exc)
 
     def received(self, chan: paramiko.Channel, origin: Address) -> None:
         """A forwarded connection arrived (in paramiko's transport thread): serve it elsewhere."""
         try:
-            self._spawn(self._serve, chan, origin, name=self.name)
+            if self._spawn(self._serve, chan, origin, name=self.name):
+                return
         except RuntimeError:
             log.warning("remote forward %s: could not start a thread for a connection", self.name)
+        _close_elsewhere(chan)
 
     def _serve(self, chan: paramiko.Channel, origin: Address) -> None:
         limit = self._forwarding.limit
@@ -681,6 +693,30 @@ class ForwardedSocket:
         self.close()
 
 
+#: The executors' forwardings that take each transport's forwarded-tcpip channels:
+#: copies of an executor unpickled in one process share a connection, and each
+#: has remote tunnels of its own.
+_RECEIVERS: weakref.WeakKeyDictionary[paramiko.Transport, weakref.WeakSet[Forwarding]] = \
+    weakref.WeakKeyDictionary()
+_RECEIVERS_LOCK = threading.Lock()
+
+
+def _dispatch(chan: paramiko.Channel, origin: Address, server: Address) -> None:
+    # paramiko's transport thread: find the tunnel and hand over; never block here.
+    with _RECEIVERS_LOCK:
+        receivers = list(_RECEIVERS.get(chan.get_transport(), ()))
+    if not any(forwarding.received(chan, origin, server) for forwarding in receivers):
+        log.info("a forwarded connection to %s:%d matches no open remote forward; closed",
+                 *server)
+        _close_elsewhere(chan)
+
+
+def _close_elsewhere(chan: paramiko.Channel) -> None:
+    """Close ``chan`` from a thread of its own: the transport thread must not wait to send."""
+    threading.Thread(target=chan.close, daemon=True,
+                     name="paramiko_executor tunnel refuse").start()
+
+
 def _check_port(name: str, value: Any, *, minimum: int) -> int:
     port = check_int(name, value, minimum=minimum)
     assert port is not None
@@ -749,10 +785,12 @@ class Forwarding:
 
     def accept_forwards(self, link: Link) -> None:
         """Let ``link``'s forwarded-tcpip channels reach this executor's remote tunnels."""
-        set_forward_handler(link.transport, self._received)
+        with _RECEIVERS_LOCK:
+            _RECEIVERS.setdefault(link.transport, weakref.WeakSet()).add(self)
+        set_forward_handler(link.transport, _dispatch)
 
-    def _received(self, chan: paramiko.Channel, origin: Address, server: Address) -> None:
-        # paramiko's transport thread: find the tunnel and hand over; never block here.
+    def received(self, chan: paramiko.Channel, origin: Address, server: Address) -> bool:
+        """Hand a forwarded connection to the remote tunnel it is for; False if none is."""
         transport = chan.get_transport()
         with self._lock:
             tunnels = [t for t in self._tunnels if isinstance(t, RemoteTunnel)]
@@ -760,11 +798,8 @@ class Forwarding:
             link = tunnel._link
             if link is not None and link.transport is transport and tunnel.owns(link, server):
                 tunnel.received(chan, origin)
-                return
-        log.info("a forwarded connection to %s:%d matches no open remote forward; closed",
-                 *server)
-        threading.Thread(target=chan.close, daemon=True,
-                         name="paramiko_executor tunnel refuse").start()
+                return True
+        return False
 
     # --- the public calls --------------------------------------------------------------
 
