@@ -12,7 +12,9 @@ the sshd:
 
 - ``forward_local``: ``SSHExecutor.forward_local`` of this library.
 - ``ssh -L``: OpenSSH's client, ``ssh -N -L`` with its defaults (its
-  cipher is chacha20-poly1305 unless the server or config says otherwise).
+  cipher is chacha20-poly1305 unless the server or config says otherwise);
+  ``ssh -L aes-gcm`` the same with the cipher this library prefers,
+  ``aes128-gcm@openssh.com``.
 - ``sshtunnel``: the ``sshtunnel`` package's ``SSHTunnelForwarder`` (paramiko
   with its defaults).
 
@@ -150,10 +152,11 @@ def contenders(server: OpenSSHServer, target: int) -> Dict[str, Tunnel]:
         tunnel = ex.forward_local(target, "127.0.0.1")
         return tunnel.local_address[1], ex.close, own_cpu
 
-    def ssh_l() -> Tuple[int, Callable[[], None], Callable[[], float]]:
+    def ssh_l(*options: str) -> Tuple[int, Callable[[], None], Callable[[], float]]:
         port = free_port()
         proc = subprocess.Popen(
-            ["ssh", "-N", "-F", "/dev/null", "-L", f"127.0.0.1:{port}:127.0.0.1:{target}",
+            ["ssh", "-N", "-F", "/dev/null", *options,
+             "-L", f"127.0.0.1:{port}:127.0.0.1:{target}",
              "-p", str(server.port), "-i", server.client_key_path,
              "-o", f"UserKnownHostsFile={server.known_hosts_path}",
              "-o", "StrictHostKeyChecking=yes", "-o", "ExitOnForwardFailure=yes",
@@ -177,7 +180,9 @@ def contenders(server: OpenSSHServer, target: int) -> Dict[str, Tunnel]:
         forwarder.start()
         return forwarder.local_bind_port, forwarder.stop, own_cpu
 
-    return {"forward_local": forward_local, "ssh -L": ssh_l, "sshtunnel": sshtunnel}
+    return {"forward_local": forward_local, "ssh -L": ssh_l,
+            "ssh -L aes-gcm": lambda: ssh_l("-c", "aes128-gcm@openssh.com"),
+            "sshtunnel": sshtunnel}
 
 
 def main() -> None:
@@ -208,7 +213,7 @@ def main() -> None:
                             rate = size / seconds / 2**20
                             rates.setdefault((name, direction), []).append(rate)
                             cpus.setdefault((name, direction), []).append(per_gib)
-                            print(f"  {name:14} {direction:4} {rate:8.1f} MiB/s "
+                            print(f"  {name:15} {direction:4} {rate:8.1f} MiB/s "
                                   f"{per_gib:6.2f} CPU s/GiB", flush=True)
                     finally:
                         close()
@@ -217,7 +222,7 @@ def main() -> None:
             backend.wait()
     print(f"\none stream of {args.size_mib} MiB, median of {args.repeat}: MiB/s, and the "
           "tunnel process's CPU seconds per GiB")
-    print(f"{'contender':14} {'down':>8} {'up':>8} {'CPU down':>9} {'CPU up':>8}   "
+    print(f"{'contender':15} {'down':>8} {'up':>8} {'CPU down':>9} {'CPU up':>8}   "
           "forward_local's MiB/s is")
     median = {key: statistics.median(values) for key, values in rates.items()}
     for name in names:
@@ -225,7 +230,7 @@ def main() -> None:
         ratio = "" if name == "forward_local" else \
             f"{median[('forward_local', 'down')] / down:.2f}x down, " \
             f"{median[('forward_local', 'up')] / up:.2f}x up"
-        print(f"{name:14} {down:8.1f} {up:8.1f} {statistics.median(cpus[(name, 'down')]):9.2f} "
+        print(f"{name:15} {down:8.1f} {up:8.1f} {statistics.median(cpus[(name, 'down')]):9.2f} "
               f"{statistics.median(cpus[(name, 'up')]):8.2f}   {ratio}")
 
 
