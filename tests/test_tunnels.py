@@ -580,3 +580,41 @@ def test_the_forward_command_refuses_bad_specs() -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["forward", "--host", "h", "-L", "5432:db"])
     assert exit_info.value.code == 2
+
+
+def test_close_while_a_remote_forward_waits_for_its_server(make_sshd: Any, make_backend: Any
+                                                          ) -> None:
+    """The supervisor reconnecting to a server that is down ends with close(), promptly."""
+    server = make_sshd(max_sessions=10)
+    backend = make_backend("echo")
+    threads_before = threading.active_count()
+    ex = SSHExecutor(connect_backoff=0.2, **server.executor_parameters())
+    tunnel = ex.forward_remote(0, backend.port)
+    server.stop()
+    wait_for(lambda: ex.statistics().connect_failures >= 2, "the reconnect attempts")
+    ex.close()
+    assert tunnel.closed
+    wait_for(lambda: threading.active_count() <= threads_before, "the threads to end",
+             timeout=10)
+
+
+def test_a_closed_tunnel_leaves_the_executor_and_other_tunnels_working(
+        sshd: Any, make_backend: Any) -> None:
+    backend = make_backend("echo")
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        first = ex.forward_local(backend.port, "127.0.0.1")
+        second = ex.forward_local(backend.port, "127.0.0.1")
+        client = socket.create_connection(first.local_address, timeout=30)
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        first.close()
+        with pytest.raises(OSError):
+            read_all(client)
+        client.close()
+        with pytest.raises(OSError):
+            socket.create_connection(first.local_address, timeout=5)
+        assert echo_once(second.local_address, b"still") == b"still"
+        assert ex.run_command("echo ok").stdout == "ok\n"
+        with pytest.raises(ExecutorFailure, match="cannot listen"):
+            ex.forward_local(backend.port, local_port=second.local_address[1])
+        second.close()
