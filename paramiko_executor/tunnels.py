@@ -17,16 +17,19 @@ the data to the local socket. A local reader that stops reading therefore
 stops its own channel, never the transport thread, the other channels or
 the commands.
 
-A `LocalTunnel` has a listening thread and one thread per client (it opens
-the channel, then pumps one direction); a `RemoteTunnel` has a supervising
-thread that asks each new connection for its port again, and one thread per
-forwarded connection. `Tunnel.close` stops all of them and waits for them
-(bounded); `Forwarding.close` does so for every tunnel and socket of an
-executor.
+A `LocalTunnel` has a listening thread and, per client, a thread that waits
+for a place under the cap, opens the channel and becomes the pipe's first
+thread. A `RemoteTunnel` has a supervising thread that asks each new
+connection for its port again and, per forwarded connection, a thread that
+connects to the local target and becomes the pipe's first thread.
+`Tunnel.close` stops all of them and waits for them (bounded);
+`Forwarding.close` does so for every tunnel and socket of an executor.
 
-Locks: each tunnel's ``_lock`` guards its pipes and threads; the
-`ForwardLimit`'s condition its count; `Forwarding._lock` its tunnels. None is
-held while another is taken, nor during I/O.
+Locks: each `Pipe`'s ``_lock`` guards its ending; each tunnel's ``_lock`` its
+pipes and threads; the `ForwardLimit`'s condition its count;
+`Forwarding._lock` its tunnels and sockets; ``_RECEIVERS_LOCK`` which
+executors take a transport's forwarded connections. None is held while
+another is taken, nor during I/O.
 """
 
 from __future__ import annotations

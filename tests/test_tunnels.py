@@ -7,6 +7,7 @@ server where a fault must be injected (a forward refused after a reconnect).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -574,9 +575,15 @@ def test_the_forward_command_carries_l_and_r_until_terminated(sshd: Any, make_ba
             proc.wait()
 
 
-def test_the_forward_command_refuses_bad_specs() -> None:
-    from paramiko_executor.cli import main
+def test_the_forward_command_reads_specs_as_ssh_does() -> None:
+    from paramiko_executor.cli import _forward_spec, main
 
+    assert _forward_spec("5432:db.internal:5432") == (None, 5432, "db.internal", 5432)
+    assert _forward_spec("0.0.0.0:0:localhost:80") == ("0.0.0.0", 0, "localhost", 80)
+    assert _forward_spec("[::1]:8080:[fe80::1]:80") == ("::1", 8080, "fe80::1", 80)
+    for bad in ("5432:db", "x:5432:db:5432:1", "70000:db:1", "1:db:0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _forward_spec(bad)
     with pytest.raises(SystemExit) as exit_info:
         main(["forward", "--host", "h", "-L", "5432:db"])
     assert exit_info.value.code == 2
