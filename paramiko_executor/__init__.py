@@ -19,6 +19,7 @@ from .group import GroupFailure, GroupResult, HostGroup
 from .results import CommandResult
 from .shell import ShellExecutor
 from .stats import ExecutorStatistics
+from .tunnels import ForwardedSocket, LocalTunnel, RemoteTunnel, Tunnel
 
 __version__ = "0.1.0"
 
@@ -34,12 +35,16 @@ __all__ = [
     "ExecutorError",
     "ExecutorFailure",
     "ExecutorStatistics",
+    "ForwardedSocket",
     "GroupFailure",
     "GroupResult",
     "HostGroup",
     "HostKeyFailure",
+    "LocalTunnel",
+    "RemoteTunnel",
     "SSHExecutor",
     "ShellExecutor",
     "TransferTimeout",
+    "Tunnel",
     "probe_max_session",
 ]

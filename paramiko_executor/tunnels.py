@@ -34,6 +34,7 @@ another is taken, nor during I/O.
 
 from __future__ import annotations
 
+import io
 import logging
 import selectors
 import socket
@@ -41,7 +42,7 @@ import struct
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, TypeVar, Union, cast
 
 import paramiko
 
@@ -60,6 +61,7 @@ __all__ = ["ForwardLimit", "ForwardedSocket", "Forwarding", "LocalTunnel", "Pipe
 log = logging.getLogger("paramiko_executor.tunnels")
 
 Address = Tuple[str, int]
+TunnelT = TypeVar("TunnelT", bound="Tunnel")
 
 #: The largest read from a channel: big reads keep the per-call Python
 #: overhead small against the bytes moved.
@@ -308,7 +310,7 @@ class Tunnel:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    def __enter__(self) -> Tunnel:
+    def __enter__(self: TunnelT) -> TunnelT:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -621,11 +623,14 @@ def _wait_reply(event: threading.Event, link: Link, timeout: float) -> bool:
 class ForwardedSocket:
     """What `open_connection` returns: a socket-like object over a ``direct-tcpip`` channel.
 
-    ``sendall``, ``send``, ``recv``, ``makefile``, ``settimeout``,
-    ``gettimeout``, ``shutdown``, ``close``, and a context manager. ``recv``
-    returns ``b""`` at the far end's EOF; a connection lost meanwhile raises
-    `ConnectionResetError` instead, so a cut stream never looks complete.
-    Closing it frees its place under ``max_forwarded``.
+    ``sendall``, ``send``, ``recv``, ``recv_into``, ``makefile``,
+    ``settimeout``, ``gettimeout``, ``shutdown``, ``close``, and a context
+    manager. ``recv`` returns ``b""`` at the far end's EOF; a connection lost
+    meanwhile raises `ConnectionResetError` instead, so a cut stream never
+    looks complete. As with a socket, `close` leaves the connection open
+    while a file from `makefile` is still open (``http.client`` reads a
+    response through its file after closing the socket); closing the last
+    of them closes the channel and frees its place under ``max_forwarded``.
     """
 
     def __init__(self, chan: paramiko.Channel, release: Callable[[ForwardedSocket], None],
@@ -633,6 +638,8 @@ class ForwardedSocket:
         self._chan = chan
         self._release: Optional[Callable[[ForwardedSocket], None]] = release
         self._lock = threading.Lock()
+        self._files = 0
+        self._closing = False
         self.name = name
 
     def __repr__(self) -> str:
@@ -640,6 +647,7 @@ class ForwardedSocket:
 
     @property
     def closed(self) -> bool:
+        """Whether the channel is closed (`close` was called and no file is open)."""
         return self._release is None
 
     @property
@@ -659,6 +667,12 @@ class ForwardedSocket:
             self._check_cut()
         return data
 
+    def recv_into(self, buffer: Any, size: int = 0) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.recv(size or len(view))
+        view[:len(data)] = data
+        return len(data)
+
     def send(self, data: bytes) -> int:
         sent: int = self._chan.send(data)
         return sent
@@ -666,8 +680,41 @@ class ForwardedSocket:
     def sendall(self, data: bytes) -> None:
         _send_all(self._chan, data)
 
-    def makefile(self, mode: str = "r", bufsize: int = -1) -> Any:
-        return self._chan.makefile(mode, bufsize)
+    def makefile(self, mode: str = "r", buffering: Optional[int] = None, *,
+                 encoding: Optional[str] = None, errors: Optional[str] = None,
+                 newline: Optional[str] = None) -> Any:
+        """A file over this connection, as ``socket.makefile`` makes one."""
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
+        writing = "w" in mode
+        reading = "r" in mode or not writing
+        with self._lock:
+            if self._release is None:
+                raise OSError("the forwarded connection is closed")
+            self._files += 1
+        raw = _ChannelIO(self, reading, writing)
+        size = io.DEFAULT_BUFFER_SIZE if buffering is None or buffering < 0 else buffering
+        if size == 0:
+            if "b" not in mode:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        buffer: Any
+        if reading and writing:
+            buffer = io.BufferedRWPair(raw, raw, size)
+        elif reading:
+            buffer = io.BufferedReader(raw, size)
+        else:
+            buffer = io.BufferedWriter(raw, size)
+        if "b" in mode:
+            return buffer
+        return io.TextIOWrapper(buffer, encoding, errors, newline)
+
+    def _file_closed(self) -> None:
+        with self._lock:
+            self._files -= 1
+            last = self._closing and self._files == 0
+        if last:
+            self._close_now()
 
     def settimeout(self, timeout: Optional[float]) -> None:
         self._chan.settimeout(timeout)
@@ -683,7 +730,15 @@ class ForwardedSocket:
         self._chan.shutdown(how)
 
     def close(self) -> None:
-        """Close the channel and free its place; calling it again does nothing."""
+        """Close the connection once no file of `makefile` is open; again: nothing."""
+        with self._lock:
+            self._closing = True
+            now = self._files == 0
+        if now:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        """Close the channel and free its place, open files or not."""
         with self._lock:
             release, self._release = self._release, None
         if release is None:
@@ -700,6 +755,35 @@ class ForwardedSocket:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _ChannelIO(io.RawIOBase):
+    """The raw file under `ForwardedSocket.makefile`; closing it gives up its hold on the socket."""
+
+    def __init__(self, sock: ForwardedSocket, reading: bool, writing: bool) -> None:
+        super().__init__()
+        self._sock = sock
+        self._reading = reading
+        self._writing = writing
+
+    def readable(self) -> bool:
+        return self._reading
+
+    def writable(self) -> bool:
+        return self._writing
+
+    def readinto(self, buffer: Any) -> int:
+        return self._sock.recv_into(buffer)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._sock.sendall(bytes(view))
+        return len(view)
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self._sock._file_closed()
 
 
 #: The executors' forwardings that take each transport's forwarded-tcpip channels:
@@ -884,7 +968,7 @@ class Forwarding:
         for tunnel in tunnels:
             tunnel.stop()
         for sock in sockets:
-            sock.close()
+            sock._close_now()
         then()
         deadline = time.monotonic() + JOIN_TIMEOUT
         for tunnel in tunnels:

@@ -299,8 +299,8 @@ def test_open_connection_is_socket_like(sshd: Any, make_backend: Any) -> None:
         with ex.open_connection("127.0.0.1", backend.port, timeout=5) as sock:
             assert sock.gettimeout() == 5
             sock.sendall(b"line one\n")
-            reader = sock.makefile("rb")
-            assert reader.readline() == b"line one\n"
+            with sock.makefile("rb") as reader:
+                assert reader.readline() == b"line one\n"
             sock.settimeout(0.2)
             with pytest.raises(socket.timeout):
                 sock.recv(1)
@@ -625,3 +625,34 @@ def test_a_closed_tunnel_leaves_the_executor_and_other_tunnels_working(
         with pytest.raises(ExecutorFailure, match="cannot listen"):
             ex.forward_local(backend.port, local_port=second.local_address[1])
         second.close()
+
+
+def test_a_file_from_makefile_outlives_close_of_its_socket(sshd: Any) -> None:
+    """As with a socket (http.client relies on it): the body still arrives after close()."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    go_on = threading.Event()
+
+    def serve() -> None:
+        peer, _ = listener.accept()
+        with peer:
+            peer.sendall(b"header\n")
+            go_on.wait(30)
+            peer.sendall(b"body\n")
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        with SSHExecutor(**sshd.executor_parameters()) as ex:
+            sock = ex.open_connection("127.0.0.1", listener.getsockname()[1], timeout=30)
+            reader = sock.makefile("rb")
+            assert reader.readline() == b"header\n"
+            sock.close()
+            assert not sock.closed  # the file still holds it
+            go_on.set()
+            assert reader.read() == b"body\n"
+            reader.close()
+            assert sock.closed
+    finally:
+        go_on.set()
+        server.join(30)
+        listener.close()
