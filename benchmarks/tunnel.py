@@ -24,7 +24,10 @@ size is checked (the server counts what it read; the client what arrived).
 The table shows the median MiB/s of ``--repeat`` runs per direction, in
 rotating order, forward_local's ratio to each of the others, and the CPU
 seconds per GiB of the tunnel's process (ours and sshtunnel's: this one;
-``ssh``'s: its process), which a busy machine disturbs less than MiB/s. Everything
+``ssh``'s: its process), which a busy machine disturbs less than MiB/s.
+Last, the latency of ``true`` commands (10 threads) on the tunnel's own
+connection, idle and while a stream runs through the tunnel: the commands
+share the connection with the stream but never wait behind it. Everything
 runs on one machine: the sshd's CPU competes with the client's.
 """
 
@@ -37,8 +40,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from typing import Callable, Dict, List, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -185,6 +190,39 @@ def contenders(server: OpenSSHServer, target: int) -> Dict[str, Tunnel]:
             "sshtunnel": sshtunnel}
 
 
+def command_latencies(ex: SSHExecutor, count: int, until: Callable[[], bool]) -> List[float]:
+    """Seconds each of up to ``count`` ``true`` commands took (10 threads), until ``until()``."""
+    def one(_: int) -> Optional[float]:
+        if until():
+            return None
+        started = time.perf_counter()
+        ex.run_command("true")
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        return [t for t in pool.map(one, range(count)) if t is not None]
+
+
+def beside_a_stream(server: OpenSSHServer, target: int, size: int) -> None:
+    """Command latency on the tunnel's own connection, idle and while a stream runs through it."""
+    with SSHExecutor(**server.executor_parameters()) as ex, \
+            ex.forward_local(target, "127.0.0.1") as tunnel:
+        command_latencies(ex, 20, lambda: False)  # connected, probed, warm
+        idle = command_latencies(ex, 200, lambda: False)
+        done = threading.Event()
+        streaming = threading.Thread(
+            target=lambda: (stream("down", tunnel.local_address[1], size), done.set()))
+        streaming.start()
+        time.sleep(0.5)  # the stream under way
+        busy = command_latencies(ex, 200, done.is_set)
+        streaming.join(STREAM_TIMEOUT)
+    for label, times in (("idle", idle), ("during a stream", busy)):
+        times.sort()
+        print(f"commands on the tunnel's connection, {label:15}: {len(times):3} commands, "
+              f"median {statistics.median(times) * 1000:6.1f} ms, "
+              f"p95 {times[int(len(times) * 0.95) - 1] * 1000:6.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mib", type=int, default=512)
@@ -217,6 +255,7 @@ def main() -> None:
                                   f"{per_gib:6.2f} CPU s/GiB", flush=True)
                     finally:
                         close()
+            beside_a_stream(server, target, size)
         finally:
             backend.kill()
             backend.wait()
