@@ -609,6 +609,69 @@ class RemoteTunnel(Tunnel):
 _ASK_ERRORS = (ExecutorFailure,) + TRANSPORT_ERRORS
 
 
+class _LateOpen:
+    """An open of a ``direct-tcpip`` channel that its caller may stop waiting for.
+
+    paramiko forgets a channel whose open it stopped waiting for, and a
+    confirmation arriving later would leave that channel open on the server
+    for the rest of the connection. So the open runs in a thread of its own,
+    with paramiko's whole channel timeout, and a channel confirmed after its
+    caller left is closed at once.
+    """
+
+    def __init__(self, transport: paramiko.Transport, target: Address, origin: Address) -> None:
+        self._transport = transport
+        self._target = target
+        self._origin = origin
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._result: Any = None
+        self._abandoned = False
+
+    def run(self) -> None:
+        try:
+            result: Any = self._transport.open_channel(
+                "direct-tcpip", self._target, self._origin,
+                timeout=self._transport.channel_timeout)
+        except BaseException as exc:
+            result = exc
+        with self._lock:
+            self._result = result
+            late = self._abandoned
+        self._done.set()
+        if late and isinstance(result, paramiko.Channel):
+            try:
+                result.close()
+            except TRANSPORT_ERRORS:
+                pass
+
+    def wait(self, timeout: float) -> paramiko.Channel:
+        """The channel, or what the open raised; ``SSHException`` if ``timeout`` passed first."""
+        self._done.wait(timeout)
+        with self._lock:
+            result = self._result
+            self._abandoned = result is None
+        if result is None:
+            raise paramiko.SSHException(f"no answer to the channel open within {timeout:g} s")
+        if isinstance(result, BaseException):
+            raise result
+        chan: paramiko.Channel = result
+        return chan
+
+
+def _open_direct(transport: paramiko.Transport, target: Address, origin: Address,
+                 deadline: Optional[float]) -> paramiko.Channel:
+    """A ``direct-tcpip`` channel to ``target``, waited for until ``deadline`` at most."""
+    if deadline is None:
+        chan: paramiko.Channel = transport.open_channel(
+            "direct-tcpip", target, origin, timeout=transport.channel_timeout)
+        return chan
+    opening = _LateOpen(transport, target, origin)
+    threading.Thread(target=opening.run, daemon=True,
+                     name="paramiko_executor tunnel open").start()
+    return opening.wait(max(0.0, deadline - time.monotonic()))
+
+
 def _wait_reply(event: threading.Event, link: Link, timeout: float) -> bool:
     """Wait for a global request's reply; False if ``timeout`` passed. Raises if the link died."""
     deadline = time.monotonic() + timeout
@@ -853,13 +916,8 @@ class Forwarding:
         lost = 0
         while True:
             link = self.get_link()
-            timeout = link.transport.channel_timeout
-            if deadline is not None:
-                timeout = max(0.0, min(timeout, deadline - time.monotonic()))
             try:
-                chan: paramiko.Channel = link.transport.open_channel(
-                    "direct-tcpip", target, origin, timeout=timeout)
-                return chan
+                return _open_direct(link.transport, target, origin, deadline)
             except paramiko.ChannelException as exc:
                 reason = _REASONS.get(exc.code, f"code {exc.code}")
                 text = printable(str(exc.text or ""))

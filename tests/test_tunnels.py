@@ -87,6 +87,12 @@ class Backend:
                 self._socks.discard(sock)
             sock.close()
 
+    @property
+    def connected(self) -> int:
+        """Connections open right now."""
+        with self._lock:
+            return len(self._socks)
+
     def close(self) -> None:
         try:
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
@@ -656,3 +662,23 @@ def test_a_file_from_makefile_outlives_close_of_its_socket(sshd: Any) -> None:
         go_on.set()
         server.join(30)
         listener.close()
+
+
+def test_an_open_answered_after_its_timeout_is_closed(make_test_server: Any, make_backend: Any
+                                                       ) -> None:
+    """A late confirmation must not leave the forward open on the server for good."""
+    server = make_test_server()
+    backend = make_backend("echo")
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("echo ok").stdout == "ok\n"
+        server.freeze()
+        try:
+            with pytest.raises(ExecutorFailure, match=f"127.0.0.1:{backend.port}"):
+                ex.open_connection("127.0.0.1", backend.port, timeout=0.5)
+        finally:
+            server.thaw()
+        wait_for(lambda: backend.accepted == 1, "the late open to reach the target")
+        wait_for(lambda: backend.connected == 0, "the late channel to be closed", timeout=10)
+        with ex.open_connection("127.0.0.1", backend.port, timeout=10) as sock:
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
