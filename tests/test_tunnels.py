@@ -20,6 +20,7 @@ import pytest
 from helpers import run_threads, wait_for
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
+from paramiko_executor.tunnels import CHUNK
 
 #: The stream that crosses the tunnel in both directions in the big round trip.
 BIG_STREAM = 1024 * 1024 * 1024
@@ -43,6 +44,7 @@ class Backend:
         self._socks: Set[socket.socket] = set()
         self._threads: List[threading.Thread] = []
         self.accepted = 0
+        self.sent = 0  # by the flood
         self._accepting = threading.Thread(target=self._accept, daemon=True)
         self._accepting.start()
 
@@ -80,6 +82,8 @@ class Backend:
                 block = b"x" * BLOCK
                 while True:
                     sock.sendall(block)
+                    with self._lock:
+                        self.sent += len(block)
         except OSError:
             pass
         finally:
@@ -542,6 +546,37 @@ def test_a_slow_reader_is_given_window_only_as_it_reads(sshd: Any, make_backend:
         while total < 4 * window:  # reading gives the window back: the flood goes on
             total += len(sock.recv(BLOCK))
         sock.close()
+
+
+def test_a_tunnel_client_that_never_reads_holds_one_window_only(sshd: Any, make_backend: Any
+                                                               ) -> None:
+    """The tunnel takes from its channel only what the client's socket accepts."""
+    flood = make_backend("flood")
+    with SSHExecutor(**sshd.executor_parameters()) as ex, \
+            ex.forward_local(flood.port, "127.0.0.1") as tunnel:
+        client = socket.create_connection(tunnel.local_address, timeout=30)
+        try:
+            wait_for(lambda: tunnel.connections == 1, "the forwarded connection")
+            (pipe,) = tunnel._pipes
+            window = pipe.chan.get_transport().default_window_size
+
+            def stopped() -> bool:
+                before = flood.sent
+                assert ex.run_command("echo ok").stdout == "ok\n"  # a round trip
+                return flood.sent == before
+
+            # The flood stops for good once the kernel's buffers and the window
+            # are full; the pipe holds one read in hand (at most CHUNK) and
+            # leaves the rest of the window in the channel, unacknowledged.
+            wait_for(lambda: len(pipe.chan.in_buffer) >= window - CHUNK and stopped(),
+                     "the flood to stop")
+            assert stopped()
+            assert window - CHUNK <= len(pipe.chan.in_buffer) <= window
+            total = 0
+            while total < 4 * window:  # the client reads: the flood goes on
+                total += len(client.recv(BLOCK))
+        finally:
+            client.close()
 
 
 # --- the command line ------------------------------------------------------------------
