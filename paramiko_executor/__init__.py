@@ -21,7 +21,7 @@ from .shell import ShellExecutor
 from .stats import ExecutorStatistics
 from .tunnels import ForwardedSocket, LocalTunnel, RemoteTunnel, Tunnel
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SAFE_WRAPPER",

@@ -401,6 +401,11 @@ class _Login:
                 return None
         return None
 
+    def auth_deadline(self) -> Optional[float]:
+        """When ``auth_timeout`` from now ends (a `time.monotonic` value), None without one."""
+        timeout = self.t.auth_timeout
+        return None if timeout is None else time.monotonic() + timeout
+
     # -- rounds -------------------------------------------------------------------------------
 
     def one_round(self, allowed: List[str]) -> List[str]:
@@ -423,7 +428,9 @@ class _Login:
             else:
                 for entry in self.creds.mfa:
                     # Wait here, not inside the handler: the handler runs under auth_timeout.
-                    self.ledger.wait_until_fresh(entry.totp)
+                    # The wait ends with that timeout, or once close() ends the transport.
+                    self.ledger.wait_until_fresh(entry.totp, deadline=self.auth_deadline(),
+                                                 abandoned=lambda: not self.t.is_active())
                 outcome = self.attempt(
                     "keyboard-interactive", lambda: self.t.auth_interactive(user, self.answerer)
                 )

@@ -1,6 +1,6 @@
 """A session channel's life, from the slot it holds to the outcome it reports.
 
-Two invariants are kept here (see ``shared/design/CHANNEL.md``):
+Two invariants are kept here (``docs/design/channel.rst`` draws them):
 
 1. **A slot is a server session.** A `SessionChannel` is created holding one
    slot of its connection's `Slots`, and gives it back exactly once: when the

@@ -13,7 +13,7 @@ import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import List, Optional, Sequence, TextIO, Tuple
+from typing import Any, List, Optional, Sequence, TextIO, Tuple
 
 from .executors import DupingSSHExecutor, Executor, SSHExecutor
 from .results import CommandExecutionFailure, CommandResult, CommandTimeout, ExecutorFailure
@@ -40,10 +40,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose > 1 else logging.INFO,
-            format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        )
+        handler = logging.StreamHandler()
+        handler.setFormatter(_PrintableFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+                            handlers=[handler])
     try:
         return args.handler(args)
     except CommandLineError as err:
@@ -51,6 +51,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Escapes every record through `printable` before it reaches the terminal.
+
+    Records quote servers (paramiko logs the server's version string before the host key
+    is checked; exceptions quote disconnect reasons): an escape sequence in them must not
+    drive the terminal, nor a newline forge a log line. The message is escaped whole (one
+    line); a traceback keeps its lines, each escaped.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(printable(line) for line in super().formatException(ei).splitlines())
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join(printable(line) for line in super().formatStack(stack_info).splitlines())
 
 
 # --------------------------------------------------------------------------- parser
@@ -355,8 +374,27 @@ _CONNECTION_DESTS = (
 # --------------------------------------------------------------------------- executors
 
 
-def _executor(args: argparse.Namespace) -> Executor:
-    """The executor the options describe; ``CommandLineError`` if they do not fit."""
+def _take_password(args: argparse.Namespace) -> Optional[str]:
+    """The password ``--password-env`` names, taken out of the environment; None without it.
+
+    Taken, not just read: a ProxyCommand (or any other child this process starts) would
+    inherit it, and /proc/PID/environ shows it. So it can be taken once only: a command
+    line that needs it for several executors takes it first and hands it to each.
+    """
+    if args.password_env is None:
+        return None
+    if args.password_env not in os.environ:
+        raise CommandLineError(
+            f"--password-env: environment variable {args.password_env} is not set"
+        )
+    return os.environ.pop(args.password_env)
+
+
+def _executor(args: argparse.Namespace, password: Optional[str] = None) -> Executor:
+    """The executor the options describe; ``CommandLineError`` if they do not fit.
+
+    ``password``: the one `_take_password` took already, if the caller took it.
+    """
     if args.config is not None:
         given = [f"--{dest.replace('_', '-')}" for dest in _CONNECTION_DESTS
                  if getattr(args, dest) is not None]
@@ -375,13 +413,7 @@ def _executor(args: argparse.Namespace) -> Executor:
     if args.known_hosts is not None:
         parameters["known_hosts"] = None if args.known_hosts == "none" else args.known_hosts
     if args.password_env is not None:
-        if args.password_env not in os.environ:
-            raise CommandLineError(
-                f"--password-env: environment variable {args.password_env} is not set"
-            )
-        # Taken out of the environment, not just read: a ProxyCommand (or any other child
-        # this process starts) would inherit it, and /proc/PID/environ shows it.
-        parameters["password"] = os.environ.pop(args.password_env)
+        parameters["password"] = _take_password(args) if password is None else password
     if args.ssh_config is not None:
         parameters["config"] = () if args.ssh_config == ["none"] else tuple(args.ssh_config)
     if args.connect_retries is not None:
@@ -513,9 +545,11 @@ def _run_on_hosts(args: argparse.Namespace, command: str) -> int:
     names = _host_names(args)
     stdin_input = sys.stdin.buffer.read() if args.stdin else None
 
+    password = _take_password(args)  # once for every host: taking it removes it
+
     def executor_for(host: str) -> Executor:
         # The connection options of this command line, for one host.
-        return _executor(argparse.Namespace(**dict(vars(args), host=host)))
+        return _executor(argparse.Namespace(**dict(vars(args), host=host)), password)
 
     try:
         group = HostGroup(names, executor_class=executor_for)

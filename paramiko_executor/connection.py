@@ -552,6 +552,19 @@ class Connection:
                 log.info("dropping the connection to %s", self.target)
                 self._discard_locked(link)
 
+    def drop_unused(self, unused: Callable[[Link], bool]) -> bool:
+        """End the current link if ``unused(link)`` holds, judged under the lock; True if ended.
+
+        A command counts itself started before it asks for the link, so one
+        starting meanwhile is seen by ``unused`` or waits and connects anew.
+        """
+        with self.lock:
+            link = self._link
+            if link is None or not unused(link):
+                return False
+            self._discard_locked(link)
+            return True
+
     def close(self) -> None:
         """Drop the connection and cancel a connect in flight; a later `get` connects anew."""
         with self.lock:

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import hashlib
 import io
 import logging
 import os
-import pickle
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar, Union
 
 import paramiko
 
@@ -38,10 +36,21 @@ from .errors import (
 )
 from .internals import private_key_object
 from .options import DEFAULT, normalize_parameters, resolve_target
+from .registry import connection_key, shared_connection
 from .results import CommandResult
 from .retry import NEVER_STARTED_TRIES, Backoff, CommandRetry, ConnectRetry
 from .stats import ExecutorStatistics
-from .transfer import Progress, Source, download, remove, temp_path_for, upload
+from .transfer import (
+    Local,
+    Progress,
+    Source,
+    callers_own,
+    check_mode,
+    download,
+    remove,
+    temp_path_for,
+    upload,
+)
 from .tunnels import ForwardedSocket, Forwarding, LocalTunnel, RemoteTunnel
 
 __all__ = ["SAFE_WRAPPER", "DupingSSHExecutor", "Executor", "SSHExecutor",
@@ -93,21 +102,23 @@ def _is_file(value: Any) -> bool:
     return not isinstance(value, (str, bytes)) and not hasattr(value, "__fspath__")
 
 
-def check_transfer_arguments(local: Any, remote: Any, *, mode: Any = None, timeout: Any = None,
-                             progress: Any = None) -> Optional[float]:
-    """Check the arguments of ``put``/``get`` at the call; returns the timeout in seconds."""
+def check_transfer_arguments(local: Any, remote: Any, *, put: bool, mode: Any = None,
+                             timeout: Any = None, progress: Any = None) -> Optional[float]:
+    """Check the arguments of ``put``/``get`` at the call; returns the timeout in seconds.
+
+    ``local`` is a path, or a binary file object that can be read from
+    (``put``) or written to (``get``).
+    """
     if not isinstance(remote, str) or not remote:
         raise TypeError(f"remote must be a non-empty str, not {type(remote).__name__}")
     if _is_file(local):
-        if not (hasattr(local, "read") or hasattr(local, "write")):
-            raise TypeError("local must be a path or a binary file object, "
-                            f"not {type(local).__name__}")
+        needed = ("read", "readinto") if put else ("write",)
+        if not any(callable(getattr(local, name, None)) for name in needed):
+            raise TypeError(f"local must be a path or a binary file object with "
+                            f"{' or '.join(needed)}(), not {type(local).__name__}")
     elif isinstance(local, bytes) or not os.fspath(local):
         raise TypeError("local must be a non-empty path (str or os.PathLike) or a file object")
-    if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int)):
-        raise TypeError(f"mode must be an int or None, not {type(mode).__name__}")
-    if mode is not None and not 0 <= mode <= 0o7777:
-        raise ValueError(f"mode must be permission bits (0 to 0o7777), not {mode:#o}")
+    check_mode(mode)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable or None, not {type(progress).__name__}")
     return check_timeout("timeout", timeout)
@@ -145,19 +156,6 @@ class _KeyText:
 
     def load(self, passphrase: Optional[str]) -> paramiko.PKey:
         return self.kind.from_private_key(io.StringIO(self.text), password=passphrase)
-
-
-#: Connections shared by the executors unpickled in this process, by configuration.
-_SHARED: Dict[bytes, Connection] = {}
-_SHARED_LOCK = threading.Lock()
-
-
-def _shared_connection(key: bytes, make: Callable[[], Connection]) -> Connection:
-    with _SHARED_LOCK:
-        connection = _SHARED.get(key)
-        if connection is None:
-            connection = _SHARED[key] = make()
-        return connection
 
 
 class SSHExecutor(Executor):
@@ -253,16 +251,9 @@ class SSHExecutor(Executor):
         if isinstance(arguments.get("pkey"), _KeyText):
             arguments["pkey"] = arguments["pkey"].load(arguments.get("passphrase"))
         self.__init__(**{k: v for k, v in arguments.items() if v is not DEFAULT})
-        # The configuration's pickle is its identity: the key of the process-wide
-        # connection it shares with other copies of itself. A key's text is
-        # written anew (with a random check value) by every pickling, so the
-        # key counts by its public half.
-        identity = dict(state)
-        if isinstance(identity.get("pkey"), _KeyText):
-            identity["pkey"] = arguments["pkey"].asbytes()
-        key = hashlib.sha256(pickle.dumps((type(self), identity), protocol=4)).digest()
+        # Copies that resolve to the same connection here share it (see `registry`).
         fresh = self._connection
-        self._connection = _shared_connection(key, lambda: fresh)
+        self._connection = shared_connection(connection_key(fresh), lambda: fresh)
 
     @property
     def lock(self) -> threading.Lock:
@@ -335,89 +326,113 @@ class SSHExecutor(Executor):
         The transfer runs on a session channel of the executor's one
         connection and holds one slot of the same MaxSessions cap as the
         commands. It is atomic: the data goes to a temporary file next to
-        ``remote``, which is renamed over ``remote`` after the last byte (a
-        failed transfer removes it). A transfer broken by a lost connection
-        is retried from the start, up to ``on_disconnect_retry`` times
-        (a file object is read again from where it stood). ``mode`` sets the
-        file's permission bits. ``progress(done, total)`` is called from this
-        thread. Raises `FileNotFoundError`/`PermissionError` naming ``remote``,
+        ``remote`` (a new one for each attempt, created exclusively and
+        readable by its owner only), which gets its final permission bits
+        (``mode``; else those of the file replaced; else the local file's,
+        0o644 for a file object) and is renamed over ``remote`` after the last
+        byte (a failed transfer removes it). A transfer broken by a lost
+        connection is retried from the start, up to ``on_disconnect_retry``
+        times: a file object is read again from where it stood, and one that
+        cannot seek (a pipe) makes that an `ExecutorFailure` once bytes were
+        read. ``progress(done, total)`` is called from this thread.
+
+        Raises `FileNotFoundError`/`PermissionError` naming ``remote``,
         `TransferTimeout` past ``timeout``, and `ExecutorFailure` when the
-        connection cannot be had or the server runs no SFTP.
+        connection cannot be had or the server runs no SFTP. What ``local``,
+        the local file system or ``progress`` raise reaches the caller as it
+        was raised, from the first attempt; the connection and other threads'
+        work are left alone.
         """
-        timeout = check_transfer_arguments(local, remote, mode=mode, timeout=timeout,
+        timeout = check_transfer_arguments(local, remote, put=True, mode=mode, timeout=timeout,
                                            progress=progress)
-        temp = temp_path_for(remote)  # one name for every try: a retry overwrites it
-        start = local.tell() if _is_file(local) else None
+        temps: List[str] = []  # one per attempt
 
-        def attempt(chan: paramiko.Channel, deadline: Optional[float]) -> int:
-            if start is not None:
-                local.seek(start)  # type: ignore[union-attr]
-            return upload(chan, local, remote, mode=mode, progress=progress, deadline=deadline,
-                          temp_name=temp)
+        def attempt(chan: paramiko.Channel, deadline: Optional[float], source: Local) -> int:
+            temps.append(temp_path_for(remote))
+            return upload(chan, source, remote, mode=mode, progress=progress, deadline=deadline,
+                          temp_name=temps[-1])
 
+        failed = False
         try:
-            return self._transfer(attempt, timeout, sent=True)
+            return self._transfer(local, attempt, timeout, sent=True)
         except ExecutorFailure:
-            self._remove_leftover(temp)
+            failed = True
             raise
+        finally:
+            # An attempt broken with its connection left its file behind; a
+            # failed last one may have too.
+            self._remove_leftover(temps if failed else temps[:-1])
 
     def get(self, remote: str, local: Source, *, timeout: Optional[float] = None,
             progress: Optional[Progress] = None) -> int:
         """Copy ``remote`` to ``local`` (a path, written atomically, or a binary file object).
 
         Returns the bytes received; same slots, retries and errors as `put`.
+        A new local file gets the remote file's permission bits less the
+        umask; a replaced one keeps its own; the temporary file is readable
+        by its owner only.
         """
-        timeout = check_transfer_arguments(local, remote, timeout=timeout, progress=progress)
-        start = local.tell() if _is_file(local) else None
+        timeout = check_transfer_arguments(local, remote, put=False, timeout=timeout,
+                                           progress=progress)
 
-        def attempt(chan: paramiko.Channel, deadline: Optional[float]) -> int:
-            if start is not None:
-                local.seek(start)  # type: ignore[union-attr]
-                local.truncate()  # type: ignore[union-attr]
-            return download(chan, remote, local, progress=progress, deadline=deadline)
+        def attempt(chan: paramiko.Channel, deadline: Optional[float], target: Local) -> int:
+            return download(chan, remote, target, progress=progress, deadline=deadline)
 
-        return self._transfer(attempt, timeout, sent=False)
+        return self._transfer(local, attempt, timeout, sent=False)
 
-    def _transfer(self, work: Callable[[paramiko.Channel, Optional[float]], int],
+    def _transfer(self, local: Source,
+                  work: Callable[[paramiko.Channel, Optional[float], Local], int],
                   timeout: Optional[float], *, sent: bool) -> int:
+        """``work(channel, deadline, local side)`` with the executor's slots and retries.
+
+        What the caller's code or local I/O raised (a `CallerError` out of
+        `work`) ends the call at once, raised as it was.
+        """
         counters = self._connection.counters
         counters.add(commands_started=1)
         succeeded = False
         deadline = None if timeout is None else time.monotonic() + timeout
 
-        def attempt(link: Link) -> Optional[int]:
+        def attempt(link: Link, side: Local) -> Optional[int]:
             if self._leftovers:
                 self._remove_leftovers(link)
             session = self._open_session(link, deadline)
             if session is None:
                 return None
             try:
-                return work(session.hand_over(), deadline)
+                return work(session.hand_over(), deadline, side)
             except TimeoutError:
                 return None
             except (FileNotFoundError, PermissionError):
-                raise  # the file's answer, local or remote: not the connection's
+                raise  # the remote file's answer: not the connection's
             except TRANSPORT_ERRORS as exc:
                 raise mapped(exc, link.transport, True, "the transfer") from None
 
-        try:
-            done = self._with_retries(attempt, deadline)
+        def run() -> int:
+            side = Local(local)
+            done = self._with_retries(lambda link: attempt(link, side), deadline)
             if done is None:
                 raise TransferTimeout(f"the transfer timed out after {timeout:g} s", self)
+            return done
+
+        try:
+            done = callers_own(run)
             counters.add(**{"bytes_sent" if sent else "bytes_received": done})
             succeeded = True
             return done
         finally:
             counters.add(**{"commands_succeeded" if succeeded else "commands_failed": 1})
 
-    def _remove_leftover(self, temp: str) -> None:
-        """Remove a failed upload's temporary file now if the connection lives, else later.
+    def _remove_leftover(self, temps: List[str]) -> None:
+        """Remove failed uploads' temporary files now if the connection lives, else later.
 
-        Without a live connection the name is kept, and removed by the next
+        Without a live connection the names are kept, and removed by the next
         transfer once it has one (`_remove_leftovers`).
         """
+        if not temps:
+            return
         with self._connection.lock:
-            self._leftovers.add(temp)
+            self._leftovers.update(temps)
         link = self._connection.link
         if link is not None and link.alive():
             self._remove_leftovers(link)

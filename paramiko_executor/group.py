@@ -20,6 +20,7 @@ from typing import (
     Iterator,
     Mapping,
     Optional,
+    Set,
     Tuple,
     Type,
     Union,
@@ -153,6 +154,13 @@ def _host_entry(host: Any, index: int) -> Tuple[str, Dict[str, Any]]:
     return name, params
 
 
+def _finished_or_closed(future: Future[Any]) -> Any:
+    """A host's outcome if its call finished, else the failure of a closed group."""
+    if future.done() and not future.cancelled():
+        return future.result()
+    return ExecutorFailure("the group was closed")
+
+
 # One host's share of a group call: (name, executor) -> its result.
 _HostCall = Callable[[str, Executor], Any]
 
@@ -228,6 +236,8 @@ class HostGroup:
         self._executors: Dict[str, Executor] = {}
         self._lock = threading.Lock()
         self._pool: Optional[ThreadPoolExecutor] = None
+        # One future per call in progress, ended by close(): the lock guards the set.
+        self._calls: Set[Future[None]] = set()
 
     def __repr__(self) -> str:
         return f"<HostGroup {len(self._parameters)} hosts, max_workers={self._max_workers}>"
@@ -251,43 +261,68 @@ class HostGroup:
     def _build(self) -> Dict[str, Executor]:
         """Every host's executor, building those not built yet, in the given order."""
         with self._lock:
-            for name, parameters in self._parameters.items():
-                if name not in self._executors:
-                    try:
-                        self._executors[name] = self._executor_class(**parameters)
-                    except (TypeError, ValueError) as exc:
-                        if type(exc) not in (TypeError, ValueError):
-                            raise  # a subclass may not take one message: pass it on as it is
-                        raise type(exc)(f"host {name!r}: {exc}") from exc
-            return dict(self._executors)
+            return self._build_locked()
 
-    def _thread_pool(self) -> ThreadPoolExecutor:
+    def _build_locked(self) -> Dict[str, Executor]:
+        for name, parameters in self._parameters.items():
+            if name not in self._executors:
+                try:
+                    self._executors[name] = self._executor_class(**parameters)
+                except (TypeError, ValueError) as exc:
+                    if type(exc) not in (TypeError, ValueError):
+                        raise  # a subclass may not take one message: pass it on as it is
+                    raise type(exc)(f"host {name!r}: {exc}") from exc
+        return dict(self._executors)
+
+    def _start(
+        self, call: _HostCall, failures: Tuple[Type[BaseException], ...]
+    ) -> Tuple[Dict[Future[Any], str], Future[None]]:
+        """Submit ``call`` for every host; the futures, and the one `close` ends.
+
+        Under the group's lock, so `close` sees either none of this call or all
+        of it: never a pool shut down between its creation and a submit.
+        """
         with self._lock:
+            executors = self._build_locked()
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(
                     max_workers=max(1, min(self._max_workers, len(self._parameters))),
                     thread_name_prefix="HostGroup",
                 )
-            return self._pool
+            closed: Future[None] = Future()
+            futures = {
+                self._pool.submit(_outcome, call, name, executor, failures): name
+                for name, executor in executors.items()
+            }
+            self._calls.add(closed)
+        return futures, closed
 
     def _as_completed(
         self, call: _HostCall, failures: Tuple[Type[BaseException], ...]
     ) -> Iterator[Tuple[str, Any]]:
         """``(name, outcome)`` of ``call`` on every host, as each one finishes.
 
-        Leaving early (``break``, an exception) cancels the hosts not started yet;
-        those already running finish on the pool's threads.
+        Once `close` runs, every host not finished yet comes out at once as
+        `ExecutorFailure` ("the group was closed"). Leaving early (``break``,
+        an exception) cancels the hosts not started yet; those already running
+        finish on the pool's threads.
         """
-        executors = self._build()
-        pool = self._thread_pool()
-        futures: Dict[Future, str] = {
-            pool.submit(_outcome, call, name, executor, failures): name
-            for name, executor in executors.items()
-        }
+        futures, closed = self._start(call, failures)
+        pending = dict(futures)
         try:
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+            if pending:
+                for future in as_completed([*futures, closed]):
+                    if future is closed:
+                        break
+                    del pending[future]
+                    yield futures[future], _finished_or_closed(future)
+                    if not pending:
+                        break
+            for future, name in list(pending.items()):  # close() came first
+                yield name, _finished_or_closed(future)
         finally:
+            with self._lock:
+                self._calls.discard(closed)
             for future in futures:
                 future.cancel()
 
@@ -375,19 +410,27 @@ class HostGroup:
         return {name: executor.statistics() for name, executor in self._build().items()}
 
     def close(self) -> None:
-        """Close every executor built so far, then end the thread pool.
+        """Close every executor built so far, then end the thread pool; safe at any moment.
 
-        Waits for calls still running on the pool (closing their executors first
-        makes commands on open connections fail at once). The group stays usable:
-        a later call reconnects and starts a new pool.
+        A call in progress in another thread (`run_command`, `put`, `get`, or
+        the loop of `run_command_as_completed`) returns at once with every host
+        that had not finished ending as `ExecutorFailure` ("the group was
+        closed"); hosts that had finished keep their outcomes, and hosts not
+        started yet never start. close() itself waits for the hosts' calls still
+        running on the pool (closing their executors first makes commands on
+        open connections fail at once). The group stays usable: a later call
+        reconnects and starts a new pool.
         """
         with self._lock:
             executors = list(self._executors.values())
             pool, self._pool = self._pool, None
+            calls, self._calls = self._calls, set()
+        for closed in calls:
+            closed.set_result(None)
         for executor in executors:
             executor.close()
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> HostGroup:
         return self

@@ -8,13 +8,13 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .command import RunOptions, StdinInput, check_command, outcome, stdin_bytes
 from .executors import Executor, check_transfer_arguments
 from .output import line_splitters
 from .results import CommandResult, decode_output
-from .transfer import Progress, Source, local_get, local_put
+from .transfer import Progress, Source, callers_own, local_get, local_put
 
 __all__ = ["ShellExecutor"]
 
@@ -70,14 +70,15 @@ class ShellExecutor(Executor):
     def put(self, local: Source, remote: str, *, mode: Optional[int] = None,
             timeout: Optional[float] = None, progress: Optional[Progress] = None) -> int:
         """`SSHExecutor.put`'s contract here: copy ``local`` to path ``remote``, atomically."""
-        check_transfer_arguments(local, remote, mode=mode, timeout=timeout, progress=progress)
-        return local_put(local, remote, mode=mode, progress=progress)
+        check_transfer_arguments(local, remote, put=True, mode=mode, timeout=timeout,
+                                 progress=progress)
+        return callers_own(lambda: local_put(local, remote, mode=mode, progress=progress))
 
     def get(self, remote: str, local: Source, *, timeout: Optional[float] = None,
             progress: Optional[Progress] = None) -> int:
         """`SSHExecutor.get`'s contract on this machine: copy path ``remote`` to ``local``."""
-        check_transfer_arguments(local, remote, timeout=timeout, progress=progress)
-        return local_get(remote, local, progress=progress)
+        check_transfer_arguments(local, remote, put=False, timeout=timeout, progress=progress)
+        return callers_own(lambda: local_get(remote, local, progress=progress))
 
     def _run_on_pty(self, command: str, data: bytes, options: RunOptions,
                     deadline: Optional[float], environment: Optional[Dict[str, str]],
@@ -93,22 +94,21 @@ class ShellExecutor(Executor):
         try:
             # A terminal has no EOF of its own: end-of-file is Ctrl-D at a line's start.
             eof = b"\x04" if not data or data.endswith(b"\n") else b"\x04\x04"
-            os.write(controller, data + eof)
-            collected, timed_out = _communicate(proc, b"", {controller: "stdout"}, options,
-                                                deadline, pty_fd=controller)
+            collected, timed_out = _communicate(proc, data + eof, {controller: "stdout"},
+                                                options, deadline, stdin_fd=controller)
         finally:
             os.close(controller)
         return self._finish(proc, command, stdin_input, options, collected, timed_out)
 
     @staticmethod
-    def _finish(proc: subprocess.Popen, command: str, stdin_input: StdinInput,
+    def _finish(proc: subprocess.Popen[bytes], command: str, stdin_input: StdinInput,
                 options: RunOptions, collected: Dict[str, bytearray],
                 timed_out: bool) -> CommandResult:
         out = decode_output(collected["stdout"], options.encoding)
         err = decode_output(collected["stderr"], options.encoding)
         if timed_out:
             return outcome(command, stdin_input, options, None, out, err, timed_out=True)
-        code = proc.wait()
+        code = proc.returncode  # _communicate returns untimed-out only once the process ended
         signal_name = None
         if code < 0:
             signal_name = signal.Signals(-code).name[3:]
@@ -116,54 +116,77 @@ class ShellExecutor(Executor):
         return outcome(command, stdin_input, options, code, out, err, signal_name=signal_name)
 
 
-def _communicate(proc: subprocess.Popen, data: bytes, streams: Dict[int, str],
+def _communicate(proc: subprocess.Popen[bytes], data: bytes, streams: Dict[int, str],
                  options: RunOptions, deadline: Optional[float],
-                 pty_fd: Optional[int] = None) -> tuple:
-    """Feed stdin, collect (and hand on) output until both streams end or the deadline.
+                 stdin_fd: Optional[int] = None) -> Tuple[Dict[str, bytearray], bool]:
+    """Feed stdin, collect (and hand on) output, then reap the process, all by the deadline.
 
-    Returns the output per stream and whether the deadline passed. On a
-    timeout or an exception (a raising callback) the process group is ended.
+    Writes and reads interleave on non-blocking descriptors, so a command
+    that reads nothing, or writes more than a pipe holds before reading,
+    never stalls the loop; and the wait for the exit after both streams
+    closed has the same deadline (a command that closed its output can still
+    run). ``stdin_fd`` is where ``data`` goes (a pty's controller, which is
+    also its output stream); by default the process's stdin pipe, closed
+    once ``data`` is written. Returns the output per stream and whether the
+    deadline passed. On a timeout or an exception (a raising callback) the
+    process group is ended.
     """
     collected = {"stdout": bytearray(), "stderr": bytearray()}
     splitters = line_splitters(options.on_output, options.encoding)
     pending = memoryview(data)
+    stdin_pipe = proc.stdin
+    if stdin_fd is None and stdin_pipe is not None:
+        stdin_fd = stdin_pipe.fileno()
     try:
         with selectors.DefaultSelector() as selector:
-            for fd in streams:
-                selector.register(fd, selectors.EVENT_READ)
-            stdin = proc.stdin
-            if stdin is not None:
-                if pending:
-                    os.set_blocking(stdin.fileno(), False)
-                    selector.register(stdin.fileno(), selectors.EVENT_WRITE)
+            events: Dict[int, int] = {fd: selectors.EVENT_READ for fd in streams}
+            if stdin_fd is not None and pending:
+                os.set_blocking(stdin_fd, False)
+                events[stdin_fd] = events.get(stdin_fd, 0) | selectors.EVENT_WRITE
+            elif stdin_pipe is not None:
+                stdin_pipe.close()
+            for fd, mask in events.items():
+                selector.register(fd, mask)
+
+            def drop(fd: int, mask: int) -> None:
+                """Stop watching ``fd`` for the events in ``mask``."""
+                events[fd] &= ~mask
+                if events[fd]:
+                    selector.modify(fd, events[fd])
                 else:
-                    stdin.close()
-            open_streams = len(streams)
-            while open_streams:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                    del events[fd]
+                    selector.unregister(fd)
+
+            while events:
+                remaining = _remaining(deadline)
+                if remaining == 0.0:
                     _end_group(proc)
                     return collected, True
-                for key, _ in selector.select(remaining):
+                for key, ready in selector.select(remaining):
                     fd = key.fd
-                    if fd not in streams:  # stdin is writable
+                    if ready & selectors.EVENT_WRITE and fd in events:
                         try:
-                            written = os.write(fd, pending[:PIPE_CHUNK])
-                        except BrokenPipeError:
-                            written = len(pending)
-                        pending = pending[written:]
+                            pending = pending[os.write(fd, pending[:PIPE_CHUNK]):]
+                        except BlockingIOError:
+                            pass
+                        except OSError:  # the reader is gone: the rest has nowhere to go
+                            pending = pending[len(pending):]
                         if not pending:
-                            selector.unregister(fd)
-                            stdin.close()  # type: ignore[union-attr]
+                            drop(fd, selectors.EVENT_WRITE)
+                            if stdin_pipe is not None:
+                                stdin_pipe.close()
+                    if not ready & selectors.EVENT_READ or fd not in events:
                         continue
                     try:
                         chunk = os.read(fd, PIPE_CHUNK)
+                    except BlockingIOError:
+                        continue
                     except OSError:  # a pty reads EIO once the terminal's last holder closed it
                         chunk = b""
                     name = streams[fd]
                     if not chunk:
-                        selector.unregister(fd)
-                        open_streams -= 1
+                        # Whatever stdin was still pending for this descriptor goes too.
+                        drop(fd, events[fd])
                         if splitters is not None:
                             splitters[name].finish()
                         continue
@@ -171,17 +194,27 @@ def _communicate(proc: subprocess.Popen, data: bytes, streams: Dict[int, str],
                         collected[name] += chunk
                     if splitters is not None:
                         splitters[name].feed(chunk)
+        try:
+            proc.wait(_remaining(deadline))
+        except subprocess.TimeoutExpired:
+            _end_group(proc)
+            return collected, True
     except BaseException:
         _end_group(proc)
         raise
     finally:
-        for pipe in (proc.stdout, proc.stderr):
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
     return collected, False
 
 
-def _end_group(proc: subprocess.Popen) -> None:
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    """Seconds left until ``deadline`` (0.0 once passed), None without one."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
     """TERM to the command's process group now, KILL after `KILL_GRACE`; never waits for it."""
     _signal_group(proc, signal.SIGTERM)
 
@@ -196,7 +229,7 @@ def _end_group(proc: subprocess.Popen) -> None:
     threading.Thread(target=escalate, name="paramiko_executor escalate", daemon=True).start()
 
 
-def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
     try:
         os.killpg(proc.pid, signum)
     except ProcessLookupError:

@@ -20,6 +20,7 @@ import hmac
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 import weakref
@@ -27,7 +28,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pyotp
 
+from .errors import AuthenticationInterrupted
 from .results import AuthenticationFailure
+from .text import printable
 
 __all__ = [
     "LEDGER_ENV",
@@ -45,6 +48,14 @@ LEDGER_ENV = "PARAMIKO_EXECUTOR_TOTP_LEDGER"
 _LEDGER_NAME = "totp-ledger"
 _KEY_SUFFIX = ".key"
 _KEY_BYTES = 32
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+#: A step recorded further than this ahead of the clock is implausible, and ignored.
+PLAUSIBLE_AHEAD = 2
+
+#: How often a login waiting for a fresh code checks whether it was abandoned (seconds).
+_ABANDON_POLL = 0.1
 
 
 class _TOTP(pyotp.TOTP):
@@ -92,12 +103,23 @@ def default_ledger_path() -> str:
     return os.path.join(cache, "paramiko_executor", _LEDGER_NAME)
 
 
+class _LedgerUnusable(Exception):
+    """The ledger file cannot be used for this login: it is not to be trusted, or failed."""
+
+
 class _LedgerFile:
     """The shared record: ``<hex HMAC of the secret> <last step sent>`` lines, under ``flock``.
 
     Every access opens the file, takes an exclusive ``flock``, reads or rewrites it and closes
     it again, so no descriptor (nor lock) is ever shared with a forked child, and the lock is
     held for microseconds, never while waiting for a time step.
+
+    Trusted only as far as it deserves: the directory, the ledger and its key must each
+    belong to this user and be writable by nobody else, and are opened without following
+    symbolic links (``O_NOFOLLOW``, the directory opened first and the files relative to
+    it, each checked with ``fstat`` once open), so no other local user can plant a link
+    whose target this process would rewrite, nor feed it records. Anything else raises
+    `_LedgerUnusable` for that access alone.
     """
 
     # A lock held longer than this belongs to a stopped or hung process: give up, loudly.
@@ -107,38 +129,51 @@ class _LedgerFile:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def _open_locked(self) -> int:
+    def _open_directory(self) -> int:
         directory = os.path.dirname(self.path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = os.open(directory, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_DIRECTORY", 0)
+                     | _CLOEXEC)
         try:
-            deadline = time.monotonic() + self.LOCK_TIMEOUT
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return fd
-                except OSError as exc:
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                        raise
-                if time.monotonic() > deadline:
-                    raise AuthenticationFailure(
-                        f"the TOTP ledger {self.path} stayed locked for {self.LOCK_TIMEOUT:g} s "
-                        "(a stopped process holds it?)"
-                    )
-                time.sleep(self._LOCK_POLL)
+            _check_owned(fd, directory, stat.S_ISDIR)
         except BaseException:
             os.close(fd)
             raise
+        return fd
 
-    def _hmac_key(self) -> bytes:
-        """The per-user key, created on first use. Called with the ledger lock held.
+    def _open_file(self, directory_fd: int, name: str) -> int:
+        """``name`` in the ledger's directory, created owner-only if missing, once checked."""
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600,
+                     dir_fd=directory_fd)
+        try:
+            _check_owned(fd, os.path.join(os.path.dirname(self.path), name), stat.S_ISREG)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
-        Read every time, not cached: a key file removed and made anew by another process
-        must not leave this one hashing with the old key.
+    def _lock(self, fd: int) -> None:
+        deadline = time.monotonic() + self.LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+            if time.monotonic() > deadline:
+                raise _LedgerUnusable(f"it stayed locked for {self.LOCK_TIMEOUT:g} s "
+                                     "(a stopped process holds it?)")
+            time.sleep(self._LOCK_POLL)
+
+    @staticmethod
+    def _hmac_key(fd: int) -> bytes:
+        """The per-user key from the open key file ``fd``, created on first use.
+
+        Called with the ledger lock held. Read every time, not cached: a key file removed
+        and made anew by another process must not leave this one hashing with the old key.
         """
-        key_path = self.path + _KEY_SUFFIX
-        fd = os.open(key_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-        with os.fdopen(fd, "r+b") as file:
+        with os.fdopen(os.dup(fd), "r+b") as file:
             key = file.read()
             if len(key) != _KEY_BYTES:  # new (or damaged): the ledger lock makes this race-free
                 key = secrets.token_bytes(_KEY_BYTES)
@@ -151,31 +186,63 @@ class _LedgerFile:
         """The step recorded for ``secret`` if it is ``step`` or later, else None.
 
         When the step is free, it is recorded in the same locked read-modify-write, so two
-        processes can never both claim one step. Records older than
-        the step being written are dropped: they can no longer make anybody wait, and the file
-        stays a few lines long.
+        processes can never both claim one step. A record more than `PLAUSIBLE_AHEAD`
+        steps ahead of ``step`` is implausible (a clock that ran fast, or a forged line):
+        it is ignored with a WARNING and overwritten. Records older than the step being
+        written are dropped: they can no longer make anybody wait, and the file stays a few
+        lines long. Raises `_LedgerUnusable` or `OSError` when the file cannot be used.
         """
-        fd = self._open_locked()
+        directory = self._open_directory()
         try:
-            name = hmac.new(self._hmac_key(), secret.encode(), hashlib.sha256).hexdigest()
-            with os.fdopen(os.dup(fd), "r+", encoding="ascii", errors="replace") as file:
-                records: Dict[str, int] = {}
-                for line in file.read().splitlines():
-                    fields = line.split()
-                    # A line damaged by a crash mid-write is ignored, not fatal.
-                    if len(fields) == 2 and fields[1].isdigit():
-                        records[fields[0]] = int(fields[1])
-                recorded = records.get(name)
-                if recorded is not None and recorded >= step:
-                    return recorded
-                records[name] = step
-                kept = {k: v for k, v in records.items() if v >= step - 2}
-                file.seek(0)
-                file.truncate()
-                file.write("".join(f"{k} {v}\n" for k, v in kept.items()))
-                return None
+            fd = self._open_file(directory, os.path.basename(self.path))
+            try:
+                self._lock(fd)
+                key_fd = self._open_file(directory, os.path.basename(self.path) + _KEY_SUFFIX)
+                try:
+                    key = self._hmac_key(key_fd)
+                finally:
+                    os.close(key_fd)
+                name = hmac.new(key, secret.encode(), hashlib.sha256).hexdigest()
+                return self._claim_locked(fd, name, step)
+            finally:
+                os.close(fd)  # also releases the lock
         finally:
-            os.close(fd)  # also releases the lock
+            os.close(directory)
+
+    def _claim_locked(self, fd: int, name: str, step: int) -> Optional[int]:
+        with os.fdopen(os.dup(fd), "r+", encoding="ascii", errors="replace") as file:
+            records: Dict[str, int] = {}
+            for line in file.read().splitlines():
+                fields = line.split()
+                # A line damaged by a crash mid-write is ignored, not fatal.
+                if len(fields) == 2 and fields[1].isdigit() and len(fields[1]) < 20:
+                    records[fields[0]] = int(fields[1])
+            recorded = records.get(name)
+            if recorded is not None and recorded > step + PLAUSIBLE_AHEAD:
+                log.warning("TOTP ledger %s records a time step %d steps ahead of the clock: "
+                            "ignored", printable(self.path), recorded - step)
+                recorded = None
+            if recorded is not None and recorded >= step:
+                return recorded
+            records[name] = step
+            kept = {k: v for k, v in records.items() if step - 2 <= v <= step + PLAUSIBLE_AHEAD}
+            file.seek(0)
+            file.truncate()
+            file.write("".join(f"{k} {v}\n" for k, v in kept.items()))
+            return None
+
+
+def _check_owned(fd: int, path: str, kind: Callable[[int], bool]) -> None:
+    """Raise `_LedgerUnusable` unless ``fd`` is of ``kind``, this user's, writable by no other."""
+    info = os.fstat(fd)
+    if not kind(info.st_mode):
+        raise _LedgerUnusable(f"{path} is not a {'directory' if kind is stat.S_ISDIR else 'file'}")
+    if info.st_uid != os.getuid():
+        raise _LedgerUnusable(f"{path} belongs to another user (uid {info.st_uid})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise _LedgerUnusable(f"{path} is writable by other users")
+    if kind is stat.S_ISREG and info.st_nlink != 1:
+        raise _LedgerUnusable(f"{path} has other names (hard links)")
 
 
 class TOTPLedger:
@@ -190,8 +257,14 @@ class TOTPLedger:
     a fresh lock. Secrets are keyed by their SHA-256 in memory, by a keyed HMAC in the file.
 
     ``path``: the ledger file shared with other processes; None keeps the record in this
-    process only. A file that cannot be used (read-only home) is logged once at WARNING and
-    the ledger carries on in this process only.
+    process only. When the file cannot be used for a login (it is not to be trusted, see
+    `_LedgerFile`, or reading or writing it fails), a WARNING names the path and that login
+    relies on this process's record alone; the next login tries the file again.
+
+    A login waits at most one time step for a fresh code, and less when the caller's
+    ``deadline`` comes first or its ``abandoned()`` turns true (the connection was closed):
+    then `AuthenticationInterrupted` (temporary: a new connect attempt takes its turn
+    again). A recorded step more than `PLAUSIBLE_AHEAD` steps ahead of the clock is ignored.
 
     ``clock`` (seconds since the epoch) and ``wait`` (called with a timeout, instead of the
     Condition wait) exist for tests with a fake clock.
@@ -199,8 +272,6 @@ class TOTPLedger:
 
     # A clock that does not reach a new step after this many waits is standing still.
     _MAX_WAITS = 3
-    # Turns to wait for while other processes or threads take the steps (20 minutes).
-    _MAX_TURNS = 40
     # Wake just after the step boundary, not just before it.
     _BOUNDARY_MARGIN = 0.05
 
@@ -240,57 +311,80 @@ class TOTPLedger:
     def _key(secret: str) -> bytes:
         return hashlib.sha256(secret.encode()).digest()
 
-    def _take_turn(self, secret: str) -> Tuple[int, str]:
+    def _take_turn(self, secret: str, deadline: Optional[float] = None,
+                   abandoned: Optional[Callable[[], bool]] = None) -> Tuple[int, str]:
         """Wait until the current step's code for ``secret`` was never sent; claim it.
 
         The step is recorded as taken (here and in the file) in the same locked step as the
-        check. Returns the step and its code. Hold ``_cond``.
+        check. Waits at most one time step (by the clock and by `time.monotonic`, so a clock
+        standing still cannot hold a login either), until ``deadline`` (a `time.monotonic`
+        value) or until ``abandoned()``. Returns the step and its code. Hold ``_cond``.
         """
         key = self._key(secret)
         totp = make_totp(secret)
+        interval = totp.interval
+        latest = self._clock() + interval + self._BOUNDARY_MARGIN
+        limit = time.monotonic() + interval + self._BOUNDARY_MARGIN
+        if deadline is not None:
+            limit = min(limit, deadline)
         stalls = 0
-        for _turn in range(self._MAX_TURNS):
+        while True:
             now = self._clock()
-            step = int(now // totp.interval)
+            step = int(now // interval)
             last = self._last.get(key)
+            if last is not None and last > step + PLAUSIBLE_AHEAD:
+                last = None  # this process's own record, from before the clock went back
             taken = last if last is not None and last >= step else self._claim(secret, step)
             if taken is None:
                 self._last[key] = step
                 return step, totp.at(now)
-            delay = (taken + 1) * totp.interval - now + self._BOUNDARY_MARGIN
-            log.info(
-                "TOTP code for this secret was already sent; waiting %.1f s for the next time step",
-                delay,
-            )
-            if self._wait_hook is not None:
-                self._wait_hook(delay)
-            else:
-                self._cond.wait(delay)
-            if int(self._clock() // totp.interval) <= step:
+            wake = (taken + 1) * interval + self._BOUNDARY_MARGIN
+            if wake > latest or time.monotonic() >= limit:
+                raise AuthenticationInterrupted(
+                    "no fresh TOTP code within one time step: other logins with this secret "
+                    "took the steps (a later attempt takes its turn)")
+            log.info("TOTP code for this secret was already sent; waiting %.1f s for the next "
+                     "time step", wake - now)
+            self._pause(min(wake - now, limit - time.monotonic()), abandoned)
+            if int(self._clock() // interval) <= step:
                 stalls += 1
                 if stalls > self._MAX_WAITS:
                     raise AuthenticationFailure(
                         "no fresh TOTP code became available (is the system clock standing still?)"
                     )
-        raise AuthenticationFailure(
-            f"no fresh TOTP code in {self._MAX_TURNS} time steps: other logins with this secret "
-            "took every one"
-        )
+
+    def _pause(self, delay: float, abandoned: Optional[Callable[[], bool]]) -> None:
+        """Wait ``delay`` seconds (other secrets go on meanwhile); raise once ``abandoned()``."""
+        if self._wait_hook is not None:
+            self._wait_hook(delay)
+            return
+        end = time.monotonic() + delay
+        while True:
+            if abandoned is not None and abandoned():
+                raise AuthenticationInterrupted(
+                    "the login was abandoned while it waited for a fresh TOTP code")
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(min(remaining, _ABANDON_POLL) if abandoned else remaining)
 
     def _claim(self, secret: str, step: int) -> Optional[int]:
-        """`_LedgerFile.claim` on the shared file, if there is a usable one."""
-        if self._file is not None:
-            try:
-                return self._file.claim(secret, step)
-            except OSError as exc:
-                log.warning(
-                    "TOTP ledger %s unusable (%s): codes are tracked in this process only",
-                    self._file.path, exc.strerror or exc,
-                )
-                self._file = None
-        return None
+        """`_LedgerFile.claim` on the shared file; None (free) when it cannot be used now.
 
-    def wait_until_fresh(self, secret: str) -> None:
+        A failure concerns this claim alone: the next one tries the file again.
+        """
+        if self._file is None:
+            return None
+        try:
+            return self._file.claim(secret, step)
+        except (_LedgerUnusable, OSError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            log.warning("TOTP ledger %s not used for this login (%s): codes are tracked in "
+                        "this process only", printable(self._file.path), printable(str(why)))
+            return None
+
+    def wait_until_fresh(self, secret: str, *, deadline: Optional[float] = None,
+                         abandoned: Optional[Callable[[], bool]] = None) -> None:
         """Block until a step whose code for ``secret`` was never sent begins; reserve it.
 
         Call this before a login starts the exchange that will ask for the code: the next
@@ -298,10 +392,14 @@ class TOTPLedger:
         waiting. Others (threads, processes) wait for a later step before they start theirs,
         so logins with one secret never overlap at the server (google-authenticator's PAM
         module refuses a login whose secret file another login rewrote meanwhile).
+
+        Waits at most one time step, and not past ``deadline`` (a `time.monotonic` value)
+        nor once ``abandoned()`` is true (checked every 0.1 s): then raises
+        `AuthenticationInterrupted`.
         """
         secret = normalise_secret(secret)
         with self._cond:
-            step, _code = self._take_turn(secret)
+            step, _code = self._take_turn(secret, deadline, abandoned)
             self._reserved.setdefault(self._key(secret), []).append(step)
 
     def issue(self, secret: str) -> str:
@@ -309,7 +407,7 @@ class TOTPLedger:
 
         Call this at the moment the code is handed to the server. A step this process
         reserved with :meth:`wait_until_fresh` is used if it is the current one; reservations
-        of steps gone by are dropped.
+        of steps gone by are dropped. Waits at most one time step.
         """
         secret = normalise_secret(secret)
         key = self._key(secret)
@@ -325,7 +423,6 @@ class TOTPLedger:
             if reserved:
                 self._reserved[key] = reserved
             return self._take_turn(secret)[1]
-
 
 #: The process-wide ledger authentication uses, shared through :func:`default_ledger_path`.
 TOTP_LEDGER = TOTPLedger(path=default_ledger_path())

@@ -21,19 +21,35 @@ reply has arrived, not per 32 KiB channel packet. What remains is paramiko's
 own cost per SSH packet (sshd takes at most 32 KiB of session data per
 packet): an upload costs about what ``Channel.sendall`` of the same bytes does.
 
+Permissions, as OpenSSH's ``sftp`` leaves them: a new file gets ``mode`` if
+given, else the source's permission bits (an upload: the local file's, 0o644
+for a file object; a download: the remote file's, less the local umask); a
+file that is replaced keeps its own bits unless ``mode`` is given. The
+temporary file is created exclusively (``O_EXCL``, a fresh name each time)
+with owner-only bits and gets its final bits just before the rename: at no
+moment can more people read the data than can read the final file.
+
 Errors: a missing remote file or directory raises `FileNotFoundError`, a
 refused one `PermissionError` (both naming the remote path), other SFTP
-failures `ExecutorFailure`. A server that does not start SFTP (subsystem
-refused, or a command-restricted key whose forced command runs instead)
-raises `ExecutorFailure` within `NEGOTIATION_TIMEOUT`. Past ``deadline``
-(a `time.monotonic` value) `TimeoutError` is raised. A broken connection
-surfaces as paramiko raised it (`EOFError`, `OSError`, `paramiko.SSHException`),
-or as `EOFError` when the channel was closed by the connection's end; a
-session the server ended on a live connection is an `ExecutorFailure`. Errors
-of the local side (opening, reading or writing a local file or file object,
-and of ``progress``) propagate unchanged. Note that `FileNotFoundError`,
-`PermissionError`, `TimeoutError` and local file errors are `OSError`s too: a
-caller classifying by type must not take every `OSError` for a lost connection.
+failures `ExecutorFailure`; a server's own text in them went through
+`text.printable`. Anything malformed the server sends (short or overlong
+packets, lengths past their packet, replies to requests never sent) is an
+`ExecutorFailure` saying "SFTP protocol error". A server that does not start
+SFTP (subsystem refused, or a command-restricted key whose forced command
+runs instead) raises `ExecutorFailure` within `NEGOTIATION_TIMEOUT`. Past
+``deadline`` (a `time.monotonic` value) `TimeoutError` is raised. A broken
+connection surfaces as paramiko raised it (`EOFError`, `OSError`,
+`paramiko.SSHException`), or as `EOFError` when the channel was closed by the
+connection's end; a session the server ended on a live connection is an
+`ExecutorFailure`.
+
+The caller's code and local I/O (opening, reading or writing a local file or
+file object, ``progress``) run inside `errors.callers_code`: what they raise
+comes out as a `CallerError` carrying it, which no handler of connection
+failures can take for one; `callers_own` gives the caller its own
+exception back. A file object serves every attempt from the position it had
+at the start (`Local`); one that cannot seek (a pipe) serves one attempt once
+bytes went through it, and a later attempt is an `ExecutorFailure`.
 
 paramiko's internals, all through `internals` (which lists and checks them):
 the subsystem is asked for and awaited with a time limit
@@ -63,7 +79,7 @@ import struct
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import (
     IO,
     Any,
@@ -72,9 +88,12 @@ from typing import (
     Deque,
     Dict,
     Iterator,
+    List,
     NoReturn,
     Optional,
+    Set,
     Tuple,
+    TypeVar,
     Union,
 )
 
@@ -83,6 +102,7 @@ from paramiko.buffered_pipe import PipeTimeout
 from paramiko.common import cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
 
+from .errors import CallerError, ExecutorFailure, callers_code
 from .internals import (
     connection_error,
     replace_receive_buffers,
@@ -90,7 +110,7 @@ from .internals import (
     reply_arrived,
     send_awaiting_reply,
 )
-from .results import ExecutorFailure
+from .text import printable
 
 log = logging.getLogger("paramiko_executor.transfer")
 
@@ -101,6 +121,10 @@ __all__ = [
     "local_get",
     "remove",
     "temp_path_for",
+    "Local",
+    "ProtocolError",
+    "callers_own",
+    "check_mode",
     "NEGOTIATION_TIMEOUT",
     "IN_FLIGHT",
 ]
@@ -147,6 +171,7 @@ _FXP_WRITE = 6
 _FXP_FSTAT = 8
 _FXP_FSETSTAT = 10
 _FXP_REMOVE = 13
+_FXP_STAT = 17
 _FXP_RENAME = 18
 _FXP_STATUS = 101
 _FXP_HANDLE = 102
@@ -167,6 +192,7 @@ _FXF_TRUNC = 0x10
 _FXF_EXCL = 0x20
 
 _ATTR_SIZE = 0x01
+_ATTR_UIDGID = 0x02
 _ATTR_PERMISSIONS = 0x04
 
 _POSIX_RENAME = "posix-rename@openssh.com"
@@ -175,6 +201,7 @@ _LIMITS = "limits@openssh.com"
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _HEAD = struct.Struct(">IBI")  # length, type, request id
+_LIMITS_REPLY = struct.Struct(">QQQ")  # max packet, read and write lengths
 
 
 class _Inbox:
@@ -347,13 +374,14 @@ class _StatusError(Exception):
 
 def _raise_for(exc: _StatusError, action: str, path: str) -> NoReturn:
     """Raise the public exception for SFTP status ``exc`` of ``action`` on remote ``path``."""
+    # The server's text, escaped: it reaches terminals and logs.
     if exc.code == _FX_NO_SUCH_FILE:
-        message = exc.message or "No such file"
+        message = printable(exc.message or "No such file")
         raise FileNotFoundError(errno.ENOENT, f"{action}: {message} (remote)", path)
     if exc.code == _FX_PERMISSION_DENIED:
-        message = exc.message or "Permission denied"
+        message = printable(exc.message or "Permission denied")
         raise PermissionError(errno.EACCES, f"{action}: {message} (remote)", path)
-    message = exc.message or "no message"
+    message = printable(exc.message or "no message")
     raise ExecutorFailure(f"{action}: {path!r}: {message} (SFTP status {exc.code})")
 
 
@@ -362,11 +390,29 @@ def _string(value: Union[str, bytes]) -> bytes:
     return _U32.pack(len(data)) + data
 
 
-def _get_string(body: bytes, at: int) -> Tuple[bytes, int]:
-    (size,) = _U32.unpack_from(body, at)
+class ProtocolError(ExecutorFailure):
+    """The SFTP server sent something malformed: the session cannot be trusted any further."""
+
+
+def _malformed(what: str) -> ProtocolError:
+    return ProtocolError(f"SFTP protocol error: the server sent {what}")
+
+
+def _unpack(layout: struct.Struct, body: Union[bytes, memoryview], at: int,
+            what: str) -> Tuple[int, ...]:
+    """The fields of ``layout`` at ``body[at:]``; `ExecutorFailure` if the packet ends first."""
+    if at + layout.size > len(body):
+        raise _malformed(f"{what} cut short ({len(body)} bytes)")
+    return layout.unpack_from(body, at)
+
+
+def _get_string(body: Union[bytes, memoryview], at: int, what: str = "a packet") -> Tuple[
+        Union[bytes, memoryview], int]:
+    """The SFTP string at ``body[at:]`` and the offset past it, its length checked."""
+    (size,) = _unpack(_U32, body, at, what)
     at += 4
     if at + size > len(body):
-        raise ExecutorFailure("the SFTP server sent a malformed packet")
+        raise _malformed(f"{what} with a string of {size} bytes in {len(body) - at}")
     return body[at : at + size], at + size
 
 
@@ -376,12 +422,20 @@ def _attrs(mode: Optional[int] = None) -> bytes:
     return _U32.pack(_ATTR_PERMISSIONS) + _U32.pack(mode & 0o7777)
 
 
-def _attrs_size(body: bytes, at: int) -> Optional[int]:
-    """The size field of the ATTRS at ``body[at:]``, if the server sent one."""
-    (flags,) = _U32.unpack_from(body, at)
+def _attributes(body: memoryview, at: int) -> Tuple[Optional[int], Optional[int]]:
+    """(size, permission bits) of the ATTRS at ``body[at:]``, each None if the server sent none."""
+    (flags,) = _unpack(_U32, body, at, "ATTRS")
+    at += 4
+    size = perms = None
     if flags & _ATTR_SIZE:
-        return _U64.unpack_from(body, at + 4)[0]
-    return None
+        (size,) = _unpack(_U64, body, at, "ATTRS")
+        at += 8
+    if flags & _ATTR_UIDGID:
+        at += 8
+    if flags & _ATTR_PERMISSIONS:
+        (perms,) = _unpack(_U32, body, at, "ATTRS")
+        perms &= 0o7777
+    return size, perms
 
 
 def _remaining(until: Optional[float]) -> Optional[float]:
@@ -395,6 +449,7 @@ class _Session:
         self.chan = chan
         self.deadline = deadline
         self._next_id = 1
+        self._unanswered: Set[int] = set()  # ids of requests sent and not answered yet
         self.extensions: Dict[str, bytes] = {}
         self.block = DEFAULT_BLOCK
         # Whether the request stream is intact: a send cut off mid-packet
@@ -423,13 +478,13 @@ class _Session:
         body = self._negotiate(until)
         at = 5  # past type and version
         while at < len(body):
-            name, at = _get_string(body, at)
-            data, at = _get_string(body, at)
-            self.extensions[name.decode("utf-8", "replace")] = data
+            name, at = _get_string(body, at, "a VERSION reply")
+            data, at = _get_string(body, at, "a VERSION reply")
+            self.extensions[bytes(name).decode("utf-8", "replace")] = bytes(data)
         if _LIMITS in self.extensions:
             reply, limits = self.call(_FXP_EXTENDED, _string(_LIMITS), until=until)
-            if reply == _FXP_EXTENDED_REPLY and len(limits) >= 5 + 32:
-                _packet, read_max, write_max = struct.unpack_from(">QQQ", limits, 5)
+            if reply == _FXP_EXTENDED_REPLY:
+                _packet, read_max, write_max = _unpack(_LIMITS_REPLY, limits, 5, "limits")
                 # 0 means "no limit" in OpenSSH's extension.
                 limit = min(x for x in (read_max, write_max, MAX_BLOCK) if x)
                 self.block = max(DEFAULT_BLOCK, limit)
@@ -450,7 +505,7 @@ class _Session:
             self._check_transport()
             raise ExecutorFailure("the server refused to start the SFTP subsystem")
 
-    def _negotiate(self, until: float) -> bytes:
+    def _negotiate(self, until: float) -> memoryview:
         """The server's VERSION reply (from its type byte on), checked to be one."""
         reason = self._await(4, until)
         if reason == "ready":
@@ -463,7 +518,7 @@ class _Session:
             raise self._not_started("it ended the session without answering")
         if reason == "timeout":
             self._negotiation_timed_out(until, "no SFTP version came")
-        body = self.chan.recv(_U32.unpack(self.chan.recv(4))[0])
+        body = memoryview(self.chan.recv(_U32.unpack(self.chan.recv(4))[0]))
         if body[0] != _FXP_VERSION:
             raise self._not_started("it answered something that is not SFTP")
         return body
@@ -476,7 +531,7 @@ class _Session:
     def _not_started(self, why: str) -> ExecutorFailure:
         said = self._stderr.decode("utf-8", "replace").strip()
         if said:
-            why += f" (it wrote on stderr: {said!r})"
+            why += f" (it wrote on stderr: \"{printable(said)}\")"
         return ExecutorFailure(
             f"the server did not start SFTP: {why}. On a command-restricted key "
             "(authorized_keys command=...) the server runs the forced command "
@@ -546,8 +601,10 @@ class _Session:
             sent += n
 
     def new_id(self) -> int:
+        """A new request id, awaited by `receive` from now on."""
         request_id = self._next_id
         self._next_id = (request_id + 1) & 0xFFFFFFFF
+        self._unanswered.add(request_id)
         return request_id
 
     def receive(
@@ -557,6 +614,8 @@ class _Session:
 
         Without ``block``, (0, empty) when no whole reply is here yet; with it,
         waits until ``until`` (default: the deadline), raising `TimeoutError` past it.
+        A reply must answer a request sent and not answered yet: anything
+        else is a protocol error.
         """
         if until is None:
             until = self.deadline
@@ -568,12 +627,17 @@ class _Session:
             head = self._out.peek(4) or b""
         (size,) = _U32.unpack(head)
         if not 5 <= size <= _MAX_REPLY:
-            raise ExecutorFailure(f"the SFTP server sent a malformed packet (length {size})")
+            raise _malformed(f"a packet of length {size}")
         if len(self._out) < 4 + size:
             if not block:
                 return 0, memoryview(b"")
             self._wait(4 + size, until)
         body = memoryview(self.chan.recv(4 + size))[4:]
+        (request_id,) = _U32.unpack_from(body, 1)
+        try:
+            self._unanswered.remove(request_id)
+        except KeyError:
+            raise _malformed(f"a reply to request {request_id}, which awaits none") from None
         return body[0], body
 
     def _await(self, nbytes: int, until: Optional[float]) -> str:
@@ -601,31 +665,66 @@ class _Session:
     def call(
         self, kind: int, *fields: bytes, until: Optional[float] = None
     ) -> Tuple[int, memoryview]:
-        """Send a request and return its reply; replies to earlier requests are dropped.
+        """Send a request and return its reply; see `calls`."""
+        return self.calls((kind, fields), until=until)[0]
 
-        Dropping them lets clean-up run while a failed transfer's requests
-        are still being answered. Waits until ``until`` (default: the deadline).
+    def calls(
+        self, *requests: Tuple[int, Tuple[bytes, ...]], until: Optional[float] = None
+    ) -> List[Tuple[int, memoryview]]:
+        """Send ``(kind, fields)`` requests at once; their replies, in order, in one round trip.
+
+        Replies to earlier requests are dropped: that lets clean-up run while
+        a failed transfer's requests are still being answered. Waits until
+        ``until`` (default: the deadline).
         """
-        request_id = self.send(kind, *fields)
-        while True:
+        ids = [self.send(kind, *fields) for kind, fields in requests]
+        replies: Dict[int, Tuple[int, memoryview]] = {}
+        while len(replies) < len(ids):
             reply, body = self.receive(until)
-            if _U32.unpack_from(body, 1)[0] == request_id:
-                return reply, body
+            request_id = _U32.unpack_from(body, 1)[0]
+            if request_id in ids:
+                replies[request_id] = reply, body
+        return [replies[request_id] for request_id in ids]
 
     def checked(self, kind: int, *fields: bytes) -> None:
         """Send a request answered by a STATUS; raise `_StatusError` unless it is OK."""
         _check_status(*self.call(kind, *fields))
 
+    def stat_and_create(self, path: str, temp: str) -> Tuple[Optional[int], bytes]:
+        """``path``'s permission bits (None: no such file) and a handle of new file ``temp``.
+
+        One round trip: ``temp`` is created exclusively, readable by its owner
+        only. `_StatusError` if it cannot be.
+        """
+        flags = _FXF_WRITE | _FXF_CREAT | _FXF_TRUNC | _FXF_EXCL
+        stat, created = self.calls((_FXP_STAT, (_string(path),)),
+                                   (_FXP_OPEN, (_string(temp), _U32.pack(flags), _attrs(0o600))))
+        try:
+            _expect(*stat, _FXP_ATTRS, "STAT")
+        except _StatusError:  # missing, or hidden from us: a new file to the user
+            bits = None
+        else:
+            bits = _attributes(stat[1], 5)[1]
+        return bits, self.handle(*created)
+
     def open(self, path: str, flags: int, mode: Optional[int] = None) -> bytes:
         """Open remote ``path``; its handle."""
-        reply, body = self.call(_FXP_OPEN, _string(path), _U32.pack(flags), _attrs(mode))
-        _expect(reply, body, _FXP_HANDLE, "OPEN")
-        return bytes(_get_string(body, 5)[0])
+        return self.handle(*self.call(_FXP_OPEN, _string(path), _U32.pack(flags), _attrs(mode)))
 
-    def fstat_size(self, handle: bytes) -> Optional[int]:
+    @staticmethod
+    def handle(reply: int, body: memoryview) -> bytes:
+        """The handle an OPEN's reply gives; `_StatusError` if refused."""
+        _expect(reply, body, _FXP_HANDLE, "OPEN")
+        handle = bytes(_get_string(body, 5, "a HANDLE reply")[0])
+        if len(handle) > _MAX_HANDLE:  # each WRITE and READ would carry it
+            raise _malformed(f"a handle of {len(handle)} bytes")
+        return handle
+
+    def fstat(self, handle: bytes) -> Tuple[Optional[int], Optional[int]]:
+        """(size, permission bits) of the open file, each None if the server does not say."""
         reply, body = self.call(_FXP_FSTAT, _string(handle))
         _expect(reply, body, _FXP_ATTRS, "FSTAT")
-        return _attrs_size(body, 5)
+        return _attributes(body, 5)
 
     def rename(self, old: str, new: str) -> None:
         """Rename ``old`` over ``new``: atomically where the server offers posix-rename."""
@@ -703,9 +802,8 @@ class _Session:
             reply, body = self.receive(block=block)
             if not reply:
                 break
-            size = outstanding.pop(_U32.unpack_from(body, 1)[0], None)
-            if size is None:
-                raise ExecutorFailure("the SFTP server answered a request it was not sent")
+            # `receive` let only awaited replies through: all of them are WRITEs here.
+            size = outstanding.pop(_U32.unpack_from(body, 1)[0])
             _check_status(reply, body)
             done += size
             if progress is not None:
@@ -744,17 +842,16 @@ class _Session:
             if not outstanding:
                 break
             reply, body = self.receive()
-            request = outstanding.pop(_U32.unpack_from(body, 1)[0], None)
-            if request is None:
-                raise ExecutorFailure("the SFTP server answered a request it was not sent")
-            offset, length = request
-            if reply == _FXP_STATUS and _U32.unpack_from(body, 5)[0] == _FX_EOF:
+            # `receive` let only awaited replies through: all of them are READs here.
+            offset, length = outstanding.pop(_U32.unpack_from(body, 1)[0])
+            if reply == _FXP_STATUS and _unpack(_U32, body, 5, "a STATUS reply")[0] == _FX_EOF:
                 end = offset if end is None else min(end, offset)
                 continue
             _expect(reply, body, _FXP_DATA, "READ")
-            (got,) = _U32.unpack_from(body, 5)
+            (got,) = _unpack(_U32, body, 5, "a DATA reply")
             if not 0 < got <= length or 9 + got > len(body):
-                raise ExecutorFailure("the SFTP server sent a malformed DATA reply")
+                raise _malformed(f"a DATA reply of {got} bytes in {len(body) - 9}, "
+                                 f"for a READ of {length}")
             if got < length:  # a short read: ask for the rest
                 ask(offset + got, length - got)
             if known is not None and offset + got > known:
@@ -771,26 +868,28 @@ class _Session:
             if progress is not None:
                 progress(done, total)
         if parked or end is None or done != end:
-            raise ExecutorFailure("the SFTP server sent the file with gaps")
+            raise _malformed("the file with gaps")
         if not done and progress is not None:
             progress(0, total)
         return done
 
-    def discard_upload(self, handle: Optional[bytes], temp: str) -> None:
-        """After a failed upload: close ``handle`` and remove ``temp`` if the session still works.
+    def discard_upload(self, handle_field: Optional[bytes], temp: str,
+                       error: BaseException) -> None:
+        """After an upload failed with ``error``: close the handle, remove ``temp``.
 
+        Only while the session still works (not after a protocol error).
         Bounded by `CLEANUP_GRACE`; gives up quietly (the caller raises the
-        original error).
+        original error). ``handle_field``: the handle as an SFTP string.
         """
-        if not self.in_sync or self.chan.closed:
+        if isinstance(error, ProtocolError) or not self.in_sync or self.chan.closed:
             return
         self.deadline = time.monotonic() + CLEANUP_GRACE
         try:
             if self._unsent is not None:
                 self.send_bytes(memoryview(self._unsent))
                 self._unsent = None
-            if handle is not None:
-                self.call(_FXP_CLOSE, _string(handle))
+            if handle_field is not None:
+                self.call(_FXP_CLOSE, handle_field)
             self.remove(temp)
         except (_StatusError, ExecutorFailure, TimeoutError, EOFError, OSError,
                 paramiko.SSHException):
@@ -799,19 +898,23 @@ class _Session:
 
 _MAX_REPLY = MAX_BLOCK + 1024
 
+#: Longest handle the protocol allows (draft-ietf-secsh-filexfer-02, 7).
+_MAX_HANDLE = 256
+
 _ReadInto = Callable[[memoryview], Optional[int]]
 _Write = Callable[[memoryview], None]
+R = TypeVar("R")
 
 
 def _check_status(reply: int, body: memoryview) -> None:
     """Raise `_StatusError` unless ``body`` is a STATUS saying OK."""
-    if reply != _FXP_STATUS or len(body) < 9:
-        raise ExecutorFailure(f"the SFTP server sent reply type {reply} where a status belongs")
-    (code,) = _U32.unpack_from(body, 5)
+    if reply != _FXP_STATUS:
+        raise _malformed(f"reply type {reply} where a status belongs")
+    (code,) = _unpack(_U32, body, 5, "a STATUS reply")
     if code != _FX_OK:
         message = b""
-        if len(body) >= 13:
-            message = bytes(_get_string(body, 9)[0])
+        if len(body) > 9:  # the message is optional in version 3
+            message = bytes(_get_string(body, 9, "a STATUS reply")[0])
         raise _StatusError(code, message.decode("utf-8", "replace"))
 
 
@@ -819,7 +922,7 @@ def _expect(reply: int, body: memoryview, wanted: int, request: str) -> None:
     """Raise unless ``reply`` is of type ``wanted``: `_StatusError` for an error status."""
     if reply != wanted:
         _check_status(reply, body)
-        raise ExecutorFailure(f"the SFTP server answered {request} with an empty status")
+        raise _malformed(f"an OK status as the answer to {request}")
 
 
 def _fill(readinto: _ReadInto, view: memoryview) -> int:
@@ -846,75 +949,200 @@ def _write_all(write: Callable[[memoryview], Optional[int]]) -> _Write:
     return write_all
 
 
+def _callers(function: Callable[..., R]) -> Callable[..., R]:
+    """``function`` (the caller's code, or local I/O) run inside `callers_code` at every call."""
+
+    def call(*args: Any) -> R:
+        with callers_code():
+            return function(*args)
+
+    return call
+
+
+def callers_own(call: Callable[[], R]) -> R:
+    """``call()``; a `CallerError` out of it is raised as the caller's own exception."""
+    try:
+        return call()
+    except CallerError as exc:
+        original = exc.original
+    raise original  # outside the handler: the exception keeps its own context
+
+
 def _is_path(value: object) -> bool:
     return isinstance(value, (str, os.PathLike))
 
 
+def _position(file: Any) -> Optional[int]:
+    """Where ``file`` stands, if it can seek back there later; None if it cannot seek."""
+    seekable = getattr(file, "seekable", None)
+    try:
+        if (seekable is not None and not seekable()) or not hasattr(file, "seek"):
+            return None
+        return int(file.tell())
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def _size_of(file: Any) -> int:
-    """Bytes left to read in ``file``, or -1 if it cannot tell (a pipe, a socket)."""
+    """Bytes left to read in seekable ``file``, or -1 if it cannot tell."""
     try:
         here = file.tell()
         end = file.seek(0, os.SEEK_END)
         file.seek(here)
-        return max(0, end - here)
+        return max(0, int(end) - int(here))
     except (AttributeError, OSError, ValueError):
         return -1
 
 
-@contextmanager
-def _reading(source: Source) -> Iterator[Tuple[_ReadInto, int]]:
-    """``(readinto, bytes left)`` of a path (opened here) or a binary file object (-1: unknown)."""
-    if _is_path(source):
-        with open(source, "rb", buffering=0) as file:  # type: ignore[arg-type]
-            yield file.readinto, os.fstat(file.fileno()).st_size
-        return
-    readinto = getattr(source, "readinto", None)
-    if readinto is None:
-        read = source.read
-
-        def readinto(view: memoryview) -> int:
-            data = read(len(view))
-            view[: len(data)] = data
-            return len(data)
-
-    yield readinto, _size_of(source)
+def _local_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc``)."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, IndexError, ValueError):
+        pass
+    # Elsewhere only setting it tells it: another thread creating a file
+    # meanwhile gets 0o022.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
-@contextmanager
-def _writing(target: Source, mode: Optional[int] = None) -> Iterator[_Write]:
-    """A write function for ``target``: a file object as is, or a path written atomically.
+class Local:
+    """The local side of one transfer over all its attempts: a path, or a binary file object.
 
-    A path gets a new temporary file in its directory, ``os.replace``-d over
-    it (after ``chmod`` to ``mode``, if given) when the block ends without
-    error, and removed when it does not.
+    A path is opened anew by each attempt. A file object is read (written)
+    from the position it had when this was made: an attempt after one that
+    moved bytes seeks back there first (a download also cuts off what the
+    earlier one wrote). A file object that cannot seek (a pipe, a socket)
+    cannot go back: an attempt after one that moved bytes raises
+    `ExecutorFailure` instead of sending, or leaving, wrong data. Whatever
+    touches the caller's object or the local file system runs inside
+    `callers_code`.
     """
-    if not _is_path(target):
-        yield _write_all(target.write)  # type: ignore[union-attr]
-        return
-    path = os.fspath(target)  # type: ignore[arg-type]
-    head, name = os.path.split(path)
-    temp = os.path.join(head, f".{name}.{secrets.token_hex(8)}.tmp")
-    try:
-        # The umask applies, as to any new file; with ``mode`` the temporary
-        # file is private until it gets its bits.
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else 0o600)
-    except OSError as exc:
-        raise type(exc)(exc.errno, exc.strerror, path) from None
-    try:
-        with open(fd, "wb", buffering=0) as file:
-            yield _write_all(file.write)
-            if mode is not None:
-                os.fchmod(file.fileno(), mode)
-        os.replace(temp, path)
-    except BaseException:
+
+    def __init__(self, value: Source) -> None:
+        self.path: Optional[str] = os.fspath(value) if _is_path(value) else None  # type: ignore[arg-type]
+        self._file: Any = value
+        self._start: Optional[int] = None
+        self._moved = False  # an attempt moved bytes through the file object
+        if self.path is None:
+            with callers_code():
+                self._start = _position(value)
+
+    @classmethod
+    def of(cls, value: Union[Source, Local]) -> Local:
+        return value if isinstance(value, Local) else cls(value)
+
+    def _begin(self, *, truncate: bool) -> None:
+        """Before an attempt with a file object: back to the start if an earlier one moved bytes."""
+        if not self._moved:
+            return
+        if self._start is None:
+            # Only a lost connection brings a second attempt with bytes moved.
+            raise ExecutorFailure(
+                "the connection was lost during the transfer, and the transfer cannot be tried "
+                "again: its file object cannot seek back to where it started, and the "
+                "broken attempt already moved bytes through it")
+        with callers_code():
+            self._file.seek(self._start)
+            if truncate:
+                self._file.truncate()
+        self._moved = False
+
+    def _moving(self, function: Callable[[memoryview], R]) -> Callable[[memoryview], R]:
+        """``function`` of the file object, run as the caller's code, noting that bytes moved."""
+
+        def call(view: memoryview) -> R:
+            with callers_code():
+                result = function(view)
+            self._moved = True
+            return result
+
+        return call
+
+    @contextmanager
+    def reading(self) -> Iterator[Tuple[_ReadInto, int, int]]:
+        """For one attempt: ``(readinto, bytes to read or -1, permission bits for a copy)``.
+
+        A path's bits are its own (without set-id and sticky bits); a file
+        object counts as 0o644.
+        """
+        if self.path is not None:
+            with callers_code():
+                file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed below)
+            try:
+                with callers_code():
+                    status = os.fstat(file.fileno())
+                yield _callers(file.readinto), status.st_size, status.st_mode & 0o777
+            finally:
+                file.close()
+            return
+        self._begin(truncate=False)
+        file = self._file
+        readinto = getattr(file, "readinto", None)
+        if readinto is None:
+            read = file.read
+
+            def readinto(view: memoryview) -> int:
+                data = read(len(view))
+                view[: len(data)] = data
+                return len(data)
+
+        with callers_code():
+            total = -1 if self._start is None else _size_of(file)
+        yield self._moving(readinto), total, 0o644
+
+    @contextmanager
+    def writing(self, new_bits: int, mode: Optional[int] = None) -> Iterator[_Write]:
+        """For one attempt: a function writing everything it is given.
+
+        A file object is written at its position. A path gets a new
+        temporary file in its directory, created exclusively and readable by
+        its owner only, which gets its final bits and is ``os.replace``-d over
+        the path when the block ends without error, and is removed when it
+        does not. The final bits: ``mode`` if given; else those of the file
+        replaced; else ``new_bits``. A path that is a directory is an
+        `IsADirectoryError` before anything is written.
+        """
+        if self.path is None:
+            self._begin(truncate=True)
+            yield self._moving(_write_all(self._file.write))
+            return
+        path = self.path
+        head, name = os.path.split(path)
+        temp = os.path.join(head, f".{name}.{secrets.token_hex(8)}.tmp")
+        with callers_code():
+            if os.path.isdir(path):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                raise type(exc)(exc.errno, exc.strerror, path) from None
+        file = open(fd, "wb", buffering=0)  # noqa: SIM115 (closed below)
         try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
+            yield _callers(_write_all(file.write))
+            with callers_code():
+                if mode is None:
+                    try:
+                        mode = os.stat(path).st_mode & 0o7777
+                    except FileNotFoundError:
+                        mode = new_bits
+                os.fchmod(fd, mode)
+                file.close()
+                os.replace(temp, path)
+        except BaseException:
+            with suppress(OSError):
+                file.close()
+            with suppress(OSError):
+                os.unlink(temp)
+            raise
 
 
-def _check_mode(mode: Optional[int]) -> None:
+def check_mode(mode: Any) -> None:
+    """Refuse a ``mode`` that is not None or permission bits (TypeError, ValueError)."""
     if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int)):
         raise TypeError(f"mode must be an int or None, not {type(mode).__name__}")
     if mode is not None and not 0 <= mode <= 0o7777:
@@ -942,7 +1170,7 @@ def _session(chan: paramiko.Channel, deadline: Optional[float]) -> Iterator[_Ses
 
 def upload(
     chan: paramiko.Channel,
-    source: Source,
+    source: Union[Source, Local],
     remote: str,
     *,
     mode: Optional[int] = None,
@@ -953,49 +1181,60 @@ def upload(
     """Write ``source`` to ``remote`` over SFTP on ``chan``, atomically; the bytes sent.
 
     ``chan`` is a new, unused session channel; it is closed on return, also
-    on error. ``source`` is a path or a binary file object (read from its
-    current position to its end). The data goes to a temporary file next to
-    ``remote`` (``temp_name``: a name in ``remote``'s directory or a path;
-    default: a new random one, see `temp_path_for`), which gets ``mode``
-    (if given; else the server's default for new files) and is renamed over
-    ``remote`` after the last byte. A given ``temp_name`` is overwritten if it
-    exists (a retry may reuse the name of a broken attempt); a random one is
-    created exclusively. On failure the temporary file is removed if the SFTP
-    session still works.
+    on error. ``source`` is a path, a binary file object (read from its
+    current position to its end) or a `Local` (the same over several
+    attempts). The data goes to a temporary file next to ``remote``
+    (``temp_name``: a name in ``remote``'s directory or a path; default: a
+    new random one, see `temp_path_for`), created exclusively and readable by
+    its owner only; it gets its final bits (see the module's Permissions)
+    and is renamed over ``remote`` after the last byte. On failure it is
+    removed if the SFTP session still works.
 
     ``progress(done, total)`` is called in this thread as the server confirms
     blocks; ``total`` is -1 when the source cannot tell its size.
 
     Raises `FileNotFoundError` (``remote``'s directory is missing) or
     `PermissionError` (refused), naming ``remote``; `ExecutorFailure` for other
-    SFTP errors and a server that does not start SFTP; `TimeoutError` past
-    ``deadline``; connection errors as paramiko raised them. An error of
-    ``source`` or of ``progress`` propagates unchanged.
+    SFTP errors (an existing ``temp_name`` too) and a server that does not
+    start SFTP; `TimeoutError` past ``deadline``; connection errors as
+    paramiko raised them. An error of ``source`` or of ``progress`` comes out
+    as a `CallerError` carrying it.
     """
-    _check_mode(mode)
+    check_mode(mode)
     if temp_name is None:
         temp = temp_path_for(remote)
     else:
         temp = temp_name
         if "/" not in temp:
             temp = posixpath.join(posixpath.dirname(remote), temp)
-    with _session(chan, deadline) as session, _reading(source) as (readinto, total):
-        flags = _FXF_WRITE | _FXF_CREAT | _FXF_TRUNC | (_FXF_EXCL if temp_name is None else 0)
+    if progress is not None:
+        progress = _callers(progress)
+    with _session(chan, deadline) as session, \
+            Local.of(source).reading() as (readinto, total, bits):
         try:
-            # With ``mode`` the file starts with (at most) those bits, so it is
-            # never more open than it ends up.
-            handle: Optional[bytes] = session.open(temp, flags, mode)
+            kept, handle = session.stat_and_create(remote, temp)
         except _StatusError as exc:
             _raise_for(exc, "cannot create a temporary file for the upload", remote)
+        handle_field = _string(handle)
+        still_open: Optional[bytes] = handle_field  # for the clean-up
         try:
             done = session.write_file(handle, readinto, total, progress)
-            if mode is not None:  # the umask applied at open; set the bits exactly
-                session.checked(_FXP_FSETSTAT, _string(handle), _attrs(mode))
-            session.checked(_FXP_CLOSE, _string(handle))
-            handle = None
+            final = mode if mode is not None else kept if kept is not None else bits
+            chmod, close = session.calls((_FXP_FSETSTAT, (handle_field, _attrs(final))),
+                                         (_FXP_CLOSE, (handle_field,)))
+            still_open = None
+            try:
+                _check_status(*chmod)
+            except _StatusError:
+                if mode is not None:
+                    raise
+                # A server that refuses to set modes leaves the file owner-only:
+                # narrower than asked, never wider.
+                log.debug("the SFTP server did not set %s's mode", remote, exc_info=True)
+            _check_status(*close)
             session.rename(temp, remote)
         except BaseException as exc:
-            session.discard_upload(handle, temp)
+            session.discard_upload(still_open, temp, exc)
             if isinstance(exc, _StatusError):
                 _raise_for(exc, "upload failed", remote)
             raise
@@ -1005,7 +1244,7 @@ def upload(
 def download(
     chan: paramiko.Channel,
     remote: str,
-    target: Source,
+    target: Union[Source, Local],
     *,
     progress: Optional[Progress] = None,
     deadline: Optional[float] = None,
@@ -1014,22 +1253,27 @@ def download(
 
     ``chan`` is a new, unused session channel; it is closed on return, also
     on error. ``target`` is a path (written to a temporary file in its
-    directory and renamed over it at the end; removed on failure) or a binary
+    directory and renamed over it at the end; removed on failure), a binary
     file object (written at its current position; on failure it holds
-    part of the file). ``progress(done, total)`` is called in this thread as
-    data arrives; ``total`` is the size the server reported at the start (-1
-    if none), the transfer runs to the file's actual end.
+    part of the file) or a `Local`. ``progress(done, total)`` is called in
+    this thread as data arrives; ``total`` is the size the server reported
+    at the start (-1 if none), the transfer runs to the file's actual end.
 
     Raises `FileNotFoundError` or `PermissionError` naming ``remote``;
     `ExecutorFailure` for other SFTP errors and a server that does not start
     SFTP; `TimeoutError` past ``deadline``; connection errors as paramiko
-    raised them; local file errors as the OS raised them.
+    raised them. An error of ``target``, of a local file or of ``progress``
+    comes out as a `CallerError` carrying it.
     """
+    if progress is not None:
+        progress = _callers(progress)
     with _session(chan, deadline) as session:
+        local = Local.of(target)
         try:
             handle = session.open(remote, _FXF_READ)
-            size = session.fstat_size(handle)
-            with _writing(target) as write:
+            size, bits = session.fstat(handle)
+            new_bits = (0o666 if bits is None else bits & 0o777) & ~_local_umask()
+            with local.writing(new_bits) as write:
                 done = session.read_file(handle, size, write, progress)
             session.checked(_FXP_CLOSE, _string(handle))
         except _StatusError as exc:
@@ -1053,23 +1297,25 @@ def remove(chan: paramiko.Channel, remote: str, *, deadline: Optional[float] = N
     raise AssertionError("unreachable")  # _raise_for always raises
 
 
-def _local_copy(
-    source: Source, target: Source, mode: Optional[int], progress: Optional[Progress]
-) -> int:
-    _check_mode(mode)
+def _local_copy(source: Source, target: Source, mode: Optional[int],
+                progress: Optional[Progress], *, umask: bool) -> int:
+    check_mode(mode)
     done = 0
     buffer = memoryview(bytearray(LOCAL_BLOCK))
-    with _reading(source) as (readinto, total), _writing(target, mode) as write:
-        while True:
-            size = _fill(readinto, buffer)
-            if not size:
-                break
-            write(buffer[:size])
-            done += size
-            if progress is not None:
-                progress(done, total)
-        if not done and progress is not None:
-            progress(0, total)
+    if progress is not None:
+        progress = _callers(progress)
+    with Local(source).reading() as (readinto, total, bits):
+        with Local(target).writing(bits & ~_local_umask() if umask else bits, mode) as write:
+            while True:
+                size = _fill(readinto, buffer)
+                if not size:
+                    break
+                write(buffer[:size])
+                done += size
+                if progress is not None:
+                    progress(done, total)
+            if not done and progress is not None:
+                progress(0, total)
     return done
 
 
@@ -1078,16 +1324,17 @@ def local_put(
 ) -> int:
     """`upload`'s contract on the local file system: copy ``source`` to path ``dest`` atomically.
 
-    ``source`` is a path or a binary file object. ``dest`` gets ``mode`` if
-    given (else the umask's default for new files) and appears whole or not
-    at all. OS errors (`FileNotFoundError`, `PermissionError`, ...) propagate.
+    ``source`` is a path or a binary file object. ``dest`` appears whole or
+    not at all, with the bits `upload` gives. Local errors, and those of
+    ``source`` and ``progress``, come out as a `CallerError` carrying them.
     """
-    return _local_copy(source, dest, mode, progress)
+    return _local_copy(source, dest, mode, progress, umask=False)
 
 
 def local_get(source: str, target: Source, *, progress: Optional[Progress] = None) -> int:
     """`download`'s contract on the local file system: copy path ``source`` to ``target``.
 
-    ``target`` is a path (written atomically) or a binary file object.
+    ``target`` is a path (written atomically, with the bits `download`
+    gives) or a binary file object. Errors as for `local_put`.
     """
-    return _local_copy(source, target, None, progress)
+    return _local_copy(source, target, None, progress, umask=True)

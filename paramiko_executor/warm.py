@@ -35,6 +35,11 @@ class Spare:
         self._lock = threading.Lock()
         self._pending: Optional[SessionChannel] = None
 
+    @property
+    def held(self) -> bool:
+        """Whether a spare channel, and so one slot, is held right now."""
+        return self._pending is not None
+
     def _pop(self) -> Optional[SessionChannel]:
         with self._lock:
             pending, self._pending = self._pending, None

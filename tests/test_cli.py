@@ -219,3 +219,61 @@ def test_help_is_complete(command, expected):
     assert proc.returncode == 0
     for text in expected:
         assert text in proc.stdout, text
+
+
+def test_password_env_serves_every_host():
+    # The variable is taken out of the environment once, then given to each host.
+    with SSHTestServer(password="pw for both", auth_methods=("password",)) as server:
+        env = dict(_environment(), PE_TEST_PASSWORD="pw for both")
+        proc = subprocess.run(
+            [sys.executable, "-m", "paramiko_executor", "run", "--hosts", "127.0.0.1,localhost",
+             "--port", str(server.port), "--user", server.username, "--known-hosts", "none",
+             "-F", "none", "--connect-retries", "0", "--password-env", "PE_TEST_PASSWORD",
+             "--", "echo ok"],
+            input=b"", capture_output=True, timeout=TIMEOUT, env=env,
+        )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert sorted(proc.stdout.decode().splitlines()) == ["127.0.0.1: ok", "localhost: ok"]
+    assert b"pw for both" not in proc.stdout + proc.stderr
+
+
+# Bytes a hostile server puts into its version string: ESC sequences (retitle, colour),
+# BEL, a C0 backspace, and a C1 control (CSI, U+009B, in UTF-8: paramiko refuses other bytes).
+HOSTILE_VERSION = b"SSH-2.0-Evil\x1b]0;pwned\x07\x1b[31mred\x08\xc2\x9b2J"
+
+
+def _serve_hostile_banner(listener: socket.socket) -> None:
+    """Accept one connection, send HOSTILE_VERSION, read until the client gives up."""
+    listener.settimeout(30)
+    try:
+        conn, _ = listener.accept()
+    except OSError:
+        return
+    with conn:
+        conn.settimeout(10)
+        try:
+            conn.sendall(HOSTILE_VERSION + b"\r\n" + b"\x00" * 64)
+            while conn.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+def test_verbose_logging_escapes_the_servers_text():
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        server = threading.Thread(target=_serve_hostile_banner, args=(listener,), daemon=True)
+        server.start()
+        proc = cli("run", "-vv", "--host", "127.0.0.1", "--port",
+                   str(listener.getsockname()[1]), "--known-hosts", "none", "-F", "none",
+                   "--connect-retries", "0", "--", "true")
+        server.join(60)
+    assert proc.returncode == 255
+    stderr = proc.stderr
+    assert b"Evil" in stderr  # the record is there...
+    for raw in (b"\x1b", b"\x07", b"\x08", b"\xc2\x9b"):
+        assert raw not in stderr, raw  # ...but none of its control bytes reach the terminal
+    assert b"\\x1b]0;pwned\\x07\\x1b[31m" in stderr

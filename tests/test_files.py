@@ -7,11 +7,13 @@ lost connection, no temporary file left behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import pathlib
 import signal
+import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -132,11 +134,13 @@ def test_an_upload_broken_by_a_lost_connection_is_retried_and_leaves_nothing(
     server = make_sshd(max_sessions=10)
     data = os.urandom(64 * 1024 * 1024)
     target = workdir / "big.bin"
+    temps = set()
     with SSHExecutor(**server.executor_parameters()) as ex:
         ex.run_command("true")
         killed = threading.Event()
 
         def progress(done, total):
+            temps.update(leftovers(workdir))
             if done > len(data) // 8 and not killed.is_set():
                 killed.set()
                 kill_connections(server)
@@ -146,6 +150,7 @@ def test_an_upload_broken_by_a_lost_connection_is_retried_and_leaves_nothing(
         assert killed.is_set() and stats.reconnects == 1 and stats.commands_retried == 1
     assert digest(target.read_bytes()) == digest(data)
     assert leftovers(workdir) == []
+    assert len(temps) == 2  # each attempt made a temporary file of its own
 
 
 def test_no_retries_left_removes_the_temporary_file(make_sshd, workdir):
@@ -232,3 +237,196 @@ def test_command_line_put_and_get(sshd, workdir, tmp_path, capfd):
     assert digest((tmp_path / "down").read_bytes()) == digest(data)
     assert main(["get", *options, str(workdir / "missing"), str(tmp_path / "x")]) == 255
     assert "missing" in capfd.readouterr().err
+
+
+# --- the caller's errors are the caller's (issue: errors by their origin) ------------------
+
+
+class Refusing(io.RawIOBase):
+    """A binary file object whose every read and write raises ``error``."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__()
+        self.error = error
+        self.calls = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer):
+        self.calls += 1
+        raise self.error
+
+    def write(self, data):
+        self.calls += 1
+        raise self.error
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 1 MiB file system, to be filled."""
+    path = tmp_path / "tmpfs"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+                             capture_output=True, timeout=30)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield path
+    subprocess.run(["umount", str(path)], check=True, timeout=30)
+
+
+def raising(error):
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        raise error
+
+    return progress, calls
+
+
+def case_put_from_a_directory(ex, workdir, tmp_path, tmpfs):
+    return lambda: ex.put(str(tmp_path), str(workdir / "f")), IsADirectoryError, None
+
+
+def case_get_onto_a_directory(ex, workdir, tmp_path, tmpfs):
+    return lambda: ex.get(str(workdir / "file"), str(tmp_path)), IsADirectoryError, None
+
+
+def case_progress_raising_broken_pipe_on_put(ex, workdir, tmp_path, tmpfs):
+    error = BrokenPipeError(32, "Broken pipe")
+    progress, calls = raising(error)
+    return (lambda: ex.put(io.BytesIO(b"x" * 100000), str(workdir / "f"), progress=progress),
+            error, calls)
+
+
+def case_progress_raising_broken_pipe_on_get(ex, workdir, tmp_path, tmpfs):
+    error = BrokenPipeError(32, "Broken pipe")
+    progress, calls = raising(error)
+    return (lambda: ex.get(str(workdir / "file"), io.BytesIO(), progress=progress),
+            error, calls)
+
+
+def case_file_object_raising_on_read(ex, workdir, tmp_path, tmpfs):
+    source = Refusing(OSError(5, "Input/output error"))
+    return lambda: ex.put(source, str(workdir / "f")), source.error, source
+
+
+def case_file_object_raising_on_write(ex, workdir, tmp_path, tmpfs):
+    target = Refusing(OSError(5, "Input/output error"))
+    return lambda: ex.get(str(workdir / "file"), target), target.error, target
+
+
+def case_a_full_local_disk(ex, workdir, tmp_path, tmpfs):
+    return lambda: ex.get(str(workdir / "file"), str(tmpfs / "copy")), OSError, None
+
+
+CALLER_CASES = [case_put_from_a_directory, case_get_onto_a_directory,
+                case_progress_raising_broken_pipe_on_put, case_progress_raising_broken_pipe_on_get,
+                case_file_object_raising_on_read, case_file_object_raising_on_write,
+                case_a_full_local_disk]
+
+
+@pytest.mark.parametrize("case", CALLER_CASES, ids=lambda case: case.__name__[5:])
+def test_the_callers_errors_reach_it_at_once_and_touch_nothing_else(
+        sshd, workdir, tmp_path, request, case):
+    tmpfs = request.getfixturevalue("tmpfs") if case is case_a_full_local_disk else None
+    (workdir / "file").write_bytes(os.urandom(2 * 1024 * 1024))
+    counter = workdir / "runs"
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        call, expected, calls = case(ex, workdir, tmp_path, tmpfs)
+        with ThreadPoolExecutor(1) as pool:
+            # A command of another thread, running while the transfer fails.
+            other = pool.submit(ex.run_command, f"echo run >> {counter}; sleep 2")
+            for _ in range(200):
+                if counter.exists() or other.done():
+                    break
+                threading.Event().wait(0.05)
+            assert counter.exists(), "the other thread's command never started"
+            with pytest.raises(BaseException) as caught:
+                call()
+            assert other.result(timeout=60).exit_code == 0
+        stats = ex.statistics()
+        assert ex.run_command("echo still").stdout == "still\n"
+    if isinstance(expected, BaseException):
+        assert caught.value is expected  # the very object the caller's code raised
+    else:
+        assert type(caught.value) is expected or isinstance(caught.value, expected)
+    if calls is not None:  # the caller's code ran once: no second attempt
+        assert (len(calls) if isinstance(calls, list) else calls.calls) == 1
+    if case is case_a_full_local_disk:
+        assert caught.value.errno == errno.ENOSPC and os.listdir(tmpfs) == []
+    assert counter.read_text() == "run\n"  # the other command ran exactly once
+    assert stats.reconnects == 0 and stats.commands_retried == 0
+    assert leftovers(workdir) == [] and leftovers(tmp_path) == []
+
+
+def test_shell_executor_gives_the_callers_errors_back_as_raised(workdir, tmp_path):
+    ex = ShellExecutor()
+    with pytest.raises(IsADirectoryError):
+        ex.put(str(tmp_path), str(workdir / "f"))
+    error = BrokenPipeError(32, "Broken pipe")
+    progress, calls = raising(error)
+    with pytest.raises(BrokenPipeError) as caught:
+        ex.put(io.BytesIO(b"x"), str(workdir / "f"), progress=progress)
+    assert caught.value is error and calls == [1]
+    assert leftovers(workdir) == []
+
+
+# --- file objects that cannot seek -------------------------------------------------------
+
+
+def test_pipes_as_source_and_target(executor, workdir):
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    remote = str(workdir / "from-pipe")
+    totals = set()
+    read_end, write_end = os.pipe()
+    # The pipe's read end closes first: a feeder left writing then ends.
+    with ThreadPoolExecutor(1) as pool, os.fdopen(read_end, "rb") as source:
+        def feed():
+            with os.fdopen(write_end, "wb") as sink:
+                sink.write(data)
+
+        fed = pool.submit(feed)
+        assert executor.put(source, remote,
+                            progress=lambda done, total: totals.add(total)) == len(data)
+        fed.result(timeout=60)
+    assert totals == {-1} and digest((workdir / "from-pipe").read_bytes()) == digest(data)
+    read_end, write_end = os.pipe()
+    with ThreadPoolExecutor(1) as pool, os.fdopen(read_end, "rb") as drain:
+        drained = pool.submit(drain.read)
+        with os.fdopen(write_end, "wb") as target:
+            assert executor.get(remote, target) == len(data)
+        assert digest(drained.result(timeout=60)) == digest(data)
+
+
+def test_a_pipe_cannot_be_read_again_after_a_lost_connection(make_sshd, workdir):
+    server = make_sshd(max_sessions=10)
+    read_end, write_end = os.pipe()
+    with SSHExecutor(**server.executor_parameters()) as ex, ThreadPoolExecutor(1) as pool:
+        ex.run_command("true")
+        killed = threading.Event()
+
+        def progress(done, total):
+            if done > 1024 * 1024 and not killed.is_set():
+                killed.set()
+                kill_connections(server)
+
+        def feed():
+            try:
+                with os.fdopen(write_end, "wb") as sink:
+                    for _ in range(64):
+                        sink.write(os.urandom(1024 * 1024))
+            except BrokenPipeError:
+                pass  # the reader is gone: the transfer ended
+
+        fed = pool.submit(feed)
+        with os.fdopen(read_end, "rb") as source:
+            with pytest.raises(ExecutorFailure, match="cannot be tried again"):
+                ex.put(source, str(workdir / "f"), progress=progress)
+        fed.result(timeout=60)
+        assert killed.is_set() and ex.statistics().reconnects == 1
+    assert not (workdir / "f").exists() and leftovers(workdir) == []

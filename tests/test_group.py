@@ -564,3 +564,121 @@ def test_cli_draws_progress_on_a_terminal_only(sshd_hosts):
     assert proc.returncode == 0
     assert b"\r[" in drawn and b"4/4 100%" in drawn
     assert sorted(stdout.decode().splitlines()) == [f"{a}: ok" for a in ADDRESSES]
+
+
+# -- close() at any moment ---------------------------------------------------------------------
+
+
+def call_in_thread(call) -> Dict[str, Any]:
+    """Start ``call`` in a thread; the dict gets its "result" or "error", and the "thread"."""
+    outcome: Dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as exc:  # handed to the test
+            outcome["error"] = exc
+
+    outcome["thread"] = threading.Thread(target=run, daemon=True)
+    outcome["thread"].start()
+    return outcome
+
+
+def race_close(group: HostGroup, call, delay: float = 0.0) -> Any:
+    """``call()`` in a thread, and ``group.close()`` here ``delay`` s after both were released.
+
+    Returns what the call returned; fails if it raised or outlived `WAIT`.
+    """
+    barrier = threading.Barrier(2, timeout=WAIT)
+    raced = call_in_thread(lambda: (barrier.wait(), call())[1])
+    barrier.wait()
+    until = time.perf_counter() + delay
+    while time.perf_counter() < until:
+        pass  # a busy wait: a sleep's wake-up is far coarser than the offsets swept
+    group.close()
+    raced["thread"].join(WAIT)
+    assert not raced["thread"].is_alive()
+    assert "error" not in raced, repr(raced.get("error"))
+    return raced["result"]
+
+
+def closed_entry(outcome) -> bool:
+    return isinstance(outcome, ExecutorFailure) and str(outcome) == "the group was closed"
+
+
+def test_close_ends_a_running_call_at_once_and_keeps_finished_hosts():
+    release, started = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        release.wait(WAIT)
+
+    FakeExecutor.behaviour["slow"] = hold
+    group = fake_group(["fast", "slow"])
+    call = call_in_thread(lambda: group.run_command("x"))
+    assert started.wait(WAIT)
+    closer = call_in_thread(group.close)
+    try:
+        call["thread"].join(WAIT / 3)
+        assert not call["thread"].is_alive(), "run_command waited for its hosts after close()"
+    finally:
+        release.set()
+        closer["thread"].join(WAIT)
+    result = call["result"]
+    assert result["fast"].stdout == "fast: x\n"
+    assert closed_entry(result["slow"]) and list(result.failed) == ["slow"]
+    assert "error" not in closer and not closer["thread"].is_alive()
+
+
+def test_close_ends_a_running_as_completed_loop_too():
+    release, started = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        release.wait(WAIT)
+
+    FakeExecutor.behaviour["slow"] = hold
+    group = fake_group(["slow", "fast"], max_workers=1)  # "fast" waits behind "slow"
+    call = call_in_thread(lambda: list(group.run_command_as_completed("x")))
+    assert started.wait(WAIT)
+    closer = call_in_thread(group.close)
+    try:
+        call["thread"].join(WAIT / 3)
+        assert not call["thread"].is_alive()
+    finally:
+        release.set()
+        closer["thread"].join(WAIT)
+    outcomes = dict(call["result"])
+    assert closed_entry(outcomes["slow"]) and closed_entry(outcomes["fast"])
+    assert FakeExecutor.calls == ["slow"]  # the host not started yet never started
+
+
+@pytest.fixture
+def frequent_thread_switches():
+    """Threads switch every microsecond, not every 5 ms: races show within few tries."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+@pytest.mark.parametrize("method", ["run_command", "get"])
+def test_close_racing_group_calls_never_raises(method, tmp_path, frequent_thread_switches):
+    hosts = [f"h{i}" for i in range(32)]
+    group = fake_group(hosts, max_workers=4)
+    call = ((lambda: group.run_command("x")) if method == "run_command"
+            else (lambda: group.get("/x", tmp_path)))
+    # close() lands at offsets swept across the call's first 3 ms, 10 us apart.
+    for step in range(300):
+        result = race_close(group, call, delay=step * 1e-5)
+        assert list(result) == hosts
+        assert all(closed_entry(outcome) for outcome in result.failed.values())
+    group.close()
+
+
+def test_close_racing_run_command_on_a_real_server(sshd_hosts):
+    with HostGroup(ADDRESSES, **common(sshd_hosts, connect_retries=0)) as group:
+        for _ in range(40):
+            for outcome in race_close(group, lambda: group.run_command("echo ok")).values():
+                assert isinstance(outcome, (CommandResult, ExecutorFailure)), repr(outcome)
+        assert not group.run_command("echo ok").failed

@@ -21,6 +21,7 @@ import pyotp
 import pytest
 
 from paramiko_executor import SSHExecutor, auth
+from paramiko_executor.errors import AuthenticationInterrupted
 from paramiko_executor.totp import (
     LEDGER_ENV,
     TOTP_LEDGER,
@@ -107,15 +108,20 @@ def test_a_reservation_of_a_step_gone_by_is_dropped(tmp_path):
     assert len(clock.waits) == 1
 
 
-def test_a_ledger_waits_for_the_step_after_the_latest_one_taken(tmp_path):
-    # Three turns taken in the file by others: the fourth waits past all of them.
+def test_a_login_waits_at_most_one_time_step(tmp_path):
+    # Two turns taken in the file by others (the second a step ahead): the third would
+    # wait two steps, so it gives up at once, temporarily: its next attempt takes a turn.
     path = tmp_path / "ledger"
     takers = [FakeClock() for _ in range(3)]
-    for clock in takers:
+    for clock in takers[:2]:
         fake_ledger(path, clock).issue(SECRET)
-    # Each waits once, straight to the step after the latest one taken.
-    assert [len(c.waits) for c in takers] == [0, 1, 1]
-    assert [int(c.now // 30) - int(NOW // 30) for c in takers] == [0, 1, 2]
+    assert [len(c.waits) for c in takers[:2]] == [0, 1]
+    with pytest.raises(AuthenticationInterrupted, match="within one time step"):
+        fake_ledger(path, takers[2]).issue(SECRET)
+    assert takers[2].waits == []
+    takers[2].now += 30  # a step later the next turn is free
+    fake_ledger(path, takers[2]).issue(SECRET)
+    assert len(takers[2].waits) == 1
 
 
 def test_the_file_holds_no_secret_and_only_its_owner_may_read_it(tmp_path):
@@ -155,7 +161,8 @@ def test_an_unusable_file_leaves_a_ledger_of_this_process(tmp_path, caplog):
         ledger.issue(SECRET)
         ledger.issue(SECRET)
     assert len(clock.waits) == 1  # still never the same code twice in this process
-    assert ledger.path is None and "unusable" in caplog.text
+    # Each login tried the file again: a failure concerns that one login only.
+    assert caplog.text.count("not used for this login") == 2
     assert SECRET not in caplog.text
 
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import paramiko
@@ -23,7 +24,7 @@ import pytest
 
 from paramiko_executor import transfer
 from paramiko_executor.connection import MAX_PACKET_SIZE, WINDOW_SIZE
-from paramiko_executor.results import ExecutorFailure
+from paramiko_executor.errors import CallerError, ExecutorFailure
 from testsupport.openssh import OpenSSHServer
 
 MiB = 1024 * 1024
@@ -76,6 +77,14 @@ def read(path: str) -> bytes:
 
 def temp_files(directory: str) -> List[str]:
     return [name for name in os.listdir(directory) if name.endswith(".tmp")]
+
+
+@contextmanager
+def carried(kind: type) -> Iterator[Any]:
+    """Expect a `CallerError` carrying a ``kind``: the engine's way to say "the caller's own"."""
+    with pytest.raises(CallerError) as caught:
+        yield caught
+    assert isinstance(caught.value.original, kind), caught.value.original
 
 
 class Progress:
@@ -337,14 +346,9 @@ def test_a_reader_never_sees_a_partial_download(
     assert temp_files(local_dir) == []
 
 
-def test_given_temp_name_is_used_and_a_leftover_overwritten(
+def test_given_temp_name_is_used_and_created_exclusively(
     transport: paramiko.Transport, remote_dir: str
 ) -> None:
-    leftover = os.path.join(remote_dir, ".file.retry.tmp")
-    with open(leftover, "wb") as file:
-        file.write(b"from a broken attempt, longer than the new content")
-    owner = os.stat(remote_dir)
-    os.chown(leftover, owner.st_uid, owner.st_gid)  # the login user's, as its upload left it
     seen: List[List[str]] = []
 
     def progress(done: int, total: int) -> None:
@@ -352,10 +356,19 @@ def test_given_temp_name_is_used_and_a_leftover_overwritten(
 
     remote = os.path.join(remote_dir, "file")
     transfer.upload(transport.open_session(), io.BytesIO(b"new"), remote,
-                    temp_name=".file.retry.tmp", progress=progress)
-    assert seen[0] == [".file.retry.tmp"]
-    assert read(remote) == b"new"
-    assert os.listdir(remote_dir) == ["file"]
+                    temp_name=".file.first.tmp", progress=progress)
+    assert seen[0] == [".file.first.tmp"]
+    assert read(remote) == b"new" and os.listdir(remote_dir) == ["file"]
+    # A name already taken (a file planted there, here a symlink to another
+    # file of the user) is refused, never written through.
+    victim = os.path.join(remote_dir, "victim")
+    with open(victim, "wb") as file:
+        file.write(b"keep")
+    os.symlink(victim, os.path.join(remote_dir, ".file.taken.tmp"))
+    with pytest.raises(ExecutorFailure, match="temporary file"):
+        transfer.upload(transport.open_session(), io.BytesIO(b"other"), remote,
+                        temp_name=".file.taken.tmp")
+    assert read(victim) == b"keep" and read(remote) == b"new"
 
 
 def test_temp_path_for_is_next_to_the_target() -> None:
@@ -477,7 +490,7 @@ def test_a_failed_upload_leaves_no_temporary_file(
         raise Boom()
 
     chan = transport.open_session()
-    with pytest.raises(Boom):
+    with carried(Boom):
         transfer.upload(chan, os.path.join(shared_dir, "source"), remote, progress=progress)
     assert chan.closed
     assert os.listdir(remote_dir) == []
@@ -496,7 +509,7 @@ def test_a_failed_download_leaves_no_temporary_file(
         assert temp_files(local_dir), "no temporary file while downloading"
         raise Boom()
 
-    with pytest.raises(Boom):
+    with carried(Boom):
         transfer.download(transport.open_session(), remote, os.path.join(local_dir, "copy"),
                           progress=progress)
     assert os.listdir(local_dir) == []
@@ -506,7 +519,7 @@ def test_missing_local_source_closes_the_channel(
     transport: paramiko.Transport, remote_dir: str
 ) -> None:
     chan = transport.open_session()
-    with pytest.raises(FileNotFoundError):
+    with carried(FileNotFoundError):
         transfer.upload(chan, "/nonexistent/source", os.path.join(remote_dir, "f"))
     assert chan.closed
     assert os.listdir(remote_dir) == []
@@ -698,17 +711,17 @@ def test_local_put_and_get_round_trip(tmp_path: pathlib.Path) -> None:
 
 
 def test_local_errors_and_failures_leave_nothing(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(FileNotFoundError):
+    with carried(FileNotFoundError):
         transfer.local_get(str(tmp_path / "absent"), str(tmp_path / "copy"))
-    with pytest.raises(FileNotFoundError) as caught:
+    with carried(FileNotFoundError) as caught:
         transfer.local_put(io.BytesIO(b"x"), str(tmp_path / "no-dir" / "dest"))
-    assert caught.value.filename == str(tmp_path / "no-dir" / "dest")
+    assert caught.value.original.filename == str(tmp_path / "no-dir" / "dest")
     random_file(str(tmp_path / "source"), 3 * MiB)
 
     def progress(done: int, total: int) -> None:
         assert temp_files(str(tmp_path))
         raise Boom()
 
-    with pytest.raises(Boom):
+    with carried(Boom):
         transfer.local_put(str(tmp_path / "source"), str(tmp_path / "dest"), progress=progress)
     assert os.listdir(tmp_path) == ["source"]
