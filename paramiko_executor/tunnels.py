@@ -321,10 +321,10 @@ class Tunnel:
 
     def close(self) -> None:
         """Stop forwarding, end the tunnel's forwarded connections, and wait for its threads."""
-        self.stop()
-        self.join(JOIN_TIMEOUT)
+        self._stop()
+        self._join(JOIN_TIMEOUT)
 
-    def stop(self) -> None:
+    def _stop(self) -> None:
         """Stop forwarding and end the forwarded connections, without waiting for the threads."""
         with self._lock:
             if self._closed.is_set():
@@ -337,7 +337,7 @@ class Tunnel:
             pipe.abort()
         self._forwarding.forget(self)
 
-    def join(self, timeout: float) -> None:
+    def _join(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the tunnel's threads to end."""
         deadline = time.monotonic() + timeout
         while True:
@@ -464,10 +464,10 @@ class LocalTunnel(Tunnel):
         self._accepting.join(JOIN_TIMEOUT)
         self._wake_writer.close()
 
-    def join(self, timeout: float) -> None:
+    def _join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         self._accepting.join(timeout)
-        super().join(max(0.0, deadline - time.monotonic()))
+        super()._join(max(0.0, deadline - time.monotonic()))
 
     def _serve(self, client: socket.socket, origin: Address) -> None:
         limit = self._forwarding.limit
@@ -505,7 +505,7 @@ class RemoteTunnel(Tunnel):
         self.remote_address: Address = requested
         self._link: Optional[Link] = None
 
-    def start(self) -> None:
+    def _start(self) -> None:
         """Ask for the port (`ExecutorFailure` when refused), then keep it asked for."""
         link = self._forwarding.get_link()
         if not self._ask(link):
@@ -530,7 +530,7 @@ class RemoteTunnel(Tunnel):
         self._link = link
         return True
 
-    def owns(self, link: Link, server: Address) -> bool:
+    def _owns(self, link: Link, server: Address) -> bool:
         """Whether a forwarded connection to ``server`` on ``link`` belongs to this tunnel."""
         return self._link is link and server[1] == self.remote_address[1]
 
@@ -568,7 +568,7 @@ class RemoteTunnel(Tunnel):
                     log.warning("remote forward %s: asking for the port failed (%s); asking "
                                 "again after the next reconnect", self.name, exc)
 
-    def received(self, chan: paramiko.Channel, origin: Address) -> None:
+    def _received(self, chan: paramiko.Channel, origin: Address) -> None:
         """A forwarded connection arrived (in paramiko's transport thread): serve it elsewhere."""
         try:
             if self._spawn(self._serve, chan, origin, name=self.name):
@@ -947,8 +947,8 @@ class Forwarding:
             tunnels = [t for t in self._tunnels if isinstance(t, RemoteTunnel)]
         for tunnel in tunnels:
             link = tunnel._link
-            if link is not None and link.transport is transport and tunnel.owns(link, server):
-                tunnel.received(chan, origin)
+            if link is not None and link.transport is transport and tunnel._owns(link, server):
+                tunnel._received(chan, origin)
                 return True
         return False
 
@@ -974,7 +974,7 @@ class Forwarding:
         tunnel = RemoteTunnel(self, requested, local)
         self._remember(tunnel)
         try:
-            tunnel.start()
+            tunnel._start()
         except BaseException as exc:
             tunnel.close()
             raise for_executor(exc, self._executor) from None
@@ -1024,10 +1024,10 @@ class Forwarding:
             tunnels = list(self._tunnels)
             sockets = list(self._sockets)
         for tunnel in tunnels:
-            tunnel.stop()
+            tunnel._stop()
         for sock in sockets:
             sock._close_now()
         then()
         deadline = time.monotonic() + JOIN_TIMEOUT
         for tunnel in tunnels:
-            tunnel.join(max(0.0, deadline - time.monotonic()))
+            tunnel._join(max(0.0, deadline - time.monotonic()))
