@@ -15,11 +15,12 @@ from .errors import (
     TransferTimeout,
 )
 from .executors import SAFE_WRAPPER, DupingSSHExecutor, Executor, SSHExecutor
+from .forwarded import ForwardedSocket
 from .group import GroupFailure, GroupResult, HostGroup
 from .results import CommandResult
 from .shell import ShellExecutor
 from .stats import ExecutorStatistics
-from .tunnels import ForwardedSocket, LocalTunnel, RemoteTunnel, Tunnel
+from .tunnels import LocalTunnel, RemoteTunnel, Tunnel
 
 __version__ = "0.2.0"
 

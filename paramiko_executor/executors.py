@@ -34,6 +34,7 @@ from .errors import (
     mapped,
     translate,
 )
+from .forwarded import ForwardedSocket
 from .internals import private_key_object
 from .options import DEFAULT, normalize_parameters, resolve_target
 from .registry import connection_key, shared_connection
@@ -51,7 +52,7 @@ from .transfer import (
     temp_path_for,
     upload,
 )
-from .tunnels import ForwardedSocket, Forwarding, LocalTunnel, RemoteTunnel
+from .tunnels import Forwarding, LocalTunnel, RemoteTunnel
 
 __all__ = ["SAFE_WRAPPER", "DupingSSHExecutor", "Executor", "SSHExecutor",
            "check_transfer_arguments"]

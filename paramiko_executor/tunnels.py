@@ -6,16 +6,11 @@ its commands: ``direct-tcpip`` for a local forward and `open_connection`,
 (OpenSSH counts sessions only); `ForwardLimit` caps how many are open at once,
 and the ones past the cap wait.
 
-Threads and flow control
-------------------------
-A forwarded connection (`Pipe`) has two threads of its own, one per
-direction, so each direction is its own stream: a client's EOF becomes the
-channel's EOF while replies keep flowing back. paramiko's transport thread
-only appends a channel's data to that channel's buffer, which the window we
-granted bounds; the window is given back only as the pipe's thread writes
-the data to the local socket. A local reader that stops reading therefore
-stops its own channel, never the transport thread, the other channels or
-the commands.
+Threads
+-------
+A forwarded connection is a `pipe.Pipe`: two threads of its own, one per
+direction (flow control: see there); `open_connection`'s is a
+`forwarded.ForwardedSocket` that its caller reads and writes.
 
 A `LocalTunnel` has a listening thread and, per client, a thread that waits
 for a place under the cap, opens the channel and becomes the pipe's first
@@ -25,54 +20,43 @@ connects to the local target and becomes the pipe's first thread.
 `Tunnel.close` stops all of them and waits for them (bounded);
 `Forwarding.close` does so for every tunnel and socket of an executor.
 
-Locks: each `Pipe`'s ``_lock`` guards its ending; each tunnel's ``_lock`` its
-pipes and threads; the `ForwardLimit`'s condition its count;
-`Forwarding._lock` its tunnels and sockets; ``_RECEIVERS_LOCK`` which
-executors take a transport's forwarded connections. None is held while
-another is taken, nor during I/O.
+Locks: each tunnel's ``_lock`` guards its pipes and threads; the
+`ForwardLimit`'s condition its count; `Forwarding._lock` its tunnels and
+sockets; ``_RECEIVERS_LOCK`` which executors take a transport's forwarded
+connections (and each `pipe.Pipe` and `forwarded.ForwardedSocket` has its
+own for its ending). None is held while another is taken, nor during I/O.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import selectors
 import socket
-import struct
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, TypeVar, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, TypeVar
 
 import paramiko
 
 from .checks import check_int, check_str, check_timeout
 from .connection import Link
 from .errors import TRANSPORT_ERRORS, ExecutorFailure, for_executor
+from .forwarded import ForwardedSocket
 from .internals import set_forward_handler
+from .pipe import Pipe, reset_on_close
 from .text import printable
 
 if TYPE_CHECKING:
     from .executors import SSHExecutor
 
-__all__ = ["ForwardLimit", "ForwardedSocket", "Forwarding", "LocalTunnel", "Pipe",
-           "RemoteTunnel", "Tunnel"]
+__all__ = ["ForwardLimit", "Forwarding", "LocalTunnel", "RemoteTunnel", "Tunnel"]
 
 log = logging.getLogger("paramiko_executor.tunnels")
 
 Address = Tuple[str, int]
 TunnelT = TypeVar("TunnelT", bound="Tunnel")
 
-#: The largest read from a channel: big reads keep the per-call Python
-#: overhead small against the bytes moved.
-CHUNK = 1024 * 1024
-
-#: The buffer each forwarded connection reads its local socket into.
-UP_BUFFER = 256 * 1024
-
-#: How often a pipe's thread blocked on its local socket looks whether it was aborted:
-#: only a write to a peer that stopped reading stays blocked that long.
-SOCKET_POLL = 0.5
 
 #: How long a remote forward's supervisor sleeps between looks at its connection.
 LIVENESS_POLL = 0.25
@@ -140,154 +124,6 @@ class ForwardLimit:
         with self._cond:
             self._cond.notify_all()
 
-
-def _send_all(chan: paramiko.Channel, data: Union[bytes, memoryview]) -> None:
-    """``chan.sendall`` without copying the rest of ``data`` after every packet."""
-    view = memoryview(data)
-    while view:
-        sent = chan.send(cast(bytes, view))  # paramiko slices it to a packet
-        if sent == 0:
-            raise OSError("the channel was closed")
-        view = view[sent:]
-
-
-def _reset(sock: socket.socket) -> None:
-    """Make the next close send a reset: the client must not take a cut stream for a whole one."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-
-
-class Pipe:
-    """One forwarded connection: a local socket and its channel, each direction its own stream.
-
-    `run` pumps socket to channel in the calling thread and channel to
-    socket in a thread of its own. An EOF read on one side is passed on as
-    an EOF (the channel's, or a ``shutdown(SHUT_WR)`` of the socket) while
-    the other direction goes on. When the connection under the channel is
-    lost, or `abort` is called, both directions end at once and the local
-    socket is closed with a reset, so its peer never mistakes a cut stream
-    for a complete one. ``done(pipe)`` is called once both directions have
-    ended and both ends are closed.
-    """
-
-    def __init__(self, sock: socket.socket, chan: paramiko.Channel, name: str,
-                 done: Callable[[Pipe], None] = lambda pipe: None) -> None:
-        self.sock = sock
-        self.chan = chan
-        self.name = name
-        self._done = done
-        self._lock = threading.Lock()
-        self._running = 2
-        self._aborted = False
-        self.thread: Optional[threading.Thread] = None
-
-    def run(self) -> None:
-        """Pump both directions until both have ended; returns when they have."""
-        self.sock.settimeout(SOCKET_POLL)
-        self.thread = threading.Thread(target=self._channel_to_socket, daemon=True,
-                                       name=f"paramiko_executor tunnel {self.name} in")
-        try:
-            self.thread.start()
-        except BaseException:
-            self.discard()
-            raise
-        self._socket_to_channel()
-        self.thread.join()
-
-    def discard(self) -> None:
-        """End a pipe that never ran: both ends closed (the local one with a reset)."""
-        self.abort()
-        with self._lock:
-            self._running = 1
-        self._end()
-
-    def _socket_to_channel(self) -> None:
-        # One buffer for the pipe's life: a fresh 1 MiB bytes per read costs
-        # an mmap, page faults and a munmap.
-        buffer = memoryview(bytearray(UP_BUFFER))
-        try:
-            while True:
-                try:
-                    size = self.sock.recv_into(buffer)
-                except socket.timeout:
-                    # A channel the server closed ends the client's connection too.
-                    if self._aborted or self.chan.closed:
-                        break
-                    continue
-                if not size:
-                    break
-                _send_all(self.chan, buffer[:size])
-            if not self._aborted and not self.chan.closed:
-                self.chan.shutdown_write()
-        except TRANSPORT_ERRORS:
-            # A server that closed the channel after its own EOF only stops
-            # this direction; the replies already on their way still arrive.
-            if self._lost():
-                self.abort()
-        finally:
-            self._end()
-
-    def _channel_to_socket(self) -> None:
-        try:
-            while True:
-                data = self.chan.recv(CHUNK)
-                if not data:
-                    break
-                self._write(data)
-            if self.chan.eof_received and not self._lost():
-                self.sock.shutdown(socket.SHUT_WR)
-            else:
-                self.abort()  # closed without an EOF: the stream was cut
-        except TRANSPORT_ERRORS:
-            self.abort()
-        finally:
-            self._end()
-
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[self.sock.send(view):]
-            except socket.timeout:
-                if self._aborted:
-                    raise ConnectionAbortedError("the forwarded connection was aborted") from None
-
-    def _lost(self) -> bool:
-        transport = self.chan.get_transport()
-        return self._aborted or transport is None or not transport.is_active()
-
-    def abort(self) -> None:
-        """End both directions now (from any thread); the local peer sees a reset."""
-        with self._lock:
-            if self._aborted or self._running == 0:
-                return
-            self._aborted = True
-        _reset(self.sock)
-        try:
-            # Wakes a recv; unlike SHUT_WR it sends nothing, so the peer never
-            # sees an EOF before the reset. A blocked write notices within SOCKET_POLL.
-            self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
-        try:
-            self.chan.close()  # wakes a recv or send blocked on the channel
-        except TRANSPORT_ERRORS:
-            pass
-
-    def _end(self) -> None:
-        with self._lock:
-            self._running -= 1
-            last = self._running == 0
-        if not last:
-            return
-        try:
-            self.chan.close()
-        except TRANSPORT_ERRORS:
-            pass
-        self.sock.close()
-        self._done(self)
 
 
 class Tunnel:
@@ -481,7 +317,7 @@ class LocalTunnel(Tunnel):
                 if not self._closed.is_set():
                     log.warning("tunnel %s: %s; closing the client's connection",
                                 self.name, exc.description)
-                _reset(client)  # an empty reply must not pass for an answer
+                reset_on_close(client)  # an empty reply must not pass for an answer
                 client.close()
                 return
             self._carry(client, chan, self.name)
@@ -682,171 +518,6 @@ def _wait_reply(event: threading.Event, link: Link, timeout: float) -> bool:
             return False
     return True
 
-
-class ForwardedSocket:
-    """What `open_connection` returns: a socket-like object over a ``direct-tcpip`` channel.
-
-    ``sendall``, ``send``, ``recv``, ``recv_into``, ``makefile``,
-    ``settimeout``, ``gettimeout``, ``shutdown``, ``close``, and a context
-    manager. ``recv`` returns ``b""`` at the far end's EOF; a connection lost
-    meanwhile raises `ConnectionResetError` instead, so a cut stream never
-    looks complete. As with a socket, `close` leaves the connection open
-    while a file from `makefile` is still open (``http.client`` reads a
-    response through its file after closing the socket); closing the last
-    of them closes the channel and frees its place under ``max_forwarded``.
-    """
-
-    def __init__(self, chan: paramiko.Channel, release: Callable[[ForwardedSocket], None],
-                 name: str) -> None:
-        self._chan = chan
-        self._release: Optional[Callable[[ForwardedSocket], None]] = release
-        self._lock = threading.Lock()
-        self._files = 0
-        self._closing = False
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"<ForwardedSocket {self.name}{' closed' if self.closed else ''}>"
-
-    @property
-    def closed(self) -> bool:
-        """Whether the channel is closed (`close` was called and no file is open)."""
-        return self._release is None
-
-    @property
-    def channel(self) -> paramiko.Channel:
-        """The underlying paramiko channel."""
-        return self._chan
-
-    def _check_cut(self) -> None:
-        transport = self._chan.get_transport()
-        if not self._chan.eof_received and (transport is None or not transport.is_active()
-                                            or self._chan.closed):
-            raise ConnectionResetError(f"the forwarded connection to {self.name} was cut")
-
-    def recv(self, size: int) -> bytes:
-        data: bytes = self._chan.recv(size)
-        if not data and not self.closed:
-            self._check_cut()
-        return data
-
-    def recv_into(self, buffer: Any, size: int = 0) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.recv(size or len(view))
-        view[:len(data)] = data
-        return len(data)
-
-    def send(self, data: bytes) -> int:
-        sent: int = self._chan.send(data)
-        return sent
-
-    def sendall(self, data: bytes) -> None:
-        _send_all(self._chan, data)
-
-    def makefile(self, mode: str = "r", buffering: Optional[int] = None, *,
-                 encoding: Optional[str] = None, errors: Optional[str] = None,
-                 newline: Optional[str] = None) -> Any:
-        """A file over this connection, as ``socket.makefile`` makes one."""
-        if not set(mode) <= {"r", "w", "b"}:
-            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
-        writing = "w" in mode
-        reading = "r" in mode or not writing
-        with self._lock:
-            if self._release is None:
-                raise OSError("the forwarded connection is closed")
-            self._files += 1
-        raw = _ChannelIO(self, reading, writing)
-        size = io.DEFAULT_BUFFER_SIZE if buffering is None or buffering < 0 else buffering
-        if size == 0:
-            if "b" not in mode:
-                raise ValueError("unbuffered streams must be binary")
-            return raw
-        buffer: Any
-        if reading and writing:
-            buffer = io.BufferedRWPair(raw, raw, size)
-        elif reading:
-            buffer = io.BufferedReader(raw, size)
-        else:
-            buffer = io.BufferedWriter(raw, size)
-        if "b" in mode:
-            return buffer
-        return io.TextIOWrapper(buffer, encoding, errors, newline)
-
-    def _file_closed(self) -> None:
-        with self._lock:
-            self._files -= 1
-            last = self._closing and self._files == 0
-        if last:
-            self._close_now()
-
-    def settimeout(self, timeout: Optional[float]) -> None:
-        self._chan.settimeout(timeout)
-
-    def gettimeout(self) -> Optional[float]:
-        timeout: Optional[float] = self._chan.gettimeout()
-        return timeout
-
-    def setblocking(self, flag: bool) -> None:
-        self._chan.setblocking(flag)
-
-    def shutdown(self, how: int) -> None:
-        self._chan.shutdown(how)
-
-    def close(self) -> None:
-        """Close the connection once no file of `makefile` is open; again: nothing."""
-        with self._lock:
-            self._closing = True
-            now = self._files == 0
-        if now:
-            self._close_now()
-
-    def _close_now(self) -> None:
-        """Close the channel and free its place, open files or not."""
-        with self._lock:
-            release, self._release = self._release, None
-        if release is None:
-            return
-        try:
-            self._chan.close()
-        except TRANSPORT_ERRORS:
-            pass
-        finally:
-            release(self)
-
-    def __enter__(self) -> ForwardedSocket:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class _ChannelIO(io.RawIOBase):
-    """The raw file under `ForwardedSocket.makefile`; closing it gives up its hold on the socket."""
-
-    def __init__(self, sock: ForwardedSocket, reading: bool, writing: bool) -> None:
-        super().__init__()
-        self._sock = sock
-        self._reading = reading
-        self._writing = writing
-
-    def readable(self) -> bool:
-        return self._reading
-
-    def writable(self) -> bool:
-        return self._writing
-
-    def readinto(self, buffer: Any) -> int:
-        return self._sock.recv_into(buffer)
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self._sock.sendall(bytes(view))
-        return len(view)
-
-    def close(self) -> None:
-        if not self.closed:
-            super().close()
-            self._sock._file_closed()
 
 
 #: The executors' forwardings that take each transport's forwarded-tcpip channels:

@@ -20,7 +20,7 @@ import pytest
 from helpers import run_threads, wait_for
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
-from paramiko_executor.tunnels import CHUNK
+from paramiko_executor.pipe import CHUNK
 
 #: The stream that crosses the tunnel in both directions in the big round trip.
 BIG_STREAM = 1024 * 1024 * 1024

@@ -65,7 +65,7 @@ from paramiko.common import (
 from paramiko.message import Message
 
 from paramiko_executor.internals import send_when_clear, wrap_handlers
-from paramiko_executor.tunnels import Pipe
+from paramiko_executor.pipe import Pipe
 
 __all__ = ["SSHTestServer"]
 
