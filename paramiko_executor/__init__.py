@@ -15,10 +15,12 @@ from .errors import (
     TransferTimeout,
 )
 from .executors import SAFE_WRAPPER, DupingSSHExecutor, Executor, SSHExecutor
+from .forwarded import ForwardedSocket
 from .group import GroupFailure, GroupResult, HostGroup
 from .results import CommandResult
 from .shell import ShellExecutor
 from .stats import ExecutorStatistics
+from .tunnels import LocalTunnel, RemoteTunnel, Tunnel
 
 __version__ = "0.2.0"
 
@@ -34,12 +36,16 @@ __all__ = [
     "ExecutorError",
     "ExecutorFailure",
     "ExecutorStatistics",
+    "ForwardedSocket",
     "GroupFailure",
     "GroupResult",
     "HostGroup",
     "HostKeyFailure",
+    "LocalTunnel",
+    "RemoteTunnel",
     "SSHExecutor",
     "ShellExecutor",
     "TransferTimeout",
+    "Tunnel",
     "probe_max_session",
 ]

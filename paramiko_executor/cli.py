@@ -299,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
             transfer.add_argument("--mode", type=_file_mode, metavar="OCTAL",
                                   help="permission bits of the remote file, e.g. 640")
         transfer.set_defaults(handler=_transfer)
+    _add_forward_parser(commands, common, connection)
     return parser
 
 
@@ -774,3 +775,98 @@ def _print_statistics(stats: ExecutorStatistics, stream: TextIO) -> None:
         value = getattr(stats, field.name)
         shown = f"{value:.3f} s" if isinstance(value, float) else f"{value}"
         print(f"  {field.name:<26}{shown}", file=stream)
+
+
+# --------------------------------------------------------------------------- forward
+
+_FORWARD_EPILOG = f"""\
+Each forwarded connection is a channel on the one SSH connection (no second
+login). A lost connection is reconnected: -L keeps listening and new clients
+go through the new connection; -R asks the server for its port again.
+A forward the server refuses is a WARNING on stderr, and that
+client's connection is closed; a refused -R port ends the command at once.
+
+exit status: 0 after SIGTERM, 130 after Ctrl-C, {EXIT_EXECUTOR_FAILURE} if the executor failed, \
+{EXIT_USAGE} bad options.
+
+examples:
+  {PROG} forward --host login.example.org -L 5432:db.internal:5432
+  {PROG} forward --host login -L 127.0.0.1:8080:localhost:8888 -R 9000:localhost:3000
+"""
+
+
+def _add_forward_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser],
+                        common: argparse.ArgumentParser,
+                        connection: argparse.ArgumentParser) -> None:
+    forward = commands.add_parser(
+        "forward",
+        parents=[common, connection],
+        help="forward ports through the host until interrupted (like ssh -N -L/-R)",
+        usage=f"{PROG} forward (--config FILE.yaml | --host HOST [options]) "
+        "[-L [BIND:]PORT:HOST:HOSTPORT]... [-R [BIND:]PORT:HOST:HOSTPORT]...",
+        description=(
+            "-L: listen here on BIND:PORT (BIND default 127.0.0.1; PORT 0 picks one) and\n"
+            "carry each connection to HOST:HOSTPORT as the server sees it.\n"
+            "-R: ask the server to listen on BIND:PORT (BIND default localhost) and carry\n"
+            "each connection to HOST:HOSTPORT as seen from here.\n"
+            "Prints one line per forward (the addresses bound), then runs until interrupted."
+        ),
+        epilog=_FORWARD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    forward.add_argument("-L", dest="local", action="append", type=_forward_spec, default=[],
+                         metavar="[BIND:]PORT:HOST:HOSTPORT", help="a local forward (repeatable)")
+    forward.add_argument("-R", dest="remote", action="append", type=_forward_spec, default=[],
+                         metavar="[BIND:]PORT:HOST:HOSTPORT", help="a remote forward (repeatable)")
+    forward.set_defaults(handler=_forward)
+
+
+ForwardSpec = Tuple[Optional[str], int, str, int]
+
+
+def _forward_spec(text: str) -> ForwardSpec:
+    """``[BIND:]PORT:HOST:HOSTPORT``; an IPv6 address goes in brackets."""
+    import re
+
+    host = r"(\[[^\]]+\]|[^:\[\]]+)"
+    match = re.fullmatch(rf"(?:{host}:)?(\d+):{host}:(\d+)", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected [BIND:]PORT:HOST:HOSTPORT, not {text!r}")
+    bind, port, target, target_port = match.groups()
+    if int(port) > 65535 or not 0 < int(target_port) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port out of range in {text!r}")
+    return (None if bind is None else bind.strip("[]"), int(port), target.strip("[]"),
+            int(target_port))
+
+
+def _forward(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    if not args.local and not args.remote:
+        raise CommandLineError("give at least one -L or -R forward")
+    executor = _executor(args)
+    if not isinstance(executor, SSHExecutor):
+        raise CommandLineError(f"forward needs an SSH executor, not {type(executor).__name__}")
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        with executor:
+            for bind, port, host, host_port in args.local:
+                tunnel = executor.forward_local(host_port, host, local_port=port,
+                                                local_host=bind or "127.0.0.1")
+                where = tunnel.local_address
+                print(f"-L {where[0]}:{where[1]} -> {host}:{host_port}", flush=True)
+            for bind, port, host, host_port in args.remote:
+                remote = executor.forward_remote(port, host_port, local_host=host,
+                                                 remote_host=bind or "localhost")
+                where = remote.remote_address
+                print(f"-R {where[0]}:{where[1]} -> {host}:{host_port}", flush=True)
+            while not stop.wait(1.0):  # a bounded wait, so that Ctrl-C gets through
+                pass
+    except ExecutorFailure as failure:
+        print(f"{PROG}: {_one_line(str(failure))}", file=sys.stderr)
+        return EXIT_EXECUTOR_FAILURE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0

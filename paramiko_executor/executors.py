@@ -35,6 +35,7 @@ from .errors import (
     mapped,
     translate,
 )
+from .forwarded import ForwardedSocket
 from .internals import private_key_object
 from .options import DEFAULT, normalize_parameters, resolve_target
 from .registry import connection_key, shared_connection
@@ -51,6 +52,7 @@ from .transfer import (
     temp_path_for,
     upload,
 )
+from .tunnels import Forwarding, LocalTunnel, RemoteTunnel
 
 __all__ = ["SAFE_WRAPPER", "DupingSSHExecutor", "Executor", "SSHExecutor",
            "check_transfer_arguments"]
@@ -198,6 +200,7 @@ class SSHExecutor(Executor):
         keepalive_interval: Optional[float] = DEFAULT,
         keepalive_count_max: int = DEFAULT,
         config: Any = DEFAULT,
+        max_forwarded: int = 64,
         **parameters: Any,
     ) -> None:
         self._arguments: Dict[str, Any] = dict(
@@ -210,6 +213,7 @@ class SSHExecutor(Executor):
             keepalive_interval=keepalive_interval,
             keepalive_count_max=keepalive_count_max,
             config=config,
+            max_forwarded=max_forwarded,
         )
         self._retries = _check_retries(on_disconnect_retry)
         target = resolve_target(
@@ -227,6 +231,7 @@ class SSHExecutor(Executor):
         )
         #: Temporary files of failed uploads, to remove once a connection lets us.
         self._leftovers: set = set()
+        self._forwarding = Forwarding(self, check_int("max_forwarded", max_forwarded, minimum=1))
 
     def __repr__(self) -> str:
         target = self._connection.target
@@ -301,8 +306,11 @@ class SSHExecutor(Executor):
         )
 
     def close(self) -> None:
-        """Drop the connection; commands running on it fail, a later command reconnects."""
-        self._connection.close()
+        """Drop the connection and close every tunnel; commands running on it fail.
+
+        A later command reconnects.
+        """
+        self._forwarding.close(then=self._connection.close)
 
     def _get_link(self) -> Link:
         try:
@@ -630,6 +638,53 @@ class SSHExecutor(Executor):
             time.sleep(min(OPEN_BACKOFF.delay(tries - QUICK_TRIES - 1),
                            remaining if deadline is not None else OPEN_BACKOFF.maximum))
         raise ExecutorFailure(f"the server refused a session channel {OPEN_TRIES} times")
+
+    # --- tunnels ----------------------------------------------------------------
+
+    def forward_local(self, remote_port: int, remote_host: str = "localhost", *,
+                      local_port: int = 0, local_host: str = "127.0.0.1") -> LocalTunnel:
+        """Listen on ``local_host:local_port``; each client reaches ``remote_host:remote_port``.
+
+        ``remote_host`` is resolved by the server (``localhost`` is the server
+        itself). Listening starts now; ``tunnel.local_address`` is the
+        ``(host, port)`` bound (``local_port=0`` picks a free port). Each client
+        is a ``direct-tcpip`` channel on the executor's connection: no
+        MaxSessions slot, at most ``max_forwarded`` open at once (more wait).
+        A forward the server refuses closes that client's socket and logs a
+        WARNING naming the target. The tunnel survives a lost connection: the
+        clients of that moment are cut (reset), later ones go through the
+        reconnected connection. Close it with ``tunnel.close()``, a ``with``
+        block, or `close`. Raises `ExecutorFailure` if it cannot listen.
+        """
+        return self._forwarding.forward_local(remote_port, remote_host, local_port, local_host)
+
+    def forward_remote(self, remote_port: int, local_port: int, *, local_host: str = "127.0.0.1",
+                       remote_host: str = "localhost") -> RemoteTunnel:
+        """Ask the server to listen on ``remote_host:remote_port``, forwarding to ``local_port``.
+
+        Each connection to it reaches ``local_host:local_port`` from here.
+
+        ``remote_port=0`` lets the server pick; ``tunnel.remote_address`` is
+        the ``(host, port)`` it bound. Raises `ExecutorFailure` at once when
+        the server refuses the port. While the tunnel is open the executor
+        reconnects by itself after a lost connection and asks for the port
+        again (the port the server picks may then differ, and
+        ``remote_address`` follows); a refusal then is a WARNING, and the port
+        is asked for again after the next reconnect.
+        """
+        return self._forwarding.forward_remote(remote_port, local_port, local_host, remote_host)
+
+    def open_connection(self, host: str, port: int, *,
+                        timeout: Optional[float] = None) -> ForwardedSocket:
+        """A socket-like connection to ``host:port`` as the server sees it (``direct-tcpip``).
+
+        ``timeout`` bounds waiting for a place under ``max_forwarded`` and the
+        open, and is then the socket's timeout, as with
+        ``socket.create_connection``. Raises `ExecutorFailure` when the server
+        refuses (``AllowTcpForwarding no``, the target refused) or the
+        connection cannot be had.
+        """
+        return self._forwarding.open_connection(host, port, timeout)
 
 
 #: A wrapper for `DupingSSHExecutor` on an ordinary key that runs the first line it

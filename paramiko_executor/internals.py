@@ -50,6 +50,10 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     Overridden by the test server's transport (``testing.server``): it learns
     when a channel is fully closed, and keeps opened channels itself instead of
     queueing them for ``accept``.
+``Transport._tcp_handler``
+    Set before a ``tcpip-forward`` request is sent (`set_forward_handler`):
+    ``request_port_forward`` sets it only after the reply, so a connection
+    forwarded right after the reply would be refused.
 ``paramiko.transport._active_threads``
     Emptied in a forked child, whose exit hook would otherwise stop the
     parent's transports (`forget_parent_transports`). A transport leaves it
@@ -80,6 +84,7 @@ __all__ = [
     "send_awaiting_reply",
     "send_if_clear",
     "send_when_clear",
+    "set_forward_handler",
     "transport_reading",
     "window_to_return",
     "wrap_disconnect",
@@ -115,6 +120,7 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("Ed25519Key", "_signing_key"),
     ("Transport", "_unlink_channel"),
     ("Transport", "_queue_incoming_channel"),
+    ("Transport", "_tcp_handler"),
     ("transport module", "_active_threads"),
 )
 
@@ -196,6 +202,11 @@ def new_session_channel(transport: paramiko.Transport, answered: Any) -> paramik
         chan.in_buffer.set_event(answered)
     transport._send_user_message(m)
     return chan
+
+
+def set_forward_handler(transport: paramiko.Transport, handler: Handler) -> None:
+    """Let ``handler(chan, origin, server)`` take ``transport``'s forwarded-tcpip channels."""
+    transport._tcp_handler = handler
 
 
 def forget_channel(transport: paramiko.Transport, chanid: int) -> None:

@@ -33,6 +33,11 @@ EXPECTED = {
                                "wc -w counted 3 words; failing command: exit 7"],
     "dask_hosts.py": ["40 of 40 tasks succeeded on 2 worker processes",
                       "SSH connections used: 2 (one per worker process)"],
+    "database_tunnel.py": ["GET /customers through the tunnel: 200 rows for /customers",
+                           "GET /orders over open_connection: 200 rows for /orders",
+                           "commands still share the connection: ok"],
+    "remote_forward.py": ["the remote command got: received 'step 3 of 5'",
+                          "the collector here got: ['step 3 of 5']"],
     "yaml_config.py": ["executor.yaml loads as SSHExecutor(host='login.example.org'",
                        "remote: SSHExecutor(", "local: ShellExecutor(): hello from"],
 }

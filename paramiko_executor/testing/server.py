@@ -21,6 +21,13 @@ depend on it:
   sshd's ``AuthenticationMethods``. A separate key can be restricted to one
   forced command, like ``command=`` in ``authorized_keys``.
 
+Port forwarding, as with sshd's ``AllowTcpForwarding yes``: a
+``direct-tcpip`` channel connects to its target from the server (a target
+that refuses is ``OPEN_CONNECT_FAILED``), and a ``tcpip-forward`` request
+listens on 127.0.0.1 and opens a ``forwarded-tcpip`` channel per connection.
+Forwarded channels take no MaxSessions slot. `SSHTestServer.allow_forwarding`
+set to False (also while running) refuses both, like ``AllowTcpForwarding no``.
+
 It also injects faults: `SSHTestServer.drop_connections` closes every live
 TCP connection at once, `SSHTestServer.freeze` stops all traffic without
 closing anything until `SSHTestServer.thaw`, and
@@ -58,6 +65,7 @@ from paramiko.common import (
 from paramiko.message import Message
 
 from paramiko_executor.internals import send_when_clear, wrap_handlers
+from paramiko_executor.pipe import Pipe
 
 __all__ = ["SSHTestServer"]
 
@@ -75,6 +83,8 @@ HOST = "127.0.0.1"
 #: Largest read from a command's output pipe, and from a channel into its stdin.
 _CHUNK = 64 * 1024
 _AUTH_METHODS = ("publickey", "password", "keyboard-interactive")
+#: How long connecting to a direct-tcpip channel's target may take.
+_CONNECT_TIMEOUT = 5.0
 
 AuthorizedKey = Union[paramiko.PKey, str, "os.PathLike[str]"]
 
@@ -120,6 +130,10 @@ class SSHTestServer:
         keyboard-interactive when `password_prompt` is set), followed by a
         keyboard-interactive step when `totp_secret` is set.
     :param host_key: the server's host key; by default a new ECDSA key.
+    :param allow_forwarding: serve ``direct-tcpip`` channels and
+        ``tcpip-forward`` requests (sshd's ``AllowTcpForwarding``); the
+        attribute of the same name may be changed at any time and applies to
+        the channels and requests that follow.
     """
 
     def __init__(
@@ -136,6 +150,7 @@ class SSHTestServer:
         password_prompt: Optional[str] = None,
         auth_methods: Optional[Sequence[str]] = None,
         host_key: Optional[paramiko.PKey] = None,
+        allow_forwarding: bool = True,
     ) -> None:
         _check_int("port", port, 0, 65535)
         _check_text("username", username)
@@ -153,6 +168,10 @@ class SSHTestServer:
         if host_key is not None and not isinstance(host_key, paramiko.PKey):
             raise TypeError(f"host_key must be a paramiko.PKey, got {type(host_key).__name__}")
 
+        if not isinstance(allow_forwarding, bool):
+            raise TypeError("allow_forwarding must be True or False, "
+                            f"not {type(allow_forwarding).__name__}")
+        self.allow_forwarding = allow_forwarding
         self.username = username
         self.max_sessions = max_sessions
         self.forced_command = forced_command
@@ -612,6 +631,12 @@ class _Listener:
         self._wake_writer.close()
 
 
+def _close_later(listener: _Listener) -> None:
+    """Close ``listener`` from a thread of its own: the transport thread must not wait for it."""
+    threading.Thread(target=listener.close, args=(10.0,), daemon=True,
+                     name=f"SSHTestServer-unlisten-{listener.port}").start()
+
+
 class _GatedSocket:
     """An accepted TCP socket as its paramiko Transport sees it: traffic passes only
     while the server is thawed.
@@ -737,6 +762,10 @@ class _Connection(paramiko.ServerInterface):
         self._sessions: Dict[int, _Session] = {}
         # Sessions waiting for their exec reply to go out, with the requested command.
         self._unstarted: Dict[int, Tuple[_Session, Optional[str]]] = {}
+        # direct-tcpip channels whose target is connected, waiting to be opened.
+        self._targets: Dict[int, socket.socket] = {}
+        self._pipes: Set[Pipe] = set()
+        self._forwards: Dict[int, _Listener] = {}  # tcpip-forward listeners, by port
         self.transport = _ServerTransport(self._socket)
         self.transport.set_log_channel(_transport_log.name)
         self.transport.add_server_key(server.host_key)
@@ -853,7 +882,73 @@ class _Connection(paramiko.ServerInterface):
 
     def channel_opened(self, channel: Channel) -> None:
         with self._lock:
-            self._held_channels[channel.get_id()] = channel
+            target = self._targets.pop(channel.get_id(), None)
+            if target is None:
+                self._held_channels[channel.get_id()] = channel
+        if target is not None:
+            self._relay(target, channel, "direct-tcpip")
+
+    # -- port forwarding ---------------------------------------------------
+
+    def check_channel_direct_tcpip_request(self, chanid: int, origin: Tuple[str, int],
+                                           destination: Tuple[str, int]) -> int:
+        if not self._server.allow_forwarding:
+            self._server._channel_refused()
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        try:
+            # In the transport thread, as sshd connects before it confirms;
+            # the tests' targets are local, so this is quick.
+            target = socket.create_connection(destination, timeout=_CONNECT_TIMEOUT)
+        except OSError:
+            self._server._channel_refused()
+            return paramiko.OPEN_FAILED_CONNECT_FAILED
+        target.settimeout(None)
+        with self._lock:
+            self._targets[chanid] = target
+        return paramiko.OPEN_SUCCEEDED
+
+    def check_port_forward_request(self, address: str, port: int) -> Union[int, bool]:
+        if not self._server.allow_forwarding:
+            return False
+        try:
+            listener = _Listener(port, partial(self._forwarded, address))
+        except OSError:
+            return False
+        with self._lock:
+            self._forwards[listener.port] = listener
+        return listener.port
+
+    def cancel_port_forward_request(self, address: str, port: int) -> None:
+        with self._lock:
+            listener = self._forwards.pop(port, None)
+        if listener is not None:
+            _close_later(listener)
+
+    def _forwarded(self, address: str, sock: socket.socket) -> None:
+        # The listener's thread: the channel open waits for the client, elsewhere.
+        port = sock.getsockname()[1]
+        origin = sock.getpeername()[:2]
+
+        def open_and_relay() -> None:
+            try:
+                channel = self.transport.open_forwarded_tcpip_channel(origin, (address, port))
+            except (paramiko.SSHException, OSError, EOFError):
+                sock.close()
+                return
+            self._relay(sock, channel, "forwarded-tcpip")
+
+        threading.Thread(target=open_and_relay, daemon=True,
+                         name=f"SSHTestServer-forward-{port}").start()
+
+    def _relay(self, sock: socket.socket, channel: Channel, kind: str) -> None:
+        pipe = Pipe(sock, channel, f"SSHTestServer {kind}", done=self._relayed)
+        with self._lock:
+            self._pipes.add(pipe)
+        threading.Thread(target=pipe.run, daemon=True, name=f"SSHTestServer-{kind}").start()
+
+    def _relayed(self, pipe: Pipe) -> None:
+        with self._lock:
+            self._pipes.discard(pipe)
 
     def check_channel_exec_request(self, channel: Channel, command: bytes) -> bool:
         return self._prepare_session(channel, command.decode("utf-8", "surrogateescape"))
@@ -919,8 +1014,19 @@ class _Connection(paramiko.ServerInterface):
             still_open = len(self._open_channels)
             self._open_channels.clear()
             self._held_channels.clear()
+            targets = list(self._targets.values())
+            self._targets.clear()
+            pipes = list(self._pipes)
+            forwards = list(self._forwards.values())
+            self._forwards.clear()
         for session in sessions:
             session.terminate()
+        for sock in targets:
+            sock.close()
+        for pipe in pipes:
+            pipe.abort()
+        for listener in forwards:
+            _close_later(listener)
         self._server._connection_ended(self, still_open)
 
 

@@ -1,0 +1,185 @@
+"""One forwarded connection: a local socket and an SSH channel, pumped both ways.
+
+The tunnels (`tunnels`) and the test server's forwarding (``testing.server``)
+carry each forwarded connection with a `Pipe`. It has two threads, one per
+direction, so each direction is its own stream: a client's EOF becomes the
+channel's EOF while replies keep flowing back. paramiko's transport thread
+only appends a channel's data to that channel's buffer, which the window we
+granted bounds; the window is given back only as the pipe's thread writes
+the data to the local socket. A local reader that stops reading therefore
+stops its own channel, never the transport thread, the other channels or
+the commands.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from typing import Callable, Optional, Union, cast
+
+import paramiko
+
+from .errors import TRANSPORT_ERRORS
+
+__all__ = ["CHUNK", "Pipe", "reset_on_close", "send_all"]
+
+#: The largest read from a channel: big reads keep the per-call Python
+#: overhead small against the bytes moved.
+CHUNK = 1024 * 1024
+
+#: The buffer each forwarded connection reads its local socket into.
+UP_BUFFER = 256 * 1024
+
+#: How often a pipe's thread blocked on its local socket looks whether it was aborted:
+#: only a write to a peer that stopped reading stays blocked that long.
+SOCKET_POLL = 0.5
+
+
+def send_all(chan: paramiko.Channel, data: Union[bytes, memoryview]) -> None:
+    """``chan.sendall`` without copying the rest of ``data`` after every packet."""
+    view = memoryview(data)
+    while view:
+        sent = chan.send(cast(bytes, view))  # paramiko slices it to a packet
+        if sent == 0:
+            raise OSError("the channel was closed")
+        view = view[sent:]
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make the next close send a reset: the client must not take a cut stream for a whole one."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
+class Pipe:
+    """One forwarded connection: a local socket and its channel, each direction its own stream.
+
+    `run` pumps socket to channel in the calling thread and channel to
+    socket in a thread of its own. An EOF read on one side is passed on as
+    an EOF (the channel's, or a ``shutdown(SHUT_WR)`` of the socket) while
+    the other direction goes on. When the connection under the channel is
+    lost, or `abort` is called, both directions end at once and the local
+    socket is closed with a reset, so its peer never mistakes a cut stream
+    for a complete one. ``done(pipe)`` is called once both directions have
+    ended and both ends are closed.
+    """
+
+    def __init__(self, sock: socket.socket, chan: paramiko.Channel, name: str,
+                 done: Callable[[Pipe], None] = lambda pipe: None) -> None:
+        self.sock = sock
+        self.chan = chan
+        self.name = name
+        self._done = done
+        self._lock = threading.Lock()
+        self._running = 2
+        self._aborted = False
+        self.thread: Optional[threading.Thread] = None
+
+    def run(self) -> None:
+        """Pump both directions until both have ended; returns when they have."""
+        self.sock.settimeout(SOCKET_POLL)
+        self.thread = threading.Thread(target=self._channel_to_socket, daemon=True,
+                                       name=f"paramiko_executor tunnel {self.name} in")
+        try:
+            self.thread.start()
+        except BaseException:
+            self.discard()
+            raise
+        self._socket_to_channel()
+        self.thread.join()
+
+    def discard(self) -> None:
+        """End a pipe that never ran: both ends closed (the local one with a reset)."""
+        self.abort()
+        with self._lock:
+            self._running = 1
+        self._end()
+
+    def _socket_to_channel(self) -> None:
+        # One buffer for the pipe's life: a fresh 1 MiB bytes per read costs
+        # an mmap, page faults and a munmap.
+        buffer = memoryview(bytearray(UP_BUFFER))
+        try:
+            while True:
+                try:
+                    size = self.sock.recv_into(buffer)
+                except socket.timeout:
+                    # A channel the server closed ends the client's connection too.
+                    if self._aborted or self.chan.closed:
+                        break
+                    continue
+                if not size:
+                    break
+                send_all(self.chan, buffer[:size])
+            if not self._aborted and not self.chan.closed:
+                self.chan.shutdown_write()
+        except TRANSPORT_ERRORS:
+            # A server that closed the channel after its own EOF only stops
+            # this direction; the replies already on their way still arrive.
+            if self._lost():
+                self.abort()
+        finally:
+            self._end()
+
+    def _channel_to_socket(self) -> None:
+        try:
+            while True:
+                data = self.chan.recv(CHUNK)
+                if not data:
+                    break
+                self._write(data)
+            if self.chan.eof_received and not self._lost():
+                self.sock.shutdown(socket.SHUT_WR)
+            else:
+                self.abort()  # closed without an EOF: the stream was cut
+        except TRANSPORT_ERRORS:
+            self.abort()
+        finally:
+            self._end()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except socket.timeout:
+                if self._aborted:
+                    raise ConnectionAbortedError("the forwarded connection was aborted") from None
+
+    def _lost(self) -> bool:
+        transport = self.chan.get_transport()
+        return self._aborted or transport is None or not transport.is_active()
+
+    def abort(self) -> None:
+        """End both directions now (from any thread); the local peer sees a reset."""
+        with self._lock:
+            if self._aborted or self._running == 0:
+                return
+            self._aborted = True
+        reset_on_close(self.sock)
+        try:
+            # Wakes a recv; unlike SHUT_WR it sends nothing, so the peer never
+            # sees an EOF before the reset. A blocked write notices within SOCKET_POLL.
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        try:
+            self.chan.close()  # wakes a recv or send blocked on the channel
+        except TRANSPORT_ERRORS:
+            pass
+
+    def _end(self) -> None:
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+        if not last:
+            return
+        try:
+            self.chan.close()
+        except TRANSPORT_ERRORS:
+            pass
+        self.sock.close()
+        self._done(self)

@@ -1,0 +1,704 @@
+"""Port forwarding over an executor's one shared connection: tunnels and `open_connection`.
+
+Every forwarded connection is a channel of the executor's connection, beside
+its commands: ``direct-tcpip`` for a local forward and `open_connection`,
+``forwarded-tcpip`` for a remote forward. None holds a MaxSessions slot
+(OpenSSH counts sessions only); `ForwardLimit` caps how many are open at once,
+and the ones past the cap wait.
+
+Threads
+-------
+A forwarded connection is a `pipe.Pipe`: two threads of its own, one per
+direction (flow control: see there); `open_connection`'s is a
+`forwarded.ForwardedSocket` that its caller reads and writes.
+
+A `LocalTunnel` has a listening thread and, per client, a thread that waits
+for a place under the cap, opens the channel and becomes the pipe's first
+thread. A `RemoteTunnel` has a supervising thread that asks each new
+connection for its port again and, per forwarded connection, a thread that
+connects to the local target and becomes the pipe's first thread.
+`Tunnel.close` stops all of them and waits for them (bounded);
+`Forwarding.close` does so for every tunnel and socket of an executor.
+
+Locks: each tunnel's ``_lock`` guards its pipes and threads; the
+`ForwardLimit`'s condition its count; `Forwarding._lock` its tunnels and
+sockets; ``_RECEIVERS_LOCK`` which executors take a transport's forwarded
+connections (and each `pipe.Pipe` and `forwarded.ForwardedSocket` has its
+own for its ending). None is held while another is taken, nor during I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, TypeVar
+
+import paramiko
+
+from .checks import check_int, check_str, check_timeout
+from .connection import Link
+from .errors import TRANSPORT_ERRORS, ExecutorFailure, for_executor
+from .forwarded import ForwardedSocket
+from .internals import set_forward_handler
+from .pipe import Pipe, reset_on_close
+from .text import printable
+
+if TYPE_CHECKING:
+    from .executors import SSHExecutor
+
+__all__ = ["ForwardLimit", "Forwarding", "LocalTunnel", "RemoteTunnel", "Tunnel"]
+
+log = logging.getLogger("paramiko_executor.tunnels")
+
+Address = Tuple[str, int]
+TunnelT = TypeVar("TunnelT", bound="Tunnel")
+
+
+#: How long a remote forward's supervisor sleeps between looks at its connection.
+LIVENESS_POLL = 0.25
+
+#: The pause before a remote forward's supervisor tries to connect again
+#: after a whole connect cycle (with its own retries) failed.
+RECONNECT_PAUSE = 5.0
+
+#: How long `Tunnel.close` waits for the tunnel's threads.
+JOIN_TIMEOUT = 10.0
+
+#: How long connecting to a remote forward's local target may take.
+LOCAL_CONNECT_TIMEOUT = 10.0
+
+#: The texts of the SSH channel-open failure codes (RFC 4254 5.1).
+_REASONS = {1: "administratively prohibited", 2: "connect failed",
+            3: "unknown channel type", 4: "resource shortage"}
+
+
+class ForwardLimit:
+    """A cap on the forwarded channels of one executor; those past it wait their turn."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._cond = threading.Condition()
+        self._used = 0
+        self._queue: List[object] = []
+
+    @property
+    def used(self) -> int:
+        with self._cond:
+            return self._used
+
+    def acquire(self, deadline: Optional[float], cancelled: Callable[[], bool]) -> bool:
+        """Take one place by ``deadline``; False when time ran out or ``cancelled()`` became true.
+
+        ``cancelled`` is checked whenever `wake` is called.
+        """
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            try:
+                while self._queue[0] is not me or self._used >= self.limit:
+                    if cancelled():
+                        return False
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                if cancelled():
+                    return False
+                self._used += 1
+                return True
+            finally:
+                self._queue.remove(me)
+                self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._used -= 1
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Let the waiters look at their ``cancelled`` again."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+
+class Tunnel:
+    """A port forward; a context manager. `close` stops it and ends the connections it carries.
+
+    It works from its creation on (not from ``__enter__``). A lost
+    connection does not end it: the forwarded connections of that moment
+    end, later ones go through the reconnected connection.
+    """
+
+    def __init__(self, forwarding: Forwarding, name: str) -> None:
+        self._forwarding = forwarding
+        self.name = name
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._pipes: Set[Pipe] = set()
+        self._threads: Set[threading.Thread] = set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def __enter__(self: TunnelT) -> TunnelT:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}{' closed' if self.closed else ''}>"
+
+    def close(self) -> None:
+        """Stop forwarding, end the tunnel's forwarded connections, and wait for its threads."""
+        self._stop()
+        self._join(JOIN_TIMEOUT)
+
+    def _stop(self) -> None:
+        """Stop forwarding and end the forwarded connections, without waiting for the threads."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            pipes = list(self._pipes)
+        self._forwarding.limit.wake()
+        self._stop_listening()
+        for pipe in pipes:
+            pipe.abort()
+        self._forwarding.forget(self)
+
+    def _join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the tunnel's threads to end."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                threads = [t for t in self._threads if t is not threading.current_thread()]
+            if not threads:
+                return
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                return
+
+    def _stop_listening(self) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> bool:
+        """Start ``target(*args)`` in a thread of this tunnel (one `join` waits for).
+
+        False, and nothing started, once the tunnel is closed; `RuntimeError`
+        when no thread can be had.
+        """
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(thread)
+
+        thread = threading.Thread(target=run, name=f"paramiko_executor tunnel {name}",
+                                  daemon=True)
+        with self._lock:
+            if self._closed.is_set():
+                return False
+            self._threads.add(thread)
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._threads.discard(thread)
+            raise
+        return True
+
+    def _carry(self, sock: socket.socket, chan: paramiko.Channel, name: str) -> None:
+        """Pump ``sock`` <-> ``chan`` in this thread until both directions end."""
+        pipe = Pipe(sock, chan, name, done=self._pipe_done)
+        with self._lock:
+            closed = self._closed.is_set()
+            if not closed:
+                self._pipes.add(pipe)
+        if closed:
+            pipe.discard()
+            return
+        pipe.run()
+
+    def _pipe_done(self, pipe: Pipe) -> None:
+        with self._lock:
+            self._pipes.discard(pipe)
+
+    @property
+    def connections(self) -> int:
+        """How many forwarded connections this tunnel carries right now."""
+        with self._lock:
+            return len(self._pipes)
+
+
+class LocalTunnel(Tunnel):
+    """``forward_local``: a listening socket whose clients reach ``remote`` through the server.
+
+    ``local_address`` is the ``(host, port)`` it listens on.
+    """
+
+    def __init__(self, forwarding: Forwarding, remote: Address, local: Address) -> None:
+        family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(local)
+            listener.listen(128)
+        except OSError as exc:
+            listener.close()
+            raise ExecutorFailure(f"cannot listen on {local[0]}:{local[1]}: {exc}") from None
+        self._listener = listener
+        self.local_address: Address = listener.getsockname()[:2]
+        self.remote = remote
+        super().__init__(forwarding, f"{self.local_address[0]}:{self.local_address[1]} -> "
+                                     f"{remote[0]}:{remote[1]}")
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._accepting = threading.Thread(target=self._accept, daemon=True,
+                                           name=f"paramiko_executor tunnel {self.name}")
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self._listener, selectors.EVENT_READ)
+                selector.register(self._wake_reader, selectors.EVENT_READ)
+                while not self._closed.is_set():
+                    ready = [key.fileobj for key, _ in selector.select()]
+                    if self._wake_reader in ready:
+                        return
+                    try:
+                        client, origin = self._listener.accept()
+                    except (BlockingIOError, ConnectionAbortedError):
+                        continue  # the client gave up between select and accept
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    try:
+                        if not self._spawn(self._serve, client, origin[:2], name=self.name):
+                            client.close()  # closed meanwhile
+                    except RuntimeError:  # no thread to be had: refuse this client
+                        client.close()
+                        log.warning("tunnel %s: could not start a thread for a client", self.name)
+        except OSError:
+            if not self._closed.is_set():
+                log.exception("tunnel %s: no longer listening", self.name)
+        finally:
+            self._listener.close()
+            self._wake_reader.close()
+
+    def _stop_listening(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:
+            pass
+        self._accepting.join(JOIN_TIMEOUT)
+        self._wake_writer.close()
+
+    def _join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self._accepting.join(timeout)
+        super()._join(max(0.0, deadline - time.monotonic()))
+
+    def _serve(self, client: socket.socket, origin: Address) -> None:
+        limit = self._forwarding.limit
+        if not limit.acquire(None, self._closed.is_set):
+            client.close()
+            return
+        try:
+            try:
+                chan = self._forwarding.open_channel(self.remote, origin, None)
+            except ExecutorFailure as exc:
+                if not self._closed.is_set():
+                    log.warning("tunnel %s: %s; closing the client's connection",
+                                self.name, exc.description)
+                reset_on_close(client)  # an empty reply must not pass for an answer
+                client.close()
+                return
+            self._carry(client, chan, self.name)
+        finally:
+            limit.release()
+
+
+class RemoteTunnel(Tunnel):
+    """``forward_remote``: the server listens, and each connection to it reaches ``local``.
+
+    ``remote_address`` is the ``(host, port)`` the server bound; after a
+    reconnect the forward is asked for again, and the port (when the server
+    picked it) may differ: the attribute follows.
+    """
+
+    def __init__(self, forwarding: Forwarding, requested: Address, local: Address) -> None:
+        self.requested = requested
+        self.local = local
+        super().__init__(forwarding, f"{requested[0]}:{requested[1]} <- "
+                                     f"{local[0]}:{local[1]}")
+        self.remote_address: Address = requested
+        self._link: Optional[Link] = None
+
+    def _start(self) -> None:
+        """Ask for the port (`ExecutorFailure` when refused), then keep it asked for."""
+        link = self._forwarding.get_link()
+        if not self._ask(link):
+            raise ExecutorFailure(f"the server refused to listen on "
+                                  f"{self.requested[0]}:{self.requested[1]}")
+        self.name = (f"{self.remote_address[0]}:{self.remote_address[1]} <- "
+                     f"{self.local[0]}:{self.local[1]}")
+        self._spawn(self._supervise, link, name=f"{self.name} supervisor")
+
+    def _ask(self, link: Link) -> bool:
+        """Ask ``link`` to listen on the requested port; False if refused. Raises if it broke."""
+        address, port = self.requested
+        self._forwarding.accept_forwards(link)
+        reply = link.requests.send("tcpip-forward", (address, port))
+        timeout = link.transport.channel_timeout
+        if not _wait_reply(reply.event, link, timeout):
+            raise ExecutorFailure(f"no answer to a port forward request within {timeout:g} s")
+        if reply.message is None:
+            return False
+        bound = reply.message.get_int() if port == 0 else port
+        self.remote_address = (address, bound)
+        self._link = link
+        return True
+
+    def _owns(self, link: Link, server: Address) -> bool:
+        """Whether a forwarded connection to ``server`` on ``link`` belongs to this tunnel."""
+        return self._link is link and server[1] == self.remote_address[1]
+
+    def _supervise(self, link: Optional[Link]) -> None:
+        """Keep the forward asked for on every new connection, until closed."""
+        while not self._closed.is_set():
+            if link is not None:
+                while link.alive() and not self._closed.wait(LIVENESS_POLL):
+                    pass
+                if self._closed.is_set():
+                    return
+                log.info("remote forward %s: the connection was lost; reconnecting", self.name)
+            try:
+                link = self._forwarding.get_link()
+            except ExecutorFailure as exc:
+                link = None
+                if not self._closed.is_set():
+                    log.warning("remote forward %s: cannot reconnect (%s); trying again",
+                                self.name, exc.description)
+                    self._closed.wait(RECONNECT_PAUSE)
+                continue
+            if self._closed.is_set():
+                return
+            try:
+                if self._ask(link):
+                    self.name = (f"{self.remote_address[0]}:{self.remote_address[1]} <- "
+                                 f"{self.local[0]}:{self.local[1]}")
+                    log.info("remote forward %s: listening again", self.name)
+                else:
+                    log.warning("remote forward %s: the server refused to listen on %s:%d "
+                                "after the reconnect; asking again after the next one",
+                                self.name, *self.requested)
+            except _ASK_ERRORS as exc:
+                if link.alive():  # else the loop reconnects at once, and asks again
+                    log.warning("remote forward %s: asking for the port failed (%s); asking "
+                                "again after the next reconnect", self.name, exc)
+
+    def _received(self, chan: paramiko.Channel, origin: Address) -> None:
+        """A forwarded connection arrived (in paramiko's transport thread): serve it elsewhere."""
+        try:
+            if self._spawn(self._serve, chan, origin, name=self.name):
+                return
+        except RuntimeError:
+            log.warning("remote forward %s: could not start a thread for a connection", self.name)
+        _close_elsewhere(chan)
+
+    def _serve(self, chan: paramiko.Channel, origin: Address) -> None:
+        limit = self._forwarding.limit
+        if not limit.acquire(None, self._closed.is_set):
+            chan.close()
+            return
+        try:
+            try:
+                sock = socket.create_connection(self.local, timeout=LOCAL_CONNECT_TIMEOUT)
+            except OSError as exc:
+                log.warning("remote forward %s: cannot connect to %s:%d (%s); closing the "
+                            "forwarded connection", self.name, *self.local, exc)
+                chan.close()
+                return
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._carry(sock, chan, self.name)
+        finally:
+            limit.release()
+
+    def _stop_listening(self) -> None:
+        link = self._link
+        if link is not None and link.alive():
+            try:
+                # No wait for the answer: the connection may be going away.
+                link.requests.send("cancel-tcpip-forward", self.remote_address)
+            except TRANSPORT_ERRORS:
+                pass
+
+
+_ASK_ERRORS = (ExecutorFailure,) + TRANSPORT_ERRORS
+
+
+class _LateOpen:
+    """An open of a ``direct-tcpip`` channel that its caller may stop waiting for.
+
+    paramiko forgets a channel whose open it stopped waiting for, and a
+    confirmation arriving later would leave that channel open on the server
+    for the rest of the connection. So the open runs in a thread of its own,
+    with paramiko's whole channel timeout, and a channel confirmed after its
+    caller left is closed at once.
+    """
+
+    def __init__(self, transport: paramiko.Transport, target: Address, origin: Address) -> None:
+        self._transport = transport
+        self._target = target
+        self._origin = origin
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._result: Any = None
+        self._abandoned = False
+
+    def run(self) -> None:
+        try:
+            result: Any = self._transport.open_channel(
+                "direct-tcpip", self._target, self._origin,
+                timeout=self._transport.channel_timeout)
+        except BaseException as exc:
+            result = exc
+        with self._lock:
+            self._result = result
+            late = self._abandoned
+        self._done.set()
+        if late and isinstance(result, paramiko.Channel):
+            try:
+                result.close()
+            except TRANSPORT_ERRORS:
+                pass
+
+    def wait(self, timeout: float) -> paramiko.Channel:
+        """The channel, or what the open raised; ``SSHException`` if ``timeout`` passed first."""
+        self._done.wait(timeout)
+        with self._lock:
+            result = self._result
+            self._abandoned = result is None
+        if result is None:
+            raise paramiko.SSHException(f"no answer to the channel open within {timeout:g} s")
+        if isinstance(result, BaseException):
+            raise result
+        chan: paramiko.Channel = result
+        return chan
+
+
+def _open_direct(transport: paramiko.Transport, target: Address, origin: Address,
+                 deadline: Optional[float]) -> paramiko.Channel:
+    """A ``direct-tcpip`` channel to ``target``, waited for until ``deadline`` at most."""
+    if deadline is None:
+        chan: paramiko.Channel = transport.open_channel(
+            "direct-tcpip", target, origin, timeout=transport.channel_timeout)
+        return chan
+    opening = _LateOpen(transport, target, origin)
+    threading.Thread(target=opening.run, daemon=True,
+                     name="paramiko_executor tunnel open").start()
+    return opening.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _wait_reply(event: threading.Event, link: Link, timeout: float) -> bool:
+    """Wait for a global request's reply; False if ``timeout`` passed. Raises if the link died."""
+    deadline = time.monotonic() + timeout
+    while not event.wait(min(LIVENESS_POLL, max(0.0, deadline - time.monotonic()))):
+        if not link.alive():
+            raise ExecutorFailure("the connection was lost while asking for a port forward")
+        if time.monotonic() >= deadline:
+            return False
+    return True
+
+
+
+#: The executors' forwardings that take each transport's forwarded-tcpip channels:
+#: copies of an executor unpickled in one process share a connection, and each
+#: has remote tunnels of its own.
+_RECEIVERS: weakref.WeakKeyDictionary[paramiko.Transport, weakref.WeakSet[Forwarding]] = \
+    weakref.WeakKeyDictionary()
+_RECEIVERS_LOCK = threading.Lock()
+
+
+def _dispatch(chan: paramiko.Channel, origin: Address, server: Address) -> None:
+    # paramiko's transport thread: find the tunnel and hand over; never block here.
+    with _RECEIVERS_LOCK:
+        receivers = list(_RECEIVERS.get(chan.get_transport(), ()))
+    if not any(forwarding.received(chan, origin, server) for forwarding in receivers):
+        log.info("a forwarded connection to %s:%d matches no open remote forward; closed",
+                 *server)
+        _close_elsewhere(chan)
+
+
+def _close_elsewhere(chan: paramiko.Channel) -> None:
+    """Close ``chan`` from a thread of its own: the transport thread must not wait to send."""
+    threading.Thread(target=chan.close, daemon=True,
+                     name="paramiko_executor tunnel refuse").start()
+
+
+def _check_port(name: str, value: Any, *, minimum: int) -> int:
+    port = check_int(name, value, minimum=minimum)
+    assert port is not None
+    if port > 65535:
+        raise ValueError(f"{name} must be 65535 or less, not {port}")
+    return port
+
+
+def _check_host(name: str, value: Any) -> str:
+    host = check_str(name, value, optional=False)
+    assert host is not None
+    if not host or "\0" in host:
+        raise ValueError(f"{name} must be a non-empty host name")
+    return host
+
+
+class Forwarding:
+    """The tunnels and forwarded sockets of one executor, and the cap they share."""
+
+    def __init__(self, executor: SSHExecutor, max_forwarded: int) -> None:
+        self._executor = executor
+        self.limit = ForwardLimit(max_forwarded)
+        self._lock = threading.Lock()
+        self._tunnels: Set[Tunnel] = set()
+        self._sockets: Set[ForwardedSocket] = set()
+
+    # --- the executor's connection -------------------------------------------------
+
+    def get_link(self) -> Link:
+        """The executor's current connection, connecting (with its retries) first."""
+        return self._executor._get_link()
+
+    def open_channel(self, target: Address, origin: Address,
+                     deadline: Optional[float]) -> paramiko.Channel:
+        """A ``direct-tcpip`` channel to ``target``; `ExecutorFailure` naming it when that fails.
+
+        A connection found lost is dropped and the open tried on a new one,
+        up to the executor's ``on_disconnect_retry`` times.
+        """
+        where = f"{target[0]}:{target[1]}"
+        lost = 0
+        while True:
+            link = self.get_link()
+            try:
+                return _open_direct(link.transport, target, origin, deadline)
+            except paramiko.ChannelException as exc:
+                reason = _REASONS.get(exc.code, f"code {exc.code}")
+                text = printable(str(exc.text or ""))
+                raise ExecutorFailure(f"the server refused to forward to {where} ({reason}"
+                                      f"{': ' + text if text and text.lower() != reason else ''})",
+                                      self._executor) from None
+            except TRANSPORT_ERRORS as exc:
+                if link.alive():
+                    raise ExecutorFailure(f"opening a forward to {where} failed: "
+                                          f"{printable(repr(exc))}", self._executor) from None
+                self._executor._connection.drop(link)
+                lost += 1
+                if lost > self._executor._retries:
+                    raise ExecutorFailure(f"the connection was lost while opening a forward to "
+                                          f"{where} ({lost} attempts)", self._executor) from None
+
+    def accept_forwards(self, link: Link) -> None:
+        """Let ``link``'s forwarded-tcpip channels reach this executor's remote tunnels."""
+        with _RECEIVERS_LOCK:
+            _RECEIVERS.setdefault(link.transport, weakref.WeakSet()).add(self)
+        set_forward_handler(link.transport, _dispatch)
+
+    def received(self, chan: paramiko.Channel, origin: Address, server: Address) -> bool:
+        """Hand a forwarded connection to the remote tunnel it is for; False if none is."""
+        transport = chan.get_transport()
+        with self._lock:
+            tunnels = [t for t in self._tunnels if isinstance(t, RemoteTunnel)]
+        for tunnel in tunnels:
+            link = tunnel._link
+            if link is not None and link.transport is transport and tunnel._owns(link, server):
+                tunnel._received(chan, origin)
+                return True
+        return False
+
+    # --- the public calls --------------------------------------------------------------
+
+    def forward_local(self, remote_port: Any, remote_host: Any, local_port: Any,
+                      local_host: Any) -> LocalTunnel:
+        remote = (_check_host("remote_host", remote_host),
+                  _check_port("remote_port", remote_port, minimum=1))
+        local = (_check_host("local_host", local_host),
+                 _check_port("local_port", local_port, minimum=0))
+        tunnel = LocalTunnel(self, remote, local)
+        self._remember(tunnel)
+        log.info("forwarding %s", tunnel.name)
+        return tunnel
+
+    def forward_remote(self, remote_port: Any, local_port: Any, local_host: Any,
+                       remote_host: Any) -> RemoteTunnel:
+        requested = (_check_host("remote_host", remote_host),
+                     _check_port("remote_port", remote_port, minimum=0))
+        local = (_check_host("local_host", local_host),
+                 _check_port("local_port", local_port, minimum=1))
+        tunnel = RemoteTunnel(self, requested, local)
+        self._remember(tunnel)
+        try:
+            tunnel._start()
+        except BaseException as exc:
+            tunnel.close()
+            raise for_executor(exc, self._executor) from None
+        log.info("forwarding %s", tunnel.name)
+        return tunnel
+
+    def open_connection(self, host: Any, port: Any, timeout: Any) -> ForwardedSocket:
+        target = (_check_host("host", host), _check_port("port", port, minimum=1))
+        seconds = check_timeout("timeout", timeout)
+        deadline = None if seconds is None else time.monotonic() + seconds
+        if not self.limit.acquire(deadline, lambda: False):
+            raise ExecutorFailure(f"no forwarded channel came free within {seconds:g} s "
+                                  f"(max_forwarded={self.limit.limit})", self._executor)
+        try:
+            chan = self.open_channel(target, ("127.0.0.1", 0), deadline)
+        except BaseException:
+            self.limit.release()
+            raise
+        chan.settimeout(seconds)
+        sock = ForwardedSocket(chan, self._socket_closed, f"{target[0]}:{target[1]}")
+        with self._lock:
+            self._sockets.add(sock)
+        return sock
+
+    # --- bookkeeping -----------------------------------------------------------------
+
+    def _remember(self, tunnel: Tunnel) -> None:
+        with self._lock:
+            self._tunnels.add(tunnel)
+
+    def forget(self, tunnel: Tunnel) -> None:
+        with self._lock:
+            self._tunnels.discard(tunnel)
+
+    def _socket_closed(self, sock: ForwardedSocket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+        self.limit.release()
+
+    def close(self, then: Callable[[], None]) -> None:
+        """Close every tunnel and forwarded socket; ``then()`` runs before awaiting their threads.
+
+        ``then`` closes the connection, which cuts short a connect that a
+        tunnel's thread may be waiting for.
+        """
+        with self._lock:
+            tunnels = list(self._tunnels)
+            sockets = list(self._sockets)
+        for tunnel in tunnels:
+            tunnel._stop()
+        for sock in sockets:
+            sock._close_now()
+        then()
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        for tunnel in tunnels:
+            tunnel._join(max(0.0, deadline - time.monotonic()))
