@@ -58,7 +58,7 @@ from paramiko.common import (
 )
 from paramiko.message import Message
 
-from .command import RunOptions
+from .command import RunOptions, with_terminal_eof
 from .errors import (
     TRANSPORT_ERRORS,
     ConnectionLost,
@@ -209,6 +209,11 @@ class CommandSpec:
     command: bytes
     stdin: bytes = b""
     options: RunOptions = RunOptions()
+
+    @property
+    def sent_input(self) -> bytes:
+        """The bytes to send before EOF: on a pty, stdin and then the terminal's end-of-file."""
+        return with_terminal_eof(self.stdin) if self.options.pty else self.stdin
 
 
 def _outside_key_exchange(transport: paramiko.Transport, handler: Callable[[], None]) -> None:
@@ -758,7 +763,7 @@ class SessionChannel:
         if spec.options.on_output is not None:
             self.stdout = LiveStream()
             self.stderr = LiveStream()
-        if spec.stdin:  # only a sender of stdin waits for window
+        if spec.sent_input:  # only a sender of stdin waits for window
             replace_send_condition(self.chan, _WakingCondition(self.chan, self))
         # The buffers' own events: a channel closed under us (the connection
         # ending) wakes the command too.
@@ -817,7 +822,7 @@ class SessionChannel:
             "the names its AcceptEnv allows); the command did not run")
 
     def _converse(self, spec: CommandSpec, deadline: Optional[float]) -> ChannelOutcome:
-        pending = memoryview(spec.stdin)
+        pending = memoryview(spec.sent_input)
         eof_sent = False
         splitters = line_splitters(spec.options.on_output, spec.options.encoding)
         while True:

@@ -10,7 +10,8 @@ from .errors import CommandExecutionFailure, CommandTimeout
 from .results import CommandResult, Output, check_encoding
 from .text import printable
 
-__all__ = ["RunOptions", "StdinInput", "check_command", "outcome", "stdin_bytes"]
+__all__ = ["RunOptions", "StdinInput", "check_command", "outcome", "stdin_bytes",
+           "with_terminal_eof"]
 
 StdinInput = Union[str, bytes, None]
 OnOutput = Callable[[str, Any], None]
@@ -31,6 +32,16 @@ def stdin_bytes(stdin_input: Any) -> bytes:
     if isinstance(stdin_input, (bytes, bytearray, memoryview)):
         return bytes(stdin_input)
     raise TypeError(f"stdin_input must be str, bytes or None, not {type(stdin_input).__name__}")
+
+
+def with_terminal_eof(data: bytes) -> bytes:
+    """``data`` as typed at a terminal, then end-of-file.
+
+    A terminal has no end-of-file of its own (an SSH EOF does not reach a
+    command on a pty): end-of-file is Ctrl-D at a line's start, so a last
+    line without its newline takes one Ctrl-D to end the line and one more.
+    """
+    return data + (b"\x04" if not data or data.endswith(b"\n") else b"\x04\x04")
 
 
 def _check_env(env: Any) -> Optional[Dict[str, str]]:

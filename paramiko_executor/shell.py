@@ -10,7 +10,14 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from .command import RunOptions, StdinInput, check_command, outcome, stdin_bytes
+from .command import (
+    RunOptions,
+    StdinInput,
+    check_command,
+    outcome,
+    stdin_bytes,
+    with_terminal_eof,
+)
 from .executors import Executor, check_transfer_arguments
 from .output import line_splitters
 from .results import CommandResult, decode_output
@@ -92,10 +99,9 @@ class ShellExecutor(Executor):
         finally:
             os.close(terminal)
         try:
-            # A terminal has no EOF of its own: end-of-file is Ctrl-D at a line's start.
-            eof = b"\x04" if not data or data.endswith(b"\n") else b"\x04\x04"
-            collected, timed_out = _communicate(proc, data + eof, {controller: "stdout"},
-                                                options, deadline, stdin_fd=controller)
+            collected, timed_out = _communicate(proc, with_terminal_eof(data),
+                                                {controller: "stdout"}, options, deadline,
+                                                stdin_fd=controller)
         finally:
             os.close(controller)
         return self._finish(proc, command, stdin_input, options, collected, timed_out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import resource
 import threading
 
@@ -114,6 +115,14 @@ def test_pty_gives_the_command_a_terminal(executor):
     assert executor.run_command("test -t 1", check=False).exit_code == 1
     result = executor.run_command("test -t 1 && echo tty; echo err >&2", pty=True)
     assert result.stdout.replace("\r\n", "\n") == "tty\nerr\n"
+
+
+@pytest.mark.parametrize("stdin", ["a\nb\n", "a\nb", ""])
+def test_stdin_on_a_pty_ends_with_end_of_file(executor, stdin):
+    """An SSH EOF does not reach a command on a pty: the terminal's own end-of-file must."""
+    result = executor.run_command("wc -l", stdin, pty=True, timeout=20)
+    # The terminal echoes the input; wc's count follows it.
+    assert re.search(r"(\d+)\s*$", result.stdout).group(1) == str(stdin.count("\n"))
 
 
 def test_live_lines_arrive_before_the_command_ends(executor):
