@@ -296,12 +296,12 @@ class HostKeyPolicy:
     ``global_known_hosts``: the system-wide files (OpenSSH's ``GlobalKnownHostsFile``), read
     the same way but never written. Missing files hold no keys. A host is looked up as
     ``hostname`` on port 22 and as ``[hostname]:port`` otherwise, or as ``host_key_alias``
-    (OpenSSH's ``HostKeyAlias``) when given. Hashed entries, patterns (``*``, ``?``,
-    ``!negation``) and the ``@revoked`` marker are understood in every file (a revoked key is
-    refused even if another line trusts it); ``@cert-authority`` lines are ignored (paramiko
-    has no host certificates). ``revoked_host_keys`` (OpenSSH's ``RevokedHostKeys``) names a
-    file of public keys, or a binary KRL, refused for every host; if it cannot be read, every
-    key is refused.
+    (OpenSSH's ``HostKeyAlias``) when given; both lower-cased, as OpenSSH does. Hashed
+    entries, patterns (``*``, ``?``, ``!negation``) and the ``@revoked`` marker are
+    understood in every file (a revoked key is refused even if another line trusts it);
+    ``@cert-authority`` lines are ignored (paramiko has no host certificates).
+    ``revoked_host_keys`` (OpenSSH's ``RevokedHostKeys``) names a file of public keys, or a
+    binary KRL, refused for every host; if it cannot be read, every key is refused.
 
     ``accept_new=True`` (OpenSSH's ``StrictHostKeyChecking accept-new``) records the key of a
     host that has no known key in any file (user or global) in the first user file (created
@@ -344,7 +344,9 @@ class HostKeyPolicy:
         self.accept_new = accept_new
         self.strict = strict
         self.hash_known_hosts = hash_known_hosts
-        self.host_key_alias = host_key_alias
+        # OpenSSH lower-cases the alias as it lower-cases host names: known_hosts is matched
+        # case-insensitively, and an alias kept as written would never find its own line.
+        self.host_key_alias = None if host_key_alias is None else host_key_alias.lower()
 
     def __repr__(self) -> str:
         extra = "" if self.strict else ", strict=False"
@@ -359,7 +361,7 @@ class HostKeyPolicy:
         return f"HostKeyPolicy(known_hosts={self.files!r}, accept_new={self.accept_new!r}{extra})"
 
     def name_for(self, hostname: str, port: int) -> str:
-        """The name the host is filed under: ``host_key_alias`` if set (as given, no port)."""
+        """The name the host is filed under: ``host_key_alias`` if set (no port), lower-cased."""
         if self.host_key_alias is not None:
             return self.host_key_alias
         return known_hosts_name(hostname, port)
