@@ -7,17 +7,16 @@ arguments of ``ssh -W %h:%p``, into ``Match exec`` commands, and it is written t
 whitespace, control characters, a leading ``-`` or pattern characters is refused before
 anything is resolved, substituted or recorded.
 
-:func:`expand_paths` turns the value of ``UserKnownHostsFile``, ``GlobalKnownHostsFile`` or
-``RevokedHostKeys`` into absolute paths the way OpenSSH does: split into words honouring
-quotes, ``~`` expanded, then the ``%`` tokens and ``${VAR}`` environment variables.
+:func:`expand_paths` turns the words of ``UserKnownHostsFile``, ``GlobalKnownHostsFile``,
+``RevokedHostKeys`` or ``IdentityFile`` into paths the way OpenSSH does: ``~`` expanded, then
+the ``%`` tokens and ``${VAR}`` environment variables.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shlex
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 __all__ = ["check_hostname", "expand_path", "expand_paths", "HOSTNAME_REFUSED"]
 
@@ -58,12 +57,14 @@ def check_hostname(name: str, what: str = "host") -> str:
     return name
 
 
-def expand_path(word: str, keyword: str, tokens: Mapping[str, str]) -> str:
+def expand_path(word: str, keyword: str, tokens: Mapping[str, str], *,
+                relative_ok: bool = False) -> str:
     """One file name of ``keyword``: ``~`` expanded, then ``%x`` tokens and ``${VAR}``.
 
     ``tokens`` maps token letters (``"h"``, ``"d"``, ...) to their values; ``%%`` is a
-    literal ``%``. An unknown token, a ``%`` at the end, an unset variable or a path that
-    is still relative after expansion is a ``ValueError`` naming ``keyword``.
+    literal ``%``. An unknown token, a ``%`` at the end, an unset variable or (unless
+    ``relative_ok``) a path that is still relative after expansion is a ``ValueError``
+    naming ``keyword``.
     """
     if word.startswith("~"):
         word = os.path.expanduser(word)
@@ -82,7 +83,7 @@ def expand_path(word: str, keyword: str, tokens: Mapping[str, str]) -> str:
         return tokens[letter]
 
     expanded = _TOKEN_OR_VARIABLE.sub(substitute, word)
-    if not os.path.isabs(expanded):
+    if not relative_ok and not os.path.isabs(expanded):
         # OpenSSH would look for it relative to wherever the program runs, and accept-new
         # would create it there: never what the configuration meant.
         raise ValueError(
@@ -93,19 +94,13 @@ def expand_path(word: str, keyword: str, tokens: Mapping[str, str]) -> str:
 
 
 def expand_paths(
-    value: str, keyword: str, tokens: Mapping[str, str]
+    words: Sequence[str], keyword: str, tokens: Mapping[str, str], *,
+    relative_ok: bool = False,
 ) -> Optional[Tuple[str, ...]]:
-    """The files a ``keyword`` value names (see :func:`expand_path`); None for ``none``.
+    """The files that the words of a ``keyword`` value name (see :func:`expand_path`).
 
-    The value is split into words like a shell would (``"a b"`` is one file) before anything
-    is expanded, so a token or variable whose value holds a space stays one file.
+    None when the value is ``none``: no file at all.
     """
-    try:
-        words = shlex.split(value)
-    except ValueError:
-        raise ValueError(f"{keyword}: unbalanced quotes in its value") from None
-    if not words:
-        raise ValueError(f"{keyword} needs a value")
     if len(words) == 1 and words[0].lower() == "none":
         return None
-    return tuple(expand_path(word, keyword, tokens) for word in words)
+    return tuple(expand_path(word, keyword, tokens, relative_ok=relative_ok) for word in words)

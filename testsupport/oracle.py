@@ -36,15 +36,17 @@ def _environment(home: str, extra: Optional[Mapping[str, str]] = None) -> Dict[s
 
 def resolve(
     config: str, host: str, home: str, *, user: Optional[str] = None,
-    env: Optional[Mapping[str, str]] = None,
+    port: Optional[int] = None, env: Optional[Mapping[str, str]] = None,
 ) -> Tuple[Optional[Dict[str, List[str]]], str]:
-    """``ssh -G -F config [-l user] host``: keyword -> values (lower-case keywords), or None.
+    """``ssh -G -F config [-l user] [-p port] host``: keyword -> values, or None.
 
     Returns ``(options, stderr)``; ``options`` is None when ssh refuses (exit status != 0).
     """
     argv = [SSH, "-G", "-F", config]
     if user is not None:
         argv += ["-l", user]
+    if port is not None:
+        argv += ["-p", str(port)]
     argv += ["--", host]
     done = subprocess.run(argv, capture_output=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
                           env=_environment(home, env), check=False)
