@@ -245,7 +245,8 @@ class _Pass:
             self.include(line, active, depth)
             return active
         if keyword == "proxycommand":
-            if active and "proxycommand" not in options and "proxyjump" not in options:
+            # A ProxyJump (not "none") before it has set ProxyCommand to "none" already.
+            if active and "proxycommand" not in options:
                 options["proxycommand"] = line.rest
             return active
         if keyword == "proxyjump":
@@ -419,8 +420,10 @@ class _Pass:
                 except ValueError:
                     raise self.files.error(line, "invalid ProxyJump") from None
         if active and "proxycommand" not in self.options and "proxyjump" not in self.options:
-            self.options["proxyjump"] = value
-            if value.lower() != "none":
+            if value.lower() == "none":
+                self.options["proxyjump"] = "none"  # a later ProxyCommand still applies
+            else:
+                self.options["proxyjump"] = value
                 self.options["proxycommand"] = "none"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pwd
 import random
+import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -47,6 +48,8 @@ DELIBERATE = {
                             "working directory, and accept-new would create it there)",
     "unknown-keyword": "a keyword the library does not know is ignored (ssh refuses it)",
     "home": "~ and %d are $HOME (ssh uses the password database's home directory)",
+    "hostname-from-config": "a HostName from ssh_config is checked like a host name given "
+                            "to the library (ssh checks only names on its command line)",
     "jump-loop": "a ProxyJump chain that comes back to one of its hosts is refused at once "
                  "(ssh -G prints it; ssh fails only when it connects)",
 }
@@ -60,47 +63,42 @@ def _case(rng: random.Random, keyword: str) -> str:
     return rng.choice([keyword, keyword.lower(), keyword.upper()])
 
 
+def _values(base: Path) -> Dict[str, Tuple[List[str], List[str]]]:
+    """keyword -> (values ssh accepts, values ssh refuses or the library refuses)."""
+    return {
+        "HostName": (["real.example.com", "%h.example.com", "%h", "10.9.8.7", "Upper.%h",
+                      "a%%b", "%h-%%", '"quoted.example.com"', "FE80::1",
+                      "real.example.com # comment"],
+                     ["%x", "bad;name", '""', "two words", "a,b*"]),
+        "User": (USERS + ['"bob"', "bob # comment", "b\\'ob", '"two words"'],
+                 ["two words", '""']),
+        "Port": (["2222", "22", "ssh", "2200"], ["0", "70000", "http-nope", "22 23"]),
+        "IdentityFile": ([f"{base}/id_%h", f"{base}/id_%r_%p", f'"{base}/with space"',
+                          "~/.ssh/id_x", f"{base}/id_a", f"{base}/id_%n_%%"],
+                         [f"{base}/a {base}/b"]),
+        "ProxyJump": (["bastion", "u@gw:2200", "gw,bastion", "none", "ssh://u@gw:23",
+                       "alice@bastion,u@gw", "[gw]:2201", "gw # comment", "NONE"],
+                      ["gw:0", "@gw", "gw:x"]),
+        "ProxyCommand": (["nc %h %p", "none", "ssh -W %h:%p gw", "connect '%n' %r",
+                          "relay %k %%"], []),
+        "HostKeyAlias": (["ProdDB", "alias1", "Web-Key", "none"], ["a b", '""']),
+        "StrictHostKeyChecking": (["yes", "no", "ask", "accept-new", "off", "true", "false",
+                                   "Yes", "ACCEPT-NEW"], ["maybe", "1"]),
+        "UserKnownHostsFile": ([f"{base}/kh_%h_%p", f"{base}/kh1 {base}/kh2", "none",
+                                "~/kh_%n", "%d/kh_%r_%u_%k_%C_%L_%l_%i", f'"{base}/k h"',
+                                f"{base}/kh_%%_%n", "NONE"],
+                               ["relative_kh", f"{base}/a none", f"{base}/%j"]),
+        "ServerAliveInterval": (["30", "1m", "1m30s", "0", "2H", "+5"], ["bad", "10x", "-1"]),
+        "ServerAliveCountMax": (["5", "0", "3"], ["-1", "x"]),
+        "HashKnownHosts": (["yes", "no", "Yes"], ["maybe"]),
+        "Include": (["/nonexistent/*", "missing_relative", "~/.ssh/inc_*"], []),
+    }
+
+
 def _setting(rng: random.Random, base: Path) -> str:
-    """One keyword line with a value ssh accepts (mostly) or refuses (sometimes)."""
-    kind = rng.randrange(12)
-    if kind == 0:
-        value = rng.choice(["real.example.com", "%h.example.com", "%h", "10.9.8.7", "Upper.%h",
-                            "a%%b", "%h-%%"])
-        keyword = "HostName"
-    elif kind == 1:
-        value, keyword = rng.choice(USERS), "User"
-    elif kind == 2:
-        value, keyword = rng.choice(["2222", "22", "ssh", "0", "70000", "http"]), "Port"
-    elif kind == 3:
-        value = rng.choice([f"{base}/id_%h", f"{base}/id_%r_%p", f'"{base}/with space"',
-                            "~/.ssh/id_x", f"{base}/id_a", f"{base}/id_%n_%%"])
-        keyword = "IdentityFile"
-    elif kind == 4:
-        value = rng.choice(["bastion", "u@gw:2200", "gw,bastion", "none", "ssh://u@gw:23",
-                            "alice@bastion,u@gw", "[gw]:2201", "gw # comment"])
-        keyword = "ProxyJump"
-    elif kind == 5:
-        value = rng.choice(["nc %h %p", "none", "ssh -W %h:%p gw", "connect '%n' %r",
-                            "relay %k %%"])
-        keyword = "ProxyCommand"
-    elif kind == 6:
-        value, keyword = rng.choice(["ProdDB", "alias1", "Web-Key", "none"]), "HostKeyAlias"
-    elif kind == 7:
-        value = rng.choice(["yes", "no", "ask", "accept-new", "off", "true", "false", "Yes",
-                            "ACCEPT-NEW", "maybe"])
-        keyword = "StrictHostKeyChecking"
-    elif kind == 8:
-        value = rng.choice([f"{base}/kh_%h_%p", f"{base}/kh1 {base}/kh2", "none", "~/kh_%n",
-                            "%d/kh_%r_%u_%k_%C_%L_%l_%i", f'"{base}/k h"', "relative_kh",
-                            f"{base}/kh_%%_%n"])
-        keyword = "UserKnownHostsFile"
-    elif kind == 9:
-        value = rng.choice(["30", "1m", "1m30s", "0", "2H", "bad", "10x"])
-        keyword = "ServerAliveInterval"
-    elif kind == 10:
-        value, keyword = rng.choice(["5", "0", "-1", "x"]), "ServerAliveCountMax"
-    else:
-        value, keyword = rng.choice(["yes", "no"]), "HashKnownHosts"
+    """One keyword line: a value ssh accepts, or now and then one that it refuses."""
+    keyword, (good, bad) = rng.choice(sorted(_values(base).items()))
+    value = rng.choice(bad if bad and rng.random() < 0.04 else good)
     separator = rng.choice([" ", " ", "=", " = ", "\t"])
     return f"    {_case(rng, keyword)}{separator}{value}\n"
 
@@ -110,6 +108,10 @@ def _header(rng: random.Random) -> str:
         patterns = _pick(rng, PATTERNS)
         if rng.random() < 0.3:
             patterns.append("!" + rng.choice(PATTERNS))
+        if rng.random() < 0.1:
+            patterns[0] = f'"{patterns[0]}"'
+        if rng.random() < 0.1:
+            patterns.append("# comment")
         return f"{_case(rng, 'Host')} {' '.join(patterns)}\n"
     criteria = []
     for _ in range(rng.randint(1, 2)):
@@ -120,13 +122,16 @@ def _header(rng: random.Random) -> str:
         criteria.append(f"{kind} {values}")
     if rng.random() < 0.1:
         criteria = ["all"]
-    elif rng.random() < 0.08:
-        criteria.append("final")
+    elif rng.random() < 0.15:
+        criteria.append(rng.choice(["final", "canonical", "!final"]))
     return f"{_case(rng, 'Match')} {' '.join(criteria)}\n"
 
 
-def generate(rng: random.Random, base: Path, index: int) -> str:
+def generate(rng: random.Random, base: Path, home: Path, index: int) -> str:
     """One configuration file (and the files it includes), written under ``base``."""
+    if index == 0:  # what "Include ~/.ssh/inc_*" finds, for every configuration
+        for name in ("inc_a", "inc_b"):
+            (home / ".ssh" / name).write_text(_header(rng) + _setting(rng, base))
     text = ""
     for block in range(rng.randint(1, 5)):
         if block or rng.random() < 0.7:
@@ -211,17 +216,31 @@ def openssh(config: str, host: str, home: str, user: Optional[str] = None,
     result["userknownhostsfile"] = [" ".join(
         home + path[len(pw_dir):] if path.startswith(pw_dir + "/") else path
         for path in " ".join(resolved.get("userknownhostsfile", [])).split())]
+    if result["userknownhostsfile"] == ["none"]:
+        result["userknownhostsfile"] = [""]
     return result, err
+
+
+def openssh_chain(config: str, spec: List[Tuple[Optional[str], str, Optional[int]]],
+                  home: str) -> Optional[List[Tuple[str, str, int]]]:
+    """Each hop as ssh resolves it for ``ssh -l USER -p PORT HOP`` (how ssh runs a hop)."""
+    chain = []
+    for user, host, port in spec:
+        resolved, _ = oracle.resolve(config, host, home, user=user, port=port)
+        if resolved is None:
+            return None  # the hop itself is refused: the library refuses the whole target
+        chain.append((resolved["hostname"][0], resolved["user"][0], int(resolved["port"][0])))
+    return chain
 
 
 # -- the differential test ---------------------------------------------------------------------
 
 
-def _corpus(base: Path) -> List[Tuple[str, str, str]]:
+def _corpus(base: Path, home: Path) -> List[Tuple[str, str, str]]:
     rng = random.Random(SEED)
     corpus = []
     for index in range(CONFIGS):
-        text = generate(rng, base, index)
+        text = generate(rng, base, home, index)
         path = base / f"config_{index}"
         path.write_text(text)
         for host in rng.sample(NAMES, NAMES_PER_CONFIG):
@@ -234,6 +253,8 @@ def _deliberate(text: str, theirs: Optional[Dict[str, Any]], ours: Optional[Dict
     """Which listed difference explains a disagreement, if one does."""
     if ours is None and theirs is not None and "relative path" in our_error:
         return "relative-known-hosts"
+    if ours is None and theirs is not None and our_error.startswith("HostName of"):
+        return "hostname-from-config"
     if ours is None and theirs is not None and "ProxyJump loops back" in our_error:
         return "jump-loop"
     if theirs is None and ours is not None and "Bad configuration option" in their_error \
@@ -249,15 +270,18 @@ def test_ssh_config_resolution_matches_ssh_G(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     base = tmp_path / "files"
     base.mkdir()
-    corpus = _corpus(base)
+    corpus = _corpus(base, home)
     disagreements = []
     explained: Dict[str, int] = {}
-    compared = 0
+    compared = refused = hops_compared = 0
     for config, host, text in corpus:
         ours, our_error = library(config, host)
         theirs, their_error = openssh(config, host, str(home))
-        if ours is not None:
-            ours.pop("jump")
+        if ours is not None and theirs is not None:
+            ours_chain = ours.pop("jump")
+            theirs["jump"] = openssh_chain(config, theirs["proxyjump"], str(home))
+            ours["jump"] = ours_chain if theirs["jump"] is not None else None
+            hops_compared += len(ours_chain)
         if (ours is None) != (theirs is None) or (ours is not None and ours != theirs):
             reason = _deliberate(text, theirs, ours, our_error, their_error)
             if reason is not None:
@@ -269,7 +293,99 @@ def test_ssh_config_resolution_matches_ssh_G(tmp_path, monkeypatch):
             disagreements.append(f"{host!r} in\n{text}\n-> {diff}")
         else:
             compared += 1
+            refused += ours is None
     print(f"{len(corpus)} cases ({CONFIGS} configs x {NAMES_PER_CONFIG} names): "
-          f"{compared} agree, deliberate differences: {explained}")
+          f"{compared} agree ({refused} of them refused by both; {hops_compared} ProxyJump "
+          "hops resolved and compared), "
+          f"deliberate differences: {explained}")
     assert not disagreements, f"{len(disagreements)} disagreements; first:\n" + \
         "\n\n".join(disagreements[:int(os.environ.get("ORACLE_SHOW", "5"))])
+
+
+# -- ProxyJump chains: every hop resolved as ssh resolves it -----------------------------------
+
+
+def _chain_config(rng: random.Random) -> str:
+    """Targets t1..t3 reached through chains of hops h1..h4 that have settings of their own."""
+    text = ""
+    for target in ("t1", "t2", "t3"):
+        hops = []
+        for hop in rng.sample(["h1", "h2", "h3", "h4"], rng.randint(1, 3)):
+            spec = hop
+            if rng.random() < 0.4:
+                spec = f"{rng.choice(USERS)}@{spec}"
+            if rng.random() < 0.4:
+                spec = f"{spec}:{rng.choice([22, 2200, 2222])}"
+            if rng.random() < 0.1:
+                spec = f"ssh://{spec}"
+            hops.append(spec)
+        text += f"Host {target}\n    ProxyJump {','.join(hops)}\n"
+    for hop in ("h1", "h2", "h3", "h4"):
+        text += f"{rng.choice(['Host', 'Match originalhost'])} {hop}\n"
+        if rng.random() < 0.6:
+            name = rng.choice(["%h.example.com", "Jump.Example.Com", "10.1.1.1"])
+            text += f"    HostName {name}\n"
+        if rng.random() < 0.5:
+            text += f"    User {rng.choice(USERS)}\n"
+        if rng.random() < 0.5:
+            text += f"    Port {rng.choice([2022, 2023])}\n"
+    if rng.random() < 0.5:
+        text += f"Match user {rng.choice(USERS)}\n    Port 4022\n"
+    return text + "Host *\n    User fallback\n"
+
+
+@pytest.mark.hang_timeout(300)
+def test_proxy_jump_chains_match_ssh(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    rng = random.Random(SEED + 1)
+    hops = 0
+    for index in range(40):
+        text = _chain_config(rng)
+        config = tmp_path / f"chain_{index}"
+        config.write_text(text)
+        for target in ("t1", "t2", "t3"):
+            ours, our_error = library(str(config), target)
+            assert ours is not None, (our_error, text)
+            theirs = openssh_chain(str(config), ours["proxyjump"], str(tmp_path))
+            assert ours["jump"] == theirs, (target, text)
+            hops += len(theirs or ())
+    print(f"40 configs x 3 targets: {hops} hops compared")
+
+
+# -- ProxyCommand: the command ssh runs, with its tokens --------------------------------------
+
+RECORDER = """#!/bin/sh
+out=$1
+shift
+printf '%s\\n' "$@" > "$out"
+exit 1
+"""
+
+
+@pytest.mark.hang_timeout(300)
+def test_proxy_command_tokens_match_what_ssh_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recorder = tmp_path / "record"
+    recorder.write_text(RECORDER)
+    recorder.chmod(0o755)
+    rng = random.Random(SEED + 2)
+    arguments = ["%h", "%n", "%p", "%r", "%k", "%%", "'%h quoted'", "~/x", "a~b", "%h:%p",
+                 "x%%h"]
+    for index in range(25):
+        out = tmp_path / f"out_{index}"
+        words = " ".join(rng.sample(arguments, rng.randint(2, 6)))
+        host = rng.choice(["Web1", "db.example.com", "10.0.0.5", "ProdDB"])
+        text = f"Host {host}\n    ProxyCommand {recorder} {out} {words}\n"
+        for keyword, values in (("HostName", ["Real.Example.Com", "%h.internal", "10.2.2.2"]),
+                                ("User", USERS), ("Port", ["2222", "22"]),
+                                ("HostKeyAlias", ["ProdDB", "key1"])):
+            if rng.random() < 0.5:
+                text += f"    {keyword} {rng.choice(values)}\n"
+        config = tmp_path / f"config_{index}"
+        config.write_text(text)
+        target = options.resolve_target({"hostname": host}, config=[str(config)])
+        ours = shlex.split(target.proxy_command)[2:]
+        status, err = oracle.login(str(config), host, str(tmp_path))
+        assert status == 255
+        theirs = out.read_text().splitlines()
+        assert ours == theirs, (text, err)
