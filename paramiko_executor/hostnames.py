@@ -18,11 +18,15 @@ import os
 import re
 from typing import Mapping, Optional, Sequence, Tuple
 
-__all__ = ["check_hostname", "expand_path", "expand_paths", "HOSTNAME_REFUSED"]
+__all__ = ["check_hostname", "check_username", "expand_path", "expand_paths",
+           "HOSTNAME_REFUSED", "USERNAME_REFUSED"]
 
 #: Characters never allowed in a host name: OpenSSH 9.6's shell metacharacters, then the
-#: known_hosts pattern characters (a name recorded with them would be a pattern).
-HOSTNAME_REFUSED = "'`\"$\\;&<>|(){}" + "*?!,"
+#: known_hosts pattern characters (a name recorded with them would be a pattern), then "@"
+#: (ssh reads user@host; the library takes the user as its own parameter).
+HOSTNAME_REFUSED = "'`\"$\\;&<>|(){}" + "*?!," + "@"
+#: Characters never allowed in a remote user name (OpenSSH 9.6's ``valid_ruser``).
+USERNAME_REFUSED = "'`\";&<>|(){}"
 
 _TOKEN_OR_VARIABLE = re.compile(r"%(.?)|\$\{([^}]*)\}")
 
@@ -32,8 +36,8 @@ def check_hostname(name: str, what: str = "host") -> str:
 
     Refused: the empty name, a leading ``-`` (it would be read as an option by ``ssh -W``
     or ``nc``), whitespace and control characters, shell metacharacters
-    ``'"`$\\;&<>|(){}`` and the known_hosts pattern characters ``*?!,``. ``what`` names
-    the parameter or ssh_config keyword in the message (the name is shown escaped).
+    ``'"`$\\;&<>|(){}``, the known_hosts pattern characters ``*?!,`` and ``@``. ``what``
+    names the parameter or ssh_config keyword in the message (the name is shown escaped).
     """
     if not isinstance(name, str):
         raise TypeError(f"{what} must be a str, not {type(name).__name__}")
@@ -53,6 +57,38 @@ def check_hostname(name: str, what: str = "host") -> str:
     if problem is not None:
         raise ValueError(
             f"{what} {name!r} is not a valid host name: {problem} (OpenSSH refuses it too)"
+        )
+    return name
+
+
+def check_username(name: str, what: str = "username") -> str:
+    """Return ``name`` if it is a remote user name OpenSSH would accept; else ``ValueError``.
+
+    As OpenSSH 9.6 checks a user given on its command line (it is substituted for ``%r``
+    into ``ProxyCommand`` and ``Match exec``): refused are a leading ``-``, control
+    characters (and non-printable Unicode), ``'"`;&<>|(){}``, whitespace followed by ``-``
+    and a ``\\`` at the end. The empty name passes, as in ssh.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, not {type(name).__name__}")
+    problem = None
+    if name.startswith("-"):
+        problem = "it starts with '-'"
+    elif name.endswith("\\"):
+        problem = "it ends with '\\'"
+    elif re.search(r"\s-", name):
+        problem = "it has '-' after whitespace"
+    else:
+        for char in name:
+            if char in USERNAME_REFUSED:
+                problem = f"it contains {char!r}"
+                break
+            if not char.isprintable() and char not in " ":
+                problem = "it contains a control character"
+                break
+    if problem is not None:
+        raise ValueError(
+            f"{what} {name!r} is not a valid user name: {problem} (OpenSSH refuses it too)"
         )
     return name
 

@@ -24,7 +24,7 @@ from . import hostkeys, sshconfig
 from .auth import Credentials, parse_mfa_config
 from .checks import check_bool, check_number, check_str
 from .hostkeys import HostKeyPolicy
-from .hostnames import check_hostname, expand_paths
+from .hostnames import check_hostname, check_username, expand_paths
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -239,6 +239,9 @@ def _resolve(
     port = params.pop("port", DEFAULT)
     port = None if port is DEFAULT else _check_port(port)
     username = check_str("username", params.pop("username", None))
+    if username is not None:
+        # Substituted for %r into ProxyCommand and Match exec, as ssh -l USER's would be.
+        check_username(username)
     host_config = ssh_config.lookup(alias, user=username, port=port)
     # The HostName from ssh_config is trusted configuration, but it too is substituted for %h
     # into ProxyCommand and filed in known_hosts: it must be a plain host name as well.
@@ -346,6 +349,8 @@ def _resolve_jumps(
     for hop in spec.split(","):
         user, host, port = sshconfig.split_jump(hop)
         check_hostname(host, "ProxyJump host")
+        if user is not None:
+            check_username(user, "ProxyJump user")  # ssh passes it to the hop's ssh as -l
         if host in seen:
             raise ValueError(f"ProxyJump loops back to {host!r}")
         hop_config = ssh_config.lookup(host, user=user, port=port)
