@@ -158,7 +158,10 @@ def _parse_line(raw: str, where: str) -> Optional[_Entry]:
         # OpenSSH skips a line it cannot parse; one bad line must not refuse every host.
         log.debug("%s: unusable %s key (%s); line skipped", where, fields[1], type(e).__name__)
         return None
-    return _Entry(marker, tuple(fields[0].split(",")), key, where)
+    # As in OpenSSH, a field starting with "|" is one hashed name as a whole, not a list:
+    # "|1|salt|hash,other" matches nothing (its hash does not decode), not "other".
+    names = (fields[0],) if fields[0].startswith("|") else tuple(fields[0].split(","))
+    return _Entry(marker, names, key, where)
 
 
 def _read_entries(path: str) -> List[_Entry]:
@@ -310,8 +313,11 @@ class HostKeyPolicy:
     nowhere to record: a new key is accepted each time (like a ``/dev/null`` file).
 
     ``strict=False`` (OpenSSH's ``StrictHostKeyChecking no``) accepts unknown and changed keys
-    (a changed one with a warning in the log) and records nothing, but still refuses revoked
-    keys: OpenSSH refuses those whatever ``StrictHostKeyChecking`` says.
+    (a changed one with a warning in the log; an unknown one is recorded as by
+    ``accept_new``, or only logged if it cannot be), but still refuses revoked keys.
+    ssh refuses a key of ``RevokedHostKeys`` whatever ``StrictHostKeyChecking`` says, but
+    connects to one marked ``@revoked`` under ``no`` (with password authentication
+    disabled); the library refuses both: a revoked key is a stolen one.
     """
 
     def __init__(
@@ -416,17 +422,27 @@ class HostKeyPolicy:
             return
         key = transport.get_remote_server_key()
         name = self.name_for(hostname, port)
-        trusted, revoked = self._for_host(self._entries(), name)
+        entries = self._entries()
+        trusted, revoked = self._for_host(entries, name)
         if self.revoked_file is not None:
             where = _revoked_by_file(self.revoked_file, key)
             if where is not None:
                 raise _revoked(name, key, f"RevokedHostKeys {where}")
+        self._refuse_revoked(key, name, revoked)
+        if self._known_without_port(key, hostname, port, entries, trusted):
+            return
         if not self.strict:
-            self._refuse_revoked(key, name, revoked)
             try:
-                self._check(key, name, trusted, ())
+                known = self._check(key, name, trusted, ())
             except HostKeyFailure as changed:
                 log.warning("%s; accepted anyway (StrictHostKeyChecking no)", changed)
+                return
+            if not known:
+                # ssh records a new key under "no" too; one it cannot record it just uses.
+                try:
+                    self._record(key, name)
+                except HostKeyFailure as failure:
+                    log.warning("%s; accepted anyway (StrictHostKeyChecking no)", failure)
             return
         if self._check(key, name, trusted, revoked):
             return
@@ -436,6 +452,31 @@ class HostKeyPolicy:
                 f"not in {self._all_files()}"
             )
         self._record(key, name)
+
+    def _known_without_port(
+        self, key: paramiko.PKey, hostname: str, port: int, entries: Sequence[_Entry],
+        trusted: Sequence[_Entry],
+    ) -> bool:
+        """ssh's second look for a host with no key of this type as ``[host]:port``.
+
+        A key filed for the bare name ``host`` (and not revoked there) vouches for every
+        port of it, as in ssh, unless ``host_key_alias`` names the host or ``trusted`` (the
+        entries for ``[host]:port``) has a key of the same type. Nothing is recorded.
+        """
+        if self.host_key_alias is not None or port == 22:
+            return False
+        if any(entry.key.get_name() == key.get_name() for entry in trusted):
+            return False
+        bare = known_hosts_name(hostname, 22)
+        trusted, revoked = self._for_host(entries, bare)
+        blob = key.asbytes()
+        if any(entry.key.asbytes() == blob for entry in revoked):
+            return False
+        found = [entry.where for entry in trusted if entry.key.asbytes() == blob]
+        if found:
+            log.debug("host key for %s is known as %s's (%s)", self.name_for(hostname, port),
+                      bare, found[0])
+        return bool(found)
 
     @staticmethod
     def _refuse_revoked(key: paramiko.PKey, name: str, revoked: Sequence[_Entry]) -> None:

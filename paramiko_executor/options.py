@@ -150,7 +150,8 @@ def _host_key_policy(
     """The host-key rules for one host: explicit ``known_hosts`` first, then ssh_config.
 
     ``known_hosts=None`` switches verification off. ``StrictHostKeyChecking no`` from
-    ssh_config accepts unknown and changed keys but, as in OpenSSH, never a revoked one.
+    ssh_config accepts unknown and changed keys (and records unknown ones, as ssh does) but
+    never a revoked one.
     """
     strict = str(host_config.get("stricthostkeychecking", "true"))
     if explicit is None:
