@@ -23,7 +23,7 @@ import re
 import struct
 import threading
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Set, Tuple, Union
 
 import paramiko
 from paramiko.hostkeys import HostKeys
@@ -188,7 +188,8 @@ class _Reader:
         return self.data[self.at - count:self.at]
 
     def uint32(self) -> int:
-        return struct.unpack(">I", self.take(4))[0]
+        value: int = struct.unpack(">I", self.take(4))[0]
+        return value
 
     def string(self) -> bytes:
         return self.take(self.uint32())
@@ -271,7 +272,7 @@ def _revoked_by_file(path: str, key: paramiko.PKey) -> Optional[str]:
     return None
 
 
-Paths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+Paths = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]
 
 
 def _check_paths(name: str, value: Paths) -> Tuple[str, ...]:
@@ -326,7 +327,7 @@ class HostKeyPolicy:
         accept_new: bool = False,
         *,
         global_known_hosts: Paths = (),
-        revoked_host_keys: Union[str, os.PathLike, None] = None,
+        revoked_host_keys: Union[str, os.PathLike[str], None] = None,
         hash_known_hosts: bool = False,
         host_key_alias: Optional[str] = None,
         strict: bool = True,
@@ -401,7 +402,7 @@ class HostKeyPolicy:
         if self.files is None:
             return
         trusted, _revoked = self._for_host(self._entries(), self.name_for(hostname, port))
-        known = set()
+        known: Set[str] = set()
         for entry in trusted:
             name = entry.key.get_name()
             known.update(_RSA_ALGORITHMS if name == "ssh-rsa" else (name,))

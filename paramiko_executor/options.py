@@ -16,7 +16,7 @@ import inspect
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, Mapping, Optional, Sequence, Tuple, Union
 
 import paramiko
 
@@ -59,7 +59,7 @@ DEFAULT: Any = _Default()
 
 
 @functools.lru_cache(maxsize=1)
-def connect_parameter_names() -> frozenset:
+def connect_parameter_names() -> FrozenSet[str]:
     """The keyword arguments of the installed paramiko's ``SSHClient.connect`` (looked up once)."""
     names = inspect.signature(paramiko.SSHClient.connect).parameters
     return frozenset(name for name in names if name != "self")
@@ -153,7 +153,7 @@ def _host_key_policy(
     ssh_config accepts unknown and changed keys (and records unknown ones, as ssh does) but
     never a revoked one.
     """
-    strict = str(host_config.get("stricthostkeychecking", "true"))
+    strict = host_config.get("stricthostkeychecking", "true")
     if explicit is None:
         return HostKeyPolicy(None)
     # An explicit known_hosts means "verify against these": ssh_config cannot loosen it.
@@ -161,23 +161,23 @@ def _host_key_policy(
     if explicit is not DEFAULT:
         files: Any = explicit
     else:
-        user_files = host_config.get("userknownhostsfile")
+        user_files = host_config.words("userknownhostsfile")
         files = (DEFAULT_KNOWN_HOSTS if user_files is None
                  else expand_paths(user_files, "UserKnownHostsFile", tokens) or ())
-    global_files = host_config.get("globalknownhostsfile")
+    global_files = host_config.words("globalknownhostsfile")
     # Read through the module attribute, so that tests can point it elsewhere.
     global_paths = (hostkeys.DEFAULT_GLOBAL_KNOWN_HOSTS if global_files is None
                     else expand_paths(global_files, "GlobalKnownHostsFile", tokens) or ())
     revoked_value = host_config.get("revokedhostkeys")
     revoked = None
     if revoked_value is not None:
-        revoked_paths = expand_paths([str(revoked_value)], "RevokedHostKeys", tokens)
+        revoked_paths = expand_paths([revoked_value], "RevokedHostKeys", tokens)
         revoked = revoked_paths[0] if revoked_paths else None
     alias = host_config.get("hostkeyalias")
     if alias is not None:
         # Recorded and matched as a known_hosts name: pattern characters would widen trust.
         # ("none" is a name like any other here: ssh has no special meaning for it.)
-        alias = check_hostname(str(alias), "HostKeyAlias")
+        alias = check_hostname(alias, "HostKeyAlias")
     return HostKeyPolicy(
         files,
         accept_new=strict == "accept-new",
@@ -247,9 +247,9 @@ def _resolve(
     # The HostName from ssh_config is trusted configuration, but it too is substituted for %h
     # into ProxyCommand and filed in known_hosts: it must be a plain host name as well.
     resolved = check_hostname(host_config.hostname, f"HostName of {alias!r}")
-    port = _check_port(host_config.get("port", 22))
-    username = str(host_config.get("user") or getpass.getuser())
-    key_alias = str(host_config.get("hostkeyalias", alias))
+    port = _check_port(host_config.get("port", "22"))
+    username = host_config.get("user") or getpass.getuser()
+    key_alias = host_config.get("hostkeyalias", alias) or alias
     tokens = ssh_config.tokens(host=resolved, host_arg=alias, port=str(port), user=username,
                                alias=key_alias)
 
@@ -257,7 +257,7 @@ def _resolve(
     if key_filename is not None:
         key_filenames = _paths("client_keys", key_filename)
     else:
-        configured = expand_paths(host_config.get("identityfile") or [], "IdentityFile",
+        configured = expand_paths(host_config.words("identityfile") or [], "IdentityFile",
                                   tokens, relative_ok=True) or ()
         key_filenames = tuple(path for path in configured if os.path.isfile(path))
     pkey = params.pop("pkey", None)
@@ -278,16 +278,16 @@ def _resolve(
     host_keys = _host_key_policy(explicit_known_hosts, host_config, tokens)
 
     if keepalive_interval is DEFAULT:
-        keepalive_interval = float(str(host_config.get("serveraliveinterval", 0))) or None
+        keepalive_interval = float(host_config.get("serveraliveinterval", "0") or 0) or None
     if keepalive_count_max is DEFAULT:
-        keepalive_count_max = int(str(host_config.get("serveralivecountmax", 3)))
+        keepalive_count_max = int(host_config.get("serveralivecountmax", "3") or 3)
 
     sock = params.pop("sock", None)
     jump = None
     proxy_command = None
     if sock is None and proxy:
-        proxy_jump = str(host_config.get("proxyjump", "none"))
-        command = str(host_config.get("proxycommand", "none"))
+        proxy_jump = host_config.get("proxyjump") or "none"
+        command = host_config.get("proxycommand") or "none"
         if proxy_jump.lower() != "none":
             jump = _resolve_jumps(proxy_jump, ssh_config, key_filenames, explicit_known_hosts,
                                   seen=seen + (alias,))

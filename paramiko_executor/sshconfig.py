@@ -198,34 +198,41 @@ class _Line:
 class HostConfig:
     """The configuration of one host after ssh's passes; values are the raw texts.
 
-    ``options`` maps lower-case keywords to their first value (a ``str``); the
-    accumulating keywords (``identityfile``, ``userknownhostsfile``,
-    ``globalknownhostsfile``) map to lists. ``hostname`` is the name ssh would connect
+    ``options`` maps lower-case keywords to their first value; ``lists`` holds the
+    keywords with several words (``identityfile``, which accumulates, and
+    ``userknownhostsfile``, ``globalknownhostsfile``). ``hostname`` is the name ssh would connect
     to and print (``HostName`` with ``%h`` expanded, else the host as given; lower-cased
     unless it looks like an address, see :func:`connect_name`).
     """
 
     host_arg: str
     hostname: str
-    options: Dict[str, object] = field(default_factory=dict)
+    options: Dict[str, str] = field(default_factory=dict)
+    lists: Dict[str, List[str]] = field(default_factory=dict)
 
-    def get(self, keyword: str, default: object = None) -> object:
+    def get(self, keyword: str, default: Optional[str] = None) -> Optional[str]:
+        """The value of a one-word keyword, ``default`` if no block set it."""
         return self.options.get(keyword, default)
 
+    def words(self, keyword: str) -> Optional[List[str]]:
+        """The words of a list keyword, None if no block set it."""
+        return self.lists.get(keyword)
+
     def __contains__(self, keyword: str) -> bool:
-        return keyword in self.options
+        return keyword in self.options or keyword in self.lists
 
 
 class _Pass:
     """One reading of the files for one host (ssh reads them twice for ``Match final``)."""
 
     def __init__(self, files: SSHConfigFiles, host: str, host_arg: str, local_user: str,
-                 options: Dict[str, object], final: bool) -> None:
+                 options: Dict[str, str], lists: Dict[str, List[str]], final: bool) -> None:
         self.files = files
         self.host = host
         self.host_arg = host_arg
         self.local_user = local_user
         self.options = options
+        self.lists = lists
         self.final = final
         self.want_final = False
 
@@ -239,8 +246,8 @@ class _Pass:
         if keyword == "host":
             return self.host_line(line, nevermatch)
         if keyword == "match":
-            value = self.match_line(line)
-            return False if nevermatch else value
+            matched = self.match_line(line)
+            return False if nevermatch else matched
         if keyword == "include":
             self.include(line, active, depth)
             return active
@@ -257,8 +264,7 @@ class _Pass:
                                               "hashknownhosts", "identityfile"):
             value = self.single(line)
             if keyword == "identityfile":
-                files = options.setdefault("identityfile", [])
-                assert isinstance(files, list)
+                files = self.lists.setdefault("identityfile", [])
                 if active and value not in files:
                     files.append(value)
             elif active and keyword not in options:
@@ -270,8 +276,8 @@ class _Pass:
                     raise self.files.error(line, "empty argument")
                 if arg.lower() == "none" and (i > 0 or len(args) > 1):
                     raise self.files.error(line, '"none" must appear alone')
-            if active and keyword not in options:
-                options[keyword] = args
+            if active and keyword not in self.lists:
+                self.lists[keyword] = args
             return active
         if active and keyword not in options:
             options[keyword] = line.rest
@@ -329,12 +335,12 @@ class _Pass:
         """Whether every criterion of a ``Match`` line holds (ssh's ``match_cfg_line``)."""
         args = list(line.args)
         options = self.options
-        port = str(options.get("port", "22"))
-        ruser = str(options.get("user", self.local_user))
+        port = options.get("port", "22")
+        ruser = options.get("user", self.local_user)
         if self.final:
-            host = str(options.get("hostname", self.host))
+            host = options.get("hostname", self.host)
         elif "hostname" in options:
-            host = percent_expand(str(options["hostname"]), {"h": self.host_arg}, "HostName")
+            host = percent_expand(options["hostname"], {"h": self.host_arg}, "HostName")
         else:
             host = self.host_arg
         result = True
@@ -383,7 +389,7 @@ class _Pass:
     def exec(self, command: str, host: str, port: str, ruser: str, line: _Line) -> bool:
         """``Match exec``: run the command through ``/bin/sh``; true if it exits 0."""
         tokens = self.files.tokens(host=host, host_arg=self.host_arg, port=port, user=ruser,
-                                   alias=str(self.options.get("hostkeyalias", self.host_arg)))
+                                   alias=self.options.get("hostkeyalias", self.host_arg))
         expanded = percent_expand(command, tokens, "Match exec")
         try:
             done = subprocess.run(["/bin/sh", "-c", expanded], stdin=subprocess.DEVNULL,
@@ -534,28 +540,29 @@ class SSHConfigFiles:
         ``user`` and ``port`` are the caller's explicit values: they win over the files
         and ``Match user`` sees ``user``. Raises :class:`ConfigError` (a ``ValueError``).
         """
-        options: Dict[str, object] = {}
+        options: Dict[str, str] = {}
+        lists: Dict[str, List[str]] = {}
         if user is not None:
             options["user"] = user
         if port is not None:
             options["port"] = str(port)
-        first = _Pass(self, host_arg, host_arg, self.local_user, options, final=False)
+        first = _Pass(self, host_arg, host_arg, self.local_user, options, lists, final=False)
         for lines in self._files:
             first.read(lines, 0, nevermatch=False)
         if "hostname" in options:
-            options["hostname"] = percent_expand(str(options["hostname"]), {"h": host_arg},
+            options["hostname"] = percent_expand(options["hostname"], {"h": host_arg},
                                                  "HostName")
-            host = str(options["hostname"])
+            host = options["hostname"]
         else:
             host = host_arg
         host = connect_name(host)
         if first.want_final:
-            final = _Pass(self, host, host_arg, self.local_user, options, final=True)
+            final = _Pass(self, host, host_arg, self.local_user, options, lists, final=True)
             for lines in self._files:
                 final.read(lines, 0, nevermatch=False)
         if "hostkeyalias" in options:
-            options["hostkeyalias"] = str(options["hostkeyalias"]).lower()
-        return HostConfig(host_arg, host, options)
+            options["hostkeyalias"] = options["hostkeyalias"].lower()
+        return HostConfig(host_arg, host, options, lists)
 
 
 def _parse_line(raw: str, where: str) -> Optional[_Line]:

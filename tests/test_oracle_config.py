@@ -160,7 +160,7 @@ def library(config: str, host: str) -> Tuple[Optional[Dict[str, Any]], str]:
         return None, str(exc)
     policy = target.host_keys
     strict = "false" if not policy.strict else "accept-new" if policy.accept_new else "true"
-    identity = raw.get("identityfile") or []
+    identity = raw.words("identityfile") or []
     jump = raw.get("proxyjump")
     proxy_command = raw.get("proxycommand")
     return {
