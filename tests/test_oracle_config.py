@@ -389,3 +389,58 @@ def test_proxy_command_tokens_match_what_ssh_runs(tmp_path, monkeypatch):
         assert status == 255
         theirs = out.read_text().splitlines()
         assert ours == theirs, (text, err)
+
+
+# -- named cases: each a disagreement the corpus found with paramiko.SSHConfig ------------------
+
+NAMED = {
+    "ProxyCommand before ProxyJump wins": "Host *\n    ProxyCommand nc %h %p\n    ProxyJump gw\n",
+    "ProxyJump none leaves ProxyCommand": "Host *\n    ProxyJump none\n    ProxyCommand nc %h\n",
+    "ServerAliveInterval in minutes": "Host *\n    ServerAliveInterval 1m30s\n",
+    "StrictHostKeyChecking false": "Host *\n    StrictHostKeyChecking false\n",
+    "%% in HostName": "Host *\n    HostName a%%b.%h\n",
+    "host name lower-cased": "Host *\n    HostName Real.Example.COM\n",
+    "'[' is literal in Host": "Host [ab]\n    User bracket\nHost *\n    User star\n",
+    "Host is case-sensitive": "Host WEB1\n    User upper\n",
+    "Match host is not": "Match host WEB1\n    User upper\n",
+    "HostKeyAlias none is a name": "Host *\n    HostKeyAlias none\n",
+    "Port by service name": "Host *\n    Port ssh\n",
+    "%k and %n in known hosts": "Host *\n    HostKeyAlias Box\n    UserKnownHostsFile /k/%k_%n\n",
+    "quoted User with a space": 'Host *\n    User "two words"\n',
+    "comment after a value": "Host *\n    User bob # the admin\n",
+    "bad Port in a block that does not apply": "Host nomatch\n    Port 0\n",
+    "Include applies inline": "Include {base}/inc\n",
+    "Include in an inactive block": "Host nomatch\n    Include {base}/inc\nHost *\n    User x\n",
+    "Match exec with tokens": 'Match exec "test %h = web1 -a %n = %n"\n    User execd\n',
+    "Match final sees HostName": "Host *\n    HostName final.example\nMatch final host final.*\n"
+                                 "    User finalist\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_named_cases_match_ssh_G(name, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    (tmp_path / "inc").write_text("Host *\n    User included\n    Port 2022\n")
+    config = tmp_path / "config"
+    config.write_text(NAMED[name].format(base=tmp_path))
+    for host in ("web1", "WEB1", "a", "Db.Example.Com"):
+        ours, our_error = library(str(config), host)
+        theirs, their_error = openssh(str(config), host, str(home))
+        if ours is not None:
+            ours.pop("jump")
+        assert ours == theirs, (host, our_error, their_error)
+
+
+def test_world_writable_include_is_refused_as_by_ssh(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    included = tmp_path / "inc"
+    included.write_text("Host *\n    User included\n")
+    included.chmod(0o666)
+    config = tmp_path / "config"
+    config.write_text(f"Include {included}\n")
+    theirs, err = openssh(str(config), "web1", str(tmp_path))
+    assert theirs is None and "Bad owner or permissions" in err
+    with pytest.raises(ValueError, match="bad owner or permissions"):
+        options.resolve_target({"hostname": "web1"}, config=[str(config)])
