@@ -25,7 +25,7 @@ import pytest
 from paramiko_executor import options, sshconfig
 from testsupport import oracle
 
-pytestmark = pytest.mark.skipif(not oracle.available(), reason="OpenSSH client not installed")
+pytestmark = pytest.mark.usefixtures("openssh_client")
 
 SEED = 19
 CONFIGS = 120

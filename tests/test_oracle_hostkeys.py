@@ -20,6 +20,8 @@ from paramiko_executor import HostKeyFailure, SSHExecutor, hostkeys
 from paramiko_executor.hostkeys import HostKeyPolicy
 from testsupport import oracle
 
+pytestmark = pytest.mark.usefixtures("openssh_client")
+
 
 @pytest.fixture(autouse=True)
 def _no_agent(monkeypatch: pytest.MonkeyPatch) -> None:

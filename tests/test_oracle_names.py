@@ -18,7 +18,7 @@ import pytest
 from paramiko_executor.hostnames import HOSTNAME_REFUSED, check_hostname, check_username
 from testsupport import oracle
 
-pytestmark = pytest.mark.skipif(not oracle.available(), reason="OpenSSH client not installed")
+pytestmark = pytest.mark.usefixtures("openssh_client")
 
 SEED = 1951
 HOST_NAMES = 400
