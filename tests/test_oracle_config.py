@@ -142,7 +142,7 @@ def generate(rng: random.Random, base: Path, home: Path, index: int) -> str:
             included = base / f"include_{index}_{block}"
             included.write_text(_header(rng) + _setting(rng, base) + _setting(rng, base))
             text += f"    Include {included}\n"
-        if rng.random() < 0.03:
+        if rng.random() < 0.01:
             text += "    NoSuchKeyword yes\n"
     return text
 
@@ -150,12 +150,17 @@ def generate(rng: random.Random, base: Path, home: Path, index: int) -> str:
 # -- what each side says ---------------------------------------------------------------------
 
 
-def library(config: str, host: str) -> Tuple[Optional[Dict[str, Any]], str]:
-    """What the library resolves, in ``ssh -G``'s terms; (None, why) if it refuses."""
+def library(config: str, host: str, user: Optional[str] = None
+            ) -> Tuple[Optional[Dict[str, Any]], str]:
+    """What the library resolves, in ``ssh -G``'s terms; (None, why) if it refuses.
+
+    ``user`` is the explicit ``username`` parameter (ssh's ``-l``).
+    """
+    parameters = {"hostname": host} if user is None else {"hostname": host, "username": user}
     try:
         files = options.load_ssh_config([config])
-        raw = files.lookup(host)
-        target = options.resolve_target({"hostname": host}, config=[config])
+        raw = files.lookup(host, user=user)
+        target = options.resolve_target(parameters, config=[config])
     except ValueError as exc:
         return None, str(exc)
     policy = target.host_keys
@@ -236,7 +241,8 @@ def openssh_chain(config: str, spec: List[Tuple[Optional[str], str, Optional[int
 # -- the differential test ---------------------------------------------------------------------
 
 
-def _corpus(base: Path, home: Path) -> List[Tuple[str, str, str]]:
+def _corpus(base: Path, home: Path) -> List[Tuple[str, str, Optional[str], str]]:
+    """(config, host, explicit user or None, config text) for every case."""
     rng = random.Random(SEED)
     corpus = []
     for index in range(CONFIGS):
@@ -244,7 +250,8 @@ def _corpus(base: Path, home: Path) -> List[Tuple[str, str, str]]:
         path = base / f"config_{index}"
         path.write_text(text)
         for host in rng.sample(NAMES, NAMES_PER_CONFIG):
-            corpus.append((str(path), host, text))
+            user = rng.choice(USERS) if rng.random() < 0.25 else None
+            corpus.append((str(path), host, user, text))
     return corpus
 
 
@@ -274,9 +281,9 @@ def test_ssh_config_resolution_matches_ssh_G(tmp_path, monkeypatch):
     disagreements = []
     explained: Dict[str, int] = {}
     compared = refused = hops_compared = 0
-    for config, host, text in corpus:
-        ours, our_error = library(config, host)
-        theirs, their_error = openssh(config, host, str(home))
+    for config, host, user, text in corpus:
+        ours, our_error = library(config, host, user)
+        theirs, their_error = openssh(config, host, str(home), user=user)
         if ours is not None and theirs is not None:
             ours_chain = ours.pop("jump")
             theirs["jump"] = openssh_chain(config, theirs["proxyjump"], str(home))
@@ -290,7 +297,7 @@ def test_ssh_config_resolution_matches_ssh_G(tmp_path, monkeypatch):
             diff = ({k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
                     if ours is not None and theirs is not None else
                     {"library": our_error or "accepts", "ssh": their_error.strip() or "accepts"})
-            disagreements.append(f"{host!r} in\n{text}\n-> {diff}")
+            disagreements.append(f"{host!r} (user {user!r}) in\n{text}\n-> {diff}")
         else:
             compared += 1
             refused += ours is None
