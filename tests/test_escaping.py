@@ -26,7 +26,7 @@ from paramiko.message import Message
 
 from paramiko_executor import CommandExecutionFailure, ExecutorFailure, SSHExecutor
 from paramiko_executor.internals import wrap_handlers
-from paramiko_executor.text import PrintableRecords, printable, printable_record
+from paramiko_executor.text import printable
 
 #: Terminal escape sequences (OSC title, clear screen, colour), a bell, C0 and C1 controls.
 HOSTILE = "\x1b]0;owned\x07\x1b[2J\x1b[31m\x00\x08\r\x9b31m\x85\u202e"
@@ -223,7 +223,7 @@ def test_exit_signal_name(hostile_server):
 
 
 @pytest.mark.xfail(strict=True, reason="channel.py (_RefusalsExpected) keeps paramiko's record "
-                   "of the refusal raw: owner 'origin', fix with text.printable_record")
+                   "of the refusal raw: owner 'origin', to escape it with text.printable")
 def test_channel_open_failure_text(hostile_server, caplog):
     caplog.set_level(logging.DEBUG)
     with executor(hostile_server("refuse"), channel_timeout=2) as ex:
@@ -235,8 +235,6 @@ def test_channel_open_failure_text(hostile_server, caplog):
         assert not [char for char in RAW if char in text], repr(text)
 
 
-@pytest.mark.xfail(strict=True, reason="transfer.py (_raise_for) quotes SFTP status messages "
-                   "raw: owner 'files', fix with text.printable")
 def test_sftp_status_message(hostile_server, tmp_path):
     with executor(hostile_server("sftp")) as ex:
         with pytest.raises((OSError, ExecutorFailure)) as info:
@@ -254,23 +252,6 @@ def test_printable_escapes_every_control_character():
     assert printable("plain: ünïcode, tabs? no") == "plain: ünïcode, tabs? no"
 
 
-def test_printable_records_escape_message_arguments_and_traceback():
-    try:
-        raise ValueError(f"boom{HOSTILE}")
-    except ValueError:
-        record = logging.LogRecord("paramiko.transport", logging.ERROR, __file__, 1,
-                                   "Remote version: %s", (f"SSH-2.0-x{HOSTILE}",),
-                                   exc_info=__import__("sys").exc_info())
-    assert PrintableRecords().filter(record) is True
-    formatted = logging.Formatter().format(record)
-    assert "\\x1b]0;owned\\x07" in formatted and "boom" in formatted
-    assert not [char for char in RAW if char in formatted.replace("\n", "")], repr(formatted)
-    assert printable_record(record) is record
-
-
-@pytest.mark.xfail(strict=True, reason="cli.py (logging.basicConfig at -v) shows paramiko's "
-                   "records of the server's version string raw: owner 'misc', fix with "
-                   "handler.addFilter(text.PrintableRecords())")
 def test_cli_verbose_log_of_the_version_string(tmp_path):
     import subprocess
     import sys
