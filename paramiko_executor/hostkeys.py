@@ -19,7 +19,6 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import List, Optional, Sequence, Set, Tuple, Union
 import paramiko
 from paramiko.hostkeys import HostKeys
 
+from .hostnames import match_pattern_list
 from .results import HostKeyFailure
 
 try:
@@ -79,7 +79,7 @@ def known_hosts_name(hostname: str, port: int) -> str:
 @dataclass(frozen=True)
 class _Entry:
     marker: Optional[str]  # None, "@revoked" or "@cert-authority"
-    names: Tuple[str, ...]
+    names: str  # the names field: a pattern list, or one hashed name
     key: paramiko.PKey
     where: str  # "path:line"
 
@@ -98,24 +98,16 @@ def _hashed_name_matches(hashed: str, name: str) -> bool:
     return hmac.compare_digest(digest, expected)
 
 
-def _name_matches(pattern: str, name: str) -> bool:
-    if pattern.startswith("|1|"):  # hashed entry (HashKnownHosts yes)
-        return _hashed_name_matches(pattern, name)
-    # OpenSSH patterns know only "*" and "?"; "[" is literal ("[host]:port"), unlike fnmatch.
-    regex = re.escape(pattern.lower()).replace(r"\*", ".*").replace(r"\?", ".")
-    return re.fullmatch(regex, name) is not None
+def _names_match(names: str, name: str) -> bool:
+    """Whether the names field of a line covers ``name`` (already lower-cased).
 
-
-def _names_match(patterns: Sequence[str], name: str) -> bool:
-    """OpenSSH pattern-list rules: a matching negated pattern ("!pat") vetoes the whole line."""
-    matched = False
-    for pattern in patterns:
-        if pattern.startswith("!"):
-            if _name_matches(pattern[1:], name):
-                return False
-        elif _name_matches(pattern, name):
-            matched = True
-    return matched
+    As in OpenSSH: a field starting with ``|`` is one hashed name as a whole (so
+    ``|1|salt|hash,other`` matches nothing, its hash does not decode); any other is a
+    pattern list, compared case-insensitively, where a matching ``!pattern`` vetoes it.
+    """
+    if names.startswith("|"):
+        return names.startswith("|1|") and _hashed_name_matches(names, name)
+    return match_pattern_list(name, names, lower=True) == 1
 
 
 def _lines(path: str, what: str) -> Optional[List[str]]:
@@ -158,10 +150,7 @@ def _parse_line(raw: str, where: str) -> Optional[_Entry]:
         # OpenSSH skips a line it cannot parse; one bad line must not refuse every host.
         log.debug("%s: unusable %s key (%s); line skipped", where, fields[1], type(e).__name__)
         return None
-    # As in OpenSSH, a field starting with "|" is one hashed name as a whole, not a list:
-    # "|1|salt|hash,other" matches nothing (its hash does not decode), not "other".
-    names = (fields[0],) if fields[0].startswith("|") else tuple(fields[0].split(","))
-    return _Entry(marker, names, key, where)
+    return _Entry(marker, fields[0], key, where)
 
 
 def _read_entries(path: str) -> List[_Entry]:

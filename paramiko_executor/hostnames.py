@@ -7,6 +7,9 @@ arguments of ``ssh -W %h:%p``, into ``Match exec`` commands, and it is written t
 whitespace, control characters, a leading ``-`` or pattern characters is refused before
 anything is resolved, substituted or recorded.
 
+:func:`match_pattern_list` matches a name against an OpenSSH pattern list (``Host``,
+``Match`` and known_hosts lines).
+
 :func:`expand_paths` turns the words of ``UserKnownHostsFile``, ``GlobalKnownHostsFile``,
 ``RevokedHostKeys`` or ``IdentityFile`` into paths the way OpenSSH does: ``~`` expanded, then
 the ``%`` tokens and ``${VAR}`` environment variables.
@@ -19,7 +22,7 @@ import re
 from typing import Mapping, Optional, Sequence, Tuple
 
 __all__ = ["check_hostname", "check_username", "expand_path", "expand_paths",
-           "HOSTNAME_REFUSED", "USERNAME_REFUSED"]
+           "match_pattern", "match_pattern_list", "HOSTNAME_REFUSED", "USERNAME_REFUSED"]
 
 #: Characters never allowed in a host name: OpenSSH 9.6's shell metacharacters, then the
 #: known_hosts pattern characters (a name recorded with them would be a pattern), then "@"
@@ -91,6 +94,34 @@ def check_username(name: str, what: str = "username") -> str:
             f"{what} {name!r} is not a valid user name: {problem} (OpenSSH refuses it too)"
         )
     return name
+
+
+def match_pattern(string: str, pattern: str) -> bool:
+    """OpenSSH's ``match_pattern``: ``*`` and ``?`` are wildcards, everything else literal."""
+    regex = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
+    return re.fullmatch(regex, string, re.DOTALL) is not None
+
+
+def match_pattern_list(string: str, patterns: str, lower: bool) -> int:
+    """OpenSSH's ``match_pattern_list`` over a comma-separated list with ``!`` negations.
+
+    1 if a pattern matches, -1 if a negated one matches (it vetoes the list), else 0.
+    ``lower`` compares case-insensitively (host names).
+    """
+    if lower:
+        string = string.lower()
+    result = 0
+    for pattern in patterns.split(","):
+        negated = pattern.startswith("!")
+        if negated:
+            pattern = pattern[1:]
+        if lower:
+            pattern = pattern.lower()
+        if match_pattern(string, pattern):
+            if negated:
+                return -1
+            result = 1
+    return result
 
 
 def expand_path(word: str, keyword: str, tokens: Mapping[str, str], *,

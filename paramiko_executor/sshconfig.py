@@ -32,13 +32,13 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .hostnames import match_pattern, match_pattern_list
+
 __all__ = [
     "HostConfig",
     "SSHConfigFiles",
     "convtime",
     "load",
-    "match_pattern",
-    "match_pattern_list",
     "percent_expand",
     "split_arguments",
 ]
@@ -120,34 +120,6 @@ def convtime(text: str) -> int:
     if total > 2**31 - 1:
         raise ValueError(f"time value {text!r} is too large")
     return total
-
-
-def match_pattern(string: str, pattern: str) -> bool:
-    """OpenSSH's ``match_pattern``: ``*`` and ``?`` are wildcards, everything else literal."""
-    regex = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
-    return re.fullmatch(regex, string, re.DOTALL) is not None
-
-
-def match_pattern_list(string: str, patterns: str, lower: bool) -> int:
-    """OpenSSH's ``match_pattern_list`` over a comma-separated list with ``!`` negations.
-
-    1 if a pattern matches, -1 if a negated one matches (it vetoes the list), else 0.
-    ``lower`` compares case-insensitively (host names).
-    """
-    if lower:
-        string = string.lower()
-    result = 0
-    for pattern in patterns.split(","):
-        negated = pattern.startswith("!")
-        if negated:
-            pattern = pattern[1:]
-        if lower:
-            pattern = pattern.lower()
-        if match_pattern(string, pattern):
-            if negated:
-                return -1
-            result = 1
-    return result
 
 
 def percent_expand(text: str, tokens: Mapping[str, str], what: str) -> str:
