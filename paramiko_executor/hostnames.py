@@ -21,7 +21,7 @@ import os
 import re
 from typing import Mapping, Optional, Sequence, Tuple
 
-__all__ = ["check_hostname", "check_username", "expand_path", "expand_paths",
+__all__ = ["check_hostname", "check_username", "expand_path", "expand_paths", "expand_tokens",
            "match_pattern", "match_pattern_list", "HOSTNAME_REFUSED", "USERNAME_REFUSED"]
 
 #: Characters never allowed in a host name: OpenSSH 9.6's shell metacharacters, then the
@@ -31,7 +31,8 @@ HOSTNAME_REFUSED = "'`\"$\\;&<>|(){}" + "*?!," + "@"
 #: Characters never allowed in a remote user name (OpenSSH 9.6's ``valid_ruser``).
 USERNAME_REFUSED = "'`\";&<>|(){}"
 
-_TOKEN_OR_VARIABLE = re.compile(r"%(.?)|\$\{([^}]*)\}")
+_TOKEN_OR_VARIABLE = re.compile(r"%(.?)|\$\{([^}]*)\}", re.DOTALL)
+_TOKEN = re.compile(r"%(.?)", re.DOTALL)
 
 
 def check_hostname(name: str, what: str = "host") -> str:
@@ -124,6 +125,30 @@ def match_pattern_list(string: str, patterns: str, lower: bool) -> int:
     return result
 
 
+def expand_tokens(text: str, tokens: Mapping[str, str], what: str, *,
+                  variables: bool = False) -> str:
+    """``%x`` replaced by ``tokens["x"]``, ``%%`` by ``%`` (OpenSSH's ``percent_expand``).
+
+    With ``variables``, ``${VAR}`` is replaced by the environment variable too, in the same
+    pass (a value is never expanded again). An unknown token, a ``%`` at the end or an
+    unset variable is a ``ValueError`` naming ``what``.
+    """
+    def substitute(match: re.Match[str]) -> str:
+        letter, variable = match.group(1), match.group(2) if variables else None
+        if variable is not None:
+            if variable not in os.environ:
+                raise ValueError(f"{what}: environment variable ${{{variable}}} is not set")
+            return os.environ[variable]
+        if letter == "%":
+            return "%"
+        if letter not in tokens:
+            shown = f"%{letter}" if letter else "a '%' at the end"
+            raise ValueError(f"{what}: unknown token {shown} in {text!r}")
+        return tokens[letter]
+
+    return (_TOKEN_OR_VARIABLE if variables else _TOKEN).sub(substitute, text)
+
+
 def expand_path(word: str, keyword: str, tokens: Mapping[str, str], *,
                 relative_ok: bool = False) -> str:
     """One file name of ``keyword``: ``~`` expanded, then ``%x`` tokens and ``${VAR}``.
@@ -135,21 +160,7 @@ def expand_path(word: str, keyword: str, tokens: Mapping[str, str], *,
     """
     if word.startswith("~"):
         word = os.path.expanduser(word)
-
-    def substitute(match: re.Match[str]) -> str:
-        letter, variable = match.group(1), match.group(2)
-        if variable is not None:
-            if variable not in os.environ:
-                raise ValueError(f"{keyword}: environment variable ${{{variable}}} is not set")
-            return os.environ[variable]
-        if letter == "%":
-            return "%"
-        if letter not in tokens:
-            shown = f"%{letter}" if letter else "a '%' at the end"
-            raise ValueError(f"{keyword}: unknown token {shown} in {word!r}")
-        return tokens[letter]
-
-    expanded = _TOKEN_OR_VARIABLE.sub(substitute, word)
+    expanded = expand_tokens(word, tokens, keyword, variables=True)
     if not relative_ok and not os.path.isabs(expanded):
         # OpenSSH would look for it relative to wherever the program runs, and accept-new
         # would create it there: never what the configuration meant.

@@ -24,7 +24,7 @@ from . import hostkeys, sshconfig
 from .auth import Credentials, parse_mfa_config
 from .checks import check_bool, check_number, check_str
 from .hostkeys import HostKeyPolicy
-from .hostnames import check_hostname, check_username, expand_paths
+from .hostnames import check_hostname, check_username, expand_paths, expand_tokens
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -196,7 +196,7 @@ def _proxy_command(command: str, tokens: Mapping[str, str]) -> str:
     here without a shell, so that one expansion is done here.
     """
     allowed = {letter: tokens[letter] for letter in "hknpr"}
-    expanded = sshconfig.percent_expand(command, allowed, "ProxyCommand")
+    expanded = expand_tokens(command, allowed, "ProxyCommand")
     return re.sub(r"(?<![^\s=])~(?=/|\s|$)", lambda _: os.path.expanduser("~"), expanded)
 
 

@@ -30,16 +30,15 @@ import socket
 import stat
 import subprocess
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from .hostnames import match_pattern, match_pattern_list
+from .hostnames import expand_tokens, match_pattern, match_pattern_list
 
 __all__ = [
     "HostConfig",
     "SSHConfigFiles",
     "convtime",
     "load",
-    "percent_expand",
     "split_arguments",
 ]
 
@@ -120,20 +119,6 @@ def convtime(text: str) -> int:
     if total > 2**31 - 1:
         raise ValueError(f"time value {text!r} is too large")
     return total
-
-
-def percent_expand(text: str, tokens: Mapping[str, str], what: str) -> str:
-    """``%x`` replaced by ``tokens["x"]`` and ``%%`` by ``%``; other ``%`` sequences refused."""
-    def substitute(match: re.Match[str]) -> str:
-        letter = match.group(1)
-        if letter == "%":
-            return "%"
-        if letter not in tokens:
-            shown = f"%{letter}" if letter else "a '%' at the end"
-            raise ValueError(f"{what}: unknown token {shown}")
-        return tokens[letter]
-
-    return re.sub(r"%(.?)", substitute, text, flags=re.DOTALL)
 
 
 def connect_name(name: str) -> str:
@@ -312,7 +297,7 @@ class _Pass:
         if self.final:
             host = options.get("hostname", self.host)
         elif "hostname" in options:
-            host = percent_expand(options["hostname"], {"h": self.host_arg}, "HostName")
+            host = expand_tokens(options["hostname"], {"h": self.host_arg}, "HostName")
         else:
             host = self.host_arg
         result = True
@@ -362,7 +347,7 @@ class _Pass:
         """``Match exec``: run the command through ``/bin/sh``; true if it exits 0."""
         tokens = self.files.tokens(host=host, host_arg=self.host_arg, port=port, user=ruser,
                                    alias=self.options.get("hostkeyalias", self.host_arg))
-        expanded = percent_expand(command, tokens, "Match exec")
+        expanded = expand_tokens(command, tokens, "Match exec")
         try:
             done = subprocess.run(["/bin/sh", "-c", expanded], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, timeout=EXEC_TIMEOUT, check=False)
@@ -522,7 +507,7 @@ class SSHConfigFiles:
         for lines in self._files:
             first.read(lines, 0, nevermatch=False)
         if "hostname" in options:
-            options["hostname"] = percent_expand(options["hostname"], {"h": host_arg},
+            options["hostname"] = expand_tokens(options["hostname"], {"h": host_arg},
                                                  "HostName")
             host = options["hostname"]
         else:
