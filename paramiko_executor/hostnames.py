@@ -98,9 +98,24 @@ def check_username(name: str, what: str = "username") -> str:
 
 
 def match_pattern(string: str, pattern: str) -> bool:
-    """OpenSSH's ``match_pattern``: ``*`` and ``?`` are wildcards, everything else literal."""
-    regex = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
-    return re.fullmatch(regex, string, re.DOTALL) is not None
+    """OpenSSH's ``match_pattern``: ``*`` and ``?`` are wildcards, everything else literal.
+
+    Matched in O(len(string) * len(pattern)) steps: a pattern with many ``*`` cannot make
+    a lookup hang, as a regular expression could.
+    """
+    at = index = 0
+    star, resume = -1, 0  # the last "*" seen, and where its match would go on
+    while at < len(string):
+        if index < len(pattern) and pattern[index] == "*":
+            star, resume, index = index, at, index + 1
+        elif index < len(pattern) and pattern[index] in ("?", string[at]):
+            at, index = at + 1, index + 1
+        elif star >= 0:
+            resume += 1
+            at, index = resume, star + 1
+        else:
+            return False
+    return pattern[index:].strip("*") == ""
 
 
 def match_pattern_list(string: str, patterns: str, lower: bool) -> int:

@@ -442,3 +442,12 @@ def test_hashed_recording_and_alias(tmp_path):
 def test_bad_new_parameters(kwargs, error, name):
     with pytest.raises(error, match=name):
         HostKeyPolicy([], **kwargs)
+
+
+@pytest.mark.hang_timeout(60)
+def test_a_pattern_of_many_stars_is_matched_without_backtracking(tmp_path):
+    # A regular expression takes time exponential in the stars here; the matcher is linear.
+    path = tmp_path / "known_hosts"
+    path.write_text(line("*a" * 30 + "b", KEY))
+    with pytest.raises(HostKeyFailure, match="unknown"):
+        HostKeyPolicy(str(path)).verify(FakeTransport(KEY), "a" * 64, 22)
