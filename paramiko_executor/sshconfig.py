@@ -35,11 +35,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .hostnames import expand_tokens, match_pattern, match_pattern_list
 
 __all__ = [
+    "ConfigError",
     "HostConfig",
     "SSHConfigFiles",
     "convtime",
     "load",
     "split_arguments",
+    "split_jump",
 ]
 
 #: Separators of words in ssh_config (OpenSSH's WHITESPACE).
@@ -121,7 +123,7 @@ def convtime(text: str) -> int:
     return total
 
 
-def connect_name(name: str) -> str:
+def _connect_name(name: str) -> str:
     """The name ssh connects to: lower-cased, unless it looks like an address.
 
     ssh's ``is_addr_fast``: a name with ``%`` or ``:`` (an IPv6 address, maybe with a
@@ -159,7 +161,7 @@ class HostConfig:
     keywords with several words (``identityfile``, which accumulates, and
     ``userknownhostsfile``, ``globalknownhostsfile``). ``hostname`` is the name ssh would connect
     to and print (``HostName`` with ``%h`` expanded, else the host as given; lower-cased
-    unless it looks like an address, see :func:`connect_name`).
+    unless it looks like an address, see :func:`_connect_name`).
     """
 
     host_arg: str
@@ -512,7 +514,7 @@ class SSHConfigFiles:
             host = options["hostname"]
         else:
             host = host_arg
-        host = connect_name(host)
+        host = _connect_name(host)
         if first.want_final:
             final = _Pass(self, host, host_arg, self.local_user, options, lists, final=True)
             for lines in self._files:
