@@ -214,12 +214,12 @@ def test_keyboard_interactive_prompt(hostile_server):
 
 
 def test_exit_signal_name(hostile_server):
+    # A signal name that is not printable US-ASCII is a protocol error (not quoted at all);
+    # either way nothing of it reaches the message raw.
     with executor(hostile_server("signal")) as ex:
-        with pytest.raises(CommandExecutionFailure) as info:
+        with pytest.raises((CommandExecutionFailure, ExecutorFailure)) as info:
             ex.run_command("true")
-    assert "KILL" in str(info.value)
     assert not [char for char in RAW if char in str(info.value)], repr(str(info.value))
-    assert "\\x1b]0;owned\\x07" in str(info.value)
 
 
 @pytest.mark.xfail(strict=True, reason="channel.py (_RefusalsExpected) keeps paramiko's record "
