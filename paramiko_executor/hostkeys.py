@@ -19,15 +19,15 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import struct
 import threading
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Set, Tuple, Union
 
 import paramiko
 from paramiko.hostkeys import HostKeys
 
+from .hostnames import match_pattern_list
 from .results import HostKeyFailure
 
 try:
@@ -79,7 +79,7 @@ def known_hosts_name(hostname: str, port: int) -> str:
 @dataclass(frozen=True)
 class _Entry:
     marker: Optional[str]  # None, "@revoked" or "@cert-authority"
-    names: Tuple[str, ...]
+    names: str  # the names field: a pattern list, or one hashed name
     key: paramiko.PKey
     where: str  # "path:line"
 
@@ -98,24 +98,16 @@ def _hashed_name_matches(hashed: str, name: str) -> bool:
     return hmac.compare_digest(digest, expected)
 
 
-def _name_matches(pattern: str, name: str) -> bool:
-    if pattern.startswith("|1|"):  # hashed entry (HashKnownHosts yes)
-        return _hashed_name_matches(pattern, name)
-    # OpenSSH patterns know only "*" and "?"; "[" is literal ("[host]:port"), unlike fnmatch.
-    regex = re.escape(pattern.lower()).replace(r"\*", ".*").replace(r"\?", ".")
-    return re.fullmatch(regex, name) is not None
+def _names_match(names: str, name: str) -> bool:
+    """Whether the names field of a line covers ``name`` (already lower-cased).
 
-
-def _names_match(patterns: Sequence[str], name: str) -> bool:
-    """OpenSSH pattern-list rules: a matching negated pattern ("!pat") vetoes the whole line."""
-    matched = False
-    for pattern in patterns:
-        if pattern.startswith("!"):
-            if _name_matches(pattern[1:], name):
-                return False
-        elif _name_matches(pattern, name):
-            matched = True
-    return matched
+    As in OpenSSH: a field starting with ``|`` is one hashed name as a whole (so
+    ``|1|salt|hash,other`` matches nothing, its hash does not decode); any other is a
+    pattern list, compared case-insensitively, where a matching ``!pattern`` vetoes it.
+    """
+    if names.startswith("|"):
+        return names.startswith("|1|") and _hashed_name_matches(names, name)
+    return match_pattern_list(name, names, lower=True) == 1
 
 
 def _lines(path: str, what: str) -> Optional[List[str]]:
@@ -158,7 +150,7 @@ def _parse_line(raw: str, where: str) -> Optional[_Entry]:
         # OpenSSH skips a line it cannot parse; one bad line must not refuse every host.
         log.debug("%s: unusable %s key (%s); line skipped", where, fields[1], type(e).__name__)
         return None
-    return _Entry(marker, tuple(fields[0].split(",")), key, where)
+    return _Entry(marker, fields[0], key, where)
 
 
 def _read_entries(path: str) -> List[_Entry]:
@@ -185,7 +177,8 @@ class _Reader:
         return self.data[self.at - count:self.at]
 
     def uint32(self) -> int:
-        return struct.unpack(">I", self.take(4))[0]
+        value: int = struct.unpack(">I", self.take(4))[0]
+        return value
 
     def string(self) -> bytes:
         return self.take(self.uint32())
@@ -268,7 +261,7 @@ def _revoked_by_file(path: str, key: paramiko.PKey) -> Optional[str]:
     return None
 
 
-Paths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+Paths = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]
 
 
 def _check_paths(name: str, value: Paths) -> Tuple[str, ...]:
@@ -296,12 +289,12 @@ class HostKeyPolicy:
     ``global_known_hosts``: the system-wide files (OpenSSH's ``GlobalKnownHostsFile``), read
     the same way but never written. Missing files hold no keys. A host is looked up as
     ``hostname`` on port 22 and as ``[hostname]:port`` otherwise, or as ``host_key_alias``
-    (OpenSSH's ``HostKeyAlias``) when given. Hashed entries, patterns (``*``, ``?``,
-    ``!negation``) and the ``@revoked`` marker are understood in every file (a revoked key is
-    refused even if another line trusts it); ``@cert-authority`` lines are ignored (paramiko
-    has no host certificates). ``revoked_host_keys`` (OpenSSH's ``RevokedHostKeys``) names a
-    file of public keys, or a binary KRL, refused for every host; if it cannot be read, every
-    key is refused.
+    (OpenSSH's ``HostKeyAlias``) when given; both lower-cased, as OpenSSH does. Hashed
+    entries, patterns (``*``, ``?``, ``!negation``) and the ``@revoked`` marker are
+    understood in every file (a revoked key is refused even if another line trusts it);
+    ``@cert-authority`` lines are ignored (paramiko has no host certificates).
+    ``revoked_host_keys`` (OpenSSH's ``RevokedHostKeys``) names a file of public keys, or a
+    binary KRL, refused for every host; if it cannot be read, every key is refused.
 
     ``accept_new=True`` (OpenSSH's ``StrictHostKeyChecking accept-new``) records the key of a
     host that has no known key in any file (user or global) in the first user file (created
@@ -310,8 +303,11 @@ class HostKeyPolicy:
     nowhere to record: a new key is accepted each time (like a ``/dev/null`` file).
 
     ``strict=False`` (OpenSSH's ``StrictHostKeyChecking no``) accepts unknown and changed keys
-    (a changed one with a warning in the log) and records nothing, but still refuses revoked
-    keys: OpenSSH refuses those whatever ``StrictHostKeyChecking`` says.
+    (a changed one with a warning in the log; an unknown one is recorded as by
+    ``accept_new``, or only logged if it cannot be), but still refuses revoked keys.
+    ssh refuses a key of ``RevokedHostKeys`` whatever ``StrictHostKeyChecking`` says, but
+    connects to one marked ``@revoked`` under ``no`` (with password authentication
+    disabled); the library refuses both: a revoked key is a stolen one.
     """
 
     def __init__(
@@ -320,7 +316,7 @@ class HostKeyPolicy:
         accept_new: bool = False,
         *,
         global_known_hosts: Paths = (),
-        revoked_host_keys: Union[str, os.PathLike, None] = None,
+        revoked_host_keys: Union[str, os.PathLike[str], None] = None,
         hash_known_hosts: bool = False,
         host_key_alias: Optional[str] = None,
         strict: bool = True,
@@ -344,7 +340,9 @@ class HostKeyPolicy:
         self.accept_new = accept_new
         self.strict = strict
         self.hash_known_hosts = hash_known_hosts
-        self.host_key_alias = host_key_alias
+        # OpenSSH lower-cases the alias as it lower-cases host names: known_hosts is matched
+        # case-insensitively, and an alias kept as written would never find its own line.
+        self.host_key_alias = None if host_key_alias is None else host_key_alias.lower()
 
     def __repr__(self) -> str:
         extra = "" if self.strict else ", strict=False"
@@ -359,7 +357,7 @@ class HostKeyPolicy:
         return f"HostKeyPolicy(known_hosts={self.files!r}, accept_new={self.accept_new!r}{extra})"
 
     def name_for(self, hostname: str, port: int) -> str:
-        """The name the host is filed under: ``host_key_alias`` if set (as given, no port)."""
+        """The name the host is filed under: ``host_key_alias`` if set (no port), lower-cased."""
         if self.host_key_alias is not None:
             return self.host_key_alias
         return known_hosts_name(hostname, port)
@@ -393,7 +391,7 @@ class HostKeyPolicy:
         if self.files is None:
             return
         trusted, _revoked = self._for_host(self._entries(), self.name_for(hostname, port))
-        known = set()
+        known: Set[str] = set()
         for entry in trusted:
             name = entry.key.get_name()
             known.update(_RSA_ALGORITHMS if name == "ssh-rsa" else (name,))
@@ -414,17 +412,27 @@ class HostKeyPolicy:
             return
         key = transport.get_remote_server_key()
         name = self.name_for(hostname, port)
-        trusted, revoked = self._for_host(self._entries(), name)
+        entries = self._entries()
+        trusted, revoked = self._for_host(entries, name)
         if self.revoked_file is not None:
             where = _revoked_by_file(self.revoked_file, key)
             if where is not None:
                 raise _revoked(name, key, f"RevokedHostKeys {where}")
+        self._refuse_revoked(key, name, revoked)
+        if self._known_without_port(key, hostname, port, entries, trusted):
+            return
         if not self.strict:
-            self._refuse_revoked(key, name, revoked)
             try:
-                self._check(key, name, trusted, ())
+                known = self._check(key, name, trusted, ())
             except HostKeyFailure as changed:
                 log.warning("%s; accepted anyway (StrictHostKeyChecking no)", changed)
+                return
+            if not known:
+                # ssh records a new key under "no" too; one it cannot record it just uses.
+                try:
+                    self._record(key, name)
+                except HostKeyFailure as failure:
+                    log.warning("%s; accepted anyway (StrictHostKeyChecking no)", failure)
             return
         if self._check(key, name, trusted, revoked):
             return
@@ -434,6 +442,31 @@ class HostKeyPolicy:
                 f"not in {self._all_files()}"
             )
         self._record(key, name)
+
+    def _known_without_port(
+        self, key: paramiko.PKey, hostname: str, port: int, entries: Sequence[_Entry],
+        trusted: Sequence[_Entry],
+    ) -> bool:
+        """ssh's second look for a host with no key of this type as ``[host]:port``.
+
+        A key filed for the bare name ``host`` (and not revoked there) vouches for every
+        port of it, as in ssh, unless ``host_key_alias`` names the host or ``trusted`` (the
+        entries for ``[host]:port``) has a key of the same type. Nothing is recorded.
+        """
+        if self.host_key_alias is not None or port == 22:
+            return False
+        if any(entry.key.get_name() == key.get_name() for entry in trusted):
+            return False
+        bare = known_hosts_name(hostname, 22)
+        trusted, revoked = self._for_host(entries, bare)
+        blob = key.asbytes()
+        if any(entry.key.asbytes() == blob for entry in revoked):
+            return False
+        found = [entry.where for entry in trusted if entry.key.asbytes() == blob]
+        if found:
+            log.debug("host key for %s is known as %s's (%s)", self.name_for(hostname, port),
+                      bare, found[0])
+        return bool(found)
 
     @staticmethod
     def _refuse_revoked(key: paramiko.PKey, name: str, revoked: Sequence[_Entry]) -> None:

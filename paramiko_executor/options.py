@@ -13,20 +13,18 @@ from __future__ import annotations
 import functools
 import getpass
 import inspect
-import io
 import os
 import re
-import socket
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, Mapping, Optional, Sequence, Tuple, Union
 
 import paramiko
 
-from . import hostkeys
+from . import hostkeys, sshconfig
 from .auth import Credentials, parse_mfa_config
 from .checks import check_bool, check_number, check_str
 from .hostkeys import HostKeyPolicy
-from .hostnames import check_hostname, expand_paths
+from .hostnames import check_hostname, check_username, expand_paths, expand_tokens
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -38,7 +36,8 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG = "~/.ssh/config"
-DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+#: OpenSSH's default UserKnownHostsFile: new keys are recorded in the first.
+DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
 
 #: asyncssh-style spellings accepted beside paramiko's names.
 ALIASES = {"host": "hostname", "client_keys": "key_filename"}
@@ -60,7 +59,7 @@ DEFAULT: Any = _Default()
 
 
 @functools.lru_cache(maxsize=1)
-def connect_parameter_names() -> frozenset:
+def connect_parameter_names() -> FrozenSet[str]:
     """The keyword arguments of the installed paramiko's ``SSHClient.connect`` (looked up once)."""
     names = inspect.signature(paramiko.SSHClient.connect).parameters
     return frozenset(name for name in names if name != "self")
@@ -134,171 +133,71 @@ def _check_port(value: Any) -> int:
     return value
 
 
-#: Keywords whose value is a list of file names that may be quoted: paramiko strips one pair of
-#: quotes around a whole value ("a b" "c d" would become a b" "c d), so their raw text is kept
-#: behind this prefix and split by hostnames.expand_paths.
-_RAW_KEYWORDS = ("userknownhostsfile", "globalknownhostsfile", "revokedhostkeys")
-_RAW_PREFIX = "\0raw:"
-_SETTING = re.compile(r"(\w+)(?:\s*=\s*|\s+)(.+)")  # paramiko's SETTINGS_REGEX
-
-
-def _keep_raw_values(text: str) -> str:
-    lines = []
-    for line in text.splitlines():
-        match = _SETTING.match(line.strip())
-        if match and match.group(1).lower() in _RAW_KEYWORDS:
-            line = f"{match.group(1)} {_RAW_PREFIX}{match.group(2)}"
-        lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
-def _raw(host_config: Mapping[str, Any], key: str) -> Optional[str]:
-    """The unprocessed text of a `_RAW_KEYWORDS` value, None when not set."""
-    value = host_config.get(key)
-    if value is None:
-        return None
-    value = str(value)
-    return value[len(_RAW_PREFIX):] if value.startswith(_RAW_PREFIX) else value
-
-
-class _SSHConfig(paramiko.SSHConfig):
-    """``paramiko.SSHConfig`` that remembers which files it read, for error messages."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.paths: List[str] = []
-
-    def parse_file(self, path: str, *, missing_ok: bool = False) -> None:
-        """Parse ``path``; an unreadable or unparsable file is a ``ValueError`` naming it.
-
-        The message never quotes the file's lines (they may hold anything, and an error
-        message is shown and logged).
-        """
-        try:
-            with open(path, encoding="utf-8") as stream:
-                text = stream.read()
-        except FileNotFoundError:
-            if missing_ok:
-                return
-            raise ValueError(f"config: cannot read {path!r}: file not found") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"config: {path!r} is not a UTF-8 text file") from None
-        except OSError as exc:
-            raise ValueError(f"config: cannot read {path!r}: {exc.strerror}") from None
-        try:
-            self.parse(io.StringIO(_keep_raw_values(text)))
-        except Exception as exc:  # noqa: BLE001 - paramiko raises several types here
-            raise ValueError(
-                f"config: {path!r} is not a valid ssh_config file ({type(exc).__name__})"
-            ) from None
-        self.paths.append(path)
-
-    def lookup_host(self, alias: str) -> Dict[str, Any]:
-        """``lookup(alias)``, with its errors (``Match``, canonicalisation) as ``ValueError``."""
-        try:
-            return self.lookup(alias)
-        except Exception as exc:  # noqa: BLE001 - ConfigParseError, CouldNotCanonicalize, ...
-            files = ", ".join(repr(p) for p in self.paths) or "ssh_config"
-            raise ValueError(
-                f"config: looking up {alias!r} in {files} failed ({type(exc).__name__})"
-            ) from None
-
-
-def load_ssh_config(config: ConfigPaths) -> paramiko.SSHConfig:
+def load_ssh_config(config: ConfigPaths) -> sshconfig.SSHConfigFiles:
     """Parse the ssh_config files named by ``config`` (the default one may be missing).
 
     An ssh_config file is trusted configuration: it can run programs (``ProxyCommand``,
     ``Match exec``). Errors are ``ValueError`` naming the file, never quoting its lines.
     """
-    parsed = _SSHConfig()
     if config is DEFAULT:
-        parsed.parse_file(os.path.expanduser(DEFAULT_CONFIG), missing_ok=True)
-        return parsed
-    for path in _paths("config", config):
-        parsed.parse_file(path)
-    return parsed
-
-
-def _split_jump(spec: str) -> Tuple[Optional[str], str, Optional[int]]:
-    """``[user@]host[:port]`` (or ``ssh://[user@]host[:port]``) of one ProxyJump hop."""
-    spec = spec.strip()
-    if spec.startswith("ssh://"):
-        spec = spec[len("ssh://") :]
-    user, _, hostport = spec.rpartition("@")
-    host, port = hostport, None
-    if hostport.startswith("["):
-        host, _, rest = hostport[1:].partition("]")
-        if rest.startswith(":"):
-            port = _check_port(rest[1:])
-    elif hostport.count(":") == 1:
-        host, _, port_text = hostport.partition(":")
-        port = _check_port(port_text)
-    if not host:
-        raise ValueError(f"ProxyJump: cannot parse hop {spec!r}")
-    return (user or None), host, port
-
-
-def _tokens(alias: str, hostname: str, port: int, username: str) -> Dict[str, str]:
-    """The ``%`` tokens OpenSSH expands in file names (ssh_config(5), TOKENS)."""
-    fqdn = socket.gethostname()
-    return {
-        "d": os.path.expanduser("~"),  # local home directory
-        "h": hostname,                  # remote host name (after HostName)
-        "i": str(os.getuid()) if hasattr(os, "getuid") else "",
-        "L": fqdn.split(".")[0],        # local host name
-        "l": fqdn,                      # local host name with its domain
-        "n": alias,                     # the host name as given
-        "p": str(port),
-        "r": username,                  # remote user name
-        "u": getpass.getuser(),         # local user name
-    }
+        return sshconfig.load((), default=os.path.expanduser(DEFAULT_CONFIG))
+    return sshconfig.load(_paths("config", config))
 
 
 def _host_key_policy(
-    explicit: Any, host_config: Mapping[str, Any], tokens: Mapping[str, str]
+    explicit: Any, host_config: sshconfig.HostConfig, tokens: Mapping[str, str]
 ) -> HostKeyPolicy:
     """The host-key rules for one host: explicit ``known_hosts`` first, then ssh_config.
 
     ``known_hosts=None`` switches verification off. ``StrictHostKeyChecking no`` from
-    ssh_config accepts unknown and changed keys but, as in OpenSSH, never a revoked one.
+    ssh_config accepts unknown and changed keys (and records unknown ones, as ssh does) but
+    never a revoked one.
     """
-    strict = str(host_config.get("stricthostkeychecking", "yes")).lower()
+    strict = host_config.get("stricthostkeychecking", "true")
     if explicit is None:
         return HostKeyPolicy(None)
     # An explicit known_hosts means "verify against these": ssh_config cannot loosen it.
-    lax = explicit is DEFAULT and strict in ("no", "off")
+    lax = explicit is DEFAULT and strict == "false"
     if explicit is not DEFAULT:
         files: Any = explicit
     else:
-        user_files = _raw(host_config, "userknownhostsfile")
-        files = ((DEFAULT_KNOWN_HOSTS,) if user_files is None
+        user_files = host_config.words("userknownhostsfile")
+        files = (DEFAULT_KNOWN_HOSTS if user_files is None
                  else expand_paths(user_files, "UserKnownHostsFile", tokens) or ())
-    global_files = _raw(host_config, "globalknownhostsfile")
+    global_files = host_config.words("globalknownhostsfile")
     # Read through the module attribute, so that tests can point it elsewhere.
     global_paths = (hostkeys.DEFAULT_GLOBAL_KNOWN_HOSTS if global_files is None
                     else expand_paths(global_files, "GlobalKnownHostsFile", tokens) or ())
-    revoked_value = _raw(host_config, "revokedhostkeys")
+    revoked_value = host_config.get("revokedhostkeys")
     revoked = None
     if revoked_value is not None:
-        revoked_paths = expand_paths(revoked_value, "RevokedHostKeys", tokens)
-        if revoked_paths is not None and len(revoked_paths) != 1:
-            raise ValueError("RevokedHostKeys takes one file")
+        revoked_paths = expand_paths([revoked_value], "RevokedHostKeys", tokens)
         revoked = revoked_paths[0] if revoked_paths else None
     alias = host_config.get("hostkeyalias")
-    if alias is not None and alias.lower() != "none":
+    if alias is not None:
         # Recorded and matched as a known_hosts name: pattern characters would widen trust.
-        check_hostname(alias, "HostKeyAlias")
-    else:
-        alias = None
+        # ("none" is a name like any other here: ssh has no special meaning for it.)
+        alias = check_hostname(alias, "HostKeyAlias")
     return HostKeyPolicy(
         files,
         accept_new=strict == "accept-new",
         strict=not lax,
         global_known_hosts=global_paths,
         revoked_host_keys=revoked,
-        hash_known_hosts=str(host_config.get("hashknownhosts", "no")).lower() == "yes",
+        hash_known_hosts=host_config.get("hashknownhosts") == "yes",
         host_key_alias=alias,
     )
+
+
+def _proxy_command(command: str, tokens: Mapping[str, str]) -> str:
+    """A ``ProxyCommand`` with OpenSSH's tokens (``%h %k %n %p %r %%``) expanded.
+
+    ssh hands the command to a shell, which expands a ``~`` that starts a word; it is run
+    here without a shell, so that one expansion is done here.
+    """
+    allowed = {letter: tokens[letter] for letter in "hknpr"}
+    expanded = expand_tokens(command, allowed, "ProxyCommand")
+    return re.sub(r"(?<![^\s=])~(?=/|\s|$)", lambda _: os.path.expanduser("~"), expanded)
 
 
 def resolve_target(
@@ -330,7 +229,7 @@ def resolve_target(
 def _resolve(
     alias: str,
     params: Dict[str, Any],
-    ssh_config: paramiko.SSHConfig,
+    ssh_config: sshconfig.SSHConfigFiles,
     mfa_config: Any,
     keepalive_interval: Any,
     keepalive_count_max: Any,
@@ -338,20 +237,29 @@ def _resolve(
     seen: Tuple[str, ...],
     proxy: bool = True,
 ) -> Target:
-    host_config = ssh_config.lookup_host(alias)
+    port = params.pop("port", DEFAULT)
+    port = None if port is DEFAULT else _check_port(port)
+    username = check_str("username", params.pop("username", None))
+    if username is not None:
+        # Substituted for %r into ProxyCommand and Match exec, as ssh -l USER's would be.
+        check_username(username)
+    host_config = ssh_config.lookup(alias, user=username, port=port)
     # The HostName from ssh_config is trusted configuration, but it too is substituted for %h
     # into ProxyCommand and filed in known_hosts: it must be a plain host name as well.
-    resolved = check_hostname(host_config.get("hostname", alias), f"HostName of {alias!r}")
-    port = params.pop("port", DEFAULT)
-    port = _check_port(port if port is not DEFAULT else host_config.get("port", 22))
-    username = check_str("username", params.pop("username", None)) or host_config.get("user")
-    username = username or getpass.getuser()
+    resolved = check_hostname(host_config.hostname, f"HostName of {alias!r}")
+    port = _check_port(host_config.get("port", "22"))
+    username = host_config.get("user") or getpass.getuser()
+    key_alias = host_config.get("hostkeyalias", alias) or alias
+    tokens = ssh_config.tokens(host=resolved, host_arg=alias, port=str(port), user=username,
+                               alias=key_alias)
 
     key_filename = params.pop("key_filename", None)
     if key_filename is not None:
         key_filenames = _paths("client_keys", key_filename)
     else:
-        key_filenames = tuple(p for p in host_config.get("identityfile", ()) if os.path.isfile(p))
+        configured = expand_paths(host_config.words("identityfile") or [], "IdentityFile",
+                                  tokens, relative_ok=True) or ()
+        key_filenames = tuple(path for path in configured if os.path.isfile(path))
     pkey = params.pop("pkey", None)
     if pkey is not None and not isinstance(pkey, paramiko.PKey):
         raise TypeError(f"pkey must be a paramiko.PKey, not {type(pkey).__name__}")
@@ -367,29 +275,24 @@ def _resolve(
         auth_strategy=params.pop("auth_strategy", None),
     )
     explicit_known_hosts = params.pop("known_hosts", DEFAULT)
-    host_keys = _host_key_policy(explicit_known_hosts, host_config,
-                                 _tokens(alias, resolved, port, username))
+    host_keys = _host_key_policy(explicit_known_hosts, host_config, tokens)
 
     if keepalive_interval is DEFAULT:
-        keepalive_interval = host_config.get("serveraliveinterval")
-        keepalive_interval = float(keepalive_interval) if keepalive_interval else None
-        if keepalive_interval == 0:
-            keepalive_interval = None
+        keepalive_interval = float(host_config.get("serveraliveinterval", "0") or 0) or None
     if keepalive_count_max is DEFAULT:
-        keepalive_count_max = int(host_config.get("serveralivecountmax", 3))
+        keepalive_count_max = int(host_config.get("serveralivecountmax", "3") or 3)
 
     sock = params.pop("sock", None)
     jump = None
     proxy_command = None
     if sock is None and proxy:
-        proxy_jump = host_config.get("proxyjump")
-        proxy_command = host_config.get("proxycommand")
-        if proxy_jump and proxy_jump.lower() != "none":
+        proxy_jump = host_config.get("proxyjump") or "none"
+        command = host_config.get("proxycommand") or "none"
+        if proxy_jump.lower() != "none":
             jump = _resolve_jumps(proxy_jump, ssh_config, key_filenames, explicit_known_hosts,
                                   seen=seen + (alias,))
-            proxy_command = None
-        elif proxy_command and proxy_command.lower() == "none":
-            proxy_command = None
+        elif command.lower() != "none":
+            proxy_command = _proxy_command(command, tokens)
     elif sock is not None and not (hasattr(sock, "send") and hasattr(sock, "recv")):
         raise TypeError(f"sock must be a socket-like object, not {type(sock).__name__}")
 
@@ -430,7 +333,7 @@ def _resolve(
 
 def _resolve_jumps(
     spec: str,
-    ssh_config: paramiko.SSHConfig,
+    ssh_config: sshconfig.SSHConfigFiles,
     key_filenames: Tuple[str, ...],
     known_hosts: Any,
     *,
@@ -445,11 +348,13 @@ def _resolve_jumps(
     """
     jump: Optional[Target] = None
     for hop in spec.split(","):
-        user, host, port = _split_jump(hop)
+        user, host, port = sshconfig.split_jump(hop)
         check_hostname(host, "ProxyJump host")
+        if user is not None:
+            check_username(user, "ProxyJump user")  # ssh passes it to the hop's ssh as -l
         if host in seen:
             raise ValueError(f"ProxyJump loops back to {host!r}")
-        hop_config = ssh_config.lookup_host(host)
+        hop_config = ssh_config.lookup(host, user=user, port=port)
         params: Dict[str, Any] = {}
         if user:
             params["username"] = user

@@ -91,6 +91,15 @@ def start_openssh(**kwargs: Any) -> OpenSSHServer:
         openssh_unavailable(str(exc))
 
 
+@pytest.fixture
+def openssh_client() -> None:
+    """Skip (fail under CI) unless OpenSSH's client tools (the differential tests' oracle) exist."""
+    from testsupport import oracle
+
+    if not oracle.available():
+        openssh_unavailable(f"{oracle.SSH} not found: apt-get install openssh-client")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftover_servers() -> Iterator[None]:
     """Fail the session if a test left a private sshd running; ends such servers.

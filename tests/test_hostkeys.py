@@ -68,8 +68,18 @@ def test_port_22_uses_bare_name(tmp_path):
     path = tmp_path / "known_hosts"
     path.write_text(line("127.0.0.1", KEY))
     HostKeyPolicy(str(path)).verify(FakeTransport(KEY), "127.0.0.1", 22)
+    # As ssh does, a host unknown as [host]:port is looked up by its bare name too...
+    HostKeyPolicy(str(path)).verify(FakeTransport(KEY), "127.0.0.1", 2222)
     with pytest.raises(HostKeyFailure, match=r"\[127.0.0.1\]:2222 is unknown"):
+        HostKeyPolicy(str(path)).verify(FakeTransport(OTHER), "127.0.0.1", 2222)
+    # ...but not when a key of the same type is filed under [host]:port, nor for an alias.
+    path.write_text(line("127.0.0.1", KEY) + line("[127.0.0.1]:2222", OTHER))
+    with pytest.raises(HostKeyFailure, match="does not match"):
         HostKeyPolicy(str(path)).verify(FakeTransport(KEY), "127.0.0.1", 2222)
+    path.write_text(line("127.0.0.1", KEY))
+    with pytest.raises(HostKeyFailure, match="box is unknown"):
+        HostKeyPolicy(str(path), host_key_alias="box").verify(FakeTransport(KEY), "127.0.0.1",
+                                                              2222)
 
 
 def test_hashed_and_pattern_entries(tmp_path):
@@ -432,3 +442,12 @@ def test_hashed_recording_and_alias(tmp_path):
 def test_bad_new_parameters(kwargs, error, name):
     with pytest.raises(error, match=name):
         HostKeyPolicy([], **kwargs)
+
+
+@pytest.mark.hang_timeout(60)
+def test_a_pattern_of_many_stars_is_matched_without_backtracking(tmp_path):
+    # A regular expression takes time exponential in the stars here; the matcher is linear.
+    path = tmp_path / "known_hosts"
+    path.write_text(line("*a" * 30 + "b", KEY))
+    with pytest.raises(HostKeyFailure, match="unknown"):
+        HostKeyPolicy(str(path)).verify(FakeTransport(KEY), "a" * 64, 22)

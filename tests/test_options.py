@@ -97,8 +97,9 @@ def test_bad_run_command_arguments(sshd_free_executor=None):
 
 def test_known_hosts_default_and_explicit(tmp_path):
     ex = SSHExecutor(host="h", config=())
-    assert target(ex).host_keys.files == (DEFAULT_KNOWN_HOSTS.replace("~", str(
-        __import__("os").path.expanduser("~"))),)
+    home = __import__("os").path.expanduser("~")
+    assert target(ex).host_keys.files == tuple(p.replace("~", home) for p in DEFAULT_KNOWN_HOSTS)
+    assert target(ex).host_keys.files[1].endswith("/.ssh/known_hosts2")  # as OpenSSH reads
     path = tmp_path / "kh"
     ex = SSHExecutor(host="h", known_hosts=str(path), config=())
     assert target(ex).host_keys.files == (str(path),)
@@ -220,7 +221,7 @@ Host bastion
     assert t.host_keys.accept_new and t.host_keys.files == (f"{tmp_path}/target_kh",)
     hop = t.jump.host_keys
     assert not hop.accept_new and hop.host_key_alias == "bastion-key"
-    assert hop.files == (__import__("os").path.expanduser("~/.ssh/known_hosts"),)
+    assert hop.files == tuple(__import__("os").path.expanduser(p) for p in DEFAULT_KNOWN_HOSTS)
     # An explicit known_hosts names the files of the whole chain, not its strictness.
     t = target(SSHExecutor(host="target", config=config, known_hosts=str(tmp_path / "kh")))
     assert t.jump.host_keys.files == (str(tmp_path / "kh"),)

@@ -23,6 +23,7 @@ import pytest
 from paramiko_executor import ExecutorFailure, HostKeyFailure, SSHExecutor, hostkeys
 from paramiko_executor.cli import main as cli_main
 from paramiko_executor.hostnames import check_hostname, expand_paths
+from paramiko_executor.sshconfig import split_arguments
 from paramiko_executor.text import printable
 
 #: A ProxyCommand helper: connects to argv[1]:argv[2] and relays stdin/stdout (no nc here).
@@ -507,9 +508,9 @@ def test_printable_escapes_controls_only():
 
 
 def test_expand_paths_none_and_quotes(tmp_path):
-    assert expand_paths("none", "UserKnownHostsFile", {}) is None
-    assert expand_paths(f'"{tmp_path}/a b" {tmp_path}/c', "K", {}) == (
-        f"{tmp_path}/a b", f"{tmp_path}/c")
+    assert expand_paths(["none"], "UserKnownHostsFile", {}) is None
+    words = split_arguments(f'"{tmp_path}/a b" {tmp_path}/c')
+    assert expand_paths(words, "K", {}) == (f"{tmp_path}/a b", f"{tmp_path}/c")
 
 
 def test_auth_messages_escape_server_text():
