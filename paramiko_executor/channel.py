@@ -83,6 +83,7 @@ from .internals import (
 from .output import LineSplitter, LiveStream, OutputBuffer, line_splitters
 from .results import Output
 from .slots import Slots
+from .text import printable
 
 __all__ = [
     "ChannelOutcome",
@@ -175,7 +176,7 @@ class _WakingCondition(threading.Condition):
 
 
 class _RefusalsExpected(logging.Filter):
-    """Demote paramiko's ERROR record of a refused channel open to DEBUG.
+    """Demote paramiko's ERROR record of a refused channel open to DEBUG, its text escaped.
 
     A refusal at the server's MaxSessions is expected and handled (the open is
     retried), so it must not reach a user's console as an error.
@@ -184,6 +185,8 @@ class _RefusalsExpected(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.DEBUG and "open FAILED" in str(record.msg):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            # The record carries the server's reason for refusing.
+            record.msg, record.args = printable(record.getMessage()), None
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 

@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Sequence, TextIO, Tuple
 from .executors import DupingSSHExecutor, Executor, SSHExecutor
 from .results import CommandExecutionFailure, CommandResult, CommandTimeout, ExecutorFailure
 from .stats import ExecutorStatistics
-from .text import printable
+from .text import one_line, printable
 
 __all__ = ["main", "EXIT_USAGE", "EXIT_TIMEOUT", "EXIT_EXECUTOR_FAILURE"]
 
@@ -442,18 +442,13 @@ def _load_config(path: str) -> Executor:
     except (TypeError, ValueError) as err:
         raise CommandLineError(f"--config {path}: {err}") from err
     except executor_yaml.yaml.YAMLError as err:
-        raise CommandLineError(f"--config {path}: {_one_line(str(err))}") from err
+        raise CommandLineError(f"--config {path}: {one_line(str(err))}") from err
     if not isinstance(executor, Executor):
         raise CommandLineError(
             f"--config {path}: the document must be one executor, e.g. '!SSHExecutor {{...}}', "
             f"not {type(executor).__name__}"
         )
     return executor
-
-
-def _one_line(text: str) -> str:
-    """``text`` on one line, safe for a terminal: messages may carry server-sent text."""
-    return printable(" ".join(text.split()))
 
 
 def _write(stream: TextIO, text: str) -> None:
@@ -493,18 +488,18 @@ def _run(args: argparse.Namespace) -> int:
     except CommandTimeout as failure:
         _write(sys.stdout, failure.stdout)
         _write(sys.stderr, failure.stderr)
-        print(f"{PROG}: {_one_line(str(failure))}", file=sys.stderr)
+        print(f"{PROG}: {one_line(str(failure))}", file=sys.stderr)
         return EXIT_TIMEOUT
     except CommandExecutionFailure as failure:
         _write(sys.stdout, failure.stdout)
         _write(sys.stderr, failure.stderr)
         if failure.exit_code is None or not 0 < failure.exit_code < 256:
             # killed by a signal, or no exit status at all: no code of its own to pass on
-            print(f"{PROG}: {_one_line(str(failure))}", file=sys.stderr)
+            print(f"{PROG}: {one_line(str(failure))}", file=sys.stderr)
             return EXIT_EXECUTOR_FAILURE
         return failure.exit_code
     except ExecutorFailure as failure:
-        print(f"{PROG}: {_one_line(str(failure))}", file=sys.stderr)
+        print(f"{PROG}: {one_line(str(failure))}", file=sys.stderr)
         return EXIT_EXECUTOR_FAILURE
     _write(sys.stdout, result.stdout)
     _write(sys.stderr, result.stderr)
@@ -576,7 +571,7 @@ def _run_on_hosts(args: argparse.Namespace, command: str) -> int:
     print(f"{PROG}: {len(failed)} of {len(names)} hosts failed:", file=sys.stderr)
     for name in names:  # in the order given, not the order they failed
         if name in failed:
-            print(f"  {name}: {_one_line(str(failed[name]))}", file=sys.stderr)
+            print(f"  {name}: {one_line(str(failed[name]))}", file=sys.stderr)
     if any(isinstance(failure, ExecutorFailure) for failure in failed.values()):
         return EXIT_EXECUTOR_FAILURE
     return 1
@@ -590,7 +585,7 @@ def _probe(args: argparse.Namespace) -> int:
         with executor, executor.bounded_connection:
             limit = executor.session_limit
     except ExecutorFailure as failure:
-        print(f"{PROG}: {_one_line(str(failure))}", file=sys.stderr)
+        print(f"{PROG}: {one_line(str(failure))}", file=sys.stderr)
         return EXIT_EXECUTOR_FAILURE
     print(limit)
     return 0
@@ -630,7 +625,7 @@ def _transfer(args: argparse.Namespace) -> int:
     except (ExecutorFailure, OSError) as failure:
         if progress is not None:
             progress.finish()
-        print(f"{PROG}: {_one_line(str(failure))}", file=sys.stderr)
+        print(f"{PROG}: {one_line(str(failure))}", file=sys.stderr)
         return EXIT_EXECUTOR_FAILURE
     if progress is not None:
         progress.finish()
@@ -712,7 +707,7 @@ def _demo_command(executor: SSHExecutor, number: int) -> Optional[str]:
     try:
         result = executor.run_command(f"echo {number}")
     except (CommandExecutionFailure, ExecutorFailure) as failure:
-        return f"echo {number}: {type(failure).__name__}: {_one_line(str(failure))}"
+        return f"echo {number}: {type(failure).__name__}: {one_line(str(failure))}"
     if result.stdout != f"{number}\n":
         return f"echo {number}: got {result.stdout!r}"
     return None
@@ -865,7 +860,7 @@ def _forward(args: argparse.Namespace) -> int:
             while not stop.wait(1.0):  # a bounded wait, so that Ctrl-C gets through
                 pass
     except ExecutorFailure as failure:
-        print(f"{PROG}: {_one_line(str(failure))}", file=sys.stderr)
+        print(f"{PROG}: {one_line(str(failure))}", file=sys.stderr)
         return EXIT_EXECUTOR_FAILURE
     finally:
         signal.signal(signal.SIGTERM, previous)

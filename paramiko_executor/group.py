@@ -31,6 +31,7 @@ from .command import StdinInput, check_command, stdin_bytes
 from .executors import Executor, SSHExecutor
 from .hostnames import check_hostname
 from .results import CommandExecutionFailure, CommandResult, ExecutorFailure
+from .text import one_line
 
 __all__ = ["GroupFailure", "GroupResult", "HostGroup", "Outcome"]
 
@@ -45,10 +46,6 @@ _COMMAND_FAILURES: Tuple[Type[BaseException], ...] = (CommandExecutionFailure, E
 _TRANSFER_FAILURES: Tuple[Type[BaseException], ...] = _COMMAND_FAILURES + (OSError,)
 # How many failed hosts GroupFailure's message names before it says "and N more".
 _NAMED_IN_MESSAGE = 5
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 class GroupFailure(ExecutorFailure):
@@ -110,7 +107,7 @@ class GroupResult(Mapping[str, Any]):
         if not failed:
             return self
         named = [
-            f"{name}: {type(exc).__name__}: {_one_line(str(exc))}"
+            f"{name}: {type(exc).__name__}: {one_line(str(exc))}"
             for name, exc in list(failed.items())[:_NAMED_IN_MESSAGE]
         ]
         more = len(failed) - len(named)

@@ -9,7 +9,7 @@ built from server data passes through :func:`printable`.
 
 from __future__ import annotations
 
-__all__ = ["printable"]
+__all__ = ["one_line", "printable"]
 
 
 def _escape(char: str) -> str:
@@ -29,3 +29,8 @@ def printable(text: object) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def one_line(text: object) -> str:
+    """``text`` with its whitespace runs folded to single spaces, then made `printable`."""
+    return printable(" ".join(str(text).split()))

@@ -222,8 +222,6 @@ def test_exit_signal_name(hostile_server):
     assert not [char for char in RAW if char in str(info.value)], repr(str(info.value))
 
 
-@pytest.mark.xfail(strict=True, reason="channel.py (_RefusalsExpected) keeps paramiko's record "
-                   "of the refusal raw: owner 'origin', to escape it with text.printable")
 def test_channel_open_failure_text(hostile_server, caplog):
     caplog.set_level(logging.DEBUG)
     with executor(hostile_server("refuse"), channel_timeout=2) as ex:
