@@ -32,9 +32,9 @@ from paramiko.ssh_exception import (
     SSHException,
 )
 
-from .errors import AuthenticationFailure, AuthenticationInterrupted
+from .errors import AuthenticationFailure, AuthenticationInterrupted, ExecutorFailure
 from .hostkeys import fingerprint
-from .internals import wrap_disconnect
+from .internals import UserAuth, wrap_disconnect
 from .text import printable
 
 # The ledger lives in .totp; imported here so that auth.TOTP_LEDGER and auth.TOTPLedger keep
@@ -64,6 +64,17 @@ _METHOD_ORDER = ("publickey", "password", "keyboard-interactive")
 _MAX_ROUNDS = 8
 # RFC 4253 disconnect reason SSH_DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE.
 _NO_MORE_AUTH_METHODS = 14
+# RFC 4253 disconnect reasons that say the server will never accept this client as it is:
+# another attempt would only be disconnected the same way.
+_PROTOCOL_REASONS = {
+    2: "protocol error",
+    3: "key exchange failed",
+    5: "MAC error",
+    6: "compression error",
+    7: "service not available",
+    8: "protocol version not supported",
+    15: "illegal user name",
+}
 # Prompts that contain "password" but must never be answered with the current password
 # (an expired password being changed through PAM).
 _PASSWORD_CHANGE_WORDS = ("new", "retype", "again", "confirm", "repeat")
@@ -242,6 +253,7 @@ class _Login:
 
     def __init__(self, transport: paramiko.Transport, creds: Credentials, host: Optional[str]):
         self.t = transport
+        self.userauth = UserAuth(transport)
         self.creds = creds
         self.target = host if host is not None else _peer(transport)
         self.ledger = TOTP_LEDGER
@@ -250,6 +262,8 @@ class _Login:
         self.allowed: Optional[List[str]] = None
         self.succeeded: List[str] = []
         self.disconnect: Optional[Tuple[int, str]] = None
+        #: Requests sent so far: before the first, the server's methods are unknown.
+        self.requests = 0
         self.agent: Optional[paramiko.Agent] = None
 
     # -- outcome classification -------------------------------------------------------------
@@ -271,6 +285,11 @@ class _Login:
             if code == _NO_MORE_AUTH_METHODS or "auth" in text.lower():
                 self.tried.append(f"{what} (server disconnected)")
                 raise self.fail(f"the server closed the connection: {printable(text)}") from None
+            if code in _PROTOCOL_REASONS:
+                raise ExecutorFailure(
+                    f"{self.target} ended the connection during authentication as "
+                    f"{self.creds.username!r} ({what}) for a protocol reason: "
+                    f"{_PROTOCOL_REASONS[code]} ({printable(text)})") from None
         if not self.t.is_active():
             said = f" (server said: {printable(self.disconnect[1])})" if self.disconnect else ""
             raise AuthenticationInterrupted(
@@ -289,6 +308,7 @@ class _Login:
     def attempt(self, what: str, call: Callable[[], Any]) -> _Outcome:
         """Run one ``auth_*`` call and classify its result."""
         log.debug("trying %s for %r on %s", what, self.creds.username, self.target)
+        self.requests += 1
         started = time.monotonic()
         try:
             result = call()
@@ -302,6 +322,8 @@ class _Login:
             return None
         except AuthenticationException as e:
             self._raise_if_not_refusal(what, e, started)
+            if self.userauth.methods is not None:
+                self.allowed = self.userauth.methods
             detail = printable(str(e).strip()) if self.creds.auth_strategy is not None else ""
             self.tried.append(f"{what} (refused{': ' + detail if detail else ''})")
             return None
@@ -393,7 +415,7 @@ class _Login:
         for source, key in self._keys():
             what = f"publickey {source} {key.get_name()} {fingerprint(key)}"
             outcome = self.attempt(
-                what, lambda key=key: self.t.auth_publickey(self.creds.username, key)
+                what, lambda key=key: self.userauth.request("publickey", self.creds.username, key)
             )
             if outcome is not None:
                 return outcome
@@ -423,40 +445,59 @@ class _Login:
                     continue
                 outcome = self.attempt(
                     "password",
-                    lambda password=password: self.t.auth_password(user, password, fallback=False),
+                    lambda password=password: self.userauth.request("password", user, password),
                 )
             else:
+                if self.requests == 0 and self.creds.password is None and not self.creds.mfa:
+                    # Nothing heard yet and nothing to answer prompts with: "none" tells
+                    # whether keyboard-interactive is allowed at all.
+                    outcome = self.ask_methods()
+                    if outcome is not None:
+                        return outcome
+                    if method not in self.allowed:
+                        continue
                 for entry in self.creds.mfa:
                     # Wait here, not inside the handler: the handler runs under auth_timeout.
                     # The wait ends with that timeout, or once close() ends the transport.
                     self.ledger.wait_until_fresh(entry.totp, deadline=self.auth_deadline(),
                                                  abandoned=lambda: not self.t.is_active())
                 outcome = self.attempt(
-                    "keyboard-interactive", lambda: self.t.auth_interactive(user, self.answerer)
+                    "keyboard-interactive",
+                    lambda: self.userauth.request("interactive", user, self.answerer),
                 )
             if outcome is not None:
                 self.succeeded.append(method)
                 return outcome
         raise self.fail("no method was accepted")
 
-    def first_request(self) -> List[str]:
-        """The auth_strategy, or the "none" probe: return [] when done or the methods to try."""
-        t, user = self.t, self.creds.username
-        strategy = self.creds.auth_strategy
-        if strategy is not None:
-            outcome = self.attempt("auth_strategy", lambda: strategy.authenticate(transport=t))
-            if outcome is None:
-                raise self.fail("the auth_strategy was refused")
-            self.succeeded.append("auth_strategy")
-            return outcome
-        # "none" costs one round trip, is not counted as a failed try by OpenSSH, and tells
-        # which methods the server allows, so that no refused method is attempted.
-        outcome = self.attempt("none", lambda: t.auth_none(user))
+    def ask_methods(self) -> _Outcome:
+        """Send "none", which tells the methods the server allows.
+
+        Not counted as an attempt (OpenSSH does not count it either); a server
+        that wants no authentication lets us in on it.
+        """
+        outcome = self.attempt("none", lambda: self.userauth.request("none", self.creds.username))
         if outcome is not None:
             self.succeeded.append("none")
             return outcome
-        self.tried.pop()  # the probe is not an attempt worth reporting
-        return self.allowed or list(_METHOD_ORDER)
+        self.tried.pop()
+        return None
+
+    def first_request(self) -> List[str]:
+        """The auth_strategy's outcome, else every method: [] when done or the methods to try.
+
+        Like ``SSHClient.connect``, the first factor goes out at once, without
+        a "none" request first: a refusal names the methods that can continue.
+        """
+        t = self.t
+        strategy = self.creds.auth_strategy
+        if strategy is None:
+            return list(_METHOD_ORDER)
+        outcome = self.attempt("auth_strategy", lambda: strategy.authenticate(transport=t))
+        if outcome is None:
+            raise self.fail("the auth_strategy was refused")
+        self.succeeded.append("auth_strategy")
+        return outcome
 
     def run(self) -> None:
         remaining = self.first_request()
@@ -533,17 +574,20 @@ def authenticate(
     The first factor is ``creds.auth_strategy`` if given, else, in paramiko's order: ``pkey``,
     each of ``key_filenames`` (decrypted with ``passphrase``, or ``password`` if that is None),
     the agent's keys when ``allow_agent``, ``~/.ssh/id_{rsa,ecdsa,ed25519}`` when
-    ``look_for_keys``, then ``password``. A method the server does not allow (learnt from a
-    "none" request first) is skipped. When the server answers with partial success, or allows
-    keyboard-interactive only, ``Transport.auth_interactive`` follows: each prompt (stripped)
-    equal to a configured ``mfa_config`` prompt (stripped) gets the current TOTP code, a
+    ``look_for_keys``, then ``password``, the first one sent at once (no "none" request first)
+    and a method the server's refusals do not list skipped. The ``ssh-userauth`` service is
+    asked for once per connection, not once per attempt. When the server answers with partial
+    success, or allows keyboard-interactive only, keyboard-interactive follows: each prompt
+    (stripped) equal to a configured ``mfa_config`` prompt (stripped) gets the current TOTP code, a
     password prompt gets ``password`` if given, an empty prompt list gets an empty answer. A
     TOTP code is never sent twice by any process of this user: see :class:`TOTPLedger`.
     ``host`` names the server in messages (default: the transport's peer address).
 
     Raises :class:`~paramiko_executor.results.AuthenticationFailure` (do not retry) when the
     server refuses every method, disconnects saying authentication failed, or asks a prompt
-    nothing answers (then nothing is sent and the transport is closed). Raises
+    nothing answers (then nothing is sent and the transport is closed), and
+    :class:`~paramiko_executor.results.ExecutorFailure` (do not retry either) when the server
+    disconnects for a protocol reason (protocol error, service not available, ...). Raises
     :class:`AuthenticationInterrupted` (a ``paramiko.SSHException``: temporary, may be retried
     on a new connection) when the transport dies or the server does not answer within
     ``transport.auth_timeout``; ``OSError`` from the socket may also propagate. After any

@@ -36,8 +36,9 @@ import logging
 import os
 import socket
 import threading
+import time
 import weakref
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import paramiko
 
@@ -92,33 +93,85 @@ class ConnectionState(NamedTuple):
 def probe_max_session(transport: paramiko.Transport, *, limit: int = 64) -> int:
     """How many session channels the server lets ``transport`` open at once.
 
-    Opens bare session channels (no shell, no exec: on a command-restricted
-    key a shell would run the forced command) until the server refuses one or
-    ``limit`` are open, closes them all, and returns how many opened. Raises
-    `ExecutorFailure` (a `ConnectionLost`) when the connection breaks meanwhile,
-    or when the server does not answer an open within `PROBE_TIMEOUT` seconds.
+    Sends ``limit`` opens of bare session channels at once (no shell, no exec:
+    on a command-restricted key a shell would run the forced command), waits
+    for every answer (the server answers in order, so this costs about one
+    round trip), counts the channels confirmed before the first refusal,
+    closes them all and returns that count. Raises `ExecutorFailure` (a
+    `ConnectionLost`) when the connection breaks meanwhile, or when the server
+    leaves an open unanswered for `PROBE_TIMEOUT` seconds.
+    """
+    return _probe(transport, limit, {})[0]
+
+
+class _ProbeSlots(Slots):
+    """The slots of a probe's channels, which can be handed on to the connection's own.
+
+    A probe channel's session lasts until the server answers its CLOSE; a
+    command opened on the new connection before that could be refused. After
+    `hand_over` each slot still held here holds one of the connection's slots
+    too, given back when its channel's CLOSE is answered, so the connection
+    starts without waiting for those answers and no open goes out early.
+    ``_handoff_lock`` (taken before ``Slots._cond``) makes a release and the
+    hand-over exclude each other.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self._handoff_lock = threading.Lock()
+        self._owed = 0
+        self._target: Optional[Slots] = None
+
+    def release(self, n: int = 1) -> None:
+        with self._handoff_lock:
+            owed = min(n, self._owed)
+            self._owed -= owed
+            super().release(n)
+            target = self._target
+        if owed and target is not None:
+            target.release(owed)
+
+    def hand_over(self, target: Slots) -> None:
+        """Make ``target`` hold one slot per probe channel not yet closed by the server."""
+        with self._handoff_lock:
+            for _ in range(self.limit - self.available):
+                if not target.acquire(blocking=False):
+                    break  # more channels than the count (confirmed after a refusal)
+                self._owed += 1
+            self._target = target
+
+
+def _probe(transport: paramiko.Transport, limit: int,
+           sessions: Dict[int, SessionChannel]) -> Tuple[int, _ProbeSlots]:
+    """`probe_max_session`'s count, and the slots its closing channels still hold.
+
+    ``sessions`` is the transport's registry of channels (`install_channel_hooks`):
+    through it the server's CLOSE of each channel gives its slot back.
     """
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise TypeError(f"limit must be an integer, not {type(limit).__name__}")
     if limit < 1:
         raise ValueError(f"limit must be 1 or more, not {limit}")
-    slots = Slots(limit)
+    slots = _ProbeSlots(limit)
     channels: List[SessionChannel] = []
-    sessions: Dict[int, SessionChannel] = {}
     try:
-        while len(channels) < limit:
-            slots.acquire()
-            try:
-                chan = SessionChannel(transport, slots, sessions)
-            except TRANSPORT_ERRORS as exc:
-                raise ConnectionLost(f"connection lost while probing: {exc!r}") from None
-            channels.append(chan)
-            if not chan.wait_open(PROBE_TIMEOUT):
+        try:
+            for _ in range(limit):
+                slots.acquire()
+                channels.append(SessionChannel(transport, slots, sessions))
+        except TRANSPORT_ERRORS as exc:
+            raise ConnectionLost(f"connection lost while probing: {exc!r}") from None
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        count = 0
+        refused = False
+        for chan in channels:
+            if not chan.wait_open(max(0.0, deadline - time.monotonic())):
                 raise ConnectionLost(f"no answer to a channel open in {PROBE_TIMEOUT:g} s")
-            if not chan.opened:
-                channels.pop()
-                break
-        return len(channels)
+            if chan.opened:
+                count += 0 if refused else 1
+            else:
+                refused = True
+        return count, slots
     finally:
         for chan in channels:
             chan.discard()
@@ -380,6 +433,55 @@ def _open(
         raise
 
 
+#: How many sessions a probe asks for at most.
+PROBE_LIMIT = 64
+
+
+class ServerLimits:
+    """The probed MaxSessions of each server, for the life of the process.
+
+    A server is its host, port and user, and the host key it showed: a
+    reconnect, a copy of an executor or another executor to the same server
+    starts with the remembered limit instead of probing again, while another
+    server later on the same address (a new host key) is probed anew. One
+    lock guards the table.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._limits: Dict[Tuple[str, int, str, bytes], int] = {}
+
+    @staticmethod
+    def _key(target: Target, transport: paramiko.Transport) -> Tuple[str, int, str, bytes]:
+        return (target.hostname, target.port, target.credentials.username,
+                transport.get_remote_server_key().asbytes())
+
+    def get(self, target: Target, transport: paramiko.Transport) -> Optional[int]:
+        """The limit remembered for the server behind ``transport``, or None."""
+        key = self._key(target, transport)
+        with self._lock:
+            return self._limits.get(key)
+
+    def remember(self, target: Target, transport: paramiko.Transport, limit: int) -> None:
+        key = self._key(target, transport)
+        with self._lock:
+            self._limits[key] = limit
+
+    def forget(self, target: Target, transport: paramiko.Transport) -> None:
+        """Let the next connect to the server behind ``transport`` probe again."""
+        key = self._key(target, transport)
+        with self._lock:
+            self._limits.pop(key, None)
+
+    def reset_after_fork(self) -> None:
+        # Another thread may have held the lock at fork; the limits stay true.
+        self._lock = threading.Lock()
+
+
+#: The process-wide table of probed limits.
+LIMITS = ServerLimits()
+
+
 class _Attempt:
     """One connect in flight: its outcome, shared by every thread waiting for it."""
 
@@ -405,6 +507,7 @@ def _forget_after_fork() -> None:
     # paramiko's exit hook would stop the parent's transports from the child
     # (closing their sockets, killing a ProxyCommand): they are not the child's.
     forget_parent_transports()
+    LIMITS.reset_after_fork()
     for connection in list(_connections):
         connection._reset_after_fork()
 
@@ -521,20 +624,22 @@ class Connection:
     def _connect_once(self, attempt: _Attempt) -> Link:
         transport, sessions, requests = _open(self.target, attempt.started)
         link = Link(transport, sessions, requests, self.target)
+        probed: Optional[_ProbeSlots] = None
         try:
-            limit = self.max_sessions
+            limit = self.max_sessions or LIMITS.get(self.target, transport)
             if limit is None:
-                limit = probe_max_session(transport)
+                limit, probed = _probe(transport, PROBE_LIMIT, sessions)
                 log.info("%s allows %d sessions per connection", self.target, limit)
                 if limit == 0:
                     raise ExecutorFailure(f"{self.target} refuses every session channel")
-                # The probe's channels are closed; once the server answered a
-                # round trip it has handled their CLOSEs too.
-                link.pinger.round_trip(PROBE_TIMEOUT)
+                LIMITS.remember(self.target, transport, limit)
         except BaseException:
             close_transport(transport)
             raise
         link.start(limit)
+        if probed is not None:
+            assert link.slots is not None
+            probed.hand_over(link.slots)
         self.limit = limit
         log.info("connected to %s", self.target)
         return link

@@ -37,6 +37,14 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
 ``Channel.in_buffer``, ``Channel.in_stderr_buffer``
     Replaced (`replace_receive_buffers`) for SFTP by buffers that wake the
     reader once per whole reply, not per packet.
+``AuthHandler._request_auth``, ``AuthHandler._parse_service_accept``,
+``AuthHandler._parse_userauth_failure``
+    `UserAuth`: paramiko asks for the ``ssh-userauth`` service again with
+    every ``auth_*`` call, which costs a round trip each time and makes
+    asyncssh servers (>= 2.14.1) disconnect ("Unexpected service in service
+    request", paramiko issue 2405). After the first acceptance a request goes
+    straight out as if accepted again; a refusal's list of the methods that
+    can continue, which paramiko drops, is kept.
 ``Transport.saved_exception``
     Read to tell a channel closed by the connection's end from one the server
     closed (`connection_error`).
@@ -64,13 +72,16 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import paramiko
 import paramiko.transport
+from paramiko.auth_handler import AuthHandler
 from paramiko.common import cMSG_CHANNEL_OPEN
 from paramiko.message import Message
+from paramiko.ssh_exception import SSHException
 
 __all__ = [
     "PRIVATE_NAMES",
@@ -86,6 +97,7 @@ __all__ = [
     "send_when_clear",
     "set_forward_handler",
     "transport_reading",
+    "UserAuth",
     "window_to_return",
     "wrap_disconnect",
     "wrap_handlers",
@@ -116,6 +128,9 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("Channel", "event_ready"),
     ("Channel", "in_buffer"),
     ("Channel", "in_stderr_buffer"),
+    ("AuthHandler", "_request_auth"),
+    ("AuthHandler", "_parse_service_accept"),
+    ("AuthHandler", "_parse_userauth_failure"),
     ("Transport", "saved_exception"),
     ("Ed25519Key", "_signing_key"),
     ("Transport", "_unlink_channel"),
@@ -259,6 +274,68 @@ def wrap_disconnect(transport: paramiko.Transport,
     return undo
 
 
+def _service_accept(service: str) -> Message:
+    m = Message()
+    m.add_string(service)
+    m.rewind()
+    return m
+
+
+class UserAuth:
+    """The userauth requests of one transport: the service asked for once, refusals kept.
+
+    Used from one thread (the one authenticating); the transport thread only
+    sets the flags of the request it answers.
+    """
+
+    def __init__(self, transport: paramiko.Transport) -> None:
+        self._transport = transport
+        self._accepted = False
+        #: The methods that can continue, from the latest refusal (None: none seen yet).
+        self.methods: Optional[List[str]] = None
+
+    def request(self, method: str, username: str, *args: Any) -> List[str]:
+        """``Transport.auth_<method>(username, *args)`` without a repeated service request.
+
+        ``method`` is ``none``, ``publickey`` (args: key), ``password`` (args:
+        password, never falling back to keyboard-interactive) or
+        ``interactive`` (args: handler). Returns and raises as paramiko's.
+        """
+        transport = self._transport
+        if not transport.is_active() or not transport.initial_kex_done:
+            raise SSHException("No existing session")
+        # Any: paramiko's type stubs leave out the private methods replaced here.
+        handler: Any = AuthHandler(transport)
+        on_failure = handler._parse_userauth_failure
+
+        def failure(m: Message) -> None:
+            position = m.packet.tell()
+            self.methods = [str(name) for name in m.get_list()]
+            m.packet.seek(position)
+            on_failure(m)
+
+        handler._parse_userauth_failure = failure
+        if self._accepted:
+            handler._request_auth = lambda: handler._parse_service_accept(
+                _service_accept("ssh-userauth"))
+        else:
+            on_accept = handler._parse_service_accept
+
+            def accepted(m: Message) -> None:
+                position = m.packet.tell()
+                if m.get_text() == "ssh-userauth":
+                    self._accepted = True
+                m.packet.seek(position)
+                on_accept(m)
+
+            handler._parse_service_accept = accepted
+        event = threading.Event()
+        transport.auth_handler = handler
+        getattr(handler, f"auth_{method}")(username, *args, event=event)
+        result: List[str] = handler.wait_for_response(event)
+        return result
+
+
 def forget_parent_transports() -> None:
     """In a forked child: let paramiko's exit hook leave the parent's transports alone."""
     del paramiko.transport._active_threads[:]
@@ -306,6 +383,7 @@ def missing_private_names() -> List[str]:
             "Transport": transport,
             "Channel": paramiko.Channel(0),
             "Ed25519Key": paramiko.Ed25519Key.from_private_key(io.StringIO(text)),
+            "AuthHandler": AuthHandler(transport),
             "transport module": paramiko.transport,
         }
         return [f"{owner}.{name}" for owner, name in PRIVATE_NAMES

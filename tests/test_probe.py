@@ -1,0 +1,173 @@
+"""probe_max_session: pipelined opens, the same count as opening one by one, remembered per server.
+
+Real servers: a private OpenSSH sshd (MaxSessions 10 and 3), Dropbear, and the
+project's own test server (any MaxSessions, and a frozen server to see what is
+sent before any answer).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, List
+
+import paramiko
+import pytest
+
+from paramiko_executor import SSHExecutor, connection, probe_max_session
+from paramiko_executor.errors import ConnectionLost
+
+
+def sequential_count(transport: paramiko.Transport, limit: int = 64) -> int:
+    """The reference: paramiko's own open_session, one after another, until a refusal."""
+    channels: List[paramiko.Channel] = []
+    try:
+        while len(channels) < limit:
+            try:
+                channels.append(transport.open_session(timeout=10))
+            except paramiko.ChannelException:
+                break
+        return len(channels)
+    finally:
+        for chan in channels:
+            chan.close()
+        # The server has handled those CLOSEs once it answers a later request.
+        transport.global_request("keepalive@openssh.com", wait=True)
+
+
+def both_probes(params: dict) -> tuple:
+    """(pipelined, sequential, pipelined) counts on one connection to the server of ``params``."""
+    with SSHExecutor(**params, max_sessions=1) as ex:
+        with ex.bounded_connection as transport:
+            first = probe_max_session(transport)
+            transport.global_request("keepalive@openssh.com", wait=True)
+            reference = sequential_count(transport)
+            again = probe_max_session(transport)
+    return first, reference, again
+
+
+@pytest.fixture
+def dropbear(sshd: Any) -> Iterator[Any]:
+    """A private Dropbear on 127.0.0.1 logging in sshd's test user with sshd's client key."""
+    from testsupport.dropbear import DropbearServer, DropbearUnavailable
+
+    try:
+        server = DropbearServer(username=sshd.username, client_key_path=sshd.client_key_path)
+    except DropbearUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    with server:
+        yield server
+
+
+def test_pipelined_probe_counts_as_the_sequential_one_on_openssh(sshd: Any, sshd3: Any) -> None:
+    assert both_probes(sshd.executor_parameters()) == (10, 10, 10)
+    assert both_probes(sshd3.executor_parameters()) == (3, 3, 3)
+
+
+def test_pipelined_probe_counts_as_the_sequential_one_on_dropbear(dropbear: Any) -> None:
+    first, reference, again = both_probes(dropbear.executor_parameters())
+    assert first == reference == again
+
+
+@pytest.mark.parametrize("max_sessions", [1, 4, 10, 70])
+def test_pipelined_probe_counts_as_the_sequential_one_on_the_test_server(
+        make_test_server: Any, max_sessions: int) -> None:
+    server = make_test_server(max_sessions=max_sessions)
+    expected = min(max_sessions, 64)
+    assert both_probes(server.executor_parameters()) == (expected, expected, expected)
+
+
+def test_the_probe_sends_every_open_before_any_answer(
+        make_test_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A frozen server answers nothing: a probe that waits for each answer
+    # sends one open, the pipelined one sends them all.
+    sent: List[int] = []
+
+    class Counting(connection.SessionChannel):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            sent.append(self.chan.chanid)
+
+    monkeypatch.setattr(connection, "SessionChannel", Counting)
+    monkeypatch.setattr(connection, "PROBE_TIMEOUT", 1.0)
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters(), max_sessions=1) as ex:
+        with ex.bounded_connection as transport:
+            server.freeze()
+            try:
+                with pytest.raises(ConnectionLost, match="no answer"):
+                    probe_max_session(transport, limit=12)
+            finally:
+                server.thaw()
+    assert len(sent) == 12
+
+
+def test_the_limit_is_remembered_per_server(make_test_server: Any) -> None:
+    server = make_test_server(max_sessions=4)
+    other = make_test_server(max_sessions=6)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true")
+        assert ex.statistics().max_sessions == 4
+    refused = server.channels_refused
+    assert refused >= 1  # the first connect probed
+    # A new executor, a reconnect and a copy start with the remembered limit: no probe.
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true")
+        server.drop_connections()
+        ex.run_command("true")
+        assert ex.statistics().max_sessions == 4
+        with pickle.loads(pickle.dumps(ex)) as twin:
+            twin.run_command("true")
+            assert twin.statistics().max_sessions == 4
+    assert server.connections_accepted == 4
+    assert server.channels_refused == refused
+    # Another server is probed for itself.
+    with SSHExecutor(**other.executor_parameters()) as ex:
+        ex.run_command("true")
+        assert ex.statistics().max_sessions == 6
+    assert other.channels_refused >= 1
+
+
+def test_a_new_server_on_the_same_address_is_probed_anew(make_test_server: Any) -> None:
+    first = make_test_server(max_sessions=5)
+    port = first.port
+    with SSHExecutor(**first.executor_parameters()) as ex:
+        ex.run_command("true")
+        assert ex.statistics().max_sessions == 5
+    first.stop()
+    second = make_test_server(max_sessions=2, port=port)
+    params = second.executor_parameters()
+    with SSHExecutor(**params) as ex:
+        ex.run_command("true")
+        assert ex.statistics().max_sessions == 2
+    assert second.channels_refused >= 1
+
+
+def test_commands_right_after_a_probe_run(make_sshd: Any) -> None:
+    server = make_sshd(max_sessions=3)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda i: ex.run_command(f"echo {i}").stdout, range(6)))
+        assert results == [f"{i}\n" for i in range(6)]
+        assert ex.statistics().max_sessions == 3
+
+
+def test_the_probe_channels_hold_the_connections_slots_until_their_close() -> None:
+    # Handed over while 3 probe channels still await the server's CLOSE (one
+    # refused already gave its slot back): the connection's slots are taken
+    # until each CLOSE comes, so no command opens a session the server still counts.
+    probe = connection._ProbeSlots(5)
+    for _ in range(4):
+        probe.acquire()
+    probe.release()  # the refused one, before the hand-over: owes nothing
+    slots = connection.Slots(3)
+    probe.hand_over(slots)
+    assert slots.available == 0
+    probe.release()
+    assert slots.available == 1
+    probe.release()
+    probe.release()
+    assert slots.available == 3
