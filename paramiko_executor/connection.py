@@ -101,7 +101,7 @@ def probe_max_session(transport: paramiko.Transport, *, limit: int = 64) -> int:
     `ConnectionLost`) when the connection breaks meanwhile, or when the server
     leaves an open unanswered for `PROBE_TIMEOUT` seconds.
     """
-    return _probe(transport, limit, {})[0]
+    return _probe(transport, limit, {}).limit
 
 
 class _ProbeSlots(Slots):
@@ -141,9 +141,17 @@ class _ProbeSlots(Slots):
             self._target = target
 
 
+class _Probe(NamedTuple):
+    """What a probe found: the limit, the slots its closing channels still hold, a kept one."""
+
+    limit: int
+    slots: _ProbeSlots
+    kept: Optional[SessionChannel]
+
+
 def _probe(transport: paramiko.Transport, limit: int,
-           sessions: Dict[int, SessionChannel]) -> Tuple[int, _ProbeSlots]:
-    """`probe_max_session`'s count, and the slots its closing channels still hold.
+           sessions: Dict[int, SessionChannel], *, keep: bool = False) -> _Probe:
+    """`probe_max_session`, keeping the first open channel when ``keep`` (as a spare).
 
     ``sessions`` is the transport's registry of channels (`install_channel_hooks`):
     through it the server's CLOSE of each channel gives its slot back.
@@ -154,6 +162,7 @@ def _probe(transport: paramiko.Transport, limit: int,
         raise ValueError(f"limit must be 1 or more, not {limit}")
     slots = _ProbeSlots(limit)
     channels: List[SessionChannel] = []
+    kept: Optional[SessionChannel] = None
     try:
         try:
             for _ in range(limit):
@@ -171,7 +180,9 @@ def _probe(transport: paramiko.Transport, limit: int,
                 count += 0 if refused else 1
             else:
                 refused = True
-        return count, slots
+        if keep and count:
+            kept = channels.pop(0)
+        return _Probe(count, slots, kept)
     finally:
         for chan in channels:
             chan.discard()
@@ -624,11 +635,14 @@ class Connection:
     def _connect_once(self, attempt: _Attempt) -> Link:
         transport, sessions, requests = _open(self.target, attempt.started)
         link = Link(transport, sessions, requests, self.target)
-        probed: Optional[_ProbeSlots] = None
+        probe: Optional[_Probe] = None
         try:
             limit = self.max_sessions or LIMITS.get(self.target, transport)
             if limit is None:
-                limit, probed = _probe(transport, PROBE_LIMIT, sessions)
+                # The first open channel stays, as the first command's: the
+                # others' sessions last until the server answers their CLOSE.
+                probe = _probe(transport, PROBE_LIMIT, sessions, keep=True)
+                limit = probe.limit
                 log.info("%s allows %d sessions per connection", self.target, limit)
                 if limit == 0:
                     raise ExecutorFailure(f"{self.target} refuses every session channel")
@@ -637,12 +651,26 @@ class Connection:
             close_transport(transport)
             raise
         link.start(limit)
-        if probed is not None:
-            assert link.slots is not None
-            probed.hand_over(link.slots)
+        if probe is not None:
+            assert link.slots is not None and link.spare is not None
+            probe.slots.hand_over(link.slots)
+            if probe.kept is not None:
+                link.spare.adopt(probe.kept)
         self.limit = limit
         log.info("connected to %s", self.target)
         return link
+
+    def refused(self, link: Link) -> None:
+        """The server refused a session on ``link``: forget its limit if fewer were held.
+
+        A refusal while this executor held fewer sessions than the limit
+        means the limit may be too high for the server now (also a race with
+        the server freeing sessions at saturation): the next connect probes again.
+        """
+        slots = link.slots
+        # The refused open's slot is already back: the others held, plus it.
+        if slots is not None and slots.limit - slots.available + 1 < slots.limit:
+            LIMITS.forget(self.target, link.transport)
 
     def _discard_locked(self, link: Link) -> None:
         # Caller holds the lock; closing waits for paramiko's thread, so it

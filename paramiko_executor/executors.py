@@ -629,6 +629,7 @@ class SSHExecutor(Executor):
             if session.opened:
                 return session
             session.release_refused()
+            self._connection.refused(link)
             self._connection.counters.add(refused_opens=1)
             log.debug("channel refused, try %d of %d", tries, OPEN_TRIES)
             if tries <= QUICK_TRIES:

@@ -40,11 +40,11 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
 ``AuthHandler._request_auth``, ``AuthHandler._parse_service_accept``,
 ``AuthHandler._parse_userauth_failure``
     `UserAuth`: paramiko asks for the ``ssh-userauth`` service again with
-    every ``auth_*`` call, which costs a round trip each time and makes
-    asyncssh servers (>= 2.14.1) disconnect ("Unexpected service in service
-    request", paramiko issue 2405). After the first acceptance a request goes
-    straight out as if accepted again; a refusal's list of the methods that
-    can continue, which paramiko drops, is kept.
+    every ``auth_*`` call and waits for its acceptance each time, which costs
+    a round trip each time and makes asyncssh servers (>= 2.14.1) disconnect
+    ("Unexpected service in service request", paramiko issue 2405). The
+    service is asked for once, together with the first request; a refusal's
+    list of the methods that can continue, which paramiko drops, is kept.
 ``Transport.saved_exception``
     Read to tell a channel closed by the connection's end from one the server
     closed (`connection_error`).
@@ -284,13 +284,14 @@ def _service_accept(service: str) -> Message:
 class UserAuth:
     """The userauth requests of one transport: the service asked for once, refusals kept.
 
-    Used from one thread (the one authenticating); the transport thread only
-    sets the flags of the request it answers.
+    The ``ssh-userauth`` service request and the first authentication request
+    go out together; later requests go out alone. Used from one thread (the
+    one authenticating); the transport thread only records refusals.
     """
 
     def __init__(self, transport: paramiko.Transport) -> None:
         self._transport = transport
-        self._accepted = False
+        self._asked = False
         #: The methods that can continue, from the latest refusal (None: none seen yet).
         self.methods: Optional[List[str]] = None
 
@@ -315,20 +316,20 @@ class UserAuth:
             on_failure(m)
 
         handler._parse_userauth_failure = failure
-        if self._accepted:
-            handler._request_auth = lambda: handler._parse_service_accept(
-                _service_accept("ssh-userauth"))
-        else:
-            on_accept = handler._parse_service_accept
+        send_request = handler._parse_service_accept  # builds and sends the USERAUTH_REQUEST
+        ask_service = handler._request_auth
+        asked, self._asked = self._asked, True
 
-            def accepted(m: Message) -> None:
-                position = m.packet.tell()
-                if m.get_text() == "ssh-userauth":
-                    self._accepted = True
-                m.packet.seek(position)
-                on_accept(m)
+        def request_auth() -> None:
+            # The first request follows the service request at once: the server
+            # handles them in order, so waiting for its accept would only cost a
+            # round trip (the accept, when it comes, needs nothing done).
+            if not asked:
+                ask_service()
+            send_request(_service_accept("ssh-userauth"))
 
-            handler._parse_service_accept = accepted
+        handler._request_auth = request_auth
+        handler._parse_service_accept = lambda m: None
         event = threading.Event()
         transport.auth_handler = handler
         getattr(handler, f"auth_{method}")(username, *args, event=event)

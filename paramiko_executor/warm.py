@@ -87,6 +87,14 @@ class Spare:
             except TRANSPORT_ERRORS:
                 pass  # a dying transport: the command's own path reports it
 
+    def adopt(self, channel: SessionChannel) -> None:
+        """Make ``channel`` (open or opening, with its slot) the spare; closed if there is one."""
+        with self._lock:
+            if self._pending is None:
+                self._pending = channel
+                return
+        channel.discard()
+
     def discard(self) -> None:
         """Close the spare, if any: someone needs its slot."""
         spare = self._pop()

@@ -76,7 +76,7 @@ def test_a_protocol_disconnect_during_login_is_not_retried(
         make_asyncssh: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # Asking for the service with every request, as paramiko itself does, makes
     # asyncssh disconnect ("Unexpected service in service request"): no retry fixes that.
-    monkeypatch.setattr(internals.UserAuth, "_accepted",
+    monkeypatch.setattr(internals.UserAuth, "_asked",
                         property(lambda self: False, lambda self, value: None), raising=False)
     server = make_asyncssh(password="sesame")
     params = server.executor_parameters(password="sesame", client_keys=[], allow_agent=False,

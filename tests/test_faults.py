@@ -244,10 +244,11 @@ def test_close_releases_threads_waiting_for_a_connect_that_hangs(make_test_serve
     server = make_test_server(max_sessions=10)
 
     class FreezesAfterLogin(paramiko.Transport):
-        def auth_publickey(self, *args, **kwargs):
-            result = super().auth_publickey(*args, **kwargs)
-            server.freeze()  # the server hangs while the executor probes it
-            return result
+        def is_authenticated(self):
+            done = super().is_authenticated()
+            if done:
+                server.freeze()  # the server hangs while the executor probes it
+            return done
 
     ex = SSHExecutor(**server.executor_parameters(transport_factory=FreezesAfterLogin))
     try:

@@ -171,3 +171,27 @@ def test_the_probe_channels_hold_the_connections_slots_until_their_close() -> No
     probe.release()
     probe.release()
     assert slots.available == 3
+
+
+def test_a_refusal_below_the_remembered_limit_makes_the_next_connect_probe(
+        make_test_server: Any) -> None:
+    # The same server (same address, same host key) comes back allowing fewer sessions.
+    first = make_test_server(max_sessions=3)
+    port, host_key = first.port, first.host_key
+    with SSHExecutor(**first.executor_parameters()) as ex:
+        ex.run_command("true")
+        assert ex.statistics().max_sessions == 3
+    first.stop()
+    second = make_test_server(max_sessions=1, port=port, host_key=host_key)
+    params = second.executor_parameters()
+    with SSHExecutor(**params) as ex:
+        # Remembered 3: the second of two concurrent commands is refused while one is held.
+        with ThreadPoolExecutor(2) as pool:
+            outputs = list(pool.map(lambda i: ex.run_command(f"sleep 0.2; echo {i}").stdout,
+                                    range(2)))
+        assert outputs == ["0\n", "1\n"]
+        assert ex.statistics().max_sessions == 3
+        assert ex.statistics().refused_opens >= 1
+    with SSHExecutor(**params) as ex:
+        ex.run_command("true")
+        assert ex.statistics().max_sessions == 1
