@@ -195,3 +195,13 @@ def test_a_refusal_below_the_remembered_limit_makes_the_next_connect_probe(
     with SSHExecutor(**params) as ex:
         ex.run_command("true")
         assert ex.statistics().max_sessions == 1
+
+
+def test_the_first_command_runs_on_a_channel_the_probe_kept(test_server: Any) -> None:
+    with SSHExecutor(**test_server.executor_parameters()) as ex:
+        link = ex._connection.get()
+        kept = link.spare._pending
+        assert kept is not None and kept.wait_open(10) and kept.opened
+        assert test_server.channels_opened == 10  # the probe's, nothing else
+        assert ex.run_command("echo first").stdout == "first\n"
+        assert kept.chan.closed and test_server.commands == ["echo first"]
