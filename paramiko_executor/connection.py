@@ -211,6 +211,13 @@ READ_AHEAD = 256 * 1024
 #: The read-ahead of an idle connection, or one that only exchanges small packets.
 SMALL_READ = 4096
 
+#: How long the transport thread's socket reads may block once logged in.
+#: paramiko reads with a 0.1 s timeout only to notice a close, ten wake-ups a
+#: second per idle connection; `_TransportSocket.close` wakes the read instead.
+#: What else a timed-out read does waits this long when idle: paramiko's own
+#: keepalive (the executor's runs in a thread of its own) and starting a rekey.
+IDLE_READ_TIMEOUT = 5.0
+
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
@@ -225,9 +232,9 @@ class _TransportSocket(socket.socket):
 
     The large buffer is held only while data flows: reads start in a small
     one, a read that fills it brings the large one in, and a read that times
-    out (paramiko reads with a 0.1 s timeout, so an idle connection does so
-    ten times a second) gives it back. A command's end (a few hundred bytes)
-    never needs it, and an idle connection costs 4 KiB, not 256.
+    out (after `IDLE_READ_TIMEOUT` once logged in) gives it back. A command's
+    end (a few hundred bytes) never needs it, and an idle connection costs 4
+    KiB, not 256.
 
     Linux ``TCP_QUICKACK``: sshd leaves Nagle on for sessions without a pty:
     a small packet it sends right after another (a channel's open
@@ -290,6 +297,12 @@ class _TransportSocket(socket.socket):
         return bytes(self._data[at:end])
 
     def close(self) -> None:
+        # A read blocked in another thread (the transport's) does not notice a
+        # close; a shutdown wakes it at once with end-of-file.
+        try:
+            self.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # never connected, or the peer is gone already
         super().close()
         self._wake(closing=True)
 
@@ -438,6 +451,10 @@ def _open(
             raise TemporaryFailure(f"the key exchange did not finish within {limit:g} s")
         target.host_keys.verify(transport, target.hostname, target.port)
         authenticate(transport, target.credentials, host=f"{target.hostname}:{target.port}")
+        if isinstance(sock, _TransportSocket):
+            # Set after the handshake and login, whose time limits paramiko
+            # checks between reads.
+            sock.settimeout(IDLE_READ_TIMEOUT)
         return transport, sessions, requests
     except BaseException:
         close_transport(transport)

@@ -205,3 +205,20 @@ def test_the_first_command_runs_on_a_channel_the_probe_kept(test_server: Any) ->
         assert test_server.channels_opened == 10  # the probe's, nothing else
         assert ex.run_command("echo first").stdout == "first\n"
         assert kept.chan.closed and test_server.commands == ["echo first"]
+
+
+def test_an_idle_connection_reads_with_a_long_timeout_and_closes_at_once(
+        test_server: Any) -> None:
+    # paramiko's 0.1 s read timeout wakes every idle connection ten times a
+    # second; the longer one must not make close() wait for it.
+    with SSHExecutor(**test_server.executor_parameters()) as ex:
+        ex.run_command("true")
+        transport = ex.state.transport
+        assert transport.sock.gettimeout() == connection.IDLE_READ_TIMEOUT >= 5
+        test_server.freeze()  # a server that answers nothing does not end the read either
+    try:
+        # Closed: the transport's thread ends long before a read would time out.
+        transport.join(1.0)
+        assert not transport.is_alive()
+    finally:
+        test_server.thaw()
