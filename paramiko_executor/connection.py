@@ -79,8 +79,13 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 #: every thread waiting for this connect.
 HANDSHAKE_TIMEOUT = 60.0
 
-#: How long the probe waits for the server to answer one channel open.
+#: How long the probe waits for the server to answer its channel opens.
 PROBE_TIMEOUT = 30.0
+
+#: How many opens the probe sends at first: OpenSSH's default MaxSessions (10)
+#: and most configurations answer within this one round trip; only a server
+#: that confirms them all is asked for the rest of the limit, in a second one.
+PROBE_WAVE = 16
 
 
 class ConnectionState(NamedTuple):
@@ -93,11 +98,13 @@ class ConnectionState(NamedTuple):
 def probe_max_session(transport: paramiko.Transport, *, limit: int = 64) -> int:
     """How many session channels the server lets ``transport`` open at once.
 
-    Sends ``limit`` opens of bare session channels at once (no shell, no exec:
-    on a command-restricted key a shell would run the forced command), waits
-    for every answer (the server answers in order, so this costs about one
-    round trip), counts the channels confirmed before the first refusal,
-    closes them all and returns that count. Raises `ExecutorFailure` (a
+    Sends opens of bare session channels without waiting for each answer (no
+    shell, no exec: on a command-restricted key a shell would run the forced
+    command): `PROBE_WAVE` at first and, only if the server confirms them
+    all, the rest up to ``limit``. The server answers in order, so this costs
+    about one round trip (two above `PROBE_WAVE` sessions). Counts the
+    channels confirmed before the first refusal, closes them all and returns
+    that count. Raises `ExecutorFailure` (a
     `ConnectionLost`) when the connection breaks meanwhile, or when the server
     leaves an open unanswered for `PROBE_TIMEOUT` seconds.
     """
@@ -164,22 +171,27 @@ def _probe(transport: paramiko.Transport, limit: int,
     channels: List[SessionChannel] = []
     kept: Optional[SessionChannel] = None
     try:
-        try:
-            for _ in range(limit):
-                slots.acquire()
-                channels.append(SessionChannel(transport, slots, sessions))
-        except TRANSPORT_ERRORS as exc:
-            raise ConnectionLost(f"connection lost while probing: {exc!r}") from None
         deadline = time.monotonic() + PROBE_TIMEOUT
         count = 0
         refused = False
-        for chan in channels:
-            if not chan.wait_open(max(0.0, deadline - time.monotonic())):
-                raise ConnectionLost(f"no answer to a channel open in {PROBE_TIMEOUT:g} s")
-            if chan.opened:
-                count += 0 if refused else 1
-            else:
-                refused = True
+        while not refused and len(channels) < limit:
+            wave: List[SessionChannel] = []
+            size = min(PROBE_WAVE, limit) if not channels else limit - len(channels)
+            try:
+                for _ in range(size):
+                    slots.acquire()
+                    wave.append(SessionChannel(transport, slots, sessions))
+            except TRANSPORT_ERRORS as exc:
+                raise ConnectionLost(f"connection lost while probing: {exc!r}") from None
+            finally:
+                channels += wave
+            for chan in wave:
+                if not chan.wait_open(max(0.0, deadline - time.monotonic())):
+                    raise ConnectionLost(f"no answer to a channel open in {PROBE_TIMEOUT:g} s")
+                if chan.opened:
+                    count += 0 if refused else 1
+                else:
+                    refused = True
         if keep and count:
             kept = channels.pop(0)
         return _Probe(count, slots, kept)

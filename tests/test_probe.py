@@ -72,7 +72,7 @@ def test_pipelined_probe_counts_as_the_sequential_one_on_dropbear(dropbear: Any)
     assert first == reference == again
 
 
-@pytest.mark.parametrize("max_sessions", [1, 4, 10, 70])
+@pytest.mark.parametrize("max_sessions", [1, 4, 10, 16, 17, 70])
 def test_pipelined_probe_counts_as_the_sequential_one_on_the_test_server(
         make_test_server: Any, max_sessions: int) -> None:
     server = make_test_server(max_sessions=max_sessions)
