@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import statistics
 import struct
@@ -45,6 +46,9 @@ GCM_TAG = 16
 READ_SIZE = 64 * 1024
 #: How many pings the self-measurement sends (after one unmeasured warm-up).
 PINGS = 5
+
+#: What one direction of a connection holds: (when to deliver, bytes; b"" is the end).
+Chunks = asyncio.Queue[Tuple[float, bytes]]
 
 
 class _Direction:
@@ -156,8 +160,8 @@ class Relay:
         trace = _Trace(self.connections, self.rtt) if tracing else None
         # The client's data waits for the emulated handshake like the server does.
         connected = loop.create_future()
-        to_server: asyncio.Queue = asyncio.Queue()
-        to_client: asyncio.Queue = asyncio.Queue()
+        to_server: Chunks = asyncio.Queue()
+        to_client: Chunks = asyncio.Queue()
         tasks = [asyncio.ensure_future(self._read(client_reader, to_server, trace, "C>S"))]
         server_writer: Optional[asyncio.StreamWriter] = None
         try:
@@ -179,7 +183,7 @@ class Relay:
                 if writer is not None:
                     writer.close()
 
-    async def _read(self, reader: asyncio.StreamReader, queue: asyncio.Queue,
+    async def _read(self, reader: asyncio.StreamReader, queue: Chunks,
                     trace: Optional[_Trace], direction: str) -> None:
         loop = asyncio.get_running_loop()
         link_free = 0.0
@@ -194,7 +198,7 @@ class Relay:
             if not data:
                 return
 
-    async def _write(self, queue: asyncio.Queue, writer: asyncio.StreamWriter) -> None:
+    async def _write(self, queue: Chunks, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
         while True:
             due, data = await queue.get()
@@ -254,14 +258,20 @@ async def main(args: argparse.Namespace) -> None:
     print(json.dumps({"ready": True, "delay_ms": args.delay_ms, "mbit": args.mbit,
                       **{k: round(v, 2) for k, v in measured.items()}}), flush=True)
     loop = asyncio.get_running_loop()
-    stop = loop.create_future()
+    stop: asyncio.Future[None] = loop.create_future()
+
+    def finish() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-    if not sys.stdin.closed:
-        def stdin_ready() -> None:
-            if not sys.stdin.buffer.read1(4096) and not stop.done():
-                stop.set_result(None)
-        loop.add_reader(sys.stdin.fileno(), stdin_ready)
+        loop.add_signal_handler(sig, finish)
+
+    def stdin_ready() -> None:
+        if not os.read(sys.stdin.fileno(), 4096):
+            finish()
+
+    loop.add_reader(sys.stdin.fileno(), stdin_ready)
     await stop
 
 

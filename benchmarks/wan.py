@@ -319,8 +319,10 @@ def run_openssh(spec: Dict[str, Any]) -> Dict[str, Any]:
         ssh(main, "true")
         result["w1"] = statistics.mean(
             timed(lambda: ssh(main, "true")) for _ in range(spec["commands"]))
-        result.update(concurrently(lambda: ssh(main, "true") and None, CALLERS,
-                                   spec["w2_commands"]))
+        def one() -> None:
+            ssh(main, "true")
+
+        result.update(concurrently(one, CALLERS, spec["w2_commands"]))
         bulk = master(BULK)
         result["bulk"] = bulk_rate(lambda: len(ssh(bulk, f"head -c {BULK_BYTES} /dev/zero")))
         with ThreadPoolExecutor(len(spec["fanout"])) as pool:
@@ -343,13 +345,15 @@ def run_trace(spec: Dict[str, Any]) -> Dict[str, Any]:
     from paramiko_executor import SSHExecutor
 
     started = time.perf_counter()
-    with SSHExecutor(host=TRACE, port=PORT, username=spec["username"],
-                     client_keys=[spec["key"]], known_hosts=spec["known_hosts"],
-                     config=()) as ex:
+    ex = SSHExecutor(host=TRACE, port=PORT, username=spec["username"],
+                     client_keys=[spec["key"]], known_hosts=spec["known_hosts"], config=())
+    try:
         ex._connection.get()
         connected = time.perf_counter() - started
         ex.run_command("true")
         return {"connect": connected, "first": time.perf_counter() - started}
+    finally:
+        ex.close()
 
 
 RUNNERS: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {

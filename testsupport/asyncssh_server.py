@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import asyncssh
 import pyotp
@@ -64,7 +64,7 @@ class _Server(asyncssh.SSHServer):
                              submethods: str) -> Tuple[str, str, str, List[Tuple[str, bool]]]:
         return "", "", "", [(TOTP_PROMPT, False)]
 
-    def validate_kbdint_response(self, username: str, responses: List[str]) -> bool:
+    def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
         return username == self._owner.username and self._owner.accept_totp(responses)
 
 
@@ -116,7 +116,7 @@ class AsyncSSHServer(PrivateServer):
     def log_path(self) -> str:
         return os.path.join(self._directory, "log")
 
-    def accept_totp(self, responses: List[str]) -> bool:
+    def accept_totp(self, responses: Sequence[str]) -> bool:
         """Whether ``responses`` is one current TOTP code not accepted before."""
         assert self.totp_secret is not None
         if len(responses) != 1:
@@ -128,13 +128,14 @@ class AsyncSSHServer(PrivateServer):
             self._used_codes.append(code)
             return True
 
-    async def _serve(self, process: asyncssh.SSHServerProcess) -> None:
+    async def _serve(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         with self._lock:
             self.commands += 1
         local = await asyncio.create_subprocess_shell(
             process.command or "true", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        assert local.stdin is not None and local.stdout is not None and local.stderr is not None
+        stdin, stdout, stderr = local.stdin, local.stdout, local.stderr
+        assert stdin is not None and stdout is not None and stderr is not None
 
         async def feed() -> None:
             try:
@@ -142,14 +143,14 @@ class AsyncSSHServer(PrivateServer):
                     data = await process.stdin.read(65536)
                     if not data:
                         break
-                    local.stdin.write(data)
-                    await local.stdin.drain()
+                    stdin.write(data)
+                    await stdin.drain()
             except (OSError, asyncssh.Error):
                 pass  # the command ended without reading it all
             finally:
-                local.stdin.close()
+                stdin.close()
 
-        async def pump(source: asyncio.StreamReader, sink: asyncssh.SSHWriter) -> None:
+        async def pump(source: asyncio.StreamReader, sink: asyncssh.SSHWriter[bytes]) -> None:
             while True:
                 data = await source.read(65536)
                 if not data:
@@ -160,8 +161,7 @@ class AsyncSSHServer(PrivateServer):
         # Output is forwarded in full before the exit status: asyncssh's
         # redirect() may let exit() overtake the last of it.
         feeding = asyncio.ensure_future(feed())
-        await asyncio.gather(pump(local.stdout, process.stdout),
-                             pump(local.stderr, process.stderr))
+        await asyncio.gather(pump(stdout, process.stdout), pump(stderr, process.stderr))
         status = await local.wait()
         feeding.cancel()
         process.exit(status)
