@@ -88,6 +88,10 @@ PROBE_TIMEOUT = 30.0
 PROBE_WAVE = 16
 
 
+#: A server as `ServerLimits` knows it: host, port, user and host key.
+ServerKey = Tuple[str, int, str, bytes]
+
+
 class ConnectionState(NamedTuple):
     """A connected transport and the semaphore that caps its open channels."""
 
@@ -386,6 +390,8 @@ class Link:
         self.slots: Optional[Slots] = None
         self.spare: Optional[Spare] = None
         self.keepalive: Optional[Keepalive] = None
+        #: The server whose limit `LIMITS` remembers (None when ``max_sessions`` was given).
+        self.server: Optional[ServerKey] = None
         self._target = target
 
     def start(self, limit: int) -> None:
@@ -489,29 +495,27 @@ class ServerLimits:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._limits: Dict[Tuple[str, int, str, bytes], int] = {}
+        self._limits: Dict[ServerKey, int] = {}
 
     @staticmethod
-    def _key(target: Target, transport: paramiko.Transport) -> Tuple[str, int, str, bytes]:
+    def key(target: Target, transport: paramiko.Transport) -> ServerKey:
+        """The server behind ``transport`` (connected, host key known)."""
         return (target.hostname, target.port, target.credentials.username,
                 transport.get_remote_server_key().asbytes())
 
-    def get(self, target: Target, transport: paramiko.Transport) -> Optional[int]:
-        """The limit remembered for the server behind ``transport``, or None."""
-        key = self._key(target, transport)
+    def get(self, server: ServerKey) -> Optional[int]:
+        """The limit remembered for ``server``, or None."""
         with self._lock:
-            return self._limits.get(key)
+            return self._limits.get(server)
 
-    def remember(self, target: Target, transport: paramiko.Transport, limit: int) -> None:
-        key = self._key(target, transport)
+    def remember(self, server: ServerKey, limit: int) -> None:
         with self._lock:
-            self._limits[key] = limit
+            self._limits[server] = limit
 
-    def forget(self, target: Target, transport: paramiko.Transport) -> None:
-        """Let the next connect to the server behind ``transport`` probe again."""
-        key = self._key(target, transport)
+    def forget(self, server: ServerKey) -> None:
+        """Let the next connect to ``server`` probe again."""
         with self._lock:
-            self._limits.pop(key, None)
+            self._limits.pop(server, None)
 
     def reset_after_fork(self) -> None:
         # Another thread may have held the lock at fork; the limits stay true.
@@ -666,16 +670,19 @@ class Connection:
         link = Link(transport, sessions, requests, self.target)
         probe: Optional[_Probe] = None
         try:
-            limit = self.max_sessions or LIMITS.get(self.target, transport)
+            limit = self.max_sessions
             if limit is None:
-                # The first open channel stays, as the first command's: the
-                # others' sessions last until the server answers their CLOSE.
-                probe = _probe(transport, PROBE_LIMIT, sessions, keep=True)
-                limit = probe.limit
-                log.info("%s allows %d sessions per connection", self.target, limit)
-                if limit == 0:
-                    raise ExecutorFailure(f"{self.target} refuses every session channel")
-                LIMITS.remember(self.target, transport, limit)
+                server = link.server = LIMITS.key(self.target, transport)
+                limit = LIMITS.get(server)
+                if limit is None:
+                    # The first open channel stays, as the first command's: the
+                    # others' sessions last until the server answers their CLOSE.
+                    probe = _probe(transport, PROBE_LIMIT, sessions, keep=True)
+                    limit = probe.limit
+                    log.info("%s allows %d sessions per connection", self.target, limit)
+                    if limit == 0:
+                        raise ExecutorFailure(f"{self.target} refuses every session channel")
+                    LIMITS.remember(server, limit)
         except BaseException:
             close_transport(transport)
             raise
@@ -698,8 +705,9 @@ class Connection:
         """
         slots = link.slots
         # The refused open's slot is already back: the others held, plus it.
-        if slots is not None and slots.limit - slots.available + 1 < slots.limit:
-            LIMITS.forget(self.target, link.transport)
+        if (link.server is not None and slots is not None
+                and slots.limit - slots.available + 1 < slots.limit):
+            LIMITS.forget(link.server)
 
     def _discard_locked(self, link: Link) -> None:
         # Caller holds the lock; closing waits for paramiko's thread, so it
