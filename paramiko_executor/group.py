@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from types import MappingProxyType
 from typing import (
@@ -172,6 +173,18 @@ def _outcome(
         return failure
 
 
+_groups: weakref.WeakSet[HostGroup] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    for group in list(_groups):
+        group._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 class HostGroup:
     """Runs commands and transfers on many hosts at once, one executor per host.
 
@@ -235,6 +248,15 @@ class HostGroup:
         self._pool: Optional[ThreadPoolExecutor] = None
         # One future per call in progress, ended by close(): the lock guards the set.
         self._calls: Set[Future[None]] = set()
+        _groups.add(self)
+
+    def _reset_after_fork(self) -> None:
+        # The child has none of the parent's threads: the pool's workers and the
+        # calls in flight are the parent's, and one of its threads may have held
+        # the lock. The executors forget their connections by themselves.
+        self._lock = threading.Lock()
+        self._pool = None
+        self._calls = set()
 
     def __repr__(self) -> str:
         return f"<HostGroup {len(self._parameters)} hosts, max_workers={self._max_workers}>"

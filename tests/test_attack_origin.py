@@ -1,0 +1,81 @@
+"""Attacks on issue 18 (errors by their origin) that broke something: one regression test each.
+
+Real OpenSSH sshd (the ``sshd`` fixtures) unless the attack is local.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Callable
+
+import pytest
+
+from paramiko_executor import HostGroup
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+def in_child(work: Callable[[], bytes], limit: int = 20) -> bytes:
+    """``work()`` in a forked child, killed by SIGALRM after ``limit`` s; what it returned.
+
+    A child that hangs dies of the alarm and returns b"hung"; one that raises returns the
+    exception's type name.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            signal.alarm(limit)
+            os.write(write_end, work())
+            code = 0
+        except BaseException as exc:
+            os.write(write_end, type(exc).__name__.encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        said = pipe.read()
+    return b"hung" if os.WIFSIGNALED(status) else said
+
+
+def group_of(server) -> HostGroup:
+    params = server.executor_parameters()
+    host = {"host": params.pop("host"), "port": params.pop("port"), "name": "h"}
+    return HostGroup([host], **params)
+
+
+@needs_fork
+@pytest.mark.hang_timeout(90)
+def test_group_used_before_fork_runs_in_the_child(sshd):
+    """The parent's pool threads do not exist in a child: the child needs a pool of its own."""
+    with group_of(sshd) as group:
+        assert group.run_command("echo parent", timeout=20)["h"].stdout == "parent\n"
+        said = in_child(lambda: group.run_command("echo child", timeout=10)["h"].stdout.encode())
+        assert said == b"child\n"
+        assert group.run_command("echo parent", timeout=20)["h"].stdout == "parent\n"
+
+
+@needs_fork
+@pytest.mark.hang_timeout(90)
+def test_group_forked_during_a_call_runs_in_the_child(sshd, shared_dir):
+    """A fork while another thread is inside a group call: its lock and calls are the parent's."""
+    go = os.path.join(shared_dir, "go")
+    with group_of(sshd) as group:
+        group.run_command("true", timeout=20)
+        busy = threading.Thread(target=group.run_command, args=(
+            f"i=0; while [ ! -e {go} ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done",),
+            kwargs={"timeout": 30})
+        busy.start()
+        try:
+            said = in_child(lambda: group.run_command("echo child", timeout=10)["h"]
+                            .stdout.encode())
+        finally:
+            open(go, "w").close()
+            busy.join(60)
+        assert not busy.is_alive()
+        assert said == b"child\n"
