@@ -926,10 +926,19 @@ def _expect(reply: int, body: memoryview, wanted: int, request: str) -> None:
 
 
 def _fill(readinto: _ReadInto, view: memoryview) -> int:
-    """Fill ``view`` from ``readinto`` until it is full or the source ends; bytes read."""
+    """Fill ``view`` from ``readinto`` until it is full or the source ends; bytes read.
+
+    A non-blocking file with no data yet answers None: not its end, and no
+    data to send either, so a `BlockingIOError` (the caller's) rather than a
+    file cut short.
+    """
     got = 0
     while got < len(view):
         n = readinto(view[got:])
+        if n is None:
+            with callers_code():
+                raise BlockingIOError(errno.EAGAIN, "the file object is in non-blocking mode "
+                                      "and had no data to read: its end is unknown")
         if not n:
             break
         got += n
@@ -1077,8 +1086,10 @@ class Local:
         if readinto is None:
             read = file.read
 
-            def readinto(view: memoryview) -> int:
+            def readinto(view: memoryview) -> Optional[int]:
                 data = read(len(view))
+                if data is None:  # non-blocking, nothing there yet (see `_fill`)
+                    return None
                 view[: len(data)] = data
                 return len(data)
 

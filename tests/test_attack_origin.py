@@ -12,7 +12,7 @@ from typing import Callable
 
 import pytest
 
-from paramiko_executor import HostGroup
+from paramiko_executor import HostGroup, ShellExecutor, SSHExecutor
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -79,3 +79,58 @@ def test_group_forked_during_a_call_runs_in_the_child(sshd, shared_dir):
             busy.join(60)
         assert not busy.is_alive()
         assert said == b"child\n"
+
+
+def nonblocking_pipe(first: bytes):
+    """A pipe's read end in non-blocking mode holding ``first``, its writer still open.
+
+    Returns the raw read end and its write end (the caller closes both).
+    """
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.write(write_end, first)
+    return open(read_end, "rb", buffering=0), write_end  # noqa: SIM115 (closed by the caller)
+
+
+@pytest.mark.hang_timeout(60)
+@pytest.mark.parametrize("kind", ["ssh", "shell"])
+def test_put_from_a_nonblocking_pipe_never_uploads_a_silent_part(kind, sshd, shared_dir):
+    """readinto() of a non-blocking file with no data yet returns None: not the end of the file.
+
+    Taken for the end, the upload succeeded with what was there so far, the rest never sent.
+    """
+    source, writer = nonblocking_pipe(b"a" * 1000)
+    target = os.path.join(shared_dir, "up")
+    executor = SSHExecutor(**sshd.executor_parameters()) if kind == "ssh" else ShellExecutor()
+    try:
+        with source, executor:
+            with pytest.raises(BlockingIOError):
+                executor.put(source, target, timeout=20)
+    finally:
+        os.close(writer)
+    assert not os.path.exists(target)
+
+
+class ReadOnly:
+    """A file object with read() only, over ``raw``: what it returns, unchanged."""
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+
+    def read(self, size: int = -1):
+        return self.raw.read(size)
+
+
+@pytest.mark.hang_timeout(60)
+def test_put_from_a_nonblocking_reader_without_readinto(sshd, shared_dir):
+    """read() answering None (no data yet) is a BlockingIOError, not a TypeError of ours."""
+    source, writer = nonblocking_pipe(b"a" * 1000)
+    target = os.path.join(shared_dir, "up")
+    try:
+        with source, SSHExecutor(**sshd.executor_parameters()) as executor:
+            with pytest.raises(BlockingIOError):
+                executor.put(ReadOnly(source), target, timeout=20)
+            assert executor.statistics().reconnects == 0
+    finally:
+        os.close(writer)
+    assert not os.path.exists(target)
