@@ -70,6 +70,7 @@ the transport inactive).
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import posixpath
@@ -945,14 +946,23 @@ def _fill(readinto: _ReadInto, view: memoryview) -> int:
     return got
 
 
-def _write_all(write: Callable[[memoryview], Optional[int]]) -> _Write:
-    """``write`` made to take everything (raw files may take part of a buffer)."""
+def _write_all(write: Callable[[memoryview], Optional[int]], *, raw: bool = False) -> _Write:
+    """``write`` made to take everything (raw files may take part of a buffer).
+
+    A file object that does not count (answers None) took everything; but a
+    ``raw`` one (an `io.RawIOBase`) answers None when, non-blocking, it took
+    nothing, and that is a `BlockingIOError` rather than data dropped. So is
+    a write that took nothing at all, which would never end.
+    """
 
     def write_all(data: memoryview) -> None:
         while data:
             n = write(data)
-            if n is None:  # a file object that does not count: it took everything
+            if n is None and not raw:
                 return
+            if not n:
+                raise BlockingIOError(errno.EAGAIN, "the file object took none of the data "
+                                      "(non-blocking, and full)")
             data = data[n:]
 
     return write_all
@@ -1111,7 +1121,8 @@ class Local:
         """
         if self.path is None:
             self._begin(truncate=True)
-            yield self._moving(_write_all(self._file.write))
+            yield self._moving(_write_all(self._file.write,
+                                          raw=isinstance(self._file, io.RawIOBase)))
             return
         path = self.path
         head, name = os.path.split(path)

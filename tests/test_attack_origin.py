@@ -134,3 +134,24 @@ def test_put_from_a_nonblocking_reader_without_readinto(sshd, shared_dir):
     finally:
         os.close(writer)
     assert not os.path.exists(target)
+
+
+@pytest.mark.hang_timeout(60)
+@pytest.mark.parametrize("kind", ["ssh", "shell"])
+def test_get_into_a_full_nonblocking_pipe_never_drops_data(kind, sshd, shared_dir):
+    """A raw non-blocking file's write() answers None when it took nothing: not "took it all".
+
+    Taken for "took it all", the download reported every byte and the pipe held 64 KiB.
+    """
+    source = os.path.join(shared_dir, "big")
+    with open(source, "wb") as file:
+        file.write(os.urandom(1 << 20))
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    executor = SSHExecutor(**sshd.executor_parameters()) if kind == "ssh" else ShellExecutor()
+    try:
+        with open(write_end, "wb", buffering=0) as target, executor:
+            with pytest.raises(BlockingIOError):
+                executor.get(source, target, timeout=20)
+    finally:
+        os.close(read_end)
