@@ -7,8 +7,9 @@ a worker process holds one connection per host, not one per task.
 "The same configuration" is the *resolved* connection: the `Target` that
 ssh_config and the environment of this process made of the arguments (user,
 host name, port, jump hosts, host-key policy and files, identity and options),
-plus the connect retries and the session cap. Copies that resolve differently
-(another ``HOME``, an edited ssh_config) get connections of their own.
+plus the home directory (where a login looks for the default keys), the connect
+retries and the session cap. Copies that resolve differently (another ``HOME``,
+an edited ssh_config) get connections of their own.
 
 A shared connection that nothing used for `IDLE_CLOSE` seconds is closed (the
 next command reconnects). Idleness is judged at every lookup and by one timer
@@ -50,7 +51,11 @@ def connection_key(connection: Connection) -> bytes:
     target = connection.target
     agent = (os.environ.get("SSH_AUTH_SOCK")
              if getattr(target.credentials, "allow_agent", False) else None)
-    identity = (_canonical(target), agent, _canonical(connection.retry), connection.max_sessions)
+    # The home directory too: a login looks for keys there at connect time
+    # (``look_for_keys``: ``~/.ssh/id_*``), which the target does not record.
+    home = os.path.expanduser("~")
+    identity = (_canonical(target), agent, home, _canonical(connection.retry),
+                connection.max_sessions)
     return hashlib.sha256(pickle.dumps(identity, protocol=4)).digest()
 
 

@@ -6,6 +6,7 @@ Real OpenSSH sshd (the ``sshd`` fixtures) unless the attack is local.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 from typing import Callable
@@ -155,3 +156,34 @@ def test_get_into_a_full_nonblocking_pipe_never_drops_data(kind, sshd, shared_di
                 executor.get(source, target, timeout=20)
     finally:
         os.close(read_end)
+
+
+def test_copies_with_another_home_never_share_its_default_keys(sshd, tmp_path, monkeypatch):
+    """``look_for_keys`` tries ``~/.ssh/id_*``: another HOME logs in with other keys.
+
+    The keys found are not part of the resolved target: both copies resolved alike, and the
+    copy whose HOME holds no key got the connection the other had logged in with its key.
+    """
+    from paramiko_executor import AuthenticationFailure
+
+    keyed = tmp_path / "keyed"
+    (keyed / ".ssh").mkdir(parents=True)
+    with open(sshd.client_key_path) as source:
+        (keyed / ".ssh" / "id_ed25519").write_text(source.read())
+    (keyed / ".ssh" / "id_ed25519").chmod(0o600)
+    keyless = tmp_path / "keyless"
+    keyless.mkdir()
+    parameters = sshd.executor_parameters(allow_agent=False)
+    del parameters["client_keys"]  # look_for_keys: ~/.ssh/id_*
+    monkeypatch.setenv("HOME", str(keyed))
+    data = pickle.dumps(SSHExecutor(**parameters))
+    first = pickle.loads(data)
+    try:
+        assert first.run_command("echo in", timeout=20).stdout == "in\n"
+        monkeypatch.setenv("HOME", str(keyless))
+        other = pickle.loads(data)
+        with pytest.raises(AuthenticationFailure):
+            other.run_command("echo in", timeout=20)
+        assert first.statistics().reconnects == 0
+    finally:
+        first.close()
