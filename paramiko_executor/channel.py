@@ -103,6 +103,10 @@ KILL_GRACE = 5.0
 #: a channel we closed ourselves is not woken by the transport's end.
 LIVENESS_POLL = 1.0
 
+#: How many channels closed on both sides a connection still recognises (see
+#: `install_channel_hooks`): a message for one of them is ignored.
+REMEMBERED_CLOSED = 256
+
 
 class _NetworkEvent(threading.Event):
     """Set by the transport thread, it fires when that thread next waits for the network.
@@ -328,12 +332,23 @@ def install_channel_hooks(transport: paramiko.Transport,
             s.received("stderr" if code == 1 else None, payload)
         return handle
 
+    # The latest channels closed on both sides, oldest first: still known to
+    # paramiko, which ignores a message for a channel it has seen but ends the
+    # whole connection on one for a channel it never knew. A server may send
+    # one late (paramiko's own server: a window adjust raced by its CLOSE).
+    # Older ones are forgotten: paramiko's memory stays flat over millions of
+    # commands.
+    closed: Deque[int] = collections.deque()
+
     def close(on_close: Handler) -> Handler:
         def finish(chan: paramiko.Channel, m: Message) -> None:
             on_close(chan, m)
-            # Both CLOSEs are out, so nothing more can arrive for this channel:
-            # forgetting it keeps paramiko's memory flat over millions of commands.
-            forget_channel(transport, chan.chanid)
+            closed.append(chan.chanid)
+            while len(closed) > REMEMBERED_CLOSED:
+                try:
+                    forget_channel(transport, closed.popleft())
+                except IndexError:  # another thread (see _outside_key_exchange) took it
+                    break
             s = sessions.pop(chan.chanid, None)
             if s is not None:
                 s.server_closed()

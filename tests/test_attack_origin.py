@@ -12,6 +12,7 @@ import threading
 from typing import Callable
 
 import pytest
+from helpers import wait_for
 
 from paramiko_executor import HostGroup, ShellExecutor, SSHExecutor
 
@@ -187,3 +188,65 @@ def test_copies_with_another_home_never_share_its_default_keys(sshd, tmp_path, m
         assert first.statistics().reconnects == 0
     finally:
         first.close()
+
+
+# --- a server's late message for a channel both sides closed -----------------------------------
+
+
+@pytest.fixture
+def hostile():
+    from test_origin import HostileServer, finish
+
+    servers = []
+
+    def make(behaviours):
+        server = HostileServer({**behaviours, b"sync": finish})
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.hang_timeout(90)
+def test_a_late_message_for_a_closed_channel_leaves_the_connection_alone(hostile):
+    """A message for a channel closed on both sides is ignored, as paramiko itself does.
+
+    paramiko's own server sends one (a window adjust raced by its CLOSE): the client had
+    forgotten the channel and, on "a message for an unknown channel", paramiko ended the
+    whole connection under every other command on it.
+    """
+    from paramiko.common import cMSG_CHANNEL_WINDOW_ADJUST
+    from test_origin import finish, send_raw
+
+    sent = threading.Event()
+
+    def late(chan) -> None:
+        finish(chan)
+        wait_for(lambda: chan.transport._channels.get(chan.chanid) is None, "the client's CLOSE")
+        send_raw(chan, cMSG_CHANNEL_WINDOW_ADJUST, 4096)
+        sent.set()
+
+    server = hostile({b"late": late})
+    with SSHExecutor(**server.parameters(max_sessions=1)) as executor:
+        assert executor.run_command("late", timeout=30).exit_code == 0
+        assert sent.wait(30)
+        # Each answer comes after the late message on the connection: it is handled by then.
+        for _ in range(2):
+            assert executor.run_command("sync", timeout=30).exit_code == 0
+        assert executor.statistics().reconnects == 0
+        assert executor.statistics().commands_retried == 0
+    assert server.connections == 1
+
+
+def test_closed_channels_are_remembered_only_a_bounded_while(sshd):
+    """paramiko's record of closed channels stays bounded over many commands."""
+    from paramiko_executor.channel import REMEMBERED_CLOSED
+
+    with SSHExecutor(**sshd.executor_parameters(max_sessions=2)) as executor:
+        for _ in range(REMEMBERED_CLOSED + 50):
+            executor.run_command("true", timeout=30)
+        state = executor.state
+        assert state is not None
+        assert len(state.transport.channels_seen) <= REMEMBERED_CLOSED + 2
