@@ -117,6 +117,9 @@ def check_transfer_arguments(local: Any, remote: Any, *, put: bool, mode: Any = 
         if not any(callable(getattr(local, name, None)) for name in needed):
             raise TypeError(f"local must be a path or a binary file object with "
                             f"{' or '.join(needed)}(), not {type(local).__name__}")
+        if isinstance(local, io.TextIOBase):
+            raise TypeError(f"local must be a binary file object, not a text one "
+                            f"({type(local).__name__}): open it with 'rb' or 'wb'")
     elif isinstance(local, bytes) or not os.fspath(local):
         raise TypeError("local must be a non-empty path (str or os.PathLike) or a file object")
     check_mode(mode)

@@ -250,3 +250,21 @@ def test_closed_channels_are_remembered_only_a_bounded_while(sshd):
         state = executor.state
         assert state is not None
         assert len(state.transport.channels_seen) <= REMEMBERED_CLOSED + 2
+
+
+@pytest.mark.parametrize("kind", ["ssh", "shell"])
+@pytest.mark.parametrize("direction", ["put", "get"])
+def test_a_text_file_object_is_refused_at_the_call(kind, direction, sshd, shared_dir):
+    """A text file object is bad input: a TypeError naming ``local`` before anything moves."""
+    path = os.path.join(shared_dir, "text")
+    with open(path, "w") as file:
+        file.write("x\n")
+    executor = SSHExecutor(**sshd.executor_parameters()) if kind == "ssh" else ShellExecutor()
+    with executor, open(path, "r" if direction == "put" else "a") as text:
+        with pytest.raises(TypeError, match="local"):
+            if direction == "put":
+                executor.put(text, os.path.join(shared_dir, "out"))
+            else:
+                executor.get(path, text)
+        if kind == "ssh":
+            assert executor.statistics().commands_started == 0
