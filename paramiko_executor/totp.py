@@ -107,12 +107,23 @@ class _LedgerUnusable(Exception):
     """The ledger file cannot be used for this login: it is not to be trusted, or failed."""
 
 
+#: Held while a claim has the ledger file open. A fork waits for it, so that no child
+#: inherits a descriptor of the file, and with it the lock: a child holding one would keep
+#: the ledger locked for every process of the user for as long as it lives.
+_FILE_OPEN = threading.Lock()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_FILE_OPEN.acquire, after_in_parent=_FILE_OPEN.release,
+                        after_in_child=_FILE_OPEN.release)
+
+
 class _LedgerFile:
     """The shared record: ``<hex HMAC of the secret> <last step sent>`` lines, under ``flock``.
 
     Every access opens the file, takes an exclusive ``flock``, reads or rewrites it and closes
-    it again, so no descriptor (nor lock) is ever shared with a forked child, and the lock is
-    held for microseconds, never while waiting for a time step.
+    it again, and a fork waits for an access in progress (`_FILE_OPEN`), so no descriptor
+    (nor lock) is ever shared with a forked child; the lock is held for microseconds, never
+    while waiting for a time step.
 
     Trusted only as far as it deserves: the directory, the ledger and its key must each
     belong to this user and be writable by nobody else, and are opened without following
@@ -192,6 +203,10 @@ class _LedgerFile:
         written are dropped: they can no longer make anybody wait, and the file stays a few
         lines long. Raises `_LedgerUnusable` or `OSError` when the file cannot be used.
         """
+        with _FILE_OPEN:
+            return self._claim(secret, step)
+
+    def _claim(self, secret: str, step: int) -> Optional[int]:
         directory = self._open_directory()
         try:
             fd = self._open_file(directory, os.path.basename(self.path))

@@ -268,3 +268,50 @@ def test_a_text_file_object_is_refused_at_the_call(kind, direction, sshd, shared
                 executor.get(path, text)
         if kind == "ssh":
             assert executor.statistics().commands_started == 0
+
+
+# --- the TOTP ledger's lock and fork ----------------------------------------------------------
+
+
+@needs_fork
+@pytest.mark.hang_timeout(90)
+def test_a_fork_during_a_ledger_claim_leaves_no_lock_in_the_child(tmp_path, monkeypatch):
+    """A child forked while a thread had the ledger file open must not hold its flock.
+
+    The child inherited the descriptor, and with it the lock: every other login of the
+    machine found the ledger locked for as long as the child lived, and went without it.
+    """
+    from paramiko_executor import totp
+
+    path = str(tmp_path / "ledger" / "totp")
+    inside, leave = threading.Event(), threading.Event()
+    plain = totp._LedgerFile._claim_locked
+
+    def held(self, fd, name, step):
+        inside.set()
+        assert leave.wait(30)
+        return plain(self, fd, name, step)
+
+    monkeypatch.setattr(totp._LedgerFile, "_claim_locked", held)
+    claiming = threading.Thread(target=totp._LedgerFile(path).claim, args=("S1", 1))
+    claiming.start()
+    assert inside.wait(30)
+    # The fork waits for the claim, if it must: let the claim go on meanwhile.
+    threading.Timer(0.5, leave.set).start()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child lives on until the parent is done (bounded)
+        os.close(write_end)
+        signal.alarm(30)
+        os.read(read_end, 1)
+        os._exit(0)
+    try:
+        os.close(read_end)
+        claiming.join(30)
+        assert not claiming.is_alive()
+        monkeypatch.setattr(totp._LedgerFile, "_claim_locked", plain)
+        monkeypatch.setattr(totp._LedgerFile, "LOCK_TIMEOUT", 2.0)
+        assert totp._LedgerFile(path).claim("S2", 1) is None  # free, and taken now
+    finally:
+        os.close(write_end)
+        os.waitpid(pid, 0)
