@@ -42,15 +42,11 @@ log = logging.getLogger("paramiko_executor.hostkeys")
 # Serialises accept-new appends between threads of this process; flock does it between processes.
 _append_lock = threading.Lock()
 
-
-def _new_append_lock() -> None:
-    # A thread of the parent may have held the lock at the fork; the child gets a free one.
-    global _append_lock
-    _append_lock = threading.Lock()
-
-
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_append_lock)
+    # A fork waits for an append in progress: a child would inherit its descriptor, and
+    # with it the flock, and hold up every other process's append while it lives.
+    os.register_at_fork(before=_append_lock.acquire, after_in_parent=_append_lock.release,
+                        after_in_child=_append_lock.release)
 
 # known_hosts names an RSA key "ssh-rsa"; the transport negotiates it as one of these.
 _RSA_ALGORITHMS = ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")

@@ -315,3 +315,51 @@ def test_a_fork_during_a_ledger_claim_leaves_no_lock_in_the_child(tmp_path, monk
     finally:
         os.close(write_end)
         os.waitpid(pid, 0)
+
+
+@needs_fork
+@pytest.mark.hang_timeout(90)
+def test_a_fork_during_a_known_hosts_append_leaves_no_lock_in_the_child(tmp_path, monkeypatch):
+    """accept-new appends under a flock: a child forked meanwhile must not keep it.
+
+    The child inherited the descriptor, and with it the lock: every other process's
+    accept-new append waited, without bound, for as long as the child lived.
+    """
+    import fcntl
+
+    import paramiko
+
+    from paramiko_executor import hostkeys
+
+    path = str(tmp_path / "known_hosts")
+    inside, leave = threading.Event(), threading.Event()
+    plain = hostkeys._read_entries
+
+    def held(name):
+        inside.set()
+        assert leave.wait(30)
+        return plain(name)
+
+    monkeypatch.setattr(hostkeys, "_read_entries", held)
+    policy = hostkeys.HostKeyPolicy([path], accept_new=True)
+    key = paramiko.ECDSAKey.generate()
+    appending = threading.Thread(target=policy._append, args=(path, key, "[127.0.0.1]:2222"))
+    appending.start()
+    assert inside.wait(30)
+    threading.Timer(0.5, leave.set).start()  # the fork may wait for the append
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(write_end)
+        signal.alarm(30)
+        os.read(read_end, 1)
+        os._exit(0)
+    try:
+        os.close(read_end)
+        appending.join(30)
+        assert not appending.is_alive()
+        with open(path, "rb") as other:  # another open file: as another process would
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(write_end)
+        os.waitpid(pid, 0)
