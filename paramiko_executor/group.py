@@ -19,6 +19,7 @@ from typing import (
     Dict,
     Iterable,
     Iterator,
+    List,
     Mapping,
     Optional,
     Set,
@@ -29,6 +30,7 @@ from typing import (
 
 from .checks import check_int, check_timeout
 from .command import StdinInput, check_command, stdin_bytes
+from .errors import CallerError, callers_own
 from .executors import Executor, SSHExecutor
 from .hostnames import check_hostname
 from .results import CommandExecutionFailure, CommandResult, ExecutorFailure
@@ -171,6 +173,46 @@ def _outcome(
         return call(name, executor)
     except failures as failure:
         return failure
+
+
+class _CallersProgress:
+    """A group transfer's ``progress`` callback, remembering what it raised.
+
+    What the caller's own callback raises is the call's error, not one host's
+    outcome, whatever its type (an ``OSError`` too): the call raises it, as a
+    single executor's ``put``/``get`` does.
+    """
+
+    def __init__(self, progress: Optional[Callable[[int, int], object]]) -> None:
+        self._progress = progress
+        self._raised: List[BaseException] = []  # appended from the pool's threads
+
+    @classmethod
+    def of(cls, options: Dict[str, Any]) -> _CallersProgress:
+        """Watch ``options["progress"]``, replacing it in ``options`` with the watcher."""
+        watcher = cls(options.get("progress"))
+        if watcher._progress is not None:
+            options["progress"] = watcher
+        return watcher
+
+    def __call__(self, done: int, total: int) -> None:
+        assert self._progress is not None
+        try:
+            self._progress(done, total)
+        except BaseException as exc:
+            self._raised.append(exc)
+            raise
+
+    def owned(self, call: _HostCall) -> _HostCall:
+        """``call``, with what the callback raised carried out of the host as a `CallerError`."""
+        def host_call(name: str, executor: Executor) -> Any:
+            try:
+                return call(name, executor)
+            except BaseException as exc:
+                if any(exc is raised for raised in self._raised):
+                    raise CallerError(exc) from None
+                raise
+        return host_call
 
 
 _groups: weakref.WeakSet[HostGroup] = weakref.WeakSet()
@@ -398,8 +440,10 @@ class HostGroup:
             raise FileNotFoundError(f"put: no such local file: {local!r}")
         if not isinstance(remote, str):
             raise TypeError(f"remote must be a str, not {type(remote).__name__}")
-        return self._collect(lambda _name, executor: executor.put(local, remote, **options),
-                             _TRANSFER_FAILURES)
+        progress = _CallersProgress.of(options)
+        return callers_own(lambda: self._collect(
+            progress.owned(lambda _name, executor: executor.put(local, remote, **options)),
+            _TRANSFER_FAILURES))
 
     def get(self, remote: str, local_dir: Union[str, os.PathLike], **options: Any) -> GroupResult:
         """Copy ``remote`` from every host into ``local_dir``, as a file named after the host.
@@ -419,10 +463,11 @@ class HostGroup:
         for name in self._parameters:
             if "/" in name or "\0" in name or name in (".", ".."):
                 raise ValueError(f"host name {name!r} cannot name a file: give the host a 'name'")
-        return self._collect(
-            lambda name, executor: executor.get(remote, os.path.join(local_dir, name), **options),
-            _TRANSFER_FAILURES,
-        )
+        progress = _CallersProgress.of(options)
+        return callers_own(lambda: self._collect(
+            progress.owned(lambda name, executor: executor.get(
+                remote, os.path.join(local_dir, name), **options)),
+            _TRANSFER_FAILURES))
 
     def statistics(self) -> Dict[str, Any]:
         """Each host's ``executor.statistics()`` (an `ExecutorStatistics`), in the given order."""

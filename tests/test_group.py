@@ -468,6 +468,35 @@ def test_put_and_get_on_every_host(sshd_hosts, shared_dir, tmp_path):
     assert all(isinstance(e, FileNotFoundError) for e in missing.values())
 
 
+@pytest.mark.parametrize("direction", ["put", "get"])
+def test_a_progress_callback_error_is_the_calls_not_a_hosts(sshd_hosts, shared_dir, tmp_path,
+                                                             direction):
+    """What the caller's callback raises (an OSError too) is raised by the call, unchanged."""
+    local = tmp_path / "payload"
+    local.write_bytes(b"x" * 100_000)
+    remote = os.path.join(shared_dir, f"progress-{direction}")
+    raised: List[BaseException] = []
+
+    def progress(done: int, total: int) -> None:
+        if done:
+            raised.append(BrokenPipeError("the caller's pipe"))
+            raise raised[-1]
+
+    with HostGroup(ADDRESSES[:2], **common(sshd_hosts)) as group:
+        group.put(local, remote)
+        (tmp_path / "got").mkdir()
+        with pytest.raises(BrokenPipeError) as info:
+            if direction == "put":
+                group.put(local, remote, progress=progress)
+            else:
+                group.get(remote, tmp_path / "got", progress=progress)
+        assert any(info.value is exc for exc in raised)
+        # A host's own failure is still its entry.
+        missing = group.get(remote + ".missing", tmp_path / "got", progress=progress)
+        assert all(isinstance(e, FileNotFoundError) for e in missing.values())
+        assert all(s.reconnects == 0 for s in group.statistics().values())
+
+
 @pytest.mark.skipif(not hasattr(SSHExecutor, "statistics"),
                     reason="SSHExecutor.statistics is not there yet (executor core)")
 def test_statistics_per_host(sshd_hosts):
