@@ -81,6 +81,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager, suppress
+from stat import S_ISDIR, S_ISREG
 from typing import (
     IO,
     Any,
@@ -1020,6 +1021,28 @@ def _local_umask() -> int:
     return mask
 
 
+def _open_regular(path: str) -> Tuple[Any, os.stat_result]:
+    """``path`` opened for reading, and its status; only a regular file is read.
+
+    Opened without blocking first, so that a FIFO with no writer cannot hang
+    the transfer (and hold its slot): a path names a file to copy, as for
+    OpenSSH's ``sftp``; a pipe can be passed as a file object instead.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        status = os.fstat(fd)
+        if S_ISDIR(status.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not S_ISREG(status.st_mode):
+            raise ValueError(f"local must name a regular file, or be a file object: {path!r} "
+                             "is not a regular file")
+        os.set_blocking(fd, True)
+        return open(fd, "rb", buffering=0, closefd=True), status  # noqa: SIM115 (the caller's)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class Local:
     """The local side of one transfer over all its attempts: a path, or a binary file object.
 
@@ -1082,10 +1105,8 @@ class Local:
         """
         if self.path is not None:
             with callers_code():
-                file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed below)
+                file, status = _open_regular(self.path)
             try:
-                with callers_code():
-                    status = os.fstat(file.fileno())
                 yield _callers(file.readinto), status.st_size, status.st_mode & 0o777
             finally:
                 file.close()

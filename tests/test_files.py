@@ -430,3 +430,13 @@ def test_a_pipe_cannot_be_read_again_after_a_lost_connection(make_sshd, workdir)
         fed.result(timeout=60)
         assert killed.is_set() and ex.statistics().reconnects == 1
     assert not (workdir / "f").exists() and leftovers(workdir) == []
+
+
+def test_a_fifo_path_is_refused_not_waited_on(executor, workdir, tmp_path):
+    """A FIFO with no writer would block the open for ever, holding the transfer's slot."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="regular file"):
+        executor.put(fifo, str(workdir / "from-fifo"), timeout=5)
+    assert not (workdir / "from-fifo").exists()
+    assert executor.run_command("echo still here").stdout == "still here\n"
