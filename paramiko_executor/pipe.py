@@ -111,6 +111,11 @@ class Pipe:
                     if self._aborted or self.chan.closed:
                         break
                     continue
+                except OSError:
+                    # A client that reset reads nothing more either: end both directions
+                    # now, as a target with nothing to say would never end the other one.
+                    self.abort()
+                    return
                 if not size:
                     break
                 send_all(self.chan, buffer[:size])
