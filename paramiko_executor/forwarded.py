@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import threading
 from typing import Any, Callable, Optional
@@ -21,10 +22,12 @@ class ForwardedSocket:
     ``settimeout``, ``gettimeout``, ``shutdown``, ``close``, and a context
     manager. ``recv`` returns ``b""`` at the far end's EOF; a connection lost
     meanwhile raises `ConnectionResetError` instead, so a cut stream never
-    looks complete. As with a socket, `close` leaves the connection open
-    while a file from `makefile` is still open (``http.client`` reads a
-    response through its file after closing the socket); closing the last
-    of them closes the channel and frees its place under ``max_forwarded``.
+    looks complete, and reading or writing after `close` (or the executor's
+    close) raises `OSError` (``EBADF``), as with a socket. As with a
+    socket, `close` leaves the connection open while a file from `makefile`
+    is still open (``http.client`` reads a response through its file after
+    closing the socket); closing the last of them closes the channel and
+    frees its place under ``max_forwarded``.
     """
 
     def __init__(self, chan: paramiko.Channel, release: Callable[[ForwardedSocket], None],
@@ -49,6 +52,12 @@ class ForwardedSocket:
         """The underlying paramiko channel."""
         return self._chan
 
+    def _check_open(self) -> None:
+        # As a closed socket does: an error, never an empty read that looks like the end,
+        # nor a write (in a forked child) into the parent's connection.
+        if self.closed:
+            raise OSError(errno.EBADF, f"the forwarded connection to {self.name} is closed")
+
     def _check_cut(self) -> None:
         transport = self._chan.get_transport()
         if not self._chan.eof_received and (transport is None or not transport.is_active()
@@ -56,8 +65,10 @@ class ForwardedSocket:
             raise ConnectionResetError(f"the forwarded connection to {self.name} was cut")
 
     def recv(self, size: int) -> bytes:
+        self._check_open()
         data: bytes = self._chan.recv(size)
-        if not data and not self.closed:
+        if not data:
+            self._check_open()  # closed meanwhile (`close`, the executor's close)
             self._check_cut()
         return data
 
@@ -68,10 +79,12 @@ class ForwardedSocket:
         return len(data)
 
     def send(self, data: bytes) -> int:
+        self._check_open()
         sent: int = self._chan.send(data)
         return sent
 
     def sendall(self, data: bytes) -> None:
+        self._check_open()
         send_all(self._chan, data)
 
     def makefile(self, mode: str = "r", buffering: Optional[int] = None, *,
@@ -121,6 +134,7 @@ class ForwardedSocket:
         self._chan.setblocking(flag)
 
     def shutdown(self, how: int) -> None:
+        self._check_open()
         self._chan.shutdown(how)
 
     def close(self) -> None:
@@ -143,6 +157,11 @@ class ForwardedSocket:
             pass
         finally:
             release(self)
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: closed, without touching the parent's channel."""
+        self._lock = threading.Lock()
+        self._release = None
 
     def __enter__(self) -> ForwardedSocket:
         return self

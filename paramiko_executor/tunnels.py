@@ -30,6 +30,7 @@ own for its ending). None is held while another is taken, nor during I/O.
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import socket
 import threading
@@ -189,6 +190,19 @@ class Tunnel:
     def _stop_listening(self) -> None:
         raise NotImplementedError
 
+    def _forget_after_fork(self) -> None:
+        """In a forked child: closed, and its copies of the parent's descriptors closed.
+
+        The child must not wake, shut down or send on what the parent still
+        uses; closing its copies lets the parent's own closes reach the clients.
+        """
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._closed.set()
+        pipes, self._pipes, self._threads = self._pipes, set(), set()
+        for pipe in pipes:
+            pipe.sock.close()
+
     def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> bool:
         """Start ``target(*args)`` in a thread of this tunnel (one `join` waits for).
 
@@ -299,6 +313,11 @@ class LocalTunnel(Tunnel):
             pass
         self._accepting.join(JOIN_TIMEOUT)
         self._wake_writer.close()
+
+    def _forget_after_fork(self) -> None:
+        super()._forget_after_fork()
+        for sock in (self._listener, self._wake_reader, self._wake_writer):
+            sock.close()
 
     def _join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -431,6 +450,10 @@ class RemoteTunnel(Tunnel):
             self._carry(sock, chan, self.name)
         finally:
             limit.release()
+
+    def _forget_after_fork(self) -> None:
+        super()._forget_after_fork()
+        self._link = None
 
     def _stop_listening(self) -> None:
         link = self._link
@@ -569,6 +592,7 @@ class Forwarding:
         self._lock = threading.Lock()
         self._tunnels: Set[Tunnel] = set()
         self._sockets: Set[ForwardedSocket] = set()
+        _FORWARDINGS.add(self)
 
     # --- the executor's connection -------------------------------------------------
 
@@ -702,3 +726,31 @@ class Forwarding:
         deadline = time.monotonic() + JOIN_TIMEOUT
         for tunnel in tunnels:
             tunnel._join(max(0.0, deadline - time.monotonic()))
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: forget every tunnel and socket, which are the parent's."""
+        self._lock = threading.Lock()
+        self.limit = ForwardLimit(self.limit.limit)
+        tunnels, self._tunnels = self._tunnels, set()
+        sockets, self._sockets = self._sockets, set()
+        for tunnel in tunnels:
+            tunnel._forget_after_fork()
+        for sock in sockets:
+            sock._forget_after_fork()
+
+
+#: Every executor's forwarding, for a forked child to forget what is its parent's.
+_FORWARDINGS: weakref.WeakSet[Forwarding] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    # A lock another thread held at fork stays held in the child: replace it.
+    global _RECEIVERS_LOCK
+    _RECEIVERS_LOCK = threading.Lock()
+    _RECEIVERS.clear()
+    for forwarding in list(_FORWARDINGS):
+        forwarding._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import threading
 from typing import Any, Callable, Iterator, List
 
 import pytest
@@ -53,3 +55,94 @@ def test_a_client_that_resets_frees_its_forward_while_the_target_is_idle(
         wait_for(lambda: tunnel.connections == 0, "the reset connections to end", timeout=10)
         wait_for(lambda: backend.connected == 0, "the target to see the end", timeout=10)
         assert echo_once(tunnel.local_address, b"next", timeout=10) == b"next"
+
+
+
+def test_a_forwarded_socket_used_after_close_raises(sshd: Any, target: Any) -> None:
+    """As a closed socket: recv, send and shutdown raise, never an empty read that looks done."""
+    backend = target("echo")
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        sock = ex.open_connection("127.0.0.1", backend.port, timeout=10)
+        sock.close()
+        for use in (lambda: sock.recv(1), lambda: sock.sendall(b"x"),
+                    lambda: sock.shutdown(socket.SHUT_WR)):
+            with pytest.raises(OSError, match="closed"):
+                use()
+
+
+def test_a_recv_cut_by_the_executors_close_is_an_error_not_an_end(sshd: Any, target: Any
+                                                                   ) -> None:
+    """A reader blocked in recv when the executor closes hears an error, not b"" (an EOF)."""
+    backend = target("echo")
+    ex = SSHExecutor(**sshd.executor_parameters())
+    sock = ex.open_connection("127.0.0.1", backend.port, timeout=10)
+    outcome: List[Any] = []
+
+    def read() -> None:
+        try:
+            outcome.append(sock.recv(1))
+        except OSError as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        # The reader may reach recv after close (an error too): no wait needed for it.
+        ex.close()
+    finally:
+        reader.join(10)
+    assert not reader.is_alive()
+    assert isinstance(outcome[0], OSError), outcome
+
+
+def test_a_forked_child_closing_its_executor_leaves_the_parents_tunnel(
+        sshd: Any, target: Any) -> None:
+    """The child's close() used to wake the parent's listening thread (a shared socketpair)."""
+    backend = target("echo")
+    with SSHExecutor(**sshd.executor_parameters()) as ex, \
+            ex.forward_local(backend.port, "127.0.0.1") as tunnel:
+        assert echo_once(tunnel.local_address, b"before", timeout=10) == b"before"
+        pid = os.fork()
+        if pid == 0:  # the child: nothing but the close, then out
+            try:
+                tunnel.close()
+                ex.close()
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert echo_once(tunnel.local_address, b"after", timeout=10) == b"after"
+
+
+def test_a_forked_child_holds_none_of_the_parents_tunnel_sockets(sshd: Any, target: Any
+                                                                 ) -> None:
+    """While a child lives, closing the tunnel still resets its clients and frees its port.
+
+    The child's copies of the listener and of the clients' sockets kept both
+    open: a client waited for an end that never came, and a new client was
+    accepted into a backlog nobody served.
+    """
+    backend = target("echo")
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        tunnel = ex.forward_local(backend.port, "127.0.0.1")
+        client = socket.create_connection(tunnel.local_address, timeout=10)
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child lives until the parent is done
+            os.read(read_end, 1)
+            os._exit(0)
+        try:
+            tunnel.close()
+            client.settimeout(10)
+            with pytest.raises(ConnectionResetError):
+                client.recv(1)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(tunnel.local_address, timeout=10)
+        finally:
+            client.close()
+            os.write(write_end, b"x")
+            os.waitpid(pid, 0)
+            os.close(read_end)
+            os.close(write_end)
