@@ -29,6 +29,7 @@ own for its ending). None is held while another is taken, nor during I/O.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import selectors
@@ -65,6 +66,13 @@ LIVENESS_POLL = 0.25
 #: The pause before a remote forward's supervisor tries to connect again
 #: after a whole connect cycle (with its own retries) failed.
 RECONNECT_PAUSE = 5.0
+
+#: How long a local forward's listener pauses when no descriptor or memory is left for
+#: a client: the client waits in the backlog, and the listener stays ready meanwhile.
+ACCEPT_PAUSE = 0.2
+
+#: What `accept` fails with while the process is out of descriptors or memory, for now.
+_ACCEPT_LATER = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 #: How long `Tunnel.close` waits for the tunnel's threads.
 JOIN_TIMEOUT = 10.0
@@ -284,6 +292,7 @@ class LocalTunnel(Tunnel):
             with selectors.DefaultSelector() as selector:
                 selector.register(self._listener, selectors.EVENT_READ)
                 selector.register(self._wake_reader, selectors.EVENT_READ)
+                short = False  # out of descriptors: warned once until a client is accepted
                 while not self._closed.is_set():
                     ready = [key.fileobj for key, _ in selector.select()]
                     if self._wake_reader in ready:
@@ -292,6 +301,17 @@ class LocalTunnel(Tunnel):
                         client, origin = self._listener.accept()
                     except (BlockingIOError, ConnectionAbortedError):
                         continue  # the client gave up between select and accept
+                    except OSError as exc:
+                        if exc.errno not in _ACCEPT_LATER:
+                            raise
+                        # A passing shortage must not end the tunnel for good.
+                        if not short:
+                            log.warning("tunnel %s: cannot accept a client for now (%s); "
+                                        "trying again", self.name, exc.strerror)
+                        short = True
+                        self._closed.wait(ACCEPT_PAUSE)
+                        continue
+                    short = False
                     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     try:
                         if not self._spawn(self._serve, client, origin[:2], name=self.name):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import resource
 import socket
 import struct
 import threading
@@ -146,3 +148,36 @@ def test_a_forked_child_holds_none_of_the_parents_tunnel_sockets(sshd: Any, targ
             os.waitpid(pid, 0)
             os.close(read_end)
             os.close(write_end)
+
+
+
+def test_a_listener_out_of_descriptors_waits_instead_of_ending(sshd: Any, target: Any,
+                                                               caplog: Any) -> None:
+    """EMFILE from accept is a passing shortage: the client waits, the tunnel goes on.
+
+    It used to end the listening thread and close the listener for good,
+    while the tunnel still said it was open.
+    """
+    backend = target("echo")
+    caplog.set_level(logging.WARNING, logger="paramiko_executor.tunnels")
+    with SSHExecutor(**sshd.executor_parameters()) as ex, \
+            ex.forward_local(backend.port, "127.0.0.1") as tunnel:
+        assert echo_once(tunnel.local_address, b"a", timeout=10) == b"a"
+        client = socket.socket()
+        client.settimeout(10)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        # No descriptor left for the process, until the listener said it met the shortage.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            client.connect(tunnel.local_address)
+            wait_for(lambda: any("cannot accept" in r.getMessage() or "no longer" in
+                                 r.getMessage() for r in caplog.records),
+                     "the listener to meet the shortage", timeout=10)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        with client:
+            client.sendall(b"b")
+            assert client.recv(1) == b"b"
+        assert echo_once(tunnel.local_address, b"c", timeout=10) == b"c"
