@@ -625,9 +625,12 @@ class Forwarding:
         """A ``direct-tcpip`` channel to ``target``; `ExecutorFailure` naming it when that fails.
 
         A connection found lost is dropped and the open tried on a new one,
-        up to the executor's ``on_disconnect_retry`` times.
+        up to the executor's ``on_disconnect_retry`` times; one the executor's
+        `close` ended is not.
         """
         where = f"{target[0]}:{target[1]}"
+        connection = self._executor._connection
+        epoch = connection.epoch
         lost = 0
         while True:
             link = self.get_link()
@@ -643,7 +646,10 @@ class Forwarding:
                 if link.alive():
                     raise ExecutorFailure(f"opening a forward to {where} failed: "
                                           f"{printable(repr(exc))}", self._executor) from None
-                self._executor._connection.drop(link)
+                if connection.epoch != epoch:  # not lost: closed, and not to be reopened
+                    raise ExecutorFailure(f"the executor was closed while opening a forward "
+                                          f"to {where}", self._executor) from None
+                connection.drop(link)
                 lost += 1
                 if lost > self._executor._retries:
                     raise ExecutorFailure(f"the connection was lost while opening a forward to "
@@ -700,7 +706,12 @@ class Forwarding:
         target = (_check_host("host", host), _check_port("port", port, minimum=1))
         seconds = check_timeout("timeout", timeout)
         deadline = None if seconds is None else time.monotonic() + seconds
-        if not self.limit.acquire(deadline, lambda: False):
+        connection = self._executor._connection
+        epoch = connection.epoch
+        if not self.limit.acquire(deadline, lambda: connection.epoch != epoch):
+            if connection.epoch != epoch:
+                raise ExecutorFailure("the executor was closed while waiting for a place under "
+                                      f"max_forwarded={self.limit.limit}", self._executor)
             raise ExecutorFailure(f"no forwarded channel came free within {seconds:g} s "
                                   f"(max_forwarded={self.limit.limit})", self._executor)
         try:
@@ -740,9 +751,11 @@ class Forwarding:
             sockets = list(self._sockets)
         for tunnel in tunnels:
             tunnel._stop()
+        then()
+        # After `then`: a waiting open_connection must see the close before a freed place.
+        self.limit.wake()
         for sock in sockets:
             sock._close_now()
-        then()
         deadline = time.monotonic() + JOIN_TIMEOUT
         for tunnel in tunnels:
             tunnel._join(max(0.0, deadline - time.monotonic()))

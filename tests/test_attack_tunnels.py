@@ -8,13 +8,15 @@ import resource
 import socket
 import struct
 import threading
+import time
 from typing import Any, Callable, Iterator, List
 
 import pytest
 from helpers import wait_for
 from test_tunnels import Backend, echo_once
 
-from paramiko_executor import SSHExecutor
+from paramiko_executor import ExecutorFailure, SSHExecutor
+from paramiko_executor.tunnels import JOIN_TIMEOUT
 
 
 @pytest.fixture
@@ -181,3 +183,63 @@ def test_a_listener_out_of_descriptors_waits_instead_of_ending(sshd: Any, target
             client.sendall(b"b")
             assert client.recv(1) == b"b"
         assert echo_once(tunnel.local_address, b"c", timeout=10) == b"c"
+
+
+
+def test_an_open_connection_waiting_under_the_cap_fails_with_the_executors_close(
+        sshd: Any, target: Any) -> None:
+    """close() ends a wait for a place under max_forwarded; it used to take the freed place
+    and connect again, handing back a socket on a connection opened after close()."""
+    backend = target("echo")
+    ex = SSHExecutor(max_forwarded=1, **sshd.executor_parameters())
+    ex.open_connection("127.0.0.1", backend.port, timeout=10)
+    outcome: List[Any] = []
+
+    def wait() -> None:
+        try:
+            outcome.append(ex.open_connection("127.0.0.1", backend.port))
+        except ExecutorFailure as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    try:
+        wait_for(lambda: len(ex._forwarding.limit._queue) == 1, "the open to wait its turn")
+        ex.close()
+    finally:
+        waiter.join(10)
+    assert not waiter.is_alive()
+    assert isinstance(outcome[0], ExecutorFailure), outcome
+    assert "closed" in str(outcome[0])
+    assert ex.statistics().connects == 1
+
+
+def test_close_during_a_forward_open_does_not_connect_again(make_test_server: Any,
+                                                            target: Any) -> None:
+    """A client's open in flight at the executor's close() is not retried on a new connection.
+
+    The open failed with the closed connection and was retried as for a lost
+    one: a thread connected again after close() returned (here to a server
+    that does not answer, so it outlived close() and its join).
+    """
+    server = make_test_server()
+    backend = target("echo")
+    ex = SSHExecutor(connect_retries=0, **server.executor_parameters())
+    tunnel = ex.forward_local(backend.port, "127.0.0.1")
+    assert echo_once(tunnel.local_address, b"a", timeout=10) == b"a"
+    wait_for(lambda: not tunnel._threads, "the first client's threads to end")
+    threads = threading.active_count()
+    server.freeze()
+    try:
+        client = socket.create_connection(tunnel.local_address, timeout=10)
+        wait_for(lambda: len(tunnel._threads) == 1, "the client's open")
+        started = time.monotonic()
+        ex.close()
+        took = time.monotonic() - started
+        client.close()
+    finally:
+        server.thaw()
+    assert took < JOIN_TIMEOUT / 2, f"close() waited {took:.1f} s for a reconnect"
+    wait_for(lambda: threading.active_count() <= threads, "the tunnel's threads to end", 10)
+    assert ex.statistics().connects == 1
+
