@@ -315,9 +315,9 @@ class LocalTunnel(Tunnel):
                     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     try:
                         if not self._spawn(self._serve, client, origin[:2], name=self.name):
-                            client.close()  # closed meanwhile
+                            _refuse(client)  # closed meanwhile
                     except RuntimeError:  # no thread to be had: refuse this client
-                        client.close()
+                        _refuse(client)
                         log.warning("tunnel %s: could not start a thread for a client", self.name)
         except OSError:
             if not self._closed.is_set():
@@ -347,7 +347,7 @@ class LocalTunnel(Tunnel):
     def _serve(self, client: socket.socket, origin: Address) -> None:
         limit = self._forwarding.limit
         if not limit.acquire(None, self._closed.is_set):
-            client.close()
+            _refuse(client)
             return
         try:
             try:
@@ -356,12 +356,17 @@ class LocalTunnel(Tunnel):
                 if not self._closed.is_set():
                     log.warning("tunnel %s: %s; closing the client's connection",
                                 self.name, exc.description)
-                reset_on_close(client)  # an empty reply must not pass for an answer
-                client.close()
+                _refuse(client)
                 return
             self._carry(client, chan, self.name)
         finally:
             limit.release()
+
+
+def _refuse(client: socket.socket) -> None:
+    """Close a client that was never forwarded with a reset: an empty reply is no answer."""
+    reset_on_close(client)
+    client.close()
 
 
 class RemoteTunnel(Tunnel):

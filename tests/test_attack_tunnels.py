@@ -133,11 +133,14 @@ def test_a_forked_child_holds_none_of_the_parents_tunnel_sockets(sshd: Any, targ
         client.sendall(b"x")
         assert client.recv(1) == b"x"
         read_end, write_end = os.pipe()
+        ready_read, ready_write = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the child lives until the parent is done
+        if pid == 0:  # the child says it runs (past the fork hooks), and lives on till told
+            os.write(ready_write, b"r")
             os.read(read_end, 1)
             os._exit(0)
         try:
+            assert os.read(ready_read, 1) == b"r"
             tunnel.close()
             client.settimeout(10)
             with pytest.raises(ConnectionResetError):
@@ -148,8 +151,8 @@ def test_a_forked_child_holds_none_of_the_parents_tunnel_sockets(sshd: Any, targ
             client.close()
             os.write(write_end, b"x")
             os.waitpid(pid, 0)
-            os.close(read_end)
-            os.close(write_end)
+            for fd in (read_end, write_end, ready_read, ready_write):
+                os.close(fd)
 
 
 
@@ -243,3 +246,23 @@ def test_close_during_a_forward_open_does_not_connect_again(make_test_server: An
     wait_for(lambda: threading.active_count() <= threads, "the tunnel's threads to end", 10)
     assert ex.statistics().connects == 1
 
+
+
+def test_clients_waiting_under_the_cap_are_reset_by_close(sshd: Any, target: Any) -> None:
+    """A client still waiting for its place when the tunnel closes sees a reset, not an EOF.
+
+    Its request (here an empty one, ended by its EOF) went nowhere: an orderly
+    end would pass for an empty answer (a refused forward and a cut one
+    already reset their clients). A request left unread resets by itself.
+    """
+    backend = target("echo")
+    with SSHExecutor(max_forwarded=1, **sshd.executor_parameters()) as ex:
+        held = ex.open_connection("127.0.0.1", backend.port, timeout=10)
+        tunnel = ex.forward_local(backend.port, "127.0.0.1")
+        client = socket.create_connection(tunnel.local_address, timeout=10)
+        client.shutdown(socket.SHUT_WR)
+        wait_for(lambda: len(ex._forwarding.limit._queue) == 1, "the client to wait its turn")
+        tunnel.close()
+        with client, pytest.raises(ConnectionResetError):
+            client.recv(1)
+        held.close()
