@@ -64,7 +64,8 @@ TunnelT = TypeVar("TunnelT", bound="Tunnel")
 LIVENESS_POLL = 0.25
 
 #: The pause before a remote forward's supervisor tries to connect again
-#: after a whole connect cycle (with its own retries) failed.
+#: after a whole connect cycle (with its own retries) failed, and between its
+#: requests for a port that a live connection refused.
 RECONNECT_PAUSE = 5.0
 
 #: How long a local forward's listener pauses when no descriptor or memory is left for
@@ -415,38 +416,56 @@ class RemoteTunnel(Tunnel):
         return self._link is link and server[1] == self.remote_address[1]
 
     def _supervise(self, link: Optional[Link]) -> None:
-        """Keep the forward asked for on every new connection, until closed."""
+        """Keep the forward asked for on every new connection, until closed.
+
+        A port refused on a live connection is asked for again every
+        `RECONNECT_PAUSE` too: after a network blip the server's stale
+        session may hold it until the server notices, long after our reconnect.
+        """
+        held = True  # `_start` was granted the port on ``link``
+        warned = False  # one WARNING per connection for its refusals
         while not self._closed.is_set():
             if link is not None:
+                ask_at = None if held else time.monotonic() + RECONNECT_PAUSE
                 while link.alive() and not self._closed.wait(LIVENESS_POLL):
-                    pass
+                    if ask_at is not None and time.monotonic() >= ask_at:
+                        break
                 if self._closed.is_set():
                     return
-                log.info("remote forward %s: the connection was lost; reconnecting", self.name)
-            try:
-                link = self._forwarding.get_link()
-            except ExecutorFailure as exc:
-                link = None
-                if not self._closed.is_set():
-                    log.warning("remote forward %s: cannot reconnect (%s); trying again",
-                                self.name, exc.description)
-                    self._closed.wait(RECONNECT_PAUSE)
-                continue
-            if self._closed.is_set():
-                return
-            try:
-                if self._ask(link):
-                    self.name = (f"{self.remote_address[0]}:{self.remote_address[1]} <- "
-                                 f"{self.local[0]}:{self.local[1]}")
-                    log.info("remote forward %s: listening again", self.name)
-                else:
-                    log.warning("remote forward %s: the server refused to listen on %s:%d "
-                                "after the reconnect; asking again after the next one",
-                                self.name, *self.requested)
-            except _ASK_ERRORS as exc:
-                if link.alive():  # else the loop reconnects at once, and asks again
-                    log.warning("remote forward %s: asking for the port failed (%s); asking "
-                                "again after the next reconnect", self.name, exc)
+                if not link.alive():
+                    log.info("remote forward %s: the connection was lost; reconnecting",
+                             self.name)
+                    link, warned = None, False
+            if link is None:
+                try:
+                    link = self._forwarding.get_link()
+                except ExecutorFailure as exc:
+                    if not self._closed.is_set():
+                        log.warning("remote forward %s: cannot reconnect (%s); trying again",
+                                    self.name, exc.description)
+                        self._closed.wait(RECONNECT_PAUSE)
+                    continue
+                if self._closed.is_set():
+                    return
+            held, failure = self._ask_again(link)
+            if failure and not warned:
+                warned = True
+                log.warning("remote forward %s: %s; asking again every %g s and after the "
+                            "next reconnect", self.name, failure, RECONNECT_PAUSE)
+
+    def _ask_again(self, link: Link) -> Tuple[bool, Optional[str]]:
+        """`_ask` on a new or live connection: whether the port is held, and why not."""
+        try:
+            if self._ask(link):
+                self.name = (f"{self.remote_address[0]}:{self.remote_address[1]} <- "
+                             f"{self.local[0]}:{self.local[1]}")
+                log.info("remote forward %s: listening again", self.name)
+                return True, None
+            return False, (f"the server refused to listen on "
+                           f"{self.requested[0]}:{self.requested[1]}")
+        except _ASK_ERRORS as exc:
+            # A lost connection is no failure to report: the loop reconnects, and asks again.
+            return False, f"asking for the port failed ({exc})" if link.alive() else None
 
     def _received(self, chan: paramiko.Channel, origin: Address) -> None:
         """A forwarded connection arrived (in paramiko's transport thread): serve it elsewhere."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import signal
 import socket
 import struct
 import threading
@@ -16,7 +17,7 @@ from helpers import wait_for
 from test_tunnels import Backend, echo_once
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
-from paramiko_executor.tunnels import JOIN_TIMEOUT
+from paramiko_executor.tunnels import JOIN_TIMEOUT, RECONNECT_PAUSE
 
 
 @pytest.fixture
@@ -266,3 +267,39 @@ def test_clients_waiting_under_the_cap_are_reset_by_close(sshd: Any, target: Any
         with client, pytest.raises(ConnectionResetError):
             client.recv(1)
         held.close()
+
+
+def answers(port: int) -> bool:
+    """Whether a connection to 127.0.0.1:``port`` reaches the echo server behind it."""
+    try:
+        return echo_once(("127.0.0.1", port), b"are you there", timeout=5) == b"are you there"
+    except OSError:
+        return False
+
+
+def test_a_remote_port_refused_on_a_live_connection_is_asked_for_again(
+        make_sshd: Any, target: Any, caplog: Any) -> None:
+    """After a blip the server's stale session may hold the port: asking once is not enough.
+
+    It used to be asked for again only after the next reconnect, which a
+    healthy connection never brings: the forward stayed dead while open.
+    """
+    server = make_sshd(max_sessions=10)
+    backend = target("echo")
+    free = socket.create_server(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    caplog.set_level(logging.WARNING, logger="paramiko_executor.tunnels")
+    with SSHExecutor(connect_backoff=0.1, **server.executor_parameters()) as ex, \
+            ex.forward_remote(port, backend.port, remote_host="127.0.0.1"):
+        assert answers(port)
+        (stale,) = server.serving_pids()
+        os.kill(stale, signal.SIGSTOP)  # the server's side of a blip: its session holds on
+        try:
+            ex._connection.link.transport.close()  # our side of the blip
+            wait_for(lambda: any("refused" in r.getMessage() for r in caplog.records),
+                     "the reconnected connection to refuse the port", timeout=20)
+        finally:
+            os.kill(stale, signal.SIGKILL)  # the server notices at last: the port is free
+        wait_for(lambda: answers(port), "the port to be asked for again",
+                 timeout=RECONNECT_PAUSE + 10)
