@@ -674,7 +674,7 @@ class SSHExecutor(Executor):
         reconnects by itself after a lost connection and asks for the port
         again (the port the server picks may then differ, and
         ``remote_address`` follows); a refusal then is a WARNING, and the port
-        is asked for again after the next reconnect.
+        is asked for again every few seconds, and after the next reconnect.
         """
         return self._forwarding.forward_remote(remote_port, local_port, local_host, remote_host)
 
