@@ -385,6 +385,8 @@ class RemoteTunnel(Tunnel):
                                      f"{local[0]}:{local[1]}")
         self.remote_address: Address = requested
         self._link: Optional[Link] = None
+        #: The connection a request for the port is in flight on.
+        self._asking: Optional[Link] = None
 
     def _start(self) -> None:
         """Ask for the port (`ExecutorFailure` when refused), then keep it asked for."""
@@ -400,20 +402,33 @@ class RemoteTunnel(Tunnel):
         """Ask ``link`` to listen on the requested port; False if refused. Raises if it broke."""
         address, port = self.requested
         self._forwarding.accept_forwards(link)
-        reply = link.requests.send("tcpip-forward", (address, port))
-        timeout = link.transport.channel_timeout
-        if not _wait_reply(reply.event, link, timeout):
-            raise ExecutorFailure(f"no answer to a port forward request within {timeout:g} s")
-        if reply.message is None:
-            return False
-        bound = reply.message.get_int() if port == 0 else port
-        self.remote_address = (address, bound)
-        self._link = link
-        return True
+        self._asking = link
+        try:
+            reply = link.requests.send("tcpip-forward", (address, port))
+            timeout = link.transport.channel_timeout
+            if not _wait_reply(reply.event, link, timeout):
+                raise ExecutorFailure(f"no answer to a port forward request within {timeout:g} s")
+            if reply.message is None:
+                return False
+            bound = reply.message.get_int() if port == 0 else port
+            self.remote_address = (address, bound)
+            self._link = link
+            return True
+        finally:
+            self._asking = None
 
-    def _owns(self, link: Link, server: Address) -> bool:
-        """Whether a forwarded connection to ``server`` on ``link`` belongs to this tunnel."""
-        return self._link is link and server[1] == self.remote_address[1]
+    def _owns(self, transport: paramiko.Transport, server: Address) -> bool:
+        """Whether a forwarded connection to ``server`` on ``transport`` belongs to this tunnel.
+
+        A port we named is ours from our request on: the server forwards a
+        client that came at once before this thread has seen the reply.
+        """
+        link, asking = self._link, self._asking
+        if link is not None and link.transport is transport \
+                and server[1] == self.remote_address[1]:
+            return True
+        return asking is not None and asking.transport is transport \
+            and server[1] == self.requested[1] != 0
 
     def _supervise(self, link: Optional[Link]) -> None:
         """Keep the forward asked for on every new connection, until closed.
@@ -691,8 +706,7 @@ class Forwarding:
         with self._lock:
             tunnels = [t for t in self._tunnels if isinstance(t, RemoteTunnel)]
         for tunnel in tunnels:
-            link = tunnel._link
-            if link is not None and link.transport is transport and tunnel._owns(link, server):
+            if tunnel._owns(transport, server):
                 tunnel._received(chan, origin)
                 return True
         return False

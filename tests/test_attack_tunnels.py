@@ -303,3 +303,56 @@ def test_a_remote_port_refused_on_a_live_connection_is_asked_for_again(
             os.kill(stale, signal.SIGKILL)  # the server notices at last: the port is free
         wait_for(lambda: answers(port), "the port to be asked for again",
                  timeout=RECONNECT_PAUSE + 10)
+
+
+def first_clients_of_a_remote_forward(ex: SSHExecutor, backend_port: int, clients: int
+                                      ) -> List[Any]:
+    """What each of ``clients`` clients, all trying the port until it opens, got back for b"x"."""
+    free = socket.create_server(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    outcomes: List[Any] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not stop.is_set():
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            except OSError:
+                continue  # not forwarded yet: try again at once, to be among the first
+            with sock:
+                try:
+                    sock.sendall(b"x")
+                    outcomes.append(sock.recv(1))
+                except OSError as exc:
+                    outcomes.append(exc)
+            return
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        with ex.forward_remote(port, backend_port, remote_host="127.0.0.1"):
+            for thread in threads:
+                thread.join(20)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(20)
+    return outcomes
+
+
+@pytest.mark.parametrize("server_kind", ["sshd", "test server"])
+def test_the_first_clients_of_a_named_remote_port_are_forwarded(
+        server_kind: str, sshd: Any, make_test_server: Any, target: Any) -> None:
+    """A client the server forwards before our thread has seen its reply is ours already.
+
+    Such clients (say, retrying the port until it opens) used to be closed as
+    matching no forward: a clean end for a request never forwarded.
+    """
+    backend = target("echo")
+    server = sshd if server_kind == "sshd" else make_test_server()
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        for _ in range(6):  # the window is short: a few rounds of eight clients
+            assert first_clients_of_a_remote_forward(ex, backend.port, 8) == [b"x"] * 8
