@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import io
 import threading
+import warnings
+import weakref
 from typing import Any, Callable, Optional
 
 import paramiko
@@ -27,13 +29,17 @@ class ForwardedSocket:
     socket, `close` leaves the connection open while a file from `makefile`
     is still open (``http.client`` reads a response through its file after
     closing the socket); closing the last of them closes the channel and
-    frees its place under ``max_forwarded``.
+    frees its place under ``max_forwarded``. One dropped unclosed is closed
+    when garbage-collected (with a `ResourceWarning`), as a socket is.
     """
 
-    def __init__(self, chan: paramiko.Channel, release: Callable[[ForwardedSocket], None],
-                 name: str) -> None:
+    def __init__(self, chan: paramiko.Channel, release: Callable[[], None], name: str) -> None:
         self._chan = chan
-        self._release: Optional[Callable[[ForwardedSocket], None]] = release
+        self._release: Optional[Callable[[], None]] = release
+        # Dropped unclosed, it is closed when collected, as a socket is: else its place
+        # under max_forwarded would be gone for the executor's life.
+        self._finalizer = weakref.finalize(self, _abandoned, chan, release, name)
+        self._finalizer.atexit = False
         self._lock = threading.Lock()
         self._files = 0
         self._closing = False
@@ -151,23 +157,35 @@ class ForwardedSocket:
             release, self._release = self._release, None
         if release is None:
             return
-        try:
-            self._chan.close()
-        except TRANSPORT_ERRORS:
-            pass
-        finally:
-            release(self)
+        self._finalizer.detach()
+        _end(self._chan, release)
 
     def _forget_after_fork(self) -> None:
         """In a forked child: closed, without touching the parent's channel."""
         self._lock = threading.Lock()
         self._release = None
+        self._finalizer.detach()
 
     def __enter__(self) -> ForwardedSocket:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _end(chan: paramiko.Channel, release: Callable[[], None]) -> None:
+    """Close ``chan`` and give its place back."""
+    try:
+        chan.close()
+    except TRANSPORT_ERRORS:
+        pass
+    finally:
+        release()
+
+
+def _abandoned(chan: paramiko.Channel, release: Callable[[], None], name: str) -> None:
+    warnings.warn(f"unclosed forwarded connection to {name}", ResourceWarning, stacklevel=2)
+    _end(chan, release)
 
 
 class _ChannelIO(io.RawIOBase):

@@ -650,7 +650,8 @@ class Forwarding:
         self.limit = ForwardLimit(max_forwarded)
         self._lock = threading.Lock()
         self._tunnels: Set[Tunnel] = set()
-        self._sockets: Set[ForwardedSocket] = set()
+        #: Weakly: a socket dropped unclosed closes itself when collected.
+        self._sockets: weakref.WeakSet[ForwardedSocket] = weakref.WeakSet()
         _FORWARDINGS.add(self)
 
     # --- the executor's connection -------------------------------------------------
@@ -758,7 +759,7 @@ class Forwarding:
             self.limit.release()
             raise
         chan.settimeout(seconds)
-        sock = ForwardedSocket(chan, self._socket_closed, f"{target[0]}:{target[1]}")
+        sock = ForwardedSocket(chan, self.limit.release, f"{target[0]}:{target[1]}")
         with self._lock:
             self._sockets.add(sock)
         return sock
@@ -772,11 +773,6 @@ class Forwarding:
     def forget(self, tunnel: Tunnel) -> None:
         with self._lock:
             self._tunnels.discard(tunnel)
-
-    def _socket_closed(self, sock: ForwardedSocket) -> None:
-        with self._lock:
-            self._sockets.discard(sock)
-        self.limit.release()
 
     def close(self, then: Callable[[], None]) -> None:
         """Close every tunnel and forwarded socket; ``then()`` runs before awaiting their threads.
@@ -803,7 +799,7 @@ class Forwarding:
         self._lock = threading.Lock()
         self.limit = ForwardLimit(self.limit.limit)
         tunnels, self._tunnels = self._tunnels, set()
-        sockets, self._sockets = self._sockets, set()
+        sockets, self._sockets = list(self._sockets), weakref.WeakSet()
         for tunnel in tunnels:
             tunnel._forget_after_fork()
         for sock in sockets:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -196,7 +197,7 @@ def test_an_open_connection_waiting_under_the_cap_fails_with_the_executors_close
     and connect again, handing back a socket on a connection opened after close()."""
     backend = target("echo")
     ex = SSHExecutor(max_forwarded=1, **sshd.executor_parameters())
-    ex.open_connection("127.0.0.1", backend.port, timeout=10)
+    first = ex.open_connection("127.0.0.1", backend.port, timeout=10)
     outcome: List[Any] = []
 
     def wait() -> None:
@@ -216,6 +217,7 @@ def test_an_open_connection_waiting_under_the_cap_fails_with_the_executors_close
     assert isinstance(outcome[0], ExecutorFailure), outcome
     assert "closed" in str(outcome[0])
     assert ex.statistics().connects == 1
+    assert first.closed
 
 
 def test_close_during_a_forward_open_does_not_connect_again(make_test_server: Any,
@@ -356,3 +358,24 @@ def test_the_first_clients_of_a_named_remote_port_are_forwarded(
     with SSHExecutor(**server.executor_parameters()) as ex:
         for _ in range(6):  # the window is short: a few rounds of eight clients
             assert first_clients_of_a_remote_forward(ex, backend.port, 8) == [b"x"] * 8
+
+
+def test_a_forwarded_socket_dropped_unclosed_gives_its_place_back(sshd: Any, target: Any
+                                                                   ) -> None:
+    """Collected unclosed, it closes its channel (with a ResourceWarning), as a socket does.
+
+    The executor held every socket it handed out: one dropped unclosed kept
+    its channel and its place under max_forwarded for the executor's life.
+    """
+    backend = target("echo")
+    with SSHExecutor(max_forwarded=1, **sshd.executor_parameters()) as ex:
+        sock = ex.open_connection("127.0.0.1", backend.port, timeout=10)
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        with pytest.warns(ResourceWarning, match=f"127.0.0.1:{backend.port}"):
+            del sock
+            gc.collect()
+        wait_for(lambda: backend.connected == 0, "the channel to be closed", timeout=10)
+        with ex.open_connection("127.0.0.1", backend.port, timeout=10) as again:
+            again.sendall(b"y")
+            assert again.recv(1) == b"y"
