@@ -270,27 +270,44 @@ class LocalTunnel(Tunnel):
 
     def __init__(self, forwarding: Forwarding, remote: Address, local: Address) -> None:
         family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
+        # Everything the listening thread needs is had here, so that a shortage of
+        # descriptors or threads is the caller's error, not a tunnel that never listens.
+        self._held: List[Any] = []
         try:
+            listener = self._hold(socket.socket(family, socket.SOCK_STREAM))
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind(local)
             listener.listen(128)
+            self._wake_reader, self._wake_writer = map(self._hold, socket.socketpair())
+            self._selector = self._hold(selectors.DefaultSelector())
         except OSError as exc:
-            listener.close()
+            self._release_held()
             raise ExecutorFailure(f"cannot listen on {local[0]}:{local[1]}: {exc}") from None
         self._listener = listener
         self.local_address: Address = listener.getsockname()[:2]
         self.remote = remote
         super().__init__(forwarding, f"{self.local_address[0]}:{self.local_address[1]} -> "
                                      f"{remote[0]}:{remote[1]}")
-        self._wake_reader, self._wake_writer = socket.socketpair()
         self._accepting = threading.Thread(target=self._accept, daemon=True,
                                            name=f"paramiko_executor tunnel {self.name}")
-        self._accepting.start()
+        try:
+            self._accepting.start()
+        except RuntimeError as exc:
+            self._release_held()
+            raise ExecutorFailure(f"cannot listen on {self.name}: {exc}") from None
+
+    def _hold(self, resource: Any) -> Any:
+        self._held.append(resource)
+        return resource
+
+    def _release_held(self) -> None:
+        """Close the listener, the wake-up pair and the selector (in a forked child: its copies)."""
+        for resource in self._held:
+            resource.close()
 
     def _accept(self) -> None:
         try:
-            with selectors.DefaultSelector() as selector:
+            with self._selector as selector:
                 selector.register(self._listener, selectors.EVENT_READ)
                 selector.register(self._wake_reader, selectors.EVENT_READ)
                 short = False  # out of descriptors: warned once until a client is accepted
@@ -337,8 +354,7 @@ class LocalTunnel(Tunnel):
 
     def _forget_after_fork(self) -> None:
         super()._forget_after_fork()
-        for sock in (self._listener, self._wake_reader, self._wake_writer):
-            sock.close()
+        self._release_held()
 
     def _join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -379,3 +379,27 @@ def test_a_forwarded_socket_dropped_unclosed_gives_its_place_back(sshd: Any, tar
         with ex.open_connection("127.0.0.1", backend.port, timeout=10) as again:
             again.sendall(b"y")
             assert again.recv(1) == b"y"
+
+
+def test_a_tunnel_that_cannot_have_its_descriptors_is_an_executor_failure(sshd: Any) -> None:
+    """Out of descriptors at forward_local: ExecutorFailure, and nothing held (the port free).
+
+    The listener was bound before the rest was had: a raw OSError came out
+    and the bound listener was left to the garbage collector.
+    """
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        fds = open_fds()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free + 1, hard))  # the listener only
+        try:
+            with pytest.raises(ExecutorFailure, match="cannot listen"):
+                ex.forward_local(5432, local_port=0)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert open_fds() == fds
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
