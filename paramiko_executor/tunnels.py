@@ -429,6 +429,8 @@ class RemoteTunnel(Tunnel):
             bound = reply.message.get_int() if port == 0 else port
             self.remote_address = (address, bound)
             self._link = link
+            if self._closed.is_set():  # closed while asking: `close` saw no port to cancel
+                self._stop_listening()
             return True
         finally:
             self._asking = None

@@ -403,3 +403,38 @@ def test_a_tunnel_that_cannot_have_its_descriptors_is_an_executor_failure(sshd: 
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_remote_forward_closed_while_its_port_is_asked_for_gives_the_port_back(
+        make_test_server: Any, target: Any) -> None:
+    """close() during a request for the port (the supervisor's after a reconnect, or here
+    the first one) cancels it once granted; the server used to keep listening for good."""
+    server = make_test_server()
+    backend = target("echo")
+    free = socket.create_server(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("echo ok").stdout == "ok\n"
+        asking = threading.Thread(
+            target=lambda: ex.forward_remote(port, backend.port, remote_host="127.0.0.1"))
+        server.freeze()  # the request waits for its answer
+        try:
+            asking.start()
+            wait_for(lambda: any(t._asking for t in list(ex._forwarding._tunnels)),
+                     "the request for the port")
+            (tunnel,) = list(ex._forwarding._tunnels)
+            tunnel.close()
+        finally:
+            server.thaw()
+        asking.join(10)
+        assert not asking.is_alive()
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+
+        wait_for(refused, "the server to stop listening on the port", timeout=10)
