@@ -847,6 +847,9 @@ def _forward(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         with executor:
+            # Log in first, as ssh -N does: refused credentials or an unknown
+            # host key fail the command, not each client that arrives later.
+            executor._get_link()
             for bind, port, host, host_port in args.local:
                 tunnel = executor.forward_local(host_port, host, local_port=port,
                                                 local_host=bind or "127.0.0.1")

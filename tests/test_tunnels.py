@@ -617,6 +617,29 @@ def test_the_forward_command_carries_l_and_r_until_terminated(sshd: Any, make_ba
             proc.wait()
 
 
+def test_the_forward_command_fails_at_once_on_refused_credentials(sshd: Any, tmp_path: Any
+                                                                   ) -> None:
+    """As ``ssh -N``: the login comes first, so a refused key is the command's exit status."""
+    import subprocess
+    import sys
+
+    import paramiko_executor
+
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)],
+                   check=True, stdin=subprocess.DEVNULL)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(paramiko_executor.__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "paramiko_executor", "forward", "--host", "127.0.0.1",
+         "--port", str(sshd.port), "--user", sshd.username, "--key", str(stranger),
+         "--known-hosts", str(sshd.known_hosts_path), "--ssh-config", "none",
+         "-L", "0:127.0.0.1:9"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=root))
+    assert proc.returncode == 255, proc.stderr
+    assert b"-L" not in proc.stdout  # no forward was announced
+
+
 def test_the_forward_command_reads_specs_as_ssh_does() -> None:
     from paramiko_executor.cli import _forward_spec, main
 
