@@ -269,7 +269,9 @@ class _Login:
     # -- outcome classification -------------------------------------------------------------
 
     def fail(self, reason: str) -> AuthenticationFailure:
-        allowed = ", ".join(self.allowed) if self.allowed is not None else "unknown"
+        # The method names are the server's text, like its prompts.
+        allowed = (", ".join(printable(method) for method in self.allowed)
+                   if self.allowed is not None else "unknown")
         tried = "; ".join(self.tried) or "nothing"
         return AuthenticationFailure(
             f"Authentication as {self.creds.username!r} on {self.target} failed: {reason} "

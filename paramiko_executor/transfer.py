@@ -484,7 +484,11 @@ class _Session:
             data, at = _get_string(body, at, "a VERSION reply")
             self.extensions[bytes(name).decode("utf-8", "replace")] = bytes(data)
         if _LIMITS in self.extensions:
-            reply, limits = self.call(_FXP_EXTENDED, _string(_LIMITS), until=until)
+            try:
+                reply, limits = self.call(_FXP_EXTENDED, _string(_LIMITS), until=until)
+            except TimeoutError:
+                # Still negotiating: bounded by NEGOTIATION_TIMEOUT, not only the deadline.
+                self._negotiation_timed_out(until, f"no answer to {_LIMITS}")
             if reply == _FXP_EXTENDED_REPLY:
                 _packet, read_max, write_max = _unpack(_LIMITS_REPLY, limits, 5, "limits")
                 # 0 means "no limit" in OpenSSH's extension.

@@ -1,0 +1,182 @@
+"""Issue 19 attacked by someone who did not write it: hostile servers and local attackers.
+
+Each test reproduces one thing the attack found broken (it failed on the main of the
+time); the hostile servers are small paramiko servers on 127.0.0.1, the SFTP one is
+`test_files_trust.HostileSFTPServer` with a behaviour of its own where a scenario of
+replies cannot say it.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import threading
+from typing import Any, Callable, Dict, Iterator, List
+
+import paramiko
+import pytest
+from paramiko.common import cMSG_CHANNEL_DATA
+from paramiko.message import Message
+from test_files_trust import FXP, HostileSFTPServer, packet, read_packet, status, string
+
+from paramiko_executor import AuthenticationFailure, ExecutorFailure, SSHExecutor
+from paramiko_executor import transfer as transfer_module
+
+_U32 = struct.Struct(">I")
+ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202e"
+
+
+def raw_controls(text: str) -> List[str]:
+    """The characters of ``text`` that would drive a terminal (C0, DEL, C1, bidi overrides)."""
+    return [c for c in text if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c == "\u202e"]
+
+
+class AttackSFTPServer(HostileSFTPServer):
+    """A `HostileSFTPServer` whose subsystem is ``behaviour(server, channel)`` after INIT."""
+
+    def __init__(self, directory: Any, behaviour: Callable[[Any, paramiko.Channel], None]
+                 ) -> None:
+        self.behaviour = behaviour
+        self.done = threading.Event()
+        super().__init__(directory, {})
+
+    def serve(self, chan: paramiko.Channel) -> None:
+        chan.settimeout(30)
+        try:
+            read_packet(chan)  # INIT
+            self.behaviour(self, chan)
+        except (EOFError, OSError, paramiko.SSHException):
+            pass
+        finally:
+            self.done.set()
+
+
+@pytest.fixture
+def attack(tmp_path: Any) -> Iterator[Callable[..., AttackSFTPServer]]:
+    servers: List[AttackSFTPServer] = []
+
+    def make(behaviour: Callable[[Any, paramiko.Channel], None]) -> AttackSFTPServer:
+        directory = tmp_path / f"attack-{len(servers)}"
+        directory.mkdir()
+        servers.append(AttackSFTPServer(directory, behaviour))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def send_data_unchecked(chan: paramiko.Channel, data: bytes) -> None:
+    """Channel data sent whatever window the client granted (paramiko's sendall waits for it)."""
+    m = Message()
+    m.add_byte(cMSG_CHANNEL_DATA)
+    m.add_int(chan.remote_chanid)
+    m.add_string(data)
+    chan.transport._send_user_message(m)
+
+
+# --- SFTP: a limits@openssh.com request never answered ----------------------------------------
+
+
+def version_then_silence(server: Any, chan: paramiko.Channel) -> None:
+    chan.sendall(packet(FXP["VERSION"], _U32.pack(3), string(b"limits@openssh.com"),
+                        string(b"1")))
+    while True:  # reads every request, answers none
+        read_packet(chan)
+
+
+@pytest.mark.parametrize("timeout", [None, 20.0])
+def test_a_server_silent_after_its_version_is_an_executor_failure(attack, tmp_path, monkeypatch,
+                                                                  timeout):
+    """Was: with no timeout, `TypeError: unsupported format string passed to NoneType`."""
+    monkeypatch.setattr(transfer_module, "NEGOTIATION_TIMEOUT", 1.0)
+    server = attack(version_then_silence)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        for call in (lambda: ex.get("/file", str(tmp_path / "copy"), timeout=timeout),
+                     lambda: ex.put(io.BytesIO(b"data"), "/file", timeout=timeout)):
+            with pytest.raises(ExecutorFailure, match="did not start SFTP"):
+                call()
+        assert ex.statistics().reconnects == 0
+
+
+# --- SFTP: data past the window -----------------------------------------------------------------
+
+
+def overrun_while_the_client_sends(server: Any, chan: paramiko.Channel) -> None:
+    """Take the upload's first requests, stop reading (the client's send window runs out),
+    and send the client three windows' worth of data it never granted."""
+    chan.sendall(packet(FXP["VERSION"], _U32.pack(3)))
+    for _ in range(2):  # STAT and OPEN, sent at once
+        kind, request_id, _payload = read_packet(chan)
+        chan.sendall(status(request_id, 2, b"No such file") if kind == FXP["STAT"]
+                     else packet(FXP["HANDLE"], _U32.pack(request_id), string(b"h")))
+    granted = chan.out_window_size
+    server.overrun = 0
+    blob = b"\0" * 32768
+    while server.overrun < 3 * max(granted, 1 << 21) and chan.transport.is_active():
+        send_data_unchecked(chan, blob)
+        server.overrun += len(blob)
+    server.done.wait(60)
+
+
+@pytest.mark.hang_timeout(120)
+def test_an_sftp_server_overrunning_the_window_ends_the_transfer(attack):
+    """Was: paramiko buffered all of it (the client grew by whatever the server sent) and the
+    upload ended only at its timeout, as a `TransferTimeout`."""
+    server = attack(overrun_while_the_client_sends)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        with pytest.raises(ExecutorFailure, match="SFTP protocol error.*window") as caught:
+            ex.put(io.BytesIO(b"x" * (16 << 20)), "/file", timeout=60)
+        assert "timed out" not in str(caught.value)
+        assert ex.statistics().reconnects == 0
+
+
+# --- authentication: the server's list of methods -----------------------------------------------
+
+
+class _MethodsInterface(paramiko.ServerInterface):
+    def get_allowed_auths(self, username: str) -> str:
+        return "password," + ESCAPES
+
+    def check_auth_password(self, username: str, password: str) -> int:
+        return paramiko.AUTH_FAILED
+
+
+@pytest.fixture
+def methods_server() -> Iterator[int]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    transports: List[paramiko.Transport] = []
+    host_key = paramiko.ECDSAKey.generate()
+
+    def serve() -> None:
+        try:
+            sock, _ = listener.accept()
+        except OSError:
+            return
+        transport = paramiko.Transport(sock)
+        transport.add_server_key(host_key)
+        transports.append(transport)
+        transport.start_server(server=_MethodsInterface())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    listener.close()
+    thread.join(15)
+    for transport in transports:
+        transport.close()
+
+
+def test_the_servers_method_names_are_escaped_in_an_authentication_failure(methods_server):
+    """Was: "server allows: password, <ESC>]0;pwned<BEL>..." raw in the exception text."""
+    parameters: Dict[str, Any] = dict(
+        host="127.0.0.1", port=methods_server, username="u", password="p", known_hosts=None,
+        config=(), allow_agent=False, look_for_keys=False, connect_retries=0)
+    with SSHExecutor(**parameters) as ex:
+        with pytest.raises(AuthenticationFailure) as caught:
+            ex.run_command("true", timeout=30)
+    text = str(caught.value)
+    assert "server allows" in text and "\\x1b]0;pwned" in text
+    assert raw_controls(text) == []
