@@ -45,6 +45,10 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     ("Unexpected service in service request", paramiko issue 2405). The
     service is asked for once, together with the first request; a refusal's
     list of the methods that can continue, which paramiko drops, is kept.
+``Channel.in_window_sofar``
+    What was read from those buffers and not yet given back as window: with
+    what they hold, what the server used of its window (`window_unreturned`),
+    since paramiko does not refuse data past it.
 ``Transport.saved_exception``
     Read to tell a channel closed by the connection's end from one the server
     closed (`connection_error`).
@@ -99,6 +103,7 @@ __all__ = [
     "transport_reading",
     "UserAuth",
     "window_to_return",
+    "window_unreturned",
     "wrap_disconnect",
     "wrap_handlers",
 ]
@@ -131,6 +136,7 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("AuthHandler", "_request_auth"),
     ("AuthHandler", "_parse_service_accept"),
     ("AuthHandler", "_parse_userauth_failure"),
+    ("Channel", "in_window_sofar"),
     ("Transport", "saved_exception"),
     ("Ed25519Key", "_signing_key"),
     ("Transport", "_unlink_channel"),
@@ -232,6 +238,11 @@ def forget_channel(transport: paramiko.Transport, chanid: int) -> None:
 def window_to_return(chan: paramiko.Channel, consumed: int) -> int:
     """How much window to give back after ``consumed`` bytes were taken (0: not yet)."""
     return chan._check_add_window(consumed)
+
+
+def window_unreturned(chan: paramiko.Channel) -> int:
+    """Bytes read from ``chan``'s receive buffers and not yet given back as window."""
+    return int(chan.in_window_sofar)
 
 
 def replace_send_condition(chan: paramiko.Channel, condition: Any) -> None:

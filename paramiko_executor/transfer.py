@@ -111,6 +111,7 @@ from .internals import (
     replace_send_condition,
     reply_arrived,
     send_awaiting_reply,
+    window_unreturned,
 )
 from .text import printable
 
@@ -156,6 +157,9 @@ LOCAL_BLOCK = 1024 * 1024
 #: Longest SFTP packet accepted while negotiating; a longer "length" means the
 #: channel carries something else (a forced command's output).
 _MAX_VERSION_PACKET = 256 * 1024
+
+#: Seconds a send blocked on the server's window waits before it checks our own window.
+_SEND_POLL = 1.0
 
 #: Bytes of the server's stderr kept for error messages.
 _STDERR_KEPT = 300
@@ -206,6 +210,35 @@ _HEAD = struct.Struct(">IBI")  # length, type, request id
 _LIMITS_REPLY = struct.Struct(">QQQ")  # max packet, read and write lengths
 
 
+class _ReceiveWindow:
+    """The receive window of one SFTP channel, kept by its `_Inbox` es.
+
+    paramiko does not refuse data past the window it granted, so a server
+    could grow the buffers without bound. What the inboxes hold, plus what
+    was read from them and not given back yet, is what the server used of
+    the window: data past it is dropped and ends every inbox, and the reader
+    raises a protocol error (`_Session._check_window`).
+    """
+
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self._chan = chan
+        self.inboxes: List[_Inbox] = []
+        #: What the server overran the window with (set once, by the transport thread).
+        self.violation: Optional[str] = None
+
+    def admit(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit the window. Called with the inboxes' condition held."""
+        if self.violation is None:
+            used = sum(len(inbox) for inbox in self.inboxes) + window_unreturned(self._chan)
+            left = self._chan.in_window_size - used
+            if size <= left:
+                return True
+            self.violation = f"{size} bytes of data with {max(0, left)} bytes of window left"
+        for inbox in self.inboxes:
+            inbox.end()
+        return False
+
+
 class _Inbox:
     """Stand-in for paramiko's ``BufferedPipe`` under one stream of an SFTP channel.
 
@@ -213,10 +246,14 @@ class _Inbox:
     says how many bytes it needs (`wait_for`), and is woken only once that
     many are here, the stream ended, or (shared condition) the other stream
     of the channel got data: one wake-up per SFTP reply, not per packet.
+    The inboxes of one channel share ``cond`` and ``window``: data past the
+    window ends them (see `_ReceiveWindow`).
     """
 
-    def __init__(self, cond: threading.Condition, want: int) -> None:
+    def __init__(self, cond: threading.Condition, want: int, window: _ReceiveWindow) -> None:
         self._cond = cond
+        self._window = window
+        window.inboxes.append(self)
         self._chunks: Deque[bytes] = deque()
         self._size = 0
         self._closed = False
@@ -228,6 +265,8 @@ class _Inbox:
 
     def feed(self, data: bytes) -> None:
         with self._cond:
+            if not self._window.admit(len(data)):
+                return
             self._chunks.append(data)
             self._size += len(data)
             if self._event is not None:
@@ -237,10 +276,14 @@ class _Inbox:
 
     def close(self) -> None:
         with self._cond:
-            self._closed = True
-            if self._event is not None:
-                self._event.set()
-            self._cond.notify_all()
+            self.end()
+
+    def end(self) -> None:
+        """`close`, with the condition held."""
+        self._closed = True
+        if self._event is not None:
+            self._event.set()
+        self._cond.notify_all()
 
     def set_event(self, event: threading.Event) -> None:
         with self._cond:
@@ -462,8 +505,9 @@ class _Session:
         self._unsent: Optional[bytes] = None
         self._stderr = b""  # the start of what the server wrote on stderr
         cond = threading.Condition(threading.Lock())
-        self._out = _Inbox(cond, want=1 << 62)
-        self._err = _Inbox(cond, want=1)
+        self._window = _ReceiveWindow(chan)
+        self._out = _Inbox(cond, want=1 << 62, window=self._window)
+        self._err = _Inbox(cond, want=1, window=self._window)
         # Replaced before the subsystem starts: nothing can have arrived yet.
         replace_receive_buffers(chan, self._out, self._err)
         replace_send_condition(chan, _WindowCondition(chan))
@@ -520,6 +564,7 @@ class _Session:
                 raise self._not_started("it answered something that is not SFTP")
             reason = self._await(4 + size, until)
         if reason == "closed":
+            self._check_window()
             self._check_transport()
             raise self._not_started("it ended the session without answering")
         if reason == "timeout":
@@ -563,7 +608,13 @@ class _Session:
         if transport is None or not transport.is_active() or error is not None:
             raise EOFError(f"the connection was lost during the SFTP session: {error!r}")
 
+    def _check_window(self) -> None:
+        """Raise `ProtocolError` if the server sent more than the window allowed."""
+        if self._window.violation is not None:
+            raise _malformed(f"more data than its window allowed ({self._window.violation})")
+
     def _channel_ended(self) -> None:
+        self._check_window()
         self._check_transport()
         raise ExecutorFailure("the server closed the SFTP session unexpectedly")
 
@@ -590,11 +641,16 @@ class _Session:
             try:
                 if left is not None and left <= 0:
                     raise socket.timeout()
-                chan.settimeout(left)
+                # In slices: a server that holds back our window while it
+                # overruns its own must not hold the send until the deadline.
+                chan.settimeout(_SEND_POLL if left is None else min(left, _SEND_POLL))
                 # paramiko sends one channel packet's worth per call; a
                 # memoryview slice spares a copy of the rest each time.
                 n = chan.send(data[sent:])
             except socket.timeout:
+                self._check_window()
+                if left is None or left > _SEND_POLL:
+                    continue
                 if sent:
                     self._unsent = data[sent:].tobytes()
                 raise TimeoutError("the deadline passed while sending SFTP requests") from None

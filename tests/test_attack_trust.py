@@ -111,10 +111,17 @@ def overrun_while_the_client_sends(server: Any, chan: paramiko.Channel) -> None:
         kind, request_id, _payload = read_packet(chan)
         chan.sendall(status(request_id, 2, b"No such file") if kind == FXP["STAT"]
                      else packet(FXP["HANDLE"], _U32.pack(request_id), string(b"h")))
+    # Unread, the client's WRITEs fill this side's window: the client blocks in its send.
+    for _ in range(3000):
+        if len(chan.in_buffer) > chan.in_window_size // 2:
+            break
+        threading.Event().wait(0.01)
     granted = chan.out_window_size
-    server.overrun = 0
+    # A reply's length first: a client that reads it waits for a whole MiB that never comes.
+    send_data_unchecked(chan, _U32.pack(1 << 20))
+    server.overrun = 4
     blob = b"\0" * 32768
-    while server.overrun < 3 * max(granted, 1 << 21) and chan.transport.is_active():
+    while server.overrun < 3 * granted and chan.transport.is_active():
         send_data_unchecked(chan, blob)
         server.overrun += len(blob)
     server.done.wait(60)
