@@ -525,7 +525,14 @@ class SessionChannel:
             self._acknowledge(len(data))
 
     def replied(self, success: bool) -> None:
-        kind = self._awaiting.popleft() if self._awaiting else "?"
+        """A reply to the oldest request still awaiting one arrived.
+
+        A reply to no request is dropped, as OpenSSH's client drops it: kept,
+        a server could grow the record without bound.
+        """
+        if not self._awaiting:
+            return
+        kind = self._awaiting.popleft()
         if kind == "exec":
             self.exec_accepted = success
         self.replies.append((kind, success))

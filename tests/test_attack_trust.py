@@ -16,9 +16,10 @@ from typing import Any, Callable, Dict, Iterator, List
 
 import paramiko
 import pytest
-from paramiko.common import cMSG_CHANNEL_DATA
+from paramiko.common import cMSG_CHANNEL_DATA, cMSG_CHANNEL_SUCCESS
 from paramiko.message import Message
 from test_files_trust import FXP, HostileSFTPServer, packet, read_packet, status, string
+from test_origin import HostileServer, finish, send_raw
 
 from paramiko_executor import AuthenticationFailure, ExecutorFailure, SSHExecutor
 from paramiko_executor import transfer as transfer_module
@@ -113,7 +114,7 @@ def overrun_while_the_client_sends(server: Any, chan: paramiko.Channel) -> None:
                      else packet(FXP["HANDLE"], _U32.pack(request_id), string(b"h")))
     # Unread, the client's WRITEs fill this side's window: the client blocks in its send.
     for _ in range(3000):
-        if len(chan.in_buffer) > chan.in_window_size // 2:
+        if len(chan.in_buffer) + chan.in_window_sofar >= chan.in_window_size:
             break
         threading.Event().wait(0.01)
     granted = chan.out_window_size
@@ -187,3 +188,50 @@ def test_the_servers_method_names_are_escaped_in_an_authentication_failure(metho
     text = str(caught.value)
     assert "server allows" in text and "\\x1b]0;pwned" in text
     assert raw_controls(text) == []
+
+
+# --- a command's channel: replies to requests never sent --------------------------------------
+
+UNSOLICITED = 20000
+
+
+@pytest.fixture
+def command_server() -> Iterator[Callable[..., HostileServer]]:
+    """`test_origin.HostileServer`: each exec'd command answered as its behaviour says."""
+    servers: List[HostileServer] = []
+
+    def make(behaviours: Dict[bytes, Callable[[paramiko.Channel], None]]) -> HostileServer:
+        servers.append(HostileServer(behaviours))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def test_replies_to_requests_never_sent_are_not_kept(command_server: Any) -> None:
+    """Was: each one kept for the life of the command (a server grew the client's memory at
+    the rate it sent them). OpenSSH's client drops them too."""
+    looked = threading.Event()
+
+    def unsolicited_replies(chan: paramiko.Channel) -> None:
+        for _ in range(UNSOLICITED):
+            send_raw(chan, cMSG_CHANNEL_SUCCESS)
+        chan.sendall(b"marker\n")
+        looked.wait(30)  # the channel (and its record of replies) lives until then
+        finish(chan)
+
+    server = command_server({b"replies": unsolicited_replies})
+    kept: List[int] = []
+    with SSHExecutor(**server.parameters()) as ex:
+
+        def on_output(stream: str, line: Any) -> None:
+            # The transport thread handles a channel's messages in order: every reply is in.
+            sessions = ex._connection.link.sessions.values()
+            kept.append(max(len(session.replies) for session in sessions))
+            looked.set()
+
+        result = ex.run_command("replies", on_output=on_output, timeout=60)
+        assert result.stdout == "marker\n"
+        assert ex.statistics().reconnects == 0
+    assert kept and kept[0] <= 1, kept
