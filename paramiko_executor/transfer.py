@@ -572,6 +572,11 @@ class _Session:
         body = memoryview(self.chan.recv(_U32.unpack(self.chan.recv(4))[0]))
         if body[0] != _FXP_VERSION:
             raise self._not_started("it answered something that is not SFTP")
+        # The server answers with the version both use, at most the client's: every packet
+        # of a later version (their ATTRS first) reads differently.
+        (version,) = _U32.unpack_from(body, 1)
+        if version > 3:
+            raise _malformed(f"version {version} in answer to version 3")
         return body
 
     def _negotiation_timed_out(self, until: float, why: str) -> NoReturn:

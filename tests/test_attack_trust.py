@@ -101,6 +101,34 @@ def test_a_server_silent_after_its_version_is_an_executor_failure(attack, tmp_pa
         assert ex.statistics().reconnects == 0
 
 
+# --- SFTP: a version the client never offered --------------------------------------------------
+
+
+@pytest.fixture
+def hostile_sftp(tmp_path: Any) -> Iterator[Callable[[Dict[str, Any]], HostileSFTPServer]]:
+    servers: List[HostileSFTPServer] = []
+
+    def make(scenario: Dict[str, Any]) -> HostileSFTPServer:
+        directory = tmp_path / f"hostile-{len(servers)}"
+        directory.mkdir()
+        servers.append(HostileSFTPServer(directory, scenario))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize("version", [4, 6, 0xFFFFFFFF])
+def test_a_version_above_the_clients_is_a_protocol_error(hostile_sftp, tmp_path, version):
+    """Was: taken as version 3, whose ATTRS (the modes `get` gives) read differently."""
+    server = hostile_sftp({"version": packet(FXP["VERSION"], _U32.pack(version))})
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        with pytest.raises(ExecutorFailure, match=f"SFTP protocol error.*version {version}"):
+            ex.get("/file", str(tmp_path / "copy"), timeout=30)
+    assert not (tmp_path / "copy").exists()
+
+
 # --- SFTP: data past the window -----------------------------------------------------------------
 
 
