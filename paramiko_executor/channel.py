@@ -83,7 +83,7 @@ from .internals import (
 from .output import LineSplitter, LiveStream, OutputBuffer, line_splitters
 from .results import Output
 from .slots import Slots
-from .text import printable
+from .text import EscapingFilter, printable
 
 __all__ = [
     "ChannelOutcome",
@@ -196,6 +196,7 @@ class _RefusalsExpected(logging.Filter):
 
 
 _REFUSALS_EXPECTED = _RefusalsExpected()
+_SERVER_TEXT_ESCAPED = EscapingFilter()
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,7 @@ def install_channel_hooks(transport: paramiko.Transport,
     # A logger of our own below paramiko's, so that the filter touches only our transports.
     transport.set_log_channel(transport.get_log_channel() + ".paramiko_executor")
     transport.logger.addFilter(_REFUSALS_EXPECTED)
+    transport.logger.addFilter(_SERVER_TEXT_ESCAPED)
 
     def data(on_data: Handler) -> Handler:
         def handle(chan: paramiko.Channel, m: Message) -> None:

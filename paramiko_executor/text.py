@@ -9,7 +9,9 @@ built from server data passes through :func:`printable`.
 
 from __future__ import annotations
 
-__all__ = ["one_line", "printable"]
+import logging
+
+__all__ = ["EscapingFilter", "one_line", "printable"]
 
 
 def _escape(char: str) -> str:
@@ -34,3 +36,19 @@ def printable(text: object) -> str:
 def one_line(text: object) -> str:
     """``text`` with its whitespace runs folded to single spaces, then made `printable`."""
     return printable(" ".join(str(text).split()))
+
+
+class EscapingFilter(logging.Filter):
+    """Escapes each record's message through `printable`; drops none.
+
+    For paramiko's records on the executor's transports: they quote the
+    server (its version string, before its host key is checked; debug
+    dumps of what it sent), and reach whatever handlers the application
+    configured.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg, record.args = printable(message), None
+        return True

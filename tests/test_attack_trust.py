@@ -9,6 +9,7 @@ replies cannot say it.
 from __future__ import annotations
 
 import io
+import logging
 import socket
 import struct
 import threading
@@ -192,6 +193,7 @@ def methods_server() -> Iterator[int]:
         except OSError:
             return
         transport = paramiko.Transport(sock)
+        transport.local_version = "SSH-2.0-" + ESCAPES  # what paramiko logs as it connects
         transport.add_server_key(host_key)
         transports.append(transport)
         transport.start_server(server=_MethodsInterface())
@@ -216,6 +218,21 @@ def test_the_servers_method_names_are_escaped_in_an_authentication_failure(metho
     text = str(caught.value)
     assert "server allows" in text and "\\x1b]0;pwned" in text
     assert raw_controls(text) == []
+
+
+def test_paramikos_records_on_the_executors_transports_are_escaped(methods_server, caplog):
+    """Was: "Remote version/idstring: SSH-2.0-<ESC>]0;pwned..." raw to the application's
+    handlers (before the host key is even checked)."""
+    caplog.set_level(logging.DEBUG)
+    with SSHExecutor(host="127.0.0.1", port=methods_server, username="u", password="p",
+                     known_hosts=None, config=(), allow_agent=False, look_for_keys=False,
+                     connect_retries=0) as ex:
+        with pytest.raises(AuthenticationFailure):
+            ex.run_command("true", timeout=30)
+    ours = [r.getMessage() for r in caplog.records
+            if r.name.startswith(("paramiko_executor", "paramiko.transport.paramiko_executor"))]
+    assert any("Remote version" in message and "\\x1b]0;pwned" in message for message in ours)
+    assert [message for message in ours if raw_controls(message)] == []
 
 
 # --- a command's channel: replies to requests never sent --------------------------------------
