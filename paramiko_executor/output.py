@@ -154,23 +154,34 @@ class LineSplitter:
         self._callback = callback
         self._decoder = (None if encoding is None
                          else codecs.getincrementaldecoder(encoding)("replace"))
-        self._partial: Any = b"" if encoding is None else ""
+        self._empty: Any = b"" if encoding is None else ""
+        # The unterminated line so far, in the pieces it came in: joined once, when it ends,
+        # so that a long line (a progress bar drawn with \r for hours) costs its length once,
+        # not its length again with every chunk.
+        self._pieces: List[Any] = []
 
     def feed(self, data: bytes, final: bool = False) -> None:
         text = data if self._decoder is None else self._decoder.decode(data, final)
         if not text:
             return
         newline = b"\n" if self._decoder is None else "\n"
-        lines = (self._partial + text).split(newline)
-        self._partial = lines.pop()
+        lines = text.split(newline)
+        if len(lines) == 1:
+            self._pieces.append(text)
+            return
+        self._pieces.append(lines[0])
+        lines[0] = self._empty.join(self._pieces)
+        last = lines.pop()
+        self._pieces = [last] if last else []
         for line in lines:
             self._callback(self._stream, line + newline)
 
     def finish(self) -> None:
         if self._decoder is not None:
             self.feed(b"", final=True)
-        if self._partial:
-            partial, self._partial = self._partial, self._partial[:0]
+        if self._pieces:
+            partial = self._empty.join(self._pieces)
+            self._pieces = []
             self._callback(self._stream, partial)
 
 

@@ -24,6 +24,7 @@ from test_origin import HostileServer, finish, send_raw
 
 from paramiko_executor import AuthenticationFailure, ExecutorFailure, SSHExecutor
 from paramiko_executor import transfer as transfer_module
+from paramiko_executor.output import LineSplitter
 
 _U32 = struct.Struct(">I")
 ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202e"
@@ -280,3 +281,33 @@ def test_replies_to_requests_never_sent_are_not_kept(command_server: Any) -> Non
         assert result.stdout == "marker\n"
         assert ex.statistics().reconnects == 0
     assert kept and kept[0] <= 1, kept
+
+
+
+# --- live output: a line that never ends -------------------------------------------------------
+
+
+class CountingChunk(bytes):
+    """A chunk of output that counts the bytes copied in front of it (``earlier + chunk``)."""
+
+    copied = 0
+
+    def __radd__(self, earlier: bytes) -> bytes:
+        CountingChunk.copied += len(earlier)
+        return bytes(earlier) + bytes(self)
+
+
+def test_a_line_that_never_ends_is_not_copied_again_per_chunk(monkeypatch):
+    """Was: each chunk copied the whole unterminated piece again, quadratic in the line's
+    length: a progress bar drawn with \r for hours (or 40 MB of a binary in 32 KiB chunks:
+    94 s) grew slower with every chunk. Now the pieces are joined once, when the line ends."""
+    monkeypatch.setattr(CountingChunk, "copied", 0)
+    lines: List[bytes] = []
+    splitter = LineSplitter("stdout", lambda stream, line: lines.append(line), None)
+    chunks = 2000
+    for _ in range(chunks):
+        splitter.feed(CountingChunk(b"\r 42% [====>    ]"))
+    splitter.feed(CountingChunk(b"\rdone\nnext"))
+    splitter.finish()
+    assert lines == [b"\r 42% [====>    ]" * chunks + b"\rdone\n", b"next"]
+    assert CountingChunk.copied <= 2 * len(lines[0])
