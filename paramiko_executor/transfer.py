@@ -885,14 +885,18 @@ class _Session:
 
         ``size`` (from FSTAT) only decides how far to ask ahead: the file may
         grow or shrink meanwhile, and its end is where the server says EOF.
+        Reads are asked at most `IN_FLIGHT` bytes past what was written: data
+        that came ahead of a missing reply waits in memory, and a server that
+        withholds one reply must not make the client hold the whole file.
         """
         handle_field = _string(handle)
         block = self.block
         limit = self._limit()
+        ahead = limit * block
         total = -1 if size is None else size
         known = size  # None once the file turned out longer than FSTAT said
         outstanding: Dict[int, Tuple[int, int]] = {}
-        parked: Dict[int, memoryview] = {}  # data that came before the data ahead of it
+        parked: Dict[int, bytes] = {}  # data that came before the data ahead of it
         ask_at = done = 0
         end: Optional[int] = None
 
@@ -903,7 +907,8 @@ class _Session:
         while True:
             # Ask up to and including one read at the expected end, whose EOF
             # ends the transfer without a round trip of its own.
-            while end is None and len(outstanding) < limit and (known is None or ask_at <= known):
+            while (end is None and len(outstanding) < limit and ask_at - done < ahead
+                   and (known is None or ask_at <= known)):
                 ask(ask_at, block)
                 ask_at += block
             if not outstanding:
@@ -924,13 +929,16 @@ class _Session:
             if known is not None and offset + got > known:
                 known = None
             if offset != done:
-                parked[offset] = body[9 : 9 + got]
+                if len(parked) >= 4 * limit:  # pieces of a byte each, say
+                    raise _malformed(f"{len(parked)} replies out of order")
+                # A copy: a view would keep the whole reply, however long, alive.
+                parked[offset] = bytes(body[9 : 9 + got])
                 continue
             write(body[9 : 9 + got])
             done += got
             while done in parked:
                 piece = parked.pop(done)
-                write(piece)
+                write(memoryview(piece))
                 done += len(piece)
             if progress is not None:
                 progress(done, total)

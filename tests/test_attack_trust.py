@@ -170,6 +170,56 @@ def test_an_sftp_server_overrunning_the_window_ends_the_transfer(attack):
         assert ex.statistics().reconnects == 0
 
 
+# --- SFTP: a download whose first block never comes ---------------------------------------------
+
+
+def withhold_the_first_block(server: Any, chan: paramiko.Channel) -> None:
+    """A file of 1 TiB whose every block is served, but the first: the client can write
+    nothing, and whatever it reads ahead it must hold. Ends the READ of block 0 with an
+    error once the client asked past 64 MiB, or asked nothing more for 2 s."""
+    chan.sendall(packet(FXP["VERSION"], _U32.pack(3)))
+    first = None
+    server.furthest = 0
+    chan.settimeout(2)
+    while True:
+        try:
+            kind, request_id, payload = read_packet(chan)
+        except socket.timeout:
+            break
+        rid = _U32.pack(request_id)
+        if kind == FXP["OPEN"]:
+            chan.sendall(packet(FXP["HANDLE"], rid, string(b"h")))
+        elif kind == FXP["FSTAT"]:
+            chan.sendall(packet(FXP["ATTRS"], rid, _U32.pack(0x5), struct.pack(">QI", 1 << 40,
+                                                                                0o100644)))
+        elif kind == FXP["READ"]:
+            offset, length = struct.unpack(">QI", payload[-12:])
+            server.furthest = max(server.furthest, offset + length)
+            if offset == 0:
+                first = request_id
+            else:
+                chan.sendall(packet(FXP["DATA"], rid, string(b"x" * length)))
+            if server.furthest > 64 << 20:
+                break
+        else:
+            chan.sendall(status(request_id, 0))
+    if first is not None:
+        chan.sendall(status(first, 4, b"enough"))
+    server.done.wait(30)
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_download_reads_ahead_of_what_it_wrote_by_a_bounded_amount(attack, tmp_path):
+    """Was: it asked for block after block while block 0 was missing, holding them all: a
+    server withholding one reply made the client hold the whole file in memory."""
+    server = attack(withhold_the_first_block)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        with pytest.raises(ExecutorFailure, match="enough"):
+            ex.get("/file", str(tmp_path / "copy"), timeout=60)
+    assert 0 < server.furthest <= transfer_module.IN_FLIGHT + transfer_module.MAX_BLOCK
+    assert not (tmp_path / "copy").exists()
+
+
 # --- authentication: the server's list of methods -----------------------------------------------
 
 
