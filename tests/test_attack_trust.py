@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import socket
+import stat
 import struct
 import threading
 from typing import Any, Callable, Dict, Iterator, List
@@ -25,6 +27,7 @@ from test_origin import HostileServer, finish, send_raw
 from paramiko_executor import AuthenticationFailure, ExecutorFailure, SSHExecutor
 from paramiko_executor import transfer as transfer_module
 from paramiko_executor.output import LineSplitter
+from paramiko_executor.totp import TOTPLedger
 
 _U32 = struct.Struct(">I")
 ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202e"
@@ -361,3 +364,23 @@ def test_a_line_that_never_ends_is_not_copied_again_per_chunk(monkeypatch):
     splitter.finish()
     assert lines == [b"\r 42% [====>    ]" * chunks + b"\rdone\n", b"next"]
     assert CountingChunk.copied <= 2 * len(lines[0])
+
+
+# --- the TOTP ledger: directories it makes ---------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_the_ledgers_missing_parent_directories_are_made_owner_only(tmp_path, umask):
+    """Was: only the ledger's own directory was 0700; its missing parents (``~/.cache`` on
+    a fresh account) got 0777 less the umask: writable by every local user under umask 0.
+    The XDG base directory specification asks for 0700."""
+    path = tmp_path / "home" / ".cache" / "paramiko_executor" / "totp-ledger"
+    ledger = TOTPLedger(clock=lambda: 1_000_040.0, wait=lambda delay: None, path=str(path))
+    previous = os.umask(umask)
+    try:
+        ledger.issue("JBSWY3DPEHPK3PXP")
+    finally:
+        os.umask(previous)
+    for directory in (tmp_path / "home", tmp_path / "home" / ".cache", path.parent):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    assert path.exists()
