@@ -18,6 +18,7 @@ from .command import (
     stdin_bytes,
     with_terminal_eof,
 )
+from .errors import TransferTimeout
 from .executors import Executor, check_transfer_arguments
 from .output import line_splitters
 from .results import CommandResult, decode_output
@@ -77,15 +78,32 @@ class ShellExecutor(Executor):
     def put(self, local: Source, remote: str, *, mode: Optional[int] = None,
             timeout: Optional[float] = None, progress: Optional[Progress] = None) -> int:
         """`SSHExecutor.put`'s contract here: copy ``local`` to path ``remote``, atomically."""
-        check_transfer_arguments(local, remote, put=True, mode=mode, timeout=timeout,
-                                 progress=progress)
-        return callers_own(lambda: local_put(local, remote, mode=mode, progress=progress))
+        timeout = check_transfer_arguments(local, remote, put=True, mode=mode, timeout=timeout,
+                                           progress=progress)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._bounded(lambda: local_put(local, remote, mode=mode, progress=progress,
+                                               deadline=deadline), timeout)
 
     def get(self, remote: str, local: Source, *, timeout: Optional[float] = None,
             progress: Optional[Progress] = None) -> int:
         """`SSHExecutor.get`'s contract on this machine: copy path ``remote`` to ``local``."""
-        check_transfer_arguments(local, remote, put=False, timeout=timeout, progress=progress)
-        return callers_own(lambda: local_get(remote, local, progress=progress))
+        timeout = check_transfer_arguments(local, remote, put=False, timeout=timeout,
+                                           progress=progress)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._bounded(lambda: local_get(remote, local, progress=progress,
+                                               deadline=deadline), timeout)
+
+    def _bounded(self, copy: Callable[[], int], timeout: Optional[float]) -> int:
+        """``copy()``, its `TimeoutError` a `TransferTimeout`; the caller's errors its own."""
+
+        def timed() -> int:
+            try:
+                return copy()
+            except TimeoutError:  # ours: the caller's come wrapped (`callers_code`)
+                raise TransferTimeout(f"the transfer timed out after {timeout:g} s",
+                                      self) from None
+
+        return callers_own(timed)
 
     def _run_on_pty(self, command: str, data: bytes, options: RunOptions,
                     deadline: Optional[float], environment: Optional[Dict[str, str]],

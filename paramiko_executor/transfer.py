@@ -1000,8 +1000,9 @@ def _expect(reply: int, body: memoryview, wanted: int, request: str) -> None:
         raise _malformed(f"an OK status as the answer to {request}")
 
 
-def _fill(readinto: _ReadInto, view: memoryview) -> int:
-    """Fill ``view`` from ``readinto`` until it is full or the source ends; bytes read.
+def _fill(readinto: _ReadInto, view: memoryview, deadline: Optional[float] = None) -> int:
+    """Fill ``view`` from ``readinto`` until it is full, the source ends or ``deadline``
+    passed (a slow source, a pipe, gives a few bytes at a time); bytes read.
 
     A non-blocking file with no data yet answers None: not its end, and no
     data to send either, so a `BlockingIOError` (the caller's) rather than a
@@ -1017,6 +1018,8 @@ def _fill(readinto: _ReadInto, view: memoryview) -> int:
         if not n:
             break
         got += n
+        if deadline is not None and time.monotonic() >= deadline:
+            break
     return got
 
 
@@ -1405,7 +1408,8 @@ def remove(chan: paramiko.Channel, remote: str, *, deadline: Optional[float] = N
 
 
 def _local_copy(source: Source, target: Source, mode: Optional[int],
-                progress: Optional[Progress], *, umask: bool) -> int:
+                progress: Optional[Progress], *, umask: bool,
+                deadline: Optional[float]) -> int:
     check_mode(mode)
     done = 0
     buffer = memoryview(bytearray(LOCAL_BLOCK))
@@ -1414,7 +1418,9 @@ def _local_copy(source: Source, target: Source, mode: Optional[int],
     with Local(source).reading() as (readinto, total, bits):
         with Local(target).writing(bits & ~_local_umask() if umask else bits, mode) as write:
             while True:
-                size = _fill(readinto, buffer)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError("the deadline passed during the copy")
+                size = _fill(readinto, buffer, deadline)
                 if not size:
                     break
                 write(buffer[:size])
@@ -1427,21 +1433,25 @@ def _local_copy(source: Source, target: Source, mode: Optional[int],
 
 
 def local_put(
-    source: Source, dest: str, *, mode: Optional[int] = None, progress: Optional[Progress] = None
+    source: Source, dest: str, *, mode: Optional[int] = None, progress: Optional[Progress] = None,
+    deadline: Optional[float] = None,
 ) -> int:
     """`upload`'s contract on the local file system: copy ``source`` to path ``dest`` atomically.
 
     ``source`` is a path or a binary file object. ``dest`` appears whole or
     not at all, with the bits `upload` gives. Local errors, and those of
     ``source`` and ``progress``, come out as a `CallerError` carrying them.
+    Past ``deadline`` (a `time.monotonic` value; checked between reads of the
+    source) `TimeoutError`, and ``dest`` is left as it was.
     """
-    return _local_copy(source, dest, mode, progress, umask=False)
+    return _local_copy(source, dest, mode, progress, umask=False, deadline=deadline)
 
 
-def local_get(source: str, target: Source, *, progress: Optional[Progress] = None) -> int:
+def local_get(source: str, target: Source, *, progress: Optional[Progress] = None,
+              deadline: Optional[float] = None) -> int:
     """`download`'s contract on the local file system: copy path ``source`` to ``target``.
 
     ``target`` is a path (written atomically, with the bits `download`
-    gives) or a binary file object. Errors as for `local_put`.
+    gives) or a binary file object. Errors and ``deadline`` as for `local_put`.
     """
-    return _local_copy(source, target, None, progress, umask=True)
+    return _local_copy(source, target, None, progress, umask=True, deadline=deadline)

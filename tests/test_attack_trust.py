@@ -24,7 +24,13 @@ from paramiko.message import Message
 from test_files_trust import FXP, HostileSFTPServer, packet, read_packet, status, string
 from test_origin import HostileServer, finish, send_raw
 
-from paramiko_executor import AuthenticationFailure, ExecutorFailure, SSHExecutor
+from paramiko_executor import (
+    AuthenticationFailure,
+    ExecutorFailure,
+    ShellExecutor,
+    SSHExecutor,
+    TransferTimeout,
+)
 from paramiko_executor import transfer as transfer_module
 from paramiko_executor.output import LineSplitter
 from paramiko_executor.totp import TOTPLedger
@@ -384,3 +390,56 @@ def test_the_ledgers_missing_parent_directories_are_made_owner_only(tmp_path, um
     for directory in (tmp_path / "home", tmp_path / "home" / ".cache", path.parent):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
     assert path.exists()
+
+
+# --- ShellExecutor's files: the timeout ------------------------------------------------------
+
+
+class SlowSource(io.RawIOBase):
+    """A pipe-like source: one byte every 0.2 s, 100 of them (20 s in all)."""
+
+    def __init__(self) -> None:
+        self.left = 100
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self.left:
+            return 0
+        threading.Event().wait(0.2)
+        self.left -= 1
+        buffer[0] = 0x78
+        return 1
+
+
+def test_shell_executor_put_ends_at_its_timeout(tmp_path):
+    """Was: ``timeout`` checked and then ignored: a slow (or endless: /dev/zero) source
+    copied for as long as it gave data, past any timeout."""
+    target = tmp_path / "copy"
+    with pytest.raises(TransferTimeout, match="timed out after 1 s"):
+        ShellExecutor().put(SlowSource(), str(target), timeout=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shell_executor_get_ends_at_its_timeout(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    stop = threading.Event()
+
+    def write_slowly() -> None:
+        with open(fifo, "wb", buffering=0) as pipe:
+            for _ in range(100):  # 20 s at most
+                if stop.wait(0.2):
+                    return
+                pipe.write(b"x")
+
+    writer = threading.Thread(target=write_slowly, daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(TransferTimeout, match="timed out after 1 s"):
+            ShellExecutor().get(str(fifo), str(tmp_path / "copy"), timeout=1)
+    finally:
+        stop.set()
+        writer.join(30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
