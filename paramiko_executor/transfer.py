@@ -836,7 +836,7 @@ class _Session:
         at_end = False
         while True:
             while not at_end and len(outstanding) < limit:
-                size = _fill(readinto, data)
+                size = _fill(readinto, data, self.deadline)
                 if not size:
                     at_end = True
                     break

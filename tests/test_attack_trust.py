@@ -417,8 +417,10 @@ def test_shell_executor_put_ends_at_its_timeout(tmp_path):
     """Was: ``timeout`` checked and then ignored: a slow (or endless: /dev/zero) source
     copied for as long as it gave data, past any timeout."""
     target = tmp_path / "copy"
+    source = SlowSource()
     with pytest.raises(TransferTimeout, match="timed out after 1 s"):
-        ShellExecutor().put(SlowSource(), str(target), timeout=1)
+        ShellExecutor().put(source, str(target), timeout=1)
+    assert source.left > 0  # it stopped reading the source at the timeout
     assert list(tmp_path.iterdir()) == []
 
 
@@ -443,3 +445,14 @@ def test_shell_executor_get_ends_at_its_timeout(tmp_path):
         stop.set()
         writer.join(30)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+
+
+def test_ssh_executor_put_from_a_slow_source_ends_at_its_timeout(hostile_sftp):
+    """Was: a block was filled from the source whatever the time (255 KiB from a pipe that
+    gives a byte a second: three days), the timeout looked at only once it was sent."""
+    server = hostile_sftp({})
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        source = SlowSource()
+        with pytest.raises(TransferTimeout, match="timed out after 1 s"):
+            ex.put(source, "/file", timeout=1)
+    assert source.left > 0  # it stopped reading the source at the timeout
