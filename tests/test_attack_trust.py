@@ -424,27 +424,29 @@ def test_shell_executor_put_ends_at_its_timeout(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+class SlowSink(io.RawIOBase):
+    """A pipe-like target: each write takes 0.2 s."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        threading.Event().wait(0.2)
+        self.writes += 1
+        return len(data)
+
+
 def test_shell_executor_get_ends_at_its_timeout(tmp_path):
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    stop = threading.Event()
-
-    def write_slowly() -> None:
-        with open(fifo, "wb", buffering=0) as pipe:
-            for _ in range(100):  # 20 s at most
-                if stop.wait(0.2):
-                    return
-                pipe.write(b"x")
-
-    writer = threading.Thread(target=write_slowly, daemon=True)
-    writer.start()
-    try:
-        with pytest.raises(TransferTimeout, match="timed out after 1 s"):
-            ShellExecutor().get(str(fifo), str(tmp_path / "copy"), timeout=1)
-    finally:
-        stop.set()
-        writer.join(30)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+    source = tmp_path / "sparse"
+    with open(source, "wb") as file:
+        file.truncate(100 * transfer_module.LOCAL_BLOCK)  # 100 writes: 20 s
+    sink = SlowSink()
+    with pytest.raises(TransferTimeout, match="timed out after 1 s"):
+        ShellExecutor().get(str(source), sink, timeout=1)
+    assert 0 < sink.writes < 100
 
 
 def test_ssh_executor_put_from_a_slow_source_ends_at_its_timeout(hostile_sftp):
