@@ -633,8 +633,9 @@ def _dispatch(chan: paramiko.Channel, origin: Address, server: Address) -> None:
     with _RECEIVERS_LOCK:
         receivers = list(_RECEIVERS.get(chan.get_transport(), ()))
     if not any(forwarding.received(chan, origin, server) for forwarding in receivers):
+        # The address is the server's text.
         log.info("a forwarded connection to %s:%d matches no open remote forward; closed",
-                 *server)
+                 printable(server[0]), server[1])
         _close_elsewhere(chan)
 
 

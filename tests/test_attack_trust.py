@@ -15,6 +15,7 @@ import socket
 import stat
 import struct
 import threading
+from contextlib import suppress
 from typing import Any, Callable, Dict, Iterator, List
 
 import paramiko
@@ -458,3 +459,66 @@ def test_ssh_executor_put_from_a_slow_source_ends_at_its_timeout(hostile_sftp):
         with pytest.raises(TransferTimeout, match="timed out after 1 s"):
             ex.put(source, "/file", timeout=1)
     assert source.left > 0  # it stopped reading the source at the timeout
+
+
+# --- remote forwards: the address a forwarded connection names -------------------------------
+
+
+class _ForwardingInterface(paramiko.ServerInterface):
+    def __init__(self) -> None:
+        self.forwarded = threading.Event()
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "password"
+
+    def check_auth_password(self, username: str, password: str) -> int:
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        return paramiko.OPEN_SUCCEEDED
+
+    def check_port_forward_request(self, address: str, port: int) -> int:
+        self.forwarded.set()
+        return port or 40000
+
+
+def test_the_address_of_a_forwarded_connection_is_escaped_in_the_log(caplog):
+    """Was: "a forwarded connection to <ESC>]0;pwned... matches no open remote forward", the
+    server's text raw in the library's own INFO record."""
+    caplog.set_level(logging.INFO, logger="paramiko_executor")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    interface = _ForwardingInterface()
+    transports: List[paramiko.Transport] = []
+
+    def serve() -> None:
+        try:
+            sock, _ = listener.accept()
+        except OSError:
+            return
+        transport = paramiko.Transport(sock)
+        transport.add_server_key(paramiko.ECDSAKey.generate())
+        transports.append(transport)
+        transport.start_server(server=interface)
+        if interface.forwarded.wait(30):
+            with suppress(paramiko.SSHException):  # the client closes it: it matches nothing
+                transport.open_forwarded_tcpip_channel(("127.0.0.1", 1), (ESCAPES, 40001))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with SSHExecutor(host="127.0.0.1", port=listener.getsockname()[1], username="u",
+                     password="p", known_hosts=None, config=(), allow_agent=False,
+                     look_for_keys=False, connect_retries=0, max_sessions=4) as ex:
+        with ex.forward_remote(40000, 9):
+            for _ in range(300):  # 30 s at most
+                if any("matches no open remote forward" in r.getMessage()
+                       for r in caplog.records):
+                    break
+                threading.Event().wait(0.1)
+    thread.join(30)
+    listener.close()
+    for transport in transports:
+        transport.close()
+    messages = [r.getMessage() for r in caplog.records if "matches no open" in r.getMessage()]
+    assert messages and "\\x1b]0;pwned" in messages[0]
+    assert raw_controls(messages[0]) == []
