@@ -163,8 +163,9 @@ class _LedgerFile:
             raise
         return fd
 
-    def _lock(self, fd: int) -> None:
-        deadline = time.monotonic() + self.LOCK_TIMEOUT
+    def _lock(self, fd: int, until: Optional[float],
+              abandoned: Optional[Callable[[], bool]]) -> None:
+        give_up = time.monotonic() + self.LOCK_TIMEOUT
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -172,7 +173,8 @@ class _LedgerFile:
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
-            if time.monotonic() > deadline:
+            _check_login_waits(until, abandoned)
+            if time.monotonic() > give_up:
                 raise _LedgerUnusable(f"it stayed locked for {self.LOCK_TIMEOUT:g} s "
                                      "(a stopped process holds it?)")
             time.sleep(self._LOCK_POLL)
@@ -193,7 +195,8 @@ class _LedgerFile:
                 file.write(key)
         return key
 
-    def claim(self, secret: str, step: int) -> Optional[int]:
+    def claim(self, secret: str, step: int, until: Optional[float] = None,
+              abandoned: Optional[Callable[[], bool]] = None) -> Optional[int]:
         """The step recorded for ``secret`` if it is ``step`` or later, else None.
 
         When the step is free, it is recorded in the same locked read-modify-write, so two
@@ -202,16 +205,29 @@ class _LedgerFile:
         it is ignored with a WARNING and overwritten. Records older than the step being
         written are dropped: they can no longer make anybody wait, and the file stays a few
         lines long. Raises `_LedgerUnusable` or `OSError` when the file cannot be used.
-        """
-        with _FILE_OPEN:
-            return self._claim(secret, step)
 
-    def _claim(self, secret: str, step: int) -> Optional[int]:
+        The wait for the lock (another process's, or another thread's claim) ends after
+        `LOCK_TIMEOUT` (`_LedgerUnusable`), at ``until`` (a `time.monotonic` value) or once
+        ``abandoned()`` is true (then `AuthenticationInterrupted`, as for the login's wait).
+        """
+        wait = self.LOCK_TIMEOUT
+        if until is not None:
+            wait = max(0.0, min(wait, until - time.monotonic()))
+        if not _FILE_OPEN.acquire(timeout=wait):
+            _check_login_waits(until, abandoned)
+            raise _LedgerUnusable("another thread's claim held it too long")
+        try:
+            return self._claim(secret, step, until, abandoned)
+        finally:
+            _FILE_OPEN.release()
+
+    def _claim(self, secret: str, step: int, until: Optional[float],
+               abandoned: Optional[Callable[[], bool]]) -> Optional[int]:
         directory = self._open_directory()
         try:
             fd = self._open_file(directory, os.path.basename(self.path))
             try:
-                self._lock(fd)
+                self._lock(fd, until, abandoned)
                 key_fd = self._open_file(directory, os.path.basename(self.path) + _KEY_SUFFIX)
                 try:
                     key = self._hmac_key(key_fd)
@@ -245,6 +261,16 @@ class _LedgerFile:
             file.truncate()
             file.write("".join(f"{k} {v}\n" for k, v in kept.items()))
             return None
+
+
+def _check_login_waits(until: Optional[float], abandoned: Optional[Callable[[], bool]]) -> None:
+    """Raise `AuthenticationInterrupted` once a login's time ran out or it was abandoned."""
+    if abandoned is not None and abandoned():
+        raise AuthenticationInterrupted(
+            "the login was abandoned while it waited for the TOTP ledger's lock")
+    if until is not None and time.monotonic() >= until:
+        raise AuthenticationInterrupted(
+            "the login's time ran out while it waited for the TOTP ledger's lock")
 
 
 def _make_private_directories(directory: str) -> None:
@@ -364,7 +390,8 @@ class TOTPLedger:
             last = self._last.get(key)
             if last is not None and last > step + PLAUSIBLE_AHEAD:
                 last = None  # this process's own record, from before the clock went back
-            taken = last if last is not None and last >= step else self._claim(secret, step)
+            taken = (last if last is not None and last >= step
+                     else self._claim(secret, step, limit, abandoned))
             if taken is None:
                 self._last[key] = step
                 return step, totp.at(now)
@@ -398,7 +425,8 @@ class TOTPLedger:
                 return
             self._cond.wait(min(remaining, _ABANDON_POLL) if abandoned else remaining)
 
-    def _claim(self, secret: str, step: int) -> Optional[int]:
+    def _claim(self, secret: str, step: int, until: Optional[float] = None,
+               abandoned: Optional[Callable[[], bool]] = None) -> Optional[int]:
         """`_LedgerFile.claim` on the shared file; None (free) when it cannot be used now.
 
         A failure concerns this claim alone: the next one tries the file again.
@@ -406,7 +434,7 @@ class TOTPLedger:
         if self._file is None:
             return None
         try:
-            return self._file.claim(secret, step)
+            return self._file.claim(secret, step, until, abandoned)
         except (_LedgerUnusable, OSError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             log.warning("TOTP ledger %s not used for this login (%s): codes are tracked in "

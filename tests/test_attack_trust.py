@@ -8,6 +8,7 @@ replies cannot say it.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
 import os
@@ -15,6 +16,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from contextlib import suppress
 from typing import Any, Callable, Dict, Iterator, List
 
@@ -33,6 +35,7 @@ from paramiko_executor import (
     TransferTimeout,
 )
 from paramiko_executor import transfer as transfer_module
+from paramiko_executor.errors import AuthenticationInterrupted
 from paramiko_executor.output import LineSplitter
 from paramiko_executor.totp import TOTPLedger
 
@@ -522,3 +525,25 @@ def test_the_address_of_a_forwarded_connection_is_escaped_in_the_log(caplog):
     messages = [r.getMessage() for r in caplog.records if "matches no open" in r.getMessage()]
     assert messages and "\\x1b]0;pwned" in messages[0]
     assert raw_controls(messages[0]) == []
+
+
+# --- the TOTP ledger: a lock another process holds -------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["deadline", "abandoned"])
+def test_a_login_waiting_for_the_ledgers_lock_ends_at_its_deadline_or_close(tmp_path, how):
+    """Was: up to 10 s for the lock (a stopped process of the user holding it), whatever the
+    login's deadline and whether its connection was closed; then the login went on."""
+    path = tmp_path / "ledger" / "totp-ledger"
+    ledger = TOTPLedger(path=str(path))
+    ledger.issue("JBSWY3DPEHPK3PXP")  # makes the file
+    holder = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: as another process's lock
+        with pytest.raises(AuthenticationInterrupted, match="lock"):
+            if how == "deadline":
+                ledger.wait_until_fresh("GEZDGNBVGY3TQOJQ", deadline=time.monotonic() + 0.5)
+            else:
+                ledger.wait_until_fresh("GEZDGNBVGY3TQOJQ", abandoned=lambda: True)
+    finally:
+        os.close(holder)
