@@ -641,8 +641,14 @@ def _dispatch(chan: paramiko.Channel, origin: Address, server: Address) -> None:
 
 def _close_elsewhere(chan: paramiko.Channel) -> None:
     """Close ``chan`` from a thread of its own: the transport thread must not wait to send."""
-    threading.Thread(target=chan.close, daemon=True,
-                     name="paramiko_executor tunnel refuse").start()
+
+    def close() -> None:
+        try:
+            chan.close()
+        except TRANSPORT_ERRORS:
+            pass  # the connection ended meanwhile, and the channel with it
+
+    threading.Thread(target=close, daemon=True, name="paramiko_executor tunnel refuse").start()
 
 
 def _check_port(name: str, value: Any, *, minimum: int) -> int:
