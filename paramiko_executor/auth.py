@@ -29,6 +29,7 @@ from paramiko.ssh_exception import (
     AuthenticationException,
     BadAuthenticationType,
     PartialAuthentication,
+    ProxyCommandFailure,
     SSHException,
 )
 
@@ -331,6 +332,12 @@ class _Login:
             return None
         except (SSHException, EOFError, OSError) as e:
             self._raise_if_not_refusal(what, e, started)
+            if isinstance(e, (EOFError, OSError, ProxyCommandFailure)):
+                # The request could not be sent: the connection broke before
+                # paramiko's thread noticed, which is no refusal of the method.
+                raise AuthenticationInterrupted(
+                    f"connection to {self.target} lost during authentication ({what})"
+                ) from e
             self.tried.append(f"{what} ({type(e).__name__}: {printable(e)})")
             return None
         if self.t.is_authenticated():

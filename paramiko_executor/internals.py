@@ -330,6 +330,11 @@ class UserAuth:
         send_request = handler._parse_service_accept  # builds and sends the USERAUTH_REQUEST
         ask_service = handler._request_auth
         asked, self._asked = self._asked, True
+        # An RSA signature's algorithm comes from the server's EXT_INFO
+        # (server-sig-algs), which may still be unread when the key exchange
+        # returns; it precedes the service accept, so wait for that then.
+        await_accept = (not asked and method == "publickey" and "rsa" in args[0].get_name()
+                        and not transport.server_extensions)
 
         def request_auth() -> None:
             # The first request follows the service request at once: the server
@@ -337,10 +342,12 @@ class UserAuth:
             # round trip (the accept, when it comes, needs nothing done).
             if not asked:
                 ask_service()
-            send_request(_service_accept("ssh-userauth"))
+            if not await_accept:
+                send_request(_service_accept("ssh-userauth"))
 
         handler._request_auth = request_auth
-        handler._parse_service_accept = lambda m: None
+        if not await_accept:
+            handler._parse_service_accept = lambda m: None
         event = threading.Event()
         transport.auth_handler = handler
         getattr(handler, f"auth_{method}")(username, *args, event=event)
