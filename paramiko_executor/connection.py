@@ -392,6 +392,9 @@ class Link:
         self.keepalive: Optional[Keepalive] = None
         #: The server whose limit `LIMITS` remembers (None when ``max_sessions`` was given).
         self.server: Optional[ServerKey] = None
+        #: True while the limit is one remembered from an earlier connection, not
+        #: probed on this one: the server may allow fewer sessions now.
+        self.remembered = False
         self._target = target
 
     def start(self, limit: int) -> None:
@@ -410,6 +413,11 @@ class Link:
 
     def alive(self) -> bool:
         return self.transport.is_active()
+
+    def server_sessions(self) -> int:
+        """How many of our sessions the server confirmed and has not closed yet."""
+        return sum(1 for session in list(self.sessions.values())
+                   if session.chan.active and session.holds_slot)
 
     def end(self) -> None:
         """The connection is gone (or going): waiters leave, keepalive stops, the socket closes."""
@@ -674,6 +682,7 @@ class Connection:
             if limit is None:
                 server = link.server = LIMITS.key(self.target, transport)
                 limit = LIMITS.get(server)
+                link.remembered = limit is not None
                 if limit is None:
                     # The first open channel stays, as the first command's: the
                     # others' sessions last until the server answers their CLOSE.
@@ -696,18 +705,39 @@ class Connection:
         log.info("connected to %s", self.target)
         return link
 
-    def refused(self, link: Link) -> None:
+    def refused(self, link: Link, *, again: bool = False) -> None:
         """The server refused a session on ``link``: forget its limit if fewer were held.
 
         A refusal while this executor held fewer sessions than the limit
         means the limit may be too high for the server now (also a race with
         the server freeing sessions at saturation): the next connect probes again.
+        ``again``: the caller's open was refused again after quick retries. On
+        a link whose limit was remembered, not probed, the first such refusal
+        lowers the link's limit to the sessions the server holds for us (at
+        least 1), once: a server restarted with a lower MaxSessions would
+        otherwise refuse the extra callers until their tries run out.
         """
         slots = link.slots
+        if slots is None:
+            return
         # The refused open's slot is already back: the others held, plus it.
-        if (link.server is not None and slots is not None
-                and slots.limit - slots.available + 1 < slots.limit):
+        if link.server is not None and slots.limit - slots.available + 1 < slots.limit:
             LIMITS.forget(link.server)
+        if not again:
+            return
+        with self.lock:
+            if not link.remembered:
+                return
+            link.remembered = False
+            held = link.server_sessions()
+            if not 1 <= held < slots.limit:
+                return
+            remembered = slots.limit
+            slots.lower(held)
+            if self._link is link:
+                self.limit = held
+        log.info("%s refused a session with %d open: this connection's limit is now %d, "
+                 "not the %d remembered", self.target, held, held, remembered)
 
     def _discard_locked(self, link: Link) -> None:
         # Caller holds the lock; closing waits for paramiko's thread, so it

@@ -632,7 +632,7 @@ class SSHExecutor(Executor):
             if session.opened:
                 return session
             session.release_refused()
-            self._connection.refused(link)
+            self._connection.refused(link, again=tries > QUICK_TRIES)
             self._connection.counters.add(refused_opens=1)
             log.debug("channel refused, try %d of %d", tries, OPEN_TRIES)
             if tries <= QUICK_TRIES:

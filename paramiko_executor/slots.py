@@ -39,6 +39,8 @@ class Slots(threading.BoundedSemaphore):
         super().__init__(value)
         self._waiters: Deque[threading.Lock] = collections.deque()
         self._closed = False
+        #: Releases still to be kept back after `lower` took away slots that were held.
+        self._kept_back = 0
 
     @property
     def limit(self) -> int:
@@ -150,12 +152,29 @@ class Slots(threading.BoundedSemaphore):
             if self._closed:
                 return
             for _ in range(n):
-                if self._waiters:
+                if self._kept_back:
+                    self._kept_back -= 1
+                elif self._waiters:
                     self._waiters.popleft().release()
                 elif self._value >= self._initial_value:
                     raise ValueError("Semaphore released too many times")
                 else:
                     self._value += 1
+
+    def lower(self, limit: int) -> None:
+        """Make ``limit`` (1 or more, below the current limit) the number of slots in all.
+
+        Free slots go first; for each held slot taken away, one later release
+        is kept back instead of handed on.
+        """
+        with self._cond:
+            if not 1 <= limit < self._initial_value:
+                raise ValueError(f"limit must be from 1 to {self._initial_value - 1}, not {limit}")
+            cut = self._initial_value - limit
+            free = min(self._value, cut)
+            self._value -= free
+            self._kept_back += cut - free
+            self._initial_value = limit
 
     def close(self) -> None:
         """The connection is gone: waiters leave with `ConnectionLost`; releases are ignored."""

@@ -18,6 +18,7 @@ from helpers import run_threads
 
 from paramiko_executor import SSHExecutor
 from paramiko_executor.results import ExecutorFailure
+from paramiko_executor.slots import Slots
 
 #: A ProxyCommand: relays stdin/stdout to 127.0.0.1:PORT, reading the
 #: unencrypted start of each direction up to its NEWKEYS (message 21).
@@ -137,8 +138,6 @@ def test_an_rsa_key_waits_for_the_servers_signature_algorithms(rsa_dropbear: Any
         assert ex.run_command("echo ok").stdout == "ok\n"
 
 
-@pytest.mark.xfail(strict=True, reason="a remembered limit above the server's MaxSessions "
-                   "of a new connection is not lowered on that connection (left open)")
 @pytest.mark.hang_timeout(120)
 def test_a_remembered_limit_above_a_restarted_servers_maxsessions_fails_no_command(
         make_sshd: Any) -> None:
@@ -152,5 +151,20 @@ def test_a_remembered_limit_above_a_restarted_servers_maxsessions_fails_no_comma
         server.start()
         results, errors = run_threads(
             lambda i: ex.run_command(f"sleep 8; echo {i}").stdout, 5, 100)
+        assert ex.statistics().max_sessions == 2
     assert [e for e in errors if isinstance(e, ExecutorFailure)] == []
     assert results == {i: f"{i}\n" for i in range(5)}
+
+
+def test_lowered_slots_keep_back_the_releases_of_slots_taken_away() -> None:
+    slots = Slots(4)
+    for _ in range(3):
+        assert slots.acquire(blocking=False)
+    slots.lower(2)  # the free slot goes, and one of the three held
+    assert (slots.limit, slots.available) == (2, 0)
+    slots.release()  # kept back
+    assert slots.available == 0
+    slots.release()
+    assert slots.available == 1
+    with pytest.raises(ValueError, match="limit must be from 1 to 1"):
+        slots.lower(2)
