@@ -334,7 +334,7 @@ class UserAuth:
         # (server-sig-algs), which may still be unread when the key exchange
         # returns; it precedes the service accept, so wait for that then.
         await_accept = (not asked and method == "publickey" and "rsa" in args[0].get_name()
-                        and not transport.server_extensions)
+                        and not getattr(transport, "server_extensions", None))
 
         def request_auth() -> None:
             # The first request follows the service request at once: the server
