@@ -90,6 +90,7 @@ __all__ = [
     "CommandSpec",
     "SessionChannel",
     "install_channel_hooks",
+    "Sessions",
 ]
 
 log = logging.getLogger("paramiko_executor.channel")
@@ -286,8 +287,17 @@ def _end(packet: io.BytesIO) -> None:
         raise _Malformed("bytes follow the end of the message")
 
 
-def install_channel_hooks(transport: paramiko.Transport,
-                          sessions: Dict[int, SessionChannel]) -> None:
+class Sessions(Dict[int, "SessionChannel"]):
+    """The executor's session channels of one transport, by id, and how many the server closed.
+
+    ``closes`` is counted by the transport thread only: a reader that sees it
+    unchanged knows that no session ended in between.
+    """
+
+    closes = 0
+
+
+def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> None:
     """Let ``transport`` report each session channel's events to its `SessionChannel`.
 
     ``sessions`` maps channel ids to the executor's channels of this
@@ -353,6 +363,7 @@ def install_channel_hooks(transport: paramiko.Transport,
                     break
             s = sessions.pop(chan.chanid, None)
             if s is not None:
+                sessions.closes += 1
                 s.server_closed()
 
         def handle(chan: paramiko.Channel, m: Message) -> None:

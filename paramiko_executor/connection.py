@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 import paramiko
 
 from .auth import authenticate
-from .channel import SessionChannel, install_channel_hooks
+from .channel import SessionChannel, Sessions, install_channel_hooks
 from .errors import (
     TRANSPORT_ERRORS,
     AuthenticationFailure,
@@ -380,7 +380,7 @@ class Link:
     part of it is ever paired with another connection's.
     """
 
-    def __init__(self, transport: paramiko.Transport, sessions: Dict[int, SessionChannel],
+    def __init__(self, transport: paramiko.Transport, sessions: Sessions,
                  requests: GlobalRequests, target: Target) -> None:
         self.transport = transport
         #: The executor's channels on this transport, by channel id (see `install_channel_hooks`).
@@ -466,7 +466,7 @@ def _open(
             transport.auth_timeout = target.auth_timeout
         if target.channel_timeout is not None:
             transport.channel_timeout = target.channel_timeout
-        sessions: Dict[int, SessionChannel] = {}
+        sessions = Sessions()
         install_channel_hooks(transport, sessions)
         requests = GlobalRequests(transport)
         target.host_keys.prepare(transport, target.hostname, target.port)
@@ -705,16 +705,17 @@ class Connection:
         log.info("connected to %s", self.target)
         return link
 
-    def refused(self, link: Link, *, again: bool = False) -> None:
+    def refused(self, link: Link, *, quiet: bool = False) -> None:
         """The server refused a session on ``link``: forget its limit if fewer were held.
 
         A refusal while this executor held fewer sessions than the limit
         means the limit may be too high for the server now (also a race with
         the server freeing sessions at saturation): the next connect probes again.
-        ``again``: the caller's open was refused again after quick retries. On
-        a link whose limit was remembered, not probed, the first such refusal
-        lowers the link's limit to the sessions the server holds for us (at
-        least 1), once: a server restarted with a lower MaxSessions would
+        ``quiet``: no session of the link ended between a completed round trip
+        and this refusal, so the server had freed every session we had
+        closed, and the sessions it still confirmed for us are all it allows.
+        A link whose limit was remembered, not probed, is lowered to them
+        then (at least 1): a server restarted with a lower MaxSessions would
         otherwise refuse the extra callers until their tries run out.
         """
         slots = link.slots
@@ -723,21 +724,18 @@ class Connection:
         # The refused open's slot is already back: the others held, plus it.
         if link.server is not None and slots.limit - slots.available + 1 < slots.limit:
             LIMITS.forget(link.server)
-        if not again:
+        if not (quiet and link.remembered):
             return
         with self.lock:
-            if not link.remembered:
-                return
-            link.remembered = False
             held = link.server_sessions()
             if not 1 <= held < slots.limit:
                 return
-            remembered = slots.limit
+            before = slots.limit
             slots.lower(held)
             if self._link is link:
                 self.limit = held
         log.info("%s refused a session with %d open: this connection's limit is now %d, "
-                 "not the %d remembered", self.target, held, held, remembered)
+                 "not the %d remembered", self.target, held, held, before)
 
     def _discard_locked(self, link: Link) -> None:
         # Caller holds the lock; closing waits for paramiko's thread, so it

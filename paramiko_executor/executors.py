@@ -604,6 +604,8 @@ class SSHExecutor(Executor):
         once answered, its slot kept until then) and reported `NeverStarted`.
         """
         assert link.spare is not None
+        #: The link's count of ended sessions before the latest round trip.
+        closes_before: Optional[int] = None
         for tries in range(1, OPEN_TRIES + 1):
             if deadline is not None and time.monotonic() >= deadline:
                 return None
@@ -632,13 +634,15 @@ class SSHExecutor(Executor):
             if session.opened:
                 return session
             session.release_refused()
-            self._connection.refused(link, again=tries > QUICK_TRIES)
+            self._connection.refused(link, quiet=closes_before == link.sessions.closes)
             self._connection.counters.add(refused_opens=1)
             log.debug("channel refused, try %d of %d", tries, OPEN_TRIES)
             if tries <= QUICK_TRIES:
                 continue
             remaining = 10.0 if deadline is None else max(0.0, deadline - time.monotonic())
-            link.pinger.round_trip(remaining)
+            closes_before = link.sessions.closes
+            if not link.pinger.round_trip(remaining):
+                closes_before = None
             time.sleep(min(OPEN_BACKOFF.delay(tries - QUICK_TRIES - 1),
                            remaining if deadline is not None else OPEN_BACKOFF.maximum))
         raise ExecutorFailure(f"the server refused a session channel {OPEN_TRIES} times")
