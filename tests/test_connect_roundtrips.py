@@ -93,7 +93,9 @@ def test_a_connect_probes_once_per_server(make_test_server: Any) -> None:
     SENT.clear()
     with SSHExecutor(**params) as ex:
         ex.run_command("true")  # on a channel the probe kept: no open of its own
-    assert sent_types()[MSG_CHANNEL_OPEN] == 16  # one wave: 10 confirmed, 6 refused
+    # One wave (10 confirmed, 6 refused), and the spare asked for after the
+    # command if a probe channel's CLOSE had freed a slot by then.
+    assert sent_types()[MSG_CHANNEL_OPEN] in (16, 17)
     SENT.clear()
     with SSHExecutor(**params) as ex:
         ex.run_command("true")

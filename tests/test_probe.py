@@ -187,7 +187,7 @@ def test_a_refusal_below_the_remembered_limit_makes_the_next_connect_probe(
     with SSHExecutor(**params) as ex:
         # Remembered 3: the second of two concurrent commands is refused while one is held.
         with ThreadPoolExecutor(2) as pool:
-            outputs = list(pool.map(lambda i: ex.run_command(f"sleep 0.2; echo {i}").stdout,
+            outputs = list(pool.map(lambda i: ex.run_command(f"sleep 1; echo {i}").stdout,
                                     range(2)))
         assert outputs == ["0\n", "1\n"]
         # Refused past the quick retries: this connection's limit came down too.
