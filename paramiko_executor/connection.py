@@ -334,7 +334,35 @@ def _sock_is_spent(sock: Any) -> bool:
     return bool(getattr(sock, "closed", False) or getattr(sock, "_closed", False))
 
 
-def _open_socket(target: Target) -> object:
+def _connect(target: Target,
+             connecting: Optional[Callable[[socket.socket], None]]) -> socket.socket:
+    """A TCP connection to the target, each socket handed to ``connecting`` before it connects.
+
+    As ``socket.create_connection``, but another thread can cut a connect
+    short (a host that drops SYNs would hold it for minutes): a shutdown of
+    the socket ends it at once.
+    """
+    error: Optional[OSError] = None
+    for family, kind, proto, _name, address in socket.getaddrinfo(
+            target.hostname, target.port, 0, socket.SOCK_STREAM):
+        sock = _TransportSocket(family, kind, proto)
+        try:
+            if connecting is not None:
+                connecting(sock)
+            sock.settimeout(target.timeout)
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        # paramiko leaves Nagle on: with delayed ACKs each command would cost ~40 ms.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise error if error is not None else OSError(f"no address for {target.hostname!r}")
+
+
+def _open_socket(target: Target,
+                 connecting: Optional[Callable[[socket.socket], None]] = None) -> object:
     if target.sock is not None:
         if _sock_is_spent(target.sock):
             raise ExecutorFailure(
@@ -353,10 +381,7 @@ def _open_socket(target: Target) -> object:
             raise
     if target.proxy_command:
         return paramiko.ProxyCommand(target.proxy_command)
-    sock = socket.create_connection((target.hostname, target.port), timeout=target.timeout)
-    # paramiko leaves Nagle on: with delayed ACKs each command would cost ~40 ms.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return _TransportSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    return _connect(target, connecting)
 
 
 def _prefer_ciphers(transport: paramiko.Transport) -> None:
@@ -442,9 +467,10 @@ def open_transport(
 
 
 def _open(
-    target: Target, started: Optional[Callable[[paramiko.Transport], None]] = None
+    target: Target, started: Optional[Callable[[paramiko.Transport], None]] = None,
+    connecting: Optional[Callable[[socket.socket], None]] = None,
 ) -> tuple:
-    sock = _open_socket(target)
+    sock = _open_socket(target, connecting)
     factory = target.transport_factory or paramiko.Transport
     try:
         transport = factory(sock, disabled_algorithms=target.disabled_algorithms)
@@ -545,11 +571,27 @@ class _Attempt:
         self.error: Optional[ExecutorFailure] = None
         #: The transport being set up, for `Connection.close` to cut short.
         self.transport: Optional[paramiko.Transport] = None
+        #: The socket connecting before there is a transport, likewise.
+        self.sock: Optional[socket.socket] = None
 
     def started(self, transport: paramiko.Transport) -> None:
         self.transport = transport
         if self.cancelled.is_set():  # close() came first and could not see it
             transport.close()
+
+    def connecting(self, sock: socket.socket) -> None:
+        self.sock = sock
+        if self.cancelled.is_set():
+            self.cut_connect()
+
+    def cut_connect(self) -> None:
+        """End a TCP connect in progress (a shutdown; the connecting thread closes the socket)."""
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # not connected yet and already failed, or closed
 
 
 _connections: weakref.WeakSet[Connection] = weakref.WeakSet()
@@ -674,7 +716,7 @@ class Connection:
                     raise ExecutorFailure("the executor was closed while connecting") from None
 
     def _connect_once(self, attempt: _Attempt) -> Link:
-        transport, sessions, requests = _open(self.target, attempt.started)
+        transport, sessions, requests = _open(self.target, attempt.started, attempt.connecting)
         link = Link(transport, sessions, requests, self.target)
         probe: Optional[_Probe] = None
         try:
@@ -776,6 +818,8 @@ class Connection:
         if attempt is not None and attempt.transport is not None:
             # Cuts a handshake, login or probe short: its waiters hear at once.
             attempt.transport.close()
+        elif attempt is not None:
+            attempt.cut_connect()
         if link is not None:
             link.end()
 

@@ -8,13 +8,16 @@ a server restarted with another configuration on the same port.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
-from typing import Any, Dict, Iterator
+import threading
+import time
+from typing import Any, Dict, Iterator, List
 
 import pytest
-from helpers import run_threads
+from helpers import run_threads, wait_for
 
 from paramiko_executor import SSHExecutor
 from paramiko_executor.results import ExecutorFailure
@@ -168,3 +171,54 @@ def test_lowered_slots_keep_back_the_releases_of_slots_taken_away() -> None:
     assert slots.available == 1
     with pytest.raises(ValueError, match="limit must be from 1 to 1"):
         slots.lower(2)
+
+
+@pytest.fixture
+def unanswered_port() -> Iterator[int]:
+    """A port on 127.0.0.1 whose SYNs go unanswered: a listener that never accepts, backlog full."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(8):  # bounded: more than a backlog of 0 admits
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    probe = socket.socket()
+    probe.settimeout(1.0)
+    try:
+        with pytest.raises(OSError):  # the timeout: the backlog is full
+            probe.connect(("127.0.0.1", port))
+    finally:
+        probe.close()
+    yield port
+    for sock in fillers + [listener]:
+        sock.close()
+
+
+def test_close_cuts_a_tcp_connect_short(unanswered_port: int) -> None:
+    ex = SSHExecutor(host="127.0.0.1", port=unanswered_port, username="nobody",
+                     known_hosts=None, config=(), password="x", connect_retries=0,
+                     allow_agent=False, look_for_keys=False)
+    outcome: List[BaseException] = []
+
+    def command() -> None:
+        try:
+            ex.run_command("true")
+        except BaseException as exc:  # collected for the assertion
+            outcome.append(exc)
+
+    caller = threading.Thread(target=command, daemon=True)
+    caller.start()
+    wait_for(lambda: ex._connection._attempt is not None, "the connect attempt")
+    time.sleep(0.5)  # into the kernel's connect, which only a shutdown ends
+    ex.close()
+    caller.join(10)
+    assert not caller.is_alive(), "close() left the caller in a TCP connect"
+    assert [type(exc) for exc in outcome] == [ExecutorFailure]
+    assert "closed while connecting" in str(outcome[0])
