@@ -43,7 +43,7 @@ class FakeConnect:
         self.entered = threading.Event()
         self.lock = threading.Lock()
 
-    def __call__(self, target, started):
+    def __call__(self, target, started, connecting=None):
         with self.lock:
             self.calls += 1
             fail = self.calls <= self.failures

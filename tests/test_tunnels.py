@@ -519,7 +519,8 @@ def test_the_test_server_serves_and_refuses_forwards(make_test_server: Any, make
                                                     ) -> None:
     server = make_test_server(allow_forwarding=False)
     backend = make_backend("echo")
-    with SSHExecutor(**server.executor_parameters()) as ex:
+    # max_sessions given: no probe, whose kept channel would be a session open.
+    with SSHExecutor(**server.executor_parameters(), max_sessions=10) as ex:
         with pytest.raises(ExecutorFailure, match="prohibited"):
             ex.open_connection("127.0.0.1", backend.port, timeout=10)
         server.allow_forwarding = True
