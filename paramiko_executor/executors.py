@@ -604,7 +604,8 @@ class SSHExecutor(Executor):
         once answered, its slot kept until then) and reported `NeverStarted`.
         """
         assert link.spare is not None
-        #: The link's count of ended sessions before the latest round trip.
+        # How many of the link's sessions had ended before the latest round
+        # trip: unchanged at a refusal, none of ours explains it (`refused`).
         closes_before: Optional[int] = None
         for tries in range(1, OPEN_TRIES + 1):
             if deadline is not None and time.monotonic() >= deadline:

@@ -296,7 +296,8 @@ class UserAuth:
     """The userauth requests of one transport: the service asked for once, refusals kept.
 
     The ``ssh-userauth`` service request and the first authentication request
-    go out together; later requests go out alone. Used from one thread (the
+    go out together (an RSA key's waits for the accept while the server's
+    signature algorithms are unknown); later requests go out alone. Used from one thread (the
     one authenticating); the transport thread only records refusals.
     """
 
