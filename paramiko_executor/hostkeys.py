@@ -22,7 +22,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import paramiko
 from paramiko.hostkeys import HostKeys
@@ -149,14 +149,57 @@ def _parse_line(raw: str, where: str) -> Optional[_Entry]:
     return _Entry(marker, fields[0], key, where)
 
 
-def _read_entries(path: str) -> List[_Entry]:
-    """Parse one known_hosts file. A missing file has no entries; malformed lines are skipped."""
+# A file's identity and version: a rewrite or an append changes at least one of these.
+_Stamp = Tuple[int, int, int, int, int]
+
+# Parsed known_hosts files by path, each with the stamp it was read at: every connect reads
+# the files twice (prepare, verify), and a HostGroup's hosts mostly share one file.
+_parsed: Dict[str, Tuple[_Stamp, Tuple[_Entry, ...]]] = {}
+_parsed_lock = threading.Lock()
+_PARSED_MAX = 64
+
+
+def _new_parsed_lock() -> None:
+    # A thread of the parent may have held it at the fork (taking it before the fork
+    # instead could deadlock against an append, which reads under _append_lock).
+    global _parsed_lock
+    _parsed_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_parsed_lock)
+
+
+def _read_entries(path: str) -> Tuple[_Entry, ...]:
+    """Parse one known_hosts file. A missing file has no entries; malformed lines are skipped.
+
+    A file whose device, inode, size, mtime and ctime are those of the last parse is
+    not read again: its entries are shared (they are immutable).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    except OSError:
+        st = None  # _lines reports it
+    stamp = None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                     st.st_ctime_ns)
+    with _parsed_lock:
+        cached = _parsed.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
     entries = []
     for lineno, raw in enumerate(_lines(path, "known_hosts") or (), 1):
         entry = _parse_line(raw, f"{path}:{lineno}")
         if entry is not None:
             entries.append(entry)
-    return entries
+    parsed = tuple(entries)
+    if stamp is not None:
+        with _parsed_lock:
+            if len(_parsed) >= _PARSED_MAX:
+                _parsed.clear()
+            _parsed[path] = (stamp, parsed)
+    return parsed
 
 
 class _Reader:

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from helpers import run_threads
 from paramiko.hostkeys import HostKeys
 
+from paramiko_executor import hostkeys
 from paramiko_executor.hostkeys import HostKeyPolicy, fingerprint, known_hosts_name
 from paramiko_executor.results import HostKeyFailure
 
@@ -151,6 +152,29 @@ def test_files_are_reread_on_each_verify(tmp_path):
         policy.verify(FakeTransport(KEY), "127.0.0.1", 2222)
     path.write_text(line("[127.0.0.1]:2222", KEY))
     policy.verify(FakeTransport(KEY), "127.0.0.1", 2222)
+
+
+def test_a_file_is_parsed_once_until_it_changes(tmp_path, monkeypatch):
+    # A group's hosts share one known_hosts file, read twice per connect: parsed once.
+    parsed = []
+    original = hostkeys._parse_line
+    monkeypatch.setattr(hostkeys, "_parse_line",
+                        lambda raw, where: parsed.append(where) or original(raw, where))
+    path = tmp_path / "known_hosts"
+    path.write_text(line("[127.0.0.1]:2222", KEY))
+    policies = [HostKeyPolicy([str(path)]) for _ in range(3)]
+    for policy in policies:
+        policy.verify(FakeTransport(KEY), "127.0.0.1", 2222)
+    assert parsed == [f"{path}:1"]
+    # A rewrite with the same size and a restored mtime is still seen (inode, ctime).
+    stat_before = path.stat()
+    replaced = tmp_path / "replaced"
+    replaced.write_text(line("[127.0.0.1]:2222", OTHER))
+    os.utime(replaced, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
+    os.replace(replaced, path)
+    with pytest.raises(HostKeyFailure, match="changed|differs|does not match|mismatch"):
+        policies[0].verify(FakeTransport(KEY), "127.0.0.1", 2222)
+    assert len(parsed) == 2
 
 
 def test_verification_off_accepts_anything():
