@@ -17,7 +17,10 @@ Per contender and N, in a fresh interpreter each:
 - cold: connect, log in and run ``echo`` on every host; wall time until the
   last result;
 - warm: ``true`` on every host over the open connections; the median of 20
-  rounds, and the client's CPU time (user + system, all threads) per round.
+  rounds, and the client's CPU time (user + system, all threads) per round;
+- cold CPU/host: the client's CPU time of the cold round divided by N (the
+  connect, login and first command of one host), to set against one lone
+  connect's (``benchmarks/profile_library.py W5``).
 
 Contenders: ``hostgroup`` (this library, defaults: each executor probes the
 server's MaxSessions when it connects, which costs a few channel opens),
@@ -70,9 +73,11 @@ def rss_bytes() -> int:
 def measure(cold: Callable[[], List[str]], warm: Callable[[], None],
             expected: List[str]) -> Dict[str, Any]:
     """Time ``cold`` (whose outputs must be ``expected``) once, then ``warm`` ROUNDS times."""
+    cold_cpu = cpu_seconds()
     started = time.perf_counter()
     outputs = cold()
     cold_seconds = time.perf_counter() - started
+    cold_cpu = cpu_seconds() - cold_cpu
     if outputs != expected:
         wrong = sum(1 for got, want in zip(outputs, expected) if got != want)
         raise RuntimeError(f"cold round: {wrong + abs(len(outputs) - len(expected))} hosts "
@@ -84,15 +89,33 @@ def measure(cold: Callable[[], List[str]], warm: Callable[[], None],
         warm()
         times.append(time.perf_counter() - started)
     cpu = cpu_seconds() - cpu
-    return {"cold": cold_seconds, "warm": statistics.median(times), "cpu": cpu / ROUNDS}
+    return {"cold": cold_seconds, "warm": statistics.median(times), "cpu": cpu / ROUNDS,
+            "cold_cpu_per_host": cold_cpu / len(expected)}
 
 
 # -- contenders: each runs in its own interpreter ---------------------------------------------
 
 
+def lone_connect_cpu(spec: Dict[str, Any]) -> float:
+    """Client CPU of one connect, login and ``echo`` on its own (the third of three).
+
+    ``max_sessions`` given, so the process-wide table of probed limits stays empty.
+    """
+    from paramiko_executor import SSHExecutor
+
+    parameters = dict(spec["parameters"], max_sessions=10)
+    for _ in range(3):  # the first pays imports and first use
+        cpu = cpu_seconds()
+        with SSHExecutor(host=spec["addresses"][0], **parameters) as executor:
+            executor.run_command("echo $SSH_CONNECTION")
+        cpu = cpu_seconds() - cpu
+    return cpu
+
+
 def run_hostgroup(spec: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
     from paramiko_executor.group import HostGroup
 
+    single = lone_connect_cpu(spec)
     hosts = [{"host": address, "name": f"h{i}"} for i, address in enumerate(spec["addresses"])]
     with HostGroup(hosts, **spec["parameters"], **extra) as group:
 
@@ -100,8 +123,10 @@ def run_hostgroup(spec: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
             result = group.run_command("echo $SSH_CONNECTION").raise_for_failures()
             return [outcome.stdout.split()[2] for outcome in result.values()]
 
-        return measure(cold, lambda: group.run_command("true").raise_for_failures(),
-                       spec["addresses"])
+        numbers = measure(cold, lambda: group.run_command("true").raise_for_failures(),
+                          spec["addresses"])
+    numbers["single_connect_cpu"] = single
+    return numbers
 
 
 def run_paramiko(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -370,13 +395,15 @@ def print_table(results: Dict[str, Dict[int, Any]], sizes: List[int],
 
     header = ["contender"]
     for size in sizes:
-        header += [f"N={size} cold", f"N={size} warm", f"N={size} CPU/round"]
+        header += [f"N={size} cold", f"N={size} warm", f"N={size} CPU/round",
+                   f"N={size} cold CPU/host"]
     rows = [header]
     for name in results:
         row = [name]
         for size in sizes:
             row += [cell(name, size, "cold", 1000, "ms"), cell(name, size, "warm", 1000, "ms"),
-                    cell(name, size, "cpu", 1000, "ms")]
+                    cell(name, size, "cpu", 1000, "ms"),
+                    cell(name, size, "cold_cpu_per_host", 1000, "ms")]
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     print()
@@ -385,6 +412,13 @@ def print_table(results: Dict[str, Dict[int, Any]], sizes: List[int],
         if index == 0:
             print("  ".join("-" * width for width in widths))
     print("\n(x) = the contender's time / HostGroup's (defaults): above 1, HostGroup is faster.")
+    for name in ("hostgroup", "hostgroup-ms10"):
+        for size in sizes:
+            numbers = results.get(name, {}).get(size)
+            if numbers and "single_connect_cpu" in numbers:
+                per_host, lone = numbers["cold_cpu_per_host"], numbers["single_connect_cpu"]
+                print(f"{name} N={size}: cold CPU per host {1000 * per_host:.1f} ms = "
+                      f"{per_host / lone:.2f}x a lone connect's {1000 * lone:.1f} ms")
     for name, note in notes.items():
         print(f"note: {name}: {note}")
 
