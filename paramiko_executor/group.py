@@ -9,9 +9,10 @@ is down or slow holds up only its own entry.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from typing import (
     Any,
@@ -26,6 +27,7 @@ from typing import (
     Tuple,
     Type,
     Union,
+    cast,
 )
 
 from .checks import check_int, check_timeout
@@ -154,13 +156,6 @@ def _host_entry(host: Any, index: int) -> Tuple[str, Dict[str, Any]]:
     return name, params
 
 
-def _finished_or_closed(future: Future[Any]) -> Any:
-    """A host's outcome if its call finished, else the failure of a closed group."""
-    if future.done() and not future.cancelled():
-        return future.result()
-    return ExecutorFailure("the group was closed")
-
-
 # One host's share of a group call: (name, executor) -> its result.
 _HostCall = Callable[[str, Executor], Any]
 
@@ -173,6 +168,57 @@ def _outcome(
         return call(name, executor)
     except failures as failure:
         return failure
+
+
+# What a worker posts for one host: (name, outcome, whether the call must raise it).
+_Posted = Tuple[str, Any, bool]
+# Posted by `HostGroup.close` instead: the call ends now.
+_CLOSED = object()
+
+
+class _GroupCall:
+    """One group call in progress: the hosts not started yet, and the outcomes posted so far.
+
+    A fixed number of workers (pool tasks) take hosts one after another until
+    none is left or the call is stopped, and post each outcome to one queue,
+    which the calling thread reads: a host costs a lock and a queue entry, not
+    a `Future` of its own with a waiter on each. ``_lock`` guards the hosts
+    not started yet and ``stopped``.
+    """
+
+    def __init__(self, hosts: Iterable[Tuple[str, Executor]], call: _HostCall,
+                 failures: Tuple[Type[BaseException], ...]) -> None:
+        self._lock = threading.Lock()
+        self._hosts = iter(list(hosts))
+        self._call = call
+        self._failures = failures
+        self.stopped = False
+        self.posted: queue.SimpleQueue[Union[_Posted, object]] = queue.SimpleQueue()
+
+    def work(self) -> None:
+        """A worker: run hosts until none is left or the call stopped; post every outcome."""
+        while True:
+            with self._lock:
+                item = None if self.stopped else next(self._hosts, None)
+            if item is None:
+                return
+            name, executor = item
+            try:
+                posted: _Posted = (name, _outcome(self._call, name, executor, self._failures),
+                                   False)
+            except BaseException as exc:  # not a host's failure: the call raises it
+                posted = (name, exc, True)
+            self.posted.put(posted)
+
+    def stop(self) -> None:
+        """Start no more hosts; those running finish (on the workers' threads)."""
+        with self._lock:
+            self.stopped = True
+
+    def close(self) -> None:
+        """Stop, and make the caller stop waiting: the group was closed."""
+        self.stop()
+        self.posted.put(_CLOSED)
 
 
 class _CallersProgress:
@@ -266,7 +312,9 @@ class HostGroup:
             raise TypeError(
                 f"hosts must be an iterable of host names or mappings, not {type(hosts).__name__}"
             )
-        self._max_workers = check_int("max_workers", max_workers, minimum=1)
+        checked = check_int("max_workers", max_workers, minimum=1)
+        assert checked is not None  # not optional
+        self._max_workers = checked
         if not callable(executor_class):
             raise TypeError("executor_class must be callable")
         for key in ("host", "hostname"):
@@ -288,8 +336,8 @@ class HostGroup:
         self._executors: Dict[str, Executor] = {}
         self._lock = threading.Lock()
         self._pool: Optional[ThreadPoolExecutor] = None
-        # One future per call in progress, ended by close(): the lock guards the set.
-        self._calls: Set[Future[None]] = set()
+        # The calls in progress, ended by close(): the lock guards the set.
+        self._calls: Set[_GroupCall] = set()
         _groups.add(self)
 
     def _reset_after_fork(self) -> None:
@@ -335,28 +383,25 @@ class HostGroup:
                     raise type(exc)(f"host {name!r}: {exc}") from exc
         return dict(self._executors)
 
-    def _start(
-        self, call: _HostCall, failures: Tuple[Type[BaseException], ...]
-    ) -> Tuple[Dict[Future[Any], str], Future[None]]:
-        """Submit ``call`` for every host; the futures, and the one `close` ends.
+    def _start(self, call: _HostCall, failures: Tuple[Type[BaseException], ...]) -> _GroupCall:
+        """Start ``call`` on every host: at most ``max_workers`` workers share the hosts.
 
         Under the group's lock, so `close` sees either none of this call or all
         of it: never a pool shut down between its creation and a submit.
         """
         with self._lock:
             executors = self._build_locked()
+            workers = min(self._max_workers, len(executors))
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(
                     max_workers=max(1, min(self._max_workers, len(self._parameters))),
                     thread_name_prefix="HostGroup",
                 )
-            closed: Future[None] = Future()
-            futures = {
-                self._pool.submit(_outcome, call, name, executor, failures): name
-                for name, executor in executors.items()
-            }
-            self._calls.add(closed)
-        return futures, closed
+            group_call = _GroupCall(executors.items(), call, failures)
+            for _ in range(workers):
+                self._pool.submit(group_call.work)
+            self._calls.add(group_call)
+        return group_call
 
     def _as_completed(
         self, call: _HostCall, failures: Tuple[Type[BaseException], ...]
@@ -368,24 +413,32 @@ class HostGroup:
         an exception) cancels the hosts not started yet; those already running
         finish on the pool's threads.
         """
-        futures, closed = self._start(call, failures)
-        pending = dict(futures)
+        group_call = self._start(call, failures)
+        waiting = dict.fromkeys(self._parameters)  # the hosts without an outcome yet
+        closed = False
         try:
-            if pending:
-                for future in as_completed([*futures, closed]):
-                    if future is closed:
+            while waiting:
+                if closed:
+                    try:  # what finished before close() keeps its outcome
+                        posted = group_call.posted.get_nowait()
+                    except queue.Empty:
                         break
-                    del pending[future]
-                    yield futures[future], _finished_or_closed(future)
-                    if not pending:
-                        break
-            for future, name in list(pending.items()):  # close() came first
-                yield name, _finished_or_closed(future)
+                else:
+                    posted = group_call.posted.get()
+                if posted is _CLOSED:
+                    closed = True
+                    continue
+                name, outcome, raise_it = cast(_Posted, posted)
+                del waiting[name]
+                if raise_it:
+                    raise outcome
+                yield name, outcome
+            for name in list(waiting):  # close() came first
+                yield name, ExecutorFailure("the group was closed")
         finally:
+            group_call.stop()
             with self._lock:
-                self._calls.discard(closed)
-            for future in futures:
-                future.cancel()
+                self._calls.discard(group_call)
 
     def _collect(self, call: _HostCall, failures: Tuple[Type[BaseException], ...]) -> GroupResult:
         """Every host's outcome of ``call``, once all are in, in the given order."""
@@ -489,8 +542,8 @@ class HostGroup:
             executors = list(self._executors.values())
             pool, self._pool = self._pool, None
             calls, self._calls = self._calls, set()
-        for closed in calls:
-            closed.set_result(None)
+        for group_call in calls:
+            group_call.close()
         for executor in executors:
             executor.close()
         if pool is not None:

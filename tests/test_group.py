@@ -284,6 +284,25 @@ def test_threads_never_exceed_max_workers():
     assert not any(t.is_alive() for t in pool_threads)  # close() ended the pool
 
 
+def test_the_pool_gets_a_task_per_worker_not_per_host(monkeypatch):
+    # Each host as a pool task of its own cost a Future and a waiter per host:
+    # a call hands the pool one task per worker, and the workers share the hosts.
+    from concurrent.futures import ThreadPoolExecutor
+
+    submitted = []
+    original = ThreadPoolExecutor.submit
+    monkeypatch.setattr(ThreadPoolExecutor, "submit",
+                        lambda pool, fn, *a: submitted.append(fn) or original(pool, fn, *a))
+    hosts = [f"n{i}" for i in range(96)]
+    with fake_group(hosts, max_workers=8) as group:
+        result = group.run_command("x")
+        assert len(submitted) == 8
+        assert dict(group.run_command_as_completed("y")).keys() == set(hosts)
+        assert len(submitted) == 16
+    assert list(result) == hosts and not result.failed
+    assert sorted(FakeExecutor.calls) == sorted(hosts * 2)
+
+
 def test_a_thousand_hosts_from_one_process():
     hosts = [{"host": f"10.0.{i // 250}.{i % 250}", "name": f"n{i:04}"} for i in range(1000)]
     before = set(threading.enumerate())
