@@ -530,6 +530,9 @@ class ServerLimits:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._limits: Dict[ServerKey, int] = {}
+        # The servers being probed now, each with the wake-ups of the connects
+        # that wait for that probe's result instead of probing too.
+        self._probing: Dict[ServerKey, List[threading.Event]] = {}
 
     @staticmethod
     def key(target: Target, transport: paramiko.Transport) -> ServerKey:
@@ -546,6 +549,42 @@ class ServerLimits:
         with self._lock:
             self._limits[server] = limit
 
+    def get_or_claim(self, server: ServerKey, wake: threading.Event,
+                     cancelled: threading.Event) -> Tuple[Optional[int], bool]:
+        """The limit of ``server``, or the duty to probe it: ``(limit, False)`` or ``(None, True)``.
+
+        While another connect probes the same server, waits for its result
+        (`PROBE_TIMEOUT` at most; ``wake`` is set when it ends, and by whoever
+        sets ``cancelled``): the many hosts of a `HostGroup` behind one server
+        probe once, not once each. A claim must end with `release`. Returns
+        ``(None, False)`` when ``cancelled`` is set or the probe in flight
+        outlived the wait: probe without a claim, or give up.
+        """
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while True:
+            with self._lock:
+                limit = self._limits.get(server)
+                if limit is not None:
+                    return limit, False
+                waiting = self._probing.get(server)
+                if waiting is None:
+                    self._probing[server] = []
+                    return None, True
+                wake.clear()
+                waiting.append(wake)
+            remaining = deadline - time.monotonic()
+            if cancelled.is_set() or remaining <= 0 or not wake.wait(remaining):
+                return None, False
+            if cancelled.is_set():
+                return None, False
+
+    def release(self, server: ServerKey) -> None:
+        """End the claim of `get_or_claim`: its waiters look again (and one may probe)."""
+        with self._lock:
+            waiting = self._probing.pop(server, [])
+        for wake in waiting:
+            wake.set()
+
     def forget(self, server: ServerKey) -> None:
         """Let the next connect to ``server`` probe again."""
         with self._lock:
@@ -553,7 +592,9 @@ class ServerLimits:
 
     def reset_after_fork(self) -> None:
         # Another thread may have held the lock at fork; the limits stay true.
+        # The parent's probes in flight are not the child's.
         self._lock = threading.Lock()
+        self._probing = {}
 
 
 #: The process-wide table of probed limits.
@@ -567,12 +608,18 @@ class _Attempt:
         self.epoch = epoch
         self.done = threading.Event()
         self.cancelled = threading.Event()
+        #: Set by `cancel`, and when a probe this attempt waits for ends.
+        self.wake = threading.Event()
         self.link: Optional[Link] = None
         self.error: Optional[ExecutorFailure] = None
         #: The transport being set up, for `Connection.close` to cut short.
         self.transport: Optional[paramiko.Transport] = None
         #: The socket connecting before there is a transport, likewise.
         self.sock: Optional[socket.socket] = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.wake.set()
 
     def started(self, transport: paramiko.Transport) -> None:
         self.transport = transport
@@ -723,17 +770,23 @@ class Connection:
             limit = self.max_sessions
             if limit is None:
                 server = link.server = LIMITS.key(self.target, transport)
-                limit = LIMITS.get(server)
+                limit, claimed = LIMITS.get_or_claim(server, attempt.wake, attempt.cancelled)
                 link.remembered = limit is not None
-                if limit is None:
-                    # The first open channel stays, as the first command's: the
-                    # others' sessions last until the server answers their CLOSE.
-                    probe = _probe(transport, PROBE_LIMIT, sessions, keep=True)
-                    limit = probe.limit
-                    log.info("%s allows %d sessions per connection", self.target, limit)
-                    if limit == 0:
-                        raise ExecutorFailure(f"{self.target} refuses every session channel")
-                    LIMITS.remember(server, limit)
+                try:
+                    if attempt.cancelled.is_set():
+                        raise ExecutorFailure("the executor was closed while connecting")
+                    if limit is None:
+                        # The first open channel stays, as the first command's: the
+                        # others' sessions last until the server answers their CLOSE.
+                        probe = _probe(transport, PROBE_LIMIT, sessions, keep=True)
+                        limit = probe.limit
+                        log.info("%s allows %d sessions per connection", self.target, limit)
+                        if limit == 0:
+                            raise ExecutorFailure(f"{self.target} refuses every session channel")
+                        LIMITS.remember(server, limit)
+                finally:
+                    if claimed:
+                        LIMITS.release(server)
         except BaseException:
             close_transport(transport)
             raise
@@ -813,7 +866,7 @@ class Connection:
             self.epoch += 1
             attempt = self._attempt
             if attempt is not None:
-                attempt.cancelled.set()
+                attempt.cancel()
             link, self._link = self._link, None
         if attempt is not None and attempt.transport is not None:
             # Cuts a handshake, login or probe short: its waiters hear at once.

@@ -223,3 +223,84 @@ def test_an_idle_connection_reads_with_a_long_timeout_and_closes_at_once(
         assert not transport.is_alive()
     finally:
         test_server.thaw()
+
+
+def test_connects_to_one_server_at_once_probe_it_once(
+        make_test_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The hosts of a HostGroup behind one server connect at once: the first
+    # probes (held here until all four have met the server), the others wait
+    # for its result instead of probing too.
+    import threading
+
+    server = make_test_server(max_sessions=4)
+    connects = 4
+    keyed: List[Any] = []
+    all_keyed = threading.Event()
+    probes: List[Any] = []
+    key, probe = connection.LIMITS.key, connection._probe
+
+    def counting_key(target: Any, transport: Any) -> Any:
+        keyed.append(target)
+        if len(keyed) == connects:
+            all_keyed.set()
+        return key(target, transport)
+
+    def held_probe(*args: Any, **kwargs: Any) -> Any:
+        probes.append(args)
+        assert all_keyed.wait(10)
+        return probe(*args, **kwargs)
+
+    monkeypatch.setattr(connection.LIMITS, "key", counting_key)
+    monkeypatch.setattr(connection, "_probe", held_probe)
+    executors = [SSHExecutor(**server.executor_parameters()) for _ in range(connects)]
+    try:
+        with ThreadPoolExecutor(connects) as pool:
+            outputs = list(pool.map(lambda ex: ex.run_command("echo ok").stdout, executors))
+        assert outputs == ["ok\n"] * connects
+        assert len(probes) == 1
+        assert [ex.statistics().max_sessions for ex in executors] == [4] * connects
+    finally:
+        for ex in executors:
+            ex.close()
+
+
+def test_close_ends_a_connect_that_waits_for_another_probe(
+        make_test_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    from paramiko_executor.errors import ExecutorFailure
+
+    server = make_test_server(max_sessions=4)
+    probing, release = threading.Event(), threading.Event()
+    waiting = threading.Event()
+    probe, get_or_claim = connection._probe, connection.LIMITS.get_or_claim
+
+    def held_probe(*args: Any, **kwargs: Any) -> Any:
+        probing.set()
+        assert release.wait(20)
+        return probe(*args, **kwargs)
+
+    def noted_get_or_claim(*args: Any) -> Any:
+        if probing.is_set():
+            waiting.set()
+        return get_or_claim(*args)
+
+    monkeypatch.setattr(connection, "_probe", held_probe)
+    monkeypatch.setattr(connection.LIMITS, "get_or_claim", noted_get_or_claim)
+    first, second = (SSHExecutor(**server.executor_parameters()) for _ in range(2))
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            done = pool.submit(first.run_command, "true")
+            assert probing.wait(10)
+            waiter = pool.submit(second.run_command, "true")
+            assert waiting.wait(10)
+            started = time.monotonic()
+            second.close()
+            with pytest.raises(ExecutorFailure, match="closed"):
+                waiter.result(10)
+            assert time.monotonic() - started < 5  # not the 20 s the probe is held
+        finally:
+            release.set()
+        assert done.result(10).exit_code == 0
+    first.close()
