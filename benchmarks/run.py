@@ -5,6 +5,7 @@ One command::
     python benchmarks/run.py                 # full table, 3 repetitions
     python benchmarks/run.py --quick         # small smoke run, 1 repetition
     python benchmarks/run.py --scale         # 1000 threads x 10 000 commands on one executor
+    python benchmarks/run.py --w1-turns 20   # W1 only: contenders alternate, 20 blocks each
 
 It starts a private OpenSSH sshd on 127.0.0.1 with ``MaxSessions 10``
 (``testsupport.openssh.OpenSSHServer``; needs root and
@@ -130,6 +131,93 @@ def run_worker(
     return metrics, notes, None
 
 
+def run_w1_turns(
+    pythons: Dict[str, str],
+    contenders: List[str],
+    params: Dict[str, Any],
+    blocks: int,
+    commands: int,
+    log_dir: Path,
+) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, str]]:
+    """W1 in alternating blocks: every contender connected at once, one runs at a time.
+
+    Block after block, each contender in turn (the order rotating) runs
+    ``commands`` sequential ``true``, so that all of them meet the same load:
+    on a shared machine, runs minutes apart do not. Returns each contender's
+    turns and why a contender was unavailable.
+    """
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    procs: Dict[str, subprocess.Popen] = {}
+    unavailable: Dict[str, str] = {}
+    turns: Dict[str, List[Dict[str, Any]]] = {name: [] for name in contenders}
+
+    def record(name: str) -> Dict[str, Any]:
+        for line in procs[name].stdout:  # type: ignore[union-attr]
+            try:
+                return dict(json.loads(line))
+            except ValueError:
+                continue
+        return {"unavailable": f"exited (log {log_dir / (name + '-turns.log')})"}
+
+    try:
+        for name in contenders:
+            with open(log_dir / f"{name}-turns.log", "w") as log:
+                procs[name] = subprocess.Popen(
+                    [pythons[name], str(HERE / "worker.py"), name, json.dumps(params),
+                     "--w1-turns"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                    env=env, cwd=REPO)
+        for name in contenders:
+            first = record(name)
+            if "ready" not in first:
+                unavailable[name] = str(first.get("unavailable", first))
+        ready = [name for name in contenders if name not in unavailable]
+        for block in range(blocks):
+            for name in ready[block % len(ready):] + ready[: block % len(ready)]:
+                stdin = procs[name].stdin
+                assert stdin is not None
+                stdin.write(f"GO {commands}\n")
+                stdin.flush()
+                turn = record(name).get("turn")
+                if turn is None:
+                    raise RuntimeError(f"{name} gave no W1 turn (log {log_dir})")
+                turn["block"] = block
+                turns[name].append(turn)
+    finally:
+        for proc in procs.values():
+            try:
+                proc.communicate("END\n", timeout=30)
+            except (subprocess.TimeoutExpired, OSError, ValueError):
+                proc.kill()
+                proc.wait()
+    return turns, unavailable
+
+
+def render_w1_turns(turns: Dict[str, List[Dict[str, Any]]], commands: int) -> str:
+    """Per contender: median ms/cmd and CPU, and its per-block ratio to the baseline."""
+    import statistics
+
+    base = {turn["block"]: turn["ms_per_cmd"] for turn in turns.get(BASELINE, [])}
+    lines = [f"W1 in alternating blocks of {commands} commands "
+             f"({len(base)} blocks; ratio = this block's time / {BASELINE}'s same block):",
+             f"{'contender':20} {'ms/cmd':>7} {'CPU ms/cmd':>10} {'ratio median':>12} "
+             f"{'min':>5} {'max':>5}  blocks <= 0.8x"]
+    for name, rows in turns.items():
+        if not rows:
+            continue
+        ratios = [row["ms_per_cmd"] / base[row["block"]] for row in rows if row["block"] in base]
+        text = (f"{name:20} {statistics.median(r['ms_per_cmd'] for r in rows):7.2f} "
+                f"{statistics.median(r['cpu_ms_per_cmd'] for r in rows):10.3f}")
+        if ratios and name != BASELINE:
+            text += (f" {statistics.median(ratios):12.2f} {min(ratios):5.2f} {max(ratios):5.2f}"
+                     f"  {sum(r <= 0.8 for r in ratios)}/{len(ratios)}")
+        lines.append(text)
+    return "\n".join(lines)
+
+
 def sshd_logins(server: Any, offset: int) -> Tuple[int, int]:
     """Logins sshd logged since byte ``offset`` of its log, and the new offset."""
     text = server.read_log()
@@ -164,6 +252,13 @@ def main() -> int:
         "--timeout", type=float, help="seconds per contender run (default 300; --quick 90)"
     )
     parser.add_argument("--json", help="also write all per-repetition results to this file")
+    parser.add_argument(
+        "--w1-turns", type=int, metavar="BLOCKS",
+        help="only W1, every contender connected at once, taking turns for BLOCKS blocks",
+    )
+    parser.add_argument(
+        "--turn-commands", type=int, default=50, help="commands per W1 turn (default 50)"
+    )
     args = parser.parse_args()
 
     contenders = list(MODULES)
@@ -212,6 +307,19 @@ def main() -> int:
     with server:
         params = server.executor_parameters()
         params["config"] = list(params["config"])  # JSON
+        if args.w1_turns:
+            turns, unavailable = run_w1_turns(
+                pythons, contenders, params, args.w1_turns, args.turn_commands, log_dir)
+            load_after = os.getloadavg()
+            print(f"load average (1 min) before / after: {load_before[0]:.2f} / "
+                  f"{load_after[0]:.2f}")
+            print(render_w1_turns(turns, args.turn_commands))
+            for name, why in unavailable.items():
+                print(f"note: {name} n/a: {why}")
+            if args.json:
+                with open(args.json, "w") as file:
+                    json.dump({"w1_turns": turns, "unavailable": unavailable}, file, indent=1)
+            return 0
         offset = 0
         for repetition in range(repeat):
             order = (

@@ -20,7 +20,15 @@ import traceback
 from typing import Any, Dict
 
 from contenders import MODULES
-from workloads import FULL, QUICK, RUNNERS, ConnectionCounter, make_driver, run_scale
+from workloads import (
+    FULL,
+    QUICK,
+    RUNNERS,
+    ConnectionCounter,
+    make_driver,
+    run_scale,
+    serve_w1_turns,
+)
 
 
 def emit(record: Dict[str, Any]) -> None:
@@ -34,6 +42,8 @@ def main() -> int:
     parser.add_argument("--workloads", default=",".join(RUNNERS))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--scale", action="store_true", help="run the scale workload only")
+    parser.add_argument("--w1-turns", action="store_true",
+                        help="connect, print ready, then W1 blocks as stdin asks (run.py)")
     args = parser.parse_args()
     params = json.loads(args.params)
     plan = QUICK if args.quick else FULL
@@ -46,6 +56,10 @@ def main() -> int:
     driver = make_driver(module.Contender(params))
     try:
         driver.once("true")  # connect and warm up outside any measurement
+        if args.w1_turns:
+            emit({"ready": True})
+            serve_w1_turns(driver, plan, sys.stdin, emit)
+            return 0
         runners = (
             {"scale": run_scale}
             if args.scale

@@ -339,6 +339,26 @@ def run_w1(driver: Driver, plan: Plan, counter: ConnectionCounter) -> Dict[str, 
     return metrics
 
 
+def serve_w1_turns(driver: Driver, plan: Plan, lines: Any, emit: Callable[[Dict[str, Any]], None]
+                   ) -> None:
+    """W1 in turns: for each line ``GO n`` read from ``lines``, ``n`` sequential ``true``.
+
+    Emits ``{"turn": {"ms_per_cmd": ..., "cpu_ms_per_cmd": ..., "done": ...}}``
+    after each turn; ends at a line ``END`` or at the end of ``lines``. The
+    driver of ``run.py --w1-turns`` starts every contender, connected and
+    idle, and gives them turns one after another, so that each block of
+    every contender runs under the same load of the machine.
+    """
+    for line in lines:
+        words = line.split()
+        if words[:1] != ["GO"] or len(words) != 2:
+            return
+        batch = driver.batch("true", int(words[1]), 1, _expect_empty, plan.workload_seconds)
+        emit({"turn": {"ms_per_cmd": 1000 * batch.seconds / max(1, batch.done),
+                       "cpu_ms_per_cmd": 1000 * batch.cpu / max(1, batch.done),
+                       "done": batch.done, "failures": batch.started - batch.done}})
+
+
 def run_w2(driver: Driver, plan: Plan, counter: ConnectionCounter) -> Dict[str, Any]:
     """W2: ``true`` at each concurrency over the one (already open) connection."""
     metrics: Dict[str, Any] = {}
