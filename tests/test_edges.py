@@ -265,7 +265,9 @@ def test_user_global_requests_get_their_own_replies_while_keepalive_pings(sshd):
 @pytest.mark.hang_timeout(90)
 def test_unanswered_open_is_an_executor_failure_then_cleaned_up(make_test_server):
     server = make_test_server(max_sessions=10)
-    with SSHExecutor(**server.executor_parameters(channel_timeout=0.5)) as ex:
+    # max_sessions given: no probe, whose first channel would stay open as the
+    # spare and take the command's exec to the frozen server.
+    with SSHExecutor(**server.executor_parameters(channel_timeout=0.5, max_sessions=10)) as ex:
         with ex.bounded_connection:
             pass  # connected; no spare channel opened yet
         before = server.open_channels
@@ -288,7 +290,8 @@ def test_unanswered_open_is_an_executor_failure_then_cleaned_up(make_test_server
 @pytest.mark.hang_timeout(60)
 def test_unanswered_opens_at_a_low_max_sessions_still_fail(make_test_server):
     server = make_test_server(max_sessions=3)
-    with SSHExecutor(**server.executor_parameters(channel_timeout=0.5)) as ex:
+    # max_sessions given: no probe, whose kept channel would be a spare (see above).
+    with SSHExecutor(**server.executor_parameters(channel_timeout=0.5, max_sessions=3)) as ex:
         with ex.bounded_connection:
             pass  # connected; no spare channel opened yet
         outcome: List[BaseException] = []
