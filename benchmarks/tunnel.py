@@ -43,7 +43,8 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -151,9 +152,13 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def contenders(server: OpenSSHServer, target: int) -> Dict[str, Tunnel]:
+def contenders(server: OpenSSHServer, target: int, **endpoint: Any) -> Dict[str, Tunnel]:
+    """The tunnels to ``target`` through ``server``; ``endpoint`` overrides where to log in
+    (``host``, ``port``, ``known_hosts``: wan.py reaches the sshd through its relay)."""
+    login = server.executor_parameters(**endpoint)
+
     def forward_local() -> Tuple[int, Callable[[], None], Callable[[], float]]:
-        ex = SSHExecutor(**server.executor_parameters())
+        ex = SSHExecutor(**login)
         tunnel = ex.forward_local(target, "127.0.0.1")
         return tunnel.local_address[1], ex.close, own_cpu
 
@@ -162,10 +167,10 @@ def contenders(server: OpenSSHServer, target: int) -> Dict[str, Tunnel]:
         proc = subprocess.Popen(
             ["ssh", "-N", "-F", "/dev/null", *options,
              "-L", f"127.0.0.1:{port}:127.0.0.1:{target}",
-             "-p", str(server.port), "-i", server.client_key_path,
-             "-o", f"UserKnownHostsFile={server.known_hosts_path}",
+             "-p", str(login["port"]), "-i", server.client_key_path,
+             "-o", f"UserKnownHostsFile={login['known_hosts']}",
              "-o", "StrictHostKeyChecking=yes", "-o", "ExitOnForwardFailure=yes",
-             "-o", "BatchMode=yes", f"{server.username}@127.0.0.1"],
+             "-o", "BatchMode=yes", f"{server.username}@{login['host']}"],
             stdin=subprocess.DEVNULL)
         wait_listening(port)
 
@@ -179,7 +184,7 @@ def contenders(server: OpenSSHServer, target: int) -> Dict[str, Tunnel]:
         import sshtunnel as package
 
         forwarder = package.SSHTunnelForwarder(
-            ("127.0.0.1", server.port), ssh_username=server.username,
+            (login["host"], login["port"]), ssh_username=server.username,
             ssh_pkey=server.client_key_path, remote_bind_address=("127.0.0.1", target),
             local_bind_address=("127.0.0.1", 0), allow_agent=False)
         forwarder.start()
@@ -223,54 +228,77 @@ def beside_a_stream(server: OpenSSHServer, target: int, size: int) -> None:
               f"p95 {times[int(len(times) * 0.95) - 1] * 1000:6.1f} ms")
 
 
+@contextmanager
+def backend(size: int) -> Iterator[int]:
+    """The TCP server behind the sshd (a process of its own); yields its port."""
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(size)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+Rates = Dict[Tuple[str, str], List[float]]
+
+
+def measure(tunnels: Dict[str, Tunnel], size: int, repeat: int) -> Tuple[Rates, Rates]:
+    """MiB/s and the tunnel process's CPU s/GiB of each stream, ``repeat`` rounds, rotating."""
+    rates: Rates = {}
+    cpus: Rates = {}
+    names = list(tunnels)
+    for round_ in range(repeat):
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        for name in order:
+            port, close, cpu = tunnels[name]()
+            try:
+                for direction in ("down", "up"):
+                    used = cpu()
+                    seconds = stream(direction, port, size)
+                    per_gib = (cpu() - used) / (size / 2**30)
+                    rate = size / seconds / 2**20
+                    rates.setdefault((name, direction), []).append(rate)
+                    cpus.setdefault((name, direction), []).append(per_gib)
+                    print(f"  {name:15} {direction:4} {rate:8.1f} MiB/s "
+                          f"{per_gib:6.2f} CPU s/GiB", flush=True)
+            finally:
+                close()
+    return rates, cpus
+
+
+def report(names: List[str], rates: Rates, cpus: Rates, size_mib: int, repeat: int,
+           floor: Optional[float] = None) -> None:
+    """The table: medians, forward_local's ratio to each other, and to ``floor`` MiB/s if given."""
+    print(f"\none stream of {size_mib} MiB, median of {repeat}: MiB/s, and the "
+          "tunnel process's CPU seconds per GiB")
+    print(f"{'contender':15} {'down':>8} {'up':>8} {'CPU down':>9} {'CPU up':>8}   "
+          + ("x floor (down, up)   " if floor else "") + "forward_local's MiB/s is")
+    median = {key: statistics.median(values) for key, values in rates.items()}
+    for name in names:
+        down, up = median[(name, "down")], median[(name, "up")]
+        of_floor = f"{down / floor:.2f}x, {up / floor:.2f}x{'':9}" if floor else ""
+        ratio = "" if name == "forward_local" else \
+            f"{median[('forward_local', 'down')] / down:.2f}x down, " \
+            f"{median[('forward_local', 'up')] / up:.2f}x up"
+        print(f"{name:15} {down:8.1f} {up:8.1f} {statistics.median(cpus[(name, 'down')]):9.2f} "
+              f"{statistics.median(cpus[(name, 'up')]):8.2f}   {of_floor}{ratio}")
+    if floor:
+        print(f"floor: {floor:.1f} MiB/s (the relay's bandwidth)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     size = args.size_mib << 20
-    rates: Dict[Tuple[str, str], List[float]] = {}
-    cpus: Dict[Tuple[str, str], List[float]] = {}
-    with OpenSSHServer(max_sessions=10) as server:
-        backend = subprocess.Popen([sys.executable, "-c", SERVER, str(size)],
-                                   stdout=subprocess.PIPE, text=True)
-        try:
-            assert backend.stdout is not None
-            target = int(backend.stdout.readline())
-            tunnels = contenders(server, target)
-            names = list(tunnels)
-            for round_ in range(args.repeat):
-                order = names[round_ % len(names):] + names[:round_ % len(names)]
-                for name in order:
-                    port, close, cpu = tunnels[name]()
-                    try:
-                        for direction in ("down", "up"):
-                            used = cpu()
-                            seconds = stream(direction, port, size)
-                            per_gib = (cpu() - used) / (size / 2**30)
-                            rate = size / seconds / 2**20
-                            rates.setdefault((name, direction), []).append(rate)
-                            cpus.setdefault((name, direction), []).append(per_gib)
-                            print(f"  {name:15} {direction:4} {rate:8.1f} MiB/s "
-                                  f"{per_gib:6.2f} CPU s/GiB", flush=True)
-                    finally:
-                        close()
-            beside_a_stream(server, target, size)
-        finally:
-            backend.kill()
-            backend.wait()
-    print(f"\none stream of {args.size_mib} MiB, median of {args.repeat}: MiB/s, and the "
-          "tunnel process's CPU seconds per GiB")
-    print(f"{'contender':15} {'down':>8} {'up':>8} {'CPU down':>9} {'CPU up':>8}   "
-          "forward_local's MiB/s is")
-    median = {key: statistics.median(values) for key, values in rates.items()}
-    for name in names:
-        down, up = median[(name, "down")], median[(name, "up")]
-        ratio = "" if name == "forward_local" else \
-            f"{median[('forward_local', 'down')] / down:.2f}x down, " \
-            f"{median[('forward_local', 'up')] / up:.2f}x up"
-        print(f"{name:15} {down:8.1f} {up:8.1f} {statistics.median(cpus[(name, 'down')]):9.2f} "
-              f"{statistics.median(cpus[(name, 'up')]):8.2f}   {ratio}")
+    with OpenSSHServer(max_sessions=10) as server, backend(size) as target:
+        tunnels = contenders(server, target)
+        rates, cpus = measure(tunnels, size, args.repeat)
+        beside_a_stream(server, target, size)
+    report(list(tunnels), rates, cpus, args.size_mib, args.repeat)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python benchmarks/wan.py --delay-ms 50 --only library,paramiko
     python benchmarks/wan.py --trace-connect       # also: every message of one connect
     python benchmarks/wan.py --library-path /other/checkout   # another version of the library
+    python benchmarks/wan.py --tunnel-mib 32       # only: one tunnelled stream each way
 
 Needs root, ``/usr/sbin/sshd``, ``ssh`` and ``unshare``: the script re-runs
 itself in a private network namespace (``unshare --net``, loopback brought
@@ -21,6 +22,11 @@ sequential ``true``), W2 (``--w2-commands`` ``true`` from 10 callers on one
 connection), bulk (16 MiB of stdout, median of 3), fan-out (``echo`` on
 ``--hosts`` hosts, cold: connect, log in, run). Each contender run is killed
 after ``--timeout`` seconds. See benchmarks/README.md for the floors.
+
+``--tunnel-mib N`` runs instead tunnel.py's contenders (``forward_local``,
+``ssh -L`` with its default cipher and with AES-GCM, ``sshtunnel``), logged in
+through the ``--mbit`` relay: one stream of N MiB down and up per contender and
+round, ``--tunnel-repeat`` rounds in rotating order, against the relay's bandwidth.
 """
 
 from __future__ import annotations
@@ -454,6 +460,20 @@ def table(results: Dict[str, Dict[str, Any]], rtt: float, mbit: float) -> str:
     return "\n".join(rows)
 
 
+def run_tunnels(server: Any, known_hosts: str, args: argparse.Namespace, rtt_ms: float) -> None:
+    """tunnel.py's streams, each tunnel logged in to the sshd through the relay on MAIN."""
+    import tunnel
+
+    size = args.tunnel_mib << 20
+    with tunnel.backend(size) as target:
+        tunnels = tunnel.contenders(server, target, host=MAIN, port=PORT,
+                                    known_hosts=known_hosts)
+        rates, cpus = tunnel.measure(tunnels, size, args.tunnel_repeat)
+    print(f"(through the relay: measured RTT {rtt_ms:.1f} ms, {args.mbit:g} Mbit/s)")
+    tunnel.report(list(tunnels), rates, cpus, args.tunnel_mib, args.tunnel_repeat,
+                  floor=args.mbit * 1e6 / 8 / 2**20)
+
+
 def parent(args: argparse.Namespace) -> int:
     sys.path.insert(0, ROOT)
     from testsupport.openssh import OpenSSHServer
@@ -485,6 +505,9 @@ def parent(args: argparse.Namespace) -> int:
               f"{args.bulk_mbit:g}): measured RTT {main.measured['rtt_ms']:.1f} ms, first reply "
               f"{main.measured['first_reply_ms']:.1f} ms after connect (TCP handshake: 1 RTT); "
               f"sshd MaxSessions {CALLERS}; library from {spec['library_path']}", flush=True)
+        if args.tunnel_mib:
+            run_tunnels(server, known_hosts, args, main.measured["rtt_ms"])
+            return 0
         if args.trace_connect:
             tracer = RelayProcess(args.delay_ms, args.mbit, [f"{TRACE}:{PORT}={upstream}"],
                                   trace=True)
@@ -528,6 +551,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="per contender, seconds")
     parser.add_argument("--library-path", help="import paramiko_executor from this checkout")
     parser.add_argument("--trace-connect", action="store_true")
+    parser.add_argument("--tunnel-mib", type=int, default=0,
+                        help="only the tunnel workload: one stream of this many MiB each way")
+    parser.add_argument("--tunnel-repeat", type=int, default=2, help="tunnel rounds")
     parser.add_argument("--json", help="write every number to this file")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
