@@ -160,6 +160,9 @@ def contenders(server: OpenSSHServer, target: int, **endpoint: Any) -> Dict[str,
     def forward_local() -> Tuple[int, Callable[[], None], Callable[[], float]]:
         ex = SSHExecutor(**login)
         tunnel = ex.forward_local(target, "127.0.0.1")
+        # Connected before the first stream, as ssh -L and sshtunnel are when their port
+        # listens: else the first stream pays the connect (5-6 round trips over a WAN).
+        ex.run_command("true")
         return tunnel.local_address[1], ex.close, own_cpu
 
     def ssh_l(*options: str) -> Tuple[int, Callable[[], None], Callable[[], float]]:
@@ -222,6 +225,9 @@ def beside_a_stream(server: OpenSSHServer, target: int, size: int) -> None:
         busy = command_latencies(ex, 200, done.is_set)
         streaming.join(STREAM_TIMEOUT)
     for label, times in (("idle", idle), ("during a stream", busy)):
+        if not times:  # a small --size-mib: the stream ended before the commands began
+            print(f"commands on the tunnel's connection, {label:15}: none (stream too short)")
+            continue
         times.sort()
         print(f"commands on the tunnel's connection, {label:15}: {len(times):3} commands, "
               f"median {statistics.median(times) * 1000:6.1f} ms, "
