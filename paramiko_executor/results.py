@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Generic, Optional, TypeVar, Union
 
 from .errors import (
     AuthenticationFailure,
@@ -32,6 +32,9 @@ __all__ = [
 
 Output = Union[str, bytes]
 
+#: What a result's output is: str (decoded) or bytes (``encoding=None``).
+OutputT = TypeVar("OutputT", bound=Output, covariant=True)
+
 
 def check_encoding(encoding: object) -> Optional[str]:
     """``encoding`` if it names a codec Python knows (or is None), else `TypeError`/`ValueError`."""
@@ -55,14 +58,16 @@ def decode_output(data: Union[bytes, bytearray, memoryview], encoding: Optional[
 
 
 @dataclass(frozen=True)
-class CommandResult:
+class CommandResult(Generic[OutputT]):
     """The outcome of a command that ran to its end. Output is decoded, not stripped.
+
+    ``CommandResult[str]`` by default, ``CommandResult[bytes]`` with ``encoding=None``.
 
     ``exit_signal`` names the signal that killed the command (``exit_code``
     is then -1), else None; only ``check=False`` returns such a result.
     """
 
-    stdout: Output
-    stderr: Output
+    stdout: OutputT
+    stderr: OutputT
     exit_code: int
     exit_signal: Optional[str] = None
