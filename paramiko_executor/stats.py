@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Any, Dict, Optional
 
 __all__ = ["Counters", "ExecutorStatistics"]
 
@@ -50,7 +50,8 @@ class Counters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values = dict.fromkeys(_COUNTED, 0)
+        # ExecutorStatistics' fields by name: int counts, and float seconds for the waits.
+        self._values: Dict[str, Any] = dict.fromkeys(_COUNTED, 0)
         self._values["queue_wait_seconds_total"] = 0.0
         self._values["queue_wait_seconds_max"] = 0.0
 
