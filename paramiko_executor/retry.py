@@ -30,7 +30,8 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         """The wait before retry number ``attempt`` (0 for the first)."""
-        return min(self.initial * 2 ** attempt, self.maximum)
+        growth: float = 2 ** attempt  # int ** int is Any to mypy (a negative power is a float)
+        return min(self.initial * growth, self.maximum)
 
 
 @dataclass(frozen=True)
