@@ -35,6 +35,11 @@ class Slots(threading.BoundedSemaphore):
     Non-blocking acquires fail while anyone waits.
     """
 
+    # BoundedSemaphore's own state, which typeshed leaves out.
+    _cond: threading.Condition
+    _value: int
+    _initial_value: int
+
     def __init__(self, value: int = 1) -> None:
         super().__init__(value)
         self._waiters: Deque[threading.Lock] = collections.deque()
