@@ -20,7 +20,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Deque, Optional, Sequence
+from typing import Any, Deque, Iterable, List, Optional
 
 import paramiko
 from paramiko.common import MSG_REQUEST_FAILURE, MSG_REQUEST_SUCCESS, cMSG_GLOBAL_REQUEST
@@ -44,7 +44,7 @@ class _Reply:
         self.message: Optional[Message] = None
 
 
-def _request(kind: str, data: Optional[Sequence[Any]], *, want_reply: bool) -> Message:
+def _request(kind: str, data: Optional[Iterable[Any]], *, want_reply: bool) -> Message:
     m = Message()
     m.add_byte(cMSG_GLOBAL_REQUEST)
     m.add_string(kind)
@@ -78,9 +78,9 @@ class GlobalRequests:
         wrap_handlers(transport, {}, {MSG_REQUEST_SUCCESS: route(True),
                                       MSG_REQUEST_FAILURE: route(False)})
         # paramiko's own callers (request_port_forward, ...) call it through the instance.
-        transport.global_request = self.global_request
+        transport.global_request = self.global_request  # type: ignore[method-assign]
 
-    def send(self, kind: str, data: Optional[Sequence[Any]] = None) -> _Reply:
+    def send(self, kind: str, data: Optional[Iterable[Any]] = None) -> _Reply:
         """Send a request wanting a reply; its `_Reply` is set when the reply arrives."""
         m = _request(kind, data, want_reply=True)
         reply = _Reply()
@@ -94,7 +94,7 @@ class GlobalRequests:
                 raise
         return reply
 
-    def global_request(self, kind: str, data: Optional[Sequence[Any]] = None,
+    def global_request(self, kind: str, data: Optional[Iterable[Any]] = None,
                        wait: bool = True) -> Optional[Message]:
         """``paramiko.Transport.global_request``, with the reply routed to this request."""
         if not wait:
@@ -119,7 +119,7 @@ class Pinger:
         if not self.transport.is_active():
             return False
         sent = threading.Event()
-        box: list = []
+        box: List[_Reply] = []
 
         def send() -> None:
             try:
