@@ -30,10 +30,10 @@ PyYAML is an optional dependency: ``pip install paramiko-executor[yaml]``.
 from __future__ import annotations
 
 import inspect
-from typing import IO, Any, Callable, Dict, Type, Union
+from typing import IO, Any, Callable, Dict, Type, TypeVar, Union
 
 try:
-    import yaml
+    import yaml as yaml  # re-exported: the command line catches yaml.YAMLError through it
 except ImportError as err:  # pragma: no cover - exercised only without PyYAML
     raise ImportError(
         "paramiko_executor.yaml needs PyYAML: pip install paramiko-executor[yaml]"
@@ -54,20 +54,24 @@ TAGS: Dict[str, Type[Executor]] = {
     "!TardisShellExecutor": ShellExecutor,
 }
 
+#: A loader class: every PyYAML loader is a constructor, which keeps the tags.
+LoaderT = TypeVar("LoaderT", bound="yaml.constructor.BaseConstructor")
+
 
 def _constructor(tag: str, cls: Type[Executor]) -> Callable[[yaml.BaseLoader, yaml.Node], Executor]:
     def construct(loader: yaml.BaseLoader, node: yaml.Node) -> Executor:
         if isinstance(node, yaml.MappingNode):
             # deep: nested values (mfa_config entries, key lists) must be complete
             # before the executor sees them, not filled in later by PyYAML
-            parameters = loader.construct_mapping(node, deep=True)
+            parameters: Dict[Any, Any] = loader.construct_mapping(node, deep=True)
         elif isinstance(node, yaml.ScalarNode) and node.value == "":
             parameters = {}
         else:
+            # Every node class has an id ("scalar", "sequence"); the stubs' base Node has not.
             raise yaml.constructor.ConstructorError(
                 None,
                 None,
-                f"{tag} takes a mapping of parameters, not a {node.id}",
+                f"{tag} takes a mapping of parameters, not a {node.id}",  # type: ignore[attr-defined]
                 node.start_mark,
             )
         for key in parameters:
@@ -93,7 +97,7 @@ def _where(mark: yaml.Mark | None) -> str:
     return f" at {mark.name}, line {mark.line + 1}, column {mark.column + 1}"
 
 
-def register(loader_class: Type[yaml.BaseLoader]) -> Type[yaml.BaseLoader]:
+def register(loader_class: Type[LoaderT]) -> Type[LoaderT]:
     """Add the executor tags to ``loader_class`` and return it.
 
     Pass a subclass of your own (``class MyLoader(yaml.SafeLoader): ...``), never PyYAML's
