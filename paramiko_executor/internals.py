@@ -72,6 +72,9 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     when its thread leaves the read loop, before it unlinks its channels and
     marks itself inactive: read to tell that the connection is ending
     (`transport_reading`).
+
+paramiko's type stubs leave these names out: each use carries a ``type:
+ignore`` naming the error, so a name that the stubs gain, or a new use, shows.
 """
 
 from __future__ import annotations
@@ -159,26 +162,26 @@ def wrap_handlers(
     one. Channel handlers are called ``(chan, m)``; connection handlers
     ``(m)`` or, on paramiko < 4, ``(transport, m)``.
     """
-    table = dict(transport._channel_handler_table)
+    table = dict(transport._channel_handler_table)  # type: ignore[attr-defined]
     for kind, wrap in channel.items():
         table[kind] = wrap(table[kind])
-    transport._channel_handler_table = table
-    table = dict(transport._handler_table)
+    transport._channel_handler_table = table  # type: ignore[attr-defined]
+    table = dict(transport._handler_table)  # type: ignore[attr-defined]
     for kind, wrap in connection.items():
         table[kind] = wrap(table[kind])
-    transport._handler_table = table
+    transport._handler_table = table  # type: ignore[attr-defined]
 
 
 def send_when_clear(transport: paramiko.Transport, message: Message) -> None:
     """Send ``message``, waiting first while a key exchange runs."""
-    transport._send_user_message(message)
+    transport._send_user_message(message)  # type: ignore[attr-defined]
 
 
 def send_if_clear(transport: paramiko.Transport, message: Message) -> bool:
     """Send ``message`` now if no key exchange runs; False (nothing sent) if one does."""
     with transport.clear_to_send_lock:
         if transport.clear_to_send.is_set():
-            transport._send_message(message)
+            transport._send_message(message)  # type: ignore[attr-defined]
             return True
     return False
 
@@ -205,9 +208,9 @@ def new_session_channel(transport: paramiko.Transport, answered: Any) -> paramik
     channel is closed from our side, which paramiko does not signal otherwise.
     """
     with transport.lock:
-        window = transport._sanitize_window_size(None)
-        max_packet = transport._sanitize_packet_size(None)
-        chanid = transport._next_channel()
+        window = transport._sanitize_window_size(None)  # type: ignore[attr-defined]
+        max_packet = transport._sanitize_packet_size(None)  # type: ignore[attr-defined]
+        chanid = transport._next_channel()  # type: ignore[attr-defined]
         m = Message()
         m.add_byte(cMSG_CHANNEL_OPEN)
         m.add_string("session")
@@ -215,19 +218,19 @@ def new_session_channel(transport: paramiko.Transport, answered: Any) -> paramik
         m.add_int(window)
         m.add_int(max_packet)
         chan = paramiko.Channel(chanid)
-        transport._channels.put(chanid, chan)
+        transport._channels.put(chanid, chan)  # type: ignore[attr-defined]
         transport.channel_events[chanid] = answered
         transport.channels_seen[chanid] = True
-        chan._set_transport(transport)
-        chan._set_window(window, max_packet)
+        chan._set_transport(transport)  # type: ignore[attr-defined]
+        chan._set_window(window, max_packet)  # type: ignore[attr-defined]
         chan.in_buffer.set_event(answered)
-    transport._send_user_message(m)
+    transport._send_user_message(m)  # type: ignore[attr-defined]
     return chan
 
 
 def set_forward_handler(transport: paramiko.Transport, handler: Handler) -> None:
     """Let ``handler(chan, origin, server)`` take ``transport``'s forwarded-tcpip channels."""
-    transport._tcp_handler = handler
+    transport._tcp_handler = handler  # type: ignore[attr-defined]
 
 
 def forget_channel(transport: paramiko.Transport, chanid: int) -> None:
@@ -237,7 +240,7 @@ def forget_channel(transport: paramiko.Transport, chanid: int) -> None:
 
 def window_to_return(chan: paramiko.Channel, consumed: int) -> int:
     """How much window to give back after ``consumed`` bytes were taken (0: not yet)."""
-    return chan._check_add_window(consumed)
+    return chan._check_add_window(consumed)  # type: ignore[attr-defined, no-any-return]
 
 
 def window_unreturned(chan: paramiko.Channel) -> int:
@@ -252,8 +255,8 @@ def replace_send_condition(chan: paramiko.Channel, condition: Any) -> None:
 
 def send_awaiting_reply(chan: paramiko.Channel, message: Message) -> None:
     """Send a channel request that wants a reply; `reply_arrived` then waits for it."""
-    chan._event_pending()
-    chan.transport._send_user_message(message)
+    chan._event_pending()  # type: ignore[attr-defined]
+    chan.transport._send_user_message(message)  # type: ignore[union-attr]
 
 
 def reply_arrived(chan: paramiko.Channel, timeout: float) -> Tuple[bool, bool]:
@@ -277,7 +280,7 @@ def connection_error(transport: Optional[paramiko.Transport]) -> Optional[BaseEx
 def wrap_disconnect(transport: paramiko.Transport,
                     wrapper: Callable[[Handler], Handler]) -> Callable[[], None]:
     """Wrap the transport's disconnect handler; returns a function that undoes it."""
-    transport._parse_disconnect = wrapper(transport._parse_disconnect)
+    transport._parse_disconnect = wrapper(transport._parse_disconnect)  # type: ignore[attr-defined]
 
     def undo() -> None:
         transport.__dict__.pop("_parse_disconnect", None)
@@ -358,7 +361,7 @@ class UserAuth:
 
 def forget_parent_transports() -> None:
     """In a forked child: let paramiko's exit hook leave the parent's transports alone."""
-    del paramiko.transport._active_threads[:]
+    del paramiko.transport._active_threads[:]  # type: ignore[attr-defined]
 
 
 def transport_reading(transport: paramiko.Transport) -> bool:
@@ -368,7 +371,7 @@ def transport_reading(transport: paramiko.Transport) -> bool:
     DISCONNECT, end of stream, a socket error): paramiko unlinks the channels
     before it marks the transport inactive.
     """
-    return bool(transport.is_active()) and transport in paramiko.transport._active_threads
+    return bool(transport.is_active()) and transport in paramiko.transport._active_threads  # type: ignore[attr-defined]
 
 
 def private_key_object(key: paramiko.PKey) -> Any:
@@ -376,7 +379,7 @@ def private_key_object(key: paramiko.PKey) -> Any:
     if isinstance(key, paramiko.Ed25519Key):
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-        return Ed25519PrivateKey.from_private_bytes(bytes(key._signing_key)[:32])
+        return Ed25519PrivateKey.from_private_bytes(bytes(key._signing_key)[:32])  # type: ignore[attr-defined]
     # RSA and DSS keys hold it as ``key``, ECDSA keys as ``signing_key``.
     return getattr(key, "key", None) or getattr(key, "signing_key", None)
 
