@@ -57,7 +57,7 @@ _SPARES = _Spares()
 if hasattr(os, "register_at_fork"):
     # A thread of the parent may have held the lock at the fork; the child
     # starts with an empty pool and a lock of its own.
-    os.register_at_fork(after_in_child=_SPARES.__init__)
+    os.register_at_fork(after_in_child=_SPARES.__init__)  # type: ignore[misc]
 
 
 class OutputBuffer:
@@ -148,7 +148,7 @@ class LineSplitter:
     chunks is decoded whole); with ``encoding`` None, lines are bytes.
     """
 
-    def __init__(self, stream: str, callback: Callable[[str, Any], None],
+    def __init__(self, stream: str, callback: Callable[[str, Any], object],
                  encoding: Optional[str]) -> None:
         self._stream = stream
         self._callback = callback
@@ -185,7 +185,7 @@ class LineSplitter:
             self._callback(self._stream, partial)
 
 
-def line_splitters(callback: Optional[Callable[[str, Any], None]],
+def line_splitters(callback: Optional[Callable[[str, Any], object]],
                    encoding: Optional[str]) -> Optional[Dict[str, LineSplitter]]:
     """A `LineSplitter` per stream for a live-output ``callback``; None without one."""
     if callback is None:
