@@ -14,7 +14,8 @@ __all__ = ["RunOptions", "StdinInput", "check_command", "outcome", "stdin_bytes"
            "with_terminal_eof"]
 
 StdinInput = Union[str, bytes, None]
-OnOutput = Callable[[str, Any], None]
+#: A live-output callback: ``(stream, line)``, the line str or bytes as the encoding says.
+OnOutput = Callable[[str, Any], object]
 
 
 def check_command(command: Any) -> str:
@@ -99,7 +100,7 @@ def outcome(
     *,
     timed_out: bool = False,
     signal_name: Optional[str] = None,
-) -> CommandResult:
+) -> CommandResult[Output]:
     """The result of a finished command, or the failure it raises.
 
     A timeout always raises `CommandTimeout`; a non-zero exit or a signal
