@@ -57,7 +57,8 @@ class Spare:
         spare = self._pop()
         if spare is None:
             return None
-        timeout = self._transport.channel_timeout if deadline is None else max(
+        # paramiko 3.4's stubs lack channel_timeout (paramiko has it)
+        timeout = self._transport.channel_timeout if deadline is None else max(  # type: ignore[attr-defined, unused-ignore]
             0.0, deadline - time.monotonic())
         if not spare.wait_open(timeout):
             spare.abandon_open()
