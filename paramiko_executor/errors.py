@@ -73,7 +73,18 @@ that evidence, to `ConnectionLost` or `ExecutorFailure`.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple, Type, TypeVar, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
 
 import paramiko
 import paramiko.packet
@@ -133,12 +144,12 @@ class CommandExecutionFailure(ExecutorError):
         exit_signal: Optional[str] = None,
     ) -> None:
         super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
-        self.stdout = stdout
-        self.stderr = stderr
-        self.stdin = stdin
-        self.exit_signal = exit_signal
+        self.message: str = message
+        self.exit_code: Optional[int] = exit_code
+        self.stdout: Output = stdout
+        self.stderr: Output = stderr
+        self.stdin: Union[str, bytes, None] = stdin
+        self.exit_signal: Optional[str] = exit_signal
 
     def __reduce__(self) -> Any:
         # Without stdin: an unpickled failure has stdin None.
@@ -162,17 +173,17 @@ class ExecutorFailure(ExecutorError):
 
     def __init__(self, description: str, executor: Optional[Executor] = None) -> None:
         super().__init__(description)
-        self.description = description
-        self.executor = executor
+        self.description: str = description
+        self.executor: Optional[Executor] = executor
 
     def __reduce__(self) -> Any:
         return (type(self), (self.description,), self._picklable_state())
 
-    def _picklable_state(self) -> Optional[dict]:
+    def _picklable_state(self) -> Optional[Dict[str, Any]]:
         """Attributes a subclass adds that a pickle may carry (never the executor)."""
         return None
 
-    def __setstate__(self, state: Optional[dict]) -> None:
+    def __setstate__(self, state: Optional[Dict[str, Any]]) -> None:
         if state:
             self.__dict__.update(state)
 
@@ -204,7 +215,7 @@ class ConnectionLost(ExecutorFailure):
     def __init__(self, description: str, executor: Optional[Executor] = None, *,
                  started: bool = True) -> None:
         super().__init__(description, executor)
-        self.started = started
+        self.started: bool = started
 
 
 class NeverStarted(ExecutorFailure):
@@ -233,7 +244,7 @@ class CallerError(Exception):
 
     def __init__(self, original: BaseException) -> None:
         super().__init__(original)
-        self.original = original
+        self.original: BaseException = original
 
 
 @contextlib.contextmanager
