@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional, overload
 
 __all__ = ["check_bool", "check_int", "check_number", "check_str", "check_timeout"]
 
@@ -15,6 +15,10 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
+@overload
+def check_int(name: str, value: Any, *, minimum: int, optional: Literal[False] = False) -> int: ...
+@overload
+def check_int(name: str, value: Any, *, minimum: int, optional: bool) -> Optional[int]: ...
 def check_int(name: str, value: Any, *, minimum: int, optional: bool = False) -> Optional[int]:
     """An integer (not a bool) of at least ``minimum``; None passes when ``optional``."""
     if value is None and optional:
