@@ -16,13 +16,31 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar, Union
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    BinaryIO,
+    Callable,
+    ContextManager,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Type,
+    TypeVar,
+    Union,
+    overload,
+)
 
 import paramiko
 
 from .channel import CommandSpec, SessionChannel
 from .checks import check_int, check_timeout
-from .command import RunOptions, StdinInput, check_command, outcome, stdin_bytes
+from .command import OnOutput, RunOptions, StdinInput, check_command, outcome, stdin_bytes
 from .connection import Connection, ConnectionState, Link
 from .errors import (
     TRANSPORT_ERRORS,
@@ -39,7 +57,7 @@ from .forwarded import ForwardedSocket
 from .internals import private_key_object
 from .options import DEFAULT, normalize_parameters, resolve_target
 from .registry import connection_key, shared_connection
-from .results import CommandResult
+from .results import CommandResult, Output
 from .retry import NEVER_STARTED_TRIES, Backoff, CommandRetry, ConnectRetry
 from .stats import ExecutorStatistics
 from .transfer import (
@@ -57,6 +75,9 @@ from .tunnels import Forwarding, LocalTunnel, RemoteTunnel
 __all__ = ["SAFE_WRAPPER", "DupingSSHExecutor", "Executor", "SSHExecutor",
            "check_transfer_arguments"]
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeGuard  # typing's from Python 3.10; mypy knows it here
+
 log = logging.getLogger("paramiko_executor.executors")
 
 #: How long a failed upload's temporary file may take to remove.
@@ -73,6 +94,9 @@ NEVER_STARTED_BACKOFF = Backoff(0.01, 0.5)
 
 T = TypeVar("T")
 
+#: The executor's own type, for ``with SSHExecutor(...) as executor``.
+ExecutorT = TypeVar("ExecutorT", bound="Executor")
+
 
 class Executor(abc.ABC):
     """Runs shell commands; the common base of the three executors.
@@ -80,26 +104,43 @@ class Executor(abc.ABC):
     Executors are context managers: leaving the ``with`` block calls `close`.
     """
 
+    @overload
+    def run_command(
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
+        check: bool = True, env: Optional[Dict[str, str]] = None, encoding: str = "utf-8",
+        pty: bool = False, on_output: Optional[Callable[[str, str], object]] = None,
+        keep_output: bool = True,
+    ) -> CommandResult[str]: ...
+    @overload
+    def run_command(
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
+        check: bool = True, env: Optional[Dict[str, str]] = None, encoding: None,
+        pty: bool = False, on_output: Optional[Callable[[str, bytes], object]] = None,
+        keep_output: bool = True,
+    ) -> CommandResult[bytes]: ...
     @abc.abstractmethod
     def run_command(
         self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
         check: bool = True, env: Optional[Dict[str, str]] = None,
         encoding: Optional[str] = "utf-8", pty: bool = False,
-        on_output: Optional[Callable[[str, Any], None]] = None, keep_output: bool = True,
-    ) -> CommandResult:
-        """Run ``command``; return its result on exit 0, else raise `CommandExecutionFailure`."""
+        on_output: Optional[OnOutput] = None, keep_output: bool = True,
+    ) -> CommandResult[Output]:
+        """Run ``command``; return its result on exit 0, else raise `CommandExecutionFailure`.
+
+        The result's output is str, or bytes with ``encoding=None``.
+        """
 
     def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release whatever the executor holds; it stays usable."""
 
-    def __enter__(self) -> Executor:
+    def __enter__(self: ExecutorT) -> ExecutorT:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
-def _is_file(value: Any) -> bool:
+def _is_file(value: Any) -> TypeGuard[Union[BinaryIO, IO[bytes]]]:
     return not isinstance(value, (str, bytes)) and not hasattr(value, "__fspath__")
 
 
@@ -141,7 +182,7 @@ class _KeyText:
     caller gave: with ``passphrase`` it is encrypted with it.
     """
 
-    kind: type
+    kind: Type[paramiko.PKey]
     text: str
 
     @classmethod
@@ -197,7 +238,7 @@ class SSHExecutor(Executor):
         *,
         on_disconnect_retry: Union[int, bool] = 3,
         max_sessions: Optional[int] = None,
-        mfa_config: Optional[list] = None,
+        mfa_config: Optional[Sequence[Mapping[str, str]]] = None,
         connect_retries: int = 9,
         connect_backoff: float = 1.0,
         keepalive_interval: Optional[float] = DEFAULT,
@@ -233,7 +274,7 @@ class SSHExecutor(Executor):
             max_sessions=check_int("max_sessions", max_sessions, minimum=1, optional=True),
         )
         #: Temporary files of failed uploads, to remove once a connection lets us.
-        self._leftovers: set = set()
+        self._leftovers: Set[str] = set()
         self._forwarding = Forwarding(self, check_int("max_forwarded", max_forwarded, minimum=1))
 
     def __repr__(self) -> str:
@@ -254,7 +295,7 @@ class SSHExecutor(Executor):
         arguments = dict(state)
         if isinstance(arguments.get("pkey"), _KeyText):
             arguments["pkey"] = arguments["pkey"].load(arguments.get("passphrase"))
-        self.__init__(**{k: v for k, v in arguments.items() if v is not DEFAULT})
+        self.__init__(**{k: v for k, v in arguments.items() if v is not DEFAULT})  # type: ignore[misc]
         # Copies that resolve to the same connection here share it (see `registry`).
         fresh = self._connection
         self._connection = shared_connection(connection_key(fresh), lambda: fresh)
@@ -271,7 +312,7 @@ class SSHExecutor(Executor):
         return None if link is None or link.slots is None else link.slots.limit
 
     @property
-    def bounded_connection(self) -> contextlib.AbstractContextManager:
+    def bounded_connection(self) -> ContextManager[paramiko.Transport]:
         """A context manager yielding the current ``paramiko.Transport`` with one slot reserved.
 
         The slot covers one session: close what you opened before the block ends.
@@ -303,8 +344,9 @@ class SSHExecutor(Executor):
         slots = None if link is None else link.slots
         live = slots is not None and not slots.closed
         return self._connection.counters.snapshot(
-            open_channels=slots.limit - slots.available if live else 0,
-            waiting=slots.waiting if live else 0,
+            # live: slots is not None (mypy does not narrow through it)
+            open_channels=slots.limit - slots.available if live else 0,  # type: ignore[union-attr]
+            waiting=slots.waiting if live else 0,  # type: ignore[union-attr]
             max_sessions=self._connection.limit,
         )
 
@@ -460,12 +502,26 @@ class SSHExecutor(Executor):
 
     # --- running ----------------------------------------------------------------
 
+    @overload
+    def run_command(
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
+        check: bool = True, env: Optional[Dict[str, str]] = None, encoding: str = "utf-8",
+        pty: bool = False, on_output: Optional[Callable[[str, str], object]] = None,
+        keep_output: bool = True,
+    ) -> CommandResult[str]: ...
+    @overload
+    def run_command(
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
+        check: bool = True, env: Optional[Dict[str, str]] = None, encoding: None,
+        pty: bool = False, on_output: Optional[Callable[[str, bytes], object]] = None,
+        keep_output: bool = True,
+    ) -> CommandResult[bytes]: ...
     def run_command(
         self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
         check: bool = True, env: Optional[Dict[str, str]] = None,
         encoding: Optional[str] = "utf-8", pty: bool = False,
-        on_output: Optional[Callable[[str, Any], None]] = None, keep_output: bool = True,
-    ) -> CommandResult:
+        on_output: Optional[OnOutput] = None, keep_output: bool = True,
+    ) -> CommandResult[Output]:
         """Run ``command`` remotely, feeding it ``stdin_input`` and then end-of-file.
 
         Returns the `CommandResult` on exit 0 (on any exit with
@@ -493,7 +549,7 @@ class SSHExecutor(Executor):
         return CommandSpec(command.encode("utf-8"), stdin_bytes(stdin_input), options)
 
     def _execute(self, spec: CommandSpec, shown_command: str,
-                 shown_stdin: StdinInput) -> CommandResult:
+                 shown_stdin: StdinInput) -> CommandResult[Output]:
         options = spec.options
         counters = self._connection.counters
         counters.add(commands_started=1)
@@ -581,7 +637,7 @@ class SSHExecutor(Executor):
         started = time.monotonic()
         until = deadline
         if any(session.abandoned for session in list(link.sessions.values())):
-            bound = started + link.transport.channel_timeout
+            bound = started + link.transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]
             until = bound if deadline is None else min(deadline, bound)
         try:
             # The spare is discarded once this thread is in line: a spare made
@@ -624,7 +680,7 @@ class SSHExecutor(Executor):
                     return None
             with translate(link.transport, started=False, what="opening a channel"):
                 session = SessionChannel(link.transport, link.slots, link.sessions)
-            timeout = link.transport.channel_timeout
+            timeout = link.transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - time.monotonic()))
             if not session.wait_open(timeout):
