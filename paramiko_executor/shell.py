@@ -8,9 +8,10 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, overload
 
 from .command import (
+    OnOutput,
     RunOptions,
     StdinInput,
     check_command,
@@ -21,7 +22,7 @@ from .command import (
 from .errors import TransferTimeout
 from .executors import Executor, check_transfer_arguments
 from .output import line_splitters
-from .results import CommandResult, decode_output
+from .results import CommandResult, Output, decode_output
 from .transfer import Progress, Source, callers_own, local_get, local_put
 
 __all__ = ["ShellExecutor"]
@@ -48,12 +49,26 @@ class ShellExecutor(Executor):
     def __repr__(self) -> str:
         return "ShellExecutor()"
 
+    @overload
+    def run_command(
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
+        check: bool = True, env: Optional[Dict[str, str]] = None, encoding: str = "utf-8",
+        pty: bool = False, on_output: Optional[Callable[[str, str], object]] = None,
+        keep_output: bool = True,
+    ) -> CommandResult[str]: ...
+    @overload
+    def run_command(
+        self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
+        check: bool = True, env: Optional[Dict[str, str]] = None, encoding: None,
+        pty: bool = False, on_output: Optional[Callable[[str, bytes], object]] = None,
+        keep_output: bool = True,
+    ) -> CommandResult[bytes]: ...
     def run_command(
         self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
         check: bool = True, env: Optional[Dict[str, str]] = None,
         encoding: Optional[str] = "utf-8", pty: bool = False,
-        on_output: Optional[Callable[[str, Any], None]] = None, keep_output: bool = True,
-    ) -> CommandResult:
+        on_output: Optional[OnOutput] = None, keep_output: bool = True,
+    ) -> CommandResult[Output]:
         """Run ``command`` in a local shell; same results and failures as `SSHExecutor`.
 
         ``env`` is added to this process's environment for the command;
@@ -107,7 +122,7 @@ class ShellExecutor(Executor):
 
     def _run_on_pty(self, command: str, data: bytes, options: RunOptions,
                     deadline: Optional[float], environment: Optional[Dict[str, str]],
-                    stdin_input: StdinInput) -> CommandResult:
+                    stdin_input: StdinInput) -> CommandResult[Output]:
         import pty as pty_module
 
         controller, terminal = pty_module.openpty()
@@ -127,7 +142,7 @@ class ShellExecutor(Executor):
     @staticmethod
     def _finish(proc: subprocess.Popen[bytes], command: str, stdin_input: StdinInput,
                 options: RunOptions, collected: Dict[str, bytearray],
-                timed_out: bool) -> CommandResult:
+                timed_out: bool) -> CommandResult[Output]:
         out = decode_output(collected["stdout"], options.encoding)
         err = decode_output(collected["stderr"], options.encoding)
         if timed_out:
