@@ -40,7 +40,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Optional, Union
+from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
 
 import paramiko
 from paramiko.common import (
@@ -487,7 +487,7 @@ class SessionChannel:
         self.remote_closed = False
         #: Requests sent with want-reply, oldest first, and the replies not yet looked at.
         self._awaiting: Deque[str] = collections.deque()
-        self.replies: Deque[tuple] = collections.deque()
+        self.replies: Deque[Tuple[str, bool]] = collections.deque()
         #: True while the owner waits for replies; an accepted exec wakes nobody.
         self._reply_wakes = False
         self.exec_sent = False
@@ -646,7 +646,7 @@ class SessionChannel:
                 self.chan.close()
             else:
                 self.release_refused()
-        except (*TRANSPORT_ERRORS, ConnectionLost):
+        except (*TRANSPORT_ERRORS, ConnectionLost):  # type: ignore[misc]  # mypy cannot unpack it
             pass  # the connection ended, and the session with it
 
     def hand_over(self) -> paramiko.Channel:
