@@ -20,7 +20,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import paramiko
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -363,7 +363,8 @@ class _Login:
         if passphrase is None:
             passphrase = self.creds.password
         problems: List[BaseException] = []
-        key_classes: Tuple[type, ...] = (paramiko.RSAKey, paramiko.ECDSAKey, paramiko.Ed25519Key)
+        key_classes: Tuple[Type[paramiko.PKey], ...] = (
+            paramiko.RSAKey, paramiko.ECDSAKey, paramiko.Ed25519Key)
         decrypted = None
         try:
             decrypted = _decrypt_legacy_pem(key_path, passphrase)
@@ -424,7 +425,7 @@ class _Login:
         for source, key in self._keys():
             what = f"publickey {source} {key.get_name()} {fingerprint(key)}"
             outcome = self.attempt(
-                what, lambda key=key: self.userauth.request("publickey", self.creds.username, key)
+                what, lambda key=key: self.userauth.request("publickey", self.creds.username, key)  # type: ignore[misc]
             )
             if outcome is not None:
                 return outcome
@@ -454,7 +455,7 @@ class _Login:
                     continue
                 outcome = self.attempt(
                     "password",
-                    lambda password=password: self.userauth.request("password", user, password),
+                    lambda password=password: self.userauth.request("password", user, password),  # type: ignore[misc]
                 )
             else:
                 if self.requests == 0 and self.creds.password is None and not self.creds.mfa:
