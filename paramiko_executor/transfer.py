@@ -84,6 +84,7 @@ from contextlib import contextmanager, suppress
 from stat import S_ISDIR, S_ISREG
 from typing import (
     IO,
+    TYPE_CHECKING,
     Any,
     BinaryIO,
     Callable,
@@ -114,6 +115,9 @@ from .internals import (
     window_unreturned,
 )
 from .text import printable
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeGuard  # typing's from Python 3.10; mypy knows it here
 
 log = logging.getLogger("paramiko_executor.transfer")
 
@@ -164,7 +168,7 @@ _SEND_POLL = 1.0
 #: Bytes of the server's stderr kept for error messages.
 _STDERR_KEPT = 300
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int], object]
 Source = Union[str, "os.PathLike[str]", BinaryIO, IO[bytes]]
 
 # SFTP version 3 (draft-ietf-secsh-filexfer-02) packet types and constants.
@@ -651,7 +655,7 @@ class _Session:
                 chan.settimeout(_SEND_POLL if left is None else min(left, _SEND_POLL))
                 # paramiko sends one channel packet's worth per call; a
                 # memoryview slice spares a copy of the rest each time.
-                n = chan.send(data[sent:])
+                n = chan.send(data[sent:])  # type: ignore[arg-type]  # it takes any buffer
             except socket.timeout:
                 self._check_window()
                 if left is None or left > _SEND_POLL:
@@ -1055,7 +1059,7 @@ def _callers(function: Callable[..., R]) -> Callable[..., R]:
     return call
 
 
-def _is_path(value: object) -> bool:
+def _is_path(value: object) -> TypeGuard[Union[str, os.PathLike[str]]]:
     return isinstance(value, (str, os.PathLike))
 
 
@@ -1133,7 +1137,7 @@ class Local:
     """
 
     def __init__(self, value: Source) -> None:
-        self.path: Optional[str] = os.fspath(value) if _is_path(value) else None  # type: ignore[arg-type]
+        self.path: Optional[str] = os.fspath(value) if _is_path(value) else None
         self._file: Any = value
         self._start: Optional[int] = None
         self._moved = False  # an attempt moved bytes through the file object
