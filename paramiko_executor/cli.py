@@ -45,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
                             handlers=[handler])
     try:
-        return args.handler(args)
+        return args.handler(args)  # type: ignore[no-any-return]
     except CommandLineError as err:
         print(f"{PROG}: error: {printable(err)}", file=sys.stderr)
         return EXIT_USAGE
@@ -491,8 +491,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{PROG}: {one_line(str(failure))}", file=sys.stderr)
         return EXIT_TIMEOUT
     except CommandExecutionFailure as failure:
-        _write(sys.stdout, failure.stdout)
-        _write(sys.stderr, failure.stderr)
+        _write(sys.stdout, failure.stdout)  # type: ignore[arg-type]
+        _write(sys.stderr, failure.stderr)  # type: ignore[arg-type]
         if failure.exit_code is None or not 0 < failure.exit_code < 256:
             # killed by a signal, or no exit status at all: no code of its own to pass on
             print(f"{PROG}: {one_line(str(failure))}", file=sys.stderr)
@@ -559,7 +559,7 @@ def _run_on_hosts(args: argparse.Namespace, command: str) -> int:
             if progress is not None:
                 sys.stderr.write("\r\x1b[K")  # clear the bar: output lines come first
             if isinstance(outcome, (CommandResult, CommandExecutionFailure)):
-                _print_host_output(name, outcome.stdout, outcome.stderr)
+                _print_host_output(name, outcome.stdout, outcome.stderr)  # type: ignore[arg-type]
             if not isinstance(outcome, CommandResult):
                 failed[name] = outcome
             if progress is not None:
@@ -620,7 +620,8 @@ def _transfer(args: argparse.Namespace) -> int:
                 moved = executor.put(args.source, args.destination, mode=args.mode,
                                      timeout=args.timeout, progress=show)
             else:
-                moved = executor.get(args.source, args.destination, timeout=args.timeout,
+                # It has put (checked above), and so get.
+                moved = executor.get(args.source, args.destination, timeout=args.timeout,  # type: ignore[attr-defined]
                                      progress=show)
     except (ExecutorFailure, OSError) as failure:
         if progress is not None:
