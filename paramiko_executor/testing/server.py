@@ -57,12 +57,20 @@ import paramiko
 import pyotp
 from paramiko.channel import Channel
 from paramiko.common import (
+    AUTH_FAILED,
+    AUTH_PARTIALLY_SUCCESSFUL,
+    AUTH_SUCCESSFUL,
     MSG_CHANNEL_REQUEST,
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_FAILED_UNKNOWN_CHANNEL_TYPE,
+    OPEN_SUCCEEDED,
     cMSG_CHANNEL_FAILURE,
     cMSG_CHANNEL_REQUEST,
     cMSG_CHANNEL_SUCCESS,
 )
 from paramiko.message import Message
+from paramiko.pkey import PublicBlob
+from paramiko.server import InteractiveQuery
 
 from paramiko_executor.internals import send_when_clear, wrap_handlers
 from paramiko_executor.pipe import Pipe
@@ -690,7 +698,8 @@ def _channel_request_handler(on_request: Callable[[Channel, Message], None]
     """
 
     def handle(channel: Channel, m: Message) -> None:
-        connection: _Connection = channel.transport.server_object
+        # An open channel's transport is a _ServerTransport, its server object a _Connection.
+        connection: _Connection = channel.transport.server_object  # type: ignore[union-attr, assignment]
         start = m.packet.tell()
         if m.get_text() == "signal":
             want_reply = m.get_boolean()
@@ -699,7 +708,7 @@ def _channel_request_handler(on_request: Callable[[Channel, Message], None]
                 reply = Message()
                 reply.add_byte(cMSG_CHANNEL_SUCCESS if ok else cMSG_CHANNEL_FAILURE)
                 reply.add_int(channel.remote_chanid)
-                send_when_clear(channel.transport, reply)
+                send_when_clear(channel.transport, reply)  # type: ignore[arg-type]
             return
         m.packet.seek(start)
         on_request(channel, m)
@@ -723,6 +732,8 @@ class _ServerTransport(paramiko.Transport):
       reference, so the connection holds them until they are closed.
     """
 
+    server_object: _Connection  # set by start_server
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         wrap_handlers(self, {MSG_CHANNEL_REQUEST: _channel_request_handler}, {})
@@ -730,7 +741,7 @@ class _ServerTransport(paramiko.Transport):
     def _unlink_channel(self, chanid: int) -> None:
         # Called once the client's CLOSE has been handled (both sides closed),
         # or when the transport dies with the channel still open.
-        super()._unlink_channel(chanid)
+        super()._unlink_channel(chanid)  # type: ignore[misc]
         self.server_object.channel_closed(chanid)
 
     def _queue_incoming_channel(self, channel: Channel) -> None:
@@ -796,7 +807,7 @@ class _Connection(paramiko.ServerInterface):
 
     def _step_result(self) -> int:
         last = self._step + 1 == len(self._server._auth_steps)
-        return paramiko.AUTH_SUCCESSFUL if last else paramiko.AUTH_PARTIALLY_SUCCESSFUL
+        return AUTH_SUCCESSFUL if last else AUTH_PARTIALLY_SUCCESSFUL
 
     def _complete_step(self) -> None:
         self._step += 1
@@ -805,7 +816,7 @@ class _Connection(paramiko.ServerInterface):
 
     def check_auth_password(self, username: str, password: Union[str, bytes]) -> int:
         if not self._allows(username, "password") or not self._server._check_password(password):
-            return paramiko.AUTH_FAILED
+            return AUTH_FAILED
         result = self._step_result()
         self._complete_step()
         return result
@@ -815,7 +826,7 @@ class _Connection(paramiko.ServerInterface):
         if not self._allows(username, "publickey") or not (
             forced or self._server._is_authorized(key)
         ):
-            return paramiko.AUTH_FAILED
+            return AUTH_FAILED
         # paramiko asks this both for a bare query (to answer PK_OK) and
         # before checking a signature, and verifies the signature only after
         # we answer. The step therefore completes, and the forced-command
@@ -836,22 +847,22 @@ class _Connection(paramiko.ServerInterface):
 
     def check_auth_interactive(self, username: str, submethods: str) -> Any:
         if not self._allows(username, "keyboard-interactive"):
-            return paramiko.AUTH_FAILED
+            return AUTH_FAILED
         self._prompt = 0
         return self._query()
 
-    def _query(self) -> paramiko.InteractiveQuery:
+    def _query(self) -> InteractiveQuery:
         assert self._prompt is not None
         text, _ = self._server._kbd_prompts[self._prompt]
-        return paramiko.InteractiveQuery("", "", (text, False))
+        return InteractiveQuery("", "", (text, False))
 
     def check_auth_interactive_response(self, responses: List[str]) -> Any:
         index, self._prompt = self._prompt, None
         if index is None or len(responses) != 1:
-            return paramiko.AUTH_FAILED
+            return AUTH_FAILED
         _, check = self._server._kbd_prompts[index]
         if not check(responses[0]):
-            return paramiko.AUTH_FAILED
+            return AUTH_FAILED
         if index + 1 < len(self._server._kbd_prompts):
             self._prompt = index + 1
             return self._query()
@@ -864,7 +875,7 @@ class _Connection(paramiko.ServerInterface):
     def check_channel_request(self, kind: str, chanid: int) -> int:
         if kind != "session":
             self._server._channel_refused()
-            return paramiko.OPEN_FAILED_UNKNOWN_CHANNEL_TYPE
+            return OPEN_FAILED_UNKNOWN_CHANNEL_TYPE
         limit = self._server.max_sessions
         with self._lock:
             if limit is not None and len(self._open_channels) >= limit:
@@ -876,9 +887,9 @@ class _Connection(paramiko.ServerInterface):
         if refused:
             _log.debug("SSH test server: refusing channel %d at MaxSessions %s", chanid, limit)
             self._server._channel_refused()
-            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+            return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
         self._server._channel_opened(open_now)
-        return paramiko.OPEN_SUCCEEDED
+        return OPEN_SUCCEEDED
 
     def channel_opened(self, channel: Channel) -> None:
         with self._lock:
@@ -1185,7 +1196,7 @@ def _send_exit_signal(channel: Channel, signum: int) -> None:
     m.add_boolean(False)  # core dumped: subprocess does not tell
     m.add_string("")  # error message
     m.add_string("")  # language tag
-    send_when_clear(channel.transport, m)
+    send_when_clear(channel.transport, m)  # type: ignore[arg-type]
 
 
 def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
@@ -1263,7 +1274,7 @@ def _load_authorized_keys(keys: Iterable[AuthorizedKey]) -> Set[bytes]:
                 line = line.strip()
                 if line and not line.startswith("#"):
                     try:
-                        blobs.add(paramiko.PublicBlob.from_string(line).key_blob)
+                        blobs.add(PublicBlob.from_string(line).key_blob)
                     except ValueError as error:
                         raise ValueError(f"authorized_keys: {key}: {error}") from None
         else:
