@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 from helpers import run_threads, wait_for
@@ -36,7 +37,7 @@ class FakeTransport:
 class FakeConnect:
     """Replaces ``connection._open``: counts calls, may block or fail on demand."""
 
-    def __init__(self, failures: int = 0, gate: threading.Event = None) -> None:
+    def __init__(self, failures: int = 0, gate: Optional[threading.Event] = None) -> None:
         self.calls = 0
         self.failures = failures
         self.gate = gate
@@ -111,7 +112,7 @@ def open_when_waiting(gate: threading.Event, waiters: int) -> threading.Thread:
 
 
 def make(retries: int = 0) -> Connection:
-    return Connection(TARGET, retry=ConnectRetry(retries=retries, backoff=0.0),
+    return Connection(TARGET, retry=ConnectRetry(retries=retries, backoff=0.0),  # type: ignore[arg-type]
                       max_sessions=4)
 
 

@@ -90,7 +90,7 @@ def new_group_threads(before) -> list:
 
 
 def fake_group(hosts, **kwargs) -> HostGroup:
-    return HostGroup(hosts, executor_class=FakeExecutor, **kwargs)
+    return HostGroup(hosts, executor_class=FakeExecutor, **kwargs)  # type: ignore[arg-type]
 
 
 # -- construction -------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def test_accept_new_threads_record_one_line(tmp_path):
 
 def _verify_in_child(path: str, key_text: str, port: int) -> None:
     key = paramiko.Ed25519Key(file_obj=io.StringIO(key_text))
-    HostKeyPolicy([path], accept_new=True).verify(FakeTransport(key), "127.0.0.1", port)
+    HostKeyPolicy([path], accept_new=True).verify(FakeTransport(key), "127.0.0.1", port)  # type: ignore[arg-type]
 
 
 def test_accept_new_processes_record_one_line_each(tmp_path):

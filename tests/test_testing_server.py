@@ -65,7 +65,7 @@ def login(
 
 
 def read_all(read: Callable[[int], bytes]) -> bytes:
-    chunks = []
+    chunks: List[bytes] = []
     while True:
         chunk = read(65536)
         if not chunk:
@@ -105,7 +105,7 @@ def send_signal(channel: paramiko.Channel, name: str) -> None:
     message.add_string("signal")
     message.add_boolean(False)
     message.add_string(name)
-    channel.transport._send_user_message(message)
+    channel.transport._send_user_message(message)  # type: ignore[attr-defined]
 
 
 def totp_answers(
@@ -155,16 +155,17 @@ def _recording(ptype: int, handler: Callable[[paramiko.Channel, paramiko.Message
             m.packet.seek(start)
         handler(channel, m)
         if ptype != MSG_CHANNEL_WINDOW_ADJUST:
-            with channel.transport.changed:
-                channel.transport.received.append((channel.get_id(), name))
-                channel.transport.changed.notify_all()
+            # A RecordingTransport's own attributes, and paramiko's private table below.
+            with channel.transport.changed:  # type: ignore[attr-defined]
+                channel.transport.received.append((channel.get_id(), name))  # type: ignore[attr-defined]
+                channel.transport.changed.notify_all()  # type: ignore[attr-defined]
 
     return record
 
 
-RecordingTransport._channel_handler_table = {
+RecordingTransport._channel_handler_table = {  # type: ignore[attr-defined]
     ptype: _recording(ptype, handler)
-    for ptype, handler in paramiko.Transport._channel_handler_table.items()
+    for ptype, handler in paramiko.Transport._channel_handler_table.items()  # type: ignore[attr-defined]
 }
 
 
