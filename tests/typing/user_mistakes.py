@@ -1,0 +1,30 @@
+"""Mistakes a user can make with the API, each of which ``mypy --strict`` must report.
+
+Never run. Each line ending in ``# E: code`` must get exactly that error
+from ``tests/test_typing.py``, and no other line any: if a public type
+decayed to ``Any``, ``user_program.py`` would still pass, but these would not.
+"""
+
+from __future__ import annotations
+
+from paramiko_executor import CommandExecutionFailure, HostGroup, SSHExecutor
+
+
+def show_text(stream: str, line: str) -> None:
+    print(stream, line)
+
+
+def mistakes(executor: SSHExecutor, group: HostGroup) -> None:
+    text: bytes = executor.run_command("hostname").stdout  # E: assignment
+    data: str = executor.run_command("cat /bin/true", encoding=None).stdout  # E: assignment
+    executor.run_command("cat /bin/true", encoding=None, on_output=show_text)  # E: arg-type
+    sent: str = executor.put("a", "/tmp/a")  # E: assignment
+    with SSHExecutor(host="h") as entered:
+        entered.no_such_method()  # E: attr-defined
+    for outcome in group.run_command("uptime").succeeded.values():
+        outcome.stdout.decode()  # E: attr-defined
+    try:
+        executor.run_command("false")
+    except CommandExecutionFailure as failure:
+        print(failure.exit_code + 1)  # E: operator
+    print(text, data, sent)

@@ -1,0 +1,150 @@
+"""A user's program over the documented API, written as README.rst shows.
+
+Never run: ``tests/test_typing.py`` checks it with ``mypy --strict``, so the
+package's public types cannot regress. No casts, no ``type: ignore``: a user
+writing this must get no errors.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Dict, List
+
+import paramiko
+
+from paramiko_executor import (
+    CommandExecutionFailure,
+    CommandResult,
+    CommandTimeout,
+    DupingSSHExecutor,
+    Executor,
+    ExecutorFailure,
+    ExecutorStatistics,
+    GroupFailure,
+    GroupResult,
+    HostGroup,
+    ShellExecutor,
+    SSHExecutor,
+)
+
+
+def quickstart() -> int:
+    with SSHExecutor(host="login.example.org", username="clown") as executor:
+        with ThreadPoolExecutor(max_workers=100) as pool:
+            results = pool.map(executor.run_command, [f"echo {n}" for n in range(1000)])
+            return sum(int(result.stdout) for result in results)
+
+
+def everyday(executor: SSHExecutor) -> None:
+    result = executor.run_command("uname -a")
+    print(result.stdout, result.stderr, result.exit_code)
+    result = executor.run_command("wc -l", stdin_input="one\ntwo\n")
+    first: str = result.stdout.strip()
+    lines: List[str] = result.stdout.splitlines()
+    code: int = result.exit_code
+    signal_name: str | None = result.exit_signal
+    print(first, lines, code, signal_name)
+    try:
+        executor.run_command("exit 3", timeout=10)
+    except CommandTimeout as timeout:
+        print(timeout.exit_code is None, timeout.stdout)
+    except CommandExecutionFailure as failure:
+        exit_code: int | None = failure.exit_code
+        print(exit_code, failure.stdout, failure.stderr, failure.message, failure.exit_signal)
+    except ExecutorFailure as failure:
+        description: str = failure.description
+        owner: Executor | None = failure.executor
+        print(description, owner)
+    executor.run_command("env | grep ^PEXEC_", env={"PEXEC_MODE": "fast"}, check=False)
+    blob: bytes = executor.run_command("tar -C /data -c .", encoding=None).stdout
+    raw: CommandResult[bytes] = executor.run_command("cat /bin/true", encoding=None)
+    text: CommandResult[str] = executor.run_command("cat /etc/hostname", encoding="latin-1")
+    print(len(blob), raw.stderr.decode(), text.stdout.upper())
+
+
+def live_output(executor: SSHExecutor) -> None:
+    def show(stream: str, line: str) -> None:
+        print(f"[{stream}] {line}", end="")
+
+    def show_bytes(stream: str, line: bytes) -> None:
+        print(stream, line.hex())
+
+    collected: List[str] = []
+    executor.run_command("tail -n 50 -f job.log | head -n 1000", on_output=show,
+                         keep_output=False)
+    executor.run_command("cat /bin/true", encoding=None, on_output=show_bytes)
+    executor.run_command("seq 3", on_output=lambda stream, line: collected.append(line))
+
+
+def files() -> None:
+    with SSHExecutor(host="login.example.org", username="clown") as executor:
+        sent: int = executor.put("report.csv", "/srv/data/report.csv", mode=0o640)
+        received: int = executor.get("/var/log/app.log", "app.log", timeout=60)
+        buffer = io.BytesIO()
+        executor.get("/etc/hostname", buffer, progress=lambda done, total: print(done, total))
+        print(sent, received, buffer.getvalue())
+
+
+def connection() -> None:
+    with SSHExecutor(host="login.example.org", max_sessions=8) as executor:
+        with executor.bounded_connection as transport:
+            channel: paramiko.Channel = transport.open_session()
+            channel.close()
+        statistics: ExecutorStatistics = executor.statistics()
+        wait: float = statistics.queue_wait_seconds_max
+        limit: int | None = executor.session_limit
+        print(statistics.commands_started, statistics.max_sessions, wait, limit)
+
+
+def futures(executor: SSHExecutor, nodes: List[str]) -> Dict[str, str]:
+    found: Dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        submitted = {pool.submit(executor.run_command, f"scontrol show node {node}"): node
+                     for node in nodes}
+        for future in as_completed(submitted):
+            found[submitted[future]] = future.result().stdout.split()[0]
+    return found
+
+
+def free_disk(executor: Executor) -> str:
+    return executor.run_command("df -h /").stdout
+
+
+def local_and_duping() -> None:
+    with ShellExecutor() as shell:
+        local: ShellExecutor = shell
+        print(free_disk(local), shell.run_command("ls", encoding=None).stdout.count(b"\n"))
+    with DupingSSHExecutor(host="login.example.org", wrapper="/bin/bash") as duping:
+        same: DupingSSHExecutor = duping
+        same.run_command("sbatch", stdin_input=b"#!/bin/sh\n")
+        print(free_disk(same))
+
+
+def many_hosts() -> None:
+    hosts = [
+        "node1",
+        {"host": "10.0.0.7", "port": 2222, "name": "gpu"},
+        {"host": "login.example.org", "username": "ops"},
+    ]
+    with HostGroup(hosts, username="clown", connect_retries=2) as group:
+        same: HostGroup = group
+        result: GroupResult[CommandResult[str]] = group.run_command("uptime", timeout=30)
+        for name, outcome in result.succeeded.items():
+            print(name, outcome.stdout.strip())
+        for name, failure in result.failed.items():
+            print(name, "failed:", failure)
+        for name, entry in result.items():
+            if isinstance(entry, CommandResult):
+                print(name, entry.exit_code)
+        for name, done in group.run_command_as_completed("hostname"):
+            print(name, done)
+        sizes: GroupResult[int] = same.put("report.csv", "/tmp/report.csv")
+        total: int = sum(sizes.succeeded.values())
+        fetched = group.get("/etc/hostname", "collected")
+        every: Dict[str, ExecutorStatistics] = group.statistics()
+        print(total, len(fetched.failed), every)
+        try:
+            result.raise_for_failures()
+        except GroupFailure as failure:
+            print(sorted(failure.failed))
