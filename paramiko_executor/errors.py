@@ -146,8 +146,10 @@ class CommandExecutionFailure(ExecutorError):
         super().__init__(message)
         self.message: str = message
         self.exit_code: Optional[int] = exit_code
-        self.stdout: Output = stdout
-        self.stderr: Output = stderr
+        # str, or bytes with encoding=None: Any, as subprocess.CalledProcessError's output,
+        # since an ``except`` clause cannot say which (a Union would refuse ``.strip()``).
+        self.stdout: Any = stdout
+        self.stderr: Any = stderr
         self.stdin: Union[str, bytes, None] = stdin
         self.exit_signal: Optional[str] = exit_signal
 
