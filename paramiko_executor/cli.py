@@ -491,8 +491,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{PROG}: {one_line(str(failure))}", file=sys.stderr)
         return EXIT_TIMEOUT
     except CommandExecutionFailure as failure:
-        _write(sys.stdout, failure.stdout)  # type: ignore[arg-type]
-        _write(sys.stderr, failure.stderr)  # type: ignore[arg-type]
+        _write(sys.stdout, failure.stdout)
+        _write(sys.stderr, failure.stderr)
         if failure.exit_code is None or not 0 < failure.exit_code < 256:
             # killed by a signal, or no exit status at all: no code of its own to pass on
             print(f"{PROG}: {one_line(str(failure))}", file=sys.stderr)
@@ -559,7 +559,7 @@ def _run_on_hosts(args: argparse.Namespace, command: str) -> int:
             if progress is not None:
                 sys.stderr.write("\r\x1b[K")  # clear the bar: output lines come first
             if isinstance(outcome, (CommandResult, CommandExecutionFailure)):
-                _print_host_output(name, outcome.stdout, outcome.stderr)  # type: ignore[arg-type]
+                _print_host_output(name, outcome.stdout, outcome.stderr)
             if not isinstance(outcome, CommandResult):
                 failed[name] = outcome
             if progress is not None:
