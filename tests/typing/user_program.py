@@ -52,6 +52,7 @@ def everyday(executor: SSHExecutor) -> None:
     except CommandExecutionFailure as failure:
         exit_code: int | None = failure.exit_code
         print(exit_code, failure.stdout, failure.stderr, failure.message, failure.exit_signal)
+        print(f"refused (exit {failure.exit_code}): {failure.stderr.strip()}")
     except ExecutorFailure as failure:
         description: str = failure.description
         owner: Executor | None = failure.executor
