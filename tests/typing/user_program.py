@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Dict, List
+from typing import Dict, List, Optional, Union
 
 import paramiko
 
@@ -110,6 +110,10 @@ def futures(executor: SSHExecutor, nodes: List[str]) -> Dict[str, str]:
 
 def free_disk(executor: Executor) -> str:
     return executor.run_command("df -h /").stdout
+
+
+def either(executor: Executor, encoding: Optional[str]) -> Union[str, bytes]:
+    return executor.run_command("cat /etc/motd", encoding=encoding).stdout
 
 
 def local_and_duping() -> None:
