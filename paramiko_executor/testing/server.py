@@ -62,6 +62,7 @@ from paramiko.common import (
     AUTH_SUCCESSFUL,
     MSG_CHANNEL_REQUEST,
     OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_FAILED_CONNECT_FAILED,
     OPEN_FAILED_UNKNOWN_CHANNEL_TYPE,
     OPEN_SUCCEEDED,
     cMSG_CHANNEL_FAILURE,
@@ -905,18 +906,18 @@ class _Connection(paramiko.ServerInterface):
                                            destination: Tuple[str, int]) -> int:
         if not self._server.allow_forwarding:
             self._server._channel_refused()
-            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+            return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
         try:
             # In the transport thread, as sshd connects before it confirms;
             # the tests' targets are local, so this is quick.
             target = socket.create_connection(destination, timeout=_CONNECT_TIMEOUT)
         except OSError:
             self._server._channel_refused()
-            return paramiko.OPEN_FAILED_CONNECT_FAILED
+            return OPEN_FAILED_CONNECT_FAILED
         target.settimeout(None)
         with self._lock:
             self._targets[chanid] = target
-        return paramiko.OPEN_SUCCEEDED
+        return OPEN_SUCCEEDED
 
     def check_port_forward_request(self, address: str, port: int) -> Union[int, bool]:
         if not self._server.allow_forwarding:
