@@ -23,7 +23,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from helpers import wait_for
-from paramiko.common import cMSG_CHANNEL_DATA, cMSG_CHANNEL_REQUEST
+from paramiko.common import (
+    AUTH_SUCCESSFUL,
+    OPEN_SUCCEEDED,
+    cMSG_CHANNEL_DATA,
+    cMSG_CHANNEL_REQUEST,
+)
 from paramiko.message import Message
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
@@ -216,10 +221,10 @@ class _Interface(paramiko.ServerInterface):
         return "password"
 
     def check_auth_password(self, username: str, password: str) -> int:
-        return paramiko.AUTH_SUCCESSFUL
+        return AUTH_SUCCESSFUL
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
-        return paramiko.OPEN_SUCCEEDED
+        return OPEN_SUCCEEDED
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         if command not in self.server.behaviours:
@@ -246,7 +251,7 @@ def send_raw(chan: paramiko.Channel, kind: bytes, *fields: Any) -> None:
             m.add_int(field)
         else:
             m.add_string(field)
-    chan.transport._send_user_message(m)
+    chan.transport._send_user_message(m)  # type: ignore[union-attr]
 
 
 def finish(chan: paramiko.Channel, status: int = 0) -> None:

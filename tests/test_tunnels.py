@@ -144,7 +144,7 @@ def echo_once(address: Tuple[str, int], payload: bytes, timeout: float = 30.0) -
 
 
 def read_all(sock: socket.socket) -> bytes:
-    chunks = []
+    chunks: List[bytes] = []
     while True:
         data = sock.recv(BLOCK)
         if not data:
