@@ -12,17 +12,21 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import paramiko
 import pytest
 from paramiko.common import (
+    AUTH_FAILED,
+    AUTH_SUCCESSFUL,
     MSG_CHANNEL_OPEN,
+    OPEN_SUCCEEDED,
     cMSG_CHANNEL_OPEN_FAILURE,
     cMSG_CHANNEL_REQUEST,
     cMSG_DISCONNECT,
 )
 from paramiko.message import Message
+from paramiko.server import InteractiveQuery
 
 from paramiko_executor import CommandExecutionFailure, ExecutorFailure, SSHExecutor
 from paramiko_executor.internals import wrap_handlers
@@ -57,16 +61,16 @@ class Hostile(paramiko.ServerInterface):
             message.add_int(2)  # SSH_DISCONNECT_PROTOCOL_ERROR
             message.add_string(f"bye{HOSTILE}")
             message.add_string("")
-            self.transport._send_message(message)
-            return paramiko.AUTH_FAILED
-        return paramiko.AUTH_SUCCESSFUL
+            self.transport._send_message(message)  # type: ignore[attr-defined]
+            return AUTH_FAILED
+        return AUTH_SUCCESSFUL
 
     def check_auth_interactive(self, username: str, submethods: str) -> Any:
-        return paramiko.InteractiveQuery(f"name{HOSTILE}", f"instructions{HOSTILE}",
-                                         (f"Code{HOSTILE}:", False))
+        return InteractiveQuery(f"name{HOSTILE}", f"instructions{HOSTILE}",
+                                (f"Code{HOSTILE}:", False))
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
-        return paramiko.OPEN_SUCCEEDED
+        return OPEN_SUCCEEDED
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         if self.mode == "signal":
@@ -88,7 +92,7 @@ def _exit_signal(channel: paramiko.Channel) -> None:
     message.add_boolean(False)
     message.add_string(f"core{HOSTILE}")
     message.add_string("")
-    channel.transport._send_user_message(message)
+    channel.transport._send_user_message(message)  # type: ignore[union-attr]
     channel.shutdown_write()
     channel.close()
 
@@ -107,7 +111,7 @@ def _refuse_opens(transport: paramiko.Transport) -> None:
             reply.add_int(1)  # SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
             reply.add_string(f"no{HOSTILE}")
             reply.add_string("en")
-            transport._send_message(reply)
+            transport._send_message(reply)  # type: ignore[attr-defined]
         return handle
 
     wrap_handlers(transport, {}, {MSG_CHANNEL_OPEN: wrap})
@@ -117,7 +121,7 @@ class _HostileSFTP(paramiko.SFTPServer):
     """An SFTP server whose every status reply carries a hostile message."""
 
     def _send_status(self, request_number: int, code: int, desc: Any = None) -> None:
-        super()._send_status(request_number, code, f"gone{HOSTILE}")
+        super()._send_status(request_number, code, f"gone{HOSTILE}")  # type: ignore[misc]
 
 
 @pytest.fixture
@@ -161,6 +165,7 @@ def hostile_server() -> Iterator[Callable[[str], int]]:
 
 
 def executor(port: int, **kwargs: Any) -> SSHExecutor:
+    options: Dict[str, Any]
     options = dict(host="127.0.0.1", port=port, username="u", password="p", known_hosts=None,
                    connect_retries=0, look_for_keys=False, allow_agent=False, max_sessions=2,
                    timeout=20, auth_timeout=20, banner_timeout=20)

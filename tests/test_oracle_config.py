@@ -208,7 +208,7 @@ def openssh(config: str, host: str, home: str, user: Optional[str] = None,
     if resolved is None:
         return None, err
     pw_dir = pwd.getpwuid(os.getuid()).pw_dir
-    result = {key: resolved.get(key, []) for key in (
+    result: Dict[str, Any] = {key: resolved.get(key, []) for key in (
         "hostname", "user", "port", "identityfile", "proxyjump", "proxycommand", "hostkeyalias",
         "stricthostkeychecking", "globalknownhostsfile", "hashknownhosts",
         "serveraliveinterval", "serveralivecountmax")}

@@ -195,7 +195,7 @@ def _ours_decides(path: Path, key: paramiko.PKey, mode: str, port: int,
     policy = HostKeyPolicy(str(path), accept_new=mode == "accept-new", strict=mode != "no",
                            host_key_alias=alias)
     try:
-        policy.verify(_Presenting(key), "127.0.0.1", port)
+        policy.verify(_Presenting(key), "127.0.0.1", port)  # type: ignore[arg-type]
     except HostKeyFailure:
         return False
     return True

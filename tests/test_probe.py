@@ -201,7 +201,7 @@ def test_a_refusal_below_the_remembered_limit_makes_the_next_connect_probe(
 def test_the_first_command_runs_on_a_channel_the_probe_kept(test_server: Any) -> None:
     with SSHExecutor(**test_server.executor_parameters()) as ex:
         link = ex._connection.get()
-        kept = link.spare._pending
+        kept = link.spare._pending  # type: ignore[union-attr]
         assert kept is not None and kept.wait_open(10) and kept.opened
         assert test_server.channels_opened == 10  # the probe's, nothing else
         assert ex.run_command("echo first").stdout == "first\n"
@@ -214,7 +214,7 @@ def test_an_idle_connection_reads_with_a_long_timeout_and_closes_at_once(
     # second; the longer one must not make close() wait for it.
     with SSHExecutor(**test_server.executor_parameters()) as ex:
         ex.run_command("true")
-        transport = ex.state.transport
+        transport = ex.state.transport  # type: ignore[union-attr]
         assert transport.sock.gettimeout() == connection.IDLE_READ_TIMEOUT >= 5
         test_server.freeze()  # a server that answers nothing does not end the read either
     try:
