@@ -98,6 +98,19 @@ def connection() -> None:
         print(statistics.commands_started, statistics.max_sessions, wait, limit)
 
 
+def tunnels() -> None:
+    with SSHExecutor(host="login.example.org") as executor:
+        with executor.forward_local(5432, "db.internal") as tunnel:
+            host, port = tunnel.local_address
+            print(f"postgresql://{host}:{port}/app")
+        with executor.forward_remote(8080, 8000) as remote:
+            print(remote.remote_address[1])
+        with executor.open_connection("db.internal", 5432, timeout=10) as sock:
+            sock.sendall(b"ping")
+            reply: bytes = sock.recv(4)
+            print(reply)
+
+
 def futures(executor: SSHExecutor, nodes: List[str]) -> Dict[str, str]:
     found: Dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=50) as pool:
