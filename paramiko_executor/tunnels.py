@@ -421,7 +421,7 @@ class RemoteTunnel(Tunnel):
         self._asking = link
         try:
             reply = link.requests.send("tcpip-forward", (address, port))
-            timeout = link.transport.channel_timeout
+            timeout = link.transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]
             if not _wait_reply(reply.event, link, timeout):
                 raise ExecutorFailure(f"no answer to a port forward request within {timeout:g} s")
             if reply.message is None:
@@ -568,7 +568,7 @@ class _LateOpen:
         try:
             result: Any = self._transport.open_channel(
                 "direct-tcpip", self._target, self._origin,
-                timeout=self._transport.channel_timeout)
+                timeout=self._transport.channel_timeout)  # type: ignore[attr-defined, unused-ignore]
         except BaseException as exc:
             result = exc
         with self._lock:
@@ -600,7 +600,7 @@ def _open_direct(transport: paramiko.Transport, target: Address, origin: Address
     """A ``direct-tcpip`` channel to ``target``, waited for until ``deadline`` at most."""
     if deadline is None:
         chan: paramiko.Channel = transport.open_channel(
-            "direct-tcpip", target, origin, timeout=transport.channel_timeout)
+            "direct-tcpip", target, origin, timeout=transport.channel_timeout)  # type: ignore[attr-defined, unused-ignore]
         return chan
     opening = _LateOpen(transport, target, origin)
     threading.Thread(target=opening.run, daemon=True,
