@@ -298,7 +298,7 @@ def test_a_remote_port_refused_on_a_live_connection_is_asked_for_again(
         (stale,) = server.serving_pids()
         os.kill(stale, signal.SIGSTOP)  # the server's side of a blip: its session holds on
         try:
-            ex._connection.link.transport.close()  # our side of the blip
+            ex._connection.link.transport.close()  # type: ignore[union-attr]  # our side of the blip
             wait_for(lambda: any("refused" in r.getMessage() for r in caplog.records),
                      "the reconnected connection to refuse the port", timeout=20)
         finally:
@@ -421,7 +421,7 @@ def test_a_remote_forward_closed_while_its_port_is_asked_for_gives_the_port_back
         server.freeze()  # the request waits for its answer
         try:
             asking.start()
-            wait_for(lambda: any(t._asking for t in list(ex._forwarding._tunnels)),
+            wait_for(lambda: any(t._asking for t in list(ex._forwarding._tunnels)),  # type: ignore[attr-defined]
                      "the request for the port")
             (tunnel,) = list(ex._forwarding._tunnels)
             tunnel.close()
