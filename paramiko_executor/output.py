@@ -164,7 +164,7 @@ class LineSplitter:
         text = data if self._decoder is None else self._decoder.decode(data, final)
         if not text:
             return
-        newline = b"\n" if self._decoder is None else "\n"
+        newline: Any = b"\n" if self._decoder is None else "\n"  # of text's type, bytes or str
         lines = text.split(newline)
         if len(lines) == 1:
             self._pieces.append(text)
