@@ -291,7 +291,7 @@ class _TransportSocket(socket.socket):
         for wake in deferred or ():
             wake()
 
-    def recv(self, bufsize: int) -> bytes:
+    def recv(self, bufsize: int) -> bytes:  # type: ignore[override]  # paramiko passes no flags
         at = self._at
         if at == self._end:
             if self._deferred:
@@ -328,7 +328,7 @@ def _sock_is_spent(sock: Any) -> bool:
     fileno = getattr(sock, "fileno", None)
     if fileno is not None:
         try:
-            return fileno() < 0
+            return fileno() < 0  # type: ignore[no-any-return]
         except OSError:
             return True
     return bool(getattr(sock, "closed", False) or getattr(sock, "_closed", False))
@@ -361,8 +361,9 @@ def _connect(target: Target,
     raise error if error is not None else OSError(f"no address for {target.hostname!r}")
 
 
+# Any: what paramiko.Transport runs over (a socket, a jump host's channel, a ProxyCommand).
 def _open_socket(target: Target,
-                 connecting: Optional[Callable[[socket.socket], None]] = None) -> object:
+                 connecting: Optional[Callable[[socket.socket], None]] = None) -> Any:
     if target.sock is not None:
         if _sock_is_spent(target.sock):
             raise ExecutorFailure(
@@ -469,7 +470,7 @@ def open_transport(
 def _open(
     target: Target, started: Optional[Callable[[paramiko.Transport], None]] = None,
     connecting: Optional[Callable[[socket.socket], None]] = None,
-) -> tuple:
+) -> Tuple[paramiko.Transport, Sessions, GlobalRequests]:
     sock = _open_socket(target, connecting)
     factory = target.transport_factory or paramiko.Transport
     try:
@@ -491,7 +492,7 @@ def _open(
         if target.auth_timeout is not None:
             transport.auth_timeout = target.auth_timeout
         if target.channel_timeout is not None:
-            transport.channel_timeout = target.channel_timeout
+            transport.channel_timeout = target.channel_timeout  # type: ignore[union-attr, unused-ignore]
         sessions = Sessions()
         install_channel_hooks(transport, sessions)
         requests = GlobalRequests(transport)
