@@ -22,7 +22,13 @@ from typing import Any, Callable, Dict, Iterator, List
 
 import paramiko
 import pytest
-from paramiko.common import cMSG_CHANNEL_DATA, cMSG_CHANNEL_SUCCESS
+from paramiko.common import (
+    AUTH_FAILED,
+    AUTH_SUCCESSFUL,
+    OPEN_SUCCEEDED,
+    cMSG_CHANNEL_DATA,
+    cMSG_CHANNEL_SUCCESS,
+)
 from paramiko.message import Message
 from test_files_trust import FXP, HostileSFTPServer, packet, read_packet, status, string
 from test_origin import HostileServer, finish, send_raw
@@ -89,7 +95,7 @@ def send_data_unchecked(chan: paramiko.Channel, data: bytes) -> None:
     m.add_byte(cMSG_CHANNEL_DATA)
     m.add_int(chan.remote_chanid)
     m.add_string(data)
-    chan.transport._send_user_message(m)
+    chan.transport._send_user_message(m)  # type: ignore[union-attr]
 
 
 # --- SFTP: a limits@openssh.com request never answered ----------------------------------------
@@ -165,7 +171,7 @@ def overrun_while_the_client_sends(server: Any, chan: paramiko.Channel) -> None:
     send_data_unchecked(chan, _U32.pack(1 << 20))
     server.overrun = 4
     blob = b"\0" * 32768
-    while server.overrun < 3 * granted and chan.transport.is_active():
+    while server.overrun < 3 * granted and chan.transport.is_active():  # type: ignore[union-attr]
         send_data_unchecked(chan, blob)
         server.overrun += len(blob)
     server.done.wait(60)
@@ -241,7 +247,7 @@ class _MethodsInterface(paramiko.ServerInterface):
         return "password," + ESCAPES
 
     def check_auth_password(self, username: str, password: str) -> int:
-        return paramiko.AUTH_FAILED
+        return AUTH_FAILED
 
 
 @pytest.fixture
@@ -337,7 +343,7 @@ def test_replies_to_requests_never_sent_are_not_kept(command_server: Any) -> Non
 
         def on_output(stream: str, line: Any) -> None:
             # The transport thread handles a channel's messages in order: every reply is in.
-            sessions = ex._connection.link.sessions.values()
+            sessions = ex._connection.link.sessions.values()  # type: ignore[union-attr]
             kept.append(max(len(session.replies) for session in sessions))
             looked.set()
 
@@ -476,10 +482,10 @@ class _ForwardingInterface(paramiko.ServerInterface):
         return "password"
 
     def check_auth_password(self, username: str, password: str) -> int:
-        return paramiko.AUTH_SUCCESSFUL
+        return AUTH_SUCCESSFUL
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
-        return paramiko.OPEN_SUCCEEDED
+        return OPEN_SUCCEEDED
 
     def check_port_forward_request(self, address: str, port: int) -> int:
         self.forwarded.set()
