@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import (
     Any,
     Callable,
+    Collection,
     Dict,
     Iterable,
     Iterator,
@@ -26,6 +27,7 @@ from typing import (
     Set,
     Tuple,
     Type,
+    TypeVar,
     Union,
     cast,
 )
@@ -36,12 +38,16 @@ from .errors import CallerError, callers_own
 from .executors import Executor, SSHExecutor
 from .hostnames import check_hostname
 from .results import CommandExecutionFailure, CommandResult, ExecutorFailure
+from .stats import ExecutorStatistics
 from .text import one_line
 
 __all__ = ["GroupFailure", "GroupResult", "HostGroup", "Outcome"]
 
 #: What one host's entry of a `GroupResult` of `HostGroup.run_command` holds.
-Outcome = Union[CommandResult, CommandExecutionFailure, ExecutorFailure]
+Outcome = Union[CommandResult[str], CommandExecutionFailure, ExecutorFailure]
+
+#: What a `GroupResult`'s succeeded entries hold.
+R = TypeVar("R", covariant=True)
 
 # The failures that belong to one host (its entry), not to the call: a command's
 # exit status, its executor's failure, and for transfers the remote file missing
@@ -65,12 +71,15 @@ class GroupFailure(ExecutorFailure):
         super().__init__(description, executor)
         self.failed: Mapping[str, BaseException] = MappingProxyType(dict(failed or {}))
 
-    def __reduce__(self):  # MappingProxyType does not pickle: carry a plain dict
+    def __reduce__(self) -> Any:  # MappingProxyType does not pickle: carry a plain dict
         return (type(self), (self.description, dict(self.failed)))
 
 
-class GroupResult(Mapping[str, Any]):
+class GroupResult(Mapping[str, Union[R, Exception]]):
     """Each host's outcome, keyed by host name, in the order the hosts were given.
+
+    ``GroupResult[CommandResult[str]]`` from `HostGroup.run_command`,
+    ``GroupResult[int]`` from ``put``/``get``.
 
     An outcome is the host's result (a `CommandResult`; for transfers the byte
     count) or its failure (`CommandExecutionFailure`, `ExecutorFailure`, and
@@ -78,10 +87,10 @@ class GroupResult(Mapping[str, Any]):
     exactly when it is an exception. Immutable.
     """
 
-    def __init__(self, outcomes: Iterable[Tuple[str, Any]]) -> None:
-        self._outcomes: Dict[str, Any] = dict(outcomes)
+    def __init__(self, outcomes: Iterable[Tuple[str, Union[R, Exception]]]) -> None:
+        self._outcomes: Dict[str, Union[R, Exception]] = dict(outcomes)
 
-    def __getitem__(self, name: str) -> Any:
+    def __getitem__(self, name: str) -> Union[R, Exception]:
         return self._outcomes[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -91,7 +100,7 @@ class GroupResult(Mapping[str, Any]):
         return len(self._outcomes)
 
     @property
-    def succeeded(self) -> Mapping[str, Any]:
+    def succeeded(self) -> Mapping[str, R]:
         """The hosts that succeeded and their results, in the given order (read-only)."""
         outcomes = self._outcomes.items()
         return MappingProxyType(
@@ -99,14 +108,14 @@ class GroupResult(Mapping[str, Any]):
         )
 
     @property
-    def failed(self) -> Mapping[str, BaseException]:
+    def failed(self) -> Mapping[str, Exception]:
         """The hosts that failed and their exceptions, in the given order (read-only)."""
         outcomes = self._outcomes.items()
-        return MappingProxyType(
-            {name: out for name, out in outcomes if isinstance(out, BaseException)}
+        return MappingProxyType(  # mypy cannot narrow R by isinstance: out is the exception
+            {name: out for name, out in outcomes if isinstance(out, BaseException)}  # type: ignore[misc]
         )
 
-    def raise_for_failures(self) -> GroupResult:
+    def raise_for_failures(self) -> GroupResult[R]:
         """Raise `GroupFailure` naming the failed hosts if there are any; else return self."""
         failed = self.failed
         if not failed:
@@ -273,6 +282,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_after_fork)
 
 
+#: The group's own type, for ``with HostGroup(...) as group``.
+GroupT = TypeVar("GroupT", bound="HostGroup")
+
+
 class HostGroup:
     """Runs commands and transfers on many hosts at once, one executor per host.
 
@@ -302,7 +315,9 @@ class HostGroup:
 
     def __init__(
         self,
-        hosts: Iterable[Union[str, Mapping[str, Any]]],
+        # Collection[str]: what mypy makes of a list mixing names and mappings (the
+        # README's); anything but a str or a mapping is a TypeError here, at construction.
+        hosts: Iterable[Union[str, Mapping[str, Any], Collection[str]]],
         *,
         max_workers: int = 64,
         executor_class: Callable[..., Executor] = SSHExecutor,
@@ -440,7 +455,8 @@ class HostGroup:
             with self._lock:
                 self._calls.discard(group_call)
 
-    def _collect(self, call: _HostCall, failures: Tuple[Type[BaseException], ...]) -> GroupResult:
+    def _collect(self, call: _HostCall,
+                 failures: Tuple[Type[BaseException], ...]) -> GroupResult[Any]:
         """Every host's outcome of ``call``, once all are in, in the given order."""
         outcomes = dict(self._as_completed(call, failures))
         return GroupResult((name, outcomes[name]) for name in self._parameters)
@@ -455,7 +471,7 @@ class HostGroup:
 
     def run_command(
         self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None
-    ) -> GroupResult:
+    ) -> GroupResult[CommandResult[str]]:
         """Run ``command`` on every host at once; return when every host has an outcome.
 
         Each host gets its executor's ``run_command(command, stdin_input,
@@ -478,7 +494,8 @@ class HostGroup:
         return self._as_completed(self._command_call(command, stdin_input, timeout),
                                   _COMMAND_FAILURES)
 
-    def put(self, local: Union[str, os.PathLike], remote: str, **options: Any) -> GroupResult:
+    def put(self, local: Union[str, os.PathLike[str]], remote: str,
+            **options: Any) -> GroupResult[int]:
         """Copy the local file ``local`` to ``remote`` on every host; entries are bytes sent.
 
         ``options`` (``mode``, ``timeout``, ``progress``) go to each executor's
@@ -495,10 +512,13 @@ class HostGroup:
             raise TypeError(f"remote must be a str, not {type(remote).__name__}")
         progress = _CallersProgress.of(options)
         return callers_own(lambda: self._collect(
-            progress.owned(lambda _name, executor: executor.put(local, remote, **options)),
+            # put, get and statistics are the executors' own (SSHExecutor's,
+            # ShellExecutor's put and get), not Executor's.
+            progress.owned(lambda _name, executor: executor.put(local, remote, **options)),  # type: ignore[attr-defined]
             _TRANSFER_FAILURES))
 
-    def get(self, remote: str, local_dir: Union[str, os.PathLike], **options: Any) -> GroupResult:
+    def get(self, remote: str, local_dir: Union[str, os.PathLike[str]],
+            **options: Any) -> GroupResult[int]:
         """Copy ``remote`` from every host into ``local_dir``, as a file named after the host.
 
         Entries are the bytes received. ``local_dir`` must be an existing
@@ -518,13 +538,13 @@ class HostGroup:
                 raise ValueError(f"host name {name!r} cannot name a file: give the host a 'name'")
         progress = _CallersProgress.of(options)
         return callers_own(lambda: self._collect(
-            progress.owned(lambda name, executor: executor.get(
+            progress.owned(lambda name, executor: executor.get(  # type: ignore[attr-defined]
                 remote, os.path.join(local_dir, name), **options)),
             _TRANSFER_FAILURES))
 
-    def statistics(self) -> Dict[str, Any]:
+    def statistics(self) -> Dict[str, ExecutorStatistics]:
         """Each host's ``executor.statistics()`` (an `ExecutorStatistics`), in the given order."""
-        return {name: executor.statistics() for name, executor in self._build().items()}
+        return {name: executor.statistics() for name, executor in self._build().items()}  # type: ignore[attr-defined]
 
     def close(self) -> None:
         """Close every executor built so far, then end the thread pool; safe at any moment.
@@ -549,7 +569,7 @@ class HostGroup:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> HostGroup:
+    def __enter__(self: GroupT) -> GroupT:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
