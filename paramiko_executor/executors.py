@@ -208,8 +208,9 @@ class SSHExecutor(Executor):
 
     Thread-safe: any number of threads may call `run_command` at once. Each
     command runs on its own session channel of the one ``paramiko.Transport``;
-    at most MaxSessions channels are open at a time (probed on every connect
-    unless ``max_sessions`` is given) and the commands past that wait for a
+    at most MaxSessions channels are open at a time (probed on the first
+    connect to a server and remembered for the process, unless
+    ``max_sessions`` is given) and the commands past that wait for a
     slot, first come, first served. Nothing connects until the first command.
 
     A command whose connection breaks is retried on a new connection up to
@@ -230,7 +231,7 @@ class SSHExecutor(Executor):
     travels as key text, encrypted with ``passphrase`` when one is given),
     never the connection. Copies unpickled in one process with the same
     configuration share one connection, kept open after the copy that made
-    it is gone, until `close` on any of them.
+    it is gone, until `close` on any of them or 10 minutes without use.
     """
 
     def __init__(
