@@ -1,4 +1,4 @@
-"""The ``paramiko-executor`` command line: ``demo``, ``run`` and ``probe``.
+"""The ``paramiko-executor`` command line: ``demo``, ``run``, ``probe``, ``put``, ``get`` and ``forward``.
 
 Also reachable as ``python -m paramiko_executor``. :func:`main` returns the exit status.
 """
