@@ -1,4 +1,6 @@
-"""The ``paramiko-executor`` command line: ``demo``, ``run``, ``probe``, ``put``, ``get`` and ``forward``.
+"""The ``paramiko-executor`` command line.
+
+Its commands: ``demo``, ``run``, ``probe``, ``put``, ``get`` and ``forward``.
 
 Also reachable as ``python -m paramiko_executor``. :func:`main` returns the exit status.
 """
