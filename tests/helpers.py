@@ -68,3 +68,20 @@ def drain_terminal(controller: int, proc: subprocess.Popen, timeout: float) -> b
         elif proc.poll() is not None:
             break
     return drawn
+
+
+def outcome_within(bound: float, call: Callable[[], Any]) -> Dict[str, Any]:
+    """What ``call`` returned or raised, run in a thread; fails if it outlives ``bound``."""
+    outcome: Dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as exc:  # handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(bound)
+    assert not thread.is_alive(), f"the call was still running after {bound} s"
+    return outcome

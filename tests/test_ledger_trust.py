@@ -22,6 +22,8 @@ from typing import Any, Dict, List
 
 import pyotp
 import pytest
+from helpers import outcome_within
+from test_totp_ledger import FakeClock, fake_ledger
 
 from paramiko_executor import ExecutorFailure, SSHExecutor, auth
 from paramiko_executor.errors import AuthenticationInterrupted
@@ -32,25 +34,6 @@ NOW = 1_000_040.0  # 20 s into a 30 s step
 STEP = int(NOW // 30)
 WAIT = 20.0  # seconds a call that must end early may take before the test counts it as hung
 LOGGER = "paramiko_executor.auth"
-
-
-class FakeClock:
-    """A clock that only moves when the ledger waits."""
-
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-        self.waits: List[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def wait(self, delay: float) -> None:
-        self.waits.append(delay)
-        self.now += delay
-
-
-def fake_ledger(path: Any, clock: FakeClock) -> TOTPLedger:
-    return TOTPLedger(clock=clock, wait=clock.wait, path=str(path))
 
 
 def private_dir(parent: Any) -> Any:
@@ -174,7 +157,7 @@ def test_a_step_far_ahead_never_blocks_a_real_wait(tmp_path):
     path = private_dir(tmp_path) / "totp-ledger"
     TOTPLedger(path=str(path)).issue(SECRET)
     now_step = int(time.time() // 30)
-    outcome = run_bounded(lambda: [record(path, now_step + ahead) or
+    outcome = outcome_within(WAIT, lambda: [record(path, now_step + ahead) or
                                    TOTPLedger(path=str(path)).issue(SECRET)
                                    for ahead in (2880, 10 ** 17)])
     assert "error" not in outcome, outcome
@@ -233,23 +216,6 @@ def test_a_real_failure_affects_that_login_only(tmp_path, caplog):
 # -- the wait has a way out -------------------------------------------------------------------
 
 
-def run_bounded(call: Any) -> Dict[str, Any]:
-    """What ``call`` returned or raised, run in a thread; fails if it outlives WAIT."""
-    outcome: Dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = call()
-        except BaseException as exc:  # handed to the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(WAIT)
-    assert not thread.is_alive(), f"still waiting after {WAIT} s"
-    return outcome
-
-
 def early_in_a_step() -> float:
     """How far to set a clock back so that it stands 1 s into a step: 29 s to the next."""
     return (time.time() - 1.0) % 30
@@ -261,7 +227,7 @@ def test_the_wait_ends_at_the_deadline_and_when_abandoned(tmp_path):
     TOTPLedger(clock=lambda: time.time() - shift, path=path).issue(SECRET)
     waiting = TOTPLedger(clock=lambda: time.time() - shift, path=path)
     for kwargs in ({"deadline": time.monotonic() + 0.3}, {"abandoned": lambda: True}):
-        outcome = run_bounded(lambda kw=kwargs: waiting.wait_until_fresh(SECRET, **kw))
+        outcome = outcome_within(WAIT, lambda kw=kwargs: waiting.wait_until_fresh(SECRET, **kw))
         assert isinstance(outcome.get("error"), AuthenticationInterrupted), outcome
 
 

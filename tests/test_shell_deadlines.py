@@ -9,10 +9,8 @@ fails the test instead of hanging it.
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Callable, Dict
-
 import pytest
+from helpers import outcome_within
 
 from paramiko_executor import CommandTimeout, ShellExecutor, SSHExecutor
 
@@ -32,23 +30,6 @@ def remote(sshd3):
 @pytest.fixture(params=["ssh", "shell"])
 def executor(request, remote):
     return remote if request.param == "ssh" else ShellExecutor()
-
-
-def outcome_within(bound: float, call: Callable[[], Any]) -> Dict[str, Any]:
-    """What ``call`` returned or raised, run in a thread; fails if it outlives ``bound``."""
-    outcome: Dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = call()
-        except BaseException as exc:  # handed to the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(bound)
-    assert not thread.is_alive(), f"the call was still running after {bound} s"
-    return outcome
 
 
 def test_a_command_that_closed_its_output_still_times_out(executor):
