@@ -70,8 +70,8 @@ def drain_terminal(controller: int, proc: subprocess.Popen, timeout: float) -> b
     return drawn
 
 
-def outcome_within(bound: float, call: Callable[[], Any]) -> Dict[str, Any]:
-    """What ``call`` returned or raised, run in a thread; fails if it outlives ``bound``."""
+def call_in_thread(call: Callable[[], Any]) -> Dict[str, Any]:
+    """Start ``call`` in a thread; the dict gets its "result" or "error", and the "thread"."""
     outcome: Dict[str, Any] = {}
 
     def run() -> None:
@@ -80,8 +80,15 @@ def outcome_within(bound: float, call: Callable[[], Any]) -> Dict[str, Any]:
         except BaseException as exc:  # handed to the test
             outcome["error"] = exc
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    outcome["thread"] = threading.Thread(target=run, daemon=True)
+    outcome["thread"].start()
+    return outcome
+
+
+def outcome_within(bound: float, call: Callable[[], Any]) -> Dict[str, Any]:
+    """What ``call`` returned or raised, run in a thread; fails if it outlives ``bound``."""
+    outcome = call_in_thread(call)
+    thread = outcome.pop("thread")
     thread.join(bound)
     assert not thread.is_alive(), f"the call was still running after {bound} s"
     return outcome

@@ -19,7 +19,7 @@ from typing import Any, Dict, List
 
 import pytest
 from conftest import start_openssh
-from helpers import drain_terminal
+from helpers import call_in_thread, drain_terminal
 
 from paramiko_executor import SSHExecutor
 from paramiko_executor.group import GroupFailure, GroupResult, HostGroup
@@ -615,21 +615,6 @@ def test_cli_draws_progress_on_a_terminal_only(sshd_hosts):
 
 
 # -- close() at any moment ---------------------------------------------------------------------
-
-
-def call_in_thread(call) -> Dict[str, Any]:
-    """Start ``call`` in a thread; the dict gets its "result" or "error", and the "thread"."""
-    outcome: Dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = call()
-        except BaseException as exc:  # handed to the test
-            outcome["error"] = exc
-
-    outcome["thread"] = threading.Thread(target=run, daemon=True)
-    outcome["thread"].start()
-    return outcome
 
 
 def race_close(group: HostGroup, call, delay: float = 0.0) -> Any:
