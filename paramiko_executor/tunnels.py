@@ -14,9 +14,12 @@ direction (flow control: see there); `open_connection`'s is a
 
 A `LocalTunnel` has a listening thread and, per client, a thread that waits
 for a place under the cap, opens the channel and becomes the pipe's first
-thread. A `RemoteTunnel` has a supervising thread that asks each new
-connection for its port again and, per forwarded connection, a thread that
-connects to the local target and becomes the pipe's first thread.
+thread. A ``direct-tcpip`` open whose caller may give up (a client, whose
+tunnel may close; `open_connection` with a timeout) is sent from a short-lived
+thread of its own (`_LateOpen`), which closes a channel opened too late.
+A `RemoteTunnel` has a supervising thread that asks each new connection for
+its port again and, per forwarded connection, a thread that connects to the
+local target and becomes the pipe's first thread.
 `Tunnel.close` stops all of them and waits for them (bounded);
 `Forwarding.close` does so for every tunnel and socket of an executor.
 
@@ -24,7 +27,11 @@ Locks: each tunnel's ``_lock`` guards its pipes and threads; the
 `ForwardLimit`'s condition its count; `Forwarding._lock` its tunnels and
 sockets; ``_RECEIVERS_LOCK`` which executors take a transport's forwarded
 connections (and each `pipe.Pipe` and `forwarded.ForwardedSocket` has its
-own for its ending). None is held while another is taken, nor during I/O.
+own for its ending). None is held while another is taken, nor during I/O,
+but a tunnel's ``_lock`` while it sets ``_closed`` (a `waits.Signal`, whose
+lock is taken last) and a `forwarded.ForwardedSocket`'s while paramiko makes
+its channel's descriptor (the channel's lock). A `Place`'s ``_lock`` is
+released before its limit's is taken.
 """
 
 from __future__ import annotations
