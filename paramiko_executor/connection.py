@@ -30,7 +30,7 @@ Locks, and what each guards (taken in this order when nested; no other nesting):
 6. ``GlobalRequests._lock``: the order of global requests and their replies.
 7. ``Counters._lock``: the statistics.
 8. ``_TransportSocket._deferred_lock``: deferred wake-ups against the socket's close.
-9. ``waits.Signal._watch_lock``: who waits for a connect attempt's end.
+9. ``waits.Signal._watch_lock``: who waits for a connect attempt's end, or its cancel.
 """
 
 from __future__ import annotations
@@ -617,7 +617,11 @@ class _Attempt:
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
         self.done = Signal()
-        self.cancelled = threading.Event()
+        self.cancelled = Signal()
+        #: How many callers wait for the outcome (under `Connection.lock`). When the
+        #: last that may give up has, `unwanted` is set: no retry is started for no one.
+        self.waiters = 1
+        self.unwanted = Signal()
         #: Set by `cancel`, and when a probe this attempt waits for ends.
         self.wake = threading.Event()
         self.link: Optional[Link] = None
@@ -705,8 +709,10 @@ class Connection:
         waits for the connect until then, or until ``stop`` is set, and then
         raises `GaveUp`. Its connect is the connection's, not its own: it
         runs in a thread of its own (if this caller would start it) and goes
-        on for the other waiters, and a link it makes stays for later callers;
-        `close` cancels it as any other.
+        on for the other waiters, and a link it makes stays for later callers.
+        Once no caller waits for it, it ends before its next retry (a try in
+        progress is finished, not cut: a login may be half done); `close`
+        cancels it as any other.
         """
         with self.lock:
             link = self._link
@@ -719,6 +725,9 @@ class Connection:
             leader = attempt is None or attempt.epoch != self.epoch
             if leader:
                 attempt = self._attempt = _Attempt(self.epoch)
+            else:
+                assert attempt is not None
+                attempt.waiters += 1
         assert attempt is not None
         if deadline is None and stop is None:
             if leader:
@@ -731,6 +740,10 @@ class Connection:
             remaining = None if deadline is None else deadline - time.monotonic()
             wait_any((attempt.done, stop), remaining)
             if not attempt.done.is_set():
+                with self.lock:
+                    attempt.waiters -= 1
+                    if attempt.waiters == 0:
+                        attempt.unwanted.set()
                 raise GaveUp(f"still connecting to {self.target}")
         if attempt.error is not None:
             err = attempt.error
@@ -798,8 +811,28 @@ class Connection:
                     ) from None
                 log.info("connecting to %s failed (%s); retrying in %.1f s",
                          self.target, failure, delay)
-                if attempt.cancelled.wait(delay):
-                    raise ExecutorFailure("the executor was closed while connecting") from None
+                self._back_off(attempt, delay)
+
+    def _back_off(self, attempt: _Attempt, delay: float) -> None:
+        """Wait ``delay`` seconds before a retry; `ExecutorFailure` if closed or wanted no more."""
+        end = time.monotonic() + delay
+        while True:
+            if self._unwanted(attempt):
+                raise ExecutorFailure(f"no caller waits for the connect to {self.target} any more")
+            if not wait_any((attempt.cancelled, attempt.unwanted), end - time.monotonic()):
+                return
+            if attempt.cancelled.is_set():
+                raise ExecutorFailure("the executor was closed while connecting")
+
+    def _unwanted(self, attempt: _Attempt) -> bool:
+        """Whether no caller waits for ``attempt``; if so, later callers start one of their own."""
+        with self.lock:
+            if attempt.waiters > 0:
+                attempt.unwanted.clear()  # one came meanwhile
+                return False
+            if self._attempt is attempt:
+                self._attempt = None
+            return True
 
     def _connect_once(self, attempt: _Attempt) -> Link:
         transport, sessions, requests = _open(self.target, attempt.started, attempt.connecting)

@@ -90,16 +90,20 @@ def test_open_connections_timeout_bounds_waiting_for_a_reconnect(down: Any, targ
     assert ex.statistics().reconnects == 1
 
 
-def test_a_connect_left_by_a_timed_out_open_ends_with_the_executors_close(
+def test_a_connect_no_caller_waits_for_any_more_ends_before_its_next_retry(
         down: Any, target: Any) -> None:
-    """The fixture checks that no thread is left once the executor is closed."""
-    _, ex = down
+    """The thread connecting for a timed-out open does not retry for minutes for no one."""
+    server, ex = down
     backend = target("echo")
-    for _ in range(3):  # each joins the attempt in flight: one connecting thread
+    threads_before = threading.active_count()
+    for _ in range(3):
         outcome = outcome_within(10, lambda: ex.open_connection("127.0.0.1", backend.port,
                                                                 timeout=0.2))
         assert isinstance(outcome.get("error"), ExecutorFailure), outcome
-    outcome_within(5, ex.close)
+    wait_for(lambda: threading.active_count() <= threads_before, "the connecting thread to end",
+             timeout=10)
+    server.start()
+    assert echo_through(ex, backend, b"again", timeout=60) == b"again"
 
 
 # --- local forwards --------------------------------------------------------------------
