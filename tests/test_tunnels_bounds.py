@@ -80,8 +80,8 @@ def test_open_connections_timeout_bounds_waiting_for_a_reconnect(down: Any, targ
     assert isinstance(error, ExecutorFailure), outcome
     assert f"127.0.0.1:{backend.port}" in str(error) and "0.5 s" in str(error)
     assert "timed out" in str(error)
-    # The connect goes on for those who wait: a command waiting without a bound, and a
-    # later open, share that one attempt and its outcome.
+    # A command waiting without a bound and a later open with one share a connect
+    # (the one given up, or one of the command's) and its outcome: one reconnect.
     command = call_in_thread(lambda: ex.run_command("echo back"))
     server.start()
     assert echo_through(ex, backend, b"through", timeout=60) == b"through"
