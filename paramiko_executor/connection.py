@@ -13,8 +13,10 @@ Threads: the callers' (each does its own command's I/O); paramiko's transport
 thread, one per connection (it only feeds events to `channel.SessionChannel`);
 per connection while configured, one keepalive thread; short-lived ones: a
 ping sender per round trip, a reaper per abandoned channel open, an escalator
-per timed-out command (TERM, KILL, CLOSE), a closer per dropped connection, and
-a rekey helper when a handler must send during a key exchange.
+per timed-out command (TERM, KILL, CLOSE), a closer per dropped connection, a
+rekey helper when a handler must send during a key exchange, and a connecting
+thread when a caller that may give up (`Connection.get` with a deadline) starts
+a connect.
 
 Locks, and what each guards (taken in this order when nested; no other nesting):
 
@@ -28,6 +30,7 @@ Locks, and what each guards (taken in this order when nested; no other nesting):
 6. ``GlobalRequests._lock``: the order of global requests and their replies.
 7. ``Counters._lock``: the statistics.
 8. ``_TransportSocket._deferred_lock``: deferred wake-ups against the socket's close.
+9. ``waits.Signal._watch_lock``: who waits for a connect attempt's end, or its cancel.
 """
 
 from __future__ import annotations
@@ -59,9 +62,11 @@ from .retry import ConnectRetry
 from .slots import Slots
 from .stats import Counters
 from .text import printable
+from .waits import Signal, wait_any
 from .warm import Spare
 
-__all__ = ["Connection", "ConnectionState", "Link", "open_transport", "probe_max_session"]
+__all__ = ["Connection", "ConnectionState", "GaveUp", "Link", "open_transport",
+           "probe_max_session"]
 
 log = logging.getLogger("paramiko_executor.connection")
 
@@ -602,13 +607,21 @@ class ServerLimits:
 LIMITS = ServerLimits()
 
 
+class GaveUp(ExecutorFailure):
+    """`Connection.get` stopped waiting for a connect: its deadline passed, or its stop was set."""
+
+
 class _Attempt:
     """One connect in flight: its outcome, shared by every thread waiting for it."""
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
-        self.done = threading.Event()
-        self.cancelled = threading.Event()
+        self.done = Signal()
+        self.cancelled = Signal()
+        #: How many callers wait for the outcome (under `Connection.lock`). When the
+        #: last that may give up has, `unwanted` is set: no retry is started for no one.
+        self.waiters = 1
+        self.unwanted = Signal()
         #: Set by `cancel`, and when a probe this attempt waits for ends.
         self.wake = threading.Event()
         self.link: Optional[Link] = None
@@ -689,8 +702,18 @@ class Connection:
         """The current link, or None when not connected."""
         return self._link
 
-    def get(self) -> Link:
-        """The current link, connecting (or waiting for a connect) first."""
+    def get(self, deadline: Optional[float] = None, stop: Optional[Signal] = None) -> Link:
+        """The current link, connecting (or waiting for a connect) first.
+
+        A caller with a ``deadline`` (a `time.monotonic` value) or a ``stop``
+        waits for the connect until then, or until ``stop`` is set, and then
+        raises `GaveUp`. Its connect is the connection's, not its own: it
+        runs in a thread of its own (if this caller would start it) and goes
+        on for the other waiters, and a link it makes stays for later callers.
+        Once no caller waits for it, it ends before its next retry (a try in
+        progress is finished, not cut: a login may be half done); `close`
+        cancels it as any other.
+        """
         with self.lock:
             link = self._link
             if link is not None and link.alive():
@@ -702,16 +725,40 @@ class Connection:
             leader = attempt is None or attempt.epoch != self.epoch
             if leader:
                 attempt = self._attempt = _Attempt(self.epoch)
+            else:
+                assert attempt is not None
+                attempt.waiters += 1
         assert attempt is not None
-        if leader:
-            self._lead(attempt)
+        if deadline is None and stop is None:
+            if leader:
+                self._lead(attempt)
+            else:
+                attempt.done.wait()
         else:
-            attempt.done.wait()
+            if leader:
+                self._lead_elsewhere(attempt)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            wait_any((attempt.done, stop), remaining)
+            if not attempt.done.is_set():
+                with self.lock:
+                    attempt.waiters -= 1
+                    if attempt.waiters == 0:
+                        attempt.unwanted.set()
+                raise GaveUp(f"still connecting to {self.target}")
         if attempt.error is not None:
             err = attempt.error
             raise type(err)(err.description)
         assert attempt.link is not None
         return attempt.link
+
+    def _lead_elsewhere(self, attempt: _Attempt) -> None:
+        """`_lead` ``attempt`` in a thread of its own; if none can be had, end it failed."""
+        try:
+            threading.Thread(target=self._lead, args=(attempt,), daemon=True,
+                             name=f"paramiko_executor connect {self.target}").start()
+        except RuntimeError as exc:
+            attempt.error = ExecutorFailure(f"cannot connect to {self.target}: {exc}")
+            self._finish(attempt, None)
 
     def _lead(self, attempt: _Attempt) -> None:
         link: Optional[Link] = None
@@ -723,20 +770,24 @@ class Connection:
             attempt.error = ExecutorFailure(f"cannot connect to {self.target}: {exc!r}")
             raise
         finally:
-            try:
-                with self.lock:
-                    if self._attempt is attempt:
-                        self._attempt = None
-                    if attempt.error is None and attempt.epoch != self.epoch:
-                        attempt.error = ExecutorFailure("the executor was closed while connecting")
-                    if attempt.error is None:
-                        self._link = attempt.link = link
-                        self.counters.add(connects=1, reconnects=int(self._connected_before))
-                        self._connected_before = True
-                if attempt.link is None and link is not None:
-                    link.end()
-            finally:
-                attempt.done.set()
+            self._finish(attempt, link)
+
+    def _finish(self, attempt: _Attempt, link: Optional[Link]) -> None:
+        """Publish ``attempt``'s outcome (``link``, or its error) and wake its waiters."""
+        try:
+            with self.lock:
+                if self._attempt is attempt:
+                    self._attempt = None
+                if attempt.error is None and attempt.epoch != self.epoch:
+                    attempt.error = ExecutorFailure("the executor was closed while connecting")
+                if attempt.error is None:
+                    self._link = attempt.link = link
+                    self.counters.add(connects=1, reconnects=int(self._connected_before))
+                    self._connected_before = True
+            if attempt.link is None and link is not None:
+                link.end()
+        finally:
+            attempt.done.set()
 
     def _establish(self, attempt: _Attempt) -> Link:
         delays = self.retry.delays()
@@ -760,8 +811,28 @@ class Connection:
                     ) from None
                 log.info("connecting to %s failed (%s); retrying in %.1f s",
                          self.target, failure, delay)
-                if attempt.cancelled.wait(delay):
-                    raise ExecutorFailure("the executor was closed while connecting") from None
+                self._back_off(attempt, delay)
+
+    def _back_off(self, attempt: _Attempt, delay: float) -> None:
+        """Wait ``delay`` seconds before a retry; `ExecutorFailure` if closed or wanted no more."""
+        end = time.monotonic() + delay
+        while True:
+            if self._unwanted(attempt):
+                raise ExecutorFailure(f"no caller waits for the connect to {self.target} any more")
+            if not wait_any((attempt.cancelled, attempt.unwanted), end - time.monotonic()):
+                return
+            if attempt.cancelled.is_set():
+                raise ExecutorFailure("the executor was closed while connecting")
+
+    def _unwanted(self, attempt: _Attempt) -> bool:
+        """Whether no caller waits for ``attempt``; if so, later callers start one of their own."""
+        with self.lock:
+            if attempt.waiters > 0:
+                attempt.unwanted.clear()  # one came meanwhile
+                return False
+            if self._attempt is attempt:
+                self._attempt = None
+            return True
 
     def _connect_once(self, attempt: _Attempt) -> Link:
         transport, sessions, requests = _open(self.target, attempt.started, attempt.connecting)

@@ -744,11 +744,11 @@ class SSHExecutor(Executor):
                         timeout: Optional[float] = None) -> ForwardedSocket:
         """A socket-like connection to ``host:port`` as the server sees it (``direct-tcpip``).
 
-        ``timeout`` bounds waiting for a place under ``max_forwarded`` and the
-        open, and is then the socket's timeout, as with
-        ``socket.create_connection``. Raises `ExecutorFailure` when the server
-        refuses (``AllowTcpForwarding no``, the target refused) or the
-        connection cannot be had.
+        ``timeout`` bounds waiting for a place under ``max_forwarded``, for the
+        connection (a reconnect included) and for the open, and is then the
+        socket's timeout, as with ``socket.create_connection``. Raises
+        `ExecutorFailure` past it, when the server refuses (``AllowTcpForwarding
+        no``, the target refused) or when the connection cannot be had.
         """
         return self._forwarding.open_connection(host, port, timeout)
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
+import math
+import socket
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Union, cast
 
 import paramiko
 
+from .checks import check_int, check_number
 from .errors import TRANSPORT_ERRORS
 from .pipe import send_all
 
@@ -21,8 +25,11 @@ class ForwardedSocket:
     """What `open_connection` returns: a socket-like object over a ``direct-tcpip`` channel.
 
     ``sendall``, ``send``, ``recv``, ``recv_into``, ``makefile``,
-    ``settimeout``, ``gettimeout``, ``shutdown``, ``close``, and a context
-    manager. ``recv`` returns ``b""`` at the far end's EOF; a connection lost
+    ``settimeout``, ``gettimeout``, ``setblocking``, ``fileno``,
+    ``shutdown``, ``close``, and a context manager. Timeouts are a socket's:
+    ``None`` blocks, a number of seconds raises `TimeoutError` past it, and
+    ``0`` never blocks (`BlockingIOError` when nothing can be read or sent
+    now). ``recv`` returns ``b""`` at the far end's EOF; a connection lost
     meanwhile raises `ConnectionResetError` instead, so a cut stream never
     looks complete, and reading or writing after `close` (or the executor's
     close) raises `OSError` (``EBADF``), as with a socket. As with a
@@ -70,28 +77,56 @@ class ForwardedSocket:
                                             or self._chan.closed):
             raise ConnectionResetError(f"the forwarded connection to {self.name} was cut")
 
-    def recv(self, size: int) -> bytes:
+    @contextlib.contextmanager
+    def _blocking_as_socket(self) -> Iterator[None]:
+        # paramiko times out at once without a timeout; a socket says it would block.
+        try:
+            yield
+        except socket.timeout:
+            if self._chan.gettimeout() == 0.0:
+                raise BlockingIOError(errno.EAGAIN, f"the forwarded connection to {self.name} "
+                                                    "is not ready") from None
+            raise
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Up to ``bufsize`` bytes; ``b""`` at the far end's EOF (``flags`` must be 0)."""
+        check_int("bufsize", bufsize, minimum=0)
+        _check_flags(flags)
         self._check_open()
-        data: bytes = self._chan.recv(size)
+        if bufsize == 0:
+            return b""
+        with self._blocking_as_socket():
+            data: bytes = self._chan.recv(bufsize)
         if not data:
             self._check_open()  # closed meanwhile (`close`, the executor's close)
             self._check_cut()
         return data
 
-    def recv_into(self, buffer: Any, size: int = 0) -> int:
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """As `recv`, into ``buffer`` (``nbytes`` of it, 0: all of it); the count read."""
         view = memoryview(buffer).cast("B")
-        data = self.recv(size or len(view))
+        check_int("nbytes", nbytes, minimum=0)
+        if nbytes > len(view):
+            raise ValueError(f"nbytes must be at most the buffer's size ({len(view)}), "
+                             f"not {nbytes}")
+        data = self.recv(nbytes or len(view), flags)
         view[:len(data)] = data
         return len(data)
 
-    def send(self, data: bytes) -> int:
+    def send(self, data: Union[bytes, bytearray, memoryview], flags: int = 0) -> int:
+        """Send what fits in the channel's window now (waiting as the timeout allows); the count."""
+        _check_flags(flags)
         self._check_open()
-        sent: int = self._chan.send(data)
+        with self._blocking_as_socket():
+            # Any buffer: paramiko packs what it is given (`send_all` relies on it too).
+            sent: int = self._chan.send(cast(bytes, memoryview(data).cast("B")))
         return sent
 
-    def sendall(self, data: bytes) -> None:
+    def sendall(self, data: Union[bytes, bytearray, memoryview], flags: int = 0) -> None:
+        _check_flags(flags)
         self._check_open()
-        send_all(self._chan, data)
+        with self._blocking_as_socket():
+            send_all(self._chan, memoryview(data).cast("B"))
 
     def makefile(self, mode: str = "r", buffering: Optional[int] = None, *,
                  encoding: Optional[str] = None, errors: Optional[str] = None,
@@ -130,16 +165,37 @@ class ForwardedSocket:
             self._close_now()
 
     def settimeout(self, timeout: Optional[float]) -> None:
-        self._chan.settimeout(timeout)
+        """As ``socket.settimeout``: None blocks, 0 never blocks, else that many seconds."""
+        seconds = check_number("timeout", timeout, allow_zero=True)
+        self._check_open()
+        self._chan.settimeout(None if seconds is None or math.isinf(seconds) else seconds)
 
     def gettimeout(self) -> Optional[float]:
         timeout: Optional[float] = self._chan.gettimeout()
         return timeout
 
     def setblocking(self, flag: bool) -> None:
-        self._chan.setblocking(flag)
+        """As a socket's: True is ``settimeout(None)``, False ``settimeout(0)``."""
+        self.settimeout(None if flag else 0.0)
+
+    def fileno(self) -> int:
+        """A descriptor for ``select``, ``poll``, ``selectors``: readable when `recv` won't block.
+
+        That is: data is waiting, or the far end's EOF or the connection's
+        end has come. It is paramiko's stand-in for the channel (there is no
+        socket): never reported writable, and never to be read or written.
+        -1 once closed, as a socket's.
+        """
+        with self._lock:
+            if self._release is None:
+                return -1
+            # Under the lock: after a close it would make the channel a new pipe.
+            fileno: int = self._chan.fileno()
+            return fileno
 
     def shutdown(self, how: int) -> None:
+        if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
+            raise ValueError(f"how must be SHUT_RD, SHUT_WR or SHUT_RDWR, not {how!r}")
         self._check_open()
         self._chan.shutdown(how)
 
@@ -173,6 +229,11 @@ class ForwardedSocket:
         self.close()
 
 
+def _check_flags(flags: int) -> None:
+    if flags != 0:
+        raise ValueError(f"flags must be 0 on a forwarded connection, not {flags!r}")
+
+
 def _end(chan: paramiko.Channel, release: Callable[[], None]) -> None:
     """Close ``chan`` and give its place back."""
     try:
@@ -203,13 +264,19 @@ class _ChannelIO(io.RawIOBase):
     def writable(self) -> bool:
         return self._writing
 
-    def readinto(self, buffer: Any) -> int:
-        return self._sock.recv_into(buffer)
+    # As ``socket.SocketIO``: None, not an error, when a non-blocking socket is not ready.
+    def readinto(self, buffer: Any) -> Optional[int]:
+        try:
+            return self._sock.recv_into(buffer)
+        except BlockingIOError:
+            return None
 
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self._sock.sendall(bytes(view))
-        return len(view)
+    def write(self, data: Any) -> Optional[int]:
+        try:
+            # A view: the rest is not copied for each packet sent.
+            return self._sock.send(memoryview(data))
+        except BlockingIOError:
+            return None
 
     def close(self) -> None:
         if not self.closed:

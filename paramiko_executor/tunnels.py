@@ -14,9 +14,12 @@ direction (flow control: see there); `open_connection`'s is a
 
 A `LocalTunnel` has a listening thread and, per client, a thread that waits
 for a place under the cap, opens the channel and becomes the pipe's first
-thread. A `RemoteTunnel` has a supervising thread that asks each new
-connection for its port again and, per forwarded connection, a thread that
-connects to the local target and becomes the pipe's first thread.
+thread. A ``direct-tcpip`` open whose caller may give up (a client, whose
+tunnel may close; `open_connection` with a timeout) is sent from a short-lived
+thread of its own (`_LateOpen`), which closes a channel opened too late.
+A `RemoteTunnel` has a supervising thread that asks each new connection for
+its port again and, per forwarded connection, a thread that connects to the
+local target and becomes the pipe's first thread.
 `Tunnel.close` stops all of them and waits for them (bounded);
 `Forwarding.close` does so for every tunnel and socket of an executor.
 
@@ -24,7 +27,11 @@ Locks: each tunnel's ``_lock`` guards its pipes and threads; the
 `ForwardLimit`'s condition its count; `Forwarding._lock` its tunnels and
 sockets; ``_RECEIVERS_LOCK`` which executors take a transport's forwarded
 connections (and each `pipe.Pipe` and `forwarded.ForwardedSocket` has its
-own for its ending). None is held while another is taken, nor during I/O.
+own for its ending). None is held while another is taken, nor during I/O,
+but a tunnel's ``_lock`` while it sets ``_closed`` (a `waits.Signal`, whose
+lock is taken last) and a `forwarded.ForwardedSocket`'s while paramiko makes
+its channel's descriptor (the channel's lock). A `Place`'s ``_lock`` is
+released before its limit's is taken.
 """
 
 from __future__ import annotations
@@ -42,17 +49,18 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, Typ
 import paramiko
 
 from .checks import check_int, check_str, check_timeout
-from .connection import Link
+from .connection import GaveUp, Link
 from .errors import TRANSPORT_ERRORS, ExecutorFailure, for_executor
 from .forwarded import ForwardedSocket
 from .internals import set_forward_handler
 from .pipe import Pipe, reset_on_close
 from .text import printable
+from .waits import Signal, wait_any
 
 if TYPE_CHECKING:
     from .executors import SSHExecutor
 
-__all__ = ["ForwardLimit", "Forwarding", "LocalTunnel", "RemoteTunnel", "Tunnel"]
+__all__ = ["ForwardLimit", "Forwarding", "LocalTunnel", "Place", "RemoteTunnel", "Tunnel"]
 
 log = logging.getLogger("paramiko_executor.tunnels")
 
@@ -81,13 +89,21 @@ JOIN_TIMEOUT = 10.0
 #: How long connecting to a remote forward's local target may take.
 LOCAL_CONNECT_TIMEOUT = 10.0
 
+#: How long a local forward's client waits for its channel, once it has a place
+#: under ``max_forwarded``: for a connect (with its retries; it goes on for
+#: the others), then for the server's answer. Past it the client is reset.
+OPEN_TIMEOUT = 60.0
+
 #: The texts of the SSH channel-open failure codes (RFC 4254 5.1).
 _REASONS = {1: "administratively prohibited", 2: "connect failed",
             3: "unknown channel type", 4: "resource shortage"}
 
 
 class ForwardLimit:
-    """A cap on the forwarded channels of one executor; those past it wait their turn."""
+    """A cap on the forwarded channels of one executor; those past it wait their turn.
+
+    Each taken place is a `Place`, given back once all its holders let it go.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -100,8 +116,9 @@ class ForwardLimit:
         with self._cond:
             return self._used
 
-    def acquire(self, deadline: Optional[float], cancelled: Callable[[], bool]) -> bool:
-        """Take one place by ``deadline``; False when time ran out or ``cancelled()`` became true.
+    def acquire(self, deadline: Optional[float], cancelled: Callable[[], bool]
+                ) -> Optional[Place]:
+        """Take one place by ``deadline``; None when time ran out or ``cancelled()`` became true.
 
         ``cancelled`` is checked whenever `wake` is called.
         """
@@ -111,20 +128,20 @@ class ForwardLimit:
             try:
                 while self._queue[0] is not me or self._used >= self.limit:
                     if cancelled():
-                        return False
+                        return None
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
-                        return False
+                        return None
                     self._cond.wait(remaining)
                 if cancelled():
-                    return False
+                    return None
                 self._used += 1
-                return True
+                return Place(self)
             finally:
                 self._queue.remove(me)
                 self._cond.notify_all()
 
-    def release(self) -> None:
+    def _free(self) -> None:
         with self._cond:
             self._used -= 1
             self._cond.notify_all()
@@ -134,6 +151,35 @@ class ForwardLimit:
         with self._cond:
             self._cond.notify_all()
 
+
+class Place:
+    """One place under a `ForwardLimit`, free again once every holder has released it.
+
+    Its taker is the first holder. An open its caller stopped waiting for
+    holds it too, until that open's channel is closed: the cap counts every
+    channel the server may have open, and the place is given back once.
+    """
+
+    def __init__(self, limit: ForwardLimit) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._holders = 1
+
+    def hold(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                raise RuntimeError("a place given back cannot be held again")
+            self._holders += 1
+
+    def release(self) -> None:
+        """Let go of the place; the last holder to do so gives it back to the limit."""
+        with self._lock:
+            if self._holders == 0:
+                raise RuntimeError("a place given back twice")
+            self._holders -= 1
+            free = self._holders == 0
+        if free:
+            self._limit._free()
 
 
 class Tunnel:
@@ -148,7 +194,8 @@ class Tunnel:
         self._forwarding = forwarding
         self.name = name
         self._lock = threading.Lock()
-        self._closed = threading.Event()
+        #: Set by `close`; a forwarded open waiting for the connection stops at once.
+        self._closed = Signal()
         self._pipes: Set[Pipe] = set()
         self._threads: Set[threading.Thread] = set()
 
@@ -206,7 +253,7 @@ class Tunnel:
         uses; closing its copies lets the parent's own closes reach the clients.
         """
         self._lock = threading.Lock()
-        self._closed = threading.Event()
+        self._closed = Signal()
         self._closed.set()
         pipes, self._pipes, self._threads = self._pipes, set(), set()
         for pipe in pipes:
@@ -362,22 +409,24 @@ class LocalTunnel(Tunnel):
         super()._join(max(0.0, deadline - time.monotonic()))
 
     def _serve(self, client: socket.socket, origin: Address) -> None:
-        limit = self._forwarding.limit
-        if not limit.acquire(None, self._closed.is_set):
+        place = self._forwarding.limit.acquire(None, self._closed.is_set)
+        if place is None:
             _refuse(client)
             return
         try:
             try:
-                chan = self._forwarding.open_channel(self.remote, origin, None)
+                chan = self._forwarding.open_channel(
+                    self.remote, origin, time.monotonic() + OPEN_TIMEOUT, place, self._closed)
             except ExecutorFailure as exc:
                 if not self._closed.is_set():
-                    log.warning("tunnel %s: %s; closing the client's connection",
-                                self.name, exc.description)
+                    why = (f"no forward within {OPEN_TIMEOUT:g} s ({exc.description})"
+                           if isinstance(exc, GaveUp) else exc.description)
+                    log.warning("tunnel %s: %s; closing the client's connection", self.name, why)
                 _refuse(client)
                 return
             self._carry(client, chan, self.name)
         finally:
-            limit.release()
+            place.release()
 
 
 def _refuse(client: socket.socket) -> None:
@@ -510,8 +559,8 @@ class RemoteTunnel(Tunnel):
         _close_elsewhere(chan)
 
     def _serve(self, chan: paramiko.Channel, origin: Address) -> None:
-        limit = self._forwarding.limit
-        if not limit.acquire(None, self._closed.is_set):
+        place = self._forwarding.limit.acquire(None, self._closed.is_set)
+        if place is None:
             chan.close()
             return
         try:
@@ -526,7 +575,7 @@ class RemoteTunnel(Tunnel):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._carry(sock, chan, self.name)
         finally:
-            limit.release()
+            place.release()
 
     def _forget_after_fork(self) -> None:
         super()._forget_after_fork()
@@ -552,19 +601,33 @@ class _LateOpen:
     confirmation arriving later would leave that channel open on the server
     for the rest of the connection. So the open runs in a thread of its own,
     with paramiko's whole channel timeout, and a channel confirmed after its
-    caller left is closed at once.
+    caller left is closed at once. The open holds its caller's place under
+    ``max_forwarded`` until it has ended so (or handed its channel over).
     """
 
-    def __init__(self, transport: paramiko.Transport, target: Address, origin: Address) -> None:
+    def __init__(self, transport: paramiko.Transport, target: Address, origin: Address,
+                 place: Place) -> None:
         self._transport = transport
         self._target = target
         self._origin = origin
+        self._place = place
         self._lock = threading.Lock()
-        self._done = threading.Event()
+        self._done = Signal()
         self._result: Any = None
         self._abandoned = False
 
-    def run(self) -> None:
+    def start(self) -> None:
+        """Send the open from a thread of its own; `ExecutorFailure` if no thread can be had."""
+        self._place.hold()
+        try:
+            threading.Thread(target=self._run, daemon=True,
+                             name="paramiko_executor tunnel open").start()
+        except RuntimeError as exc:
+            self._place.release()
+            raise ExecutorFailure(f"cannot open a forward to {self._target[0]}:"
+                                  f"{self._target[1]}: {exc}") from None
+
+    def _run(self) -> None:
         try:
             result: Any = self._transport.open_channel(
                 "direct-tcpip", self._target, self._origin,
@@ -575,20 +638,23 @@ class _LateOpen:
             self._result = result
             late = self._abandoned
         self._done.set()
-        if late and isinstance(result, paramiko.Channel):
-            try:
-                result.close()
-            except TRANSPORT_ERRORS:
-                pass
+        try:
+            if late and isinstance(result, paramiko.Channel):
+                try:
+                    result.close()
+                except TRANSPORT_ERRORS:
+                    pass
+        finally:
+            self._place.release()
 
-    def wait(self, timeout: float) -> paramiko.Channel:
-        """The channel, or what the open raised; ``SSHException`` if ``timeout`` passed first."""
-        self._done.wait(timeout)
+    def wait(self, deadline: Optional[float], stop: Optional[Signal]) -> paramiko.Channel:
+        """The channel, or what the open raised; `GaveUp` past ``deadline`` or on ``stop``."""
+        wait_any((self._done, stop), None if deadline is None else deadline - time.monotonic())
         with self._lock:
             result = self._result
             self._abandoned = result is None
         if result is None:
-            raise paramiko.SSHException(f"no answer to the channel open within {timeout:g} s")
+            raise GaveUp("no answer from the server to the open yet")
         if isinstance(result, BaseException):
             raise result
         chan: paramiko.Channel = result
@@ -596,16 +662,16 @@ class _LateOpen:
 
 
 def _open_direct(transport: paramiko.Transport, target: Address, origin: Address,
-                 deadline: Optional[float]) -> paramiko.Channel:
-    """A ``direct-tcpip`` channel to ``target``, waited for until ``deadline`` at most."""
-    if deadline is None:
+                 deadline: Optional[float], place: Place, stop: Optional[Signal]
+                 ) -> paramiko.Channel:
+    """A ``direct-tcpip`` channel to ``target``, waited for until ``deadline`` or ``stop``."""
+    if deadline is None and stop is None:
         chan: paramiko.Channel = transport.open_channel(
             "direct-tcpip", target, origin, timeout=transport.channel_timeout)  # type: ignore[attr-defined, unused-ignore]
         return chan
-    opening = _LateOpen(transport, target, origin)
-    threading.Thread(target=opening.run, daemon=True,
-                     name="paramiko_executor tunnel open").start()
-    return opening.wait(max(0.0, deadline - time.monotonic()))
+    opening = _LateOpen(transport, target, origin, place)
+    opening.start()
+    return opening.wait(deadline, stop)
 
 
 def _wait_reply(event: threading.Event, link: Link, timeout: float) -> bool:
@@ -681,26 +747,36 @@ class Forwarding:
 
     # --- the executor's connection -------------------------------------------------
 
-    def get_link(self) -> Link:
-        """The executor's current connection, connecting (with its retries) first."""
-        return self._executor._get_link()
+    def get_link(self, deadline: Optional[float] = None, stop: Optional[Signal] = None) -> Link:
+        """The executor's current connection, connecting (with its retries) first.
 
-    def open_channel(self, target: Address, origin: Address,
-                     deadline: Optional[float]) -> paramiko.Channel:
+        Waits for the connect until ``deadline`` or ``stop`` at most (`GaveUp`).
+        """
+        try:
+            return self._executor._connection.get(deadline, stop)
+        except ExecutorFailure as exc:
+            raise for_executor(exc, self._executor) from None
+
+    def open_channel(self, target: Address, origin: Address, deadline: Optional[float],
+                     place: Place, stop: Optional[Signal] = None) -> paramiko.Channel:
         """A ``direct-tcpip`` channel to ``target``; `ExecutorFailure` naming it when that fails.
 
-        A connection found lost is dropped and the open tried on a new one,
-        up to the executor's ``on_disconnect_retry`` times; one the executor's
-        `close` ended is not.
+        ``place`` is the caller's under ``max_forwarded``. The caller waits
+        for the connection and the server's answer until ``deadline`` (a
+        `time.monotonic` value) or until ``stop`` is set, then `GaveUp`; an
+        open it left is closed when the server answers, and holds ``place``
+        until then. A connection found lost is dropped and the open tried on
+        a new one, up to the executor's ``on_disconnect_retry`` times; one the
+        executor's `close` ended is not.
         """
         where = f"{target[0]}:{target[1]}"
         connection = self._executor._connection
         epoch = connection.epoch
         lost = 0
         while True:
-            link = self.get_link()
+            link = self.get_link(deadline, stop)
             try:
-                return _open_direct(link.transport, target, origin, deadline)
+                return _open_direct(link.transport, target, origin, deadline, place, stop)
             except paramiko.ChannelException as exc:
                 reason = _REASONS.get(exc.code, f"code {exc.code}")
                 text = printable(str(exc.text or ""))
@@ -770,21 +846,28 @@ class Forwarding:
         target = (_check_host("host", host), _check_port("port", port, minimum=1))
         seconds = check_timeout("timeout", timeout)
         deadline = None if seconds is None else time.monotonic() + seconds
+        where = f"{target[0]}:{target[1]}"
         connection = self._executor._connection
         epoch = connection.epoch
-        if not self.limit.acquire(deadline, lambda: connection.epoch != epoch):
+        place = self.limit.acquire(deadline, lambda: connection.epoch != epoch)
+        if place is None:
             if connection.epoch != epoch:
                 raise ExecutorFailure("the executor was closed while waiting for a place under "
                                       f"max_forwarded={self.limit.limit}", self._executor)
-            raise ExecutorFailure(f"no forwarded channel came free within {seconds:g} s "
-                                  f"(max_forwarded={self.limit.limit})", self._executor)
+            raise ExecutorFailure(f"opening a forward to {where} timed out after {seconds:g} s "
+                                  f"(no forwarded channel came free under "
+                                  f"max_forwarded={self.limit.limit})", self._executor)
         try:
-            chan = self.open_channel(target, ("127.0.0.1", 0), deadline)
+            chan = self.open_channel(target, ("127.0.0.1", 0), deadline, place)
+        except GaveUp as exc:
+            place.release()
+            raise ExecutorFailure(f"opening a forward to {where} timed out after {seconds:g} s "
+                                  f"({exc.description})", self._executor) from None
         except BaseException:
-            self.limit.release()
+            place.release()
             raise
         chan.settimeout(seconds)
-        sock = ForwardedSocket(chan, self.limit.release, f"{target[0]}:{target[1]}")
+        sock = ForwardedSocket(chan, place.release, where)
         with self._lock:
             self._sockets.add(sock)
         return sock
