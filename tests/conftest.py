@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, List, NoReturn
 
 import pyotp
 import pytest
+from backends import Backend
 
 from testsupport.openssh import (
     SSHD_PATH,
@@ -194,3 +195,17 @@ def shared_dir() -> Iterator[str]:
     os.chmod(path, 0o777)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_backend() -> Iterator[Callable[..., Backend]]:
+    backends: List[Backend] = []
+
+    def make(mode: str = "echo") -> Backend:
+        backend = Backend(mode)
+        backends.append(backend)
+        return backend
+
+    yield make
+    for backend in backends:
+        backend.close()

@@ -11,28 +11,14 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Iterator, List
+from typing import Any, List
 
 import pytest
 from helpers import wait_for
-from test_tunnels import Backend, echo_once
+from test_tunnels import echo_once
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
 from paramiko_executor.tunnels import JOIN_TIMEOUT, RECONNECT_PAUSE
-
-
-@pytest.fixture
-def target() -> Iterator[Callable[..., Backend]]:
-    """Factory of real TCP servers on 127.0.0.1 behind the tunnels (see `Backend`)."""
-    made: List[Backend] = []
-
-    def make(mode: str = "echo") -> Backend:
-        made.append(Backend(mode))
-        return made[-1]
-
-    yield make
-    for backend in made:
-        backend.close()
 
 
 def reset(sock: socket.socket) -> None:
@@ -42,7 +28,7 @@ def reset(sock: socket.socket) -> None:
 
 
 def test_a_client_that_resets_frees_its_forward_while_the_target_is_idle(
-        sshd: Any, target: Any) -> None:
+        sshd: Any, make_backend: Any) -> None:
     """A client reset ends the forwarded connection even when the target has nothing to say.
 
     The pipe used to stop only its upward direction on the reset, and the
@@ -50,7 +36,7 @@ def test_a_client_that_resets_frees_its_forward_while_the_target_is_idle(
     input) never speaks: thread, channel and place under max_forwarded held
     for good, so two such clients stopped a max_forwarded=2 tunnel forever.
     """
-    backend = target("echo")
+    backend = make_backend("echo")
     with SSHExecutor(max_forwarded=2, **sshd.executor_parameters()) as ex, \
             ex.forward_local(backend.port, "127.0.0.1") as tunnel:
         for _ in range(2):
@@ -64,9 +50,9 @@ def test_a_client_that_resets_frees_its_forward_while_the_target_is_idle(
 
 
 
-def test_a_forwarded_socket_used_after_close_raises(sshd: Any, target: Any) -> None:
+def test_a_forwarded_socket_used_after_close_raises(sshd: Any, make_backend: Any) -> None:
     """As a closed socket: recv, send and shutdown raise, never an empty read that looks done."""
-    backend = target("echo")
+    backend = make_backend("echo")
     with SSHExecutor(**sshd.executor_parameters()) as ex:
         sock = ex.open_connection("127.0.0.1", backend.port, timeout=10)
         sock.close()
@@ -76,10 +62,10 @@ def test_a_forwarded_socket_used_after_close_raises(sshd: Any, target: Any) -> N
                 use()
 
 
-def test_a_recv_cut_by_the_executors_close_is_an_error_not_an_end(sshd: Any, target: Any
+def test_a_recv_cut_by_the_executors_close_is_an_error_not_an_end(sshd: Any, make_backend: Any
                                                                    ) -> None:
     """A reader blocked in recv when the executor closes hears an error, not b"" (an EOF)."""
-    backend = target("echo")
+    backend = make_backend("echo")
     ex = SSHExecutor(**sshd.executor_parameters())
     sock = ex.open_connection("127.0.0.1", backend.port, timeout=10)
     outcome: List[Any] = []
@@ -102,9 +88,9 @@ def test_a_recv_cut_by_the_executors_close_is_an_error_not_an_end(sshd: Any, tar
 
 
 def test_a_forked_child_closing_its_executor_leaves_the_parents_tunnel(
-        sshd: Any, target: Any) -> None:
+        sshd: Any, make_backend: Any) -> None:
     """The child's close() used to wake the parent's listening thread (a shared socketpair)."""
-    backend = target("echo")
+    backend = make_backend("echo")
     with SSHExecutor(**sshd.executor_parameters()) as ex, \
             ex.forward_local(backend.port, "127.0.0.1") as tunnel:
         assert echo_once(tunnel.local_address, b"before", timeout=10) == b"before"
@@ -120,7 +106,7 @@ def test_a_forked_child_closing_its_executor_leaves_the_parents_tunnel(
         assert echo_once(tunnel.local_address, b"after", timeout=10) == b"after"
 
 
-def test_a_forked_child_holds_none_of_the_parents_tunnel_sockets(sshd: Any, target: Any
+def test_a_forked_child_holds_none_of_the_parents_tunnel_sockets(sshd: Any, make_backend: Any
                                                                  ) -> None:
     """While a child lives, closing the tunnel still resets its clients and frees its port.
 
@@ -128,7 +114,7 @@ def test_a_forked_child_holds_none_of_the_parents_tunnel_sockets(sshd: Any, targ
     open: a client waited for an end that never came, and a new client was
     accepted into a backlog nobody served.
     """
-    backend = target("echo")
+    backend = make_backend("echo")
     with SSHExecutor(**sshd.executor_parameters()) as ex:
         tunnel = ex.forward_local(backend.port, "127.0.0.1")
         client = socket.create_connection(tunnel.local_address, timeout=10)
@@ -158,14 +144,14 @@ def test_a_forked_child_holds_none_of_the_parents_tunnel_sockets(sshd: Any, targ
 
 
 
-def test_a_listener_out_of_descriptors_waits_instead_of_ending(sshd: Any, target: Any,
+def test_a_listener_out_of_descriptors_waits_instead_of_ending(sshd: Any, make_backend: Any,
                                                                caplog: Any) -> None:
     """EMFILE from accept is a passing shortage: the client waits, the tunnel goes on.
 
     It used to end the listening thread and close the listener for good,
     while the tunnel still said it was open.
     """
-    backend = target("echo")
+    backend = make_backend("echo")
     caplog.set_level(logging.WARNING, logger="paramiko_executor.tunnels")
     with SSHExecutor(**sshd.executor_parameters()) as ex, \
             ex.forward_local(backend.port, "127.0.0.1") as tunnel:
@@ -192,10 +178,10 @@ def test_a_listener_out_of_descriptors_waits_instead_of_ending(sshd: Any, target
 
 
 def test_an_open_connection_waiting_under_the_cap_fails_with_the_executors_close(
-        sshd: Any, target: Any) -> None:
+        sshd: Any, make_backend: Any) -> None:
     """close() ends a wait for a place under max_forwarded; it used to take the freed place
     and connect again, handing back a socket on a connection opened after close()."""
-    backend = target("echo")
+    backend = make_backend("echo")
     ex = SSHExecutor(max_forwarded=1, **sshd.executor_parameters())
     first = ex.open_connection("127.0.0.1", backend.port, timeout=10)
     outcome: List[Any] = []
@@ -221,7 +207,7 @@ def test_an_open_connection_waiting_under_the_cap_fails_with_the_executors_close
 
 
 def test_close_during_a_forward_open_does_not_connect_again(make_test_server: Any,
-                                                            target: Any) -> None:
+                                                            make_backend: Any) -> None:
     """A client's open in flight at the executor's close() is not retried on a new connection.
 
     The open failed with the closed connection and was retried as for a lost
@@ -229,7 +215,7 @@ def test_close_during_a_forward_open_does_not_connect_again(make_test_server: An
     that does not answer, so it outlived close() and its join).
     """
     server = make_test_server()
-    backend = target("echo")
+    backend = make_backend("echo")
     ex = SSHExecutor(connect_retries=0, **server.executor_parameters())
     tunnel = ex.forward_local(backend.port, "127.0.0.1")
     assert echo_once(tunnel.local_address, b"a", timeout=10) == b"a"
@@ -251,14 +237,14 @@ def test_close_during_a_forward_open_does_not_connect_again(make_test_server: An
 
 
 
-def test_clients_waiting_under_the_cap_are_reset_by_close(sshd: Any, target: Any) -> None:
+def test_clients_waiting_under_the_cap_are_reset_by_close(sshd: Any, make_backend: Any) -> None:
     """A client still waiting for its place when the tunnel closes sees a reset, not an EOF.
 
     Its request (here an empty one, ended by its EOF) went nowhere: an orderly
     end would pass for an empty answer (a refused forward and a cut one
     already reset their clients). A request left unread resets by itself.
     """
-    backend = target("echo")
+    backend = make_backend("echo")
     with SSHExecutor(max_forwarded=1, **sshd.executor_parameters()) as ex:
         held = ex.open_connection("127.0.0.1", backend.port, timeout=10)
         tunnel = ex.forward_local(backend.port, "127.0.0.1")
@@ -280,14 +266,14 @@ def answers(port: int) -> bool:
 
 
 def test_a_remote_port_refused_on_a_live_connection_is_asked_for_again(
-        make_sshd: Any, target: Any, caplog: Any) -> None:
+        make_sshd: Any, make_backend: Any, caplog: Any) -> None:
     """After a blip the server's stale session may hold the port: asking once is not enough.
 
     It used to be asked for again only after the next reconnect, which a
     healthy connection never brings: the forward stayed dead while open.
     """
     server = make_sshd(max_sessions=10)
-    backend = target("echo")
+    backend = make_backend("echo")
     free = socket.create_server(("127.0.0.1", 0))
     port = free.getsockname()[1]
     free.close()
@@ -347,27 +333,27 @@ def first_clients_of_a_remote_forward(ex: SSHExecutor, backend_port: int, client
 
 @pytest.mark.parametrize("server_kind", ["sshd", "test server"])
 def test_the_first_clients_of_a_named_remote_port_are_forwarded(
-        server_kind: str, sshd: Any, make_test_server: Any, target: Any) -> None:
+        server_kind: str, sshd: Any, make_test_server: Any, make_backend: Any) -> None:
     """A client the server forwards before our thread has seen its reply is ours already.
 
     Such clients (say, retrying the port until it opens) used to be closed as
     matching no forward: a clean end for a request never forwarded.
     """
-    backend = target("echo")
+    backend = make_backend("echo")
     server = sshd if server_kind == "sshd" else make_test_server()
     with SSHExecutor(**server.executor_parameters()) as ex:
         for _ in range(6):  # the window is short: a few rounds of eight clients
             assert first_clients_of_a_remote_forward(ex, backend.port, 8) == [b"x"] * 8
 
 
-def test_a_forwarded_socket_dropped_unclosed_gives_its_place_back(sshd: Any, target: Any
+def test_a_forwarded_socket_dropped_unclosed_gives_its_place_back(sshd: Any, make_backend: Any
                                                                    ) -> None:
     """Collected unclosed, it closes its channel (with a ResourceWarning), as a socket does.
 
     The executor held every socket it handed out: one dropped unclosed kept
     its channel and its place under max_forwarded for the executor's life.
     """
-    backend = target("echo")
+    backend = make_backend("echo")
     with SSHExecutor(max_forwarded=1, **sshd.executor_parameters()) as ex:
         sock = ex.open_connection("127.0.0.1", backend.port, timeout=10)
         sock.sendall(b"x")
@@ -406,11 +392,11 @@ def open_fds() -> int:
 
 
 def test_a_remote_forward_closed_while_its_port_is_asked_for_gives_the_port_back(
-        make_test_server: Any, target: Any) -> None:
+        make_test_server: Any, make_backend: Any) -> None:
     """close() during a request for the port (the supervisor's after a reconnect, or here
     the first one) cancels it once granted; the server used to keep listening for good."""
     server = make_test_server()
-    backend = target("echo")
+    backend = make_backend("echo")
     free = socket.create_server(("127.0.0.1", 0))
     port = free.getsockname()[1]
     free.close()

@@ -14,17 +14,18 @@ import math
 import select
 import socket
 import threading
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 import pytest
+from backends import Backend
 from helpers import call_in_thread, outcome_within, wait_for
-from test_tunnels import Backend, read_all
+from test_tunnels import read_all
 
 from paramiko_executor import ExecutorFailure, SSHExecutor, tunnels
 from paramiko_executor.tunnels import JOIN_TIMEOUT
 
 #: Retries whose backoff alone (1 + 2 + 4 + ... s, at most 60 s each) lasts minutes.
-SLOW_RETRIES = {"connect_retries": 9, "connect_backoff": 1.0}
+SLOW_RETRIES: Dict[str, Any] = {"connect_retries": 9, "connect_backoff": 1.0}
 
 
 def echo_through(ex: SSHExecutor, backend: Backend, payload: bytes, timeout: float) -> bytes:
@@ -33,20 +34,6 @@ def echo_through(ex: SSHExecutor, backend: Backend, payload: bytes, timeout: flo
         sock.shutdown(socket.SHUT_WR)
         sock.settimeout(30)
         return read_all(sock)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def target() -> Iterator[Callable[..., Backend]]:
-    """Factory of real TCP servers on 127.0.0.1 behind the tunnels (see `Backend`)."""
-    made: List[Backend] = []
-
-    def make(mode: str = "echo") -> Backend:
-        made.append(Backend(mode))
-        return made[-1]
-
-    yield make
-    for backend in made:
-        backend.close()
 
 
 @pytest.fixture
@@ -69,11 +56,11 @@ def down(make_sshd: Any) -> Iterator[Tuple[Any, SSHExecutor]]:
 # --- open_connection's timeout ---------------------------------------------------------
 
 
-def test_open_connections_timeout_bounds_waiting_for_a_reconnect(down: Any, target: Any
+def test_open_connections_timeout_bounds_waiting_for_a_reconnect(down: Any, make_backend: Any
                                                                  ) -> None:
     """As with socket.create_connection: the timeout bounds the open, reconnect included."""
     server, ex = down
-    backend = target("echo")
+    backend = make_backend("echo")
     outcome = outcome_within(10, lambda: ex.open_connection("127.0.0.1", backend.port,
                                                             timeout=0.5))
     error = outcome.get("error")
@@ -91,10 +78,10 @@ def test_open_connections_timeout_bounds_waiting_for_a_reconnect(down: Any, targ
 
 
 def test_a_connect_no_caller_waits_for_any_more_ends_before_its_next_retry(
-        down: Any, target: Any) -> None:
+        down: Any, make_backend: Any) -> None:
     """The thread connecting for a timed-out open does not retry for minutes for no one."""
     server, ex = down
-    backend = target("echo")
+    backend = make_backend("echo")
     threads_before = threading.active_count()
     for _ in range(3):
         outcome = outcome_within(10, lambda: ex.open_connection("127.0.0.1", backend.port,
@@ -110,10 +97,10 @@ def test_a_connect_no_caller_waits_for_any_more_ends_before_its_next_retry(
 
 
 def test_closing_a_tunnel_ends_a_client_waiting_for_a_reconnect_at_once(
-        down: Any, target: Any) -> None:
+        down: Any, make_backend: Any) -> None:
     """The client's thread used to wait for the whole connect: close() joined it in vain."""
     _, ex = down
-    backend = target("echo")
+    backend = make_backend("echo")
     tunnel = ex.forward_local(backend.port, "127.0.0.1")
     with socket.create_connection(tunnel.local_address, timeout=30) as client:
         wait_for(lambda: ex.statistics().connect_failures >= 1,
@@ -125,9 +112,9 @@ def test_closing_a_tunnel_ends_a_client_waiting_for_a_reconnect_at_once(
 
 
 def test_a_tunnel_client_waits_for_a_reconnect_open_timeout_at_most(
-        down: Any, target: Any, monkeypatch: Any, caplog: Any) -> None:
+        down: Any, make_backend: Any, monkeypatch: Any, caplog: Any) -> None:
     _, ex = down
-    backend = target("echo")
+    backend = make_backend("echo")
     monkeypatch.setattr(tunnels, "OPEN_TIMEOUT", 0.5)
     caplog.set_level(logging.WARNING, logger="paramiko_executor.tunnels")
     with ex.forward_local(backend.port, "127.0.0.1") as tunnel:
@@ -145,10 +132,10 @@ def test_a_tunnel_client_waits_for_a_reconnect_open_timeout_at_most(
 
 
 def test_an_open_left_by_its_caller_holds_its_place_until_it_is_closed(
-        make_test_server: Any, target: Any) -> None:
+        make_test_server: Any, make_backend: Any) -> None:
     """The server may still open that channel: max_forwarded counts it until it is closed."""
     server = make_test_server()
-    backend = target("echo")
+    backend = make_backend("echo")
     with SSHExecutor(max_forwarded=1, **server.executor_parameters()) as ex:
         assert ex.run_command("echo ok").stdout == "ok\n"
         server.freeze()
@@ -171,9 +158,9 @@ def test_an_open_left_by_its_caller_holds_its_place_until_it_is_closed(
 # --- the socket-like object -------------------------------------------------------------
 
 
-def test_a_forwarded_socket_keeps_a_sockets_timeout_rules(sshd: Any, target: Any
+def test_a_forwarded_socket_keeps_a_sockets_timeout_rules(sshd: Any, make_backend: Any
                                                           ) -> None:
-    backend = target("echo")
+    backend = make_backend("echo")
     with SSHExecutor(**sshd.executor_parameters()) as ex:
         sock = ex.open_connection("127.0.0.1", backend.port, timeout=5)
         with sock:
@@ -189,6 +176,7 @@ def test_a_forwarded_socket_keeps_a_sockets_timeout_rules(sshd: Any, target: Any
                 sock.recv_into(bytearray(1))
             sock.settimeout(math.inf)
             assert sock.gettimeout() is None
+            bad: Any
             for bad, error in ((-1, ValueError), (math.nan, ValueError), ("1", TypeError)):
                 with pytest.raises(error, match="timeout"):
                     sock.settimeout(bad)
