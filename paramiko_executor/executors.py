@@ -327,6 +327,8 @@ class SSHExecutor(Executor):
             self._take_slot(link, None)
         except ExecutorFailure as exc:
             raise for_executor(exc, self) from None
+        assert link.slots is not None
+        link.slots.hold_back(None)  # the caller opens a channel next
         try:
             yield link.transport
         finally:
@@ -679,6 +681,8 @@ class SSHExecutor(Executor):
                     return session
                 if not self._take_slot(link, deadline):
                     return None
+            link.slots.hold_back(deadline)
+            asked = time.monotonic()
             with translate(link.transport, started=False, what="opening a channel"):
                 session = SessionChannel(link.transport, link.slots, link.sessions)
             timeout = link.transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]
@@ -689,7 +693,9 @@ class SSHExecutor(Executor):
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
                 raise NeverStarted(f"the server did not answer a channel open within {timeout:g} s")
-            if session.opened:
+            opened = session.opened
+            link.slots.observe_round_trip(time.monotonic() - asked)
+            if opened:
                 return session
             session.release_refused()
             self._connection.refused(link, quiet=closes_before == link.sessions.closes)

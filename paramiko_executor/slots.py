@@ -8,6 +8,19 @@ slot is released only once the server has closed that session's channel, or
 the connection is gone. A connection that is gone closes its `Slots` as a
 whole: its waiters leave at once (to wait on the next connection's), and the
 releases still to come for it are ignored.
+
+A slot freed by the server's CLOSE is not free on the server yet: OpenSSH
+frees a session only on the pass of its main loop after the one that read
+our CLOSE in reply (``channel_garbage_collect`` runs from
+``channel_prepare_poll``, after ``process_buffered_input_packets`` handled
+every packet of the read), and an open read together with that CLOSE is
+refused ("no more sessions"), costing the opener a round trip. So the slots
+also keep the times of recent such releases, and `open_delay` tells an
+opener how long to hold its open back: until, counting our other free
+slots, the server has freed enough sessions to take it. The hold-back
+(`pace`) is a small share of the connection's round trip, measured on the
+opens it makes anyway (`observe_round_trip`), and none on a fast path,
+where a refusal costs less than the wait would.
 """
 
 from __future__ import annotations
@@ -23,6 +36,18 @@ __all__ = ["Slots"]
 
 #: How often a thread waiting for a slot checks that its connection still lives.
 LIVENESS_POLL = 1.0
+
+#: The hold-back after a release (`Slots.pace`): this share of the round trip,
+#: at most `PACE_MAX`, and none below `PACE_MIN`. The wait must outlast the
+#: server's turn from reading our CLOSE to polling again (tens of µs idle, a
+#: few ms loaded) and the jitter between two of our packets on the path; a
+#: refusal costs a whole round trip, so a twentieth of one, paid only by an
+#: open that would otherwise be refused, is cheap insurance (2.5 ms on a
+#: 50 ms path). Below `PACE_MIN` (round trips under 5 ms, loopback) a refusal
+#: costs about as much as the wait, and nothing is held back.
+PACE_SHARE = 1 / 20
+PACE_MAX = 0.005
+PACE_MIN = 0.001
 
 
 class Slots(threading.BoundedSemaphore):
@@ -46,6 +71,11 @@ class Slots(threading.BoundedSemaphore):
         self._closed = False
         #: Releases still to be kept back after `lower` took away slots that were held.
         self._kept_back = 0
+        #: The shortest round trip seen, and the hold-back it gives (see `PACE_SHARE`).
+        self._round_trip: Optional[float] = None
+        self._pace = 0.0
+        #: When slots whose sessions the server may still be freeing were released, oldest first.
+        self._closing: Deque[float] = collections.deque(maxlen=value)
 
     @property
     def limit(self) -> int:
@@ -61,6 +91,55 @@ class Slots(threading.BoundedSemaphore):
     def waiting(self) -> int:
         """How many threads wait for a slot right now."""
         return len(self._waiters)
+
+    @property
+    def pace(self) -> float:
+        """How long after a release the server may still count that session, in seconds."""
+        return self._pace
+
+    def observe_round_trip(self, seconds: float) -> None:
+        """A round trip to the server took ``seconds`` (a channel open's answer, say).
+
+        The shortest one seen sets `pace`: a longer one measured queueing, not the path.
+        """
+        with self._cond:
+            if self._round_trip is not None and seconds >= self._round_trip:
+                return
+            self._round_trip = seconds
+            pace = min(seconds * PACE_SHARE, PACE_MAX)
+            self._pace = pace if pace >= PACE_MIN else 0.0
+
+    def open_delay(self) -> float:
+        """How long a holder of a slot should wait before it opens that slot's channel.
+
+        Zero unless the server may still count more sessions just released
+        (within `pace`) than we have slots free: then until enough of them
+        are `pace` old. At most `pace`.
+        """
+        with self._cond:
+            closing = self._closing
+            if not closing:
+                return 0.0
+            now = time.monotonic()
+            while closing and closing[0] <= now - self._pace:
+                closing.popleft()
+            excess = len(closing) - self._value
+            if excess <= 0:
+                return 0.0
+            return max(0.0, closing[excess - 1] + self._pace - now)
+
+    def hold_back(self, deadline: Optional[float]) -> None:
+        """Wait out `open_delay` (at most `pace`, and not past ``deadline``) on a taken slot.
+
+        Sent at once, an open that takes a slot freed by the server's CLOSE
+        can reach the server together with our CLOSE in reply, before the
+        server freed that session; refused, it would cost a round trip.
+        """
+        delay = self.open_delay()
+        if deadline is not None:
+            delay = min(delay, deadline - time.monotonic())
+        if delay > 0:
+            time.sleep(delay)
 
     @property
     def closed(self) -> bool:
@@ -150,21 +229,31 @@ class Slots(threading.BoundedSemaphore):
                 return False
 
     def release(self, n: int = 1) -> None:
-        """Give back ``n`` slots; ignored once the slots are closed."""
+        """Give back ``n`` slots; ignored once the slots are closed.
+
+        The server may still be freeing those sessions (it just closed them,
+        and our CLOSE in reply is on its way): `open_delay` allows for that.
+        A slot whose open the server refused is counted so too; that costs at
+        most one `pace`, on a path where a refusal just cost a round trip.
+        """
         if n < 1:
             raise ValueError("n must be one or more")
         with self._cond:
             if self._closed:
                 return
+            now = time.monotonic() if self._pace else None
             for _ in range(n):
                 if self._kept_back:
                     self._kept_back -= 1
-                elif self._waiters:
+                    continue
+                if self._waiters:
                     self._waiters.popleft().release()
                 elif self._value >= self._initial_value:
                     raise ValueError("Semaphore released too many times")
                 else:
                     self._value += 1
+                if now is not None:
+                    self._closing.append(now)
 
     def lower(self, limit: int) -> None:
         """Make ``limit`` (1 or more, below the current limit) the number of slots in all.

@@ -83,6 +83,8 @@ class Spare:
                     return
             except ConnectionLost:
                 return  # the connection is gone
+            # Called after a command's exec: a wait here passes while the command runs.
+            self._slots.hold_back(None)
             try:
                 self._pending = SessionChannel(self._transport, self._slots, self._sessions)
             except TRANSPORT_ERRORS:
