@@ -110,23 +110,28 @@ class Slots(threading.BoundedSemaphore):
             self._pace = pace if pace >= PACE_MIN else 0.0
 
     def open_delay(self) -> float:
-        """How long a holder of a slot should wait before it opens that slot's channel.
+        """How long the holder of a slot just taken should wait before it opens its channel.
 
-        Zero unless the server may still count more sessions just released
-        (within `pace`) than we have slots free: then until enough of them
-        are `pace` old. At most `pace`.
+        Asked once per open. Zero unless the server may still be freeing
+        more sessions (released within `pace`) than we have slots free: then
+        this open is matched with the oldest of those sessions (the next open
+        with the next one) and waits until that one is `pace` old. Sessions
+        whose slots were taken but not opened yet are no server's sessions,
+        so each open need only wait for one freed session. At most `pace`.
         """
         with self._cond:
-            closing = self._closing
-            if not closing:
+            if self._still_closing() <= self._value:
                 return 0.0
-            now = time.monotonic()
-            while closing and closing[0] <= now - self._pace:
+            return max(0.0, self._closing.popleft() + self._pace - time.monotonic())
+
+    def _still_closing(self) -> int:
+        """How many released sessions the server may still be freeing (under ``_cond``)."""
+        closing = self._closing
+        if closing:
+            since = time.monotonic() - self._pace
+            while closing and closing[0] <= since:
                 closing.popleft()
-            excess = len(closing) - self._value
-            if excess <= 0:
-                return 0.0
-            return max(0.0, closing[excess - 1] + self._pace - now)
+        return len(closing)
 
     def hold_back(self, deadline: Optional[float]) -> None:
         """Wait out `open_delay` (at most `pace`, and not past ``deadline``) on a taken slot.

@@ -52,7 +52,9 @@ class Spare:
         transport's channel timeout without one); a spare that is refused or
         not answered in time is given up like any other open.
         """
-        if self._pending is None:
+        # One being made (`replenish` holds the lock while its open is held
+        # back, a few ms at most) is worth waiting for: its slot is taken.
+        if self._pending is None and not self._lock.locked():
             return None
         spare = self._pop()
         if spare is None:
@@ -83,7 +85,7 @@ class Spare:
                     return
             except ConnectionLost:
                 return  # the connection is gone
-            # Called after a command's exec: a wait here passes while the command runs.
+            # Called after a command's exec: the wait passes while the command runs.
             self._slots.hold_back(None)
             try:
                 self._pending = SessionChannel(self._transport, self._slots, self._sessions)

@@ -83,30 +83,43 @@ def test_a_slot_freed_at_saturation_is_held_back_one_pace(clock: FakeClock) -> N
     pace = slots.pace
     slots.release()  # the server's CLOSE: our CLOSE in reply is on its way
     assert slots.acquire(blocking=False)
-    assert slots.open_delay() == pytest.approx(pace)
-    clock.now += pace / 2
-    assert slots.open_delay() == pytest.approx(pace / 2)
-    clock.now += pace / 2
+    clock.now += pace / 4  # the waiter took a while to wake
+    assert slots.open_delay() == pytest.approx(pace * 3 / 4)
+
+
+def test_a_session_freed_a_pace_ago_holds_nothing_back(clock: FakeClock) -> None:
+    slots = full(3, 0.1)
+    slots.release()
+    assert slots.acquire(blocking=False)
+    clock.now += slots.pace
     assert slots.open_delay() == 0.0
+
+
+def test_each_open_waits_for_its_own_closing_session(clock: FakeClock) -> None:
+    slots = full(3, 0.1)
+    pace = slots.pace
+    slots.release()
+    clock.now += pace / 4
+    slots.release()  # two sessions closing
+    assert slots.acquire(blocking=False) and slots.acquire(blocking=False)
+    # The first open needs only the older session freed: the second one's
+    # slot holds no server session until its own open arrives.
+    assert slots.open_delay() == pytest.approx(pace * 3 / 4)
+    assert slots.open_delay() == pytest.approx(pace)
+    assert slots.open_delay() == 0.0  # no third session closing
 
 
 def test_free_slots_cover_sessions_still_closing(clock: FakeClock) -> None:
     slots = full(3, 0.1)
     pace = slots.pace
-    clock.now += 1.0
     slots.release()
-    clock.now += pace / 4
     slots.release()  # two sessions closing, two slots free
     assert slots.acquire(blocking=False)
-    # One slot free is left over for one of the two closing sessions: wait
-    # only until the older of them is freed on the server.
-    assert slots.open_delay() == pytest.approx(pace * 3 / 4)
+    # One free slot is left for the server to spend on one closing session.
+    assert slots.open_delay() == pytest.approx(pace)
+    # The next open takes the last free slot: it waits for the other session.
     assert slots.acquire(blocking=False)
     assert slots.open_delay() == pytest.approx(pace)
-    slots.release()
-    slots.release()
-    clock.now += pace
-    assert slots.open_delay() == 0.0
 
 
 def test_a_long_idle_slot_is_not_held_back(clock: FakeClock) -> None:
@@ -127,9 +140,10 @@ def test_hold_back_sleeps_the_delay_but_never_past_the_deadline(clock: FakeClock
     assert clock.slept == [pytest.approx(pace / 3)]
     slots.hold_back(clock.now - 1.0)  # the deadline passed: no wait
     assert clock.slept == [pytest.approx(pace / 3)]
+    slots.release()
+    assert slots.acquire(blocking=False)
     slots.hold_back(None)
-    assert clock.slept == [pytest.approx(pace / 3), pytest.approx(pace * 2 / 3)]
-    assert slots.open_delay() == 0.0
+    assert clock.slept == [pytest.approx(pace / 3), pytest.approx(pace)]
 
 
 def test_releases_kept_back_after_lower_are_no_closing_sessions(clock: FakeClock) -> None:
@@ -141,7 +155,6 @@ def test_releases_kept_back_after_lower_are_no_closing_sessions(clock: FakeClock
     slots.release()
     assert slots.acquire(blocking=False)
     assert slots.open_delay() == pytest.approx(slots.pace)  # only the third counted
-    clock.now += slots.pace
     assert slots.open_delay() == 0.0
 
 
