@@ -682,7 +682,6 @@ class SSHExecutor(Executor):
                 if not self._take_slot(link, deadline):
                     return None
             link.slots.hold_back(deadline)
-            asked = time.monotonic()
             with translate(link.transport, started=False, what="opening a channel"):
                 session = SessionChannel(link.transport, link.slots, link.sessions)
             timeout = link.transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]
@@ -693,9 +692,7 @@ class SSHExecutor(Executor):
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
                 raise NeverStarted(f"the server did not answer a channel open within {timeout:g} s")
-            opened = session.opened
-            link.slots.observe_round_trip(time.monotonic() - asked)
-            if opened:
+            if session.opened:
                 return session
             session.release_refused()
             self._connection.refused(link, quiet=closes_before == link.sessions.closes)
