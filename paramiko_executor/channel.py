@@ -421,7 +421,7 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
                 m.packet.seek(start)
                 s = sessions.get(chanid)
                 if s is not None:
-                    s.open_answered()
+                    s.open_answered(refused)
                 on_answer(*args)
                 if refused:
                     # paramiko forgets a refused channel everywhere but here.
@@ -576,11 +576,11 @@ class SessionChannel:
             raise ExecutorFailure(f"protocol error from the server on the command's channel: "
                                   f"{self.violation}; the command may have run")
 
-    def open_answered(self) -> None:
+    def open_answered(self, refused: bool) -> None:
         """The server answered the open: a round trip, timed for the slots' `Slots.pace`."""
         slots = self._slots
         if slots is not None:
-            slots.observe_round_trip(time.monotonic() - self._asked)
+            slots.open_answered(time.monotonic() - self._asked, refused=refused)
 
     def server_closed(self) -> None:
         self.remote_closed = True

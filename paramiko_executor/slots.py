@@ -18,9 +18,11 @@ refused ("no more sessions"), costing the opener a round trip. So the slots
 also keep the times of recent such releases, and `open_delay` tells an
 opener how long to hold its open back: until, counting our other free
 slots, the server has freed enough sessions to take it. The hold-back
-(`pace`) is a small share of the connection's round trip, measured on the
-opens it makes anyway (`observe_round_trip`), and none on a fast path,
-where a refusal costs less than the wait would.
+(`pace`) is a small share of the connection's round trip, timed on the opens
+it makes anyway (`open_answered`); none on a fast path, where a refusal
+costs less than the wait would, and none before the server first refused an
+open on this connection: a server or a path that never lets an open catch
+up with our CLOSE costs nothing.
 """
 
 from __future__ import annotations
@@ -73,8 +75,10 @@ class Slots(threading.BoundedSemaphore):
         self._closed = False
         #: Releases still to be kept back after `lower` took away slots that were held.
         self._kept_back = 0
-        #: The shortest round trip seen, and the hold-back it gives (see `PACE_SHARE`).
+        #: The shortest open's round trip seen, whether an open was refused yet,
+        #: and the hold-back they give (see `PACE_SHARE`).
         self._round_trip: Optional[float] = None
+        self._refused = False
         self._pace = 0.0
         #: When slots whose sessions the server may still be freeing were released, oldest first.
         self._closing: Deque[float] = collections.deque(maxlen=value)
@@ -99,17 +103,20 @@ class Slots(threading.BoundedSemaphore):
         """How long after a release the server may still count that session, in seconds."""
         return self._pace
 
-    def observe_round_trip(self, seconds: float) -> None:
-        """A round trip to the server took ``seconds`` (a channel open's answer, say).
+    def open_answered(self, seconds: float, *, refused: bool) -> None:
+        """The server answered a channel open ``seconds`` after it was sent; ``refused``: no.
 
-        The shortest one seen sets `pace`: a longer one measured queueing, not the path.
+        `pace` follows the shortest such round trip seen (a longer one
+        measured queueing, not the path), from the first refusal on.
         """
         with self._cond:
-            if self._round_trip is not None and seconds >= self._round_trip:
+            if self._round_trip is None or seconds < self._round_trip:
+                self._round_trip = seconds
+            elif not refused or self._refused:
                 return
-            self._round_trip = seconds
-            pace = min(seconds * PACE_SHARE, PACE_MAX)
-            self._pace = pace if pace >= PACE_MIN else 0.0
+            self._refused = self._refused or refused
+            pace = min(self._round_trip * PACE_SHARE, PACE_MAX)
+            self._pace = pace if self._refused and pace >= PACE_MIN else 0.0
 
     def open_delay(self) -> float:
         """How long the holder of a slot just taken should wait before it opens its channel.

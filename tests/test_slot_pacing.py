@@ -45,26 +45,28 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
 
 def full(limit: int, round_trip: float) -> Slots:
     slots = Slots(limit)
-    slots.observe_round_trip(round_trip)
+    slots.open_answered(round_trip, refused=True)
     for _ in range(limit):
         assert slots.acquire(blocking=False)
     return slots
 
 
-def test_pace_is_a_share_of_the_shortest_round_trip() -> None:
+def test_pace_is_a_share_of_the_shortest_round_trip_once_an_open_was_refused() -> None:
     slots = Slots(3)
     assert slots.pace == 0.0  # nothing measured: nothing held back
-    slots.observe_round_trip(0.05)
+    slots.open_answered(0.05, refused=False)
+    assert slots.pace == 0.0  # a server that never refused costs nothing
+    slots.open_answered(0.08, refused=True)  # queueing, not the path
     assert slots.pace == pytest.approx(0.05 * PACE_SHARE)
-    slots.observe_round_trip(0.08)  # queueing, not the path
-    assert slots.pace == pytest.approx(0.05 * PACE_SHARE)
-    slots.observe_round_trip(0.04)
+    slots.open_answered(0.04, refused=False)
+    assert slots.pace == pytest.approx(0.04 * PACE_SHARE)
+    slots.open_answered(0.06, refused=True)
     assert slots.pace == pytest.approx(0.04 * PACE_SHARE)
     far = Slots(3)
-    far.observe_round_trip(10.0)
+    far.open_answered(10.0, refused=True)
     assert far.pace == PACE_MAX
     near = Slots(3)
-    near.observe_round_trip(PACE_MIN / PACE_SHARE * 0.9)  # a fast path: refusals are cheap
+    near.open_answered(PACE_MIN / PACE_SHARE * 0.9, refused=True)  # a fast path: refusals are cheap
     assert near.pace == 0.0
 
 
@@ -124,7 +126,7 @@ def test_free_slots_cover_sessions_still_closing(clock: FakeClock) -> None:
 
 def test_a_long_idle_slot_is_not_held_back(clock: FakeClock) -> None:
     slots = Slots(3)
-    slots.observe_round_trip(0.1)
+    slots.open_answered(0.1, refused=True)
     assert slots.acquire(blocking=False)
     slots.release()  # the server still counts it for one pace, but two more are free
     assert slots.acquire(blocking=False)
@@ -160,13 +162,36 @@ def test_releases_kept_back_after_lower_are_no_closing_sessions(clock: FakeClock
 
 def test_a_release_too_many_still_raises() -> None:
     slots = Slots(1)
-    slots.observe_round_trip(0.1)
+    slots.open_answered(0.1, refused=True)
     with pytest.raises(ValueError):
         slots.release()
     assert slots.available == 1
 
 
-# --- against sshd --------------------------------------------------------------------------------
+# --- against servers ----------------------------------------------------------------------------
+
+
+def test_the_hold_back_starts_with_the_servers_first_refusal(
+        make_test_server: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every answered open is timed; a refused one arms the hold-back.
+    monkeypatch.setattr(slots_module, "PACE_SHARE", 1e6)  # any round trip: the longest pace
+    server = make_test_server(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters(), max_sessions=1) as ex:
+        for _ in range(3):
+            ex.run_command("true")
+        # One slot, one session: the server never refused, nothing is held back.
+        assert ex.statistics().refused_opens == 0 and server.channels_refused == 0
+        assert ex.state.bound.pace == 0.0  # type: ignore[attr-defined]
+    with SSHExecutor(**server.executor_parameters(), max_sessions=2) as ex:
+        # The spare's open follows the exec at once, while the command holds
+        # the server's only session: refused.
+        ex.run_command("true")
+        ex.run_command("true")
+        assert server.channels_refused >= 1
+        assert ex.state.bound.pace == PACE_MAX  # type: ignore[attr-defined]
+
+
+
 
 #: Counts, on the server, the commands running at once (flock serialises the count).
 COUNTED = ("exec 9>>{d}/lock; flock 9; n=$(( $(cat {d}/n) + 1 )); echo $n > {d}/n; "
@@ -190,6 +215,10 @@ def test_held_back_opens_never_run_more_sessions_than_slots(
     monkeypatch.setattr(slots_module, "PACE_SHARE", 1e6)
     with SSHExecutor(**server.executor_parameters(), max_sessions=3) as ex:
         ex.run_command("true")
+        bound = ex.state.bound
+        assert isinstance(bound, Slots)
+        bound.open_answered(1.0, refused=True)  # as if sshd had refused one: held back from now
+        assert bound.pace == PACE_MAX
 
         def work(i: int) -> None:
             for _ in range(2):
@@ -197,8 +226,6 @@ def test_held_back_opens_never_run_more_sessions_than_slots(
 
         _, errors = run_threads(work, 200, timeout=220)
         stats = ex.statistics()
-        bound = ex.state.bound
-        assert isinstance(bound, Slots) and bound.pace == PACE_MAX
     assert not errors, errors[:3]
     assert stats.commands_failed == 0 and stats.reconnects == 0
     with open(os.path.join(shared_dir, "seen"), encoding="ascii") as stream:
