@@ -168,6 +168,12 @@ def test_a_release_too_many_still_raises() -> None:
     assert slots.available == 1
 
 
+def slots_of(executor: SSHExecutor) -> Slots:
+    state = executor.state
+    assert state is not None and isinstance(state.bound, Slots)
+    return state.bound
+
+
 # --- against servers ----------------------------------------------------------------------------
 
 
@@ -181,14 +187,14 @@ def test_the_hold_back_starts_with_the_servers_first_refusal(
             ex.run_command("true")
         # One slot, one session: the server never refused, nothing is held back.
         assert ex.statistics().refused_opens == 0 and server.channels_refused == 0
-        assert ex.state.bound.pace == 0.0  # type: ignore[attr-defined]
+        assert slots_of(ex).pace == 0.0
     with SSHExecutor(**server.executor_parameters(), max_sessions=2) as ex:
         # The spare's open follows the exec at once, while the command holds
         # the server's only session: refused.
         ex.run_command("true")
         ex.run_command("true")
         assert server.channels_refused >= 1
-        assert ex.state.bound.pace == PACE_MAX  # type: ignore[attr-defined]
+        assert slots_of(ex).pace == PACE_MAX
 
 
 
@@ -215,8 +221,7 @@ def test_held_back_opens_never_run_more_sessions_than_slots(
     monkeypatch.setattr(slots_module, "PACE_SHARE", 1e6)
     with SSHExecutor(**server.executor_parameters(), max_sessions=3) as ex:
         ex.run_command("true")
-        bound = ex.state.bound
-        assert isinstance(bound, Slots)
+        bound = slots_of(ex)
         bound.open_answered(1.0, refused=True)  # as if sshd had refused one: held back from now
         assert bound.pace == PACE_MAX
 
