@@ -48,12 +48,13 @@ class Spare:
     def take(self, deadline: Optional[float]) -> Optional[SessionChannel]:
         """The spare, open and with its slot, for a command; None if there is none to have.
 
-        Waits for the server's answer until ``deadline`` at most (the
+        Waits for a spare being made (its open held back, a few ms at most),
+        then for the server's answer until ``deadline`` at most (the
         transport's channel timeout without one); a spare that is refused or
         not answered in time is given up like any other open.
         """
-        # One being made (`replenish` holds the lock while its open is held
-        # back, a few ms at most) is worth waiting for: its slot is taken.
+        # One being made (`replenish` holds the lock meanwhile) is worth the
+        # wait: its slot is taken, and a slot waited for would close it.
         if self._pending is None and not self._lock.locked():
             return None
         spare = self._pop()
