@@ -100,7 +100,7 @@ class Slots(threading.BoundedSemaphore):
 
     @property
     def pace(self) -> float:
-        """How long after a release the server may still count that session, in seconds."""
+        """The longest an open on a slot just freed is held back, in seconds (0: never)."""
         return self._pace
 
     def open_answered(self, seconds: float, *, refused: bool) -> None:
