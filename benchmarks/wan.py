@@ -140,9 +140,10 @@ def run_library(spec: Dict[str, Any]) -> Dict[str, Any]:
         ex.run_command("true")
         result["w1"] = statistics.mean(
             timed(lambda: ex.run_command("true")) for _ in range(spec["commands"]))
+        refused = ex.statistics().refused_opens
         result.update(concurrently(lambda: ex.run_command("true"), CALLERS,
                                    spec["w2_commands"]))
-        result["refused_opens"] = ex.statistics().refused_opens
+        result["w2_refused"] = (ex.statistics().refused_opens - refused) / spec["w2_commands"]
         bulk = SSHExecutor(host=BULK, **common)
         opened.append(bulk)
         bulk.run_command("true")
@@ -344,6 +345,67 @@ def run_openssh(spec: Dict[str, Any]) -> Dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def run_w2(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """W2 alone on a connected library executor: rate and refused opens per command.
+
+    A first round of as many commands warms the connection up (the executor
+    times its first opens), so the measured round sees it as it settles.
+    """
+    if spec["library_path"]:
+        sys.path.insert(0, spec["library_path"])
+    from paramiko_executor import SSHExecutor
+
+    with SSHExecutor(host=MAIN, port=PORT, username=spec["username"],
+                     client_keys=[spec["key"]], known_hosts=spec["known_hosts"],
+                     config=()) as ex:
+        concurrently(lambda: ex.run_command("true"), CALLERS, spec["w2_commands"])
+        refused = ex.statistics().refused_opens
+        result = concurrently(lambda: ex.run_command("true"), CALLERS, spec["w2_commands"])
+        result["w2_refused"] = (ex.statistics().refused_opens - refused) / spec["w2_commands"]
+        started = time.perf_counter()
+        for _ in range(spec["commands"]):
+            ex.run_command("true")
+        result["w1"] = (time.perf_counter() - started) / spec["commands"]
+        return result
+
+
+def w2_rounds(spec: Dict[str, Any], compare: str, rounds: int, timeout: float,
+              rtt: float) -> None:
+    """W2 (and W1) of this checkout and of ``compare``, alternating, each in a fresh interpreter."""
+    floor = CALLERS / 2 / rtt
+    paths = {"library": spec["library_path"], "compare": os.path.abspath(compare)}
+    runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in paths}
+    for number in range(rounds):
+        for name, path in paths.items():
+            result = run_child("w2", {**spec, "library_path": path}, timeout)
+            if "error" in result:
+                print(f"round {number + 1} {name}: {result['error']}", flush=True)
+                continue
+            runs[name].append(result)
+            print(f"round {number + 1} {name}: W2 {result['w2_rate']:.1f} cmd/s "
+                  f"({result['w2_rate'] / floor:.3f}x floor), "
+                  f"{result['w2_refused']:.3f} refused opens per command, "
+                  f"{result['w2_failures']} failed; W1 {result['w1'] * 1000:.1f} ms "
+                  f"({result['w1'] / rtt:.2f} RTT)", flush=True)
+    print()
+    print("| checkout | W2 c10 cmd/s (x floor), median | per round | refused opens per command "
+          "| W1 ms/cmd (RTT) |")
+    print("|---|---|---|---|---|")
+    for name, path in paths.items():
+        done = runs[name]
+        if not done:
+            print(f"| {path} | n/a | | | |")
+            continue
+        rates = [r["w2_rate"] / floor for r in done]
+        rate = statistics.median(r["w2_rate"] for r in done)
+        refused = statistics.mean(r["w2_refused"] for r in done)
+        w1 = statistics.median(r["w1"] for r in done)
+        print(f"| {path} | {rate:.1f} ({rate / floor:.3f}x) | "
+              f"{' '.join(f'{x:.3f}' for x in rates)} | {refused:.3f} "
+              f"| {w1 * 1000:.1f} ({w1 / rtt:.2f}) |")
+    print(f"| floor | {floor:.1f} (5 per RTT) | | 0 | {rtt * 1000:.1f} (1) |")
+
+
 def run_trace(spec: Dict[str, Any]) -> Dict[str, Any]:
     """One library connect (login and probe) through the tracing relay."""
     if spec["library_path"]:
@@ -364,7 +426,7 @@ def run_trace(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 RUNNERS: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
     "library": run_library, "paramiko": run_paramiko, "asyncssh": run_asyncssh,
-    "openssh": run_openssh, "trace": run_trace,
+    "openssh": run_openssh, "trace": run_trace, "w2": run_w2,
 }
 
 
@@ -438,24 +500,26 @@ def table(results: Dict[str, Dict[str, Any]], rtt: float, mbit: float) -> str:
     bulk_floor = mbit * 1e6 / 8 / 2**20
     w2_floor = CALLERS / 2 / rtt
     header = ("| contender | connect ms (RTT) | again | max_sessions given | connect + first "
-              "command | again | W1 ms/cmd (RTT) | W2 c10 cmd/s (x floor) | failed "
-              "| 16 MiB stdout MiB/s (x floor) | 20 hosts cold s (RTT) |")
-    rows = [header, "|" + "---|" * 11]
+              "command | again | W1 ms/cmd (RTT) | W2 c10 cmd/s (x floor) | refused per cmd "
+              "| failed | 16 MiB stdout MiB/s (x floor) | 20 hosts cold s (RTT) |")
+    rows = [header, "|" + "---|" * 12]
     for name, r in results.items():
         if "error" in r:
-            rows.append(f"| {name} | {r['error']} |" + " |" * 9)
+            rows.append(f"| {name} | {r['error']} |" + " |" * 10)
             continue
         cells = [fmt(r.get(key), 1000, rtt) for key in
                  ("connect", "connect_again", "connect_given", "first", "first_again")]
+        refused = r.get("w2_refused")
         cells += [fmt(r.get("w1"), 1000, rtt, 1), fmt(r.get("w2_rate"), 1, w2_floor, 1, "x"),
-                  str(r.get("w2_failures", "n/a")), fmt(r.get("bulk"), 1, bulk_floor, 1, "x"),
+                  "n/a" if refused is None else f"{refused:.3f}", str(r.get("w2_failures", "n/a")),
+                  fmt(r.get("bulk"), 1, bulk_floor, 1, "x"),
                   fmt(r.get("fanout"), 1, rtt, 2)]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     rows.append(
         f"| floor | {FLOOR_CONNECT_PROBE * rtt * 1000:.0f} ({FLOOR_CONNECT_PROBE} with probe; "
         f"{FLOOR_CONNECT} without) | | {FLOOR_CONNECT * rtt * 1000:.0f} ({FLOOR_CONNECT}) "
         f"| {FLOOR_FIRST * rtt * 1000:.0f} ({FLOOR_FIRST}) | "
-        f"| {rtt * 1000:.1f} (1) | {w2_floor:.1f} (5 per RTT) | | {bulk_floor:.1f} "
+        f"| {rtt * 1000:.1f} (1) | {w2_floor:.1f} (5 per RTT) | 0 | | {bulk_floor:.1f} "
         f"| {FLOOR_FANOUT * rtt:.2f} ({FLOOR_FANOUT}) |")
     return "\n".join(rows)
 
@@ -508,6 +572,9 @@ def parent(args: argparse.Namespace) -> int:
         if args.tunnel_mib:
             run_tunnels(server, known_hosts, args, main.measured["rtt_ms"])
             return 0
+        if args.w2_rounds:
+            w2_rounds(spec, args.compare_path or ROOT, args.w2_rounds, args.timeout, rtt)
+            return 0
         if args.trace_connect:
             tracer = RelayProcess(args.delay_ms, args.mbit, [f"{TRACE}:{PORT}={upstream}"],
                                   trace=True)
@@ -551,6 +618,10 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="per contender, seconds")
     parser.add_argument("--library-path", help="import paramiko_executor from this checkout")
     parser.add_argument("--trace-connect", action="store_true")
+    parser.add_argument("--w2-rounds", type=int, default=0,
+                        help="only W2 (then W1) of the library: this many rounds, alternating "
+                             "with --compare-path's checkout")
+    parser.add_argument("--compare-path", help="the other checkout for --w2-rounds")
     parser.add_argument("--tunnel-mib", type=int, default=0,
                         help="only the tunnel workload: one stream of this many MiB each way")
     parser.add_argument("--tunnel-repeat", type=int, default=2, help="tunnel rounds")

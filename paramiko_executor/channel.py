@@ -49,6 +49,7 @@ from paramiko.common import (
     MSG_CHANNEL_EXTENDED_DATA,
     MSG_CHANNEL_FAILURE,
     MSG_CHANNEL_OPEN_FAILURE,
+    MSG_CHANNEL_OPEN_SUCCESS,
     MSG_CHANNEL_REQUEST,
     MSG_CHANNEL_SUCCESS,
     cMSG_CHANNEL_DATA,
@@ -411,17 +412,23 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
             return handle
         return wrap
 
-    def open_failure(on_open_failure: Handler) -> Handler:
-        def handle(*args: Any) -> None:  # (m), or (transport, m) on paramiko < 4
-            m = args[-1]
-            start = m.packet.tell()
-            chanid = m.get_int()
-            m.packet.seek(start)
-            on_open_failure(*args)
-            # paramiko forgets a refused channel everywhere but here.
-            forget_channel(transport, chanid)
-            sessions.pop(chanid, None)
-        return handle
+    def open_answer(refused: bool) -> Callable[[Handler], Handler]:
+        def wrap(on_answer: Handler) -> Handler:
+            def handle(*args: Any) -> None:  # (m), or (transport, m) on paramiko < 4
+                m = args[-1]
+                start = m.packet.tell()
+                chanid = m.get_int()
+                m.packet.seek(start)
+                s = sessions.get(chanid)
+                if s is not None:
+                    s.open_answered(refused)
+                on_answer(*args)
+                if refused:
+                    # paramiko forgets a refused channel everywhere but here.
+                    forget_channel(transport, chanid)
+                    sessions.pop(chanid, None)
+            return handle
+        return wrap
 
     wrap_handlers(
         transport,
@@ -433,7 +440,8 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
             MSG_CHANNEL_SUCCESS: reply(True),
             MSG_CHANNEL_FAILURE: reply(False),
         },
-        {MSG_CHANNEL_OPEN_FAILURE: open_failure},
+        {MSG_CHANNEL_OPEN_SUCCESS: open_answer(refused=False),
+         MSG_CHANNEL_OPEN_FAILURE: open_answer(refused=True)},
     )
 
 
@@ -498,6 +506,8 @@ class SessionChannel:
         self.abandoned = False
         #: The protocol error that ended this channel (set once, by the transport thread).
         self.violation: Optional[str] = None
+        #: When the OPEN went out: its answer times a round trip (`open_answered`).
+        self._asked = time.monotonic()
         try:
             self.chan = new_session_channel(transport, self.answered)
         except BaseException:
@@ -565,6 +575,12 @@ class SessionChannel:
         if self.violation is not None:
             raise ExecutorFailure(f"protocol error from the server on the command's channel: "
                                   f"{self.violation}; the command may have run")
+
+    def open_answered(self, refused: bool) -> None:
+        """The server answered the open: a round trip, timed for the slots' `Slots.pace`."""
+        slots = self._slots
+        if slots is not None:
+            slots.open_answered(time.monotonic() - self._asked, refused=refused)
 
     def server_closed(self) -> None:
         self.remote_closed = True

@@ -327,6 +327,8 @@ class SSHExecutor(Executor):
             self._take_slot(link, None)
         except ExecutorFailure as exc:
             raise for_executor(exc, self) from None
+        assert link.slots is not None
+        link.slots.hold_back(None)  # the caller opens a channel next
         try:
             yield link.transport
         finally:
@@ -679,6 +681,7 @@ class SSHExecutor(Executor):
                     return session
                 if not self._take_slot(link, deadline):
                     return None
+            link.slots.hold_back(deadline)
             with translate(link.transport, started=False, what="opening a channel"):
                 session = SessionChannel(link.transport, link.slots, link.sessions)
             timeout = link.transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]

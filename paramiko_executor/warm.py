@@ -48,11 +48,14 @@ class Spare:
     def take(self, deadline: Optional[float]) -> Optional[SessionChannel]:
         """The spare, open and with its slot, for a command; None if there is none to have.
 
-        Waits for the server's answer until ``deadline`` at most (the
+        Waits for a spare being made (its open held back, a few ms at most),
+        then for the server's answer until ``deadline`` at most (the
         transport's channel timeout without one); a spare that is refused or
         not answered in time is given up like any other open.
         """
-        if self._pending is None:
+        # One being made (`replenish` holds the lock meanwhile) is worth the
+        # wait: its slot is taken, and a slot waited for would close it.
+        if self._pending is None and not self._lock.locked():
             return None
         spare = self._pop()
         if spare is None:
@@ -83,6 +86,8 @@ class Spare:
                     return
             except ConnectionLost:
                 return  # the connection is gone
+            # Called after a command's exec: the wait passes while the command runs.
+            self._slots.hold_back(None)
             try:
                 self._pending = SessionChannel(self._transport, self._slots, self._sessions)
             except TRANSPORT_ERRORS:
