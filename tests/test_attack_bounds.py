@@ -8,13 +8,14 @@ again: a server that is down, then back) or the project's test server
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
-from helpers import call_in_thread, wait_for
+from helpers import call_in_thread, outcome_within, wait_for
 from test_tunnels import read_all
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
@@ -282,3 +283,175 @@ def test_a_forked_child_connects_itself_while_the_parents_connect_thread_backs_o
     assert os.waitstatus_to_exitcode(status) == 0
     keeper["thread"].join(30)
     assert keeper.get("result") == "parent\n", keeper
+
+
+# --- ForwardedSocket against socket.socket -----------------------------------------------------
+
+
+class _Model:
+    """What an echo peer has yet to send back; decides which calls are safe to make."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.shut = False
+        self.closed = False
+        self.timeout: Any = None
+
+
+def _apply(sock: Any, op: str, model: _Model) -> str:
+    """Run ``op`` on ``sock``; its outcome as a word: a result's kind or the exception's type."""
+    try:
+        if op in ("recv", "recv_into") and not model.closed and (model.pending or model.shut):
+            # Wait until the echo came back (or its EOF): then the outcome is certain.
+            assert select.select([sock], [], [], 10)[0], "no echo within 10 s"
+        if op == "send":
+            return f"sent {sock.send(b'abc')}"
+        if op == "sendall":
+            return repr(sock.sendall(b"abcd"))
+        if op == "recv":
+            data = sock.recv(2)
+            return "eof" if data == b"" else f"data {len(data)}"
+        if op == "recv_into":
+            return f"into {sock.recv_into(bytearray(2))}"
+        if op == "timeout 0":
+            return repr(sock.settimeout(0))
+        if op == "timeout 0.2":
+            return repr(sock.settimeout(0.2))
+        if op == "nonblocking":
+            return repr(sock.setblocking(False))
+        if op == "shut_wr":
+            return repr(sock.shutdown(socket.SHUT_WR))
+        if op == "close":
+            return repr(sock.close())
+        if op == "fileno":
+            return "fd" if sock.fileno() >= 0 else "-1"
+        if op == "gettimeout":
+            return repr(sock.gettimeout()) if not model.closed else "skip"
+        raise AssertionError(op)
+    except Exception as exc:  # the outcome compared
+        return type(exc).__name__
+
+
+def _advance(model: _Model, op: str, outcome: str) -> None:
+    if outcome.startswith("sent "):
+        model.pending += int(outcome.split()[1])
+    elif outcome == "None" and op == "sendall":
+        model.pending += 4
+    elif outcome.startswith(("data ", "into ")):
+        model.pending -= int(outcome.split()[1])
+    elif op == "shut_wr" and outcome == "None":
+        model.shut = True
+    elif op == "close":
+        model.closed = True
+
+
+OPS = ("send", "sendall", "recv", "recv_into", "timeout 0", "timeout 0.2", "nonblocking",
+       "shut_wr", "close", "fileno", "gettimeout")
+
+
+def _sequences(count: int, length: int) -> Iterator[List[str]]:
+    import random
+    rng = random.Random(20261207)
+    fixed = [["shut_wr", "send"], ["shut_wr", "sendall"], ["shut_wr", "recv", "recv"],
+             ["sendall", "shut_wr", "recv", "recv", "recv"], ["close", "close", "recv"],
+             ["close", "fileno", "send"], ["timeout 0", "recv"], ["nonblocking", "recv_into"],
+             ["timeout 0.2", "recv"], ["send", "timeout 0", "recv", "recv", "recv"]]
+    yield from fixed
+    for _ in range(count - len(fixed)):
+        yield [rng.choice(OPS) for _ in range(length)]
+
+
+def test_a_forwarded_socket_answers_as_a_socket_for_the_same_calls(sshd: Any,
+                                                                   make_backend: Any) -> None:
+    """Differential: each sequence of calls on a real socket and on a forwarded one to the same
+    echo server gives the same results and the same exception types."""
+    backend = make_backend("echo")
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        for ops in _sequences(60, 8):
+            real = socket.create_connection(("127.0.0.1", backend.port), timeout=None)
+            ours = ex.open_connection("127.0.0.1", backend.port)
+            models = (_Model(), _Model())
+            theirs: List[str] = []
+            mine: List[str] = []
+            try:
+                for op in ops:
+                    if op in ("recv", "recv_into") and any(
+                            not m.closed and not (m.pending or m.shut) and m.timeout is None
+                            for m in models):
+                        op = "timeout 0.2"  # a blocking read of nothing would never end
+                    if op == "shut_wr" and models[0].shut:
+                        continue  # a socket's answer depends on whether the peer closed yet
+                    for sock, model, seen in ((real, models[0], theirs), (ours, models[1], mine)):
+                        outcome = _apply(sock, op, model)
+                        _advance(model, op, outcome)
+                        # How much a read returns depends on how the echo came back.
+                        seen.append(outcome.split()[0])
+                        if op.startswith("timeout") or op == "nonblocking":
+                            model.timeout = sock.gettimeout()
+                    assert mine == theirs, (ops, theirs, mine)
+            finally:
+                real.close()
+                ours.close()
+
+
+def test_sending_on_a_lost_connection_raises_an_oserror_not_eoferror(
+        make_test_server: Any, make_backend: Any) -> None:
+    """paramiko's EOFError used to escape sendall: http.client and the like catch OSError."""
+    server = make_test_server()
+    backend = make_backend("echo")
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        sock = ex.open_connection("127.0.0.1", backend.port, timeout=10)
+        with sock:
+            assert echo_some(sock, b"x") == b"x"
+            server.drop_connections()
+            wait_for(lambda: not sock.channel.get_transport().is_active(), "the loss")
+            with pytest.raises(ConnectionResetError):
+                sock.sendall(b"y")
+            with pytest.raises(ConnectionResetError):
+                sock.send(b"y")
+
+
+def echo_some(sock: Any, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    return bytes(sock.recv(len(payload)))
+
+
+def test_a_forwarded_socket_shut_for_writing_raises_broken_pipe_not_a_silent_zero(
+        sshd: Any, make_backend: Any) -> None:
+    """send returned 0 for ever: a makefile writer's flush spun at full CPU."""
+    backend = make_backend("echo")
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        with ex.open_connection("127.0.0.1", backend.port, timeout=10) as sock, \
+                sock.makefile("wb") as stream:
+            sock.shutdown(socket.SHUT_WR)
+            with pytest.raises(BrokenPipeError):
+                sock.send(b"x")
+            stream.write(b"x")
+            outcome = outcome_within(10, stream.flush)
+            assert isinstance(outcome.get("error"), BrokenPipeError), outcome
+            stream.close = lambda: None  # type: ignore[method-assign]  # its buffer can't go
+
+
+def test_shut_for_reading_a_forwarded_socket_reads_the_end_at_once(sshd: Any,
+                                                                   make_backend: Any) -> None:
+    """As a socket's: b"" at once, where it waited for data (for ever without a timeout)."""
+    backend = make_backend("echo")
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        with ex.open_connection("127.0.0.1", backend.port) as sock:
+            sock.shutdown(socket.SHUT_RD)
+            assert outcome_within(5, lambda: sock.recv(1)) == {"result": b""}
+            assert select.select([sock], [], [], 5)[0] == [sock]
+
+
+def test_recv_into_a_read_only_buffer_is_refused_before_reading(sshd: Any,
+                                                                make_backend: Any) -> None:
+    """It read (waiting for data, for ever without a timeout), then lost what it read."""
+    backend = make_backend("echo")
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        with ex.open_connection("127.0.0.1", backend.port) as sock:
+            sock.sendall(b"ab")
+            outcome = outcome_within(5, lambda: sock.recv_into(b"xx"))
+            assert isinstance(outcome.get("error"), TypeError), outcome
+            assert "buffer" in str(outcome["error"])
+            assert select.select([sock], [], [], 10)[0]
+            assert sock.recv(2) == b"ab"  # nothing lost
