@@ -455,3 +455,58 @@ def test_recv_into_a_read_only_buffer_is_refused_before_reading(sshd: Any,
             assert "buffer" in str(outcome["error"])
             assert select.select([sock], [], [], 10)[0]
             assert sock.recv(2) == b"ab"  # nothing lost
+
+
+# --- opens their callers left, under a small max_forwarded ------------------------------------
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("max_forwarded", [1, 2])
+def test_opens_left_on_a_late_server_give_their_places_back_once(
+        make_test_server: Any, make_backend: Any, max_forwarded: int) -> None:
+    server = make_test_server()
+    backend = make_backend("echo")
+    with SSHExecutor(max_forwarded=max_forwarded, **server.executor_parameters()) as ex:
+        assert ex.run_command("echo up").stdout == "up\n"
+        limit = ex._forwarding.limit
+        server.freeze()
+        try:
+            opens = start_all(bounded(ex, backend.port, 40, timeouts=TIMEOUTS[:5]))
+            join_all(opens, 30)
+            assert all("timed out" in str(o.get("error")) for o in opens), opens
+            # Each open sent holds its place while the server may still answer it.
+            assert limit.used == max_forwarded
+        finally:
+            server.thaw()
+        wait_for(lambda: limit.used == 0, "the late opens to give their places back")
+        wait_for(lambda: backend.connected == 0, "the late channels to be closed")
+        assert backend.accepted == max_forwarded  # no open past the cap reached the server
+        # Not starved: every place serves again, all at once.
+        held = [ex.open_connection("127.0.0.1", backend.port, timeout=10)
+                for _ in range(max_forwarded)]
+        assert limit.used == max_forwarded
+        for sock in held:
+            assert echo(sock, b"again") == b"again"
+        assert limit.used == 0
+
+
+def test_closing_the_executor_frees_the_places_of_opens_left_on_a_frozen_server(
+        make_test_server: Any, make_backend: Any) -> None:
+    server = make_test_server()
+    backend = make_backend("echo")
+    sockets = open_sockets()
+    ex = SSHExecutor(max_forwarded=1, **server.executor_parameters())
+    try:
+        assert ex.run_command("echo up").stdout == "up\n"
+        server.freeze()
+        with pytest.raises(ExecutorFailure, match="timed out"):
+            ex.open_connection("127.0.0.1", backend.port, timeout=0.05)
+        assert any(t.name == "paramiko_executor tunnel open" for t in our_threads())
+        outcome_within(15, ex.close)
+        wait_for(lambda: not our_threads(), "the open's thread to end", timeout=15)
+        assert ex._forwarding.limit.used == 0
+    finally:
+        server.thaw()
+        ex.close()
+    # The test server's end of the connection goes once it runs again.
+    wait_for(settled(sockets), "the connection's sockets to be closed", timeout=15)
