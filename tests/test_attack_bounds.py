@@ -231,7 +231,7 @@ def test_commands_keep_their_retries_beside_bounded_opens_on_a_dropping_server(
         assert ex.run_command("echo up").stdout == "up\n"
         commands = start_all([lambda: ex.run_command("sleep 0.3; echo c").stdout
                               for _ in range(8)])
-        wait_for(lambda: ex.statistics().open_channels >= 8, "the commands to run")
+        wait_for(lambda: len(server.commands) >= 9, "the commands to run")
         opens = start_all(bounded(ex, backend.port, 30, b"o"))
         server.drop_connections()
         join_all(commands + opens, 60)
