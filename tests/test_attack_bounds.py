@@ -19,6 +19,7 @@ from helpers import call_in_thread, outcome_within, wait_for
 from test_tunnels import read_all
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
+from paramiko_executor.tunnels import JOIN_TIMEOUT
 
 #: A connect cycle lasting minutes (backoff 0.5, 1, 2, 4 ... s), so that one
 #: reconnect shows as few failures and parallel cycles as many.
@@ -208,15 +209,17 @@ def test_close_at_any_moment_of_a_reconnect_ends_every_caller(
         + [lambda: ex.open_connection("127.0.0.1", backend.port) for _ in range(5)]
         + bounded(ex, backend.port, 30))
     time.sleep(moment)  # where the close lands; every moment must give the same outcome
-    closing = [call_in_thread(tunnel.close), call_in_thread(ex.close)]
-    join_all(outcomes, 10)
-    join_all(closing, 15)
-    for outcome in outcomes:
-        assert isinstance(outcome.get("error"), ExecutorFailure), outcome
+    # The tunnel first, alone: its clients' opens wait for the connect, which goes on.
+    outcome_within(JOIN_TIMEOUT / 2, tunnel.close)
     for client in clients:
         with pytest.raises(OSError):  # reset, never an empty answer
             read_all(client)
         client.close()
+    closing = [call_in_thread(tunnel.close), call_in_thread(ex.close)]  # and both again
+    join_all(outcomes, 10)
+    join_all(closing, 15)
+    for outcome in outcomes:
+        assert isinstance(outcome.get("error"), ExecutorFailure), outcome
     wait_for(settled(fds), "threads and descriptors to be back", timeout=15)
 
 
@@ -394,18 +397,22 @@ def test_a_forwarded_socket_answers_as_a_socket_for_the_same_calls(sshd: Any,
                 ours.close()
 
 
-def test_sending_on_a_lost_connection_raises_an_oserror_not_eoferror(
+def test_sending_on_a_lost_connection_raises_a_reset_not_eoferror(
         make_test_server: Any, make_backend: Any) -> None:
     """paramiko's EOFError used to escape sendall: http.client and the like catch OSError."""
     server = make_test_server()
     backend = make_backend("echo")
     with SSHExecutor(**server.executor_parameters()) as ex:
-        sock = ex.open_connection("127.0.0.1", backend.port, timeout=10)
-        with sock:
+        with ex.open_connection("127.0.0.1", backend.port, timeout=10) as sock:
             assert echo_some(sock, b"x") == b"x"
+            # The connection breaks under the write, before paramiko's thread notices.
+            sock.channel.get_transport().sock.shutdown(socket.SHUT_WR)
+            with pytest.raises(ConnectionResetError):
+                sock.sendall(b"y")
+        with ex.open_connection("127.0.0.1", backend.port, timeout=10) as sock:
             server.drop_connections()
             wait_for(lambda: not sock.channel.get_transport().is_active(), "the loss")
-            with pytest.raises(ConnectionResetError):
+            with pytest.raises(ConnectionResetError):  # was a bare OSError
                 sock.sendall(b"y")
             with pytest.raises(ConnectionResetError):
                 sock.send(b"y")
