@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
 import threading
 import time
@@ -517,3 +518,30 @@ def test_closing_the_executor_frees_the_places_of_opens_left_on_a_frozen_server(
         ex.close()
     # The test server's end of the connection goes once it runs again.
     wait_for(settled(sockets), "the connection's sockets to be closed", timeout=15)
+
+
+# --- a bounded caller interrupted ----------------------------------------------------------------
+
+
+def test_a_bounded_caller_interrupted_while_waiting_no_longer_keeps_the_connect_going(
+        down: Any, make_backend: Any) -> None:
+    """Ctrl-C in open_connection left it counted as waiting: minutes of retries for no one."""
+    _, ex = down
+    backend = make_backend("echo")
+    assert threading.current_thread() is threading.main_thread()
+
+    def interrupt() -> None:
+        wait_for(lambda: ex.statistics().connect_failures >= 1, "the connect to fail once")
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ex.open_connection("127.0.0.1", backend.port, timeout=60)
+    finally:
+        interrupter.join(30)
+    # Its next retry would be 1 s later, then 2, 4 ...: it ends at the next one at the latest.
+    wait_for(lambda: not our_threads(), "the connect nobody waits for to end", timeout=5)
+    assert ex._forwarding.limit.used == 0
+
