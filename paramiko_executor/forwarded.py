@@ -280,8 +280,10 @@ def _end(chan: paramiko.Channel, release: Callable[[], None]) -> None:
 
 
 def _abandoned(chan: paramiko.Channel, release: Callable[[], None], name: str) -> None:
-    warnings.warn(f"unclosed forwarded connection to {name}", ResourceWarning, stacklevel=2)
-    _end(chan, release)
+    try:
+        warnings.warn(f"unclosed forwarded connection to {name}", ResourceWarning, stacklevel=2)
+    finally:  # also when warnings are errors (``-W error``), as a socket's close
+        _end(chan, release)
 
 
 class _ChannelIO(io.RawIOBase):
