@@ -7,12 +7,14 @@ again: a server that is down, then back) or the project's test server
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import signal
 import socket
 import threading
 import time
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
@@ -545,3 +547,23 @@ def test_a_bounded_caller_interrupted_while_waiting_no_longer_keeps_the_connect_
     wait_for(lambda: not our_threads(), "the connect nobody waits for to end", timeout=5)
     assert ex._forwarding.limit.used == 0
 
+
+
+# --- a forwarded socket dropped unclosed ----------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_socket_dropped_unclosed_frees_its_place_when_resource_warnings_are_errors(
+        sshd: Any, make_backend: Any) -> None:
+    """With ``-W error`` the finalizer's warning raised before the close: place lost for good."""
+    backend = make_backend("echo")
+    with SSHExecutor(max_forwarded=1, **sshd.executor_parameters()) as ex:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            sock = ex.open_connection("127.0.0.1", backend.port, timeout=10)
+            sock.fileno()  # paramiko's pipe: two more descriptors to give back
+            del sock
+            gc.collect()
+        assert ex._forwarding.limit.used == 0
+        wait_for(lambda: backend.connected == 0, "the dropped channel to be closed")
+        assert echo(ex.open_connection("127.0.0.1", backend.port, timeout=10), b"x") == b"x"
