@@ -567,3 +567,29 @@ def test_a_socket_dropped_unclosed_frees_its_place_when_resource_warnings_are_er
         assert ex._forwarding.limit.used == 0
         wait_for(lambda: backend.connected == 0, "the dropped channel to be closed")
         assert echo(ex.open_connection("127.0.0.1", backend.port, timeout=10), b"x") == b"x"
+
+
+@pytest.mark.parametrize("moment", [0.0, 0.05, 0.5])
+def test_close_during_a_login_to_a_frozen_server_ends_every_caller_at_once(
+        make_test_server: Any, make_backend: Any, moment: float) -> None:
+    """The connect thread a bounded caller left is cut mid-handshake, not waited for."""
+    server = make_test_server()
+    backend = make_backend("echo")
+    sockets = open_sockets()
+    server.freeze()
+    ex = SSHExecutor(**RETRIES, **server.executor_parameters())
+    try:
+        opens = start_all(bounded(ex, backend.port, 20, timeouts=TIMEOUTS[:3]))
+        join_all(opens, 10)
+        unbounded = start_all([lambda: ex.run_command("echo c") for _ in range(3)])
+        time.sleep(moment)  # where the close lands; every moment must give the same outcome
+        outcome_within(5, ex.close)
+        join_all(unbounded, 5)
+        for outcome in opens + unbounded:
+            assert isinstance(outcome.get("error"), ExecutorFailure), outcome
+        wait_for(lambda: not our_threads(), "the connect thread to end", timeout=5)
+        assert ex.statistics().connects == 0
+    finally:
+        server.thaw()
+        ex.close()
+    wait_for(settled(sockets), "the sockets to be closed", timeout=15)
