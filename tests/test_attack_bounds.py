@@ -621,3 +621,23 @@ def test_an_open_whose_write_finds_the_connection_broken_reconnects(
         sock = ex.open_connection("127.0.0.1", backend.port, timeout=timeout)
         assert echo(sock, b"through") == b"through"
         assert ex.statistics().reconnects == 1
+
+
+def test_a_host_down_for_a_whole_cycle_costs_one_cycle_shared_by_every_unbounded_caller(
+        make_sshd: Any, make_backend: Any) -> None:
+    server = make_sshd(max_sessions=10)
+    backend = make_backend("echo")
+    ex = SSHExecutor(connect_retries=2, connect_backoff=0.3, **server.executor_parameters())
+    with ex:
+        assert ex.run_command("echo up").stdout == "up\n"
+        server.stop()
+        unbounded = start_all(
+            [lambda: ex.open_connection("127.0.0.1", backend.port) for _ in range(10)]
+            + [lambda: ex.run_command("echo c") for _ in range(10)])
+        wait_for(lambda: ex.statistics().connect_failures >= 1, "the reconnect to begin")
+        opens = start_all(bounded(ex, backend.port, 50, timeouts=TIMEOUTS[:3]))
+        join_all(unbounded + opens, 30)
+        texts = {str(o.get("error")) for o in unbounded}
+        assert len(texts) == 1 and "after 3 attempts" in texts.pop(), unbounded
+        assert all("timed out" in str(o.get("error")) for o in opens), opens
+        assert ex.statistics().connect_failures == 3  # one cycle: 1 + 2 retries
