@@ -32,7 +32,10 @@ class ForwardedSocket:
     now). ``recv`` returns ``b""`` at the far end's EOF; a connection lost
     meanwhile raises `ConnectionResetError` instead, so a cut stream never
     looks complete, and reading or writing after `close` (or the executor's
-    close) raises `OSError` (``EBADF``), as with a socket. As with a
+    close) raises `OSError` (``EBADF``), as with a socket. A write raises
+    `ConnectionResetError` when the connection is lost, `BrokenPipeError`
+    after ``shutdown(SHUT_WR)`` or once the far end closed; after
+    ``shutdown(SHUT_RD)`` a read returns what is buffered, then ``b""``. As with a
     socket, `close` leaves the connection open while a file from `makefile`
     is still open (``http.client`` reads a response through its file after
     closing the socket); closing the last of them closes the channel and
