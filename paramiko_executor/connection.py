@@ -738,12 +738,17 @@ class Connection:
             if leader:
                 self._lead_elsewhere(attempt)
             remaining = None if deadline is None else deadline - time.monotonic()
-            wait_any((attempt.done, stop), remaining)
-            if not attempt.done.is_set():
-                with self.lock:
-                    attempt.waiters -= 1
-                    if attempt.waiters == 0:
-                        attempt.unwanted.set()
+            try:
+                wait_any((attempt.done, stop), remaining)
+            finally:
+                # Also when interrupted (KeyboardInterrupt): it waits no more either.
+                gave_up = not attempt.done.is_set()
+                if gave_up:
+                    with self.lock:
+                        attempt.waiters -= 1
+                        if attempt.waiters == 0:
+                            attempt.unwanted.set()
+            if gave_up:
                 raise GaveUp(f"still connecting to {self.target}")
         if attempt.error is not None:
             err = attempt.error

@@ -32,7 +32,10 @@ class ForwardedSocket:
     now). ``recv`` returns ``b""`` at the far end's EOF; a connection lost
     meanwhile raises `ConnectionResetError` instead, so a cut stream never
     looks complete, and reading or writing after `close` (or the executor's
-    close) raises `OSError` (``EBADF``), as with a socket. As with a
+    close) raises `OSError` (``EBADF``), as with a socket. A write raises
+    `ConnectionResetError` when the connection is lost, `BrokenPipeError`
+    after ``shutdown(SHUT_WR)`` or once the far end closed; after
+    ``shutdown(SHUT_RD)`` a read returns what is buffered, then ``b""``. As with a
     socket, `close` leaves the connection open while a file from `makefile`
     is still open (``http.client`` reads a response through its file after
     closing the socket); closing the last of them closes the channel and
@@ -105,6 +108,8 @@ class ForwardedSocket:
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """As `recv`, into ``buffer`` (``nbytes`` of it, 0: all of it); the count read."""
         view = memoryview(buffer).cast("B")
+        if view.readonly:  # before reading: what was read would be lost
+            raise TypeError("buffer must be a writable bytes-like object")
         check_int("nbytes", nbytes, minimum=0)
         if nbytes > len(view):
             raise ValueError(f"nbytes must be at most the buffer's size ({len(view)}), "
@@ -116,17 +121,45 @@ class ForwardedSocket:
     def send(self, data: Union[bytes, bytearray, memoryview], flags: int = 0) -> int:
         """Send what fits in the channel's window now (waiting as the timeout allows); the count."""
         _check_flags(flags)
-        self._check_open()
-        with self._blocking_as_socket():
+        view = memoryview(data).cast("B")
+        self._check_writable()
+        with self._sending():
             # Any buffer: paramiko packs what it is given (`send_all` relies on it too).
-            sent: int = self._chan.send(cast(bytes, memoryview(data).cast("B")))
+            sent: int = self._chan.send(cast(bytes, view))
+            if not sent and view:  # paramiko's answer once the channel is closed or its EOF sent
+                raise OSError("the channel was closed")  # as `send_all`'s, mapped below
         return sent
 
     def sendall(self, data: Union[bytes, bytearray, memoryview], flags: int = 0) -> None:
         _check_flags(flags)
+        view = memoryview(data).cast("B")
+        self._check_writable()
+        with self._sending():
+            send_all(self._chan, view)
+
+    def _check_writable(self) -> None:
         self._check_open()
-        with self._blocking_as_socket():
-            send_all(self._chan, memoryview(data).cast("B"))
+        if self._chan.eof_sent:
+            raise BrokenPipeError(errno.EPIPE, f"the forwarded connection to {self.name} "
+                                               "is shut down for writing")
+
+    @contextlib.contextmanager
+    def _sending(self) -> Iterator[None]:
+        # paramiko raises EOFError (no OSError) when the connection dies under a send,
+        # and a bare OSError on a closed channel: a socket's errors instead.
+        try:
+            with self._blocking_as_socket():
+                yield
+        except (EOFError, paramiko.SSHException):
+            raise ConnectionResetError(errno.ECONNRESET, f"the forwarded connection to "
+                                                         f"{self.name} was cut") from None
+        except OSError as exc:
+            if type(exc) is not OSError:  # a timeout, "not ready": the caller's to handle
+                raise
+            self._check_writable()  # closed by us, or shut down for writing
+            self._check_cut()
+            raise BrokenPipeError(errno.EPIPE, f"the forwarded connection to {self.name} "
+                                               "was closed by the far end") from None
 
     def makefile(self, mode: str = "r", buffering: Optional[int] = None, *,
                  encoding: Optional[str] = None, errors: Optional[str] = None,
@@ -197,7 +230,12 @@ class ForwardedSocket:
         if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
             raise ValueError(f"how must be SHUT_RD, SHUT_WR or SHUT_RDWR, not {how!r}")
         self._check_open()
-        self._chan.shutdown(how)
+        with self._sending():
+            self._chan.shutdown(how)
+        if how != socket.SHUT_WR:
+            # paramiko only stops granting window: a read would wait for data, where
+            # a socket's returns what is buffered and then b"" at once.
+            self._chan.in_buffer.close()
 
     def close(self) -> None:
         """Close the connection once no file of `makefile` is open; again: nothing."""
@@ -245,8 +283,10 @@ def _end(chan: paramiko.Channel, release: Callable[[], None]) -> None:
 
 
 def _abandoned(chan: paramiko.Channel, release: Callable[[], None], name: str) -> None:
-    warnings.warn(f"unclosed forwarded connection to {name}", ResourceWarning, stacklevel=2)
-    _end(chan, release)
+    try:
+        warnings.warn(f"unclosed forwarded connection to {name}", ResourceWarning, stacklevel=2)
+    finally:  # also when warnings are errors (``-W error``), as a socket's close
+        _end(chan, release)
 
 
 class _ChannelIO(io.RawIOBase):

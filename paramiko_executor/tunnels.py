@@ -784,7 +784,9 @@ class Forwarding:
                                       f"{': ' + text if text and text.lower() != reason else ''})",
                                       self._executor) from None
             except TRANSPORT_ERRORS as exc:
-                if link.alive():
+                # EOFError: paramiko's write to the connection failed; its thread may
+                # not have seen the loss yet, and the transport still looks alive.
+                if link.alive() and not isinstance(exc, EOFError):
                     raise ExecutorFailure(f"opening a forward to {where} failed: "
                                           f"{printable(repr(exc))}", self._executor) from None
                 if connection.epoch != epoch:  # not lost: closed, and not to be reopened
