@@ -50,7 +50,7 @@ import paramiko
 
 from .checks import check_int, check_str, check_timeout
 from .connection import GaveUp, Link
-from .errors import TRANSPORT_ERRORS, ExecutorFailure, for_executor
+from .errors import TRANSPORT_ERRORS, ExecutorFailure, for_executor, is_lost
 from .forwarded import ForwardedSocket
 from .internals import set_forward_handler
 from .pipe import Pipe, reset_on_close
@@ -784,9 +784,9 @@ class Forwarding:
                                       f"{': ' + text if text and text.lower() != reason else ''})",
                                       self._executor) from None
             except TRANSPORT_ERRORS as exc:
-                # EOFError: paramiko's write to the connection failed; its thread may
-                # not have seen the loss yet, and the transport still looks alive.
-                if link.alive() and not isinstance(exc, EOFError):
+                # Decided from evidence, not the class: a write that failed in
+                # paramiko's packetizer is a loss its thread may not have seen yet.
+                if link.alive() and not is_lost(exc, link.transport):
                     raise ExecutorFailure(f"opening a forward to {where} failed: "
                                           f"{printable(repr(exc))}", self._executor) from None
                 if connection.epoch != epoch:  # not lost: closed, and not to be reopened
