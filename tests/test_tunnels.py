@@ -21,7 +21,6 @@ from backends import BLOCK
 from helpers import run_threads, wait_for
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
-from paramiko_executor.pipe import CHUNK
 
 #: The stream that crosses the tunnel in both directions in the big round trip.
 BIG_STREAM = 1024 * 1024 * 1024
@@ -467,11 +466,11 @@ def test_a_tunnel_client_that_never_reads_holds_one_window_only(sshd: Any, make_
                 return flood.sent == before
 
             # The flood stops for good once the kernel's buffers and the window
-            # are full; the pipe holds one read in hand (at most CHUNK) and
-            # leaves the rest of the window in the channel, unacknowledged.
-            wait_for(lambda: len(pipe.chan.in_buffer) >= window - CHUNK and stopped(),
+            # are full: the pipe holds the window, but for what it wrote and has
+            # not given back yet (at most a tenth, paramiko's threshold).
+            wait_for(lambda: pipe.held >= window - window // 10 and stopped(),
                      "the flood to stop")
-            assert window - CHUNK <= len(pipe.chan.in_buffer) <= window
+            assert window - window // 10 <= pipe.held <= window
             total = 0
             while total < 4 * window:  # the client reads: the flood goes on
                 total += len(client.recv(BLOCK))
