@@ -223,7 +223,7 @@ class _Inbox:
     # --- the pipe's side --------------------------------------------------
 
     def take(self) -> List[Chunk]:
-        """Everything that arrived, in order, waiting for something; [] at the end.
+        """Everything that arrived, in order, waiting for something; [] at the end or a violation.
 
         Waits until data arrives or the channel is closed (at its EOF or
         close, by `Pipe.abort`, or when the connection ends).
@@ -238,6 +238,8 @@ class _Inbox:
             else:
                 early = b""
             with self._cond:
+                if self.violation is not None:
+                    return []  # what is left is part of a stream cut short
                 if early:
                     self._chunks.appendleft(early)
                     self._size += len(early)
@@ -358,17 +360,16 @@ class Pipe:
                     break
                 self._write(chunks)
                 inbox.written()
-            if inbox.violation is not None:
-                log.warning("forwarded connection %s: the server broke the protocol (%s); "
-                            "reset", printable(self.name), inbox.violation)
-                self.abort()
-            elif self.chan.eof_received and not self._lost():
+            if inbox.violation is None and self.chan.eof_received and not self._lost():
                 self.sock.shutdown(socket.SHUT_WR)
             else:
                 self.abort()  # closed without an EOF: the stream was cut
         except TRANSPORT_ERRORS:
             self.abort()
         finally:
+            if inbox.violation is not None:
+                log.warning("forwarded connection %s: the server broke the protocol (%s); "
+                            "reset", printable(self.name), inbox.violation)
             self._end()
 
     def _write(self, chunks: List[Chunk]) -> None:
@@ -380,7 +381,7 @@ class Pipe:
                 else:
                     sent = self.sock.send(views[0])
             except socket.timeout:
-                if self._aborted:
+                if self._aborted or self._inbox.violation is not None:
                     raise ConnectionAbortedError("the forwarded connection was aborted") from None
                 continue
             while sent:
