@@ -15,9 +15,9 @@ buffer, which copies each byte three times on its way through and grows
 without bound when a server ignores the window. The inbox keeps each packet
 as it came, hands the pipe everything at once, and the pipe writes it to
 the socket with one ``sendmsg``. A forwarded connection therefore holds at
-most its receive window (the connection's, 8 MiB) of incoming data, plus
-`UP_BUFFER` and a packet on the way out; a server that sends past the
-window ends it (the local socket is reset) with a WARNING.
+most its receive window of incoming data (8 MiB on the executor's
+connections), plus `UP_BUFFER` and a packet on the way out; a server that
+sends past the window ends it (the local socket is reset) with a WARNING.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ class _Inbox:
 
     @property
     def held(self) -> int:
-        """Bytes received and not given back as window yet, but for what paramiko holds back."""
+        """Bytes received and not yet given back as window: held here, or taken by the pipe."""
         with self._cond:
             return self._size + self._taken
 
