@@ -126,12 +126,6 @@ class _Discard:
     def close(self) -> None:
         pass
 
-    def set_event(self, event: threading.Event) -> None:
-        event.clear()
-
-    def read_ready(self) -> bool:
-        return False
-
     def __len__(self) -> int:
         return 0
 
@@ -213,13 +207,6 @@ class _Inbox:
     def _end(self) -> None:
         self._closed = True
         self._cond.notify()
-
-    def set_event(self, event: threading.Event) -> None:
-        with self._cond:
-            if self._size or self._closed:
-                event.set()
-            else:
-                event.clear()
 
     def read_ready(self) -> bool:
         with self._cond:
