@@ -138,7 +138,10 @@ class _Inbox:
     it, and gives the window back with `written`. What the inbox holds, plus
     what was taken and not written, plus what was written and not given back,
     is what the server used of the window we granted: a packet past it ends
-    the inbox (`violation` says why) and is dropped.
+    the inbox (`violation` says why) and is dropped. A waiting pipe is woken
+    once paramiko's thread has handled what it read and next waits for the
+    network (``connection._TransportSocket.defer``, as for the commands), so
+    a burst of packets costs one wake-up, not one each.
 
     `install` replaces paramiko's own buffer of a channel that may already
     be receiving: what reached that buffer (before, or while paramiko's thread
@@ -157,6 +160,10 @@ class _Inbox:
         self._poked = False  # paramiko's own buffer got something
         self._reached = False  # paramiko's thread fed or closed the inbox: it moved on
         self._before: Any = None  # paramiko's own buffer, until it is known to get nothing more
+        self._waiting = False  # the pipe's thread waits in `take`
+        self._wake_due = False  # a wake-up is deferred to the transport thread's next read
+        sock = chan.get_transport().sock
+        self._defer: Optional[Callable[[Callable[[], None]], None]] = getattr(sock, "defer", None)
         #: Why the inbox ended early (the server overran the window), or None.
         self.violation: Optional[str] = None
 
@@ -197,6 +204,16 @@ class _Inbox:
             else:
                 self._chunks.append(data)
             self._size += size
+            if self._waiting and not self._wake_due:
+                if self._defer is not None:
+                    self._wake_due = True
+                    self._defer(self._wake)
+                else:
+                    self._cond.notify()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._wake_due = False
             self._cond.notify()
 
     def close(self) -> None:
@@ -258,7 +275,11 @@ class _Inbox:
                 if self._closed and self._before is None:
                     return []
                 if not self._poked and not self._closed:
-                    self._cond.wait()
+                    self._waiting = True
+                    try:
+                        self._cond.wait()
+                    finally:
+                        self._waiting = False
                 self._poked = False
 
     def written(self) -> None:
