@@ -348,7 +348,7 @@ class Pipe:
         self._end()
 
     def _socket_to_channel(self) -> None:
-        # One buffer for the pipe's life: a fresh 1 MiB bytes per read costs
+        # One buffer for the pipe's life: a fresh bytes object per read costs
         # an mmap, page faults and a munmap.
         buffer = memoryview(bytearray(UP_BUFFER))
         try:
