@@ -22,9 +22,13 @@ The client is a process of its own too, so the tunnel's process runs only
 the tunnel; every contender has the same client and server. Each stream's
 size is checked (the server counts what it read; the client what arrived).
 The table shows the median MiB/s of ``--repeat`` runs per direction, in
-rotating order, forward_local's ratio to each of the others, and the CPU
+rotating order, forward_local's ratio to each of the others (of the medians,
+and the lowest and highest of the rounds: each round runs every contender
+once, so a round's ratio compares runs minutes apart at most), and the CPU
 seconds per GiB of the tunnel's process (ours and sshtunnel's: this one;
-``ssh``'s: its process), which a busy machine disturbs less than MiB/s.
+``ssh``'s: its process), which a busy machine disturbs less than MiB/s. The
+load average is printed before and after: on a shared machine, compare
+within one run. ``--contenders`` picks some of them (forward_local always).
 Last, the latency of ``true`` commands (10 threads) on the tunnel's own
 connection, idle and while a stream runs through the tunnel: the commands
 share the connection with the stream but never wait behind it. Everything
@@ -282,14 +286,20 @@ def report(names: List[str], rates: Rates, cpus: Rates, size_mib: int, repeat: i
     print(f"{'contender':15} {'down':>8} {'up':>8} {'CPU down':>9} {'CPU up':>8}   "
           + ("x floor (down, up)   " if floor else "") + "forward_local's MiB/s is")
     median = {key: statistics.median(values) for key, values in rates.items()}
+
+    def ratio(name: str, direction: str) -> str:
+        ours, theirs = rates[("forward_local", direction)], rates[(name, direction)]
+        rounds = [a / b for a, b in zip(ours, theirs)]
+        return (f"{median[('forward_local', direction)] / median[(name, direction)]:.2f}x "
+                f"{direction} (rounds {min(rounds):.2f}-{max(rounds):.2f})")
+
     for name in names:
         down, up = median[(name, "down")], median[(name, "up")]
         of_floor = f"{down / floor:.2f}x, {up / floor:.2f}x{'':9}" if floor else ""
-        ratio = "" if name == "forward_local" else \
-            f"{median[('forward_local', 'down')] / down:.2f}x down, " \
-            f"{median[('forward_local', 'up')] / up:.2f}x up"
+        ratio_text = "" if name == "forward_local" else \
+            f"{ratio(name, 'down')}, {ratio(name, 'up')}"
         print(f"{name:15} {down:8.1f} {up:8.1f} {statistics.median(cpus[(name, 'down')]):9.2f} "
-              f"{statistics.median(cpus[(name, 'up')]):8.2f}   {of_floor}{ratio}")
+              f"{statistics.median(cpus[(name, 'up')]):8.2f}   {of_floor}{ratio_text}")
     if floor:
         print(f"floor: {floor:.1f} MiB/s (the relay's bandwidth)")
 
@@ -298,13 +308,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--contenders", default="",
+                        help="comma-separated, of: ssh -L, ssh -L aes-gcm, sshtunnel "
+                             "(default: all)")
+    parser.add_argument("--no-commands", action="store_true",
+                        help="skip the command latencies beside a stream")
     args = parser.parse_args()
     size = args.size_mib << 20
+    print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
     with OpenSSHServer(max_sessions=10) as server, backend(size) as target:
         tunnels = contenders(server, target)
+        if args.contenders:
+            wanted = {"forward_local", *(name.strip() for name in args.contenders.split(","))}
+            unknown = wanted - set(tunnels)
+            if unknown:
+                parser.error(f"unknown contenders: {', '.join(sorted(unknown))}")
+            tunnels = {name: tunnel for name, tunnel in tunnels.items() if name in wanted}
         rates, cpus = measure(tunnels, size, args.repeat)
-        beside_a_stream(server, target, size)
+        if not args.no_commands:
+            beside_a_stream(server, target, size)
     report(list(tunnels), rates, cpus, args.size_mib, args.repeat)
+    print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     How much receive window to give back once output was consumed (`window_to_return`).
 ``Channel.out_buffer_cv``
     The channel's send-window condition, replaced to wake a sender with stdin left.
+``Channel._wait_for_send_window``
+    Take send window as ``Channel.send`` does (`take_send_window`), for a
+    sender that builds its data messages itself (``pipe.send_all``).
 ``Channel._event_pending``, ``Channel.event``, ``Channel.event_ready``
     Send a channel request and wait for its answer with a time limit
     (`send_awaiting_reply`): ``Channel.invoke_subsystem`` waits without one.
@@ -103,6 +106,7 @@ __all__ = [
     "send_if_clear",
     "send_when_clear",
     "set_forward_handler",
+    "take_send_window",
     "transport_reading",
     "UserAuth",
     "window_to_return",
@@ -131,6 +135,7 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("Channel", "_set_window"),
     ("Channel", "_check_add_window"),
     ("Channel", "out_buffer_cv"),
+    ("Channel", "_wait_for_send_window"),
     ("Channel", "_event_pending"),
     ("Channel", "event"),
     ("Channel", "event_ready"),
@@ -246,6 +251,16 @@ def window_to_return(chan: paramiko.Channel, consumed: int) -> int:
 def window_unreturned(chan: paramiko.Channel) -> int:
     """Bytes read from ``chan``'s receive buffers and not yet given back as window."""
     return int(chan.in_window_sofar)
+
+
+def take_send_window(chan: paramiko.Channel, size: int) -> int:
+    """Up to ``size`` bytes of ``chan``'s send window, waiting as ``Channel.send`` does.
+
+    0 once the channel is closed or its EOF sent; `socket.timeout` after the
+    channel's timeout.
+    """
+    with chan.lock:
+        return chan._wait_for_send_window(size)  # type: ignore[attr-defined, no-any-return]
 
 
 def replace_send_condition(chan: paramiko.Channel, condition: Any) -> None:

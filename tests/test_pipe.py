@@ -1,0 +1,160 @@
+"""The pipe of one forwarded connection against a server that ignores the window it was granted.
+
+Each test runs a `Pipe` over a real ``direct-tcpip`` channel between two
+paramiko transports on a socket pair, with a real TCP connection on the local
+side; the server's side sends raw channel messages, as no honest server would.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any, Iterator, Tuple
+
+import paramiko
+import pytest
+from helpers import wait_for
+from paramiko.common import (
+    AUTH_SUCCESSFUL,
+    OPEN_SUCCEEDED,
+    cMSG_CHANNEL_DATA,
+    cMSG_CHANNEL_EXTENDED_DATA,
+)
+from paramiko.message import Message
+
+from paramiko_executor.pipe import Pipe
+
+#: The receive window the client grants each test's channel.
+WINDOW = 256 * 1024
+
+
+class _Interface(paramiko.ServerInterface):
+    def get_allowed_auths(self, username: str) -> str:
+        return "password"
+
+    def check_auth_password(self, username: str, password: str) -> int:
+        return AUTH_SUCCESSFUL
+
+    def check_channel_direct_tcpip_request(self, chanid: int, origin: Any,
+                                           destination: Any) -> int:
+        return OPEN_SUCCEEDED
+
+
+class Forward:
+    """A forwarded channel (client side, server side) and a local TCP connection for its pipe."""
+
+    def __init__(self) -> None:
+        near, far = socket.socketpair()
+        self.server = paramiko.Transport(far)
+        self.server.add_server_key(paramiko.ECDSAKey.generate())
+        started = threading.Event()
+        self.server.start_server(event=started, server=_Interface())
+        self.client = paramiko.Transport(near)
+        self.client.connect(username="u", password="p")
+        self.chan = self.client.open_channel("direct-tcpip", ("127.0.0.1", 1), ("127.0.0.1", 2),
+                                             window_size=WINDOW, timeout=10)
+        far_chan = self.server.accept(10)
+        assert far_chan is not None
+        self.far: paramiko.Channel = far_chan
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            # Small kernel buffers: a peer that does not read stops the pipe soon.
+            self.peer = socket.socket()
+            self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            self.peer.settimeout(10)
+            self.peer.connect(listener.getsockname())
+            self.local, _ = listener.accept()
+            self.local.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        self.pipe: Pipe = None  # type: ignore[assignment]  # started by `start`
+        self.thread: threading.Thread = None  # type: ignore[assignment]
+
+    def start(self) -> None:
+        self.pipe = Pipe(self.local, self.chan, "test")
+        self.thread = threading.Thread(target=self.pipe.run, daemon=True)
+        self.thread.start()
+
+    def send(self, kind: bytes, data: bytes, *code: int) -> None:
+        """Channel data sent whatever window the client granted."""
+        m = Message()
+        m.add_byte(kind)
+        m.add_int(self.far.remote_chanid)
+        for value in code:
+            m.add_int(value)
+        m.add_string(data)
+        self.server._send_user_message(m)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.peer.close()
+        self.client.close()
+        self.server.close()
+        if self.thread is not None:
+            self.thread.join(10)
+            assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def forward() -> Iterator[Forward]:
+    made = Forward()
+    yield made
+    made.close()
+
+
+def read_until_reset(sock: socket.socket, limit: int) -> Tuple[int, bool]:
+    """(bytes read, whether the connection was reset) once it ended or ``limit`` bytes came."""
+    total = 0
+    while total < limit:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            return total, True
+        if not data:
+            return total, False
+        total += len(data)
+    return total, False
+
+
+def test_data_past_the_window_resets_the_forwarded_connection(forward: Forward, caplog: Any
+                                                              ) -> None:
+    """Was: paramiko buffered whatever the server sent, window or not (memory without bound)."""
+    forward.start()
+    blob = b"x" * 32768
+    with caplog.at_level(logging.WARNING, logger="paramiko_executor.pipe"):
+        # The peer reads nothing yet: the pipe gives back only what the kernel took.
+        for _ in range(8 * WINDOW // len(blob)):
+            forward.send(cMSG_CHANNEL_DATA, blob)
+        forward.thread.join(10)
+        total, was_reset = read_until_reset(forward.peer, 16 * WINDOW)
+    assert was_reset, f"{total} bytes arrived and no reset"
+    assert total <= 8 * WINDOW
+    assert "the server broke the protocol" in caplog.text
+    assert "bytes of window left" in caplog.text
+    assert forward.pipe.held <= WINDOW
+
+
+def test_extended_data_on_a_forwarded_channel_is_dropped(forward: Forward) -> None:
+    """Was: kept in a buffer nothing reads, whatever the window (memory without bound)."""
+    forward.start()
+    for _ in range(8):
+        forward.send(cMSG_CHANNEL_EXTENDED_DATA, b"e" * WINDOW, 1)
+    forward.send(cMSG_CHANNEL_DATA, b"end")
+    assert forward.peer.recv(3) == b"end"  # everything before it was handled
+    assert len(forward.chan.in_stderr_buffer) == 0
+    assert forward.thread.is_alive()
+
+
+def test_what_arrived_before_the_pipe_started_comes_first(forward: Forward) -> None:
+    """The pipe takes over a channel that may have received data already: nothing is lost
+    and the order holds (a target that greets its client speaks before the pipe starts)."""
+    forward.far.sendall(b"hello, ")
+    wait_for(lambda: len(forward.chan.in_buffer) == 7, "the greeting to arrive")
+    forward.start()
+    forward.far.sendall(b"world")
+    forward.far.shutdown_write()
+    forward.peer.settimeout(10)
+    received = b""
+    while True:
+        data = forward.peer.recv(100)
+        if not data:
+            break
+        received += data
+    assert received == b"hello, world"
