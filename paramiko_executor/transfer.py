@@ -524,7 +524,13 @@ class _Session:
         if self.deadline is not None:
             until = min(until, self.deadline)
         self._invoke_subsystem(until)
-        self.send(_FXP_INIT, _U32.pack(3), request_id=None)
+        try:
+            self.send(_FXP_INIT, _U32.pack(3), request_id=None)
+        except OSError:
+            # A forced command that has already run and ended closed the
+            # channel: what it printed, read below, says why.
+            if not self.chan.closed:
+                raise
         body = self._negotiate(until)
         at = 5  # past type and version
         while at < len(body):

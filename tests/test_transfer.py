@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import paramiko
 import pytest
+from helpers import wait_for
 
 from paramiko_executor import transfer
 from paramiko_executor.connection import MAX_PACKET_SIZE, WINDOW_SIZE
@@ -552,6 +553,29 @@ def test_forced_command_that_answers_garbage(
         assert "did not start SFTP" in str(caught.value)
         assert "forced command" in str(caught.value)
         assert chan.closed
+    finally:
+        t.close()
+
+
+def test_forced_command_that_ended_before_the_init_was_sent(
+    make_sshd: Callable[..., OpenSSHServer], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The forced command may end, and sshd close the channel, before SFTP's INIT goes out."""
+    server = make_sshd(forced_command="echo this key may only run backups")
+    assert server.forced_key_path is not None
+    invoke = transfer._Session._invoke_subsystem
+
+    def invoke_then_wait_for_the_close(session: Any, until: float) -> None:
+        invoke(session, until)
+        wait_for(lambda: session.chan.closed, "the forced command's channel to close")
+
+    monkeypatch.setattr(transfer._Session, "_invoke_subsystem", invoke_then_wait_for_the_close)
+    t = connect(server.host, server.port, server.username, server.forced_key_path)
+    try:
+        with pytest.raises(ExecutorFailure) as caught:
+            transfer.upload(t.open_session(), io.BytesIO(b"x"), "/tmp/never")
+        assert "did not start SFTP" in str(caught.value)
+        assert "forced command" in str(caught.value)
     finally:
         t.close()
 
