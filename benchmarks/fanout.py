@@ -295,13 +295,23 @@ OPTIONAL = {"asyncssh": "asyncssh", "parallel-ssh": "pssh", "fabric": "fabric"}
 # -- the driver -------------------------------------------------------------------------------
 
 
-def run_contender(name: str, spec: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], str]:
-    """Run one contender in a fresh interpreter; its numbers, or None and why."""
+#: ``--base-library``: HostGroup imported from another checkout, for before/after.
+BASE = "hostgroup@base"
+
+
+def run_contender(name: str, spec: Dict[str, Any],
+                  base_library: Optional[str] = None) -> Tuple[Optional[Dict[str, Any]], str]:
+    """Run one contender in a fresh interpreter; its numbers, or None and why.
+
+    `BASE` is ``hostgroup`` with ``base_library`` (a checkout) first on the path.
+    """
+    root = base_library if name == BASE and base_library else ROOT
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        filter(None, [root, os.environ.get("PYTHONPATH")])))
     try:
         proc = subprocess.run(
-            [sys.executable, __file__, "--contender", name, "--spec", json.dumps(spec)],
+            [sys.executable, __file__, "--contender", "hostgroup" if name == BASE else name,
+             "--spec", json.dumps(spec)],
             capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
     except subprocess.TimeoutExpired:
         return None, f"timed out after {RUN_TIMEOUT:g} s"
@@ -326,6 +336,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--hosts", default="20,100", help="host counts (default: 20,100)")
     parser.add_argument("--only", help="contenders to run, comma-separated")
     parser.add_argument("--json", metavar="FILE", help="write all numbers to FILE")
+    parser.add_argument("--base-library", metavar="CHECKOUT",
+                        help=f"also run {BASE}: HostGroup from another checkout of this "
+                             "repository (e.g. a 'git worktree' of main), for before/after")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per contender, alternating; the table shows medians")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory run")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -335,6 +351,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     sizes = [int(n) for n in args.hosts.split(",")]
     names = args.only.split(",") if args.only else list(CONTENDERS)
+    if args.base_library:
+        names.append(BASE)
     biggest = max(max(sizes), 101)  # the memory run uses 101 hosts
     sys.path.insert(0, ROOT)
     from testsupport.openssh import MAX_EXTRA_ADDRESSES, OpenSSHServer
@@ -353,19 +371,33 @@ def main(argv: Optional[List[str]] = None) -> int:
         base["parameters"]["config"] = []
         print(f"sshd on 127.0.0.1 and {len(extra)} more loopback addresses, port "
               f"{server.port}, MaxSessions {server.max_sessions}", file=sys.stderr)
+        runs: Dict[str, Dict[int, List[Dict[str, Any]]]] = {name: {} for name in names}
         for size in sizes:
             spec = dict(base, addresses=addresses[:size])
+            for repetition in range(args.repeat):
+                # The order rotates: each contender meets the machine's load in turn.
+                shift = repetition % len(names)
+                for name in names[shift:] + names[:shift]:
+                    if not installed(name):
+                        notes[name] = f"not installed (pip install {OPTIONAL[name]})"
+                        continue
+                    print(f"  N={size} {name} ...", file=sys.stderr, flush=True)
+                    numbers, why = run_contender(name, spec, args.base_library)
+                    if numbers is None:
+                        notes[name] = f"N={size}: {why}"
+                    else:
+                        runs[name].setdefault(size, []).append(numbers)
             for name in names:
-                if not installed(name):
-                    notes[name] = f"not installed (pip install {OPTIONAL[name]})"
-                    continue
-                print(f"  N={size} {name} ...", file=sys.stderr, flush=True)
-                numbers, why = run_contender(name, spec)
-                results[name][size] = numbers
-                if numbers is None:
-                    notes[name] = f"N={size}: {why}"
-        print("  memory ...", file=sys.stderr, flush=True)
-        memory, why = run_contender("memory", dict(base, addresses=addresses[:101]))
+                done = runs[name].get(size)
+                results[name][size] = None if not done else {
+                    key: statistics.median(run[key] for run in done) for key in done[0]}
+        memory: Optional[Dict[str, Any]] = None
+        why = "skipped (--no-memory)"
+        if not args.no_memory:
+            print("  memory ...", file=sys.stderr, flush=True)
+            memory, why = run_contender("memory", dict(base, addresses=addresses[:101]))
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}; "
+          f"{args.repeat} run(s) per contender, medians")
     print_table(results, sizes, notes)
     if memory is None:
         print(f"\nmemory per idle connected SSHExecutor: failed: {why}")
@@ -375,7 +407,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"(over {memory['executors']} executors)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
-            json.dump({"results": results, "memory": memory, "notes": notes}, file, indent=2)
+            json.dump({"results": results, "runs": runs, "memory": memory, "notes": notes},
+                      file, indent=2)
     return 0
 
 

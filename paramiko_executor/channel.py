@@ -121,22 +121,36 @@ class _NetworkEvent(threading.Event):
     each read that may block and when it is closed, which paramiko does last
     thing in the transport thread, so no deferred event is ever lost. Set from
     any other thread, or over a socket that cannot defer, it fires at once.
+
+    A burst sets one event up to six times (paramiko closes both buffers at
+    EOF and again at CLOSE): an event already set, or already deferred, is
+    left alone, so each burst costs one deferral and one wake-up.
     """
 
     def __init__(self, transport: paramiko.Transport) -> None:
         super().__init__()
         self._transport = transport
+        #: A fire is pending: set by the transport thread, cleared by the fire.
+        self._deferred = False
 
     def set(self) -> None:
+        if self.is_set():
+            return
         transport = self._transport
         if threading.current_thread() is transport:
+            if self._deferred:
+                return
             defer = getattr(transport.sock, "defer", None)
             if defer is not None:
+                self._deferred = True
                 defer(self.fire)
                 return
         threading.Event.set(self)
 
-    fire = threading.Event.set
+    def fire(self) -> None:
+        # Cleared first: a set() that still sees it pending is covered by this fire.
+        self._deferred = False
+        threading.Event.set(self)
 
 
 class _Wakeup(_NetworkEvent):
@@ -390,10 +404,12 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
             except _Malformed as exc:
                 s.violated(f"a malformed channel request: {exc}")
                 return
-            m.packet.seek(start)
             if want_reply:
+                m.packet.seek(start)
                 _outside_key_exchange(transport, lambda: on_request(chan, m))
-            else:
+            elif kind not in ("exit-status", "exit-signal"):
+                # The command's end is recorded above; paramiko would only parse it again.
+                m.packet.seek(start)
                 on_request(chan, m)
             if chan.eof_received or chan.closed:
                 s.wakeup.set()  # else the EOF still to come wakes the command
