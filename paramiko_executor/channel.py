@@ -836,8 +836,8 @@ class SessionChannel:
         if spec.sent_input:  # only a sender of stdin waits for window
             replace_send_condition(self.chan, _WakingCondition(self.chan, self))
         # The buffers' own events: a channel closed under us (the connection
-        # ending) wakes the command too.
-        self.chan.in_buffer.set_event(self.wakeup)
+        # ending) wakes the command too. stdout's has been `answered` (the
+        # same event) since the open.
         self.chan.in_stderr_buffer.set_event(self.wakeup)
         try:
             with translate(self.transport, started=lambda: self.exec_sent,
@@ -859,9 +859,7 @@ class SessionChannel:
         if not self._request("exec", spec.command, want_reply=True):
             raise NeverStarted("the server closed the channel before the command was sent")
         self.exec_sent = True
-        if after_exec is not None:
-            after_exec()
-        return self._converse(spec, deadline)
+        return self._converse(spec, deadline, after_exec)
 
     def _prepare(self, spec: CommandSpec, deadline: Optional[float]) -> bool:
         """Ask for a terminal and the variables, and wait for every answer before the exec.
@@ -891,7 +889,8 @@ class SessionChannel:
             f"the server refused the environment variable {name!r} (OpenSSH accepts only "
             "the names its AcceptEnv allows); the command did not run")
 
-    def _converse(self, spec: CommandSpec, deadline: Optional[float]) -> ChannelOutcome:
+    def _converse(self, spec: CommandSpec, deadline: Optional[float],
+                  after_exec: Optional[Callable[[], None]]) -> ChannelOutcome:
         pending = memoryview(spec.sent_input)
         eof_sent = False
         splitters = line_splitters(spec.options.on_output, spec.options.encoding)
@@ -908,6 +907,10 @@ class SessionChannel:
                         eof_sent = True
                 self.unsent = len(pending)
                 self.sending = not eof_sent
+            if after_exec is not None:
+                # After the first stdin (or the EOF) went out right behind the exec.
+                after_exec()
+                after_exec = None
             if splitters is not None:
                 try:
                     self._hand_on(splitters, spec.options.keep_output, final=False)
