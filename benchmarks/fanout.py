@@ -3,6 +3,8 @@
     python benchmarks/fanout.py                 # N = 20 and N = 100, all contenders
     python benchmarks/fanout.py --hosts 20      # one size only
     python benchmarks/fanout.py --only hostgroup,asyncssh
+    python benchmarks/fanout.py --hosts 100 --turns 12 --base-library /tmp/main-checkout
+                                                # warm rounds in turns, before/after
 
 Needs root and /usr/sbin/sshd: one private OpenSSH sshd (the tests' fixture,
 ``testsupport.openssh.OpenSSHServer``) listens on 127.0.0.1 ...
