@@ -3,6 +3,8 @@
     python benchmarks/fanout.py                 # N = 20 and N = 100, all contenders
     python benchmarks/fanout.py --hosts 20      # one size only
     python benchmarks/fanout.py --only hostgroup,asyncssh
+    python benchmarks/fanout.py --hosts 100 --turns 12 --base-library /tmp/main-checkout
+                                                # warm rounds in turns, before/after
 
 Needs root and /usr/sbin/sshd: one private OpenSSH sshd (the tests' fixture,
 ``testsupport.openssh.OpenSSHServer``) listens on 127.0.0.1 ...
@@ -279,6 +281,128 @@ def run_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
+# -- warm rounds in turns (--turns): every contender connected at once, one runs at a time --
+
+
+def serve_turns(run_round: Callable[[], None]) -> None:
+    """After ``ready``: for each stdin line ``GO k``, ``k`` warm rounds; print wall and CPU."""
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if words[:1] != ["GO"]:
+            return
+        rounds = int(words[1])
+        cpu, started = cpu_seconds(), time.perf_counter()
+        for _ in range(rounds):
+            run_round()
+        print(json.dumps({"warm": (time.perf_counter() - started) / rounds,
+                          "cpu": (cpu_seconds() - cpu) / rounds}), flush=True)
+
+
+def turns_hostgroup(spec: Dict[str, Any]) -> None:
+    from paramiko_executor.group import HostGroup
+
+    hosts = [{"host": address, "name": f"h{i}"} for i, address in enumerate(spec["addresses"])]
+    with HostGroup(hosts, **spec["parameters"], max_sessions=10) as group:
+        for _ in range(3):  # connect, then settle
+            group.run_command("true").raise_for_failures()
+        serve_turns(lambda: group.run_command("true").raise_for_failures() and None)
+
+
+def turns_asyncssh(spec: Dict[str, Any]) -> None:
+    import asyncio
+    import threading
+
+    import asyncssh
+
+    parameters = spec["parameters"]
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def connect(address: str) -> Any:
+        return await asyncssh.connect(
+            address, port=parameters["port"], username=parameters["username"],
+            client_keys=parameters["client_keys"], known_hosts=parameters["known_hosts"],
+            agent_path=None, config=None)
+
+    async def connect_all() -> List[Any]:
+        return list(await asyncio.gather(*map(connect, spec["addresses"])))
+
+    connections = asyncio.run_coroutine_threadsafe(connect_all(), loop).result()
+
+    async def round_() -> None:
+        await asyncio.gather(*(conn.run("true", check=True) for conn in connections))
+
+    def run_round() -> None:
+        asyncio.run_coroutine_threadsafe(round_(), loop).result()
+
+    for _ in range(3):
+        run_round()
+    serve_turns(run_round)
+
+
+TURNS: Dict[str, Callable[[Dict[str, Any]], None]] = {
+    "hostgroup": turns_hostgroup, "asyncssh": turns_asyncssh}
+
+
+def run_turns(names: List[str], spec: Dict[str, Any], blocks: int, rounds: int,
+              base_library: Optional[str]) -> Dict[str, List[Dict[str, float]]]:
+    """Warm rounds in alternating blocks: every contender connected at once, one at a time.
+
+    On a shared machine, runs minutes apart meet different loads; blocks of a
+    few rounds, taken in turn (the order rotating), meet the same.
+    """
+    procs: Dict[str, subprocess.Popen] = {}
+    turns: Dict[str, List[Dict[str, float]]] = {name: [] for name in names}
+    try:
+        for name in names:
+            root = base_library if name == BASE and base_library else ROOT
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                filter(None, [root, os.environ.get("PYTHONPATH")])))
+            kind = "hostgroup" if name == BASE else name
+            procs[name] = subprocess.Popen(
+                [sys.executable, __file__, "--turns-contender", kind, "--spec", json.dumps(spec)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        for name in names:  # all connected before the first block
+            if "ready" not in json.loads(procs[name].stdout.readline() or "{}"):  # type: ignore[union-attr]
+                raise RuntimeError(f"{name} did not get ready")
+        for block in range(blocks):
+            shift = block % len(names)
+            for name in names[shift:] + names[:shift]:
+                procs[name].stdin.write(f"GO {rounds}\n")  # type: ignore[union-attr]
+                procs[name].stdin.flush()  # type: ignore[union-attr]
+                turn = json.loads(procs[name].stdout.readline())  # type: ignore[union-attr]
+                turn["block"] = block
+                turns[name].append(turn)
+    finally:
+        for proc in procs.values():
+            try:
+                proc.communicate("END\n", timeout=60)
+            except (subprocess.TimeoutExpired, OSError, ValueError):
+                proc.kill()
+                proc.wait()
+    return turns
+
+
+def print_turns(turns: Dict[str, List[Dict[str, float]]], rounds: int) -> None:
+    reference = {turn["block"]: turn for turn in turns.get("hostgroup", [])}
+    print(f"warm rounds in alternating blocks of {rounds} ({len(reference)} blocks); "
+          "ratio = the contender's / HostGroup's same block (above 1: HostGroup faster, "
+          "or uses less CPU)")
+    print(f"{'contender':15} {'warm ms':>8} {'CPU ms':>7} {'warm ratio':>10} {'CPU ratio':>9}")
+    for name, rows in turns.items():
+        if not rows:
+            continue
+        text = (f"{name:15} {1000 * statistics.median(r['warm'] for r in rows):8.1f} "
+                f"{1000 * statistics.median(r['cpu'] for r in rows):7.1f}")
+        if name != "hostgroup" and reference:
+            for key in ("warm", "cpu"):
+                ratios = [r[key] / reference[r["block"]][key] for r in rows
+                          if r["block"] in reference]
+                text += f" {statistics.median(ratios):{10 if key == 'warm' else 9}.2f}"
+        print(text)
+
+
 RUNNERS: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
     "hostgroup": run_hostgroup,
     "hostgroup-ms10": lambda spec: run_hostgroup(spec, max_sessions=10),
@@ -295,13 +419,23 @@ OPTIONAL = {"asyncssh": "asyncssh", "parallel-ssh": "pssh", "fabric": "fabric"}
 # -- the driver -------------------------------------------------------------------------------
 
 
-def run_contender(name: str, spec: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], str]:
-    """Run one contender in a fresh interpreter; its numbers, or None and why."""
+#: ``--base-library``: HostGroup imported from another checkout, for before/after.
+BASE = "hostgroup@base"
+
+
+def run_contender(name: str, spec: Dict[str, Any],
+                  base_library: Optional[str] = None) -> Tuple[Optional[Dict[str, Any]], str]:
+    """Run one contender in a fresh interpreter; its numbers, or None and why.
+
+    `BASE` is ``hostgroup`` with ``base_library`` (a checkout) first on the path.
+    """
+    root = base_library if name == BASE and base_library else ROOT
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        filter(None, [root, os.environ.get("PYTHONPATH")])))
     try:
         proc = subprocess.run(
-            [sys.executable, __file__, "--contender", name, "--spec", json.dumps(spec)],
+            [sys.executable, __file__, "--contender", "hostgroup" if name == BASE else name,
+             "--spec", json.dumps(spec)],
             capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
     except subprocess.TimeoutExpired:
         return None, f"timed out after {RUN_TIMEOUT:g} s"
@@ -326,15 +460,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--hosts", default="20,100", help="host counts (default: 20,100)")
     parser.add_argument("--only", help="contenders to run, comma-separated")
     parser.add_argument("--json", metavar="FILE", help="write all numbers to FILE")
+    parser.add_argument("--base-library", metavar="CHECKOUT",
+                        help=f"also run {BASE}: HostGroup from another checkout of this "
+                             "repository (e.g. a 'git worktree' of main), for before/after")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per contender, alternating; the table shows medians")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory run")
+    parser.add_argument("--turns", type=int, metavar="BLOCKS",
+                        help="only warm rounds: hostgroup and asyncssh (and hostgroup@base) "
+                             "connected at once, taking turns for BLOCKS blocks")
+    parser.add_argument("--turn-rounds", type=int, default=5,
+                        help="warm rounds per turn (default 5)")
+    parser.add_argument("--turns-contender", help=argparse.SUPPRESS)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.contender:
         print(json.dumps(RUNNERS[args.contender](json.loads(args.spec))))
         return 0
+    if args.turns_contender:
+        TURNS[args.turns_contender](json.loads(args.spec))
+        return 0
 
     sizes = [int(n) for n in args.hosts.split(",")]
     names = args.only.split(",") if args.only else list(CONTENDERS)
+    if args.base_library:
+        names.append(BASE)
     biggest = max(max(sizes), 101)  # the memory run uses 101 hosts
     sys.path.insert(0, ROOT)
     from testsupport.openssh import MAX_EXTRA_ADDRESSES, OpenSSHServer
@@ -353,19 +504,44 @@ def main(argv: Optional[List[str]] = None) -> int:
         base["parameters"]["config"] = []
         print(f"sshd on 127.0.0.1 and {len(extra)} more loopback addresses, port "
               f"{server.port}, MaxSessions {server.max_sessions}", file=sys.stderr)
+        if args.turns:
+            names = [name for name in names if name in TURNS or name == BASE]
+            for size in sizes:
+                turns = run_turns(names, dict(base, addresses=addresses[:size]), args.turns,
+                                  args.turn_rounds, args.base_library)
+                print(f"N={size}; load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
+                print_turns(turns, args.turn_rounds)
+                if args.json:
+                    with open(args.json, "w", encoding="utf-8") as file:
+                        json.dump({"turns": turns}, file, indent=1)
+            return 0
+        runs: Dict[str, Dict[int, List[Dict[str, Any]]]] = {name: {} for name in names}
         for size in sizes:
             spec = dict(base, addresses=addresses[:size])
+            for repetition in range(args.repeat):
+                # The order rotates: each contender meets the machine's load in turn.
+                shift = repetition % len(names)
+                for name in names[shift:] + names[:shift]:
+                    if not installed(name):
+                        notes[name] = f"not installed (pip install {OPTIONAL[name]})"
+                        continue
+                    print(f"  N={size} {name} ...", file=sys.stderr, flush=True)
+                    numbers, why = run_contender(name, spec, args.base_library)
+                    if numbers is None:
+                        notes[name] = f"N={size}: {why}"
+                    else:
+                        runs[name].setdefault(size, []).append(numbers)
             for name in names:
-                if not installed(name):
-                    notes[name] = f"not installed (pip install {OPTIONAL[name]})"
-                    continue
-                print(f"  N={size} {name} ...", file=sys.stderr, flush=True)
-                numbers, why = run_contender(name, spec)
-                results[name][size] = numbers
-                if numbers is None:
-                    notes[name] = f"N={size}: {why}"
-        print("  memory ...", file=sys.stderr, flush=True)
-        memory, why = run_contender("memory", dict(base, addresses=addresses[:101]))
+                done = runs[name].get(size)
+                results[name][size] = None if not done else {
+                    key: statistics.median(run[key] for run in done) for key in done[0]}
+        memory: Optional[Dict[str, Any]] = None
+        why = "skipped (--no-memory)"
+        if not args.no_memory:
+            print("  memory ...", file=sys.stderr, flush=True)
+            memory, why = run_contender("memory", dict(base, addresses=addresses[:101]))
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}; "
+          f"{args.repeat} run(s) per contender, medians")
     print_table(results, sizes, notes)
     if memory is None:
         print(f"\nmemory per idle connected SSHExecutor: failed: {why}")
@@ -375,7 +551,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"(over {memory['executors']} executors)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
-            json.dump({"results": results, "memory": memory, "notes": notes}, file, indent=2)
+            json.dump({"results": results, "runs": runs, "memory": memory, "notes": notes},
+                      file, indent=2)
     return 0
 
 

@@ -131,6 +131,10 @@ def run_worker(
     return metrics, notes, None
 
 
+#: The name of the library's second copy in ``--w1-turns`` (``--base-library``).
+BASE_LIBRARY = f"{LIBRARY}@base"
+
+
 def run_w1_turns(
     pythons: Dict[str, str],
     contenders: List[str],
@@ -138,18 +142,25 @@ def run_w1_turns(
     blocks: int,
     commands: int,
     log_dir: Path,
+    base_library: Optional[Path] = None,
 ) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, str]]:
     """W1 in alternating blocks: every contender connected at once, one runs at a time.
 
     Block after block, each contender in turn (the order rotating) runs
     ``commands`` sequential ``true``, so that all of them meet the same load:
-    on a shared machine, runs minutes apart do not. Returns each contender's
-    turns and why a contender was unavailable.
+    on a shared machine, runs minutes apart do not. With ``base_library`` (a
+    checkout of this repository), the library imported from there takes turns
+    too, as ``BASE_LIBRARY``: a before/after comparison under the same load.
+    Returns each contender's turns and why a contender was unavailable.
     """
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    )
+
+    def env_for(repo: Path) -> Dict[str, str]:
+        return dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+
+    if base_library is not None:
+        contenders = [*contenders, BASE_LIBRARY]
+        pythons = dict(pythons, **{BASE_LIBRARY: pythons.get(LIBRARY, sys.executable)})
     procs: Dict[str, subprocess.Popen] = {}
     unavailable: Dict[str, str] = {}
     turns: Dict[str, List[Dict[str, Any]]] = {name: [] for name in contenders}
@@ -165,11 +176,12 @@ def run_w1_turns(
     try:
         for name in contenders:
             with open(log_dir / f"{name}-turns.log", "w") as log:
+                base = name == BASE_LIBRARY
                 procs[name] = subprocess.Popen(
-                    [pythons[name], str(HERE / "worker.py"), name, json.dumps(params),
-                     "--w1-turns"],
+                    [pythons[name], str(HERE / "worker.py"), LIBRARY if base else name,
+                     json.dumps(params), "--w1-turns"],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                    env=env, cwd=REPO)
+                    env=env_for(base_library if base and base_library else REPO), cwd=REPO)
         for name in contenders:
             first = record(name)
             if "ready" not in first:
@@ -259,6 +271,11 @@ def main() -> int:
     parser.add_argument(
         "--turn-commands", type=int, default=50, help="commands per W1 turn (default 50)"
     )
+    parser.add_argument(
+        "--base-library", type=Path, metavar="CHECKOUT",
+        help=f"with --w1-turns: the library of another checkout takes turns too, "
+             f"as {BASE_LIBRARY} (e.g. a 'git worktree' of main, for before/after)",
+    )
     args = parser.parse_args()
 
     contenders = list(MODULES)
@@ -309,7 +326,8 @@ def main() -> int:
         params["config"] = list(params["config"])  # JSON
         if args.w1_turns:
             turns, unavailable = run_w1_turns(
-                pythons, contenders, params, args.w1_turns, args.turn_commands, log_dir)
+                pythons, contenders, params, args.w1_turns, args.turn_commands, log_dir,
+                args.base_library)
             load_after = os.getloadavg()
             print(f"load average (1 min) before / after: {load_before[0]:.2f} / "
                   f"{load_after[0]:.2f}")

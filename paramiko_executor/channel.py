@@ -121,22 +121,36 @@ class _NetworkEvent(threading.Event):
     each read that may block and when it is closed, which paramiko does last
     thing in the transport thread, so no deferred event is ever lost. Set from
     any other thread, or over a socket that cannot defer, it fires at once.
+
+    A burst sets one event up to six times (paramiko closes both buffers at
+    EOF and again at CLOSE): an event already set, or already deferred, is
+    left alone, so each burst costs one deferral and one wake-up.
     """
 
     def __init__(self, transport: paramiko.Transport) -> None:
         super().__init__()
         self._transport = transport
+        #: A fire is pending: set by the transport thread, cleared by the fire.
+        self._deferred = False
 
     def set(self) -> None:
+        if self.is_set():
+            return
         transport = self._transport
         if threading.current_thread() is transport:
+            if self._deferred:
+                return
             defer = getattr(transport.sock, "defer", None)
             if defer is not None:
+                self._deferred = True
                 defer(self.fire)
                 return
         threading.Event.set(self)
 
-    fire = threading.Event.set
+    def fire(self) -> None:
+        # Cleared first: a set() that still sees it pending is covered by this fire.
+        self._deferred = False
+        threading.Event.set(self)
 
 
 class _Wakeup(_NetworkEvent):
@@ -390,10 +404,12 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
             except _Malformed as exc:
                 s.violated(f"a malformed channel request: {exc}")
                 return
-            m.packet.seek(start)
             if want_reply:
+                m.packet.seek(start)
                 _outside_key_exchange(transport, lambda: on_request(chan, m))
-            else:
+            elif kind not in ("exit-status", "exit-signal"):
+                # The command's end is recorded above; paramiko would only parse it again.
+                m.packet.seek(start)
                 on_request(chan, m)
             if chan.eof_received or chan.closed:
                 s.wakeup.set()  # else the EOF still to come wakes the command
@@ -820,8 +836,8 @@ class SessionChannel:
         if spec.sent_input:  # only a sender of stdin waits for window
             replace_send_condition(self.chan, _WakingCondition(self.chan, self))
         # The buffers' own events: a channel closed under us (the connection
-        # ending) wakes the command too.
-        self.chan.in_buffer.set_event(self.wakeup)
+        # ending) wakes the command too. stdout's has been `answered` (the
+        # same event) since the open.
         self.chan.in_stderr_buffer.set_event(self.wakeup)
         try:
             with translate(self.transport, started=lambda: self.exec_sent,
@@ -843,9 +859,7 @@ class SessionChannel:
         if not self._request("exec", spec.command, want_reply=True):
             raise NeverStarted("the server closed the channel before the command was sent")
         self.exec_sent = True
-        if after_exec is not None:
-            after_exec()
-        return self._converse(spec, deadline)
+        return self._converse(spec, deadline, after_exec)
 
     def _prepare(self, spec: CommandSpec, deadline: Optional[float]) -> bool:
         """Ask for a terminal and the variables, and wait for every answer before the exec.
@@ -875,7 +889,8 @@ class SessionChannel:
             f"the server refused the environment variable {name!r} (OpenSSH accepts only "
             "the names its AcceptEnv allows); the command did not run")
 
-    def _converse(self, spec: CommandSpec, deadline: Optional[float]) -> ChannelOutcome:
+    def _converse(self, spec: CommandSpec, deadline: Optional[float],
+                  after_exec: Optional[Callable[[], None]]) -> ChannelOutcome:
         pending = memoryview(spec.sent_input)
         eof_sent = False
         splitters = line_splitters(spec.options.on_output, spec.options.encoding)
@@ -892,6 +907,10 @@ class SessionChannel:
                         eof_sent = True
                 self.unsent = len(pending)
                 self.sending = not eof_sent
+            if after_exec is not None:
+                # After the first stdin (or the EOF) went out right behind the exec.
+                after_exec()
+                after_exec = None
             if splitters is not None:
                 try:
                     self._hand_on(splitters, spec.options.keep_output, final=False)

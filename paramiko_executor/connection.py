@@ -55,7 +55,7 @@ from .errors import (
     HostKeyFailure,
     TemporaryFailure,
 )
-from .internals import forget_parent_transports
+from .internals import drop_handshake_timer, forget_parent_transports
 from .keepalive import GlobalRequests, Keepalive, Pinger
 from .options import Target
 from .retry import ConnectRetry
@@ -509,6 +509,7 @@ def _open(
             raise TemporaryFailure(f"the key exchange did not finish within {limit:g} s")
         target.host_keys.verify(transport, target.hostname, target.port)
         authenticate(transport, target.credentials, host=f"{target.hostname}:{target.port}")
+        drop_handshake_timer(transport)
         if isinstance(sock, _TransportSocket):
             # Set after the handshake and login, whose time limits paramiko
             # checks between reads.

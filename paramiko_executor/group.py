@@ -192,17 +192,25 @@ class _GroupCall:
     none is left or the call is stopped, and post each outcome to one queue,
     which the calling thread reads: a host costs a lock and a queue entry, not
     a `Future` of its own with a waiter on each. ``_lock`` guards the hosts
-    not started yet and ``stopped``.
+    not started yet, how many have not posted, and ``stopped``.
     """
 
     def __init__(self, hosts: Iterable[Tuple[str, Executor]], call: _HostCall,
                  failures: Tuple[Type[BaseException], ...]) -> None:
         self._lock = threading.Lock()
-        self._hosts = iter(list(hosts))
+        listed = list(hosts)
+        self._hosts = iter(listed)
+        self._unposted = len(listed)
         self._call = call
         self._failures = failures
         self.stopped = False
         self.posted: queue.SimpleQueue[Union[_Posted, object]] = queue.SimpleQueue()
+        #: Set once every host posted, a host posted what the call must raise, or
+        #: the group closed: a caller that needs every outcome wakes once, not
+        #: once per host (each wake-up a thread switch among the busy workers).
+        self.settled = threading.Event()
+        if not listed:
+            self.settled.set()
 
     def work(self) -> None:
         """A worker: run hosts until none is left or the call stopped; post every outcome."""
@@ -218,6 +226,11 @@ class _GroupCall:
             except BaseException as exc:  # not a host's failure: the call raises it
                 posted = (name, exc, True)
             self.posted.put(posted)
+            with self._lock:
+                self._unposted -= 1
+                last = self._unposted == 0
+            if last or posted[2]:
+                self.settled.set()
 
     def stop(self) -> None:
         """Start no more hosts; those running finish (on the workers' threads)."""
@@ -228,6 +241,7 @@ class _GroupCall:
         """Stop, and make the caller stop waiting: the group was closed."""
         self.stop()
         self.posted.put(_CLOSED)
+        self.settled.set()
 
 
 class _CallersProgress:
@@ -419,19 +433,23 @@ class HostGroup:
         return group_call
 
     def _as_completed(
-        self, call: _HostCall, failures: Tuple[Type[BaseException], ...]
+        self, call: _HostCall, failures: Tuple[Type[BaseException], ...], *,
+        settled_first: bool = False,
     ) -> Iterator[Tuple[str, Any]]:
         """``(name, outcome)`` of ``call`` on every host, as each one finishes.
 
         Once `close` runs, every host not finished yet comes out at once as
         `ExecutorFailure` ("the group was closed"). Leaving early (``break``,
         an exception) cancels the hosts not started yet; those already running
-        finish on the pool's threads.
+        finish on the pool's threads. ``settled_first``: the first pair comes
+        only once every host finished (or one raised, or `close` ran).
         """
         group_call = self._start(call, failures)
         waiting = dict.fromkeys(self._parameters)  # the hosts without an outcome yet
         closed = False
         try:
+            if settled_first:
+                group_call.settled.wait()
             while waiting:
                 if closed:
                     try:  # what finished before close() keeps its outcome
@@ -458,7 +476,7 @@ class HostGroup:
     def _collect(self, call: _HostCall,
                  failures: Tuple[Type[BaseException], ...]) -> GroupResult[Any]:
         """Every host's outcome of ``call``, once all are in, in the given order."""
-        outcomes = dict(self._as_completed(call, failures))
+        outcomes = dict(self._as_completed(call, failures, settled_first=True))
         return GroupResult((name, outcomes[name]) for name in self._parameters)
 
     @staticmethod

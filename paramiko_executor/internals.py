@@ -69,6 +69,10 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     Set before a ``tcpip-forward`` request is sent (`set_forward_handler`):
     ``request_port_forward`` sets it only after the reply, so a connection
     forwarded right after the reply would be refused.
+``Packetizer.__timer`` (``_Packetizer__timer``)
+    The handshake's time limit: paramiko cancels it again after every message
+    it handles, an ``Event.set`` per packet for the connection's life; dropped
+    once logged in (`drop_handshake_timer`).
 ``paramiko.transport._active_threads``
     Emptied in a forked child, whose exit hook would otherwise stop the
     parent's transports (`forget_parent_transports`). A transport leaves it
@@ -100,6 +104,7 @@ __all__ = [
     "forget_parent_transports",
     "new_session_channel",
     "connection_error",
+    "drop_handshake_timer",
     "replace_receive_buffers",
     "reply_arrived",
     "send_awaiting_reply",
@@ -151,6 +156,7 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("Transport", "_queue_incoming_channel"),
     ("Transport", "_tcp_handler"),
     ("transport module", "_active_threads"),
+    ("Packetizer", "_Packetizer__timer"),
 )
 
 Handler = Callable[..., None]
@@ -231,6 +237,19 @@ def new_session_channel(transport: paramiko.Transport, answered: Any) -> paramik
         chan.in_buffer.set_event(answered)
     transport._send_user_message(m)  # type: ignore[attr-defined]
     return chan
+
+
+def drop_handshake_timer(transport: paramiko.Transport) -> None:
+    """After the handshake and login: stop paramiko checking the handshake's time limit.
+
+    paramiko cancels its (long finished) handshake timer again after every
+    message it handles; without one it checks nothing.
+    """
+    packetizer = transport.packetizer
+    timer = packetizer._Packetizer__timer  # type: ignore[attr-defined]
+    if timer is not None:
+        timer.cancel()
+        packetizer._Packetizer__timer = None  # type: ignore[attr-defined]
 
 
 def set_forward_handler(transport: paramiko.Transport, handler: Handler) -> None:
@@ -423,6 +442,7 @@ def missing_private_names() -> List[str]:
             "Ed25519Key": paramiko.Ed25519Key.from_private_key(io.StringIO(text)),
             "AuthHandler": AuthHandler(transport),
             "transport module": paramiko.transport,
+            "Packetizer": transport.packetizer,
         }
         return [f"{owner}.{name}" for owner, name in PRIVATE_NAMES
                 if not hasattr(owners[owner], name)]

@@ -222,6 +222,26 @@ def test_an_unexpected_exception_of_an_executor_is_raised():
         fake_group(["a", "b"]).run_command("x")
 
 
+def test_an_unexpected_exception_is_raised_while_other_hosts_still_run():
+    # run_command waits for every host at once (one wake-up, not one per
+    # host), but what the call must raise ends that wait at once.
+    release, finished = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        release.wait(WAIT)
+        finished.set()
+
+    FakeExecutor.behaviour = {"slow": slow, "b": RuntimeError("a bug in the executor")}
+    group = fake_group(["slow", "b"], max_workers=2)
+    try:
+        with pytest.raises(RuntimeError, match="a bug"):
+            group.run_command("x")
+        assert not finished.is_set()
+    finally:
+        release.set()
+        group.close()
+
+
 def test_results_come_as_hosts_finish_and_a_slow_host_holds_up_only_its_own_entry():
     release = threading.Event()
     FakeExecutor.behaviour = {"slow": lambda: release.wait(WAIT)}
