@@ -118,7 +118,7 @@ def test_data_past_the_window_resets_the_forwarded_connection(forward: Forward, 
     """Was: paramiko buffered whatever the server sent, window or not (memory without bound)."""
     forward.start()
     blob = b"x" * 32768
-    with caplog.at_level(logging.WARNING, logger="paramiko_executor.pipe"):
+    with caplog.at_level(logging.WARNING, logger="paramiko_executor.tunnels"):
         # The peer reads nothing yet: the pipe gives back only what the kernel took.
         for _ in range(8 * WINDOW // len(blob)):
             forward.send(cMSG_CHANNEL_DATA, blob)
