@@ -136,6 +136,8 @@ class Inbox:
         self._before.set_event(_Poke(self))  # sets it at once if it holds data or was closed
         if ended:
             self.close()
+        # Now, not at the first read: what it holds counts against the window at once.
+        self._gather()
 
     # --- paramiko's side (the BufferedPipe interface) -------------------
 

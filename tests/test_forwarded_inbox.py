@@ -142,6 +142,7 @@ def test_what_arrived_before_the_socket_was_made_comes_first() -> None:
         forward.far.sendall(b"hello, ")
         wait_for(lambda: len(forward.chan.in_buffer) == 7, "the greeting to arrive")
         with ForwardedSocket(forward.chan, lambda: None, "test") as sock:
+            assert len(forward.chan.in_buffer) == 7  # counted against the window at once
             forward.far.sendall(b"world")
             forward.far.shutdown_write()
             sock.settimeout(10)
