@@ -103,6 +103,11 @@ class Inbox:
     was still handing it a packet) comes first. paramiko's thread uses one
     buffer at a time, so once it fed or closed the inbox, the old buffer gets
     nothing more.
+
+    Locks: the condition guards everything above and is taken last (under
+    the channel's lock by ``Channel.fileno`` and at the channel's EOF and
+    close); the old buffer's lock, which pokes the inbox, is never taken
+    while it is held.
     """
 
     def __init__(self, chan: paramiko.Channel, name: str) -> None:
