@@ -16,6 +16,7 @@ import paramiko
 
 from .checks import check_int, check_number
 from .errors import TRANSPORT_ERRORS
+from .inbox import Inbox
 from .pipe import send_all
 
 __all__ = ["ForwardedSocket"]
@@ -32,7 +33,10 @@ class ForwardedSocket:
     now). ``recv`` returns ``b""`` at the far end's EOF; a connection lost
     meanwhile raises `ConnectionResetError` instead, so a cut stream never
     looks complete, and reading or writing after `close` (or the executor's
-    close) raises `OSError` (``EBADF``), as with a socket. A write raises
+    close) raises `OSError` (``EBADF``), as with a socket. What arrives waits
+    in an `inbox.Inbox`, within the window granted to the server: a server
+    that sends past it resets the connection (with a WARNING), and every
+    read and write from then on raises `ConnectionResetError`. A write raises
     `ConnectionResetError` when the connection is lost, `BrokenPipeError`
     after ``shutdown(SHUT_WR)`` or once the far end closed; after
     ``shutdown(SHUT_RD)`` a read returns what is buffered, then ``b""``. As with a
@@ -45,6 +49,8 @@ class ForwardedSocket:
 
     def __init__(self, chan: paramiko.Channel, release: Callable[[], None], name: str) -> None:
         self._chan = chan
+        self._inbox = Inbox(chan, name)
+        self._inbox.install()
         self._release: Optional[Callable[[], None]] = release
         # Dropped unclosed, it is closed when collected, as a socket is: else its place
         # under max_forwarded would be gone for the executor's life.
@@ -74,6 +80,13 @@ class ForwardedSocket:
         if self.closed:
             raise OSError(errno.EBADF, f"the forwarded connection to {self.name} is closed")
 
+    def _check_reset(self) -> None:
+        violation = self._inbox.violation
+        if violation is not None:
+            raise ConnectionResetError(errno.ECONNRESET, f"the forwarded connection to "
+                                                         f"{self.name} was reset: the server "
+                                                         f"sent {violation}")
+
     def _check_cut(self) -> None:
         transport = self._chan.get_transport()
         if not self._chan.eof_received and (transport is None or not transport.is_active()
@@ -98,10 +111,12 @@ class ForwardedSocket:
         self._check_open()
         if bufsize == 0:
             return b""
+        self._check_reset()
         with self._blocking_as_socket():
-            data: bytes = self._chan.recv(bufsize)
+            data = self._inbox.receive(bufsize, self._chan.gettimeout())
         if not data:
             self._check_open()  # closed meanwhile (`close`, the executor's close)
+            self._check_reset()
             self._check_cut()
         return data
 
@@ -139,6 +154,7 @@ class ForwardedSocket:
 
     def _check_writable(self) -> None:
         self._check_open()
+        self._check_reset()
         if self._chan.eof_sent:
             raise BrokenPipeError(errno.EPIPE, f"the forwarded connection to {self.name} "
                                                "is shut down for writing")
@@ -214,8 +230,8 @@ class ForwardedSocket:
     def fileno(self) -> int:
         """A descriptor for ``select``, ``poll``, ``selectors``: readable when `recv` won't block.
 
-        That is: data is waiting, or the far end's EOF or the connection's
-        end has come. It is paramiko's stand-in for the channel (there is no
+        That is: data is waiting, or the far end's EOF, the connection's
+        end or a reset has come. It is paramiko's stand-in for the channel (there is no
         socket): never reported writable, and never to be read or written.
         -1 once closed, as a socket's.
         """
@@ -235,7 +251,7 @@ class ForwardedSocket:
         if how != socket.SHUT_WR:
             # paramiko only stops granting window: a read would wait for data, where
             # a socket's returns what is buffered and then b"" at once.
-            self._chan.in_buffer.close()
+            self._inbox.close()
 
     def close(self) -> None:
         """Close the connection once no file of `makefile` is open; again: nothing."""

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import subprocess
 import threading
 import time
 from typing import Any, Callable, Dict, List, Tuple
+
+import paramiko
+from paramiko.common import AUTH_SUCCESSFUL, OPEN_SUCCEEDED
+from paramiko.message import Message
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -92,3 +97,51 @@ def outcome_within(bound: float, call: Callable[[], Any]) -> Dict[str, Any]:
     thread.join(bound)
     assert not thread.is_alive(), f"the call was still running after {bound} s"
     return outcome
+
+
+class _ForwardingInterface(paramiko.ServerInterface):
+    def get_allowed_auths(self, username: str) -> str:
+        return "password"
+
+    def check_auth_password(self, username: str, password: str) -> int:
+        return AUTH_SUCCESSFUL
+
+    def check_channel_direct_tcpip_request(self, chanid: int, origin: Any,
+                                           destination: Any) -> int:
+        return OPEN_SUCCEEDED
+
+
+class HostileForward:
+    """A ``direct-tcpip`` channel between two paramiko transports on a socket pair.
+
+    ``chan`` is the client's side (granting ``window`` bytes), ``far`` the
+    server's; `send` sends raw channel messages from the server's side, as
+    no honest server would. `close` ends both transports.
+    """
+
+    def __init__(self, window: int) -> None:
+        near, far = socket.socketpair()
+        self.server = paramiko.Transport(far)
+        self.server.add_server_key(paramiko.ECDSAKey.generate())
+        self.server.start_server(event=threading.Event(), server=_ForwardingInterface())
+        self.client = paramiko.Transport(near)
+        self.client.connect(username="u", password="p")
+        self.chan = self.client.open_channel("direct-tcpip", ("127.0.0.1", 1), ("127.0.0.1", 2),
+                                             window_size=window, timeout=10)
+        far_chan = self.server.accept(10)
+        assert far_chan is not None
+        self.far: paramiko.Channel = far_chan
+
+    def send(self, kind: bytes, data: bytes, *code: int) -> None:
+        """Channel data (or extended data, with its ``code``) sent whatever window was granted."""
+        m = Message()
+        m.add_byte(kind)
+        m.add_int(self.far.remote_chanid)
+        for value in code:
+            m.add_int(value)
+        m.add_string(data)
+        self.server._send_user_message(m)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.close()

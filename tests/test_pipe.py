@@ -12,16 +12,9 @@ import socket
 import threading
 from typing import Any, Iterator, Tuple
 
-import paramiko
 import pytest
-from helpers import wait_for
-from paramiko.common import (
-    AUTH_SUCCESSFUL,
-    OPEN_SUCCEEDED,
-    cMSG_CHANNEL_DATA,
-    cMSG_CHANNEL_EXTENDED_DATA,
-)
-from paramiko.message import Message
+from helpers import HostileForward, wait_for
+from paramiko.common import cMSG_CHANNEL_DATA, cMSG_CHANNEL_EXTENDED_DATA
 
 from paramiko_executor.pipe import Pipe
 
@@ -29,34 +22,11 @@ from paramiko_executor.pipe import Pipe
 WINDOW = 256 * 1024
 
 
-class _Interface(paramiko.ServerInterface):
-    def get_allowed_auths(self, username: str) -> str:
-        return "password"
-
-    def check_auth_password(self, username: str, password: str) -> int:
-        return AUTH_SUCCESSFUL
-
-    def check_channel_direct_tcpip_request(self, chanid: int, origin: Any,
-                                           destination: Any) -> int:
-        return OPEN_SUCCEEDED
-
-
-class Forward:
-    """A forwarded channel (client side, server side) and a local TCP connection for its pipe."""
+class Forward(HostileForward):
+    """A hostile forwarded channel and a local TCP connection for its pipe."""
 
     def __init__(self) -> None:
-        near, far = socket.socketpair()
-        self.server = paramiko.Transport(far)
-        self.server.add_server_key(paramiko.ECDSAKey.generate())
-        started = threading.Event()
-        self.server.start_server(event=started, server=_Interface())
-        self.client = paramiko.Transport(near)
-        self.client.connect(username="u", password="p")
-        self.chan = self.client.open_channel("direct-tcpip", ("127.0.0.1", 1), ("127.0.0.1", 2),
-                                             window_size=WINDOW, timeout=10)
-        far_chan = self.server.accept(10)
-        assert far_chan is not None
-        self.far: paramiko.Channel = far_chan
+        super().__init__(WINDOW)
         with socket.create_server(("127.0.0.1", 0)) as listener:
             # Small kernel buffers: a peer that does not read stops the pipe soon.
             self.peer = socket.socket()
@@ -73,20 +43,9 @@ class Forward:
         self.thread = threading.Thread(target=self.pipe.run, daemon=True)
         self.thread.start()
 
-    def send(self, kind: bytes, data: bytes, *code: int) -> None:
-        """Channel data sent whatever window the client granted."""
-        m = Message()
-        m.add_byte(kind)
-        m.add_int(self.far.remote_chanid)
-        for value in code:
-            m.add_int(value)
-        m.add_string(data)
-        self.server._send_user_message(m)  # type: ignore[attr-defined]
-
     def close(self) -> None:
         self.peer.close()
-        self.client.close()
-        self.server.close()
+        super().close()
         if self.thread is not None:
             self.thread.join(10)
             assert not self.thread.is_alive()
@@ -118,7 +77,7 @@ def test_data_past_the_window_resets_the_forwarded_connection(forward: Forward, 
     """Was: paramiko buffered whatever the server sent, window or not (memory without bound)."""
     forward.start()
     blob = b"x" * 32768
-    with caplog.at_level(logging.WARNING, logger="paramiko_executor.pipe"):
+    with caplog.at_level(logging.WARNING, logger="paramiko_executor.tunnels"):
         # The peer reads nothing yet: the pipe gives back only what the kernel took.
         for _ in range(8 * WINDOW // len(blob)):
             forward.send(cMSG_CHANNEL_DATA, blob)
