@@ -39,7 +39,8 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     (`send_awaiting_reply`): ``Channel.invoke_subsystem`` waits without one.
 ``Channel.in_buffer``, ``Channel.in_stderr_buffer``
     Replaced (`replace_receive_buffers`) for SFTP by buffers that wake the
-    reader once per whole reply, not per packet.
+    reader once per whole reply, not per packet, and for forwarded channels
+    by an `inbox.Inbox` that enforces the window and keeps packets uncopied.
 ``AuthHandler._request_auth``, ``AuthHandler._parse_service_accept``,
 ``AuthHandler._parse_userauth_failure``
     `UserAuth`: paramiko asks for the ``ssh-userauth`` service again with
