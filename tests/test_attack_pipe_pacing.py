@@ -10,6 +10,8 @@ with every kind of user mixed in.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -18,15 +20,16 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
+import paramiko
 import pytest
 from helpers import run_threads, wait_for
 from paramiko.common import cMSG_CHANNEL_CLOSE, cMSG_CHANNEL_DATA, cMSG_CHANNEL_EOF
 from paramiko.message import Message
 from test_pipe import WINDOW, Forward
 
-from paramiko_executor import SSHExecutor
+from paramiko_executor import ExecutorError, ExecutorFailure, SSHExecutor
 from paramiko_executor import slots as slots_module
 from paramiko_executor.slots import Slots
 
@@ -461,3 +464,243 @@ def test_an_interrupt_during_the_hold_back_gives_the_slot_back(
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# --- the hold-back at saturation, with every kind of user and chaos ------------------------
+
+#: Counts, on the server, the commands running at once per SSH connection (the client's
+#: port in SSH_CONNECTION names it: a reconnect or a forked child's connection is another).
+COUNTED = ("c=$(echo $SSH_CONNECTION | cut -d' ' -f2); exec 9>>{d}/lock; flock 9; "
+           "n=$(( $(cat {d}/n.$c 2>/dev/null || echo 0) + 1 )); echo $n > {d}/n.$c; "
+           "echo $c $n >> {d}/seen; flock -u 9; sleep 0.01; flock 9; "
+           "echo $(( $(cat {d}/n.$c) - 1 )) > {d}/n.$c; flock -u 9")
+
+
+def prepare_counter(directory: str) -> str:
+    for name in ("seen", "lock"):
+        path = os.path.join(directory, name)
+        with open(path, "w", encoding="ascii"):
+            pass
+        os.chmod(path, 0o666)  # written by the login user
+    return COUNTED.format(d=directory)
+
+
+def most_at_once(directory: str, after: str = "") -> int:
+    """The most counted commands seen at once on one connection (after the line ``after``)."""
+    peaks: Dict[str, int] = {}
+    with open(os.path.join(directory, "seen"), encoding="ascii") as stream:
+        lines = stream.read().splitlines()
+    if after:
+        lines = lines[lines.index(after) + 1:]
+    for line in lines:
+        port, count = line.split()
+        peaks[port] = max(peaks.get(port, 0), int(count))
+    return max(peaks.values(), default=0)
+
+
+def mark(directory: str, text: str) -> None:
+    """Append ``text`` to the counted commands' log, in turn with them (their flock)."""
+    with open(os.path.join(directory, "lock"), "a", encoding="ascii") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(os.path.join(directory, "seen"), "a", encoding="ascii") as stream:
+            stream.write(text + "\n")
+
+
+#: What a user of a connection that ``close()`` dropped under it may see.
+EXPECTED = (ExecutorError, paramiko.SSHException, EOFError, OSError)
+
+
+def free_slots_back(ex: SSHExecutor) -> None:
+    """Wait until every slot of the current connection is free (the spare's aside)."""
+    link = ex._connection.link
+    assert link is not None and link.slots is not None and link.spare is not None
+    slots, spare = link.slots, link.spare
+    wait_for(lambda: slots.available + spare.held == slots.limit, "every slot to come back",
+             timeout=30)
+
+
+@pytest.mark.hang_timeout(400)
+def test_the_slot_rule_holds_at_saturation_with_close_fork_tiny_timeouts_and_reservations(
+        make_sshd: Callable[..., Any], shared_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server allows more than the executor's slots: only the slots keep
+    # the executor to LIMIT sessions per connection.
+    limit = 3
+    server = make_sshd(max_sessions=2 * limit)
+    counted = prepare_counter(shared_dir)
+    monkeypatch.setattr(slots_module, "PACE_SHARE", 1e6)  # every hold-back the longest
+    ex = SSHExecutor(**server.executor_parameters(), max_sessions=limit, connect_backoff=0.05)
+    arm_lock = threading.Lock()
+
+    def arm() -> None:
+        # Every connection (close() makes new ones) holds back as after sshd's first refusal.
+        with arm_lock:
+            link = ex._connection.link
+            if link is not None and link.slots is not None and not link.slots.pace:
+                link.slots.open_answered(1.0, refused=True)
+
+    unexpected: List[BaseException] = []
+
+    def work(i: int) -> int:
+        rng = random.Random(i)
+        done = 0
+        for _ in range(100):  # until the chaos ends, bounded
+            if stop.is_set():
+                break
+            arm()
+            kind = rng.choice(["counted", "counted", "tiny", "reserve"])
+            try:
+                if kind == "counted":
+                    assert ex.run_command(counted, timeout=120).exit_code == 0
+                elif kind == "tiny":
+                    ex.run_command("true", timeout=0.001)
+                else:
+                    with ex.bounded_connection as transport:
+                        chan = transport.open_session(timeout=30)
+                        try:
+                            chan.settimeout(60)
+                            chan.exec_command(counted)
+                            status = chan.recv_exit_status()
+                            if status == -1 and not transport.is_active():
+                                raise EOFError("close() dropped the connection under us")
+                            assert status == 0
+                        finally:
+                            chan.close()
+                done += 1
+            except EXPECTED as exc:
+                if kind == "counted" and not isinstance(exc, ExecutorError):
+                    unexpected.append(exc)
+        return done
+
+    children: List[int] = []
+    stop = threading.Event()
+
+    def chaos() -> None:
+        rng = random.Random(99)
+        try:
+            for step in range(6):
+                time.sleep(rng.uniform(0.2, 1.0))
+                if step % 2:
+                    ex.close()
+                    continue
+                pid = os.fork()
+                if pid == 0:  # the child: its own connection, its own slots
+                    code = 1
+                    try:
+                        code = 0 if ex.run_command(counted, timeout=30).exit_code == 0 else 1
+                    finally:
+                        os._exit(code)
+                children.append(pid)
+        finally:
+            stop.set()
+
+    chaos_thread = threading.Thread(target=chaos)
+    chaos_thread.start()
+    try:
+        results, errors = run_threads(work, 150, timeout=300)
+    finally:
+        chaos_thread.join(60)
+    assert not chaos_thread.is_alive()
+    for pid in children:
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                assert os.waitstatus_to_exitcode(status) == 0
+                break
+            assert time.monotonic() < deadline, "a forked child never ended"
+            time.sleep(0.05)
+    assert not errors, errors[:3]
+    assert not unexpected, unexpected[:3]
+    assert sum(results.values()) > 10  # work went on between the closes
+    try:
+        assert most_at_once(shared_dir) <= limit
+        free_slots_back(ex)
+        # No slot leaked: LIMIT reservations at once, none waits.
+        with contextlib.ExitStack() as stack:
+            for _ in range(limit):
+                stack.enter_context(ex.bounded_connection)
+            link = ex._connection.link
+            assert link is not None and link.slots is not None
+            assert link.slots.available == 0 and link.slots.waiting == 0
+    finally:
+        ex.close()
+
+
+@pytest.mark.hang_timeout(300)
+def test_lower_at_saturation_with_held_back_opens_keeps_the_new_limit(
+        make_sshd: Callable[..., Any], shared_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = make_sshd(max_sessions=8)
+    counted = prepare_counter(shared_dir)
+    monkeypatch.setattr(slots_module, "PACE_SHARE", 1e6)
+    with SSHExecutor(**server.executor_parameters(), max_sessions=5) as ex:
+        ex.run_command("true")
+        slots = slots_of(ex)
+        slots.open_answered(1.0, refused=True)  # sshd's first refusal: held back from now
+        stop = threading.Event()
+
+        def work(i: int) -> int:
+            done = 0
+            for n in range(200):
+                if stop.is_set() and n >= 3:
+                    break
+                try:
+                    if i % 4:
+                        ex.run_command(counted, timeout=120)
+                    else:
+                        ex.run_command("true", timeout=0.001)
+                    done += 1
+                except ExecutorError as exc:
+                    if i % 4:
+                        raise AssertionError(f"a counted command failed: {exc}") from exc
+            return done
+
+        outcome: Dict[str, Any] = {}
+
+        def lower_at_saturation() -> None:
+            try:
+                wait_for(lambda: slots.available == 0 and slots.waiting > 20, "saturation")
+                slots.lower(2)
+                # The sessions held beyond the new limit end; their releases are kept back.
+                wait_for(lambda: slots._kept_back == 0, "the held sessions over the limit to end")
+                mark(shared_dir, "lowered")
+                time.sleep(1.0)  # commands run under the new limit a while
+            except BaseException as exc:  # reported by the test thread
+                outcome["error"] = exc
+            finally:
+                stop.set()
+
+        lowering = threading.Thread(target=lower_at_saturation)
+        lowering.start()
+        try:
+            results, errors = run_threads(work, 80, timeout=240)
+        finally:
+            lowering.join(60)
+        assert "error" not in outcome, outcome
+        assert not errors, errors[:3]
+        assert most_at_once(shared_dir, after="lowered") <= 2
+        with open(os.path.join(shared_dir, "seen"), encoding="ascii") as stream:
+            log_lines = stream.read().splitlines()
+        assert len(log_lines) - log_lines.index("lowered") > 20  # work went on after it
+        free_slots_back(ex)
+        assert slots.limit == 2
+        with ex.bounded_connection, ex.bounded_connection:
+            assert slots.available == 0 and slots.waiting == 0
+
+
+def test_refusals_on_loopback_hold_nothing_back(make_sshd: Callable[..., Any]) -> None:
+    """The first refusal arms the hold-back, but loopback's round trip makes it zero:
+    a server that refuses all the time cannot slow a fast path's opens."""
+    server = make_sshd(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters(), max_sessions=4) as ex:
+        def work(i: int) -> None:
+            for _ in range(3):
+                try:
+                    ex.run_command("true", timeout=60)
+                except ExecutorFailure:
+                    pass  # refused too often: the server allows fewer than we were told
+
+        _, errors = run_threads(work, 40, timeout=120)
+        assert not errors, errors[:3]
+        slots = slots_of(ex)
+        assert ex.statistics().refused_opens > 0 and slots._refused
+        assert slots.pace == 0.0
