@@ -176,6 +176,66 @@ def test_abort_ends_a_pipe_blocked_on_a_window_the_server_never_gives(forward: F
     assert sender_done.wait(10)
 
 
+
+def test_an_honest_server_filling_the_window_exactly_is_never_taken_for_an_overrun(
+        forward: Forward, caplog: Any) -> None:
+    """paramiko's server side keeps to the window to the byte; a reader taking odd sizes
+    makes the window come back in odd steps, so the accounting is exercised at its edge."""
+    forward.start()
+    total = 48 * 1024 * 1024
+    digest = hashlib.sha256()
+
+    def send() -> None:
+        data = pattern(1 << 20, 8)
+        for _ in range(total // len(data)):
+            forward.far.sendall(data)
+        forward.far.shutdown_write()
+
+    sender = threading.Thread(target=send, daemon=True)
+    with caplog.at_level(logging.WARNING, logger="paramiko_executor.pipe"):
+        sender.start()
+        rng = random.Random(9)
+        got = 0
+        while True:
+            data = forward.peer.recv(rng.choice([1, 100, 4095, 40000, 1 << 20]))
+            if not data:
+                break
+            digest.update(data)
+            got += len(data)
+        sender.join(10)
+    assert "broke the protocol" not in caplog.text
+    assert got == total
+    assert digest.digest() == hashlib.sha256(pattern(1 << 20, 8) * (total >> 20)).digest()
+
+
+def test_an_overrun_on_one_channel_leaves_the_others_streaming(forward: Forward) -> None:
+    forward.start()
+    second = forward.client.open_channel("direct-tcpip", ("127.0.0.1", 1), ("127.0.0.1", 2),
+                                         window_size=WINDOW, timeout=10)
+    far_second = forward.server.accept(10)
+    assert far_second is not None
+    payload = pattern(8 * WINDOW, 10)
+    got = bytearray()
+
+    def read_second() -> None:
+        while len(got) < len(payload):
+            data = second.recv(65536)
+            if not data:
+                return
+            got.extend(data)
+
+    reader = threading.Thread(target=read_second)
+    reader.start()
+    for _ in range(8 * WINDOW // 32768):  # the first channel's peer reads nothing
+        raw(forward, cMSG_CHANNEL_DATA, b"x" * 32768)
+    far_second.sendall(payload)
+    reader.join(30)
+    assert bytes(got) == payload
+    forward.thread.join(10)
+    assert not forward.thread.is_alive()  # the overrun one was reset
+    assert forward.client.is_active()
+
+
 # --- a real sshd: odd clients and targets --------------------------------------------------
 
 
@@ -802,3 +862,49 @@ def test_data_racing_the_pipes_start_keeps_its_order(forward: Forward) -> None:
     assert fed.wait(10)
     received, was_reset = read_to_end(forward.peer)
     assert (received, was_reset) == (b"first second", False)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("closing", ["tunnel", "executor"])
+@pytest.mark.hang_timeout(300)
+def test_closes_during_bursts_both_ways_leave_nothing_behind(
+        make_sshd: Callable[..., Any], make_target: Any, closing: str) -> None:
+    server = make_sshd(max_sessions=10)
+    target = make_target(echo)
+    threads_before, fds_before = threading.active_count(), open_fds()
+    ex = SSHExecutor(**server.executor_parameters())
+    tunnels = [ex.forward_local(target.port, "127.0.0.1") for _ in range(2)]
+    moved = [0] * 10
+    outcomes: List[Any] = []
+
+    def burst(i: int) -> None:
+        block = pattern(1 << 20, i)
+        try:
+            with socket.create_connection(tunnels[i % 2].local_address, timeout=30) as sock:
+                for _ in range(1000):  # far more than passes before the close
+                    sock.sendall(block)
+                    if recv_exactly(sock, len(block), 65536) != block:
+                        break
+                    moved[i] += 1
+            outcomes.append("ended")
+        except OSError as exc:
+            outcomes.append(exc)
+
+    clients = [threading.Thread(target=burst, args=(i,)) for i in range(10)]
+    for thread in clients:
+        thread.start()
+    wait_for(lambda: min(moved) >= 1, "every client to be bursting")
+    if closing == "tunnel":
+        for tunnel in tunnels:
+            tunnel.close()
+    ex.close()
+    for thread in clients:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in clients)
+    # Every client was cut, and saw a reset: never a hang, nor an end taken for a whole stream.
+    assert len(outcomes) == 10 and all(isinstance(o, OSError) for o in outcomes), outcomes
+    wait_for(lambda: threading.active_count() <= threads_before, "the threads to end")
+    wait_for(lambda: open_fds() <= fds_before, "the sockets to close")
