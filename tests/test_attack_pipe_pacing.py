@@ -769,57 +769,64 @@ def test_refusals_on_loopback_hold_nothing_back(make_sshd: Callable[..., Any]) -
 # --- known races, reproduced (strict xfail: a fix makes them pass and the marker must go) ---
 
 
-def discard(sock: socket.socket) -> None:
-    try:
-        while sock.recv(1 << 20):
-            pass
-    except OSError:
-        pass
-
-
-def close_during_uploads(ex: SSHExecutor, port: int, clients: int = 6) -> None:
-    """Close a tunnel to ``port`` while ``clients`` clients upload through it."""
+def cut_during_uploads(ex: SSHExecutor, port: int, how: str, clients: int = 6) -> None:
+    """Cut ``clients`` streams to ``port`` while each uploads: ``how`` is ``tunnel`` (its
+    close), ``reset`` (each tunnel client resets) or ``socket`` (each ``open_connection``
+    socket is closed while another thread sends on it)."""
     tunnel = ex.forward_local(port, "127.0.0.1")
     stop = threading.Event()
     sent = [0] * clients
     block = b"z" * (1 << 20)
+    socks: List[Any] = []
+    for _ in range(clients):
+        if how == "socket":
+            socks.append(ex.open_connection("127.0.0.1", port, timeout=30))
+        else:
+            socks.append(socket.create_connection(tunnel.local_address, timeout=30))
 
     def upload(i: int) -> None:
         try:
-            with socket.create_connection(tunnel.local_address, timeout=30) as sock:
-                while not stop.is_set():
-                    sock.sendall(block)
-                    sent[i] += 1
+            while not stop.is_set():
+                socks[i].sendall(block)
+                sent[i] += 1
         except OSError:
-            pass  # the tunnel's close cut it: expected
+            pass  # the cut: expected
 
     uploads = [threading.Thread(target=upload, args=(i,)) for i in range(clients)]
     for thread in uploads:
         thread.start()
     try:
         wait_for(lambda: min(sent) >= 2, "every client to be uploading")
-        tunnel.close()
+        if how == "tunnel":
+            tunnel.close()
+        for sock in socks:
+            if how == "reset":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            sock.close()
     finally:
         stop.set()
         for thread in uploads:
             thread.join(30)
+        tunnel.close()
     assert not any(thread.is_alive() for thread in uploads)
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "Pipe.abort closes the channel (EOF, CLOSE) from another thread while the upload "
-    "thread sends: paramiko sends a data message outside the channel's lock, so it can "
-    "follow our CLOSE and sshd drops the whole connection ('data packet referred to "
-    "nonexistent channel'); paramiko's own Channel.send has the same gap"))
+    "Pipe.abort (and ForwardedSocket.close) close the channel (EOF, CLOSE) from one "
+    "thread while another sends on it: paramiko sends a data message outside the "
+    "channel's lock, so it can follow our CLOSE, and sshd drops the whole connection "
+    "('data packet referred to nonexistent channel'); paramiko's Channel.send has the "
+    "same gap"))
+@pytest.mark.parametrize("how", ["tunnel", "reset", "socket"])
 @pytest.mark.hang_timeout(300)
-def test_closing_a_tunnel_during_uploads_leaves_the_connection_up(
-        make_sshd: Callable[..., Any], make_target: Any) -> None:
+def test_cutting_a_stream_during_its_upload_leaves_the_connection_up(
+        make_sshd: Callable[..., Any], make_target: Any, how: str) -> None:
     server = make_sshd(max_sessions=10)
-    target = make_target(discard)
+    target = make_target(echo)
     with SSHExecutor(**server.executor_parameters()) as ex:
         ex.run_command("true")
-        for _ in range(15):  # each round drops the connection about every other time
-            close_during_uploads(ex, target.port)
+        for _ in range(15):  # a round drops the connection about every third time
+            cut_during_uploads(ex, target.port, how)
             assert ex.run_command("echo ok").stdout == "ok\n"
             if ex.statistics().reconnects:
                 break
