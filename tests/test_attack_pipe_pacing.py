@@ -769,10 +769,24 @@ def test_refusals_on_loopback_hold_nothing_back(make_sshd: Callable[..., Any]) -
 # --- known races, reproduced (strict xfail: a fix makes them pass and the marker must go) ---
 
 
+def closes_after_4_mib(sock: socket.socket) -> None:
+    """A target that reads 4 MiB, then closes while its client still sends."""
+    got = 0
+    try:
+        while got < 4 << 20:
+            data = sock.recv(1 << 20)
+            if not data:
+                return
+            got += len(data)
+    except OSError:
+        pass
+
+
 def cut_during_uploads(ex: SSHExecutor, port: int, how: str, clients: int = 6) -> None:
     """Cut ``clients`` streams to ``port`` while each uploads: ``how`` is ``tunnel`` (its
-    close), ``reset`` (each tunnel client resets) or ``socket`` (each ``open_connection``
-    socket is closed while another thread sends on it)."""
+    close), ``reset`` (each tunnel client resets), ``socket`` (each ``open_connection``
+    socket is closed while another thread sends on it) or ``target`` (the target at
+    ``port`` closes each connection while its client still sends)."""
     tunnel = ex.forward_local(port, "127.0.0.1")
     stop = threading.Event()
     sent = [0] * clients
@@ -796,7 +810,11 @@ def cut_during_uploads(ex: SSHExecutor, port: int, how: str, clients: int = 6) -
     for thread in uploads:
         thread.start()
     try:
-        wait_for(lambda: min(sent) >= 2, "every client to be uploading")
+        if how == "target":
+            for thread in uploads:
+                thread.join(60)
+        else:
+            wait_for(lambda: min(sent) >= 2, "every client to be uploading")
         if how == "tunnel":
             tunnel.close()
         for sock in socks:
@@ -812,17 +830,18 @@ def cut_during_uploads(ex: SSHExecutor, port: int, how: str, clients: int = 6) -
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "Pipe.abort (and ForwardedSocket.close) close the channel (EOF, CLOSE) from one "
-    "thread while another sends on it: paramiko sends a data message outside the "
-    "channel's lock, so it can follow our CLOSE, and sshd drops the whole connection "
-    "('data packet referred to nonexistent channel'); paramiko's Channel.send has the "
-    "same gap"))
-@pytest.mark.parametrize("how", ["tunnel", "reset", "socket"])
+    "Our CLOSE (from Pipe.abort, ForwardedSocket.close, or paramiko's thread answering "
+    "the server's CLOSE) goes out while another thread sends data: paramiko sends a data "
+    "message outside the channel's lock, so it can follow our CLOSE, and sshd drops the "
+    "whole connection ('data packet referred to nonexistent channel'); paramiko's "
+    "Channel.send has the same gap"))
+@pytest.mark.parametrize("how", ["tunnel", "reset", "socket", "target"])
 @pytest.mark.hang_timeout(300)
 def test_cutting_a_stream_during_its_upload_leaves_the_connection_up(
         make_sshd: Callable[..., Any], make_target: Any, how: str) -> None:
+    """Was not covered: only the connection's loss or an idle stream's cut were."""
     server = make_sshd(max_sessions=10)
-    target = make_target(echo)
+    target = make_target(closes_after_4_mib if how == "target" else echo)
     with SSHExecutor(**server.executor_parameters()) as ex:
         ex.run_command("true")
         for _ in range(15):  # a round drops the connection about every third time
