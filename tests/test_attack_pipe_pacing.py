@@ -236,6 +236,28 @@ def test_an_overrun_on_one_channel_leaves_the_others_streaming(forward: Forward)
     assert forward.client.is_active()
 
 
+
+def test_one_byte_packets_mixed_with_large_ones_keep_their_order(forward: Forward) -> None:
+    """Small packets are copied together, large ones kept as they came: the mix stays exact."""
+    forward.start()
+    rng = random.Random(11)
+    sizes = [rng.choice([1, 1, 1, 1, 1, 2, 4095, 4096, 40000]) for _ in range(6000)]
+    payload = pattern(sum(sizes), 12)
+
+    def send() -> None:
+        at = 0
+        for size in sizes:
+            forward.far.sendall(payload[at:at + size])  # one data message each
+            at += size
+        forward.far.shutdown_write()
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    received, was_reset = read_to_end(forward.peer)
+    sender.join(30)
+    assert not was_reset and received == payload
+
+
 # --- a real sshd: odd clients and targets --------------------------------------------------
 
 
