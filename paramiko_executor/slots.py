@@ -148,12 +148,18 @@ class Slots(threading.BoundedSemaphore):
         Sent at once, an open that takes a slot freed by the server's CLOSE
         can reach the server together with our CLOSE in reply, before the
         server freed that session; refused, it would cost a round trip.
+        Interrupted (e.g. KeyboardInterrupt), it gives the slot back: its
+        caller never opens, and holds nothing that would release it.
         """
         delay = self.open_delay()
         if deadline is not None:
             delay = min(delay, deadline - time.monotonic())
         if delay > 0:
-            time.sleep(delay)
+            try:
+                time.sleep(delay)
+            except BaseException:
+                self.release()
+                raise
 
     @property
     def closed(self) -> bool:
