@@ -8,13 +8,15 @@ than hangs.
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import paramiko
+import pytest
 
 from paramiko_executor import SSHExecutor
 from paramiko_executor.internals import drop_handshake_timer
@@ -75,3 +77,94 @@ def test_dropping_the_handshake_timer_between_paramikos_two_reads_keeps_the_tran
         assert transport.is_active()
     finally:
         transport.close()
+
+
+#: (command, stdin, keyword arguments, exit code, stdout, exit signal): ends at
+#: every moment relative to each other (EOF before or after the exit status,
+#: output before and after, stdin read or not, a signal, a terminal).
+_BIG = 300_000
+_FED = b"y" * 70_000
+_CASES: List[Any] = [
+    ("true", None, {}, 0, "", None),
+    ("echo out; exit 3", None, {"check": False}, 3, "out\n", None),
+    # Output closed, then the exit status arrives after the EOF.
+    ("exec >&- 2>&-; sleep 0.01; exit 5", None, {"check": False}, 5, "", None),
+    ("printf tail; exec >&-; exit 0", None, {}, 0, "tail", None),
+    (f"head -c {_BIG} /dev/zero | tr '\\0' x", None, {}, 0, "x" * _BIG, None),
+    ("cat", _FED, {}, 0, _FED.decode(), None),
+    ("exec <&-; echo closed-stdin", _FED, {}, 0, "closed-stdin\n", None),
+    ("kill -TERM $$", None, {"check": False}, None, "", "TERM"),
+    ("echo a; kill -KILL $$", None, {"check": False}, None, "a\n", "KILL"),
+    ("echo pty", None, {"pty": True}, 0, "pty\r\n", None),
+]
+
+
+def _run_case(executor: SSHExecutor, index: int) -> Optional[str]:
+    """One case on ``executor``; what went wrong, or None."""
+    command, stdin, kwargs, code, stdout, signal_name = _CASES[index % len(_CASES)]
+    lines: List[str] = []
+    if index % 3 == 0 and not kwargs.get("pty"):
+        kwargs = dict(kwargs, on_output=lambda stream, line: lines.append(line))
+    result = executor.run_command(command, stdin, timeout=60, **kwargs)
+    got = (result.exit_code if signal_name is None else None, result.stdout,
+           result.exit_signal)
+    if got != (code, stdout, signal_name):
+        return f"{command!r}: {got[0]!r} {len(got[1])} chars {got[2]!r}"
+    if "on_output" in kwargs and "".join(lines) != stdout:
+        return f"{command!r}: on_output saw {len(''.join(lines))} chars"
+    return None
+
+
+def _hammer(executor: SSHExecutor, threads: int, rounds: int) -> List[str]:
+    """Every case from ``threads`` threads, ``rounds`` times each: what went wrong.
+
+    On one connection throughout: none lost, none retried, the counters agree.
+    """
+    errors: List[str] = []
+    with ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(_run_case, executor, i) for i in range(threads * rounds)]
+        for future in futures:
+            problem = future.result(timeout=120)  # a lost wake-up fails here, not hangs
+            if problem is not None:
+                errors.append(problem)
+    stats = executor.statistics()
+    if (stats.connects, stats.reconnects, stats.commands_retried) != (1, 0, 0):
+        errors.append(f"connection not kept: {stats}")
+    if stats.commands_started != threads * rounds or stats.commands_started != stats.commands_succeeded + stats.commands_failed:
+        errors.append(f"counters: {stats}")
+    return errors
+
+
+def test_many_threads_get_every_commands_exact_end(make_sshd: Any) -> None:
+    server = make_sshd(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        assert _hammer(executor, threads=100, rounds=3) == []
+
+
+def test_rekeys_mid_command_under_load_lose_no_end(
+        make_sshd: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # sshd starts a key exchange every 32 KiB: many land inside a command's end.
+    server = make_sshd(max_sessions=10, extra_config=["RekeyLimit 32K"])
+    caplog.set_level(logging.DEBUG, logger="paramiko")
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        assert _hammer(executor, threads=40, rounds=2) == []
+        assert executor.run_command("echo after").stdout == "after\n"
+    # Two switches (in and out) per exchange; the login's is one.
+    switches = sum("Switch to new keys" in r.getMessage() for r in caplog.records)
+    assert switches >= 8, switches
+
+
+def test_client_started_rekeys_mid_command_under_load_lose_no_end(
+        make_sshd: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # paramiko starts the key exchange itself every 32 KiB either way: its
+    # own KEXINIT goes out from whichever thread crossed the limit.
+    server = make_sshd(max_sessions=10)
+    caplog.set_level(logging.DEBUG, logger="paramiko")
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        with executor.bounded_connection as transport:
+            packetizer = transport.packetizer
+            packetizer.REKEY_BYTES = 32 * 1024
+        assert _hammer(executor, threads=40, rounds=2) == []
+        assert executor.run_command("echo after").stdout == "after\n"
+    switches = sum("Switch to new keys" in r.getMessage() for r in caplog.records)
+    assert switches >= 8, switches
