@@ -9,6 +9,8 @@ than hangs.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import sys
 import threading
@@ -18,7 +20,13 @@ from typing import Any, List, Optional
 import paramiko
 import pytest
 
-from paramiko_executor import SSHExecutor
+from paramiko_executor import (
+    CommandResult,
+    CommandTimeout,
+    ExecutorError,
+    ExecutorFailure,
+    SSHExecutor,
+)
 from paramiko_executor.internals import drop_handshake_timer
 
 
@@ -168,3 +176,93 @@ def test_client_started_rekeys_mid_command_under_load_lose_no_end(
         assert executor.run_command("echo after").stdout == "after\n"
     switches = sum("Switch to new keys" in r.getMessage() for r in caplog.records)
     assert switches >= 8, switches
+
+
+def _bounded_calls(executor: SSHExecutor, calls: List[Any], threads: int,
+                   during: Optional[Any] = None) -> List[Any]:
+    """Each ``(command, kwargs)`` from a pool; its result or exception, every one within 60 s.
+
+    ``during()`` runs on this thread while they do.
+    """
+    def one(call: Any) -> Any:
+        command, kwargs = call
+        try:
+            return executor.run_command(command, **kwargs)
+        except ExecutorError as exc:
+            return exc
+
+    with ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(one, call) for call in calls]
+        if during is not None:
+            during()
+        return [future.result(timeout=60) for future in futures]
+
+
+def test_timeouts_firing_as_commands_end_return_one_or_the_other(make_sshd: Any) -> None:
+    # The deadline and the command's end land within a millisecond or two of
+    # each other, on either side: each call is the result or the timeout.
+    server = make_sshd(max_sessions=10)
+    calls = [(f"sleep 0.0{i % 5}; echo done", {"timeout": 0.01 * (i % 5) + 0.002 * (i % 3) + 0.001})
+             for i in range(120)]
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        outcomes = _bounded_calls(executor, calls, threads=60)
+        for outcome in outcomes:
+            if isinstance(outcome, CommandTimeout):
+                assert outcome.exit_code is None and outcome.stdout in ("", "done\n")
+            else:
+                assert isinstance(outcome, CommandResult), outcome
+                assert (outcome.exit_code, outcome.stdout) == (0, "done\n")
+        timed_out = sum(isinstance(outcome, CommandTimeout) for outcome in outcomes)
+        assert 0 < timed_out < len(calls)  # both sides of the race were met
+        assert executor.run_command("echo after", timeout=30).stdout == "after\n"
+        stats = executor.statistics()
+    assert stats.commands_started == 121
+    assert stats.commands_started == stats.commands_succeeded + stats.commands_failed
+    assert (stats.reconnects, stats.commands_retried) == (0, 0)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.003, 0.02, 0.1])
+def test_close_while_commands_end_returns_every_call(make_sshd: Any, delay: float) -> None:
+    server = make_sshd(max_sessions=10)
+    calls = [(command, {"check": False}) for command in
+             ("true", "echo x", "exec >&-; sleep 0.01", "sleep 0.05; echo y",
+              "head -c 100000 /dev/zero")] * 12
+    executor = SSHExecutor(**server.executor_parameters())
+    executor.run_command("true")  # connected: the close meets commands, not the login
+    closed = threading.Event()
+
+    def close() -> None:
+        closed.wait(delay)
+        executor.close()
+
+    outcomes = _bounded_calls(executor, calls, threads=60, during=close)
+    for outcome in outcomes:
+        assert isinstance(outcome, (CommandResult, ExecutorFailure)), outcome
+    stats = executor.statistics()
+    assert stats.commands_started == stats.commands_succeeded + stats.commands_failed
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.005, 0.03])
+def test_the_connection_dropped_while_commands_end_returns_every_call(
+        make_sshd: Any, delay: float) -> None:
+    server = make_sshd(max_sessions=10)
+    calls = [(command, {"check": False, "timeout": 30}) for command in
+             ("true", "echo x", "exec >&-; sleep 0.01", "sleep 0.05; echo y",
+              "head -c 100000 /dev/zero")] * 12
+    with SSHExecutor(**server.executor_parameters(), on_disconnect_retry=1) as executor:
+        executor.run_command("true")
+        pids = server.serving_pids()
+        assert len(pids) == 1
+        waited = threading.Event()
+
+        def drop() -> None:
+            waited.wait(delay)
+            os.kill(pids[0], signal.SIGKILL)
+
+        outcomes = _bounded_calls(executor, calls, threads=60, during=drop)
+        for outcome in outcomes:
+            assert isinstance(outcome, (CommandResult, ExecutorFailure)), outcome
+        assert executor.run_command("echo after", timeout=30).stdout == "after\n"
+        stats = executor.statistics()
+    assert stats.commands_started == 62
+    assert stats.commands_started == stats.commands_succeeded + stats.commands_failed
