@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import paramiko
 import pytest
 
 from paramiko_executor import (
+    CommandExecutionFailure,
     CommandResult,
     CommandTimeout,
     ExecutorError,
     ExecutorFailure,
+    GroupResult,
+    HostGroup,
     SSHExecutor,
 )
 from paramiko_executor.internals import drop_handshake_timer
@@ -138,7 +142,8 @@ def _hammer(executor: SSHExecutor, threads: int, rounds: int) -> List[str]:
     stats = executor.statistics()
     if (stats.connects, stats.reconnects, stats.commands_retried) != (1, 0, 0):
         errors.append(f"connection not kept: {stats}")
-    if stats.commands_started != threads * rounds or stats.commands_started != stats.commands_succeeded + stats.commands_failed:
+    ended = stats.commands_succeeded + stats.commands_failed
+    if stats.commands_started != threads * rounds or stats.commands_started != ended:
         errors.append(f"counters: {stats}")
     return errors
 
@@ -267,3 +272,167 @@ def test_the_connection_dropped_while_commands_end_returns_every_call(
         stats = executor.statistics()
     assert stats.commands_started == 62
     assert stats.commands_started == stats.commands_succeeded + stats.commands_failed
+
+
+# --- HostGroup -----------------------------------------------------------------------
+
+_GROUP_ADDRESSES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+WAIT = 60.0  # seconds a group call may take before it counts as a hang
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _in_thread(body: Any) -> Any:
+    """``body()`` on another thread, its result or exception; a hang fails the test."""
+    box: List[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(body())
+        except BaseException as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive(), "the group call hung"
+    return box[0]
+
+
+def test_a_group_of_150_hosts_some_failing_some_timing_out_answers_each_exactly(
+        make_sshd: Any) -> None:
+    server = make_sshd(max_sessions=10, listen_addresses=_GROUP_ADDRESSES,
+                       extra_config=["MaxStartups 300"])
+    dead_port = _free_port()  # nothing listens: the connection is refused
+    parameters = server.executor_parameters(connect_retries=0)
+    del parameters["host"]
+    hosts: List[Any] = [{"host": _GROUP_ADDRESSES[i % 4], "name": f"h{i}"} for i in range(150)]
+    hosts += [{"host": "127.0.0.1", "port": dead_port, "name": f"dead{i}"} for i in range(10)]
+    # Each address its own ending: at once, after output, by timeout, non-zero.
+    command = ('case "$SSH_CONNECTION" in *" 127.0.0.2 "*) true;; *" 127.0.0.3 "*) sleep 20;;'
+               ' *" 127.0.0.4 "*) echo four; exit 7;; *) echo five;; esac')
+    with HostGroup(hosts, max_workers=64, **parameters) as group:
+        for _ in range(2):
+            result = _in_thread(lambda: group.run_command(command, timeout=3))
+            assert isinstance(result, GroupResult), result
+            assert list(result) == [h["name"] for h in hosts]
+            for i in range(150):
+                outcome = result[f"h{i}"]
+                kind = i % 4
+                if kind == 0:
+                    assert isinstance(outcome, CommandResult) and outcome.stdout == ""
+                elif kind == 1:
+                    assert isinstance(outcome, CommandTimeout), outcome
+                elif kind == 2:
+                    assert isinstance(outcome, CommandExecutionFailure), outcome
+                    assert (outcome.exit_code, outcome.stdout) == (7, "four\n")
+                else:
+                    assert isinstance(outcome, CommandResult) and outcome.stdout == "five\n"
+            for i in range(10):
+                assert isinstance(result[f"dead{i}"], ExecutorFailure)
+        for name, stats in group.statistics().items():
+            assert stats.commands_started == stats.commands_succeeded + stats.commands_failed, name
+
+
+class _GatedExecutor(SSHExecutor):
+    """An executor whose commands wait for the test's gate; ``raise`` raises RuntimeError."""
+
+    gates: Dict[str, threading.Event] = {}
+    started: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def __init__(self, *, gate: str, **parameters: Any) -> None:
+        super().__init__(**parameters)
+        self._gate = gate
+
+    def run_command(self, command: str, *args: Any, **kwargs: Any) -> Any:
+        self.started.put(self._gate)
+        if self._gate == "raise":
+            raise RuntimeError("not a host's failure")
+        assert self.gates[self._gate].wait(WAIT)
+        return super().run_command(command, *args, **kwargs)
+
+
+def _gated_group(server: Any, names: List[str], **kwargs: Any) -> HostGroup:
+    parameters = server.executor_parameters()
+    del parameters["host"]
+    _GatedExecutor.gates = {name: threading.Event() for name in names}
+    _GatedExecutor.started = queue.SimpleQueue()
+    hosts = [{"host": "127.0.0.1", "name": name, "gate": name} for name in names]
+    return HostGroup(hosts, executor_class=_GatedExecutor, **kwargs, **parameters)
+
+
+def test_a_host_raising_ends_the_group_call_while_the_others_still_run(sshd: Any) -> None:
+    names = [f"slow{i}" for i in range(40)] + ["raise"]
+    with _gated_group(sshd, names, max_workers=64) as group:
+        raised = _in_thread(lambda: group.run_command("echo hi"))
+        assert isinstance(raised, RuntimeError), raised
+        assert not any(_GatedExecutor.gates[f"slow{i}"].is_set() for i in range(40))
+        for gate in _GatedExecutor.gates.values():
+            gate.set()
+
+
+def test_as_completed_yields_each_host_as_it_finishes_and_close_ends_the_rest(
+        sshd: Any) -> None:
+    names = [f"g{i}" for i in range(6)]
+    with _gated_group(sshd, names, max_workers=8) as group:
+        pairs = group.run_command_as_completed("echo hi", timeout=30)
+        seen: List[str] = []
+        for name in names[:3]:  # one at a time: each comes out before the next is let go
+            _GatedExecutor.gates[name].set()
+            got, outcome = _in_thread(lambda: next(pairs))
+            assert (got, outcome.stdout) == (name, "hi\n")
+            seen.append(got)
+        started = {_GatedExecutor.started.get(timeout=WAIT) for _ in names}
+        assert started == set(names)  # the rest are waiting at their gates
+        # close() waits for the hosts still at their gates; the loop does not.
+        closing = threading.Thread(target=group.close, daemon=True)
+        closing.start()
+        rest = _in_thread(lambda: list(pairs))
+        for gate in _GatedExecutor.gates.values():
+            gate.set()
+        closing.join(WAIT)
+        assert not closing.is_alive()
+        assert sorted(name for name, _ in rest) == names[3:]
+        assert all(isinstance(outcome, ExecutorFailure) for _, outcome in rest)
+
+
+def test_an_abandoned_as_completed_leaves_the_group_usable(sshd: Any) -> None:
+    names = [f"a{i}" for i in range(30)]
+    with _gated_group(sshd, names, max_workers=4) as group:
+        for gate in _GatedExecutor.gates.values():
+            gate.set()
+        pairs = group.run_command_as_completed("echo one")
+        first = _in_thread(lambda: next(pairs))
+        assert first[1].stdout == "one\n"
+        pairs.close()  # type: ignore[attr-defined]  # a generator: left early
+        again = _in_thread(lambda: group.run_command("echo two"))
+        assert [again[name].stdout for name in names] == ["two\n"] * 30
+
+
+def test_close_ends_a_group_run_command_waiting_for_its_hosts(sshd: Any) -> None:
+    names = [f"c{i}" for i in range(50)]
+    with _gated_group(sshd, names, max_workers=64) as group:
+        for name in names[:10]:
+            _GatedExecutor.gates[name].set()
+        box: List[Any] = []
+        calling = threading.Thread(target=lambda: box.append(group.run_command("echo hi")),
+                                   daemon=True)
+        calling.start()
+        started = {_GatedExecutor.started.get(timeout=WAIT) for _ in names}
+        assert started == set(names)
+        closing = threading.Thread(target=group.close, daemon=True)
+        closing.start()
+        calling.join(WAIT)  # returns before the gated hosts are let go
+        assert not calling.is_alive()
+        for gate in _GatedExecutor.gates.values():
+            gate.set()
+        closing.join(WAIT)
+        assert not closing.is_alive()
+    result, = box
+    assert all(isinstance(result[name], ExecutorFailure) for name in names[10:])
+    finished = [name for name in names[:10] if isinstance(result[name], CommandResult)]
+    assert all(result[name].stdout == "hi\n" for name in finished)
