@@ -30,6 +30,7 @@ from paramiko_executor import (
     GroupResult,
     HostGroup,
     SSHExecutor,
+    channel,
 )
 from paramiko_executor.internals import drop_handshake_timer
 
@@ -119,7 +120,7 @@ def _run_case(executor: SSHExecutor, index: int) -> Optional[str]:
     lines: List[str] = []
     if index % 3 == 0 and not kwargs.get("pty"):
         kwargs = dict(kwargs, on_output=lambda stream, line: lines.append(line))
-    result = executor.run_command(command, stdin, timeout=60, **kwargs)
+    result = executor.run_command(command, stdin, timeout=20, **kwargs)
     got = (result.exit_code if signal_name is None else None, result.stdout,
            result.exit_signal)
     if got != (code, stdout, signal_name):
@@ -134,13 +135,9 @@ def _hammer(executor: SSHExecutor, threads: int, rounds: int) -> List[str]:
 
     On one connection throughout: none lost, none retried, the counters agree.
     """
-    errors: List[str] = []
-    with ThreadPoolExecutor(threads) as pool:
-        futures = [pool.submit(_run_case, executor, i) for i in range(threads * rounds)]
-        for future in futures:
-            problem = future.result(timeout=120)  # a lost wake-up fails here, not hangs
-            if problem is not None:
-                errors.append(problem)
+    futures = _submitted(threads, [lambda i=i: _run_case(executor, i)
+                                   for i in range(threads * rounds)])
+    errors = [problem for problem in futures if problem is not None]
     stats = executor.statistics()
     if (stats.connects, stats.reconnects, stats.commands_retried) != (1, 0, 0):
         errors.append(f"connection not kept: {stats}")
@@ -198,11 +195,25 @@ def _bounded_calls(executor: SSHExecutor, calls: List[Any], threads: int,
         except ExecutorError as exc:
             return exc
 
-    with ThreadPoolExecutor(threads) as pool:
-        futures = [pool.submit(one, call) for call in calls]
+    return _submitted(threads, [lambda call=call: one(call) for call in calls], during)
+
+
+def _submitted(threads: int, bodies: List[Any], during: Optional[Any] = None) -> List[Any]:
+    """Each body's result, run on ``threads`` threads; a call still running 60 s on fails.
+
+    On a failure the pool is not waited for: the test fails, not hangs.
+    """
+    pool = ThreadPoolExecutor(threads)
+    try:
+        futures = [pool.submit(body) for body in bodies]
         if during is not None:
             during()
-        return [future.result(timeout=60) for future in futures]
+        results = [future.result(timeout=60) for future in futures]
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
 
 
 def test_timeouts_firing_as_commands_end_return_one_or_the_other(make_sshd: Any) -> None:
@@ -438,3 +449,18 @@ def test_close_ends_a_group_run_command_waiting_for_its_hosts(sshd: Any) -> None
     assert all(isinstance(result[name], ExecutorFailure) for name in names[10:])
     finished = [name for name in names[:10] if isinstance(result[name], CommandResult)]
     assert all(result[name].stdout == "hi\n" for name in finished)
+
+
+def test_no_command_needs_the_liveness_poll_to_see_its_end(
+        make_sshd: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The poll (once a second) would hide a lost wake-up as a slow command:
+    # without it, a lost one is a command timed out, 60 s on.
+    monkeypatch.setattr(channel, "LIVENESS_POLL", 600.0)
+    server = make_sshd(max_sessions=10, extra_config=["RekeyLimit 64K"])
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # thread switches at many more points of each burst
+    try:
+        with SSHExecutor(**server.executor_parameters()) as executor:
+            assert _hammer(executor, threads=30, rounds=10) == []
+    finally:
+        sys.setswitchinterval(interval)
