@@ -99,6 +99,7 @@ def test_dropping_the_handshake_timer_between_paramikos_two_reads_keeps_the_tran
 #: output before and after, stdin read or not, a signal, a terminal).
 _BIG = 300_000
 _FED = b"y" * 70_000
+_FLOOD = b"z" * 3_000_000
 _CASES: List[Any] = [
     ("true", None, {}, 0, "", None),
     ("echo out; exit 3", None, {"check": False}, 3, "out\n", None),
@@ -111,6 +112,10 @@ _CASES: List[Any] = [
     ("kill -TERM $$", None, {"check": False}, None, "", "TERM"),
     ("echo a; kill -KILL $$", None, {"check": False}, None, "a\n", "KILL"),
     ("echo pty", None, {"pty": True}, 0, "pty\r\n", None),
+    ("echo t; kill -TERM $$", None, {"check": False, "pty": True}, None, "t\r\n", "TERM"),
+    # More stdin than sshd's window: the sender waits for window as the command ends.
+    ("true", _FLOOD, {}, 0, "", None),
+    ("head -c 10 >/dev/null; echo got", _FLOOD, {}, 0, "got\n", None),
 ]
 
 
