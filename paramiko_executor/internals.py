@@ -105,6 +105,7 @@ __all__ = [
     "forget_parent_transports",
     "new_session_channel",
     "connection_error",
+    "SPENT_TIMER",
     "drop_handshake_timer",
     "replace_receive_buffers",
     "reply_arrived",
@@ -240,17 +241,32 @@ def new_session_channel(transport: paramiko.Transport, answered: Any) -> paramik
     return chan
 
 
+class _SpentTimer:
+    """A handshake timer that has nothing left to cancel (see `drop_handshake_timer`)."""
+
+    def cancel(self) -> None:
+        pass
+
+
+#: Stands in for paramiko's handshake timer once the login is done.
+SPENT_TIMER = _SpentTimer()
+
+
 def drop_handshake_timer(transport: paramiko.Transport) -> None:
-    """After the handshake and login: stop paramiko checking the handshake's time limit.
+    """After the handshake and login: stop paramiko cancelling the handshake's timer per packet.
 
     paramiko cancels its (long finished) handshake timer again after every
-    message it handles; without one it checks nothing.
+    message it handles, an ``Event.set`` each time. The timer is replaced by
+    one whose ``cancel`` does nothing, never by None: paramiko's thread tests
+    the timer and then cancels it, and a None stored between the two would
+    end the connection with an AttributeError. paramiko starts the timer
+    only once per connection (a re-key starts none), so no limit is lost.
     """
     packetizer = transport.packetizer
     timer = packetizer._Packetizer__timer  # type: ignore[attr-defined]
-    if timer is not None:
+    if timer is not None and timer is not SPENT_TIMER:
         timer.cancel()
-        packetizer._Packetizer__timer = None  # type: ignore[attr-defined]
+        packetizer._Packetizer__timer = SPENT_TIMER  # type: ignore[attr-defined]
 
 
 def set_forward_handler(transport: paramiko.Transport, handler: Handler) -> None:

@@ -68,8 +68,6 @@ def _logged_in_transport(server: Any) -> paramiko.Transport:
     return transport
 
 
-@pytest.mark.xfail(strict=True, reason="drop_handshake_timer sets None under the transport "
-                   "thread's check-then-cancel: AttributeError ends the connection")
 def test_dropping_the_handshake_timer_between_paramikos_two_reads_keeps_the_transport(
         sshd: Any) -> None:
     # The drop runs on the caller's thread right after login, while the

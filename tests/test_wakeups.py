@@ -7,6 +7,7 @@ from typing import Any, Callable, List
 
 from paramiko_executor import SSHExecutor
 from paramiko_executor.channel import _Wakeup
+from paramiko_executor.internals import SPENT_TIMER
 
 
 class _DeferringSocket:
@@ -81,6 +82,7 @@ def test_a_logged_in_transport_checks_no_handshake_timer_per_packet(sshd: Any) -
     with SSHExecutor(**sshd.executor_parameters()) as executor:
         executor.run_command("true")
         with executor.bounded_connection as transport:
-            assert transport.packetizer._Packetizer__timer is None  # type: ignore[attr-defined]
+            timer = transport.packetizer._Packetizer__timer  # type: ignore[attr-defined]
+            assert timer is SPENT_TIMER
             assert not transport.packetizer.handshake_timed_out()
         assert executor.run_command("echo still").stdout == "still\n"
