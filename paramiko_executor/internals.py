@@ -107,6 +107,7 @@ __all__ = [
     "connection_error",
     "SPENT_TIMER",
     "drop_handshake_timer",
+    "receive_buffer",
     "replace_receive_buffers",
     "reply_arrived",
     "send_awaiting_reply",
@@ -315,6 +316,11 @@ def reply_arrived(chan: paramiko.Channel, timeout: float) -> Tuple[bool, bool]:
     if not chan.event.wait(timeout):
         return False, False
     return True, bool(chan.event_ready)
+
+
+def receive_buffer(chan: paramiko.Channel) -> Any:
+    """What takes the channel's incoming data: paramiko's buffer, or what replaced it."""
+    return chan.in_buffer
 
 
 def replace_receive_buffers(chan: paramiko.Channel, stdout: Any, stderr: Any) -> None:

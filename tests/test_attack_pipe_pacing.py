@@ -788,7 +788,7 @@ def test_refusals_on_loopback_hold_nothing_back(make_sshd: Callable[..., Any]) -
         assert slots.pace == 0.0
 
 
-# --- known races, reproduced (strict xfail: a fix makes them pass and the marker must go) ---
+# --- races once lost: a CLOSE overtaking data, and data at a pipe's start ---
 
 
 def closes_after_4_mib(sock: socket.socket) -> None:
@@ -851,12 +851,6 @@ def cut_during_uploads(ex: SSHExecutor, port: int, how: str, clients: int = 6) -
     assert not any(thread.is_alive() for thread in uploads)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Our CLOSE (from Pipe.abort, ForwardedSocket.close, or paramiko's thread answering "
-    "the server's CLOSE) goes out while another thread sends data: paramiko sends a data "
-    "message outside the channel's lock, so it can follow our CLOSE, and sshd drops the "
-    "whole connection ('data packet referred to nonexistent channel'); paramiko's "
-    "Channel.send has the same gap"))
 @pytest.mark.parametrize("how", ["tunnel", "reset", "socket", "target"])
 @pytest.mark.hang_timeout(300)
 def test_cutting_a_stream_during_its_upload_leaves_the_connection_up(
@@ -875,10 +869,6 @@ def test_cutting_a_stream_during_its_upload_leaves_the_connection_up(
         assert ex.statistics().reconnects == 0, dropped
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Inbox._gather reads _reached, then empties paramiko's old buffer; take then takes "
-    "the inbox: a packet paramiko's thread put in the old buffer after that emptying, "
-    "and one fed to the inbox after it, are written in the wrong order"))
 def test_data_racing_the_pipes_start_keeps_its_order(forward: Forward) -> None:
     """paramiko's thread is inside the channel's own buffer's ``feed`` (it read the
     attribute before `install` swapped it) as the pipe starts; the test holds each
