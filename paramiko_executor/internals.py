@@ -40,7 +40,8 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
 ``Channel.in_buffer``, ``Channel.in_stderr_buffer``
     Replaced (`replace_receive_buffers`) for SFTP by buffers that wake the
     reader once per whole reply, not per packet, and for forwarded channels
-    by an `inbox.Inbox` that enforces the window and keeps packets uncopied.
+    by an `inbox.Inbox` that enforces the window and keeps packets uncopied;
+    read back (`receive_buffer`) to find a forwarded channel's send gate.
 ``AuthHandler._request_auth``, ``AuthHandler._parse_service_accept``,
 ``AuthHandler._parse_userauth_failure``
     `UserAuth`: paramiko asks for the ``ssh-userauth`` service again with

@@ -31,6 +31,7 @@ from test_pipe import WINDOW, Forward
 
 from paramiko_executor import ExecutorError, ExecutorFailure, SSHExecutor
 from paramiko_executor import slots as slots_module
+from paramiko_executor.sendgate import SendGate
 from paramiko_executor.slots import Slots
 
 # --- a hostile server's channel messages ---------------------------------------------------
@@ -902,6 +903,24 @@ def test_data_racing_the_pipes_start_keeps_its_order(forward: Forward) -> None:
     assert fed.wait(10)
     received, was_reset = read_to_end(forward.peer)
     assert (received, was_reset) == (b"first second", False)
+
+
+def test_a_close_during_a_send_is_left_to_the_last_sender_out() -> None:
+    """The gate under the test above: a close never waits, and never overtakes a send."""
+    gate = SendGate(paramiko.Channel(0))
+    ran: List[str] = []
+    assert gate.enter() and gate.enter()  # two data messages in flight
+    gate.close(lambda: ran.append(threading.current_thread().name))
+    gate.close(lambda: ran.append("second close"))  # e.g. the server's CLOSE meanwhile
+    assert ran == [] and not gate.enter()  # deferred; no new send starts
+    gate.leave()
+    assert ran == []
+    last = threading.Thread(target=gate.leave, name="last sender")
+    last.start()
+    last.join(10)
+    assert ran == ["last sender", "second close"]
+    gate.close(lambda: ran.append("now"))  # nothing in flight: at once
+    assert ran[-1] == "now"
 
 
 def open_fds() -> int:
