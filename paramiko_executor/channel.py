@@ -68,6 +68,7 @@ from .errors import (
     callers_code,
     translate,
 )
+from .inbox import gate_of
 from .internals import (
     Handler,
     await_key_exchange,
@@ -382,7 +383,14 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
                 s.server_closed()
 
         def handle(chan: paramiko.Channel, m: Message) -> None:
-            _outside_key_exchange(transport, lambda: finish(chan, m))
+            def reply() -> None:
+                _outside_key_exchange(transport, lambda: finish(chan, m))
+
+            gate = gate_of(chan)
+            if gate is None:
+                reply()
+            else:  # a forwarded channel: our CLOSE must follow its data in flight
+                gate.close(reply)
         return handle
 
     def request(on_request: Handler) -> Handler:

@@ -10,14 +10,14 @@ import socket
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, Optional, Union, cast
+from typing import Any, Callable, Iterator, Optional, Union
 
 import paramiko
 
 from .checks import check_int, check_number
-from .errors import TRANSPORT_ERRORS
 from .inbox import Inbox
 from .pipe import send_all
+from .sendgate import SendGate
 
 __all__ = ["ForwardedSocket"]
 
@@ -54,7 +54,7 @@ class ForwardedSocket:
         self._release: Optional[Callable[[], None]] = release
         # Dropped unclosed, it is closed when collected, as a socket is: else its place
         # under max_forwarded would be gone for the executor's life.
-        self._finalizer = weakref.finalize(self, _abandoned, chan, release, name)
+        self._finalizer = weakref.finalize(self, _abandoned, self._inbox.gate, release, name)
         self._finalizer.atexit = False
         self._lock = threading.Lock()
         self._files = 0
@@ -139,18 +139,14 @@ class ForwardedSocket:
         view = memoryview(data).cast("B")
         self._check_writable()
         with self._sending():
-            # Any buffer: paramiko packs what it is given (`send_all` relies on it too).
-            sent: int = self._chan.send(cast(bytes, view))
-            if not sent and view:  # paramiko's answer once the channel is closed or its EOF sent
-                raise OSError("the channel was closed")  # as `send_all`'s, mapped below
-        return sent
+            return send_all(self._chan, self._inbox.gate, view, whole=False)
 
     def sendall(self, data: Union[bytes, bytearray, memoryview], flags: int = 0) -> None:
         _check_flags(flags)
         view = memoryview(data).cast("B")
         self._check_writable()
         with self._sending():
-            send_all(self._chan, view)
+            send_all(self._chan, self._inbox.gate, view)
 
     def _check_writable(self) -> None:
         self._check_open()
@@ -268,7 +264,7 @@ class ForwardedSocket:
         if release is None:
             return
         self._finalizer.detach()
-        _end(self._chan, release)
+        _end(self._inbox.gate, release)
 
     def _forget_after_fork(self) -> None:
         """In a forked child: closed, without touching the parent's channel."""
@@ -288,21 +284,19 @@ def _check_flags(flags: int) -> None:
         raise ValueError(f"flags must be 0 on a forwarded connection, not {flags!r}")
 
 
-def _end(chan: paramiko.Channel, release: Callable[[], None]) -> None:
-    """Close ``chan`` and give its place back."""
+def _end(gate: SendGate, release: Callable[[], None]) -> None:
+    """Close the channel of ``gate`` (after the data message in flight) and give its place back."""
     try:
-        chan.close()
-    except TRANSPORT_ERRORS:
-        pass
+        gate.close_channel()
     finally:
         release()
 
 
-def _abandoned(chan: paramiko.Channel, release: Callable[[], None], name: str) -> None:
+def _abandoned(gate: SendGate, release: Callable[[], None], name: str) -> None:
     try:
         warnings.warn(f"unclosed forwarded connection to {name}", ResourceWarning, stacklevel=2)
     finally:  # also when warnings are errors (``-W error``), as a socket's close
-        _end(chan, release)
+        _end(gate, release)
 
 
 class _ChannelIO(io.RawIOBase):

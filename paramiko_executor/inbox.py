@@ -29,14 +29,16 @@ from paramiko.message import Message
 
 from .errors import TRANSPORT_ERRORS
 from .internals import (
+    receive_buffer,
     replace_receive_buffers,
     send_when_clear,
     window_to_return,
     window_unreturned,
 )
+from .sendgate import SendGate
 from .text import printable
 
-__all__ = ["Chunk", "Inbox"]
+__all__ = ["Chunk", "Inbox", "gate_of"]
 
 log = logging.getLogger("paramiko_executor.tunnels")
 
@@ -121,6 +123,7 @@ class Inbox:
         self._poked = False  # paramiko's own buffer got something since it was last emptied
         self._reached = False  # the channel fed or closed the inbox: it moved on
         self._before: Any = None  # paramiko's own buffer, until it is known to get nothing more
+        self._early = 0  # chunks at the front that came from it: the ones fed to us follow them
         self._gathering = threading.Lock()  # one reader at a time moves the old buffer's data
         self._waiting = 0  # readers waiting in `take`
         self._wake_due = False  # a wake-up is deferred to the transport thread's next read
@@ -129,6 +132,9 @@ class Inbox:
         self._defer: Optional[Callable[[Callable[[], None]], None]] = getattr(sock, "defer", None)
         #: Why the inbox ended early (the server overran the window), or None.
         self.violation: Optional[str] = None
+        #: The channel's `sendgate.SendGate`: found here (`gate_of`) by the hook
+        #: that answers the server's CLOSE.
+        self.gate = SendGate(chan)
 
     def install(self) -> None:
         """Take the channel's incoming data from now on, and what its own buffer holds."""
@@ -248,12 +254,16 @@ class Inbox:
         # Under the lock. Data may wait in the old buffer while it is poked.
         return bool(self._size or self._closed or (self._before is not None and self._poked))
 
-    def _gather(self) -> None:
-        """Move what paramiko's own buffer holds to the front; drop it once the channel moved on."""
+    def _gather(self) -> bool:
+        """Move what paramiko's own buffer holds to the front; drop it once the channel moved on.
+
+        True when the old buffer was emptied after the channel moved on (or
+        was already dropped): no data fed to the inbox can precede what it held.
+        """
         with self._gathering:
             before = self._before
             if before is None:
-                return
+                return True
             with self._cond:
                 reached = self._reached
                 self._poked = False  # a poke from now on means more data
@@ -262,8 +272,11 @@ class Inbox:
                 if reached:
                     self._before = None
                 if early:
-                    self._chunks.appendleft(early)
+                    # After what earlier gathers moved, before anything fed to the inbox.
+                    self._chunks.insert(self._early, early)
+                    self._early += 1
                     self._size += len(early)
+            return reached
 
     def take(self, limit: Optional[int] = None, timeout: Optional[float] = None, *,
              counted: bool = True) -> List[Chunk]:
@@ -276,10 +289,14 @@ class Inbox:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self._gather()
+            gathered = self._gather()
             with self._cond:
                 if self.violation is not None:
                     return []
+                if not gathered and self._reached:
+                    # Fed while the old buffer was emptied: paramiko's thread may have put
+                    # a packet there before that, which comes first. Gather again.
+                    continue
                 if self._chunks:
                     chunks = self._pop(limit, counted)
                     if self._event is not None and not self._ready():
@@ -305,6 +322,7 @@ class Inbox:
         if limit is None or limit >= self._size:
             out = list(chunks)
             chunks.clear()
+            self._early = 0
         else:
             out = []
             need = limit
@@ -317,6 +335,7 @@ class Inbox:
                     chunks[0] = view[need:]
                     break
                 out.append(chunks.popleft())
+                self._early = max(0, self._early - 1)
                 need -= len(first)
         size = sum(len(chunk) for chunk in out)
         self._size -= size
@@ -345,6 +364,12 @@ class Inbox:
         except TRANSPORT_ERRORS:
             pass  # the connection's end: the next read tells
         return data
+
+
+def gate_of(chan: paramiko.Channel) -> Optional[SendGate]:
+    """The send gate of a channel that reads through an `Inbox`; None for any other channel."""
+    inbox = receive_buffer(chan)
+    return inbox.gate if isinstance(inbox, Inbox) else None
 
 
 def _joined(chunks: List[Chunk]) -> bytes:

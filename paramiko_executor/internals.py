@@ -40,7 +40,8 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
 ``Channel.in_buffer``, ``Channel.in_stderr_buffer``
     Replaced (`replace_receive_buffers`) for SFTP by buffers that wake the
     reader once per whole reply, not per packet, and for forwarded channels
-    by an `inbox.Inbox` that enforces the window and keeps packets uncopied.
+    by an `inbox.Inbox` that enforces the window and keeps packets uncopied;
+    read back (`receive_buffer`) to find a forwarded channel's send gate.
 ``AuthHandler._request_auth``, ``AuthHandler._parse_service_accept``,
 ``AuthHandler._parse_userauth_failure``
     `UserAuth`: paramiko asks for the ``ssh-userauth`` service again with
@@ -107,6 +108,7 @@ __all__ = [
     "connection_error",
     "SPENT_TIMER",
     "drop_handshake_timer",
+    "receive_buffer",
     "replace_receive_buffers",
     "reply_arrived",
     "send_awaiting_reply",
@@ -315,6 +317,11 @@ def reply_arrived(chan: paramiko.Channel, timeout: float) -> Tuple[bool, bool]:
     if not chan.event.wait(timeout):
         return False, False
     return True, bool(chan.event_ready)
+
+
+def receive_buffer(chan: paramiko.Channel) -> Any:
+    """What takes the channel's incoming data: paramiko's buffer, or what replaced it."""
+    return chan.in_buffer
 
 
 def replace_receive_buffers(chan: paramiko.Channel, stdout: Any, stderr: Any) -> None:

@@ -31,6 +31,7 @@ from test_pipe import WINDOW, Forward
 
 from paramiko_executor import ExecutorError, ExecutorFailure, SSHExecutor
 from paramiko_executor import slots as slots_module
+from paramiko_executor.sendgate import SendGate
 from paramiko_executor.slots import Slots
 
 # --- a hostile server's channel messages ---------------------------------------------------
@@ -788,7 +789,7 @@ def test_refusals_on_loopback_hold_nothing_back(make_sshd: Callable[..., Any]) -
         assert slots.pace == 0.0
 
 
-# --- known races, reproduced (strict xfail: a fix makes them pass and the marker must go) ---
+# --- races once lost: a CLOSE overtaking data, and data at a pipe's start ---
 
 
 def closes_after_4_mib(sock: socket.socket) -> None:
@@ -851,12 +852,6 @@ def cut_during_uploads(ex: SSHExecutor, port: int, how: str, clients: int = 6) -
     assert not any(thread.is_alive() for thread in uploads)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Our CLOSE (from Pipe.abort, ForwardedSocket.close, or paramiko's thread answering "
-    "the server's CLOSE) goes out while another thread sends data: paramiko sends a data "
-    "message outside the channel's lock, so it can follow our CLOSE, and sshd drops the "
-    "whole connection ('data packet referred to nonexistent channel'); paramiko's "
-    "Channel.send has the same gap"))
 @pytest.mark.parametrize("how", ["tunnel", "reset", "socket", "target"])
 @pytest.mark.hang_timeout(300)
 def test_cutting_a_stream_during_its_upload_leaves_the_connection_up(
@@ -875,10 +870,6 @@ def test_cutting_a_stream_during_its_upload_leaves_the_connection_up(
         assert ex.statistics().reconnects == 0, dropped
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Inbox._gather reads _reached, then empties paramiko's old buffer; take then takes "
-    "the inbox: a packet paramiko's thread put in the old buffer after that emptying, "
-    "and one fed to the inbox after it, are written in the wrong order"))
 def test_data_racing_the_pipes_start_keeps_its_order(forward: Forward) -> None:
     """paramiko's thread is inside the channel's own buffer's ``feed`` (it read the
     attribute before `install` swapped it) as the pipe starts; the test holds each
@@ -912,6 +903,24 @@ def test_data_racing_the_pipes_start_keeps_its_order(forward: Forward) -> None:
     assert fed.wait(10)
     received, was_reset = read_to_end(forward.peer)
     assert (received, was_reset) == (b"first second", False)
+
+
+def test_a_close_during_a_send_is_left_to_the_last_sender_out() -> None:
+    """The gate under the test above: a close never waits, and never overtakes a send."""
+    gate = SendGate(paramiko.Channel(0))
+    ran: List[str] = []
+    assert gate.enter() and gate.enter()  # two data messages in flight
+    gate.close(lambda: ran.append(threading.current_thread().name))
+    gate.close(lambda: ran.append("second close"))  # e.g. the server's CLOSE meanwhile
+    assert ran == [] and not gate.enter()  # deferred; no new send starts
+    gate.leave()
+    assert ran == []
+    last = threading.Thread(target=gate.leave, name="last sender")
+    last.start()
+    last.join(10)
+    assert ran == ["last sender", "second close"]
+    gate.close(lambda: ran.append("now"))  # nothing in flight: at once
+    assert ran[-1] == "now"
 
 
 def open_fds() -> int:
