@@ -586,6 +586,11 @@ class HostGroup:
             executor.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+            # A host's call that had not connected yet when its executor was
+            # closed above connects again (a closed executor reconnects on its
+            # next command): close what it opened, or it stays open for good.
+            for executor in executors:
+                executor.close()
 
     def __enter__(self: GroupT) -> GroupT:
         return self

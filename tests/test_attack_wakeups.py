@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import paramiko
 import pytest
+from helpers import wait_for
 
 from paramiko_executor import (
     CommandExecutionFailure,
@@ -389,6 +390,31 @@ def test_a_host_raising_ends_the_group_call_while_the_others_still_run(sshd: Any
         assert not any(_GatedExecutor.gates[f"slow{i}"].is_set() for i in range(40))
         for gate in _GatedExecutor.gates.values():
             gate.set()
+
+
+def test_close_leaves_no_connection_opened_by_a_host_it_interrupted(make_sshd: Any) -> None:
+    """Hosts between their start and their connect when close() ran leave nothing open."""
+    server = make_sshd(max_sessions=10)
+    names = [f"late{i}" for i in range(8)] + ["raise"]
+    group = _gated_group(server, names, max_workers=16)
+    raised = _in_thread(lambda: group.run_command("echo hi"))
+    assert isinstance(raised, RuntimeError), raised
+    started = {_GatedExecutor.started.get(timeout=WAIT) for _ in names}
+    assert started == set(names)  # every host is in its call, none connected
+    executors: List[Any] = list(group._executors.values())
+    epochs = [executor._connection.epoch for executor in executors]
+    closing = threading.Thread(target=group.close, daemon=True)
+    closing.start()
+    # Only once close() has closed every executor (it then waits for the
+    # hosts' calls) do the hosts go on, and connect.
+    wait_for(lambda: all(e._connection.epoch != epoch for e, epoch in zip(executors, epochs)),
+             "close() to close the executors")
+    for gate in _GatedExecutor.gates.values():
+        gate.set()
+    closing.join(WAIT)
+    assert not closing.is_alive()
+    # One close(), as a `with` block gives: nothing of the group is left open.
+    wait_for(lambda: server.serving_pids() == [], "the hosts' connections to end", timeout=10)
 
 
 def test_as_completed_yields_each_host_as_it_finishes_and_close_ends_the_rest(

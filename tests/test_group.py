@@ -342,7 +342,7 @@ def test_close_closes_every_executor_and_the_group_stays_usable():
     pool_threads = new_group_threads(before)
     executors = [group.executor("a"), group.executor("b")]
     group.close()
-    assert [e.closed for e in executors] == [1, 1]
+    assert all(e.closed for e in executors)  # at least once; again after its calls ended
     assert pool_threads and not any(t.is_alive() for t in pool_threads)
     assert not group.run_command("y").failed
     with pytest.raises(KeyError):
