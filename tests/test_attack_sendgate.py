@@ -11,6 +11,7 @@ connection), and nothing is left behind.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import sys
 import threading
@@ -24,10 +25,16 @@ from paramiko_executor import SSHExecutor
 from paramiko_executor.sendgate import SendGate
 
 BLOCK = b"x" * 65536
+POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  # Linux
 
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def our_threads() -> int:
+    """Threads but the targets' (a target that never reads holds its connection to the end)."""
+    return sum(1 for thread in threading.enumerate() if thread.name != "sink")
 
 
 class Sink:
@@ -40,6 +47,7 @@ class Sink:
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
         self.ended = 0  # connections whose far end was seen to close
+        self.accepted = 0
         self._lock = threading.Lock()
         self._accepting = threading.Thread(target=self._accept, daemon=True)
         self._accepting.start()
@@ -50,7 +58,8 @@ class Sink:
                 sock, _ = self._listener.accept()
             except OSError:
                 return
-            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+            self.accepted += 1
+            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True, name="sink")
             self._threads.append(thread)
             thread.start()
 
@@ -59,7 +68,11 @@ class Sink:
             sock.settimeout(0.2)
             while not self._stop.is_set():
                 if not self._reading:
-                    self._stop.wait(0.2)
+                    # The far end's close shows, with the data still unread.
+                    poller = select.poll()
+                    poller.register(sock, POLLRDHUP)
+                    if poller.poll(200):
+                        break
                     continue
                 try:
                     if not sock.recv(1 << 20):
@@ -157,3 +170,87 @@ def test_an_interrupt_in_one_deferred_close_does_not_lose_the_others() -> None:
     with pytest.raises(KeyboardInterrupt):
         gate.leave()
     assert ran == ["the reply to the server's CLOSE"]
+
+
+def upload_until_stuck(send: Callable[[bytes], Any], moved: List[int]) -> Callable[[], None]:
+    """A thread's body: send blocks until the sender is cut (its error ends it quietly)."""
+    def run() -> None:
+        try:
+            for _ in range(100_000):  # bounded: far more than any window holds
+                send(BLOCK)
+                moved[0] += 1
+        except (OSError, EOFError):
+            pass  # the cut under test
+    return run
+
+
+def wait_stuck(moved: List[int]) -> None:
+    """Wait until ``moved`` stops growing for a second (the window is spent), bounded."""
+    last = -1
+    for _ in range(60):
+        if moved[0] == last and last > 0:
+            return
+        last = moved[0]
+        threading.Event().wait(1.0)
+    raise AssertionError("the upload never stalled")
+
+
+@pytest.mark.parametrize("closing", ["socket", "executor"])
+@pytest.mark.hang_timeout(180)
+def test_a_sender_stuck_on_a_window_never_opened_ends_at_close(
+        make_sshd: Callable[..., Any], make_sink: Callable[[bool], Sink], closing: str) -> None:
+    server = make_sshd(max_sessions=10)
+    sink = make_sink(False)  # never reads: sshd stops adjusting the window
+    threads_before, fds_before = our_threads(), open_fds()
+    ex = SSHExecutor(**server.executor_parameters())
+    sock = ex.open_connection("127.0.0.1", sink.port, timeout=30)
+    sock.settimeout(None)
+    moved = [0]
+    senders = [threading.Thread(target=upload_until_stuck(sock.sendall, moved)) for _ in range(3)]
+    for thread in senders:
+        thread.start()
+    wait_stuck(moved)
+    if closing == "socket":
+        sock.close()
+    else:
+        ex.close()
+    for thread in senders:
+        thread.join(15)
+    assert not any(thread.is_alive() for thread in senders)
+    if closing == "socket":
+        # Our CLOSE went out (sshd itself holds the target's end until it drains, never).
+        assert sock._chan.closed  # type: ignore[attr-defined]
+        assert ex.run_command("echo ok").stdout == "ok\n"
+        assert ex.statistics().reconnects == 0
+        ex.close()
+    wait_for(lambda: our_threads() <= threads_before, "the threads to end")
+    # The target's end of each connection stays open until the test ends: 1 fd each.
+    wait_for(lambda: open_fds() <= fds_before + sink.accepted, "the sockets to close")
+
+
+@pytest.mark.parametrize("closing", ["tunnel", "executor"])
+@pytest.mark.hang_timeout(180)
+def test_a_tunnel_stuck_on_a_window_never_opened_ends_at_close(
+        make_sshd: Callable[..., Any], make_sink: Callable[[bool], Sink], closing: str) -> None:
+    server = make_sshd(max_sessions=10)
+    sink = make_sink(False)
+    threads_before, fds_before = our_threads(), open_fds()
+    ex = SSHExecutor(**server.executor_parameters())
+    tunnel = ex.forward_local(sink.port, "127.0.0.1")
+    clients = [socket.create_connection(tunnel.local_address, timeout=60) for _ in range(3)]
+    moved = [0]
+    senders = [threading.Thread(target=upload_until_stuck(c.sendall, moved)) for c in clients]
+    for thread in senders:
+        thread.start()
+    wait_stuck(moved)
+    if closing == "tunnel":
+        tunnel.close()
+    ex.close()
+    for thread in senders:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in senders)
+    for client in clients:
+        client.close()
+    wait_for(lambda: our_threads() <= threads_before, "the threads to end")
+    # The target's end of each connection stays open until the test ends: 1 fd each.
+    wait_for(lambda: open_fds() <= fds_before + sink.accepted, "the sockets to close")
