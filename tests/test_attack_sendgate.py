@@ -10,6 +10,7 @@ connection), and nothing is left behind.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
@@ -254,3 +255,65 @@ def test_a_tunnel_stuck_on_a_window_never_opened_ends_at_close(
     wait_for(lambda: our_threads() <= threads_before, "the threads to end")
     # The target's end of each connection stays open until the test ends: 1 fd each.
     wait_for(lambda: open_fds() <= fds_before + sink.accepted, "the sockets to close")
+
+
+def senders_against_closers(ex: SSHExecutor, port: int, rounds: int) -> None:
+    """Per round: 6 threads send on one connection while 3 others close it at once."""
+    for _ in range(rounds):
+        sock = ex.open_connection("127.0.0.1", port, timeout=30)
+        moved = [0]
+        started = threading.Barrier(10, timeout=30)
+
+        def send(small: bool) -> None:
+            started.wait()
+            try:
+                for _ in range(2000):  # bounded; the close cuts it long before
+                    if small:
+                        sock.send(BLOCK[:1000])
+                    else:
+                        sock.sendall(BLOCK)
+                    moved[0] += 1
+            except OSError:
+                pass  # the close under test
+
+        def close() -> None:
+            started.wait()
+            wait_for(lambda: moved[0] >= 20, "the senders to be sending")
+            sock.close()
+
+        threads = [threading.Thread(target=send, args=(i % 2 == 0,)) for i in range(6)]
+        threads += [threading.Thread(target=close) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        started.wait()
+        for thread in threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in threads)
+        sock.close()  # again: nothing
+        assert sock._chan.closed  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("rekey", [False, True])
+@pytest.mark.hang_timeout(300)
+def test_many_senders_and_closers_on_one_connection_never_drop_the_connection(
+        make_sshd: Callable[..., Any], make_sink: Callable[[bool], Sink], rekey: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No data after CLOSE: sshd would say "nonexistent channel" and drop everything."""
+    caplog.set_level(logging.DEBUG, logger="paramiko.transport")
+    extra = ["RekeyLimit 256K"] if rekey else []
+    server = make_sshd(max_sessions=10, extra_config=extra)
+    sink = make_sink(True)
+    threads_before, fds_before = our_threads(), open_fds()
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        senders_against_closers(ex, sink.port, 8)
+        assert ex.run_command("echo ok").stdout == "ok\n"
+        log = server.read_log()
+        assert ex.statistics().reconnects == 0, [
+            line for line in log.splitlines() if "isconnect" in line or "nonexistent" in line]
+        assert "nonexistent channel" not in log
+        if rekey:
+            switched = [r for r in caplog.records if r.getMessage() == "Switch to new keys ..."]
+            assert len(switched) >= 3, "the key exchanges did not happen"
+    wait_for(lambda: sink.ended == sink.accepted == 8, "every target connection to end")
+    wait_for(lambda: our_threads() <= threads_before, "the threads to end")
+    wait_for(lambda: open_fds() <= fds_before, "the sockets to close")
