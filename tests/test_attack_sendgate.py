@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -315,5 +316,59 @@ def test_many_senders_and_closers_on_one_connection_never_drop_the_connection(
             switched = [r for r in caplog.records if r.getMessage() == "Switch to new keys ..."]
             assert len(switched) >= 3, "the key exchanges did not happen"
     wait_for(lambda: sink.ended == sink.accepted == 8, "every target connection to end")
+    wait_for(lambda: our_threads() <= threads_before, "the threads to end")
+    wait_for(lambda: open_fds() <= fds_before, "the sockets to close")
+
+
+@pytest.mark.parametrize("ending", ["executor", "lost"])
+@pytest.mark.hang_timeout(180)
+def test_closes_deferred_behind_senders_stuck_on_a_frozen_sshd_end_with_the_connection(
+        make_sshd: Callable[..., Any], make_sink: Callable[[bool], Sink], ending: str) -> None:
+    """sshd stops reading: senders wait inside the gate (on TCP), so the closes are deferred
+    to them; neither close may wait, and the connection's end must free everything."""
+    server = make_sshd(max_sessions=10)
+    sink = make_sink(True)
+    threads_before, fds_before = our_threads(), open_fds()
+    ex = SSHExecutor(**server.executor_parameters())
+    sock = ex.open_connection("127.0.0.1", sink.port, timeout=30)
+    sock.settimeout(None)
+    # Less in TCP's buffers than the window holds: the senders end up waiting on TCP.
+    transport = ex._connection.link.transport  # type: ignore[union-attr]
+    transport.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    moved = [0]
+    senders = [threading.Thread(target=upload_until_stuck(sock.sendall, moved)) for _ in range(4)]
+    frozen = server.serving_pids()
+    try:
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        for thread in senders:
+            thread.start()
+        gate = sock._inbox.gate  # type: ignore[attr-defined]
+        wait_for(lambda: gate._sending == 4, "every sender to be inside the gate, on TCP")
+        closers = [threading.Thread(target=sock.close) for _ in range(3)]
+        for thread in closers:
+            thread.start()
+        for thread in closers:
+            thread.join(10)
+        assert not any(thread.is_alive() for thread in closers), "a close waited for a sender"
+        assert len(gate._deferred) == 1  # the close is the last sender's to send
+        if ending == "lost":
+            for pid in frozen:
+                os.kill(pid, signal.SIGKILL)
+            for thread in senders:
+                thread.join(30)
+            assert not any(thread.is_alive() for thread in senders)
+            assert ex.run_command("echo ok").stdout == "ok\n"
+        ex.close()
+        for thread in senders:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in senders)
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        ex.close()
     wait_for(lambda: our_threads() <= threads_before, "the threads to end")
     wait_for(lambda: open_fds() <= fds_before, "the sockets to close")
