@@ -72,9 +72,9 @@ def send_all(chan: paramiko.Channel, gate: SendGate, data: Union[bytes, memoryvi
     sent = 0
     while view:
         size = take_send_window(chan, len(view))
-        if size == 0 or not gate.enter():
-            raise OSError("the channel was closed")
-        try:
+        try:  # the finally covers the enter too: an interrupt may land as it returns
+            if size == 0 or not gate.enter():
+                raise OSError("the channel was closed")
             send_when_clear(transport, Message(_DATA.pack(MSG_CHANNEL_DATA, chan.remote_chanid,
                                                           size) + view[:size]))
         finally:

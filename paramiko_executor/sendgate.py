@@ -14,7 +14,7 @@ which runs it as it leaves. From the first close on, no new send starts.
 from __future__ import annotations
 
 import threading
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 import paramiko
 
@@ -29,7 +29,10 @@ class SendGate:
     def __init__(self, chan: paramiko.Channel) -> None:
         self._chan = chan
         self._lock = threading.Lock()
-        self._sending = 0
+        #: Data messages in flight, per sending thread: `leave` by a thread
+        #: that holds none (its `enter` refused, or interrupted before the
+        #: caller could know it was counted) changes nothing.
+        self._sending: Dict[int, int] = {}
         self._closing = False
         self._deferred: List[Callable[[], None]] = []
 
@@ -38,18 +41,28 @@ class SendGate:
         with self._lock:
             if self._closing:
                 return False
-            self._sending += 1
+            me = threading.get_ident()
+            self._sending[me] = self._sending.get(me, 0) + 1
             return True
 
     def leave(self) -> None:
-        """The data message of an `enter` went out (or failed): the last one out runs the closes."""
+        """The data message of this thread's `enter` went out (or failed); the last one out
+        runs the closes. Without a message of this thread in flight, nothing happens, so
+        a sender calls it in a ``finally`` that also covers its `enter`.
+        """
+        me = threading.get_ident()
         with self._lock:
-            self._sending -= 1
+            held = self._sending.get(me, 0)
+            if not held:
+                return
+            if held == 1:
+                del self._sending[me]
+            else:
+                self._sending[me] = held - 1
             if self._sending or not self._deferred:
                 return
             deferred, self._deferred = self._deferred, []
-        for action in deferred:
-            _quietly(action)
+        _run_all(deferred)
 
     def close(self, action: Callable[[], None]) -> None:
         """Stop new sends; run ``action`` (it sends the CLOSE) now, or as the last send leaves."""
@@ -63,6 +76,16 @@ class SendGate:
     def close_channel(self) -> None:
         """Close the channel through the gate; a connection lost meanwhile is no error."""
         self.close(lambda: _quietly(self._chan.close))
+
+
+def _run_all(actions: List[Callable[[], None]]) -> None:
+    """Run every one of ``actions``, even past one that raises, whose error then propagates."""
+    if not actions:
+        return
+    try:
+        _quietly(actions[0])
+    finally:
+        _run_all(actions[1:])
 
 
 def _quietly(action: Callable[[], None]) -> None:

@@ -133,8 +133,6 @@ def gate_enter_raises(exc: BaseException) -> Callable[[], None]:
     return lambda: sys.settrace(None)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the count taken by SendGate.enter leaks when an "
-                   "interrupt lands as it returns; every later CLOSE is deferred forever")
 @pytest.mark.hang_timeout(120)
 def test_an_interrupt_as_a_sender_passes_the_gate_still_lets_the_close_go_out(
         sshd: Any, make_sink: Callable[[bool], Sink]) -> None:
@@ -155,8 +153,6 @@ def test_an_interrupt_as_a_sender_passes_the_gate_still_lets_the_close_go_out(
         assert ex.statistics().reconnects == 0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: SendGate.leave drops the closes after one that "
-                   "raises anything but a transport error (an interrupt)")
 def test_an_interrupt_in_one_deferred_close_does_not_lose_the_others() -> None:
     """The last sender out runs our CLOSE and then paramiko's reply to the server's; an
     interrupt in the first (it may wait out a key exchange) must not drop the second."""
@@ -348,7 +344,8 @@ def test_closes_deferred_behind_senders_stuck_on_a_frozen_sshd_end_with_the_conn
         for thread in senders:
             thread.start()
         gate = sock._inbox.gate  # type: ignore[attr-defined]
-        wait_for(lambda: gate._sending == 4, "every sender to be inside the gate, on TCP")
+        wait_for(lambda: sum(gate._sending.values()) == 4,
+                 "every sender to be inside the gate, on TCP")
         closers = [threading.Thread(target=sock.close) for _ in range(3)]
         for thread in closers:
             thread.start()
