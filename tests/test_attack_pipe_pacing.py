@@ -909,14 +909,29 @@ def test_a_close_during_a_send_is_left_to_the_last_sender_out() -> None:
     """The gate under the test above: a close never waits, and never overtakes a send."""
     gate = SendGate(paramiko.Channel(0))
     ran: List[str] = []
-    assert gate.enter() and gate.enter()  # two data messages in flight
+    entered = threading.Semaphore(0)
+
+    def sender(done: threading.Event) -> None:  # a sender leaves in its own thread
+        assert gate.enter()
+        entered.release()
+        assert done.wait(10)
+        gate.leave()
+
+    first_done, last_done = threading.Event(), threading.Event()
+    first = threading.Thread(target=sender, args=(first_done,), name="first sender")
+    last = threading.Thread(target=sender, args=(last_done,), name="last sender")
+    for thread in (first, last):
+        thread.start()
+    for _ in range(2):  # two data messages in flight
+        assert entered.acquire(timeout=10)
     gate.close(lambda: ran.append(threading.current_thread().name))
     gate.close(lambda: ran.append("second close"))  # e.g. the server's CLOSE meanwhile
     assert ran == [] and not gate.enter()  # deferred; no new send starts
-    gate.leave()
+    gate.leave()  # this thread sends nothing: its leave changes nothing
+    first_done.set()
+    first.join(10)
     assert ran == []
-    last = threading.Thread(target=gate.leave, name="last sender")
-    last.start()
+    last_done.set()
     last.join(10)
     assert ran == ["last sender", "second close"]
     gate.close(lambda: ran.append("now"))  # nothing in flight: at once
