@@ -128,6 +128,8 @@ class Slots(threading.BoundedSemaphore):
         whose slots were taken but not opened yet are no server's sessions,
         so each open need only wait for one freed session. At most `pace`.
         """
+        if not self._pace:
+            return 0.0  # the common case (every fast path): no lock taken per command
         with self._cond:
             if self._still_closing() <= self._value:
                 return 0.0
