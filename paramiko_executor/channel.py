@@ -242,16 +242,18 @@ class CommandSpec:
 
 
 def _outside_key_exchange(transport: paramiko.Transport, handler: Callable[[], None]) -> None:
-    """Run a transport-thread handler that sends, without stalling that thread in a key exchange.
+    """Run a handler that sends, never stalling the transport thread in a key exchange.
 
     paramiko's handlers for a channel's CLOSE, a refused request or a request
-    wanting a reply send from the transport thread and wait while a key
-    exchange runs; but only the transport thread can finish the exchange, so
-    it would wait for itself until paramiko gives up on the connection. Only
-    this thread starts key exchanges, so the check cannot go stale while the
-    handler runs; during one, the handler runs in a thread of its own.
+    wanting a reply send and wait while a key exchange runs; but only the
+    transport thread can finish the exchange, so on that thread it would wait
+    for itself until paramiko gives up on the connection. Only that thread
+    starts key exchanges, so there the check cannot go stale while the handler
+    runs; during one, the handler runs in a thread of its own. On any other
+    thread (a forwarded channel's CLOSE left to its last sender out) the
+    handler runs at once: its wait ends when the transport thread finishes.
     """
-    if not key_exchange_running(transport):
+    if threading.current_thread() is not transport or not key_exchange_running(transport):
         handler()
         return
 

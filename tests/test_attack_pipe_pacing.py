@@ -594,7 +594,12 @@ EXPECTED = (ExecutorError, paramiko.SSHException, EOFError, OSError)
 
 
 def free_slots_back(ex: SSHExecutor) -> None:
-    """Wait until every slot of the current connection is free (the spare's aside)."""
+    """Wait until every slot of the current connection is free (the spare's aside).
+
+    The chaos may end with a close(): a command then makes the connection to check.
+    """
+    if ex._connection.link is None:
+        ex.run_command("true", timeout=60)
     link = ex._connection.link
     assert link is not None and link.slots is not None and link.spare is not None
     slots, spare = link.slots, link.spare

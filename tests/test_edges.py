@@ -357,7 +357,11 @@ def test_dropbear_many_threads_never_report_a_command_that_did_not_run(dropbear,
     with capsys.disabled():
         print(f"\n[dropbear] {collections.Counter(seen).most_common()}")
     assert len(seen) == threads * per_thread
-    assert set(seen) <= {"ok", "ExecutorFailure"}, sorted(set(seen))[:5]
+    # Dropbear 2022.83 closes channels waiting for their command whenever a
+    # command ends, and exits on an exec crossing that CLOSE (its issue 321):
+    # on a loaded machine a command's retries can outlast its timeout, which
+    # claims no outcome. Never a success or exit status for what did not run.
+    assert set(seen) <= {"ok", "ExecutorFailure", "CommandTimeout(None)"}, sorted(set(seen))[:5]
 
 
 # --- 4. a slow handshake is retried, not an authentication failure -------------------------------
