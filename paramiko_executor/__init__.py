@@ -11,6 +11,7 @@ from .errors import (
     CommandTimeout,
     ExecutorError,
     ExecutorFailure,
+    ForwardTimeout,
     HostKeyFailure,
     TransferTimeout,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ExecutorError",
     "ExecutorFailure",
     "ExecutorStatistics",
+    "ForwardTimeout",
     "ForwardedSocket",
     "GroupFailure",
     "GroupResult",

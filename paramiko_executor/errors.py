@@ -9,6 +9,7 @@ The public tree::
           +-- AuthenticationFailure    credentials or prompt refused; never retried
           +-- HostKeyFailure           host key unknown, changed or revoked; never retried
           +-- TransferTimeout          a put or get outran its timeout (also a TimeoutError)
+          +-- ForwardTimeout           an open_connection outran its timeout (also a TimeoutError)
           +-- GroupFailure             (``group``) some hosts of a HostGroup failed
 
 The internal signals, never seen by a caller (the executors turn them into the
@@ -195,6 +196,13 @@ class ExecutorFailure(ExecutorError):
 
 class TransferTimeout(ExecutorFailure, TimeoutError):
     """A ``put`` or ``get`` outran its ``timeout``; no partial file is left under the final name."""
+
+    def __str__(self) -> str:
+        return self.description
+
+
+class ForwardTimeout(ExecutorFailure, TimeoutError):
+    """``open_connection`` did not open within its ``timeout``, as ``socket.create_connection``."""
 
     def __str__(self) -> str:
         return self.description

@@ -50,7 +50,7 @@ import paramiko
 
 from .checks import check_int, check_str, check_timeout
 from .connection import GaveUp, Link
-from .errors import TRANSPORT_ERRORS, ExecutorFailure, for_executor, is_lost
+from .errors import TRANSPORT_ERRORS, ExecutorFailure, ForwardTimeout, for_executor, is_lost
 from .forwarded import ForwardedSocket
 from .internals import set_forward_handler
 from .pipe import Pipe, reset_on_close
@@ -856,15 +856,15 @@ class Forwarding:
             if connection.epoch != epoch:
                 raise ExecutorFailure("the executor was closed while waiting for a place under "
                                       f"max_forwarded={self.limit.limit}", self._executor)
-            raise ExecutorFailure(f"opening a forward to {where} timed out after {seconds:g} s "
-                                  f"(no forwarded channel came free under "
-                                  f"max_forwarded={self.limit.limit})", self._executor)
+            raise ForwardTimeout(f"opening a forward to {where} timed out after {seconds:g} s "
+                                 f"(no forwarded channel came free under "
+                                 f"max_forwarded={self.limit.limit})", self._executor)
         try:
             chan = self.open_channel(target, ("127.0.0.1", 0), deadline, place)
         except GaveUp as exc:
             place.release()
-            raise ExecutorFailure(f"opening a forward to {where} timed out after {seconds:g} s "
-                                  f"({exc.description})", self._executor) from None
+            raise ForwardTimeout(f"opening a forward to {where} timed out after {seconds:g} s "
+                                 f"({exc.description})", self._executor) from None
         except BaseException:
             place.release()
             raise
