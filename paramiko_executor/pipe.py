@@ -54,7 +54,7 @@ _SENDMSG = hasattr(socket.socket, "sendmsg")
 #: A data message's head: its type, the recipient channel and the data's length.
 _DATA = struct.Struct(">BII")
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 def send_all(chan: paramiko.Channel, gate: SendGate, data: Union[bytes, memoryview], *,
@@ -108,7 +108,8 @@ class Pipe:
     for a complete one. That close waits for no channel: a thread stuck
     sending on the channel (a server that stopped reading) does not hold the
     local peer's connection open. ``done(pipe)`` is called once both
-    directions have ended and both ends are closed.
+    directions have ended and both ends are closed (the socket, with an
+    `abort` in flight on another thread, as that returns).
 
     Every call on the local socket passes ``_sock_gate``, and the socket is
     closed only once no call is in flight (by whoever is last out). Closing a
@@ -228,7 +229,7 @@ class Pipe:
                 views.popleft()
                 sent -= len(first)
 
-    def _on_socket(self, call: Callable[..., T], *args: Any) -> T:
+    def _on_socket(self, call: Callable[..., _T], *args: Any) -> _T:
         """``call(*args)``, a call on the local socket, which stays open until it returns.
 
         `ConnectionAbortedError` once the socket is closed (the pipe was aborted).
