@@ -25,7 +25,7 @@ import struct
 import threading
 from collections import deque
 from itertools import islice
-from typing import Callable, Deque, List, Optional, Union
+from typing import Any, Callable, Deque, List, Optional, TypeVar, Union
 
 import paramiko
 from paramiko.common import MSG_CHANNEL_DATA
@@ -53,6 +53,8 @@ _SENDMSG = hasattr(socket.socket, "sendmsg")
 
 #: A data message's head: its type, the recipient channel and the data's length.
 _DATA = struct.Struct(">BII")
+
+_T = TypeVar("_T")
 
 
 def send_all(chan: paramiko.Channel, gate: SendGate, data: Union[bytes, memoryview], *,
@@ -103,8 +105,16 @@ class Pipe:
     the other direction goes on. When the connection under the channel is
     lost, or `abort` is called, both directions end at once and the local
     socket is closed with a reset, so its peer never mistakes a cut stream
-    for a complete one. ``done(pipe)`` is called once both directions have
-    ended and both ends are closed.
+    for a complete one. That close waits for no channel: a thread stuck
+    sending on the channel (a server that stopped reading) does not hold the
+    local peer's connection open. ``done(pipe)`` is called once both
+    directions have ended and both ends are closed (the socket, with an
+    `abort` in flight on another thread, as that returns).
+
+    Every call on the local socket passes ``_sock_gate``, and the socket is
+    closed only once no call is in flight (by whoever is last out). Closing a
+    descriptor another thread is inside a call on is unsafe: the call is not
+    woken, and it may land on whatever socket or file takes the number next.
     """
 
     def __init__(self, sock: socket.socket, chan: paramiko.Channel, name: str,
@@ -116,13 +126,18 @@ class Pipe:
         self._lock = threading.Lock()
         self._running = 2
         self._aborted = False
+        # Here, while no other thread knows the pipe: an `abort` may close the socket
+        # as soon as it is known, and a call on it after that fails.
+        sock.settimeout(SOCKET_POLL)
+        #: The calls in flight on the local socket, and its close (the channel's gate's
+        #: rule: the close waits for no call, it is left to the last call out).
+        self._sock_gate = SendGate(chan)
         self._inbox = Inbox(chan, name)
         self._inbox.install()
         self.thread: Optional[threading.Thread] = None
 
     def run(self) -> None:
         """Pump both directions until both have ended; returns when they have."""
-        self.sock.settimeout(SOCKET_POLL)
         self.thread = threading.Thread(target=self._channel_to_socket, daemon=True,
                                        name=f"paramiko_executor tunnel {self.name} in")
         try:
@@ -152,7 +167,7 @@ class Pipe:
         try:
             while True:
                 try:
-                    size = self.sock.recv_into(buffer)
+                    size = self._on_socket(self.sock.recv_into, buffer)
                 except socket.timeout:
                     # A channel the server closed ends the client's connection too.
                     if self._aborted or self.chan.closed:
@@ -186,7 +201,7 @@ class Pipe:
                 self._write(chunks)
                 inbox.written()
             if inbox.violation is None and self.chan.eof_received and not self._lost():
-                self.sock.shutdown(socket.SHUT_WR)
+                self._on_socket(self.sock.shutdown, socket.SHUT_WR)
             else:
                 self.abort()  # closed without an EOF: the stream was cut
         except TRANSPORT_ERRORS:
@@ -199,9 +214,9 @@ class Pipe:
         while views:
             try:
                 if _SENDMSG:
-                    sent = self.sock.sendmsg(islice(views, SEND_BUFFERS))
+                    sent = self._on_socket(self.sock.sendmsg, islice(views, SEND_BUFFERS))
                 else:
-                    sent = self.sock.send(views[0])
+                    sent = self._on_socket(self.sock.send, views[0])
             except socket.timeout:
                 if self._aborted or self._inbox.violation is not None:
                     raise ConnectionAbortedError("the forwarded connection was aborted") from None
@@ -214,6 +229,28 @@ class Pipe:
                 views.popleft()
                 sent -= len(first)
 
+    def _on_socket(self, call: Callable[..., _T], *args: Any) -> _T:
+        """``call(*args)``, a call on the local socket, which stays open until it returns.
+
+        `ConnectionAbortedError` once the socket is closed (the pipe was aborted).
+        """
+        gate = self._sock_gate
+        try:  # the finally covers the enter too: an interrupt may land as it returns
+            if not gate.enter():
+                raise ConnectionAbortedError("the forwarded connection was aborted")
+            return call(*args)
+        finally:
+            gate.leave()
+
+    def _cut(self) -> None:
+        reset_on_close(self.sock)
+        try:
+            # Wakes a recv. Not SHUT_RDWR: SHUT_WR sends a FIN, and the peer would read
+            # an EOF, a complete stream, before the reset. A write notices within SOCKET_POLL.
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
     def _lost(self) -> bool:
         transport = self.chan.get_transport()
         return self._aborted or transport is None or not transport.is_active()
@@ -224,13 +261,14 @@ class Pipe:
             if self._aborted or self._running == 0:
                 return
             self._aborted = True
-        reset_on_close(self.sock)
         try:
-            # Wakes a recv; unlike SHUT_WR it sends nothing, so the peer never
-            # sees an EOF before the reset. A blocked write notices within SOCKET_POLL.
-            self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
+            self._on_socket(self._cut)
+        except ConnectionAbortedError:
+            pass  # closed already
+        # Now, not at `_end`: that waits for both threads, and one may be stuck
+        # sending on the channel (on TCP, to a server that stopped reading) while
+        # the local peer waits for its connection to end.
+        self._sock_gate.close(self.sock.close)
         # Wakes a recv or send blocked on the channel; after the data message in flight.
         self._inbox.gate.close_channel()
 
@@ -241,5 +279,5 @@ class Pipe:
         if not last:
             return
         self._inbox.gate.close_channel()
-        self.sock.close()
+        self._sock_gate.close(self.sock.close)
         self._done(self)

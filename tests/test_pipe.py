@@ -117,3 +117,30 @@ def test_what_arrived_before_the_pipe_started_comes_first(forward: Forward) -> N
             break
         received += data
     assert received == b"hello, world"
+
+
+@pytest.mark.parametrize("reply", ["none", "unread"])
+def test_an_abort_resets_the_local_peer_while_a_send_on_the_channel_is_stuck(
+        forward: Forward, reply: str) -> None:
+    """Was: the local socket was closed only once both of the pipe's threads had ended, and
+    one stuck sending on the channel (here: behind another message stuck on TCP, which holds
+    the transport's send lock) held the peer's connection open. With ``reply`` "unread" the
+    other thread is inside a write to the socket at the abort: the close is left to it."""
+    if reply == "unread":
+        # More than the kernel's buffers hold, taken by the pipe in one piece at its start:
+        # its writing thread waits on the socket until the abort.
+        forward.far.sendall(b"r" * (WINDOW // 2))
+        wait_for(lambda: len(forward.chan.in_buffer) == WINDOW // 2, "the reply to arrive")
+    forward.peer.settimeout(10)
+    with forward.client.clear_to_send_lock:
+        forward.start()
+        forward.peer.sendall(b"request")
+        gate = forward.pipe._inbox.gate
+        wait_for(lambda: bool(gate._sending), "the pipe's send to be stuck inside the gate")
+        forward.pipe.abort()
+        total, was_reset = read_until_reset(forward.peer, WINDOW)
+        assert was_reset, f"{total} bytes arrived and no reset"
+        assert forward.thread.is_alive()  # the stuck send, which ends with the lock below
+    forward.thread.join(10)
+    assert not forward.thread.is_alive()
+    assert forward.local.fileno() == -1
