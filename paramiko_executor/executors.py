@@ -41,7 +41,7 @@ import paramiko
 from .channel import CommandSpec, SessionChannel
 from .checks import check_int, check_timeout
 from .command import OnOutput, RunOptions, StdinInput, check_command, outcome, stdin_bytes
-from .connection import Connection, ConnectionState, Link
+from .connection import Connection, ConnectionState, GaveUp, Link
 from .errors import (
     TRANSPORT_ERRORS,
     ConnectionLost,
@@ -360,9 +360,13 @@ class SSHExecutor(Executor):
         """
         self._forwarding.close(then=self._connection.close)
 
-    def _get_link(self) -> Link:
+    def _get_link(self, deadline: Optional[float] = None) -> Link:
+        """The connection, connecting first; `GaveUp` once ``deadline`` passed while connecting.
+
+        The connect itself goes on for the other callers waiting for it.
+        """
         try:
-            return self._connection.get()
+            return self._connection.get(deadline)
         except ExecutorFailure as exc:
             raise for_executor(exc, self) from None
 
@@ -532,9 +536,10 @@ class SSHExecutor(Executor):
         or a signal, `CommandTimeout` once ``timeout`` seconds passed (the
         remote command is sent TERM, then KILL; the connection stays usable),
         and `ExecutorFailure` when the connection cannot be had or broke more
-        than ``on_disconnect_retry`` times. ``timeout`` covers waiting for a
-        slot, opening the channel and the command, not connecting (which has
-        its own retry policy). ``env``: variables sent as SSH ``env``
+        than ``on_disconnect_retry`` times. ``timeout`` covers everything:
+        waiting for the connection (a connect and its retries, which go on
+        for other callers), for a slot, opening the channel and the command;
+        past it before the command was sent, it never ran. ``env``: variables sent as SSH ``env``
         requests (the server must accept them: OpenSSH's ``AcceptEnv``);
         ``encoding``: the output's codec, None for bytes; ``pty``: run on a
         pseudo-terminal (stderr then arrives merged into stdout).
@@ -581,7 +586,7 @@ class SSHExecutor(Executor):
                       deadline: Optional[float]) -> Optional[T]:
         """Run ``attempt`` on the connection, trying again as `CommandRetry` allows.
 
-        None when the deadline passed first. A lost connection is dropped (only
+        None when the deadline passed first (while connecting too). A lost connection is dropped (only
         if still current) before the next try. A `CallerError` ends the call at
         once, touching nothing: no handler here takes it for a connection's
         failure, and the public method unwraps it (`callers_own`).
@@ -591,7 +596,10 @@ class SSHExecutor(Executor):
         while True:
             tries += 1
             epoch = self._connection.epoch
-            link = self._get_link()
+            try:
+                link = self._get_link(deadline)
+            except GaveUp:
+                return None  # the deadline passed while connecting: the call never started
             try:
                 return attempt(link)
             except (ConnectionLost, NeverStarted) as exc:
