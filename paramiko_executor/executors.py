@@ -586,10 +586,11 @@ class SSHExecutor(Executor):
                       deadline: Optional[float]) -> Optional[T]:
         """Run ``attempt`` on the connection, trying again as `CommandRetry` allows.
 
-        None when the deadline passed first (while connecting too). A lost connection is dropped (only
-        if still current) before the next try. A `CallerError` ends the call at
-        once, touching nothing: no handler here takes it for a connection's
-        failure, and the public method unwraps it (`callers_own`).
+        None when the deadline passed first (while connecting too). A lost
+        connection is dropped (only if still current) before the next try. A
+        `CallerError` ends the call at once, touching nothing: no handler here
+        takes it for a connection's failure, and the public method unwraps it
+        (`callers_own`).
         """
         retry = CommandRetry(lost=self._retries)
         tries = 0

@@ -17,7 +17,6 @@ from helpers import call_in_thread, outcome_within, wait_for
 
 from paramiko_executor import (
     CommandTimeout,
-    ExecutorFailure,
     HostGroup,
     SSHExecutor,
     TransferTimeout,
