@@ -423,18 +423,18 @@ OPTIONAL = {"asyncssh": "asyncssh", "parallel-ssh": "pssh", "fabric": "fabric"}
 BASE = "hostgroup@base"
 
 
-def run_contender(name: str, spec: Dict[str, Any],
-                  base_library: Optional[str] = None) -> Tuple[Optional[Dict[str, Any]], str]:
+def run_contender(name: str, spec: Dict[str, Any], base_library: Optional[str] = None,
+                  base_contender: str = "hostgroup") -> Tuple[Optional[Dict[str, Any]], str]:
     """Run one contender in a fresh interpreter; its numbers, or None and why.
 
-    `BASE` is ``hostgroup`` with ``base_library`` (a checkout) first on the path.
+    `BASE` is ``base_contender`` with ``base_library`` (a checkout) first on the path.
     """
     root = base_library if name == BASE and base_library else ROOT
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         filter(None, [root, os.environ.get("PYTHONPATH")])))
     try:
         proc = subprocess.run(
-            [sys.executable, __file__, "--contender", "hostgroup" if name == BASE else name,
+            [sys.executable, __file__, "--contender", base_contender if name == BASE else name,
              "--spec", json.dumps(spec)],
             capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
     except subprocess.TimeoutExpired:
@@ -463,6 +463,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--base-library", metavar="CHECKOUT",
                         help=f"also run {BASE}: HostGroup from another checkout of this "
                              "repository (e.g. a 'git worktree' of main), for before/after")
+    parser.add_argument("--base-contender", default="hostgroup",
+                        choices=["hostgroup", "hostgroup-ms10"],
+                        help=f"what {BASE} runs (default hostgroup)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per contender, alternating; the table shows medians")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory run")
@@ -526,7 +529,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         notes[name] = f"not installed (pip install {OPTIONAL[name]})"
                         continue
                     print(f"  N={size} {name} ...", file=sys.stderr, flush=True)
-                    numbers, why = run_contender(name, spec, args.base_library)
+                    numbers, why = run_contender(name, spec, args.base_library,
+                                                 args.base_contender)
                     if numbers is None:
                         notes[name] = f"N={size}: {why}"
                     else:
