@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import paramiko
 import pytest
+from backends import TCPServer
 from helpers import run_threads, wait_for
 from paramiko.common import cMSG_CHANNEL_CLOSE, cMSG_CHANNEL_DATA, cMSG_CHANNEL_EOF
 from paramiko.message import Message
@@ -262,47 +263,23 @@ def test_one_byte_packets_mixed_with_large_ones_keep_their_order(forward: Forwar
 # --- a real sshd: odd clients and targets --------------------------------------------------
 
 
-class Target:
-    """A TCP target on 127.0.0.1 for one test: ``serve(sock)`` runs per connection, bounded."""
+class Target(TCPServer):
+    """A TCP target on 127.0.0.1 for one test: ``handler(sock)`` runs per connection, bounded."""
 
-    def __init__(self, serve: Callable[[socket.socket], None]) -> None:
-        self._serve = serve
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._threads: List[threading.Thread] = []
+    JOIN = 30.0
+    CUT = False  # a test may close it while its handlers still talk
+
+    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+        self._handler = handler
         self.errors: List[BaseException] = []
-        self._accepting = threading.Thread(target=self._accept, daemon=True)
-        self._accepting.start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            sock.settimeout(60)
-            thread = threading.Thread(target=self._run, args=(sock,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _run(self, sock: socket.socket) -> None:
+    def serve(self, sock: socket.socket) -> None:
+        sock.settimeout(60)
         try:
-            self._serve(sock)
+            self._handler(sock)
         except Exception as exc:  # collected for the test to assert on
             self.errors.append(exc)
-        finally:
-            sock.close()
-
-    def close(self) -> None:
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        self._accepting.join(10)
-        for thread in self._threads:
-            thread.join(30)
-        assert not any(thread.is_alive() for thread in self._threads)
 
 
 @pytest.fixture

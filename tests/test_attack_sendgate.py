@@ -22,6 +22,7 @@ import types
 from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
+from backends import TCPServer
 from helpers import wait_for
 
 from paramiko_executor import SSHExecutor
@@ -40,62 +41,40 @@ def our_threads() -> int:
     return sum(1 for thread in threading.enumerate() if thread.name != "sink")
 
 
-class Sink:
+class Sink(TCPServer):
     """A TCP target on 127.0.0.1 that reads (``reading``) or never reads, and notes each end."""
+
+    thread_name = "sink"
 
     def __init__(self, reading: bool) -> None:
         self._reading = reading
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
         self._stop = threading.Event()
-        self._threads: List[threading.Thread] = []
         self.ended = 0  # connections whose far end was seen to close
-        self.accepted = 0
-        self._lock = threading.Lock()
-        self._accepting = threading.Thread(target=self._accept, daemon=True)
-        self._accepting.start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True, name="sink")
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        with sock:
-            sock.settimeout(0.2)
-            while not self._stop.is_set():
-                if not self._reading:
-                    # The far end's close shows, with the data still unread.
-                    poller = select.poll()
-                    poller.register(sock, POLLRDHUP)
-                    if poller.poll(200):
-                        break
-                    continue
-                try:
-                    if not sock.recv(1 << 20):
-                        break
-                except socket.timeout:
-                    continue
-                except OSError:
+    def serve(self, sock: socket.socket) -> None:
+        sock.settimeout(0.2)
+        while not self._stop.is_set():
+            if not self._reading:
+                # The far end's close shows, with the data still unread.
+                poller = select.poll()
+                poller.register(sock, POLLRDHUP)
+                if poller.poll(200):
                     break
+                continue
+            try:
+                if not sock.recv(1 << 20):
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                break
         with self._lock:
             self.ended += 1
 
     def close(self) -> None:
         self._stop.set()
-        # Wakes the accept (a close would not, and the number may be reused meanwhile).
-        self._listener.shutdown(socket.SHUT_RDWR)
-        self._accepting.join(10)
-        self._listener.close()
-        for thread in self._threads:
-            thread.join(10)
-        assert not any(thread.is_alive() for thread in self._threads)
+        super().close()
 
 
 @pytest.fixture
