@@ -10,6 +10,7 @@ end; a complete stream is never reported as cut; nothing (thread, descriptor) is
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import pickle
 import random
@@ -39,12 +40,15 @@ class CheckedSocket(socket.socket):
 
     violations: List[str] = []
     closes: List[int] = []
+    #: Called, once each, inside the named call (before the call itself), with the socket.
+    hooks: Dict[str, Callable[[CheckedSocket], None]] = {}
     _guard = threading.Lock()
 
     def __init__(self, sock: socket.socket) -> None:
         family, kind, proto = sock.family, sock.type, sock.proto
         super().__init__(family, kind, proto, fileno=sock.detach())
         self._inside: Dict[int, int] = {}
+        self.pipe: Optional[pipe.Pipe] = None
 
     def _call(self, name: str, call: Callable[..., Any], *args: Any) -> Any:
         me = threading.get_ident()
@@ -52,7 +56,10 @@ class CheckedSocket(socket.socket):
             if self.fileno() == -1:
                 self.violations.append(f"{name} on a closed socket")
             self._inside[me] = self._inside.get(me, 0) + 1
+            hook = self.hooks.pop(name if name != "shutdown" else f"shutdown {args[0]}", None)
         try:
+            if hook is not None:
+                hook(self)
             return call(*args)
         finally:
             with self._guard:
@@ -90,10 +97,13 @@ def checked_pipes(monkeypatch: pytest.MonkeyPatch) -> Iterator[List[str]]:
     """Every pipe of a tunnel gets a `CheckedSocket`; yields the violations seen."""
     CheckedSocket.violations = []
     CheckedSocket.closes = []
+    CheckedSocket.hooks = {}
 
     class CheckedPipe(pipe.Pipe):
         def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
-            super().__init__(CheckedSocket(sock), *args, **kwargs)
+            checked = CheckedSocket(sock)
+            super().__init__(checked, *args, **kwargs)
+            checked.pipe = self
 
     monkeypatch.setattr(tunnels, "Pipe", CheckedPipe)
     yield CheckedSocket.violations
@@ -527,3 +537,58 @@ def test_a_fork_while_a_clients_channel_is_being_opened_leaves_the_close_to_the_
                 end_child(pid, write_end)
         finally:
             server.thaw()
+
+
+# --- an abort landing inside each call of the pump ---------------------------------------------
+
+
+def abort_from_elsewhere(seen: Dict[str, Any], sock: CheckedSocket) -> None:
+    """Abort the socket's pipe from another thread, while this thread is inside a call on it:
+    the abort must return without waiting for the call, and leave the socket open to it."""
+    assert sock.pipe is not None
+    aborting = threading.Thread(target=sock.pipe.abort)
+    aborting.start()
+    aborting.join(10)
+    seen["abort returned"] = not aborting.is_alive()
+    seen["open after the abort"] = sock.fileno() != -1
+
+
+@pytest.mark.parametrize("call", ["recv_into", "sendmsg", "shutdown 1"])
+@pytest.mark.hang_timeout(120)
+def test_an_abort_inside_each_pump_call_is_left_to_it_and_resets_the_client(
+        make_sshd: Callable[..., Any], make_backend: Callable[..., Backend],
+        checked_pipes: List[str], call: str) -> None:
+    """recv_into (waiting for the client), sendmsg (the reply), shutdown(SHUT_WR) (the
+    target's EOF passed on): an abort from another thread lands inside the call. The close
+    is left to the call; the client sees a reset, or for the EOF, the whole reply and a
+    clean end (the stream was complete before the abort)."""
+    server = make_sshd(max_sessions=10)
+    backend = make_backend("echo")
+    seen: Dict[str, Any] = {}
+    CheckedSocket.hooks[call] = functools.partial(abort_from_elsewhere, seen)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        tunnel = ex.forward_local(backend.port, "127.0.0.1")
+        with socket.create_connection(tunnel.local_address, timeout=30) as client:
+            if call != "recv_into":
+                client.sendall(b"ping")
+            if call == "shutdown 1":
+                client.shutdown(socket.SHUT_WR)
+            wait_for(lambda: bool(seen), "the abort inside the call")
+            got, ended = b"", "eof"
+            try:
+                for _ in range(100):
+                    data = client.recv(1024)
+                    if not data:
+                        break
+                    got += data
+            except ConnectionResetError:
+                ended = "reset"
+        wait_for(lambda: tunnel.connections == 0, "the pipe to end")
+        assert ex.run_command("echo ok").stdout == "ok\n"
+    assert seen == {"abort returned": True, "open after the abort": True}
+    if call == "shutdown 1":
+        assert (got, ended) == (b"ping", "eof")
+    else:
+        assert ended == "reset", got
+    assert checked_pipes == []
+    assert len(CheckedSocket.closes) == 1
