@@ -592,3 +592,105 @@ def test_an_abort_inside_each_pump_call_is_left_to_it_and_resets_the_client(
         assert ended == "reset", got
     assert checked_pipes == []
     assert len(CheckedSocket.closes) == 1
+
+
+class Recorder:
+    """A TCP target on 127.0.0.1: reads each connection to its end, notes how it ended (a
+    clean end or a reset) after how many bytes, then answers b"ok"."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.ends: List[Result] = []
+        self._threads: List[threading.Thread] = []
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        for _ in range(10_000):
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        got = 0
+        with sock:
+            sock.settimeout(60)
+            try:
+                while True:
+                    data = sock.recv(1 << 20)
+                    if not data:
+                        break
+                    got += len(data)
+                sock.sendall(b"ok")
+            except OSError:
+                self.ends.append(("reset", got))
+                return
+            self.ends.append(("eof", got))
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._accepting.join(10)
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(70)
+
+
+def upload(address: Tuple[str, int], request: bytes) -> None:
+    """Send ``request`` and an EOF, then wait for the end; any error is the cut under test."""
+    try:
+        with socket.create_connection(address, timeout=30) as sock:
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+            for _ in range(10):
+                if not sock.recv(10):
+                    return
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize("ending", ["lost", "executor", "tunnel"])
+@pytest.mark.hang_timeout(300)
+def test_remote_forward_targets_see_a_whole_upload_or_a_reset_at_any_moment(
+        make_sshd: Callable[..., Any], checked_pipes: List[str], ending: str) -> None:
+    """The other side of a pipe: 30 clients of sshd's remote port upload through a remote
+    forward to a local target, and the forward ends at a random moment. The target must see
+    each upload whole with a clean end, or a reset: never a cut upload with a clean end."""
+    server = make_sshd(max_sessions=10)
+    target = Recorder()
+    rng = random.Random(ending)
+    requests = [os.urandom(size) for size in (1000, 300_000, 3_000_000, 8_000_000)]
+    threads_before, fds_before = threading.active_count(), open_fds()
+    try:
+        for _ in range(3):
+            with SSHExecutor(**server.executor_parameters()) as ex:
+                tunnel = ex.forward_remote(0, target.port, remote_host="127.0.0.1")
+                address = ("127.0.0.1", tunnel.remote_address[1])
+                clients = [threading.Thread(target=upload, args=(address, requests[i % 4]))
+                           for i in range(30)]
+                for thread in clients:
+                    thread.start()
+                time.sleep(rng.uniform(0.0, 0.3))
+                if ending == "lost":
+                    kill_connection(server)
+                elif ending == "executor":
+                    ex.close()
+                else:
+                    tunnel.close()
+                ex.close()
+                join_all(clients, 60)
+        wait_for(lambda: threading.active_count() <= threads_before + len(target._threads)
+                 and all(not t.is_alive() for t in target._threads), "the targets to end")
+    finally:
+        target.close()
+    sizes = {len(request) for request in requests}
+    for how, got in target.ends:
+        assert how == "reset" or got in sizes, f"a clean end after {got} bytes"
+    assert {how for how, _ in target.ends} == {"eof", "reset"}, target.ends
+    assert checked_pipes == []
+    wait_for(lambda: threading.active_count() <= threads_before, "the threads to end")
+    wait_for(lambda: open_fds() <= fds_before, "the descriptors to close")
