@@ -246,6 +246,7 @@ def test_fifty_clients_mid_transfer_end_cleanly_or_reset_at_any_moment(
     threads_before, fds_before = threading.active_count(), open_fds()
     outcomes: List[Result] = []
     for _ in range(4):
+        wait_for(lambda: not server.serving_pids(), "the last round's sshd to exit")
         ex = SSHExecutor(**server.executor_parameters())
         try:
             tunnel = ex.forward_local(backend.port, "127.0.0.1")
@@ -667,6 +668,7 @@ def test_remote_forward_targets_see_a_whole_upload_or_a_reset_at_any_moment(
     threads_before, fds_before = threading.active_count(), open_fds()
     try:
         for _ in range(3):
+            wait_for(lambda: not server.serving_pids(), "the last round's sshd to exit")
             with SSHExecutor(**server.executor_parameters()) as ex:
                 tunnel = ex.forward_remote(0, target.port, remote_host="127.0.0.1")
                 address = ("127.0.0.1", tunnel.remote_address[1])
