@@ -696,3 +696,18 @@ def test_remote_forward_targets_see_a_whole_upload_or_a_reset_at_any_moment(
     assert checked_pipes == []
     wait_for(lambda: threading.active_count() <= threads_before, "the threads to end")
     wait_for(lambda: open_fds() <= fds_before, "the descriptors to close")
+
+
+def test_a_connect_that_fails_within_the_timeout_is_no_timeout() -> None:
+    """Nobody listens on the port: the connect fails (without retries) well inside the
+    open's timeout, and that failure, not a ForwardTimeout, is what the caller gets."""
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    with SSHExecutor(host="127.0.0.1", port=port, username="someone", password=SECRET,
+                     connect_retries=0) as ex:
+        error, took = outcome_of(lambda: ex.open_connection("127.0.0.1", 9, timeout=20), 40)
+    assert isinstance(error, ExecutorFailure), repr(error)
+    assert not isinstance(error, TimeoutError), repr(error)
+    assert took < 15
+    assert SECRET not in str(error) and SECRET not in repr(error)
