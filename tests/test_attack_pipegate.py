@@ -313,10 +313,11 @@ def read_all(sock: socket.socket) -> Tuple[str, int]:
         return "reset", got
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a pipe still writing a reply whose EOF (and "
-                   "CLOSE) arrived checks the connection as it ends (`_lost()`), and a "
-                   "connection lost meanwhile makes it abort: the client of a complete stream "
-                   "gets a reset, and the reply's tail still in the kernel is dropped")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="bug: a pipe still writing a reply whose EOF (and CLOSE) arrived "
+                   "checks the connection as it ends (`_lost()`), and a connection lost meanwhile "
+                   "makes it abort: the client of a complete stream gets a reset, and the "
+                   "reply's tail still in the kernel is dropped")
 @pytest.mark.hang_timeout(120)
 def test_a_complete_reply_still_being_written_survives_a_later_connection_loss(
         make_sshd: Callable[..., Any]) -> None:
@@ -711,3 +712,44 @@ def test_a_connect_that_fails_within_the_timeout_is_no_timeout() -> None:
     assert not isinstance(error, TimeoutError), repr(error)
     assert took < 15
     assert SECRET not in str(error) and SECRET not in repr(error)
+
+
+# --- an interrupt inside Tunnel.close --------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="bug: Tunnel._stop sets _closed "
+                   "before it stops listening and aborts the pipes; an interrupt in between "
+                   "(Ctrl-C while close() waits for the listening thread) leaves the pipes "
+                   "running, and every later Tunnel.close() returns at once: the clients go on "
+                   "being forwarded until the executor closes")
+@pytest.mark.hang_timeout(120)
+def test_a_close_after_an_interrupted_close_still_cuts_the_clients(
+        make_sshd: Callable[..., Any], make_backend: Callable[..., Backend],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tunnels, "JOIN_TIMEOUT", 1.0)  # the closes below wait for threads
+    server = make_sshd(max_sessions=10)
+    backend = make_backend("echo")
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        tunnel = ex.forward_local(backend.port, "127.0.0.1")
+        with socket.create_connection(tunnel.local_address, timeout=30) as client:
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"
+            stop_listening = tunnel._stop_listening
+
+            def interrupted() -> None:
+                # Where Ctrl-C lands while close() joins the listening thread.
+                monkeypatch.setattr(tunnel, "_stop_listening", stop_listening)
+                raise KeyboardInterrupt
+
+            monkeypatch.setattr(tunnel, "_stop_listening", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                tunnel.close()
+            tunnel.close()  # the caller's second try
+            client.settimeout(10)
+            try:
+                ended = client.recv(10)
+            except ConnectionResetError:
+                ended = None
+            except socket.timeout:
+                ended = b"still open"
+            assert ended is None, "a client of a closed tunnel was never cut"
