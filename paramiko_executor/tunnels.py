@@ -23,7 +23,7 @@ local target and becomes the pipe's first thread.
 `Tunnel.close` stops all of them and waits for them (bounded);
 `Forwarding.close` does so for every tunnel and socket of an executor.
 
-Locks: each tunnel's ``_lock`` guards its pipes and threads; the
+Locks: each tunnel's ``_lock`` guards its pipes, clients and threads; the
 `ForwardLimit`'s condition its count; `Forwarding._lock` its tunnels and
 sockets; ``_RECEIVERS_LOCK`` which executors take a transport's forwarded
 connections (and each `pipe.Pipe` and `forwarded.ForwardedSocket` has its
@@ -320,6 +320,10 @@ class LocalTunnel(Tunnel):
         # Everything the listening thread needs is had here, so that a shortage of
         # descriptors or threads is the caller's error, not a tunnel that never listens.
         self._held: List[Any] = []
+        #: The clients accepted and not yet served (their `_serve` has not returned):
+        #: a forked child closes its copies of these too, or the parent's reset of one
+        #: whose channel is still being opened would wait for the child to end.
+        self._clients: Set[socket.socket] = set()
         try:
             listener = self._hold(socket.socket(family, socket.SOCK_STREAM))
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -377,12 +381,16 @@ class LocalTunnel(Tunnel):
                         self._closed.wait(ACCEPT_PAUSE)
                         continue
                     short = False
+                    with self._lock:
+                        self._clients.add(client)
                     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     try:
                         if not self._spawn(self._serve, client, origin[:2], name=self.name):
                             _refuse(client)  # closed meanwhile
+                            self._served(client)
                     except RuntimeError:  # no thread to be had: refuse this client
                         _refuse(client)
+                        self._served(client)
                         log.warning("tunnel %s: could not start a thread for a client", self.name)
         except OSError:
             if not self._closed.is_set():
@@ -401,7 +409,16 @@ class LocalTunnel(Tunnel):
 
     def _forget_after_fork(self) -> None:
         super()._forget_after_fork()
+        clients, self._clients = self._clients, set()
+        for client in clients:
+            client.close()
         self._release_held()
+
+    def _served(self, client: socket.socket) -> None:
+        """``client`` was closed, or handed to its pipe: called after, so a child forked
+        before it closes its copy."""
+        with self._lock:
+            self._clients.discard(client)
 
     def _join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -409,6 +426,14 @@ class LocalTunnel(Tunnel):
         super()._join(max(0.0, deadline - time.monotonic()))
 
     def _serve(self, client: socket.socket, origin: Address) -> None:
+        try:
+            self._forward(client, origin)
+        finally:
+            self._served(client)
+
+    def _forward(self, client: socket.socket, origin: Address) -> None:
+        """Open ``client``'s channel and carry it; ``client`` is closed (or its pipe's) on
+        every path."""
         place = self._forwarding.limit.acquire(None, self._closed.is_set)
         if place is None:
             _refuse(client)
