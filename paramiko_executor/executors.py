@@ -763,7 +763,8 @@ class SSHExecutor(Executor):
         ``timeout`` bounds waiting for a place under ``max_forwarded``, for the
         connection (a reconnect included) and for the open, and is then the
         socket's timeout, as with ``socket.create_connection``. Raises
-        `ExecutorFailure` past it, when the server refuses (``AllowTcpForwarding
+        `ForwardTimeout` (an `ExecutorFailure` and a ``TimeoutError``) past
+        it, and `ExecutorFailure` when the server refuses (``AllowTcpForwarding
         no``, the target refused) or when the connection cannot be had.
         """
         return self._forwarding.open_connection(host, port, timeout)

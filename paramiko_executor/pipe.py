@@ -200,7 +200,10 @@ class Pipe:
                     break
                 self._write(chunks)
                 inbox.written()
-            if inbox.violation is None and self.chan.eof_received and not self._lost():
+            # The server's EOF came after all its data, and all of it was written:
+            # complete, even if the connection was lost since (paramiko never sets
+            # eof_received for a loss, and the inbox hands out all it holds first).
+            if inbox.violation is None and self.chan.eof_received and not self._aborted:
                 self._on_socket(self.sock.shutdown, socket.SHUT_WR)
             else:
                 self.abort()  # closed without an EOF: the stream was cut

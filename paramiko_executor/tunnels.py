@@ -224,11 +224,15 @@ class Tunnel:
                 return
             self._closed.set()
             pipes = list(self._pipes)
-        self._forwarding.limit.wake()
-        self._stop_listening()
-        for pipe in pipes:
-            pipe.abort()
-        self._forwarding.forget(self)
+        # Marked closed first, so a later close returns at once: what this one
+        # started must finish even when interrupted (Ctrl-C in the listener's join).
+        try:
+            self._forwarding.limit.wake()
+            self._stop_listening()
+        finally:
+            for pipe in pipes:
+                pipe.abort()
+            self._forwarding.forget(self)
 
     def _join(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the tunnel's threads to end."""

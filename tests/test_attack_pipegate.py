@@ -313,11 +313,6 @@ def read_all(sock: socket.socket) -> Tuple[str, int]:
         return "reset", got
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: a pipe still writing a reply whose EOF (and CLOSE) arrived "
-                   "checks the connection as it ends (`_lost()`), and a connection lost meanwhile "
-                   "makes it abort: the client of a complete stream gets a reset, and the "
-                   "reply's tail still in the kernel is dropped")
 @pytest.mark.hang_timeout(120)
 def test_a_complete_reply_still_being_written_survives_a_later_connection_loss(
         make_sshd: Callable[..., Any]) -> None:
@@ -717,11 +712,6 @@ def test_a_connect_that_fails_within_the_timeout_is_no_timeout() -> None:
 # --- an interrupt inside Tunnel.close --------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="bug: Tunnel._stop sets _closed "
-                   "before it stops listening and aborts the pipes; an interrupt in between "
-                   "(Ctrl-C while close() waits for the listening thread) leaves the pipes "
-                   "running, and every later Tunnel.close() returns at once: the clients go on "
-                   "being forwarded until the executor closes")
 @pytest.mark.hang_timeout(120)
 def test_a_close_after_an_interrupted_close_still_cuts_the_clients(
         make_sshd: Callable[..., Any], make_backend: Callable[..., Backend],
