@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 from helpers import call_in_thread, outcome_within, wait_for
@@ -354,3 +354,228 @@ def test_a_timed_out_totp_login_logs_no_secret(
                                                         repr(second), repr(first)]
     for text in texts:
         assert secret not in text and secret.lower() not in text, text
+
+
+# --- a HostGroup with half of its hosts down ----------------------------------------------
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_group_with_half_its_hosts_down_is_bounded_by_the_timeout(make_sshd: Any) -> None:
+    from paramiko_executor import HostGroup
+
+    server = make_sshd(max_sessions=10)
+    up = server.executor_parameters()
+    baseline = threading.active_count()
+    with contextlib.ExitStack() as stack:
+        closed = []
+        for _ in range(25):  # bound, never listening: refused at once
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            closed.append(sock.getsockname()[1])
+        hosts = []
+        for i in range(25):
+            hosts.append({"name": f"up{i}", **up})
+            hosts.append({"name": f"down{i}", **up, "port": closed[i]})
+        workers = 10
+        peak: List[int] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.01):
+                peak.append(sum(1 for t in threading.enumerate()
+                                if t.name.startswith("HostGroup")))
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        with HostGroup(hosts, max_workers=workers, **SLOW_RETRIES) as group:
+            started = time.monotonic()
+            outcome = outcome_within(60, lambda: group.run_command("echo hi", timeout=1))
+            took = time.monotonic() - started
+            done.set()
+            watcher.join(5)
+            result = outcome.get("result")
+            assert result is not None, outcome
+            for i in range(25):
+                assert result[f"up{i}"].stdout == "hi\n", result[f"up{i}"]
+                assert isinstance(result[f"down{i}"], CommandTimeout), result[f"down{i}"]
+            # 25 down hosts, 10 workers, 1 s each: three rounds, not minutes of retries.
+            assert took < 30, took
+            assert 0 < max(peak) <= workers, max(peak)
+            # The connects nobody waits for end before their next retry (1 s after a refusal).
+            wait_for(lambda: not connect_threads(), "the down hosts' connects to end", 10)
+            stats = group.statistics()
+            assert all(stats[f"up{i}"].connects == 1 for i in range(25))
+            assert all(stats[f"down{i}"].connects == 0 and stats[f"down{i}"].commands_failed == 1
+                       for i in range(25))
+    threads_back_to(baseline)
+
+
+# --- deadlines that end as the connect does ------------------------------------------------
+
+
+@pytest.mark.hang_timeout(240)
+def test_deadlines_straddling_the_connects_end_leak_nothing_and_never_lie(
+        make_test_server: Any) -> None:
+    """Two callers, 1 ms apart, whose timeouts end around the moment the shared connect
+    completes: either may run or time out, but a command the server ran is a result (or
+    a timeout with what it had), one it never saw is a CommandTimeout with nothing, and
+    each round costs one connection, gone after close()."""
+    server = make_test_server(max_sessions=10)
+    parameters = server.executor_parameters()
+    baseline = threading.active_count()
+    took = []
+    for _ in range(3):  # the first also probes MaxSessions; later connects reuse it
+        with SSHExecutor(**parameters) as ex:
+            started = time.monotonic()
+            ex.run_command("true")
+            took.append(time.monotonic() - started)
+    connect = sorted(took[1:])[0]
+    ran_late = timed_out = succeeded = 0
+    for round_ in range(40):
+        base = max(0.001, connect + (round_ - 20) * 0.001)
+        accepted = server.connections_accepted
+        with SSHExecutor(**parameters) as ex:
+            barrier = threading.Barrier(2)
+
+            def call(k: int, ex: SSHExecutor = ex, base: float = base, round_: int = round_,
+                     barrier: threading.Barrier = barrier) -> Any:
+                barrier.wait(10)
+                return ex.run_command(f"echo r{round_}c{k}", timeout=base + k * 0.001)
+
+            calls = [call_in_thread(lambda k=k: call(k)) for k in (0, 1)]  # type: ignore[misc]
+            for k, outcome in enumerate(calls):
+                outcome["thread"].join(30)
+                assert not outcome["thread"].is_alive()
+                command = f"echo r{round_}c{k}"
+                seen = command in server.commands
+                if "result" in outcome:
+                    assert seen and outcome["result"].stdout == f"r{round_}c{k}\n"
+                    succeeded += 1
+                    continue
+                error = outcome.get("error")
+                assert isinstance(error, CommandTimeout), (round_, k, error)
+                timed_out += 1
+                if seen:
+                    ran_late += 1  # sent before its deadline; its end came after it
+                else:
+                    assert error.exit_code is None and error.stdout == "", error
+            stats = ex.statistics()
+            assert stats.connects <= 1, stats
+            assert stats.commands_started == stats.commands_succeeded + stats.commands_failed
+        # One connect shared by both callers, and nothing of it left after close().
+        assert server.connections_accepted - accepted <= 1
+        wait_for(lambda: server.active_connections == 0, "the connection to end", 10)
+        wait_for(lambda: not connect_threads(), "the connect thread to end", 10)
+    assert succeeded and timed_out, (succeeded, timed_out, ran_late)
+    threads_back_to(baseline)
+
+
+# --- close() and fork() while a timed-out caller's connect runs on ------------------------
+
+
+@pytest.mark.hang_timeout(240)
+def test_close_at_any_moment_of_an_abandoned_connect_leaks_nothing(
+        make_test_server: Any) -> None:
+    server = make_test_server(max_sessions=10)
+    parameters = server.executor_parameters()
+    baseline = threading.active_count()
+    with SSHExecutor(**parameters) as ex:  # probes once: later connects skip it
+        started = time.monotonic()
+        ex.run_command("true")
+        connect = time.monotonic() - started
+    closed_early = 0
+    for step in range(30):
+        delay = connect * step / 20  # from at once to past the connect's end
+        ex = SSHExecutor(**parameters)
+        try:
+            outcome = outcome_within(10, lambda ex=ex: ex.run_command(  # type: ignore[misc]
+                "echo never", timeout=0.001))
+            assert isinstance(outcome.get("error"), CommandTimeout), outcome
+            time.sleep(delay)
+            ex.close()
+            closed_early += ex.statistics().connects == 0
+            wait_for(lambda: not connect_threads(), "the connect to end", 10)
+            # Whatever it made is gone: closed by close(), or never published after it.
+            assert ex.state is None
+            wait_for(lambda: server.active_connections == 0, "the connection to end", 10)
+            assert ex.statistics().connects <= 1
+            # A connect cancelled by close() is never joined: the next caller connects anew.
+            assert ex.run_command("echo again", timeout=20).stdout == "again\n"
+        finally:
+            ex.close()
+        wait_for(lambda: server.active_connections == 0, "the connection to end", 10)
+    assert closed_early > 0  # some close() did come while the connect was running
+    assert "echo never" not in server.commands
+    threads_back_to(baseline)
+
+
+def _child_runs(ex: SSHExecutor, write_end: int) -> None:
+    """In a forked child: run a command on ``ex``, report it through the pipe, and exit."""
+    status = 1
+    try:
+        ok = ex.state is None
+        result = ex.run_command("echo child", timeout=20)
+        ok = ok and result.stdout == "child\n" and ex.statistics().connects == 1
+        os.write(write_end, b"ok" if ok else b"bad")
+        status = 0 if ok else 1
+    except BaseException as exc:  # reported to the parent
+        os.write(write_end, repr(exc).encode()[:500])
+    finally:
+        os._exit(status)
+
+
+def _reap(pid: int, bound: float) -> int:
+    end = time.monotonic() + bound
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WEXITSTATUS(status)
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"the child was still running after {bound} s")
+
+
+@pytest.mark.hang_timeout(120)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("where", ["backing-off", "mid-handshake"])
+def test_a_child_forked_during_an_abandoned_connect_opens_its_own(
+        make_sshd: Any, make_test_server: Any, where: str) -> None:
+    if where == "backing-off":
+        server = make_sshd(max_sessions=10)
+        server.stop()
+        resume: Callable[[], Any] = server.start
+    else:
+        server = make_test_server(max_sessions=10)
+        server.freeze()  # accepts, then sends nothing: the handshake waits
+        resume = server.thaw
+    ex = SSHExecutor(**SLOW_RETRIES, **server.executor_parameters())
+    try:
+        outcome = outcome_within(10, lambda: ex.run_command("echo never", timeout=0.3))
+        assert isinstance(outcome.get("error"), CommandTimeout), outcome
+        # A caller without a timeout keeps the connect going (retrying, or in its handshake).
+        patient = call_in_thread(lambda: ex.run_command("echo patient"))
+        wait_for(lambda: ex.statistics().connect_failures >= 1
+                 or getattr(server, "connections_accepted", 0) > 0,
+                 "the connect to be under way")
+        assert connect_threads()  # the bounded caller's, going on for the patient one
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            _child_runs(ex, write_end)
+        os.close(write_end)
+        resume()
+        status = _reap(pid, 60)
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.read()
+        assert report == b"ok" and status == 0, report
+        patient["thread"].join(30)
+        assert patient.get("result") is not None, patient
+        assert patient["result"].stdout == "patient\n"
+        assert ex.statistics().connects == 1  # the parent's one connect; the child had its own
+        if where == "mid-handshake":
+            assert server.connections_accepted == 2
+        assert ex.run_command("echo parent", timeout=20).stdout == "parent\n"
+    finally:
+        ex.close()
