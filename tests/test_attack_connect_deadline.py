@@ -69,7 +69,7 @@ def test_a_storm_of_bounded_and_unbounded_callers_shares_one_connect(
     outcome, every bounded one its result or its timeout; nothing leaks."""
     server = make_sshd(max_sessions=10)
     baseline = threading.active_count()
-    ex = SSHExecutor(**QUICK_RETRIES, **server.executor_parameters())
+    ex = SSHExecutor(**QUICK_RETRIES, max_forwarded=8, **server.executor_parameters())
     source = os.path.join(shared_dir, "source")
     try:
         assert ex.run_command(f"echo data > {source}").stdout == ""
@@ -150,6 +150,12 @@ def test_a_storm_of_bounded_and_unbounded_callers_shares_one_connect(
         assert stats.commands_failed == timed_out, stats
         assert stats.waiting == 0, stats
         reserve_all(ex, 10)
+        # No place under max_forwarded leaked either: all 8 at once.
+        with contextlib.ExitStack() as stack:
+            for _ in range(8):
+                sock = stack.enter_context(ex.open_connection("127.0.0.1", server.port,
+                                                              timeout=10))
+                assert sock.recv(8) == b"SSH-2.0-"
     finally:
         ex.close()
     assert not connect_threads()
@@ -217,16 +223,19 @@ def _get_lines() -> List[Tuple[int, str, str, str]]:
 
 
 DEAD_ATTEMPT = (
-    "an interrupt after get() registered a new attempt and before a thread runs it (or "
-    "before _lead's try) leaves an attempt nobody runs as the executor's: every later "
-    "caller joins it, those without a timeout hang until close(). Fix: one try/finally "
-    "from the registration on, which finishes an attempt its leader never started with an "
-    "error (_finish is safe to call twice: the second only ends its link)")
+    "an interrupt after get() registered a new attempt and before anything runs it (before "
+    "_lead_elsewhere's thread starts, or before the inline _lead's try) leaves an attempt "
+    "nobody runs as the executor's: every later caller joins it, and those without a "
+    "timeout hang until close(). Fix: _lead marks the attempt running under the lock; "
+    "get's try/finally starts right after the lock block, and a leader leaving an attempt "
+    "not running finishes it with an error (_finish is safe twice: the second only ends "
+    "its link)")
 LEAKED_WAITER = (
-    "an interrupt between the connect's start and the try/finally (or in the finally "
-    "before the decrement) leaves the caller counted as a waiter: the connect retries its "
-    "whole cycle for no one. Fix: register, start and wait inside one try whose finally "
-    "decrements first thing")
+    "an interrupt between the connect's start and the try/finally, or in the finally "
+    "before the decrement, leaves the caller counted as a waiter: the connect retries its "
+    "whole cycle for no one. Fix: count a bounded waiter by its deadline (the attempt "
+    "keeps the latest; unwanted once it passed and no unbounded waiter is left), which "
+    "no interrupt can leave behind")
 
 
 def interrupted_at(line: int, call: Callable[[], Any]) -> Callable[[], Any]:
@@ -656,3 +665,27 @@ def test_close_during_a_shared_connect_ends_every_waiter(make_sshd: Any) -> None
     finally:
         ex.close()
     threads_back_to(baseline)
+
+
+@pytest.mark.hang_timeout(60)
+def test_a_bounded_caller_hears_a_refused_login_not_a_timeout(make_sshd: Any,
+                                                               tmp_path: Any) -> None:
+    """A connect that fails for good (the key is refused) before the deadline is that
+    failure for a bounded caller too, at once."""
+    import paramiko
+
+    from paramiko_executor import AuthenticationFailure
+
+    server = make_sshd(max_sessions=10)
+    stranger = tmp_path / "stranger"
+    key = paramiko.ECDSAKey.generate()
+    key.write_private_key_file(str(stranger))
+    parameters = dict(server.executor_parameters(), client_keys=[str(stranger)],
+                      allow_agent=False, look_for_keys=False)
+    with SSHExecutor(**SLOW_RETRIES, **parameters) as ex:
+        started = time.monotonic()
+        outcome = outcome_within(20, lambda: ex.run_command("echo never", timeout=15))
+        assert isinstance(outcome.get("error"), AuthenticationFailure), outcome
+        assert time.monotonic() - started < 10  # not retried, not waited out
+        assert ex.statistics().connect_failures == 1
+    wait_for(lambda: not connect_threads(), "the connect to end", 5)
