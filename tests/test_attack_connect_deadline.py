@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
-from helpers import call_in_thread, outcome_within, wait_for
+from helpers import call_in_thread, outcome_within, run_threads, wait_for
 
 from paramiko_executor import (
     CommandTimeout,
@@ -689,3 +689,37 @@ def test_a_bounded_caller_hears_a_refused_login_not_a_timeout(make_sshd: Any,
         assert time.monotonic() - started < 10  # not retried, not waited out
         assert ex.statistics().connect_failures == 1
     wait_for(lambda: not connect_threads(), "the connect to end", 5)
+
+
+@pytest.mark.hang_timeout(90)
+def test_waves_of_bounded_callers_during_a_frozen_handshake_share_one_connection(
+        make_test_server: Any) -> None:
+    """Callers come and go while the server holds the handshake: they all join the one try
+    in flight; thawed, it is the only connection. Frozen past banner_timeout with nobody
+    waiting, the try fails and no retry follows."""
+    server = make_test_server(max_sessions=10)
+    server.freeze()
+    ex = SSHExecutor(**SLOW_RETRIES, banner_timeout=3, **server.executor_parameters())
+    try:
+        for _wave in range(5):
+            results, errors = run_threads(
+                lambda i: ex.run_command("echo never", timeout=0.05 + 0.01 * i), 20, 20)
+            assert not results and len(errors) == 20
+            assert all(isinstance(e, CommandTimeout) for e in errors), errors
+        server.thaw()
+        assert ex.run_command("echo thawed", timeout=20).stdout == "thawed\n"
+        assert server.connections_accepted == 1 and ex.statistics().connects == 1
+        ex.close()
+        # Frozen again, one bounded caller, then nobody: one try (its banner timeout), no retry.
+        server.freeze()
+        outcome = outcome_within(10, lambda: ex.run_command("echo never", timeout=0.3))
+        assert isinstance(outcome.get("error"), CommandTimeout), outcome
+        wait_for(lambda: not connect_threads(), "the unwanted connect to end", 15)
+        assert ex.statistics().connect_failures == 1, ex.statistics()
+    finally:
+        server.thaw()
+        ex.close()
+    assert "echo never" not in server.commands
+    # (No thread count here: the test server's side of the frozen connection keeps
+    # paramiko's 15 s handshake timer after thaw, a thread of the server's, not ours.)
+
