@@ -722,4 +722,3 @@ def test_waves_of_bounded_callers_during_a_frozen_handshake_share_one_connection
     assert "echo never" not in server.commands
     # (No thread count here: the test server's side of the frozen connection keeps
     # paramiko's 15 s handshake timer after thaw, a thread of the server's, not ours.)
-
