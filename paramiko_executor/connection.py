@@ -36,6 +36,7 @@ Locks, and what each guards (taken in this order when nested; no other nesting):
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -612,17 +613,30 @@ class GaveUp(ExecutorFailure):
     """`Connection.get` stopped waiting for a connect: its deadline passed, or its stop was set."""
 
 
+class _Unwanted(ExecutorFailure):
+    """A connect ended before a retry because no caller waits for it any more."""
+
+
 class _Attempt:
     """One connect in flight: its outcome, shared by every thread waiting for it."""
 
-    def __init__(self, epoch: int) -> None:
+    def __init__(self, epoch: int, deadline: Optional[float]) -> None:
         self.epoch = epoch
         self.done = Signal()
         self.cancelled = Signal()
         #: How many callers wait for the outcome (under `Connection.lock`). When the
-        #: last that may give up has, `unwanted` is set: no retry is started for no one.
-        self.waiters = 1
+        #: last has left without it (gave up, interrupted), `unwanted` is set: no
+        #: retry is started for no one.
+        self.waiters = 0
         self.unwanted = Signal()
+        #: Of those, how many have no deadline, and the latest deadline of the others:
+        #: once it passed, only the first can still want the outcome, even if an
+        #: interrupt kept a caller from counting itself out.
+        self.patient = 0
+        self.until = -math.inf
+        self.join(deadline)
+        #: Whether a thread runs it, or it was given up before any did (under the lock).
+        self.claimed = False
         #: Set by `cancel`, and when a probe this attempt waits for ends.
         self.wake = threading.Event()
         self.link: Optional[Link] = None
@@ -631,6 +645,14 @@ class _Attempt:
         self.transport: Optional[paramiko.Transport] = None
         #: The socket connecting before there is a transport, likewise.
         self.sock: Optional[socket.socket] = None
+
+    def join(self, deadline: Optional[float]) -> None:
+        """One more caller waits, until ``deadline`` (None: for the outcome). Under the lock."""
+        if deadline is None:
+            self.patient += 1
+        else:
+            self.until = max(self.until, deadline)
+        self.waiters += 1
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -724,38 +746,62 @@ class Connection:
             attempt = self._attempt
             # A caller after close() never joins an attempt that close() cancelled.
             leader = attempt is None or attempt.epoch != self.epoch
+            # Each registration is the block's last statement: from there on, the
+            # finally below undoes it whatever interrupts this caller.
             if leader:
-                attempt = self._attempt = _Attempt(self.epoch)
+                attempt = self._attempt = _Attempt(self.epoch, deadline)
             else:
                 assert attempt is not None
-                attempt.waiters += 1
-        assert attempt is not None
-        if deadline is None and stop is None:
-            if leader:
-                self._lead(attempt)
+                attempt.join(deadline)
+        try:
+            if deadline is None and stop is None:
+                if leader:
+                    self._lead(attempt)
+                else:
+                    attempt.done.wait()
             else:
-                attempt.done.wait()
-        else:
-            if leader:
-                self._lead_elsewhere(attempt)
-            remaining = None if deadline is None else deadline - time.monotonic()
-            try:
-                wait_any((attempt.done, stop), remaining)
-            finally:
-                # Also when interrupted (KeyboardInterrupt): it waits no more either.
-                gave_up = not attempt.done.is_set()
-                if gave_up:
-                    with self.lock:
-                        attempt.waiters -= 1
-                        if attempt.waiters == 0:
-                            attempt.unwanted.set()
-            if gave_up:
-                raise GaveUp(f"still connecting to {self.target}")
+                if leader:
+                    self._lead_elsewhere(attempt)
+                wait_any((attempt.done, stop),
+                         None if deadline is None else deadline - time.monotonic())
+        finally:
+            # Also when interrupted (KeyboardInterrupt) anywhere since the registration.
+            self._leave(attempt, deadline is None)
+        # An attempt that ended for want of callers ended past every deadline.
+        if not attempt.done.is_set() or isinstance(attempt.error, _Unwanted):
+            raise GaveUp(f"still connecting to {self.target}")
         if attempt.error is not None:
             err = attempt.error
             raise type(err)(err.description)
         assert attempt.link is not None
         return attempt.link
+
+    def _leave(self, attempt: _Attempt, patient: bool) -> None:
+        """This caller waits for ``attempt`` no more: it has its outcome, gave up, or was cut off.
+
+        A caller leaving without the outcome is counted out (the last one out
+        makes the attempt unwanted). An attempt no thread has claimed yet (its
+        leader left first) is run for the callers still waiting, or ended if
+        none is, so that no later caller joins an attempt nobody runs.
+        """
+        with self.lock:
+            if attempt.done.is_set():
+                return
+            attempt.waiters -= 1
+            attempt.patient -= int(patient)
+            if attempt.waiters == 0:
+                attempt.unwanted.set()
+            orphan = not attempt.claimed
+            ended = orphan and attempt.waiters == 0
+            if ended:
+                attempt.claimed = True  # a thread started for it returns at once
+                if self._attempt is attempt:
+                    self._attempt = None
+        if ended:
+            attempt.error = _Unwanted(f"no caller waits for the connect to {self.target} any more")
+            self._finish(attempt, None)
+        elif orphan:
+            self._lead_elsewhere(attempt)  # one of the two threads claims it
 
     def _lead_elsewhere(self, attempt: _Attempt) -> None:
         """`_lead` ``attempt`` in a thread of its own; if none can be had, end it failed."""
@@ -768,7 +814,12 @@ class Connection:
 
     def _lead(self, attempt: _Attempt) -> None:
         link: Optional[Link] = None
+        claimed = False
         try:
+            with self.lock:
+                if attempt.claimed:
+                    return  # given up by its leader before this thread started
+                attempt.claimed = claimed = True
             link = self._establish(attempt)
         except ExecutorFailure as exc:
             attempt.error = exc
@@ -776,7 +827,8 @@ class Connection:
             attempt.error = ExecutorFailure(f"cannot connect to {self.target}: {exc!r}")
             raise
         finally:
-            self._finish(attempt, link)
+            if claimed:
+                self._finish(attempt, link)
 
     def _finish(self, attempt: _Attempt, link: Optional[Link]) -> None:
         """Publish ``attempt``'s outcome (``link``, or its error) and wake its waiters."""
@@ -824,16 +876,21 @@ class Connection:
         end = time.monotonic() + delay
         while True:
             if self._unwanted(attempt):
-                raise ExecutorFailure(f"no caller waits for the connect to {self.target} any more")
-            if not wait_any((attempt.cancelled, attempt.unwanted), end - time.monotonic()):
+                raise _Unwanted(f"no caller waits for the connect to {self.target} any more")
+            now = time.monotonic()
+            if now >= end:
                 return
-            if attempt.cancelled.is_set():
-                raise ExecutorFailure("the executor was closed while connecting")
+            # Read unlocked: only when to look again, `_unwanted` decides under the lock.
+            wake = end if attempt.patient else min(end, max(attempt.until, now))
+            if wait_any((attempt.cancelled, attempt.unwanted), wake - now):
+                if attempt.cancelled.is_set():
+                    raise ExecutorFailure("the executor was closed while connecting")
 
     def _unwanted(self, attempt: _Attempt) -> bool:
         """Whether no caller waits for ``attempt``; if so, later callers start one of their own."""
         with self.lock:
-            if attempt.waiters > 0:
+            if attempt.waiters > 0 and (attempt.patient > 0
+                                        or time.monotonic() < attempt.until):
                 attempt.unwanted.clear()  # one came meanwhile
                 return False
             if self._attempt is attempt:

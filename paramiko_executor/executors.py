@@ -594,6 +594,7 @@ class SSHExecutor(Executor):
         """
         retry = CommandRetry(lost=self._retries)
         tries = 0
+        resend = False  # the try before may have reached the server: this one re-sends
         while True:
             tries += 1
             epoch = self._connection.epoch
@@ -601,6 +602,10 @@ class SSHExecutor(Executor):
                 link = self._get_link(deadline)
             except GaveUp:
                 return None  # the deadline passed while connecting: the call never started
+            if resend:
+                # Counted once there is a connection to re-send on, not before.
+                self._connection.counters.add(commands_retried=1)
+                resend = False
             try:
                 return attempt(link)
             except (ConnectionLost, NeverStarted) as exc:
@@ -614,7 +619,7 @@ class SSHExecutor(Executor):
                 except ExecutorFailure:
                     raise ExecutorFailure(f"{exc.description} ({tries} attempts)", self) from None
                 if isinstance(exc, ConnectionLost) and exc.started:
-                    self._connection.counters.add(commands_retried=1)
+                    resend = True
                     log.info("connection to %s lost during a command; retrying (%d of %d)",
                              self._connection.target, self._retries - retry.lost, self._retries)
                 elif isinstance(exc, NeverStarted):

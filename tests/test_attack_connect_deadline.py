@@ -169,10 +169,10 @@ class Interrupt(BaseException):
     """Stands for KeyboardInterrupt (a BaseException a caller's thread may get at any line)."""
 
 
-def _get_lines() -> List[Tuple[int, str, str, str]]:
-    """The lines of `Connection.get` a first caller runs, ``(number, text, mode, gap)``: mode
-    "bounded" (a timeout) or "unbounded", numbered as the tracer sees them (the sweep follows
-    the code); ``gap`` names the bug an interrupt at that line hits, "" if none."""
+def _get_lines() -> List[Tuple[int, str, str]]:
+    """The lines of `Connection.get` a first caller runs, ``(number, text, mode)``: mode
+    "bounded" (a timeout) or "unbounded", numbered as the tracer sees them (the sweep
+    follows the code)."""
     import inspect
 
     from paramiko_executor.connection import Connection
@@ -180,11 +180,12 @@ def _get_lines() -> List[Tuple[int, str, str, str]]:
     source, first = inspect.getsourcelines(Connection.get)
     start = next(n for n, text in enumerate(source) if text.strip().startswith("with self.lock"))
     # Not run by a first caller (nothing connected, no connect in flight).
-    never = ("return link", "self._discard_locked(link)", "attempt.waiters += 1",
+    never = ("return link", "self._discard_locked(link)", "attempt.join(deadline)",
              "attempt.done.wait()", "err = attempt.error", "raise type(err)",
              "assert attempt.link", "return attempt.link", "if attempt.error")
-    swept: List[Tuple[int, str, str, str]] = []
-    gap = ""  # between the caller's registration as a waiter and the try that undoes it
+    # Run only by a caller with a deadline, or after the outcome (which one without waits for).
+    bounded_only = ("if not attempt.done.is_set()", "raise GaveUp", "self._leave(")
+    swept: List[Tuple[int, str, str]] = []
     branch = ""  # which caller runs the lines of the branch on deadline and stop
     branch_indent = 0
     for n in range(start, len(source)):
@@ -194,48 +195,22 @@ def _get_lines() -> List[Tuple[int, str, str, str]]:
             continue
         if branch and indent <= branch_indent and not text.startswith("else:"):
             branch = ""
-        if text.startswith("wait_any("):
-            gap = ""
-        if text.startswith("gave_up = not"):
-            gap = LEAKED_WAITER
-        if text.startswith("if attempt.waiters == 0"):
-            gap = ""
         if text.startswith("if deadline is None and stop is None"):
             branch, branch_indent = "unbounded", indent
-            swept.append((first + n, text, "bounded", gap))
-            swept.append((first + n, text, "unbounded", gap))
+            swept.append((first + n, text, "bounded"))
+            swept.append((first + n, text, "unbounded"))
             continue
         if branch and text.startswith("else:") and indent == branch_indent:
             branch = "bounded"
             continue
-        if text.startswith(("else:", "try:", "finally:")) or text.startswith(never):
+        if text.startswith(("else:", "try:", "finally:", "None if")) or text.startswith(never):
             continue
-        if text == "assert attempt is not None" and "waiters += 1" in source[n + 1]:
+        if text == "assert attempt is not None" and "attempt.join(" in source[n + 1]:
             continue
-        if text.startswith("remaining ="):
-            gap = LEAKED_WAITER  # the connect's thread runs: it is only the count
         for mode in ("bounded", "unbounded"):
-            if branch in ("", mode):
-                swept.append((first + n, text, mode, gap))
-        if text.startswith("attempt = self._attempt = _Attempt"):
-            gap = DEAD_ATTEMPT
+            if branch in ("", mode) and (mode == "bounded" or not text.startswith(bounded_only)):
+                swept.append((first + n, text, mode))
     return swept
-
-
-DEAD_ATTEMPT = (
-    "an interrupt after get() registered a new attempt and before anything runs it (before "
-    "_lead_elsewhere's thread starts, or before the inline _lead's try) leaves an attempt "
-    "nobody runs as the executor's: every later caller joins it, and those without a "
-    "timeout hang until close(). Fix: _lead marks the attempt running under the lock; "
-    "get's try/finally starts right after the lock block, and a leader leaving an attempt "
-    "not running finishes it with an error (_finish is safe twice: the second only ends "
-    "its link)")
-LEAKED_WAITER = (
-    "an interrupt between the connect's start and the try/finally, or in the finally "
-    "before the decrement, leaves the caller counted as a waiter: the connect retries its "
-    "whole cycle for no one. Fix: count a bounded waiter by its deadline (the attempt "
-    "keeps the latest; unwanted once it passed and no unbounded waiter is left), which "
-    "no interrupt can leave behind")
 
 
 def interrupted_at(line: int, call: Callable[[], Any]) -> Callable[[], Any]:
@@ -270,9 +245,7 @@ GET_LINES = _get_lines()
 
 @pytest.mark.hang_timeout(90)
 @pytest.mark.parametrize(("line", "mode"), [
-    pytest.param(n, mode, id=f"{mode}-{n}-{text[:28]}",
-                 marks=[pytest.mark.xfail(strict=True, reason=gap)] if gap else [])
-    for n, text, mode, gap in GET_LINES])
+    pytest.param(n, mode, id=f"{mode}-{n}-{text[:28]}") for n, text, mode in GET_LINES])
 def test_an_interrupted_caller_leaves_no_connect_behind(make_sshd: Any, line: int,
                                                         mode: str) -> None:
     server = make_sshd(max_sessions=10)
@@ -622,11 +595,6 @@ def test_a_lost_commands_retry_waits_for_the_reconnect_within_its_timeout(
 
 
 @pytest.mark.hang_timeout(90)
-@pytest.mark.xfail(strict=True, reason=(
-    "commands_retried counts 'every re-send after a lost connection', but _with_retries "
-    "counts it before waiting for the connection: a retry whose reconnect outlasted the "
-    "timeout (GaveUp) was never re-sent, yet counted. Fix: count it once the re-send's "
-    "channel is open (or only when _get_link returned a link)"))
 def test_a_retry_that_never_reconnected_is_not_counted_as_a_re_send(
         running_then_down: Tuple[Any, SSHExecutor, Dict[str, Any]]) -> None:
     _server, ex, outcome = running_then_down
