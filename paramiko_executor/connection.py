@@ -756,9 +756,9 @@ class Connection:
         try:
             if deadline is None and stop is None:
                 if leader:
+                    # Returns at once if a thread started for others took it first.
                     self._lead(attempt)
-                else:
-                    attempt.done.wait()
+                attempt.done.wait()
             else:
                 if leader:
                     self._lead_elsewhere(attempt)
