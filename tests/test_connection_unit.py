@@ -93,8 +93,8 @@ def counted(monkeypatch):
     """Every connect attempt's waiters are counted in ``CountingEvent.waiting``."""
     original = connection_module._Attempt.__init__
 
-    def init(self, epoch):
-        original(self, epoch)
+    def init(self, *args):
+        original(self, *args)
         self.done = CountingEvent()
 
     CountingEvent.waiting = 0
