@@ -548,12 +548,16 @@ def test_a_bounded_caller_interrupted_while_waiting_no_longer_keeps_the_connect_
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
     interrupter = threading.Thread(target=interrupt)
+    # Python's own handler, even when the suite was started with SIGINT ignored (as a
+    # background job of a non-interactive shell is): the signal must become the interrupt.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupter.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             ex.open_connection("127.0.0.1", backend.port, timeout=60)
     finally:
         interrupter.join(30)
+        signal.signal(signal.SIGINT, previous)
     # Its next retry would be 1 s later, then 2, 4 ...: it ends at the next one at the latest.
     wait_for(lambda: not our_threads(), "the connect nobody waits for to end", timeout=5)
     assert ex._forwarding.limit.used == 0
