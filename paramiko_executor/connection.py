@@ -616,6 +616,9 @@ class GaveUp(ExecutorFailure):
 class _Unwanted(ExecutorFailure):
     """A connect ended before a retry because no caller waits for it any more."""
 
+    def __init__(self, target: Target) -> None:
+        super().__init__(f"no caller waits for the connect to {target} any more")
+
 
 class _Attempt:
     """One connect in flight: its outcome, shared by every thread waiting for it."""
@@ -798,7 +801,7 @@ class Connection:
                 if self._attempt is attempt:
                     self._attempt = None
         if ended:
-            attempt.error = _Unwanted(f"no caller waits for the connect to {self.target} any more")
+            attempt.error = _Unwanted(self.target)
             self._finish(attempt, None)
         elif orphan:
             self._lead_elsewhere(attempt)  # one of the two threads claims it
@@ -876,7 +879,7 @@ class Connection:
         end = time.monotonic() + delay
         while True:
             if self._unwanted(attempt):
-                raise _Unwanted(f"no caller waits for the connect to {self.target} any more")
+                raise _Unwanted(self.target)
             now = time.monotonic()
             if now >= end:
                 return

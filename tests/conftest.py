@@ -13,11 +13,13 @@ import faulthandler
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterator, List, NoReturn
+import threading
+from typing import Any, Callable, Iterator, List, NoReturn, Tuple
 
 import pyotp
 import pytest
 from backends import Backend
+from helpers import SLOW_RETRIES, wait_for
 
 from testsupport.openssh import (
     SSHD_PATH,
@@ -209,3 +211,23 @@ def make_backend() -> Iterator[Callable[..., Backend]]:
     yield make
     for backend in backends:
         backend.close()
+
+
+@pytest.fixture
+def down(make_sshd: Callable[..., Any]) -> Iterator[Tuple[Any, Any]]:
+    """A real sshd and an executor (slow connect retries) that was connected to it; the
+    server is then stopped. No thread may be left behind once the executor is closed."""
+    from paramiko_executor import SSHExecutor
+
+    server = make_sshd(max_sessions=10)
+    threads_before = threading.active_count()
+    ex = SSHExecutor(**SLOW_RETRIES, **server.executor_parameters())
+    try:
+        assert ex.run_command("echo up").stdout == "up\n"
+        server.stop()
+        yield server, ex
+    finally:
+        ex.close()
+    # The connect a caller stopped waiting for ends with close().
+    wait_for(lambda: threading.active_count() <= threads_before, "the threads to end",
+             timeout=10)

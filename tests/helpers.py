@@ -14,6 +14,9 @@ import paramiko
 from paramiko.common import AUTH_SUCCESSFUL, OPEN_SUCCEEDED
 from paramiko.message import Message
 
+#: Connect retries whose backoff alone (1 + 2 + 4 + ... s, at most 60 s each) lasts minutes.
+SLOW_RETRIES: Dict[str, Any] = {"connect_retries": 9, "connect_backoff": 1.0}
+
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     """Wait, bounded, for a condition that another thread or process makes true."""

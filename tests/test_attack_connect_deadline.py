@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
-from helpers import call_in_thread, outcome_within, run_threads, wait_for
+from helpers import SLOW_RETRIES, call_in_thread, outcome_within, run_threads, wait_for
 
 from paramiko_executor import (
     CommandTimeout,
@@ -25,9 +25,6 @@ from paramiko_executor import (
     SSHExecutor,
     TransferTimeout,
 )
-
-#: Retries that outlast every test here unless something ends them (1 + 2 + 4 ... s).
-SLOW_RETRIES: Dict[str, Any] = {"connect_retries": 9, "connect_backoff": 1.0}
 
 #: Short pauses between retries, so a restarted server is found again quickly.
 QUICK_RETRIES: Dict[str, Any] = {"connect_retries": 20, "connect_backoff": 0.2}

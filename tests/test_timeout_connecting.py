@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import io
 import socket
-import threading
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Iterator
 
 import pytest
-from helpers import call_in_thread, outcome_within, wait_for
+from helpers import SLOW_RETRIES, call_in_thread, outcome_within, wait_for
 
 from paramiko_executor import (
     CommandTimeout,
@@ -21,26 +20,6 @@ from paramiko_executor import (
     SSHExecutor,
     TransferTimeout,
 )
-
-#: Retries whose backoff alone (1 + 2 + 4 + ... s, at most 60 s each) lasts minutes.
-SLOW_RETRIES: Dict[str, Any] = {"connect_retries": 9, "connect_backoff": 1.0}
-
-
-@pytest.fixture
-def down(make_sshd: Any) -> Iterator[Tuple[Any, SSHExecutor]]:
-    """A server and an executor that was connected to it; the server is then stopped."""
-    server = make_sshd(max_sessions=10)
-    threads_before = threading.active_count()
-    ex = SSHExecutor(**SLOW_RETRIES, **server.executor_parameters())
-    try:
-        assert ex.run_command("echo up").stdout == "up\n"
-        server.stop()
-        yield server, ex
-    finally:
-        ex.close()
-    # No thread left behind: the connect a caller stopped waiting for ends with close().
-    wait_for(lambda: threading.active_count() <= threads_before, "the threads to end",
-             timeout=10)
 
 
 @pytest.mark.hang_timeout(120)

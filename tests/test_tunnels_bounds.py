@@ -14,7 +14,7 @@ import math
 import select
 import socket
 import threading
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any
 
 import pytest
 from backends import Backend
@@ -24,9 +24,6 @@ from test_tunnels import read_all
 from paramiko_executor import ExecutorFailure, ForwardTimeout, SSHExecutor, tunnels
 from paramiko_executor.tunnels import JOIN_TIMEOUT
 
-#: Retries whose backoff alone (1 + 2 + 4 + ... s, at most 60 s each) lasts minutes.
-SLOW_RETRIES: Dict[str, Any] = {"connect_retries": 9, "connect_backoff": 1.0}
-
 
 def echo_through(ex: SSHExecutor, backend: Backend, payload: bytes, timeout: float) -> bytes:
     with ex.open_connection("127.0.0.1", backend.port, timeout=timeout) as sock:
@@ -34,23 +31,6 @@ def echo_through(ex: SSHExecutor, backend: Backend, payload: bytes, timeout: flo
         sock.shutdown(socket.SHUT_WR)
         sock.settimeout(30)
         return read_all(sock)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def down(make_sshd: Any) -> Iterator[Tuple[Any, SSHExecutor]]:
-    """A server and an executor that was connected to it; the server is then stopped."""
-    server = make_sshd(max_sessions=10)
-    threads_before = threading.active_count()
-    ex = SSHExecutor(**SLOW_RETRIES, **server.executor_parameters())
-    try:
-        assert ex.run_command("echo up").stdout == "up\n"
-        server.stop()
-        yield server, ex
-    finally:
-        ex.close()
-    # No thread left behind: the connect a caller stopped waiting for ends with close().
-    wait_for(lambda: threading.active_count() <= threads_before, "the threads to end",
-             timeout=10)
 
 
 # --- open_connection's timeout ---------------------------------------------------------
