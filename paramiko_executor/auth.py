@@ -252,8 +252,10 @@ _Outcome = Optional[List[str]]  # None: refused; []: authenticated; [...]: parti
 class _Login:
     """One run of :func:`authenticate`: the attempts made and what the server said."""
 
-    def __init__(self, transport: paramiko.Transport, creds: Credentials, host: Optional[str]):
+    def __init__(self, transport: paramiko.Transport, creds: Credentials, host: Optional[str],
+                 abandoned: Optional[Callable[[], bool]] = None):
         self.t = transport
+        self.abandoned = abandoned
         self.userauth = UserAuth(transport)
         self.creds = creds
         self.target = host if host is not None else _peer(transport)
@@ -266,6 +268,10 @@ class _Login:
         #: Requests sent so far: before the first, the server's methods are unknown.
         self.requests = 0
         self.agent: Optional[paramiko.Agent] = None
+
+    def gone(self) -> bool:
+        """Whether the login is for nothing any more: its transport ended, or it was abandoned."""
+        return not self.t.is_active() or (self.abandoned is not None and self.abandoned())
 
     # -- outcome classification -------------------------------------------------------------
 
@@ -468,9 +474,10 @@ class _Login:
                         continue
                 for entry in self.creds.mfa:
                     # Wait here, not inside the handler: the handler runs under auth_timeout.
-                    # The wait ends with that timeout, or once close() ends the transport.
+                    # The wait ends with that timeout, once close() ends the transport,
+                    # or once nobody wants the login (no code was sent yet).
                     self.ledger.wait_until_fresh(entry.totp, deadline=self.auth_deadline(),
-                                                 abandoned=lambda: not self.t.is_active())
+                                                 abandoned=self.gone)
                 outcome = self.attempt(
                     "keyboard-interactive",
                     lambda: self.userauth.request("interactive", user, self.answerer),
@@ -577,7 +584,8 @@ def _peer(transport: paramiko.Transport) -> str:
 
 
 def authenticate(
-    transport: paramiko.Transport, creds: Credentials, *, host: Optional[str] = None
+    transport: paramiko.Transport, creds: Credentials, *, host: Optional[str] = None,
+    abandoned: Optional[Callable[[], bool]] = None,
 ) -> None:
     """Authenticate ``transport`` (after ``start_client``) with ``creds``; return when done.
 
@@ -591,7 +599,8 @@ def authenticate(
     (stripped) equal to a configured ``mfa_config`` prompt (stripped) gets the current TOTP code, a
     password prompt gets ``password`` if given, an empty prompt list gets an empty answer. A
     TOTP code is never sent twice by any process of this user: see :class:`TOTPLedger`.
-    ``host`` names the server in messages (default: the transport's peer address).
+    ``host`` names the server in messages (default: the transport's peer address). A wait for
+    a fresh TOTP time step ends once the transport is closed, or once ``abandoned()`` is true.
 
     Raises :class:`~paramiko_executor.results.AuthenticationFailure` (do not retry) when the
     server refuses every method, disconnects saying authentication failed, or asks a prompt
@@ -605,7 +614,7 @@ def authenticate(
     """
     if transport.is_authenticated():
         return
-    login = _Login(transport, creds, host)
+    login = _Login(transport, creds, host, abandoned)
 
     def record_disconnect(original: Callable[[paramiko.Message], None]
                           ) -> Callable[[paramiko.Message], None]:

@@ -476,7 +476,15 @@ def open_transport(
 def _open(
     target: Target, started: Optional[Callable[[paramiko.Transport], None]] = None,
     connecting: Optional[Callable[[socket.socket], None]] = None,
+    abandoned: Optional[Callable[[], bool]] = None,
 ) -> Tuple[paramiko.Transport, Sessions, GlobalRequests]:
+    """`open_transport`, also returning the channel hooks' tables.
+
+    ``connecting`` is handed each socket before its TCP connect. A login
+    waiting for a TOTP time step ends once ``abandoned()`` is true (see
+    `authenticate`): it would spend the step, a code no other login of this
+    user may send then, for no one.
+    """
     sock = _open_socket(target, connecting)
     factory = target.transport_factory or paramiko.Transport
     try:
@@ -509,7 +517,8 @@ def _open(
         if transport.session_id is None:
             raise TemporaryFailure(f"the key exchange did not finish within {limit:g} s")
         target.host_keys.verify(transport, target.hostname, target.port)
-        authenticate(transport, target.credentials, host=f"{target.hostname}:{target.port}")
+        authenticate(transport, target.credentials, host=f"{target.hostname}:{target.port}",
+                     abandoned=abandoned)
         drop_handshake_timer(transport)
         if isinstance(sock, _TransportSocket):
             # Set after the handshake and login, whose time limits paramiko
@@ -901,7 +910,8 @@ class Connection:
             return True
 
     def _connect_once(self, attempt: _Attempt) -> Link:
-        transport, sessions, requests = _open(self.target, attempt.started, attempt.connecting)
+        transport, sessions, requests = _open(self.target, attempt.started, attempt.connecting,
+                                              lambda: self._unwanted(attempt))
         link = Link(transport, sessions, requests, self.target)
         probe: Optional[_Probe] = None
         try:

