@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from .results import Output, decode_output
 
-__all__ = ["KEEP_BYTES", "KEEP_MIN", "LineSplitter", "LiveStream", "OutputBuffer",
+__all__ = ["KEEP_BYTES", "KEEP_MIN", "LINE_PIECE", "LineSplitter", "LiveStream", "OutputBuffer",
            "line_splitters"]
 
 #: At most this much buffer memory is kept for reuse, for the whole process.
@@ -140,12 +140,20 @@ class LiveStream:
         return decode_output(self._kept, encoding)
 
 
+#: A line that grew this long (characters, or bytes without an encoding) and has not
+#: ended yet goes out as a piece: a progress bar drawn with \r for hours never ends
+#: its line, and ``keep_output=False`` promises memory that stays flat.
+LINE_PIECE = 1024 * 1024
+
+
 class LineSplitter:
     """Hands a stream's output to ``callback(stream, line)`` one complete line at a time.
 
     Lines keep their ``"\n"``; the last unterminated piece goes out at
-    `finish`. Text is decoded incrementally (a character split across two
-    chunks is decoded whole); with ``encoding`` None, lines are bytes.
+    `finish`, and an unterminated line as soon as it reached `LINE_PIECE`
+    (then the line comes in pieces, only its last ending with ``"\n"``).
+    Text is decoded incrementally (a character split across two chunks is
+    decoded whole); with ``encoding`` None, lines are bytes.
     """
 
     def __init__(self, stream: str, callback: Callable[[str, Any], object],
@@ -159,6 +167,7 @@ class LineSplitter:
         # so that a long line (a progress bar drawn with \r for hours) costs its length once,
         # not its length again with every chunk.
         self._pieces: List[Any] = []
+        self._pending = 0  # their total length
 
     def feed(self, data: bytes, final: bool = False) -> None:
         text = data if self._decoder is None else self._decoder.decode(data, final)
@@ -166,22 +175,29 @@ class LineSplitter:
             return
         newline: Any = b"\n" if self._decoder is None else "\n"  # of text's type, bytes or str
         lines = text.split(newline)
-        if len(lines) == 1:
-            self._pieces.append(text)
-            return
-        self._pieces.append(lines[0])
-        lines[0] = self._empty.join(self._pieces)
         last = lines.pop()
-        self._pieces = [last] if last else []
+        if lines:
+            self._pieces.append(lines[0])
+            lines[0] = self._empty.join(self._pieces)
+            self._pieces, self._pending = [], 0
+        if last:
+            self._pieces.append(last)
+            self._pending += len(last)
         for line in lines:
             self._callback(self._stream, line + newline)
+        if self._pending >= LINE_PIECE:
+            self._hand_on_piece()
 
     def finish(self) -> None:
+        """The stream ended: hand on what is left of its last line."""
         if self._decoder is not None:
             self.feed(b"", final=True)
+        self._hand_on_piece()
+
+    def _hand_on_piece(self) -> None:
         if self._pieces:
             partial = self._empty.join(self._pieces)
-            self._pieces = []
+            self._pieces, self._pending = [], 0
             self._callback(self._stream, partial)
 
 

@@ -81,3 +81,30 @@ def test_a_forked_child_starts_with_an_empty_pool_and_a_free_lock():
         output._SPARES._lock.release()
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", None])
+def test_a_line_that_never_ends_comes_in_pieces_so_memory_stays_flat(encoding):
+    """Was: an unterminated line was held whole until its end, so a progress bar drawn with
+    \\r for hours grew memory without bound even with keep_output=False. Now it goes out in
+    pieces of about LINE_PIECE; together they are the line, characters split whole."""
+    from paramiko_executor.output import LINE_PIECE, LineSplitter
+
+    pieces: list = []
+    splitter = LineSplitter("stdout", lambda stream, line: pieces.append(line), encoding)
+    chunk = "\r 42% [é====>    ]".encode()
+    count = 3 * LINE_PIECE // len(chunk) + 7
+    for _ in range(count):
+        splitter.feed(chunk[:8])
+        splitter.feed(chunk[8:])  # splits the two bytes of "é"
+    splitter.feed(b"\rdone\nnext")
+    splitter.finish()
+    whole = chunk * count + b"\rdone\n"
+    if encoding is not None:
+        whole = whole.decode()  # type: ignore[assignment]
+    assert len(pieces) >= 4, len(pieces)
+    assert all(len(piece) < LINE_PIECE + len(chunk) for piece in pieces)
+    assert pieces[-1] == (b"next" if encoding is None else "next")
+    assert (b"" if encoding is None else "").join(pieces[:-1]) == whole
+    ends = [p.endswith(b"\n" if encoding is None else "\n") for p in pieces]
+    assert ends == [False] * (len(pieces) - 2) + [True, False]

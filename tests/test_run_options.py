@@ -143,6 +143,20 @@ def test_live_lines_arrive_before_the_command_ends(executor):
     assert result.stdout == "first\nlast" and result.stderr == "oops\n"
 
 
+def test_a_line_without_end_comes_live_in_pieces_with_keep_output_false(executor):
+    """Was: held whole until the command ended (memory grew with a \r progress bar)."""
+    from paramiko_executor.output import LINE_PIECE
+
+    pieces = []
+    size = 3 * LINE_PIECE + 5
+    result = executor.run_command(
+        f"head -c {size} /dev/zero | tr '\\0' x; echo; echo next", keep_output=False,
+        on_output=lambda stream, line: pieces.append(line), timeout=60)
+    assert result.stdout == "" and result.exit_code == 0
+    assert pieces[-1] == "next\n" and "".join(pieces[:-1]) == "x" * size + "\n"
+    assert len(pieces) >= 4 and max(len(piece) for piece in pieces) < 2 * LINE_PIECE
+
+
 def test_live_output_comes_from_the_calling_thread(executor):
     threads = set()
     executor.run_command("seq 1 100", on_output=lambda s, line: threads.add(threading.get_ident()))
