@@ -246,7 +246,9 @@ def test_commands_keep_their_retries_beside_bounded_opens_on_a_dropping_server(
     backend = make_backend("echo")
     with SSHExecutor(**RETRIES, **server.executor_parameters()) as ex:
         assert ex.run_command("echo up").stdout == "up\n"
-        commands = start_all([lambda: ex.run_command("sleep 0.3; echo c").stdout
+        # Long enough to be running still when the drop comes after the 30 opens started,
+        # however loaded the machine: each one is then retried.
+        commands = start_all([lambda: ex.run_command("sleep 2; echo c").stdout
                               for _ in range(8)])
         wait_for(lambda: len(server.commands) >= 9, "the commands to run")
         opens = start_all(bounded(ex, backend.port, 30, b"o"))
