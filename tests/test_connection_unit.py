@@ -44,7 +44,7 @@ class FakeConnect:
         self.entered = threading.Event()
         self.lock = threading.Lock()
 
-    def __call__(self, target, started, connecting=None):
+    def __call__(self, target, started, connecting=None, abandoned=None):
         with self.lock:
             self.calls += 1
             fail = self.calls <= self.failures
