@@ -111,7 +111,7 @@ LIVENESS_POLL = 1.0
 REMEMBERED_CLOSED = 256
 
 
-class _NetworkEvent(threading.Event):
+class _NetworkEvent:
     """Set by the transport thread, it fires when that thread next waits for the network.
 
     A command's end arrives as one burst (EOF, exit status, CLOSE). Woken at
@@ -126,19 +126,29 @@ class _NetworkEvent(threading.Event):
     A burst sets one event up to six times (paramiko closes both buffers at
     EOF and again at CLOSE): an event already set, or already deferred, is
     left alone, so each burst costs one deferral and one wake-up.
+
+    ``set``, ``clear``, ``is_set`` and ``wait`` behave as `threading.Event`'s
+    (paramiko's buffers and open answers call the first two), but the event is
+    one lock, held while the event is clear: one is made per command, and a
+    `threading.Event` costs a `threading.Condition` to make and a lock
+    allocated per wait.
     """
 
-    def __init__(self, transport: paramiko.Transport) -> None:
-        super().__init__()
+    def __init__(self, transport: Optional[paramiko.Transport]) -> None:
         self._transport = transport
+        self._clear = threading.Lock()
+        self._clear.acquire()
         #: A fire is pending: set by the transport thread, cleared by the fire.
         self._deferred = False
 
+    def is_set(self) -> bool:
+        return not self._clear.locked()
+
     def set(self) -> None:
-        if self.is_set():
+        if not self._clear.locked():
             return
         transport = self._transport
-        if threading.current_thread() is transport:
+        if transport is not None and threading.current_thread() is transport:
             if self._deferred:
                 return
             defer = getattr(transport.sock, "defer", None)
@@ -146,12 +156,28 @@ class _NetworkEvent(threading.Event):
                 self._deferred = True
                 defer(self.fire)
                 return
-        threading.Event.set(self)
+        self._open()
 
     def fire(self) -> None:
         # Cleared first: a set() that still sees it pending is covered by this fire.
         self._deferred = False
-        threading.Event.set(self)
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            self._clear.release()
+        except RuntimeError:
+            pass  # set already: by another thread between the check and here
+
+    def clear(self) -> None:
+        self._clear.acquire(False)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """True once the event is set (at once if it is), False after ``timeout`` seconds."""
+        if not self._clear.acquire(True, -1 if timeout is None else timeout):
+            return False
+        self._open()  # still set: waiting does not clear it
+        return True
 
 
 class _Wakeup(_NetworkEvent):
@@ -165,7 +191,7 @@ class _Wakeup(_NetworkEvent):
         pass
 
     def reset(self) -> None:
-        threading.Event.clear(self)
+        _NetworkEvent.clear(self)
 
 
 class _WakingCondition(threading.Condition):
@@ -848,7 +874,7 @@ class SessionChannel:
         # The buffers' own events: a channel closed under us (the connection
         # ending) wakes the command too. stdout's has been `answered` (the
         # same event) since the open.
-        self.chan.in_stderr_buffer.set_event(self.wakeup)
+        self.chan.in_stderr_buffer.set_event(self.wakeup)  # type: ignore[arg-type]  # an Event look-alike
         try:
             with translate(self.transport, started=lambda: self.exec_sent,
                            what="the command's channel"):
