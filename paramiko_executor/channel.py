@@ -174,7 +174,7 @@ class _NetworkEvent:
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """True once the event is set (at once if it is), False after ``timeout`` seconds."""
-        if not self._clear.acquire(True, -1 if timeout is None else timeout):
+        if not self._clear.acquire(True, -1 if timeout is None else max(0.0, timeout)):
             return False
         self._open()  # still set: waiting does not clear it
         return True

@@ -86,3 +86,21 @@ def test_a_logged_in_transport_checks_no_handshake_timer_per_packet(sshd: Any) -
             assert timer is SPENT_TIMER
             assert not transport.packetizer.handshake_timed_out()
         assert executor.run_command("echo still").stdout == "still\n"
+
+
+def test_the_wake_up_waits_as_an_event_does() -> None:
+    event = _Wakeup(None)  # type: ignore[arg-type]  # no transport: every set fires at once
+    assert not event.is_set()
+    assert not event.wait(0.01) and not event.wait(-1)  # times out; a past deadline at once
+    setter = threading.Timer(0.05, event.set)
+    setter.start()
+    try:
+        assert event.wait(10)  # woken by another thread
+    finally:
+        setter.cancel()
+    assert event.is_set() and event.wait(0)  # waiting does not clear it
+    event.set()  # already set: no error, still set
+    event.clear()  # paramiko's buffers clear it when read empty: only the owner does
+    assert event.is_set()
+    event.reset()
+    assert not event.is_set() and not event.wait(0)
