@@ -19,7 +19,10 @@ Per contender and N, in a fresh interpreter each:
 - cold: connect, log in and run ``echo`` on every host; wall time until the
   last result;
 - warm: ``true`` on every host over the open connections; the median of 20
-  rounds, and the client's CPU time (user + system, all threads) per round;
+  rounds, the client's CPU time (user + system, all threads) per round, and
+  its context switches per host (``getrusage``, voluntary and involuntary, all
+  threads): a thread woken, or the GIL handed to a waiting thread at a
+  blocking call, is one or two each;
 - cold CPU/host: the client's CPU time of the cold round divided by N (the
   connect, login and first command of one host), to set against one lone
   connect's (``benchmarks/profile_library.py W5``).
@@ -64,6 +67,12 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def switches() -> int:
+    """Context switches of the whole process so far (all threads, voluntary or not)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_nvcsw + usage.ru_nivcsw
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:
@@ -85,13 +94,14 @@ def measure(cold: Callable[[], List[str]], warm: Callable[[], None],
         raise RuntimeError(f"cold round: {wrong + abs(len(outputs) - len(expected))} hosts "
                            f"answered wrongly, e.g. {outputs[:2]!r}")
     times = []
-    cpu = cpu_seconds()
+    cpu, switched = cpu_seconds(), switches()
     for _ in range(ROUNDS):
         started = time.perf_counter()
         warm()
         times.append(time.perf_counter() - started)
-    cpu = cpu_seconds() - cpu
+    cpu, switched = cpu_seconds() - cpu, switches() - switched
     return {"cold": cold_seconds, "warm": statistics.median(times), "cpu": cpu / ROUNDS,
+            "switches": switched / ROUNDS / len(expected),
             "cold_cpu_per_host": cold_cpu / len(expected)}
 
 
@@ -292,11 +302,12 @@ def serve_turns(run_round: Callable[[], None]) -> None:
         if words[:1] != ["GO"]:
             return
         rounds = int(words[1])
-        cpu, started = cpu_seconds(), time.perf_counter()
+        cpu, switched, started = cpu_seconds(), switches(), time.perf_counter()
         for _ in range(rounds):
             run_round()
         print(json.dumps({"warm": (time.perf_counter() - started) / rounds,
-                          "cpu": (cpu_seconds() - cpu) / rounds}), flush=True)
+                          "cpu": (cpu_seconds() - cpu) / rounds,
+                          "switches": (switches() - switched) / rounds}), flush=True)
 
 
 def turns_hostgroup(spec: Dict[str, Any]) -> None:
@@ -389,12 +400,14 @@ def print_turns(turns: Dict[str, List[Dict[str, float]]], rounds: int) -> None:
     print(f"warm rounds in alternating blocks of {rounds} ({len(reference)} blocks); "
           "ratio = the contender's / HostGroup's same block (above 1: HostGroup faster, "
           "or uses less CPU)")
-    print(f"{'contender':15} {'warm ms':>8} {'CPU ms':>7} {'warm ratio':>10} {'CPU ratio':>9}")
+    print(f"{'contender':15} {'warm ms':>8} {'CPU ms':>7} {'switches':>8} {'warm ratio':>10} "
+          f"{'CPU ratio':>9}   (switches: the process's context switches per round)")
     for name, rows in turns.items():
         if not rows:
             continue
         text = (f"{name:15} {1000 * statistics.median(r['warm'] for r in rows):8.1f} "
-                f"{1000 * statistics.median(r['cpu'] for r in rows):7.1f}")
+                f"{1000 * statistics.median(r['cpu'] for r in rows):7.1f} "
+                f"{statistics.median(r['switches'] for r in rows):8.0f}")
         if name != "hostgroup" and reference:
             for key in ("warm", "cpu"):
                 ratios = [r[key] / reference[r["block"]][key] for r in rows
@@ -568,7 +581,7 @@ def print_table(results: Dict[str, Dict[int, Any]], sizes: List[int],
         numbers = results[name].get(size)
         if not numbers:
             return "n/a"
-        text = f"{numbers[key] * scale:.1f} {unit}"
+        text = f"{numbers[key] * scale:.1f}" + (f" {unit}" if unit else "")
         ref = reference.get(size)
         if ref and name != "hostgroup":
             text += f" ({numbers[key] / ref[key]:.2f}x)"
@@ -577,13 +590,13 @@ def print_table(results: Dict[str, Dict[int, Any]], sizes: List[int],
     header = ["contender"]
     for size in sizes:
         header += [f"N={size} cold", f"N={size} warm", f"N={size} CPU/round",
-                   f"N={size} cold CPU/host"]
+                   f"N={size} switches/host", f"N={size} cold CPU/host"]
     rows = [header]
     for name in results:
         row = [name]
         for size in sizes:
             row += [cell(name, size, "cold", 1000, "ms"), cell(name, size, "warm", 1000, "ms"),
-                    cell(name, size, "cpu", 1000, "ms"),
+                    cell(name, size, "cpu", 1000, "ms"), cell(name, size, "switches", 1, ""),
                     cell(name, size, "cold_cpu_per_host", 1000, "ms")]
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
