@@ -880,6 +880,8 @@ class Connection:
             try:
                 return self._connect_once(attempt)
             except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    raise  # Ctrl-C in the caller leading it: its own, not a failed connect
                 failure = _classify(exc, self.target)
                 self.counters.add(connect_failures=1)
                 if not isinstance(failure, TemporaryFailure):

@@ -9,18 +9,24 @@ contract it holds the code to; a strict xfail marks a bug reproduced here, with 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Set, Tuple
 
 import pyotp
 import pytest
 from helpers import SLOW_RETRIES, call_in_thread, outcome_within, wait_for
 from test_attack_connect_deadline import connect_threads
 
-from paramiko_executor import CommandTimeout, SSHExecutor
+from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor
 
 STEP = 30
 
@@ -60,18 +66,30 @@ def into_a_step_with(left: float) -> None:
 
 
 @pytest.fixture
-def totp(make_test_server: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
-         caplog: pytest.LogCaptureFixture) -> Iterator[Totp]:
-    """The step's code spent by ``first``: another login must wait for the next step. A
-    private ledger file: no other test's logins count. Logs at INFO are captured, and none
-    may hold the secret."""
+def ledger(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+           ) -> Iterator[Tuple[str, List[str]]]:
+    """A private TOTP ledger file (no other test's logins count), and the list of secrets
+    the test uses: no log record may hold one (logs are captured from DEBUG up)."""
     from paramiko_executor import auth
     from paramiko_executor.totp import TOTPLedger
 
-    ledger = str(tmp_path / "ledger")
-    monkeypatch.setattr(auth, "TOTP_LEDGER", TOTPLedger(path=ledger))
+    path = str(tmp_path / "ledger")
+    monkeypatch.setattr(auth, "TOTP_LEDGER", TOTPLedger(path=path))
     caplog.set_level(logging.DEBUG, logger="paramiko_executor")
-    server = make_test_server(totp_secret=pyotp.random_base32())
+    secrets: List[str] = []
+    yield path, secrets
+    for record in caplog.records:
+        text = record.getMessage()
+        for secret in secrets:
+            assert secret not in text and secret.lower() not in text, text
+
+
+@pytest.fixture
+def totp(make_test_server: Any, ledger: Tuple[str, List[str]]) -> Iterator[Totp]:
+    """The step's code spent by ``first``: another login must wait for the next step."""
+    secret = pyotp.random_base32()
+    ledger[1].append(secret)
+    server = make_test_server(totp_secret=secret)
     parameters = dict(server.executor_parameters(), mfa_config=server.mfa_config(),
                       **SLOW_RETRIES)
     into_a_step_with(LEFT)
@@ -79,15 +97,11 @@ def totp(make_test_server: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
     first = SSHExecutor(**parameters)
     try:
         assert first.run_command("echo first").stdout == "first\n"
-        state = Totp(server, parameters, first, step, ledger)
+        state = Totp(server, parameters, first, step, ledger[0])
         assert state.steps() == {step}
         yield state
     finally:
         first.close()
-    secret = state.secret
-    for record in caplog.records:
-        text = record.getMessage()
-        assert secret not in text and secret.lower() not in text, text
 
 
 def waits_logged(caplog: pytest.LogCaptureFixture) -> int:
@@ -208,3 +222,206 @@ def test_a_bounded_caller_joining_before_the_poll_keeps_the_login_until_its_dead
         assert totp.server.totp_accepted == 1
     finally:
         second.close()
+
+
+# --- Ctrl-C and close() while the login waits ---------------------------------------------
+
+
+@contextlib.contextmanager
+def sigint_once(condition: Callable[[], bool]) -> Iterator[None]:
+    """SIGINT to the main thread (Python's own handler: KeyboardInterrupt) once ``condition``."""
+    assert threading.current_thread() is threading.main_thread()
+
+    def interrupt() -> None:
+        wait_for(condition, "the moment to interrupt", 10)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    # Python's handler even when the suite runs with SIGINT ignored (a background job).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupter = threading.Thread(target=interrupt, daemon=True)
+    interrupter.start()
+    try:
+        yield
+    finally:
+        interrupter.join(15)
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.hang_timeout(90)
+def test_ctrl_c_in_a_bounded_caller_while_the_login_waits_ends_the_login_without_a_code(
+        totp: Totp, caplog: pytest.LogCaptureFixture) -> None:
+    """The caller is counted out by its interrupt, long before its own deadline: the login
+    it left (in a connect thread of its own) ends without a code."""
+    second = SSHExecutor(**totp.parameters)
+    try:
+        with sigint_once(lambda: waits_logged(caplog) > 0):
+            with pytest.raises(KeyboardInterrupt):
+                second.run_command("echo never", timeout=20)
+        abandoned(totp.server, 1)
+        assert totp.server.totp_accepted == 1 and second.statistics().connects == 0
+    finally:
+        second.close()
+
+
+@pytest.mark.hang_timeout(90)
+def test_ctrl_c_in_a_patient_caller_while_its_login_waits_is_a_keyboard_interrupt(
+        totp: Totp, caplog: pytest.LogCaptureFixture) -> None:
+    """Was: ExecutorFailure('cannot connect to ...: KeyboardInterrupt: '), the interrupt
+    lost (`Connection._establish` classified every BaseException as a failed connect). The
+    caller's own thread runs the login; the interrupt ends it, without a code."""
+    second = SSHExecutor(**totp.parameters)
+    try:
+        with sigint_once(lambda: waits_logged(caplog) > 0):
+            with pytest.raises(KeyboardInterrupt):
+                second.run_command("echo never")
+        abandoned(totp.server, 1)
+        assert totp.server.totp_accepted == 1 and second.statistics().connects == 0
+    finally:
+        second.close()
+
+
+@pytest.mark.hang_timeout(90)
+@pytest.mark.parametrize("callers", ["waiting", "gone"])
+def test_close_while_the_login_waits_ends_it_at_once_without_a_code(
+        totp: Totp, callers: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``waiting``: a patient and a bounded caller wait; close() ends the login, both hear
+    the executor was closed. ``gone``: the only caller left and the ledger has not looked
+    yet (its poll slowed to 2 s); close() ends the login all the same."""
+    from paramiko_executor import totp as totp_module
+
+    second = SSHExecutor(**totp.parameters)
+    try:
+        if callers == "waiting":
+            waiting = [call_in_thread(lambda: second.run_command("echo never")),
+                       call_in_thread(lambda: second.run_command("echo never", timeout=20))]
+            login_waiting(caplog)
+        else:
+            monkeypatch.setattr(totp_module, "_ABANDON_POLL", 2.0)
+            left = outcome_within(10, lambda: second.run_command("echo never", timeout=0.5))
+            assert isinstance(left.get("error"), CommandTimeout), left
+            waiting = []
+            assert connect_threads(), "the login ended before close()"
+        outcome_within(5, second.close)
+        for outcome in waiting:
+            outcome["thread"].join(3)
+            error = outcome.get("error")
+            assert isinstance(error, ExecutorFailure) and "closed" in str(error), outcome
+        abandoned(totp.server, 1)
+        assert totp.server.totp_accepted == 1 and second.statistics().connects == 0
+    finally:
+        second.close()
+
+
+# --- another process logs in with the secret meanwhile -------------------------------------
+
+
+#: A patient login in a process of its own; exit status 0 if it logged in at step argv[2].
+CHILD = """
+import json, sys, time
+from paramiko_executor import SSHExecutor
+parameters, step = json.loads(sys.argv[1]), int(sys.argv[2])
+with SSHExecutor(**parameters) as ex:
+    assert ex.run_command("echo child").stdout == "child\\n"
+sys.exit(0 if int(time.time() // 30) == step else 3)
+"""
+
+
+def child_login(process: str, totp: Totp) -> Callable[[float], int]:
+    """Start a process that logs in patiently, sharing the ledger file; a function waiting
+    (bounded) for its exit status."""
+    if process == "spawn":
+        env = dict(os.environ, PARAMIKO_EXECUTOR_TOTP_LEDGER=totp.ledger)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, json.dumps(totp.parameters), str(totp.step + 1)],
+            env=env, cwd=root)
+
+        def reap(bound: float) -> int:
+            try:
+                return proc.wait(bound)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        return reap
+    pid = os.fork()
+    if pid == 0:  # the child: what the parent's threads held at the fork is not its own
+        status = 1
+        try:
+            with SSHExecutor(**totp.parameters) as ex:
+                if ex.run_command("echo child").stdout == "child\n":
+                    status = 0 if int(time.time() // STEP) == totp.step + 1 else 3
+        finally:
+            os._exit(status)
+
+    def wait_child(bound: float) -> int:
+        deadline = time.monotonic() + bound
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError(f"the child still ran after {bound} s")
+    return wait_child
+
+
+@pytest.mark.hang_timeout(120)
+@pytest.mark.parametrize("process", ["fork", "spawn"])
+def test_another_process_takes_the_next_step_the_abandoned_login_left_free(
+        totp: Totp, process: str, caplog: pytest.LogCaptureFixture) -> None:
+    """While this process's login waits for the next step (for a caller with a 3 s timeout),
+    another process (forked in the middle of that wait, or started anew) logs in patiently
+    with the secret through the same ledger file. The abandoned login claims nothing: the
+    other process logs in at the very next step, and no step is spent for no one."""
+    second = SSHExecutor(**totp.parameters)
+    try:
+        bounded = call_in_thread(lambda: second.run_command("echo never", timeout=3))
+        login_waiting(caplog)
+        reap = child_login(process, totp)
+        bounded["thread"].join(10)
+        assert isinstance(bounded.get("error"), CommandTimeout), bounded
+        wait_for(lambda: not connect_threads(), "the login nobody waits for to end", 3)
+        assert reap(STEP + 15) == 0, "the other process did not log in at the next step"
+        assert totp.steps() == {totp.step, totp.step + 1} and totp.server.totp_accepted == 2
+        assert second.statistics().connects == 0
+    finally:
+        second.close()
+
+
+# --- a HostGroup whose hosts share one secret -----------------------------------------------
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_group_whose_hosts_share_a_secret_leaves_no_login_spending_a_step(
+        make_test_server: Any, ledger: Tuple[str, List[str]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Two hosts, one secret: one logs in, the other must wait for the next step and its
+    call times out (3 s). Its login ends without a code and is not retried; the next call
+    without a timeout logs it in at the next step, using the step nothing else spent."""
+    from paramiko_executor import HostGroup
+
+    secret = pyotp.random_base32()
+    ledger[1].append(secret)
+    servers = [make_test_server(totp_secret=secret) for _ in range(2)]
+    hosts = [{"name": f"h{i}", **server.executor_parameters()} for i, server in enumerate(servers)]
+    into_a_step_with(LEFT)
+    step = int(time.time() // STEP)
+    with HostGroup(hosts, mfa_config=servers[0].mfa_config(), **SLOW_RETRIES) as group:
+        bounded = outcome_within(15, lambda: group.run_command("echo hi", timeout=3))
+        assert "result" in bounded, bounded
+        failed = bounded["result"].failed
+        assert len(failed) == 1, dict(bounded["result"])
+        [(late, error)] = failed.items()
+        assert isinstance(error, CommandTimeout), error
+        waiting = servers[int(late[1:])]
+        wait_for(lambda: not connect_threads() and waiting.active_connections == 0,
+                 "the login nobody waits for to end", 3)
+        assert waiting.totp_accepted == 0 and waiting.connections_accepted == 1
+        assert group.statistics()[late].connect_failures == 1  # its one try, not retried
+        patient = outcome_within(STEP + 15, lambda: group.run_command("echo hi"))
+        assert "result" in patient and not patient["result"].failed, patient
+    used = [server._used_totp.get(secret, set()) for server in servers]
+    assert sorted(map(sorted, used)) == [[step], [step + 1]], used
