@@ -13,20 +13,21 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import pyotp
 import pytest
 from helpers import SLOW_RETRIES, call_in_thread, outcome_within, wait_for
 from test_attack_connect_deadline import connect_threads
 
-from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor
+from paramiko_executor import CommandTimeout, ExecutorFailure, ShellExecutor, SSHExecutor
 
 STEP = 30
 
@@ -319,7 +320,7 @@ def test_close_while_the_login_waits_ends_it_at_once_without_a_code(
 #: A patient login in a process of its own; exit status 0 if it logged in at step argv[2].
 CHILD = """
 import json, sys, time
-from paramiko_executor import SSHExecutor
+from paramiko_executor import CommandTimeout, ExecutorFailure, ShellExecutor, SSHExecutor
 parameters, step = json.loads(sys.argv[1]), int(sys.argv[2])
 with SSHExecutor(**parameters) as ex:
     assert ex.run_command("echo child").stdout == "child\\n"
@@ -425,3 +426,124 @@ def test_a_group_whose_hosts_share_a_secret_leaves_no_login_spending_a_step(
         assert "result" in patient and not patient["result"].failed, patient
     used = [server._used_totp.get(secret, set()) for server in servers]
     assert sorted(map(sorted, used)) == [[step], [step + 1]], used
+
+
+# --- on_output: a line that never ends, in pieces ------------------------------------------
+
+
+#: Per encoding, a run of characters for a long line: multibyte ones (astral ones where the
+#: encoding has them, a surrogate pair in UTF-16) beside ASCII and a \r, as a progress bar.
+UNITS: Dict[Optional[str], str] = {
+    "utf-8": "\r42% \u00e9\u6f22\U0001f600=",
+    "utf-16": "\r42% \u00e9\u6f22\U0001f600=",
+    "utf-32-le": "\r42% \u00e9\U0001f600=",
+    "shift_jis": "\r42% \u6f22\u5b57\uff71=",
+    "gb18030": "\r42% \u6f22\U0001f600=",
+    None: "\r42% \u00e9\u6f22\U0001f600=",  # sent as UTF-8, handed on as bytes
+}
+
+
+def splitter_pieces(encoding: Optional[str], chunks: List[bytes]) -> List[Any]:
+    from paramiko_executor.output import LineSplitter
+
+    pieces: List[Any] = []
+    splitter = LineSplitter("stdout", lambda stream, piece: pieces.append(piece), encoding)
+    for chunk in chunks:
+        splitter.feed(chunk)
+    splitter.finish()
+    return pieces
+
+
+def check_pieces(pieces: List[Any], whole: Any, piece: int, chunk: int) -> None:
+    """``pieces`` are ``whole`` cut at line ends and after `LINE_PIECE` (``piece``) units."""
+    newline = b"\n" if isinstance(whole, bytes) else "\n"
+    assert whole[:0].join(pieces) == whole
+    for n, part in enumerate(pieces):
+        assert part, "an empty piece"
+        assert newline not in part[:-1], "a line end inside a piece"
+        if not part.endswith(newline) and n < len(pieces) - 1:
+            assert piece <= len(part) < piece + chunk, (n, len(part))
+
+
+@pytest.mark.parametrize("encoding", list(UNITS))
+@pytest.mark.parametrize("piece", [1, 2, 3, 7])
+def test_pieces_of_a_long_line_are_whole_characters_in_arrival_order(
+        encoding: Optional[str], piece: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every way of cutting the bytes (1 to 5 bytes a chunk, pieces of 1 to 7 units) gives
+    back the text exactly, without a replacement character: no character is split between
+    pieces, a surrogate pair of UTF-16 or a shift_jis pair included."""
+    import random
+
+    from paramiko_executor import output
+
+    monkeypatch.setattr(output, "LINE_PIECE", piece)
+    text = UNITS[encoding] * 5 + "\n\n" + UNITS[encoding] * 3 + "\nend"
+    data = text.encode(encoding or "utf-8")
+    whole: Any = data if encoding is None else text
+    rng = random.Random(f"{encoding}{piece}")
+    for _ in range(40):  # bounded: 40 random cuttings
+        chunks, at = [], 0
+        while at < len(data):
+            size = rng.randint(1, 5)
+            chunks.append(data[at:at + size])
+            at += size
+        pieces = splitter_pieces(encoding, chunks)
+        check_pieces(pieces, whole, piece, 5)
+        if encoding is not None:
+            assert "\ufffd" not in "".join(pieces)
+
+
+def long_line_script(encoding: Optional[str], count: int) -> str:
+    """A shell command printing ``count`` units (`UNITS`) on stdout without a line end, then
+    a line end and ``tail``; and on stderr half as many, then a line end."""
+    name = encoding or "utf-8"
+    script = (
+        "import sys\n"
+        f"unit = {UNITS[encoding]!r}\n"
+        f"out = (unit * {count} + '\\n' + 'tail').encode({name!r})\n"
+        f"err = (unit * {count // 2} + '\\n').encode({name!r})\n"
+        "half = len(out) // 2\n"
+        "sys.stdout.buffer.write(out[:half]); sys.stdout.flush()\n"
+        "sys.stderr.buffer.write(err); sys.stderr.flush()\n"
+        "sys.stdout.buffer.write(out[half:]); sys.stdout.flush()\n")
+    return f"python3 -c {shlex.quote(script)}"
+
+
+@pytest.fixture(params=["sshd", "shell"])
+def run_on(request: Any, sshd: Any) -> Iterator[Any]:
+    if request.param == "shell":
+        yield ShellExecutor()
+        return
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        yield ex
+
+
+@pytest.mark.hang_timeout(120)
+@pytest.mark.parametrize("encoding", list(UNITS))
+def test_a_huge_line_in_any_encoding_comes_in_pieces_that_join_to_it(
+        run_on: Any, encoding: Optional[str]) -> None:
+    """Over 3 LINE_PIECE of multibyte characters on one line, on stdout and on stderr at once:
+    each stream's pieces join to exactly its text (arrival order kept per stream), none
+    empty, no piece handed on before it reached LINE_PIECE (nor past one drain of the
+    channel's window), and the last unterminated piece at EOF."""
+    from paramiko_executor.connection import WINDOW_SIZE
+    from paramiko_executor.output import LINE_PIECE
+
+    unit = UNITS[encoding]
+    count = 3 * LINE_PIECE // len(unit) + 11
+    pieces: Dict[str, List[Any]] = {"stdout": [], "stderr": []}
+    result = run_on.run_command(long_line_script(encoding, count), encoding=encoding,
+                                keep_output=False, timeout=60,
+                                on_output=lambda stream, piece: pieces[stream].append(piece))
+    assert result.stdout in ("", b"") and result.exit_code == 0
+    out = unit * count + "\ntail"
+    err = unit * (count // 2) + "\n"
+    if encoding is None:
+        wanted: Dict[str, Any] = {"stdout": out.encode(), "stderr": err.encode()}
+    else:
+        wanted = {"stdout": out, "stderr": err}
+    for stream in ("stdout", "stderr"):
+        check_pieces(pieces[stream], wanted[stream], LINE_PIECE, WINDOW_SIZE)
+    assert len(pieces["stdout"]) >= 3 and pieces["stdout"][-1] in ("tail", b"tail")
+    if encoding is not None:
+        assert all("\ufffd" not in piece for piece in pieces["stdout"] + pieces["stderr"])
