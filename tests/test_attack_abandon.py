@@ -315,6 +315,33 @@ def test_close_while_the_login_waits_ends_it_at_once_without_a_code(
         second.close()
 
 
+@pytest.mark.hang_timeout(120)
+def test_of_two_executors_waiting_for_the_next_step_only_the_one_left_stops(
+        totp: Totp, caplog: pytest.LogCaptureFixture) -> None:
+    """Two executors with the secret wait for the next step in one ledger: one for a caller
+    with a 1 s timeout, one for a caller whose timeout ends 10 s after that step begins.
+    The first login ends without a code; the second, still wanted, logs in at the step."""
+    left_alone, wanted = SSHExecutor(**totp.parameters), SSHExecutor(**totp.parameters)
+    try:
+        until_next = (totp.step + 1) * STEP - time.time()
+        keeps = call_in_thread(lambda: wanted.run_command("echo wanted",
+                                                          timeout=until_next + 10))
+        login_waiting(caplog)
+        gone = outcome_within(10, lambda: left_alone.run_command("echo never", timeout=1))
+        assert isinstance(gone.get("error"), CommandTimeout), gone
+        wait_for(lambda: totp.server.active_connections == 2,
+                 "the login nobody waits for to end", 3)
+        assert keeps["thread"].is_alive() and totp.server.totp_accepted == 1
+        keeps["thread"].join(until_next + 15)
+        assert keeps.get("result") is not None, keeps
+        assert keeps["result"].stdout == "wanted\n"
+        assert totp.steps() == {totp.step, totp.step + 1}
+        assert left_alone.statistics().connects == 0
+    finally:
+        left_alone.close()
+        wanted.close()
+
+
 # --- another process logs in with the secret meanwhile -------------------------------------
 
 
@@ -427,6 +454,36 @@ def test_a_group_whose_hosts_share_a_secret_leaves_no_login_spending_a_step(
         assert "result" in patient and not patient["result"].failed, patient
     used = [server._used_totp.get(secret, set()) for server in servers]
     assert sorted(map(sorted, used)) == [[step], [step + 1]], used
+
+
+@pytest.mark.hang_timeout(120)
+def test_calls_timing_out_again_and_again_join_each_hosts_one_connect(sshd: Any) -> None:
+    """Ten hosts that never answer (banner_timeout 3 s), three calls with a 0.3 s timeout in
+    a row: each later call joins the connect its host has in flight instead of starting
+    another, so there is never more than one per host, each tried once and not retried."""
+    from test_attack_connect_deadline import Silent
+
+    from paramiko_executor import HostGroup
+
+    silent = Silent(10)
+    hosts = [{"name": f"silent{i}", **sshd.executor_parameters(), "port": port}
+             for i, port in enumerate(silent.ports)]
+    try:
+        with HostGroup(hosts, max_workers=10, banner_timeout=3, **SLOW_RETRIES) as group:
+            peak = 0
+            for _ in range(3):
+                outcome = outcome_within(10, lambda: group.run_command("echo hi", timeout=0.3))
+                assert "result" in outcome, outcome
+                assert all(isinstance(e, CommandTimeout)
+                           for e in outcome["result"].failed.values()), outcome
+                assert len(outcome["result"].failed) == 10
+                peak = max(peak, len(connect_threads()))
+            assert 0 < peak <= 10, peak
+            wait_for(lambda: not connect_threads(), "the connects to end with their try", 10)
+            tries = sum(s.connect_failures for s in group.statistics().values())
+            assert tries == 10, tries
+    finally:
+        silent.close()
 
 
 # --- on_output: a line that never ends, in pieces ------------------------------------------
