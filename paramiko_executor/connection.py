@@ -890,6 +890,12 @@ class Connection:
                 delay = next(delays, None)
                 if attempt.cancelled.is_set():
                     raise ExecutorFailure("the executor was closed while connecting") from None
+                # Before the last-try error: a caller run late past its deadline hears of
+                # its timeout, and no retry is logged that will not come.
+                if self._unwanted(attempt):
+                    log.info("connecting to %s failed (%s); no caller waits for it any more",
+                             self.target, failure)
+                    raise _Unwanted(self.target) from None
                 if delay is None:
                     raise ExecutorFailure(
                         f"cannot connect to {self.target} after {tries} attempts: {failure}"

@@ -254,14 +254,11 @@ def test_against_openssh_a_login_nobody_waits_for_spends_no_code(
 
 
 @pytest.mark.hang_timeout(90)
-@pytest.mark.xfail(strict=True, reason=(
-    "the abandoned login is logged as 'connecting to ... failed (AuthenticationInterrupted: "
-    "the login was abandoned while it waited for a fresh TOTP code); retrying in 1.0 s', "
-    "and nothing is retried: Connection._establish logs the retry before _back_off finds "
-    "that no caller waits (the same for any try that fails once its callers left). Fix: "
-    "ask `_unwanted` before logging the retry, and log the end for want of callers instead"))
 def test_an_abandoned_login_is_not_logged_as_retrying(
         totp: Totp, caplog: pytest.LogCaptureFixture) -> None:
+    """Was: logged as 'connecting to ... failed (AuthenticationInterrupted: the login was
+    abandoned ...); retrying in 1.0 s', and nothing was retried (`_establish` logged the
+    retry before `_back_off` found that no caller waited). Now its end says why."""
     second = SSHExecutor(**totp.parameters)
     try:
         left = outcome_within(10, lambda: second.run_command("echo never", timeout=0.5))
@@ -270,6 +267,57 @@ def test_an_abandoned_login_is_not_logged_as_retrying(
         assert totp.server.connections_accepted == 2  # the first's and this one: no retry
         retrying = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
         assert retrying == []
+        assert any("no caller waits for it any more" in r.getMessage() for r in caplog.records)
+    finally:
+        second.close()
+
+
+def late_at_leaving(call: Callable[[], Any], late: float) -> Callable[[], Any]:
+    """``call``, its thread held ``late`` seconds when `Connection.get` is about to count it
+    out (its wait over): as a thread the machine runs late, just after its deadline."""
+    import inspect
+
+    from paramiko_executor.connection import Connection
+
+    code = Connection.get.__code__
+    lines, first = inspect.getsourcelines(Connection.get)
+    [line] = [first + n for n, text in enumerate(lines)
+              if text.strip() == "self._leave(attempt, deadline is None)"]
+    held: List[bool] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == line and not held:
+            held.append(True)
+            time.sleep(late)
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        return local if frame.f_code is code and not held else None
+
+    def traced() -> Any:
+        sys.settrace(tracer)
+        try:
+            return call()
+        finally:
+            sys.settrace(None)
+    return traced
+
+
+@pytest.mark.hang_timeout(90)
+def test_a_caller_run_late_past_its_deadline_hears_of_its_timeout_not_of_the_abandon(
+        totp: Totp, caplog: pytest.LogCaptureFixture) -> None:
+    """Was: with no retry left (connect_retries=0, or the last of them), the abandoned login
+    ended as ExecutorFailure('cannot connect to ... after 1 attempts: AuthenticationInterrupted:
+    the login was abandoned ...'), and a caller whose thread ran a little late after its
+    deadline (held here 0.5 s) got that instead of its CommandTimeout. The login ended for
+    want of callers, as any abandoned connect."""
+    second = SSHExecutor(**dict(totp.parameters, connect_retries=0))
+    try:
+        late = outcome_within(10, late_at_leaving(
+            lambda: second.run_command("echo never", timeout=0.5), 0.5))
+        assert isinstance(late.get("error"), CommandTimeout), late
+        abandoned(totp.server, 1)
+        assert totp.server.totp_accepted == 1
     finally:
         second.close()
 
