@@ -150,8 +150,9 @@ class LineSplitter:
     """Hands a stream's output to ``callback(stream, line)`` one complete line at a time.
 
     Lines keep their ``"\n"``; the last unterminated piece goes out at
-    `finish`, and an unterminated line as soon as it reached `LINE_PIECE`
-    (then the line comes in pieces, only its last ending with ``"\n"``).
+    `finish`. A line that reached `LINE_PIECE` without ending goes out in
+    pieces of `LINE_PIECE` as it arrives (bytes: cut between UTF-8
+    characters, a few bytes off), only its last piece ending with ``"\n"``.
     Text is decoded incrementally (a character split across two chunks is
     decoded whole); with ``encoding`` None, lines are bytes.
     """
@@ -186,19 +187,46 @@ class LineSplitter:
         for line in lines:
             self._callback(self._stream, line + newline)
         if self._pending >= LINE_PIECE:
-            self._hand_on_piece()
+            self._hand_on(LINE_PIECE)
 
     def finish(self) -> None:
         """The stream ended: hand on what is left of its last line."""
         if self._decoder is not None:
             self.feed(b"", final=True)
-        self._hand_on_piece()
+        self._hand_on(0)
 
-    def _hand_on_piece(self) -> None:
-        if self._pieces:
-            partial = self._empty.join(self._pieces)
-            self._pieces, self._pending = [], 0
-            self._callback(self._stream, partial)
+    def _hand_on(self, size: int) -> None:
+        """Hand on the unterminated line: in pieces of ``size``, keeping back the rest (0: all)."""
+        if not self._pieces:
+            return
+        text = self._empty.join(self._pieces)
+        cuts = [0]
+        while size and len(text) - cuts[-1] >= size:
+            end = cuts[-1] + size
+            cuts.append(end if self._decoder is not None else _utf8_cut(text, cuts[-1], end))
+        if not size:
+            cuts.append(len(text))
+        rest = text[cuts[-1]:]
+        self._pieces, self._pending = ([rest] if rest else []), len(rest)
+        for start, end in zip(cuts, cuts[1:]):
+            self._callback(self._stream, text[start:end])
+
+
+def _utf8_cut(data: bytes, start: int, end: int) -> int:
+    """``end``, moved off the middle of a UTF-8 character: back before it, or past it if
+    it starts the piece (bytes of unknown encoding are most often UTF-8, and a callback
+    decoding each piece must not get half a character)."""
+    for back in range(1, 4):
+        at = end - back
+        if at < start:
+            break
+        byte = data[at]
+        if byte & 0xC0 != 0x80:  # not a continuation byte: ASCII, or a character's lead
+            length = 1 if byte < 0xC0 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            if back >= length:
+                break
+            return at if at > start else min(at + length, len(data))
+    return end
 
 
 def line_splitters(callback: Optional[Callable[[str, Any], object]],

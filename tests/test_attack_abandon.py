@@ -643,15 +643,19 @@ def splitter_pieces(encoding: Optional[str], chunks: List[bytes]) -> List[Any]:
     return pieces
 
 
-def check_pieces(pieces: List[Any], whole: Any, piece: int, chunk: int) -> None:
-    """``pieces`` are ``whole`` cut at line ends and after `LINE_PIECE` (``piece``) units."""
+def check_pieces(pieces: List[Any], whole: Any, piece: int) -> None:
+    """``pieces`` are ``whole`` cut at line ends and every `LINE_PIECE` (``piece``) units
+    (bytes: moved a few bytes off a UTF-8 character's middle)."""
     newline = b"\n" if isinstance(whole, bytes) else "\n"
     assert whole[:0].join(pieces) == whole
     for n, part in enumerate(pieces):
         assert part, "an empty piece"
         assert newline not in part[:-1], "a line end inside a piece"
         if not part.endswith(newline) and n < len(pieces) - 1:
-            assert piece <= len(part) < piece + chunk, (n, len(part))
+            if isinstance(part, bytes):
+                assert abs(len(part) - piece) <= 3, (n, len(part))
+            else:
+                assert len(part) == piece, (n, len(part))
 
 
 @pytest.mark.parametrize("encoding", list(UNITS))
@@ -677,7 +681,7 @@ def test_pieces_of_a_long_line_are_whole_characters_in_arrival_order(
             chunks.append(data[at:at + size])
             at += size
         pieces = splitter_pieces(encoding, chunks)
-        check_pieces(pieces, whole, piece, 5)
+        check_pieces(pieces, whole, piece)
         if encoding is not None:
             assert "\ufffd" not in "".join(pieces)
 
@@ -713,9 +717,8 @@ def test_a_huge_line_in_any_encoding_comes_in_pieces_that_join_to_it(
         run_on: Any, encoding: Optional[str]) -> None:
     """Over 3 LINE_PIECE of multibyte characters on one line, on stdout and on stderr at once:
     each stream's pieces join to exactly its text (arrival order kept per stream), none
-    empty, no piece handed on before it reached LINE_PIECE (nor past one drain of the
-    channel's window), and the last unterminated piece at EOF."""
-    from paramiko_executor.connection import WINDOW_SIZE
+    empty, every unterminated piece LINE_PIECE long (a few bytes off with encoding=None), and
+    the last unterminated piece at EOF."""
     from paramiko_executor.output import LINE_PIECE
 
     unit = UNITS[encoding]
@@ -732,7 +735,7 @@ def test_a_huge_line_in_any_encoding_comes_in_pieces_that_join_to_it(
     else:
         wanted = {"stdout": out, "stderr": err}
     for stream in ("stdout", "stderr"):
-        check_pieces(pieces[stream], wanted[stream], LINE_PIECE, WINDOW_SIZE)
+        check_pieces(pieces[stream], wanted[stream], LINE_PIECE)
     assert len(pieces["stdout"]) >= 3 and pieces["stdout"][-1] in ("tail", b"tail")
     if encoding is not None:
         assert all("\ufffd" not in piece for piece in pieces["stdout"] + pieces["stderr"])
@@ -825,14 +828,6 @@ def test_200_mb_on_one_line_with_keep_output_false_keeps_memory_flat(
     assert seen["rss"] < 128 * 2**20, seen
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with encoding=None a piece is cut wherever the line reached LINE_PIECE: a UTF-8 "
-    "character split between two pieces, so a callback decoding each bytes piece (as it "
-    "could each line before) gets UnicodeDecodeError on a line over 1 MiB (seen through "
-    "sshd and ShellExecutor: 2 to 4 such pieces per 3 MiB line). output.LineSplitter.feed "
-    "hands on self._pieces whole. Fix: keep back an incomplete UTF-8 sequence at a bytes "
-    "piece's end (at most 3 bytes), or document that bytes pieces may split a character "
-    "and must be joined before decoding"))
 def test_a_bytes_piece_never_ends_inside_a_utf8_character() -> None:
     from paramiko_executor.output import LINE_PIECE
 
@@ -844,14 +839,6 @@ def test_a_bytes_piece_never_ends_inside_a_utf8_character() -> None:
 
 
 @pytest.mark.hang_timeout(120)
-@pytest.mark.xfail(strict=True, reason=(
-    "a piece is everything one drain brought (LineSplitter.feed hands self._pieces on whole "
-    "once they reach LINE_PIECE): a callback that takes a while, or a busy machine that "
-    "runs the calling thread late, gets pieces of up to the 8 MiB channel window, not "
-    "'about 1 MiB' (docs/guide/live-output.rst); test_run_options' bound `max(len(piece)) "
-    "< 2 * LINE_PIECE` is then load-dependent. Fix: hand an unterminated line on in slices "
-    "of LINE_PIECE (slices of str never split a character), or document 'at least 1 MiB, "
-    "at most the channel window (8 MiB)'"))
 def test_a_slow_callback_still_gets_pieces_of_about_a_mib(sshd: Any) -> None:
     from paramiko_executor.output import LINE_PIECE
 
