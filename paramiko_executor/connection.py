@@ -782,7 +782,7 @@ class Connection:
             if deadline is None and stop is None:
                 if leader:
                     # Returns at once if a thread started for others took it first.
-                    self._lead(attempt)
+                    self._lead(attempt, caller=True)
                 attempt.done.wait()
             else:
                 if leader:
@@ -837,7 +837,8 @@ class Connection:
             attempt.error = ExecutorFailure(f"cannot connect to {self.target}: {exc}")
             self._finish(attempt, None)
 
-    def _lead(self, attempt: _Attempt) -> None:
+    def _lead(self, attempt: _Attempt, *, caller: bool = False) -> None:
+        """Run ``attempt`` and publish its outcome (``caller``: in a waiting caller's thread)."""
         link: Optional[Link] = None
         claimed = False
         try:
@@ -849,7 +850,14 @@ class Connection:
         except ExecutorFailure as exc:
             attempt.error = exc
         except BaseException as exc:
-            attempt.error = ExecutorFailure(f"cannot connect to {self.target}: {exc!r}")
+            if caller and link is None:
+                # Interrupted (Ctrl-C) in the caller's own thread: given back unclaimed,
+                # so that the caller's `_leave` runs it afresh for the others still
+                # waiting (or ends it), instead of failing them long before their time.
+                with self.lock:
+                    attempt.claimed = claimed = False
+            else:
+                attempt.error = ExecutorFailure(f"cannot connect to {self.target}: {exc!r}")
             raise
         finally:
             if claimed:

@@ -379,14 +379,6 @@ def test_ctrl_c_in_a_patient_caller_while_its_login_waits_is_a_keyboard_interrup
 
 
 @pytest.mark.hang_timeout(120)
-@pytest.mark.xfail(strict=True, reason=(
-    "a patient caller leads the connect in its own thread; Ctrl-C there ends the login, and "
-    "a bounded caller that joined it, its deadline far off, fails at once with "
-    "ExecutorFailure('cannot connect to ...: KeyboardInterrupt()') (Connection._lead's "
-    "BaseException branch publishes it to every waiter): the login is abandoned under a "
-    "caller still waiting. Fix: when the leader's own thread is interrupted and others "
-    "still want the attempt, hand it on (_lead_elsewhere, a fresh try) instead of "
-    "finishing it failed"))
 def test_ctrl_c_in_the_patient_leader_leaves_a_joined_bounded_caller_its_login(
         totp: Totp, caplog: pytest.LogCaptureFixture) -> None:
     second = SSHExecutor(**totp.parameters)
