@@ -6,6 +6,7 @@ import os
 import select
 import socket
 import subprocess
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List, Tuple
@@ -16,6 +17,30 @@ from paramiko.message import Message
 
 #: Connect retries whose backoff alone (1 + 2 + 4 + ... s, at most 60 s each) lasts minutes.
 SLOW_RETRIES: Dict[str, Any] = {"connect_retries": 9, "connect_backoff": 1.0}
+
+
+def at_line(code: Any, line: int, act: Callable[[], None],
+            call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call``, with ``act()`` run (once) when the function of ``code`` reaches ``line``
+    in the calling thread: a thread held up, or interrupted, at one chosen moment."""
+    done: List[bool] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == line and not done:
+            done.append(True)
+            act()
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        return local if frame.f_code is code and not done else None
+
+    def traced() -> Any:
+        sys.settrace(tracer)
+        try:
+            return call()
+        finally:
+            sys.settrace(None)
+    return traced
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import pyotp
 import pytest
-from helpers import SLOW_RETRIES, call_in_thread, outcome_within, wait_for
+from helpers import SLOW_RETRIES, at_line, call_in_thread, outcome_within, wait_for
 from test_attack_connect_deadline import connect_threads
 
 from paramiko_executor import CommandTimeout, ExecutorFailure, ShellExecutor, SSHExecutor
@@ -283,24 +283,7 @@ def late_at_leaving(call: Callable[[], Any], late: float) -> Callable[[], Any]:
     lines, first = inspect.getsourcelines(Connection.get)
     [line] = [first + n for n, text in enumerate(lines)
               if text.strip() == "self._leave(attempt, deadline is None)"]
-    held: List[bool] = []
-
-    def local(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line" and frame.f_lineno == line and not held:
-            held.append(True)
-            time.sleep(late)
-        return local
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        return local if frame.f_code is code and not held else None
-
-    def traced() -> Any:
-        sys.settrace(tracer)
-        try:
-            return call()
-        finally:
-            sys.settrace(None)
-    return traced
+    return at_line(code, line, lambda: time.sleep(late), call)
 
 
 @pytest.mark.hang_timeout(90)

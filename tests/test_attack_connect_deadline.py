@@ -17,7 +17,14 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
-from helpers import SLOW_RETRIES, call_in_thread, outcome_within, run_threads, wait_for
+from helpers import (
+    SLOW_RETRIES,
+    at_line,
+    call_in_thread,
+    outcome_within,
+    run_threads,
+    wait_for,
+)
 
 from paramiko_executor import (
     CommandTimeout,
@@ -212,29 +219,12 @@ def _get_lines() -> List[Tuple[int, str, str]]:
 
 def interrupted_at(line: int, call: Callable[[], Any]) -> Callable[[], Any]:
     """``call``, with `Interrupt` raised in `Connection.get` the first time ``line`` runs."""
-    import sys
-
     from paramiko_executor.connection import Connection
 
-    code = Connection.get.__code__
-    fired: List[bool] = []
+    def interrupt() -> None:
+        raise Interrupt(f"line {line}")
 
-    def local(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line" and frame.f_lineno == line and not fired:
-            fired.append(True)
-            raise Interrupt(f"line {line}")
-        return local
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        return local if frame.f_code is code and not fired else None
-
-    def traced() -> Any:
-        sys.settrace(tracer)
-        try:
-            return call()
-        finally:
-            sys.settrace(None)
-    return traced
+    return at_line(Connection.get.__code__, line, interrupt, call)
 
 
 GET_LINES = _get_lines()
