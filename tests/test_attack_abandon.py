@@ -329,32 +329,19 @@ def sigint_once(condition: Callable[[], bool]) -> Iterator[None]:
 
 
 @pytest.mark.hang_timeout(90)
-def test_ctrl_c_in_a_bounded_caller_while_the_login_waits_ends_the_login_without_a_code(
-        totp: Totp, caplog: pytest.LogCaptureFixture) -> None:
-    """The caller is counted out by its interrupt, long before its own deadline: the login
-    it left (in a connect thread of its own) ends without a code."""
+@pytest.mark.parametrize("timeout", [20, None], ids=["bounded", "patient"])
+def test_ctrl_c_in_a_caller_while_the_login_waits_ends_the_login_without_a_code(
+        totp: Totp, caplog: pytest.LogCaptureFixture, timeout: Optional[float]) -> None:
+    """Bounded: the caller is counted out by its interrupt, long before its own deadline,
+    and the login it left (in a connect thread of its own) ends without a code. Patient: was
+    ExecutorFailure('cannot connect to ...: KeyboardInterrupt: '), the interrupt lost
+    (`Connection._establish` classified every BaseException as a failed connect); the
+    caller's own thread runs the login, and the interrupt ends it, without a code."""
     second = SSHExecutor(**totp.parameters)
     try:
         with sigint_once(lambda: waits_logged(caplog) > 0):
             with pytest.raises(KeyboardInterrupt):
-                second.run_command("echo never", timeout=20)
-        abandoned(totp.server, 1)
-        assert totp.server.totp_accepted == 1 and second.statistics().connects == 0
-    finally:
-        second.close()
-
-
-@pytest.mark.hang_timeout(90)
-def test_ctrl_c_in_a_patient_caller_while_its_login_waits_is_a_keyboard_interrupt(
-        totp: Totp, caplog: pytest.LogCaptureFixture) -> None:
-    """Was: ExecutorFailure('cannot connect to ...: KeyboardInterrupt: '), the interrupt
-    lost (`Connection._establish` classified every BaseException as a failed connect). The
-    caller's own thread runs the login; the interrupt ends it, without a code."""
-    second = SSHExecutor(**totp.parameters)
-    try:
-        with sigint_once(lambda: waits_logged(caplog) > 0):
-            with pytest.raises(KeyboardInterrupt):
-                second.run_command("echo never")
+                second.run_command("echo never", timeout=timeout)
         abandoned(totp.server, 1)
         assert totp.server.totp_accepted == 1 and second.statistics().connects == 0
     finally:
