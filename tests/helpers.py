@@ -43,6 +43,20 @@ def at_line(code: Any, line: int, act: Callable[[], None],
     return traced
 
 
+def reap(pid: int, bound: float, what: str = "the child still ran") -> int:
+    """The exit code of forked child ``pid`` once it ended; killed (and AssertionError
+    saying ``what``) if it still runs after ``bound`` seconds."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"{what} after {bound} s")
+
+
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     """Wait, bounded, for a condition that another thread or process makes true."""
     deadline = time.monotonic() + timeout

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import pyotp
 import pytest
-from helpers import SLOW_RETRIES, at_line, call_in_thread, outcome_within, wait_for
+from helpers import SLOW_RETRIES, at_line, call_in_thread, outcome_within, reap, wait_for
 from test_attack_connect_deadline import connect_threads
 
 from paramiko_executor import CommandTimeout, ExecutorFailure, ShellExecutor, SSHExecutor
@@ -459,14 +459,14 @@ def child_login(process: str, totp: Totp) -> Callable[[float], int]:
             [sys.executable, "-c", CHILD, json.dumps(totp.parameters), str(totp.step + 1)],
             env=env, cwd=root)
 
-        def reap(bound: float) -> int:
+        def wait_spawned(bound: float) -> int:
             try:
                 return proc.wait(bound)
             finally:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-        return reap
+        return wait_spawned
     pid = os.fork()
     if pid == 0:  # the child: what the parent's threads held at the fork is not its own
         status = 1
@@ -477,17 +477,7 @@ def child_login(process: str, totp: Totp) -> Callable[[float], int]:
         finally:
             os._exit(status)
 
-    def wait_child(bound: float) -> int:
-        deadline = time.monotonic() + bound
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return os.waitstatus_to_exitcode(status)
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise AssertionError(f"the child still ran after {bound} s")
-    return wait_child
+    return lambda bound: reap(pid, bound)
 
 
 @pytest.mark.hang_timeout(120)

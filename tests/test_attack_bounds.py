@@ -18,7 +18,7 @@ import warnings
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
-from helpers import call_in_thread, outcome_within, wait_for
+from helpers import call_in_thread, outcome_within, reap, wait_for
 from test_tunnels import read_all
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
@@ -289,17 +289,7 @@ def test_a_forked_child_connects_itself_while_the_parents_connect_thread_backs_o
                 code = 0 if echo(sock, b"child") == b"child" else 2
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 30
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            raise AssertionError("the child waited on the parent's connect")
-        time.sleep(0.05)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert reap(pid, 30, "the child waited on the parent's connect") == 0
     keeper["thread"].join(30)
     assert keeper.get("result") == "parent\n", keeper
 

@@ -22,6 +22,7 @@ from helpers import (
     at_line,
     call_in_thread,
     outcome_within,
+    reap,
     run_threads,
     wait_for,
 )
@@ -487,18 +488,6 @@ def _child_runs(ex: SSHExecutor, write_end: int) -> None:
         os._exit(status)
 
 
-def _reap(pid: int, bound: float) -> int:
-    end = time.monotonic() + bound
-    while time.monotonic() < end:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.WEXITSTATUS(status)
-        time.sleep(0.05)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    raise AssertionError(f"the child was still running after {bound} s")
-
-
 @pytest.mark.hang_timeout(120)
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.parametrize("where", ["backing-off", "mid-handshake"])
@@ -528,7 +517,7 @@ def test_a_child_forked_during_an_abandoned_connect_opens_its_own(
             _child_runs(ex, write_end)
         os.close(write_end)
         resume()
-        status = _reap(pid, 60)
+        status = reap(pid, 60)
         with os.fdopen(read_end, "rb") as pipe:
             report = pipe.read()
         assert report == b"ok" and status == 0, report

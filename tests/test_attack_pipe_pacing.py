@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import paramiko
 import pytest
 from backends import TCPServer
-from helpers import run_threads, wait_for
+from helpers import reap, run_threads, wait_for
 from paramiko.common import cMSG_CHANNEL_CLOSE, cMSG_CHANNEL_DATA, cMSG_CHANNEL_EOF
 from paramiko.message import Message
 from test_pipe import WINDOW, Forward
@@ -666,14 +666,7 @@ def test_the_slot_rule_holds_at_saturation_with_close_fork_tiny_timeouts_and_res
         chaos_thread.join(60)
     assert not chaos_thread.is_alive()
     for pid in children:
-        deadline = time.monotonic() + 60
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                assert os.waitstatus_to_exitcode(status) == 0
-                break
-            assert time.monotonic() < deadline, "a forked child never ended"
-            time.sleep(0.05)
+        assert reap(pid, 60, "a forked child never ended") == 0
     assert not errors, errors[:3]
     assert not unexpected, unexpected[:3]
     assert sum(results.values()) > 10  # work went on between the closes

@@ -32,7 +32,7 @@ from typing import List, Optional
 import paramiko
 import pyotp
 import pytest
-from helpers import run_threads, wait_for
+from helpers import reap, run_threads, wait_for
 
 import paramiko_executor.testing.server as test_server_module
 from paramiko_executor import (
@@ -752,19 +752,7 @@ def test_forked_child_works_while_a_parent_thread_held_the_lock(test_server):
                 status = 0 if ex.run_command("echo child", timeout=10).stdout == "child\n" else 1
             finally:
                 os._exit(status)
-        deadline = time.monotonic() + 30
-        status = None
-        while status is None and time.monotonic() < deadline:
-            finished, code = os.waitpid(pid, os.WNOHANG)
-            if finished:
-                status = code
-            else:
-                time.sleep(0.05)
-        if status is None:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung on a lock its parent's thread held")
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert reap(pid, 30, "the forked child hung on a lock its parent's thread held") == 0
     finally:
         done.set()
         holder.join(10)

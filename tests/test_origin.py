@@ -11,7 +11,6 @@ import errno
 import io
 import os
 import pickle
-import signal
 import socket
 import threading
 import warnings
@@ -22,7 +21,7 @@ import paramiko
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from helpers import wait_for
+from helpers import reap, wait_for
 from paramiko.common import (
     AUTH_SUCCESSFUL,
     OPEN_SUCCEEDED,
@@ -362,14 +361,10 @@ def in_child(check: Callable[[], bool]) -> bool:
             os._exit(0 if check() else 1)
         finally:
             os._exit(2)
-    for _ in range(300):
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status) == 0
-        threading.Event().wait(0.05)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return False
+    try:
+        return reap(pid, 15) == 0
+    except AssertionError:
+        return False  # it hung
 
 
 def test_the_slot_release_lock_is_free_in_a_forked_child():

@@ -17,6 +17,7 @@ import time
 from typing import Any, Dict
 
 import pytest
+from helpers import reap
 
 from paramiko_executor import AuthenticationFailure, SSHExecutor, registry
 
@@ -161,14 +162,4 @@ def test_a_fork_while_another_thread_holds_the_registry_lock(sshd_registry):
             os._exit(status)
     release.set()
     holder.join(WAIT)
-    deadline = time.monotonic() + WAIT
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            pytest.fail("the child hung on the registry's lock")
-        time.sleep(0.05)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert reap(pid, WAIT, "the child hung on the registry's lock") == 0
