@@ -278,6 +278,7 @@ class _TransportSocket(socket.socket):
         # deferral exclude each other, so none is lost.
         self._deferred_lock = threading.Lock()
         self._deferred: Optional[List[Callable[[], None]]] = []  # None once closed
+        self._write_lock = threading.Lock()  # a write-first send's descriptor against close
 
     def defer(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` before the next read that may block, or at close; at once if closed.
@@ -326,7 +327,12 @@ class _TransportSocket(socket.socket):
             # per packet, not two (about 6 % of a warm fan-out round's CPU).
             if not flags:
                 try:
-                    return os.write(self.fileno(), data)
+                    # Locked against close: between reading the number and writing,
+                    # a close in another thread would free the number for a file or
+                    # connection opened meanwhile, which would get the packet (send
+                    # reads its descriptor in the system call's own C code).
+                    with self._write_lock:
+                        return os.write(self.fileno(), data)
                 except BlockingIOError:
                     pass  # the buffer is full: wait for room as send does
             return super().send(data, flags)
@@ -338,7 +344,9 @@ class _TransportSocket(socket.socket):
             self.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # never connected, or the peer is gone already
-        super().close()
+        # After the shutdown, which fails a write blocked in another thread at once.
+        with self._write_lock:
+            super().close()
         self._wake(closing=True)
 
 
