@@ -436,3 +436,96 @@ def test_sets_racing_from_many_threads_never_raise_and_leave_it_set():
         for thread in threads:
             thread.join(10)
         assert not errors and event.is_set()
+
+
+# -- through real servers ----------------------------------------------------------------------
+
+UPLOAD = 24 * 1024 * 1024
+
+
+def _transport(ex: Any) -> Any:
+    return ex._connection.link.transport
+
+
+@posix_only
+def test_a_connection_dropped_mid_upload_is_lost_and_the_upload_retried(make_test_server):
+    """The server drops every connection while a command's stdin is being written: the
+    failing write counts as a lost connection (EOFError from paramiko's packetizer), and
+    the command runs again on a new connection, whole."""
+    from helpers import outcome_within, wait_for
+
+    from paramiko_executor import SSHExecutor
+
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true")
+        first = _transport(ex)
+        dropped = threading.Event()
+
+        def drop_when_started() -> None:
+            wait_for(lambda: "wc -c" in server.commands, "the upload to start")
+            server.drop_connections()
+            dropped.set()
+
+        dropper = threading.Thread(target=drop_when_started)
+        dropper.start()
+        outcome = outcome_within(120, lambda: ex.run_command("wc -c", b"u" * UPLOAD))
+        dropper.join(30)
+        assert dropped.is_set()
+        assert outcome["result"].stdout.strip() == str(UPLOAD)
+        assert server.commands.count("wc -c") == 2
+        assert _transport(ex) is not first
+
+
+@posix_only
+def test_the_keepalive_finds_a_frozen_peer_dead_while_an_upload_waits(make_test_server):
+    """The server stops reading mid-upload (its socket buffers fill): the keepalive gives
+    up on it, and the command runs again, whole, on a new connection."""
+    from helpers import call_in_thread, wait_for
+
+    from paramiko_executor import SSHExecutor
+
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters(keepalive_interval=0.3,
+                                                  keepalive_count_max=3)) as ex:
+        ex.run_command("true")
+        first = _transport(ex)
+        call = call_in_thread(lambda: ex.run_command("wc -c", b"k" * UPLOAD))
+        wait_for(lambda: "wc -c" in server.commands, "the upload to start")
+        server.freeze()
+        try:
+            wait_for(lambda: not first.is_active(), "the keepalive to give up")
+        finally:
+            server.thaw()
+        call["thread"].join(120)
+        assert not call["thread"].is_alive()
+        assert call["result"].stdout.strip() == str(UPLOAD)
+        assert server.commands.count("wc -c") == 2
+
+
+@posix_only
+def test_close_from_another_thread_mid_upload_ends_the_call_and_the_executor_reconnects(sshd):
+    """``close()`` shuts the socket the command thread (and the transport thread) write
+    to: the call fails as closed, never hangs, and the next command reconnects."""
+    from helpers import call_in_thread
+
+    from paramiko_executor import SSHExecutor
+    from paramiko_executor.errors import ExecutorFailure
+
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        ex.run_command("true")
+        first = _transport(ex)
+        for _ in range(3):  # bounded: three closes, each mid-upload
+            call = call_in_thread(
+                lambda: ex.run_command("cat >/dev/null; echo ok", b"c" * (4 * UPLOAD)))
+            deadline = time.monotonic() + 30
+            while first.packetizer._Packetizer__sent_bytes < 4 * 1024 * 1024:  # bounded
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            ex.close()
+            call["thread"].join(120)
+            assert not call["thread"].is_alive()
+            assert isinstance(call.get("error"), ExecutorFailure), call
+            assert "closed" in str(call["error"])
+            assert ex.run_command("echo again").stdout == "again\n"
+            first = _transport(ex)
