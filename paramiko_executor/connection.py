@@ -599,17 +599,25 @@ class ServerLimits:
         outlived the wait: probe without a claim, or give up.
         """
         deadline = time.monotonic() + PROBE_TIMEOUT
+        claimed = False
         while True:
-            with self._lock:
-                limit = self._limits.get(server)
-                if limit is not None:
-                    return limit, False
-                waiting = self._probing.get(server)
-                if waiting is None:
-                    self._probing[server] = []
-                    return None, True
-                wake.clear()
-                waiting.append(wake)
+            try:
+                with self._lock:
+                    limit = self._limits.get(server)
+                    if limit is not None:
+                        return limit, False
+                    waiting = self._probing.get(server)
+                    if waiting is None:
+                        self._probing[server] = []
+                        claimed = True
+                        return None, True
+                    wake.clear()
+                    waiting.append(wake)
+            except BaseException:
+                # A Ctrl-C as the lock is let go: the claim never reached the caller.
+                if claimed:
+                    self.release(server)
+                raise
             remaining = deadline - time.monotonic()
             if cancelled.is_set() or remaining <= 0 or not wake.wait(remaining):
                 return None, False
@@ -949,15 +957,19 @@ class Connection:
     def _connect_once(self, attempt: _Attempt) -> Link:
         transport, sessions, requests = _open(self.target, attempt.started, attempt.connecting,
                                               lambda: self._unwanted(attempt))
-        link = Link(transport, sessions, requests, self.target)
+        # From here on a Ctrl-C (in the caller leading the connect) anywhere leaves
+        # nothing behind: not the transport, its keepalive, nor a probe claimed.
+        link: Optional[Link] = None
         probe: Optional[_Probe] = None
         try:
+            link = Link(transport, sessions, requests, self.target)
             limit = self.max_sessions
             if limit is None:
                 server = link.server = LIMITS.key(self.target, transport)
-                limit, claimed = LIMITS.get_or_claim(server, attempt.wake, attempt.cancelled)
-                link.remembered = limit is not None
+                claimed = False
                 try:
+                    limit, claimed = LIMITS.get_or_claim(server, attempt.wake, attempt.cancelled)
+                    link.remembered = limit is not None
                     if attempt.cancelled.is_set():
                         raise ExecutorFailure("the executor was closed while connecting")
                     if limit is None:
@@ -972,15 +984,18 @@ class Connection:
                 finally:
                     if claimed:
                         LIMITS.release(server)
+            link.start(limit)
+            if probe is not None:
+                assert link.slots is not None and link.spare is not None
+                probe.slots.hand_over(link.slots)
+                if probe.kept is not None:
+                    link.spare.adopt(probe.kept)
         except BaseException:
-            close_transport(transport)
+            if link is None:
+                close_transport(transport)
+            else:
+                link.end()
             raise
-        link.start(limit)
-        if probe is not None:
-            assert link.slots is not None and link.spare is not None
-            probe.slots.hand_over(link.slots)
-            if probe.kept is not None:
-                link.spare.adopt(probe.kept)
         self.limit = limit
         log.info("connected to %s", self.target)
         return link

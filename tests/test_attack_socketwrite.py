@@ -529,3 +529,154 @@ def test_close_from_another_thread_mid_upload_ends_the_call_and_the_executor_rec
             assert "closed" in str(call["error"])
             assert ex.run_command("echo again").stdout == "again\n"
             first = _transport(ex)
+
+
+# -- Ctrl-C in the caller leading the connect --------------------------------------------------
+
+
+def _interrupted(code: Any, call: Callable[[], Any], *, line: Optional[int] = None,
+                 before: Callable[[], None] = lambda: None) -> Any:
+    """``call`` in this thread, KeyboardInterrupt raised the first time ``code`` starts (or
+    runs ``line``), after ``before``: Ctrl-C at that point, deterministically."""
+    fired: List[bool] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if not fired and event == "line" and frame.f_lineno == line:
+            fired.append(True)
+            before()
+            raise KeyboardInterrupt
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if fired or frame.f_code is not code:
+            return None
+        if line is None:
+            fired.append(True)
+            before()
+            raise KeyboardInterrupt
+        return local
+
+    sys.settrace(tracer)
+    try:
+        return call()
+    finally:
+        sys.settrace(None)
+        assert fired, "the interrupt never fired"
+
+
+def test_ctrl_c_after_the_tcp_connect_and_ssh_handshake_leaves_no_transport_open(
+        make_test_server) -> None:
+    """Ctrl-C in a lone patient caller just as its connect made the transport (in
+    ``Link(...)``, before ``_connect_once``'s cleanup covers it): the transport is closed,
+    not left running with its thread and the server's connection."""
+    from helpers import wait_for
+
+    from paramiko_executor import SSHExecutor
+    from paramiko_executor.connection import Link
+
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        with pytest.raises(KeyboardInterrupt):
+            _interrupted(Link.__init__.__code__, lambda: ex.run_command("true"))
+        assert ex.statistics().connects == 0
+        wait_for(lambda: server.active_connections == 0, "the interrupted try's connection "
+                 "to be closed", timeout=10)
+        assert ex.run_command("echo again").stdout == "again\n"
+        assert ex.statistics().connects == 1
+
+
+def test_ctrl_c_while_the_probe_is_claimed_leaves_no_claim_behind(make_test_server) -> None:
+    """Ctrl-C in the caller leading the connect just after it claimed the MaxSessions probe
+    of its server: the claim is released, so the next connect to that server (from any
+    executor in the process) probes at once instead of waiting PROBE_TIMEOUT (30 s) for a
+    probe nobody runs."""
+    import inspect
+
+    from helpers import outcome_within
+
+    from paramiko_executor import SSHExecutor
+    from paramiko_executor.connection import LIMITS, Connection
+
+    code = Connection._connect_once.__code__
+    lines, first = inspect.getsourcelines(code)
+    line = first + next(n for n, text in enumerate(lines)
+                        if text.strip() == "link.remembered = limit is not None")
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        with pytest.raises(KeyboardInterrupt):
+            _interrupted(code, lambda: ex.run_command("true"), line=line)
+        try:
+            assert not [key for key in LIMITS._probing if key[1] == server.port]
+            outcome = outcome_within(60, lambda: ex.run_command("echo again"))
+            assert outcome["result"].stdout == "again\n"
+        finally:
+            with LIMITS._lock:  # the other tests' servers must not wait for it either
+                for key in [key for key in LIMITS._probing if key[1] == server.port]:
+                    del LIMITS._probing[key]
+
+
+def test_ctrl_c_in_the_leader_hands_the_connect_to_a_patient_caller_waiting(
+        make_test_server) -> None:
+    """The leader is interrupted after its transport came up; the patient caller that
+    joined gets a connection made afresh, and only one connection stays (the interrupted
+    try's is closed); statistics count one connect and no failure."""
+    from helpers import call_in_thread, wait_for
+
+    from paramiko_executor import SSHExecutor
+    from paramiko_executor.connection import Link
+
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        joined: List[Any] = []
+
+        def when_joined() -> None:
+            joined.append(call_in_thread(lambda: ex.run_command("echo joined")))
+            wait_for(lambda: ex._connection._attempt is not None
+                     and ex._connection._attempt.waiters == 2, "the second caller to join")
+
+        with pytest.raises(KeyboardInterrupt):
+            _interrupted(Link.__init__.__code__, lambda: ex.run_command("true"),
+                         before=when_joined)
+        other = joined[0]
+        other["thread"].join(60)
+        assert not other["thread"].is_alive()
+        assert other["result"].stdout == "joined\n"
+        stats = ex.statistics()
+        assert (stats.connects, stats.connect_failures) == (1, 0)
+        wait_for(lambda: server.active_connections == 1, "one connection left", timeout=10)
+        assert server.connections_accepted == 2
+
+
+def test_ctrl_c_as_the_probe_claim_is_registered_leaves_no_claim_behind(
+        make_test_server) -> None:
+    """Ctrl-C as get_or_claim's locked block that registered the claim lets go of the lock
+    (CPython runs signal handlers after a C call such as that __exit__): the claim is
+    released, not left for every later connect to that server to wait PROBE_TIMEOUT on."""
+    from paramiko_executor import SSHExecutor
+    from paramiko_executor.connection import LIMITS, ServerLimits
+
+    code = ServerLimits.get_or_claim.__code__
+    fired: List[bool] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if (not fired and event == "c_return" and frame.f_code is code
+                and getattr(arg, "__name__", "") == "__exit__"
+                and any(key[1] == server.port for key in LIMITS._probing)):
+            fired.append(True)
+            raise KeyboardInterrupt
+
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        sys.setprofile(profile)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ex.run_command("true")
+        finally:
+            sys.setprofile(None)
+        try:
+            assert fired
+            assert not [key for key in LIMITS._probing if key[1] == server.port]
+        finally:
+            with LIMITS._lock:
+                for key in [key for key in LIMITS._probing if key[1] == server.port]:
+                    del LIMITS._probing[key]
