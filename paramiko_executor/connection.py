@@ -279,6 +279,7 @@ class _TransportSocket(socket.socket):
         self._deferred_lock = threading.Lock()
         self._deferred: Optional[List[Callable[[], None]]] = []  # None once closed
         self._write_lock = threading.Lock()  # a write-first send's descriptor against close
+        self._pid = os.getpid()  # the process whose threads may hold the lock
 
     def defer(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` before the next read that may block, or at close; at once if closed.
@@ -345,7 +346,10 @@ class _TransportSocket(socket.socket):
         except OSError:
             pass  # never connected, or the peer is gone already
         # After the shutdown, which fails a write blocked in another thread at once.
-        with self._write_lock:
+        if os.getpid() == self._pid:
+            with self._write_lock:
+                super().close()
+        else:  # a forked child: the lock may be a copy held by no thread here
             super().close()
         self._wake(closing=True)
 

@@ -680,3 +680,62 @@ def test_ctrl_c_as_the_probe_claim_is_registered_leaves_no_claim_behind(
             with LIMITS._lock:
                 for key in [key for key in LIMITS._probing if key[1] == server.port]:
                     del LIMITS._probing[key]
+
+
+@posix_only
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_while_a_thread_holds_the_write_lock_leaves_the_child_free(make_test_server):
+    """A thread of the parent is inside the write-first send (its lock held) when another
+    forks: the child never touches the parent's socket, so it runs a command on a
+    connection of its own, and closing the parent's socket object there (the write lock
+    copied held, with no owner there) does not wait for it."""
+    from paramiko_executor import SSHExecutor
+
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true")
+        sock = _transport(ex).sock
+        assert isinstance(sock, _TransportSocket)
+        inside, forked = threading.Event(), threading.Event()
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event == "c_call" and getattr(arg, "__name__", "") == "write" \
+                    and frame.f_code is _TransportSocket.send.__code__:
+                inside.set()
+                forked.wait(30)
+
+        def hold() -> None:
+            sys.setprofile(profile)
+            try:
+                sock.send(b"")  # nothing written: the SSH stream is untouched
+            finally:
+                sys.setprofile(None)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert inside.wait(30)
+            assert sock._write_lock.locked()
+            pid = os.fork()
+            if pid == 0:  # the child: only os._exit leaves it
+                try:
+                    ok = ex.run_command("echo child", timeout=20).stdout == "child\n"
+                    sock.close()  # the parent's socket object, as a careless child might
+                    os._exit(0 if ok else 1)
+                except BaseException:
+                    os._exit(2)
+        finally:
+            forked.set()
+            holder.join(30)
+        deadline = time.monotonic() + 60
+        while True:  # bounded: 60 s
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError("the child hung")
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert ex.run_command("echo parent").stdout == "parent\n"
