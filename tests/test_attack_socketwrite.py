@@ -689,6 +689,8 @@ def test_a_fork_while_a_thread_holds_the_write_lock_leaves_the_child_free(make_t
     forks: the child never touches the parent's socket, so it runs a command on a
     connection of its own, and closing the parent's socket object there (the write lock
     copied held, with no owner there) does not wait for it."""
+    from helpers import reap
+
     from paramiko_executor import SSHExecutor
 
     server = make_test_server(max_sessions=10)
@@ -727,15 +729,5 @@ def test_a_fork_while_a_thread_holds_the_write_lock_leaves_the_child_free(make_t
         finally:
             forked.set()
             holder.join(30)
-        deadline = time.monotonic() + 60
-        while True:  # bounded: 60 s
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise AssertionError("the child hung")
-            time.sleep(0.05)
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert reap(pid, 60, "the child hung") == 0
         assert ex.run_command("echo parent").stdout == "parent\n"
