@@ -150,9 +150,9 @@ class LineSplitter:
     """Hands a stream's output to ``callback(stream, line)`` one complete line at a time.
 
     Lines keep their ``"\n"``; the last unterminated piece goes out at
-    `finish`. A line that reached `LINE_PIECE` without ending goes out in
-    pieces of `LINE_PIECE` as it arrives (bytes: cut between UTF-8
-    characters, a few bytes off), only its last piece ending with ``"\n"``.
+    `finish`. A line longer than `LINE_PIECE` goes out in pieces of
+    `LINE_PIECE` (bytes: cut between UTF-8 characters, a few bytes off), as
+    it arrives if it has not ended yet; only its last piece ends with ``"\n"``.
     Text is decoded incrementally (a character split across two chunks is
     decoded whole); with ``encoding`` None, lines are bytes.
     """
@@ -185,31 +185,42 @@ class LineSplitter:
             self._pieces.append(last)
             self._pending += len(last)
         for line in lines:
-            self._callback(self._stream, line + newline)
+            line += newline
+            if len(line) <= LINE_PIECE:
+                self._callback(self._stream, line)
+            else:  # as if its end had come in a later read
+                self._hand_on(self._cut(line))
         if self._pending >= LINE_PIECE:
-            self._hand_on(LINE_PIECE)
+            *pieces, rest = self._cut(self._empty.join(self._pieces))
+            self._pieces, self._pending = [rest], len(rest)
+            self._hand_on(pieces)
 
     def finish(self) -> None:
         """The stream ended: hand on what is left of its last line."""
         if self._decoder is not None:
             self.feed(b"", final=True)
-        self._hand_on(0)
+        if self._pieces:
+            rest = self._cut(self._empty.join(self._pieces))
+            self._pieces, self._pending = [], 0
+            self._hand_on(rest)
 
-    def _hand_on(self, size: int) -> None:
-        """Hand on the unterminated line: in pieces of ``size``, keeping back the rest (0: all)."""
-        if not self._pieces:
-            return
-        text = self._empty.join(self._pieces)
-        cuts = [0]
-        while size and len(text) - cuts[-1] >= size:
-            end = cuts[-1] + size
-            cuts.append(end if self._decoder is not None else _utf8_cut(text, cuts[-1], end))
-        if not size:
-            cuts.append(len(text))
-        rest = text[cuts[-1]:]
-        self._pieces, self._pending = ([rest] if rest else []), len(rest)
-        for start, end in zip(cuts, cuts[1:]):
-            self._callback(self._stream, text[start:end])
+    def _cut(self, text: Any) -> List[Any]:
+        """Non-empty ``text`` in pieces of `LINE_PIECE` but the last (bytes: a few bytes
+        off, between UTF-8 characters)."""
+        pieces, start = [], 0
+        while len(text) - start > LINE_PIECE:
+            end = start + LINE_PIECE
+            if self._decoder is None:
+                end = _utf8_cut(text, start, end)
+            pieces.append(text[start:end])
+            start = end
+        if start < len(text):
+            pieces.append(text[start:])
+        return pieces
+
+    def _hand_on(self, pieces: List[Any]) -> None:
+        for piece in pieces:
+            self._callback(self._stream, piece)
 
 
 def _utf8_cut(data: bytes, start: int, end: int) -> int:

@@ -352,13 +352,6 @@ def test_a_piece_handed_on_keeps_memory_to_about_one_piece(monkeypatch: pytest.M
     assert most < output.LINE_PIECE + len(chunk)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a line longer than LINE_PIECE whose \"\\n\" comes in the same read as the rest goes "
-    "out in one call (up to the 8 MiB window with a slow callback), while the same bytes "
-    "read with the newline in a later read go out in LINE_PIECE pieces: what on_output "
-    "gets depends on read boundaries. LineSplitter.feed hands complete lines on whole; "
-    "fix: hand each complete line through the piece cutter too (pieces of LINE_PIECE, "
-    "the last ending with the newline)"))
 @pytest.mark.parametrize("encoding", ["utf-8", None])
 def test_a_long_line_whose_end_comes_in_the_same_read_goes_out_in_pieces(
         encoding: Optional[str], monkeypatch: pytest.MonkeyPatch) -> None:
