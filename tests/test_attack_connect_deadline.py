@@ -708,7 +708,8 @@ def silent_group_run(server: Any, workers: int, banner_timeout: Optional[float] 
     hosts = [{"name": f"silent{i}", **server.executor_parameters(), "port": port}
              for i, port in enumerate(silent.ports)]
     try:
-        options = {} if banner_timeout is None else {"banner_timeout": banner_timeout}
+        options: Dict[str, Any] = ({} if banner_timeout is None
+                                   else {"banner_timeout": banner_timeout})
         extra: Dict[str, Any] = {}
         with HostGroup(hosts, max_workers=workers, **options, **SLOW_RETRIES) as group:
             started = time.monotonic()

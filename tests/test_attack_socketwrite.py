@@ -211,11 +211,12 @@ def test_a_signal_while_the_send_waits_for_room_is_retried_not_raised(pair):
     assert fired
 
 
-def _inject_at_send(sock: socket.socket, act: Callable[[], None]) -> Callable[[], None]:
+def _inject_at_send(sock: socket.socket,
+                    act: Callable[[], None]) -> Callable[[Any, str, Any], None]:
     """A profiler for this thread running ``act`` once, where the send's descriptor is
     read (the write-first send's ``fileno``) or, for a plain socket, as its C ``send``
     starts: the last point before the system call at which another thread may run."""
-    done = []
+    done: List[bool] = []
 
     def profile(frame: Any, event: str, arg: Any) -> None:
         if done:
