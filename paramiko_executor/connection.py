@@ -51,6 +51,7 @@ from .channel import SessionChannel, Sessions, install_channel_hooks
 from .errors import (
     TRANSPORT_ERRORS,
     AuthenticationFailure,
+    AuthenticationInterrupted,
     ConnectionLost,
     ExecutorFailure,
     HostKeyFailure,
@@ -911,7 +912,10 @@ class Connection:
                 if not isinstance(exc, Exception):
                     raise  # Ctrl-C in the caller leading it: its own, not a failed connect
                 failure = _classify(exc, self.target)
-                self.counters.add(connect_failures=1)
+                # A login we stopped ourselves (closed, or no caller waits) did not fail.
+                if not (isinstance(exc, AuthenticationInterrupted)
+                        and (attempt.cancelled.is_set() or self._unwanted(attempt))):
+                    self.counters.add(connect_failures=1)
                 if not isinstance(failure, TemporaryFailure):
                     log.info("connecting to %s failed: %s", self.target, failure)
                     raise failure from None
