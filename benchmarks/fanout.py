@@ -400,8 +400,9 @@ def print_turns(turns: Dict[str, List[Dict[str, float]]], rounds: int) -> None:
     print(f"warm rounds in alternating blocks of {rounds} ({len(reference)} blocks); "
           "ratio = the contender's / HostGroup's same block (above 1: HostGroup faster, "
           "or uses less CPU)")
-    print(f"{'contender':15} {'warm ms':>8} {'CPU ms':>7} {'switches':>8} {'warm ratio':>10} "
-          f"{'CPU ratio':>9}   (switches: the process's context switches per round)")
+    print(f"{'contender':15} {'warm ms':>8} {'CPU ms':>7} {'switches':>8} {'warm ratio':>16} "
+          f"{'CPU ratio':>16}   (switches: the process's context switches per round; "
+          "ratios: median (quartiles))")
     for name, rows in turns.items():
         if not rows:
             continue
@@ -412,8 +413,16 @@ def print_turns(turns: Dict[str, List[Dict[str, float]]], rounds: int) -> None:
             for key in ("warm", "cpu"):
                 ratios = [r[key] / reference[r["block"]][key] for r in rows
                           if r["block"] in reference]
-                text += f" {statistics.median(ratios):{10 if key == 'warm' else 9}.2f}"
+                text += f" {_spread(ratios):>16}"
         print(text)
+
+
+def _spread(ratios: List[float]) -> str:
+    """The median of same-block ratios and their quartiles: whether a difference is the load's."""
+    if len(ratios) < 4:
+        return f"{statistics.median(ratios):.2f}"
+    low, median, high = statistics.quantiles(ratios, n=4)
+    return f"{median:.2f} ({low:.2f}-{high:.2f})"
 
 
 RUNNERS: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {

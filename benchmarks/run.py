@@ -227,6 +227,16 @@ def render_w1_turns(turns: Dict[str, List[Dict[str, Any]]], commands: int) -> st
             text += (f" {statistics.median(ratios):12.2f} {min(ratios):5.2f} {max(ratios):5.2f}"
                      f"  {sum(r <= 0.8 for r in ratios)}/{len(ratios)}")
         lines.append(text)
+    for name, rows in turns.items():
+        before = {turn["block"]: turn for turn in turns.get(f"{name}@base", [])}
+        pairs = [(before[row["block"]], row) for row in rows if row["block"] in before]
+        if len(pairs) >= 4:  # the same library before/after: its own same-block ratios
+            text = f"{name}@base / {name}, same block, median (quartiles):"
+            for key in ("ms_per_cmd", "cpu_ms_per_cmd"):
+                low, median, high = statistics.quantiles(
+                    [base_row[key] / row[key] for base_row, row in pairs], n=4)
+                text += f" {key} {median:.3f} ({low:.3f}-{high:.3f})"
+            lines.append(text)
     return "\n".join(lines)
 
 
