@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import hmac
 import logging
 import os
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -41,6 +43,12 @@ log = logging.getLogger("paramiko_executor.hostkeys")
 
 # Serialises accept-new appends between threads of this process; flock does it between processes.
 _append_lock = threading.Lock()
+
+#: Seconds an accept-new append waits for another process's lock on the file; one held
+#: longer belongs to a stopped or hung process, and the connect fails instead of hanging
+#: (and every fork of this process with it: a fork waits for an append in progress).
+APPEND_LOCK_TIMEOUT = 10.0
+_APPEND_LOCK_POLL = 0.01
 
 if hasattr(os, "register_at_fork"):
     # A fork waits for an append in progress: a child would inherit its descriptor, and
@@ -568,7 +576,7 @@ class HostKeyPolicy:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             with os.fdopen(fd, "r+b") as f:
                 if fcntl is not None:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+                    _lock_file(f.fileno())  # released when the file is closed
                 # Another thread or process may have recorded this host since we looked.
                 trusted, revoked = self._for_host(_read_entries(path), name)
                 if self._check(key, name, trusted, revoked):
@@ -577,3 +585,19 @@ class HostKeyPolicy:
                 prefix = "\n" if content and not content.endswith(b"\n") else ""
                 f.write((prefix + line).encode())
         return True
+
+
+def _lock_file(fd: int) -> None:
+    """An exclusive ``flock`` on ``fd``, waiting at most `APPEND_LOCK_TIMEOUT`; else OSError."""
+    give_up = time.monotonic() + APPEND_LOCK_TIMEOUT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= give_up:
+            raise OSError(errno.EWOULDBLOCK, f"another process held its lock for "
+                          f"{APPEND_LOCK_TIMEOUT:g} s")
+        time.sleep(_APPEND_LOCK_POLL)

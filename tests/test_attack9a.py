@@ -1,0 +1,60 @@
+"""Attack 9a: files and local trust, against a real sshd (regression tests).
+
+Each test failed on main before its fix (or is a strict xfail naming what is left).
+Only 127.0.0.1 is contacted; every file is written by the test.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+from test_trust import block, write
+
+from paramiko_executor import HostKeyFailure, SSHExecutor, hostkeys
+
+
+@pytest.fixture(autouse=True)
+def _no_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
+# -- accept-new waits for another process's lock on known_hosts without bound -------------------
+
+
+def test_accept_new_gives_up_on_a_known_hosts_file_locked_by_another_process(
+        sshd: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stopped process (another executor's accept-new, SIGSTOPped) holding the flock
+    # used to hang the connect past its timeout, and every os.fork() of this process with it.
+    monkeypatch.setattr(hostkeys, "APPEND_LOCK_TIMEOUT", 0.5, raising=False)
+    known = tmp_path / "kh"
+    known.write_text("")
+    config = write(tmp_path / "config",
+                   block("target", sshd, "    StrictHostKeyChecking accept-new\n", known=known))
+    outcome: Dict[str, BaseException] = {}
+
+    def connect() -> None:
+        try:
+            with SSHExecutor(host="target", config=config, connect_retries=0, timeout=3) as ex:
+                ex.run_command("true")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome["error"] = exc
+
+    holder = os.open(known, os.O_RDWR)  # its own open file description: its own flock
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        thread = threading.Thread(target=connect, daemon=True)
+        thread.start()
+        thread.join(30)
+        hung = thread.is_alive()
+    finally:
+        os.close(holder)  # lets a hung connect finish
+    thread.join(30)
+    assert not hung, "the connect waited for the known_hosts lock without bound"
+    assert isinstance(outcome.get("error"), HostKeyFailure)
+    assert "cannot be recorded" in str(outcome["error"])
+    assert known.read_text() == ""
