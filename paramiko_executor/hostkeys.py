@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -115,29 +116,47 @@ def _names_match(names: str, name: str) -> bool:
 
 
 def _lines(path: str, what: str) -> Optional[List[str]]:
-    """The lines of ``path``; None if it does not exist. Unreadable: ``HostKeyFailure``."""
+    r"""The lines of ``path``; None if it does not exist. Unreadable: ``HostKeyFailure``.
+
+    Split at ``\n`` alone, as OpenSSH reads them (one ``\r`` before it dropped): Python's
+    other line breaks (``\r``, ``\x0b``, ``\x1c``, ``\x85``, ``\u2028``...) inside a comment
+    would turn the comment's text into a line of its own, trusting a key for a host that
+    ``ssh-keygen -F`` does not find.
+    """
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().splitlines()
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            text = f.read()
     except FileNotFoundError:
         return None
     except OSError as e:
         raise HostKeyFailure(f"cannot read {what} file {path}: {e.strerror}") from None
+    lines = text.split("\n")
+    if not lines[-1]:
+        lines.pop()  # what follows the last line break is no line
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def _public_key(key_type: str, data: str) -> paramiko.PKey:
     """A public key from its known_hosts fields; raises for anything malformed or unknown."""
+    # OpenSSH's base64 decoder skips the C locale's white space inside the key.
+    data = data.translate(_BASE64_SPACE)
     return paramiko.PKey.from_type_string(key_type, base64.b64decode(data, validate=True))
+
+
+_BASE64_SPACE = str.maketrans("", "", " \t\n\v\f\r")
+
+
+_FIELD_SEPARATOR = re.compile(r"[ \t]+")
 
 
 def _parse_line(raw: str, where: str) -> Optional[_Entry]:
     """One known_hosts line as an entry; None for a blank, comment or malformed line.
 
     Fields and the marker are separated by any run of spaces or tabs, as in OpenSSH (a tab
-    after ``@revoked`` must not turn a revocation into nothing).
+    after ``@revoked`` must not turn a revocation into nothing), and by nothing else.
     """
-    fields = raw.split()
-    if not fields or fields[0].startswith("#"):
+    fields = _FIELD_SEPARATOR.split(raw.strip(" \t"))
+    if not fields[0] or fields[0].startswith("#"):
         return None
     marker = None
     if fields[0].startswith("@"):

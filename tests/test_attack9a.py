@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any, Dict
 
 import pytest
-from test_trust import block, write
+from test_trust import block, host_line, name_of, write
 
 from paramiko_executor import HostKeyFailure, SSHExecutor, hostkeys
 
@@ -58,3 +59,24 @@ def test_accept_new_gives_up_on_a_known_hosts_file_locked_by_another_process(
     assert isinstance(outcome.get("error"), HostKeyFailure)
     assert "cannot be recorded" in str(outcome["error"])
     assert known.read_text() == ""
+
+
+# -- known_hosts lines: split where OpenSSH splits them, nowhere else ----------------------------
+
+
+@pytest.mark.parametrize("breaker", ["\r", "\x0b", "\x0c", "\x1c", "\x85", "\u2028"])
+def test_a_line_break_python_knows_does_not_make_a_comment_a_trusted_line(
+        sshd: Any, tmp_path: Path, breaker: str) -> None:
+    # The comment of another host's line smuggles in a line trusting the server's key;
+    # OpenSSH reads one line (ssh-keygen -F does not find the host): so must the library.
+    smuggled = host_line(name_of(sshd), sshd.host_public_key)
+    known = tmp_path / "kh"
+    known.write_bytes((host_line("other.example", sshd.host_public_key).rstrip("\n")
+                       + f" a comment{breaker}{smuggled}").encode())
+    reference = subprocess.run(["ssh-keygen", "-F", name_of(sshd), "-f", str(known)],
+                               capture_output=True, check=False)
+    assert reference.returncode == 1 and not reference.stdout  # OpenSSH: not a known host
+    config = write(tmp_path / "config", block("target", sshd, known=known))
+    with pytest.raises(HostKeyFailure, match="unknown"):
+        with SSHExecutor(host="target", config=config, connect_retries=0) as ex:
+            ex.run_command("true")
