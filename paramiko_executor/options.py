@@ -11,7 +11,6 @@ Explicit parameters win over the configuration file.
 from __future__ import annotations
 
 import functools
-import getpass
 import inspect
 import os
 import re
@@ -248,7 +247,7 @@ def _resolve(
     # into ProxyCommand and filed in known_hosts: it must be a plain host name as well.
     resolved = check_hostname(host_config.hostname, f"HostName of {alias!r}")
     port = _check_port(host_config.get("port", "22"))
-    username = host_config.get("user") or getpass.getuser()
+    username = host_config.get("user") or sshconfig.local_user()
     key_alias = host_config.get("hostkeyalias", alias) or alias
     tokens = ssh_config.tokens(host=resolved, host_arg=alias, port=str(port), user=username,
                                alias=key_alias)

@@ -34,12 +34,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .hostnames import expand_tokens, match_pattern, match_pattern_list
 
+try:
+    import pwd
+except ImportError:  # not on Windows: there the environment is all there is
+    pwd = None  # type: ignore[assignment]
+
 __all__ = [
     "ConfigError",
     "HostConfig",
     "SSHConfigFiles",
     "convtime",
     "load",
+    "local_user",
     "split_arguments",
     "split_jump",
 ]
@@ -545,12 +551,27 @@ def _parse_line(raw: str, where: str) -> Optional[_Line]:
     return _Line(keyword, rest, args, where)
 
 
+def local_user() -> str:
+    """This process's user name as ssh knows it: the password database's for the real uid.
+
+    Not ``$USER`` or ``$LOGNAME`` (``getpass.getuser``): ssh never reads them, and a
+    process whose environment names another user must not take that user's ``Match
+    localuser`` blocks, ``%u`` or default remote user.
+    """
+    if pwd is not None:
+        try:
+            return pwd.getpwuid(os.getuid()).pw_name
+        except KeyError:  # a uid without an entry (a container): what the environment says
+            pass
+    return getpass.getuser()
+
+
 def load(paths: Sequence[str], *, default: Optional[str] = None) -> SSHConfigFiles:
     """Parse the ssh_config files ``paths``, or ``default`` (may be missing) if given.
 
     Errors are ``ValueError`` naming the file and line, never quoting the line.
     """
-    files = SSHConfigFiles(getpass.getuser(), socket.gethostname(), os.path.expanduser("~"))
+    files = SSHConfigFiles(local_user(), socket.gethostname(), os.path.expanduser("~"))
     if default is not None:
         files.add(default, default=True)
     for path in paths:

@@ -80,3 +80,23 @@ def test_a_line_break_python_knows_does_not_make_a_comment_a_trusted_line(
     with pytest.raises(HostKeyFailure, match="unknown"):
         with SSHExecutor(host="target", config=config, connect_retries=0) as ex:
             ex.run_command("true")
+
+
+# -- the local user is the password database's, never $USER or $LOGNAME ------------------------
+
+
+def test_match_localuser_and_the_default_user_ignore_user_environment_variables(
+        sshd: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ssh takes the local user from getpwuid(getuid()); a process whose environment names
+    # someone else (sudo -E, a service's unit file) took that user's Match blocks.
+    known = write(tmp_path / "kh", host_line(name_of(sshd), sshd.host_public_key))
+    config = write(tmp_path / "config",
+                   "Match localuser pe-impostor\n    Port 1\n    User pe-impostor\n"
+                   + block("target", sshd, known=known))
+    monkeypatch.setenv("USER", "pe-impostor")
+    monkeypatch.setenv("LOGNAME", "pe-impostor")
+    reference = subprocess.run(["ssh", "-G", "-F", config, "target"], capture_output=True,
+                               text=True, check=True).stdout.splitlines()
+    assert f"port {sshd.port}" in reference and f"user {sshd.username}" in reference
+    with SSHExecutor(host="target", config=config, connect_retries=0) as ex:
+        assert ex.run_command("echo ok").stdout == "ok\n"
