@@ -24,7 +24,8 @@ packet): an upload costs about what ``Channel.sendall`` of the same bytes does.
 Permissions, as OpenSSH's ``sftp`` leaves them: a new file gets ``mode`` if
 given, else the source's permission bits (an upload: the local file's, 0o644
 for a file object; a download: the remote file's, less the local umask); a
-file that is replaced keeps its own bits unless ``mode`` is given. The
+file that is replaced keeps its own bits unless ``mode`` is given (locally,
+another user's file or a symbolic link only those a new file would get too). The
 temporary file is created exclusively (``O_EXCL``, a fresh name each time)
 with owner-only bits and gets its final bits just before the rename: at no
 moment can more people read the data than can read the final file.
@@ -1223,8 +1224,10 @@ class Local:
         its owner only, which gets its final bits and is ``os.replace``-d over
         the path when the block ends without error, and is removed when it
         does not. The final bits: ``mode`` if given; else those of the file
-        replaced; else ``new_bits``. A path that is a directory is an
-        `IsADirectoryError` before anything is written.
+        replaced (if it is not this user's own regular file, only those
+        that ``new_bits`` has too: see `_own_bits`); else ``new_bits``. A
+        path that is a directory is an `IsADirectoryError` before anything
+        is written.
         """
         if self.path is None:
             self._begin(truncate=True)
@@ -1246,10 +1249,7 @@ class Local:
             yield _callers(_write_all(file.write))
             with callers_code():
                 if mode is None:
-                    try:
-                        mode = os.stat(path).st_mode & 0o7777
-                    except FileNotFoundError:
-                        mode = new_bits
+                    mode = _own_bits(path, new_bits)
                 os.fchmod(fd, mode)
                 file.close()
                 os.replace(temp, path)
@@ -1259,6 +1259,23 @@ class Local:
             with suppress(OSError):
                 os.unlink(temp)
             raise
+
+
+def _own_bits(path: str, new_bits: int) -> int:
+    """The final bits of a file written over ``path``, whose new file would get ``new_bits``.
+
+    This user's own regular file keeps its bits. Anything else (another user's file, a
+    symbolic link: its target's bits) may have been planted by someone else, in a shared
+    sticky directory where root may replace anything, to make the new file writable by
+    them: it gets no bit that either it or a new file would not have.
+    """
+    try:
+        status = os.lstat(path)
+        if S_ISREG(status.st_mode) and status.st_uid == os.geteuid():
+            return status.st_mode & 0o7777
+        return os.stat(path).st_mode & new_bits
+    except FileNotFoundError:
+        return new_bits
 
 
 def check_mode(mode: Any) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pwd
+import stat
 import subprocess
 import threading
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any, Dict
 import pytest
 from test_trust import block, host_line, name_of, write
 
-from paramiko_executor import HostKeyFailure, SSHExecutor, hostkeys
+from paramiko_executor import HostKeyFailure, ShellExecutor, SSHExecutor, hostkeys
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +102,47 @@ def test_match_localuser_and_the_default_user_ignore_user_environment_variables(
     assert f"port {sshd.port}" in reference and f"user {sshd.username}" in reference
     with SSHExecutor(host="target", config=config, connect_retries=0) as ex:
         assert ex.run_command("echo ok").stdout == "ok\n"
+
+
+# -- a download into a shared sticky directory: nobody else's file lends its mode ---------------
+
+
+@pytest.mark.parametrize("planted", ["file", "symlink"])
+@pytest.mark.parametrize("kind", ["ssh", "shell"])
+def test_a_file_planted_by_another_user_does_not_widen_a_download(
+        sshd: Any, shared_dir: str, planted: str, kind: str) -> None:
+    # root downloads into /tmp-like shared space; another user planted the name first, as a
+    # world-writable file of theirs or a link to one. "A replaced file keeps its own mode"
+    # made root's new file writable by them (who could then change a script root runs).
+    os.chmod(shared_dir, 0o1777)
+    source = Path(shared_dir, "source")
+    source.write_bytes(b"#!/bin/sh\necho hello\n")
+    os.chown(source, pwd.getpwnam(sshd.username).pw_uid, 0)
+    source.chmod(0o750)
+    target = Path(shared_dir, "download")
+    other = 4242  # a uid that is neither root nor the sshd login user
+    if planted == "file":
+        target.touch()
+        target.chmod(0o666)
+        os.chown(target, other, other)
+    else:
+        wide = Path(shared_dir, "wide")
+        wide.touch()
+        wide.chmod(0o777)
+        os.chown(wide, other, other)
+        target.symlink_to(wide)
+        os.lchown(target, other, other)
+    previous = os.umask(0o022)
+    try:
+        if kind == "ssh":
+            with SSHExecutor(**sshd.executor_parameters()) as ex:
+                ex.get(str(source), str(target))
+        else:
+            ShellExecutor().get(str(source), str(target))
+    finally:
+        os.umask(previous)
+    status = target.lstat()
+    assert stat.S_ISREG(status.st_mode) and status.st_uid == os.geteuid()
+    # No bit beyond the remote file's less the umask (nor beyond the planted file's).
+    assert stat.S_IMODE(status.st_mode) == (0o640 if planted == "file" else 0o750)
+    assert target.read_bytes() == source.read_bytes()
