@@ -536,7 +536,7 @@ def _parse_line(raw: str, where: str) -> Optional[_Line]:
     stripped = text.lstrip(_WHITESPACE)
     if not stripped or stripped.startswith("#"):
         return None
-    match = re.match(r"([^\s=]+)[ \t]*(?:=[ \t]*)?(.*)\Z", stripped, re.DOTALL)
+    match = re.match(r"([^ \t\r\n=]+)[ \t]*(?:=[ \t]*)?(.*)\Z", stripped, re.DOTALL)
     if match is None:
         raise ConfigError(f"ssh_config {where}: not a keyword and value")
     keyword, rest = match.group(1).lower(), match.group(2)

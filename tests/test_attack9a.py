@@ -146,3 +146,22 @@ def test_a_file_planted_by_another_user_does_not_widen_a_download(
     # No bit beyond the remote file's less the umask (nor beyond the planted file's).
     assert stat.S_IMODE(status.st_mode) == (0o640 if planted == "file" else 0o750)
     assert target.read_bytes() == source.read_bytes()
+
+
+# -- ssh_config keywords end at spaces, tabs and "=", not at any Unicode white space ------------
+
+
+def test_a_keyword_glued_to_a_unicode_space_is_no_proxy_command(
+        sshd: Any, tmp_path: Path) -> None:
+    # ssh reads "ProxyCommand\x1c;touch ..." as one unknown keyword and refuses the file;
+    # the library read it as a ProxyCommand and ran it.
+    marker = tmp_path / "ran"
+    known = write(tmp_path / "kh", host_line(name_of(sshd), sshd.host_public_key))
+    config = write(tmp_path / "config", block("target", sshd, known=known)
+                   + f"    ProxyCommand\x1c;touch {marker}\n")
+    reference = subprocess.run(["ssh", "-G", "-F", config, "target"], capture_output=True,
+                               text=True, check=False)
+    assert reference.returncode != 0 and "Bad configuration option" in reference.stderr
+    with SSHExecutor(host="target", config=config, connect_retries=0) as ex:
+        assert ex.run_command("echo ok").stdout == "ok\n"
+    assert not marker.exists()
