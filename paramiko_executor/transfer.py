@@ -1028,6 +1028,7 @@ def _fill(readinto: _ReadInto, view: memoryview, deadline: Optional[float] = Non
                                       "and had no data to read: its end is unknown")
         if not n:
             break
+        _check_count("readinto", n, len(view) - got)
         got += n
         if deadline is not None and time.monotonic() >= deadline:
             break
@@ -1051,9 +1052,22 @@ def _write_all(write: Callable[[memoryview], Optional[int]], *, raw: bool = Fals
             if not n:
                 raise BlockingIOError(errno.EAGAIN, "the file object took none of the data "
                                       "(non-blocking, and full)")
+            _check_count("write", n, len(data))
             data = data[n:]
 
     return write_all
+
+
+def _check_count(method: str, n: Any, most: int) -> None:
+    """Refuse a count the caller's file object made up, as ``io``'s buffered files do.
+
+    An upload frames its SFTP packets by the count: one past the bytes really read would
+    send the next packet's bytes as file data, and a negative one never ends a copy.
+    """
+    if not isinstance(n, int) or not 0 <= n <= most:
+        with callers_code():
+            raise OSError(f"the file object's {method}() returned {n!r}, not a count of "
+                          f"bytes between 0 and {most}")
 
 
 def _callers(function: Callable[..., R]) -> Callable[..., R]:

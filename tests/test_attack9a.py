@@ -7,13 +7,14 @@ Only 127.0.0.1 is contacted; every file is written by the test.
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import pwd
 import stat
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import pytest
 from test_trust import block, host_line, name_of, write
@@ -165,3 +166,90 @@ def test_a_keyword_glued_to_a_unicode_space_is_no_proxy_command(
     with SSHExecutor(host="target", config=config, connect_retries=0) as ex:
         assert ex.run_command("echo ok").stdout == "ok\n"
     assert not marker.exists()
+
+
+# -- a file object's made-up counts: refused, never SFTP framing nor an endless copy -----------
+
+
+class _Miscounting(io.RawIOBase):
+    """Reads ``size`` bytes of b"A" but answers ``readinto`` with ``lie(actual count)``."""
+
+    def __init__(self, size: int, lie: Callable[[int], int]) -> None:
+        self.left = size
+        self.lie = lie
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), self.left)
+        buffer[:count] = b"A" * count
+        self.left -= count
+        return self.lie(count) if count else 0
+
+
+@pytest.mark.parametrize("lie", [lambda n: n + 7, lambda n: -1], ids=["too-many", "negative"])
+@pytest.mark.parametrize("kind", ["ssh", "shell"])
+def test_a_file_object_that_miscounts_is_an_error(
+        sshd: Any, shared_dir: str, kind: str, lie: Callable[[int], int]) -> None:
+    # io's buffered files refuse such counts (OSError); the upload framed its SFTP WRITE
+    # by a count past the buffer (the next request's bytes became file data) or, with -1,
+    # copied for ever, holding its session.
+    directory = Path(shared_dir, "remote")
+    directory.mkdir()
+    os.chown(directory, pwd.getpwnam(sshd.username).pw_uid, 0)
+    target = str(directory / "file")
+    outcome: Dict[str, Any] = {}
+
+    def put() -> None:
+        try:
+            if kind == "ssh":
+                with SSHExecutor(**sshd.executor_parameters()) as ex:
+                    outcome["result"] = ex.put(_Miscounting(3 * 1024 * 1024, lie), target)
+                    outcome["after"] = ex.run_command("echo ok").stdout
+            else:
+                outcome["result"] = ShellExecutor().put(_Miscounting(3 * 1024 * 1024, lie),
+                                                        target)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=put, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the copy never ended"
+    assert isinstance(outcome.get("error"), OSError), outcome
+    assert "returned" in str(outcome["error"])
+    assert os.listdir(directory) == []  # no file, no temporary file left
+
+
+class _MiscountingSink(io.RawIOBase):
+    """Takes every byte it is given, but answers ``write`` with ``lie(len(data))``."""
+
+    def __init__(self, lie: Callable[[int], int]) -> None:
+        self.lie = lie
+        self.calls = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.calls += 1
+        if self.calls > 100_000:  # bounds the old endless loop, for the test's sake
+            raise RuntimeError("written for ever")
+        return self.lie(len(data))
+
+
+@pytest.mark.parametrize("lie", [lambda n: n + 7, lambda n: -1], ids=["too-many", "negative"])
+@pytest.mark.parametrize("kind", ["ssh", "shell"])
+def test_a_sink_that_miscounts_is_an_error(
+        sshd: Any, shared_dir: str, kind: str, lie: Callable[[int], int]) -> None:
+    source = Path(shared_dir, "source")
+    source.write_bytes(os.urandom(1024 * 1024))
+    source.chmod(0o644)
+    sink = _MiscountingSink(lie)
+    with pytest.raises(OSError, match="returned"):
+        if kind == "ssh":
+            with SSHExecutor(**sshd.executor_parameters()) as ex:
+                ex.get(str(source), sink)
+        else:
+            ShellExecutor().get(str(source), sink)
