@@ -24,8 +24,8 @@ packet): an upload costs about what ``Channel.sendall`` of the same bytes does.
 Permissions, as OpenSSH's ``sftp`` leaves them: a new file gets ``mode`` if
 given, else the source's permission bits (an upload: the local file's, 0o644
 for a file object; a download: the remote file's, less the local umask); a
-file that is replaced keeps its own bits unless ``mode`` is given (locally,
-another user's file or a symbolic link only those a new file would get too). The
+file that is replaced keeps its own bits unless ``mode`` is given (another
+user's file, or a symbolic link, only those a new file would get too). The
 temporary file is created exclusively (``O_EXCL``, a fresh name each time)
 with owner-only bits and gets its final bits just before the rename: at no
 moment can more people read the data than can read the final file.
@@ -179,6 +179,7 @@ _FXP_OPEN = 3
 _FXP_CLOSE = 4
 _FXP_READ = 5
 _FXP_WRITE = 6
+_FXP_LSTAT = 7
 _FXP_FSTAT = 8
 _FXP_FSETSTAT = 10
 _FXP_REMOVE = 13
@@ -474,18 +475,25 @@ def _attrs(mode: Optional[int] = None) -> bytes:
 
 def _attributes(body: memoryview, at: int) -> Tuple[Optional[int], Optional[int]]:
     """(size, permission bits) of the ATTRS at ``body[at:]``, each None if the server sent none."""
+    size, _owner, perms = _attribute_fields(body, at)
+    return size, None if perms is None else perms & 0o7777
+
+
+def _attribute_fields(body: memoryview, at: int
+                      ) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+    """(size, owner's uid, permissions with the file type) of the ATTRS at ``body[at:]``."""
     (flags,) = _unpack(_U32, body, at, "ATTRS")
     at += 4
-    size = perms = None
+    size = owner = perms = None
     if flags & _ATTR_SIZE:
         (size,) = _unpack(_U64, body, at, "ATTRS")
         at += 8
     if flags & _ATTR_UIDGID:
+        (owner,) = _unpack(_U32, body, at, "ATTRS")
         at += 8
     if flags & _ATTR_PERMISSIONS:
         (perms,) = _unpack(_U32, body, at, "ATTRS")
-        perms &= 0o7777
-    return size, perms
+    return size, owner, perms
 
 
 def _remaining(until: Optional[float]) -> Optional[float]:
@@ -768,22 +776,37 @@ class _Session:
         """Send a request answered by a STATUS; raise `_StatusError` unless it is OK."""
         _check_status(*self.call(kind, *fields))
 
-    def stat_and_create(self, path: str, temp: str) -> Tuple[Optional[int], bytes]:
-        """``path``'s permission bits (None: no such file) and a handle of new file ``temp``.
+    def stat_and_create(self, path: str, temp: str, new_bits: int) -> Tuple[int, bytes]:
+        """The final bits of a file written over ``path``, and a handle of new file ``temp``.
 
-        One round trip: ``temp`` is created exclusively, readable by its owner
-        only. `_StatusError` if it cannot be.
+        One round trip, two when ``path`` exists: ``temp`` is created
+        exclusively, readable by its owner only. `_StatusError` if it cannot
+        be. The bits: ``new_bits`` for a new
+        file; a regular file of the user's (the owner of ``temp``) keeps its
+        own; anything else (another user's file, a symbolic link) may have
+        been planted (a root login in a shared sticky directory replaces
+        anything) and gets only the bits it and a new file both have.
         """
         flags = _FXF_WRITE | _FXF_CREAT | _FXF_TRUNC | _FXF_EXCL
-        stat, created = self.calls((_FXP_STAT, (_string(path),)),
-                                   (_FXP_OPEN, (_string(temp), _U32.pack(flags), _attrs(0o600))))
+        target, created = self.calls(
+            (_FXP_STAT, (_string(path),)),
+            (_FXP_OPEN, (_string(temp), _U32.pack(flags), _attrs(0o600))))
+        handle = self.handle(*created)
         try:
-            _expect(*stat, _FXP_ATTRS, "STAT")
+            _expect(*target, _FXP_ATTRS, "STAT")
         except _StatusError:  # missing, or hidden from us: a new file to the user
-            bits = None
-        else:
-            bits = _attributes(stat[1], 5)[1]
-        return bits, self.handle(*created)
+            return new_bits, handle
+        bits = _attributes(target[1], 5)[1]
+        # A second round trip only when a file is replaced: whose is it?
+        found, ours = self.calls((_FXP_LSTAT, (_string(path),)), (_FXP_LSTAT, (_string(temp),)))
+        with suppress(_StatusError):
+            _expect(*found, _FXP_ATTRS, "LSTAT")
+            _expect(*ours, _FXP_ATTRS, "LSTAT")
+            _size, owner, perms = _attribute_fields(found[1], 5)
+            if (perms is not None and S_ISREG(perms) and owner is not None
+                    and owner == _attribute_fields(ours[1], 5)[1]):
+                return perms & 0o7777, handle
+        return new_bits if bits is None else bits & new_bits, handle
 
     def open(self, path: str, flags: int, mode: Optional[int] = None) -> bytes:
         """Open remote ``path``; its handle."""
@@ -1363,14 +1386,14 @@ def upload(
     with _session(chan, deadline) as session, \
             Local.of(source).reading() as (readinto, total, bits):
         try:
-            kept, handle = session.stat_and_create(remote, temp)
+            kept, handle = session.stat_and_create(remote, temp, bits)
         except _StatusError as exc:
             _raise_for(exc, "cannot create a temporary file for the upload", remote)
         handle_field = _string(handle)
         still_open: Optional[bytes] = handle_field  # for the clean-up
         try:
             done = session.write_file(handle, readinto, total, progress)
-            final = mode if mode is not None else kept if kept is not None else bits
+            final = mode if mode is not None else kept
             chmod, close = session.calls((_FXP_FSETSTAT, (handle_field, _attrs(final))),
                                          (_FXP_CLOSE, (handle_field,)))
             still_open = None

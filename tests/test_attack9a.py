@@ -108,6 +108,22 @@ def test_match_localuser_and_the_default_user_ignore_user_environment_variables(
 # -- a download into a shared sticky directory: nobody else's file lends its mode ---------------
 
 
+def plant(target: Path, planted: str) -> None:
+    """Another user's world-writable file at ``target``, or their link to one."""
+    other = 4242  # a uid that is neither root nor the sshd login user
+    if planted == "file":
+        target.touch()
+        target.chmod(0o666)
+        os.chown(target, other, other)
+    else:
+        wide = target.with_name(target.name + "-wide")
+        wide.touch()
+        wide.chmod(0o777)
+        os.chown(wide, other, other)
+        target.symlink_to(wide)
+        os.lchown(target, other, other)
+
+
 @pytest.mark.parametrize("planted", ["file", "symlink"])
 @pytest.mark.parametrize("kind", ["ssh", "shell"])
 def test_a_file_planted_by_another_user_does_not_widen_a_download(
@@ -121,18 +137,7 @@ def test_a_file_planted_by_another_user_does_not_widen_a_download(
     os.chown(source, pwd.getpwnam(sshd.username).pw_uid, 0)
     source.chmod(0o750)
     target = Path(shared_dir, "download")
-    other = 4242  # a uid that is neither root nor the sshd login user
-    if planted == "file":
-        target.touch()
-        target.chmod(0o666)
-        os.chown(target, other, other)
-    else:
-        wide = Path(shared_dir, "wide")
-        wide.touch()
-        wide.chmod(0o777)
-        os.chown(wide, other, other)
-        target.symlink_to(wide)
-        os.lchown(target, other, other)
+    plant(target, planted)
     previous = os.umask(0o022)
     try:
         if kind == "ssh":
@@ -253,3 +258,27 @@ def test_a_sink_that_miscounts_is_an_error(
                 ex.get(str(source), sink)
         else:
             ShellExecutor().get(str(source), sink)
+
+
+@pytest.mark.parametrize("planted", ["file", "symlink"])
+def test_a_remote_file_planted_by_another_user_does_not_widen_an_upload(
+        make_sshd: Callable[..., Any], shared_dir: str, tmp_path: Path, planted: str) -> None:
+    # The same on the server: a root login uploads into a shared sticky directory.
+    server = make_sshd(user="root")
+    os.chmod(shared_dir, 0o1777)
+    source = tmp_path / "source"
+    source.write_bytes(b"#!/bin/sh\necho hello\n")
+    source.chmod(0o750)
+    target = Path(shared_dir, "upload")
+    plant(target, planted)
+    mine = Path(shared_dir, "mine")  # root's own file keeps its bits, as before
+    mine.touch()
+    mine.chmod(0o604)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.put(str(source), str(target))
+        ex.put(str(source), str(mine))
+    status = target.lstat()
+    assert stat.S_ISREG(status.st_mode) and status.st_uid == 0
+    assert stat.S_IMODE(status.st_mode) == (0o640 if planted == "file" else 0o750)
+    assert target.read_bytes() == source.read_bytes()
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o604
