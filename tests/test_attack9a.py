@@ -14,7 +14,7 @@ import stat
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, BinaryIO, Callable, Dict, cast
 
 import pytest
 from test_trust import block, host_line, name_of, write
@@ -210,11 +210,12 @@ def test_a_file_object_that_miscounts_is_an_error(
         try:
             if kind == "ssh":
                 with SSHExecutor(**sshd.executor_parameters()) as ex:
-                    outcome["result"] = ex.put(_Miscounting(3 * 1024 * 1024, lie), target)
+                    outcome["result"] = ex.put(cast(BinaryIO, _Miscounting(3 * 1024 * 1024, lie)),
+                                               target)
                     outcome["after"] = ex.run_command("echo ok").stdout
             else:
-                outcome["result"] = ShellExecutor().put(_Miscounting(3 * 1024 * 1024, lie),
-                                                        target)
+                outcome["result"] = ShellExecutor().put(
+                    cast(BinaryIO, _Miscounting(3 * 1024 * 1024, lie)), target)
         except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
             outcome["error"] = exc
 
@@ -255,9 +256,9 @@ def test_a_sink_that_miscounts_is_an_error(
     with pytest.raises(OSError, match="returned"):
         if kind == "ssh":
             with SSHExecutor(**sshd.executor_parameters()) as ex:
-                ex.get(str(source), sink)
+                ex.get(str(source), cast(BinaryIO, sink))
         else:
-            ShellExecutor().get(str(source), sink)
+            ShellExecutor().get(str(source), cast(BinaryIO, sink))
 
 
 @pytest.mark.parametrize("planted", ["file", "symlink"])
