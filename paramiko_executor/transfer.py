@@ -1263,8 +1263,8 @@ class Local:
         does not. The final bits: ``mode`` if given; else those of the file
         replaced (if it is not this user's own regular file, only those
         that ``new_bits`` has too: see `_own_bits`); else ``new_bits``. A
-        path that is a directory is an `IsADirectoryError` before anything
-        is written.
+        path that is a directory is an `IsADirectoryError`, a device, FIFO
+        or socket a `ValueError`, before anything is written.
         """
         if self.path is None:
             self._begin(truncate=True)
@@ -1275,8 +1275,7 @@ class Local:
         head, name = os.path.split(path)
         temp = os.path.join(head, f".{name}.{secrets.token_hex(8)}.tmp")
         with callers_code():
-            if os.path.isdir(path):
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            _check_replaceable(path)
             try:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as exc:
@@ -1296,6 +1295,26 @@ class Local:
             with suppress(OSError):
                 os.unlink(temp)
             raise
+
+
+def _check_replaceable(path: str) -> None:
+    """Refuse a ``path`` that names something a new regular file must not replace.
+
+    A directory is an `IsADirectoryError`; a device, FIFO or socket (``/dev/null``, or a
+    link to it) a `ValueError`: renamed over, root's ``/dev/null`` would become a
+    regular file for every program of the machine. A file object can write to them.
+    """
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        return  # a link loop, a parent not searchable: the rename says so, or replaces it
+    if S_ISDIR(status.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not S_ISREG(status.st_mode):
+        raise ValueError(f"local must name a regular file, or be a file object: {path!r} "
+                         "is not a regular file")
 
 
 def _own_bits(path: str, new_bits: int) -> int:

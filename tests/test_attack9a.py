@@ -316,3 +316,36 @@ def test_a_new_upload_gets_the_servers_umask_as_with_sftp(
     by_sftp = stat.S_IMODE(os.stat(f"{shared_dir}/by-sftp").st_mode)
     assert by_sftp == 0o644
     assert stat.S_IMODE(os.stat(f"{shared_dir}/by-us").st_mode) == by_sftp
+
+
+# -- a download never renames a regular file over a device, FIFO or socket ----------------------
+
+
+@pytest.mark.parametrize("node", ["char-device", "fifo", "link-to-device"])
+@pytest.mark.parametrize("kind", ["ssh", "shell"])
+def test_a_download_to_a_device_or_fifo_path_is_refused_not_replaced(
+        sshd: Any, shared_dir: str, kind: str, node: str) -> None:
+    # get(remote, "/dev/null") as root renamed a regular file over /dev/null: the machine's
+    # /dev/null became a 0644 file. A twin of /dev/null (char 1,3) stands in for it here.
+    source = Path(shared_dir, "source")
+    source.write_bytes(b"data\n")
+    source.chmod(0o644)
+    target = Path(shared_dir, "node")
+    device = Path(shared_dir, "device")
+    if node == "fifo":
+        os.mkfifo(target)
+    else:
+        os.mknod(device if node == "link-to-device" else target,
+                 stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        if node == "link-to-device":
+            target.symlink_to(device)
+    with pytest.raises(ValueError, match="not a regular file"):
+        if kind == "ssh":
+            with SSHExecutor(**sshd.executor_parameters()) as ex:
+                ex.get(str(source), str(target))
+        else:
+            ShellExecutor().get(str(source), str(target))
+    mode = target.stat().st_mode
+    assert stat.S_ISFIFO(mode) if node == "fifo" else stat.S_ISCHR(mode)
+    assert sorted(os.listdir(shared_dir)) == sorted(
+        ["source", "node"] + (["device"] if node == "link-to-device" else []))
