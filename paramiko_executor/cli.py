@@ -625,7 +625,8 @@ def _transfer(args: argparse.Namespace) -> int:
                 # It has put (checked above), and so get.
                 moved = executor.get(args.source, args.destination, timeout=args.timeout,  # type: ignore[attr-defined]
                                      progress=show)
-    except (ExecutorFailure, OSError) as failure:
+    except (ExecutorFailure, OSError, ValueError) as failure:
+        # ValueError: a local path that names no regular file (a FIFO, /dev/null).
         if progress is not None:
             progress.finish()
         print(f"{PROG}: {one_line(str(failure))}", file=sys.stderr)

@@ -20,6 +20,7 @@ import pytest
 from test_trust import block, host_line, name_of, write
 
 from paramiko_executor import HostKeyFailure, ShellExecutor, SSHExecutor, hostkeys
+from paramiko_executor.cli import main as cli_main
 
 
 @pytest.fixture(autouse=True)
@@ -349,3 +350,18 @@ def test_a_download_to_a_device_or_fifo_path_is_refused_not_replaced(
     assert stat.S_ISFIFO(mode) if node == "fifo" else stat.S_ISCHR(mode)
     assert sorted(os.listdir(shared_dir)) == sorted(
         ["source", "node"] + (["device"] if node == "link-to-device" else []))
+
+
+def test_the_command_line_get_to_a_device_is_an_error_message(
+        sshd: Any, shared_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    source = Path(shared_dir, "source")
+    source.write_bytes(b"data\n")
+    source.chmod(0o644)
+    node = Path(shared_dir, "null")
+    os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    parameters = sshd.executor_parameters()
+    code = cli_main(["get", "--host", "127.0.0.1", "--port", str(parameters["port"]),
+                     "--user", parameters["username"], "--key", parameters["client_keys"][0],
+                     "--known-hosts", parameters["known_hosts"], str(source), str(node)])
+    assert code == 255 and "not a regular file" in capsys.readouterr().err
+    assert stat.S_ISCHR(node.stat().st_mode)
