@@ -32,6 +32,7 @@ from paramiko.hostkeys import HostKeys
 
 from .hostnames import match_pattern_list
 from .results import HostKeyFailure
+from .totp import make_private_directories
 
 try:
     import fcntl
@@ -587,7 +588,9 @@ class HostKeyPolicy:
         """Append the entry under an exclusive lock; False if a racer recorded this key first."""
         directory = os.path.dirname(path)
         if directory:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            # Each missing parent owner-only too: under umask 0, os.makedirs left them
+            # writable by everyone, who could swap in a known_hosts of their own.
+            make_private_directories(directory)
         # Hashed like ssh-keygen -H: the file then does not list the hosts one can reach.
         filed = HostKeys.hash_host(name) if self.hash_known_hosts else name
         line = f"{filed} {key.get_name()} {key.get_base64()}\n"

@@ -142,7 +142,7 @@ class _LedgerFile:
 
     def _open_directory(self) -> int:
         directory = os.path.dirname(self.path)
-        _make_private_directories(directory)
+        make_private_directories(directory)
         fd = os.open(directory, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_DIRECTORY", 0)
                      | _CLOEXEC)
         try:
@@ -273,15 +273,15 @@ def _check_login_waits(until: Optional[float], abandoned: Optional[Callable[[], 
             "the login's time ran out while it waited for the TOTP ledger's lock")
 
 
-def _make_private_directories(directory: str) -> None:
+def make_private_directories(directory: str) -> None:
     """Make ``directory`` and each missing parent owner-only (0700), whatever the umask.
 
     ``os.makedirs`` gives the parents 0777 less the umask: a fresh ``~/.cache`` writable by
     every local user under umask 0. The XDG base directory specification asks for 0700.
     """
     parent = os.path.dirname(directory)
-    if parent != directory and not os.path.isdir(parent):
-        _make_private_directories(parent)
+    if parent and parent != directory and not os.path.isdir(parent):
+        make_private_directories(parent)
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:

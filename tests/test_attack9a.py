@@ -365,3 +365,24 @@ def test_the_command_line_get_to_a_device_is_an_error_message(
                      "--known-hosts", parameters["known_hosts"], str(source), str(node)])
     assert code == 255 and "not a regular file" in capsys.readouterr().err
     assert stat.S_ISCHR(node.stat().st_mode)
+
+
+# -- accept-new makes the known_hosts file's missing parents owner-only, whatever the umask ------
+
+
+def test_accept_new_makes_missing_parents_owner_only_under_umask_0(
+        sshd: Any, tmp_path: Path) -> None:
+    # os.makedirs gave the parents 0777 less the umask: under umask 0 anyone could swap
+    # "b" for a directory of theirs, holding a known_hosts that trusts their server.
+    known = tmp_path / "a" / "b" / "known_hosts"
+    config = write(tmp_path / "config",
+                   block("target", sshd, "    StrictHostKeyChecking accept-new\n", known=known))
+    previous = os.umask(0)
+    try:
+        with SSHExecutor(host="target", config=config, connect_retries=0) as ex:
+            assert ex.run_command("echo ok").stdout == "ok\n"
+    finally:
+        os.umask(previous)
+    assert name_of(sshd) in known.read_text()
+    for directory in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
