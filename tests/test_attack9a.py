@@ -386,3 +386,42 @@ def test_accept_new_makes_missing_parents_owner_only_under_umask_0(
     assert name_of(sshd) in known.read_text()
     for directory in (tmp_path / "a", tmp_path / "a" / "b"):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+
+
+# -- a progress callback that runs a command on its own executor ---------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a command started from a transfer's progress waits for a slot its own thread holds: "
+    "with every slot held by that thread (MaxSessions 1) it waits until close(); telling "
+    "it needs the slots to know their holders' threads"))
+def test_a_command_from_progress_with_every_slot_held_is_an_error_not_a_hang(
+        make_sshd: Callable[..., Any], shared_dir: str) -> None:
+    server = make_sshd(max_sessions=1)
+    source = Path(shared_dir, "source")
+    source.write_bytes(os.urandom(1024 * 1024))
+    source.chmod(0o644)
+    outcome: Dict[str, Any] = {}
+    with SSHExecutor(**server.executor_parameters()) as ex:
+
+        def progress(done: int, total: int) -> None:
+            if "inner" not in outcome:
+                outcome["inner"] = None
+                try:
+                    outcome["inner"] = ex.run_command("echo inner").stdout
+                except BaseException as exc:  # noqa: BLE001 - handed to the test
+                    outcome["inner"] = exc
+
+        def get() -> None:
+            try:
+                ex.get(str(source), str(Path(shared_dir, "copy")), progress=progress)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test
+                outcome["get"] = exc
+
+        thread = threading.Thread(target=get, daemon=True)
+        thread.start()
+        thread.join(15)
+        hung = thread.is_alive()
+        ex.close()  # ends the wait either way
+        thread.join(15)
+    assert not hung, "the command waited for its own thread's slot"
