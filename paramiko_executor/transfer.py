@@ -1273,7 +1273,7 @@ class Local:
             return
         path = self.path
         head, name = os.path.split(path)
-        temp = os.path.join(head, f".{name}.{secrets.token_hex(8)}.tmp")
+        temp = os.path.join(head, _temp_name(name))
         with callers_code():
             _check_replaceable(path)
             try:
@@ -1343,11 +1343,25 @@ def check_mode(mode: Any) -> None:
 
 
 def temp_path_for(remote: str) -> str:
-    """A new temporary name next to ``remote``: ``.<name>.<16 hex digits>.tmp`` in its directory."""
+    """A new temporary name next to ``remote``: ``.<name>.<16 hex digits>.tmp`` in its directory.
+
+    A long ``name`` is cut so that the temporary name is a valid file name too.
+    """
     head, name = posixpath.split(remote)
     if not name:
         raise ValueError(f"remote must name a file, not a directory: {remote!r}")
-    return posixpath.join(head, f".{name}.{secrets.token_hex(8)}.tmp")
+    return posixpath.join(head, _temp_name(name))
+
+
+#: Bytes of the final name a temporary name keeps: with its 22 more it stays within the
+#: 255 bytes a file name may have (NAME_MAX), so a long final name can be written too.
+_TEMP_NAME_KEEPS = 255 - 22
+
+
+def _temp_name(name: str) -> str:
+    """``.<name>.<16 random hex digits>.tmp``, ``name`` cut to fit a file name's 255 bytes."""
+    kept = name.encode("utf-8", "surrogateescape")[:_TEMP_NAME_KEEPS].decode("utf-8", "ignore")
+    return f".{kept}.{secrets.token_hex(8)}.tmp"
 
 
 @contextmanager

@@ -425,3 +425,29 @@ def test_a_command_from_progress_with_every_slot_held_is_an_error_not_a_hang(
         ex.close()  # ends the wait either way
         thread.join(15)
     assert not hung, "the command waited for its own thread's slot"
+
+
+# -- a file whose name is long but valid can be transferred --------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ssh", "shell"])
+def test_a_long_file_name_is_no_reason_to_fail(sshd: Any, shared_dir: str, kind: str) -> None:
+    # The temporary name ".<name>.<16 hex>.tmp" is 22 bytes longer than the final one: a
+    # final name of 234 to 255 bytes made every put and get fail with "File name too long".
+    directory = Path(shared_dir, "remote")
+    directory.mkdir()
+    os.chown(directory, pwd.getpwnam(sshd.username).pw_uid, 0)
+    source = Path(shared_dir, "source")
+    source.write_bytes(b"data\n")
+    source.chmod(0o644)
+    name = "\u00e9" * 100 + "x" * 50  # 250 bytes in UTF-8
+    uploaded, downloaded = directory / name, Path(shared_dir, name)
+    if kind == "ssh":
+        with SSHExecutor(**sshd.executor_parameters()) as ex:
+            assert ex.put(str(source), str(uploaded)) == 5
+            assert ex.get(str(uploaded), str(downloaded)) == 5
+    else:
+        assert ShellExecutor().put(str(source), str(uploaded)) == 5
+        assert ShellExecutor().get(str(uploaded), str(downloaded)) == 5
+    assert downloaded.read_bytes() == b"data\n"
+    assert sorted(os.listdir(directory)) == [name]
