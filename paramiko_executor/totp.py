@@ -217,12 +217,18 @@ class _LedgerFile:
             _check_login_waits(until, abandoned)
             raise _LedgerUnusable("another thread's claim held it too long")
         try:
-            return self._claim(secret, step, until, abandoned)
+            taken, ignored = self._claim(secret, step, until, abandoned)
         finally:
             _FILE_OPEN.release()
+        if ignored is not None:
+            # Logged with no lock held: a handler that blocks (a full stderr pipe) must
+            # not hold up every process's logins.
+            log.warning("TOTP ledger %s records a time step %d steps ahead of the clock: "
+                        "ignored", printable(self.path), ignored - step)
+        return taken
 
     def _claim(self, secret: str, step: int, until: Optional[float],
-               abandoned: Optional[Callable[[], bool]]) -> Optional[int]:
+               abandoned: Optional[Callable[[], bool]]) -> Tuple[Optional[int], Optional[int]]:
         directory = self._open_directory()
         try:
             fd = self._open_file(directory, os.path.basename(self.path))
@@ -240,7 +246,8 @@ class _LedgerFile:
         finally:
             os.close(directory)
 
-    def _claim_locked(self, fd: int, name: str, step: int) -> Optional[int]:
+    def _claim_locked(self, fd: int, name: str, step: int) -> Tuple[Optional[int], Optional[int]]:
+        """`claim`'s answer, and the implausible step it ignored (None if none)."""
         with os.fdopen(os.dup(fd), "r+", encoding="ascii", errors="replace") as file:
             records: Dict[str, int] = {}
             for line in file.read().splitlines():
@@ -249,18 +256,17 @@ class _LedgerFile:
                 if len(fields) == 2 and fields[1].isdigit() and len(fields[1]) < 20:
                     records[fields[0]] = int(fields[1])
             recorded = records.get(name)
+            ignored = None
             if recorded is not None and recorded > step + PLAUSIBLE_AHEAD:
-                log.warning("TOTP ledger %s records a time step %d steps ahead of the clock: "
-                            "ignored", printable(self.path), recorded - step)
-                recorded = None
+                ignored, recorded = recorded, None
             if recorded is not None and recorded >= step:
-                return recorded
+                return recorded, None
             records[name] = step
             kept = {k: v for k, v in records.items() if step - 2 <= v <= step + PLAUSIBLE_AHEAD}
             file.seek(0)
             file.truncate()
             file.write("".join(f"{k} {v}\n" for k, v in kept.items()))
-            return None
+            return None, ignored
 
 
 def _check_login_waits(until: Optional[float], abandoned: Optional[Callable[[], bool]]) -> None:

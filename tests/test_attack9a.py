@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import fcntl
 import io
+import logging
 import os
 import pwd
 import stat
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, cast
+from typing import Any, BinaryIO, Callable, Dict, List, cast
 
 import pytest
+from test_ledger_trust import LOGGER, NOW, SECRET, STEP, private_dir, record
+from test_totp_ledger import FakeClock, fake_ledger
 from test_trust import block, host_line, name_of, write
 
 from paramiko_executor import HostKeyFailure, ShellExecutor, SSHExecutor, hostkeys
@@ -451,3 +454,38 @@ def test_a_long_file_name_is_no_reason_to_fail(sshd: Any, shared_dir: str, kind:
         assert ShellExecutor().get(str(uploaded), str(downloaded)) == 5
     assert downloaded.read_bytes() == b"data\n"
     assert sorted(os.listdir(directory)) == [name]
+
+
+# -- the TOTP ledger's lock is never held while a log handler runs --------------------------------
+
+
+def test_the_ledger_lock_is_free_while_its_warning_is_logged(tmp_path: Path) -> None:
+    # The "step ahead of the clock" warning was logged with the ledger's flock (and the
+    # process's ledger lock) held: a handler that blocks (a full stderr pipe, a network
+    # handler) held up every login of every process of the user.
+    path = private_dir(tmp_path) / "totp-ledger"
+    fake_ledger(path, FakeClock(NOW - 3600)).issue(SECRET)  # makes the key
+    record(path, STEP + 100)
+    seen: List[str] = []
+
+    class Probe(logging.Handler):
+        def emit(self, entry: logging.LogRecord) -> None:
+            if "ahead of the clock" not in entry.getMessage():
+                return
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append("free")
+            except BlockingIOError:
+                seen.append("held")
+            finally:
+                os.close(fd)
+
+    probe = Probe()
+    logger = logging.getLogger(LOGGER)
+    logger.addHandler(probe)
+    try:
+        fake_ledger(path, FakeClock()).issue(SECRET)
+    finally:
+        logger.removeHandler(probe)
+    assert seen == ["free"]
