@@ -1027,9 +1027,9 @@ class SessionChannel:
             pass  # the connection broke a moment later; the slot goes with it
 
     def _end_remote_command(self) -> None:
-        """Ask the server to end the command; escalate in the background; keep the slot until CLOSE.
+        """Ask the server to end the command, in the background; keep the slot until CLOSE.
 
-        TERM now; KILL if the server has not closed the channel `KILL_GRACE`
+        TERM at once; KILL if the server has not closed the channel `KILL_GRACE`
         seconds later; our CLOSE as long again after that. The caller returns
         at once. sshd refuses signals to a forced-command session, and keeps a
         session whose command ignores them until it ends: the slot stays taken
@@ -1037,9 +1037,11 @@ class SessionChannel:
         """
         self.discarding = True
         self.sending = False
-        self._signal("TERM")
 
         def escalate() -> None:
+            # Sent from here, not the caller's thread: a key exchange the server
+            # stalls holds every send up to paramiko's clear_to_send_timeout.
+            self._signal("TERM")
             for step in ("KILL", "CLOSE"):
                 end = time.monotonic() + KILL_GRACE
                 while not self.remote_closed and self.transport.is_active():

@@ -1,0 +1,136 @@
+"""attack9b: attacks on commands, output, tunnels and error classes that broke something.
+
+One regression test per defect, against the project's test server (fault injection) or a
+hostile paramiko server (tests/test_origin.py's `HostileServer`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Dict
+
+import pytest
+from helpers import wait_for
+
+from paramiko_executor import CommandExecutionFailure, CommandTimeout, SSHExecutor
+
+# --- a key exchange the server stalls -------------------------------------------------------
+
+
+def _stall_a_key_exchange(server: Any, executor: SSHExecutor) -> None:
+    """Freeze ``server`` and start a key exchange from the client that it never answers."""
+    with executor.bounded_connection as transport:
+        pass
+    server.freeze()
+    transport._send_kex_init()
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_timeout_during_a_stalled_key_exchange_returns_at_the_deadline(make_test_server):
+    """The TERM after a timeout waited for the key exchange in the caller's thread.
+
+    paramiko holds every send while a key exchange runs, up to its
+    ``clear_to_send_timeout`` (30 s): a command with ``timeout=2`` on a server that
+    froze mid-exchange raised `CommandTimeout` after 32 s.
+    """
+    server = make_test_server(max_sessions=4)
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        executor.run_command("true", timeout=20)
+        ended: Dict[str, Any] = {}
+        started = threading.Event()
+
+        def run() -> None:
+            begun = time.monotonic()
+            started.set()
+            try:
+                executor.run_command("sleep 30", timeout=3)
+            except BaseException as exc:  # noqa: B036 (recorded, judged below)
+                ended["error"] = exc
+            ended["took"] = time.monotonic() - begun
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert started.wait(10)
+        wait_for(lambda: "sleep 30" in server.commands, "the command to start")
+        try:
+            _stall_a_key_exchange(server, executor)
+            thread.join(60)
+        finally:
+            server.thaw()
+        assert not thread.is_alive()
+        assert isinstance(ended["error"], CommandTimeout)
+        # The deadline was 3 s; the stalled exchange would hold a send for 30 s.
+        assert ended["took"] < 15, ended["took"]
+
+
+@pytest.mark.hang_timeout(120)
+@pytest.mark.xfail(strict=True, reason="the OPEN's send waits for the key exchange up to "
+                   "paramiko's clear_to_send_timeout (30 s), past the caller's deadline")
+def test_a_command_started_during_a_stalled_key_exchange_times_out_at_its_deadline(
+        make_test_server):
+    """``timeout`` covers everything, opening the channel too.
+
+    A command asked for while the server stalls a key exchange raised
+    ``ExecutorFailure("... Key-exchange timed out ...")`` after 30 s, not `CommandTimeout`
+    after its 2 s.
+    """
+    server = make_test_server(max_sessions=4)
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        executor.run_command("true", timeout=20)
+        try:
+            _stall_a_key_exchange(server, executor)
+            begun = time.monotonic()
+            with pytest.raises(Exception) as raised:
+                executor.run_command("true", timeout=2)
+            took = time.monotonic() - begun
+        finally:
+            server.thaw()
+        assert isinstance(raised.value, CommandTimeout), repr(raised.value)
+        assert took < 15, took
+
+
+# --- a server's contradictory ending -----------------------------------------------------------
+
+
+@pytest.fixture
+def hostile():
+    from test_origin import HostileServer, finish
+
+    servers = []
+
+    def make(behaviours):
+        server = HostileServer({**behaviours, b"sync": finish})
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.hang_timeout(90)
+@pytest.mark.parametrize("order", ["signal-first", "status-first"])
+def test_a_command_killed_by_a_signal_is_never_a_success(hostile, order):
+    """A server sending both exit-signal and exit-status 0 got a success with ``exit_signal``.
+
+    The result said ``exit_code=0, exit_signal='KILL'``: a command killed by a signal
+    is a `CommandExecutionFailure` with ``exit_code`` -1, whatever status came with it.
+    """
+    from paramiko.common import cMSG_CHANNEL_REQUEST
+    from test_origin import finish, send_raw
+
+    def both(chan) -> None:
+        if order == "status-first":
+            chan.send_exit_status(0)
+        send_raw(chan, cMSG_CHANNEL_REQUEST, "exit-signal", False, "KILL", False, "", "")
+        finish(chan, 0)
+
+    server = hostile({b"both": both})
+    with SSHExecutor(**server.parameters()) as executor:
+        with pytest.raises(CommandExecutionFailure) as raised:
+            executor.run_command("both", timeout=30)
+        assert raised.value.exit_code == -1
+        assert raised.value.exit_signal == "KILL"
+        result = executor.run_command("both", timeout=30, check=False)
+        assert (result.exit_code, result.exit_signal) == (-1, "KILL")
