@@ -201,6 +201,25 @@ def send_if_clear(transport: paramiko.Transport, message: Message) -> bool:
     return False
 
 
+def send_within(transport: paramiko.Transport, message: Message,
+                timeout: Optional[float]) -> bool:
+    """Send ``message`` once no key exchange runs; False (nothing sent) after ``timeout`` s.
+
+    ``timeout`` None waits as `send_when_clear` does (paramiko's own bound).
+    """
+    if timeout is None:
+        send_when_clear(transport, message)
+        return True
+    end = time.monotonic() + timeout
+    while not send_if_clear(transport, message):
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            return False
+        if not transport.clear_to_send.wait(min(remaining, 1.0)) and not transport.is_active():
+            raise EOFError("the connection ended during a key exchange")
+    return True
+
+
 def key_exchange_running(transport: paramiko.Transport) -> bool:
     """Whether a key exchange holds back sending right now."""
     return not transport.clear_to_send.is_set()

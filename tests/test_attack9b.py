@@ -90,6 +90,35 @@ def test_a_command_started_during_a_stalled_key_exchange_times_out_at_its_deadli
         assert took < 15, took
 
 
+@pytest.mark.hang_timeout(120)
+def test_a_forwarded_sockets_send_in_a_stalled_key_exchange_keeps_its_timeout(
+        make_test_server, make_backend):
+    """A send held by a key exchange is a timeout after the socket's timeout, not a reset.
+
+    It waited paramiko's 30 s and raised ``ConnectionResetError("... was cut")``, yet the
+    connection was fine: once the server went on, the same socket still carried data.
+    """
+    server = make_test_server(max_sessions=4)
+    backend = make_backend("echo")
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        with executor.open_connection("127.0.0.1", backend.port, timeout=2) as sock:
+            sock.sendall(b"before")
+            assert sock.recv(100) == b"before"
+            try:
+                _stall_a_key_exchange(server, executor)
+                begun = time.monotonic()
+                with pytest.raises(OSError) as raised:
+                    sock.sendall(b"held")
+                took = time.monotonic() - begun
+            finally:
+                server.thaw()
+            assert isinstance(raised.value, TimeoutError), repr(raised.value)
+            assert took < 15, took
+            sock.settimeout(30)
+            sock.sendall(b"after")
+            assert sock.recv(100) == b"after"
+
+
 # --- a server's contradictory ending -----------------------------------------------------------
 
 
