@@ -455,8 +455,8 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
         def wrap(on_reply: Handler) -> Handler:
             def handle(chan: paramiko.Channel, m: Message) -> None:
                 s = sessions.get(chan.chanid)
-                if s is not None and not s.raw:
-                    s.replied(success)
+                if s is not None and not s.raw and not s.replied(success):
+                    return  # paramiko would close the channel at a failure answering nothing
                 if success:
                     on_reply(chan, m)
                 else:  # paramiko closes the channel, which sends: not during a key exchange
@@ -599,20 +599,21 @@ class SessionChannel:
         else:
             self._acknowledge(len(data))
 
-    def replied(self, success: bool) -> None:
-        """A reply to the oldest request still awaiting one arrived.
+    def replied(self, success: bool) -> bool:
+        """A reply to the oldest request still awaiting one arrived; False if none awaits one.
 
         A reply to no request is dropped, as OpenSSH's client drops it: kept,
         a server could grow the record without bound.
         """
         if not self._awaiting:
-            return
+            return False
         kind = self._awaiting.popleft()
         if kind == "exec":
             self.exec_accepted = success
         self.replies.append((kind, success))
         if self._reply_wakes or not success:
             self.wakeup.set()
+        return True
 
     def violated(self, reason: str) -> None:
         """The server broke the protocol on this channel: the owner ends it with `ExecutorFailure`.

@@ -163,3 +163,26 @@ def test_a_command_killed_by_a_signal_is_never_a_success(hostile, order):
         assert raised.value.exit_signal == "KILL"
         result = executor.run_command("both", timeout=30, check=False)
         assert (result.exit_code, result.exit_signal) == (-1, "KILL")
+
+
+@pytest.mark.hang_timeout(90)
+def test_a_failure_reply_to_no_request_is_dropped_not_a_closed_channel(hostile):
+    """A CHANNEL_FAILURE answering no request of ours is dropped, as OpenSSH's client does.
+
+    It reached paramiko's handler, which closed the channel: a command that then exited
+    0 with all its output failed with "closed the channel without an exit status".
+    """
+    from paramiko.common import cMSG_CHANNEL_FAILURE
+    from test_origin import finish, send_raw
+
+    def stray(chan) -> None:
+        chan.sendall(b"one\n")
+        send_raw(chan, cMSG_CHANNEL_FAILURE)
+        chan.sendall(b"two\n")
+        finish(chan, 0)
+
+    server = hostile({b"stray": stray})
+    with SSHExecutor(**server.parameters()) as executor:
+        for _ in range(3):
+            assert executor.run_command("stray", timeout=30).stdout == "one\ntwo\n"
+        assert executor.statistics().reconnects == 0
