@@ -431,6 +431,8 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
             try:
                 kind = _name(m.packet)
                 want_reply = _boolean(m.packet)
+                if kind in ("exit-status", "exit-signal") and not s.exec_asked:
+                    raise _Malformed(f"{kind} before the command was sent")
                 if kind == "exit-status":
                     status = _uint32(m.packet)
                     _end(m.packet)
@@ -550,6 +552,9 @@ class SessionChannel:
         self.replies: Deque[Tuple[str, bool]] = collections.deque()
         #: True while the owner waits for replies; an accepted exec wakes nobody.
         self._reply_wakes = False
+        #: Set just before the exec goes out: a command's output or end before
+        #: it is not the command's (a server's, on a spare channel, say).
+        self.exec_asked = False
         self.exec_sent = False
         self.exec_accepted: Optional[bool] = None
         #: Handed over for paramiko's own use (`hand_over`): only the CLOSE is ours.
@@ -577,7 +582,8 @@ class SessionChannel:
 
         More than the window granted is a protocol error: paramiko does not
         refuse it, and would let a server grow the buffers without bound.
-        Output past EOF (a server's error) or after the outcome is dropped.
+        Output before the exec, past EOF (a server's error) or after the
+        outcome is dropped.
         """
         if self.violation is not None:
             return
@@ -589,7 +595,7 @@ class SessionChannel:
         if len(data) > window:
             self.violated(f"{len(data)} bytes of data with {window} bytes of window left")
             return
-        if self.discarding or stream is None or chan.eof_received:
+        if self.discarding or stream is None or chan.eof_received or not self.exec_asked:
             self._acknowledge(len(data))
             return
         buffer = self.stdout if stream == "stdout" else self.stderr
@@ -886,6 +892,10 @@ class SessionChannel:
 
     def _start(self, spec: CommandSpec, deadline: Optional[float],
                after_exec: Optional[Callable[[], None]]) -> Optional[ChannelOutcome]:
+        if self.violation is not None:
+            # The server ended a channel no command ran on yet: another one may do.
+            raise NeverStarted(f"protocol error from the server before the command was sent: "
+                               f"{self.violation}")
         if spec.options.pty or spec.options.env:
             if not self._prepare(spec, deadline):
                 return None
@@ -893,6 +903,7 @@ class SessionChannel:
         # reply: the server handles them in order, and a refused exec
         # closes the channel before the rest is read.
         self.sending = True
+        self.exec_asked = True
         if not self._request("exec", spec.command, want_reply=True):
             raise NeverStarted("the server closed the channel before the command was sent")
         self.exec_sent = True

@@ -13,7 +13,7 @@ from typing import Any, Dict
 import pytest
 from helpers import wait_for
 
-from paramiko_executor import CommandExecutionFailure, CommandTimeout, SSHExecutor
+from paramiko_executor import CommandExecutionFailure, CommandTimeout, ExecutorFailure, SSHExecutor
 
 # --- a key exchange the server stalls -------------------------------------------------------
 
@@ -185,4 +185,51 @@ def test_a_failure_reply_to_no_request_is_dropped_not_a_closed_channel(hostile):
     with SSHExecutor(**server.parameters()) as executor:
         for _ in range(3):
             assert executor.run_command("stray", timeout=30).stdout == "one\ntwo\n"
+        assert executor.statistics().reconnects == 0
+
+
+# --- a command's end sent before the command -----------------------------------------------------
+
+
+def _forge_on_the_spare(chan) -> None:
+    """Finish ``chan``'s command after sending output and exit 0 on every other channel.
+
+    The other channel is the spare the client opened ahead after this exec: no command
+    was sent on it yet.
+    """
+    from test_origin import finish
+
+    transport = chan.transport
+    wait_for(lambda: any(other is not chan and other.active
+                         for other in list(transport._channels.values())), "the spare's open")
+    for other in list(transport._channels.values()):
+        if other is not chan:
+            other.sendall(b"forged\n")
+            other.send_exit_status(0)
+    finish(chan, 0)
+
+
+@pytest.mark.hang_timeout(90)
+@pytest.mark.parametrize("then", ["refused", "real"])
+def test_an_exit_status_before_the_exec_is_not_the_commands(hostile, then):
+    """Output and an exit status a server sends on a channel before its exec are not a result.
+
+    They were taken as the next command's: a command the server then refused was a
+    success with the forged output. Now the channel is given up before its exec (the
+    command never ran there) and the command runs on another.
+    """
+    from test_origin import finish
+
+    def real(chan) -> None:
+        chan.sendall(b"real\n")
+        finish(chan, 0)
+
+    server = hostile({b"forge": _forge_on_the_spare, b"real": real})
+    with SSHExecutor(**server.parameters()) as executor:
+        assert executor.run_command("forge", timeout=30).stdout == ""
+        if then == "refused":  # the server runs no command of that name
+            with pytest.raises(ExecutorFailure):
+                executor.run_command("refused", timeout=30)
+        else:
+            assert executor.run_command("real", timeout=30).stdout == "real\n"
         assert executor.statistics().reconnects == 0
