@@ -75,6 +75,7 @@ from .internals import (
     forget_channel,
     key_exchange_running,
     new_session_channel,
+    open_confirmed,
     replace_send_condition,
     send_if_clear,
     send_when_clear,
@@ -474,6 +475,12 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
                 chanid = m.get_int()
                 m.packet.seek(start)
                 s = sessions.get(chanid)
+                if open_confirmed(transport, chanid):
+                    # A second answer: paramiko would take a refusal's word and forget
+                    # the open channel, its command and slot left waiting for good.
+                    if s is not None and not s.raw:
+                        s.violated("an answer to an open already confirmed")
+                    return
                 if s is not None:
                     s.open_answered(refused)
                 on_answer(*args)

@@ -233,3 +233,48 @@ def test_an_exit_status_before_the_exec_is_not_the_commands(hostile, then):
         else:
             assert executor.run_command("real", timeout=30).stdout == "real\n"
         assert executor.statistics().reconnects == 0
+
+
+# --- an answer to an open already answered -------------------------------------------------------
+
+
+@pytest.mark.hang_timeout(90)
+@pytest.mark.parametrize("answer", ["refusal", "confirmation"])
+def test_a_second_answer_to_an_open_ends_only_that_channel(hostile, answer):
+    """An OPEN_FAILURE (or a second confirmation) for a channel already open is a protocol error.
+
+    paramiko took the refusal's word and forgot the open channel: its command waited for
+    its timeout (for good without one), and its slot never came back, so with
+    ``max_sessions=1`` every later command waited too. A second confirmation re-pointed
+    the channel at the far end it named: what the command sent next (stdin, EOF, CLOSE)
+    went to that channel.
+    """
+    from paramiko.common import cMSG_CHANNEL_OPEN_FAILURE, cMSG_CHANNEL_OPEN_SUCCESS
+    from paramiko.message import Message
+    from test_origin import finish
+
+    def again(chan) -> None:
+        m = Message()
+        if answer == "refusal":
+            m.add_byte(cMSG_CHANNEL_OPEN_FAILURE)
+            m.add_int(chan.remote_chanid)
+            m.add_int(2)
+            m.add_string("refused after all")
+            m.add_string("")
+        else:  # naming another channel of the server's as this one's far end
+            m.add_byte(cMSG_CHANNEL_OPEN_SUCCESS)
+            m.add_int(chan.remote_chanid)
+            m.add_int(chan.chanid + 1000)
+            m.add_int(1 << 20)
+            m.add_int(1 << 15)
+        chan.transport._send_user_message(m)
+        chan.sendall(b"after\n")
+        finish(chan, 0)
+
+    server = hostile({b"again": again})
+    with SSHExecutor(**server.parameters(max_sessions=1)) as executor:
+        with pytest.raises(ExecutorFailure) as raised:
+            executor.run_command("again", stdin_input="x" * 100, timeout=10)
+        assert "already confirmed" in str(raised.value)
+        assert executor.run_command("sync", timeout=10).exit_code == 0
+        assert executor.statistics().reconnects == 0
