@@ -19,8 +19,16 @@ OnOutput = Callable[[str, Any], object]
 
 
 def check_command(command: Any) -> str:
+    """``command``, checked: a str without NUL.
+
+    A shell cannot be given a NUL, and sshd ends the whole connection on an
+    exec request holding one: every command sharing it would be cut, and
+    this one retried to do it again.
+    """
     if not isinstance(command, str):
         raise TypeError(f"command must be a str, not {type(command).__name__}")
+    if "\0" in command:
+        raise ValueError("command must not contain a NUL character")
     return command
 
 

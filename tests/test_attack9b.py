@@ -278,3 +278,22 @@ def test_a_second_answer_to_an_open_ends_only_that_channel(hostile, answer):
         assert "already confirmed" in str(raised.value)
         assert executor.run_command("sync", timeout=10).exit_code == 0
         assert executor.statistics().reconnects == 0
+
+
+# --- a command holding a NUL -------------------------------------------------------------------
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_command_holding_a_nul_is_refused_at_the_call_and_cuts_nobody(sshd):
+    """sshd ends the whole connection on an exec request holding a NUL.
+
+    The command went out as it was: the connection dropped under every other command on
+    it, and the executor took that for a lost connection and sent the command again,
+    four times (``ExecutorFailure("... lost ... (4 attempts)")``).
+    """
+    with SSHExecutor(**sshd.executor_parameters()) as executor:
+        executor.run_command("true", timeout=30)
+        with pytest.raises(ValueError, match="command"):
+            executor.run_command("echo a\0; echo b", timeout=30)
+        assert executor.run_command("echo after", timeout=30).stdout == "after\n"
+        assert executor.statistics().reconnects == 0
