@@ -153,6 +153,8 @@ def check_transfer_arguments(local: Any, remote: Any, *, put: bool, mode: Any = 
     """
     if not isinstance(remote, str) or not remote:
         raise TypeError(f"remote must be a non-empty str, not {type(remote).__name__}")
+    if "\0" in remote:  # sftp-server ends the session on one: the transfer failed obscurely
+        raise ValueError("remote must not contain a NUL character")
     if _is_file(local):
         needed = ("read", "readinto") if put else ("write",)
         if not any(callable(getattr(local, name, None)) for name in needed):

@@ -297,3 +297,19 @@ def test_a_command_holding_a_nul_is_refused_at_the_call_and_cuts_nobody(sshd):
             executor.run_command("echo a\0; echo b", timeout=30)
         assert executor.run_command("echo after", timeout=30).stdout == "after\n"
         assert executor.statistics().reconnects == 0
+
+
+@pytest.mark.hang_timeout(120)
+@pytest.mark.parametrize("direction", ["put", "get"])
+def test_a_remote_path_holding_a_nul_is_refused_at_the_call(sshd, shared_dir, direction):
+    """It went to sftp-server, which ended the session: ``ExecutorFailure("... the
+    connection was lost during the SFTP session ...")`` for a bad argument."""
+    import io
+
+    with SSHExecutor(**sshd.executor_parameters()) as executor:
+        remote = f"{shared_dir}/a\0b"
+        with pytest.raises(ValueError, match="remote"):
+            if direction == "put":
+                executor.put(io.BytesIO(b"x"), remote, timeout=30)
+            else:
+                executor.get(remote, io.BytesIO(), timeout=30)
