@@ -313,3 +313,24 @@ def test_a_remote_path_holding_a_nul_is_refused_at_the_call(sshd, shared_dir, di
                 executor.put(io.BytesIO(b"x"), remote, timeout=30)
             else:
                 executor.get(remote, io.BytesIO(), timeout=30)
+
+
+@pytest.mark.hang_timeout(120)
+@pytest.mark.parametrize("where", ["command", "env"])
+def test_a_request_past_the_servers_packet_limit_is_refused_at_the_call(sshd, where):
+    """sshd ends the whole connection on a packet over 256 KiB.
+
+    A 270 kB command (or variable) went out as it was: the connection dropped under
+    every command on it, and the executor re-sent it three times more, reconnecting each
+    time (``ExecutorFailure("... lost ... (4 attempts)")``).
+    """
+    big = "x" * 270_000
+    with SSHExecutor(**sshd.executor_parameters()) as executor:
+        executor.run_command("true", timeout=30)
+        with pytest.raises(ValueError, match=where):
+            if where == "command":
+                executor.run_command(": " + big, timeout=30)
+            else:
+                executor.run_command("true", env={"LC_BIG": big}, timeout=30)
+        assert executor.run_command("echo after", timeout=30).stdout == "after\n"
+        assert executor.statistics().reconnects == 0
