@@ -178,6 +178,8 @@ def test_a_failure_reply_to_no_request_is_dropped_not_a_closed_channel(hostile):
     def stray(chan) -> None:
         chan.sendall(b"one\n")
         send_raw(chan, cMSG_CHANNEL_FAILURE)
+        # Answered after the client handled the stray reply (and sent any CLOSE it made).
+        chan.transport.global_request("sync@attack9b", wait=True)
         chan.sendall(b"two\n")
         finish(chan, 0)
 
