@@ -336,3 +336,14 @@ def test_a_request_past_the_servers_packet_limit_is_refused_at_the_call(sshd, wh
                 executor.run_command("true", env={"LC_BIG": big}, timeout=30)
         assert executor.run_command("echo after", timeout=30).stdout == "after\n"
         assert executor.statistics().reconnects == 0
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_forward_target_past_the_servers_packet_limit_is_refused_at_the_call(sshd):
+    """A 300 kB host name went out in the open: sshd ended the connection, and the open
+    was sent again on each new one (``on_disconnect_retry`` reconnects)."""
+    with SSHExecutor(**sshd.executor_parameters()) as executor:
+        executor.run_command("true", timeout=30)
+        with pytest.raises(ValueError, match="host"):
+            executor.open_connection("h" * 300_000, 80, timeout=30)
+        assert executor.statistics().reconnects == 0
