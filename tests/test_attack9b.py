@@ -71,9 +71,11 @@ def test_a_command_started_during_a_stalled_key_exchange_times_out_at_its_deadli
         make_test_server):
     """``timeout`` covers everything, opening the channel too.
 
-    A command asked for while the server stalls a key exchange raised
+    A command asked for while the server stalls a key exchange raises
     ``ExecutorFailure("... Key-exchange timed out ...")`` after 30 s, not `CommandTimeout`
-    after its 2 s.
+    after its 2 s. The exec, stdin, EOF, window adjusts and the CLOSE of a command
+    (``SessionChannel._send``, ``chan.close()``) and a spare's open after the exec wait
+    the same way, in the caller's thread.
     """
     server = make_test_server(max_sessions=4)
     with SSHExecutor(**server.executor_parameters()) as executor:
