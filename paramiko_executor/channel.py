@@ -423,10 +423,19 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
         return handle
 
     def request(on_request: Handler) -> Handler:
+        def paramikos(chan: paramiko.Channel, m: Message, s: Optional[SessionChannel]) -> None:
+            try:
+                on_request(chan, m)
+            except UnicodeError as exc:
+                # paramiko decodes a request's texts strictly: raised on its thread, this
+                # would end the whole connection, under every command on it.
+                if s is not None:
+                    s.violated(f"a malformed channel request: {exc}")
+
         def handle(chan: paramiko.Channel, m: Message) -> None:
             s = sessions.get(chan.chanid)
             if s is None or s.raw:
-                on_request(chan, m)  # paramiko's own handling only
+                paramikos(chan, m, s)  # paramiko's own handling only
                 return
             start = m.packet.tell()
             try:
@@ -445,11 +454,11 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
                 return
             if want_reply:
                 m.packet.seek(start)
-                _outside_key_exchange(transport, lambda: on_request(chan, m))
+                _outside_key_exchange(transport, lambda: paramikos(chan, m, s))
             elif kind not in ("exit-status", "exit-signal"):
                 # The command's end is recorded above; paramiko would only parse it again.
                 m.packet.seek(start)
-                on_request(chan, m)
+                paramikos(chan, m, s)
             if chan.eof_received or chan.closed:
                 s.wakeup.set()  # else the EOF still to come wakes the command
         return handle

@@ -349,3 +349,30 @@ def test_a_forward_target_past_the_servers_packet_limit_is_refused_at_the_call(s
         with pytest.raises(ValueError, match="host"):
             executor.open_connection("h" * 300_000, 80, timeout=30)
         assert executor.statistics().reconnects == 0
+
+
+# --- a request whose text is not UTF-8 -----------------------------------------------------------
+
+
+@pytest.mark.hang_timeout(90)
+def test_a_request_with_text_not_utf8_ends_its_channel_not_the_connection(hostile):
+    """paramiko's own handler of a request wanting a reply decodes its texts strictly.
+
+    An x11-req whose texts are not UTF-8 raised UnicodeDecodeError in paramiko's thread:
+    the whole connection ended, and the command was sent again on each new one (four
+    runs, ``ExecutorFailure("... lost ... (4 attempts)")``).
+    """
+    from paramiko.common import cMSG_CHANNEL_REQUEST
+    from test_origin import finish, send_raw
+
+    def bad(chan) -> None:
+        send_raw(chan, cMSG_CHANNEL_REQUEST, "x11-req", True, b"\xff\xfe", b"\xff")
+        finish(chan, 0)
+
+    server = hostile({b"bad": bad})
+    with SSHExecutor(**server.parameters()) as executor:
+        with pytest.raises(ExecutorFailure, match="malformed channel request"):
+            executor.run_command("bad", timeout=30)
+        assert executor.run_command("sync", timeout=30).exit_code == 0
+        assert executor.statistics().reconnects == 0
+    assert server.connections == 1
