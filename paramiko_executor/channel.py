@@ -48,14 +48,19 @@ from paramiko.common import (
     MSG_CHANNEL_DATA,
     MSG_CHANNEL_EXTENDED_DATA,
     MSG_CHANNEL_FAILURE,
+    MSG_CHANNEL_OPEN,
     MSG_CHANNEL_OPEN_FAILURE,
     MSG_CHANNEL_OPEN_SUCCESS,
     MSG_CHANNEL_REQUEST,
     MSG_CHANNEL_SUCCESS,
+    MSG_GLOBAL_REQUEST,
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
     cMSG_CHANNEL_DATA,
     cMSG_CHANNEL_EOF,
+    cMSG_CHANNEL_OPEN_FAILURE,
     cMSG_CHANNEL_REQUEST,
     cMSG_CHANNEL_WINDOW_ADJUST,
+    cMSG_REQUEST_FAILURE,
 )
 from paramiko.message import Message
 
@@ -500,6 +505,47 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
             return handle
         return wrap
 
+    def refused_unless_utf8(refusal: Callable[[io.BytesIO], Optional[Message]]
+                            ) -> Callable[[Handler], Handler]:
+        # paramiko decodes the texts of a server's global request or channel open
+        # strictly: raised in its thread, the error would end the whole connection,
+        # under every command on it. Such a message is refused instead.
+        def wrap(on_message: Handler) -> Handler:
+            def handle(*args: Any) -> None:  # (m), or (transport, m) on paramiko < 4
+                m = args[-1]
+                start = m.packet.tell()
+                try:
+                    on_message(*args)
+                except UnicodeError:
+                    m.packet.seek(start)
+                    try:
+                        answer = refusal(m.packet)
+                    except _Malformed:
+                        return
+                    if answer is not None:
+                        _outside_key_exchange(transport,
+                                              lambda: send_when_clear(transport, answer))
+            return handle
+        return wrap
+
+    def global_refusal(packet: io.BytesIO) -> Optional[Message]:
+        _string(packet)
+        if not _boolean(packet):
+            return None
+        m = Message()
+        m.add_byte(cMSG_REQUEST_FAILURE)
+        return m
+
+    def open_refusal(packet: io.BytesIO) -> Optional[Message]:
+        _string(packet)
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_OPEN_FAILURE)
+        m.add_int(_uint32(packet))
+        m.add_int(OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED)
+        m.add_string("")
+        m.add_string("")
+        return m
+
     wrap_handlers(
         transport,
         {
@@ -511,7 +557,9 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
             MSG_CHANNEL_FAILURE: reply(False),
         },
         {MSG_CHANNEL_OPEN_SUCCESS: open_answer(refused=False),
-         MSG_CHANNEL_OPEN_FAILURE: open_answer(refused=True)},
+         MSG_CHANNEL_OPEN_FAILURE: open_answer(refused=True),
+         MSG_GLOBAL_REQUEST: refused_unless_utf8(global_refusal),
+         MSG_CHANNEL_OPEN: refused_unless_utf8(open_refusal)},
     )
 
 

@@ -376,3 +376,39 @@ def test_a_request_with_text_not_utf8_ends_its_channel_not_the_connection(hostil
         assert executor.run_command("sync", timeout=30).exit_code == 0
         assert executor.statistics().reconnects == 0
     assert server.connections == 1
+
+
+@pytest.mark.hang_timeout(90)
+@pytest.mark.parametrize("message", ["global request", "channel open"])
+def test_a_servers_request_with_text_not_utf8_is_refused_not_the_connections_end(
+        hostile, message):
+    """A global request or channel open from the server whose name is not UTF-8 is refused.
+
+    paramiko decoded it in its thread: the UnicodeDecodeError ended the whole
+    connection, and the command on it was sent again on each new one (four runs).
+    """
+    from paramiko.common import cMSG_CHANNEL_OPEN, cMSG_GLOBAL_REQUEST
+    from paramiko.message import Message
+    from test_origin import finish
+
+    def bad(chan) -> None:
+        m = Message()
+        if message == "global request":
+            m.add_byte(cMSG_GLOBAL_REQUEST)
+            m.add_string(b"\xff\xfe")
+            m.add_boolean(True)
+        else:
+            m.add_byte(cMSG_CHANNEL_OPEN)
+            m.add_string(b"\xff\xfe")
+            m.add_int(77)
+            m.add_int(1 << 20)
+            m.add_int(1 << 15)
+        chan.transport._send_user_message(m)
+        finish(chan, 0)
+
+    server = hostile({b"bad": bad})
+    with SSHExecutor(**server.parameters()) as executor:
+        for _ in range(2):
+            assert executor.run_command("bad", timeout=30).exit_code == 0
+        assert executor.statistics().reconnects == 0
+    assert server.connections == 1
