@@ -347,6 +347,32 @@ class Sessions(Dict[int, "SessionChannel"]):
     closes = 0
 
 
+def _readable_refusal(m: Message) -> Message:
+    """An OPEN_FAILURE as paramiko can read it: its texts made UTF-8 if they are not.
+
+    paramiko decodes them strictly, in its thread: a reason in Latin-1, say,
+    would end the whole connection.
+    """
+    start = m.packet.tell()
+    try:
+        chanid, code, reason, language = (_uint32(m.packet), _uint32(m.packet),
+                                          _string(m.packet), _string(m.packet))
+        reason.decode("utf-8")
+        language.decode("utf-8")
+        return m
+    except _Malformed:
+        return m  # paramiko pads what is missing with zeros
+    except UnicodeError:
+        clean = Message()
+        clean.add_int(chanid)
+        clean.add_int(code)
+        clean.add_string(reason.decode("utf-8", "replace"))
+        clean.add_string(language.decode("utf-8", "replace"))
+        return Message(clean.asbytes())
+    finally:
+        m.packet.seek(start)
+
+
 def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> None:
     """Let ``transport`` report each session channel's events to its `SessionChannel`.
 
@@ -497,6 +523,8 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
                     return
                 if s is not None:
                     s.open_answered(refused)
+                if refused:
+                    args = (*args[:-1], _readable_refusal(m))
                 on_answer(*args)
                 if refused:
                     # paramiko forgets a refused channel everywhere but here.

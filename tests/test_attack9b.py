@@ -412,3 +412,44 @@ def test_a_servers_request_with_text_not_utf8_is_refused_not_the_connections_end
             assert executor.run_command("bad", timeout=30).exit_code == 0
         assert executor.statistics().reconnects == 0
     assert server.connections == 1
+
+
+@pytest.mark.hang_timeout(90)
+def test_a_refused_open_with_a_reason_not_utf8_is_a_refusal_not_the_connections_end(hostile):
+    """A server refusing a session with a reason in Latin-1 refuses that channel only.
+
+    paramiko decoded the reason in its thread: the UnicodeDecodeError ended the whole
+    connection under every command on it.
+    """
+    from paramiko.common import MSG_CHANNEL_OPEN, cMSG_CHANNEL_OPEN_FAILURE
+    from paramiko.message import Message
+
+    server = hostile({})
+    with SSHExecutor(**server.parameters()) as executor:
+        assert executor.run_command("sync", timeout=30).exit_code == 0
+        transport = server.transports[0]
+        table = transport._handler_table
+        accept = table[MSG_CHANNEL_OPEN]
+        refusals = [2]  # the next two session opens
+
+        def refuse(m: Message) -> None:
+            if not refusals[0]:
+                accept(m)
+                return
+            refusals[0] -= 1
+            m.get_string()
+            answer = Message()
+            answer.add_byte(cMSG_CHANNEL_OPEN_FAILURE)
+            answer.add_int(m.get_int())
+            answer.add_int(4)  # resource shortage
+            answer.add_string("accès refusé".encode("latin-1"))
+            answer.add_string(b"fr\xe9")
+            transport._send_user_message(answer)
+
+        table[MSG_CHANNEL_OPEN] = refuse
+        for _ in range(3):
+            assert executor.run_command("sync", timeout=30).exit_code == 0
+        assert executor.statistics().reconnects == 0
+        assert refusals == [0]
+        assert executor.statistics().refused_opens >= 1
+    assert server.connections == 1
