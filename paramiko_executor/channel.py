@@ -48,14 +48,19 @@ from paramiko.common import (
     MSG_CHANNEL_DATA,
     MSG_CHANNEL_EXTENDED_DATA,
     MSG_CHANNEL_FAILURE,
+    MSG_CHANNEL_OPEN,
     MSG_CHANNEL_OPEN_FAILURE,
     MSG_CHANNEL_OPEN_SUCCESS,
     MSG_CHANNEL_REQUEST,
     MSG_CHANNEL_SUCCESS,
+    MSG_GLOBAL_REQUEST,
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
     cMSG_CHANNEL_DATA,
     cMSG_CHANNEL_EOF,
+    cMSG_CHANNEL_OPEN_FAILURE,
     cMSG_CHANNEL_REQUEST,
     cMSG_CHANNEL_WINDOW_ADJUST,
+    cMSG_REQUEST_FAILURE,
 )
 from paramiko.message import Message
 
@@ -75,6 +80,7 @@ from .internals import (
     forget_channel,
     key_exchange_running,
     new_session_channel,
+    open_confirmed,
     replace_send_condition,
     send_if_clear,
     send_when_clear,
@@ -341,6 +347,32 @@ class Sessions(Dict[int, "SessionChannel"]):
     closes = 0
 
 
+def _readable_refusal(m: Message) -> Message:
+    """An OPEN_FAILURE as paramiko can read it: its texts made UTF-8 if they are not.
+
+    paramiko decodes them strictly, in its thread: a reason in Latin-1, say,
+    would end the whole connection.
+    """
+    start = m.packet.tell()
+    try:
+        chanid, code, reason, language = (_uint32(m.packet), _uint32(m.packet),
+                                          _string(m.packet), _string(m.packet))
+        reason.decode("utf-8")
+        language.decode("utf-8")
+        return m
+    except _Malformed:
+        return m  # paramiko pads what is missing with zeros
+    except UnicodeError:
+        clean = Message()
+        clean.add_int(chanid)
+        clean.add_int(code)
+        clean.add_string(reason.decode("utf-8", "replace"))
+        clean.add_string(language.decode("utf-8", "replace"))
+        return Message(clean.asbytes())
+    finally:
+        m.packet.seek(start)
+
+
 def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> None:
     """Let ``transport`` report each session channel's events to its `SessionChannel`.
 
@@ -422,15 +454,26 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
         return handle
 
     def request(on_request: Handler) -> Handler:
+        def paramikos(chan: paramiko.Channel, m: Message, s: Optional[SessionChannel]) -> None:
+            try:
+                on_request(chan, m)
+            except UnicodeError as exc:
+                # paramiko decodes a request's texts strictly: raised on its thread, this
+                # would end the whole connection, under every command on it.
+                if s is not None:
+                    s.violated(f"a malformed channel request: {exc}")
+
         def handle(chan: paramiko.Channel, m: Message) -> None:
             s = sessions.get(chan.chanid)
             if s is None or s.raw:
-                on_request(chan, m)  # paramiko's own handling only
+                paramikos(chan, m, s)  # paramiko's own handling only
                 return
             start = m.packet.tell()
             try:
                 kind = _name(m.packet)
                 want_reply = _boolean(m.packet)
+                if kind in ("exit-status", "exit-signal") and not s.exec_asked:
+                    raise _Malformed(f"{kind} before the command was sent")
                 if kind == "exit-status":
                     status = _uint32(m.packet)
                     _end(m.packet)
@@ -442,11 +485,11 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
                 return
             if want_reply:
                 m.packet.seek(start)
-                _outside_key_exchange(transport, lambda: on_request(chan, m))
+                _outside_key_exchange(transport, lambda: paramikos(chan, m, s))
             elif kind not in ("exit-status", "exit-signal"):
                 # The command's end is recorded above; paramiko would only parse it again.
                 m.packet.seek(start)
-                on_request(chan, m)
+                paramikos(chan, m, s)
             if chan.eof_received or chan.closed:
                 s.wakeup.set()  # else the EOF still to come wakes the command
         return handle
@@ -455,8 +498,8 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
         def wrap(on_reply: Handler) -> Handler:
             def handle(chan: paramiko.Channel, m: Message) -> None:
                 s = sessions.get(chan.chanid)
-                if s is not None and not s.raw:
-                    s.replied(success)
+                if s is not None and not s.raw and not s.replied(success):
+                    return  # paramiko would close the channel at a failure answering nothing
                 if success:
                     on_reply(chan, m)
                 else:  # paramiko closes the channel, which sends: not during a key exchange
@@ -472,8 +515,16 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
                 chanid = m.get_int()
                 m.packet.seek(start)
                 s = sessions.get(chanid)
+                if open_confirmed(transport, chanid):
+                    # A second answer: paramiko would take a refusal's word and forget
+                    # the open channel, its command and slot left waiting for good.
+                    if s is not None and not s.raw:
+                        s.violated("an answer to an open already confirmed")
+                    return
                 if s is not None:
                     s.open_answered(refused)
+                if refused:
+                    args = (*args[:-1], _readable_refusal(m))
                 on_answer(*args)
                 if refused:
                     # paramiko forgets a refused channel everywhere but here.
@@ -481,6 +532,47 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
                     sessions.pop(chanid, None)
             return handle
         return wrap
+
+    def refused_unless_utf8(refusal: Callable[[io.BytesIO], Optional[Message]]
+                            ) -> Callable[[Handler], Handler]:
+        # paramiko decodes the texts of a server's global request or channel open
+        # strictly: raised in its thread, the error would end the whole connection,
+        # under every command on it. Such a message is refused instead.
+        def wrap(on_message: Handler) -> Handler:
+            def handle(*args: Any) -> None:  # (m), or (transport, m) on paramiko < 4
+                m = args[-1]
+                start = m.packet.tell()
+                try:
+                    on_message(*args)
+                except UnicodeError:
+                    m.packet.seek(start)
+                    try:
+                        answer = refusal(m.packet)
+                    except _Malformed:
+                        return
+                    if answer is not None:
+                        _outside_key_exchange(transport,
+                                              lambda: send_when_clear(transport, answer))
+            return handle
+        return wrap
+
+    def global_refusal(packet: io.BytesIO) -> Optional[Message]:
+        _string(packet)
+        if not _boolean(packet):
+            return None
+        m = Message()
+        m.add_byte(cMSG_REQUEST_FAILURE)
+        return m
+
+    def open_refusal(packet: io.BytesIO) -> Optional[Message]:
+        _string(packet)
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_OPEN_FAILURE)
+        m.add_int(_uint32(packet))
+        m.add_int(OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED)
+        m.add_string("")
+        m.add_string("")
+        return m
 
     wrap_handlers(
         transport,
@@ -493,7 +585,9 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
             MSG_CHANNEL_FAILURE: reply(False),
         },
         {MSG_CHANNEL_OPEN_SUCCESS: open_answer(refused=False),
-         MSG_CHANNEL_OPEN_FAILURE: open_answer(refused=True)},
+         MSG_CHANNEL_OPEN_FAILURE: open_answer(refused=True),
+         MSG_GLOBAL_REQUEST: refused_unless_utf8(global_refusal),
+         MSG_CHANNEL_OPEN: refused_unless_utf8(open_refusal)},
     )
 
 
@@ -550,6 +644,9 @@ class SessionChannel:
         self.replies: Deque[Tuple[str, bool]] = collections.deque()
         #: True while the owner waits for replies; an accepted exec wakes nobody.
         self._reply_wakes = False
+        #: Set just before the exec goes out: a command's output or end before
+        #: it is not the command's (a server's, on a spare channel, say).
+        self.exec_asked = False
         self.exec_sent = False
         self.exec_accepted: Optional[bool] = None
         #: Handed over for paramiko's own use (`hand_over`): only the CLOSE is ours.
@@ -577,7 +674,8 @@ class SessionChannel:
 
         More than the window granted is a protocol error: paramiko does not
         refuse it, and would let a server grow the buffers without bound.
-        Output past EOF (a server's error) or after the outcome is dropped.
+        Output before the exec, past EOF (a server's error) or after the
+        outcome is dropped.
         """
         if self.violation is not None:
             return
@@ -589,7 +687,7 @@ class SessionChannel:
         if len(data) > window:
             self.violated(f"{len(data)} bytes of data with {window} bytes of window left")
             return
-        if self.discarding or stream is None or chan.eof_received:
+        if self.discarding or stream is None or chan.eof_received or not self.exec_asked:
             self._acknowledge(len(data))
             return
         buffer = self.stdout if stream == "stdout" else self.stderr
@@ -599,20 +697,21 @@ class SessionChannel:
         else:
             self._acknowledge(len(data))
 
-    def replied(self, success: bool) -> None:
-        """A reply to the oldest request still awaiting one arrived.
+    def replied(self, success: bool) -> bool:
+        """A reply to the oldest request still awaiting one arrived; False if none awaits one.
 
         A reply to no request is dropped, as OpenSSH's client drops it: kept,
         a server could grow the record without bound.
         """
         if not self._awaiting:
-            return
+            return False
         kind = self._awaiting.popleft()
         if kind == "exec":
             self.exec_accepted = success
         self.replies.append((kind, success))
         if self._reply_wakes or not success:
             self.wakeup.set()
+        return True
 
     def violated(self, reason: str) -> None:
         """The server broke the protocol on this channel: the owner ends it with `ExecutorFailure`.
@@ -885,6 +984,10 @@ class SessionChannel:
 
     def _start(self, spec: CommandSpec, deadline: Optional[float],
                after_exec: Optional[Callable[[], None]]) -> Optional[ChannelOutcome]:
+        if self.violation is not None:
+            # The server ended a channel no command ran on yet: another one may do.
+            raise NeverStarted(f"protocol error from the server before the command was sent: "
+                               f"{self.violation}")
         if spec.options.pty or spec.options.env:
             if not self._prepare(spec, deadline):
                 return None
@@ -892,6 +995,7 @@ class SessionChannel:
         # reply: the server handles them in order, and a refused exec
         # closes the channel before the rest is read.
         self.sending = True
+        self.exec_asked = True
         if not self._request("exec", spec.command, want_reply=True):
             raise NeverStarted("the server closed the channel before the command was sent")
         self.exec_sent = True
@@ -1027,9 +1131,9 @@ class SessionChannel:
             pass  # the connection broke a moment later; the slot goes with it
 
     def _end_remote_command(self) -> None:
-        """Ask the server to end the command; escalate in the background; keep the slot until CLOSE.
+        """Ask the server to end the command, in the background; keep the slot until CLOSE.
 
-        TERM now; KILL if the server has not closed the channel `KILL_GRACE`
+        TERM at once; KILL if the server has not closed the channel `KILL_GRACE`
         seconds later; our CLOSE as long again after that. The caller returns
         at once. sshd refuses signals to a forced-command session, and keeps a
         session whose command ignores them until it ends: the slot stays taken
@@ -1037,9 +1141,11 @@ class SessionChannel:
         """
         self.discarding = True
         self.sending = False
-        self._signal("TERM")
 
         def escalate() -> None:
+            # Sent from here, not the caller's thread: a key exchange the server
+            # stalls holds every send up to paramiko's clear_to_send_timeout.
+            self._signal("TERM")
             for step in ("KILL", "CLOSE"):
                 end = time.monotonic() + KILL_GRACE
                 while not self.remote_closed and self.transport.is_active():

@@ -19,8 +19,16 @@ OnOutput = Callable[[str, Any], object]
 
 
 def check_command(command: Any) -> str:
+    """``command``, checked: a str without NUL.
+
+    A shell cannot be given a NUL, and sshd ends the whole connection on an
+    exec request holding one: every command sharing it would be cut, and
+    this one retried to do it again.
+    """
     if not isinstance(command, str):
         raise TypeError(f"command must be a str, not {type(command).__name__}")
+    if "\0" in command:
+        raise ValueError("command must not contain a NUL character")
     return command
 
 
@@ -104,11 +112,14 @@ def outcome(
     """The result of a finished command, or the failure it raises.
 
     A timeout always raises `CommandTimeout`; a non-zero exit or a signal
-    raises `CommandExecutionFailure` unless ``options.check`` is False.
+    raises `CommandExecutionFailure` unless ``options.check`` is False. A
+    signal is the command's end (``exit_code`` -1) even with an exit status.
     """
     if timed_out:
         raise CommandTimeout(f"command {command!r} timed out after {options.timeout:g} s",
                              None, out, err, stdin_input)
+    if signal_name is not None:
+        exit_code = None  # killed: a status a server sent beside the signal decides nothing
     code = -1 if exit_code is None else exit_code
     if code == 0 or not options.check:
         return CommandResult(stdout=out, stderr=err, exit_code=code, exit_signal=signal_name)

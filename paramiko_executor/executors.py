@@ -94,6 +94,11 @@ NEVER_STARTED_BACKOFF = Backoff(0.01, 0.5)
 
 T = TypeVar("T")
 
+#: The longest command (or environment variable) one request carries, in UTF-8
+#: bytes: sshd ends the whole connection on a packet over 256 KiB, and every
+#: command sharing it would be cut, and this one retried to do it again.
+MAX_REQUEST_TEXT = 255 * 1024
+
 #: The executor's own type, for ``with SSHExecutor(...) as executor``.
 ExecutorT = TypeVar("ExecutorT", bound="Executor")
 
@@ -153,6 +158,8 @@ def check_transfer_arguments(local: Any, remote: Any, *, put: bool, mode: Any = 
     """
     if not isinstance(remote, str) or not remote:
         raise TypeError(f"remote must be a non-empty str, not {type(remote).__name__}")
+    if "\0" in remote:  # sftp-server ends the session on one: the transfer failed obscurely
+        raise ValueError("remote must not contain a NUL character")
     if _is_file(local):
         needed = ("read", "readinto") if put else ("write",)
         if not any(callable(getattr(local, name, None)) for name in needed):
@@ -554,7 +561,14 @@ class SSHExecutor(Executor):
 
     def _spec(self, command: str, stdin_input: StdinInput, options: RunOptions) -> CommandSpec:
         """What goes over the channel for ``command``: the command itself, and its stdin."""
-        return CommandSpec(command.encode("utf-8"), stdin_bytes(stdin_input), options)
+        encoded = command.encode("utf-8")
+        for name, size in [("command", len(encoded)),
+                           *((f"env[{key!r}]", len(key.encode()) + len(value.encode()))
+                             for key, value in (options.env or {}).items())]:
+            if size > MAX_REQUEST_TEXT:
+                raise ValueError(f"{name} is {size} bytes: more than an SSH request carries "
+                                 f"({MAX_REQUEST_TEXT}; pass large data as stdin_input)")
+        return CommandSpec(encoded, stdin_bytes(stdin_input), options)
 
     def _execute(self, spec: CommandSpec, shown_command: str,
                  shown_stdin: StdinInput) -> CommandResult[Output]:

@@ -103,6 +103,7 @@ __all__ = [
     "PRIVATE_NAMES",
     "missing_private_names",
     "forget_channel",
+    "open_confirmed",
     "forget_parent_transports",
     "new_session_channel",
     "connection_error",
@@ -114,6 +115,7 @@ __all__ = [
     "send_awaiting_reply",
     "send_if_clear",
     "send_when_clear",
+    "send_within",
     "set_forward_handler",
     "take_send_window",
     "transport_reading",
@@ -201,6 +203,25 @@ def send_if_clear(transport: paramiko.Transport, message: Message) -> bool:
     return False
 
 
+def send_within(transport: paramiko.Transport, message: Message,
+                timeout: Optional[float]) -> bool:
+    """Send ``message`` once no key exchange runs; False (nothing sent) after ``timeout`` s.
+
+    ``timeout`` None waits as `send_when_clear` does (paramiko's own bound).
+    """
+    if timeout is None:
+        send_when_clear(transport, message)
+        return True
+    end = time.monotonic() + timeout
+    while not send_if_clear(transport, message):
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            return False
+        if not transport.clear_to_send.wait(min(remaining, 1.0)) and not transport.is_active():
+            raise EOFError("the connection ended during a key exchange")
+    return True
+
+
 def key_exchange_running(transport: paramiko.Transport) -> bool:
     """Whether a key exchange holds back sending right now."""
     return not transport.clear_to_send.is_set()
@@ -274,6 +295,12 @@ def drop_handshake_timer(transport: paramiko.Transport) -> None:
 def set_forward_handler(transport: paramiko.Transport, handler: Handler) -> None:
     """Let ``handler(chan, origin, server)`` take ``transport``'s forwarded-tcpip channels."""
     transport._tcp_handler = handler  # type: ignore[attr-defined]
+
+
+def open_confirmed(transport: paramiko.Transport, chanid: int) -> bool:
+    """Whether the server already confirmed the open of channel ``chanid``, one paramiko knows."""
+    chan = transport._channels.get(chanid)  # type: ignore[attr-defined]
+    return chan is not None and bool(chan.active)
 
 
 def forget_channel(transport: paramiko.Transport, chanid: int) -> None:

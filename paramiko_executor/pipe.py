@@ -33,7 +33,7 @@ from paramiko.message import Message
 
 from .errors import TRANSPORT_ERRORS
 from .inbox import Chunk, Inbox
-from .internals import send_when_clear, take_send_window
+from .internals import send_within, take_send_window
 from .sendgate import SendGate
 
 __all__ = ["Pipe", "reset_on_close", "send_all"]
@@ -65,7 +65,8 @@ def send_all(chan: paramiko.Channel, gate: SendGate, data: Union[bytes, memoryvi
     ``data``: ``Channel.send`` builds it field by field and copies the data
     twice before paramiko's packetizer starts, and this way the sending
     thread spends about a sixth less CPU per byte. Waits for window (and
-    times out) as ``Channel.send`` does. Each message passes ``gate`` (the
+    times out) as ``Channel.send`` does, and for a key exchange no longer
+    than the channel's timeout either. Each message passes ``gate`` (the
     channel's), so no CLOSE of the channel overtakes it. Returns the count
     sent: all of ``data``, or with ``whole`` false what one message took.
     """
@@ -77,8 +78,14 @@ def send_all(chan: paramiko.Channel, gate: SendGate, data: Union[bytes, memoryvi
         try:  # the finally covers the enter too: an interrupt may land as it returns
             if size == 0 or not gate.enter():
                 raise OSError("the channel was closed")
-            send_when_clear(transport, Message(_DATA.pack(MSG_CHANNEL_DATA, chan.remote_chanid,
-                                                          size) + view[:size]))
+            message = Message(_DATA.pack(MSG_CHANNEL_DATA, chan.remote_chanid, size)
+                              + view[:size])
+            # A key exchange the server stalls holds the send: no longer than the
+            # channel's timeout, as a full window does.
+            if not send_within(transport, message, chan.gettimeout()):
+                with chan.lock:
+                    chan.out_window_size += size  # taken above, never used
+                raise socket.timeout("a key exchange held the send past the timeout")
         finally:
             gate.leave()
         view = view[size:]

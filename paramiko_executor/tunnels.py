@@ -759,6 +759,10 @@ def _check_host(name: str, value: Any) -> str:
     assert host is not None
     if not host or "\0" in host:
         raise ValueError(f"{name} must be a non-empty host name")
+    # No name is longer (RFC 1035); sshd ends the whole connection on a request
+    # over 256 KiB, and the open would be sent again on each new one.
+    if len(host.encode("utf-8", "surrogatepass")) > 255:
+        raise ValueError(f"{name} must be a host name of at most 255 bytes")
     return host
 
 
