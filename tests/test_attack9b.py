@@ -23,7 +23,7 @@ def _stall_a_key_exchange(server: Any, executor: SSHExecutor) -> None:
     with executor.bounded_connection as transport:
         pass
     server.freeze()
-    transport._send_kex_init()
+    transport._send_kex_init()  # type: ignore[attr-defined]
 
 
 @pytest.mark.hang_timeout(120)
