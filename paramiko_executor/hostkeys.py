@@ -39,7 +39,8 @@ try:
 except ImportError:  # Windows: the in-process lock below still serialises our own threads
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["DEFAULT_GLOBAL_KNOWN_HOSTS", "HostKeyPolicy", "fingerprint", "known_hosts_name"]
+__all__ = ["DEFAULT_GLOBAL_KNOWN_HOSTS", "HostKeyPolicy", "file_stamp", "fingerprint",
+           "known_hosts_name"]
 
 log = logging.getLogger("paramiko_executor.hostkeys")
 
@@ -180,6 +181,17 @@ def _parse_line(raw: str, where: str) -> Optional[_Entry]:
 # A file's identity and version: a rewrite or an append changes at least one of these.
 _Stamp = Tuple[int, int, int, int, int]
 
+
+def file_stamp(path: str) -> _Stamp:
+    """``path``'s device, inode, size, mtime and ctime; ``OSError`` if it cannot be stat'ed.
+
+    Equal stamps mean the same file, unchanged in between, as far as a cache
+    can tell: a rewrite, a replacement or an append changes at least one.
+    """
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 # Parsed known_hosts files by path, each with the stamp it was read at: every connect reads
 # the files twice (prepare, verify), and a HostGroup's hosts mostly share one file.
 _parsed: Dict[str, Tuple[_Stamp, Tuple[_Entry, ...]]] = {}
@@ -204,14 +216,13 @@ def _read_entries(path: str) -> Tuple[_Entry, ...]:
     A file whose device, inode, size, mtime and ctime are those of the last parse is
     not read again: its entries are shared (they are immutable).
     """
+    stamp: Optional[_Stamp]
     try:
-        st = os.stat(path)
+        stamp = file_stamp(path)
     except FileNotFoundError:
         return ()
     except OSError:
-        st = None  # _lines reports it
-    stamp = None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                     st.st_ctime_ns)
+        stamp = None  # _lines reports it
     with _parsed_lock:
         cached = _parsed.get(path)
     if cached is not None and cached[0] == stamp:
