@@ -195,8 +195,15 @@ def file_stamp(path: str) -> _Stamp:
 # Parsed known_hosts files by path, each with the stamp it was read at: every connect reads
 # the files twice (prepare, verify), and a HostGroup's hosts mostly share one file.
 _parsed: Dict[str, Tuple[_Stamp, Tuple[_Entry, ...]]] = {}
-_parsed_lock = threading.Lock()
 _PARSED_MAX = 64
+# What _Lookup found for one host name in files at given stamps (a missing file: None):
+# verify() asks what prepare() asked on the same connect, and every line of every file
+# is matched against the name (an HMAC per hashed line) to answer.
+_Files = Tuple[Tuple[str, Optional[_Stamp]], ...]
+_looked_up: Dict[Tuple[_Files, str], _Lookup] = {}
+_LOOKED_UP_MAX = 4096
+# Guards _parsed and _looked_up.
+_parsed_lock = threading.Lock()
 
 
 def _new_parsed_lock() -> None:
@@ -239,6 +246,28 @@ def _read_entries(path: str) -> Tuple[_Entry, ...]:
                 _parsed.clear()
             _parsed[path] = (stamp, parsed)
     return parsed
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """The entries of a policy's files, and those that trust or revoke keys of one name."""
+
+    entries: Tuple[_Entry, ...]
+    trusted: Tuple[_Entry, ...]
+    revoked: Tuple[_Entry, ...]
+
+
+def _files_now(paths: Sequence[str]) -> Optional[_Files]:
+    """Each path with its stamp (None: missing); None if one cannot be stat'ed."""
+    files: List[Tuple[str, Optional[_Stamp]]] = []
+    for path in paths:
+        try:
+            files.append((path, file_stamp(path)))
+        except FileNotFoundError:
+            files.append((path, None))
+        except OSError:
+            return None
+    return tuple(files)
 
 
 class _Reader:
@@ -440,9 +469,28 @@ class HostKeyPolicy:
             return self.host_key_alias
         return known_hosts_name(hostname, port)
 
-    def _entries(self) -> List[_Entry]:
+    def _lookup(self, name: str) -> _Lookup:
+        """The entries of all files, and those for ``name``; the same files' last answer.
+
+        Files are stamped before they are read, so an answer is kept under
+        stamps no newer than its entries: a file changed since is read again.
+        """
         paths = (self.files or ()) + self.global_files
-        return [entry for path in paths for entry in _read_entries(path)]
+        files = _files_now(paths)
+        if files is not None:
+            with _parsed_lock:
+                found = _looked_up.get((files, name))
+            if found is not None:
+                return found
+        entries = tuple(entry for path in paths for entry in _read_entries(path))
+        trusted, revoked = self._for_host(entries, name)
+        found = _Lookup(entries, tuple(trusted), tuple(revoked))
+        if files is not None:
+            with _parsed_lock:
+                if len(_looked_up) >= _LOOKED_UP_MAX:
+                    _looked_up.clear()
+                _looked_up[(files, name)] = found
+        return found
 
     def _all_files(self) -> str:
         return ", ".join((self.files or ()) + self.global_files) or "any known_hosts file"
@@ -468,9 +516,8 @@ class HostKeyPolicy:
         """
         if self.files is None:
             return
-        trusted, _revoked = self._for_host(self._entries(), self.name_for(hostname, port))
         known: Set[str] = set()
-        for entry in trusted:
+        for entry in self._lookup(self.name_for(hostname, port)).trusted:
             name = entry.key.get_name()
             known.update(_RSA_ALGORITHMS if name == "ssh-rsa" else (name,))
         if not known:
@@ -490,8 +537,8 @@ class HostKeyPolicy:
             return
         key = transport.get_remote_server_key()
         name = self.name_for(hostname, port)
-        entries = self._entries()
-        trusted, revoked = self._for_host(entries, name)
+        found = self._lookup(name)
+        entries, trusted, revoked = found.entries, found.trusted, found.revoked
         if self.revoked_file is not None:
             where = _revoked_by_file(self.revoked_file, key)
             if where is not None:
