@@ -250,9 +250,8 @@ def _read_entries(path: str) -> Tuple[_Entry, ...]:
 
 @dataclass(frozen=True)
 class _Lookup:
-    """The entries of a policy's files, and those that trust or revoke keys of one name."""
+    """The entries of a policy's files that trust or revoke keys of one name."""
 
-    entries: Tuple[_Entry, ...]
     trusted: Tuple[_Entry, ...]
     revoked: Tuple[_Entry, ...]
 
@@ -470,7 +469,7 @@ class HostKeyPolicy:
         return known_hosts_name(hostname, port)
 
     def _lookup(self, name: str) -> _Lookup:
-        """The entries of all files, and those for ``name``; the same files' last answer.
+        """The entries of all files for ``name``; the same files' last answer for it.
 
         Files are stamped before they are read, so an answer is kept under
         stamps no newer than its entries: a file changed since is read again.
@@ -484,7 +483,7 @@ class HostKeyPolicy:
                 return found
         entries = tuple(entry for path in paths for entry in _read_entries(path))
         trusted, revoked = self._for_host(entries, name)
-        found = _Lookup(entries, tuple(trusted), tuple(revoked))
+        found = _Lookup(tuple(trusted), tuple(revoked))
         if files is not None:
             with _parsed_lock:
                 if len(_looked_up) >= _LOOKED_UP_MAX:
@@ -538,13 +537,13 @@ class HostKeyPolicy:
         key = transport.get_remote_server_key()
         name = self.name_for(hostname, port)
         found = self._lookup(name)
-        entries, trusted, revoked = found.entries, found.trusted, found.revoked
+        trusted, revoked = found.trusted, found.revoked
         if self.revoked_file is not None:
             where = _revoked_by_file(self.revoked_file, key)
             if where is not None:
                 raise _revoked(name, key, f"RevokedHostKeys {where}")
         self._refuse_revoked(key, name, revoked)
-        if self._known_without_port(key, hostname, port, entries, trusted):
+        if self._known_without_port(key, hostname, port, trusted):
             return
         if not self.strict:
             try:
@@ -569,8 +568,7 @@ class HostKeyPolicy:
         self._record(key, name)
 
     def _known_without_port(
-        self, key: paramiko.PKey, hostname: str, port: int, entries: Sequence[_Entry],
-        trusted: Sequence[_Entry],
+        self, key: paramiko.PKey, hostname: str, port: int, trusted: Sequence[_Entry],
     ) -> bool:
         """ssh's second look for a host with no key of this type as ``[host]:port``.
 
@@ -583,7 +581,8 @@ class HostKeyPolicy:
         if any(entry.key.get_name() == key.get_name() for entry in trusted):
             return False
         bare = known_hosts_name(hostname, 22)
-        trusted, revoked = self._for_host(entries, bare)
+        bare_found = self._lookup(bare)
+        trusted, revoked = bare_found.trusted, bare_found.revoked
         blob = key.asbytes()
         if any(entry.key.asbytes() == blob for entry in revoked):
             return False

@@ -328,13 +328,10 @@ def thread_free_handshake_timer(transport: paramiko.Transport) -> None:
     cancel stops it as before.
     """
     packetizer = transport.packetizer
-    timer = _DeadlineTimer()
-
-    def start_handshake(timeout: float) -> None:
-        timer.start(timeout)
-        packetizer._Packetizer__timer = timer  # type: ignore[attr-defined]  # cancelled as paramiko's
-
-    packetizer.start_handshake = start_handshake  # type: ignore[method-assign]
+    timer = _DeadlineTimer()  # unstarted, it has not expired
+    # Set now, so that paramiko starts no timer of its own, and cancels this one.
+    packetizer._Packetizer__timer = timer  # type: ignore[attr-defined]
+    packetizer.start_handshake = timer.start  # type: ignore[method-assign]
     packetizer.handshake_timed_out = timer.expired  # type: ignore[method-assign]
 
 
