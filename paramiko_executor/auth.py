@@ -14,13 +14,28 @@ log record written here.
 from __future__ import annotations
 
 import binascii
+import hashlib
+import hmac
 import io
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    Union,
+)
 
 import paramiko
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -34,7 +49,7 @@ from paramiko.ssh_exception import (
 )
 
 from .errors import AuthenticationFailure, AuthenticationInterrupted, ExecutorFailure
-from .hostkeys import fingerprint
+from .hostkeys import file_stamp, fingerprint
 from .internals import UserAuth, wrap_disconnect
 from .text import printable
 
@@ -80,6 +95,66 @@ _PROTOCOL_REASONS = {
 # (an expired password being changed through PAM).
 _PASSWORD_CHANGE_WORDS = ("new", "retype", "again", "confirm", "repeat")
 _KEY_TYPE_MISMATCH = re.compile(r"encountered \S+ key, expected|not a valid \S+ private key")
+
+
+class _KeyCache:
+    """Private keys loaded from files, shared by the logins of this process.
+
+    Each connect of each host would otherwise read and parse its key files
+    again (every key class tried in turn): a HostGroup's hosts mostly share
+    them. An entry is used only while the key file (and its ``-cert.pub``, or
+    its absence) has the stamp it was loaded at (`file_stamp`: device, inode,
+    size, mtime, ctime), and only with the passphrase it was loaded with, so
+    a changed file or another passphrase loads (or fails) as before. The
+    passphrase is kept only as an HMAC under a key of this process, never as
+    text. Only keys that loaded are kept: an unusable file is tried (and
+    reported) on every login. ``_lock`` guards ``_keys``.
+    """
+
+    #: Entries kept at most; a full cache starts over.
+    LIMIT = 64
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._salt = os.urandom(32)
+        self._keys: Dict[Tuple[Any, ...], paramiko.PKey] = {}
+
+    def key(self, key_path: str, cert_path: str,
+            passphrase: Optional[str]) -> Optional[Tuple[Any, ...]]:
+        """What identifies the key loaded now; None when a file cannot be stat'ed."""
+        try:
+            stamp = file_stamp(key_path)
+        except OSError:
+            return None  # the loader reports why
+        try:
+            cert: Optional[Tuple[int, ...]] = file_stamp(cert_path)
+        except FileNotFoundError:
+            cert = None
+        except OSError:
+            return None
+        secret = b"\0" if passphrase is None else b"\1" + passphrase.encode("utf-8", "replace")
+        digest = hmac.new(self._salt, secret, hashlib.sha256).digest()
+        return (key_path, stamp, cert, digest)
+
+    def get(self, key: Tuple[Any, ...]) -> Optional[paramiko.PKey]:
+        with self._lock:
+            return self._keys.get(key)
+
+    def put(self, key: Tuple[Any, ...], pkey: paramiko.PKey) -> None:
+        with self._lock:
+            if len(self._keys) >= self.LIMIT:
+                self._keys.clear()
+            self._keys[key] = pkey
+
+    def reset_after_fork(self) -> None:
+        # A parent's thread may have held the lock at the fork; the keys stay valid.
+        self._lock = threading.Lock()
+
+
+_KEYS = _KeyCache()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_KEYS.reset_after_fork)
 
 
 @dataclass(frozen=True, repr=False)
@@ -361,13 +436,22 @@ class _Login:
     # -- the first factor, paramiko's way ---------------------------------------------------
 
     def _load_key(self, path: str) -> Optional[paramiko.PKey]:
-        """Load a private key file as SSHClient._key_from_filepath does (with its -cert.pub)."""
+        """Load a private key file as SSHClient._key_from_filepath does (with its -cert.pub).
+
+        A key this process loaded before from the same, unchanged files with
+        the same passphrase is taken from `_KEYS` instead.
+        """
         cert_suffix = "-cert.pub"
         key_path = path[: -len(cert_suffix)] if path.endswith(cert_suffix) else path
         cert_path = key_path + cert_suffix
         passphrase = self.creds.passphrase
         if passphrase is None:
             passphrase = self.creds.password
+        cache_key = _KEYS.key(key_path, cert_path, passphrase)
+        if cache_key is not None:
+            cached = _KEYS.get(cache_key)
+            if cached is not None:
+                return cached
         problems: List[BaseException] = []
         key_classes: Tuple[Type[paramiko.PKey], ...] = (
             paramiko.RSAKey, paramiko.ECDSAKey, paramiko.Ed25519Key)
@@ -391,6 +475,8 @@ class _Login:
                 break
             if os.path.isfile(cert_path):
                 key.load_certificate(cert_path)
+            if cache_key is not None:
+                _KEYS.put(cache_key, key)
             return key
         text = _key_problem(problems)
         log.warning("cannot use key file %s: %s", key_path, text)

@@ -57,7 +57,7 @@ from .errors import (
     HostKeyFailure,
     TemporaryFailure,
 )
-from .internals import drop_handshake_timer, forget_parent_transports
+from .internals import drop_handshake_timer, forget_parent_transports, thread_free_handshake_timer
 from .keepalive import GlobalRequests, Keepalive, Pinger
 from .options import Target
 from .retry import ConnectRetry
@@ -527,6 +527,7 @@ def _open(
         transport.default_max_packet_size = MAX_PACKET_SIZE
         transport.use_compression(target.compress)
         _prefer_ciphers(transport)
+        thread_free_handshake_timer(transport)
         if target.banner_timeout is not None:
             transport.banner_timeout = target.banner_timeout
         if target.auth_timeout is not None:

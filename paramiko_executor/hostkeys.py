@@ -39,7 +39,8 @@ try:
 except ImportError:  # Windows: the in-process lock below still serialises our own threads
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["DEFAULT_GLOBAL_KNOWN_HOSTS", "HostKeyPolicy", "fingerprint", "known_hosts_name"]
+__all__ = ["DEFAULT_GLOBAL_KNOWN_HOSTS", "HostKeyPolicy", "file_stamp", "fingerprint",
+           "known_hosts_name"]
 
 log = logging.getLogger("paramiko_executor.hostkeys")
 
@@ -180,11 +181,29 @@ def _parse_line(raw: str, where: str) -> Optional[_Entry]:
 # A file's identity and version: a rewrite or an append changes at least one of these.
 _Stamp = Tuple[int, int, int, int, int]
 
+
+def file_stamp(path: str) -> _Stamp:
+    """``path``'s device, inode, size, mtime and ctime; ``OSError`` if it cannot be stat'ed.
+
+    Equal stamps mean the same file, unchanged in between, as far as a cache
+    can tell: a rewrite, a replacement or an append changes at least one.
+    """
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 # Parsed known_hosts files by path, each with the stamp it was read at: every connect reads
 # the files twice (prepare, verify), and a HostGroup's hosts mostly share one file.
 _parsed: Dict[str, Tuple[_Stamp, Tuple[_Entry, ...]]] = {}
-_parsed_lock = threading.Lock()
 _PARSED_MAX = 64
+# What _Lookup found for one host name in files at given stamps (a missing file: None):
+# verify() asks what prepare() asked on the same connect, and every line of every file
+# is matched against the name (an HMAC per hashed line) to answer.
+_Files = Tuple[Tuple[str, Optional[_Stamp]], ...]
+_looked_up: Dict[Tuple[_Files, str], _Lookup] = {}
+_LOOKED_UP_MAX = 4096
+# Guards _parsed and _looked_up.
+_parsed_lock = threading.Lock()
 
 
 def _new_parsed_lock() -> None:
@@ -204,14 +223,13 @@ def _read_entries(path: str) -> Tuple[_Entry, ...]:
     A file whose device, inode, size, mtime and ctime are those of the last parse is
     not read again: its entries are shared (they are immutable).
     """
+    stamp: Optional[_Stamp]
     try:
-        st = os.stat(path)
+        stamp = file_stamp(path)
     except FileNotFoundError:
         return ()
     except OSError:
-        st = None  # _lines reports it
-    stamp = None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                     st.st_ctime_ns)
+        stamp = None  # _lines reports it
     with _parsed_lock:
         cached = _parsed.get(path)
     if cached is not None and cached[0] == stamp:
@@ -228,6 +246,27 @@ def _read_entries(path: str) -> Tuple[_Entry, ...]:
                 _parsed.clear()
             _parsed[path] = (stamp, parsed)
     return parsed
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """The entries of a policy's files that trust or revoke keys of one name."""
+
+    trusted: Tuple[_Entry, ...]
+    revoked: Tuple[_Entry, ...]
+
+
+def _files_now(paths: Sequence[str]) -> Optional[_Files]:
+    """Each path with its stamp (None: missing); None if one cannot be stat'ed."""
+    files: List[Tuple[str, Optional[_Stamp]]] = []
+    for path in paths:
+        try:
+            files.append((path, file_stamp(path)))
+        except FileNotFoundError:
+            files.append((path, None))
+        except OSError:
+            return None
+    return tuple(files)
 
 
 class _Reader:
@@ -429,9 +468,28 @@ class HostKeyPolicy:
             return self.host_key_alias
         return known_hosts_name(hostname, port)
 
-    def _entries(self) -> List[_Entry]:
+    def _lookup(self, name: str) -> _Lookup:
+        """The entries of all files for ``name``; the same files' last answer for it.
+
+        Files are stamped before they are read, so an answer is kept under
+        stamps no newer than its entries: a file changed since is read again.
+        """
         paths = (self.files or ()) + self.global_files
-        return [entry for path in paths for entry in _read_entries(path)]
+        files = _files_now(paths)
+        if files is not None:
+            with _parsed_lock:
+                found = _looked_up.get((files, name))
+            if found is not None:
+                return found
+        entries = tuple(entry for path in paths for entry in _read_entries(path))
+        trusted, revoked = self._for_host(entries, name)
+        found = _Lookup(tuple(trusted), tuple(revoked))
+        if files is not None:
+            with _parsed_lock:
+                if len(_looked_up) >= _LOOKED_UP_MAX:
+                    _looked_up.clear()
+                _looked_up[(files, name)] = found
+        return found
 
     def _all_files(self) -> str:
         return ", ".join((self.files or ()) + self.global_files) or "any known_hosts file"
@@ -457,9 +515,8 @@ class HostKeyPolicy:
         """
         if self.files is None:
             return
-        trusted, _revoked = self._for_host(self._entries(), self.name_for(hostname, port))
         known: Set[str] = set()
-        for entry in trusted:
+        for entry in self._lookup(self.name_for(hostname, port)).trusted:
             name = entry.key.get_name()
             known.update(_RSA_ALGORITHMS if name == "ssh-rsa" else (name,))
         if not known:
@@ -479,14 +536,14 @@ class HostKeyPolicy:
             return
         key = transport.get_remote_server_key()
         name = self.name_for(hostname, port)
-        entries = self._entries()
-        trusted, revoked = self._for_host(entries, name)
+        found = self._lookup(name)
+        trusted, revoked = found.trusted, found.revoked
         if self.revoked_file is not None:
             where = _revoked_by_file(self.revoked_file, key)
             if where is not None:
                 raise _revoked(name, key, f"RevokedHostKeys {where}")
         self._refuse_revoked(key, name, revoked)
-        if self._known_without_port(key, hostname, port, entries, trusted):
+        if self._known_without_port(key, hostname, port, trusted):
             return
         if not self.strict:
             try:
@@ -511,8 +568,7 @@ class HostKeyPolicy:
         self._record(key, name)
 
     def _known_without_port(
-        self, key: paramiko.PKey, hostname: str, port: int, entries: Sequence[_Entry],
-        trusted: Sequence[_Entry],
+        self, key: paramiko.PKey, hostname: str, port: int, trusted: Sequence[_Entry],
     ) -> bool:
         """ssh's second look for a host with no key of this type as ``[host]:port``.
 
@@ -525,7 +581,8 @@ class HostKeyPolicy:
         if any(entry.key.get_name() == key.get_name() for entry in trusted):
             return False
         bare = known_hosts_name(hostname, 22)
-        trusted, revoked = self._for_host(entries, bare)
+        bare_found = self._lookup(bare)
+        trusted, revoked = bare_found.trusted, bare_found.revoked
         blob = key.asbytes()
         if any(entry.key.asbytes() == blob for entry in revoked):
             return False

@@ -75,6 +75,10 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     The handshake's time limit: paramiko cancels it again after every message
     it handles, an ``Event.set`` per packet for the connection's life; dropped
     once logged in (`drop_handshake_timer`).
+``Packetizer.start_handshake``, ``Packetizer.handshake_timed_out``
+    Replaced per transport (`thread_free_handshake_timer`): paramiko starts a
+    ``threading.Timer`` thread per connection for that limit, which only sets
+    a flag its reads test, and is cancelled at the server's first message.
 ``paramiko.transport._active_threads``
     Emptied in a forked child, whose exit hook would otherwise stop the
     parent's transports (`forget_parent_transports`). A transport leaves it
@@ -109,6 +113,7 @@ __all__ = [
     "connection_error",
     "SPENT_TIMER",
     "drop_handshake_timer",
+    "thread_free_handshake_timer",
     "receive_buffer",
     "replace_receive_buffers",
     "reply_arrived",
@@ -163,6 +168,8 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("Transport", "_tcp_handler"),
     ("transport module", "_active_threads"),
     ("Packetizer", "_Packetizer__timer"),
+    ("Packetizer", "start_handshake"),
+    ("Packetizer", "handshake_timed_out"),
 )
 
 Handler = Callable[..., None]
@@ -290,6 +297,42 @@ def drop_handshake_timer(transport: paramiko.Transport) -> None:
     if timer is not None and timer is not SPENT_TIMER:
         timer.cancel()
         packetizer._Packetizer__timer = SPENT_TIMER  # type: ignore[attr-defined]
+
+
+class _DeadlineTimer:
+    """paramiko's handshake timer without a thread: expired once its time ran out uncancelled."""
+
+    def __init__(self) -> None:
+        self._deadline: Optional[float] = None
+        self._cancelled = False
+
+    def start(self, timeout: float) -> None:
+        self._deadline = time.monotonic() + float(timeout)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def expired(self) -> bool:
+        return (not self._cancelled and self._deadline is not None
+                and time.monotonic() >= self._deadline)
+
+
+def thread_free_handshake_timer(transport: paramiko.Transport) -> None:
+    """Before ``start_client``: keep paramiko's handshake time limit, without its timer thread.
+
+    paramiko starts a ``threading.Timer`` when it starts the key exchange
+    (``handshake_timeout`` seconds), whose only effect is a flag that its
+    reads test between socket timeouts, and cancels it at the server's first
+    message: a thread start, and a thread switch, on every connect. Here the
+    reads compare the clock with the same deadline instead, and paramiko's
+    cancel stops it as before.
+    """
+    packetizer = transport.packetizer
+    timer = _DeadlineTimer()  # unstarted, it has not expired
+    # Set now, so that paramiko starts no timer of its own, and cancels this one.
+    packetizer._Packetizer__timer = timer  # type: ignore[attr-defined]
+    packetizer.start_handshake = timer.start  # type: ignore[method-assign]
+    packetizer.handshake_timed_out = timer.expired  # type: ignore[method-assign]
 
 
 def set_forward_handler(transport: paramiko.Transport, handler: Handler) -> None:

@@ -401,6 +401,38 @@ def test_encrypted_key_with_passphrase_or_password(make_test_server, login, tmp_
         login(server, key_filenames=(path,))
 
 
+def test_a_key_file_is_read_once_until_it_changes(make_test_server, login, tmp_path,
+                                                 monkeypatch):
+    """Every login of a HostGroup reads the same key file: parsed once, reloaded on a change."""
+    server = make_test_server()
+    path = str(tmp_path / "key")
+    server.client_key.write_private_key_file(path)
+    reads: list[str] = []
+    read = paramiko.PKey._read_private_key_file
+
+    def counting(self, tag, filename, password=None):
+        reads.append(filename)
+        return read(self, tag, filename, password)
+
+    monkeypatch.setattr(paramiko.PKey, "_read_private_key_file", counting)
+    login(server, key_filenames=(path,))
+    first = len(reads)
+    assert first >= 1
+    login(server, key_filenames=(path,))
+    assert len(reads) == first  # the same unchanged file: not read again
+    # Rewritten in place (same inode) with a key the server does not know: that key
+    # is the one offered now, and refused.
+    stranger = paramiko.ECDSAKey.generate()
+    stranger.write_private_key_file(path)
+    with pytest.raises(AuthenticationFailure, match=stranger.fingerprint.replace("+", r"\+")):
+        login(server, key_filenames=(path,))
+    assert len(reads) > first
+    # Replaced by another file (a new inode) with the authorized key again.
+    server.client_key.write_private_key_file(path + ".new")
+    os.replace(path + ".new", path)
+    login(server, key_filenames=(path,))
+
+
 def test_missing_key_file_is_reported(make_test_server, login, tmp_path):
     server = make_test_server()
     missing = str(tmp_path / "missing")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import socket
 import stat
 import threading
 
@@ -175,6 +176,36 @@ def test_a_file_is_parsed_once_until_it_changes(tmp_path, monkeypatch):
     with pytest.raises(HostKeyFailure, match="changed|differs|does not match|mismatch"):
         policies[0].verify(FakeTransport(KEY), "127.0.0.1", 2222)
     assert len(parsed) == 2
+
+
+def test_a_hosts_lines_are_matched_once_per_file_version(tmp_path, monkeypatch):
+    # prepare() and verify() of one connect ask the same: with many lines (an HMAC
+    # each when hashed) the second answer is the first one's, until a file changes.
+    path = tmp_path / "known_hosts"
+    path.write_text("".join(line(HostKeys.hash_host(f"[10.0.0.{i}]:22"), OTHER)
+                            for i in range(20)) + line("[127.0.0.1]:2222", KEY))
+    matched = []
+    original = hostkeys._names_match
+    monkeypatch.setattr(hostkeys, "_names_match",
+                        lambda names, name: matched.append(name) or original(names, name))
+    policy = HostKeyPolicy([str(path)])
+    transport = FakeTransport(KEY)
+    ours, theirs = socket.socketpair()
+    unstarted = paramiko.Transport(ours)
+    try:
+        policy.prepare(unstarted, "127.0.0.1", 2222)
+    finally:
+        unstarted.close()
+        theirs.close()
+    policy.verify(transport, "127.0.0.1", 2222)
+    assert matched == ["[127.0.0.1]:2222"] * 21
+    HostKeyPolicy([str(path)]).verify(transport, "127.0.0.1", 2222)  # another executor's
+    assert len(matched) == 21
+    with path.open("a") as known_hosts:
+        known_hosts.write(line("[127.0.0.1]:2222", KEY, marker="@revoked"))
+    with pytest.raises(HostKeyFailure, match="revoked"):
+        policy.verify(transport, "127.0.0.1", 2222)
+    assert len(matched) == 21 + 22
 
 
 def test_verification_off_accepts_anything():
