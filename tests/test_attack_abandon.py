@@ -531,8 +531,9 @@ def test_a_group_whose_hosts_share_a_secret_leaves_no_login_spending_a_step(
         waiting = servers[int(late[1:])]
         wait_for(lambda: not connect_threads() and waiting.active_connections == 0,
                  "the login nobody waits for to end", 3)
+        # One try, not retried; stopped by the executor, so not counted as failed.
         assert waiting.totp_accepted == 0 and waiting.connections_accepted == 1
-        assert group.statistics()[late].connect_failures == 1  # its one try, not retried
+        assert group.statistics()[late].connect_failures == 0
         patient = outcome_within(STEP + 15, lambda: group.run_command("echo hi"))
         assert "result" in patient and not patient["result"].failed, patient
     used = [server._used_totp.get(secret, set()) for server in servers]

@@ -650,6 +650,17 @@ def upload(address: Tuple[str, int], request: bytes) -> None:
         pass
 
 
+def stream(address: Tuple[str, int]) -> None:
+    """Send without end (at most 30 s): an upload every ending of the forward must cut."""
+    deadline = time.monotonic() + 30
+    try:
+        with socket.create_connection(address, timeout=30) as sock:
+            while time.monotonic() < deadline:
+                sock.sendall(bytes(65536))
+    except OSError:
+        pass
+
+
 @pytest.mark.parametrize("ending", ["lost", "executor", "tunnel"])
 @pytest.mark.hang_timeout(300)
 def test_remote_forward_targets_see_a_whole_upload_or_a_reset_at_any_moment(
@@ -670,6 +681,8 @@ def test_remote_forward_targets_see_a_whole_upload_or_a_reset_at_any_moment(
                 address = ("127.0.0.1", tunnel.remote_address[1])
                 clients = [threading.Thread(target=upload, args=(address, requests[i % 4]))
                            for i in range(30)]
+                # On a fast machine every upload may end before the cut: this one cannot.
+                clients.append(threading.Thread(target=stream, args=(address,)))
                 for thread in clients:
                     thread.start()
                 time.sleep(rng.uniform(0.0, 0.3))
