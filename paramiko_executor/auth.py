@@ -132,7 +132,9 @@ class _KeyCache:
             cert = None
         except OSError:
             return None
-        secret = b"\0" if passphrase is None else b"\1" + passphrase.encode("utf-8", "replace")
+        # surrogatepass: one encoding per string ("replace" gave "a\udc80" the key of "a?").
+        secret = (b"\0" if passphrase is None
+                  else b"\1" + passphrase.encode("utf-8", "surrogatepass"))
         digest = hmac.new(self._salt, secret, hashlib.sha256).digest()
         return (key_path, stamp, cert, digest)
 

@@ -1,0 +1,53 @@
+"""Attacks on the per-process caches of merge 9ad1961 (key files, known_hosts, handshake timer)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable, Iterator, List
+
+import paramiko
+import pytest
+
+from paramiko_executor.auth import Credentials, authenticate
+from paramiko_executor.hostkeys import HostKeyPolicy
+from paramiko_executor.results import AuthenticationFailure
+
+Login = Callable[..., paramiko.Transport]
+
+
+@pytest.fixture
+def login() -> Iterator[Login]:
+    """``login(server, **Credentials kwargs)``: a host-key-verified, authenticated transport."""
+    transports: List[paramiko.Transport] = []
+
+    def do_login(server: Any, **kwargs: Any) -> paramiko.Transport:
+        kwargs.setdefault("username", server.username)
+        kwargs.setdefault("allow_agent", False)
+        kwargs.setdefault("look_for_keys", False)
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        transport = paramiko.Transport(sock)
+        transports.append(transport)
+        policy = HostKeyPolicy([str(server.known_hosts_path)])
+        policy.prepare(transport, server.host, server.port)
+        transport.start_client(timeout=10)
+        policy.verify(transport, server.host, server.port)
+        transport.auth_timeout = 10
+        authenticate(transport, Credentials(**kwargs))
+        assert transport.is_authenticated()
+        return transport
+
+    yield do_login
+    for transport in transports:
+        transport.close()
+
+
+def test_a_passphrase_that_only_encodes_alike_does_not_unlock_a_cached_key(
+        make_test_server: Callable[..., Any], login: Login, tmp_path: Any) -> None:
+    # A lone surrogate cannot be a passphrase (paramiko cannot encode it), so it must not
+    # find the key another login decrypted with "pass?" (what "replace" would encode it to).
+    server = make_test_server()
+    path = str(tmp_path / "encrypted")
+    server.client_key.write_private_key_file(path, password="pass?")
+    login(server, key_filenames=(path,), passphrase="pass?")
+    with pytest.raises((AuthenticationFailure, UnicodeError)):
+        login(server, key_filenames=(path,), passphrase="pass\udc80")
