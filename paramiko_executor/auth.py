@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from paramiko.ssh_exception import (
 )
 
 from .errors import AuthenticationFailure, AuthenticationInterrupted, ExecutorFailure
-from .hostkeys import file_stamp, fingerprint
+from .hostkeys import fingerprint
 from .internals import UserAuth, wrap_disconnect
 from .text import printable
 
@@ -103,12 +104,15 @@ class _KeyCache:
     Each connect of each host would otherwise read and parse its key files
     again (every key class tried in turn): a HostGroup's hosts mostly share
     them. An entry is used only while the key file (and its ``-cert.pub``, or
-    its absence) has the stamp it was loaded at (`file_stamp`: device, inode,
-    size, mtime, ctime), and only with the passphrase it was loaded with, so
-    a changed file or another passphrase loads (or fails) as before. The
-    passphrase is kept only as an HMAC under a key of this process, never as
-    text. Only keys that loaded are kept: an unusable file is tried (and
-    reported) on every login. ``_lock`` guards ``_keys``.
+    its absence) holds the bytes it was loaded from, and only with the
+    passphrase it was loaded with, so a changed file or another passphrase
+    loads (or fails) as before. The bytes are read again each time, a read
+    that costs little beside a parse: a stat stamp (mtime, ctime) misses
+    rewrites within the file system's time granularity (whole seconds on
+    some) and writes through a shared map. Files and passphrase are kept
+    only as an HMAC under a key of this process, never as text. Only keys
+    that loaded are kept: an unusable file is tried (and reported) on every
+    login. ``_lock`` guards ``_keys``.
     """
 
     #: Entries kept at most; a full cache starts over.
@@ -121,22 +125,21 @@ class _KeyCache:
 
     def key(self, key_path: str, cert_path: str,
             passphrase: Optional[str]) -> Optional[Tuple[Any, ...]]:
-        """What identifies the key loaded now; None when a file cannot be stat'ed."""
-        try:
-            stamp = file_stamp(key_path)
-        except OSError:
+        """What identifies the key loaded now; None when a file cannot be read."""
+        key_text = _regular_file_bytes(key_path)
+        if key_text is None:
             return None  # the loader reports why
-        try:
-            cert: Optional[Tuple[int, ...]] = file_stamp(cert_path)
-        except FileNotFoundError:
-            cert = None
-        except OSError:
-            return None
+        cert_text = None
+        if os.path.isfile(cert_path):  # the loader's test for a certificate
+            cert_text = _regular_file_bytes(cert_path)
+            if cert_text is None:
+                return None
         # surrogatepass: one encoding per string ("replace" gave "a\udc80" the key of "a?").
-        secret = (b"\0" if passphrase is None
-                  else b"\1" + passphrase.encode("utf-8", "surrogatepass"))
-        digest = hmac.new(self._salt, secret, hashlib.sha256).digest()
-        return (key_path, stamp, cert, digest)
+        secret = None if passphrase is None else passphrase.encode("utf-8", "surrogatepass")
+        mac = hmac.new(self._salt, digestmod=hashlib.sha256)
+        for part in (key_text, cert_text, secret):
+            mac.update(b"\0" if part is None else b"\1" + len(part).to_bytes(8, "big") + part)
+        return (key_path, mac.digest())
 
     def get(self, key: Tuple[Any, ...]) -> Optional[paramiko.PKey]:
         with self._lock:
@@ -151,6 +154,17 @@ class _KeyCache:
     def reset_after_fork(self) -> None:
         # A parent's thread may have held the lock at the fork; the keys stay valid.
         self._lock = threading.Lock()
+
+
+def _regular_file_bytes(path: str) -> Optional[bytes]:
+    """The bytes of a regular file; None for any other (a pipe is the loader's to read once)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 _KEYS = _KeyCache()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+import os
 import socket
 from typing import Any, Callable, Iterator, List
 
@@ -51,3 +53,26 @@ def test_a_passphrase_that_only_encodes_alike_does_not_unlock_a_cached_key(
     login(server, key_filenames=(path,), passphrase="pass?")
     with pytest.raises((AuthenticationFailure, UnicodeError)):
         login(server, key_filenames=(path,), passphrase="pass\udc80")
+
+
+def test_a_key_file_rewritten_without_a_new_stamp_is_loaded_again(
+        make_test_server: Callable[..., Any], login: Login, tmp_path: Any) -> None:
+    # Writes through a shared map change the file's bytes but, after the first one, not
+    # its mtime or ctime (nor do rewrites within a second on a file system that keeps
+    # whole seconds, e.g. ext2 with 128-byte inodes): the stat stamp is no version.
+    server = make_test_server()
+    path = str(tmp_path / "key")
+    server.client_key.write_private_key_file(path)
+    stranger = paramiko.ECDSAKey.generate()
+    stranger.write_private_key_file(path + ".other")
+    with open(path + ".other", "rb") as other:
+        replacement = other.read()
+    assert len(replacement) == os.path.getsize(path)  # P-256 PEM keys: one size
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
+        mapped[:1] = mapped[:1]  # the first write through the map stamps the file
+        stamp = os.stat(path)
+        login(server, key_filenames=(path,))
+        mapped[:] = replacement
+        assert os.stat(path).st_mtime_ns == stamp.st_mtime_ns
+        with pytest.raises(AuthenticationFailure, match=stranger.fingerprint.replace("+", r"\+")):
+            login(server, key_filenames=(path,))
