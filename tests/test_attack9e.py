@@ -96,8 +96,8 @@ def test_a_known_hosts_file_rewritten_without_a_new_stamp_is_read_again(tmp_path
     # shared map no longer trusts the key for that host.
     key = paramiko.ECDSAKey.generate()
     path = str(tmp_path / "known_hosts")
-    with open(path, "w") as f:
-        f.write(f"[127.0.0.1]:2222 {key.get_name()} {key.get_base64()}\n")
+    with open(path, "w") as text:
+        text.write(f"[127.0.0.1]:2222 {key.get_name()} {key.get_base64()}\n")
     policy = HostKeyPolicy([path])
     with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
         mapped[:1] = mapped[:1]  # the first write through the map stamps the file
