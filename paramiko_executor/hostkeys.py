@@ -39,8 +39,7 @@ try:
 except ImportError:  # Windows: the in-process lock below still serialises our own threads
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["DEFAULT_GLOBAL_KNOWN_HOSTS", "HostKeyPolicy", "file_stamp", "fingerprint",
-           "known_hosts_name"]
+__all__ = ["DEFAULT_GLOBAL_KNOWN_HOSTS", "HostKeyPolicy", "fingerprint", "known_hosts_name"]
 
 log = logging.getLogger("paramiko_executor.hostkeys")
 
@@ -117,22 +116,26 @@ def _names_match(names: str, name: str) -> bool:
     return match_pattern_list(name, names, lower=True) == 1
 
 
-def _lines(path: str, what: str) -> Optional[List[str]]:
-    r"""The lines of ``path``; None if it does not exist. Unreadable: ``HostKeyFailure``.
+def _read(path: str) -> Optional[bytes]:
+    """A known_hosts file's bytes; None if it does not exist. Unreadable: ``HostKeyFailure``."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise HostKeyFailure(f"cannot read known_hosts file {path}: {e.strerror}") from None
+
+
+def _split_lines(data: bytes) -> List[str]:
+    r"""A file's lines, decoded as UTF-8 (errors replaced).
 
     Split at ``\n`` alone, as OpenSSH reads them (one ``\r`` before it dropped): Python's
     other line breaks (``\r``, ``\x0b``, ``\x1c``, ``\x85``, ``\u2028``...) inside a comment
     would turn the comment's text into a line of its own, trusting a key for a host that
     ``ssh-keygen -F`` does not find.
     """
-    try:
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise HostKeyFailure(f"cannot read {what} file {path}: {e.strerror}") from None
-    lines = text.split("\n")
+    lines = data.decode("utf-8", "replace").split("\n")
     if not lines[-1]:
         lines.pop()  # what follows the last line break is no line
     return [line[:-1] if line.endswith("\r") else line for line in lines]
@@ -178,28 +181,18 @@ def _parse_line(raw: str, where: str) -> Optional[_Entry]:
     return _Entry(marker, fields[0], key, where)
 
 
-# A file's identity and version: a rewrite or an append changes at least one of these.
-_Stamp = Tuple[int, int, int, int, int]
-
-
-def file_stamp(path: str) -> _Stamp:
-    """``path``'s device, inode, size, mtime and ctime; ``OSError`` if it cannot be stat'ed.
-
-    Equal stamps mean the same file, unchanged in between, as far as a cache
-    can tell: a rewrite, a replacement or an append changes at least one.
-    """
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-# Parsed known_hosts files by path, each with the stamp it was read at: every connect reads
-# the files twice (prepare, verify), and a HostGroup's hosts mostly share one file.
-_parsed: Dict[str, Tuple[_Stamp, Tuple[_Entry, ...]]] = {}
+# A file's version: the SHA-256 of its bytes. A stat stamp (inode, size, mtime, ctime) is no
+# version: a rewrite within the file system's time granularity (whole seconds on some) or
+# through a shared map keeps it, and a stale file would go on trusting a removed key.
+_Version = bytes
+# Parsed known_hosts files by path, each with the version it was parsed from: every connect
+# reads the files twice (prepare, verify), and a HostGroup's hosts mostly share one file.
+_parsed: Dict[str, Tuple[_Version, Tuple[_Entry, ...]]] = {}
 _PARSED_MAX = 64
-# What _Lookup found for one host name in files at given stamps (a missing file: None):
+# What _Lookup found for one host name in files of given versions (a missing file: None):
 # verify() asks what prepare() asked on the same connect, and every line of every file
 # is matched against the name (an HMAC per hashed line) to answer.
-_Files = Tuple[Tuple[str, Optional[_Stamp]], ...]
+_Files = Tuple[Tuple[str, Optional[_Version]], ...]
 _looked_up: Dict[Tuple[_Files, str], _Lookup] = {}
 _LOOKED_UP_MAX = 4096
 # Guards _parsed and _looked_up.
@@ -218,33 +211,34 @@ if hasattr(os, "register_at_fork"):
 
 
 def _read_entries(path: str) -> Tuple[_Entry, ...]:
-    """Parse one known_hosts file. A missing file has no entries; malformed lines are skipped.
+    """Parse one known_hosts file (see `_parsed_file`)."""
+    return _parsed_file(path)[1]
 
-    A file whose device, inode, size, mtime and ctime are those of the last parse is
-    not read again: its entries are shared (they are immutable).
+
+def _parsed_file(path: str) -> Tuple[Optional[_Version], Tuple[_Entry, ...]]:
+    """Parse one known_hosts file: its version (None: missing) and entries.
+
+    A missing file has no entries; malformed lines are skipped. A file whose bytes are
+    those of the last parse is not parsed again: its entries are shared (immutable).
     """
-    stamp: Optional[_Stamp]
-    try:
-        stamp = file_stamp(path)
-    except FileNotFoundError:
-        return ()
-    except OSError:
-        stamp = None  # _lines reports it
+    data = _read(path)
+    if data is None:
+        return None, ()
+    version = hashlib.sha256(data).digest()
     with _parsed_lock:
         cached = _parsed.get(path)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
+    if cached is not None and cached[0] == version:
+        return cached
     entries = []
-    for lineno, raw in enumerate(_lines(path, "known_hosts") or (), 1):
+    for lineno, raw in enumerate(_split_lines(data), 1):
         entry = _parse_line(raw, f"{path}:{lineno}")
         if entry is not None:
             entries.append(entry)
-    parsed = tuple(entries)
-    if stamp is not None:
-        with _parsed_lock:
-            if len(_parsed) >= _PARSED_MAX:
-                _parsed.clear()
-            _parsed[path] = (stamp, parsed)
+    parsed = (version, tuple(entries))
+    with _parsed_lock:
+        if len(_parsed) >= _PARSED_MAX:
+            _parsed.clear()
+        _parsed[path] = parsed
     return parsed
 
 
@@ -254,19 +248,6 @@ class _Lookup:
 
     trusted: Tuple[_Entry, ...]
     revoked: Tuple[_Entry, ...]
-
-
-def _files_now(paths: Sequence[str]) -> Optional[_Files]:
-    """Each path with its stamp (None: missing); None if one cannot be stat'ed."""
-    files: List[Tuple[str, Optional[_Stamp]]] = []
-    for path in paths:
-        try:
-            files.append((path, file_stamp(path)))
-        except FileNotFoundError:
-            files.append((path, None))
-        except OSError:
-            return None
-    return tuple(files)
 
 
 class _Reader:
@@ -471,24 +452,22 @@ class HostKeyPolicy:
     def _lookup(self, name: str) -> _Lookup:
         """The entries of all files for ``name``; the same files' last answer for it.
 
-        Files are stamped before they are read, so an answer is kept under
-        stamps no newer than its entries: a file changed since is read again.
+        The files are read each time (a read and a hash cost little beside the
+        matching), and the answer is kept under the versions it was found in.
         """
         paths = (self.files or ()) + self.global_files
-        files = _files_now(paths)
-        if files is not None:
-            with _parsed_lock:
-                found = _looked_up.get((files, name))
-            if found is not None:
-                return found
-        entries = tuple(entry for path in paths for entry in _read_entries(path))
-        trusted, revoked = self._for_host(entries, name)
+        read = [_parsed_file(path) for path in paths]
+        files = tuple((path, version) for path, (version, _) in zip(paths, read))
+        with _parsed_lock:
+            found = _looked_up.get((files, name))
+        if found is not None:
+            return found
+        trusted, revoked = self._for_host([e for _, entries in read for e in entries], name)
         found = _Lookup(tuple(trusted), tuple(revoked))
-        if files is not None:
-            with _parsed_lock:
-                if len(_looked_up) >= _LOOKED_UP_MAX:
-                    _looked_up.clear()
-                _looked_up[(files, name)] = found
+        with _parsed_lock:
+            if len(_looked_up) >= _LOOKED_UP_MAX:
+                _looked_up.clear()
+            _looked_up[(files, name)] = found
         return found
 
     def _all_files(self) -> str:

@@ -88,9 +88,6 @@ class _Presented:
         return self.key
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hostkeys' _parsed and _looked_up caches trust the stat stamp (older than merge "
-    "9ad1961: _parsed had it); key them by the files' bytes as auth._KeyCache does"))
 def test_a_known_hosts_file_rewritten_without_a_new_stamp_is_read_again(tmp_path: Any) -> None:
     # As for key files: a line whose host was renamed in place (same size) through a
     # shared map no longer trusts the key for that host.
