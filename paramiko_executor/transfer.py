@@ -82,7 +82,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager, suppress
-from stat import S_ISDIR, S_ISREG
+from stat import S_IFMT, S_ISDIR, S_ISREG
 from typing import (
     IO,
     TYPE_CHECKING,
@@ -781,7 +781,8 @@ class _Session:
 
         One round trip, two when ``path`` exists: ``temp`` is created
         exclusively, readable by its owner only. `_StatusError` if it cannot
-        be. The bits: ``new_bits`` for a new
+        be; a `ValueError` (``temp`` removed) if ``path`` is a device, FIFO
+        or socket, or a link to one. The bits: ``new_bits`` for a new
         file; a regular file of the user's (the owner of ``temp``) keeps its
         own; anything else (another user's file, a symbolic link) may have
         been planted (a root login in a shared sticky directory replaces
@@ -796,7 +797,15 @@ class _Session:
             _expect(*target, _FXP_ATTRS, "STAT")
         except _StatusError:  # missing, or hidden from us: a new file to the user
             return new_bits, handle
-        bits = _attributes(target[1], 5)[1]
+        _size, _owner, kind = _attribute_fields(target[1], 5)
+        if kind is not None and S_IFMT(kind) and not (S_ISREG(kind) or S_ISDIR(kind)):
+            # Renamed over, a root login's /dev/null would become a regular file for
+            # every program of the server (a directory: the rename itself refuses).
+            error = ValueError(f"remote must name a regular file: {path!r} is not a "
+                               "regular file")
+            self.discard_upload(_string(handle), temp, error)
+            raise error
+        bits = None if kind is None else kind & 0o7777
         # A second round trip only when a file is replaced: whose is it?
         found, ours = self.calls((_FXP_LSTAT, (_string(path),)), (_FXP_LSTAT, (_string(temp),)))
         with suppress(_StatusError):
@@ -1401,7 +1410,8 @@ def upload(
     blocks; ``total`` is -1 when the source cannot tell its size.
 
     Raises `FileNotFoundError` (``remote``'s directory is missing) or
-    `PermissionError` (refused), naming ``remote``; `ExecutorFailure` for other
+    `PermissionError` (refused), naming ``remote``; `ValueError` if ``remote``
+    names a device, FIFO or socket (left as it is); `ExecutorFailure` for other
     SFTP errors (an existing ``temp_name`` too) and a server that does not
     start SFTP; `TimeoutError` past ``deadline``; connection errors as
     paramiko raised them. An error of ``source`` or of ``progress`` comes out
