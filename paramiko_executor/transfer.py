@@ -25,7 +25,8 @@ Permissions, as OpenSSH's ``sftp`` leaves them: a new file gets ``mode`` if
 given, else the source's permission bits (an upload: the local file's, 0o644
 for a file object; a download: the remote file's, less the local umask); a
 file that is replaced keeps its own bits unless ``mode`` is given (another
-user's file, or a symbolic link, only those a new file would get too). The
+user's file, or a symbolic link, only those a new file would get too; not
+set-user-ID when not written by root: see `_rewritten`). The
 temporary file is created exclusively (``O_EXCL``, a fresh name each time)
 with owner-only bits and gets its final bits just before the rename: at no
 moment can more people read the data than can read the final file.
@@ -82,7 +83,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager, suppress
-from stat import S_IFMT, S_ISDIR, S_ISREG
+from stat import S_IFMT, S_ISDIR, S_ISGID, S_ISREG, S_ISUID, S_IXGRP
 from typing import (
     IO,
     TYPE_CHECKING,
@@ -784,7 +785,7 @@ class _Session:
         be; a `ValueError` (``temp`` removed) if ``path`` is a device, FIFO
         or socket, or a link to one. The bits: ``new_bits`` for a new
         file; a regular file of the user's (the owner of ``temp``) keeps its
-        own; anything else (another user's file, a symbolic link) may have
+        own (see `_rewritten`); anything else (another user's file, a symbolic link) may have
         been planted (a root login in a shared sticky directory replaces
         anything) and gets only the bits it and a new file both have.
         """
@@ -814,7 +815,7 @@ class _Session:
             _size, owner, perms = _attribute_fields(found[1], 5)
             if (perms is not None and S_ISREG(perms) and owner is not None
                     and owner == _attribute_fields(ours[1], 5)[1]):
-                return perms & 0o7777, handle
+                return _rewritten(perms & 0o7777, root=owner == 0), handle
         return new_bits if bits is None else bits & new_bits, handle
 
     def open(self, path: str, flags: int, mode: Optional[int] = None) -> bytes:
@@ -1329,7 +1330,7 @@ def _check_replaceable(path: str) -> None:
 def _own_bits(path: str, new_bits: int) -> int:
     """The final bits of a file written over ``path``, whose new file would get ``new_bits``.
 
-    This user's own regular file keeps its bits. Anything else (another user's file, a
+    This user's own regular file keeps its bits (see `_rewritten`). Anything else (another user's file, a
     symbolic link: its target's bits) may have been planted by someone else, in a shared
     sticky directory where root may replace anything, to make the new file writable by
     them: it gets no bit that either it or a new file would not have.
@@ -1337,10 +1338,24 @@ def _own_bits(path: str, new_bits: int) -> int:
     try:
         status = os.lstat(path)
         if S_ISREG(status.st_mode) and status.st_uid == os.geteuid():
-            return status.st_mode & 0o7777
+            return _rewritten(status.st_mode & 0o7777, root=status.st_uid == 0)
         return os.stat(path).st_mode & new_bits
     except FileNotFoundError:
         return new_bits
+
+
+def _rewritten(bits: int, *, root: bool) -> int:
+    """The bits of a file of ``bits`` once someone (``root`` or not) wrote new content into it.
+
+    As the kernel leaves them after a write (cp's, sftp's): one by anyone but root clears
+    set-user-ID, and set-group-ID of a group-executable file, so that new content never
+    runs with the privileges given to the old.
+    """
+    if root:
+        return bits
+    if bits & S_IXGRP:
+        bits &= ~S_ISGID
+    return bits & ~S_ISUID
 
 
 def check_mode(mode: Any) -> None:

@@ -7,7 +7,10 @@ Only 127.0.0.1 is contacted; every file and node is made by the test in its own 
 from __future__ import annotations
 
 import os
+import pwd
+import signal
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,3 +60,86 @@ def test_an_upload_to_a_device_or_fifo_path_is_refused_not_replaced(
     mode = target.stat().st_mode
     assert stat.S_ISFIFO(mode) if node == "fifo" else stat.S_ISCHR(mode)
     assert sorted(os.listdir(shared_dir)) == before  # no temporary file left behind
+
+
+# -- new content kept the set-user-ID bit of the file it replaced -------------------------------
+
+
+def _sftp_put(server: Any, source: Path, target: Path) -> None:
+    """OpenSSH's own sftp client uploads ``source`` to ``target``: the reference."""
+    subprocess.run(
+        ["sftp", "-F", "/dev/null", "-i", server.client_key_path,
+         "-o", f"UserKnownHostsFile={server.known_hosts_path}", "-o", "BatchMode=yes",
+         "-P", str(server.port), "-b", "-", f"{server.username}@{server.host}"],
+        input=f"put {source} {target}\n".encode(), check=True, timeout=60,
+        stdout=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("bits", [0o4755, 0o2755, 0o6775, 0o2745], ids=oct)
+def test_an_upload_over_the_users_own_setuid_file_drops_the_bit_as_sftp_does(
+        sshd: Any, shared_dir: str, tmp_path: Path, bits: int) -> None:
+    # attack9a: "the user's own regular file keeps its bits". A write by anyone but root
+    # clears set-user-ID (and set-group-ID of a group-executable file): new content never
+    # runs with the old program's privileges. sftp (and cp) leave that; put restored them.
+    entry = pwd.getpwnam(sshd.username)
+    assert entry.pw_uid != 0
+    source = tmp_path / "source"
+    source.write_bytes(b"#!/bin/sh\necho new\n")
+    source.chmod(0o644)
+    modes = {}
+    for who in ("sftp", "put"):
+        target = Path(shared_dir, who)
+        target.write_bytes(b"#!/bin/sh\necho old\n")
+        os.chown(target, entry.pw_uid, entry.pw_gid)
+        target.chmod(bits)
+        if who == "sftp":
+            _sftp_put(sshd, source, target)
+        else:
+            with SSHExecutor(**sshd.executor_parameters()) as ex:
+                ex.put(str(source), str(target))
+        assert target.read_bytes() == source.read_bytes()
+        modes[who] = stat.S_IMODE(target.stat().st_mode)
+    assert modes["put"] == modes["sftp"], {k: oct(v) for k, v in modes.items()}
+
+
+def _as_user(uid: int, gid: int, work: Callable[[], int]) -> int:
+    """``work()``'s result (0..255), run in a forked child with ``uid`` and ``gid`` only."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 255
+        try:
+            signal.alarm(60)  # the child's own bound
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            code = work()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("bits", [0o4755, 0o2775], ids=oct)
+def test_a_download_over_the_users_own_setuid_file_drops_the_bit_as_cp_does(
+        sshd: Any, shared_dir: str, bits: int) -> None:
+    # The same locally, for a user other than root: cp's in-place write is the reference.
+    entry = pwd.getpwnam(sshd.username)
+    source = Path(shared_dir, "source")
+    source.write_bytes(b"#!/bin/sh\necho new\n")
+    source.chmod(0o644)
+
+    def work() -> int:
+        os.umask(0o022)
+        modes = []
+        for who in ("cp", "get"):
+            target = Path(shared_dir, who)
+            target.write_bytes(b"#!/bin/sh\necho old\n")
+            target.chmod(bits)
+            if who == "cp":
+                subprocess.run(["cp", str(source), str(target)], check=True, timeout=30)
+            else:
+                ShellExecutor().get(str(source), str(target))
+            modes.append(stat.S_IMODE(target.stat().st_mode))
+        return 0 if modes[0] == modes[1] else 1
+
+    assert _as_user(entry.pw_uid, entry.pw_gid, work) == 0
