@@ -1331,9 +1331,10 @@ def _own_bits(path: str, new_bits: int) -> int:
     """The final bits of a file written over ``path``, whose new file would get ``new_bits``.
 
     This user's own regular file keeps its bits (see `_rewritten`). Anything else
-    (another user's file, a symbolic link: its target's bits) may have been planted by someone else, in a shared
-    sticky directory where root may replace anything, to make the new file writable by
-    them: it gets no bit that either it or a new file would not have.
+    (another user's file, a symbolic link: its target's bits) may have been planted by
+    someone else, in a shared sticky directory where root may replace anything, to make
+    the new file writable by them: it gets no bit that either it or a new file would not
+    have.
     """
     try:
         status = os.lstat(path)
