@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from test_oracle_hostkeys import block, write
 
-from paramiko_executor import ShellExecutor, SSHExecutor
+from paramiko_executor import HostKeyFailure, ShellExecutor, SSHExecutor
+from testsupport import oracle
 
 
 @pytest.fixture(autouse=True)
@@ -138,3 +140,41 @@ def test_a_download_over_the_users_own_setuid_file_drops_the_bit_as_cp_does(
         return 0 if modes[0] == modes[1] else 1
 
     assert _as_user(entry.pw_uid, entry.pw_gid, work) == 0
+
+
+# -- known_hosts: a NUL where OpenSSH's C strings end --------------------------------------------
+
+_TRUSTED = "{n} {t} {k}\n"
+
+
+@pytest.mark.usefixtures("openssh_client")
+@pytest.mark.parametrize("text", [
+    "{n},\0x {t} {k}\n",  # ssh: the names "{n},", then a key of type "x": the host is unknown
+    "{n} {t} {k}\0x\n",  # ssh: the key ends at the NUL and is the server's
+    "{n}\0 {t} {k}\n",  # ssh: the NUL ending the names is stepped over like a space
+    "\0{n} {t} {k}\n",
+    "{n} {t}\0 {k}\n",
+    _TRUSTED + "@revoked {n}\0 {t} {k}\n",  # a revocation ssh honours
+    _TRUSTED + "@revoked\0 {n} {t} {k}\n",  # and one it reads as no line
+])
+def test_known_hosts_lines_with_a_nul_are_read_as_ssh_reads_them(
+        sshd: Any, tmp_path: Path, text: str) -> None:
+    # attack9a made lines split where OpenSSH splits them; a NUL still did not end them
+    # where OpenSSH's C strings end: "name,\0x" trusted a key for the host ssh refuses.
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    key = sshd.host_public_key
+    known = tmp_path / "kh"
+    known.write_bytes(text.format(n=f"[127.0.0.1]:{sshd.port}", t=key.get_name(),
+                                  k=key.get_base64()).encode())
+    config = write(tmp_path / "config", block(
+        "target", sshd, known,
+        "    StrictHostKeyChecking yes\n    PasswordAuthentication no\n    IdentitiesOnly yes\n"))
+    status, err = oracle.login(config, "target", str(home))
+    try:
+        with SSHExecutor(host="target", config=config, connect_retries=0, timeout=10) as ex:
+            ex.run_command("true")
+        ours = 0
+    except HostKeyFailure:
+        ours = 255
+    assert ours == status, err
