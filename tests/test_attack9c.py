@@ -178,3 +178,43 @@ def test_known_hosts_lines_with_a_nul_are_read_as_ssh_reads_them(
     except HostKeyFailure:
         ours = 255
     assert ours == status, err
+
+
+# -- a replaced file's group -----------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a replaced file gets the group of the new (temporary) file, not its own: root's "
+    "config file root:www-data 0640 becomes root:root 0640 after a get or put, and the "
+    "service can no longer read it; cp and sftp write in place and keep the group. A fix "
+    "chowns the temporary file to the replaced file's group (the user's own file only; "
+    "before its chmod, since a chown clears set-group-ID)"))
+@pytest.mark.parametrize("kind", ["get", "put"])
+def test_a_replaced_file_keeps_its_group_as_cp_and_sftp_do(
+        sshd: Any, make_sshd: Callable[..., Any], shared_dir: str, kind: str) -> None:
+    server = make_sshd(user="root")
+    group = pwd.getpwnam(sshd.username).pw_gid  # a group that is not root's own
+    assert group != os.getegid()
+    source = Path(shared_dir, "source")
+    source.write_bytes(b"setting = 1\n")
+    source.chmod(0o644)
+    groups = {}
+    for who in ("reference", kind):
+        target = Path(shared_dir, who)
+        target.write_bytes(b"setting = 0\n")
+        os.chown(target, 0, group)
+        target.chmod(0o640)
+        if who == "reference" and kind == "get":
+            subprocess.run(["cp", str(source), str(target)], check=True, timeout=30)
+        elif who == "reference":
+            _sftp_put(server, source, target)
+        else:
+            with SSHExecutor(**server.executor_parameters()) as ex:
+                if kind == "get":
+                    ex.get(str(source), str(target))
+                else:
+                    ex.put(str(source), str(target))
+        assert target.read_bytes() == source.read_bytes()
+        assert stat.S_IMODE(target.stat().st_mode) == 0o640
+        groups[who] = target.stat().st_gid
+    assert groups[kind] == groups["reference"] == group
