@@ -183,15 +183,12 @@ def test_known_hosts_lines_with_a_nul_are_read_as_ssh_reads_them(
 # -- a replaced file's group -----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a replaced file gets the group of the new (temporary) file, not its own: root's "
-    "config file root:www-data 0640 becomes root:root 0640 after a get or put, and the "
-    "service can no longer read it; cp and sftp write in place and keep the group. A fix "
-    "chowns the temporary file to the replaced file's group (the user's own file only; "
-    "before its chmod, since a chown clears set-group-ID)"))
 @pytest.mark.parametrize("kind", ["get", "put"])
 def test_a_replaced_file_keeps_its_group_as_cp_and_sftp_do(
         sshd: Any, make_sshd: Callable[..., Any], shared_dir: str, kind: str) -> None:
+    # A replaced file got the group of the new (temporary) file: root's config file
+    # root:<service> 0640 became root:root 0640 after a get or put, and the service could
+    # no longer read it. cp and sftp write in place and keep the group.
     server = make_sshd(user="root")
     group = pwd.getpwnam(sshd.username).pw_gid  # a group that is not root's own
     assert group != os.getegid()
