@@ -397,7 +397,8 @@ class SSHExecutor(Executor):
         read. ``progress(done, total)`` is called from this thread.
 
         Raises `FileNotFoundError`/`PermissionError` naming ``remote``,
-        `TransferTimeout` past ``timeout``, and `ExecutorFailure` when the
+        `ValueError` when ``remote`` names a device, FIFO or socket (left as
+        it is), `TransferTimeout` past ``timeout``, and `ExecutorFailure` when the
         connection cannot be had or the server runs no SFTP. What ``local``,
         the local file system or ``progress`` raise reaches the caller as it
         was raised, from the first attempt; the connection and other threads'

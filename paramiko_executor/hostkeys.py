@@ -152,6 +152,27 @@ _BASE64_SPACE = str.maketrans("", "", " \t\n\v\f\r")
 
 
 _FIELD_SEPARATOR = re.compile(r"[ \t]+")
+_MARKER = re.compile(r"[ \t]*@[^ \t\0]*[ \t]+")
+_NAMES_END = re.compile(r"[ \t\0]")
+
+
+def _as_c_string(raw: str) -> str:
+    """``raw`` as OpenSSH's C code reads it: a NUL ends the line, but for one that ends the
+    names field, which is stepped over as a separator is.
+
+    Read as Python does, ``name,\0x ssh-ed25519 KEY`` trusted the key for ``name``; ssh
+    reads the names ``name,`` and a key of type ``x``.
+    """
+    if "\0" not in raw:
+        return raw
+    marker = _MARKER.match(raw)
+    start = marker.end() if marker else len(raw) - len(raw.lstrip(" \t"))
+    end = start + len(_NAMES_END.split(raw[start:], maxsplit=1)[0])
+    if end == start or (marker is None and raw.startswith("@", start)):
+        return ""  # no names before the NUL: the line matches no host
+    if raw[end:end + 1] != "\0":
+        return raw.split("\0", 1)[0]
+    return raw[:end] + " " + raw[end + 1:].split("\0", 1)[0]
 
 
 def _parse_line(raw: str, where: str) -> Optional[_Entry]:
@@ -160,7 +181,7 @@ def _parse_line(raw: str, where: str) -> Optional[_Entry]:
     Fields and the marker are separated by any run of spaces or tabs, as in OpenSSH (a tab
     after ``@revoked`` must not turn a revocation into nothing), and by nothing else.
     """
-    fields = _FIELD_SEPARATOR.split(raw.strip(" \t"))
+    fields = _FIELD_SEPARATOR.split(_as_c_string(raw).strip(" \t"))
     if not fields[0] or fields[0].startswith("#"):
         return None
     marker = None

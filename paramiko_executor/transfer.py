@@ -25,7 +25,9 @@ Permissions, as OpenSSH's ``sftp`` leaves them: a new file gets ``mode`` if
 given, else the source's permission bits (an upload: the local file's, 0o644
 for a file object; a download: the remote file's, less the local umask); a
 file that is replaced keeps its own bits unless ``mode`` is given (another
-user's file, or a symbolic link, only those a new file would get too). The
+user's file, or a symbolic link, only those a new file would get too; not
+set-user-ID when not written by root: see `_rewritten`); the user's own
+file keeps its group too when the user may give it. The
 temporary file is created exclusively (``O_EXCL``, a fresh name each time)
 with owner-only bits and gets its final bits just before the rename: at no
 moment can more people read the data than can read the final file.
@@ -82,7 +84,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager, suppress
-from stat import S_ISDIR, S_ISREG
+from stat import S_IFMT, S_ISDIR, S_ISGID, S_ISREG, S_ISUID, S_IXGRP
 from typing import (
     IO,
     TYPE_CHECKING,
@@ -467,33 +469,41 @@ def _get_string(body: Union[bytes, memoryview], at: int, what: str = "a packet")
     return body[at : at + size], at + size
 
 
-def _attrs(mode: Optional[int] = None) -> bytes:
-    if mode is None:
-        return _U32.pack(0)
-    return _U32.pack(_ATTR_PERMISSIONS) + _U32.pack(mode & 0o7777)
+def _attrs(mode: Optional[int] = None, ids: Optional[Tuple[int, int]] = None) -> bytes:
+    """ATTRS of permission bits ``mode`` and (uid, gid) ``ids``, each left out if None."""
+    fields = b""
+    if ids is not None:
+        fields += _U32.pack(ids[0]) + _U32.pack(ids[1])
+    if mode is not None:
+        fields += _U32.pack(mode & 0o7777)
+    flags = _U32.pack((_ATTR_UIDGID if ids is not None else 0)
+                      | (_ATTR_PERMISSIONS if mode is not None else 0))
+    return flags + fields
 
 
 def _attributes(body: memoryview, at: int) -> Tuple[Optional[int], Optional[int]]:
     """(size, permission bits) of the ATTRS at ``body[at:]``, each None if the server sent none."""
-    size, _owner, perms = _attribute_fields(body, at)
+    size, _ids, perms = _attribute_fields(body, at)
     return size, None if perms is None else perms & 0o7777
 
 
 def _attribute_fields(body: memoryview, at: int
-                      ) -> Tuple[Optional[int], Optional[int], Optional[int]]:
-    """(size, owner's uid, permissions with the file type) of the ATTRS at ``body[at:]``."""
+                      ) -> Tuple[Optional[int], Optional[Tuple[int, int]], Optional[int]]:
+    """(size, (uid, gid), permissions with the file type) of the ATTRS at ``body[at:]``."""
     (flags,) = _unpack(_U32, body, at, "ATTRS")
     at += 4
-    size = owner = perms = None
+    size = ids = perms = None
     if flags & _ATTR_SIZE:
         (size,) = _unpack(_U64, body, at, "ATTRS")
         at += 8
     if flags & _ATTR_UIDGID:
-        (owner,) = _unpack(_U32, body, at, "ATTRS")
+        (uid,) = _unpack(_U32, body, at, "ATTRS")
+        (gid,) = _unpack(_U32, body, at + 4, "ATTRS")
+        ids = uid, gid
         at += 8
     if flags & _ATTR_PERMISSIONS:
         (perms,) = _unpack(_U32, body, at, "ATTRS")
-    return size, owner, perms
+    return size, ids, perms
 
 
 def _remaining(until: Optional[float]) -> Optional[float]:
@@ -776,16 +786,20 @@ class _Session:
         """Send a request answered by a STATUS; raise `_StatusError` unless it is OK."""
         _check_status(*self.call(kind, *fields))
 
-    def stat_and_create(self, path: str, temp: str, new_bits: int) -> Tuple[int, bytes]:
-        """The final bits of a file written over ``path``, and a handle of new file ``temp``.
+    def stat_and_create(self, path: str, temp: str, new_bits: int
+                        ) -> Tuple[int, Optional[Tuple[int, int]], bytes]:
+        """The final bits and owner of a file written over ``path``; a handle of new file ``temp``.
 
         One round trip, two when ``path`` exists: ``temp`` is created
         exclusively, readable by its owner only. `_StatusError` if it cannot
-        be. The bits: ``new_bits`` for a new
+        be; a `ValueError` (``temp`` removed) if ``path`` is a device, FIFO
+        or socket, or a link to one. The bits: ``new_bits`` for a new
         file; a regular file of the user's (the owner of ``temp``) keeps its
-        own; anything else (another user's file, a symbolic link) may have
+        own (see `_rewritten`); anything else (another user's file, a symbolic link) may have
         been planted (a root login in a shared sticky directory replaces
-        anything) and gets only the bits it and a new file both have.
+        anything) and gets only the bits it and a new file both have. The
+        owner: (uid, gid) of the user's own file if its group is not ``temp``'s
+        (a file shared with a group stays so), else None.
         """
         flags = _FXF_WRITE | _FXF_CREAT | _FXF_TRUNC | _FXF_EXCL
         target, created = self.calls(
@@ -795,18 +809,28 @@ class _Session:
         try:
             _expect(*target, _FXP_ATTRS, "STAT")
         except _StatusError:  # missing, or hidden from us: a new file to the user
-            return new_bits, handle
-        bits = _attributes(target[1], 5)[1]
+            return new_bits, None, handle
+        _size, _ids, kind = _attribute_fields(target[1], 5)
+        if kind is not None and S_IFMT(kind) and not (S_ISREG(kind) or S_ISDIR(kind)):
+            # Renamed over, a root login's /dev/null would become a regular file for
+            # every program of the server (a directory: the rename itself refuses).
+            error = ValueError(f"remote must name a regular file: {path!r} is not a "
+                               "regular file")
+            self.discard_upload(_string(handle), temp, error)
+            raise error
+        bits = None if kind is None else kind & 0o7777
         # A second round trip only when a file is replaced: whose is it?
         found, ours = self.calls((_FXP_LSTAT, (_string(path),)), (_FXP_LSTAT, (_string(temp),)))
         with suppress(_StatusError):
             _expect(*found, _FXP_ATTRS, "LSTAT")
             _expect(*ours, _FXP_ATTRS, "LSTAT")
-            _size, owner, perms = _attribute_fields(found[1], 5)
-            if (perms is not None and S_ISREG(perms) and owner is not None
-                    and owner == _attribute_fields(ours[1], 5)[1]):
-                return perms & 0o7777, handle
-        return new_bits if bits is None else bits & new_bits, handle
+            _size, ids, perms = _attribute_fields(found[1], 5)
+            _size, temp_ids, _perms = _attribute_fields(ours[1], 5)
+            if (perms is not None and S_ISREG(perms) and ids is not None
+                    and temp_ids is not None and ids[0] == temp_ids[0]):
+                return (_rewritten(perms & 0o7777, root=ids[0] == 0),
+                        None if ids == temp_ids else ids, handle)
+        return new_bits if bits is None else bits & new_bits, None, handle
 
     def open(self, path: str, flags: int, mode: Optional[int] = None) -> bytes:
         """Open remote ``path``; its handle."""
@@ -1284,6 +1308,12 @@ class Local:
         try:
             yield _callers(_write_all(file.write))
             with callers_code():
+                own = _own_file(path)
+                if own is not None:
+                    # The group first: a chown clears set-group-ID, which the chmod then
+                    # sets. A group this user is not in: the user's, narrower.
+                    with suppress(PermissionError):
+                        os.fchown(fd, -1, own.st_gid)
                 if mode is None:
                     mode = _own_bits(path, new_bits)
                 os.fchmod(fd, mode)
@@ -1320,18 +1350,42 @@ def _check_replaceable(path: str) -> None:
 def _own_bits(path: str, new_bits: int) -> int:
     """The final bits of a file written over ``path``, whose new file would get ``new_bits``.
 
-    This user's own regular file keeps its bits. Anything else (another user's file, a
-    symbolic link: its target's bits) may have been planted by someone else, in a shared
-    sticky directory where root may replace anything, to make the new file writable by
-    them: it gets no bit that either it or a new file would not have.
+    This user's own regular file keeps its bits (see `_rewritten`). Anything else
+    (another user's file, a symbolic link: its target's bits) may have been planted by
+    someone else, in a shared sticky directory where root may replace anything, to make
+    the new file writable by them: it gets no bit that either it or a new file would not
+    have.
     """
+    own = _own_file(path)
+    if own is not None:
+        return _rewritten(own.st_mode & 0o7777, root=own.st_uid == 0)
     try:
-        status = os.lstat(path)
-        if S_ISREG(status.st_mode) and status.st_uid == os.geteuid():
-            return status.st_mode & 0o7777
         return os.stat(path).st_mode & new_bits
     except FileNotFoundError:
         return new_bits
+
+
+def _own_file(path: str) -> Optional[os.stat_result]:
+    """``path``'s status if it is this user's own regular file (not a link to one), else None."""
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return status if S_ISREG(status.st_mode) and status.st_uid == os.geteuid() else None
+
+
+def _rewritten(bits: int, *, root: bool) -> int:
+    """The bits of a file of ``bits`` once someone (``root`` or not) wrote new content into it.
+
+    As the kernel leaves them after a write (cp's, sftp's): one by anyone but root clears
+    set-user-ID, and set-group-ID of a group-executable file, so that new content never
+    runs with the privileges given to the old.
+    """
+    if root:
+        return bits
+    if bits & S_IXGRP:
+        bits &= ~S_ISGID
+    return bits & ~S_ISUID
 
 
 def check_mode(mode: Any) -> None:
@@ -1401,7 +1455,8 @@ def upload(
     blocks; ``total`` is -1 when the source cannot tell its size.
 
     Raises `FileNotFoundError` (``remote``'s directory is missing) or
-    `PermissionError` (refused), naming ``remote``; `ExecutorFailure` for other
+    `PermissionError` (refused), naming ``remote``; `ValueError` if ``remote``
+    names a device, FIFO or socket (left as it is); `ExecutorFailure` for other
     SFTP errors (an existing ``temp_name`` too) and a server that does not
     start SFTP; `TimeoutError` past ``deadline``; connection errors as
     paramiko raised them. An error of ``source`` or of ``progress`` comes out
@@ -1419,7 +1474,7 @@ def upload(
     with _session(chan, deadline) as session, \
             Local.of(source).reading() as (readinto, total, bits):
         try:
-            kept, handle = session.stat_and_create(remote, temp, bits)
+            kept, owner, handle = session.stat_and_create(remote, temp, bits)
         except _StatusError as exc:
             _raise_for(exc, "cannot create a temporary file for the upload", remote)
         handle_field = _string(handle)
@@ -1427,9 +1482,16 @@ def upload(
         try:
             done = session.write_file(handle, readinto, total, progress)
             final = mode if mode is not None else kept
-            chmod, close = session.calls((_FXP_FSETSTAT, (handle_field, _attrs(final))),
-                                         (_FXP_CLOSE, (handle_field,)))
+            # The group first: a chown clears set-group-ID, which the chmod then sets.
+            regroup = [] if owner is None else [(_FXP_FSETSTAT, (handle_field,
+                                                                 _attrs(None, owner)))]
+            *regrouped, chmod, close = session.calls(
+                *regroup, (_FXP_FSETSTAT, (handle_field, _attrs(final))),
+                (_FXP_CLOSE, (handle_field,)))
             still_open = None
+            for status in regrouped:  # a group the login is not in: the login's, narrower
+                with suppress(_StatusError):
+                    _check_status(*status)
             try:
                 _check_status(*chmod)
             except _StatusError:
