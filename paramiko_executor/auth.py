@@ -463,6 +463,8 @@ class _Login:
         passphrase = self.creds.passphrase
         if passphrase is None:
             passphrase = self.creds.password
+        # An empty one is none, as ssh's empty answer to its prompt (bcrypt refuses it).
+        passphrase = passphrase or None
         cache_key = _KEYS.key(key_path, cert_path, passphrase)
         if cache_key is not None:
             cached = _KEYS.get(cache_key)

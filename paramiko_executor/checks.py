@@ -56,6 +56,20 @@ def check_str(name: str, value: Any, *, optional: bool = True) -> Optional[str]:
     return value
 
 
+def check_secret(name: str, value: Any) -> Optional[str]:
+    """A password or passphrase: None or a str that UTF-8 can encode (as it is sent).
+
+    Refused without quoting it: the codec's own error would carry the whole secret.
+    """
+    secret = check_str(name, value)
+    if secret is not None:
+        try:
+            secret.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{name} holds a lone surrogate, which UTF-8 cannot encode") from None
+    return secret
+
+
 def check_timeout(name: str, value: Any) -> Optional[float]:
     """None or a positive number of seconds; infinity means None (no limit)."""
     seconds = check_number(name, value)

@@ -21,7 +21,7 @@ import paramiko
 
 from . import hostkeys, sshconfig
 from .auth import Credentials, parse_mfa_config
-from .checks import check_bool, check_number, check_str
+from .checks import check_bool, check_number, check_secret, check_str
 from .hostkeys import HostKeyPolicy
 from .hostnames import check_hostname, check_username, expand_paths, expand_tokens
 
@@ -264,10 +264,10 @@ def _resolve(
         raise TypeError(f"pkey must be a paramiko.PKey, not {type(pkey).__name__}")
     credentials = Credentials(
         username=username,
-        password=check_str("password", params.pop("password", None)),
+        password=check_secret("password", params.pop("password", None)),
         pkey=pkey,
         key_filenames=key_filenames,
-        passphrase=check_str("passphrase", params.pop("passphrase", None)),
+        passphrase=check_secret("passphrase", params.pop("passphrase", None)),
         allow_agent=check_bool("allow_agent", params.pop("allow_agent", True)),
         look_for_keys=check_bool("look_for_keys", params.pop("look_for_keys", True)),
         mfa=parse_mfa_config(mfa_config),

@@ -401,6 +401,18 @@ def test_encrypted_key_with_passphrase_or_password(make_test_server, login, tmp_
         login(server, key_filenames=(path,))
 
 
+def test_an_empty_passphrase_is_none_for_an_openssh_format_key(make_test_server, login,
+                                                                tmp_path):
+    """bcrypt refuses an empty passphrase with a bare ValueError, which ended the connect
+    as an ``ExecutorFailure``; ssh takes an empty answer to its prompt as no passphrase."""
+    server = make_test_server()
+    path = str(tmp_path / "id_ed25519")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", PASSPHRASE, "-f", path],
+                   check=True, stdin=subprocess.DEVNULL)
+    with pytest.raises(AuthenticationFailure, match="unusable: it is encrypted and no passphrase"):
+        login(server, key_filenames=(path,), passphrase="", password=None)
+
+
 def test_a_key_file_is_read_once_until_it_changes(make_test_server, login, tmp_path,
                                                  monkeypatch):
     """Every login of a HostGroup reads the same key file: parsed once, reloaded on a change."""

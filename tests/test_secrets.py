@@ -168,3 +168,15 @@ def test_credentials_repr_hides_everything_secret():
     )
     _assert_secret_free([repr(creds), str(creds)],
                         [PASSWORD, PASSPHRASE, "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"])
+
+
+@pytest.mark.parametrize("name", ["password", "passphrase"])
+def test_a_secret_utf8_cannot_encode_is_refused_without_quoting_it(name):
+    """paramiko's encode raised `UnicodeEncodeError`, whose args hold the whole secret."""
+    secret = PASSWORD + "\udc80"
+    with pytest.raises(ValueError) as raised:
+        SSHExecutor(host="127.0.0.1", **{name: secret})
+    assert name in str(raised.value)
+    texts = [str(raised.value), repr(raised.value), repr(raised.value.args),
+             "".join(traceback.format_exception(raised.value))]
+    _assert_secret_free(texts, [PASSWORD])
