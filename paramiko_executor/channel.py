@@ -827,7 +827,8 @@ class SessionChannel:
 
     # --- sending --------------------------------------------------------------------
 
-    def _send(self, message: Message, *, window: int = 0, eof: bool = False) -> bool:
+    def _send(self, message: Message, *, window: int = 0, eof: bool = False,
+              wait: bool = True) -> bool:
         """Send ``message`` unless the channel is closed; False when it was.
 
         The check and the send happen under the channel lock, so that nothing
@@ -835,7 +836,8 @@ class SessionChannel:
         whole connection on a packet for a channel it has already freed. The
         lock is never held while waiting out a key exchange (the transport
         thread may need it to finish one). ``window`` is taken from the send
-        window, and ``eof`` marks EOF sent, only with the send.
+        window, and ``eof`` marks EOF sent, only with the send. With ``wait``
+        false, a key exchange running is a False too (nothing sent).
         """
         chan = self.chan
         while True:
@@ -847,9 +849,11 @@ class SessionChannel:
                     if eof:
                         chan.eof_sent = True
                     return True
+            if not wait:
+                return False
             await_key_exchange(self.transport)
 
-    def _request(self, kind: str, *fields: Any, want_reply: bool) -> bool:
+    def _request(self, kind: str, *fields: Any, want_reply: bool, wait: bool = True) -> bool:
         m = Message()
         m.add_byte(cMSG_CHANNEL_REQUEST)
         m.add_int(self.chan.remote_chanid)
@@ -865,7 +869,7 @@ class SessionChannel:
         if want_reply:
             # Queued before the send: the reply may come before the send returns.
             self._awaiting.append(kind)
-        sent = self._send(m)
+        sent = self._send(m, wait=wait)
         if not sent and want_reply:
             self._awaiting.pop()
         return sent
@@ -1141,11 +1145,16 @@ class SessionChannel:
         """
         self.discarding = True
         self.sending = False
+        # TERM leaves before the caller returns, as long as no key exchange holds it:
+        # the caller may close the connection next, and sshd leaves a command with
+        # no terminal running when its connection ends.
+        termed = self._signal("TERM", wait=False)
 
         def escalate() -> None:
-            # Sent from here, not the caller's thread: a key exchange the server
-            # stalls holds every send up to paramiko's clear_to_send_timeout.
-            self._signal("TERM")
+            if not termed:
+                # Sent from here, not the caller's thread: a key exchange the server
+                # stalls holds every send up to paramiko's clear_to_send_timeout.
+                self._signal("TERM")
             for step in ("KILL", "CLOSE"):
                 end = time.monotonic() + KILL_GRACE
                 while not self.remote_closed and self.transport.is_active():
@@ -1166,8 +1175,9 @@ class SessionChannel:
 
         threading.Thread(target=escalate, name="paramiko_executor escalate", daemon=True).start()
 
-    def _signal(self, name: str) -> None:
+    def _signal(self, name: str, wait: bool = True) -> bool:
+        """Ask the server to send signal ``name`` to the command; False if it was not sent."""
         try:
-            self._request("signal", name, want_reply=False)
+            return self._request("signal", name, want_reply=False, wait=wait)
         except TRANSPORT_ERRORS:
-            pass  # the connection ended: so did the command's session
+            return False  # the connection ended: so did the command's session

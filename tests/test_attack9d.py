@@ -1,0 +1,89 @@
+"""attack9d: attacks on attack9b's fixes that broke something, against real servers.
+
+One regression test per defect (or a strict xfail naming what is left).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from typing import Any, Iterator, List
+
+import pytest
+
+from paramiko_executor import CommandTimeout, SSHExecutor
+
+
+def _pids(pattern: str) -> List[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def _gone(pattern: str, within: float) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if not _pids(pattern):
+            return True
+        time.sleep(0.1)
+    return not _pids(pattern)
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_timed_out_command_is_ended_even_when_the_executor_closes_right_after(sshd):
+    """The TERM after a timeout went out from a thread of its own, after the caller returned.
+
+    A caller that closed the executor next (leaving a ``with`` block) closed the
+    connection first, most times: sshd leaves a command without a terminal running
+    when its connection ends, and ``sleep`` ran on for good (7 runs out of 8).
+    """
+    survivors = []
+    for attempt in range(4):
+        # A unique argument names the remote process for pgrep.
+        pattern = f"sleep 1000.{os.getpid()}{attempt}"
+        with SSHExecutor(**sshd.executor_parameters()) as executor:
+            executor.run_command("true", timeout=20)
+            with pytest.raises(CommandTimeout):
+                executor.run_command(f"exec {pattern}", timeout=0.5)
+        if not _gone(pattern, within=5):
+            survivors.append(pattern)
+            for pid in _pids(pattern):
+                os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"still running after the executor closed: {survivors}"
+
+
+@pytest.fixture
+def dropbear(sshd: Any) -> Iterator[Any]:
+    """A private Dropbear on 127.0.0.1 logging in sshd's test user with sshd's client key."""
+    from testsupport.dropbear import DropbearServer, DropbearUnavailable
+
+    try:
+        server = DropbearServer(username=sshd.username, client_key_path=sshd.client_key_path)
+    except DropbearUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    with server:
+        yield server
+
+
+@pytest.mark.hang_timeout(120)
+@pytest.mark.xfail(strict=True, reason="Dropbear ends the whole connection on a string over "
+                   "9000 bytes (MAX_STRING_LEN): MAX_REQUEST_TEXT (255 KiB) is sshd's limit, "
+                   "and a 9 KiB command cuts every command sharing the connection, 4 times")
+def test_a_long_command_on_dropbear_spares_the_connection(dropbear: Any) -> None:
+    """A command of 9001 bytes to 255 KiB ends Dropbear's connection ("String too long").
+
+    Retried on each new connection, it cuts the commands running beside it each time
+    (`ExecutorFailure` after 4 attempts, 4 connections ended).
+    """
+    with SSHExecutor(**dropbear.executor_parameters()) as executor:
+        executor.run_command("true", timeout=20)
+        # Refused at the call (ValueError) would spare the connection.
+        with contextlib.suppress(Exception):
+            executor.run_command("true " + "x" * 9000, timeout=30, check=False)
+        assert executor.run_command("echo ok", timeout=30).stdout == "ok\n"
+    ended = dropbear.read_log().count("String too long")
+    assert ended == 0, f"Dropbear ended {ended} connections on the command"
