@@ -145,6 +145,16 @@ class Executor(abc.ABC):
         self.close()
 
 
+def _check_request_texts(command: bytes, options: RunOptions) -> None:
+    """ValueError unless the exec of ``command`` and each variable fit in one request."""
+    for name, size in [("command", len(command)),
+                       *((f"env[{key!r}]", len(key.encode()) + len(value.encode()))
+                         for key, value in (options.env or {}).items())]:
+        if size > MAX_REQUEST_TEXT:
+            raise ValueError(f"{name} is {size} bytes: more than an SSH request carries "
+                             f"({MAX_REQUEST_TEXT}; pass large data as stdin_input)")
+
+
 def _is_file(value: Any) -> TypeGuard[Union[BinaryIO, IO[bytes]]]:
     return not isinstance(value, (str, bytes)) and not hasattr(value, "__fspath__")
 
@@ -563,12 +573,7 @@ class SSHExecutor(Executor):
     def _spec(self, command: str, stdin_input: StdinInput, options: RunOptions) -> CommandSpec:
         """What goes over the channel for ``command``: the command itself, and its stdin."""
         encoded = command.encode("utf-8")
-        for name, size in [("command", len(encoded)),
-                           *((f"env[{key!r}]", len(key.encode()) + len(value.encode()))
-                             for key, value in (options.env or {}).items())]:
-            if size > MAX_REQUEST_TEXT:
-                raise ValueError(f"{name} is {size} bytes: more than an SSH request carries "
-                                 f"({MAX_REQUEST_TEXT}; pass large data as stdin_input)")
+        _check_request_texts(encoded, options)
         return CommandSpec(encoded, stdin_bytes(stdin_input), options)
 
     def _execute(self, spec: CommandSpec, shown_command: str,
@@ -828,8 +833,10 @@ class DupingSSHExecutor(SSHExecutor):
             if bad in command:
                 raise ValueError(f"command must be one line: it holds {bad!r}, which would "
                                  "break the wrapper's line framing")
+        wrapper = self._wrapper.encode("utf-8")
+        _check_request_texts(wrapper, options)  # the command itself goes as stdin
         payload = command.encode("utf-8") + b"\n"
         data = stdin_bytes(stdin_input)
         if data:
             payload += data + b"\n"
-        return CommandSpec(self._wrapper.encode("utf-8"), payload, options)
+        return CommandSpec(wrapper, payload, options)

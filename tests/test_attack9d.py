@@ -14,7 +14,7 @@ from typing import Any, Iterator, List
 
 import pytest
 
-from paramiko_executor import CommandTimeout, SSHExecutor
+from paramiko_executor import SAFE_WRAPPER, CommandTimeout, DupingSSHExecutor, SSHExecutor
 
 
 def _pids(pattern: str) -> List[int]:
@@ -52,6 +52,21 @@ def test_a_timed_out_command_is_ended_even_when_the_executor_closes_right_after(
             for pid in _pids(pattern):
                 os.kill(pid, signal.SIGKILL)
     assert not survivors, f"still running after the executor closed: {survivors}"
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_variable_too_long_for_a_request_is_refused_by_the_duping_executor_too(sshd):
+    """`DupingSSHExecutor` skipped `SSHExecutor`'s check of the variables' sizes.
+
+    Its env requests go out as `SSHExecutor`'s do: a 300 kB value ended sshd's whole
+    connection (a packet over 256 KiB), 9 times over ("the connection was lost").
+    """
+    with DupingSSHExecutor(wrapper=SAFE_WRAPPER, **sshd.executor_parameters()) as executor:
+        with pytest.raises(ValueError, match="env"):
+            executor.run_command("echo hi", env={"LC_X": "y" * 300_000}, timeout=20)
+        with SSHExecutor(**sshd.executor_parameters()) as plain:
+            with pytest.raises(ValueError, match="env"):
+                plain.run_command("echo hi", env={"LC_X": "y" * 300_000}, timeout=20)
 
 
 @pytest.fixture
