@@ -723,9 +723,14 @@ class SessionChannel:
         self.wakeup.set()
 
     def _check_violation(self) -> None:
-        if self.violation is not None:
-            raise ExecutorFailure(f"protocol error from the server on the command's channel: "
-                                  f"{self.violation}; the command may have run")
+        if self.violation is None:
+            return
+        if not self.exec_asked:
+            # The server ended a channel no command ran on yet: another one may do.
+            raise NeverStarted(f"protocol error from the server before the command was sent: "
+                               f"{self.violation}")
+        raise ExecutorFailure(f"protocol error from the server on the command's channel: "
+                              f"{self.violation}; the command may have run")
 
     def open_answered(self, refused: bool) -> None:
         """The server answered the open: a round trip, timed for the slots' `Slots.pace`."""
@@ -988,13 +993,11 @@ class SessionChannel:
 
     def _start(self, spec: CommandSpec, deadline: Optional[float],
                after_exec: Optional[Callable[[], None]]) -> Optional[ChannelOutcome]:
-        if self.violation is not None:
-            # The server ended a channel no command ran on yet: another one may do.
-            raise NeverStarted(f"protocol error from the server before the command was sent: "
-                               f"{self.violation}")
         if spec.options.pty or spec.options.env:
             if not self._prepare(spec, deadline):
                 return None
+        # After the terminal's and variables' replies: a violation then came before the exec.
+        self._check_violation()
         # exec, stdin and EOF are pipelined without waiting for the exec
         # reply: the server handles them in order, and a refused exec
         # closes the channel before the rest is read.

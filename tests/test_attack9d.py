@@ -102,3 +102,38 @@ def test_a_long_command_on_dropbear_spares_the_connection(dropbear: Any) -> None
         assert executor.run_command("echo ok", timeout=30).stdout == "ok\n"
     ended = dropbear.read_log().count("String too long")
     assert ended == 0, f"Dropbear ended {ended} connections on the command"
+
+
+@pytest.mark.hang_timeout(90)
+def test_an_exit_status_while_a_terminal_is_asked_for_is_not_the_commands(monkeypatch):
+    """An exit status before the exec, sent while the client waits on its pty-req, ran nothing.
+
+    Before the pty-req it gave the channel up as `NeverStarted` and the command ran on
+    another; during it, the same violation was an `ExecutorFailure` saying "the command
+    may have run", and the command was not run at all.
+    """
+    import test_origin
+    from test_origin import HostileServer, finish
+
+    forged = []
+
+    def pty_request(self: Any, channel: Any, *args: Any) -> bool:
+        if not forged:  # the first channel only: the command's next channel is honest
+            forged.append(channel.get_id())
+            channel.send_exit_status(0)
+        return True
+
+    monkeypatch.setattr(test_origin._Interface, "check_channel_pty_request", pty_request,
+                        raising=False)
+
+    def real(chan: Any) -> None:
+        chan.sendall(b"real\n")
+        finish(chan, 0)
+
+    server = HostileServer({b"real": real, b"sync": finish})
+    try:
+        with SSHExecutor(**server.parameters()) as executor:
+            assert executor.run_command("real", pty=True, timeout=30).stdout == "real\n"
+            assert forged
+    finally:
+        server.stop()
