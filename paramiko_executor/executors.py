@@ -99,6 +99,10 @@ T = TypeVar("T")
 #: command sharing it would be cut, and this one retried to do it again.
 MAX_REQUEST_TEXT = 255 * 1024
 
+#: Dropbear's limit for any one string of a message (its MAX_STRING_LEN, in
+#: 2022.83): it ends the whole connection on a longer one, as sshd does past 256 KiB.
+DROPBEAR_MAX_TEXT = 9000
+
 #: The executor's own type, for ``with SSHExecutor(...) as executor``.
 ExecutorT = TypeVar("ExecutorT", bound="Executor")
 
@@ -145,14 +149,15 @@ class Executor(abc.ABC):
         self.close()
 
 
-def _check_request_texts(command: bytes, options: RunOptions) -> None:
+def _check_request_texts(command: bytes, options: RunOptions,
+                         limit: int = MAX_REQUEST_TEXT) -> None:
     """ValueError unless the exec of ``command`` and each variable fit in one request."""
     for name, size in [("command", len(command)),
                        *((f"env[{key!r}]", len(key.encode()) + len(value.encode()))
                          for key, value in (options.env or {}).items())]:
-        if size > MAX_REQUEST_TEXT:
-            raise ValueError(f"{name} is {size} bytes: more than an SSH request carries "
-                             f"({MAX_REQUEST_TEXT}; pass large data as stdin_input)")
+        if size > limit:
+            raise ValueError(f"{name} is {size} bytes: more than an SSH request to this "
+                             f"server carries ({limit}; pass large data as stdin_input)")
 
 
 def _is_file(value: Any) -> TypeGuard[Union[BinaryIO, IO[bytes]]]:
@@ -657,6 +662,9 @@ class SSHExecutor(Executor):
     def _run_once(self, link: Link, spec: CommandSpec,
                   deadline: Optional[float]) -> Optional[Any]:
         """One try on one connection; None when the deadline passed before the command started."""
+        if link.transport.remote_version.startswith("SSH-2.0-dropbear"):
+            # Known only once connected; refused before anything is sent.
+            _check_request_texts(spec.command, spec.options, DROPBEAR_MAX_TEXT)
         session = self._open_session(link, deadline)
         if session is None:
             return None

@@ -5,7 +5,6 @@ One regression test per defect (or a strict xfail naming what is left).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -85,21 +84,20 @@ def dropbear(sshd: Any) -> Iterator[Any]:
 
 
 @pytest.mark.hang_timeout(120)
-@pytest.mark.xfail(strict=True, reason="Dropbear ends the whole connection on a string over "
-                   "9000 bytes (MAX_STRING_LEN): MAX_REQUEST_TEXT (255 KiB) is sshd's limit, "
-                   "and a 9 KiB command cuts every command sharing the connection, 4 times")
-def test_a_long_command_on_dropbear_spares_the_connection(dropbear: Any) -> None:
-    """A command of 9001 bytes to 255 KiB ends Dropbear's connection ("String too long").
+def test_a_long_command_on_dropbear_is_refused_and_spares_the_connection(dropbear: Any) -> None:
+    """Dropbear ends the whole connection on a string over 9000 bytes ("String too long").
 
-    Retried on each new connection, it cuts the commands running beside it each time
+    MAX_REQUEST_TEXT (255 KiB) is sshd's limit: a 9001-byte command went out, and was
+    re-sent on each new connection, cutting the commands beside it each time
     (`ExecutorFailure` after 4 attempts, 4 connections ended).
     """
     with SSHExecutor(**dropbear.executor_parameters()) as executor:
         executor.run_command("true", timeout=20)
-        # Refused at the call (ValueError) would spare the connection.
-        with contextlib.suppress(Exception):
+        assert executor.run_command("echo " + "x" * 8995, timeout=30).stdout == "x" * 8995 + "\n"
+        with pytest.raises(ValueError, match="command is 9005 bytes"):
             executor.run_command("true " + "x" * 9000, timeout=30, check=False)
         assert executor.run_command("echo ok", timeout=30).stdout == "ok\n"
+        assert executor.statistics().reconnects == 0
     ended = dropbear.read_log().count("String too long")
     assert ended == 0, f"Dropbear ended {ended} connections on the command"
 
