@@ -663,8 +663,13 @@ class SSHExecutor(Executor):
                   deadline: Optional[float]) -> Optional[Any]:
         """One try on one connection; None when the deadline passed before the command started."""
         if link.transport.remote_version.startswith("SSH-2.0-dropbear"):
-            # Known only once connected; refused before anything is sent.
-            _check_request_texts(spec.command, spec.options, DROPBEAR_MAX_TEXT)
+            # Known only once connected: this server's failure, not the caller's (a
+            # HostGroup's other hosts run the command), and nothing sent.
+            try:
+                _check_request_texts(spec.command, spec.options, DROPBEAR_MAX_TEXT)
+            except ValueError as exc:
+                raise ExecutorFailure(f"{exc}: Dropbear would end the connection; "
+                                      "the command did not run") from None
         session = self._open_session(link, deadline)
         if session is None:
             return None

@@ -13,7 +13,13 @@ from typing import Any, Iterator, List
 
 import pytest
 
-from paramiko_executor import SAFE_WRAPPER, CommandTimeout, DupingSSHExecutor, SSHExecutor
+from paramiko_executor import (
+    SAFE_WRAPPER,
+    CommandTimeout,
+    DupingSSHExecutor,
+    ExecutorFailure,
+    SSHExecutor,
+)
 
 
 def _pids(pattern: str) -> List[int]:
@@ -89,12 +95,14 @@ def test_a_long_command_on_dropbear_is_refused_and_spares_the_connection(dropbea
 
     MAX_REQUEST_TEXT (255 KiB) is sshd's limit: a 9001-byte command went out, and was
     re-sent on each new connection, cutting the commands beside it each time
-    (`ExecutorFailure` after 4 attempts, 4 connections ended).
+    (`ExecutorFailure` after 4 attempts, 4 connections ended). Now it is this host's
+    `ExecutorFailure` before anything is sent (not a `ValueError`: the limit is the
+    server's, and a `HostGroup`'s other hosts run the command).
     """
     with SSHExecutor(**dropbear.executor_parameters()) as executor:
         executor.run_command("true", timeout=20)
         assert executor.run_command("echo " + "x" * 8995, timeout=30).stdout == "x" * 8995 + "\n"
-        with pytest.raises(ValueError, match="command is 9005 bytes"):
+        with pytest.raises(ExecutorFailure, match="command is 9005 bytes.*did not run"):
             executor.run_command("true " + "x" * 9000, timeout=30, check=False)
         assert executor.run_command("echo ok", timeout=30).stdout == "ok\n"
         assert executor.statistics().reconnects == 0
