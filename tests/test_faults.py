@@ -7,6 +7,7 @@ import shutil
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from helpers import wait_for
@@ -144,14 +145,45 @@ def test_channel_refusals_are_retried_on_the_same_connection(make_test_server):
     assert server.peak_channels <= 2
 
 
-def test_mock_ssh_server_compatibility(tmp_path):
+def _race_free_mockssh_server() -> Any:
+    """mock-ssh-server 0.9.1's `Server`, less one race of its own.
+
+    Its accept loop checks for a channel's command queue and then creates
+    one: an exec request handled in between (by paramiko's thread) puts the
+    command in a queue that the loop then replaces, and the command never
+    runs. Any client that sends the exec as soon as the open is confirmed
+    meets it now and then under load. Only that line differs here.
+    """
+    from queue import Queue
+
     mockssh = pytest.importorskip("mockssh")
+
+    handler_base: Any = mockssh.server.Handler
+    server_base: Any = mockssh.Server
+
+    class Handler(handler_base):
+        def run(self) -> None:
+            self.transport.start_server(server=self)
+            for _ in range(100_000):
+                channel = self.transport.accept()
+                if channel is None:
+                    break
+                self.command_queues.setdefault(channel.chanid, Queue())
+                threading.Thread(target=self.handle_client, args=(channel,), daemon=True).start()
+
+    class Server(server_base):
+        handler_cls = Handler
+
+    return Server({})
+
+
+def test_mock_ssh_server_compatibility(tmp_path):
     from paramiko_executor.testing import SSHTestServer
 
     key_path = str(tmp_path / "id")
     with SSHTestServer() as keys:  # borrow a generated (ECDSA) client key
         shutil.copy(keys.client_key_path, key_path)
-    server = mockssh.Server({})
+    server = _race_free_mockssh_server()
     server.add_user("user", key_path, keytype="ecdsa-sha2-nistp256")
     with server:
         with SSHExecutor(host="127.0.0.1", port=server.port, username="user",
