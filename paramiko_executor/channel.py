@@ -108,6 +108,11 @@ log = logging.getLogger("paramiko_executor.channel")
 #: again after that, our CLOSE. The slot stays taken until the server's CLOSE.
 KILL_GRACE = 5.0
 
+#: How long a timed-out caller waits for another thread's send to let its TERM
+#: out (a packet's write takes microseconds; one to a peer that stopped reading
+#: never ends): past it, the TERM goes out from the background.
+BUSY_SEND_WAIT = 0.25
+
 #: How often a thread waiting on a channel checks that the connection lives:
 #: a channel we closed ourselves is not woken by the transport's end.
 LIVENESS_POLL = 1.0
@@ -842,14 +847,16 @@ class SessionChannel:
         lock is never held while waiting out a key exchange (the transport
         thread may need it to finish one). ``window`` is taken from the send
         window, and ``eof`` marks EOF sent, only with the send. With ``wait``
-        false, a key exchange running is a False too (nothing sent).
+        false, a key exchange running, or another thread's send holding the
+        connection `BUSY_SEND_WAIT` seconds, is a False too (nothing sent).
         """
         chan = self.chan
         while True:
             with chan.lock:
                 if chan.closed:
                     return False
-                if send_if_clear(self.transport, message):
+                if send_if_clear(self.transport, message,
+                                 within=None if wait else BUSY_SEND_WAIT):
                     chan.out_window_size -= window
                     if eof:
                         chan.eof_sent = True
@@ -1148,7 +1155,8 @@ class SessionChannel:
         """
         self.discarding = True
         self.sending = False
-        # TERM leaves before the caller returns, as long as no key exchange holds it:
+        # TERM leaves before the caller returns, as long as no key exchange or other
+        # thread's send holds it:
         # the caller may close the connection next, and sshd leaves a command with
         # no terminal running when its connection ends.
         termed = self._signal("TERM", wait=False)

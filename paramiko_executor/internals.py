@@ -201,13 +201,31 @@ def send_when_clear(transport: paramiko.Transport, message: Message) -> None:
     transport._send_user_message(message)  # type: ignore[attr-defined]
 
 
-def send_if_clear(transport: paramiko.Transport, message: Message) -> bool:
-    """Send ``message`` now if no key exchange runs; False (nothing sent) if one does."""
-    with transport.clear_to_send_lock:
-        if transport.clear_to_send.is_set():
+def send_if_clear(transport: paramiko.Transport, message: Message, *,
+                  within: Optional[float] = None) -> bool:
+    """Send ``message`` now if no key exchange runs; False (nothing sent) if one does.
+
+    With ``within``, also False when another thread's send holds the connection
+    that many seconds: its write may wait on a peer that stopped reading, for as
+    long as the peer lives.
+    """
+    wait = -1.0 if within is None else within
+    if not transport.clear_to_send_lock.acquire(timeout=wait):
+        return False
+    try:
+        if not transport.clear_to_send.is_set():
+            return False
+        # paramiko's packet write lock is reentrant: _send_message takes it again.
+        write_lock = transport.packetizer._Packetizer__write_lock  # type: ignore[attr-defined]
+        if not write_lock.acquire(timeout=wait):
+            return False
+        try:
             transport._send_message(message)  # type: ignore[attr-defined]
-            return True
-    return False
+        finally:
+            write_lock.release()
+        return True
+    finally:
+        transport.clear_to_send_lock.release()
 
 
 def send_within(transport: paramiko.Transport, message: Message,

@@ -1,0 +1,60 @@
+"""attack9f: attacks on attack9d's and 6a8f66b/42aabbc's fixes, against real servers.
+
+One regression test per defect (or a strict xfail naming what is left).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from paramiko_executor import CommandTimeout, SSHExecutor
+
+UPLOAD = 24 * 1024 * 1024
+
+
+@pytest.mark.hang_timeout(120)
+@pytest.mark.skipif(os.name != "posix", reason="socket buffers filled on a frozen peer")
+def test_a_timeout_returns_while_another_commands_upload_holds_the_socket(make_test_server):
+    """The caller's TERM after its timeout waited on the socket another thread writes to.
+
+    The server stops reading (frozen, no keepalive): a second command's upload fills the
+    socket buffers and holds the transport's send locks. The timed-out caller sent its
+    TERM from its own thread, and so hung until the server read again (for good here);
+    the TERM must go out from the background then, and the caller return at its deadline.
+    """
+    from helpers import call_in_thread, wait_for
+
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true", timeout=20)
+        transport = ex._connection.link.transport
+        timed = call_in_thread(lambda: ex.run_command("sleep 60", timeout=10))
+        wait_for(lambda: "sleep 60" in server.commands, "the sleep to start")
+        # Each upload may send its channel's window (2 MiB) past the freeze: together,
+        # more than the socket buffers hold.
+        uploads = [call_in_thread(lambda: ex.run_command("wc -c", b"u" * UPLOAD))
+                   for _ in range(8)]
+        wait_for(lambda: server.commands.count("wc -c") == 8, "the uploads to start")
+        server.freeze()
+        try:
+            # Bounded: until the upload is stuck writing (its bytes stop moving).
+            before, end = -1, time.monotonic() + 20
+            while time.monotonic() < end:
+                sent = transport.packetizer._Packetizer__sent_bytes
+                if sent == before:
+                    break
+                before = sent
+                time.sleep(0.5)
+            assert timed["thread"].is_alive(), "timed out before the uploads filled the socket"
+            timed["thread"].join(20)
+            returned = not timed["thread"].is_alive()
+        finally:
+            server.thaw()
+        timed["thread"].join(60)
+        for upload in uploads:
+            upload["thread"].join(60)
+        assert returned, "the timed-out call hung on the socket another command filled"
+        assert isinstance(timed.get("error"), CommandTimeout), timed
