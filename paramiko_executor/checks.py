@@ -56,17 +56,23 @@ def check_str(name: str, value: Any, *, optional: bool = True) -> Optional[str]:
     return value
 
 
-def check_secret(name: str, value: Any) -> Optional[str]:
-    """A password or passphrase: None or a str that UTF-8 can encode (as it is sent).
+def encode_text(name: str, text: str) -> bytes:
+    """``text`` in UTF-8, as it is sent; ValueError naming ``name`` if it cannot be.
 
-    Refused without quoting it: the codec's own error would carry the whole secret.
+    The error does not quote ``text``: the codec's own error would carry all of
+    it (a password, or stdin for ``sudo -S``) in its args and repr.
     """
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} holds a lone surrogate, which UTF-8 cannot encode") from None
+
+
+def check_secret(name: str, value: Any) -> Optional[str]:
+    """A password or passphrase: None or a str that UTF-8 can encode (as it is sent)."""
     secret = check_str(name, value)
     if secret is not None:
-        try:
-            secret.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{name} holds a lone surrogate, which UTF-8 cannot encode") from None
+        encode_text(name, secret)
     return secret
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
-from .checks import check_bool, check_timeout
+from .checks import check_bool, check_timeout, encode_text
 from .errors import CommandExecutionFailure, CommandTimeout
 from .results import CommandResult, Output, check_encoding
 from .text import printable
@@ -29,6 +29,7 @@ def check_command(command: Any) -> str:
         raise TypeError(f"command must be a str, not {type(command).__name__}")
     if "\0" in command:
         raise ValueError("command must not contain a NUL character")
+    encode_text("command", command)
     return command
 
 
@@ -37,7 +38,7 @@ def stdin_bytes(stdin_input: Any) -> bytes:
     if stdin_input is None:
         return b""
     if isinstance(stdin_input, str):
-        return stdin_input.encode("utf-8")
+        return encode_text("stdin_input", stdin_input)
     if isinstance(stdin_input, (bytes, bytearray, memoryview)):
         return bytes(stdin_input)
     raise TypeError(f"stdin_input must be str, bytes or None, not {type(stdin_input).__name__}")
@@ -65,6 +66,7 @@ def _check_env(env: Any) -> Optional[Dict[str, str]]:
                             f"{type(name).__name__} -> {type(value).__name__} given")
         if not name or "=" in name or "\0" in name or "\0" in value:
             raise ValueError(f"env: {name!r} is not a valid variable name (or its value holds NUL)")
+        encode_text(f"env[{name!r}]", name + value)
         checked[name] = value
     return checked
 

@@ -58,3 +58,26 @@ def test_a_timeout_returns_while_another_commands_upload_holds_the_socket(make_t
             upload["thread"].join(60)
         assert returned, "the timed-out call hung on the socket another command filled"
         assert isinstance(timed.get("error"), CommandTimeout), timed
+
+
+@pytest.mark.hang_timeout(60)
+@pytest.mark.parametrize("kind", ["plain", "duping"])
+@pytest.mark.parametrize("call, name", [
+    (dict(command="sudo -S true", stdin_input="hunter2\udc80\n"), "stdin_input"),
+    (dict(command="true", env={"LC_TOKEN": "hunter2\udc80"}), "env['LC_TOKEN']"),
+    (dict(command="mysql -phunter2\udc80"), "command"),
+])
+def test_text_utf8_cannot_encode_is_refused_without_quoting_it(sshd, kind, call, name):
+    """42aabbc kept a password UTF-8 cannot encode out of the error; stdin, where
+    ``sudo -S`` passwords go, an env value and the command were not: run_command raised
+    the codec's UnicodeEncodeError, whose args and repr hold the whole text."""
+    from paramiko_executor import SAFE_WRAPPER, DupingSSHExecutor
+
+    make = (SSHExecutor if kind == "plain"
+            else lambda **kw: DupingSSHExecutor(wrapper=SAFE_WRAPPER, **kw))
+    with make(**sshd.executor_parameters()) as ex:
+        with pytest.raises(ValueError) as caught:
+            ex.run_command(**call, timeout=20)
+        assert "hunter2" not in repr(caught.value) and "hunter2" not in str(caught.value.args)
+        assert name in str(caught.value) and "UTF-8" in str(caught.value)
+        assert ex.run_command("echo ok", timeout=20).stdout == "ok\n"
