@@ -64,6 +64,7 @@ from .retry import ConnectRetry
 from .slots import Slots
 from .stats import Counters
 from .text import printable
+from .totp import LoginAbandoned
 from .waits import Signal, wait_any
 from .warm import Spare
 
@@ -913,9 +914,10 @@ class Connection:
                 if not isinstance(exc, Exception):
                     raise  # Ctrl-C in the caller leading it: its own, not a failed connect
                 failure = _classify(exc, self.target)
-                # A login we stopped ourselves (closed, or no caller waits) did not fail.
-                if not (isinstance(exc, AuthenticationInterrupted)
-                        and (attempt.cancelled.is_set() or self._unwanted(attempt))):
+                # A login we stopped ourselves (closed, or no caller waits) did not fail;
+                # one the server broke did, waited for or not.
+                if not ((isinstance(exc, AuthenticationInterrupted) and attempt.cancelled.is_set())
+                        or (isinstance(exc, LoginAbandoned) and self._unwanted(attempt))):
                     self.counters.add(connect_failures=1)
                 if not isinstance(failure, TemporaryFailure):
                     log.info("connecting to %s failed: %s", self.target, failure)

@@ -34,6 +34,7 @@ from .text import printable
 
 __all__ = [
     "LEDGER_ENV",
+    "LoginAbandoned",
     "TOTPLedger",
     "TOTP_LEDGER",
     "default_ledger_path",
@@ -56,6 +57,14 @@ PLAUSIBLE_AHEAD = 2
 
 #: How often a login waiting for a fresh code checks whether it was abandoned (seconds).
 _ABANDON_POLL = 0.1
+
+
+class LoginAbandoned(AuthenticationInterrupted):
+    """A login stopped while it waited for a code, because ``abandoned()`` said so.
+
+    The executor's own doing (no caller waits for the login), not the server's:
+    a connection the server broke is a plain `AuthenticationInterrupted`.
+    """
 
 
 class _TOTP(pyotp.TOTP):
@@ -272,7 +281,7 @@ class _LedgerFile:
 def _check_login_waits(until: Optional[float], abandoned: Optional[Callable[[], bool]]) -> None:
     """Raise `AuthenticationInterrupted` once a login's time ran out or it was abandoned."""
     if abandoned is not None and abandoned():
-        raise AuthenticationInterrupted(
+        raise LoginAbandoned(
             "the login was abandoned while it waited for the TOTP ledger's lock")
     if until is not None and time.monotonic() >= until:
         raise AuthenticationInterrupted(
@@ -424,7 +433,7 @@ class TOTPLedger:
         end = time.monotonic() + delay
         while True:
             if abandoned is not None and abandoned():
-                raise AuthenticationInterrupted(
+                raise LoginAbandoned(
                     "the login was abandoned while it waited for a fresh TOTP code")
             remaining = end - time.monotonic()
             if remaining <= 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import pytest
 
@@ -81,3 +82,33 @@ def test_text_utf8_cannot_encode_is_refused_without_quoting_it(sshd, kind, call,
         assert "hunter2" not in repr(caught.value) and "hunter2" not in str(caught.value.args)
         assert name in str(caught.value) and "UTF-8" in str(caught.value)
         assert ex.run_command("echo ok", timeout=20).stdout == "ok\n"
+
+
+@pytest.mark.hang_timeout(60)
+def test_a_login_the_server_breaks_counts_as_failed_when_no_caller_waits_any_more(
+        make_test_server, monkeypatch):
+    """6a8f66b left out of ``connect_failures`` every interrupted login nobody waited for.
+
+    Meant for the logins the executor stops itself (a TOTP wait nobody wants), it also
+    hid the server breaking the connection mid-login once the caller's timeout had
+    passed: a real failed attempt, counted before.
+    """
+    from helpers import wait_for
+
+    import paramiko_executor.testing.server as testing_server
+
+    broken = []
+
+    def break_login(self: Any, username: str, key: Any) -> int:
+        time.sleep(1.5)  # past the caller's timeout: nobody waits for the login then
+        broken.append(username)
+        raise EOFError("the server breaks the connection mid-login")
+
+    monkeypatch.setattr(testing_server._Connection, "check_auth_publickey", break_login)
+    server = make_test_server()
+    with SSHExecutor(**server.executor_parameters(), connect_retries=0) as ex:
+        with pytest.raises(CommandTimeout):
+            ex.run_command("true", timeout=0.3)
+        wait_for(lambda: bool(broken), "the server to break the login")
+        wait_for(lambda: ex.statistics().connect_failures == 1,
+                 "the broken login to be counted", timeout=10)
