@@ -19,7 +19,7 @@ class ExecutorStatistics:
     commands_failed`` + the calls in flight. ``connects`` counts successful
     logins, ``reconnects`` those after the first, ``connect_failures`` every
     failed attempt (not one the executor stopped itself: on ``close()``, or
-    a login nobody waits for any more); ``commands_retried`` every re-send after a lost
+    a TOTP wait nobody waits for any more); ``commands_retried`` every re-send after a lost
     connection; ``refused_opens`` channel opens a live server refused;
     ``open_channels`` the server sessions held now, ``waiting`` the threads
     queued for a slot; bytes are payload (stdin, output, file data).
