@@ -50,6 +50,11 @@ def test_a_timeout_returns_while_another_commands_upload_holds_the_socket(make_t
                 before = sent
                 time.sleep(0.5)
             assert timed["thread"].is_alive(), "timed out before the uploads filled the socket"
+            write_lock = transport.packetizer._Packetizer__write_lock
+            held = not write_lock.acquire(blocking=False)
+            if not held:
+                write_lock.release()
+            assert held, "no upload is stuck writing: the socket buffers took it all"
             timed["thread"].join(20)
             returned = not timed["thread"].is_alive()
         finally:
