@@ -361,8 +361,16 @@ class _Login:
         self.agent: Optional[paramiko.Agent] = None
 
     def gone(self) -> bool:
-        """Whether the login is for nothing any more: its transport ended, or it was abandoned."""
-        return not self.t.is_active() or (self.abandoned is not None and self.abandoned())
+        """Whether the login was abandoned; `AuthenticationInterrupted` once its transport ended.
+
+        Not a `LoginAbandoned`: a connection the server broke (or close() ended) is
+        no login the executor gave up, and counts as a failed connect unless closed.
+        """
+        if not self.t.is_active():
+            raise AuthenticationInterrupted(
+                f"connection to {self.target} lost during authentication "
+                "(waiting for a fresh TOTP code)")
+        return self.abandoned is not None and self.abandoned()
 
     # -- outcome classification -------------------------------------------------------------
 
