@@ -65,7 +65,10 @@ def encode_text(name: str, text: str) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{name} holds a lone surrogate, which UTF-8 cannot encode") from None
+        pass
+    # Raised outside the ``except``: ``from None`` only hides the codec's error from
+    # tracebacks, it would stay our error's ``__context__``, text and all.
+    raise ValueError(f"{name} holds a lone surrogate, which UTF-8 cannot encode")
 
 
 def check_secret(name: str, value: Any) -> Optional[str]:

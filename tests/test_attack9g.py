@@ -69,3 +69,32 @@ def test_a_server_breaking_the_totp_wait_nobody_waits_for_counts_as_failed(
         assert totp.server.totp_accepted == 1
     finally:
         second.close()
+
+
+def _holds(error: BaseException, text: str) -> bool:
+    """Whether ``error`` or an exception chained to it (shown or not) carries ``text``."""
+    return any(text in repr(e) or text in repr(getattr(e, "object", "")) for e in _chain(error))
+
+
+@pytest.mark.hang_timeout(60)
+@pytest.mark.parametrize("where", ["ssh", "shell", "group", "password"])
+def test_text_utf8_cannot_encode_stays_out_of_the_errors_context(sshd: Any, where: str) -> None:
+    """attack9f's ``encode_text`` raised its ValueError inside the ``except``: ``from None``
+    only hides the codec's UnicodeEncodeError from tracebacks; it stays the error's
+    ``__context__``, whose ``object`` is the whole text (a ``sudo -S`` password, say)."""
+    from paramiko_executor import HostGroup, ShellExecutor
+
+    secret = "hunter2\udc80\n"
+    with pytest.raises(ValueError) as caught:
+        if where == "password":
+            SSHExecutor(**dict(sshd.executor_parameters(), password=secret))
+        elif where == "group":
+            with HostGroup([sshd.executor_parameters()]) as group:
+                group.run_command("sudo -S true", secret)
+        else:
+            with (SSHExecutor(**sshd.executor_parameters()) if where == "ssh"
+                  else ShellExecutor()) as ex:
+                ex.run_command("sudo -S true", secret, timeout=20)
+    name = "password" if where == "password" else "stdin_input"
+    assert name in str(caught.value)
+    assert not _holds(caught.value, "hunter2"), [repr(e) for e in _chain(caught.value)]
