@@ -265,9 +265,13 @@ def parse_mfa_config(
             raise ValueError(f"{where}['totp'] must not be empty")
         try:
             _make_totp(secret).now()
+            valid = True
         except (ValueError, TypeError, binascii.Error):
-            # ``from None``: the underlying message could quote the secret.
-            raise ValueError(f"{where}['totp'] is not a valid base32 TOTP secret") from None
+            valid = False
+        if not valid:
+            # Raised outside the ``except``: the codec's error (a non-ASCII secret) holds
+            # the whole secret, and would stay our error's ``__context__`` even ``from None``.
+            raise ValueError(f"{where}['totp'] is not a valid base32 TOTP secret")
         entries.append(MFAEntry(prompt=prompt, totp=secret))
     return tuple(entries)
 

@@ -98,3 +98,16 @@ def test_text_utf8_cannot_encode_stays_out_of_the_errors_context(sshd: Any, wher
     name = "password" if where == "password" else "stdin_input"
     assert name in str(caught.value)
     assert not _holds(caught.value, "hunter2"), [repr(e) for e in _chain(caught.value)]
+
+
+@pytest.mark.hang_timeout(60)
+def test_a_non_ascii_totp_secret_stays_out_of_the_errors_context(make_test_server: Any) -> None:
+    """parse_mfa_config refused a secret ``from None`` inside the ``except``: base32's
+    UnicodeEncodeError, the secret in its ``object``, stayed in the error's context chain."""
+    server = make_test_server()
+    secret = "JBSWY3DPEHPK3PXQé"
+    with pytest.raises(ValueError) as caught:
+        SSHExecutor(**server.executor_parameters(),
+                    mfa_config=[{"prompt": "Verification code: ", "totp": secret}])
+    assert "mfa_config[0]['totp']" in str(caught.value)
+    assert not _holds(caught.value, "JBSWY3DPEHPK3PXQ"), [repr(e) for e in _chain(caught.value)]
