@@ -114,7 +114,7 @@ def test_parse_rejects_invalid_base32_without_echoing_it(secret):
     with pytest.raises(ValueError, match=r"mfa_config\[0\]\['totp'\] is not a valid base32") as e:
         parse_mfa_config([{"prompt": "p", "totp": secret}])
     assert secret not in str(e.value)
-    assert e.value.__cause__ is None and e.value.__suppress_context__
+    assert e.value.__cause__ is None and e.value.__context__ is None  # nothing holds it
 
 
 # -- secrecy of reprs -----------------------------------------------------------------------
