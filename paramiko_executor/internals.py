@@ -79,6 +79,10 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     Replaced per transport (`thread_free_handshake_timer`): paramiko starts a
     ``threading.Timer`` thread per connection for that limit, which only sets
     a flag its reads test, and is cancelled at the server's first message.
+``Packetizer.__write_lock`` (``_Packetizer__write_lock``)
+    Taken with a time limit before a send that must not wait on another
+    thread's write to a peer that stopped reading (`send_if_clear` with
+    ``within``); reentrant, so paramiko's own send takes it again.
 ``paramiko.transport._active_threads``
     Emptied in a forked child, whose exit hook would otherwise stop the
     parent's transports (`forget_parent_transports`). A transport leaves it
@@ -170,6 +174,7 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("Packetizer", "_Packetizer__timer"),
     ("Packetizer", "start_handshake"),
     ("Packetizer", "handshake_timed_out"),
+    ("Packetizer", "_Packetizer__write_lock"),
 )
 
 Handler = Callable[..., None]
@@ -206,18 +211,19 @@ def send_if_clear(transport: paramiko.Transport, message: Message, *,
     """Send ``message`` now if no key exchange runs; False (nothing sent) if one does.
 
     With ``within``, also False when another thread's send holds the connection
-    that many seconds: its write may wait on a peer that stopped reading, for as
-    long as the peer lives.
+    that many seconds (both locks together): its write may wait on a peer that
+    stopped reading, for as long as the peer lives.
     """
-    wait = -1.0 if within is None else within
-    if not transport.clear_to_send_lock.acquire(timeout=wait):
+    end = None if within is None else time.monotonic() + within
+    if not transport.clear_to_send_lock.acquire(timeout=-1.0 if within is None else within):
         return False
     try:
         if not transport.clear_to_send.is_set():
             return False
         # paramiko's packet write lock is reentrant: _send_message takes it again.
         write_lock = transport.packetizer._Packetizer__write_lock  # type: ignore[attr-defined]
-        if not write_lock.acquire(timeout=wait):
+        left = -1.0 if end is None else max(0.0, end - time.monotonic())
+        if not write_lock.acquire(timeout=left):
             return False
         try:
             transport._send_message(message)  # type: ignore[attr-defined]

@@ -4,7 +4,7 @@ against real servers. One regression test per defect (or a strict xfail naming w
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, List
 
 import pytest
 from helpers import call_in_thread, outcome_within, wait_for
@@ -13,9 +13,9 @@ from test_attack_abandon import Totp, abandoned, ledger, login_waiting, totp  # 
 from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor
 
 
-def _chain(error: BaseException) -> list:
+def _chain(error: BaseException) -> List[BaseException]:
     """``error`` and every exception it was raised from or during."""
-    seen = []
+    seen: List[BaseException] = []
     current: Any = error
     while current is not None and len(seen) < 20:
         seen.append(current)
