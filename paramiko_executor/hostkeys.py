@@ -23,7 +23,6 @@ import os
 import re
 import struct
 import threading
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -32,7 +31,7 @@ from paramiko.hostkeys import HostKeys
 
 from .hostnames import match_pattern_list
 from .results import HostKeyFailure
-from .totp import make_private_directories
+from .totp import lock_within, make_private_directories
 
 try:
     import fcntl
@@ -668,15 +667,6 @@ class HostKeyPolicy:
 
 def _lock_file(fd: int) -> None:
     """An exclusive ``flock`` on ``fd``, waiting at most `APPEND_LOCK_TIMEOUT`; else OSError."""
-    give_up = time.monotonic() + APPEND_LOCK_TIMEOUT
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-        if time.monotonic() >= give_up:
-            raise OSError(errno.EWOULDBLOCK, f"another process held its lock for "
-                          f"{APPEND_LOCK_TIMEOUT:g} s")
-        time.sleep(_APPEND_LOCK_POLL)
+    if not lock_within(fd, APPEND_LOCK_TIMEOUT, _APPEND_LOCK_POLL):
+        raise OSError(errno.EWOULDBLOCK, f"another process held its lock for "
+                      f"{APPEND_LOCK_TIMEOUT:g} s")

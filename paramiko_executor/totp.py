@@ -174,19 +174,10 @@ class _LedgerFile:
 
     def _lock(self, fd: int, until: Optional[float],
               abandoned: Optional[Callable[[], bool]]) -> None:
-        give_up = time.monotonic() + self.LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-            _check_login_waits(until, abandoned)
-            if time.monotonic() > give_up:
-                raise _LedgerUnusable(f"it stayed locked for {self.LOCK_TIMEOUT:g} s "
-                                     "(a stopped process holds it?)")
-            time.sleep(self._LOCK_POLL)
+        if not lock_within(fd, self.LOCK_TIMEOUT, self._LOCK_POLL,
+                           lambda: _check_login_waits(until, abandoned)):
+            raise _LedgerUnusable(f"it stayed locked for {self.LOCK_TIMEOUT:g} s "
+                                  "(a stopped process holds it?)")
 
     @staticmethod
     def _hmac_key(fd: int) -> bytes:
@@ -286,6 +277,27 @@ def _check_login_waits(until: Optional[float], abandoned: Optional[Callable[[], 
     if until is not None and time.monotonic() >= until:
         raise AuthenticationInterrupted(
             "the login's time ran out while it waited for the TOTP ledger's lock")
+
+
+def lock_within(fd: int, seconds: float, poll: float,
+                between: Optional[Callable[[], None]] = None) -> bool:
+    """An exclusive ``flock`` on ``fd``, tried every ``poll`` s for ``seconds``; False if not had.
+
+    ``between`` runs after each refused try (it raises to end the wait early).
+    """
+    give_up = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+        if between is not None:
+            between()
+        if time.monotonic() >= give_up:
+            return False
+        time.sleep(poll)
 
 
 def make_private_directories(directory: str) -> None:

@@ -11,9 +11,12 @@ import time
 from typing import Any, Dict
 
 import pytest
+import test_attack_origin
 from helpers import wait_for
 
 from paramiko_executor import CommandExecutionFailure, CommandTimeout, ExecutorFailure, SSHExecutor
+
+hostile = test_attack_origin.hostile  # a HostileServer per test, stopped after it
 
 # --- a key exchange the server stalls -------------------------------------------------------
 
@@ -122,22 +125,6 @@ def test_a_forwarded_sockets_send_in_a_stalled_key_exchange_keeps_its_timeout(
 
 
 # --- a server's contradictory ending -----------------------------------------------------------
-
-
-@pytest.fixture
-def hostile():
-    from test_origin import HostileServer, finish
-
-    servers = []
-
-    def make(behaviours):
-        server = HostileServer({**behaviours, b"sync": finish})
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 @pytest.mark.hang_timeout(90)
