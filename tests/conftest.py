@@ -129,6 +129,21 @@ def sshd() -> Iterator[OpenSSHServer]:
     server.close()
 
 
+@pytest.fixture
+def dropbear(sshd: Any) -> Iterator[Any]:
+    """A private Dropbear on 127.0.0.1 logging in sshd's test user with sshd's client key."""
+    from testsupport.dropbear import DropbearServer, DropbearUnavailable
+
+    try:
+        server = DropbearServer(username=sshd.username, client_key_path=sshd.client_key_path)
+    except DropbearUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    with server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def sshd3() -> Iterator[OpenSSHServer]:
     """A private sshd with MaxSessions 3, shared by the session."""

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 
@@ -72,21 +72,6 @@ def test_a_variable_too_long_for_a_request_is_refused_by_the_duping_executor_too
         with SSHExecutor(**sshd.executor_parameters()) as plain:
             with pytest.raises(ValueError, match="env"):
                 plain.run_command("echo hi", env={"LC_X": "y" * 300_000}, timeout=20)
-
-
-@pytest.fixture
-def dropbear(sshd: Any) -> Iterator[Any]:
-    """A private Dropbear on 127.0.0.1 logging in sshd's test user with sshd's client key."""
-    from testsupport.dropbear import DropbearServer, DropbearUnavailable
-
-    try:
-        server = DropbearServer(username=sshd.username, client_key_path=sshd.client_key_path)
-    except DropbearUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
-    with server:
-        yield server
 
 
 @pytest.mark.hang_timeout(120)

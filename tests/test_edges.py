@@ -317,21 +317,6 @@ def test_unanswered_opens_at_a_low_max_sessions_still_fail(make_test_server):
         assert not isinstance(outcome[0], CommandExecutionFailure)
 
 
-@pytest.fixture
-def dropbear(sshd):
-    """A private Dropbear on 127.0.0.1 logging in sshd's test user with sshd's client key."""
-    from testsupport.dropbear import DropbearServer, DropbearUnavailable
-
-    try:
-        server = DropbearServer(username=sshd.username, client_key_path=sshd.client_key_path)
-    except DropbearUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
-    with server:
-        yield server
-
-
 @pytest.mark.hang_timeout(300)
 def test_dropbear_many_threads_never_report_a_command_that_did_not_run(dropbear, capsys):
     # Reduced from 100 x 500: Dropbear serves about 50 commands a second here.

@@ -7,10 +7,9 @@ sent before any answer).
 
 from __future__ import annotations
 
-import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import paramiko
 import pytest
@@ -45,21 +44,6 @@ def both_probes(params: dict) -> tuple:
             reference = sequential_count(transport)
             again = probe_max_session(transport)
     return first, reference, again
-
-
-@pytest.fixture
-def dropbear(sshd: Any) -> Iterator[Any]:
-    """A private Dropbear on 127.0.0.1 logging in sshd's test user with sshd's client key."""
-    from testsupport.dropbear import DropbearServer, DropbearUnavailable
-
-    try:
-        server = DropbearServer(username=sshd.username, client_key_path=sshd.client_key_path)
-    except DropbearUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
-    with server:
-        yield server
 
 
 def test_pipelined_probe_counts_as_the_sequential_one_on_openssh(sshd: Any, sshd3: Any) -> None:
