@@ -220,9 +220,12 @@ def send_if_clear(transport: paramiko.Transport, message: Message, *,
     try:
         if not transport.clear_to_send.is_set():
             return False
+        if end is None:  # every packet of every command: paramiko's send takes the lock
+            transport._send_message(message)  # type: ignore[attr-defined]
+            return True
         # paramiko's packet write lock is reentrant: _send_message takes it again.
         write_lock = transport.packetizer._Packetizer__write_lock  # type: ignore[attr-defined]
-        left = -1.0 if end is None else max(0.0, end - time.monotonic())
+        left = max(0.0, end - time.monotonic())
         if not write_lock.acquire(timeout=left):
             return False
         try:
