@@ -23,7 +23,7 @@ from .shell import ShellExecutor
 from .stats import ExecutorStatistics
 from .tunnels import LocalTunnel, RemoteTunnel, Tunnel
 
-__version__ = "0.2.1"
+__version__ = "0.2.2"
 
 __all__ = [
     "SAFE_WRAPPER",

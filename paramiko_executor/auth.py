@@ -13,7 +13,6 @@ log record written here.
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import hmac
 import io
@@ -57,8 +56,7 @@ from .text import printable
 # The ledger lives in .totp; imported here so that auth.TOTP_LEDGER and auth.TOTPLedger keep
 # working (tests replace auth.TOTP_LEDGER, which _Login reads at each login).
 from .totp import TOTP_LEDGER, TOTPLedger
-from .totp import make_totp as _make_totp
-from .totp import normalise_secret as _normalise_secret
+from .totp import checked_secret as _checked_secret
 
 __all__ = [
     "MFAEntry",
@@ -254,24 +252,11 @@ def parse_mfa_config(
             raise TypeError(f"{where} must be a dict, not {type(item).__name__}")
         if not isinstance(prompt, str):
             raise TypeError(f"{where}['prompt'] must be a str, not {type(prompt).__name__}")
-        if not isinstance(secret, str):
-            raise TypeError(f"{where}['totp'] must be a str, not {type(secret).__name__}")
         if not prompt.strip():
             raise ValueError(f"{where}['prompt'] must not be empty")
         if any(e.prompt.strip() == prompt.strip() for e in entries):
             raise ValueError(f"{where}['prompt'] repeats an earlier prompt: {prompt.strip()!r}")
-        secret = _normalise_secret(secret)
-        if not secret:
-            raise ValueError(f"{where}['totp'] must not be empty")
-        try:
-            _make_totp(secret).now()
-            valid = True
-        except (ValueError, TypeError, binascii.Error):
-            valid = False
-        if not valid:
-            # Raised outside the ``except``: the codec's error (a non-ASCII secret) holds
-            # the whole secret, and would stay our error's ``__context__`` even ``from None``.
-            raise ValueError(f"{where}['totp'] is not a valid base32 TOTP secret")
+        secret = _checked_secret(f"{where}['totp']", secret)
         entries.append(MFAEntry(prompt=prompt, totp=secret))
     return tuple(entries)
 

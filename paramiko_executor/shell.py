@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import signal
@@ -82,10 +83,8 @@ class ShellExecutor(Executor):
         environment = None if options.env is None else {**os.environ, **options.env}
         if options.pty:
             return self._run_on_pty(command, data, options, deadline, environment, stdin_input)
-        proc = subprocess.Popen(
-            command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=environment, start_new_session=True,
-        )
+        proc = _start(command, environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE)
         streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}  # type: ignore[union-attr]
         collected, timed_out = _communicate(proc, data, streams, options, deadline)
         return self._finish(proc, command, stdin_input, options, collected, timed_out)
@@ -127,8 +126,11 @@ class ShellExecutor(Executor):
 
         controller, terminal = pty_module.openpty()
         try:
-            proc = subprocess.Popen(command, shell=True, stdin=terminal, stdout=terminal,
-                                    stderr=terminal, env=environment, start_new_session=True)
+            proc = _start(command, environment, stdin=terminal, stdout=terminal,
+                          stderr=terminal)
+        except BaseException:
+            os.close(controller)
+            raise
         finally:
             os.close(terminal)
         try:
@@ -153,6 +155,23 @@ class ShellExecutor(Executor):
             signal_name = signal.Signals(-code).name[3:]
             code = None
         return outcome(command, stdin_input, options, code, out, err, signal_name=signal_name)
+
+
+def _start(command: str, environment: Optional[Dict[str, str]], *, stdin: int, stdout: int,
+           stderr: int) -> subprocess.Popen[bytes]:
+    """``/bin/sh -c command`` started in a process group of its own.
+
+    A command or environment larger than the system lets ``exec`` take (on Linux, 128 KiB
+    for one string) is the caller's ``ValueError``, not the kernel's bare ``E2BIG``.
+    """
+    try:
+        return subprocess.Popen(command, shell=True, stdin=stdin, stdout=stdout, stderr=stderr,
+                                env=environment, start_new_session=True)
+    except OSError as error:
+        if error.errno != errno.E2BIG:
+            raise
+    raise ValueError("command and env are too large for this system's exec (E2BIG): "
+                     f"{len(command.encode())} bytes of command")
 
 
 def _communicate(proc: subprocess.Popen[bytes], data: bytes, streams: Dict[int, str],

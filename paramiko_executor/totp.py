@@ -13,6 +13,7 @@ key kept beside the file (mode 0600), and the only other datum is the step numbe
 
 from __future__ import annotations
 
+import binascii
 import errno
 import fcntl
 import hashlib
@@ -37,6 +38,7 @@ __all__ = [
     "LoginAbandoned",
     "TOTPLedger",
     "TOTP_LEDGER",
+    "checked_secret",
     "default_ledger_path",
     "make_totp",
     "normalise_secret",
@@ -82,6 +84,28 @@ def normalise_secret(secret: str) -> str:
 def make_totp(secret: str) -> pyotp.TOTP:
     """A ``pyotp.TOTP`` for a normalised base32 ``secret`` (short legacy secrets accepted)."""
     return _TOTP(secret)
+
+
+def checked_secret(name: str, secret: Any) -> str:
+    """``secret`` normalised (see :func:`normalise_secret`), once it is a valid base32 secret.
+
+    Raises ``TypeError`` or ``ValueError`` naming ``name`` and quoting nothing of the secret.
+    """
+    if not isinstance(secret, str):
+        raise TypeError(f"{name} must be a str, not {type(secret).__name__}")
+    text = normalise_secret(secret)
+    if not text:
+        raise ValueError(f"{name} must not be empty")
+    try:
+        make_totp(text).now()
+        valid = True
+    except (ValueError, TypeError, binascii.Error):
+        valid = False
+    if not valid:
+        # Raised outside the ``except``: the codec's error (a non-ASCII secret) holds the
+        # whole secret, and would stay our error's ``__context__`` even ``from None``.
+        raise ValueError(f"{name} is not a valid base32 TOTP secret")
+    return text
 
 
 def default_ledger_path() -> str:
@@ -480,9 +504,10 @@ class TOTPLedger:
 
         Waits at most one time step, and not past ``deadline`` (a `time.monotonic` value)
         nor once ``abandoned()`` is true (checked every 0.1 s): then raises
-        `AuthenticationInterrupted`.
+        `AuthenticationInterrupted`. A ``secret`` that is not valid base32 raises
+        ``ValueError`` (``TypeError`` if not a str) naming it, and quoting none of it.
         """
-        secret = normalise_secret(secret)
+        secret = checked_secret("secret", secret)
         with self._cond:
             step, _code = self._take_turn(secret, deadline, abandoned)
             self._reserved.setdefault(self._key(secret), []).append(step)
@@ -492,9 +517,10 @@ class TOTPLedger:
 
         Call this at the moment the code is handed to the server. A step this process
         reserved with :meth:`wait_until_fresh` is used if it is the current one; reservations
-        of steps gone by are dropped. Waits at most one time step.
+        of steps gone by are dropped. Waits at most one time step. ``secret`` is checked as
+        by :meth:`wait_until_fresh`.
         """
-        secret = normalise_secret(secret)
+        secret = checked_secret("secret", secret)
         key = self._key(secret)
         with self._cond:
             now = self._clock()

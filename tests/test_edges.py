@@ -827,3 +827,17 @@ def test_statistics_while_commands_queue(sshd3, shared_dir):
         assert stats.waiting == 0
         assert stats.open_channels <= 1  # at most the spare
         assert stats.queue_wait_seconds_max > 0
+
+
+@pytest.mark.parametrize("pty", [False, True])
+@pytest.mark.parametrize("where", ["command", "env"])
+def test_shell_a_command_too_large_to_exec_is_a_valueerror_at_the_call(where: str, pty: bool):
+    """Linux's exec takes at most 128 KiB per string: the kernel's bare ``OSError(E2BIG)``
+    came out of ``run_command`` (and the pty path leaked its controller descriptor)."""
+    big = "x" * (200 * 1024)
+    command, env = ("echo " + big, None) if where == "command" else ("true", {"BIG": big})
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ValueError, match=r"^command and env are too large .*E2BIG"):
+        ShellExecutor().run_command(command, env=env, pty=pty)
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert ShellExecutor().run_command("echo ok", pty=pty).stdout.strip() == "ok"

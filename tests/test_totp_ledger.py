@@ -258,3 +258,27 @@ def test_two_processes_log_in_at_once_with_one_secret(sshd_totp, tmp_path):
         used = next(line for line in file if line.startswith('" DISALLOW_REUSE'))
     assert len(used.split()) == 4, used
 
+
+
+@pytest.mark.parametrize("secret", ["JBSWY3DP\udcffEHPK3PXP", "JBSWY3DPÉHPK3PXP", "NOT-BASE32!", "  "])
+@pytest.mark.parametrize("method", ["issue", "wait_until_fresh"])
+def test_a_secret_the_ledger_cannot_use_is_a_valueerror_quoting_none_of_it(
+        tmp_path, method: str, secret: str) -> None:
+    """Before, a secret UTF-8 cannot encode raised the codec's error, which holds all of it
+    (the executors pass only secrets ``mfa_config`` checked; these are public methods)."""
+    ledger = fake_ledger(str(tmp_path / "ledger"), FakeClock())
+    with pytest.raises(ValueError, match=r"^secret (is not a valid base32|must not be empty)") \
+            as info:
+        getattr(ledger, method)(secret)
+    chained: List[BaseException] = [info.value]
+    while (chained[-1].__cause__ or chained[-1].__context__) is not None and len(chained) < 20:
+        chained.append(chained[-1].__cause__ or chained[-1].__context__)  # type: ignore[arg-type]
+    assert chained == [info.value]
+    assert secret.strip() not in repr(info.value.args) or not secret.strip()
+
+
+@pytest.mark.parametrize("method", ["issue", "wait_until_fresh"])
+def test_a_secret_that_is_no_str_is_a_typeerror(tmp_path, method: str) -> None:
+    ledger = fake_ledger(str(tmp_path / "ledger"), FakeClock())
+    with pytest.raises(TypeError, match="^secret must be a str, not bytes"):
+        getattr(ledger, method)(SECRET.encode())
