@@ -40,6 +40,7 @@ from .hostnames import check_hostname
 from .results import CommandExecutionFailure, CommandResult, ExecutorFailure
 from .stats import ExecutorStatistics
 from .text import one_line
+from .transfer import check_replaceable
 
 __all__ = ["GroupFailure", "GroupResult", "HostGroup", "Outcome"]
 
@@ -543,8 +544,10 @@ class HostGroup:
         directory (else `NotADirectoryError` before anything runs), and every
         host's name must be usable as a file name there (no ``/``, not ``.``
         or ``..``: give such a host a ``"name"``), else `ValueError`.
-        ``options`` go to each executor's ``get``. A host's failure (its file
-        missing: `FileNotFoundError`) is its entry.
+        A host's local file that a download must not replace (a directory:
+        `IsADirectoryError`; a device, FIFO or socket: `ValueError`) is also
+        refused before anything runs. ``options`` go to each executor's ``get``.
+        A host's failure (its file missing: `FileNotFoundError`) is its entry.
         """
         local_dir = os.fspath(local_dir)
         if not os.path.isdir(local_dir):
@@ -554,6 +557,7 @@ class HostGroup:
         for name in self._parameters:
             if "/" in name or "\0" in name or name in (".", ".."):
                 raise ValueError(f"host name {name!r} cannot name a file: give the host a 'name'")
+            check_replaceable(os.path.join(local_dir, name))
         progress = _CallersProgress.of(options)
         return callers_own(lambda: self._collect(
             progress.owned(lambda name, executor: executor.get(  # type: ignore[attr-defined]

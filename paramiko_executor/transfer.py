@@ -135,6 +135,7 @@ __all__ = [
     "ProtocolError",
     "callers_own",
     "check_mode",
+    "check_replaceable",
     "NEGOTIATION_TIMEOUT",
     "IN_FLIGHT",
 ]
@@ -1299,7 +1300,7 @@ class Local:
         head, name = os.path.split(path)
         temp = os.path.join(head, _temp_name(name))
         with callers_code():
-            _check_replaceable(path)
+            check_replaceable(path)
             try:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as exc:
@@ -1327,7 +1328,7 @@ class Local:
             raise
 
 
-def _check_replaceable(path: str) -> None:
+def check_replaceable(path: str) -> None:
     """Refuse a ``path`` that names something a new regular file must not replace.
 
     A directory is an `IsADirectoryError`; a device, FIFO or socket (``/dev/null``, or a

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
@@ -534,6 +536,25 @@ def test_a_progress_callback_error_is_the_calls_not_a_hosts(sshd_hosts, shared_d
         missing = group.get(remote + ".missing", tmp_path / "got", progress=progress)
         assert all(isinstance(e, FileNotFoundError) for e in missing.values())
         assert all(s.reconnects == 0 for s in group.statistics().values())
+
+
+@pytest.mark.parametrize("node", ["fifo", "directory"])
+def test_get_refuses_a_host_file_it_must_not_replace_before_anything_runs(
+        sshd_hosts, shared_dir, tmp_path, node):
+    """A FIFO under one host's name aborted the whole call after the other hosts had
+    downloaded (their files written, the call's result lost)."""
+    remote = os.path.join(shared_dir, "both")
+    Path(remote).write_text("data\n")
+    os.chmod(remote, 0o644)
+    first, second = ADDRESSES[:2]
+    blocker = tmp_path / second
+    os.mkfifo(blocker) if node == "fifo" else blocker.mkdir()
+    error = ValueError if node == "fifo" else IsADirectoryError
+    with HostGroup([first, second], **common(sshd_hosts)) as group:
+        with pytest.raises(error, match=re.escape(str(blocker))):
+            group.get(remote, tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [second]
+        assert all(s.connects == 0 for s in group.statistics().values())
 
 
 @pytest.mark.skipif(not hasattr(SSHExecutor, "statistics"),
