@@ -259,8 +259,8 @@ def test_two_processes_log_in_at_once_with_one_secret(sshd_totp, tmp_path):
     assert len(used.split()) == 4, used
 
 
-
-@pytest.mark.parametrize("secret", ["JBSWY3DP\udcffEHPK3PXP", "JBSWY3DPÉHPK3PXP", "NOT-BASE32!", "  "])
+@pytest.mark.parametrize("secret",
+                         ["JBSWY3DP\udcffEHPK3PXP", "JBSWY3DPÉHPK3PXP", "NOT-BASE32!", "  "])
 @pytest.mark.parametrize("method", ["issue", "wait_until_fresh"])
 def test_a_secret_the_ledger_cannot_use_is_a_valueerror_quoting_none_of_it(
         tmp_path, method: str, secret: str) -> None:
