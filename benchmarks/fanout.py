@@ -25,7 +25,11 @@ Per contender and N, in a fresh interpreter each:
   blocking call, is one or two each;
 - cold CPU/host: the client's CPU time of the cold round divided by N (the
   connect, login and first command of one host), to set against one lone
-  connect's (``benchmarks/profile_library.py W5``).
+  connect's (``benchmarks/profile_library.py W5``);
+- sshd CPU/host: sshd's CPU time in the cold round (every process it
+  started, read from a cgroup of its own: ``benchmarks/sshdcpu.py``, which
+  says why not from the listener's ``/proc`` counters) divided by N; n/a
+  without root or cgroups.
 
 Contenders: ``hostgroup`` (this library, defaults: each executor probes the
 server's MaxSessions when it connects, which costs a few channel opens),
@@ -45,7 +49,9 @@ imports and first-use allocations are not counted), divided by 100.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -81,14 +87,24 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+#: The contender's: sshd's cgroup CPU file (`sshdcpu.CgroupCpu.usage_file`), when measured.
+SSHD_USAGE: Optional[str] = None
+
+
+def sshd_seconds() -> float:
+    from sshdcpu import seconds_in
+
+    return seconds_in(SSHD_USAGE) if SSHD_USAGE else math.nan
+
+
 def measure(cold: Callable[[], List[str]], warm: Callable[[], None],
             expected: List[str]) -> Dict[str, Any]:
     """Time ``cold`` (whose outputs must be ``expected``) once, then ``warm`` ROUNDS times."""
-    cold_cpu = cpu_seconds()
+    cold_cpu, sshd_cpu = cpu_seconds(), sshd_seconds()
     started = time.perf_counter()
     outputs = cold()
     cold_seconds = time.perf_counter() - started
-    cold_cpu = cpu_seconds() - cold_cpu
+    cold_cpu, sshd_cpu = cpu_seconds() - cold_cpu, sshd_seconds() - sshd_cpu
     if outputs != expected:
         wrong = sum(1 for got, want in zip(outputs, expected) if got != want)
         raise RuntimeError(f"cold round: {wrong + abs(len(outputs) - len(expected))} hosts "
@@ -102,7 +118,8 @@ def measure(cold: Callable[[], List[str]], warm: Callable[[], None],
     cpu, switched = cpu_seconds() - cpu, switches() - switched
     return {"cold": cold_seconds, "warm": statistics.median(times), "cpu": cpu / ROUNDS,
             "switches": switched / ROUNDS / len(expected),
-            "cold_cpu_per_host": cold_cpu / len(expected)}
+            "cold_cpu_per_host": cold_cpu / len(expected),
+            "sshd_cold_cpu_per_host": sshd_cpu / len(expected)}
 
 
 # -- contenders: each runs in its own interpreter ---------------------------------------------
@@ -501,7 +518,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.contender:
-        print(json.dumps(RUNNERS[args.contender](json.loads(args.spec))))
+        global SSHD_USAGE
+        spec = json.loads(args.spec)
+        SSHD_USAGE = spec.get("sshd_usage")
+        print(json.dumps(RUNNERS[args.contender](spec)))
         return 0
     if args.turns_contender:
         TURNS[args.turns_contender](json.loads(args.spec))
@@ -513,6 +533,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         names.append(BASE)
     biggest = max(max(sizes), 101)  # the memory run uses 101 hosts
     sys.path.insert(0, ROOT)
+    from sshdcpu import CgroupCpu
+
     from testsupport.openssh import MAX_EXTRA_ADDRESSES, OpenSSHServer
 
     extra = [f"127.0.0.{i}" for i in range(2, MAX_EXTRA_ADDRESSES + 2)]
@@ -521,12 +543,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: Dict[str, Dict[int, Any]] = {name: {} for name in names}
     notes: Dict[str, str] = {}
     with OpenSSHServer(listen_addresses=extra, max_startups=3 * biggest,
-                       log_level="ERROR") as server:
+                       log_level="ERROR") as server, contextlib.ExitStack() as stack:
         parameters = server.executor_parameters()
         del parameters["host"]
         parameters["config"] = ()
-        base = {"parameters": {k: v for k, v in parameters.items() if k != "config"}}
+        base: Dict[str, Any] = {
+            "parameters": {k: v for k, v in parameters.items() if k != "config"}}
         base["parameters"]["config"] = []
+        try:
+            base["sshd_usage"] = stack.enter_context(CgroupCpu(server.pid or 0)).usage_file
+        except (OSError, ValueError) as exc:
+            notes["sshd CPU"] = f"not measured: {exc}"
         print(f"sshd on 127.0.0.1 and {len(extra)} more loopback addresses, port "
               f"{server.port}, MaxSessions {server.max_sessions}", file=sys.stderr)
         if args.turns:
@@ -588,7 +615,7 @@ def print_table(results: Dict[str, Dict[int, Any]], sizes: List[int],
 
     def cell(name: str, size: int, key: str, scale: float, unit: str) -> str:
         numbers = results[name].get(size)
-        if not numbers:
+        if not numbers or math.isnan(numbers.get(key, math.nan)):
             return "n/a"
         text = f"{numbers[key] * scale:.1f}" + (f" {unit}" if unit else "")
         ref = reference.get(size)
@@ -599,14 +626,16 @@ def print_table(results: Dict[str, Dict[int, Any]], sizes: List[int],
     header = ["contender"]
     for size in sizes:
         header += [f"N={size} cold", f"N={size} warm", f"N={size} CPU/round",
-                   f"N={size} switches/host", f"N={size} cold CPU/host"]
+                   f"N={size} switches/host", f"N={size} cold CPU/host",
+                   f"N={size} sshd CPU/host"]
     rows = [header]
     for name in results:
         row = [name]
         for size in sizes:
             row += [cell(name, size, "cold", 1000, "ms"), cell(name, size, "warm", 1000, "ms"),
                     cell(name, size, "cpu", 1000, "ms"), cell(name, size, "switches", 1, ""),
-                    cell(name, size, "cold_cpu_per_host", 1000, "ms")]
+                    cell(name, size, "cold_cpu_per_host", 1000, "ms"),
+                    cell(name, size, "sshd_cold_cpu_per_host", 1000, "ms")]
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     print()
