@@ -625,9 +625,11 @@ class SessionChannel:
     """
 
     def __init__(self, transport: paramiko.Transport, slots: Slots,
-                 sessions: Dict[int, SessionChannel]) -> None:
+                 sessions: Dict[int, SessionChannel], holder: Optional[int] = None) -> None:
         self.transport = transport
         self._slots: Optional[Slots] = slots
+        #: The thread the slot was taken for, while only it can give it back (`Slots.acquire`).
+        self._holder = holder
         self.wakeup = _Wakeup(transport)
         #: Set on the server's answer to the open. The same event as `wakeup`:
         #: nothing else sets it before the answer, and it is only reset after.
@@ -753,8 +755,27 @@ class SessionChannel:
     def _release(self) -> None:
         with _RELEASE_LOCK:
             slots, self._slots = self._slots, None
+            holder, self._holder = self._holder, None
         if slots is not None:
-            slots.release()
+            slots.release(holder=holder)
+
+    def hold(self, holder: Optional[int]) -> None:
+        """The slot is thread ``holder``'s from now on (None: the server's CLOSE frees it)."""
+        with _RELEASE_LOCK:
+            if self._slots is not None and holder != self._holder:
+                self._slots.pass_on(self._holder, holder)
+                self._holder = holder
+
+    def rebind(self, slots: Slots) -> Optional[Slots]:
+        """Let ``slots`` (a slot taken there for it) cover this session; the slots that did.
+
+        None when the server closed the channel already (its slot is back).
+        """
+        with _RELEASE_LOCK:
+            previous = self._slots
+            if previous is not None:
+                self._slots = slots
+        return previous
 
     def release_refused(self) -> None:
         """The server refused the open: it holds no session for us, so the slot is free."""
@@ -807,6 +828,7 @@ class SessionChannel:
             self._close_answered()
 
         self.abandoned = True
+        self.hold(None)  # its thread leaves: the server's answer frees the slot
         threading.Thread(target=reap, name="paramiko_executor reap", daemon=True).start()
 
     def discard(self) -> None:

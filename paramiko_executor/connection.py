@@ -131,6 +131,8 @@ class _ProbeSlots(Slots):
     `hand_over` each slot still held here holds one of the connection's slots
     too, given back when its channel's CLOSE is answered, so the connection
     starts without waiting for those answers and no open goes out early.
+    The kept channel (the first spare) moves to the connection's slots
+    outright: the thread that takes it holds one of those (`Slots.pass_on`).
     ``_handoff_lock`` (taken before ``Slots._cond``) makes a release and the
     hand-over exclude each other.
     """
@@ -141,18 +143,26 @@ class _ProbeSlots(Slots):
         self._owed = 0
         self._target: Optional[Slots] = None
 
-    def release(self, n: int = 1) -> None:
+    def release(self, n: int = 1, *, holder: Optional[int] = None) -> None:
         with self._handoff_lock:
             owed = min(n, self._owed)
             self._owed -= owed
-            super().release(n)
+            super().release(n, holder=holder)
             target = self._target
         if owed and target is not None:
             target.release(owed)
 
-    def hand_over(self, target: Slots) -> None:
-        """Make ``target`` hold one slot per probe channel not yet closed by the server."""
+    def hand_over(self, target: Slots, kept: Optional[SessionChannel] = None) -> None:
+        """Make ``target`` hold one slot per probe channel not yet closed by the server.
+
+        ``kept``'s slot is ``target``'s own from now on, not one owed.
+        """
         with self._handoff_lock:
+            if kept is not None and target.acquire(blocking=False):
+                if kept.rebind(target) is self:
+                    Slots.release(self)  # its session is covered by target's slot now
+                else:
+                    target.release()  # the server closed it already
             for _ in range(self.limit - self.available):
                 if not target.acquire(blocking=False):
                     break  # more channels than the count (confirmed after a refusal)
@@ -998,7 +1008,7 @@ class Connection:
             link.start(limit)
             if probe is not None:
                 assert link.slots is not None and link.spare is not None
-                probe.slots.hand_over(link.slots)
+                probe.slots.hand_over(link.slots, probe.kept)
                 if probe.kept is not None:
                     link.spare.adopt(probe.kept)
         except BaseException:

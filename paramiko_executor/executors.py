@@ -345,17 +345,18 @@ class SSHExecutor(Executor):
     @contextlib.contextmanager
     def _bounded_connection(self) -> Iterator[paramiko.Transport]:
         link = self._get_link()
+        holder = threading.get_ident()
         try:
             self._take_slot(link, None)
         except ExecutorFailure as exc:
             raise for_executor(exc, self) from None
         assert link.slots is not None
-        link.slots.hold_back(None)  # the caller opens a channel next
+        link.slots.hold_back(None, holder)  # the caller opens a channel next
         try:
             yield link.transport
         finally:
             assert link.slots is not None
-            link.slots.release()
+            link.slots.release(holder=holder)
 
     @property
     def state(self) -> Optional[ConnectionState]:
@@ -483,6 +484,8 @@ class SSHExecutor(Executor):
                 raise  # the remote file's answer: not the connection's
             except TRANSPORT_ERRORS as exc:
                 raise mapped(exc, link.transport, True, "the transfer") from None
+            finally:
+                session.hold(None)
 
         def run() -> int:
             side = Local(local)
@@ -520,9 +523,12 @@ class SSHExecutor(Executor):
             try:
                 session = self._open_session(link, time.monotonic() + LEFTOVER_TIMEOUT)
                 if session is not None:
-                    with translate(link.transport, what="the clean-up"):
-                        remove(session.hand_over(), temp,
-                               deadline=time.monotonic() + LEFTOVER_TIMEOUT)
+                    try:
+                        with translate(link.transport, what="the clean-up"):
+                            remove(session.hand_over(), temp,
+                                   deadline=time.monotonic() + LEFTOVER_TIMEOUT)
+                    finally:
+                        session.hold(None)
                     continue
             except (ExecutorFailure, OSError):
                 log.debug("could not remove the temporary file of a failed upload",
@@ -675,18 +681,22 @@ class SSHExecutor(Executor):
             return None
         log.debug("running %r", spec.command)
         assert link.spare is not None
-        return session.run(spec, deadline, after_exec=link.spare.replenish)
+        try:
+            return session.run(spec, deadline, after_exec=link.spare.replenish)
+        finally:
+            session.hold(None)
 
     def _take_slot(self, link: Link, deadline: Optional[float]) -> bool:
-        """A slot of ``link`` by ``deadline``; a spare channel gives its own back first.
+        """A slot of ``link`` for this thread by ``deadline``; a spare gives its own back first.
 
+        `ExecutorFailure` at once if this thread holds every slot (`Slots.take`).
         While the server leaves channel opens unanswered (their slots stay
         taken until it answers), the wait is bounded by the channel timeout
         too: past it, `NeverStarted`.
         """
         slots, spare = link.slots, link.spare
         assert slots is not None and spare is not None
-        if slots.acquire(blocking=False):
+        if slots.acquire(blocking=False, holder=threading.get_ident()):
             return True
         started = time.monotonic()
         until = deadline
@@ -706,7 +716,9 @@ class SSHExecutor(Executor):
         return False
 
     def _open_session(self, link: Link, deadline: Optional[float]) -> Optional[SessionChannel]:
-        """An open session channel holding its slot; None once ``deadline`` passed.
+        """An open session channel holding its slot for this thread; None once ``deadline`` passed.
+
+        The caller passes the slot on (``session.hold(None)``) once its call is done with it.
 
         Takes the spare if there is one, else a slot and a new channel. A
         channel a live server refuses is asked for again (`OPEN_TRIES`); one
@@ -717,24 +729,27 @@ class SSHExecutor(Executor):
         # How many of the link's sessions had ended before the latest round
         # trip: unchanged at a refusal, none of ours explains it (`refused`).
         closes_before: Optional[int] = None
+        holder = threading.get_ident()
         for tries in range(1, OPEN_TRIES + 1):
             if deadline is not None and time.monotonic() >= deadline:
                 return None
             session = link.spare.take(deadline)
             if session is not None:
+                session.hold(holder)
                 return session
             assert link.slots is not None
-            if not link.slots.acquire(blocking=False):
+            if not link.slots.acquire(blocking=False, holder=holder):
                 # A spare made since is ours to use, rather than to close
                 # while we wait for the slot it gives back.
                 session = link.spare.take(deadline)
                 if session is not None:
+                    session.hold(holder)
                     return session
                 if not self._take_slot(link, deadline):
                     return None
-            link.slots.hold_back(deadline)
+            link.slots.hold_back(deadline, holder)
             with translate(link.transport, started=False, what="opening a channel"):
-                session = SessionChannel(link.transport, link.slots, link.sessions)
+                session = SessionChannel(link.transport, link.slots, link.sessions, holder)
             timeout = link.transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - time.monotonic()))

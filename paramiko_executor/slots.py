@@ -23,6 +23,14 @@ it makes anyway (`open_answered`); none on a fast path, where a refusal
 costs less than the wait would, and none before the server first refused an
 open on this connection: a server or a path that never lets an open catch
 up with our CLOSE costs nothing.
+
+The slots also know which thread holds each slot that only that thread can
+give back (a slot its own call uses, taken with a ``holder``): a thread
+that asks for a slot while it holds every slot there is, e.g. from an
+``on_output`` or ``progress`` callback of a call on a one-session
+connection, would wait for itself forever, and gets an `ExecutorFailure`
+at once instead. A slot no thread holds in that sense (a spare channel's, a
+closing channel's, a probe's) comes back by itself, and is never counted.
 """
 
 from __future__ import annotations
@@ -30,9 +38,9 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Callable, Deque, Optional
+from typing import Callable, Deque, Dict, Optional
 
-from .errors import ConnectionLost
+from .errors import ConnectionLost, ExecutorFailure
 
 __all__ = ["Slots"]
 
@@ -54,6 +62,30 @@ PACE_MAX = 0.005
 PACE_MIN = 0.001
 
 
+def _own_every_slot(limit: int) -> ExecutorFailure:
+    """The error for a thread that asks for a slot while it holds all ``limit``."""
+    return ExecutorFailure(
+        f"this thread already holds all {limit} session(s) of the connection (it runs in an "
+        f"on_output or progress callback, or a bounded_connection block, of a call holding "
+        f"them): the command or transfer it started would wait for itself forever, so "
+        f"nothing was sent. Run it on another executor (its own connection), or let the "
+        f"connection have more sessions (the server's MaxSessions, max_sessions)")
+
+
+class _Waiter:
+    """A thread in line for a slot, asleep on ``lock`` until a slot is handed to it."""
+
+    __slots__ = ("lock", "holder", "stuck")
+
+    def __init__(self, holder: Optional[int]) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        #: The thread that will hold the slot handed on (see `Slots.acquire`), or None.
+        self.holder = holder
+        #: Set (and the lock released) when a lower limit left ``holder`` holding every slot.
+        self.stuck = False
+
+
 class Slots(threading.BoundedSemaphore):
     """A `threading.BoundedSemaphore` that hands out slots in the order they were asked for.
 
@@ -71,7 +103,9 @@ class Slots(threading.BoundedSemaphore):
 
     def __init__(self, value: int = 1) -> None:
         super().__init__(value)
-        self._waiters: Deque[threading.Lock] = collections.deque()
+        self._waiters: Deque[_Waiter] = collections.deque()
+        #: How many slots each thread (by `threading.get_ident`) holds that only it gives back.
+        self._holders: Dict[int, int] = {}
         self._closed = False
         #: Releases still to be kept back after `lower` took away slots that were held.
         self._kept_back = 0
@@ -97,6 +131,10 @@ class Slots(threading.BoundedSemaphore):
     def waiting(self) -> int:
         """How many threads wait for a slot right now."""
         return len(self._waiters)
+
+    def held_by(self, holder: int) -> int:
+        """How many slots thread ``holder`` (`threading.get_ident`) holds, to give back itself."""
+        return self._holders.get(holder, 0)
 
     @property
     def pace(self) -> float:
@@ -144,7 +182,7 @@ class Slots(threading.BoundedSemaphore):
                 closing.popleft()
         return len(closing)
 
-    def hold_back(self, deadline: Optional[float]) -> None:
+    def hold_back(self, deadline: Optional[float], holder: Optional[int] = None) -> None:
         """Wait out `open_delay` (at most `pace`, and not past ``deadline``) on a taken slot.
 
         Sent at once, an open that takes a slot freed by the server's CLOSE
@@ -152,6 +190,7 @@ class Slots(threading.BoundedSemaphore):
         server freed that session; refused, it would cost a round trip.
         Interrupted (e.g. KeyboardInterrupt), it gives the slot back: its
         caller never opens, and holds nothing that would release it.
+        ``holder``: the thread the slot was taken for (see `acquire`).
         """
         delay = self.open_delay()
         if deadline is not None:
@@ -160,7 +199,7 @@ class Slots(threading.BoundedSemaphore):
             try:
                 time.sleep(delay)
             except BaseException:
-                self.release()
+                self.release(holder=holder)
                 raise
 
     @property
@@ -168,8 +207,14 @@ class Slots(threading.BoundedSemaphore):
         """True once the connection these slots belong to is gone."""
         return self._closed
 
-    def acquire(self, blocking: bool = True, timeout: Optional[float] = None) -> bool:
-        """Take a slot; raises `ConnectionLost` (never started) once the slots are closed."""
+    def acquire(self, blocking: bool = True, timeout: Optional[float] = None, *,
+                holder: Optional[int] = None) -> bool:
+        """Take a slot; raises `ConnectionLost` (never started) once the slots are closed.
+
+        ``holder``: the thread (its `threading.get_ident`) that alone can give
+        the slot back, counted until it releases the slot or passes it on
+        (`pass_on`); None for a slot that comes back without any thread's help.
+        """
         if not blocking and timeout is not None:
             raise ValueError("can't specify timeout for non-blocking acquire")
         with self._cond:
@@ -177,14 +222,15 @@ class Slots(threading.BoundedSemaphore):
                 raise ConnectionLost("the connection was lost", started=False)
             if self._value > 0 and not self._waiters:
                 self._value -= 1
+                if holder is not None:
+                    self._holders[holder] = self._holders.get(holder, 0) + 1
                 return True
             if not blocking:
                 return False
-            waiter = threading.Lock()
-            waiter.acquire()
+            waiter = _Waiter(holder)
             self._waiters.append(waiter)
         try:
-            got = waiter.acquire(True, -1 if timeout is None else timeout)
+            got = waiter.lock.acquire(True, -1 if timeout is None else timeout)
         except BaseException:  # e.g. KeyboardInterrupt: leave no dead waiter behind
             self._leave(waiter)
             raise
@@ -192,28 +238,37 @@ class Slots(threading.BoundedSemaphore):
             got = not self._give_up(waiter)
         if got and self._closed:
             raise ConnectionLost("the connection was lost", started=False)
+        if waiter.stuck:
+            raise _own_every_slot(self._initial_value)
         return got
 
     __enter__ = acquire
 
     def take(self, deadline: Optional[float], alive: Callable[[], bool],
              queued: Optional[Callable[[], None]] = None) -> bool:
-        """Take a slot by ``deadline`` (a `time.monotonic` value, None: no limit).
+        """Take a slot for the calling thread by ``deadline`` (`time.monotonic`; None: no limit).
 
-        False once the deadline passed. Raises `ConnectionLost` (never
-        started) as soon as ``alive()`` turns false or the slots are closed,
-        checking every `LIVENESS_POLL` seconds without losing its place in line.
+        The slot is held by this thread (see `acquire`). False once the
+        deadline passed. Raises `ConnectionLost` (never started) as soon as
+        ``alive()`` turns false or the slots are closed, checking every
+        `LIVENESS_POLL` seconds without losing its place in line. Raises
+        `ExecutorFailure` at once, before or while waiting, when this thread
+        holds every slot there is: no other thread could ever free one.
         ``queued`` is called once this thread is in line, when no
         non-blocking acquire can succeed any more (to give back a slot that
         is held without need, such as a spare channel's).
         """
-        if self.acquire(blocking=False):
-            return True
+        holder = threading.get_ident()
         with self._cond:
             if self._closed:
                 raise ConnectionLost("the connection was lost", started=False)
-            waiter = threading.Lock()
-            waiter.acquire()
+            if self._value > 0 and not self._waiters:
+                self._value -= 1
+                self._holders[holder] = self._holders.get(holder, 0) + 1
+                return True
+            if self._holders.get(holder, 0) >= self._initial_value:
+                raise _own_every_slot(self._initial_value)
+            waiter = _Waiter(holder)
             self._waiters.append(waiter)
         try:
             if queued is not None:
@@ -221,7 +276,7 @@ class Slots(threading.BoundedSemaphore):
             while True:
                 remaining = LIVENESS_POLL if deadline is None else min(
                     LIVENESS_POLL, deadline - time.monotonic())
-                if waiter.acquire(True, max(remaining, 0.0)):
+                if waiter.lock.acquire(True, max(remaining, 0.0)):
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     if self._give_up(waiter):
@@ -234,24 +289,26 @@ class Slots(threading.BoundedSemaphore):
             raise
         if self._closed:
             raise ConnectionLost("the connection was lost", started=False)
+        if waiter.stuck:
+            raise _own_every_slot(self._initial_value)
         return True
 
-    def _leave(self, waiter: threading.Lock) -> None:
+    def _leave(self, waiter: _Waiter) -> None:
         """Leave the line on an error; a slot handed to us meanwhile goes on to the next."""
         if not self._give_up(waiter):
-            self.release()
+            self.release(holder=waiter.holder)
 
-    def _give_up(self, waiter: threading.Lock) -> bool:
+    def _give_up(self, waiter: _Waiter) -> bool:
         """Leave the line; False if a release handed us the slot meanwhile (we hold it then)."""
         with self._cond:
             try:
                 self._waiters.remove(waiter)
                 return True
             except ValueError:
-                return False
+                return waiter.stuck  # sent away by `lower`, with no slot
 
-    def release(self, n: int = 1) -> None:
-        """Give back ``n`` slots; ignored once the slots are closed.
+    def release(self, n: int = 1, *, holder: Optional[int] = None) -> None:
+        """Give back ``n`` slots held by thread ``holder`` (see `acquire`); ignored once closed.
 
         The server may still be freeing those sessions (it just closed them,
         and our CLOSE in reply is on its way): `open_delay` allows for that.
@@ -263,13 +320,18 @@ class Slots(threading.BoundedSemaphore):
         with self._cond:
             if self._closed:
                 return
+            if holder is not None:
+                self._count_off(holder, n)
             now = time.monotonic() if self._pace else None
             for _ in range(n):
                 if self._kept_back:
                     self._kept_back -= 1
                     continue
                 if self._waiters:
-                    self._waiters.popleft().release()
+                    waiter = self._waiters.popleft()
+                    if waiter.holder is not None:
+                        self._holders[waiter.holder] = self._holders.get(waiter.holder, 0) + 1
+                    waiter.lock.release()
                 elif self._value >= self._initial_value:
                     raise ValueError("Semaphore released too many times")
                 else:
@@ -277,11 +339,38 @@ class Slots(threading.BoundedSemaphore):
                 if now is not None:
                     self._closing.append(now)
 
+    def pass_on(self, previous: Optional[int], holder: Optional[int]) -> None:
+        """A held slot that thread ``previous`` held (None: none) is ``holder``'s from now on.
+
+        A spare channel's slot becomes the thread's that takes the spare; a
+        thread done with its channel, which only the server's CLOSE frees now,
+        passes its slot on to None.
+        """
+        if previous == holder:
+            return
+        with self._cond:
+            if self._closed:
+                return
+            if previous is not None:
+                self._count_off(previous, 1)
+            if holder is not None:
+                self._holders[holder] = self._holders.get(holder, 0) + 1
+
+    def _count_off(self, holder: int, n: int) -> None:
+        """``holder`` holds ``n`` slots fewer (under ``_cond``)."""
+        left = self._holders.get(holder, 0) - n
+        if left > 0:
+            self._holders[holder] = left
+        else:
+            self._holders.pop(holder, None)
+
     def lower(self, limit: int) -> None:
         """Make ``limit`` (1 or more, below the current limit) the number of slots in all.
 
         Free slots go first; for each held slot taken away, one later release
-        is kept back instead of handed on.
+        is kept back instead of handed on. A waiting thread that holds
+        ``limit`` slots or more now could only ever wait for itself: it
+        leaves the line with `ExecutorFailure` (see `take`).
         """
         with self._cond:
             if not 1 <= limit < self._initial_value:
@@ -291,6 +380,12 @@ class Slots(threading.BoundedSemaphore):
             self._value -= free
             self._kept_back += cut - free
             self._initial_value = limit
+            stuck = [waiter for waiter in self._waiters if waiter.holder is not None
+                     and self._holders.get(waiter.holder, 0) >= limit]
+            for waiter in stuck:
+                self._waiters.remove(waiter)
+                waiter.stuck = True
+                waiter.lock.release()
 
     def close(self) -> None:
         """The connection is gone: waiters leave with `ConnectionLost`; releases are ignored."""
@@ -298,4 +393,4 @@ class Slots(threading.BoundedSemaphore):
             self._closed = True
             waiters, self._waiters = self._waiters, collections.deque()
         for waiter in waiters:
-            waiter.release()
+            waiter.lock.release()

@@ -22,7 +22,7 @@ from test_ledger_trust import LOGGER, NOW, SECRET, STEP, private_dir, record
 from test_totp_ledger import FakeClock, fake_ledger
 from test_trust import block, host_line, name_of, write
 
-from paramiko_executor import HostKeyFailure, ShellExecutor, SSHExecutor, hostkeys
+from paramiko_executor import ExecutorFailure, HostKeyFailure, ShellExecutor, SSHExecutor, hostkeys
 from paramiko_executor.cli import main as cli_main
 
 
@@ -394,12 +394,9 @@ def test_accept_new_makes_missing_parents_owner_only_under_umask_0(
 # -- a progress callback that runs a command on its own executor ---------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a command started from a transfer's progress waits for a slot its own thread holds: "
-    "with every slot held by that thread (MaxSessions 1) it waits until close(); telling "
-    "it needs the slots to know their holders' threads"))
 def test_a_command_from_progress_with_every_slot_held_is_an_error_not_a_hang(
         make_sshd: Callable[..., Any], shared_dir: str) -> None:
+    # It waited for a slot its own thread held (MaxSessions 1) until close().
     server = make_sshd(max_sessions=1)
     source = Path(shared_dir, "source")
     source.write_bytes(os.urandom(1024 * 1024))
@@ -417,7 +414,8 @@ def test_a_command_from_progress_with_every_slot_held_is_an_error_not_a_hang(
 
         def get() -> None:
             try:
-                ex.get(str(source), str(Path(shared_dir, "copy")), progress=progress)
+                outcome["get"] = ex.get(str(source), str(Path(shared_dir, "copy")),
+                                        progress=progress)
             except BaseException as exc:  # noqa: BLE001 - handed to the test
                 outcome["get"] = exc
 
@@ -428,6 +426,9 @@ def test_a_command_from_progress_with_every_slot_held_is_an_error_not_a_hang(
         ex.close()  # ends the wait either way
         thread.join(15)
     assert not hung, "the command waited for its own thread's slot"
+    assert isinstance(outcome["inner"], ExecutorFailure), outcome["inner"]
+    assert "another executor" in str(outcome["inner"])
+    assert outcome["get"] == 1024 * 1024  # the transfer itself carried on
 
 
 # -- a file whose name is long but valid can be transferred --------------------------------------
