@@ -22,9 +22,12 @@ own cost per SSH packet (sshd takes at most 32 KiB of session data per
 packet): an upload costs about what ``Channel.sendall`` of the same bytes does.
 
 Permissions, as OpenSSH's ``sftp`` leaves them: a new file gets ``mode`` if
-given, else the source's permission bits (an upload: the local file's, 0o644
-for a file object; a download: the remote file's, less the local umask); a
-file that is replaced keeps its own bits unless ``mode`` is given (another
+given (exactly), else the source's permission bits (the local file's, 0o644
+for a file object; a download: the remote file's) less what the receiving
+side's umask (or a directory's default ACL) takes off a new file: sftp
+creates it with those bits (an upload learns what the server takes off from
+an empty probe file, see `_Session.stat_and_create`); a file that is
+replaced keeps its own bits unless ``mode`` is given (another
 user's file, or a symbolic link, only those a new file would get too; not
 set-user-ID when not written by root: see `_rewritten`); the user's own
 file keeps its group too when the user may give it. The
@@ -95,6 +98,7 @@ from typing import (
     Dict,
     Iterator,
     List,
+    NamedTuple,
     NoReturn,
     Optional,
     Set,
@@ -439,6 +443,14 @@ def _raise_for(exc: _StatusError, action: str, path: str) -> NoReturn:
     raise ExecutorFailure(f"{action}: {path!r}: {message} (SFTP status {exc.code})")
 
 
+def _request(kind: int, request_id: Optional[int], fields: Tuple[bytes, ...]) -> bytes:
+    """The SFTP packet of request ``kind`` (``request_id`` None: INIT, which has none)."""
+    body = b"".join(fields)
+    if request_id is None:
+        return _U32.pack(1 + len(body)) + bytes((kind,)) + body
+    return _HEAD.pack(5 + len(body), kind, request_id) + body
+
+
 def _string(value: Union[str, bytes]) -> bytes:
     data = value.encode("utf-8") if isinstance(value, str) else value
     return _U32.pack(len(data)) + data
@@ -509,6 +521,43 @@ def _attribute_fields(body: memoryview, at: int
 
 def _remaining(until: Optional[float]) -> Optional[float]:
     return None if until is None else until - time.monotonic()
+
+
+class _Created(NamedTuple):
+    """What `_Session.stat_and_create` found and made."""
+
+    #: The final permission bits, unless ``mode`` is given.
+    bits: int
+    #: (uid, gid) to give the file (the replaced file's), or None.
+    owner: Optional[Tuple[int, int]]
+    #: The temporary file's handle.
+    handle: bytes
+    #: The probe's handle (its file is removed already), to close with the temporary file's.
+    probe: Optional[bytes]
+
+
+def _probed(new_bits: int, opened: Tuple[int, memoryview], looked: Tuple[int, memoryview]
+            ) -> Tuple[int, Optional[bytes]]:
+    """The bits of a new file as sftp leaves it, from the replies to the probe's OPEN and LSTAT.
+
+    The probe was created asking for ``new_bits``, as sftp creates a file: what the
+    server took off (its umask, a default ACL) comes off the upload too. Only bits of
+    ``new_bits``: a probe swapped for a wider file widens nothing. Without an answer,
+    ``new_bits`` for the owner only: narrower than sftp's, never wider. Also the probe's
+    handle, None if it was not opened.
+    """
+    try:
+        handle = _Session.handle(*opened)
+    except _StatusError:
+        return new_bits & 0o700, None
+    try:
+        _expect(*looked, _FXP_ATTRS, "LSTAT")
+    except _StatusError:
+        return new_bits & 0o700, handle
+    _size, _ids, perms = _attribute_fields(looked[1], 5)
+    if perms is None or (S_IFMT(perms) and not S_ISREG(perms)):
+        return new_bits & 0o700, handle
+    return new_bits & perms, handle
 
 
 class _Session:
@@ -659,12 +708,7 @@ class _Session:
         """Send one request; return its id (a new one unless given; None: INIT, no id)."""
         if request_id == -1:
             request_id = self.new_id()
-        body = b"".join(fields)
-        if request_id is None:
-            head = _U32.pack(1 + len(body)) + bytes((kind,))
-        else:
-            head = _HEAD.pack(5 + len(body), kind, request_id)
-        self.send_bytes(memoryview(head + body))
+        self.send_bytes(memoryview(_request(kind, request_id, fields)))
         return request_id if request_id is not None else 0
 
     def send_bytes(self, data: memoryview) -> None:
@@ -774,7 +818,11 @@ class _Session:
         a failed transfer's requests are still being answered. Waits until
         ``until`` (default: the deadline).
         """
-        ids = [self.send(kind, *fields) for kind, fields in requests]
+        ids = [self.new_id() for _ in requests]
+        # In one send: one SSH packet, and a deadline cuts the requests at one place only.
+        self.send_bytes(memoryview(b"".join(
+            _request(kind, request_id, fields)
+            for (kind, fields), request_id in zip(requests, ids))))
         replies: Dict[int, Tuple[int, memoryview]] = {}
         while len(replies) < len(ids):
             reply, body = self.receive(until)
@@ -787,15 +835,17 @@ class _Session:
         """Send a request answered by a STATUS; raise `_StatusError` unless it is OK."""
         _check_status(*self.call(kind, *fields))
 
-    def stat_and_create(self, path: str, temp: str, new_bits: int
-                        ) -> Tuple[int, Optional[Tuple[int, int]], bytes]:
+    def stat_and_create(self, path: str, temp: str, new_bits: int, probe: Optional[str]
+                        ) -> _Created:
         """The final bits and owner of a file written over ``path``; a handle of new file ``temp``.
 
         One round trip, two when ``path`` exists: ``temp`` is created
         exclusively, readable by its owner only. `_StatusError` if it cannot
         be; a `ValueError` (``temp`` removed) if ``path`` is a device, FIFO
-        or socket, or a link to one. The bits: ``new_bits`` for a new
-        file; a regular file of the user's (the owner of ``temp``) keeps its
+        or socket, or a link to one. The bits: those a new file gets as sftp
+        creates it (see `_probed`: ``new_bits`` less the server's umask, learnt
+        from the new file ``probe``; ``new_bits`` as they are without one); a
+        regular file of the user's (the owner of ``temp``) keeps its
         own (see `_rewritten`); anything else (another user's file, a symbolic link) may have
         been planted (a root login in a shared sticky directory replaces
         anything) and gets only the bits it and a new file both have. The
@@ -803,14 +853,25 @@ class _Session:
         (a file shared with a group stays so), else None.
         """
         flags = _FXF_WRITE | _FXF_CREAT | _FXF_TRUNC | _FXF_EXCL
-        target, created = self.calls(
-            (_FXP_STAT, (_string(path),)),
-            (_FXP_OPEN, (_string(temp), _U32.pack(flags), _attrs(0o600))))
+        requests = [(_FXP_STAT, (_string(path),)),
+                    (_FXP_OPEN, (_string(temp), _U32.pack(flags), _attrs(0o600)))]
+        if probe is not None:
+            # Created as sftp creates a new file (its OPEN asks for the source's bits and
+            # the server takes its umask off), looked at and removed in the same round
+            # trip as the temporary file's OPEN: no round trip of its own, and the data
+            # never has wider bits than the final file (the probe has no data).
+            requests += [(_FXP_OPEN, (_string(probe), _U32.pack(flags), _attrs(new_bits))),
+                         (_FXP_LSTAT, (_string(probe),)),
+                         (_FXP_REMOVE, (_string(probe),))]
+        target, created, *probed = self.calls(*requests)
+        probe_handle = None
+        if probed:
+            new_bits, probe_handle = _probed(new_bits, *probed[:2])
         handle = self.handle(*created)
         try:
             _expect(*target, _FXP_ATTRS, "STAT")
         except _StatusError:  # missing, or hidden from us: a new file to the user
-            return new_bits, None, handle
+            return _Created(new_bits, None, handle, probe_handle)
         _size, _ids, kind = _attribute_fields(target[1], 5)
         if kind is not None and S_IFMT(kind) and not (S_ISREG(kind) or S_ISDIR(kind)):
             # Renamed over, a root login's /dev/null would become a regular file for
@@ -829,9 +890,10 @@ class _Session:
             _size, temp_ids, _perms = _attribute_fields(ours[1], 5)
             if (perms is not None and S_ISREG(perms) and ids is not None
                     and temp_ids is not None and ids[0] == temp_ids[0]):
-                return (_rewritten(perms & 0o7777, root=ids[0] == 0),
-                        None if ids == temp_ids else ids, handle)
-        return new_bits if bits is None else bits & new_bits, None, handle
+                return _Created(_rewritten(perms & 0o7777, root=ids[0] == 0),
+                                None if ids == temp_ids else ids, handle, probe_handle)
+        return _Created(new_bits if bits is None else bits & new_bits, None, handle,
+                        probe_handle)
 
     def open(self, path: str, flags: int, mode: Optional[int] = None) -> bytes:
         """Open remote ``path``; its handle."""
@@ -1474,21 +1536,25 @@ def upload(
         progress = _callers(progress)
     with _session(chan, deadline) as session, \
             Local.of(source).reading() as (readinto, total, bits):
+        # The bits of a new file matter only without ``mode``: a probe learns them.
+        probe = temp_path_for(remote) if mode is None else None
         try:
-            kept, owner, handle = session.stat_and_create(remote, temp, bits)
+            created = session.stat_and_create(remote, temp, bits, probe)
         except _StatusError as exc:
             _raise_for(exc, "cannot create a temporary file for the upload", remote)
-        handle_field = _string(handle)
+        handle_field = _string(created.handle)
         still_open: Optional[bytes] = handle_field  # for the clean-up
         try:
-            done = session.write_file(handle, readinto, total, progress)
-            final = mode if mode is not None else kept
+            done = session.write_file(created.handle, readinto, total, progress)
+            final = mode if mode is not None else created.bits
             # The group first: a chown clears set-group-ID, which the chmod then sets.
-            regroup = [] if owner is None else [(_FXP_FSETSTAT, (handle_field,
-                                                                 _attrs(None, owner)))]
+            regroup = [] if created.owner is None else [
+                (_FXP_FSETSTAT, (handle_field, _attrs(None, created.owner)))]
+            # The probe's handle goes with them, its answer unread: its file is gone.
+            unprobe = [] if created.probe is None else [(_FXP_CLOSE, (_string(created.probe),))]
             *regrouped, chmod, close = session.calls(
-                *regroup, (_FXP_FSETSTAT, (handle_field, _attrs(final))),
-                (_FXP_CLOSE, (handle_field,)))
+                *unprobe, *regroup, (_FXP_FSETSTAT, (handle_field, _attrs(final))),
+                (_FXP_CLOSE, (handle_field,)))[len(unprobe):]
             still_open = None
             for status in regrouped:  # a group the login is not in: the login's, narrower
                 with suppress(_StatusError):
@@ -1568,15 +1634,15 @@ def remove(chan: paramiko.Channel, remote: str, *, deadline: Optional[float] = N
 
 
 def _local_copy(source: Source, target: Source, mode: Optional[int],
-                progress: Optional[Progress], *, umask: bool,
-                deadline: Optional[float]) -> int:
+                progress: Optional[Progress], *, deadline: Optional[float]) -> int:
     check_mode(mode)
     done = 0
     buffer = memoryview(bytearray(LOCAL_BLOCK))
     if progress is not None:
         progress = _callers(progress)
     with Local(source).reading() as (readinto, total, bits):
-        with Local(target).writing(bits & ~_local_umask() if umask else bits, mode) as write:
+        # This machine is the server of a local copy: its umask applies, as to cp's.
+        with Local(target).writing(bits & ~_local_umask(), mode) as write:
             while True:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError("the deadline passed during the copy")
@@ -1599,12 +1665,13 @@ def local_put(
     """`upload`'s contract on the local file system: copy ``source`` to path ``dest`` atomically.
 
     ``source`` is a path or a binary file object. ``dest`` appears whole or
-    not at all, with the bits `upload` gives. Local errors, and those of
-    ``source`` and ``progress``, come out as a `CallerError` carrying them.
+    not at all, with the bits `upload` gives (what comes off a new file's is
+    this process's umask). Local errors, and those of ``source`` and
+    ``progress``, come out as a `CallerError` carrying them.
     Past ``deadline`` (a `time.monotonic` value; checked between reads of the
     source) `TimeoutError`, and ``dest`` is left as it was.
     """
-    return _local_copy(source, dest, mode, progress, umask=False, deadline=deadline)
+    return _local_copy(source, dest, mode, progress, deadline=deadline)
 
 
 def local_get(source: str, target: Source, *, progress: Optional[Progress] = None,
@@ -1614,4 +1681,4 @@ def local_get(source: str, target: Source, *, progress: Optional[Progress] = Non
     ``target`` is a path (written atomically, with the bits `download`
     gives) or a binary file object. Errors and ``deadline`` as for `local_put`.
     """
-    return _local_copy(source, target, None, progress, umask=True, deadline=deadline)
+    return _local_copy(source, target, None, progress, deadline=deadline)

@@ -292,13 +292,11 @@ def test_a_remote_file_planted_by_another_user_does_not_widen_an_upload(
 # -- an upload's new file: the server's umask, as sftp leaves it --------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "put gives a new remote file the local file's exact bits (FSETSTAT after the upload); "
-    "OpenSSH's sftp creates it with them, so the server's umask applies: a group- or "
-    "world-writable local file stays so on the server. Learning the server's umask costs "
-    "a probe file (the temporary file must stay owner-only until the end)"))
 def test_a_new_upload_gets_the_servers_umask_as_with_sftp(
         make_sshd: Callable[..., Any], shared_dir: str, tmp_path: Path) -> None:
+    # put gave a new remote file the local file's exact bits (FSETSTAT after the upload);
+    # sftp creates it with them, so the server's umask applies: a group- or world-writable
+    # local file stayed so on the server.
     previous = os.umask(0o022)
     try:
         server = make_sshd()  # its sftp-server runs under umask 022

@@ -30,7 +30,7 @@ from paramiko.common import (
     cMSG_CHANNEL_SUCCESS,
 )
 from paramiko.message import Message
-from test_files_trust import FXP, HostileSFTPServer, packet, read_packet, status, string
+from test_files_trust import FXP, HostileSFTPServer, good_reply, packet, read_packet, status, string
 from test_origin import HostileServer, finish, send_raw
 
 from paramiko_executor import (
@@ -157,10 +157,8 @@ def overrun_while_the_client_sends(server: Any, chan: paramiko.Channel) -> None:
     """Take the upload's first requests, stop reading (the client's send window runs out),
     and send the client three windows' worth of data it never granted."""
     chan.sendall(packet(FXP["VERSION"], _U32.pack(3)))
-    for _ in range(2):  # STAT and OPEN, sent at once
-        kind, request_id, _payload = read_packet(chan)
-        chan.sendall(status(request_id, 2, b"No such file") if kind == FXP["STAT"]
-                     else packet(FXP["HANDLE"], _U32.pack(request_id), string(b"h")))
+    for _ in range(5):  # STAT and OPEN, and the probe's OPEN, LSTAT and REMOVE, sent at once
+        chan.sendall(good_reply(*read_packet(chan)))
     # Unread, the client's WRITEs fill this side's window: the client blocks in its send.
     for _ in range(3000):
         if len(chan.in_buffer) + chan.in_window_sofar >= chan.in_window_size:

@@ -93,6 +93,7 @@ def test_get_takes_the_umask_off_and_a_file_object_counts_as_0644(
     os.umask(0o077)
     executor.get(str(remote), str(tmp_path / "private"))
     assert bits(tmp_path / "private") == 0o600
+    os.umask(0o022)  # a ShellExecutor's put takes this process's umask off, as sftp-server's
     executor.put(io.BytesIO(b"data"), str(remote_dir / "from-object"))
     assert bits(remote_dir / "from-object") == 0o644
 
@@ -174,9 +175,9 @@ def test_modes_match_openssh_sftp(make_sshd: Callable[..., Any], shared_dir: str
 # --- hostile SFTP servers -------------------------------------------------------------
 
 _U32 = struct.Struct(">I")
-FXP = {"INIT": 1, "VERSION": 2, "OPEN": 3, "CLOSE": 4, "READ": 5, "WRITE": 6, "FSTAT": 8,
-       "FSETSTAT": 10, "REMOVE": 13, "RENAME": 18, "STAT": 17, "STATUS": 101, "HANDLE": 102,
-       "DATA": 103, "ATTRS": 105}
+FXP = {"INIT": 1, "VERSION": 2, "OPEN": 3, "CLOSE": 4, "READ": 5, "WRITE": 6, "LSTAT": 7,
+       "FSTAT": 8, "FSETSTAT": 10, "REMOVE": 13, "RENAME": 18, "STAT": 17, "STATUS": 101,
+       "HANDLE": 102, "DATA": 103, "ATTRS": 105}
 CONTENT = b"hello from a hostile server\n"
 ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x9b31m"
 
@@ -202,7 +203,7 @@ def good_reply(kind: int, request_id: int, payload: bytes) -> bytes:
         return packet(FXP["HANDLE"], rid, string(b"h"))
     if kind == FXP["STAT"]:
         return status(request_id, 2, b"No such file")
-    if kind == FXP["FSTAT"]:
+    if kind in (FXP["FSTAT"], FXP["LSTAT"]):  # LSTAT: an upload's probe, just created
         return packet(FXP["ATTRS"], rid, _U32.pack(0x5), struct.pack(">QI", len(CONTENT), 0o100644))
     if kind == FXP["READ"]:
         offset, length = struct.unpack(">QI", payload[-12:])
