@@ -68,8 +68,6 @@ def test_a_timeout_during_a_stalled_key_exchange_returns_at_the_deadline(make_te
 
 
 @pytest.mark.hang_timeout(120)
-@pytest.mark.xfail(strict=True, reason="the OPEN's send waits for the key exchange up to "
-                   "paramiko's clear_to_send_timeout (30 s), past the caller's deadline")
 def test_a_command_started_during_a_stalled_key_exchange_times_out_at_its_deadline(
         make_test_server):
     """``timeout`` covers everything, opening the channel too.
