@@ -76,7 +76,6 @@ from .errors import (
 from .inbox import gate_of
 from .internals import (
     Handler,
-    await_key_exchange,
     forget_channel,
     key_exchange_running,
     new_session_channel,
@@ -84,6 +83,7 @@ from .internals import (
     replace_send_condition,
     send_if_clear,
     send_when_clear,
+    send_within,
     transport_reading,
     window_to_return,
     wrap_handlers,
@@ -96,6 +96,7 @@ from .text import EscapingFilter, printable
 __all__ = [
     "ChannelOutcome",
     "CommandSpec",
+    "Overdue",
     "SessionChannel",
     "install_channel_hooks",
     "Sessions",
@@ -293,6 +294,11 @@ def _outside_key_exchange(transport: paramiko.Transport, handler: Callable[[], N
     if threading.current_thread() is not transport or not key_exchange_running(transport):
         handler()
         return
+    _in_background(handler)
+
+
+def _in_background(handler: Callable[[], None]) -> None:
+    """Run a handler that sends in a thread of its own, where it may wait out a key exchange."""
 
     def deferred() -> None:
         try:
@@ -301,6 +307,10 @@ def _outside_key_exchange(transport: paramiko.Transport, handler: Callable[[], N
             pass  # the connection ended: the commands on it notice by themselves
 
     threading.Thread(target=deferred, name="paramiko_executor rekey", daemon=True).start()
+
+
+class Overdue(Exception):
+    """A key exchange held a send back past the command's deadline: nothing was sent."""
 
 
 class _Malformed(Exception):
@@ -618,14 +628,17 @@ class SessionChannel:
     """One session channel of the executor, and the slot that covers it.
 
     Created holding a slot the caller took from ``slots``; sends the OPEN at
-    once. Its states move forward only: opening, open, exec sent, running,
+    once, waiting for a key exchange ``open_within`` seconds at most (None:
+    paramiko's ``clear_to_send_timeout``), else `Overdue` with the slot given
+    back. Its states move forward only: opening, open, exec sent, running,
     decided (complete, timed out, ...), closed by the server. Output is
     appended by the transport thread; everything else is done by the thread
     that owns the channel (or, after a timeout, by its reaper).
     """
 
     def __init__(self, transport: paramiko.Transport, slots: Slots,
-                 sessions: Dict[int, SessionChannel], holder: Optional[int] = None) -> None:
+                 sessions: Dict[int, SessionChannel], holder: Optional[int] = None,
+                 open_within: Optional[float] = None) -> None:
         self.transport = transport
         self._slots: Optional[Slots] = slots
         #: The thread the slot was taken for, while only it can give it back (`Slots.acquire`).
@@ -665,10 +678,14 @@ class SessionChannel:
         #: When the OPEN went out: its answer times a round trip (`open_answered`).
         self._asked = time.monotonic()
         try:
-            self.chan = new_session_channel(transport, self.answered)
+            chan = new_session_channel(transport, self.answered, open_within)
         except BaseException:
             self._release()
             raise
+        if chan is None:
+            self._release()  # the server never heard of the channel
+            raise Overdue("a key exchange held back the channel's open")
+        self.chan = chan
         #: The receive window the server may still fill, under the channel's lock.
         self._window: int = self.chan.in_window_size
         self._sessions = sessions
@@ -860,7 +877,7 @@ class SessionChannel:
     # --- sending --------------------------------------------------------------------
 
     def _send(self, message: Message, *, window: int = 0, eof: bool = False,
-              wait: bool = True) -> bool:
+              wait: bool = True, deadline: Optional[float] = None) -> bool:
         """Send ``message`` unless the channel is closed; False when it was.
 
         The check and the send happen under the channel lock, so that nothing
@@ -868,26 +885,41 @@ class SessionChannel:
         whole connection on a packet for a channel it has already freed. The
         lock is never held while waiting out a key exchange (the transport
         thread may need it to finish one). ``window`` is taken from the send
-        window, and ``eof`` marks EOF sent, only with the send. With ``wait``
-        false, a key exchange running, or another thread's send holding the
+        window, and ``eof`` marks EOF sent, only with the send. A key exchange
+        is waited out until ``deadline`` (`Overdue` past it, nothing sent), or
+        paramiko's ``clear_to_send_timeout`` without one. With ``wait`` false,
+        a key exchange running, or another thread's send holding the
         connection `BUSY_SEND_WAIT` seconds, is a False too (nothing sent).
         """
         chan = self.chan
-        while True:
+        sent = False
+
+        def attempt(m: Message) -> bool:
+            nonlocal sent
             with chan.lock:
                 if chan.closed:
-                    return False
-                if send_if_clear(self.transport, message,
-                                 within=None if wait else BUSY_SEND_WAIT):
-                    chan.out_window_size -= window
-                    if eof:
-                        chan.eof_sent = True
                     return True
-            if not wait:
-                return False
-            await_key_exchange(self.transport)
+                if not send_if_clear(self.transport, m,
+                                     within=None if wait else BUSY_SEND_WAIT):
+                    return False
+                chan.out_window_size -= window
+                if eof:
+                    chan.eof_sent = True
+            sent = True
+            return True
 
-    def _request(self, kind: str, *fields: Any, want_reply: bool, wait: bool = True) -> bool:
+        # Tried once first: with no key exchange running, that is every send.
+        if attempt(message):
+            return sent
+        if not wait:
+            return False
+        if send_within(self.transport, message, None if deadline is None
+                       else max(0.0, deadline - time.monotonic()), attempt):
+            return sent
+        raise Overdue("a key exchange held back a send past the command's deadline")
+
+    def _request(self, kind: str, *fields: Any, want_reply: bool, wait: bool = True,
+                 deadline: Optional[float] = None) -> bool:
         m = Message()
         m.add_byte(cMSG_CHANNEL_REQUEST)
         m.add_int(self.chan.remote_chanid)
@@ -903,12 +935,15 @@ class SessionChannel:
         if want_reply:
             # Queued before the send: the reply may come before the send returns.
             self._awaiting.append(kind)
-        sent = self._send(m, wait=wait)
-        if not sent and want_reply:
-            self._awaiting.pop()
+        sent = False
+        try:
+            sent = self._send(m, wait=wait, deadline=deadline)
+        finally:
+            if not sent and want_reply:
+                self._awaiting.pop()
         return sent
 
-    def _send_stdin(self, data: memoryview) -> int:
+    def _send_stdin(self, data: memoryview, deadline: Optional[float]) -> int:
         """Send as much of ``data`` as the window allows now; -1 once the channel is closed.
 
         One packet per lock hold, so the transport thread can open the window meanwhile.
@@ -924,21 +959,25 @@ class SessionChannel:
             m.add_byte(cMSG_CHANNEL_DATA)
             m.add_int(chan.remote_chanid)
             m.add_string(data[sent:sent + size].tobytes())
-            if not self._send(m, window=size):
+            if not self._send(m, window=size, deadline=deadline):
                 return -1
             sent += size
         return sent
 
-    def _send_eof(self) -> None:
+    def _send_eof(self, deadline: Optional[float]) -> None:
         if self.chan.eof_sent:
             return
         m = Message()
         m.add_byte(cMSG_CHANNEL_EOF)
         m.add_int(self.chan.remote_chanid)
-        self._send(m, eof=True)
+        self._send(m, eof=True, deadline=deadline)
 
-    def _acknowledge(self, size: int) -> None:
-        """Open the receive window again once a tenth of it was used, as paramiko's recv() does."""
+    def _acknowledge(self, size: int, deadline: Optional[float] = None) -> None:
+        """Open the receive window again once a tenth of it was used, as paramiko's recv() does.
+
+        Not sent when a key exchange holds it back past ``deadline``: the
+        command is then timed out, or its output is all in.
+        """
         ack = window_to_return(self.chan, size)
         if ack:
             # Counted before it is sent: the server may use it at once.
@@ -950,8 +989,11 @@ class SessionChannel:
             m.add_int(ack)
             if threading.current_thread() is self.transport:
                 _outside_key_exchange(self.transport, lambda: send_when_clear(self.transport, m))
-            else:
-                self._send(m)
+                return
+            try:
+                self._send(m, deadline=deadline)
+            except Overdue:
+                pass
 
     # --- waiting --------------------------------------------------------------------
 
@@ -995,7 +1037,8 @@ class SessionChannel:
         """Run ``spec`` on this freshly opened channel.
 
         Returns the outcome once the command is complete or timed out (None
-        when the deadline passed before the exec was sent: it never ran).
+        when the deadline passed before the exec was sent: it never ran). A
+        key exchange the server stalls holds no send past ``deadline``.
         Raises `NeverStarted` (the server turned the exec away: try again),
         `ConnectionLost`, `ExecutorFailure` (a refused variable or terminal,
         or a channel closed with no exit status after the exec was accepted),
@@ -1015,10 +1058,17 @@ class SessionChannel:
         try:
             with translate(self.transport, started=lambda: self.exec_sent,
                            what="the command's channel"):
-                return self._start(spec, deadline, after_exec)
+                try:
+                    return self._start(spec, deadline, after_exec)
+                except Overdue:
+                    if not self.exec_sent:
+                        return None  # it never ran; the CLOSE below waits in the background
+                    self._end_remote_command()
+                    return ChannelOutcome(self._so_far(self.stdout, spec),
+                                          self._so_far(self.stderr, spec), None, None, True)
         finally:
             if not self.discarding:
-                self._close_quietly()
+                self._close_quietly(deadline)
 
     def _start(self, spec: CommandSpec, deadline: Optional[float],
                after_exec: Optional[Callable[[], None]]) -> Optional[ChannelOutcome]:
@@ -1032,7 +1082,7 @@ class SessionChannel:
         # closes the channel before the rest is read.
         self.sending = True
         self.exec_asked = True
-        if not self._request("exec", spec.command, want_reply=True):
+        if not self._request("exec", spec.command, want_reply=True, deadline=deadline):
             raise NeverStarted("the server closed the channel before the command was sent")
         self.exec_sent = True
         return self._converse(spec, deadline, after_exec)
@@ -1044,9 +1094,10 @@ class SessionChannel:
         the command runs, not after. False when the deadline passed first.
         """
         if spec.options.pty:
-            self._request("pty-req", "xterm", 80, 24, 0, 0, b"\x00", want_reply=True)
+            self._request("pty-req", "xterm", 80, 24, 0, 0, b"\x00", want_reply=True,
+                          deadline=deadline)
         for name, value in (spec.options.env or {}).items():
-            self._request("env", name, value, want_reply=True)
+            self._request("env", name, value, want_reply=True, deadline=deadline)
         answered = self._await_replies(deadline)
         if answered is None:
             return False
@@ -1073,13 +1124,13 @@ class SessionChannel:
         while True:
             self.wakeup.reset()
             if not eof_sent:
-                sent = self._send_stdin(pending) if pending else 0
+                sent = self._send_stdin(pending, deadline) if pending else 0
                 if sent < 0:
                     eof_sent = True
                 else:
                     pending = pending[sent:]
                     if not pending:
-                        self._send_eof()
+                        self._send_eof(deadline)
                         eof_sent = True
                 self.unsent = len(pending)
                 self.sending = not eof_sent
@@ -1089,11 +1140,11 @@ class SessionChannel:
                 after_exec = None
             if splitters is not None:
                 try:
-                    self._hand_on(splitters, spec.options.keep_output, final=False)
+                    self._hand_on(splitters, spec.options.keep_output, deadline, final=False)
                 except BaseException:  # a CallerError, or KeyboardInterrupt and the like
                     self._end_remote_command()
                     raise
-            outcome = self._decide(spec, splitters)
+            outcome = self._decide(spec, splitters, deadline)
             if outcome is not None:
                 return outcome
             remaining = _remaining(deadline)
@@ -1103,15 +1154,15 @@ class SessionChannel:
                                       self._so_far(self.stderr, spec), None, None, True)
             self._wait(deadline)
 
-    def _decide(self, spec: CommandSpec, splitters: Optional[Dict[str, LineSplitter]]
-                ) -> Optional[ChannelOutcome]:
+    def _decide(self, spec: CommandSpec, splitters: Optional[Dict[str, LineSplitter]],
+                deadline: Optional[float]) -> Optional[ChannelOutcome]:
         """The outcome, once the messages that decide it are in; None while it is open."""
         self._check_violation()
         exited = self.exit_status is not None or self.exit_signal is not None
         if exited and (self.chan.eof_received or self.remote_closed):
             # Complete: EOF (or CLOSE) is in, so nothing more arrives.
             if splitters is not None:
-                self._hand_on(splitters, spec.options.keep_output, final=True)
+                self._hand_on(splitters, spec.options.keep_output, deadline, final=True)
             return ChannelOutcome(self._whole(self.stdout, spec), self._whole(self.stderr, spec),
                                   self.exit_status, self.exit_signal, False)
         if self.remote_closed:
@@ -1140,7 +1191,8 @@ class SessionChannel:
             return buffer.kept(spec.options.encoding)
         return buffer.decode_so_far(spec.options.encoding)
 
-    def _hand_on(self, splitters: Dict[str, LineSplitter], keep: bool, *, final: bool) -> None:
+    def _hand_on(self, splitters: Dict[str, LineSplitter], keep: bool,
+                 deadline: Optional[float], *, final: bool) -> None:
         """Give the output that arrived to the caller's callback, line by line, from this thread.
 
         What the callback raises comes out as a `CallerError` (`callers_code`).
@@ -1149,7 +1201,7 @@ class SessionChannel:
             assert isinstance(stream, LiveStream)
             chunk = stream.drain(keep)
             if chunk:
-                self._acknowledge(len(chunk))
+                self._acknowledge(len(chunk), deadline)
                 with callers_code():
                     splitters[name].feed(chunk)
             if final:
@@ -1158,9 +1210,16 @@ class SessionChannel:
 
     # --- ending ------------------------------------------------------------------------
 
-    def _close_quietly(self) -> None:
-        """Our CLOSE, after the outcome is fixed: an error here changes nothing."""
+    def _close_quietly(self, deadline: Optional[float] = None) -> None:
+        """Our CLOSE, after the outcome is fixed: an error here changes nothing.
+
+        With a ``deadline``, a key exchange running holds the CLOSE back in
+        the background instead of in the caller's thread.
+        """
         self.sending = False
+        if deadline is not None and key_exchange_running(self.transport):
+            _in_background(self._close_quietly)
+            return
         try:
             self.chan.close()
         except TRANSPORT_ERRORS:

@@ -38,7 +38,7 @@ from typing import (
 
 import paramiko
 
-from .channel import CommandSpec, SessionChannel
+from .channel import CommandSpec, Overdue, SessionChannel
 from .checks import check_int, check_timeout
 from .command import OnOutput, RunOptions, StdinInput, check_command, outcome, stdin_bytes
 from .connection import Connection, ConnectionState, GaveUp, Link
@@ -748,8 +748,13 @@ class SSHExecutor(Executor):
                 if not self._take_slot(link, deadline):
                     return None
             link.slots.hold_back(deadline, holder)
-            with translate(link.transport, started=False, what="opening a channel"):
-                session = SessionChannel(link.transport, link.slots, link.sessions, holder)
+            try:
+                with translate(link.transport, started=False, what="opening a channel"):
+                    session = SessionChannel(
+                        link.transport, link.slots, link.sessions, holder,
+                        None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except Overdue:
+                return None  # a key exchange held the open back: the command never ran
             timeout = link.transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - time.monotonic()))

@@ -17,12 +17,16 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
 ``Transport._send_message``, ``Transport.clear_to_send``, ``Transport.clear_to_send_lock``,
 ``Transport.clear_to_send_timeout``
     Send now or not at all while no key exchange runs (`send_if_clear`), so
-    that the channel lock is never held while a key exchange is awaited.
+    that the channel lock is never held while a key exchange is awaited, and
+    wait for one with a time limit of the caller's (`send_within`): a
+    command's deadline, a forwarded socket's timeout.
 ``Transport._next_channel``, ``Transport._channels``, ``Transport.channel_events``,
 ``Transport.channels_seen``, ``Transport._sanitize_window_size``,
 ``Transport._sanitize_packet_size``
     Register a new session channel and send its OPEN without waiting
-    (`new_session_channel`): the first half of ``Transport.open_channel``.
+    (`new_session_channel`): the first half of ``Transport.open_channel``;
+    forgotten again (``_channels.delete``) when a key exchange held the OPEN
+    back past its time.
     ``channels_seen`` is also pruned of fully closed channels (`forget_channel`),
     which paramiko never does, so that memory stays flat over millions of commands.
 ``Channel._set_transport``, ``Channel._set_window``
@@ -96,6 +100,7 @@ ignore`` naming the error, so a name that the stubs gain, or a new use, shows.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -237,19 +242,27 @@ def send_if_clear(transport: paramiko.Transport, message: Message, *,
         transport.clear_to_send_lock.release()
 
 
-def send_within(transport: paramiko.Transport, message: Message,
-                timeout: Optional[float]) -> bool:
+def send_within(transport: paramiko.Transport, message: Message, timeout: Optional[float],
+                attempt: Optional[Callable[[Message], bool]] = None) -> bool:
     """Send ``message`` once no key exchange runs; False (nothing sent) after ``timeout`` s.
 
-    ``timeout`` None waits as `send_when_clear` does (paramiko's own bound).
+    ``timeout`` None waits up to paramiko's ``clear_to_send_timeout`` and then
+    raises `SSHException`, as paramiko's own send does; 0 tries once. Each try
+    is ``attempt(message)`` (default `send_if_clear`): True once it is done
+    with the message, False while a key exchange holds it back. Raises
+    `EOFError` when the connection ends during the wait.
     """
-    if timeout is None:
-        send_when_clear(transport, message)
-        return True
-    end = time.monotonic() + timeout
-    while not send_if_clear(transport, message):
+    if attempt is None:
+        if timeout is None:
+            send_when_clear(transport, message)
+            return True
+        attempt = functools.partial(send_if_clear, transport)
+    end = time.monotonic() + (transport.clear_to_send_timeout if timeout is None else timeout)
+    while not attempt(message):
         remaining = end - time.monotonic()
         if remaining <= 0:
+            if timeout is None:
+                raise SSHException("key exchange timed out")
             return False
         if not transport.clear_to_send.wait(min(remaining, 1.0)) and not transport.is_active():
             raise EOFError("the connection ended during a key exchange")
@@ -261,21 +274,14 @@ def key_exchange_running(transport: paramiko.Transport) -> bool:
     return not transport.clear_to_send.is_set()
 
 
-def await_key_exchange(transport: paramiko.Transport, poll: float = 1.0) -> None:
-    """Wait until a key exchange in progress ends; raises if the transport ends or time runs out."""
-    deadline = time.monotonic() + transport.clear_to_send_timeout
-    while not transport.clear_to_send.wait(poll):
-        if not transport.is_active():
-            raise EOFError("the connection ended during a key exchange")
-        if time.monotonic() > deadline:
-            raise paramiko.SSHException("key exchange timed out")
-
-
-def new_session_channel(transport: paramiko.Transport, answered: Any) -> paramiko.Channel:
+def new_session_channel(transport: paramiko.Transport, answered: Any,
+                        within: Optional[float] = None) -> Optional[paramiko.Channel]:
     """Register a session channel and send its OPEN without waiting for the answer.
 
     ``answered`` (an Event) is set on the server's answer, and also when the
     channel is closed from our side, which paramiko does not signal otherwise.
+    The OPEN waits for a key exchange as `send_within` with ``within`` does;
+    None when it was not sent in time, the channel forgotten again.
     """
     with transport.lock:
         window = transport._sanitize_window_size(None)  # type: ignore[attr-defined]
@@ -294,8 +300,13 @@ def new_session_channel(transport: paramiko.Transport, answered: Any) -> paramik
         chan._set_transport(transport)  # type: ignore[attr-defined]
         chan._set_window(window, max_packet)  # type: ignore[attr-defined]
         chan.in_buffer.set_event(answered)
-    transport._send_user_message(m)  # type: ignore[attr-defined]
-    return chan
+    if send_within(transport, m, within):
+        return chan
+    with transport.lock:
+        transport._channels.delete(chanid)  # type: ignore[attr-defined]
+        transport.channel_events.pop(chanid, None)
+        transport.channels_seen.pop(chanid, None)
+    return None
 
 
 class _SpentTimer:

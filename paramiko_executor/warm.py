@@ -5,8 +5,9 @@ sent. While one command runs, the next one's channel is asked for in the
 background, and the next command finds it open. The spare is a server session
 like any other, so it holds a slot of its own, taken only when one is free and
 nobody waits (`Slots.acquire` without blocking fails while anyone waits). It
-is a luxury: whenever a thread has to wait for a slot, the spare is closed,
-and its slot comes back on the server's CLOSE.
+is a luxury, never waited for: none is made while a key exchange runs, and
+whenever a thread has to wait for a slot, the spare is closed, and its slot
+comes back on the server's CLOSE.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Dict, Optional
 
 import paramiko
 
-from .channel import SessionChannel
+from .channel import Overdue, SessionChannel
 from .errors import TRANSPORT_ERRORS, ConnectionLost
 from .slots import Slots
 
@@ -89,7 +90,11 @@ class Spare:
             # Called after a command's exec: the wait passes while the command runs.
             self._slots.hold_back(None)
             try:
-                self._pending = SessionChannel(self._transport, self._slots, self._sessions)
+                # Never waits for a key exchange: the command's thread made the call.
+                self._pending = SessionChannel(self._transport, self._slots, self._sessions,
+                                               open_within=0.0)
+            except Overdue:
+                pass  # its slot is back; the next command opens its own channel
             except TRANSPORT_ERRORS:
                 pass  # a dying transport: the command's own path reports it
 

@@ -68,17 +68,16 @@ def test_a_timeout_during_a_stalled_key_exchange_returns_at_the_deadline(make_te
 
 
 @pytest.mark.hang_timeout(120)
-@pytest.mark.xfail(strict=True, reason="the OPEN's send waits for the key exchange up to "
-                   "paramiko's clear_to_send_timeout (30 s), past the caller's deadline")
 def test_a_command_started_during_a_stalled_key_exchange_times_out_at_its_deadline(
         make_test_server):
     """``timeout`` covers everything, opening the channel too.
 
-    A command asked for while the server stalls a key exchange raises
-    ``ExecutorFailure("... Key-exchange timed out ...")`` after 30 s, not `CommandTimeout`
-    after its 2 s. The exec, stdin, EOF, window adjusts and the CLOSE of a command
-    (``SessionChannel._send``, ``chan.close()``) and a spare's open after the exec wait
-    the same way, in the caller's thread.
+    A command asked for while the server stalled a key exchange raised
+    ``ExecutorFailure("... key exchange timed out ...")`` after 30 s, not `CommandTimeout`
+    after its 2 s: its exec (on the channel opened ahead) waited paramiko's
+    ``clear_to_send_timeout``. The OPEN, stdin, EOF, window adjusts and the CLOSE of a
+    command and a spare's open after the exec waited the same way, in the caller's
+    thread (``tests/test_kex_deadline.py`` covers the OPEN and a send after the exec).
     """
     server = make_test_server(max_sessions=4)
     with SSHExecutor(**server.executor_parameters()) as executor:

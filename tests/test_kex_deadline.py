@@ -1,0 +1,142 @@
+"""A command's ``timeout`` against a key exchange the server stalls (the project's test server).
+
+paramiko holds every send while a key exchange runs, up to its
+``clear_to_send_timeout`` (30 s). A command's own sends (the channel's OPEN,
+the exec, stdin, EOF, window adjusts, the CLOSE) wait for the exchange only
+until the command's deadline: past it, `CommandTimeout` (never run when the
+exec had not gone out, "may have run" after it), its slot given back, and the
+connection kept for the exchange to finish. Without a timeout a command
+waits for the exchange as before.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Any, Dict, Optional
+
+import pytest
+from helpers import wait_for
+from test_attack9b import _stall_a_key_exchange
+
+import paramiko_executor.channel as channel_module
+from paramiko_executor import CommandTimeout, SSHExecutor
+
+#: Where a thread waits for a key exchange to let its send out (this code, and paramiko's).
+_HELD_SEND = {"send_within", "_send_user_message", "await_key_exchange"}
+
+
+def _waits_in_a_send(thread: threading.Thread) -> bool:
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name in _HELD_SEND:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _assert_connection_kept(server: Any, executor: SSHExecutor) -> None:
+    """The slot came back and the one connection carries on once the exchange finished."""
+    # One slot (max_sessions=1): a slot the timed-out command kept would time this out.
+    assert executor.run_command("echo after", timeout=30).stdout == "after\n"
+    assert server.connections_accepted == 1
+    assert server.logins == 1
+
+
+@pytest.mark.hang_timeout(120)
+def test_an_open_held_by_a_stalled_key_exchange_times_out_and_gives_its_slot_back(
+        make_test_server):
+    """The OPEN's send waited paramiko's 30 s, then raised ``ExecutorFailure``.
+
+    One slot, so no channel is opened ahead: the command's own OPEN meets the
+    stalled exchange. The command never ran, and the slot it took is free at once.
+    """
+    server = make_test_server(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        executor.run_command("true", timeout=20)
+        try:
+            _stall_a_key_exchange(server, executor)
+            begun = time.monotonic()
+            with pytest.raises(Exception) as raised:
+                executor.run_command("echo never", timeout=2)
+            took = time.monotonic() - begun
+        finally:
+            server.thaw()
+        assert isinstance(raised.value, CommandTimeout), repr(raised.value)
+        assert took < 15, took
+        _assert_connection_kept(server, executor)
+        assert "echo never" not in server.commands
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_command_without_timeout_completes_once_the_stalled_exchange_finishes(
+        make_test_server):
+    """Without a timeout a held send waits for the exchange (paramiko's bound), as before.
+
+    A guard for the deadline's path: the OPEN held by the stalled exchange goes
+    out once the server carries on, and the command completes normally.
+    """
+    server = make_test_server(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        executor.run_command("true", timeout=20)
+        ended: Dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                ended["result"] = executor.run_command("echo held")
+            except BaseException as exc:  # noqa: B036 (recorded, judged below)
+                ended["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        try:
+            _stall_a_key_exchange(server, executor)
+            thread.start()
+            wait_for(lambda: _waits_in_a_send(thread), "the command's send to be held")
+        finally:
+            server.thaw()
+        thread.join(60)
+        assert not thread.is_alive()
+        assert "error" not in ended, repr(ended.get("error"))
+        assert ended["result"].stdout == "held\n"
+        _assert_connection_kept(server, executor)
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_send_after_the_exec_held_by_a_stalled_exchange_times_out_the_command(
+        make_test_server, monkeypatch):
+    """The EOF after the exec waited paramiko's 30 s, then raised ``ExecutorFailure``.
+
+    The exchange starts right after the exec went out (stdin and EOF still to
+    send): the command may have run, so it is a `CommandTimeout` like any
+    other, its TERM sent from the background once the exchange finishes; the
+    slot comes back on the server's CLOSE.
+    """
+    server = make_test_server(max_sessions=1)
+    stalled = threading.Event()
+    original = channel_module.send_if_clear
+
+    def send_if_clear(transport: Any, message: Any, *, within: Optional[float] = None) -> bool:
+        sent = original(transport, message, within=within)
+        if sent and not stalled.is_set() and b"exec" in message.asbytes():
+            stalled.set()
+            server.freeze()
+            transport._send_kex_init()
+        return sent
+
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        executor.run_command("true", timeout=20)
+        monkeypatch.setattr(channel_module, "send_if_clear", send_if_clear)
+        try:
+            begun = time.monotonic()
+            with pytest.raises(Exception) as raised:
+                executor.run_command("cat", "stdin", timeout=2)
+            took = time.monotonic() - begun
+        finally:
+            server.thaw()
+        monkeypatch.undo()
+        assert stalled.is_set()
+        assert isinstance(raised.value, CommandTimeout), repr(raised.value)
+        assert raised.value.exit_code is None
+        assert took < 15, took
+        _assert_connection_kept(server, executor)
