@@ -1343,7 +1343,9 @@ class Local:
     def writing(self, new_bits: int, mode: Optional[int] = None) -> Iterator[_Write]:
         """For one attempt: a function writing everything it is given.
 
-        A file object is written at its position. A path gets a new
+        A file object is written at its position, and flushed at the end (a
+        buffered file's full disk is the transfer's error, not its
+        ``close()``'s). A path gets a new
         temporary file in its directory, created exclusively and readable by
         its owner only, which gets its final bits and is ``os.replace``-d over
         the path when the block ends without error, and is removed when it
@@ -1357,6 +1359,10 @@ class Local:
             self._begin(truncate=True)
             yield self._moving(_write_all(self._file.write,
                                           raw=isinstance(self._file, io.RawIOBase)))
+            flush = getattr(self._file, "flush", None)
+            if flush is not None:
+                with callers_code():
+                    flush()
             return
         path = self.path
         head, name = os.path.split(path)

@@ -51,6 +51,36 @@ def executor(request, sshd):
         yield ex
 
 
+class _FullDisk(io.RawIOBase):
+    """A raw file on a disk that is full until ``full`` is cleared: writes fail as the kernel's."""
+
+    full = True
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return len(data)
+
+
+def test_get_into_a_buffered_file_object_reports_a_full_disk_itself(executor, workdir):
+    """A buffered file object held the download, and ``get`` returned success: the full
+    disk only showed at the caller's ``close()``, long after."""
+    remote = workdir / "small"
+    remote.write_bytes(b"x" * 1000)
+    disk = _FullDisk()
+    target = io.BufferedWriter(disk, buffer_size=1024 * 1024)
+    with pytest.raises(OSError) as info:
+        executor.get(str(remote), target)
+    assert info.value.errno == errno.ENOSPC
+    disk.full = False
+    target.close()
+    if isinstance(executor, SSHExecutor):
+        assert executor.statistics().reconnects == 0
+
+
 def test_round_trips_paths_pathlike_and_file_objects(executor, workdir, tmp_path):
     data = os.urandom(3 * 1024 * 1024 + 7)
     source = tmp_path / "source.bin"
