@@ -46,6 +46,7 @@ import paramiko
 from paramiko.common import (
     MSG_CHANNEL_CLOSE,
     MSG_CHANNEL_DATA,
+    MSG_CHANNEL_EOF,
     MSG_CHANNEL_EXTENDED_DATA,
     MSG_CHANNEL_FAILURE,
     MSG_CHANNEL_OPEN,
@@ -435,6 +436,16 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
             s.received("stderr" if code == 1 else None, payload)
         return handle
 
+    def eof(on_eof: Handler) -> Handler:
+        def handle(chan: paramiko.Channel, m: Message) -> None:
+            s = sessions.get(chan.chanid)
+            if s is not None and not s.raw and not s.exec_asked:
+                # Taken, it would end the output of the command still to be sent here.
+                s.violated("end of output before the command was sent")
+                return
+            on_eof(chan, m)
+        return handle
+
     # The latest channels closed on both sides, oldest first: still known to
     # paramiko, which ignores a message for a channel it has seen but ends the
     # whole connection on one for a channel it never knew. A server may send
@@ -594,6 +605,7 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
         {
             MSG_CHANNEL_DATA: data,
             MSG_CHANNEL_EXTENDED_DATA: extended_data,
+            MSG_CHANNEL_EOF: eof,
             MSG_CHANNEL_CLOSE: close,
             MSG_CHANNEL_REQUEST: request,
             MSG_CHANNEL_SUCCESS: reply(True),

@@ -225,6 +225,37 @@ def test_an_exit_status_before_the_exec_is_not_the_commands(hostile, then):
         assert executor.statistics().reconnects == 0
 
 
+def _eof_on_the_spare(chan) -> None:
+    """Finish ``chan``'s command after sending EOF on every other channel (the spare)."""
+    from test_origin import finish
+
+    transport = chan.transport
+    wait_for(lambda: any(other is not chan and other.active
+                         for other in list(transport._channels.values())), "the spare's open")
+    for other in list(transport._channels.values()):
+        if other is not chan:
+            other.shutdown_write()
+    finish(chan, 0)
+
+
+@pytest.mark.hang_timeout(90)
+def test_an_eof_before_the_exec_does_not_end_the_next_commands_output(hostile):
+    """An EOF a server sent on the spare before its exec was taken as the next command's:
+    that command's real output came after it and was dropped (an empty stdout, exit 0)."""
+    from test_origin import finish
+
+    def real(chan) -> None:
+        chan.sendall(b"real\n")
+        finish(chan, 0)
+
+    server = hostile({b"eof": _eof_on_the_spare, b"real": real})
+    with SSHExecutor(**server.parameters()) as executor:
+        assert executor.run_command("eof", timeout=30).exit_code == 0
+        assert executor.run_command("real", timeout=30).stdout == "real\n"
+        statistics = executor.statistics()
+        assert statistics.reconnects == 0 and statistics.commands_retried == 0
+
+
 # --- an answer to an open already answered -------------------------------------------------------
 
 
