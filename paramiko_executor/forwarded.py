@@ -142,6 +142,11 @@ class ForwardedSocket:
             return send_all(self._chan, self._inbox.gate, view, whole=False)
 
     def sendall(self, data: Union[bytes, bytearray, memoryview], flags: int = 0) -> None:
+        """Send all of ``data``, as the window opens; past the timeout, `TimeoutError`.
+
+        ``BrokenPipeError`` after ``shutdown(SHUT_WR)``; ``ConnectionResetError``
+        when the connection is lost during the write.
+        """
         _check_flags(flags)
         view = memoryview(data).cast("B")
         self._check_writable()
@@ -216,6 +221,7 @@ class ForwardedSocket:
         self._chan.settimeout(None if seconds is None or math.isinf(seconds) else seconds)
 
     def gettimeout(self) -> Optional[float]:
+        """The timeout `settimeout` set: None (blocking), 0.0 (non-blocking) or seconds."""
         timeout: Optional[float] = self._chan.gettimeout()
         return timeout
 
@@ -239,6 +245,12 @@ class ForwardedSocket:
             return fileno
 
     def shutdown(self, how: int) -> None:
+        """As a socket's: ``SHUT_WR`` sends EOF, ``SHUT_RD`` ends reading after what is buffered.
+
+        ``how`` is ``socket.SHUT_RD``, ``SHUT_WR`` or ``SHUT_RDWR`` (else
+        ``ValueError``). After ``SHUT_RD`` `recv` returns the buffered data,
+        then ``b""``; after ``SHUT_WR`` `send` raises ``BrokenPipeError``.
+        """
         if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
             raise ValueError(f"how must be SHUT_RD, SHUT_WR or SHUT_RDWR, not {how!r}")
         self._check_open()

@@ -201,6 +201,7 @@ class Tunnel:
 
     @property
     def closed(self) -> bool:
+        """True once the tunnel stopped forwarding: `close`, the executor's `close`, a fork."""
         return self._closed.is_set()
 
     def __enter__(self: TunnelT) -> TunnelT:
