@@ -27,4 +27,8 @@ def mistakes(executor: SSHExecutor, group: HostGroup) -> None:
         executor.run_command("false")
     except CommandExecutionFailure as failure:
         print(failure.exit_code + 1)  # E: operator
-    print(text, data, sent)
+    reply: str = executor.open_connection("db", 5432).recv(4)  # E: assignment
+    executor.forward_local("5432")  # E: arg-type
+    for _name, done in group.run_command_as_completed("uptime"):
+        print(done.stdout)  # E: union-attr
+    print(text, data, sent, reply)

@@ -8,25 +8,40 @@ writing this must get no errors.
 from __future__ import annotations
 
 import io
+import selectors
+import socket
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Dict, List, Optional, Union
 
 import paramiko
 
 from paramiko_executor import (
+    SAFE_WRAPPER,
+    AuthenticationFailure,
     CommandExecutionFailure,
     CommandResult,
     CommandTimeout,
+    ConnectionState,
     DupingSSHExecutor,
     Executor,
+    ExecutorError,
     ExecutorFailure,
     ExecutorStatistics,
+    ForwardedSocket,
+    ForwardTimeout,
     GroupFailure,
     GroupResult,
     HostGroup,
+    HostKeyFailure,
+    LocalTunnel,
+    RemoteTunnel,
     ShellExecutor,
     SSHExecutor,
+    TransferTimeout,
+    Tunnel,
+    probe_max_session,
 )
+from paramiko_executor.testing import SSHTestServer
 
 
 def quickstart() -> int:
@@ -166,3 +181,71 @@ def many_hosts() -> None:
             result.raise_for_failures()
         except GroupFailure as failure:
             print(sorted(failure.failed))
+
+
+def timeouts_are_timeout_errors(executor: SSHExecutor) -> None:
+    try:
+        executor.put("big.tar", "/scratch/big.tar", timeout=60)
+    except TransferTimeout as late:
+        as_timeout: TimeoutError = late
+        as_failure: ExecutorFailure = late
+        print(as_timeout, as_failure.description)
+    try:
+        executor.open_connection("db.internal", 5432, timeout=5).close()
+    except ForwardTimeout as late:
+        also_timeout: TimeoutError = late
+        print(also_timeout)
+    except (AuthenticationFailure, HostKeyFailure) as refused:
+        print("login refused:", refused.description)
+    except ExecutorError as anything_of_ours:
+        print(anything_of_ours)
+
+
+def forwarded_socket(executor: SSHExecutor) -> None:
+    sock: ForwardedSocket = executor.open_connection("db.internal", 5432, timeout=10)
+    with sock:
+        sent: int = sock.send(b"ping")
+        sock.shutdown(socket.SHUT_WR)
+        buffer = bytearray(4)
+        read: int = sock.recv_into(buffer)
+        sock.setblocking(False)
+        timeout: float | None = sock.gettimeout()
+        with selectors.DefaultSelector() as selector:
+            selector.register(sock.fileno(), selectors.EVENT_READ)
+            ready = selector.select(timeout=1.0)
+        closed: bool = sock.closed
+        print(sent, read, timeout, ready, closed)
+
+
+def tunnel_types(executor: SSHExecutor) -> None:
+    local: LocalTunnel = executor.forward_local(5432, "db.internal", local_port=0)
+    remote: RemoteTunnel = executor.forward_remote(0, 8000, local_host="127.0.0.1")
+    for tunnel in (local, remote):
+        either: Tunnel = tunnel
+        print(either.closed)
+        either.close()
+    address: tuple[str, int] = local.local_address
+    print(address, remote.remote_address)
+
+
+def connection_details(executor: SSHExecutor) -> None:
+    state: ConnectionState | None = executor.state
+    if state is not None:
+        print(state.transport.is_active(), state.bound)
+    with executor.bounded_connection as transport:
+        print(probe_max_session(transport, limit=16) + 0)
+
+
+def shell_files_and_safe_wrapper() -> None:
+    with ShellExecutor() as shell:
+        copied: int = shell.put("report.csv", "/tmp/report.csv", mode=0o600, timeout=10)
+        fetched: int = shell.get("/tmp/report.csv", io.BytesIO(), progress=print)
+        print(copied + fetched)
+    with DupingSSHExecutor(host="login.example.org", wrapper=SAFE_WRAPPER) as duping:
+        print(duping.run_command("hostname").stdout.strip())
+
+
+def test_server() -> None:
+    with SSHTestServer(max_sessions=4) as server:
+        with SSHExecutor(**server.executor_parameters()) as executor:
+            print(executor.run_command("true").exit_code)
