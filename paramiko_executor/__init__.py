@@ -1,7 +1,9 @@
 """paramiko_executor: thread-safe remote commands over one multiplexed SSH connection.
 
-See ``SSHExecutor`` for the contract; ``paramiko_executor.testing`` holds a
-local SSH server for tests.
+`SSHExecutor` runs commands on one host (its docstring says what a command
+gets, raises and retries), `HostGroup` on many hosts at once, `ShellExecutor`
+on this machine with the same ``run_command``; ``paramiko_executor.testing``
+holds a local SSH server for tests.
 """
 
 from .connection import ConnectionState, probe_max_session

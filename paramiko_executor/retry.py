@@ -40,7 +40,7 @@ class ConnectRetry:
 
     After a failed attempt the connector waits ``backoff`` seconds, doubling
     each time up to ``max_backoff``, for ``retries`` retries: ``retries + 1``
-    attempts in all, the last one the "one last attempt" of the contract.
+    attempts in all (the retries guide's "then makes one last attempt").
     """
 
     retries: int = 9

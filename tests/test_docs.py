@@ -148,6 +148,9 @@ def test_docs_never_point_outside_the_repository():
             continue
         text = path.read_text()
         assert "shared/design" not in text and "../shared" not in text, path
+        # Notes of the project's own that users do not have.
+        for note in ("API.md", "CHANNEL.md", "design card"):
+            assert note not in text, (path, note)
 
 
 def test_api_reference_covers_every_public_name():
