@@ -404,9 +404,11 @@ class SSHExecutor(Executor):
         commands. It is atomic: the data goes to a temporary file next to
         ``remote`` (a new one for each attempt, created exclusively and
         readable by its owner only), which gets its final permission bits
-        (``mode``; else those of the file replaced; else the local file's,
-        0o644 for a file object) and is renamed over ``remote`` after the last
-        byte (a failed transfer removes it). A transfer broken by a lost
+        (``mode``; else those of the file replaced; else, as ``sftp`` leaves a
+        new file, the local file's, 0o644 for a file object, less the server's
+        umask or default ACL, learnt in the round trip that creates the
+        temporary file) and is renamed over ``remote`` after the last byte (a
+        failed transfer removes it). A transfer broken by a lost
         connection is retried from the start, up to ``on_disconnect_retry``
         times: a file object is read again from where it stood, and one that
         cannot seek (a pipe) makes that an `ExecutorFailure` once bytes were

@@ -74,6 +74,8 @@ class ShellExecutor(Executor):
 
         ``env`` is added to this process's environment for the command;
         ``pty=True`` runs it on a pseudo-terminal (stdout and stderr merged).
+        A command or ``env`` larger than the system's ``exec`` takes (``E2BIG``)
+        is a `ValueError` at the call.
         """
         check_command(command)
         options = RunOptions.of(timeout=timeout, check=check, env=env, encoding=encoding,
