@@ -21,7 +21,7 @@ import pwd
 import stat
 import subprocess
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 
@@ -41,7 +41,7 @@ def replaced_bits(index: int) -> int:
 
 
 @pytest.fixture
-def umask_of() -> Iterator[Callable[[int], None]]:
+def umask_of() -> Iterator[Callable[[int], int]]:
     """Sets this process's umask; the old one comes back after the test."""
     previous = os.umask(0o022)
     os.umask(previous)
@@ -168,7 +168,7 @@ def test_the_upload_is_owner_only_until_its_final_bits_under_umask_0(
     source = tmp_path / "source"
     source.write_bytes(os.urandom(3 * 1024 * 1024))
     source.chmod(0o666)
-    seen = []
+    seen: List[int] = []
 
     def progress(done: int, total: int) -> None:
         seen.extend(bits(path) for path in remote.iterdir() if path.name.endswith(".tmp"))
