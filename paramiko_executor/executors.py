@@ -424,12 +424,12 @@ class SSHExecutor(Executor):
         """
         timeout = check_transfer_arguments(local, remote, put=True, mode=mode, timeout=timeout,
                                            progress=progress)
-        temps: List[str] = []  # one per attempt
+        temps: List[List[str]] = []  # one per attempt: its temporary file, and probe if any
 
         def attempt(chan: paramiko.Channel, deadline: Optional[float], source: Local) -> int:
-            temps.append(temp_path_for(remote))
+            temps.append([temp_path_for(remote) for _ in range(1 if mode is not None else 2)])
             return upload(chan, source, remote, mode=mode, progress=progress, deadline=deadline,
-                          temp_name=temps[-1])
+                          temp_name=temps[-1][0], probe_name=temps[-1][1] if mode is None else None)
 
         failed = False
         try:
@@ -440,7 +440,8 @@ class SSHExecutor(Executor):
         finally:
             # An attempt broken with its connection left its file behind; a
             # failed last one may have too.
-            self._remove_leftover(temps if failed else temps[:-1])
+            self._remove_leftover([name for names in (temps if failed else temps[:-1])
+                                   for name in names])
 
     def get(self, remote: str, local: Source, *, timeout: Optional[float] = None,
             progress: Optional[Progress] = None) -> int:

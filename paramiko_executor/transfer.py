@@ -534,6 +534,9 @@ class _Created(NamedTuple):
     handle: bytes
     #: The probe's handle (its file is removed already), to close with the temporary file's.
     probe: Optional[bytes]
+    #: The probe's name if the server refused to remove it (``sftp-server -P remove``):
+    #: the upload is renamed over it on its way, which leaves nothing behind.
+    stuck: Optional[str] = None
 
 
 def _probed(new_bits: int, opened: Tuple[int, memoryview], looked: Tuple[int, memoryview]
@@ -864,14 +867,19 @@ class _Session:
                          (_FXP_LSTAT, (_string(probe),)),
                          (_FXP_REMOVE, (_string(probe),))]
         target, created, *probed = self.calls(*requests)
-        probe_handle = None
+        probe_handle = stuck = None
         if probed:
             new_bits, probe_handle = _probed(new_bits, *probed[:2])
+            if probe_handle is not None:
+                try:
+                    _check_status(*probed[2])
+                except _StatusError:
+                    stuck = probe
         handle = self.handle(*created)
         try:
             _expect(*target, _FXP_ATTRS, "STAT")
         except _StatusError:  # missing, or hidden from us: a new file to the user
-            return _Created(new_bits, None, handle, probe_handle)
+            return _Created(new_bits, None, handle, probe_handle, stuck)
         _size, _ids, kind = _attribute_fields(target[1], 5)
         if kind is not None and S_IFMT(kind) and not (S_ISREG(kind) or S_ISDIR(kind)):
             # Renamed over, a root login's /dev/null would become a regular file for
@@ -891,9 +899,9 @@ class _Session:
             if (perms is not None and S_ISREG(perms) and ids is not None
                     and temp_ids is not None and ids[0] == temp_ids[0]):
                 return _Created(_rewritten(perms & 0o7777, root=ids[0] == 0),
-                                None if ids == temp_ids else ids, handle, probe_handle)
+                                None if ids == temp_ids else ids, handle, probe_handle, stuck)
         return _Created(new_bits if bits is None else bits & new_bits, None, handle,
-                        probe_handle)
+                        probe_handle, stuck)
 
     def open(self, path: str, flags: int, mode: Optional[int] = None) -> bytes:
         """Open remote ``path``; its handle."""
@@ -1507,6 +1515,7 @@ def upload(
     progress: Optional[Progress] = None,
     deadline: Optional[float] = None,
     temp_name: Optional[str] = None,
+    probe_name: Optional[str] = None,
 ) -> int:
     """Write ``source`` to ``remote`` over SFTP on ``chan``, atomically; the bytes sent.
 
@@ -1518,7 +1527,10 @@ def upload(
     new random one, see `temp_path_for`), created exclusively and readable by
     its owner only; it gets its final bits (see the module's Permissions)
     and is renamed over ``remote`` after the last byte. On failure it is
-    removed if the SFTP session still works.
+    removed if the SFTP session still works. Without ``mode``, an empty probe
+    file (``probe_name``, a path; default: a new random one) is created and
+    removed on the way (see `_Session.stat_and_create`): a caller that removes
+    a broken attempt's temporary file removes its probe too.
 
     ``progress(done, total)`` is called in this thread as the server confirms
     blocks; ``total`` is -1 when the source cannot tell its size.
@@ -1543,7 +1555,7 @@ def upload(
     with _session(chan, deadline) as session, \
             Local.of(source).reading() as (readinto, total, bits):
         # The bits of a new file matter only without ``mode``: a probe learns them.
-        probe = temp_path_for(remote) if mode is None else None
+        probe = (probe_name or temp_path_for(remote)) if mode is None else None
         try:
             created = session.stat_and_create(remote, temp, bits, probe)
         except _StatusError as exc:
@@ -1574,6 +1586,10 @@ def upload(
                 # narrower than asked, never wider.
                 log.debug("the SFTP server did not set %s's mode", remote, exc_info=True)
             _check_status(*close)
+            if created.stuck is not None and _POSIX_RENAME in session.extensions:
+                # Over the probe first: the data under its name has the final bits already.
+                session.rename(temp, created.stuck)
+                temp = created.stuck
             session.rename(temp, remote)
         except BaseException as exc:
             session.discard_upload(still_open, temp, exc)

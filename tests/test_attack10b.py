@@ -1,0 +1,147 @@
+"""Attacks on put's umask probe (attack10b)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pwd
+import stat
+import subprocess
+import threading
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, Callable
+
+import paramiko
+from test_files_trust import _U32, FXP, HostileSFTPServer, read_packet
+
+from paramiko_executor import SSHExecutor
+
+
+def bits(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def own_dir(server: Any, shared_dir: str) -> Path:
+    entry = pwd.getpwnam(server.username)
+    os.chown(shared_dir, entry.pw_uid, entry.pw_gid)
+    return Path(shared_dir)
+
+
+def sftp_put(server: Any, local: Path, remote: str) -> None:
+    subprocess.run(
+        ["sftp", "-F", "/dev/null", "-i", server.client_key_path,
+         "-o", f"UserKnownHostsFile={server.known_hosts_path}", "-o", "BatchMode=yes",
+         "-o", "StrictHostKeyChecking=yes", "-P", str(server.port), "-b", "-",
+         f"{server.username}@{server.host}"],
+        input=f"put {local} {remote}\n".encode(), check=True, timeout=60,
+        stdout=subprocess.DEVNULL)
+
+
+def test_a_server_that_refuses_remove_is_left_no_probe(
+        make_sshd: Callable[..., Any], shared_dir: str, tmp_path: Path) -> None:
+    # An upload-only drop box: sftp-server -P remove denies REMOVE (files are never
+    # deleted), renames and writes still work, and so does sftp's put. The probe's
+    # REMOVE was refused: every put left an empty ".<name>.<random>.tmp" behind.
+    server = make_sshd(extra_config=["ForceCommand internal-sftp -P remove"])
+    remote = own_dir(server, shared_dir)
+    source = tmp_path / "source"
+    source.write_bytes(b"data\n")
+    source.chmod(0o644)
+    sftp_put(server, source, f"{remote}/by-sftp")
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.put(str(source), f"{remote}/by-put")
+    assert sorted(p.name for p in remote.iterdir()) == ["by-put", "by-sftp"]
+    assert bits(remote / "by-put") == bits(remote / "by-sftp")
+    assert (remote / "by-put").read_bytes() == b"data\n"
+
+
+# -- a real sftp-server behind a relay that cuts the connection mid-batch ------------------------
+
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+
+
+class RelaySFTPServer(HostileSFTPServer):
+    """An SSH server whose ``sftp`` subsystem is a real OpenSSH sftp-server (as root),
+    relayed request by request. In the first session only, the connection is dropped
+    when ``cut`` says so of a request (kind, payload), once the requests before it were
+    answered by sftp-server: the server processed part of a batch that its client had
+    sent whole (a batch split over SSH packets, say by a small window). ``sessions``:
+    how many SFTP sessions it served."""
+
+    def __init__(self, directory: Path, cut: Callable[[int, bytes], bool]) -> None:
+        super().__init__(directory, {})
+        self.cut = cut
+        self.sessions = 0
+        self.lock = threading.Lock()
+
+    def serve(self, chan: paramiko.Channel) -> None:
+        with self.lock:
+            self.sessions += 1
+            first = self.sessions == 1
+        proc = subprocess.Popen([SFTP_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        answered = threading.Semaphore(0)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            while True:
+                head = proc.stdout.read(4)
+                if len(head) < 4:
+                    return
+                body = proc.stdout.read(_U32.unpack(head)[0])
+                try:
+                    chan.sendall(head + body)
+                except (EOFError, OSError, paramiko.SSHException):
+                    return
+                answered.release()
+
+        pumper = threading.Thread(target=pump, daemon=True)
+        pumper.start()
+        sent = 0
+        try:
+            chan.settimeout(10)
+            while True:
+                kind, request_id, payload = read_packet(chan)
+                if first and self.cut(kind, payload):
+                    # Everything before this request answered: then the connection goes.
+                    for _ in range(sent):  # INIT's VERSION too
+                        if not answered.acquire(timeout=10):
+                            break
+                    chan.get_transport().close()
+                    return
+                body = bytes((kind,)) + (b"" if kind == FXP["INIT"]
+                                         else _U32.pack(request_id)) + payload
+                assert proc.stdin is not None
+                proc.stdin.write(_U32.pack(len(body)) + body)
+                proc.stdin.flush()
+                sent += 1
+        except (EOFError, OSError, paramiko.SSHException):
+            pass
+        finally:
+            with suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.close()
+            proc.wait(10)
+            pumper.join(10)
+
+
+def is_probe_lstat(kind: int, payload: bytes) -> bool:
+    return kind == FXP["LSTAT"]
+
+
+def test_an_attempt_cut_off_after_the_probe_was_created_leaves_no_probe(
+        tmp_path: Path) -> None:
+    # The connection is lost after the server created the attempt's temporary file and
+    # its probe, before the probe's LSTAT and REMOVE reached it. The retry on a new
+    # connection succeeds, and the broken attempt's temporary file is removed (the
+    # executor remembers its name); its probe was not: nothing knew its name.
+    directory = tmp_path / "remote"
+    directory.mkdir()
+    server = RelaySFTPServer(tmp_path, is_probe_lstat)
+    try:
+        with SSHExecutor(**server.executor_parameters(), on_disconnect_retry=1) as ex:
+            assert ex.put(io.BytesIO(b"data"), f"{directory}/up", timeout=60) == 4
+        assert server.sessions >= 2
+        assert sorted(p.name for p in directory.iterdir()) == ["up"]
+    finally:
+        server.close()
