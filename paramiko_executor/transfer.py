@@ -541,7 +541,8 @@ class _Created(NamedTuple):
 
 def _probed(new_bits: int, opened: Tuple[int, memoryview], looked: Tuple[int, memoryview]
             ) -> Tuple[int, Optional[bytes]]:
-    """The bits of a new file as sftp leaves it, from the replies to the probe's OPEN and LSTAT.
+    """The bits of a new file as sftp leaves it, from the replies to the probe's OPEN and LSTAT
+    (or FSTAT).
 
     The probe was created asking for ``new_bits``, as sftp creates a file: what the
     server took off (its umask, a default ACL) comes off the upload too. Only bits of
@@ -869,10 +870,15 @@ class _Session:
         target, created, *probed = self.calls(*requests)
         probe_handle = stuck = None
         if probed:
-            new_bits, probe_handle = _probed(new_bits, *probed[:2])
+            opened, looked, removed = probed
+            if opened[0] == _FXP_HANDLE and looked[0] != _FXP_ATTRS:
+                # LSTAT refused (sftp-server -P lstat, a server without it): the probe's
+                # handle tells the same, at one more round trip.
+                looked = self.call(_FXP_FSTAT, _string(self.handle(*opened)))
+            new_bits, probe_handle = _probed(new_bits, opened, looked)
             if probe_handle is not None:
                 try:
-                    _check_status(*probed[2])
+                    _check_status(*removed)
                 except _StatusError:
                     stuck = probe
         handle = self.handle(*created)

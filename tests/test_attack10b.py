@@ -145,3 +145,21 @@ def test_an_attempt_cut_off_after_the_probe_was_created_leaves_no_probe(
         assert sorted(p.name for p in directory.iterdir()) == ["up"]
     finally:
         server.close()
+
+
+def test_a_server_that_refuses_lstat_gives_the_bits_sftp_gives(
+        make_sshd: Callable[..., Any], shared_dir: str, tmp_path: Path) -> None:
+    # sftp-server -P lstat (or a server without LSTAT): sftp's put needs no LSTAT and
+    # leaves 0o755 & ~umask; put took the probe's refused LSTAT for "no answer" and
+    # left the new file owner-only (0o700). The probe's handle tells the same by FSTAT.
+    server = make_sshd(extra_config=["ForceCommand internal-sftp -P lstat"])
+    remote = own_dir(server, shared_dir)
+    source = tmp_path / "source"
+    source.write_bytes(b"data\n")
+    source.chmod(0o775)
+    sftp_put(server, source, f"{remote}/by-sftp")
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.put(str(source), f"{remote}/by-put")
+    assert sorted(p.name for p in remote.iterdir()) == ["by-put", "by-sftp"]
+    assert bits(remote / "by-sftp") == 0o755
+    assert bits(remote / "by-put") == bits(remote / "by-sftp")
