@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import paramiko
+import pytest
 from test_files_trust import _U32, FXP, HostileSFTPServer, read_packet
 
 from paramiko_executor import SSHExecutor
@@ -64,12 +65,12 @@ SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 class RelaySFTPServer(HostileSFTPServer):
     """An SSH server whose ``sftp`` subsystem is a real OpenSSH sftp-server (as root),
     relayed request by request. In the first session only, the connection is dropped
-    when ``cut`` says so of a request (kind, payload), once the requests before it were
-    answered by sftp-server: the server processed part of a batch that its client had
-    sent whole (a batch split over SSH packets, say by a small window). ``sessions``:
-    how many SFTP sessions it served."""
+    when ``cut(index, kind)`` says so of a request (``index`` counts from 0 after INIT),
+    once the requests before it were answered by sftp-server: the server processed part
+    of a batch that its client had sent whole (a batch split over SSH packets, say by a
+    small window). ``sessions``: how many SFTP sessions it served."""
 
-    def __init__(self, directory: Path, cut: Callable[[int, bytes], bool]) -> None:
+    def __init__(self, directory: Path, cut: Callable[[int, int], bool]) -> None:
         super().__init__(directory, {})
         self.cut = cut
         self.sessions = 0
@@ -102,7 +103,7 @@ class RelaySFTPServer(HostileSFTPServer):
             chan.settimeout(10)
             while True:
                 kind, request_id, payload = read_packet(chan)
-                if first and self.cut(kind, payload):
+                if first and kind != FXP["INIT"] and self.cut(sent - 1, kind):
                     # Everything before this request answered: then the connection goes.
                     for _ in range(sent):  # INIT's VERSION too
                         if not answered.acquire(timeout=10):
@@ -125,7 +126,7 @@ class RelaySFTPServer(HostileSFTPServer):
             pumper.join(10)
 
 
-def is_probe_lstat(kind: int, payload: bytes) -> bool:
+def is_probe_lstat(index: int, kind: int) -> bool:
     return kind == FXP["LSTAT"]
 
 
@@ -163,3 +164,23 @@ def test_a_server_that_refuses_lstat_gives_the_bits_sftp_gives(
     assert sorted(p.name for p in remote.iterdir()) == ["by-put", "by-sftp"]
     assert bits(remote / "by-sftp") == 0o755
     assert bits(remote / "by-put") == bits(remote / "by-sftp")
+
+
+#: The requests of a put of a small file without ``mode``: the limits extension, STAT,
+#: OPEN (the temporary file), OPEN, LSTAT and REMOVE (the probe), WRITE, CLOSE (the
+#: probe), FSETSTAT, CLOSE, posix-rename.
+PUT_REQUESTS = 11
+
+
+@pytest.mark.parametrize("at", range(PUT_REQUESTS))
+def test_an_attempt_cut_off_anywhere_leaves_nothing_behind(tmp_path: Path, at: int) -> None:
+    directory = tmp_path / "remote"
+    directory.mkdir()
+    server = RelaySFTPServer(tmp_path, lambda index, _kind: index == at)
+    try:
+        with SSHExecutor(**server.executor_parameters(), on_disconnect_retry=1) as ex:
+            assert ex.put(io.BytesIO(b"data"), f"{directory}/up", timeout=60) == 4
+        assert sorted(p.name for p in directory.iterdir()) == ["up"]
+        assert (directory / "up").read_bytes() == b"data"
+    finally:
+        server.close()
