@@ -6,15 +6,16 @@ import io
 import os
 import pwd
 import stat
+import struct
 import subprocess
 import threading
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 import paramiko
 import pytest
-from test_files_trust import _U32, FXP, HostileSFTPServer, read_packet
+from test_files_trust import _U32, FXP, HostileSFTPServer, good_reply, packet, read_packet
 
 from paramiko_executor import SSHExecutor
 
@@ -182,5 +183,64 @@ def test_an_attempt_cut_off_anywhere_leaves_nothing_behind(tmp_path: Path, at: i
             assert ex.put(io.BytesIO(b"data"), f"{directory}/up", timeout=60) == 4
         assert sorted(p.name for p in directory.iterdir()) == ["up"]
         assert (directory / "up").read_bytes() == b"data"
+    finally:
+        server.close()
+
+
+# -- a hostile server's answers about the probe ---------------------------------------------------
+
+
+class ReversingSFTPServer(HostileSFTPServer):
+    """`HostileSFTPServer` that answers each batch of requests in reverse order (the
+    requests that arrived together), LSTAT as ``lstat`` says, and notes the bits of
+    every FSETSTAT in ``modes``; ``largest``: the most requests answered at once."""
+
+    def __init__(self, directory: Path, lstat: bytes) -> None:
+        super().__init__(directory, {})
+        self.lstat = lstat
+        self.modes: List[int] = []
+        self.largest = 0
+
+    def reply(self, kind: int, request_id: int, payload: bytes) -> bytes:
+        if kind == FXP["LSTAT"]:
+            return packet(FXP["ATTRS"], _U32.pack(request_id), self.lstat)
+        if kind == FXP["FSETSTAT"]:
+            (length,) = _U32.unpack_from(payload)
+            flags, perms = struct.unpack_from(">II", payload, 4 + length)
+            if flags & 0x4:
+                self.modes.append(perms)
+        return good_reply(kind, request_id, payload)
+
+    def serve(self, chan: paramiko.Channel) -> None:
+        chan.settimeout(10)
+        try:
+            read_packet(chan)  # INIT
+            chan.sendall(packet(FXP["VERSION"], _U32.pack(3)))
+            while True:
+                batch = [read_packet(chan)]
+                while chan.recv_ready():  # what came with it
+                    batch.append(read_packet(chan))
+                self.largest = max(self.largest, len(batch))
+                chan.sendall(b"".join(self.reply(*request) for request in reversed(batch)))
+        except (EOFError, OSError, paramiko.SSHException):
+            pass
+
+
+@pytest.mark.parametrize(("lstat", "final"), [
+    (struct.pack(">IQI", 0x5, 0, 0o100640), 0o640),  # a well-behaved answer
+    (struct.pack(">IQI", 0x5, 0, 0o120777), 0o600),  # a symbolic link
+    (struct.pack(">IQI", 0x5, 0, 0o107777), 0o644),  # every bit, set-id and sticky too
+    (struct.pack(">IQI", 0x5, 0, 0xFFFFFFFF), 0o600),  # not even a file type
+    (struct.pack(">IQII", 0x3, 0, 0, 0), 0o600),  # no permissions (another owner's ids)
+    (struct.pack(">II", 0x4, 0o7777), 0o644),  # permissions without a type
+], ids=["0640", "link", "07777", "huge", "no-perms", "no-type"])
+def test_the_probe_answered_in_any_order_and_any_way_never_widens(
+        tmp_path: Path, lstat: bytes, final: int) -> None:
+    server = ReversingSFTPServer(tmp_path, lstat)
+    try:
+        with SSHExecutor(**server.executor_parameters()) as ex:
+            ex.put(io.BytesIO(b"data"), "/dir/up", timeout=30)  # a file object: 0o644
+        assert server.modes == [final]
+        assert server.largest >= 5  # STAT, OPEN and the probe's OPEN, LSTAT, REMOVE
     finally:
         server.close()
