@@ -1566,6 +1566,11 @@ def upload(
             created = session.stat_and_create(remote, temp, bits, probe)
         except _StatusError as exc:
             _raise_for(exc, "cannot create a temporary file for the upload", remote)
+        except TimeoutError as exc:
+            # A slow server may create the file after any later session looked: removed
+            # in this one, after the requests that create it.
+            session.discard_upload(None, temp, exc)
+            raise
         handle_field = _string(created.handle)
         still_open: Optional[bytes] = handle_field  # for the clean-up
         try:

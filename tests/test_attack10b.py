@@ -9,6 +9,7 @@ import stat
 import struct
 import subprocess
 import threading
+import time
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Callable, List
@@ -17,7 +18,7 @@ import paramiko
 import pytest
 from test_files_trust import _U32, FXP, HostileSFTPServer, good_reply, packet, read_packet
 
-from paramiko_executor import HostGroup, SSHExecutor
+from paramiko_executor import HostGroup, SSHExecutor, TransferTimeout
 
 
 def bits(path: Path) -> int:
@@ -69,11 +70,16 @@ class RelaySFTPServer(HostileSFTPServer):
     when ``cut(index, kind)`` says so of a request (``index`` counts from 0 after INIT),
     once the requests before it were answered by sftp-server: the server processed part
     of a batch that its client had sent whole (a batch split over SSH packets, say by a
-    small window). ``sessions``: how many SFTP sessions it served."""
+    small window). ``hold(index, kind)``: seconds to hold a request of the first session
+    back before it goes on (a slow server). ``sessions``: how many SFTP sessions it
+    served; ``first_done`` is set once the first one ended."""
 
-    def __init__(self, directory: Path, cut: Callable[[int, int], bool]) -> None:
+    def __init__(self, directory: Path, cut: Callable[[int, int], bool],
+                 hold: Callable[[int, int], float] = lambda index, kind: 0.0) -> None:
         super().__init__(directory, {})
         self.cut = cut
+        self.hold = hold
+        self.first_done = threading.Event()
         self.sessions = 0
         self.lock = threading.Lock()
 
@@ -111,6 +117,8 @@ class RelaySFTPServer(HostileSFTPServer):
                             break
                     chan.get_transport().close()
                     return
+                if first and kind != FXP["INIT"]:
+                    time.sleep(self.hold(sent - 1, kind))
                 body = bytes((kind,)) + (b"" if kind == FXP["INIT"]
                                          else _U32.pack(request_id)) + payload
                 assert proc.stdin is not None
@@ -125,6 +133,8 @@ class RelaySFTPServer(HostileSFTPServer):
                 proc.stdin.close()
             proc.wait(10)
             pumper.join(10)
+            if first:
+                self.first_done.set()
 
 
 def is_probe_lstat(index: int, kind: int) -> bool:
@@ -165,6 +175,26 @@ def test_a_server_that_refuses_lstat_gives_the_bits_sftp_gives(
     assert sorted(p.name for p in remote.iterdir()) == ["by-put", "by-sftp"]
     assert bits(remote / "by-sftp") == 0o755
     assert bits(remote / "by-put") == bits(remote / "by-sftp")
+
+
+def test_a_deadline_passed_while_the_server_was_slow_to_create_leaves_nothing_behind(
+        tmp_path: Path) -> None:
+    # The server takes 3 s over the batch that creates the temporary file and the probe;
+    # the put's deadline passes meanwhile. The executor's clean-up, in a session of its
+    # own, found nothing to remove yet; the temporary file was created after it, and
+    # stayed. Removed in the same session, after the requests that create it, it goes.
+    directory = tmp_path / "remote"
+    directory.mkdir()
+    server = RelaySFTPServer(tmp_path, lambda index, kind: False,
+                             hold=lambda index, kind: 3.0 if kind == FXP["STAT"] else 0.0)
+    try:
+        with SSHExecutor(**server.executor_parameters()) as ex, \
+                pytest.raises(TransferTimeout):
+            ex.put(io.BytesIO(b"data"), f"{directory}/up", timeout=1.5)
+        assert server.first_done.wait(20)
+        assert list(directory.iterdir()) == []
+    finally:
+        server.close()
 
 
 #: The requests of a put of a small file without ``mode``: the limits extension, STAT,
