@@ -1230,20 +1230,24 @@ def _size_of(file: Any) -> int:
         return -1
 
 
-def _local_umask() -> int:
-    """The process's umask, read without changing it where Linux shows it (``/proc``)."""
+def _created_bits(directory: str, name: str, bits: int) -> int:
+    """The bits a new file asking for ``bits`` gets in local ``directory``, as cp's and sftp's do.
+
+    Less the umask, or as the directory's default ACL says (which then stands
+    in for the umask): learnt from an empty probe file (named after ``name``),
+    created and removed at once. Without one (the directory refuses it, as it
+    will the temporary file), ``bits`` for the owner only: narrower, never wider.
+    """
+    probe = os.path.join(directory, _temp_name(name))
     try:
-        with open("/proc/self/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, IndexError, ValueError):
-        pass
-    # Elsewhere only setting it tells it: another thread creating a file
-    # meanwhile gets 0o022.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, bits)
+    except OSError:
+        return bits & 0o700
+    try:
+        os.unlink(probe)
+        return bits & os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
 
 
 def _open_regular(path: str) -> Tuple[Any, os.stat_result]:
@@ -1365,9 +1369,11 @@ class Local:
         the path when the block ends without error, and is removed when it
         does not. The final bits: ``mode`` if given; else those of the file
         replaced (if it is not this user's own regular file, only those
-        that ``new_bits`` has too: see `_own_bits`); else ``new_bits``. A
-        path that is a directory is an `IsADirectoryError`, a device, FIFO
-        or socket a `ValueError`, before anything is written.
+        that ``new_bits`` has too: see `_own_bits`); else ``new_bits`` less
+        what this machine takes off a new file there (the umask, or the
+        directory's default ACL: see `_created_bits`). A path that is a
+        directory is an `IsADirectoryError`, a device, FIFO or socket a
+        `ValueError`, before anything is written.
         """
         if self.path is None:
             self._begin(truncate=True)
@@ -1383,6 +1389,8 @@ class Local:
         temp = os.path.join(head, _temp_name(name))
         with callers_code():
             check_replaceable(path)
+            if mode is None:
+                new_bits = _created_bits(head, name, new_bits)
             try:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as exc:
@@ -1641,7 +1649,7 @@ def download(
         try:
             handle = session.open(remote, _FXF_READ)
             size, bits = session.fstat(handle)
-            new_bits = (0o666 if bits is None else bits & 0o777) & ~_local_umask()
+            new_bits = 0o666 if bits is None else bits & 0o777
             with local.writing(new_bits) as write:
                 done = session.read_file(handle, size, write, progress)
             session.checked(_FXP_CLOSE, _string(handle))
@@ -1674,8 +1682,7 @@ def _local_copy(source: Source, target: Source, mode: Optional[int],
     if progress is not None:
         progress = _callers(progress)
     with Local(source).reading() as (readinto, total, bits):
-        # This machine is the server of a local copy: its umask applies, as to cp's.
-        with Local(target).writing(bits & ~_local_umask(), mode) as write:
+        with Local(target).writing(bits, mode) as write:
             while True:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError("the deadline passed during the copy")
@@ -1699,7 +1706,7 @@ def local_put(
 
     ``source`` is a path or a binary file object. ``dest`` appears whole or
     not at all, with the bits `upload` gives (what comes off a new file's is
-    this process's umask). Local errors, and those of ``source`` and
+    this process's umask, or the directory's default ACL). Local errors, and those of ``source`` and
     ``progress``, come out as a `CallerError` carrying them.
     Past ``deadline`` (a `time.monotonic` value; checked between reads of the
     source) `TimeoutError`, and ``dest`` is left as it was.

@@ -12,13 +12,13 @@ import threading
 import time
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, Iterator, List
 
 import paramiko
 import pytest
 from test_files_trust import _U32, FXP, HostileSFTPServer, good_reply, packet, read_packet
 
-from paramiko_executor import HostGroup, SSHExecutor, TransferTimeout
+from paramiko_executor import HostGroup, ShellExecutor, SSHExecutor, TransferTimeout
 
 
 def bits(path: Path) -> int:
@@ -322,3 +322,60 @@ def test_a_fifo_made_after_the_check_is_that_hosts_failure(
         result = group.get(str(remote), str(out), progress=progress, timeout=30)
     assert result["a"] == 4
     assert isinstance(result["b"], Exception)
+
+
+# -- a local directory with a default ACL ---------------------------------------------------------
+
+#: A default ACL (the xattr's binary form) that gives others nothing: user::rwx,
+#: group::r-x, other::---. The kernel then takes it, not the umask, off a new file.
+_UNDEFINED = 0xFFFFFFFF
+PRIVATE_DEFAULT_ACL = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perms, _UNDEFINED) for tag, perms in ((1, 7), (4, 5), (0x20, 0)))
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def private_dir(path: Path) -> Path:
+    path.mkdir()
+    os.setxattr(path, "system.posix_acl_default", PRIVATE_DEFAULT_ACL)
+    return path
+
+
+def test_a_local_put_into_a_directory_whose_acl_gives_others_nothing_is_as_cps(
+        tmp_path: Path, umask_022: None) -> None:
+    # cp's new file gets 0o644 less what the default ACL takes: 0o640. ShellExecutor's put
+    # took the umask (0o022) off instead: 0o644, readable by everyone.
+    target = private_dir(tmp_path / "private")
+    source = tmp_path / "source"
+    source.write_bytes(b"data")
+    source.chmod(0o644)
+    subprocess.run(["cp", str(source), str(target / "by-cp")], check=True, timeout=30)
+    ShellExecutor().put(str(source), str(target / "by-put"))
+    assert bits(target / "by-cp") == 0o640
+    assert bits(target / "by-put") == 0o640
+    assert sorted(os.listdir(target)) == ["by-cp", "by-put"]
+
+
+def test_a_get_into_a_directory_whose_acl_gives_others_nothing_is_as_sftps(
+        sshd: Any, shared_dir: str, tmp_path: Path, umask_022: None) -> None:
+    remote = Path(shared_dir) / "file"
+    remote.write_bytes(b"data")
+    remote.chmod(0o644)
+    target = private_dir(tmp_path / "private")
+    subprocess.run(
+        ["sftp", "-F", "/dev/null", "-i", sshd.client_key_path,
+         "-o", f"UserKnownHostsFile={sshd.known_hosts_path}", "-o", "BatchMode=yes",
+         "-o", "StrictHostKeyChecking=yes", "-P", str(sshd.port), "-b", "-",
+         f"{sshd.username}@{sshd.host}"],
+        input=f"get {remote} {target}/by-sftp\n".encode(), check=True, timeout=60,
+        stdout=subprocess.DEVNULL)
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        ex.get(str(remote), str(target / "by-get"))
+    assert bits(target / "by-sftp") == 0o640
+    assert bits(target / "by-get") == 0o640
+    assert sorted(os.listdir(target)) == ["by-get", "by-sftp"]
