@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 import paramiko
 import pytest
@@ -199,20 +199,25 @@ def test_a_deadline_passed_while_the_server_was_slow_to_create_leaves_nothing_be
 
 #: The requests of a put of a small file without ``mode``: the limits extension, STAT,
 #: OPEN (the temporary file), OPEN, LSTAT and REMOVE (the probe), WRITE, CLOSE (the
-#: probe), FSETSTAT, CLOSE, posix-rename.
+#: probe), FSETSTAT, CLOSE, posix-rename. With ``mode``, 8: no probe.
 PUT_REQUESTS = 11
 
 
+@pytest.mark.parametrize("mode", [None, 0o640])
 @pytest.mark.parametrize("at", range(PUT_REQUESTS))
-def test_an_attempt_cut_off_anywhere_leaves_nothing_behind(tmp_path: Path, at: int) -> None:
+def test_an_attempt_cut_off_anywhere_leaves_nothing_behind(
+        tmp_path: Path, at: int, mode: Optional[int]) -> None:
     directory = tmp_path / "remote"
     directory.mkdir()
     server = RelaySFTPServer(tmp_path, lambda index, _kind: index == at)
     try:
         with SSHExecutor(**server.executor_parameters(), on_disconnect_retry=1) as ex:
-            assert ex.put(io.BytesIO(b"data"), f"{directory}/up", timeout=60) == 4
+            assert ex.put(io.BytesIO(b"data"), f"{directory}/up", mode=mode, timeout=60) == 4
         assert sorted(p.name for p in directory.iterdir()) == ["up"]
         assert (directory / "up").read_bytes() == b"data"
+        umask = os.umask(0o022)  # the relayed sftp-server's, inherited from this process
+        os.umask(umask)
+        assert bits(directory / "up") == (0o644 & ~umask if mode is None else mode)
     finally:
         server.close()
 
