@@ -29,8 +29,11 @@ give back (a slot its own call uses, taken with a ``holder``): a thread
 that asks for a slot while it holds every slot there is, e.g. from an
 ``on_output`` or ``progress`` callback of a call on a one-session
 connection, would wait for itself forever, and gets an `ExecutorFailure`
-at once instead. A slot no thread holds in that sense (a spare channel's, a
-closing channel's, a probe's) comes back by itself, and is never counted.
+at once instead; so does a thread whose joining the line would leave the
+threads in line holding every slot between them (two threads each in a
+callback of a call holding one of two sessions). A slot no thread holds in
+that sense (a spare channel's, a closing channel's, a probe's) comes back by
+itself, and is never counted.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Callable, Deque, Dict, Optional
+from typing import Callable, Deque, Dict, Optional, Sequence
 
 from .errors import ConnectionLost, ExecutorFailure
 
@@ -62,14 +65,25 @@ PACE_MAX = 0.005
 PACE_MIN = 0.001
 
 
-def _own_every_slot(limit: int) -> ExecutorFailure:
-    """The error for a thread that asks for a slot while it holds all ``limit``."""
+def _own_every_slot(limit: int, alone: bool = True) -> ExecutorFailure:
+    """The error for a thread asking for a slot that no thread could ever free for it.
+
+    ``alone``: the thread holds all ``limit`` slots itself; else the threads
+    waiting in line, it included, hold them between them.
+    """
+    if alone:
+        who = (f"this thread already holds all {limit} session(s) of the connection (it runs "
+               f"in an on_output or progress callback, or a bounded_connection block, of a "
+               f"call holding them): the command or transfer it started would wait for "
+               f"itself forever")
+    else:
+        who = (f"the threads waiting for a session of the connection, this one among them, "
+               f"already hold all {limit} of its sessions (each runs in an on_output or "
+               f"progress callback, or a bounded_connection block, of a call holding some): "
+               f"the command or transfer this thread started would wait forever with them")
     return ExecutorFailure(
-        f"this thread already holds all {limit} session(s) of the connection (it runs in an "
-        f"on_output or progress callback, or a bounded_connection block, of a call holding "
-        f"them): the command or transfer it started would wait for itself forever, so "
-        f"nothing was sent. Run it on another executor (its own connection), or let the "
-        f"connection have more sessions (the server's MaxSessions, max_sessions)")
+        f"{who}, so nothing was sent. Run it on another executor (its own connection), or "
+        f"let the connection have more sessions (the server's MaxSessions, max_sessions)")
 
 
 class _Waiter:
@@ -239,7 +253,7 @@ class Slots(threading.BoundedSemaphore):
         if got and self._closed:
             raise ConnectionLost("the connection was lost", started=False)
         if waiter.stuck:
-            raise _own_every_slot(self._initial_value)
+            raise self._refusal(holder)
         return got
 
     __enter__ = acquire
@@ -253,7 +267,8 @@ class Slots(threading.BoundedSemaphore):
         ``alive()`` turns false or the slots are closed, checking every
         `LIVENESS_POLL` seconds without losing its place in line. Raises
         `ExecutorFailure` at once, before or while waiting, when this thread
-        holds every slot there is: no other thread could ever free one.
+        holds every slot there is, or it and the threads in line before it
+        do between them: no thread could ever free one.
         ``queued`` is called once this thread is in line, when no
         non-blocking acquire can succeed any more (to give back a slot that
         is held without need, such as a spare channel's).
@@ -266,8 +281,8 @@ class Slots(threading.BoundedSemaphore):
                 self._value -= 1
                 self._holders[holder] = self._holders.get(holder, 0) + 1
                 return True
-            if self._holders.get(holder, 0) >= self._initial_value:
-                raise _own_every_slot(self._initial_value)
+            if self._line_holds_all(holder):
+                raise self._refusal(holder)
             waiter = _Waiter(holder)
             self._waiters.append(waiter)
         try:
@@ -290,8 +305,28 @@ class Slots(threading.BoundedSemaphore):
         if self._closed:
             raise ConnectionLost("the connection was lost", started=False)
         if waiter.stuck:
-            raise _own_every_slot(self._initial_value)
+            raise self._refusal(holder)
         return True
+
+    def _line_holds_all(self, holder: int, gone: Sequence[_Waiter] = ()) -> bool:
+        """Whether ``holder`` and the threads in line (not ``gone``) hold all slots (under _cond).
+
+        A thread in line gives back what it holds only once handed a slot, and
+        only the slots held outside the line can be handed on: when the line
+        holds all the slots that a release would hand on, none ever comes (the
+        one thread holding every slot itself is the simplest such line).
+        """
+        in_line = {waiter.holder for waiter in self._waiters
+                   if waiter.holder is not None and waiter not in gone}
+        in_line.add(holder)
+        held = sum(self._holders.get(thread, 0) for thread in in_line)
+        return held >= self._initial_value - self._value
+
+    def _refusal(self, holder: Optional[int]) -> ExecutorFailure:
+        """The error for ``holder``, refused a slot because the line holds all of them."""
+        limit = self._initial_value
+        return _own_every_slot(limit, alone=holder is not None
+                               and self._holders.get(holder, 0) >= limit)
 
     def _leave(self, waiter: _Waiter) -> None:
         """Leave the line on an error; a slot handed to us meanwhile goes on to the next."""
@@ -370,7 +405,8 @@ class Slots(threading.BoundedSemaphore):
         Free slots go first; for each held slot taken away, one later release
         is kept back instead of handed on. A waiting thread that holds
         ``limit`` slots or more now could only ever wait for itself: it
-        leaves the line with `ExecutorFailure` (see `take`).
+        leaves the line with `ExecutorFailure` (see `take`); so do the newest
+        waiting threads holding slots, while the line holds every slot.
         """
         with self._cond:
             if not 1 <= limit < self._initial_value:
@@ -382,6 +418,14 @@ class Slots(threading.BoundedSemaphore):
             self._initial_value = limit
             stuck = [waiter for waiter in self._waiters if waiter.holder is not None
                      and self._holders.get(waiter.holder, 0) >= limit]
+            # Then the newest holders in line, while the line holds every slot.
+            for waiter in reversed(self._waiters):
+                if waiter.holder is None or waiter in stuck:
+                    continue
+                if not self._line_holds_all(waiter.holder, stuck):
+                    break
+                if self._holders.get(waiter.holder, 0):
+                    stuck.append(waiter)
             for waiter in stuck:
                 self._waiters.remove(waiter)
                 waiter.stuck = True

@@ -1,0 +1,153 @@
+"""Attack on the slots' holders (attack10a): threads that hold every slot between them.
+
+A thread that holds every slot of its connection and asks for one more is
+refused at once. Two threads that each hold one of two slots (each in a
+``progress`` callback of a ``get``) and each ask for one more wait for each
+other just the same: both waited until ``close()``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+from paramiko_executor import ExecutorFailure, SSHExecutor
+from paramiko_executor.slots import Slots
+
+#: The bound on every join: far above what the work takes, so only a hang reaches it.
+JOIN = 30.0
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    end = time.monotonic() + JOIN
+    while not condition():
+        assert time.monotonic() < end, "the condition never came true"
+        time.sleep(0.001)
+
+
+class Holder(threading.Thread):
+    """Takes one slot, waits at ``took``, then for ``ask``, then asks for one more."""
+
+    def __init__(self, slots: Slots, took: threading.Barrier) -> None:
+        super().__init__(daemon=True)
+        self.slots, self.took = slots, took
+        self.ask = threading.Event()
+        self.outcome: Any = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        assert self.slots.take(None, lambda: True)
+        self.took.wait(JOIN)
+        self.ask.wait(JOIN)
+        try:
+            self.outcome = self.slots.take(time.monotonic() + JOIN, lambda: True)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self.outcome = exc
+        finally:
+            self.done.set()
+
+    def give_back(self) -> None:
+        """Its call ends: every slot it holds goes back."""
+        self.slots.release(1 + (self.outcome is True), holder=self.ident)
+
+
+# -- the slots alone ---------------------------------------------------------------
+
+
+def test_the_last_of_two_threads_holding_every_slot_between_them_is_refused_at_once() -> None:
+    slots = Slots(2)
+    took = threading.Barrier(3)
+    first, second = Holder(slots, took), Holder(slots, took)
+    for thread in (first, second):
+        thread.start()
+    took.wait(JOIN)
+    first.ask.set()
+    wait_until(lambda: slots.waiting == 1)
+    second.ask.set()
+    assert second.done.wait(JOIN), "the second thread waited for the first, which waits for it"
+    assert isinstance(second.outcome, ExecutorFailure), second.outcome
+    assert "wait forever" in str(second.outcome) and "another executor" in str(second.outcome)
+    assert slots.held_by(second.ident) == 1 and slots.waiting == 1  # nothing more taken
+    second.give_back()  # its call ends: the first one gets its slot
+    assert first.done.wait(JOIN) and first.outcome is True
+    first.give_back()
+    assert (slots.available, slots.waiting, slots._holders) == (2, 0, {})
+
+
+def test_a_lower_limit_sends_away_the_newest_of_the_threads_holding_every_slot() -> None:
+    slots = Slots(3)
+    assert slots.acquire(blocking=False)  # a spare's: its release comes by itself
+    took = threading.Barrier(3)
+    first, second = Holder(slots, took), Holder(slots, took)
+    for thread in (first, second):
+        thread.start()
+    took.wait(JOIN)
+    first.ask.set()
+    wait_until(lambda: slots.waiting == 1)
+    second.ask.set()
+    wait_until(lambda: slots.waiting == 2)  # the spare's slot would reach the first
+    slots.lower(2)  # the server allows two: the spare's release is kept back
+    assert second.done.wait(JOIN), "the two in line hold both slots and wait for each other"
+    assert isinstance(second.outcome, ExecutorFailure), second.outcome
+    assert not first.done.is_set()
+    second.give_back()  # kept back: three were held, two are allowed
+    slots.release()  # the spare's CLOSE: the first one gets it
+    assert first.done.wait(JOIN) and first.outcome is True
+    first.give_back()
+    assert (slots.available, slots.waiting, slots._holders) == (2, 0, {})
+
+
+# -- against OpenSSH ---------------------------------------------------------------------
+
+
+def test_two_gets_whose_progress_runs_a_command_on_two_sessions_do_not_hang(
+        make_sshd: Callable[..., Any], shared_dir: str) -> None:
+    # Each get holds one of the two sessions; each progress callback's command
+    # waited for the other's session, held by a thread waiting for its own:
+    # both waited until close().
+    server = make_sshd(max_sessions=2)
+    source = Path(shared_dir, "source")
+    source.write_bytes(os.urandom(256 * 1024))
+    source.chmod(0o644)
+    ex = SSHExecutor(**server.executor_parameters())
+    try:
+        ex.run_command("true")  # connected, limit probed
+        both = threading.Barrier(2)
+        inner: Dict[str, Any] = {}
+        outer: Dict[str, Any] = {}
+
+        def get(name: str) -> None:
+            def progress(done: int, total: int) -> None:
+                if name in inner:
+                    return
+                inner[name] = None
+                both.wait(JOIN)  # both gets hold their sessions now
+                try:
+                    inner[name] = ex.run_command(f"echo {name}")
+                except BaseException as exc:  # noqa: BLE001 - handed to the test
+                    inner[name] = exc
+            try:
+                outer[name] = ex.get(str(source), str(Path(shared_dir, name)), progress=progress)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test
+                outer[name] = exc
+
+        threads = [threading.Thread(target=get, args=(name,), daemon=True) for name in "ab"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(JOIN)
+        hung = [thread for thread in threads if thread.is_alive()]
+    finally:
+        ex.close()  # ends the wait either way
+        for thread in threads:
+            thread.join(JOIN)
+    assert not hung, f"the commands waited for each other: {inner}"
+    assert outer == {"a": 256 * 1024, "b": 256 * 1024}
+    refused: List[ExecutorFailure] = [v for v in inner.values() if isinstance(v, ExecutorFailure)]
+    ran = [v for v in inner.values() if not isinstance(v, BaseException)]
+    assert len(refused) == 1 and len(ran) == 1, inner
+    assert "wait forever" in str(refused[0]) and refused[0].executor is ex
+    assert ran[0].stdout.strip() in ("a", "b")
