@@ -440,7 +440,10 @@ def replace_receive_buffers(chan: paramiko.Channel, stdout: Any, stderr: Any) ->
 
 def connection_error(transport: Optional[paramiko.Transport]) -> Optional[BaseException]:
     """The exception that ended ``transport``'s thread, if any (paramiko saves it first)."""
-    return getattr(transport, "saved_exception", None)
+    error = getattr(transport, "saved_exception", None)
+    # paramiko saves a refused channel open's there too, on a live transport
+    # (only its own open_channel, which we do not use, takes it back out).
+    return None if isinstance(error, paramiko.ChannelException) else error
 
 
 def wrap_disconnect(transport: paramiko.Transport,

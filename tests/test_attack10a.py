@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
+import pytest
+
 from paramiko_executor import ExecutorFailure, SSHExecutor
 from paramiko_executor.slots import Slots
 
@@ -151,3 +153,25 @@ def test_two_gets_whose_progress_runs_a_command_on_two_sessions_do_not_hang(
     assert len(refused) == 1 and len(ran) == 1, inner
     assert "wait forever" in str(refused[0]) and refused[0].executor is ex
     assert ran[0].stdout.strip() in ("a", "b")
+
+
+# -- a refused channel open is not a lost connection -----------------------------------------
+
+
+def test_a_server_without_sftp_after_a_refused_open_is_not_a_lost_connection(
+        make_test_server: Callable[..., Any], shared_dir: str) -> None:
+    # The project's test server has no SFTP subsystem. The probe's opens past
+    # MaxSessions are refused, and paramiko keeps the refusal's ChannelException
+    # as the transport's saved exception: the refused subsystem read as "the
+    # connection was lost during the SFTP session: ChannelException(...)".
+    server = make_test_server(max_sessions=2)
+    source = Path(shared_dir, "source")
+    source.write_bytes(b"data")
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true")  # connected, limit probed: opens were refused
+        assert server.channels_refused > 0
+        with pytest.raises(ExecutorFailure) as caught:
+            ex.get(str(source), str(Path(shared_dir, "copy")))
+        assert "SFTP subsystem" in str(caught.value), caught.value
+        assert "lost" not in str(caught.value)
+        assert ex.run_command("echo alive").stdout == "alive\n"
