@@ -89,13 +89,15 @@ def _own_every_slot(limit: int, alone: bool = True) -> ExecutorFailure:
 class _Waiter:
     """A thread in line for a slot, asleep on ``lock`` until a slot is handed to it."""
 
-    __slots__ = ("lock", "holder", "stuck")
+    __slots__ = ("lock", "holder", "patient", "stuck")
 
-    def __init__(self, holder: Optional[int]) -> None:
+    def __init__(self, holder: Optional[int], patient: bool) -> None:
         self.lock = threading.Lock()
         self.lock.acquire()
         #: The thread that will hold the slot handed on (see `Slots.acquire`), or None.
         self.holder = holder
+        #: True when it waits without a deadline: with one, it leaves the line by itself.
+        self.patient = patient
         #: Set (and the lock released) when a lower limit left ``holder`` holding every slot.
         self.stuck = False
 
@@ -241,7 +243,7 @@ class Slots(threading.BoundedSemaphore):
                 return True
             if not blocking:
                 return False
-            waiter = _Waiter(holder)
+            waiter = _Waiter(holder, timeout is None)
             self._waiters.append(waiter)
         try:
             got = waiter.lock.acquire(True, -1 if timeout is None else timeout)
@@ -283,7 +285,7 @@ class Slots(threading.BoundedSemaphore):
                 return True
             if self._line_holds_all(holder):
                 raise self._refusal(holder)
-            waiter = _Waiter(holder)
+            waiter = _Waiter(holder, deadline is None)
             self._waiters.append(waiter)
         try:
             if queued is not None:
@@ -311,13 +313,14 @@ class Slots(threading.BoundedSemaphore):
     def _line_holds_all(self, holder: int, gone: Sequence[_Waiter] = ()) -> bool:
         """Whether ``holder`` and the threads in line (not ``gone``) hold all slots (under _cond).
 
-        A thread in line gives back what it holds only once handed a slot, and
-        only the slots held outside the line can be handed on: when the line
-        holds all the slots that a release would hand on, none ever comes (the
-        one thread holding every slot itself is the simplest such line).
+        A thread in line without a deadline gives back what it holds only
+        once handed a slot, and only the slots held outside the line can be
+        handed on: when such threads hold all the slots that a release would
+        hand on, none ever comes (the one thread holding every slot itself is
+        the simplest such line). A thread with a deadline leaves by itself.
         """
         in_line = {waiter.holder for waiter in self._waiters
-                   if waiter.holder is not None and waiter not in gone}
+                   if waiter.holder is not None and waiter.patient and waiter not in gone}
         in_line.add(holder)
         held = sum(self._holders.get(thread, 0) for thread in in_line)
         return held >= self._initial_value - self._value
@@ -420,7 +423,7 @@ class Slots(threading.BoundedSemaphore):
                      and self._holders.get(waiter.holder, 0) >= limit]
             # Then the newest holders in line, while the line holds every slot.
             for waiter in reversed(self._waiters):
-                if waiter.holder is None or waiter in stuck:
+                if waiter.holder is None or not waiter.patient or waiter in stuck:
                     continue
                 if not self._line_holds_all(waiter.holder, stuck):
                     break

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -31,11 +31,16 @@ def wait_until(condition: Callable[[], bool]) -> None:
 
 
 class Holder(threading.Thread):
-    """Takes one slot, waits at ``took``, then for ``ask``, then asks for one more."""
+    """Takes one slot, waits at ``took``, then for ``ask``, then asks for one more.
 
-    def __init__(self, slots: Slots, took: threading.Barrier) -> None:
+    It asks with no deadline unless ``patience`` is given (the test closes
+    the slots to end a wait that went wrong).
+    """
+
+    def __init__(self, slots: Slots, took: threading.Barrier,
+                 patience: Optional[float] = None) -> None:
         super().__init__(daemon=True)
-        self.slots, self.took = slots, took
+        self.slots, self.took, self.patience = slots, took, patience
         self.ask = threading.Event()
         self.outcome: Any = None
         self.done = threading.Event()
@@ -45,7 +50,9 @@ class Holder(threading.Thread):
         self.took.wait(JOIN)
         self.ask.wait(JOIN)
         try:
-            self.outcome = self.slots.take(time.monotonic() + JOIN, lambda: True)
+            self.outcome = self.slots.take(
+                None if self.patience is None else time.monotonic() + self.patience,
+                lambda: True)
         except BaseException as exc:  # noqa: BLE001 - handed to the test
             self.outcome = exc
         finally:
@@ -59,8 +66,23 @@ class Holder(threading.Thread):
 # -- the slots alone ---------------------------------------------------------------
 
 
-def test_the_last_of_two_threads_holding_every_slot_between_them_is_refused_at_once() -> None:
-    slots = Slots(2)
+@pytest.fixture
+def make_slots() -> Iterator[Callable[[int], Slots]]:
+    """Slots closed at the end: a thread still waiting (the test failed) leaves the line."""
+    made: List[Slots] = []
+
+    def make(limit: int) -> Slots:
+        made.append(Slots(limit))
+        return made[-1]
+
+    yield make
+    for slots in made:
+        slots.close()
+
+
+def test_the_last_of_two_threads_holding_every_slot_between_them_is_refused_at_once(
+        make_slots: Callable[[int], Slots]) -> None:
+    slots = make_slots(2)
     took = threading.Barrier(3)
     first, second = Holder(slots, took), Holder(slots, took)
     for thread in (first, second):
@@ -72,15 +94,35 @@ def test_the_last_of_two_threads_holding_every_slot_between_them_is_refused_at_o
     assert second.done.wait(JOIN), "the second thread waited for the first, which waits for it"
     assert isinstance(second.outcome, ExecutorFailure), second.outcome
     assert "wait forever" in str(second.outcome) and "another executor" in str(second.outcome)
-    assert slots.held_by(second.ident) == 1 and slots.waiting == 1  # nothing more taken
+    assert slots.held_by(second.ident or 0) == 1 and slots.waiting == 1  # nothing more taken
     second.give_back()  # its call ends: the first one gets its slot
     assert first.done.wait(JOIN) and first.outcome is True
     first.give_back()
     assert (slots.available, slots.waiting, slots._holders) == (2, 0, {})
 
 
-def test_a_lower_limit_sends_away_the_newest_of_the_threads_holding_every_slot() -> None:
-    slots = Slots(3)
+def test_a_thread_in_line_with_a_deadline_leaves_by_itself_so_the_next_one_waits(
+        make_slots: Callable[[int], Slots]) -> None:
+    slots = make_slots(2)
+    took = threading.Barrier(3)
+    first, second = Holder(slots, took, patience=0.2), Holder(slots, took)
+    for thread in (first, second):
+        thread.start()
+    took.wait(JOIN)
+    first.ask.set()
+    wait_until(lambda: slots.waiting == 1)
+    second.ask.set()
+    assert first.done.wait(JOIN) and first.outcome is False  # its deadline passed
+    assert not second.done.is_set()  # it waits: the first's call ends and gives back
+    first.give_back()
+    assert second.done.wait(JOIN) and second.outcome is True
+    second.give_back()
+    assert (slots.available, slots.waiting, slots._holders) == (2, 0, {})
+
+
+def test_a_lower_limit_sends_away_the_newest_of_the_threads_holding_every_slot(
+        make_slots: Callable[[int], Slots]) -> None:
+    slots = make_slots(3)
     assert slots.acquire(blocking=False)  # a spare's: its release comes by itself
     took = threading.Barrier(3)
     first, second = Holder(slots, took), Holder(slots, took)
