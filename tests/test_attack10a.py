@@ -217,3 +217,34 @@ def test_a_server_without_sftp_after_a_refused_open_is_not_a_lost_connection(
         assert "SFTP subsystem" in str(caught.value), caught.value
         assert "lost" not in str(caught.value)
         assert ex.run_command("echo alive").stdout == "alive\n"
+
+
+# -- left: a callback that waits for another thread's command ---------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a callback holding the only session that runs the command through another thread (a "
+    "HostGroup's pool, a thread pool) and waits for it: that thread holds no slot and waits, "
+    "the callback's thread waits on it, not on the slots; the slots cannot tell, and it waits "
+    "until the command's timeout (or close())"))
+def test_a_group_command_from_a_progress_callback_holding_the_only_session_is_an_error(
+        make_sshd: Callable[..., Any], shared_dir: str) -> None:
+    from paramiko_executor import HostGroup
+
+    server = make_sshd(max_sessions=1)
+    source = Path(shared_dir, "source")
+    source.write_bytes(os.urandom(256 * 1024))
+    parameters = server.executor_parameters()
+    host = parameters.pop("host")
+    with HostGroup([host], **parameters) as group:
+        ex = group.executor(host)
+        ex.run_command("true")
+        inner: List[Any] = []
+
+        def progress(done: int, total: int) -> None:
+            if not inner:
+                # Bounded: the host's command gives up after 3 s in the pool's thread.
+                inner.append(group.run_command("echo inner", timeout=3)[host])
+
+        ex.get(str(source), str(Path(shared_dir, "copy")), progress=progress)
+    assert isinstance(inner[0], ExecutorFailure) and "callback" in str(inner[0]), inner
