@@ -53,7 +53,7 @@ from .connection import GaveUp, Link
 from .errors import TRANSPORT_ERRORS, ExecutorFailure, ForwardTimeout, for_executor, is_lost
 from .forwarded import ForwardedSocket
 from .internals import set_forward_handler
-from .pipe import Pipe, reset_on_close
+from .pipe import WRITE_POLL, Pipe, reset_on_close, writable_within
 from .text import printable
 from .waits import Signal, wait_any
 
@@ -595,13 +595,15 @@ class RemoteTunnel(Tunnel):
             return
         try:
             try:
-                sock = socket.create_connection(self.local, timeout=LOCAL_CONNECT_TIMEOUT)
+                sock = _connect_local(self.local, self._closed)
             except OSError as exc:
                 log.warning("remote forward %s: cannot connect to %s:%d (%s); closing the "
                             "forwarded connection", self.name, *self.local, exc)
                 chan.close()
                 return
-            sock.settimeout(None)
+            if sock is None:  # the tunnel closed meanwhile
+                chan.close()
+                return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._carry(sock, chan, self.name)
         finally:
@@ -622,6 +624,42 @@ class RemoteTunnel(Tunnel):
 
 
 _ASK_ERRORS = (ExecutorFailure,) + TRANSPORT_ERRORS
+
+#: What a non-blocking connect answers while it is under way.
+_CONNECTING = frozenset({errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK})
+
+
+def _connect_local(address: Address, closed: Signal) -> Optional[socket.socket]:
+    """A blocking socket connected to ``address`` (each of its addresses in turn, as
+    ``socket.create_connection``), within `LOCAL_CONNECT_TIMEOUT`; None once ``closed``.
+
+    The connect is waited for in steps of `pipe.WRITE_POLL`: a target that
+    never answers (a full backlog, a dropped SYN) holds `Tunnel.close` no longer.
+    """
+    deadline = time.monotonic() + LOCAL_CONNECT_TIMEOUT
+    error: OSError = OSError(f"no address for {address[0]}")
+    for family, kind, proto, _, where in socket.getaddrinfo(*address, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            code = sock.connect_ex(where)
+            while code in _CONNECTING:
+                if closed.is_set():
+                    sock.close()
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("timed out")
+                if writable_within(sock, min(WRITE_POLL, remaining)):
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code))
+            sock.setblocking(True)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
 
 
 class _LateOpen:
