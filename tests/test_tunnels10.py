@@ -201,3 +201,32 @@ def test_tls_to_a_service_behind_the_server_through_a_local_forward(sshd: Any,
                 context.wrap_socket(raw, server_hostname="other.internal")
     finally:
         service.close()
+
+
+# --- threads per forwarded connection ----------------------------------------------------
+
+
+def test_a_local_forwards_client_costs_two_threads_its_open_none_of_its_own(
+        sshd: Any, make_backend: Any, monkeypatch: Any) -> None:
+    """The client's thread sends the open and waits for the answer itself; the pipe's
+    other direction is the only other thread. (An open given up still gets one, rarely.)"""
+    backend = make_backend("echo")
+    started: List[str] = []
+    start = threading.Thread.start
+
+    def counting_start(thread: threading.Thread) -> None:
+        if thread.name.startswith("paramiko_executor tunnel"):
+            started.append(thread.name)
+        start(thread)
+
+    with SSHExecutor(**sshd.executor_parameters()) as ex, \
+            ex.forward_local(backend.port, "127.0.0.1") as tunnel:
+        assert ex.run_command("true").exit_code == 0
+        monkeypatch.setattr(threading.Thread, "start", counting_start)
+        clients = 5
+        for i in range(clients):
+            with socket.create_connection(tunnel.local_address, timeout=30) as client:
+                client.sendall(b"ping %d" % i)
+                assert client.recv(64) == b"ping %d" % i
+        monkeypatch.undo()
+        assert len(started) == 2 * clients, started
