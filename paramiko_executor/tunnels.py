@@ -694,14 +694,17 @@ def _open_direct(transport: paramiko.Transport, target: Address, origin: Address
         late = overdue()
         if late is not None:
             raise late
-    while not answered.is_set():
-        late = overdue()
-        if late is not None:
-            _reap(transport, chan, answered, place)
-            raise late
-        if not transport.is_active():
-            raise transport.get_exception() or SSHException("Unable to open channel.")
-        wait_any((answered, stop), LIVENESS_POLL)
+    try:
+        while not answered.is_set():
+            late = overdue()
+            if late is not None:
+                raise late
+            if not transport.is_active():
+                raise transport.get_exception() or SSHException("Unable to open channel.")
+            wait_any((answered, stop), LIVENESS_POLL)
+    except BaseException:  # given up, an interrupt (Ctrl-C) included
+        _reap(transport, chan, answered, place)
+        raise
     if chan.active:
         return chan
     # The server refused: paramiko left its reason (a ChannelException) for us.
