@@ -45,6 +45,8 @@ class ForwardedSocket:
     closing the socket); closing the last of them closes the channel and
     frees its place under ``max_forwarded``. One dropped unclosed is closed
     when garbage-collected (with a `ResourceWarning`), as a socket is.
+    ``ssl`` cannot wrap it (it needs a real socket): TLS goes through
+    ``forward_local``, whose port gives one.
     """
 
     def __init__(self, chan: paramiko.Channel, release: Callable[[], None], name: str) -> None:

@@ -275,13 +275,16 @@ def key_exchange_running(transport: paramiko.Transport) -> bool:
 
 
 def new_session_channel(transport: paramiko.Transport, answered: Any,
-                        within: Optional[float] = None) -> Optional[paramiko.Channel]:
+                        within: Optional[float] = None,
+                        direct: Optional[Tuple[Tuple[str, int], Tuple[str, int]]] = None
+                        ) -> Optional[paramiko.Channel]:
     """Register a session channel and send its OPEN without waiting for the answer.
 
     ``answered`` (an Event) is set on the server's answer, and also when the
     channel is closed from our side, which paramiko does not signal otherwise.
     The OPEN waits for a key exchange as `send_within` with ``within`` does;
-    None when it was not sent in time, the channel forgotten again.
+    None when it was not sent in time, the channel forgotten again. With
+    ``direct`` (the target and the origin), a ``direct-tcpip`` channel instead.
     """
     with transport.lock:
         window = transport._sanitize_window_size(None)  # type: ignore[attr-defined]
@@ -289,10 +292,13 @@ def new_session_channel(transport: paramiko.Transport, answered: Any,
         chanid = transport._next_channel()  # type: ignore[attr-defined]
         m = Message()
         m.add_byte(cMSG_CHANNEL_OPEN)
-        m.add_string("session")
+        m.add_string("session" if direct is None else "direct-tcpip")
         m.add_int(chanid)
         m.add_int(window)
         m.add_int(max_packet)
+        for host, port in direct or ():
+            m.add_string(host)
+            m.add_int(port)
         chan = paramiko.Channel(chanid)
         transport._channels.put(chanid, chan)  # type: ignore[attr-defined]
         transport.channel_events[chanid] = answered

@@ -20,6 +20,7 @@ sends past the window ends it (the local socket is reset) with a WARNING.
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import threading
@@ -36,20 +37,27 @@ from .inbox import Chunk, Inbox
 from .internals import send_within, take_send_window
 from .sendgate import SendGate
 
-__all__ = ["Pipe", "reset_on_close", "send_all"]
+__all__ = ["Pipe", "reset_on_close", "send_all", "writable_within"]
 
 #: The buffer each forwarded connection reads its local socket into.
 UP_BUFFER = 256 * 1024
 
-#: How often a pipe's thread blocked on its local socket looks whether it was aborted:
-#: only a write to a peer that stopped reading stays blocked that long.
+#: How often a pipe's thread blocked reading its local socket looks whether the channel
+#: closed (an `Pipe.abort` wakes it at once).
 SOCKET_POLL = 0.5
+
+#: How often a thread waiting to write to a local socket (a peer that stopped reading)
+#: or to connect one looks whether it was stopped: no wake-up reaches a blocked write,
+#: so this bounds how long `Tunnel.close` waits for it.
+WRITE_POLL = 0.05
 
 #: The most buffers one ``sendmsg`` passes: well below IOV_MAX (1024 on Linux,
 #: macOS and the BSDs), and a whole 8 MiB window of 32 KiB packets.
 SEND_BUFFERS = 256
 
 _SENDMSG = hasattr(socket.socket, "sendmsg")
+#: ``select.select`` fails on descriptors past FD_SETSIZE; poll is used where there is one.
+_POLL = hasattr(select, "poll")
 
 #: A data message's head: its type, the recipient channel and the data's length.
 _DATA = struct.Struct(">BII")
@@ -93,6 +101,17 @@ def send_all(chan: paramiko.Channel, gate: SendGate, data: Union[bytes, memoryvi
         if not whole:
             break
     return sent
+
+
+def writable_within(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` takes data (or has an error or a connect's outcome to tell) within
+    ``timeout`` seconds."""
+    if _POLL:
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        return bool(poller.poll(timeout * 1000))
+    _, writable, failed = select.select([], [sock], [sock], timeout)
+    return bool(writable or failed)
 
 
 def reset_on_close(sock: socket.socket) -> None:
@@ -222,14 +241,18 @@ class Pipe:
     def _write(self, chunks: List[Chunk]) -> None:
         views: Deque[Union[Chunk, memoryview]] = deque(chunks)
         while views:
+            # A write blocked on a full socket would notice an abort only at the
+            # socket's timeout: it waits here instead, looking every WRITE_POLL.
+            if not self._on_socket(writable_within, self.sock, WRITE_POLL):
+                self._check_going()
+                continue
             try:
                 if _SENDMSG:
                     sent = self._on_socket(self.sock.sendmsg, islice(views, SEND_BUFFERS))
                 else:
                     sent = self._on_socket(self.sock.send, views[0])
             except socket.timeout:
-                if self._aborted or self._inbox.violation is not None:
-                    raise ConnectionAbortedError("the forwarded connection was aborted") from None
+                self._check_going()
                 continue
             while sent:
                 first = views[0]
@@ -238,6 +261,10 @@ class Pipe:
                     break
                 views.popleft()
                 sent -= len(first)
+
+    def _check_going(self) -> None:
+        if self._aborted or self._inbox.violation is not None:
+            raise ConnectionAbortedError("the forwarded connection was aborted")
 
     def _on_socket(self, call: Callable[..., _T], *args: Any) -> _T:
         """``call(*args)``, a call on the local socket, which stays open until it returns.
@@ -256,7 +283,7 @@ class Pipe:
         reset_on_close(self.sock)
         try:
             # Wakes a recv. Not SHUT_RDWR: SHUT_WR sends a FIN, and the peer would read
-            # an EOF, a complete stream, before the reset. A write notices within SOCKET_POLL.
+            # an EOF, a complete stream, before the reset. A write notices within WRITE_POLL.
             self.sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass

@@ -14,9 +14,9 @@ direction (flow control: see there); `open_connection`'s is a
 
 A `LocalTunnel` has a listening thread and, per client, a thread that waits
 for a place under the cap, opens the channel and becomes the pipe's first
-thread. A ``direct-tcpip`` open whose caller may give up (a client, whose
-tunnel may close; `open_connection` with a timeout) is sent from a short-lived
-thread of its own (`_LateOpen`), which closes a channel opened too late.
+thread. A ``direct-tcpip`` open is sent and waited for by its caller; one
+the caller gives up (its tunnel closed, its timeout passed) is left to a
+short-lived thread (`_reap`) that closes the channel if the server opens it.
 A `RemoteTunnel` has a supervising thread that asks each new connection for
 its port again and, per forwarded connection, a thread that connects to the
 local target and becomes the pipe's first thread.
@@ -47,13 +47,14 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, TypeVar
 
 import paramiko
+from paramiko.ssh_exception import SSHException
 
 from .checks import check_int, check_str, check_timeout
 from .connection import GaveUp, Link
 from .errors import TRANSPORT_ERRORS, ExecutorFailure, ForwardTimeout, for_executor, is_lost
 from .forwarded import ForwardedSocket
-from .internals import set_forward_handler
-from .pipe import Pipe, reset_on_close
+from .internals import new_session_channel, set_forward_handler
+from .pipe import WRITE_POLL, Pipe, reset_on_close, writable_within
 from .text import printable
 from .waits import Signal, wait_any
 
@@ -595,13 +596,15 @@ class RemoteTunnel(Tunnel):
             return
         try:
             try:
-                sock = socket.create_connection(self.local, timeout=LOCAL_CONNECT_TIMEOUT)
+                sock = _connect_local(self.local, self._closed)
             except OSError as exc:
                 log.warning("remote forward %s: cannot connect to %s:%d (%s); closing the "
                             "forwarded connection", self.name, *self.local, exc)
                 chan.close()
                 return
-            sock.settimeout(None)
+            if sock is None:  # the tunnel closed meanwhile
+                chan.close()
+                return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._carry(sock, chan, self.name)
         finally:
@@ -623,85 +626,115 @@ class RemoteTunnel(Tunnel):
 
 _ASK_ERRORS = (ExecutorFailure,) + TRANSPORT_ERRORS
 
+#: What a non-blocking connect answers while it is under way.
+_CONNECTING = frozenset({errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK})
 
-class _LateOpen:
-    """An open of a ``direct-tcpip`` channel that its caller may stop waiting for.
 
-    paramiko forgets a channel whose open it stopped waiting for, and a
-    confirmation arriving later would leave that channel open on the server
-    for the rest of the connection. So the open runs in a thread of its own,
-    with paramiko's whole channel timeout, and a channel confirmed after its
-    caller left is closed at once. The open holds its caller's place under
-    ``max_forwarded`` until it has ended so (or handed its channel over).
+def _connect_local(address: Address, closed: Signal) -> Optional[socket.socket]:
+    """A blocking socket connected to ``address`` (each of its addresses in turn, as
+    ``socket.create_connection``), within `LOCAL_CONNECT_TIMEOUT`; None once ``closed``.
+
+    The connect is waited for in steps of `pipe.WRITE_POLL`: a target that
+    never answers (a full backlog, a dropped SYN) holds `Tunnel.close` no longer.
     """
-
-    def __init__(self, transport: paramiko.Transport, target: Address, origin: Address,
-                 place: Place) -> None:
-        self._transport = transport
-        self._target = target
-        self._origin = origin
-        self._place = place
-        self._lock = threading.Lock()
-        self._done = Signal()
-        self._result: Any = None
-        self._abandoned = False
-
-    def start(self) -> None:
-        """Send the open from a thread of its own; `ExecutorFailure` if no thread can be had."""
-        self._place.hold()
+    deadline = time.monotonic() + LOCAL_CONNECT_TIMEOUT
+    error: OSError = OSError(f"no address for {address[0]}")
+    for family, kind, proto, _, where in socket.getaddrinfo(*address, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
         try:
-            threading.Thread(target=self._run, daemon=True,
-                             name="paramiko_executor tunnel open").start()
-        except RuntimeError as exc:
-            self._place.release()
-            raise ExecutorFailure(f"cannot open a forward to {self._target[0]}:"
-                                  f"{self._target[1]}: {exc}") from None
-
-    def _run(self) -> None:
-        try:
-            result: Any = self._transport.open_channel(
-                "direct-tcpip", self._target, self._origin,
-                timeout=self._transport.channel_timeout)  # type: ignore[attr-defined, unused-ignore]
-        except BaseException as exc:
-            result = exc
-        with self._lock:
-            self._result = result
-            late = self._abandoned
-        self._done.set()
-        try:
-            if late and isinstance(result, paramiko.Channel):
-                try:
-                    result.close()
-                except TRANSPORT_ERRORS:
-                    pass
-        finally:
-            self._place.release()
-
-    def wait(self, deadline: Optional[float], stop: Optional[Signal]) -> paramiko.Channel:
-        """The channel, or what the open raised; `GaveUp` past ``deadline`` or on ``stop``."""
-        wait_any((self._done, stop), None if deadline is None else deadline - time.monotonic())
-        with self._lock:
-            result = self._result
-            self._abandoned = result is None
-        if result is None:
-            raise GaveUp("no answer from the server to the open yet")
-        if isinstance(result, BaseException):
-            raise result
-        chan: paramiko.Channel = result
-        return chan
+            sock.setblocking(False)
+            code = sock.connect_ex(where)
+            while code in _CONNECTING:
+                if closed.is_set():
+                    sock.close()
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("timed out")
+                if writable_within(sock, min(WRITE_POLL, remaining)):
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code))
+            sock.setblocking(True)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
 
 
 def _open_direct(transport: paramiko.Transport, target: Address, origin: Address,
                  deadline: Optional[float], place: Place, stop: Optional[Signal]
                  ) -> paramiko.Channel:
-    """A ``direct-tcpip`` channel to ``target``, waited for until ``deadline`` or ``stop``."""
-    if deadline is None and stop is None:
-        chan: paramiko.Channel = transport.open_channel(
-            "direct-tcpip", target, origin, timeout=transport.channel_timeout)  # type: ignore[attr-defined, unused-ignore]
+    """A ``direct-tcpip`` channel to ``target``, waited for until ``deadline`` or ``stop``
+    (then `GaveUp`), and for the connection's channel timeout at most, as paramiko's open.
+
+    The open is sent and its answer waited for in the calling thread. paramiko
+    would forget a channel whose open it stopped waiting for, and a confirmation
+    arriving later would leave that channel open on the server for the rest of
+    the connection: an open given up is left to a short-lived thread (`_reap`)
+    that closes the channel when the server answers, and holds ``place`` until then.
+    """
+    give_up_at = time.monotonic() + transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]
+
+    def overdue() -> Optional[Exception]:
+        now = time.monotonic()
+        if stop is not None and stop.is_set() or deadline is not None and now >= deadline:
+            return GaveUp("no answer from the server to the open yet")
+        return SSHException("Timeout opening channel.") if now >= give_up_at else None
+
+    answered = Signal()
+    while True:
+        if not transport.is_active():
+            raise transport.get_exception() or SSHException("SSH session not active")
+        # A key exchange holds the open back: looked at again every LIVENESS_POLL.
+        chan = new_session_channel(transport, answered, LIVENESS_POLL, (target, origin))
+        if chan is not None:
+            break
+        late = overdue()
+        if late is not None:
+            raise late
+    try:
+        while not answered.is_set():
+            late = overdue()
+            if late is not None:
+                raise late
+            if not transport.is_active():
+                raise transport.get_exception() or SSHException("Unable to open channel.")
+            wait_any((answered, stop), LIVENESS_POLL)
+    except BaseException:  # given up, an interrupt (Ctrl-C) included
+        _reap(transport, chan, answered, place)
+        raise
+    if chan.active:
         return chan
-    opening = _LateOpen(transport, target, origin, place)
-    opening.start()
-    return opening.wait(deadline, stop)
+    # The server refused: paramiko left its reason (a ChannelException) for us.
+    raise transport.get_exception() or SSHException("Unable to open channel.")
+
+
+def _reap(transport: paramiko.Transport, chan: paramiko.Channel, answered: Signal,
+          place: Place) -> None:
+    """Close ``chan``, whose open was given up, once the server answers; ``place`` held until
+    then (the cap counts every channel the server may have open)."""
+
+    def reap() -> None:
+        try:
+            while not answered.wait(LIVENESS_POLL):
+                if not transport.is_active():
+                    return
+            if chan.active:
+                chan.close()
+        except TRANSPORT_ERRORS:
+            pass  # the connection ended, and the channel with it
+        finally:
+            place.release()
+
+    place.hold()
+    try:
+        threading.Thread(target=reap, daemon=True, name="paramiko_executor tunnel open").start()
+    except RuntimeError:
+        # No thread to be had: the channel, if the server opens it, stays open until
+        # the connection ends; its place is not kept away for that long.
+        place.release()
 
 
 def _wait_reply(event: threading.Event, link: Link, timeout: float) -> bool:
