@@ -120,6 +120,8 @@ def echo_client(address: Tuple[str, int], request: bytes, half_close: bool,
         sock = socket.create_connection(address, timeout=timeout)
     except ConnectionRefusedError:
         return "refused", 0
+    except ConnectionResetError:
+        return "reset", 0  # the listener closed while the connection waited in its queue
     with sock:
         got = 0
         try:
