@@ -73,6 +73,11 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def system_seconds() -> float:
+    """The kernel's share of `cpu_seconds` (system calls, thread switches)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 def switches() -> int:
     """Context switches of the whole process so far (all threads, voluntary or not)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -319,11 +324,13 @@ def serve_turns(run_round: Callable[[], None]) -> None:
         if words[:1] != ["GO"]:
             return
         rounds = int(words[1])
-        cpu, switched, started = cpu_seconds(), switches(), time.perf_counter()
+        cpu, system, switched = cpu_seconds(), system_seconds(), switches()
+        started = time.perf_counter()
         for _ in range(rounds):
             run_round()
         print(json.dumps({"warm": (time.perf_counter() - started) / rounds,
                           "cpu": (cpu_seconds() - cpu) / rounds,
+                          "sys": (system_seconds() - system) / rounds,
                           "switches": (switches() - switched) / rounds}), flush=True)
 
 
@@ -380,8 +387,14 @@ def run_turns(names: List[str], spec: Dict[str, Any], blocks: int, rounds: int,
     On a shared machine, runs minutes apart meet different loads; blocks of a
     few rounds, taken in turn (the order rotating), meet the same.
     """
+    from sshdcpu import seconds_in
+
     procs: Dict[str, subprocess.Popen] = {}
     turns: Dict[str, List[Dict[str, float]]] = {name: [] for name in names}
+    usage = spec.get("sshd_usage")
+
+    def sshd() -> float:  # only the contender whose turn it is runs commands meanwhile
+        return seconds_in(usage) if usage else math.nan
     try:
         for name in names:
             root = base_library if name == BASE and base_library else ROOT
@@ -397,9 +410,11 @@ def run_turns(names: List[str], spec: Dict[str, Any], blocks: int, rounds: int,
         for block in range(blocks):
             shift = block % len(names)
             for name in names[shift:] + names[:shift]:
+                sshd_before = sshd()
                 procs[name].stdin.write(f"GO {rounds}\n")  # type: ignore[union-attr]
                 procs[name].stdin.flush()  # type: ignore[union-attr]
                 turn = json.loads(procs[name].stdout.readline())  # type: ignore[union-attr]
+                turn["sshd"] = (sshd() - sshd_before) / rounds
                 turn["block"] = block
                 turns[name].append(turn)
     finally:
@@ -417,14 +432,17 @@ def print_turns(turns: Dict[str, List[Dict[str, float]]], rounds: int) -> None:
     print(f"warm rounds in alternating blocks of {rounds} ({len(reference)} blocks); "
           "ratio = the contender's / HostGroup's same block (above 1: HostGroup faster, "
           "or uses less CPU)")
-    print(f"{'contender':15} {'warm ms':>8} {'CPU ms':>7} {'switches':>8} {'warm ratio':>16} "
-          f"{'CPU ratio':>16}   (switches: the process's context switches per round; "
-          "ratios: median (quartiles))")
+    print(f"{'contender':15} {'warm ms':>8} {'CPU ms':>7} {'sys ms':>6} {'sshd ms':>7} "
+          f"{'switches':>8} {'warm ratio':>16} {'CPU ratio':>16}   (sys: the kernel's part of "
+          "the CPU; sshd: sshd's CPU, all its processes; switches: the process's context "
+          "switches; all per round; ratios: median (quartiles))")
     for name, rows in turns.items():
         if not rows:
             continue
         text = (f"{name:15} {1000 * statistics.median(r['warm'] for r in rows):8.1f} "
                 f"{1000 * statistics.median(r['cpu'] for r in rows):7.1f} "
+                f"{1000 * statistics.median(r['sys'] for r in rows):6.1f} "
+                f"{1000 * statistics.median(r['sshd'] for r in rows):7.1f} "
                 f"{statistics.median(r['switches'] for r in rows):8.0f}")
         if name != "hostgroup" and reference:
             for key in ("warm", "cpu"):
