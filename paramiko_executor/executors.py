@@ -684,10 +684,10 @@ class SSHExecutor(Executor):
             return None
         log.debug("running %r", spec.command)
         assert link.spare is not None
-        try:
-            return session.run(spec, deadline, after_exec=link.spare.replenish)
-        finally:
-            session.hold(None)
+        # A command's session ends without this thread (the server closes it once the
+        # command exits): a command this thread starts from ``on_output`` may wait for it.
+        session.hold(None)
+        return session.run(spec, deadline, after_exec=link.spare.replenish)
 
     def _take_slot(self, link: Link, deadline: Optional[float]) -> bool:
         """A slot of ``link`` for this thread by ``deadline``; a spare gives its own back first.

@@ -25,15 +25,17 @@ open on this connection: a server or a path that never lets an open catch
 up with our CLOSE costs nothing.
 
 The slots also know which thread holds each slot that only that thread can
-give back (a slot its own call uses, taken with a ``holder``): a thread
-that asks for a slot while it holds every slot there is, e.g. from an
-``on_output`` or ``progress`` callback of a call on a one-session
+give back (a transfer's, a ``bounded_connection`` block's: taken with a
+``holder``): a thread that asks for a slot while it holds every slot there
+is, e.g. from a ``progress`` callback of a transfer on a one-session
 connection, would wait for itself forever, and gets an `ExecutorFailure`
 at once instead; so does a thread whose joining the line would leave the
 threads in line holding every slot between them (two threads each in a
-callback of a call holding one of two sessions). A slot no thread holds in
-that sense (a spare channel's, a closing channel's, a probe's) comes back by
-itself, and is never counted.
+``progress`` callback of a transfer holding one of two sessions). A slot no
+thread holds in that sense comes back by itself, and is never counted: a
+running command's (the server closes its session once the command exits,
+so a command started from ``on_output`` may wait for it), a spare
+channel's, a closing channel's, a probe's.
 """
 
 from __future__ import annotations
@@ -73,13 +75,13 @@ def _own_every_slot(limit: int, alone: bool = True) -> ExecutorFailure:
     """
     if alone:
         who = (f"this thread already holds all {limit} session(s) of the connection (it runs "
-               f"in an on_output or progress callback, or a bounded_connection block, of a "
-               f"call holding them): the command or transfer it started would wait for "
+               f"in a progress callback of a transfer, or a bounded_connection block, "
+               f"holding them): the command or transfer it started would wait for "
                f"itself forever")
     else:
         who = (f"the threads waiting for a session of the connection, this one among them, "
-               f"already hold all {limit} of its sessions (each runs in an on_output or "
-               f"progress callback, or a bounded_connection block, of a call holding some): "
+               f"already hold all {limit} of its sessions (each runs in a progress "
+               f"callback of a transfer, or a bounded_connection block, holding some): "
                f"the command or transfer this thread started would wait forever with them")
     return ExecutorFailure(
         f"{who}, so nothing was sent. Run it on another executor (its own connection), or "
