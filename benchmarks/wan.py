@@ -44,6 +44,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+from w2timeline import PacketLog, breakdown, describe
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NETNS_MARK = "PARAMIKO_EXECUTOR_WAN_NETNS"
@@ -355,13 +357,20 @@ def run_w2(spec: Dict[str, Any]) -> Dict[str, Any]:
         sys.path.insert(0, spec["library_path"])
     from paramiko_executor import SSHExecutor
 
+    packets = None
+    if spec.get("w2_trace"):
+        packets = PacketLog()
+        packets.install()
     with SSHExecutor(host=MAIN, port=PORT, username=spec["username"],
                      client_keys=[spec["key"]], known_hosts=spec["known_hosts"],
                      config=()) as ex:
         concurrently(lambda: ex.run_command("true"), CALLERS, spec["w2_commands"])
         refused = ex.statistics().refused_opens
+        mark = packets.mark() if packets is not None else 0
         result = concurrently(lambda: ex.run_command("true"), CALLERS, spec["w2_commands"])
         result["w2_refused"] = (ex.statistics().refused_opens - refused) / spec["w2_commands"]
+        if packets is not None:
+            result["w2_parts"] = breakdown(packets.events[mark:packets.mark()], spec["rtt"])
         started = time.perf_counter()
         for _ in range(spec["commands"]):
             ex.run_command("true")
@@ -387,6 +396,8 @@ def w2_rounds(spec: Dict[str, Any], compare: str, rounds: int, timeout: float,
                   f"{result['w2_refused']:.3f} refused opens per command, "
                   f"{result['w2_failures']} failed; W1 {result['w1'] * 1000:.1f} ms "
                   f"({result['w1'] / rtt:.2f} RTT)", flush=True)
+            if "w2_parts" in result:
+                print(f"  {describe(result['w2_parts'])}", flush=True)
     print()
     print("| checkout | W2 c10 cmd/s (x floor), median | per round | refused opens per command "
           "| W1 ms/cmd (RTT) |")
@@ -404,6 +415,11 @@ def w2_rounds(spec: Dict[str, Any], compare: str, rounds: int, timeout: float,
               f"{' '.join(f'{x:.3f}' for x in rates)} | {refused:.3f} "
               f"| {w1 * 1000:.1f} ({w1 / rtt:.2f}) |")
     print(f"| floor | {floor:.1f} (5 per RTT) | | 0 | {rtt * 1000:.1f} (1) |")
+    for name, path in paths.items():
+        parts = [r["w2_parts"] for r in runs[name] if "w2_parts" in r]
+        if parts:
+            print(f"{path}, medians of the rounds' means: "
+                  f"{describe({k: statistics.median(p[k] for p in parts) for k in parts[0]})}")
 
 
 def run_trace(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -573,7 +589,8 @@ def parent(args: argparse.Namespace) -> int:
             run_tunnels(server, known_hosts, args, main.measured["rtt_ms"])
             return 0
         if args.w2_rounds:
-            w2_rounds(spec, args.compare_path or ROOT, args.w2_rounds, args.timeout, rtt)
+            w2_rounds({**spec, "rtt": rtt, "w2_trace": args.w2_trace},
+                      args.compare_path or ROOT, args.w2_rounds, args.timeout, rtt)
             return 0
         if args.trace_connect:
             tracer = RelayProcess(args.delay_ms, args.mbit, [f"{TRACE}:{PORT}={upstream}"],
@@ -622,6 +639,9 @@ def main() -> int:
                         help="only W2 (then W1) of the library: this many rounds, alternating "
                              "with --compare-path's checkout")
     parser.add_argument("--compare-path", help="the other checkout for --w2-rounds")
+    parser.add_argument("--w2-trace", action="store_true",
+                        help="with --w2-rounds: where each W2 command's time goes, from "
+                             "paramiko's messages (benchmarks/w2timeline.py)")
     parser.add_argument("--tunnel-mib", type=int, default=0,
                         help="only the tunnel workload: one stream of this many MiB each way")
     parser.add_argument("--tunnel-repeat", type=int, default=2, help="tunnel rounds")
