@@ -10,7 +10,7 @@ import socket
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Union, cast, overload
 
 import paramiko
 
@@ -20,6 +20,12 @@ from .pipe import send_all
 from .sendgate import SendGate
 
 __all__ = ["ForwardedSocket"]
+
+
+
+#: ``makefile`` modes, as ``socket.makefile`` takes them: text, and binary.
+_TextMode = Literal["r", "w", "rw", "wr"]
+_BinaryMode = Literal["b", "rb", "br", "wb", "bw", "rwb", "rbw", "wrb", "wbr", "brw", "bwr"]
 
 
 class ForwardedSocket:
@@ -180,10 +186,35 @@ class ForwardedSocket:
             raise BrokenPipeError(errno.EPIPE, f"the forwarded connection to {self.name} "
                                                "was closed by the far end") from None
 
+    @overload
+    def makefile(self, mode: _TextMode = "r", buffering: Optional[int] = None, *,
+                 encoding: Optional[str] = None, errors: Optional[str] = None,
+                 newline: Optional[str] = None) -> io.TextIOWrapper: ...
+
+    @overload  # a buffering only known as an int may be 0 too: the next one, then
+    def makefile(self, mode: _BinaryMode, buffering: Literal[0], *,  # type: ignore[overload-overlap]
+                 encoding: None = None, errors: None = None,
+                 newline: None = None) -> io.RawIOBase: ...
+
+    @overload
+    def makefile(self, mode: _BinaryMode, buffering: Optional[int] = None, *,
+                 encoding: None = None, errors: None = None,
+                 newline: None = None) -> io.BufferedIOBase: ...
+
+    @overload
+    def makefile(self, mode: str, buffering: Optional[int] = None, *,
+                 encoding: Optional[str] = None, errors: Optional[str] = None,
+                 newline: Optional[str] = None) -> io.IOBase: ...
+
     def makefile(self, mode: str = "r", buffering: Optional[int] = None, *,
                  encoding: Optional[str] = None, errors: Optional[str] = None,
-                 newline: Optional[str] = None) -> Any:
-        """A file over this connection, as ``socket.makefile`` makes one."""
+                 newline: Optional[str] = None) -> io.IOBase:
+        """A file over this connection, as ``socket.makefile`` makes one.
+
+        A text file (`io.TextIOWrapper`) for modes without ``"b"``; a buffered
+        binary file (`io.BufferedIOBase`) for ``"rb"``/``"wb"``/``"rwb"``, raw
+        (`io.RawIOBase`) with ``buffering=0``.
+        """
         if not set(mode) <= {"r", "w", "b"}:
             raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
         writing = "w" in mode
@@ -198,7 +229,7 @@ class ForwardedSocket:
             if "b" not in mode:
                 raise ValueError("unbuffered streams must be binary")
             return raw
-        buffer: Any
+        buffer: io.BufferedIOBase
         if reading and writing:
             buffer = io.BufferedRWPair(raw, raw, size)
         elif reading:
@@ -207,7 +238,8 @@ class ForwardedSocket:
             buffer = io.BufferedWriter(raw, size)
         if "b" in mode:
             return buffer
-        return io.TextIOWrapper(buffer, encoding, errors, newline)
+        # typeshed's TextIOWrapper wants a buffer with ``name``, which a BufferedRWPair lacks.
+        return io.TextIOWrapper(cast(Any, buffer), encoding, errors, newline)
 
     def _file_closed(self) -> None:
         with self._lock:

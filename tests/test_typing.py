@@ -52,5 +52,5 @@ def test_user_programs_type_check_as_documented(tmp_path: Path) -> None:
             assert found, line
             reported.add((found.group(1), int(found.group(2)), found.group(3)))
     expected = _marked(programs[1])
-    assert len(expected) == 10
+    assert len(expected) == 11
     assert reported == expected, result.stdout

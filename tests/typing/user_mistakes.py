@@ -28,7 +28,8 @@ def mistakes(executor: SSHExecutor, group: HostGroup) -> None:
     except CommandExecutionFailure as failure:
         print(failure.exit_code + 1)  # E: operator
     reply: str = executor.open_connection("db", 5432).recv(4)  # E: assignment
+    line: bytes = executor.open_connection("db", 5432).makefile("r").readline()  # E: assignment
     executor.forward_local("5432")  # E: arg-type
     for _name, done in group.run_command_as_completed("uptime"):
         print(done.stdout)  # E: union-attr
-    print(text, data, sent, reply)
+    print(text, data, sent, reply, line)

@@ -215,6 +215,12 @@ def forwarded_socket(executor: SSHExecutor) -> None:
             ready = selector.select(timeout=1.0)
         closed: bool = sock.closed
         print(sent, read, timeout, ready, closed)
+        lines: io.TextIOWrapper = sock.makefile("r", encoding="utf-8")
+        first: str = lines.readline()
+        stream: io.BufferedIOBase = sock.makefile("rwb")
+        chunk: bytes = stream.read(4)
+        raw: io.RawIOBase = sock.makefile("rb", buffering=0)
+        print(first, chunk, raw.readable())
 
 
 def tunnel_types(executor: SSHExecutor) -> None:
