@@ -207,8 +207,28 @@ def wrap_handlers(
 
 
 def send_when_clear(transport: paramiko.Transport, message: Message) -> None:
-    """Send ``message``, waiting first while a key exchange runs."""
-    transport._send_user_message(message)  # type: ignore[attr-defined]
+    """Send ``message``, waiting first while a key exchange runs.
+
+    paramiko waits ``clear_to_send_timeout`` and raises `SSHException`; the
+    exchange is then given up, the connection closed (`_give_up_key_exchange`).
+    """
+    try:
+        transport._send_user_message(message)  # type: ignore[attr-defined]
+    except SSHException:
+        if key_exchange_running(transport):
+            _give_up_key_exchange(transport)
+        raise
+
+
+def _give_up_key_exchange(transport: paramiko.Transport) -> None:
+    """Close ``transport``: a key exchange held a send ``clear_to_send_timeout`` seconds.
+
+    paramiko raises to the sender but keeps the connection, on which every
+    later send waits as long again for an exchange the server stalls for
+    good; closed, the connection is lost (evidence for `errors.is_lost`) and
+    its commands are retried on a new one.
+    """
+    transport.close()
 
 
 def send_if_clear(transport: paramiko.Transport, message: Message, *,
@@ -247,7 +267,8 @@ def send_within(transport: paramiko.Transport, message: Message, timeout: Option
     """Send ``message`` once no key exchange runs; False (nothing sent) after ``timeout`` s.
 
     ``timeout`` None waits up to paramiko's ``clear_to_send_timeout`` and then
-    raises `SSHException`, as paramiko's own send does; 0 tries once. Each try
+    raises `SSHException`, as paramiko's own send does, the connection closed
+    (`_give_up_key_exchange`); 0 tries once. Each try
     is ``attempt(message)`` (default `send_if_clear`): True once it is done
     with the message, False while a key exchange holds it back. Raises
     `EOFError` when the connection ends during the wait.
@@ -262,6 +283,7 @@ def send_within(transport: paramiko.Transport, message: Message, timeout: Option
         remaining = end - time.monotonic()
         if remaining <= 0:
             if timeout is None:
+                _give_up_key_exchange(transport)
                 raise SSHException("key exchange timed out")
             return False
         if not transport.clear_to_send.wait(min(remaining, 1.0)) and not transport.is_active():
