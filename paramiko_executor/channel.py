@@ -1080,7 +1080,7 @@ class SessionChannel:
                                           self._so_far(self.stderr, spec), None, None, True)
         finally:
             if not self.discarding:
-                self._close_quietly(deadline)
+                self._close_quietly()
 
     def _start(self, spec: CommandSpec, deadline: Optional[float],
                after_exec: Optional[Callable[[], None]]) -> Optional[ChannelOutcome]:
@@ -1222,14 +1222,15 @@ class SessionChannel:
 
     # --- ending ------------------------------------------------------------------------
 
-    def _close_quietly(self, deadline: Optional[float] = None) -> None:
+    def _close_quietly(self) -> None:
         """Our CLOSE, after the outcome is fixed: an error here changes nothing.
 
-        With a ``deadline``, a key exchange running holds the CLOSE back in
-        the background instead of in the caller's thread.
+        A key exchange running holds the CLOSE back in the background, never
+        in the caller's thread: the caller has its outcome, with or without a
+        timeout.
         """
         self.sending = False
-        if deadline is not None and key_exchange_running(self.transport):
+        if key_exchange_running(self.transport):
             _in_background(self._close_quietly)
             return
         try:

@@ -14,9 +14,11 @@ import time
 from typing import Any, Dict, List
 
 import pytest
+from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_EOF
 from test_attack9b import _stall_a_key_exchange
 
 from paramiko_executor import ExecutorFailure, SSHExecutor, TransferTimeout
+from paramiko_executor.internals import key_exchange_running, wrap_handlers
 
 
 @pytest.mark.hang_timeout(120)
@@ -137,3 +139,60 @@ def test_a_refused_sftp_subsystem_is_not_reported_as_a_lost_connection(make_test
         with executor.bounded_connection as transport:
             assert transport.is_active()
         assert server.connections_accepted == 1
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_complete_command_without_timeout_returns_while_a_stalled_exchange_holds_its_close(
+        make_test_server):
+    """A command's result waited for its CLOSE to get past a stalled key exchange (up to 30 s).
+
+    The outcome is fixed once the exit status and EOF are in; our CLOSE after
+    it is clean-up. With a timeout it went out from the background, without
+    one the caller waited for the exchange, up to paramiko's 30 s, to learn a
+    result it already had. Here the server stalls an exchange as the EOF
+    arrives, and its own CLOSE comes only after the exchange.
+    """
+    server = make_test_server(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        executor.run_command("true", timeout=20)
+        with executor.bounded_connection as transport:
+            pass
+        thawed = threading.Event()
+
+        def on_eof(original: Any) -> Any:
+            def handle(*args: Any) -> None:
+                if not thawed.is_set() and not server.frozen:
+                    server.freeze()
+                    transport._send_kex_init()  # in the transport thread, as a rekey starts
+                return original(*args)
+            return handle
+
+        def after_thaw(original: Any) -> Any:
+            def handle(*args: Any) -> None:
+                thawed.wait(60)  # the server's CLOSE, as if sent after the exchange
+                return original(*args)
+            return handle
+
+        wrap_handlers(transport, {MSG_CHANNEL_EOF: on_eof, MSG_CHANNEL_CLOSE: after_thaw}, {})
+        ended: Dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                ended["result"] = executor.run_command("echo done")
+            except BaseException as exc:  # noqa: B036 (recorded, judged below)
+                ended["error"] = exc
+            ended["exchange running"] = key_exchange_running(transport)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            thread.join(20)  # the old code returned only after the thaw below
+        finally:
+            thawed.set()
+            server.thaw()
+        thread.join(60)
+        assert not thread.is_alive()
+        assert "error" not in ended, repr(ended.get("error"))
+        assert ended["result"].stdout == "done\n"
+        assert ended["exchange running"], "the result waited for the exchange to finish"
+        assert executor.run_command("echo after", timeout=30).stdout == "after\n"
