@@ -689,10 +689,9 @@ class _Session:
         transport = self.chan.get_transport()
         # paramiko closes the channels of a broken connection before it marks
         # the transport inactive; the reason, saved first, tells meanwhile.
-        # (Authentication, and every refused channel open, leave their own
-        # kinds there on live transports, never cleared.)
+        # (Authentication leaves its own kind there on live transports.)
         error = connection_error(transport)
-        if isinstance(error, (paramiko.AuthenticationException, paramiko.ChannelException)):
+        if isinstance(error, paramiko.AuthenticationException):
             error = None
         if transport is None or not transport.is_active() or error is not None:
             raise EOFError(f"the connection was lost during the SFTP session: {error!r}")
