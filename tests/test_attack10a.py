@@ -238,6 +238,7 @@ def test_a_group_command_from_a_progress_callback_holding_the_only_session_is_an
     host = parameters.pop("host")
     with HostGroup([host], **parameters) as group:
         ex = group.executor(host)
+        assert isinstance(ex, SSHExecutor)
         ex.run_command("true")
         inner: List[Any] = []
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 
 import pytest
 from helpers import wait_for
-from test_attack9b import _stall_a_key_exchange
+from test_attack9b import _command_in_a_stall, _stall_a_key_exchange
 
 import paramiko_executor.channel as channel_module
 from paramiko_executor import CommandTimeout, SSHExecutor
@@ -55,15 +55,8 @@ def test_an_open_held_by_a_stalled_key_exchange_times_out_and_gives_its_slot_bac
     server = make_test_server(max_sessions=1)
     with SSHExecutor(**server.executor_parameters()) as executor:
         executor.run_command("true", timeout=20)
-        try:
-            _stall_a_key_exchange(server, executor)
-            begun = time.monotonic()
-            with pytest.raises(Exception) as raised:
-                executor.run_command("echo never", timeout=2)
-            took = time.monotonic() - begun
-        finally:
-            server.thaw()
-        assert isinstance(raised.value, CommandTimeout), repr(raised.value)
+        error, took = _command_in_a_stall(server, executor, "echo never")
+        assert isinstance(error, CommandTimeout), repr(error)
         assert took < 15, took
         _assert_connection_kept(server, executor)
         assert "echo never" not in server.commands
