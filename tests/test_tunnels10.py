@@ -13,7 +13,7 @@ import socket
 import ssl
 import threading
 from pathlib import Path
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterable, Iterator, List, Tuple
 
 import pytest
 from cryptography import x509
@@ -29,9 +29,11 @@ from paramiko_executor import SSHExecutor, pipe, tunnels
 JOIN = 5.0
 
 
-def tunnel_threads() -> List[threading.Thread]:
+def tunnel_threads(earlier: Iterable[threading.Thread] = ()) -> List[threading.Thread]:
+    """The tunnels' threads alive now, but for those in ``earlier`` (another test's)."""
+    seen = set(earlier)
     return [thread for thread in threading.enumerate()
-            if thread.name.startswith("paramiko_executor tunnel")]
+            if thread.name.startswith("paramiko_executor tunnel") and thread not in seen]
 
 
 def test_close_ends_a_pipe_blocked_writing_to_a_client_that_stopped_reading(
@@ -40,6 +42,7 @@ def test_close_ends_a_pipe_blocked_writing_to_a_client_that_stopped_reading(
     monkeypatch.setattr(pipe, "SOCKET_POLL", 120.0)
     monkeypatch.setattr(tunnels, "JOIN_TIMEOUT", JOIN)
     flood = make_backend("flood")
+    earlier = tunnel_threads()
     with SSHExecutor(**sshd.executor_parameters()) as ex:
         tunnel = ex.forward_local(flood.port, "127.0.0.1")
         client = socket.create_connection(tunnel.local_address, timeout=30)
@@ -56,7 +59,7 @@ def test_close_ends_a_pipe_blocked_writing_to_a_client_that_stopped_reading(
                 return carried.held >= window - window // 10 and flood.sent == before
 
             wait_for(blocked, "the client's socket and the window to fill")
-            threads = tunnel_threads()
+            threads = tunnel_threads(earlier)
             assert carried.thread in threads
             tunnel.close()
             alive = [thread.name for thread in threads if thread.is_alive()]
@@ -90,6 +93,7 @@ def test_close_ends_a_remote_forward_connecting_to_a_target_that_never_answers(
     """The connect to the local target is given up at the close, not at its own timeout."""
     monkeypatch.setattr(tunnels, "LOCAL_CONNECT_TIMEOUT", 120.0)
     monkeypatch.setattr(tunnels, "JOIN_TIMEOUT", JOIN)
+    earlier = tunnel_threads()
     with SSHExecutor(**sshd.executor_parameters()) as ex:
         remote = ex.forward_remote(0, unanswered[1])
         _, port = remote.remote_address
@@ -100,7 +104,7 @@ def test_close_ends_a_remote_forward_connecting_to_a_target_that_never_answers(
         try:
             # The supervisor, and the thread connecting to the target for the client.
             wait_for(lambda: len(remote._threads) == 2, "the connect to the local target")
-            threads = tunnel_threads()
+            threads = tunnel_threads(earlier)
             remote.close()
             alive = [thread.name for thread in threads if thread.is_alive()]
             assert not alive, f"close() left {alive} behind"
