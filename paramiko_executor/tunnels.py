@@ -684,17 +684,16 @@ def _open_direct(transport: paramiko.Transport, target: Address, origin: Address
         return SSHException("Timeout opening channel.") if now >= give_up_at else None
 
     answered = Signal()
-    while True:
-        if not transport.is_active():
-            raise transport.get_exception() or SSHException("SSH session not active")
-        # A key exchange holds the open back: looked at again every LIVENESS_POLL.
-        chan = new_session_channel(transport, answered, LIVENESS_POLL, (target, origin))
-        if chan is not None:
-            break
-        late = overdue()
-        if late is not None:
-            raise late
+    chan: Optional[paramiko.Channel] = None
     try:
+        while chan is None:
+            if not transport.is_active():
+                raise transport.get_exception() or SSHException("SSH session not active")
+            # A key exchange holds the open back: looked at again every LIVENESS_POLL.
+            chan = new_session_channel(transport, answered, LIVENESS_POLL, (target, origin))
+            late = overdue() if chan is None else None
+            if late is not None:
+                raise late
         while not answered.is_set():
             late = overdue()
             if late is not None:
@@ -703,7 +702,11 @@ def _open_direct(transport: paramiko.Transport, target: Address, origin: Address
                 raise transport.get_exception() or SSHException("Unable to open channel.")
             wait_any((answered, stop), LIVENESS_POLL)
     except BaseException:  # given up, an interrupt (Ctrl-C) included
-        _reap(transport, chan, answered, place)
+        # From the moment the open is sent: an interrupt landing as it returns too, or
+        # paramiko, which holds channels weakly, forgets it, and the server's
+        # confirmation leaves it open for the rest of the connection.
+        if chan is not None:
+            _reap(transport, chan, answered, place)
         raise
     if chan.active:
         return chan
