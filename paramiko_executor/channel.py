@@ -689,19 +689,32 @@ class SessionChannel:
         self.violation: Optional[str] = None
         #: When the OPEN went out: its answer times a round trip (`open_answered`).
         self._asked = time.monotonic()
+        chan: Optional[paramiko.Channel] = None
         try:
             chan = new_session_channel(transport, self.answered, open_within)
+            if chan is not None:
+                self._adopt(chan, sessions)
         except BaseException:
-            self._release()
+            if chan is None:
+                self._release()
+            else:
+                # An interrupt (Ctrl-C) once the OPEN was out: paramiko holds channels
+                # weakly and would forget this one, and the server's confirmation would
+                # keep a session open, and its slot here taken, for the connection's life.
+                self._adopt(chan, sessions)
+                self.abandon_open()
             raise
         if chan is None:
             self._release()  # the server never heard of the channel
             raise Overdue("a key exchange held back the channel's open")
+
+    def _adopt(self, chan: paramiko.Channel, sessions: Dict[int, SessionChannel]) -> None:
+        """Make ``chan``, whose OPEN was sent, this session's channel."""
         self.chan = chan
         #: The receive window the server may still fill, under the channel's lock.
-        self._window: int = self.chan.in_window_size
+        self._window: int = chan.in_window_size
         self._sessions = sessions
-        sessions[self.chan.chanid] = self
+        sessions[chan.chanid] = self
 
     # --- events from the transport thread --------------------------------------
 

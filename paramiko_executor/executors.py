@@ -758,10 +758,15 @@ class SSHExecutor(Executor):
                         None if deadline is None else max(0.0, deadline - time.monotonic()))
             except Overdue:
                 return None  # a key exchange held the open back: the command never ran
-            timeout = link.transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]
-            if deadline is not None:
-                timeout = min(timeout, max(0.0, deadline - time.monotonic()))
-            if not session.wait_open(timeout):
+            try:
+                timeout = link.transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]
+                if deadline is not None:
+                    timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+                answered = session.wait_open(timeout)
+            except BaseException:  # an interrupt (Ctrl-C): given up as at the timeout
+                session.abandon_open()
+                raise
+            if not answered:
                 session.abandon_open()
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
