@@ -48,8 +48,9 @@ SOCKET_POLL = 0.5
 
 #: How often a thread waiting to write to a local socket (a peer that stopped reading)
 #: or to connect one looks whether it was stopped: no wake-up reaches a blocked write,
-#: so this bounds how long `Tunnel.close` waits for it.
-WRITE_POLL = 0.05
+#: so this bounds how long `Tunnel.close` waits for it. Each look is a wake-up of
+#: that thread: shorter costs CPU for every client that stopped reading.
+WRITE_POLL = 0.25
 
 #: The most buffers one ``sendmsg`` passes: well below IOV_MAX (1024 on Linux,
 #: macOS and the BSDs), and a whole 8 MiB window of 32 KiB packets.
