@@ -148,3 +148,100 @@ def test_a_key_exchange_slowed_by_a_slow_link_with_data_flowing_keeps_the_connec
             assert executor.statistics().connects == 1
     finally:
         link.close()
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_command_from_on_output_waiting_for_its_outer_command_ends_at_its_timeout(make_sshd):
+    """MaxSessions 1: the outer command needs the callback back to print on; the inner
+    command's timeout ends the wait, and the outer command then completes, nothing leaked."""
+    server = make_sshd(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        executor.run_command("true", timeout=30)
+        inner: List[Any] = []
+        size = 8 * 1024 * 1024
+
+        def on_output(stream: str, data: Any) -> None:
+            if inner:
+                return
+            begun = time.monotonic()
+            try:
+                inner.append(executor.run_command("echo inner", timeout=2))
+            except Exception as exc:  # recorded, judged below
+                inner.append(exc)
+            inner.append(time.monotonic() - begun)
+
+        outer = executor.run_command(f"echo go; head -c {size} /dev/zero", on_output=on_output,
+                                     timeout=60)
+        assert len(outer.stdout) == size + 3
+        print(inner)
+        assert isinstance(inner[0], Exception), repr(inner[0])
+        assert inner[1] < 20
+        assert executor.run_command("echo after", timeout=30).stdout == "after\n"
+        stats = executor.statistics()
+        print(stats)
+        assert stats.connects == 1
+
+
+@pytest.mark.hang_timeout(400)
+@pytest.mark.parametrize("sessions", [1, 3])
+def test_many_threads_mixing_on_output_and_progress_inner_commands(make_sshd, shared_dir,
+                                                                   sessions):
+    """200 threads: an ``on_output`` callback's command never fails for want of a session;
+    a ``progress`` callback's may (documented) only with ExecutorFailure, at once."""
+    from paramiko_executor import ExecutorFailure
+    server = make_sshd(max_sessions=sessions)
+    source = Path(shared_dir) / "source"
+    source.write_bytes(b"x" * 5000)
+    source.chmod(0o644)
+    remote = str(Path(shared_dir) / "remote")
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        executor.run_command("true", timeout=30)
+        errors: List[Any] = []
+        progress_errors: List[Any] = []
+        lock = threading.Lock()
+
+        def with_output(index: int) -> None:
+            done = [False]
+
+            def on_output(stream: str, data: Any) -> None:
+                if not done[0]:
+                    done[0] = True
+                    assert executor.run_command(f"echo {index}", timeout=60).stdout == f"{index}\n"
+            try:
+                executor.run_command(f"echo outer{index}", on_output=on_output, timeout=90)
+                assert done[0]
+            except BaseException as exc:  # noqa: B036 (recorded, judged below)
+                with lock:
+                    errors.append(exc)
+
+        def with_progress(index: int) -> None:
+            done = [False]
+
+            def progress(sent: int, total: int) -> None:
+                if not done[0]:
+                    done[0] = True
+                    try:
+                        executor.run_command("true")
+                    except ExecutorFailure as exc:
+                        with lock:
+                            progress_errors.append(exc)
+            try:
+                executor.put(str(source), f"{remote}{index}", progress=progress, timeout=90)
+            except BaseException as exc:  # noqa: B036 (recorded, judged below)
+                with lock:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=with_output if i % 2 else with_progress, args=(i,),
+                                    daemon=True) for i in range(200)]
+        begun = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.1, begun + 120 - time.monotonic()))
+        print(sessions, time.monotonic() - begun, len(progress_errors), errors[:3])
+        assert not any(thread.is_alive() for thread in threads)
+        assert not errors, errors[:3]
+        stats = executor.statistics()
+        print(stats)
+        assert stats.open_channels == 0 or stats.open_channels <= sessions
+        assert executor.run_command("echo after", timeout=30).stdout == "after\n"
