@@ -260,8 +260,13 @@ def test_a_command_whose_window_adjust_waits_out_a_stalled_exchange_is_lost_afte
         started = threading.Event()
         ended: Dict[str, Any] = {}
 
+        stopped = threading.Event()
+
         def on_output(stream: str, data: Any) -> None:
+            # Held until the exchange began: the output queued meanwhile needs a window
+            # adjust once read, a send the exchange holds back.
             started.set()
+            stopped.wait(30)
 
         def run() -> None:
             try:
@@ -273,11 +278,17 @@ def test_a_command_whose_window_adjust_waits_out_a_stalled_exchange_is_lost_afte
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         assert started.wait(30)
+        packetizer: Any = transport.packetizer
+        queued = packetizer._Packetizer__received_bytes + 1_000_000  # paramiko's window: 2 MB
+        end = time.monotonic() + 30
+        while packetizer._Packetizer__received_bytes < queued and time.monotonic() < end:
+            time.sleep(0.05)
         pids = server.serving_pids()
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         try:
             transport._send_kex_init()  # type: ignore[attr-defined]
+            stopped.set()
             thread.join(30)
         finally:
             for pid in pids:
