@@ -180,6 +180,7 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("Packetizer", "start_handshake"),
     ("Packetizer", "handshake_timed_out"),
     ("Packetizer", "_Packetizer__write_lock"),
+    ("Packetizer", "_Packetizer__received_bytes"),
 )
 
 Handler = Callable[..., None]
@@ -209,15 +210,28 @@ def wrap_handlers(
 def send_when_clear(transport: paramiko.Transport, message: Message) -> None:
     """Send ``message``, waiting first while a key exchange runs.
 
-    paramiko waits ``clear_to_send_timeout`` and raises `SSHException`; the
-    exchange is then given up, the connection closed (`_give_up_key_exchange`).
+    paramiko waits ``clear_to_send_timeout`` and raises `SSHException`; if the
+    server sent nothing meanwhile, the exchange is given up, the connection
+    closed (`_give_up_key_exchange`). While its bytes still arrive (a slow
+    link delivering what it queued before its answer) the send waits again.
     """
-    try:
-        transport._send_user_message(message)  # type: ignore[attr-defined]
-    except SSHException:
-        if key_exchange_running(transport):
-            _give_up_key_exchange(transport)
-        raise
+    while True:
+        heard = _received(transport)
+        try:
+            transport._send_user_message(message)  # type: ignore[attr-defined]
+            return
+        except SSHException:
+            if not key_exchange_running(transport):
+                raise
+            if _received(transport) == heard:
+                _give_up_key_exchange(transport)
+                raise
+
+
+def _received(transport: paramiko.Transport) -> int:
+    """Bytes received since the keys last changed: a key exchange that still hears
+    from the server is slow, not stalled."""
+    return transport.packetizer._Packetizer__received_bytes  # type: ignore[attr-defined, no-any-return]
 
 
 def _give_up_key_exchange(transport: paramiko.Transport) -> None:
@@ -266,7 +280,8 @@ def send_within(transport: paramiko.Transport, message: Message, timeout: Option
                 attempt: Optional[Callable[[Message], bool]] = None) -> bool:
     """Send ``message`` once no key exchange runs; False (nothing sent) after ``timeout`` s.
 
-    ``timeout`` None waits up to paramiko's ``clear_to_send_timeout`` and then
+    ``timeout`` None waits up to paramiko's ``clear_to_send_timeout`` (again
+    while the server's bytes still arrive, as `send_when_clear`) and then
     raises `SSHException`, as paramiko's own send does, the connection closed
     (`_give_up_key_exchange`); 0 tries once. Each try
     is ``attempt(message)`` (default `send_if_clear`): True once it is done
@@ -279,10 +294,15 @@ def send_within(transport: paramiko.Transport, message: Message, timeout: Option
             return True
         attempt = functools.partial(send_if_clear, transport)
     end = time.monotonic() + (transport.clear_to_send_timeout if timeout is None else timeout)
+    heard = _received(transport)
     while not attempt(message):
         remaining = end - time.monotonic()
         if remaining <= 0:
             if timeout is None:
+                if _received(transport) != heard:
+                    heard = _received(transport)
+                    end = time.monotonic() + transport.clear_to_send_timeout
+                    continue
                 _give_up_key_exchange(transport)
                 raise SSHException("key exchange timed out")
             return False
