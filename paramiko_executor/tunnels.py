@@ -197,6 +197,9 @@ class Tunnel:
         self._lock = threading.Lock()
         #: Set by `close`; a forwarded open waiting for the connection stops at once.
         self._closed = Signal()
+        #: Set once a close has stopped the listening: a close interrupted before
+        #: (Ctrl-C) leaves it to the next one.
+        self._stopped = False
         self._pipes: Set[Pipe] = set()
         self._threads: Set[threading.Thread] = set()
 
@@ -222,15 +225,18 @@ class Tunnel:
     def _stop(self) -> None:
         """Stop forwarding and end the forwarded connections, without waiting for the threads."""
         with self._lock:
-            if self._closed.is_set():
+            if self._stopped:
                 return
             self._closed.set()
             pipes = list(self._pipes)
-        # Marked closed first, so a later close returns at once: what this one
-        # started must finish even when interrupted (Ctrl-C in the listener's join).
+        # Marked closed first, so that nothing new starts: what this one started must
+        # finish even when interrupted (Ctrl-C in the listener's join), and a later
+        # close does what an interrupted one left undone.
         try:
             self._forwarding.limit.wake()
             self._stop_listening()
+            with self._lock:
+                self._stopped = True
         finally:
             for pipe in pipes:
                 pipe.abort()
@@ -261,6 +267,7 @@ class Tunnel:
         self._lock = threading.Lock()
         self._closed = Signal()
         self._closed.set()
+        self._stopped = True  # the listening is the parent's to stop
         pipes, self._pipes, self._threads = self._pipes, set(), set()
         for pipe in pipes:
             pipe.sock.close()

@@ -750,6 +750,10 @@ def test_a_close_after_an_interrupted_close_still_cuts_the_clients(
             with pytest.raises(KeyboardInterrupt):
                 tunnel.close()
             tunnel.close()  # the caller's second try
+            # It stops the listening the first left undone: that thread lived on, for good.
+            assert not tunnel._accepting.is_alive()
+            with pytest.raises(OSError):
+                socket.create_connection(tunnel.local_address, timeout=5).close()
             client.settimeout(10)
             try:
                 ended = client.recv(10)
