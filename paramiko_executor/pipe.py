@@ -153,6 +153,7 @@ class Pipe:
         self._lock = threading.Lock()
         self._running = 2
         self._aborted = False
+        self._abort_done = False
         # Here, while no other thread knows the pipe: an `abort` may close the socket
         # as soon as it is known, and a call on it after that fails.
         sock.settimeout(SOCKET_POLL)
@@ -296,7 +297,9 @@ class Pipe:
     def abort(self) -> None:
         """End both directions now (from any thread); the local peer sees a reset."""
         with self._lock:
-            if self._aborted or self._running == 0:
+            # Its steps may run twice: an abort interrupted (Ctrl-C in `Tunnel.close`)
+            # is finished by the next, not taken as done.
+            if self._abort_done or self._running == 0:
                 return
             self._aborted = True
         try:
@@ -309,6 +312,8 @@ class Pipe:
         self._sock_gate.close(self.sock.close)
         # Wakes a recv or send blocked on the channel; after the data message in flight.
         self._inbox.gate.close_channel()
+        with self._lock:
+            self._abort_done = True
 
     def _end(self) -> None:
         with self._lock:

@@ -197,8 +197,8 @@ class Tunnel:
         self._lock = threading.Lock()
         #: Set by `close`; a forwarded open waiting for the connection stops at once.
         self._closed = Signal()
-        #: Set once a close has stopped the listening: a close interrupted before
-        #: (Ctrl-C) leaves it to the next one.
+        #: Set once a close has done all of `_stop`: a close interrupted before
+        #: (Ctrl-C) leaves the rest to the next one.
         self._stopped = False
         self._pipes: Set[Pipe] = set()
         self._threads: Set[threading.Thread] = set()
@@ -231,16 +231,16 @@ class Tunnel:
             pipes = list(self._pipes)
         # Marked closed first, so that nothing new starts: what this one started must
         # finish even when interrupted (Ctrl-C in the listener's join), and a later
-        # close does what an interrupted one left undone.
+        # close does what an interrupted one left undone (each step may run twice).
         try:
             self._forwarding.limit.wake()
             self._stop_listening()
-            with self._lock:
-                self._stopped = True
         finally:
             for pipe in pipes:
                 pipe.abort()
             self._forwarding.forget(self)
+        with self._lock:
+            self._stopped = True
 
     def _join(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the tunnel's threads to end."""
