@@ -467,6 +467,20 @@ class LocalTunnel(Tunnel):
             place.release()
 
 
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    """``action``, run by the first call only (from any thread)."""
+    lock = threading.Lock()
+    done: List[bool] = []
+
+    def run() -> None:
+        with lock:
+            if done:
+                return
+            done.append(True)
+        action()
+    return run
+
+
 def _refuse(client: socket.socket) -> None:
     """Close a client that was never forwarded with a reset: an empty reply is no answer."""
     reset_on_close(client)
@@ -936,17 +950,29 @@ class Forwarding:
             raise ForwardTimeout(f"opening a forward to {where} timed out after {seconds:g} s "
                                  f"(no forwarded channel came free under "
                                  f"max_forwarded={self.limit.limit})", self._executor)
+        chan: Optional[paramiko.Channel] = None
+        release = place.release
         try:
+            release = _once(place.release)
             chan = self.open_channel(target, ("127.0.0.1", 0), deadline, place)
-        except GaveUp as exc:
-            place.release()
-            raise ForwardTimeout(f"opening a forward to {where} timed out after {seconds:g} s "
-                                 f"({exc.description})", self._executor) from None
-        except BaseException:
-            place.release()
+            chan.settimeout(seconds)
+            sock = ForwardedSocket(chan, release, where)
+        except BaseException as exc:
+            # Also an interrupt (Ctrl-C) after the open, before the socket's finalizer
+            # owned the channel: else it stayed open on the server, its place taken for
+            # good. That finalizer, if there was one, finds both done.
+            try:
+                if chan is not None:
+                    chan.close()
+            except TRANSPORT_ERRORS:
+                pass  # the connection ended, and the channel with it
+            finally:
+                release()
+            if isinstance(exc, GaveUp):
+                raise ForwardTimeout(f"opening a forward to {where} timed out after "
+                                     f"{seconds:g} s ({exc.description})",
+                                     self._executor) from None
             raise
-        chan.settimeout(seconds)
-        sock = ForwardedSocket(chan, place.release, where)
         with self._lock:
             self._sockets.add(sock)
         return sock

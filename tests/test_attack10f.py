@@ -7,6 +7,7 @@ undone: the listening, and the forwarded connections it had begun to end.
 
 from __future__ import annotations
 
+import dis
 import inspect
 import linecache
 import socket
@@ -88,12 +89,14 @@ def test_a_close_interrupted_anywhere_is_finished_by_the_next(
 
 
 def _body_lines(function: Callable[..., Any]) -> List[int]:
-    """The numbers of ``function``'s lines that hold code (no docstring, comment or blank)."""
-    lines, first = inspect.getsourcelines(function)
-    code = function.__code__
-    seen = {line for _, _, line in code.co_lines() if line is not None and line > first}
-    return sorted(line for line in seen if lines[line - first].strip()
-                  and not lines[line - first].strip().startswith(("#", '"')))
+    """The numbers of ``function``'s lines where a Ctrl-C can land: those with a call or a
+    loop's jump back, where CPython runs signal handlers (a trace could raise anywhere,
+    at a ``try:`` before its block say, where no signal is ever handled)."""
+    first = function.__code__.co_firstlineno
+    return sorted({instruction.positions.lineno for instruction in dis.get_instructions(function)
+                   if instruction.positions is not None and instruction.positions.lineno
+                   and instruction.positions.lineno > first
+                   and instruction.opname.startswith(("CALL", "PRECALL", "JUMP_BACKWARD"))})
 
 
 #: Between the slot's acquire and the `try` of `SessionChannel.__init__` (or of
@@ -193,3 +196,31 @@ def test_a_key_exchange_answered_only_with_ignores_ends_the_connection(
         assert ex.statistics().reconnects == 1
         print(f"a command held by the exchange ran after {took:.1f} s")
         assert took < 5, took
+
+
+@pytest.mark.hang_timeout(300)
+@pytest.mark.parametrize("function", [tunnels._open_direct, tunnels.Forwarding.open_connection,
+                                      tunnels.Forwarding.open_channel],
+                         ids=["_open_direct", "open_connection", "open_channel"])
+def test_a_forward_interrupted_at_any_line_of_its_open_gives_its_place_back(
+        sshd: Any, make_backend: Any, function: Any) -> None:
+    """max_forwarded 1: after a Ctrl-C at any line of a forward's open, the next forward
+    gets the place (once the server answered the open given up) and carries data."""
+    echo = make_backend("echo")
+    with SSHExecutor(**sshd.executor_parameters(), max_forwarded=1) as ex:
+        ex.run_command("true", timeout=30)
+        for line in _body_lines(function):
+            interrupted = at_line(function.__code__, line, _interrupt,
+                                  lambda: ex.open_connection("127.0.0.1", echo.port, timeout=30))
+            try:
+                interrupted().close()
+            except KeyboardInterrupt:
+                pass
+            where = f"after a Ctrl-C at {linecache.getline(function.__code__.co_filename, line)!r}"
+            try:
+                with ex.open_connection("127.0.0.1", echo.port, timeout=10) as sock:
+                    sock.sendall(b"x")
+                    assert sock.recv(1) == b"x", where
+            except ExecutorFailure as exc:
+                raise AssertionError(f"{where}: {exc}") from None
+        assert ex.statistics().reconnects == 0
