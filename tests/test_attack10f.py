@@ -2,7 +2,9 @@
 exchange the server answers only with IGNOREs (the project's test server).
 
 A close interrupted anywhere must leave to the next close what it left
-undone: the listening, and the forwarded connections it had begun to end.
+undone: the listening, and the forwarded connections it had begun to end. An
+open interrupted anywhere must give its slot (MaxSessions) or its place
+(max_forwarded) back. A Ctrl-C is tried at each line with a call (`_body_lines`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from helpers import at_line, wait_for
 
 from paramiko_executor import ExecutorFailure, SSHExecutor, pipe, tunnels
 from paramiko_executor.channel import SessionChannel
+from paramiko_executor.forwarded import ForwardedSocket
 
 #: What a close may wait for the tunnel's threads here (the default is 10 s).
 JOIN = 3.0
@@ -200,8 +203,9 @@ def test_a_key_exchange_answered_only_with_ignores_ends_the_connection(
 
 @pytest.mark.hang_timeout(300)
 @pytest.mark.parametrize("function", [tunnels._open_direct, tunnels.Forwarding.open_connection,
-                                      tunnels.Forwarding.open_channel],
-                         ids=["_open_direct", "open_connection", "open_channel"])
+                                      tunnels.Forwarding.open_channel, ForwardedSocket.__init__],
+                         ids=["_open_direct", "open_connection", "open_channel",
+                              "ForwardedSocket.__init__"])
 def test_a_forward_interrupted_at_any_line_of_its_open_gives_its_place_back(
         sshd: Any, make_backend: Any, function: Any) -> None:
     """max_forwarded 1: after a Ctrl-C at any line of a forward's open, the next forward
