@@ -128,7 +128,7 @@ def _bounded() -> Callable[[SSHExecutor], Any]:
     pytest.param(SessionChannel.__init__, _command(), id="SessionChannel.__init__",
                  marks=_GAP),
     pytest.param(SessionChannel._adopt, _command(), id="_adopt"),
-    pytest.param(SSHExecutor._bounded_connection.__wrapped__, _bounded(),
+    pytest.param(SSHExecutor._bounded_connection.__wrapped__, _bounded(),  # type: ignore[attr-defined]
                  id="_bounded_connection", marks=_GAP),
 ])
 def test_a_call_interrupted_at_any_line_of_its_open_gives_the_session_back(
@@ -177,7 +177,7 @@ def test_a_key_exchange_answered_only_with_ignores_ends_the_connection(
         with ex.bounded_connection as transport:
             pass
         transport.clear_to_send_timeout = 1.0
-        transport._send_kex_init()
+        transport._send_kex_init()  # type: ignore[attr-defined]
         stop = threading.Event()
 
         def ignores() -> None:
