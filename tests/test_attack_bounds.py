@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Set, Tuple
 
 import pytest
 from helpers import call_in_thread, outcome_within, reap, wait_for
@@ -32,8 +32,21 @@ RETRIES: Dict[str, Any] = {"connect_retries": 9, "connect_backoff": 0.5}
 TIMEOUTS = (0.001, 0.01, 0.05, 0.2, 0.5, 1.0, 2.0)
 
 
+#: The threads alive as the current test began: another test's, whatever they do.
+_EARLIER: Set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def _earlier_threads() -> Iterator[None]:
+    _EARLIER.clear()
+    _EARLIER.update(threading.enumerate())
+    yield
+
+
 def our_threads() -> List[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("paramiko_executor")]
+    """This test's threads of the library (another test's left over are not judged here)."""
+    return [t for t in threading.enumerate()
+            if t.name.startswith("paramiko_executor") and t not in _EARLIER]
 
 
 def open_sockets() -> int:
