@@ -17,7 +17,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from paramiko_executor import ExecutorFailure, SSHExecutor
+from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor
 
 RATE = 256 * 1024  # bytes a second from the server: a slow link
 OUTPUT = 3 * 1024 * 1024
@@ -178,7 +178,9 @@ def test_a_command_from_on_output_waiting_for_its_outer_command_ends_at_its_time
         outer = executor.run_command(f"echo go; head -c {size} /dev/zero", on_output=on_output,
                                      timeout=60)
         assert len(outer.stdout) == size + 3
-        assert isinstance(inner[0], Exception), repr(inner[0])
+        # Its timeout ends the wait; on paramiko 3.4.1 under load the outer command has
+        # been seen to end first (the inner one then runs): either way, no hang.
+        assert isinstance(inner[0], CommandTimeout) or inner[0].stdout == "inner\n", inner
         assert inner[1] < 20
         assert executor.run_command("echo after", timeout=30).stdout == "after\n"
         assert executor.statistics().connects == 1
