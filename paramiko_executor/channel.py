@@ -1240,12 +1240,17 @@ class SessionChannel:
 
         A key exchange running holds the CLOSE back in the background, never
         in the caller's thread: the caller has its outcome, with or without a
-        timeout.
+        timeout. That thread waits for the exchange itself (paramiko's send
+        gives up when the connection ends); checking again there would hand
+        the CLOSE on to a new thread for as long as the exchange ran.
         """
         self.sending = False
         if key_exchange_running(self.transport):
-            _in_background(self._close_quietly)
-            return
+            _in_background(self._close)
+        else:
+            self._close()
+
+    def _close(self) -> None:
         try:
             self.chan.close()
         except TRANSPORT_ERRORS:

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Tuple
+import traceback
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import paramiko
 from paramiko.common import AUTH_SUCCESSFUL, OPEN_SUCCEEDED
@@ -57,13 +58,29 @@ def reap(pid: int, bound: float, what: str = "the child still ran") -> int:
     raise AssertionError(f"{what} after {bound} s")
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Wait, bounded, for a condition that another thread or process makes true."""
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0,
+             explain: Optional[Callable[[], str]] = None) -> None:
+    """Wait, bounded, for a condition that another thread or process makes true.
+
+    On a timeout, ``explain()`` (if given) says what still stands in the way.
+    """
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            detail = f":\n{explain()}" if explain is not None else ""
+            raise AssertionError(f"timed out waiting for {what}{detail}")
         time.sleep(0.01)
+
+
+def thread_stacks(threads: Iterable[threading.Thread]) -> str:
+    """Each thread's name and where it is now, for a failure's message."""
+    frames = sys._current_frames()
+    parts = []
+    for thread in threads:
+        frame = frames.get(thread.ident or -1)
+        stack = "".join(traceback.format_stack(frame)[-6:]) if frame is not None else "(ended)\n"
+        parts.append(f"--- {thread.name}\n{stack}")
+    return "".join(parts)
 
 
 def run_threads(

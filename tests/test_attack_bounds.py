@@ -18,7 +18,7 @@ import warnings
 from typing import Any, Callable, Dict, Iterator, List, Set, Tuple
 
 import pytest
-from helpers import call_in_thread, outcome_within, reap, wait_for
+from helpers import call_in_thread, outcome_within, reap, thread_stacks, wait_for
 from test_tunnels import read_all
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
@@ -74,6 +74,12 @@ class Snapshot:
         new = [t for t in set(threading.enumerate()) - self.threads
                if not isinstance(t, threading.Timer)]
         return not new and open_sockets() <= self.sockets
+
+    def left(self) -> str:
+        """What keeps this snapshot from being settled, for a failure's message."""
+        new = [t for t in set(threading.enumerate()) - self.threads
+               if not isinstance(t, threading.Timer)]
+        return f"sockets {open_sockets()} (were {self.sockets})\n" + thread_stacks(new)
 
 
 def echo(sock: Any, payload: bytes) -> bytes:
@@ -158,7 +164,7 @@ def test_a_hundred_callers_with_and_without_deadlines_share_one_reconnect(
     # One cycle: the failures until the server came back, at most one more.
     assert stats.connect_failures <= 4, stats
     ex.close()
-    wait_for(before.settled, "threads and descriptors to be back", timeout=15)
+    wait_for(before.settled, "threads and descriptors to be back", timeout=15, explain=before.left)
 
 
 def test_bounded_callers_alone_leave_no_connect_behind_and_a_later_caller_connects(
@@ -169,7 +175,8 @@ def test_bounded_callers_alone_leave_no_connect_behind_and_a_later_caller_connec
     opens = start_all(bounded(ex, backend.port, 100, timeouts=TIMEOUTS[:4]))
     join_all(opens, 30)
     assert all(isinstance(o.get("error"), ExecutorFailure) for o in opens)
-    wait_for(lambda: not our_threads(), "the abandoned connect to end", timeout=10)
+    wait_for(lambda: not our_threads(), "the abandoned connect to end", timeout=10,
+             explain=lambda: thread_stacks(our_threads()))
     failures = ex.statistics().connect_failures
     # A few cycles at most: each ends at its first failure once nobody waits.
     assert 1 <= failures <= 20, failures
@@ -247,7 +254,7 @@ def test_close_at_any_moment_of_a_reconnect_ends_every_caller(
     join_all(closing, 15)
     for outcome in outcomes:
         assert isinstance(outcome.get("error"), ExecutorFailure), outcome
-    wait_for(before.settled, "threads and descriptors to be back", timeout=15)
+    wait_for(before.settled, "threads and descriptors to be back", timeout=15, explain=before.left)
 
 
 # --- run_command beside bounded opens ---------------------------------------------------------
@@ -529,13 +536,15 @@ def test_closing_the_executor_frees_the_places_of_opens_left_on_a_frozen_server(
             ex.open_connection("127.0.0.1", backend.port, timeout=0.05)
         assert any(t.name == "paramiko_executor tunnel open" for t in our_threads())
         outcome_within(15, ex.close)
-        wait_for(lambda: not our_threads(), "the open's thread to end", timeout=15)
+        wait_for(lambda: not our_threads(), "the open's thread to end", timeout=15,
+             explain=lambda: thread_stacks(our_threads()))
         assert ex._forwarding.limit.used == 0
     finally:
         server.thaw()
         ex.close()
     # The test server's end of the connection goes once it runs again.
-    wait_for(before.settled, "the connection's sockets to be closed", timeout=15)
+    wait_for(before.settled, "the connection's sockets to be closed", timeout=15,
+             explain=before.left)
 
 
 # --- a bounded caller interrupted ----------------------------------------------------------------
@@ -564,7 +573,8 @@ def test_a_bounded_caller_interrupted_while_waiting_no_longer_keeps_the_connect_
         interrupter.join(30)
         signal.signal(signal.SIGINT, previous)
     # Its next retry would be 1 s later, then 2, 4 ...: it ends at the next one at the latest.
-    wait_for(lambda: not our_threads(), "the connect nobody waits for to end", timeout=5)
+    wait_for(lambda: not our_threads(), "the connect nobody waits for to end", timeout=5,
+             explain=lambda: thread_stacks(our_threads()))
     assert ex._forwarding.limit.used == 0
 
 
@@ -607,12 +617,13 @@ def test_close_during_a_login_to_a_frozen_server_ends_every_caller_at_once(
         join_all(unbounded, 5)
         for outcome in opens + unbounded:
             assert isinstance(outcome.get("error"), ExecutorFailure), outcome
-        wait_for(lambda: not our_threads(), "the connect thread to end", timeout=5)
+        wait_for(lambda: not our_threads(), "the connect thread to end", timeout=5,
+             explain=lambda: thread_stacks(our_threads()))
         assert ex.statistics().connects == 0
     finally:
         server.thaw()
         ex.close()
-    wait_for(before.settled, "the sockets to be closed", timeout=15)
+    wait_for(before.settled, "the sockets to be closed", timeout=15, explain=before.left)
 
 
 @pytest.mark.parametrize("timeout", [None, 30.0])

@@ -14,14 +14,16 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
-from helpers import wait_for
+from helpers import thread_stacks, wait_for
+from paramiko.common import MSG_CHANNEL_EOF
 from test_attack9b import _command_in_a_stall, _stall_a_key_exchange
 
 import paramiko_executor.channel as channel_module
 from paramiko_executor import CommandTimeout, SSHExecutor
+from paramiko_executor.internals import key_exchange_running, wrap_handlers
 
 #: Where a thread waits for a key exchange to let its send out (this code, and paramiko's).
 _HELD_SEND = {"send_within", "_send_user_message", "await_key_exchange"}
@@ -133,3 +135,46 @@ def test_a_send_after_the_exec_held_by_a_stalled_exchange_times_out_the_command(
         assert raised.value.exit_code is None
         assert took < 15, took
         _assert_connection_kept(server, executor)
+
+
+def _rekey_threads() -> List[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "paramiko_executor rekey"]
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_close_held_by_an_exchange_the_connection_dies_in_leaves_no_thread(
+        make_test_server):
+    """A CLOSE held back by a key exchange started a thread that started the next, forever.
+
+    The background CLOSE checked the exchange again and, still running, handed
+    itself to a new thread: a thread a moment for as long as the exchange ran,
+    and for the life of the process once the connection ended mid-exchange
+    (paramiko never marks a dead connection clear to send). It now waits in
+    its one thread, which ends with the connection.
+    """
+    server = make_test_server(max_sessions=1)
+    executor = SSHExecutor(**server.executor_parameters())
+    try:
+        executor.run_command("true", timeout=20)
+        with executor.bounded_connection as transport:
+            pass
+
+        def on_eof(original: Any) -> Any:
+            def handle(*args: Any) -> None:
+                if not server.frozen:
+                    server.freeze()
+                    transport._send_kex_init()  # in the transport thread, as a rekey starts
+                return original(*args)
+            return handle
+
+        wrap_handlers(transport, {MSG_CHANNEL_EOF: on_eof}, {})
+        before = set(_rekey_threads())
+        assert executor.run_command("echo done").stdout == "done\n"
+        assert key_exchange_running(transport)
+        assert set(_rekey_threads()) - before, "the CLOSE waits in a thread of its own"
+        executor.close()  # the connection ends mid-exchange
+        wait_for(lambda: not set(_rekey_threads()) - before, "the CLOSE's thread to end",
+                 timeout=10, explain=lambda: thread_stacks(set(_rekey_threads()) - before))
+    finally:
+        executor.close()
+        server.thaw()
