@@ -40,7 +40,7 @@ from .hostnames import check_hostname
 from .results import CommandExecutionFailure, CommandResult, ExecutorFailure
 from .stats import ExecutorStatistics
 from .text import one_line
-from .transfer import check_replaceable
+from .transfer import NotARegularFile, check_replaceable
 
 __all__ = ["GroupFailure", "GroupResult", "HostGroup", "Outcome"]
 
@@ -546,8 +546,9 @@ class HostGroup:
         or ``..``: give such a host a ``"name"``), else `ValueError`.
         A host's local file that a download must not replace (a directory:
         `IsADirectoryError`; a device, FIFO or socket: `ValueError`) is also
-        refused before anything runs. ``options`` go to each executor's ``get``.
-        A host's failure (its file missing: `FileNotFoundError`) is its entry.
+        refused before anything runs (one made there later is that host's
+        entry). ``options`` go to each executor's ``get``. A host's failure
+        (its file missing: `FileNotFoundError`) is its entry.
         """
         local_dir = os.fspath(local_dir)
         if not os.path.isdir(local_dir):
@@ -559,10 +560,11 @@ class HostGroup:
                 raise ValueError(f"host name {name!r} cannot name a file: give the host a 'name'")
             check_replaceable(os.path.join(local_dir, name))
         progress = _CallersProgress.of(options)
+        # A host's local file that became a FIFO after the check is that host's failure.
         return callers_own(lambda: self._collect(
             progress.owned(lambda name, executor: executor.get(  # type: ignore[attr-defined]
                 remote, os.path.join(local_dir, name), **options)),
-            _TRANSFER_FAILURES))
+            _TRANSFER_FAILURES + (NotARegularFile,)))
 
     def statistics(self) -> Dict[str, ExecutorStatistics]:
         """Each host's ``executor.statistics()`` (an `ExecutorStatistics`), in the given order."""

@@ -137,6 +137,7 @@ __all__ = [
     "temp_path_for",
     "Local",
     "ProtocolError",
+    "NotARegularFile",
     "callers_own",
     "check_mode",
     "check_replaceable",
@@ -1418,11 +1419,19 @@ class Local:
             raise
 
 
+class NotARegularFile(ValueError):
+    """A local path names a device, FIFO or socket, which a download must not replace.
+
+    A `ValueError` like any refused argument; its own type so that `HostGroup.get`
+    can tell one host's local file (its entry) from a bad argument of the call.
+    """
+
+
 def check_replaceable(path: str) -> None:
     """Refuse a ``path`` that names something a new regular file must not replace.
 
     A directory is an `IsADirectoryError`; a device, FIFO or socket (``/dev/null``, or a
-    link to it) a `ValueError`: renamed over, root's ``/dev/null`` would become a
+    link to it) a `NotARegularFile`: renamed over, root's ``/dev/null`` would become a
     regular file for every program of the machine. A file object can write to them.
     """
     try:
@@ -1434,8 +1443,8 @@ def check_replaceable(path: str) -> None:
     if S_ISDIR(status.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     if not S_ISREG(status.st_mode):
-        raise ValueError(f"local must name a regular file, or be a file object: {path!r} "
-                         "is not a regular file")
+        raise NotARegularFile(f"local must name a regular file, or be a file object: {path!r} "
+                              "is not a regular file")
 
 
 def _own_bits(path: str, new_bits: int) -> int:
