@@ -91,7 +91,7 @@ from .internals import (
 )
 from .output import LineSplitter, LiveStream, OutputBuffer, line_splitters
 from .results import Output
-from .slots import Slots
+from .slots import Claim, Slots
 from .text import EscapingFilter, printable
 
 __all__ = [
@@ -639,22 +639,24 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
 class SessionChannel:
     """One session channel of the executor, and the slot that covers it.
 
-    Created holding a slot the caller took from ``slots``; sends the OPEN at
-    once, waiting for a key exchange ``open_within`` seconds at most (None:
-    paramiko's ``clear_to_send_timeout``), else `Overdue` with the slot given
-    back. Its states move forward only: opening, open, exec sent, running,
+    Created with the caller's ``claim`` on a slot (`Claim`); sends the OPEN
+    at once, waiting for a key exchange ``open_within`` seconds at most
+    (None: paramiko's ``clear_to_send_timeout``), else `Overdue`. The slot
+    becomes the session's once the OPEN is out; until then, and on `Overdue`,
+    the claim gives it back. Its states move forward only: opening, open, exec sent, running,
     decided (complete, timed out, ...), closed by the server. Output is
     appended by the transport thread; everything else is done by the thread
     that owns the channel (or, after a timeout, by its reaper).
     """
 
-    def __init__(self, transport: paramiko.Transport, slots: Slots,
-                 sessions: Dict[int, SessionChannel], holder: Optional[int] = None,
+    def __init__(self, transport: paramiko.Transport, claim: Claim,
+                 sessions: Dict[int, SessionChannel],
                  open_within: Optional[float] = None) -> None:
         self.transport = transport
-        self._slots: Optional[Slots] = slots
+        #: The slot covering the session, once taken over from the claim (`_adopt`).
+        self._slots: Optional[Slots] = None
         #: The thread the slot was taken for, while only it can give it back (`Slots.acquire`).
-        self._holder = holder
+        self._holder: Optional[int] = None
         self.wakeup = _Wakeup(transport)
         #: Set on the server's answer to the open. The same event as `wakeup`:
         #: nothing else sets it before the answer, and it is only reset after.
@@ -693,23 +695,24 @@ class SessionChannel:
         try:
             chan = new_session_channel(transport, self.answered, open_within)
             if chan is not None:
-                self._adopt(chan, sessions)
+                self._adopt(chan, sessions, claim)
         except BaseException:
-            if chan is None:
-                self._release()
-            else:
+            if chan is not None:
                 # An interrupt (Ctrl-C) once the OPEN was out: paramiko holds channels
                 # weakly and would forget this one, and the server's confirmation would
                 # keep a session open, and its slot here taken, for the connection's life.
-                self._adopt(chan, sessions)
+                self._adopt(chan, sessions, claim)
                 self.abandon_open()
             raise
-        if chan is None:
-            self._release()  # the server never heard of the channel
+        if chan is None:  # the server never heard of the channel: the claim frees the slot
             raise Overdue("a key exchange held back the channel's open")
 
-    def _adopt(self, chan: paramiko.Channel, sessions: Dict[int, SessionChannel]) -> None:
-        """Make ``chan``, whose OPEN was sent, this session's channel."""
+    def _adopt(self, chan: paramiko.Channel, sessions: Dict[int, SessionChannel],
+               claim: Claim) -> None:
+        """Make ``chan``, whose OPEN was sent, this session's channel, and the claimed slot its."""
+        if claim.taken:  # plain stores, no call: nothing can interrupt the handover
+            self._slots, self._holder = claim.slots, claim.holder
+            claim.taken = False
         self.chan = chan
         #: The receive window the server may still fill, under the channel's lock.
         self._window: int = chan.in_window_size

@@ -61,7 +61,7 @@ from .internals import drop_handshake_timer, forget_parent_transports, thread_fr
 from .keepalive import GlobalRequests, Keepalive, Pinger
 from .options import Target
 from .retry import ConnectRetry
-from .slots import Slots
+from .slots import Claim, Slots
 from .stats import Counters
 from .text import printable
 from .totp import LoginAbandoned
@@ -201,8 +201,9 @@ def _probe(transport: paramiko.Transport, limit: int,
             size = min(PROBE_WAVE, limit) if not channels else limit - len(channels)
             try:
                 for _ in range(size):
-                    slots.acquire()
-                    wave.append(SessionChannel(transport, slots, sessions))
+                    with Claim(slots, None) as claim:
+                        claim.taken = slots.acquire()
+                        wave.append(SessionChannel(transport, claim, sessions))
             except TRANSPORT_ERRORS as exc:
                 raise ConnectionLost(f"connection lost while probing: {exc!r}") from None
             finally:

@@ -59,6 +59,7 @@ from .options import DEFAULT, normalize_parameters, resolve_target
 from .registry import connection_key, shared_connection
 from .results import CommandResult, Output
 from .retry import NEVER_STARTED_TRIES, Backoff, CommandRetry, ConnectRetry
+from .slots import Claim
 from .stats import ExecutorStatistics
 from .transfer import (
     Local,
@@ -345,18 +346,14 @@ class SSHExecutor(Executor):
     @contextlib.contextmanager
     def _bounded_connection(self) -> Iterator[paramiko.Transport]:
         link = self._get_link()
-        holder = threading.get_ident()
-        try:
-            self._take_slot(link, None)
-        except ExecutorFailure as exc:
-            raise for_executor(exc, self) from None
         assert link.slots is not None
-        link.slots.hold_back(None, holder)  # the caller opens a channel next
-        try:
+        with Claim(link.slots, threading.get_ident()) as claim:
+            try:
+                self._take_slot(link, None, claim)
+            except ExecutorFailure as exc:
+                raise for_executor(exc, self) from None
+            link.slots.hold_back(None)  # the caller opens a channel next
             yield link.transport
-        finally:
-            assert link.slots is not None
-            link.slots.release(holder=holder)
 
     @property
     def state(self) -> Optional[ConnectionState]:
@@ -689,8 +686,9 @@ class SSHExecutor(Executor):
         session.hold(None)
         return session.run(spec, deadline, after_exec=link.spare.replenish)
 
-    def _take_slot(self, link: Link, deadline: Optional[float]) -> bool:
-        """A slot of ``link`` for this thread by ``deadline``; a spare gives its own back first.
+    def _take_slot(self, link: Link, deadline: Optional[float], claim: Claim) -> bool:
+        """A slot of ``link`` for this thread by ``deadline``, into ``claim``; a spare gives
+        its own back first.
 
         `ExecutorFailure` at once if this thread holds every slot (`Slots.take`).
         While the server leaves channel opens unanswered (their slots stay
@@ -699,7 +697,8 @@ class SSHExecutor(Executor):
         """
         slots, spare = link.slots, link.spare
         assert slots is not None and spare is not None
-        if slots.acquire(blocking=False, holder=threading.get_ident()):
+        claim.taken = slots.acquire(blocking=False, holder=claim.holder)
+        if claim.taken:
             return True
         started = time.monotonic()
         until = deadline
@@ -709,7 +708,8 @@ class SSHExecutor(Executor):
         try:
             # The spare is discarded once this thread is in line: a spare made
             # in between would hold a slot while we wait for one.
-            if slots.take(until, link.alive, queued=spare.discard):
+            claim.taken = slots.take(until, link.alive, queued=spare.discard)
+            if claim.taken:
                 return True
         finally:
             self._connection.counters.waited(time.monotonic() - started)
@@ -741,23 +741,25 @@ class SSHExecutor(Executor):
                 session.hold(holder)
                 return session
             assert link.slots is not None
-            if not link.slots.acquire(blocking=False, holder=holder):
-                # A spare made since is ours to use, rather than to close
-                # while we wait for the slot it gives back.
-                session = link.spare.take(deadline)
-                if session is not None:
-                    session.hold(holder)
-                    return session
-                if not self._take_slot(link, deadline):
-                    return None
-            link.slots.hold_back(deadline, holder)
-            try:
-                with translate(link.transport, started=False, what="opening a channel"):
-                    session = SessionChannel(
-                        link.transport, link.slots, link.sessions, holder,
-                        None if deadline is None else max(0.0, deadline - time.monotonic()))
-            except Overdue:
-                return None  # a key exchange held the open back: the command never ran
+            with Claim(link.slots, holder) as claim:
+                claim.taken = link.slots.acquire(blocking=False, holder=holder)
+                if not claim.taken:
+                    # A spare made since is ours to use, rather than to close
+                    # while we wait for the slot it gives back.
+                    session = link.spare.take(deadline)
+                    if session is not None:
+                        session.hold(holder)
+                        return session
+                    if not self._take_slot(link, deadline, claim):
+                        return None
+                link.slots.hold_back(deadline)
+                try:
+                    with translate(link.transport, started=False, what="opening a channel"):
+                        session = SessionChannel(
+                            link.transport, claim, link.sessions,
+                            None if deadline is None else max(0.0, deadline - time.monotonic()))
+                except Overdue:
+                    return None  # a key exchange held the open back: the command never ran
             try:
                 timeout = link.transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]
                 if deadline is not None:

@@ -47,7 +47,7 @@ from typing import Callable, Deque, Dict, Optional, Sequence
 
 from .errors import ConnectionLost, ExecutorFailure
 
-__all__ = ["Slots"]
+__all__ = ["Claim", "Slots"]
 
 #: How often a thread waiting for a slot checks that its connection still lives.
 LIVENESS_POLL = 1.0
@@ -102,6 +102,34 @@ class _Waiter:
         self.patient = patient
         #: Set (and the lock released) when a lower limit left ``holder`` holding every slot.
         self.stuck = False
+
+
+class Claim:
+    """One slot of ``slots`` for thread ``holder`` (see `Slots.acquire`), from its taking on.
+
+    The code that takes a slot does so inside ``with Claim(...) as claim:``,
+    storing the acquire's result in `taken` in the same statement: from
+    there on, until a session takes the slot over (`SessionChannel`, once
+    its OPEN is out, clears `taken`), leaving the block gives the slot back,
+    on every path, an interrupt (Ctrl-C) included. No moment is left where
+    the slot is taken and no code owns it.
+    """
+
+    __slots__ = ("slots", "holder", "taken")
+
+    def __init__(self, slots: Slots, holder: Optional[int]) -> None:
+        self.slots = slots
+        self.holder = holder
+        #: True while the slot is taken and this claim, not a session, gives it back.
+        self.taken = False
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.taken:
+            self.taken = False
+            self.slots.release(holder=self.holder)
 
 
 class Slots(threading.BoundedSemaphore):
@@ -200,25 +228,19 @@ class Slots(threading.BoundedSemaphore):
                 closing.popleft()
         return len(closing)
 
-    def hold_back(self, deadline: Optional[float], holder: Optional[int] = None) -> None:
+    def hold_back(self, deadline: Optional[float]) -> None:
         """Wait out `open_delay` (at most `pace`, and not past ``deadline``) on a taken slot.
 
         Sent at once, an open that takes a slot freed by the server's CLOSE
         can reach the server together with our CLOSE in reply, before the
         server freed that session; refused, it would cost a round trip.
-        Interrupted (e.g. KeyboardInterrupt), it gives the slot back: its
-        caller never opens, and holds nothing that would release it.
-        ``holder``: the thread the slot was taken for (see `acquire`).
+        Interrupted (e.g. KeyboardInterrupt), the slot's `Claim` gives it back.
         """
         delay = self.open_delay()
         if deadline is not None:
             delay = min(delay, deadline - time.monotonic())
         if delay > 0:
-            try:
-                time.sleep(delay)
-            except BaseException:
-                self.release(holder=holder)
-                raise
+            time.sleep(delay)
 
     @property
     def closed(self) -> bool:

@@ -20,7 +20,7 @@ import paramiko
 
 from .channel import Overdue, SessionChannel
 from .errors import TRANSPORT_ERRORS, ConnectionLost
-from .slots import Slots
+from .slots import Claim, Slots
 
 __all__ = ["Spare"]
 
@@ -82,21 +82,23 @@ class Spare:
         with self._lock:
             if self._pending is not None:
                 return
-            try:
-                if not self._slots.acquire(blocking=False):
+            with Claim(self._slots, None) as claim:
+                try:
+                    claim.taken = self._slots.acquire(blocking=False)
+                except ConnectionLost:
+                    return  # the connection is gone
+                if not claim.taken:
                     return
-            except ConnectionLost:
-                return  # the connection is gone
-            # Called after a command's exec: the wait passes while the command runs.
-            self._slots.hold_back(None)
-            try:
-                # Never waits for a key exchange: the command's thread made the call.
-                self._pending = SessionChannel(self._transport, self._slots, self._sessions,
-                                               open_within=0.0)
-            except Overdue:
-                pass  # its slot is back; the next command opens its own channel
-            except TRANSPORT_ERRORS:
-                pass  # a dying transport: the command's own path reports it
+                # Called after a command's exec: the wait passes while the command runs.
+                self._slots.hold_back(None)
+                try:
+                    # Never waits for a key exchange: the command's thread made the call.
+                    self._pending = SessionChannel(self._transport, claim, self._sessions,
+                                                   open_within=0.0)
+                except Overdue:
+                    pass  # its slot is back; the next command opens its own channel
+                except TRANSPORT_ERRORS:
+                    pass  # a dying transport: the command's own path reports it
 
     def adopt(self, channel: SessionChannel) -> None:
         """Make ``channel`` (open or opening, with its slot) the spare; closed if there is one."""

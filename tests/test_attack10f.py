@@ -99,15 +99,6 @@ def _body_lines(function: Callable[..., Any]) -> List[int]:
                    and instruction.opname.startswith(("CALL", "PRECALL", "JUMP_BACKWARD"))})
 
 
-#: Between the slot's acquire and the `try` of `SessionChannel.__init__` (or of
-#: `_bounded_connection`) the slot is nobody's to give back: an interrupt there leaves
-#: it the thread's for the connection's life. Closing that gap needs one owner of the
-#: slot from its acquire on (a claim the session takes over at `_adopt`), across
-#: slots.py, channel.py, executors.py and warm.py.
-_GAP = pytest.mark.xfail(strict=True, raises=AssertionError,
-                         reason="a Ctrl-C between a slot's acquire and its owner's try leaks it")
-
-
 def _command() -> Callable[[SSHExecutor], Any]:
     return lambda ex: ex.run_command("true", timeout=30)
 
@@ -121,12 +112,11 @@ def _bounded() -> Callable[[SSHExecutor], Any]:
 
 @pytest.mark.hang_timeout(300)
 @pytest.mark.parametrize("function, use", [
-    pytest.param(SSHExecutor._open_session, _command(), id="_open_session", marks=_GAP),
-    pytest.param(SessionChannel.__init__, _command(), id="SessionChannel.__init__",
-                 marks=_GAP),
+    pytest.param(SSHExecutor._open_session, _command(), id="_open_session"),
+    pytest.param(SessionChannel.__init__, _command(), id="SessionChannel.__init__"),
     pytest.param(SessionChannel._adopt, _command(), id="_adopt"),
     pytest.param(SSHExecutor._bounded_connection.__wrapped__, _bounded(),  # type: ignore[attr-defined]
-                 id="_bounded_connection", marks=_GAP),
+                 id="_bounded_connection"),
 ])
 def test_a_call_interrupted_at_any_line_of_its_open_gives_the_session_back(
         make_sshd: Any, function: Any, use: Callable[[SSHExecutor], Any]) -> None:
