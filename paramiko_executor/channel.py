@@ -806,6 +806,8 @@ class SessionChannel:
 
     def hold(self, holder: Optional[int]) -> None:
         """The slot is thread ``holder``'s from now on (None: the server's CLOSE frees it)."""
+        if holder == self._holder:
+            return  # already so (a released slot has no holder): no lock taken
         with _RELEASE_LOCK:
             if self._slots is not None and holder != self._holder:
                 self._slots.pass_on(self._holder, holder)
@@ -858,6 +860,28 @@ class SessionChannel:
             raise ConnectionLost("the connection was lost opening a channel", started=False)
         return False
 
+    def settle_open(self, deadline: Optional[float], holder: Optional[int]) -> Optional[bool]:
+        """Wait for the server's answer to the open: True once it is open, its slot thread
+        ``holder``'s; False when refused (the slot is free again); None when unanswered
+        within the channel timeout or by ``deadline`` (given up: `abandon_open`).
+
+        Raises `ConnectionLost` (never started) if the connection ended. On
+        any error, an interrupt (Ctrl-C) included, the caller gives the
+        channel up (`discard`): the caller's try covers the call itself.
+        """
+        # paramiko 3.4's stubs lack channel_timeout (paramiko has it)
+        timeout: float = self.transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+        if not self.wait_open(timeout):
+            self.abandon_open()
+            return None
+        if self.opened:
+            self.hold(holder)
+            return True
+        self.release_refused()
+        return False
+
     def abandon_open(self) -> None:
         """Give up waiting for the open's answer; close the channel once it comes.
 
@@ -878,6 +902,7 @@ class SessionChannel:
 
     def discard(self) -> None:
         """Close an unused channel (a spare); its slot frees on the server's CLOSE."""
+        self.hold(None)  # no thread's any more: the next command of the thread must not wait
         if self.answered.is_set():
             self._close_answered()
         else:
@@ -1073,17 +1098,21 @@ class SessionChannel:
         a `CallerError` carrying what ``spec.options.on_output`` raised (the
         command is then ended as on a timeout), or `ExecutorFailure` naming a
         protocol error of the server (the channel is then closed).
+        The channel is closed on every path, an interrupt (Ctrl-C) included.
         """
-        if spec.options.on_output is not None:
-            self.stdout = LiveStream()
-            self.stderr = LiveStream()
-        if spec.sent_input:  # only a sender of stdin waits for window
-            replace_send_condition(self.chan, _WakingCondition(self.chan, self))
-        # The buffers' own events: a channel closed under us (the connection
-        # ending) wakes the command too. stdout's has been `answered` (the
-        # same event) since the open.
-        self.chan.in_stderr_buffer.set_event(self.wakeup)  # type: ignore[arg-type]  # an Event look-alike
         try:
+            # A command's session ends without its thread (the server closes it once the
+            # command exits): a command the thread starts from ``on_output`` may wait for it.
+            self.hold(None)
+            if spec.options.on_output is not None:
+                self.stdout = LiveStream()
+                self.stderr = LiveStream()
+            if spec.sent_input:  # only a sender of stdin waits for window
+                replace_send_condition(self.chan, _WakingCondition(self.chan, self))
+            # The buffers' own events: a channel closed under us (the connection
+            # ending) wakes the command too. stdout's has been `answered` (the
+            # same event) since the open.
+            self.chan.in_stderr_buffer.set_event(self.wakeup)  # type: ignore[arg-type]  # an Event look-alike
             with translate(self.transport, started=lambda: self.exec_sent,
                            what="the command's channel"):
                 try:
@@ -1247,6 +1276,7 @@ class SessionChannel:
         gives up when the connection ends); checking again there would hand
         the CLOSE on to a new thread for as long as the exchange ran.
         """
+        self.hold(None)  # once run's first line was interrupted: the thread leaves all the same
         self.sending = False
         if key_exchange_running(self.transport):
             _in_background(self._close)

@@ -676,14 +676,11 @@ class SSHExecutor(Executor):
             except ValueError as exc:
                 raise ExecutorFailure(f"{exc}: Dropbear would end the connection; "
                                       "the command did not run") from None
+        assert link.spare is not None
+        log.debug("running %r", spec.command)
         session = self._open_session(link, deadline)
         if session is None:
             return None
-        log.debug("running %r", spec.command)
-        assert link.spare is not None
-        # A command's session ends without this thread (the server closes it once the
-        # command exits): a command this thread starts from ``on_output`` may wait for it.
-        session.hold(None)
         return session.run(spec, deadline, after_exec=link.spare.replenish)
 
     def _take_slot(self, link: Link, deadline: Optional[float], claim: Claim) -> bool:
@@ -736,9 +733,8 @@ class SSHExecutor(Executor):
         for tries in range(1, OPEN_TRIES + 1):
             if deadline is not None and time.monotonic() >= deadline:
                 return None
-            session = link.spare.take(deadline)
+            session = link.spare.take(deadline, holder)
             if session is not None:
-                session.hold(holder)
                 return session
             assert link.slots is not None
             with Claim(link.slots, holder) as claim:
@@ -746,9 +742,8 @@ class SSHExecutor(Executor):
                 if not claim.taken:
                     # A spare made since is ours to use, rather than to close
                     # while we wait for the slot it gives back.
-                    session = link.spare.take(deadline)
+                    session = link.spare.take(deadline, holder)
                     if session is not None:
-                        session.hold(holder)
                         return session
                     if not self._take_slot(link, deadline, claim):
                         return None
@@ -761,21 +756,17 @@ class SSHExecutor(Executor):
                 except Overdue:
                     return None  # a key exchange held the open back: the command never ran
             try:
-                timeout = link.transport.channel_timeout  # type: ignore[attr-defined, unused-ignore]
-                if deadline is not None:
-                    timeout = min(timeout, max(0.0, deadline - time.monotonic()))
-                answered = session.wait_open(timeout)
-            except BaseException:  # an interrupt (Ctrl-C): given up as at the timeout
-                session.abandon_open()
+                opened = session.settle_open(deadline, holder)
+                if opened:
+                    return session
+            except BaseException:  # an interrupt (Ctrl-C): nothing else would close it
+                session.discard()
                 raise
-            if not answered:
-                session.abandon_open()
+            if opened is None:
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
-                raise NeverStarted(f"the server did not answer a channel open within {timeout:g} s")
-            if session.opened:
-                return session
-            session.release_refused()
+                raise NeverStarted(f"the server did not answer a channel open within "
+                                   f"{link.transport.channel_timeout:g} s")  # type: ignore[attr-defined, unused-ignore]
             self._connection.refused(link, quiet=closes_before == link.sessions.closes)
             self._connection.counters.add(refused_opens=1)
             log.debug("channel refused, try %d of %d", tries, OPEN_TRIES)

@@ -13,7 +13,6 @@ comes back on the server's CLOSE.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Dict, Optional
 
 import paramiko
@@ -46,13 +45,15 @@ class Spare:
             pending, self._pending = self._pending, None
         return pending
 
-    def take(self, deadline: Optional[float]) -> Optional[SessionChannel]:
-        """The spare, open and with its slot, for a command; None if there is none to have.
+    def take(self, deadline: Optional[float], holder: int) -> Optional[SessionChannel]:
+        """The spare, open and with its slot held by thread ``holder``, for a command; None
+        if there is none to have.
 
         Waits for a spare being made (its open held back, a few ms at most),
-        then for the server's answer until ``deadline`` at most (the
-        transport's channel timeout without one); a spare that is refused or
-        not answered in time is given up like any other open.
+        then for the server's answer (`SessionChannel.settle_open`: the
+        channel timeout at most, and not past ``deadline``); a spare that is
+        refused or not answered in time is given up like any other open, and
+        so is one whose wait is interrupted (Ctrl-C).
         """
         # One being made (`replenish` holds the lock meanwhile) is worth the
         # wait: its slot is taken, and a slot waited for would close it.
@@ -61,19 +62,14 @@ class Spare:
         spare = self._pop()
         if spare is None:
             return None
-        # paramiko 3.4's stubs lack channel_timeout (paramiko has it)
-        timeout = self._transport.channel_timeout if deadline is None else max(  # type: ignore[attr-defined, unused-ignore]
-            0.0, deadline - time.monotonic())
-        if not spare.wait_open(timeout):
-            spare.abandon_open()
-            return None
         try:
-            if spare.opened:
-                return spare
+            return spare if spare.settle_open(deadline, holder) else None
         except ConnectionLost:
+            spare.discard()
             return None  # the command's own path reports it
-        spare.release_refused()
-        return None
+        except BaseException:  # an interrupt (Ctrl-C): popped, the spare is no one's to close
+            spare.discard()
+            raise
 
     def replenish(self) -> None:
         """Ask for a new spare if there is none and a slot is free with nobody waiting."""

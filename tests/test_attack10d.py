@@ -115,7 +115,7 @@ def after_line(code: Any, line: int, act: Callable[[], None],
 @pytest.mark.parametrize("where", [
     pytest.param((SessionChannel.__init__, "chan = new_session_channel("),
                  id="as-the-open-returns"),
-    pytest.param((SSHExecutor._open_session, "timeout = link.transport.channel_timeout"),
+    pytest.param((SSHExecutor._open_session, "opened = session.settle_open("),
                  id="before-waiting-for-the-answer"),
     pytest.param((SessionChannel.wait_open, "while not self.answered.wait("),
                  id="waiting-for-the-answer"),

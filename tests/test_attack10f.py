@@ -20,6 +20,7 @@ from helpers import at_line, wait_for
 from paramiko_executor import ExecutorFailure, SSHExecutor, pipe, tunnels
 from paramiko_executor.channel import SessionChannel
 from paramiko_executor.forwarded import ForwardedSocket
+from paramiko_executor.warm import Spare
 
 #: What a close may wait for the tunnel's threads here (the default is 10 s).
 JOIN = 3.0
@@ -115,6 +116,8 @@ def _bounded() -> Callable[[SSHExecutor], Any]:
     pytest.param(SSHExecutor._open_session, _command(), id="_open_session"),
     pytest.param(SessionChannel.__init__, _command(), id="SessionChannel.__init__"),
     pytest.param(SessionChannel._adopt, _command(), id="_adopt"),
+    pytest.param(SessionChannel.settle_open, _command(), id="settle_open"),
+    pytest.param(SessionChannel.run, _command(), id="run"),
     pytest.param(SSHExecutor._bounded_connection.__wrapped__, _bounded(),  # type: ignore[attr-defined]
                  id="_bounded_connection"),
 ])
@@ -137,6 +140,39 @@ def test_a_call_interrupted_at_any_line_of_its_open_gives_the_session_back(
             except ExecutorFailure as exc:
                 raise AssertionError(f"{where}: {exc}") from None
             assert ok, where
+        assert ex.statistics().reconnects == 0
+
+
+@pytest.mark.hang_timeout(300)
+def test_a_command_interrupted_at_any_line_of_its_take_of_the_spare_gives_it_back(
+        make_sshd: Any) -> None:
+    """MaxSessions 2: a Ctrl-C as a command took the spare channel (waiting for its
+    open's answer, say) left it no one's: its session open on the server and its
+    slot taken for the connection's life."""
+    server = make_sshd(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        link = ex._connection.link
+        assert link is not None and link.slots is not None and link.spare is not None
+        slots, spare = link.slots, link.spare
+        # The probe's closing channels may have kept the first command from making one.
+        wait_for(lambda: slots.available + spare.held == 2, "the probe's slots", timeout=10)
+        ex.run_command("true", timeout=30)  # each command leaves a spare, a slot being free
+        lines = _body_lines(Spare.take)
+        assert lines
+        for line in lines:
+            assert spare.held
+            interrupted = at_line(Spare.take.__code__, line, _interrupt,
+                                  lambda: ex.run_command("true", timeout=30))
+            try:
+                interrupted()
+            except KeyboardInterrupt:
+                pass
+            where = ("after a Ctrl-C at "
+                     f"{linecache.getline(Spare.take.__code__.co_filename, line)!r}")
+            wait_for(lambda: slots.available + spare.held == 2,
+                     f"every slot back or the spare's {where}", timeout=10)
+            assert ex.run_command("echo ok", timeout=10).stdout == "ok\n", where
         assert ex.statistics().reconnects == 0
 
 
