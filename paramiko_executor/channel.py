@@ -642,11 +642,12 @@ class SessionChannel:
     Created with the caller's ``claim`` on a slot (`Claim`); sends the OPEN
     at once, waiting for a key exchange ``open_within`` seconds at most
     (None: paramiko's ``clear_to_send_timeout``), else `Overdue`. The slot
-    becomes the session's once the OPEN is out; until then, and on `Overdue`,
-    the claim gives it back. Its states move forward only: opening, open, exec sent, running,
-    decided (complete, timed out, ...), closed by the server. Output is
-    appended by the transport thread; everything else is done by the thread
-    that owns the channel (or, after a timeout, by its reaper).
+    becomes the session's once the OPEN is out; until then, and on
+    `Overdue`, the claim gives it back. Its states move forward only:
+    opening, open, exec sent, running, decided (complete, timed out, ...),
+    closed by the server. Output is appended by the transport thread;
+    everything else is done by the thread that owns the channel (or, after a
+    timeout, by its reaper).
     """
 
     def __init__(self, transport: paramiko.Transport, claim: Claim,
@@ -1276,7 +1277,7 @@ class SessionChannel:
         gives up when the connection ends); checking again there would hand
         the CLOSE on to a new thread for as long as the exchange ran.
         """
-        self.hold(None)  # once run's first line was interrupted: the thread leaves all the same
+        self.hold(None)  # the thread leaves, even if a Ctrl-C kept run's first line from it
         self.sending = False
         if key_exchange_running(self.transport):
             _in_background(self._close)

@@ -7,7 +7,9 @@ session it holds (a command's channel, a spare channel, a transfer,
 slot is released only once the server has closed that session's channel, or
 the connection is gone. A connection that is gone closes its `Slots` as a
 whole: its waiters leave at once (to wait on the next connection's), and the
-releases still to come for it are ignored.
+releases still to come for it are ignored. A slot is taken into a `Claim`,
+which gives it back on every path out of its block (a Ctrl-C included)
+unless the session it covers took it over.
 
 A slot freed by the server's CLOSE is not free on the server yet: OpenSSH
 frees a session only on the pass of its main loop after the one that read
@@ -111,8 +113,8 @@ class Claim:
     storing the acquire's result in `taken` in the same statement: from
     there on, until a session takes the slot over (`SessionChannel`, once
     its OPEN is out, clears `taken`), leaving the block gives the slot back,
-    on every path, an interrupt (Ctrl-C) included. No moment is left where
-    the slot is taken and no code owns it.
+    on every path, an interrupt (Ctrl-C) included: no line of the owner's
+    code lies between the slot's taking and the code that gives it back.
     """
 
     __slots__ = ("slots", "holder", "taken")
