@@ -6,10 +6,13 @@ Each test fails on main at the time of the review; see the report of branch revi
 from __future__ import annotations
 
 import linecache
-from typing import Any, Callable
+import os
+import signal
+import threading
+from typing import Any, Callable, List
 
 import pytest
-from helpers import at_line, wait_for
+from helpers import at_line, call_in_thread, wait_for
 from test_attack10f import _body_lines, _interrupt
 
 from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor
@@ -79,3 +82,63 @@ def test_a_command_interrupted_taking_the_spare_gives_the_spare_session_back(
                 raise AssertionError(f"{where}: {exc}") from None
             assert result.stdout == "ok\n", f"{where}: {result!r}"
             assert ex._connection.link is link
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_command_with_a_deadline_behind_a_send_to_a_server_that_stopped_reading_ends_at_it(
+        make_sshd: Any) -> None:
+    """Frozen server (SIGSTOP), no keepalive: sends on the connection fill the TCP
+    buffers, and one blocks in paramiko's socket write holding ``clear_to_send_lock``
+    (here a `bounded_connection` user's ``sendall``; a command's stdin does the
+    same through `send_if_clear`). A command with ``timeout=3`` then waits for that
+    lock without a bound: its OPEN goes through `send_within`, whose default attempt
+    is `send_if_clear` with ``within=None`` (so is every `SessionChannel._send`'s),
+    whatever the deadline. A frozen server must cost it its timeout
+    (`test_without_keepalive_a_frozen_server_is_not_declared_dead`), not its thread
+    until the server resumes."""
+    server = make_sshd(max_sessions=10)
+    blockers = 6  # x 2 MiB of channel window: more than the socket buffers take
+    frozen: List[int] = []
+    opened = threading.Barrier(blockers + 1, timeout=30)
+    go = threading.Event()
+    try:
+        with SSHExecutor(**server.executor_parameters()) as ex:
+            ex.run_command("true", timeout=30)
+
+            def block() -> None:
+                with ex.bounded_connection as transport:
+                    chan = transport.open_session(timeout=30)
+                    try:
+                        chan.exec_command("sleep 60")
+                        opened.wait()
+                        go.wait(30)
+                        chan.sendall(b"x" * (2 << 20))
+                    finally:
+                        chan.close()
+
+            senders = [call_in_thread(block) for _ in range(blockers)]
+            opened.wait()
+            frozen = server.serving_pids()
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            go.set()
+            transport = ex._connection.link.transport
+            write_lock = transport.packetizer._Packetizer__write_lock
+
+            def write_blocked() -> bool:
+                if write_lock.acquire(timeout=1.0):  # free within 1 s: nothing blocked yet
+                    write_lock.release()
+                    return False
+                return True
+            wait_for(write_blocked, "a send blocked on the full socket", 20)
+            command = call_in_thread(lambda: ex.run_command("true", timeout=3))
+            command["thread"].join(15)
+            assert not command["thread"].is_alive(), \
+                "a command with timeout=3 still waited 15 s on"
+            assert isinstance(command.get("error"), CommandTimeout), command
+    finally:
+        go.set()
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    for sender in senders:
+        sender["thread"].join(30)
