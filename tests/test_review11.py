@@ -5,6 +5,7 @@ Each test fails on main at the time of the review; see the report of branch revi
 
 from __future__ import annotations
 
+import inspect
 import linecache
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 from helpers import at_line, call_in_thread, wait_for
 from test_attack10f import _body_lines, _interrupt
 
-from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor
+from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor, internals
 from paramiko_executor.channel import SessionChannel
 from paramiko_executor.warm import Spare
 
@@ -142,3 +143,40 @@ def test_a_command_with_a_deadline_behind_a_send_to_a_server_that_stopped_readin
             os.kill(pid, signal.SIGCONT)
     for sender in senders:
         sender["thread"].join(30)
+
+
+def _try_after(function: Callable[..., Any], text: str) -> int:
+    """The ``try:`` line right after ``function``'s line starting with ``text``."""
+    lines, first = inspect.getsourcelines(function)
+    (index,) = [i for i, line in enumerate(lines) if line.strip().startswith(text)]
+    following = [i for i in range(index + 1, len(lines)) if lines[i].strip() == "try:"]
+    return first + following[0]
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_send_if_clear_takes_the_send_lock_leaves_it_free(sshd: Any) -> None:
+    """`send_if_clear` takes ``clear_to_send_lock`` before its ``try``: CPython runs a
+    pending signal's handler as a call returns (the end of ``acquire()``), so a
+    Ctrl-C there leaves the lock taken for good, and every later send of the
+    connection (paramiko's own, the keepalive's, every command's) waits for it
+    forever. The trace raises at the ``try:`` line, the same moment (`_body_lines`
+    only raises before lines with a call, so it never lands here)."""
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        ex.run_command("true", timeout=30)
+        transport = ex._connection.link.transport
+        function = internals.send_if_clear
+        line = _try_after(function, "if not transport.clear_to_send_lock.acquire(")
+        interrupted = at_line(function.__code__, line, _interrupt,
+                              lambda: ex.run_command("true", timeout=30))
+        with pytest.raises(KeyboardInterrupt):
+            interrupted()
+        after = call_in_thread(lambda: ex.run_command("echo ok", timeout=5))
+        after["thread"].join(15)
+        try:
+            assert not after["thread"].is_alive(), \
+                "the next command (timeout=5) waited 15 s on for the send lock"
+        finally:
+            if after["thread"].is_alive() and transport.clear_to_send_lock.locked():
+                transport.clear_to_send_lock.release()  # let it end
+                after["thread"].join(15)
+        assert after["result"].stdout == "ok\n"
