@@ -14,9 +14,9 @@ from typing import Any, Callable, List
 
 import pytest
 from helpers import at_line, call_in_thread, wait_for
-from test_attack10f import _body_lines, _interrupt
+from test_attack10f import _body_lines, _interrupt, _line
 
-from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor, internals
+from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor, internals, tunnels
 from paramiko_executor.channel import SessionChannel
 from paramiko_executor.warm import Spare
 
@@ -180,3 +180,27 @@ def test_a_ctrl_c_as_send_if_clear_takes_the_send_lock_leaves_it_free(sshd: Any)
                 transport.clear_to_send_lock.release()  # let it end
                 after["thread"].join(15)
         assert after["result"].stdout == "ok\n"
+
+
+@pytest.mark.hang_timeout(90)
+def test_an_executor_close_interrupted_before_a_tunnel_stopped_listening_is_finished_by_the_next(
+        sshd: Any, make_backend: Any) -> None:
+    """`Tunnel._stop` forgets the tunnel (``Forwarding.forget``, in its ``finally``) even
+    when interrupted before it stopped listening: a later ``tunnel.close()`` finishes
+    the job (test_attack10f), but a later ``executor.close()`` -- what a ``with``
+    block or a Ctrl-C handler calls -- no longer knows the tunnel: its listening
+    thread and port live on for good."""
+    echo = make_backend("echo")
+    function = tunnels.LocalTunnel._stop_listening
+    ex = SSHExecutor(**sshd.executor_parameters())
+    tunnel = ex.forward_local(echo.port, "127.0.0.1")
+    try:
+        line = _line(function, "self._wake_writer.send(")
+        closing = at_line(function.__code__, line, _interrupt, ex.close)
+        with pytest.raises(KeyboardInterrupt):
+            closing()
+        ex.close()
+        tunnel._accepting.join(10)
+        assert not tunnel._accepting.is_alive(), "the tunnel still listens after ex.close()"
+    finally:
+        tunnel.close()
