@@ -204,3 +204,53 @@ def test_an_executor_close_interrupted_before_a_tunnel_stopped_listening_is_fini
         assert not tunnel._accepting.is_alive(), "the tunnel still listens after ex.close()"
     finally:
         tunnel.close()
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_close_held_back_by_a_stalled_key_exchange_does_not_spin(make_sshd: Any) -> None:
+    """`SessionChannel._close_quietly` during a key exchange runs itself again in a new
+    thread (`_in_background`), which finds the exchange still running and starts the
+    next thread at once: a thread-spawning spin for as long as the exchange lasts
+    (a server that stalls it: up to ``clear_to_send_timeout``, or for good while it
+    sends IGNOREs). Here a command whose exec a stalled rekey held past its deadline
+    (`Overdue`, the path meant to leave "the CLOSE below [waiting] in the
+    background"). Counted: calls of ``_close_quietly``; one waiting thread makes two."""
+    server = make_sshd(max_sessions=10)
+    calls: List[int] = []
+    code = SessionChannel._close_quietly.__code__
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is code:
+            calls.append(1)
+
+    frozen: List[int] = []
+    rekey: Any = None
+    try:
+        with SSHExecutor(**server.executor_parameters()) as ex:
+            ex.run_command("true", timeout=30)
+            link = ex._connection.link
+            wait_for(lambda: link.spare.held, "a spare channel")  # open before the freeze
+            transport = link.transport
+            frozen = server.serving_pids()
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            rekey = call_in_thread(transport.renegotiate_keys)
+            wait_for(lambda: not transport.clear_to_send.is_set(), "our KEXINIT sent")
+            threading.setprofile(count)
+            try:
+                with pytest.raises(CommandTimeout):
+                    ex.run_command("true", timeout=1)
+                spinning = True
+                try:
+                    wait_for(lambda: len(calls) > 50, "_close_quietly to spin", timeout=5)
+                except AssertionError:
+                    spinning = False
+            finally:
+                threading.setprofile(None)  # type: ignore[arg-type]
+            assert transport.is_active()  # still the stalled exchange, not a closed connection
+            assert not spinning, f"_close_quietly ran {len(calls)} times during one key exchange"
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        if rekey is not None:
+            rekey["thread"].join(30)
