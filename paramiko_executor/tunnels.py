@@ -238,7 +238,9 @@ class Tunnel:
         finally:
             for pipe in pipes:
                 pipe.abort()
-            self._forwarding.forget(self)
+        # Only once done: a tunnel forgotten by an interrupted close would be skipped by
+        # the executor's next close, its listening left running for good.
+        self._forwarding.forget(self)
         with self._lock:
             self._stopped = True
 

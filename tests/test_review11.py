@@ -21,6 +21,15 @@ from paramiko_executor.channel import SessionChannel
 from paramiko_executor.warm import Spare
 
 
+def _thaw(pids: List[int]) -> None:
+    """SIGCONT to ``pids`` (once: they may be gone since)."""
+    while pids:
+        try:
+            os.kill(pids.pop(), signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def _where(function: Callable[..., Any], line: int) -> str:
     return f"after a Ctrl-C at {linecache.getline(function.__code__.co_filename, line)!r}"
 
@@ -139,8 +148,7 @@ def test_a_command_with_a_deadline_behind_a_send_to_a_server_that_stopped_readin
             assert isinstance(command.get("error"), CommandTimeout), command
     finally:
         go.set()
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+        _thaw(frozen)
     for sender in senders:
         sender["thread"].join(30)
 
@@ -249,8 +257,12 @@ def test_a_close_held_back_by_a_stalled_key_exchange_does_not_spin(make_sshd: An
                 threading.setprofile(None)  # type: ignore[arg-type]
             assert transport.is_active()  # still the stalled exchange, not a closed connection
             assert not spinning, f"_close_quietly ran {len(calls)} times during one key exchange"
+            _thaw(frozen)
+            rekey["thread"].join(30)
+            # The CLOSE held back went out once the exchange ended: the session is back.
+            wait_for(lambda: ex.statistics().open_channels == 0, "the session's slot back")
+            assert ex.run_command("echo ok", timeout=30).stdout == "ok\n"
     finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+        _thaw(frozen)
         if rekey is not None:
             rekey["thread"].join(30)
