@@ -167,26 +167,34 @@ def test_a_ctrl_c_as_send_if_clear_takes_the_send_lock_leaves_it_free(sshd: Any)
     pending signal's handler as a call returns (the end of ``acquire()``), so a
     Ctrl-C there leaves the lock taken for good, and every later send of the
     connection (paramiko's own, the keepalive's, every command's) waits for it
-    forever. The trace raises at the ``try:`` line, the same moment (`_body_lines`
-    only raises before lines with a call, so it never lands here)."""
+    forever; the interrupted command's own CLOSE (``run``'s ``finally``) waits for it
+    in the interrupted thread, so the Ctrl-C hangs the program. The trace raises at
+    the ``try:`` line, the same moment (`_body_lines` only raises before lines with a
+    call, so it never lands here)."""
     with SSHExecutor(**sshd.executor_parameters()) as ex:
         ex.run_command("true", timeout=30)
         transport = ex._connection.link.transport
         function = internals.send_if_clear
         line = _try_after(function, "if not transport.clear_to_send_lock.acquire(")
-        interrupted = at_line(function.__code__, line, _interrupt,
-                              lambda: ex.run_command("true", timeout=30))
-        with pytest.raises(KeyboardInterrupt):
-            interrupted()
+        interrupted = call_in_thread(at_line(function.__code__, line, _interrupt,
+                                             lambda: ex.run_command("true", timeout=30)))
+        interrupted["thread"].join(15)
         after = call_in_thread(lambda: ex.run_command("echo ok", timeout=5))
         after["thread"].join(15)
         try:
+            # The interrupted call's own clean-up (the CLOSE of its channel) may wait
+            # for the lock its thread holds: a Ctrl-C that hangs the program.
+            assert not interrupted["thread"].is_alive(), \
+                "the interrupted command's thread still waited 15 s on"
+            assert isinstance(interrupted.get("error"), KeyboardInterrupt), interrupted
             assert not after["thread"].is_alive(), \
                 "the next command (timeout=5) waited 15 s on for the send lock"
         finally:
-            if after["thread"].is_alive() and transport.clear_to_send_lock.locked():
-                transport.clear_to_send_lock.release()  # let it end
-                after["thread"].join(15)
+            stuck = interrupted["thread"].is_alive() or after["thread"].is_alive()
+            if stuck and transport.clear_to_send_lock.locked():
+                transport.clear_to_send_lock.release()  # let them end
+            interrupted["thread"].join(15)
+            after["thread"].join(15)
         assert after["result"].stdout == "ok\n"
 
 
