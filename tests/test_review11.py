@@ -9,6 +9,7 @@ import inspect
 import linecache
 import os
 import signal
+import socket
 import threading
 from typing import Any, Callable, List
 
@@ -19,6 +20,11 @@ from test_attack10f import _body_lines, _interrupt, _line
 from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor, internals, tunnels
 from paramiko_executor.channel import SessionChannel
 from paramiko_executor.warm import Spare
+
+
+def _open(reason: str) -> Any:
+    """A defect still open (see the report of branch review11): the fix drops the mark."""
+    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
 
 
 def _thaw(pids: List[int]) -> None:
@@ -34,6 +40,7 @@ def _where(function: Callable[..., Any], line: int) -> str:
     return f"after a Ctrl-C at {linecache.getline(function.__code__.co_filename, line)!r}"
 
 
+@_open("an open session between _open_session's return and run's try is nobody's to close")
 @pytest.mark.hang_timeout(300)
 @pytest.mark.parametrize("function", [SSHExecutor._run_once, SessionChannel.run],
                          ids=["_run_once", "SessionChannel.run"])
@@ -63,6 +70,7 @@ def test_a_command_interrupted_between_its_open_and_its_run_gives_the_session_ba
             assert result.stdout == "ok\n", f"{where}: {result!r}"
 
 
+@_open("a spare popped by Spare.take is nobody's to close until take returns")
 @pytest.mark.hang_timeout(300)
 def test_a_command_interrupted_taking_the_spare_gives_the_spare_session_back(
         make_sshd: Any) -> None:
@@ -94,6 +102,7 @@ def test_a_command_interrupted_taking_the_spare_gives_the_spare_session_back(
             assert ex._connection.link is link
 
 
+@_open("send_if_clear(within=None) waits for clear_to_send_lock without the caller's deadline")
 @pytest.mark.hang_timeout(120)
 def test_a_command_with_a_deadline_behind_a_send_to_a_server_that_stopped_reading_ends_at_it(
         make_sshd: Any) -> None:
@@ -161,6 +170,7 @@ def _try_after(function: Callable[..., Any], text: str) -> int:
     return first + following[0]
 
 
+@_open("send_if_clear takes clear_to_send_lock before its try")
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_send_if_clear_takes_the_send_lock_leaves_it_free(sshd: Any) -> None:
     """`send_if_clear` takes ``clear_to_send_lock`` before its ``try``: CPython runs a
@@ -211,6 +221,11 @@ def test_an_executor_close_interrupted_before_a_tunnel_stopped_listening_is_fini
     ex = SSHExecutor(**sshd.executor_parameters())
     tunnel = ex.forward_local(echo.port, "127.0.0.1")
     try:
+        # Carried once: the listening thread is in its loop (a close before it got
+        # there would end it without the wake-up).
+        with socket.create_connection(tunnel.local_address, timeout=30) as client:
+            client.sendall(b"x")
+            assert client.recv(1) == b"x"
         line = _line(function, "self._wake_writer.send(")
         closing = at_line(function.__code__, line, _interrupt, ex.close)
         with pytest.raises(KeyboardInterrupt):
