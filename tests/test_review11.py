@@ -40,10 +40,12 @@ def _where(function: Callable[..., Any], line: int) -> str:
     return f"after a Ctrl-C at {linecache.getline(function.__code__.co_filename, line)!r}"
 
 
-@_open("an open session between _open_session's return and run's try is nobody's to close")
 @pytest.mark.hang_timeout(300)
-@pytest.mark.parametrize("function", [SSHExecutor._run_once, SessionChannel.run],
-                         ids=["_run_once", "SessionChannel.run"])
+@pytest.mark.parametrize("function", [
+    pytest.param(SSHExecutor._run_once, id="_run_once", marks=_open(
+        "an open session between _open_session's return and run's try is nobody's to close")),
+    pytest.param(SessionChannel.run, id="SessionChannel.run"),
+])
 def test_a_command_interrupted_between_its_open_and_its_run_gives_the_session_back(
         make_sshd: Any, function: Any) -> None:
     """MaxSessions 1: an open session handed to the command (``_open_session``
@@ -70,7 +72,6 @@ def test_a_command_interrupted_between_its_open_and_its_run_gives_the_session_ba
             assert result.stdout == "ok\n", f"{where}: {result!r}"
 
 
-@_open("a spare popped by Spare.take is nobody's to close until take returns")
 @pytest.mark.hang_timeout(300)
 def test_a_command_interrupted_taking_the_spare_gives_the_spare_session_back(
         make_sshd: Any) -> None:
