@@ -40,7 +40,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import paramiko
 from paramiko.common import (
@@ -76,7 +76,9 @@ from .errors import (
 )
 from .inbox import gate_of
 from .internals import (
+    BUSY_SEND_WAIT,
     Handler,
+    close_messages,
     forget_channel,
     key_exchange_running,
     new_session_channel,
@@ -109,11 +111,6 @@ log = logging.getLogger("paramiko_executor.channel")
 #: server has not closed the channel this many seconds later, KILL; as long
 #: again after that, our CLOSE. The slot stays taken until the server's CLOSE.
 KILL_GRACE = 5.0
-
-#: How long a timed-out caller waits for another thread's send to let its TERM
-#: out (a packet's write takes microseconds; one to a peer that stopped reading
-#: never ends): past it, the TERM goes out from the background.
-BUSY_SEND_WAIT = 0.25
 
 #: How often a thread waiting on a channel checks that the connection lives:
 #: a channel we closed ourselves is not woken by the transport's end.
@@ -667,6 +664,8 @@ class SessionChannel:
         self.stderr: Union[OutputBuffer, LiveStream] = OutputBuffer()
         #: After the outcome is fixed, output is only acknowledged, not kept.
         self.discarding = False
+        #: Set first thing in `run`, which closes the channel on every path from there.
+        self.running = False
         #: True while stdin is left to send: only then does the window matter.
         self.sending = False
         self.unsent = 0
@@ -953,8 +952,14 @@ class SessionChannel:
             with chan.lock:
                 if chan.closed:
                     return True
-                if not send_if_clear(self.transport, m,
-                                     within=None if wait else BUSY_SEND_WAIT):
+                # Another thread's send may hold the connection (a peer that stopped
+                # reading): with a deadline, that wait ends there too.
+                if not wait:
+                    within: Optional[float] = BUSY_SEND_WAIT
+                else:
+                    within = None if deadline is None else max(BUSY_SEND_WAIT,
+                                                               deadline - time.monotonic())
+                if not send_if_clear(self.transport, m, within=within):
                     return False
                 chan.out_window_size -= window
                 if eof:
@@ -1102,6 +1107,7 @@ class SessionChannel:
         The channel is closed on every path, an interrupt (Ctrl-C) included.
         """
         try:
+            self.running = True
             # A command's session ends without its thread (the server closes it once the
             # command exits): a command the thread starts from ``on_output`` may wait for it.
             self.hold(None)
@@ -1271,24 +1277,26 @@ class SessionChannel:
     def _close_quietly(self) -> None:
         """Our CLOSE, after the outcome is fixed: an error here changes nothing.
 
-        A key exchange running holds the CLOSE back in the background, never
-        in the caller's thread: the caller has its outcome, with or without a
-        timeout. That thread waits for the exchange itself (paramiko's send
-        gives up when the connection ends); checking again there would hand
-        the CLOSE on to a new thread for as long as the exchange ran.
+        The caller has its outcome, with or without a timeout: a key exchange
+        running, or another thread's send holding the connection
+        `BUSY_SEND_WAIT` seconds (a peer that stopped reading), leaves the
+        rest to a thread of its own, which waits for the connection as
+        `send_when_clear` does and ends with it.
         """
         self.hold(None)  # the thread leaves, even if a Ctrl-C kept run's first line from it
         self.sending = False
-        if key_exchange_running(self.transport):
-            _in_background(self._close)
-        else:
-            self._close()
-
-    def _close(self) -> None:
         try:
-            self.chan.close()
+            messages = close_messages(self.chan)
+            while messages and send_if_clear(self.transport, messages[0], within=BUSY_SEND_WAIT):
+                del messages[0]
         except TRANSPORT_ERRORS:
-            pass  # the connection broke a moment later; the slot goes with it
+            return  # the connection broke a moment later; the slot goes with it
+        if messages:
+            _in_background(lambda: self._send_all(messages))
+
+    def _send_all(self, messages: List[Message]) -> None:
+        for message in messages:
+            send_when_clear(self.transport, message)
 
     def _end_remote_command(self) -> None:
         """Ask the server to end the command, in the background; keep the slot until CLOSE.

@@ -678,10 +678,18 @@ class SSHExecutor(Executor):
                                       "the command did not run") from None
         assert link.spare is not None
         log.debug("running %r", spec.command)
-        session = self._open_session(link, deadline)
-        if session is None:
-            return None
-        return session.run(spec, deadline, after_exec=link.spare.replenish)
+        session: Optional[SessionChannel] = None
+        try:
+            session = self._open_session(link, deadline)
+            if session is None:
+                return None
+            return session.run(spec, deadline, after_exec=link.spare.replenish)
+        except BaseException:
+            # An interrupt (Ctrl-C) between the open and run's own cover: nothing
+            # else would close the session, which would keep its slot for good.
+            if session is not None and not session.running:
+                session.discard()
+            raise
 
     def _take_slot(self, link: Link, deadline: Optional[float], claim: Claim) -> bool:
         """A slot of ``link`` for this thread by ``deadline``, into ``claim``; a spare gives

@@ -31,6 +31,10 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     which paramiko never does, so that memory stays flat over millions of commands.
 ``Channel._set_transport``, ``Channel._set_window``
     Set up that channel as ``open_channel`` does.
+``Channel._close_internal``
+    Mark a channel closed and build its EOF and CLOSE as ``Channel.close`` does,
+    without sending them (`close_messages`): a command's CLOSE waits for no
+    other thread's send past a moment, nor for a key exchange.
 ``Channel._check_add_window``
     How much receive window to give back once output was consumed (`window_to_return`).
 ``Channel.out_buffer_cv``
@@ -100,7 +104,6 @@ ignore`` naming the error, so a name that the stubs gain, or a new use, shows.
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -113,8 +116,10 @@ from paramiko.message import Message
 from paramiko.ssh_exception import SSHException
 
 __all__ = [
+    "BUSY_SEND_WAIT",
     "PRIVATE_NAMES",
     "missing_private_names",
+    "close_messages",
     "forget_channel",
     "open_confirmed",
     "forget_parent_transports",
@@ -156,6 +161,7 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("Transport", "clear_to_send"),
     ("Transport", "clear_to_send_lock"),
     ("Transport", "clear_to_send_timeout"),
+    ("Channel", "_close_internal"),
     ("Channel", "_set_transport"),
     ("Channel", "_set_window"),
     ("Channel", "_check_add_window"),
@@ -245,6 +251,12 @@ def _give_up_key_exchange(transport: paramiko.Transport) -> None:
     transport.close()
 
 
+#: How long a send with a time limit waits at least for another thread's send
+#: to let it out: a packet's write takes microseconds (a wait of none would fail
+#: on a moment's contention), one to a peer that stopped reading never ends.
+BUSY_SEND_WAIT = 0.25
+
+
 def send_if_clear(transport: paramiko.Transport, message: Message, *,
                   within: Optional[float] = None) -> bool:
     """Send ``message`` now if no key exchange runs; False (nothing sent) if one does.
@@ -254,26 +266,31 @@ def send_if_clear(transport: paramiko.Transport, message: Message, *,
     stopped reading, for as long as the peer lives.
     """
     end = None if within is None else time.monotonic() + within
-    if not transport.clear_to_send_lock.acquire(timeout=-1.0 if within is None else within):
-        return False
+    # Each lock is taken inside the try that gives it back: an interrupt (Ctrl-C)
+    # just after the acquire would otherwise leave every later send waiting.
+    held = False
     try:
-        if not transport.clear_to_send.is_set():
+        held = transport.clear_to_send_lock.acquire(timeout=-1.0 if within is None else within)
+        if not held or not transport.clear_to_send.is_set():
             return False
         if end is None:  # every packet of every command: paramiko's send takes the lock
             transport._send_message(message)  # type: ignore[attr-defined]
             return True
         # paramiko's packet write lock is reentrant: _send_message takes it again.
         write_lock = transport.packetizer._Packetizer__write_lock  # type: ignore[attr-defined]
-        left = max(0.0, end - time.monotonic())
-        if not write_lock.acquire(timeout=left):
-            return False
+        writing = False
         try:
+            writing = write_lock.acquire(timeout=max(0.0, end - time.monotonic()))
+            if not writing:
+                return False
             transport._send_message(message)  # type: ignore[attr-defined]
         finally:
-            write_lock.release()
+            if writing:
+                write_lock.release()
         return True
     finally:
-        transport.clear_to_send_lock.release()
+        if held:
+            transport.clear_to_send_lock.release()
 
 
 def send_within(transport: paramiko.Transport, message: Message, timeout: Optional[float],
@@ -288,12 +305,16 @@ def send_within(transport: paramiko.Transport, message: Message, timeout: Option
     with the message, False while a key exchange holds it back. Raises
     `EOFError` when the connection ends during the wait.
     """
+    end = time.monotonic() + (transport.clear_to_send_timeout if timeout is None else timeout)
     if attempt is None:
         if timeout is None:
             send_when_clear(transport, message)
             return True
-        attempt = functools.partial(send_if_clear, transport)
-    end = time.monotonic() + (transport.clear_to_send_timeout if timeout is None else timeout)
+
+        def attempt(m: Message) -> bool:
+            # Another thread's send may hold the connection (a peer that stopped
+            # reading): that wait ends at the deadline too.
+            return send_if_clear(transport, m, within=max(BUSY_SEND_WAIT, end - time.monotonic()))
     heard = _received(transport)
     while not attempt(message):
         remaining = end - time.monotonic()
@@ -430,6 +451,16 @@ def open_confirmed(transport: paramiko.Transport, chanid: int) -> bool:
     """Whether the server already confirmed the open of channel ``chanid``, one paramiko knows."""
     chan = transport._channels.get(chanid)  # type: ignore[attr-defined]
     return chan is not None and bool(chan.active)
+
+
+def close_messages(chan: paramiko.Channel) -> List[Message]:
+    """Mark ``chan`` closed as ``Channel.close`` does; return its EOF (unless sent) and
+    CLOSE, for the caller to send when it can (paramiko's close sends them at once,
+    waiting for whatever holds the connection); none if it was closed already."""
+    with chan.lock:
+        if not chan.active or chan.closed:
+            return []
+        return [m for m in chan._close_internal() if m is not None]  # type: ignore[attr-defined]
 
 
 def forget_channel(transport: paramiko.Transport, chanid: int) -> None:
