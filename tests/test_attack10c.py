@@ -78,11 +78,6 @@ def _stall_sshd_key_exchange(server: Any, transport: Any) -> List[int]:
 
 
 @pytest.mark.hang_timeout(240)
-@pytest.mark.xfail(strict=True, reason=(
-    "put/get send through paramiko's Channel.send and send the subsystem request "
-    "and the CLOSE with Transport._send_user_message: each waits out a stalled key "
-    "exchange for clear_to_send_timeout (30 s) whatever the transfer's timeout: "
-    "on the spare channel, put timeout=2 took 70 s and raised ExecutorFailure, get 60 s"))
 @pytest.mark.parametrize("direction", ["put", "get"])
 def test_a_transfer_during_a_stalled_key_exchange_times_out_at_its_deadline(
         make_sshd, shared_dir, direction):
