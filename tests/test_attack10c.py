@@ -19,6 +19,7 @@ from test_attack9b import _stall_a_key_exchange
 
 from paramiko_executor import SSHExecutor, TransferTimeout
 from paramiko_executor.internals import key_exchange_running, wrap_handlers
+from paramiko_executor.transfer import CLEANUP_GRACE
 
 
 @pytest.mark.hang_timeout(120)
@@ -109,6 +110,53 @@ def test_a_transfer_during_a_stalled_key_exchange_times_out_at_its_deadline(
                 os.kill(pid, signal.SIGCONT)
         assert isinstance(raised.value, TransferTimeout), repr(raised.value)
         assert took < 8, took
+        assert executor.run_command("echo after", timeout=30).stdout == "after\n"
+
+
+@pytest.mark.hang_timeout(240)
+@pytest.mark.parametrize("direction", ["put", "get"])
+def test_a_transfer_whose_data_a_stalled_key_exchange_holds_times_out_at_its_deadline(
+        make_sshd, shared_dir, direction):
+    """Mid-transfer, a stalled exchange held each data packet (a put's) or window
+    adjust and READ request (a get's) for ``clear_to_send_timeout``, past the deadline.
+
+    The exchange starts from the first progress call, with the subsystem
+    started and the server's window open. A put's clean-up of its temporary
+    file has `CLEANUP_GRACE` more.
+    """
+    server = make_sshd(max_sessions=4)
+    source = os.path.join(shared_dir, "source")
+    with open(source, "wb") as f:
+        f.write(os.urandom(48 << 20))
+    os.chmod(source, 0o644)
+    remote = os.path.join(shared_dir, "remote")
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        executor.put(source, remote, timeout=60)
+        with executor.bounded_connection as transport:
+            pass
+        transport.clear_to_send_timeout = 20.0  # paramiko's 30 s, shortened for the test
+        pids: List[int] = []
+
+        def stall(done: int, total: int) -> None:
+            if not pids and 0 < done < total:
+                pids.extend(_stall_sshd_key_exchange(server, transport))
+
+        timeout = 2.0
+        try:
+            begun = time.monotonic()
+            with pytest.raises(Exception) as raised:
+                if direction == "put":
+                    executor.put(source, remote, timeout=timeout, progress=stall)
+                else:
+                    executor.get(remote, os.path.join(shared_dir, "back"), timeout=timeout,
+                                 progress=stall)
+            took = time.monotonic() - begun
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        assert pids, "the transfer ended before its first progress call"
+        assert isinstance(raised.value, TransferTimeout), repr(raised.value)
+        assert took < timeout + (CLEANUP_GRACE if direction == "put" else 0) + 3, took
         assert executor.run_command("echo after", timeout=30).stdout == "after\n"
 
 
