@@ -114,20 +114,21 @@ def test_a_transfer_during_a_stalled_key_exchange_times_out_at_its_deadline(
 
 
 @pytest.mark.hang_timeout(240)
-@pytest.mark.parametrize("direction", ["put", "get"])
+@pytest.mark.parametrize("direction,mib", [("put", 48), ("get", 48), ("get", 12)])
 def test_a_transfer_whose_data_a_stalled_key_exchange_holds_times_out_at_its_deadline(
-        make_sshd, shared_dir, direction):
-    """Mid-transfer, a stalled exchange held each data packet (a put's) or window
-    adjust and READ request (a get's) for ``clear_to_send_timeout``, past the deadline.
+        make_sshd, shared_dir, direction, mib):
+    """Mid-transfer, a stalled exchange held each data packet (a put's), READ
+    request or window adjust (a get's) for ``clear_to_send_timeout``, past the deadline.
 
     The exchange starts from the first progress call, with the subsystem
-    started and the server's window open. A put's clean-up of its temporary
-    file has `CLEANUP_GRACE` more.
+    started and the server's window open. A get of 12 MiB asked for all of it
+    at the start (`IN_FLIGHT`), so what it sends next is a window adjust. A
+    put's clean-up of its temporary file has `CLEANUP_GRACE` more.
     """
     server = make_sshd(max_sessions=4)
     source = os.path.join(shared_dir, "source")
     with open(source, "wb") as f:
-        f.write(os.urandom(48 << 20))
+        f.write(os.urandom(mib << 20))
     os.chmod(source, 0o644)
     remote = os.path.join(shared_dir, "remote")
     with SSHExecutor(**server.executor_parameters()) as executor:
