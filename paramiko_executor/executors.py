@@ -38,7 +38,7 @@ from typing import (
 
 import paramiko
 
-from .channel import CommandSpec, Overdue, SessionChannel
+from .channel import CommandSpec, Overdue, SessionChannel, _in_background
 from .checks import check_int, check_timeout
 from .command import OnOutput, RunOptions, StdinInput, check_command, outcome, stdin_bytes
 from .connection import Connection, ConnectionState, GaveUp, Link
@@ -54,7 +54,7 @@ from .errors import (
     translate,
 )
 from .forwarded import ForwardedSocket
-from .internals import private_key_object
+from .internals import key_exchange_running, private_key_object
 from .options import DEFAULT, normalize_parameters, resolve_target
 from .registry import connection_key, shared_connection
 from .results import CommandResult, Output
@@ -506,7 +506,9 @@ class SSHExecutor(Executor):
         """Remove failed uploads' temporary files now if the connection lives, else later.
 
         Without a live connection the names are kept, and removed by the next
-        transfer once it has one (`_remove_leftovers`).
+        transfer once it has one (`_remove_leftovers`). During a key exchange
+        they are removed from a thread of their own: the caller has its
+        outcome, and the exchange holds every channel's OPEN.
         """
         if not temps:
             return
@@ -514,7 +516,10 @@ class SSHExecutor(Executor):
             self._leftovers.update(temps)
         link = self._connection.link
         if link is not None and link.alive():
-            self._remove_leftovers(link)
+            if key_exchange_running(link.transport):
+                _in_background(lambda: self._remove_leftovers(link))
+            else:
+                self._remove_leftovers(link)
 
     def _remove_leftovers(self, link: Link) -> None:
         with self._connection.lock:

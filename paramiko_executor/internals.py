@@ -111,7 +111,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import paramiko
 import paramiko.transport
 from paramiko.auth_handler import AuthHandler
-from paramiko.common import cMSG_CHANNEL_OPEN
+from paramiko.common import cMSG_CHANNEL_OPEN, cMSG_CHANNEL_WINDOW_ADJUST
 from paramiko.message import Message
 from paramiko.ssh_exception import SSHException
 
@@ -130,6 +130,7 @@ __all__ = [
     "thread_free_handshake_timer",
     "receive_buffer",
     "replace_receive_buffers",
+    "return_window",
     "reply_arrived",
     "send_awaiting_reply",
     "send_if_clear",
@@ -478,6 +479,22 @@ def window_unreturned(chan: paramiko.Channel) -> int:
     return int(chan.in_window_sofar)
 
 
+def return_window(chan: paramiko.Channel, consumed: int, within: Optional[float] = None) -> bool:
+    """Give back the receive window of ``consumed`` bytes taken, once due, as ``Channel.recv`` does.
+
+    A key exchange is waited out as `send_within` with ``within`` does: False
+    (nothing sent) when it held the window adjust back that long.
+    """
+    ack = window_to_return(chan, consumed)
+    if not ack:
+        return True
+    m = Message()
+    m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
+    m.add_int(chan.remote_chanid)
+    m.add_int(ack)
+    return send_within(chan.transport, m, within)  # type: ignore[arg-type]
+
+
 def take_send_window(chan: paramiko.Channel, size: int) -> int:
     """Up to ``size`` bytes of ``chan``'s send window, waiting as ``Channel.send`` does.
 
@@ -493,10 +510,15 @@ def replace_send_condition(chan: paramiko.Channel, condition: Any) -> None:
     chan.out_buffer_cv = condition
 
 
-def send_awaiting_reply(chan: paramiko.Channel, message: Message) -> None:
-    """Send a channel request that wants a reply; `reply_arrived` then waits for it."""
+def send_awaiting_reply(chan: paramiko.Channel, message: Message,
+                        within: Optional[float] = None) -> bool:
+    """Send a channel request that wants a reply; `reply_arrived` then waits for it.
+
+    A key exchange is waited out as `send_within` with ``within`` does: False
+    (nothing sent) when it held the request back that long.
+    """
     chan._event_pending()  # type: ignore[attr-defined]
-    chan.transport._send_user_message(message)  # type: ignore[union-attr]
+    return send_within(chan.transport, message, within)  # type: ignore[arg-type]
 
 
 def reply_arrived(chan: paramiko.Channel, timeout: float) -> Tuple[bool, bool]:

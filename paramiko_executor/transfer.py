@@ -112,15 +112,20 @@ from paramiko.buffered_pipe import PipeTimeout
 from paramiko.common import cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
 
+from .channel import _in_background
 from .errors import ExecutorFailure, callers_code, callers_own
 from .internals import (
     connection_error,
+    key_exchange_running,
     replace_receive_buffers,
     replace_send_condition,
     reply_arrived,
+    return_window,
     send_awaiting_reply,
     window_unreturned,
 )
+from .pipe import send_all
+from .sendgate import SendGate
 from .text import printable
 
 if TYPE_CHECKING:
@@ -589,6 +594,8 @@ class _Session:
         # Replaced before the subsystem starts: nothing can have arrived yet.
         replace_receive_buffers(chan, self._out, self._err)
         replace_send_condition(chan, _WindowCondition(chan))
+        # Only this thread sends on the channel: the gate `pipe.send_all` wants never closes.
+        self._gate = SendGate(chan)
 
     # --- lifetime ---------------------------------------------------------
 
@@ -631,7 +638,9 @@ class _Session:
         m.add_string("subsystem")
         m.add_boolean(True)
         m.add_string("sftp")
-        send_awaiting_reply(chan, m)
+        if not send_awaiting_reply(chan, m, _remaining(self.deadline)):
+            assert self.deadline is not None  # without one, the send waits or raises
+            self._negotiation_timed_out(self.deadline, "a key exchange held back the request")
         answered, accepted = reply_arrived(chan, max(0.0, until - time.monotonic()))
         if not answered:
             self._negotiation_timed_out(until, "no answer to the SFTP subsystem request")
@@ -653,7 +662,7 @@ class _Session:
             raise self._not_started("it ended the session without answering")
         if reason == "timeout":
             self._negotiation_timed_out(until, "no SFTP version came")
-        body = memoryview(self.chan.recv(_U32.unpack(self.chan.recv(4))[0]))
+        body = memoryview(self._recv(_U32.unpack(self._recv(4))[0]))
         if body[0] != _FXP_VERSION:
             raise self._not_started("it answered something that is not SFTP")
         # The server answers with the version both use, at most the client's: every packet
@@ -679,7 +688,16 @@ class _Session:
         )
 
     def close(self) -> None:
-        """Close the channel; a connection that already broke is not an error here."""
+        """Close the channel; a connection that already broke is not an error here.
+
+        With a deadline, a key exchange running sends the CLOSE from a thread
+        of its own: paramiko's close waits the exchange out, up to its
+        ``clear_to_send_timeout``, whatever the deadline.
+        """
+        transport = self.chan.get_transport()
+        if self.deadline is not None and transport is not None and key_exchange_running(transport):
+            _in_background(self.chan.close)
+            return
         try:
             self.chan.close()
         except (EOFError, OSError, paramiko.SSHException):
@@ -730,7 +748,7 @@ class _Session:
                 chan.settimeout(_SEND_POLL if left is None else min(left, _SEND_POLL))
                 # paramiko sends one channel packet's worth per call; a
                 # memoryview slice spares a copy of the rest each time.
-                n = chan.send(data[sent:])  # type: ignore[arg-type]  # it takes any buffer
+                n = self._send_packet(data[sent:])
             except socket.timeout:
                 self._check_window()
                 if left is None or left > _SEND_POLL:
@@ -745,6 +763,36 @@ class _Session:
                 self.in_sync = False
                 self._channel_ended()
             sent += n
+
+    def _send_packet(self, data: memoryview) -> int:
+        """What one channel packet takes of ``data``, sent as ``Channel.send`` does.
+
+        With a deadline, a key exchange is waited out no longer than the
+        channel's timeout, as the window is (`pipe.send_all`): paramiko's send
+        waits ``clear_to_send_timeout``.
+        """
+        chan = self.chan
+        if self.deadline is None or chan.closed:  # closed: paramiko's error
+            return chan.send(data)  # type: ignore[arg-type]  # it takes any buffer
+        try:
+            return send_all(chan, self._gate, data, whole=False)
+        except socket.timeout:
+            raise
+        except OSError:
+            return 0  # the channel closed while waiting for window: Channel.send's 0
+
+    def _recv(self, nbytes: int, inbox: Optional[_Inbox] = None) -> bytes:
+        """``chan.recv`` (``inbox``: stdout unless given), its window given back by the deadline.
+
+        Called once the bytes are here. paramiko's ``recv`` waits out a key
+        exchange for the window adjust up to ``clear_to_send_timeout``.
+        """
+        if self.deadline is None:
+            return self.chan.recv_stderr(nbytes) if inbox is self._err else self.chan.recv(nbytes)
+        data = (inbox or self._out).read(nbytes)
+        if not return_window(self.chan, len(data), _remaining(self.deadline)):
+            raise TimeoutError("the deadline passed while giving back the SFTP window")
+        return data
 
     def new_id(self) -> int:
         """A new request id, awaited by `receive` from now on."""
@@ -778,7 +826,7 @@ class _Session:
             if not block:
                 return 0, memoryview(b"")
             self._wait(4 + size, until)
-        body = memoryview(self.chan.recv(4 + size))[4:]
+        body = memoryview(self._recv(4 + size))[4:]
         (request_id,) = _U32.unpack_from(body, 1)
         try:
             self._unanswered.remove(request_id)
@@ -797,7 +845,7 @@ class _Session:
             reason = self._out.wait_for(nbytes, until, self._err)
             if reason != "other":
                 return reason
-            text = self.chan.recv_stderr(1 << 20)
+            text = self._recv(1 << 20, self._err)
             log.debug("SFTP server stderr: %r", text[:1000])
             self._stderr += text[: max(0, _STDERR_KEPT - len(self._stderr))]
 

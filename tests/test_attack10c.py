@@ -19,6 +19,7 @@ from test_attack9b import _stall_a_key_exchange
 
 from paramiko_executor import SSHExecutor, TransferTimeout
 from paramiko_executor.internals import key_exchange_running, wrap_handlers
+from paramiko_executor.transfer import CLEANUP_GRACE
 
 
 @pytest.mark.hang_timeout(120)
@@ -78,11 +79,6 @@ def _stall_sshd_key_exchange(server: Any, transport: Any) -> List[int]:
 
 
 @pytest.mark.hang_timeout(240)
-@pytest.mark.xfail(strict=True, reason=(
-    "put/get send through paramiko's Channel.send and send the subsystem request "
-    "and the CLOSE with Transport._send_user_message: each waits out a stalled key "
-    "exchange for clear_to_send_timeout (30 s) whatever the transfer's timeout: "
-    "on the spare channel, put timeout=2 took 70 s and raised ExecutorFailure, get 60 s"))
 @pytest.mark.parametrize("direction", ["put", "get"])
 def test_a_transfer_during_a_stalled_key_exchange_times_out_at_its_deadline(
         make_sshd, shared_dir, direction):
@@ -114,6 +110,54 @@ def test_a_transfer_during_a_stalled_key_exchange_times_out_at_its_deadline(
                 os.kill(pid, signal.SIGCONT)
         assert isinstance(raised.value, TransferTimeout), repr(raised.value)
         assert took < 8, took
+        assert executor.run_command("echo after", timeout=30).stdout == "after\n"
+
+
+@pytest.mark.hang_timeout(240)
+@pytest.mark.parametrize("direction,mib", [("put", 48), ("get", 48), ("get", 12)])
+def test_a_transfer_whose_data_a_stalled_key_exchange_holds_times_out_at_its_deadline(
+        make_sshd, shared_dir, direction, mib):
+    """Mid-transfer, a stalled exchange held each data packet (a put's), READ
+    request or window adjust (a get's) for ``clear_to_send_timeout``, past the deadline.
+
+    The exchange starts from the first progress call, with the subsystem
+    started and the server's window open. A get of 12 MiB asked for all of it
+    at the start (`IN_FLIGHT`), so what it sends next is a window adjust. A
+    put's clean-up of its temporary file has `CLEANUP_GRACE` more.
+    """
+    server = make_sshd(max_sessions=4)
+    source = os.path.join(shared_dir, "source")
+    with open(source, "wb") as f:
+        f.write(os.urandom(mib << 20))
+    os.chmod(source, 0o644)
+    remote = os.path.join(shared_dir, "remote")
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        executor.put(source, remote, timeout=60)
+        with executor.bounded_connection as transport:
+            pass
+        transport.clear_to_send_timeout = 20.0  # paramiko's 30 s, shortened for the test
+        pids: List[int] = []
+
+        def stall(done: int, total: int) -> None:
+            if not pids and 0 < done < total:
+                pids.extend(_stall_sshd_key_exchange(server, transport))
+
+        timeout = 2.0
+        try:
+            begun = time.monotonic()
+            with pytest.raises(Exception) as raised:
+                if direction == "put":
+                    executor.put(source, remote, timeout=timeout, progress=stall)
+                else:
+                    executor.get(remote, os.path.join(shared_dir, "back"), timeout=timeout,
+                                 progress=stall)
+            took = time.monotonic() - begun
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        assert pids, "the transfer ended before its first progress call"
+        assert isinstance(raised.value, TransferTimeout), repr(raised.value)
+        assert took < timeout + (CLEANUP_GRACE if direction == "put" else 0) + 3, took
         assert executor.run_command("echo after", timeout=30).stdout == "after\n"
 
 
