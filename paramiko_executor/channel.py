@@ -101,6 +101,8 @@ __all__ = [
     "CommandSpec",
     "Overdue",
     "SessionChannel",
+    "close_soon",
+    "in_background",
     "install_channel_hooks",
     "Sessions",
 ]
@@ -292,10 +294,10 @@ def _outside_key_exchange(transport: paramiko.Transport, handler: Callable[[], N
     if threading.current_thread() is not transport or not key_exchange_running(transport):
         handler()
         return
-    _in_background(handler)
+    in_background(handler)
 
 
-def _in_background(handler: Callable[[], None]) -> None:
+def in_background(handler: Callable[[], None]) -> None:
     """Run a handler that sends in a thread of its own, where it may wait out a key exchange."""
 
     def deferred() -> None:
@@ -305,6 +307,32 @@ def _in_background(handler: Callable[[], None]) -> None:
             pass  # the connection ended: the commands on it notice by themselves
 
     threading.Thread(target=deferred, name="paramiko_executor rekey", daemon=True).start()
+
+
+def close_soon(chan: paramiko.Channel) -> None:
+    """Send ``chan``'s EOF (unless sent) and CLOSE, never holding the caller up.
+
+    A key exchange running, or another thread's send holding the connection
+    `BUSY_SEND_WAIT` seconds (a peer that stopped reading), leaves the rest to
+    a thread of its own, which waits for the connection as `send_when_clear`
+    does and ends with it. A connection that broke is no error here.
+    """
+    transport = chan.get_transport()
+    if transport is None:
+        return
+    try:
+        messages = close_messages(chan)
+        while messages and send_if_clear(transport, messages[0], within=BUSY_SEND_WAIT):
+            del messages[0]
+    except TRANSPORT_ERRORS:
+        return
+    if messages:
+        in_background(lambda: _send_in_order(transport, messages))
+
+
+def _send_in_order(transport: paramiko.Transport, messages: List[Message]) -> None:
+    for message in messages:
+        send_when_clear(transport, message)
 
 
 class Overdue(Exception):
@@ -1277,26 +1305,12 @@ class SessionChannel:
     def _close_quietly(self) -> None:
         """Our CLOSE, after the outcome is fixed: an error here changes nothing.
 
-        The caller has its outcome, with or without a timeout: a key exchange
-        running, or another thread's send holding the connection
-        `BUSY_SEND_WAIT` seconds (a peer that stopped reading), leaves the
-        rest to a thread of its own, which waits for the connection as
-        `send_when_clear` does and ends with it.
+        The caller has its outcome, with or without a timeout: what holds the
+        CLOSE back is waited out in the background (`close_soon`).
         """
         self.hold(None)  # the thread leaves, even if a Ctrl-C kept run's first line from it
         self.sending = False
-        try:
-            messages = close_messages(self.chan)
-            while messages and send_if_clear(self.transport, messages[0], within=BUSY_SEND_WAIT):
-                del messages[0]
-        except TRANSPORT_ERRORS:
-            return  # the connection broke a moment later; the slot goes with it
-        if messages:
-            _in_background(lambda: self._send_all(messages))
-
-    def _send_all(self, messages: List[Message]) -> None:
-        for message in messages:
-            send_when_clear(self.transport, message)
+        close_soon(self.chan)
 
     def _end_remote_command(self) -> None:
         """Ask the server to end the command, in the background; keep the slot until CLOSE.

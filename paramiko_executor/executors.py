@@ -38,7 +38,7 @@ from typing import (
 
 import paramiko
 
-from .channel import CommandSpec, Overdue, SessionChannel, _in_background
+from .channel import CommandSpec, Overdue, SessionChannel, in_background
 from .checks import check_int, check_timeout
 from .command import OnOutput, RunOptions, StdinInput, check_command, outcome, stdin_bytes
 from .connection import Connection, ConnectionState, GaveUp, Link
@@ -517,7 +517,7 @@ class SSHExecutor(Executor):
         link = self._connection.link
         if link is not None and link.alive():
             if key_exchange_running(link.transport):
-                _in_background(lambda: self._remove_leftovers(link))
+                in_background(lambda: self._remove_leftovers(link))
             else:
                 self._remove_leftovers(link)
 

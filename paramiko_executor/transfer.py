@@ -112,11 +112,10 @@ from paramiko.buffered_pipe import PipeTimeout
 from paramiko.common import cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
 
-from .channel import _in_background
+from .channel import close_soon
 from .errors import ExecutorFailure, callers_code, callers_own
 from .internals import (
     connection_error,
-    key_exchange_running,
     replace_receive_buffers,
     replace_send_condition,
     reply_arrived,
@@ -690,13 +689,12 @@ class _Session:
     def close(self) -> None:
         """Close the channel; a connection that already broke is not an error here.
 
-        With a deadline, a key exchange running sends the CLOSE from a thread
-        of its own: paramiko's close waits the exchange out, up to its
-        ``clear_to_send_timeout``, whatever the deadline.
+        With a deadline, what holds the CLOSE back (a key exchange: paramiko's
+        close waits it out, up to its ``clear_to_send_timeout``, whatever the
+        deadline) is waited out in the background (`close_soon`).
         """
-        transport = self.chan.get_transport()
-        if self.deadline is not None and transport is not None and key_exchange_running(transport):
-            _in_background(self.chan.close)
+        if self.deadline is not None:
+            close_soon(self.chan)
             return
         try:
             self.chan.close()

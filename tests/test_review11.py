@@ -233,7 +233,7 @@ def test_an_executor_close_interrupted_before_a_tunnel_stopped_listening_is_fini
 @pytest.mark.hang_timeout(120)
 def test_a_close_held_back_by_a_stalled_key_exchange_does_not_spin(make_sshd: Any) -> None:
     """`SessionChannel._close_quietly` during a key exchange runs itself again in a new
-    thread (`_in_background`), which finds the exchange still running and starts the
+    thread (`in_background`), which finds the exchange still running and starts the
     next thread at once: a thread-spawning spin for as long as the exchange lasts
     (a server that stalls it: up to ``clear_to_send_timeout``, or for good while it
     sends IGNOREs). Here a command whose exec a stalled rekey held past its deadline
