@@ -31,14 +31,32 @@ def own_dir(server: Any, shared_dir: str) -> Path:
     return Path(shared_dir)
 
 
-def sftp_put(server: Any, local: Path, remote: str) -> None:
+def sftp(server: Any, command: str) -> None:
+    """OpenSSH's sftp runs the one ``command`` (say ``put a b``) on ``server``."""
     subprocess.run(
         ["sftp", "-F", "/dev/null", "-i", server.client_key_path,
          "-o", f"UserKnownHostsFile={server.known_hosts_path}", "-o", "BatchMode=yes",
          "-o", "StrictHostKeyChecking=yes", "-P", str(server.port), "-b", "-",
          f"{server.username}@{server.host}"],
-        input=f"put {local} {remote}\n".encode(), check=True, timeout=60,
+        input=f"{command}\n".encode(), check=True, timeout=60,
         stdout=subprocess.DEVNULL)
+
+
+def put_beside_sftp(make_sshd: Callable[..., Any], shared_dir: str, tmp_path: Path,
+                    refused: str, mode: int) -> Path:
+    """The remote directory once a local file of ``mode`` was uploaded to it by sftp (as
+    ``by-sftp``) and by put (as ``by-put``), through an sshd whose sftp-server refuses
+    the request ``refused``; nothing else is left in it."""
+    server = make_sshd(extra_config=[f"ForceCommand internal-sftp -P {refused}"])
+    remote = own_dir(server, shared_dir)
+    source = tmp_path / "source"
+    source.write_bytes(b"data\n")
+    source.chmod(mode)
+    sftp(server, f"put {source} {remote}/by-sftp")
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.put(str(source), f"{remote}/by-put")
+    assert sorted(p.name for p in remote.iterdir()) == ["by-put", "by-sftp"]
+    return remote
 
 
 def test_a_server_that_refuses_remove_is_left_no_probe(
@@ -46,15 +64,7 @@ def test_a_server_that_refuses_remove_is_left_no_probe(
     # An upload-only drop box: sftp-server -P remove denies REMOVE (files are never
     # deleted), renames and writes still work, and so does sftp's put. The probe's
     # REMOVE was refused: every put left an empty ".<name>.<random>.tmp" behind.
-    server = make_sshd(extra_config=["ForceCommand internal-sftp -P remove"])
-    remote = own_dir(server, shared_dir)
-    source = tmp_path / "source"
-    source.write_bytes(b"data\n")
-    source.chmod(0o644)
-    sftp_put(server, source, f"{remote}/by-sftp")
-    with SSHExecutor(**server.executor_parameters()) as ex:
-        ex.put(str(source), f"{remote}/by-put")
-    assert sorted(p.name for p in remote.iterdir()) == ["by-put", "by-sftp"]
+    remote = put_beside_sftp(make_sshd, shared_dir, tmp_path, "remove", 0o644)
     assert bits(remote / "by-put") == bits(remote / "by-sftp")
     assert (remote / "by-put").read_bytes() == b"data\n"
 
@@ -164,15 +174,7 @@ def test_a_server_that_refuses_lstat_gives_the_bits_sftp_gives(
     # sftp-server -P lstat (or a server without LSTAT): sftp's put needs no LSTAT and
     # leaves 0o755 & ~umask; put took the probe's refused LSTAT for "no answer" and
     # left the new file owner-only (0o700). The probe's handle tells the same by FSTAT.
-    server = make_sshd(extra_config=["ForceCommand internal-sftp -P lstat"])
-    remote = own_dir(server, shared_dir)
-    source = tmp_path / "source"
-    source.write_bytes(b"data\n")
-    source.chmod(0o775)
-    sftp_put(server, source, f"{remote}/by-sftp")
-    with SSHExecutor(**server.executor_parameters()) as ex:
-        ex.put(str(source), f"{remote}/by-put")
-    assert sorted(p.name for p in remote.iterdir()) == ["by-put", "by-sftp"]
+    remote = put_beside_sftp(make_sshd, shared_dir, tmp_path, "lstat", 0o775)
     assert bits(remote / "by-sftp") == 0o755
     assert bits(remote / "by-put") == bits(remote / "by-sftp")
 
@@ -369,13 +371,7 @@ def test_a_get_into_a_directory_whose_acl_gives_others_nothing_is_as_sftps(
     remote.write_bytes(b"data")
     remote.chmod(0o644)
     target = private_dir(tmp_path / "private")
-    subprocess.run(
-        ["sftp", "-F", "/dev/null", "-i", sshd.client_key_path,
-         "-o", f"UserKnownHostsFile={sshd.known_hosts_path}", "-o", "BatchMode=yes",
-         "-o", "StrictHostKeyChecking=yes", "-P", str(sshd.port), "-b", "-",
-         f"{sshd.username}@{sshd.host}"],
-        input=f"get {remote} {target}/by-sftp\n".encode(), check=True, timeout=60,
-        stdout=subprocess.DEVNULL)
+    sftp(sshd, f"get {remote} {target}/by-sftp")
     with SSHExecutor(**sshd.executor_parameters()) as ex:
         ex.get(str(remote), str(target / "by-get"))
     assert bits(target / "by-sftp") == 0o640
