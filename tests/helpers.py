@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import paramiko
@@ -42,6 +43,14 @@ def at_line(code: Any, line: int, act: Callable[[], None],
         finally:
             sys.settrace(None)
     return traced
+
+
+def source_file(shared_dir: str, size: int = 512 * 1024) -> Path:
+    """``shared_dir``/source: ``size`` random bytes, readable by everyone (the server's user)."""
+    source = Path(shared_dir, "source")
+    source.write_bytes(os.urandom(size))
+    source.chmod(0o644)
+    return source
 
 
 def reap(pid: int, bound: float, what: str = "the child still ran") -> int:

@@ -12,22 +12,16 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
+from helpers import source_file, wait_for
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
 from paramiko_executor.slots import Slots
 
 #: The bound on every join: far above what the work takes, so only a hang reaches it.
 JOIN = 30.0
-
-
-def wait_until(condition: Callable[[], bool]) -> None:
-    end = time.monotonic() + JOIN
-    while not condition():
-        assert time.monotonic() < end, "the condition never came true"
-        time.sleep(0.001)
 
 
 class Holder(threading.Thread):
@@ -63,6 +57,28 @@ class Holder(threading.Thread):
         self.slots.release(1 + (self.outcome is True), holder=self.ident)
 
 
+def in_line(slots: Slots, patience: Optional[float] = None) -> Tuple[Holder, Holder]:
+    """Two holders of a slot each, both asking for one more: ``first`` (with ``patience``)
+    in line already, ``second`` just asked."""
+    took = threading.Barrier(3)
+    first, second = Holder(slots, took, patience), Holder(slots, took)
+    for thread in (first, second):
+        thread.start()
+    took.wait(JOIN)
+    first.ask.set()
+    wait_for(lambda: slots.waiting == 1, "the first in line", JOIN)
+    second.ask.set()
+    return first, second
+
+
+def gets_its_slot(slots: Slots, holder: Holder) -> None:
+    """``holder``, in line, gets the slot it asked for; its call ends, and every slot of
+    the two is free."""
+    assert holder.done.wait(JOIN) and holder.outcome is True
+    holder.give_back()
+    assert (slots.available, slots.waiting, slots._holders) == (2, 0, {})
+
+
 # -- the slots alone ---------------------------------------------------------------
 
 
@@ -83,65 +99,39 @@ def make_slots() -> Iterator[Callable[[int], Slots]]:
 def test_the_last_of_two_threads_holding_every_slot_between_them_is_refused_at_once(
         make_slots: Callable[[int], Slots]) -> None:
     slots = make_slots(2)
-    took = threading.Barrier(3)
-    first, second = Holder(slots, took), Holder(slots, took)
-    for thread in (first, second):
-        thread.start()
-    took.wait(JOIN)
-    first.ask.set()
-    wait_until(lambda: slots.waiting == 1)
-    second.ask.set()
+    first, second = in_line(slots)
     assert second.done.wait(JOIN), "the second thread waited for the first, which waits for it"
     assert isinstance(second.outcome, ExecutorFailure), second.outcome
     assert "wait forever" in str(second.outcome) and "another executor" in str(second.outcome)
     assert slots.held_by(second.ident or 0) == 1 and slots.waiting == 1  # nothing more taken
     second.give_back()  # its call ends: the first one gets its slot
-    assert first.done.wait(JOIN) and first.outcome is True
-    first.give_back()
-    assert (slots.available, slots.waiting, slots._holders) == (2, 0, {})
+    gets_its_slot(slots, first)
 
 
 def test_a_thread_in_line_with_a_deadline_leaves_by_itself_so_the_next_one_waits(
         make_slots: Callable[[int], Slots]) -> None:
     slots = make_slots(2)
-    took = threading.Barrier(3)
-    first, second = Holder(slots, took, patience=0.2), Holder(slots, took)
-    for thread in (first, second):
-        thread.start()
-    took.wait(JOIN)
-    first.ask.set()
-    wait_until(lambda: slots.waiting == 1)
-    second.ask.set()
+    first, second = in_line(slots, patience=0.2)
     assert first.done.wait(JOIN) and first.outcome is False  # its deadline passed
     assert not second.done.is_set()  # it waits: the first's call ends and gives back
     first.give_back()
-    assert second.done.wait(JOIN) and second.outcome is True
-    second.give_back()
-    assert (slots.available, slots.waiting, slots._holders) == (2, 0, {})
+    gets_its_slot(slots, second)
 
 
 def test_a_lower_limit_sends_away_the_newest_of_the_threads_holding_every_slot(
         make_slots: Callable[[int], Slots]) -> None:
     slots = make_slots(3)
     assert slots.acquire(blocking=False)  # a spare's: its release comes by itself
-    took = threading.Barrier(3)
-    first, second = Holder(slots, took), Holder(slots, took)
-    for thread in (first, second):
-        thread.start()
-    took.wait(JOIN)
-    first.ask.set()
-    wait_until(lambda: slots.waiting == 1)
-    second.ask.set()
-    wait_until(lambda: slots.waiting == 2)  # the spare's slot would reach the first
+    first, second = in_line(slots)
+    # The spare's slot would reach the first.
+    wait_for(lambda: slots.waiting == 2, "both in line", JOIN)
     slots.lower(2)  # the server allows two: the spare's release is kept back
     assert second.done.wait(JOIN), "the two in line hold both slots and wait for each other"
     assert isinstance(second.outcome, ExecutorFailure), second.outcome
     assert not first.done.is_set()
     second.give_back()  # kept back: three were held, two are allowed
     slots.release()  # the spare's CLOSE: the first one gets it
-    assert first.done.wait(JOIN) and first.outcome is True
-    first.give_back()
-    assert (slots.available, slots.waiting, slots._holders) == (2, 0, {})
+    gets_its_slot(slots, first)
 
 
 # -- against OpenSSH ---------------------------------------------------------------------
@@ -153,9 +143,7 @@ def test_two_gets_whose_progress_runs_a_command_on_two_sessions_do_not_hang(
     # waited for the other's session, held by a thread waiting for its own:
     # both waited until close().
     server = make_sshd(max_sessions=2)
-    source = Path(shared_dir, "source")
-    source.write_bytes(os.urandom(256 * 1024))
-    source.chmod(0o644)
+    source = source_file(shared_dir, 256 * 1024)
     ex = SSHExecutor(**server.executor_parameters())
     try:
         ex.run_command("true")  # connected, limit probed

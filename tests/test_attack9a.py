@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, List, cast
 
 import pytest
+from helpers import source_file
 from test_ledger_trust import LOGGER, NOW, SECRET, STEP, private_dir, record
 from test_totp_ledger import FakeClock, fake_ledger
 from test_trust import block, host_line, name_of, write
@@ -253,9 +254,7 @@ class _MiscountingSink(io.RawIOBase):
 @pytest.mark.parametrize("kind", ["ssh", "shell"])
 def test_a_sink_that_miscounts_is_an_error(
         sshd: Any, shared_dir: str, kind: str, lie: Callable[[int], int]) -> None:
-    source = Path(shared_dir, "source")
-    source.write_bytes(os.urandom(1024 * 1024))
-    source.chmod(0o644)
+    source = source_file(shared_dir, 1024 * 1024)
     sink = _MiscountingSink(lie)
     with pytest.raises(OSError, match="returned"):
         if kind == "ssh":
@@ -396,9 +395,7 @@ def test_a_command_from_progress_with_every_slot_held_is_an_error_not_a_hang(
         make_sshd: Callable[..., Any], shared_dir: str) -> None:
     # It waited for a slot its own thread held (MaxSessions 1) until close().
     server = make_sshd(max_sessions=1)
-    source = Path(shared_dir, "source")
-    source.write_bytes(os.urandom(1024 * 1024))
-    source.chmod(0o644)
+    source = source_file(shared_dir, 1024 * 1024)
     outcome: Dict[str, Any] = {}
     with SSHExecutor(**server.executor_parameters()) as ex:
 

@@ -9,13 +9,13 @@ the slots, or none, waits as before.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
+from helpers import source_file, wait_for
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
 from paramiko_executor.slots import Slots
@@ -39,13 +39,6 @@ def in_thread(work: Callable[[], Any]) -> Dict[str, Any]:
     thread.join(JOIN)
     outcome["hung"] = thread.is_alive()
     return outcome
-
-
-def wait_until(condition: Callable[[], bool]) -> None:
-    end = time.monotonic() + JOIN
-    while not condition():
-        assert time.monotonic() < end, "the condition never came true"
-        time.sleep(0.001)
 
 
 # -- the slots alone ---------------------------------------------------------------
@@ -103,7 +96,7 @@ def test_a_slot_handed_to_a_waiter_is_counted_as_the_waiters() -> None:
 
     thread = threading.Thread(target=wait, daemon=True)
     thread.start()
-    wait_until(lambda: slots.waiting == 1)
+    wait_for(lambda: slots.waiting == 1, "a thread in line", JOIN)
     slots.release(holder=me)
     thread.join(JOIN)
     assert not thread.is_alive()
@@ -132,7 +125,7 @@ def test_a_lower_limit_sends_a_waiter_holding_every_slot_away() -> None:
     thread = threading.Thread(target=lambda: waiting.append(in_thread(hold_one_and_wait)),
                               daemon=True)
     thread.start()
-    wait_until(lambda: slots.waiting == 1)
+    wait_for(lambda: slots.waiting == 1, "a thread in line", JOIN)
     slots.lower(2)  # it holds 1 of 2: the others may still give theirs back
     assert slots.waiting == 1
     slots.lower(1)  # it holds 1 of 1: no one else can
@@ -171,13 +164,6 @@ def test_hundreds_of_threads_that_share_the_slots_never_get_the_error() -> None:
 
 
 # -- against OpenSSH ---------------------------------------------------------------------
-
-
-def source_file(shared_dir: str) -> Path:
-    source = Path(shared_dir, "source")
-    source.write_bytes(os.urandom(512 * 1024))
-    source.chmod(0o644)
-    return source
 
 
 def call_with_inner(ex: SSHExecutor, kind: str, shared_dir: str,
