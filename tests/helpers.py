@@ -22,15 +22,23 @@ SLOW_RETRIES: Dict[str, Any] = {"connect_retries": 9, "connect_backoff": 1.0}
 
 
 def at_line(code: Any, line: int, act: Callable[[], None],
-            call: Callable[[], Any]) -> Callable[[], Any]:
+            call: Callable[[], Any], after: bool = False) -> Callable[[], Any]:
     """``call``, with ``act()`` run (once) when the function of ``code`` reaches ``line``
-    in the calling thread: a thread held up, or interrupted, at one chosen moment."""
+    in the calling thread: a thread held up, or interrupted, at one chosen moment.
+
+    With ``after``, ``act()`` runs at the first other line the function reaches once it
+    reached ``line``: as the call on ``line`` returns.
+    """
+    seen: List[bool] = []
     done: List[bool] = []
 
     def local(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line" and frame.f_lineno == line and not done:
-            done.append(True)
-            act()
+        if event == "line" and not done:
+            if frame.f_lineno == line:
+                seen.append(True)
+            if seen and (frame.f_lineno != line) == after:
+                done.append(True)
+                act()
         return local
 
     def tracer(frame: Any, event: str, arg: Any) -> Any:

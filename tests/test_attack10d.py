@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import socket
-import sys
 import threading
 from typing import Any, Callable, List
 
@@ -84,33 +83,6 @@ def test_an_open_interrupted_right_after_its_send_is_closed_once_confirmed(
         wait_for(lambda: ex._forwarding.limit.used == 0, "the open's place to come back")
 
 
-def after_line(code: Any, line: int, act: Callable[[], None],
-               call: Callable[[], Any]) -> Callable[[], Any]:
-    """``call``, with ``act()`` run (once) at the first line the function of ``code`` reaches
-    after ``line`` in the calling thread: as the call on ``line`` returns."""
-    state: List[str] = []
-
-    def local(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line" and not state:
-            if frame.f_lineno == line:
-                state.append("seen")
-        elif event == "line" and state == ["seen"] and frame.f_lineno != line:
-            state.append("done")
-            act()
-        return local
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        return local if frame.f_code is code and len(state) < 2 else None
-
-    def traced() -> Any:
-        sys.settrace(tracer)
-        try:
-            return call()
-        finally:
-            sys.settrace(None)
-    return traced
-
-
 @pytest.mark.hang_timeout(90)
 @pytest.mark.parametrize("where", [
     pytest.param((SessionChannel.__init__, "chan = new_session_channel("),
@@ -130,8 +102,8 @@ def test_a_command_interrupted_while_opening_its_session_gives_the_session_back(
     server = make_sshd(max_sessions=1)
     with SSHExecutor(**server.executor_parameters()) as ex:
         assert ex.run_command("true", timeout=30).exit_code == 0
-        interrupted = after_line(function.__code__, _line_after(function, text, 0), _interrupt,
-                                 lambda: ex.run_command("true", timeout=30))
+        interrupted = at_line(function.__code__, _line_after(function, text, 0), _interrupt,
+                              lambda: ex.run_command("true", timeout=30), after=True)
         with pytest.raises(KeyboardInterrupt):
             interrupted()
         for _ in range(3):
