@@ -175,6 +175,21 @@ def outcome_within(bound: float, call: Callable[[], Any]) -> Dict[str, Any]:
     return outcome
 
 
+def carried_pipe(tunnel: Any) -> Tuple[Any, int]:
+    """The pipe of ``tunnel``'s one forwarded connection, once it is carried, and the
+    window its channel grants."""
+    wait_for(lambda: tunnel.connections == 1, "the forwarded connection")
+    (pipe,) = tunnel._pipes
+    return pipe, pipe.chan.get_transport().default_window_size
+
+
+def flood_stopped(ex: Any, flood: Any) -> bool:
+    """Whether the ``"flood"`` backend ``flood`` sent nothing during a round trip of ``ex``."""
+    before = flood.sent
+    assert ex.run_command("echo ok").stdout == "ok\n"
+    return bool(flood.sent == before)
+
+
 class _ForwardingInterface(paramiko.ServerInterface):
     def get_allowed_auths(self, username: str) -> str:
         return "password"

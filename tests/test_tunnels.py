@@ -18,7 +18,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import pytest
 from backends import BLOCK
-from helpers import run_threads, wait_for
+from helpers import carried_pipe, flood_stopped, run_threads, wait_for
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
 
@@ -457,14 +457,7 @@ def test_a_tunnel_client_that_never_reads_holds_one_window_only(sshd: Any, make_
             ex.forward_local(flood.port, "127.0.0.1") as tunnel:
         client = socket.create_connection(tunnel.local_address, timeout=30)
         try:
-            wait_for(lambda: tunnel.connections == 1, "the forwarded connection")
-            (pipe,) = tunnel._pipes
-            window = pipe.chan.get_transport().default_window_size
-
-            def stopped() -> bool:
-                before = flood.sent
-                assert ex.run_command("echo ok").stdout == "ok\n"  # a round trip
-                return flood.sent == before
+            pipe, window = carried_pipe(tunnel)
 
             def full() -> bool:
                 # One reading, judged once: a pipe thread the scheduler runs late
@@ -472,7 +465,7 @@ def test_a_tunnel_client_that_never_reads_holds_one_window_only(sshd: Any, make_
                 # the window again; a second reading could see that.
                 held = pipe.held
                 assert held <= window
-                return held >= window - window // 10 and stopped()
+                return held >= window - window // 10 and flood_stopped(ex, flood)
 
             # The flood stops for good once the kernel's buffers and the window
             # are full: the pipe holds the window, but for what it wrote and has

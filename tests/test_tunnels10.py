@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Tuple
 
 import pytest
+from backends import TCPServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from helpers import call_in_thread, wait_for
+from helpers import call_in_thread, carried_pipe, flood_stopped, wait_for
 
 from paramiko_executor import SSHExecutor, pipe, tunnels
 
@@ -47,16 +48,13 @@ def test_close_ends_a_pipe_blocked_writing_to_a_client_that_stopped_reading(
         tunnel = ex.forward_local(flood.port, "127.0.0.1")
         client = socket.create_connection(tunnel.local_address, timeout=30)
         try:
-            wait_for(lambda: tunnel.connections == 1, "the forwarded connection")
-            (carried,) = tunnel._pipes
-            window = carried.chan.get_transport().default_window_size
+            carried, window = carried_pipe(tunnel)
 
             def blocked() -> bool:
                 # The client reads nothing: once its socket is full, the pipe's write to
                 # it blocks, and the pipe holds the window, which stays spent.
-                before = flood.sent
-                assert ex.run_command("echo ok").stdout == "ok\n"  # a round trip
-                return carried.held >= window - window // 10 and flood.sent == before
+                stopped = flood_stopped(ex, flood)
+                return carried.held >= window - window // 10 and stopped
 
             wait_for(blocked, "the client's socket and the window to fill")
             threads = tunnel_threads(earlier)
@@ -142,29 +140,18 @@ def make_certificate(directory: Path, name: str) -> Tuple[str, str]:
     return str(cert_file), str(key_file)
 
 
-class TLSEcho:
+class TLSEcho(TCPServer):
     """A TLS server on 127.0.0.1 that answers each line in upper case; one thread per client."""
+
+    #: Each client ends its connection itself (its reads are bounded).
+    CUT = False
 
     def __init__(self, cert_file: str, key_file: str) -> None:
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(cert_file, key_file)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._threads: List[threading.Thread] = []
-        self._accepting = threading.Thread(target=self._accept, daemon=True)
-        self._accepting.start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, sock: socket.socket) -> None:
+    def serve(self, sock: socket.socket) -> None:
         sock.settimeout(30)
         try:
             with self._context.wrap_socket(sock, server_side=True) as tls, \
@@ -174,14 +161,6 @@ class TLSEcho:
                     file.flush()
         except (OSError, ssl.SSLError):
             pass  # a client that refused the certificate
-
-    def close(self) -> None:
-        self._listener.shutdown(socket.SHUT_RDWR)
-        self._accepting.join(10)
-        self._listener.close()
-        for thread in self._threads:
-            thread.join(10)
-        assert not any(thread.is_alive() for thread in self._threads)
 
 
 def test_tls_to_a_service_behind_the_server_through_a_local_forward(sshd: Any,
