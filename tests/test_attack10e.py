@@ -12,10 +12,12 @@ import signal
 import socket
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
+from backends import TCPServer
 
 from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor
 
@@ -23,71 +25,44 @@ RATE = 256 * 1024  # bytes a second from the server: a slow link
 OUTPUT = 3 * 1024 * 1024
 
 
-class SlowLink:
+class SlowLink(TCPServer):
     """A TCP relay to ``port`` passing the server's bytes at `RATE`, the client's at once."""
 
     def __init__(self, port: int) -> None:
         self._target = port
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(4)
-        self._listener.settimeout(0.2)
-        self.port: int = self._listener.getsockname()[1]
         self._stop = threading.Event()
-        self._threads: List[threading.Thread] = []
-        self._sockets: List[socket.socket] = []
-        self._spawn(self._accept)
+        super().__init__()
 
-    def _spawn(self, target: Any, *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self._target), timeout=10)
+    def serve(self, client: socket.socket) -> None:
+        with socket.create_connection(("127.0.0.1", self._target), timeout=10) as server:
             for sock in (client, server):
                 sock.settimeout(0.2)
-                self._sockets.append(sock)
-            self._spawn(self._pump, client, server, None)
-            self._spawn(self._pump, server, client, RATE)
+            upstream = threading.Thread(target=self._pump, args=(client, server, None),
+                                        daemon=True)
+            upstream.start()
+            self._pump(server, client, RATE)
+            upstream.join(self.JOIN)
 
     def _pump(self, source: socket.socket, sink: socket.socket, rate: Any) -> None:
         chunk = 4096 if rate else 65536
-        while not self._stop.is_set():
-            try:
-                data = source.recv(chunk)
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            if not data:
-                break
-            try:
+        with suppress(OSError):  # the end of either side (a timeout only while sending)
+            while not self._stop.is_set():
+                try:
+                    data = source.recv(chunk)
+                except socket.timeout:
+                    continue
+                if not data:
+                    break
                 sink.sendall(data)
-            except OSError:
-                break
-            if rate:
-                time.sleep(len(data) / rate)
+                if rate:
+                    time.sleep(len(data) / rate)
         for sock in (source, sink):
-            try:
+            with suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def close(self) -> None:
         self._stop.set()
-        self._listener.close()
-        for thread in self._threads:
-            thread.join(5)
-        for sock in self._sockets:
-            sock.close()
+        super().close()
 
 
 def _through(server: Any, link: SlowLink, tmp_path: Path) -> Dict[str, Any]:
