@@ -61,6 +61,18 @@ def source_file(shared_dir: str, size: int = 512 * 1024) -> Path:
     return source
 
 
+def sftp(server: Any, command: str) -> None:
+    """OpenSSH's sftp client (the reference) runs the one ``command`` (say ``put a b``)
+    on ``server``."""
+    subprocess.run(
+        ["sftp", "-F", "/dev/null", "-i", server.client_key_path,
+         "-o", f"UserKnownHostsFile={server.known_hosts_path}", "-o", "BatchMode=yes",
+         "-o", "StrictHostKeyChecking=yes", "-P", str(server.port), "-b", "-",
+         f"{server.username}@{server.host}"],
+        input=f"{command}\n".encode(), check=True, timeout=60,
+        stdout=subprocess.DEVNULL)
+
+
 def reap(pid: int, bound: float, what: str = "the child still ran") -> int:
     """The exit code of forked child ``pid`` once it ended; killed (and AssertionError
     saying ``what``) if it still runs after ``bound`` seconds."""

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import paramiko
 import pytest
+from helpers import sftp
 from test_files_trust import _U32, FXP, HostileSFTPServer, good_reply, packet, read_packet
 
 from paramiko_executor import HostGroup, ShellExecutor, SSHExecutor, TransferTimeout
@@ -29,17 +30,6 @@ def own_dir(server: Any, shared_dir: str) -> Path:
     entry = pwd.getpwnam(server.username)
     os.chown(shared_dir, entry.pw_uid, entry.pw_gid)
     return Path(shared_dir)
-
-
-def sftp(server: Any, command: str) -> None:
-    """OpenSSH's sftp runs the one ``command`` (say ``put a b``) on ``server``."""
-    subprocess.run(
-        ["sftp", "-F", "/dev/null", "-i", server.client_key_path,
-         "-o", f"UserKnownHostsFile={server.known_hosts_path}", "-o", "BatchMode=yes",
-         "-o", "StrictHostKeyChecking=yes", "-P", str(server.port), "-b", "-",
-         f"{server.username}@{server.host}"],
-        input=f"{command}\n".encode(), check=True, timeout=60,
-        stdout=subprocess.DEVNULL)
 
 
 def put_beside_sftp(make_sshd: Callable[..., Any], shared_dir: str, tmp_path: Path,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from helpers import sftp
 from test_oracle_hostkeys import block, write
 
 from paramiko_executor import HostKeyFailure, ShellExecutor, SSHExecutor
@@ -62,16 +63,6 @@ def test_an_upload_to_a_device_or_fifo_path_is_refused_not_replaced(
 # -- new content kept the set-user-ID bit of the file it replaced -------------------------------
 
 
-def _sftp_put(server: Any, source: Path, target: Path) -> None:
-    """OpenSSH's own sftp client uploads ``source`` to ``target``: the reference."""
-    subprocess.run(
-        ["sftp", "-F", "/dev/null", "-i", server.client_key_path,
-         "-o", f"UserKnownHostsFile={server.known_hosts_path}", "-o", "BatchMode=yes",
-         "-P", str(server.port), "-b", "-", f"{server.username}@{server.host}"],
-        input=f"put {source} {target}\n".encode(), check=True, timeout=60,
-        stdout=subprocess.DEVNULL)
-
-
 @pytest.mark.parametrize("bits", [0o4755, 0o2755, 0o6775], ids=oct)
 def test_an_upload_over_the_users_own_setuid_file_drops_the_bit_as_sftp_does(
         sshd: Any, shared_dir: str, tmp_path: Path, bits: int) -> None:
@@ -90,7 +81,7 @@ def test_an_upload_over_the_users_own_setuid_file_drops_the_bit_as_sftp_does(
         os.chown(target, entry.pw_uid, entry.pw_gid)
         target.chmod(bits)
         if who == "sftp":
-            _sftp_put(sshd, source, target)
+            sftp(sshd, f"put {source} {target}")
         else:
             with SSHExecutor(**sshd.executor_parameters()) as ex:
                 ex.put(str(source), str(target))
@@ -204,7 +195,7 @@ def test_a_replaced_file_keeps_its_group_as_cp_and_sftp_do(
         if who == "reference" and kind == "get":
             subprocess.run(["cp", str(source), str(target)], check=True, timeout=30)
         elif who == "reference":
-            _sftp_put(server, source, target)
+            sftp(server, f"put {source} {target}")
         else:
             with SSHExecutor(**server.executor_parameters()) as ex:
                 if kind == "get":
