@@ -77,7 +77,7 @@ def test_a_command_interrupted_taking_the_spare_gives_the_spare_session_back(
     function = Spare.take
     with SSHExecutor(**server.executor_parameters()) as ex:
         assert ex.run_command("true", timeout=30).exit_code == 0
-        link = ex._connection.link
+        link: Any = ex._connection.link
         for line in _body_lines(function):
             ex.run_command("true", timeout=30)  # its exec makes the spare
             wait_for(lambda: link.spare.held, "a spare channel")
@@ -135,7 +135,7 @@ def test_a_command_with_a_deadline_behind_a_send_to_a_server_that_stopped_readin
             for pid in frozen:
                 os.kill(pid, signal.SIGSTOP)
             go.set()
-            transport = ex._connection.link.transport
+            transport: Any = ex._connection.link.transport  # type: ignore[union-attr]
             write_lock = transport.packetizer._Packetizer__write_lock
 
             def write_blocked() -> bool:
@@ -176,7 +176,7 @@ def test_a_ctrl_c_as_send_if_clear_takes_the_send_lock_leaves_it_free(sshd: Any)
     lines with a call, so it never lands here)."""
     with SSHExecutor(**sshd.executor_parameters()) as ex:
         ex.run_command("true", timeout=30)
-        transport = ex._connection.link.transport
+        transport: Any = ex._connection.link.transport  # type: ignore[union-attr]
         function = internals.send_if_clear
         line = _line_after(function, "held = transport.clear_to_send_lock.acquire(")
         interrupted = call_in_thread(at_line(function.__code__, line, _interrupt,
@@ -252,7 +252,7 @@ def test_a_close_held_back_by_a_stalled_key_exchange_does_not_spin(make_sshd: An
     try:
         with SSHExecutor(**server.executor_parameters()) as ex:
             ex.run_command("true", timeout=30)
-            link = ex._connection.link
+            link: Any = ex._connection.link
             # A spare open before the freeze: made after a command's exec, unless
             # the server refused it (a session it was still freeing), then after the next.
             for _ in range(20):
