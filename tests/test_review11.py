@@ -66,6 +66,16 @@ def test_a_command_interrupted_between_its_open_and_its_run_gives_the_session_ba
             assert result.stdout == "ok\n", f"{where}: {result!r}"
 
 
+def _make_spare(ex: SSHExecutor, link: Any) -> None:
+    """A spare channel held: made after a command's exec, unless the server refused
+    it (a session it was still freeing); then after the next command's."""
+    for _ in range(20):
+        ex.run_command("true", timeout=30)
+        if link.spare.held:
+            return
+    raise AssertionError("no spare channel after 20 commands")
+
+
 @pytest.mark.hang_timeout(300)
 def test_a_command_interrupted_taking_the_spare_gives_the_spare_session_back(
         make_sshd: Any) -> None:
@@ -79,8 +89,7 @@ def test_a_command_interrupted_taking_the_spare_gives_the_spare_session_back(
         assert ex.run_command("true", timeout=30).exit_code == 0
         link: Any = ex._connection.link
         for line in _body_lines(function):
-            ex.run_command("true", timeout=30)  # its exec makes the spare
-            wait_for(lambda: link.spare.held, "a spare channel")
+            _make_spare(ex, link)
             interrupted = at_line(function.__code__, line, _interrupt,
                                   lambda: ex.run_command("true", timeout=30))
             try:
@@ -253,13 +262,7 @@ def test_a_close_held_back_by_a_stalled_key_exchange_does_not_spin(make_sshd: An
         with SSHExecutor(**server.executor_parameters()) as ex:
             ex.run_command("true", timeout=30)
             link: Any = ex._connection.link
-            # A spare open before the freeze: made after a command's exec, unless
-            # the server refused it (a session it was still freeing), then after the next.
-            for _ in range(20):
-                if link.spare.held:
-                    break
-                ex.run_command("true", timeout=30)
-            assert link.spare.held, "no spare channel after 20 commands"
+            _make_spare(ex, link)  # open before the freeze
             transport = link.transport
             frozen = server.serving_pids()
             for pid in frozen:
