@@ -5,6 +5,7 @@ Each test fails on main at the time of the review; see the report of branch revi
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import os
@@ -51,19 +52,20 @@ def test_a_command_interrupted_between_its_open_and_its_run_gives_the_session_ba
     with SSHExecutor(**server.executor_parameters()) as ex:
         assert ex.run_command("true", timeout=30).exit_code == 0
         for line in _body_lines(function):
-            interrupted = at_line(function.__code__, line, _interrupt,
-                                  lambda: ex.run_command("cat", b"x" * 10, timeout=30,
-                                                         on_output=lambda *a: None))
-            try:
-                interrupted()
-            except KeyboardInterrupt:
-                pass
-            where = _where(function, line)
+            where = _interrupted_at(function, line, lambda: ex.run_command(
+                "cat", b"x" * 10, timeout=30, on_output=lambda *a: None))
             try:
                 result = ex.run_command("echo ok", timeout=5, check=False)
             except (ExecutorFailure, CommandTimeout) as exc:
                 raise AssertionError(f"{where}: {exc}") from None
             assert result.stdout == "ok\n", f"{where}: {result!r}"
+
+
+def _interrupted_at(function: Callable[..., Any], line: int, call: Callable[[], Any]) -> str:
+    """``call()``, interrupted (Ctrl-C) at ``line`` of ``function``; where, for a message."""
+    with contextlib.suppress(KeyboardInterrupt):
+        at_line(function.__code__, line, _interrupt, call)()
+    return _where(function, line)
 
 
 def _make_spare(ex: SSHExecutor, link: Any) -> None:
@@ -90,13 +92,7 @@ def test_a_command_interrupted_taking_the_spare_gives_the_spare_session_back(
         link: Any = ex._connection.link
         for line in _body_lines(function):
             _make_spare(ex, link)
-            interrupted = at_line(function.__code__, line, _interrupt,
-                                  lambda: ex.run_command("true", timeout=30))
-            try:
-                interrupted()
-            except KeyboardInterrupt:
-                pass
-            where = _where(function, line)
+            where = _interrupted_at(function, line, lambda: ex.run_command("true", timeout=30))
             try:
                 with ex.bounded_connection:
                     result = ex.run_command("echo ok", timeout=5, check=False)
