@@ -1,0 +1,316 @@
+"""attack11a: a slot per server session, freed once, on every path (real servers).
+
+Ctrl-C lands where CPython runs signal handlers: at a function's entry, after
+a call into C returns (a class's construction included), at a loop's jump
+back. The sweeps of test_attack10f raise at the start of a line, so they miss
+the points between a call's return and the store of its result, and a
+function's own entry. One regression test per defect; a strict xfail names
+what is left.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+from typing import Any, Callable, List
+
+import paramiko
+import pytest
+from helpers import at_line, wait_for
+from paramiko.common import MSG_CHANNEL_OPEN
+
+from paramiko_executor import CommandTimeout, SSHExecutor
+from paramiko_executor.channel import SessionChannel
+from paramiko_executor.slots import Claim, Slots
+from paramiko_executor.warm import Spare
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def _line(function: Callable[..., Any], text: str) -> int:
+    """The number of ``function``'s one line starting with ``text``."""
+    lines, first = inspect.getsourcelines(function)
+    (index,) = [i for i, line in enumerate(lines) if line.strip().startswith(text)]
+    return first + index
+
+
+def _as_it_returns(code: Any, act: Callable[[], None], call: Callable[[], Any],
+                   into: Any = None) -> Callable[[], Any]:
+    """``call``, with ``act()`` run (once) as the function of ``code`` returns (to a frame
+    of ``into``'s code, if given): a Ctrl-C handled in the caller right after the call,
+    before the caller stored its result (CPython checks for signals as a call into C,
+    such as a class's construction, returns)."""
+    done: List[bool] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "return" and not done and (
+                into is None or (frame.f_back is not None and frame.f_back.f_code is into)):
+            done.append(True)
+            act()
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        return local if frame.f_code is code and not done else None
+
+    def traced() -> Any:
+        sys.settrace(tracer)
+        try:
+            return call()
+        finally:
+            sys.settrace(None)
+    return traced
+
+
+def _at_entry(code: Any, act: Callable[[], None], call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call``, with ``act()`` run (once) as the function of ``code`` is entered: a Ctrl-C
+    handled there (CPython checks for signals at the entry of a Python function)."""
+    done: List[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code is code and not done:
+            done.append(True)
+            act()
+        return None
+
+    def traced() -> Any:
+        sys.settrace(tracer)
+        try:
+            return call()
+        finally:
+            sys.settrace(None)
+    return traced
+
+
+def _after_the_write_of(kind: int, call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call``, with a Ctrl-C once paramiko wrote the first packet of message ``kind``
+    (as it counts the bytes sent: ``len()``, a call into C, where CPython checks)."""
+    send = paramiko.packet.Packetizer.send_message
+    code = send.__code__
+    line = _line(send, "self.__sent_bytes += len(out)")
+    done: List[bool] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == line and not done \
+                and frame.f_locals.get("cmd") == kind:
+            done.append(True)
+            raise KeyboardInterrupt
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        return local if frame.f_code is code and not done else None
+
+    def traced() -> Any:
+        sys.settrace(tracer)
+        try:
+            return call()
+        finally:
+            sys.settrace(None)
+    return traced
+
+
+def _free(ex: SSHExecutor) -> int:
+    """The slots of ``ex``'s connection that are free or its spare's (no session of a command)."""
+    link = ex._connection.link
+    assert link is not None and link.slots is not None and link.spare is not None
+    return link.slots.available + (1 if link.spare.held else 0)
+
+
+def _slots(ex: SSHExecutor) -> Slots:
+    link = ex._connection.link
+    assert link is not None and link.slots is not None
+    return link.slots
+
+
+def _interrupted(call: Callable[[], Any]) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        call()
+
+
+def _all_back(ex: SSHExecutor, limit: int, where: str) -> None:
+    """Every slot of ``ex``'s connection came back, no thread holding one."""
+    wait_for(lambda: _free(ex) == limit and not _slots(ex)._holders,
+             f"every slot back {where}", timeout=10,
+             explain=lambda: f"free {_free(ex)} of {limit}, holders {_slots(ex)._holders}")
+
+
+#: Each Ctrl-C below leaves a session or a slot no one's, or a slot freed under a
+#: server session. One owner of a session from its slot's taking to its command
+#: (or a sweep, at the public call's boundary, of what the interrupted thread still
+#: holds) would close them; the Claim hands the session on by return values,
+#: and each return is a point where a Ctrl-C lands.
+_LEFT = "a Ctrl-C here leaves the session, or the slot, no one's (attack11a)"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_the_commands_channel_is_made_gives_its_session_back(
+        make_sshd: Any) -> None:
+    """MaxSessions 1: a Ctrl-C as ``SessionChannel(...)`` returned into ``_open_session``
+    (before ``session =``) left the open session, and its slot held by the thread, no
+    one's: every later command of the thread raised "already holds all 1 session(s)"."""
+    server = make_sshd(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        _interrupted(_as_it_returns(SessionChannel.__init__.__code__, _interrupt,
+                                    lambda: ex.run_command("true", timeout=30),
+                                    into=SSHExecutor._open_session.__code__))
+        _all_back(ex, 1, "after a Ctrl-C as the channel was made")
+        assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_at_the_entry_of_run_gives_the_session_back(make_sshd: Any) -> None:
+    """MaxSessions 1: a Ctrl-C at the entry of ``SessionChannel.run`` (before its own
+    try), the open session just returned by ``_open_session``, left it no one's."""
+    server = make_sshd(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        _interrupted(_at_entry(SessionChannel.run.__code__, _interrupt,
+                               lambda: ex.run_command("true", timeout=30)))
+        _all_back(ex, 1, "after a Ctrl-C at the entry of run")
+        assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_the_spare_is_made_gives_its_session_back(make_sshd: Any) -> None:
+    """MaxSessions 2: a Ctrl-C (in the command's thread, which makes the spare after its
+    exec) as ``SessionChannel(...)`` returned into ``Spare.replenish``, before
+    ``self._pending =``, left the spare's session open and its slot taken for good."""
+    server = make_sshd(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        link = ex._connection.link
+        assert link is not None and link.spare is not None
+        wait_for(lambda: _free(ex) == 2, "the probe's slots", timeout=10)
+        link.spare.discard()
+        wait_for(lambda: _free(ex) == 2, "the spare's slot", timeout=10)
+        _interrupted(_as_it_returns(SessionChannel.__init__.__code__, _interrupt,
+                                    lambda: ex.run_command("true", timeout=30),
+                                    into=Spare.replenish.__code__))
+        _all_back(ex, 2, "after a Ctrl-C as the spare was made")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_the_claim_gives_its_slot_back_still_gives_it_back(
+        make_sshd: Any) -> None:
+    """MaxSessions 1: a Ctrl-C at the entry of ``Claim.__exit__`` (a Python function:
+    CPython checks for signals there), as a ``bounded_connection`` block ended, kept its
+    slot, held by the thread: its next command raised "already holds all 1 session(s)"."""
+    server = make_sshd(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+
+        def block() -> None:
+            with ex.bounded_connection:
+                pass
+
+        _interrupted(at_line(Claim.__exit__.__code__, _line(Claim.__exit__, "if self.taken"),
+                             _interrupt, block))
+        _all_back(ex, 1, "after a Ctrl-C as the claim began to give its slot back")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_the_slot_is_taken_gives_it_back(make_sshd: Any) -> None:
+    """MaxSessions 1: a Ctrl-C in ``Slots.acquire`` once it counted the slot taken (after
+    ``self._holders.get``, a call into C) and before it returned: ``claim.taken`` was
+    never set, so no one gave the slot back."""
+    server = make_sshd(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        # Raised at the start of the line after the holder's count: as a signal handled
+        # once ``self._holders.get`` returned (still inside ``with self._cond``).
+        _interrupted(at_line(Slots.acquire.__code__, _line(Slots.acquire, "return True"),
+                             _interrupt,
+                             lambda: ex.run_command("true", timeout=30)))
+        _all_back(ex, 1, "after a Ctrl-C as the slot was taken")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "a Ctrl-C after the OPEN went out, before new_session_channel returned the channel: "
+    "the claim frees the slot while the server opens the session (attack11a)"))
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_after_the_open_went_out_keeps_its_slot_until_the_server_closes(
+        make_sshd: Any) -> None:
+    """MaxSessions 1: a Ctrl-C after the OPEN's write (in paramiko's send, as it counts
+    the packet), before ``new_session_channel`` returned the channel, lost it: the claim
+    gave the slot back, the server confirmed the open ("Success for unrequested
+    channel!"), and its session stayed open for the connection's life. Every later open
+    was refused (20 times, then ExecutorFailure): the connection unusable for good."""
+    server = make_sshd(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        _interrupted(_after_the_write_of(MSG_CHANNEL_OPEN,
+                                         lambda: ex.run_command("true", timeout=30)))
+        before = ex.statistics().refused_opens
+        try:
+            assert ex.run_command("echo ok", timeout=5).stdout == "ok\n"
+        except CommandTimeout:
+            raise AssertionError("the next command found no session: "
+                                 f"{ex.statistics().refused_opens - before} opens refused"
+                                 ) from None
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_the_spare_is_popped_gives_its_session_back(make_sshd: Any) -> None:
+    """MaxSessions 2: a Ctrl-C as ``Spare._pop`` left its ``with self._lock`` (after the
+    lock's ``__exit__``, a call into C), the spare taken out and not yet returned to
+    ``Spare.take``: the spare's session stayed open and its slot taken for good."""
+    server = make_sshd(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        link = ex._connection.link
+        assert link is not None and link.spare is not None
+        wait_for(lambda: _free(ex) == 2, "the probe's slots", timeout=10)
+        ex.run_command("true", timeout=30)  # leaves a spare
+        assert link.spare.held
+        _interrupted(at_line(Spare._pop.__code__, _line(Spare._pop, "return pending"),
+                             _interrupt, lambda: ex.run_command("true", timeout=30)))
+        _all_back(ex, 2, "after a Ctrl-C as the spare was popped")
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_close_held_past_a_stalled_key_exchange_does_not_keep_the_session(
+        make_test_server: Any) -> None:
+    """Our CLOSE, held by a key exchange the server stalls past paramiko's
+    ``clear_to_send_timeout``, was given up in its background thread (paramiko's
+    ``Channel.close`` marks the channel closed first, then raises), the connection kept:
+    the CLOSE never went out, so the session stayed open on the server and its slot
+    taken for the connection's life, after the exchange finished too. A stalled
+    exchange ends the connection instead, as every other held send does
+    (``send_when_clear``)."""
+    server = make_test_server(max_sessions=4)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true", timeout=20)
+        link = ex._connection.link
+        assert link is not None
+        link.transport.clear_to_send_timeout = 2.0  # paramiko's 30 s, shortened
+
+        def stall() -> None:  # the channel is open, its exec still to send
+            server.freeze()
+            link.transport._send_kex_init()  # type: ignore[attr-defined]
+
+        def closing() -> bool:
+            return any(thread.name == "paramiko_executor rekey"
+                       for thread in threading.enumerate())
+
+        try:
+            command = at_line(SessionChannel.run.__code__,
+                              _line(SessionChannel.run, "if spec.options.on_output"), stall,
+                              lambda: ex.run_command("echo never", timeout=1))
+            with pytest.raises(CommandTimeout):
+                command()
+            wait_for(lambda: not closing(), "the held CLOSE to be given up", timeout=30)
+        finally:
+            server.thaw()
+        # The session is closed on the server, with the connection or by our CLOSE.
+        wait_for(lambda: server.open_channels == 0, "the server's session to close",
+                 timeout=10, explain=lambda: f"executor: {ex.statistics()}")
+        assert ex.run_command("echo after", timeout=30).stdout == "after\n"
