@@ -481,7 +481,14 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
 
     def close(on_close: Handler) -> Handler:
         def finish(chan: paramiko.Channel, m: Message) -> None:
-            on_close(chan, m)
+            try:
+                on_close(chan, m)
+            except paramiko.SSHException:
+                # Our CLOSE in reply was held past clear_to_send_timeout by a key
+                # exchange the server stalls; paramiko keeps the connection, and the
+                # session would stay open on the server for its life, its slot taken
+                # here: ended, the connection frees them all (as `send_when_clear`).
+                transport.close()
             closed.append(chan.chanid)
             while len(closed) > REMEMBERED_CLOSED:
                 try:

@@ -10,6 +10,7 @@ what is left.
 
 from __future__ import annotations
 
+import dis
 import inspect
 import sys
 import threading
@@ -17,11 +18,12 @@ from typing import Any, Callable, List
 
 import paramiko
 import pytest
-from helpers import at_line, wait_for
-from paramiko.common import MSG_CHANNEL_OPEN
+from helpers import at_line, call_in_thread, wait_for
+from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_OPEN
 
-from paramiko_executor import CommandTimeout, SSHExecutor
+from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor
 from paramiko_executor.channel import SessionChannel
+from paramiko_executor.internals import send_if_clear, wrap_handlers
 from paramiko_executor.slots import Claim, Slots
 from paramiko_executor.warm import Spare
 
@@ -101,6 +103,40 @@ def _after_the_write_of(kind: int, call: Callable[[], Any]) -> Callable[[], Any]
 
     def tracer(frame: Any, event: str, arg: Any) -> Any:
         return local if frame.f_code is code and not done else None
+
+    def traced() -> Any:
+        sys.settrace(tracer)
+        try:
+            return call()
+        finally:
+            sys.settrace(None)
+    return traced
+
+
+def _as_the_call_returns(code: Any, line: int, call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call``, with a Ctrl-C (once) as the first call on ``line`` of the function of
+    ``code`` returns, before the next instruction: where CPython checks for signals after
+    a call into C (a lock's ``acquire``, say)."""
+    calls = {dis.opmap[name] for name in ("CALL", "CALL_FUNCTION", "CALL_METHOD")
+             if name in dis.opmap}
+    done: List[bool] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode" and not done and frame.f_lineno == line:
+            code_bytes, before = frame.f_code.co_code, frame.f_lasti - 2
+            while before >= 0 and code_bytes[before] == dis.opmap.get("CACHE", -1):
+                before -= 2
+            if before >= 0 and code_bytes[before] in calls:
+                done.append(True)
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is code and not done:
+            frame.f_trace_opcodes = True
+            return local
+        return None
 
     def traced() -> Any:
         sys.settrace(tracer)
@@ -251,8 +287,8 @@ def test_a_ctrl_c_after_the_open_went_out_keeps_its_slot_until_the_server_closes
         before = ex.statistics().refused_opens
         try:
             assert ex.run_command("echo ok", timeout=5).stdout == "ok\n"
-        except CommandTimeout:
-            raise AssertionError("the next command found no session: "
+        except (CommandTimeout, ExecutorFailure) as exc:  # or the refusals' failure
+            raise AssertionError(f"the next command found no session ({exc}): "
                                  f"{ex.statistics().refused_opens - before} opens refused"
                                  ) from None
 
@@ -286,7 +322,7 @@ def test_a_close_held_past_a_stalled_key_exchange_does_not_keep_the_session(
     taken for the connection's life, after the exchange finished too. A stalled
     exchange ends the connection instead, as every other held send does
     (``send_when_clear``)."""
-    server = make_test_server(max_sessions=4)
+    server = make_test_server(max_sessions=1)  # no spare: the one session is the command's
     with SSHExecutor(**server.executor_parameters()) as ex:
         ex.run_command("true", timeout=20)
         link = ex._connection.link
@@ -314,3 +350,87 @@ def test_a_close_held_past_a_stalled_key_exchange_does_not_keep_the_session(
         wait_for(lambda: server.open_channels == 0, "the server's session to close",
                  timeout=10, explain=lambda: f"executor: {ex.statistics()}")
         assert ex.run_command("echo after", timeout=30).stdout == "after\n"
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_reply_to_the_servers_close_held_past_a_stalled_key_exchange_frees_the_slot(
+        make_test_server: Any) -> None:
+    """The server's CLOSE arriving as a key exchange starts, which the server then stalls
+    past ``clear_to_send_timeout``: paramiko's reply (our CLOSE) raised in its background
+    thread, which left before the slot's release, so the slot stayed taken (and the
+    session open on the server, which never had our CLOSE) for the connection's life."""
+    server = make_test_server(max_sessions=1)  # no spare: the one session is the command's
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true", timeout=20)
+        link = ex._connection.link
+        assert link is not None
+        transport = link.transport
+        transport.clear_to_send_timeout = 2.0  # paramiko's 30 s, shortened
+        stalled: List[bool] = []
+
+        def stall_first(on_close: Any) -> Any:
+            def handle(chan: Any, m: Any) -> None:
+                if not stalled:
+                    stalled.append(True)
+                    server.freeze()
+                    transport._send_kex_init()
+                on_close(chan, m)
+            return handle
+
+        wrap_handlers(transport, {MSG_CHANNEL_CLOSE: stall_first}, {})
+
+        def replying() -> bool:
+            return any(thread.name == "paramiko_executor rekey"
+                       for thread in threading.enumerate())
+
+        try:
+            # The command's own CLOSE waits for the server's: that one needs a reply.
+            command = at_line(SessionChannel._close_quietly.__code__,
+                              _line(SessionChannel._close_quietly, "self.hold(None)"),
+                              lambda: wait_for(lambda: bool(stalled), "the server's CLOSE"),
+                              lambda: ex.run_command("sleep 0.5; echo done", timeout=30))
+            assert command().stdout == "done\n"
+            wait_for(lambda: not replying(), "the held reply to be given up", timeout=30)
+        finally:
+            server.thaw()
+        wait_for(lambda: server.open_channels == 0, "the server's session to close",
+                 timeout=10, explain=lambda: f"executor: {ex.statistics()}")
+        link = ex._connection.link
+        if link is not None and link.slots is not None and not link.slots.closed:
+            _all_back(ex, 1, "after the stalled reply")
+        assert ex.run_command("echo after", timeout=30).stdout == "after\n"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "send_if_clear takes clear_to_send_lock with acquire() before its try: a Ctrl-C as "
+    "acquire returns keeps the lock, and every later send of the connection waits for it "
+    "forever (attack11a)"))
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_a_send_takes_the_send_lock_leaves_the_connection_usable(
+        make_sshd: Any) -> None:
+    """A Ctrl-C as ``send_if_clear``'s ``clear_to_send_lock.acquire`` returned (a call into
+    C: CPython checks for signals there), before its ``try``: the lock stayed taken, and
+    the next command of any thread hung in its first send, without a bound (the wait has
+    none), on a connection that looked alive."""
+    server = make_sshd(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        link = ex._connection.link
+        assert link is not None
+        lock = link.transport.clear_to_send_lock
+        try:
+            interrupted = call_in_thread(_as_the_call_returns(
+                send_if_clear.__code__,
+                _line(send_if_clear, "if not transport.clear_to_send_lock"),
+                lambda: ex.run_command("true", timeout=30)))
+            interrupted["thread"].join(20)
+            assert not interrupted["thread"].is_alive(), (
+                "the interrupted command hung closing its channel")
+            assert isinstance(interrupted.get("error"), KeyboardInterrupt), interrupted
+            following = call_in_thread(lambda: ex.run_command("echo ok", timeout=5))
+            following["thread"].join(20)
+            assert not following["thread"].is_alive(), "the next command hung in its send"
+            assert following["result"].stdout == "ok\n"
+        finally:
+            if lock.locked():  # kept by the interrupt: let the stuck threads go
+                lock.release()
