@@ -362,6 +362,7 @@ def test_a_reply_to_the_servers_close_held_past_a_stalled_key_exchange_frees_the
     server = make_test_server(max_sessions=1)  # no spare: the one session is the command's
     with SSHExecutor(**server.executor_parameters()) as ex:
         ex.run_command("true", timeout=20)
+        _all_back(ex, 1, "after the first command")  # its CLOSE is in: the next is ours
         link = ex._connection.link
         assert link is not None
         transport = link.transport
