@@ -56,6 +56,7 @@ from paramiko.common import (
     MSG_CHANNEL_SUCCESS,
     MSG_GLOBAL_REQUEST,
     OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    cMSG_CHANNEL_CLOSE,
     cMSG_CHANNEL_DATA,
     cMSG_CHANNEL_EOF,
     cMSG_CHANNEL_OPEN_FAILURE,
@@ -484,11 +485,18 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
             try:
                 on_close(chan, m)
             except paramiko.SSHException:
-                # Our CLOSE in reply was held past clear_to_send_timeout by a key
-                # exchange the server stalls; paramiko keeps the connection, and the
-                # session would stay open on the server for its life, its slot taken
-                # here: ended, the connection frees them all (as `send_when_clear`).
-                transport.close()
+                # paramiko's reply (our CLOSE) was held past clear_to_send_timeout by
+                # a key exchange, and dropped: the server would keep the session, its
+                # slot taken here, for the connection's life. Sent again as every
+                # send is: while the server still sends, waited for; else the
+                # connection ends, which frees them all.
+                reply = Message()
+                reply.add_byte(cMSG_CHANNEL_CLOSE)
+                reply.add_int(chan.remote_chanid)
+                try:
+                    send_when_clear(transport, reply)
+                except paramiko.SSHException:
+                    pass  # given up: the connection ended
             closed.append(chan.chanid)
             while len(closed) > REMEMBERED_CLOSED:
                 try:
