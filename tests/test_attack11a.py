@@ -11,7 +11,6 @@ what is left.
 from __future__ import annotations
 
 import dis
-import inspect
 import sys
 import threading
 from typing import Any, Callable, List
@@ -20,6 +19,7 @@ import paramiko
 import pytest
 from helpers import at_line, call_in_thread, wait_for
 from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_OPEN
+from test_attack10f import _line
 
 from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor
 from paramiko_executor.channel import SessionChannel
@@ -30,13 +30,6 @@ from paramiko_executor.warm import Spare
 
 def _interrupt() -> None:
     raise KeyboardInterrupt
-
-
-def _line(function: Callable[..., Any], text: str) -> int:
-    """The number of ``function``'s one line starting with ``text``."""
-    lines, first = inspect.getsourcelines(function)
-    (index,) = [i for i, line in enumerate(lines) if line.strip().startswith(text)]
-    return first + index
 
 
 def _as_it_returns(code: Any, act: Callable[[], None], call: Callable[[], Any],
@@ -340,7 +333,7 @@ def test_a_reply_to_the_servers_close_held_past_a_stalled_key_exchange_frees_the
                 if not stalled:
                     stalled.append(True)
                     server.freeze()
-                    transport._send_kex_init()
+                    transport._send_kex_init()  # type: ignore[attr-defined]
                 on_close(chan, m)
             return handle
 
