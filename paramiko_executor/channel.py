@@ -1231,14 +1231,21 @@ class SessionChannel:
         while True:
             self.wakeup.reset()
             if not eof_sent:
-                sent = self._send_stdin(pending, deadline) if pending else 0
-                if sent < 0:
-                    eof_sent = True
-                else:
-                    pending = pending[sent:]
-                    if not pending:
-                        self._send_eof(deadline)
+                try:
+                    sent = self._send_stdin(pending, deadline) if pending else 0
+                    if sent < 0:
                         eof_sent = True
+                    else:
+                        pending = pending[sent:]
+                        if not pending:
+                            self._send_eof(deadline)
+                            eof_sent = True
+                except TRANSPORT_ERRORS:
+                    # The connection ended (a key exchange given up) while stdin was
+                    # still going out: a command that already ended has its outcome.
+                    if not self._complete():
+                        raise
+                    eof_sent = True
                 self.unsent = len(pending)
                 self.sending = not eof_sent
             if after_exec is not None:
@@ -1261,13 +1268,16 @@ class SessionChannel:
                                       self._so_far(self.stderr, spec), None, None, True)
             self._wait(deadline)
 
+    def _complete(self) -> bool:
+        """Whether the command's end and its EOF (or CLOSE) are in: nothing more arrives."""
+        exited = self.exit_status is not None or self.exit_signal is not None
+        return exited and bool(self.chan.eof_received or self.remote_closed)
+
     def _decide(self, spec: CommandSpec, splitters: Optional[Dict[str, LineSplitter]],
                 deadline: Optional[float]) -> Optional[ChannelOutcome]:
         """The outcome, once the messages that decide it are in; None while it is open."""
         self._check_violation()
-        exited = self.exit_status is not None or self.exit_signal is not None
-        if exited and (self.chan.eof_received or self.remote_closed):
-            # Complete: EOF (or CLOSE) is in, so nothing more arrives.
+        if self._complete():
             if splitters is not None:
                 self._hand_on(splitters, spec.options.keep_output, deadline, final=True)
             return ChannelOutcome(self._whole(self.stdout, spec), self._whole(self.stderr, spec),

@@ -17,12 +17,14 @@ import time
 from typing import Any, Dict, List, Optional
 
 import pytest
-from helpers import thread_stacks, wait_for
-from paramiko.common import MSG_CHANNEL_EOF
+from helpers import at_line, thread_stacks, wait_for
+from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_EOF
 from test_attack9b import _stall_a_key_exchange, _times_out_in_a_stall
+from test_attack10f import _line
 
 import paramiko_executor.channel as channel_module
 from paramiko_executor import CommandTimeout, SSHExecutor
+from paramiko_executor.channel import SessionChannel
 from paramiko_executor.internals import key_exchange_running, wrap_handlers
 
 #: Where a thread waits for a key exchange to let its send out (this code, and paramiko's).
@@ -176,3 +178,51 @@ def test_a_close_held_by_an_exchange_the_connection_dies_in_leaves_no_thread(
     finally:
         executor.close()
         server.thaw()
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_complete_command_whose_eof_an_exchange_given_up_held_is_not_run_again(
+        make_test_server: Any) -> None:
+    """A command whose exit status and EOF were in while its thread still had its EOF
+    to send, held by a key exchange the server then stalled for good: the exchange
+    given up (the connection closed), the send's error made the command "lost" and
+    it ran again on a new connection. It is complete: its outcome stands.
+    """
+    server = make_test_server(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters()) as executor:
+        executor.run_command("true", timeout=20)
+        with executor.bounded_connection as transport:
+            pass
+        transport.clear_to_send_timeout = 2.0  # paramiko's 30 s, shortened for the test
+        stalled: List[bool] = []
+
+        def stall_at_eof(on_eof: Any) -> Any:
+            def handle(*args: Any) -> None:
+                if not stalled:
+                    stalled.append(True)
+                    server.freeze()
+                    transport._send_kex_init()  # in the transport thread, as a rekey starts
+                return on_eof(*args)
+            return handle
+
+        def close_late(on_close: Any) -> Any:
+            def handle(*args: Any) -> None:
+                # The server's CLOSE, as if it came after the exchange was given up.
+                wait_for(lambda: not transport.is_active(), "the exchange given up")
+                return on_close(*args)
+            return handle
+
+        wrap_handlers(transport, {MSG_CHANNEL_EOF: stall_at_eof,
+                                  MSG_CHANNEL_CLOSE: close_late}, {})
+        # The command's thread reaches its EOF only once the server's EOF is in.
+        command = at_line(SessionChannel._converse.__code__,
+                          _line(SessionChannel._converse, "self._send_eof(deadline)"),
+                          lambda: wait_for(lambda: bool(stalled), "the server's EOF"),
+                          lambda: executor.run_command("echo done", "input"))
+        try:
+            result = command()
+        finally:
+            server.thaw()
+        assert result.stdout == "done\n"
+        assert not transport.is_active()  # the exchange was given up
+        assert executor.statistics().commands_retried == 0
