@@ -201,7 +201,7 @@ def test_a_complete_command_whose_eof_an_exchange_given_up_held_is_not_run_again
                 if not stalled:
                     stalled.append(True)
                     server.freeze()
-                    transport._send_kex_init()  # in the transport thread, as a rekey starts
+                    transport._send_kex_init()  # type: ignore[attr-defined]  # as a rekey starts
                 return on_eof(*args)
             return handle
 
