@@ -1,0 +1,75 @@
+"""attack11b: close_soon, send_if_clear and the deadline-bound sends of main (real sshd).
+
+Each test failed on main at the time of the attack (b0859c1); see the report of
+branch attack11b.
+"""
+
+from __future__ import annotations
+
+import linecache
+from typing import Any, List
+
+import pytest
+from helpers import at_line
+from test_attack10f import _body_lines, _interrupt
+
+from paramiko_executor import CommandTimeout, SSHExecutor, channel
+from paramiko_executor.channel import SessionChannel
+
+#: Prints "y" every 0.1 s for good: killed (SIGPIPE) once sshd closes its output, on our
+#: CLOSE; the session (and its MaxSessions slot) ends with it, and only then.
+FOREVER = "while :; do echo y; sleep 0.1; done"
+
+
+def _interrupted_at(monkeypatch: Any, module: Any, name: str, line: int) -> List[int]:
+    """Make ``module.name`` raise KeyboardInterrupt (a Ctrl-C) at its ``line``, traced
+    afresh on each call (a trace that raised earlier in the thread is switched off);
+    the list returned gets an item when it does."""
+    function = getattr(module, name)
+    hits: List[int] = []
+
+    def act() -> None:
+        hits.append(line)
+        raise KeyboardInterrupt
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        return at_line(function.__code__, line, act, lambda: function(*args, **kwargs))()
+    monkeypatch.setattr(module, name, interrupted)
+    return hits
+
+
+@pytest.mark.hang_timeout(300)
+def test_a_second_ctrl_c_during_a_commands_close_soon_still_closes_its_session(
+        make_sshd: Any, monkeypatch: Any) -> None:
+    """A Ctrl-C while a command runs (in its wait) ends `SessionChannel.run` through its
+    ``finally``: `close_soon` sends EOF and CLOSE. A second Ctrl-C anywhere in
+    `close_soon` (the user pressing it again) loses them: before `close_messages`
+    nobody closes the channel again, after it the channel is marked closed and its
+    messages are dropped with the frame. sshd keeps the session while the command
+    runs: MaxSessions 1, every later command waits for the slot, for good."""
+    server = make_sshd(max_sessions=1)
+    wait_code = SessionChannel._wait.__code__
+    wait_line = _body_lines(SessionChannel._wait)[0]
+    function = channel.close_soon
+    assert function.__module__ == 'paramiko_executor.channel'
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        for line in _body_lines(function):
+            where = (f"after a Ctrl-C at close_soon's "
+                     f"{linecache.getline(function.__code__.co_filename, line).strip()!r}")
+            with monkeypatch.context() as patch:
+                hits = _interrupted_at(patch, channel, "close_soon", line)
+                interrupted = at_line(wait_code, wait_line, _interrupt,
+                                      lambda: ex.run_command(FOREVER, timeout=60))
+                with pytest.raises(KeyboardInterrupt) as raised:
+                    interrupted()
+            if not hits:
+                continue  # a line this close never reaches (the one for an interrupt, say)
+            # The second Ctrl-C, in close_soon, is the one that came out.
+            assert "close_soon" in [entry.name for entry in raised.traceback], raised.traceback
+            try:
+                result = ex.run_command("echo ok", timeout=10, check=False)
+            except CommandTimeout:
+                raise AssertionError(f"{where}: the command's session was never closed, "
+                                     "its slot taken for good") from None
+            assert result.stdout == "ok\n", f"{where}: {result!r}"
