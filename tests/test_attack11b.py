@@ -6,15 +6,21 @@ branch attack11b.
 
 from __future__ import annotations
 
+import io
 import linecache
+import os
+import signal
+import time
 from typing import Any, List
 
 import pytest
-from helpers import at_line
+from helpers import at_line, outcome_within
 from test_attack10f import _body_lines, _interrupt
+from test_review11 import _thaw
 
-from paramiko_executor import CommandTimeout, SSHExecutor, channel
+from paramiko_executor import CommandTimeout, SSHExecutor, TransferTimeout, channel
 from paramiko_executor.channel import SessionChannel
+from paramiko_executor.transfer import CLEANUP_GRACE
 
 #: Prints "y" every 0.1 s for good: killed (SIGPIPE) once sshd closes its output, on our
 #: CLOSE; the session (and its MaxSessions slot) ends with it, and only then.
@@ -73,3 +79,38 @@ def test_a_second_ctrl_c_during_a_commands_close_soon_still_closes_its_session(
                 raise AssertionError(f"{where}: the command's session was never closed, "
                                      "its slot taken for good") from None
             assert result.stdout == "ok\n", f"{where}: {result!r}"
+
+
+@pytest.mark.hang_timeout(180)
+def test_a_put_with_a_timeout_to_a_server_that_froze_mid_upload_ends_near_it(
+        make_sshd: Any, shared_dir: str) -> None:
+    """``timeout`` covers the whole transfer. A put whose server froze (SIGSTOP) mid-upload
+    times out, its own clean-up gives up after `CLEANUP_GRACE`, and then
+    `SSHExecutor._remove_leftover` tries again in the caller's thread (only a key
+    exchange running sends it to the background): a new session per temporary name
+    (the file and the umask probe), each waiting `LEFTOVER_TIMEOUT` for an answer
+    that never comes. ``put(timeout=3)`` raised after about 29 s."""
+    server = make_sshd(max_sessions=4)
+    remote = os.path.join(shared_dir, "remote")
+    frozen: List[int] = []
+
+    def freeze(done: int, total: int) -> None:
+        if not frozen and done > 0:
+            frozen.extend(server.serving_pids())
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+
+    timeout = 3.0
+    try:
+        with SSHExecutor(**server.executor_parameters()) as ex:
+            ex.run_command("true", timeout=30)
+            begun = time.monotonic()
+            outcome = outcome_within(60, lambda: ex.put(io.BytesIO(bytes(256 << 20)), remote,
+                                                        timeout=timeout, progress=freeze))
+            took = time.monotonic() - begun
+            assert frozen, "the put ended before its first progress call"
+            _thaw(frozen)
+            assert isinstance(outcome.get("error"), TransferTimeout), outcome
+            assert took < timeout + CLEANUP_GRACE + 3, f"put(timeout=3) raised after {took:.1f} s"
+    finally:
+        _thaw(frozen)
