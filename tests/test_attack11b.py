@@ -10,15 +10,17 @@ import io
 import linecache
 import os
 import signal
+import sys
+import threading
 import time
-from typing import Any, List
+from typing import Any, Callable, List
 
 import pytest
-from helpers import at_line, outcome_within
+from helpers import at_line, call_in_thread, outcome_within, wait_for
 from test_attack10f import _body_lines, _interrupt
 from test_review11 import _thaw
 
-from paramiko_executor import CommandTimeout, SSHExecutor, TransferTimeout, channel
+from paramiko_executor import CommandTimeout, SSHExecutor, TransferTimeout, channel, internals
 from paramiko_executor.channel import SessionChannel
 from paramiko_executor.transfer import CLEANUP_GRACE
 
@@ -114,3 +116,64 @@ def test_a_put_with_a_timeout_to_a_server_that_froze_mid_upload_ends_near_it(
             assert took < timeout + CLEANUP_GRACE + 3, f"put(timeout=3) raised after {took:.1f} s"
     finally:
         _thaw(frozen)
+
+
+def _waiting_for_a_lock(thread_id: int) -> bool:
+    """Whether thread ``thread_id`` is at an acquire in `send_if_clear` (or a function it calls)."""
+    frame = sys._current_frames().get(thread_id)
+    return (frame is not None and frame.f_code.co_filename == internals.__file__
+            and "acquire" in linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+            and (frame.f_code is internals.send_if_clear.__code__
+                 or frame.f_back is not None
+                 and frame.f_back.f_code is internals.send_if_clear.__code__))
+
+
+def _free(lock: Any) -> bool:
+    """Whether another thread can take ``lock`` within 3 s (given back at once)."""
+    taken = lock.acquire(timeout=3)
+    if taken:
+        lock.release()
+    return bool(taken)
+
+
+@pytest.mark.hang_timeout(120)
+@pytest.mark.parametrize("lock_of", [
+    pytest.param(lambda transport: transport.clear_to_send_lock, id="clear_to_send_lock"),
+    pytest.param(lambda transport: transport.packetizer._Packetizer__write_lock,
+                 id="packet write lock"),
+])
+def test_a_ctrl_c_as_send_if_clear_gets_a_lock_another_thread_held_leaves_it_free(
+        sshd: Any, lock_of: Callable[[Any], Any]) -> None:
+    """`send_if_clear` records a lock it took in a variable (``held = lock.acquire(...)``),
+    in its ``try``. CPython runs a pending signal's handler as a call made from Python
+    returns, before its value is stored: a Ctrl-C that came while the main thread waited
+    for a lock another thread held (the kernel gave the signal to that thread, so the
+    wait went on) raises as the lock is got, ``held`` still False, and the lock stays
+    taken for good: every later send of the connection waits for it (for the packet
+    write lock, every other thread's). Here the command's OPEN (``timeout=30``: the
+    path with ``within``) waits for the lock, held by a helper thread, which takes the
+    SIGINT itself and lets the lock go."""
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        ex.run_command("true", timeout=30)
+        transport = ex._connection.link.transport
+        lock = lock_of(transport)
+        main = threading.get_ident()
+        assert threading.current_thread() is threading.main_thread()
+
+        def hold() -> None:
+            with lock:
+                wait_for(lambda: _waiting_for_a_lock(main), "the command waiting for the lock", 30)
+                signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+        holder = call_in_thread(hold)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ex.run_command("true", timeout=30)
+        finally:
+            holder["thread"].join(30)
+        assert "error" not in holder, holder
+        free = outcome_within(10, lambda: _free(lock))
+        if free.get("result") is not True:
+            lock.release()  # taken by this (the main) thread: let the executor close
+        assert free.get("result") is True, "the lock was left taken by the interrupted send"
+        assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
