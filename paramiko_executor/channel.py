@@ -959,10 +959,14 @@ class SessionChannel:
             self.abandon_open()
 
     def _close_answered(self) -> None:
-        """Close a channel whose open was answered: an open one on the server's side too."""
+        """Close a channel whose open was answered: an open one on the server's side too.
+
+        Its CLOSE never holds the caller (`close_soon`): a command's thread
+        discards the spare as it queues for a slot.
+        """
         try:
             if self.opened:
-                self.chan.close()
+                close_soon(self.chan)
             else:
                 self.release_refused()
         except (*TRANSPORT_ERRORS, ConnectionLost):  # type: ignore[misc]  # mypy cannot unpack it

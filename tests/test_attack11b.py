@@ -177,3 +177,44 @@ def test_a_ctrl_c_as_send_if_clear_gets_a_lock_another_thread_held_leaves_it_fre
             lock.release()  # taken by this (the main) thread: let the executor close
         assert free.get("result") is True, "the lock was left taken by the interrupted send"
         assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_spare_given_up_during_a_stalled_key_exchange_does_not_hold_the_caller(
+        make_sshd: Any) -> None:
+    """`SessionChannel.discard` (through ``_close_answered``) still closed with paramiko's
+    ``Channel.close``, which waits out a key exchange up to ``clear_to_send_timeout`` in
+    the caller's thread. A command's thread discards the spare when it queues for a
+    slot (`SSHExecutor._take_slot`'s ``queued=spare.discard``): during a stalled
+    exchange a command with ``timeout=2`` was held that long; `close_soon` leaves
+    the CLOSE to the background, as for a command's own channel."""
+    server = make_sshd(max_sessions=4)
+    frozen: List[int] = []
+    try:
+        with SSHExecutor(**server.executor_parameters()) as ex:
+            ex.run_command("true", timeout=30)
+            link = ex._connection.link
+            for _ in range(20):  # made after a command's exec (unless refused: the next)
+                if link.spare.held:
+                    break
+                ex.run_command("true", timeout=30)
+            assert link.spare.held, "no spare channel after 20 commands"
+            wait_for(lambda: ex.statistics().open_channels == 1, "only the spare open")
+            transport = link.transport
+            transport.clear_to_send_timeout = 10.0  # paramiko's 30 s, shortened for the test
+            frozen = server.serving_pids()
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            transport._send_kex_init()
+            discarded = call_in_thread(link.spare.discard)
+            discarded["thread"].join(5)
+            held = discarded["thread"].is_alive()
+            _thaw(frozen)
+            discarded["thread"].join(30)
+            assert not held, "discarding the spare waited for the stalled key exchange"
+            assert transport.is_active()
+            # The CLOSE went out once the exchange ended: the slot is back.
+            wait_for(lambda: ex.statistics().open_channels == 0, "the spare's slot back")
+            assert ex.run_command("echo ok", timeout=30).stdout == "ok\n"
+    finally:
+        _thaw(frozen)
