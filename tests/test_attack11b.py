@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, List
 
 import pytest
-from helpers import at_line, call_in_thread, outcome_within, wait_for
+from helpers import at_line, call_in_thread, outcome_within, thread_stacks, wait_for
 from test_attack10f import _body_lines, _interrupt
 from test_review11 import _thaw
 
@@ -216,5 +216,45 @@ def test_a_spare_given_up_during_a_stalled_key_exchange_does_not_hold_the_caller
             # The CLOSE went out once the exchange ended: the slot is back.
             wait_for(lambda: ex.statistics().open_channels == 0, "the spare's slot back")
             assert ex.run_command("echo ok", timeout=30).stdout == "ok\n"
+    finally:
+        _thaw(frozen)
+
+
+@pytest.mark.hang_timeout(180)
+@pytest.mark.xfail(strict=True, reason="open: the thread whose own packet write blocks "
+                   "on a server that stopped reading waits for it, whatever its deadline")
+def test_every_command_with_stdin_ends_near_its_timeout_while_the_server_is_frozen(
+        make_sshd: Any) -> None:
+    """Nine commands stream stdin (``cat``, 64 MiB each, ``timeout=6``); the server then
+    freezes (SIGSTOP). Their windows (2 MiB each) hold more than the socket buffers
+    take, so one command's own packet write blocks in paramiko's ``write_all``, which
+    retries on the socket's timeout for as long as the peer lives: `send_if_clear`'s
+    ``within`` bounds only the waits for the locks, not the write under them. That
+    command ends when the server resumes, not at its timeout (the others end at
+    theirs, the fix of 88dbb9a)."""
+    server = make_sshd(max_sessions=10)
+    frozen: List[int] = []
+    timeout = 6.0
+    try:
+        with SSHExecutor(**server.executor_parameters()) as ex:
+            ex.run_command("true", timeout=30)
+            link = ex._connection.link
+            commands = [call_in_thread(lambda: ex.run_command(
+                "cat >/dev/null", stdin_input=bytes(64 << 20), timeout=timeout))
+                for _ in range(9)]
+            wait_for(lambda: sum(session.exec_sent for session in list(link.sessions.values()))
+                     >= 9, "nine commands sending their stdin")
+            frozen = server.serving_pids()
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            end = time.monotonic() + timeout + 5
+            for command in commands:
+                command["thread"].join(max(0.0, end - time.monotonic()))
+            stuck = [command for command in commands if command["thread"].is_alive()]
+            stacks = thread_stacks([command["thread"] for command in stuck])
+            _thaw(frozen)
+            for command in commands:
+                command["thread"].join(60)
+            assert not stuck, f"{len(stuck)} command(s) with timeout=6 still ran:\n{stacks}"
     finally:
         _thaw(frozen)
