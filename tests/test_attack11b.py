@@ -224,29 +224,42 @@ def test_a_spare_given_up_during_a_stalled_key_exchange_does_not_hold_the_caller
 @pytest.mark.xfail(strict=True, reason="open: the thread whose own packet write blocks "
                    "on a server that stopped reading waits for it, whatever its deadline")
 def test_every_command_with_stdin_ends_near_its_timeout_while_the_server_is_frozen(
-        make_sshd: Any) -> None:
-    """Nine commands stream stdin (``cat``, 64 MiB each, ``timeout=6``); the server then
-    freezes (SIGSTOP). Their windows (2 MiB each) hold more than the socket buffers
-    take, so one command's own packet write blocks in paramiko's ``write_all``, which
-    retries on the socket's timeout for as long as the peer lives: `send_if_clear`'s
-    ``within`` bounds only the waits for the locks, not the write under them. That
-    command ends when the server resumes, not at its timeout (the others end at
-    theirs, the fix of 88dbb9a)."""
+        make_sshd: Any, monkeypatch: Any) -> None:
+    """Nine commands (``cat``, 64 MiB of stdin each, ``timeout=6``) have their exec
+    answered with a window (sshd grants a session's window only then) when the server
+    freezes (SIGSTOP); then they send. Their windows (2 MiB each) hold more than the
+    socket buffers take, so one command's own packet write blocks in paramiko's
+    ``write_all``, which retries on the socket's timeout for as long as the peer lives:
+    `send_if_clear`'s ``within`` bounds only the waits for the locks, not the write
+    under them. That command ends when the server resumes, not at its timeout (the
+    others end at theirs: the fix of 88dbb9a)."""
     server = make_sshd(max_sessions=10)
     frozen: List[int] = []
     timeout = 6.0
+    count = 9
+    ready = threading.Barrier(count + 1, timeout=30)
+    send_stdin = SessionChannel._send_stdin
+
+    def after_the_freeze(self: SessionChannel, *args: Any) -> int:
+        if not getattr(self, "waited", False):
+            self.waited = True  # type: ignore[attr-defined]
+            wait_for(lambda: self.chan.out_window_size >= 1 << 20, "the window of the exec")
+            ready.wait()  # the server freezes now
+            ready.wait()
+        return send_stdin(self, *args)
+
     try:
         with SSHExecutor(**server.executor_parameters()) as ex:
             ex.run_command("true", timeout=30)
-            link = ex._connection.link
+            monkeypatch.setattr(SessionChannel, "_send_stdin", after_the_freeze)
             commands = [call_in_thread(lambda: ex.run_command(
                 "cat >/dev/null", stdin_input=bytes(64 << 20), timeout=timeout))
-                for _ in range(9)]
-            wait_for(lambda: sum(session.exec_sent for session in list(link.sessions.values()))
-                     >= 9, "nine commands sending their stdin")
+                for _ in range(count)]
+            ready.wait()
             frozen = server.serving_pids()
             for pid in frozen:
                 os.kill(pid, signal.SIGSTOP)
+            ready.wait()
             end = time.monotonic() + timeout + 5
             for command in commands:
                 command["thread"].join(max(0.0, end - time.monotonic()))
