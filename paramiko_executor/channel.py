@@ -316,24 +316,31 @@ def close_soon(chan: paramiko.Channel) -> None:
     A key exchange running, or another thread's send holding the connection
     `BUSY_SEND_WAIT` seconds (a peer that stopped reading), leaves the rest to
     a thread of its own, which waits for the connection as `send_when_clear`
-    does and ends with it. A connection that broke is no error here.
+    does and ends with it. So does an interrupt (Ctrl-C) here, which is then
+    raised. A connection that broke is no error here.
     """
-    transport = chan.get_transport()
-    if transport is None:
-        return
+    messages: List[Message] = []
     try:
         messages = close_messages(chan)
-        while messages and send_if_clear(transport, messages[0], within=BUSY_SEND_WAIT):
+        while messages and send_if_clear(chan.transport, messages[0],  # type: ignore[arg-type]
+                                         within=BUSY_SEND_WAIT):
             del messages[0]
     except TRANSPORT_ERRORS:
         return
+    except BaseException:
+        # Lost, they would leave the server's session (and its slot) for as long as
+        # its command runs: one that waits for stdin, for good.
+        in_background(lambda: _send_in_order(chan, messages))
+        raise
     if messages:
-        in_background(lambda: _send_in_order(transport, messages))
+        in_background(lambda: _send_in_order(chan, messages))
 
 
-def _send_in_order(transport: paramiko.Transport, messages: List[Message]) -> None:
-    for message in messages:
-        send_when_clear(transport, message)
+def _send_in_order(chan: paramiko.Channel, messages: List[Message]) -> None:
+    """Send ``messages`` (none: those `close_messages` still gives, after an
+    interrupt that came before it) as `send_when_clear` does."""
+    for message in messages or close_messages(chan):
+        send_when_clear(chan.transport, message)  # type: ignore[arg-type]
 
 
 class Overdue(Exception):
@@ -952,10 +959,14 @@ class SessionChannel:
             self.abandon_open()
 
     def _close_answered(self) -> None:
-        """Close a channel whose open was answered: an open one on the server's side too."""
+        """Close a channel whose open was answered: an open one on the server's side too.
+
+        Its CLOSE never holds the caller (`close_soon`): a command's thread
+        discards the spare as it queues for a slot.
+        """
         try:
             if self.opened:
-                self.chan.close()
+                close_soon(self.chan)
             else:
                 self.release_refused()
         except (*TRANSPORT_ERRORS, ConnectionLost):  # type: ignore[misc]  # mypy cannot unpack it

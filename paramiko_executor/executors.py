@@ -438,7 +438,7 @@ class SSHExecutor(Executor):
             # An attempt broken with its connection left its file behind; a
             # failed last one may have too.
             self._remove_leftover([name for names in (temps if failed else temps[:-1])
-                                   for name in names])
+                                   for name in names], wait=timeout is None)
 
     def get(self, remote: str, local: Source, *, timeout: Optional[float] = None,
             progress: Optional[Progress] = None) -> int:
@@ -502,13 +502,15 @@ class SSHExecutor(Executor):
         finally:
             counters.add(**{"commands_succeeded" if succeeded else "commands_failed": 1})
 
-    def _remove_leftover(self, temps: List[str]) -> None:
+    def _remove_leftover(self, temps: List[str], *, wait: bool = True) -> None:
         """Remove failed uploads' temporary files now if the connection lives, else later.
 
         Without a live connection the names are kept, and removed by the next
-        transfer once it has one (`_remove_leftovers`). During a key exchange
-        they are removed from a thread of their own: the caller has its
-        outcome, and the exchange holds every channel's OPEN.
+        transfer once it has one (`_remove_leftovers`). During a key exchange,
+        or without ``wait`` (a caller with a timeout), they are removed from a
+        thread of their own: the caller has its outcome, and each removal may
+        wait `LEFTOVER_TIMEOUT` (the exchange holds every channel's OPEN, a
+        frozen server answers none).
         """
         if not temps:
             return
@@ -516,7 +518,7 @@ class SSHExecutor(Executor):
             self._leftovers.update(temps)
         link = self._connection.link
         if link is not None and link.alive():
-            if key_exchange_running(link.transport):
+            if not wait or key_exchange_running(link.transport):
                 in_background(lambda: self._remove_leftovers(link))
             else:
                 self._remove_leftovers(link)

@@ -258,6 +258,20 @@ def _give_up_key_exchange(transport: paramiko.Transport) -> None:
 BUSY_SEND_WAIT = 0.25
 
 
+def _take(lock: Any, timeout: float, taken: List[bool]) -> None:
+    """``lock.acquire(timeout=timeout)``, its outcome appended to ``taken`` before any
+    interrupt (Ctrl-C) can land.
+
+    CPython runs a pending signal's handler as a call made from Python code
+    returns, before the value is stored: ``held = lock.acquire()`` can raise
+    with the lock taken and ``held`` unset. Here the acquire is called, and
+    its outcome stored, by C code (``map``, ``list.extend``), where no
+    handler runs; a handler that runs during the wait raises before the
+    lock is got. The caller releases the lock if ``taken`` says so.
+    """
+    taken.extend(map(lock.acquire, (True,), (timeout,)))
+
+
 def send_if_clear(transport: paramiko.Transport, message: Message, *,
                   within: Optional[float] = None) -> bool:
     """Send ``message`` now if no key exchange runs; False (nothing sent) if one does.
@@ -267,30 +281,30 @@ def send_if_clear(transport: paramiko.Transport, message: Message, *,
     stopped reading, for as long as the peer lives.
     """
     end = None if within is None else time.monotonic() + within
-    # Each lock is taken inside the try that gives it back: an interrupt (Ctrl-C)
-    # just after the acquire would otherwise leave every later send waiting.
-    held = False
+    # Each lock is taken inside the try that gives it back (`_take`): an interrupt
+    # (Ctrl-C) just as it is got would otherwise leave every later send waiting.
+    held: List[bool] = []
     try:
-        held = transport.clear_to_send_lock.acquire(timeout=-1.0 if within is None else within)
-        if not held or not transport.clear_to_send.is_set():
+        _take(transport.clear_to_send_lock, -1.0 if within is None else within, held)
+        if not held[0] or not transport.clear_to_send.is_set():
             return False
         if end is None:  # every packet of every command: paramiko's send takes the lock
             transport._send_message(message)  # type: ignore[attr-defined]
             return True
         # paramiko's packet write lock is reentrant: _send_message takes it again.
         write_lock = transport.packetizer._Packetizer__write_lock  # type: ignore[attr-defined]
-        writing = False
+        writing: List[bool] = []
         try:
-            writing = write_lock.acquire(timeout=max(0.0, end - time.monotonic()))
-            if not writing:
+            _take(write_lock, max(0.0, end - time.monotonic()), writing)
+            if not writing[0]:
                 return False
             transport._send_message(message)  # type: ignore[attr-defined]
         finally:
-            if writing:
+            if writing and writing[0]:
                 write_lock.release()
         return True
     finally:
-        if held:
+        if held and held[0]:
             transport.clear_to_send_lock.release()
 
 

@@ -183,7 +183,7 @@ def test_a_ctrl_c_as_send_if_clear_takes_the_send_lock_leaves_it_free(sshd: Any)
         ex.run_command("true", timeout=30)
         transport: Any = ex._connection.link.transport  # type: ignore[union-attr]
         function = internals.send_if_clear
-        line = _line_after(function, "held = transport.clear_to_send_lock.acquire(")
+        line = _line_after(function, "_take(transport.clear_to_send_lock,")
         interrupted = call_in_thread(at_line(function.__code__, line, _interrupt,
                                              lambda: ex.run_command("true", timeout=30)))
         interrupted["thread"].join(15)
