@@ -248,3 +248,15 @@ class HostileForward:
     def close(self) -> None:
         self.client.close()
         self.server.close()
+
+
+def make_spare(executor: Any) -> Any:
+    """``executor``'s connection (its ``Link``), once it holds a spare channel: one is
+    made after a command's exec, unless the server refused it (a session it was still
+    freeing), then after the next command's."""
+    for _ in range(20):
+        executor.run_command("true", timeout=30)
+        link = executor._connection.link
+        if link is not None and link.spare.held:
+            return link
+    raise AssertionError("no spare channel after 20 commands")

@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, List
 
 import pytest
-from helpers import at_line, call_in_thread, outcome_within, thread_stacks, wait_for
+from helpers import at_line, call_in_thread, make_spare, outcome_within, thread_stacks, wait_for
 from test_attack10f import _body_lines, _interrupt
 from test_review11 import _thaw
 
@@ -155,7 +155,7 @@ def test_a_ctrl_c_as_send_if_clear_gets_a_lock_another_thread_held_leaves_it_fre
     SIGINT itself and lets the lock go."""
     with SSHExecutor(**sshd.executor_parameters()) as ex:
         ex.run_command("true", timeout=30)
-        transport = ex._connection.link.transport
+        transport: Any = ex._connection.link.transport  # type: ignore[union-attr]
         lock = lock_of(transport)
         main = threading.get_ident()
         assert threading.current_thread() is threading.main_thread()
@@ -192,15 +192,9 @@ def test_a_spare_given_up_during_a_stalled_key_exchange_does_not_hold_the_caller
     frozen: List[int] = []
     try:
         with SSHExecutor(**server.executor_parameters()) as ex:
-            ex.run_command("true", timeout=30)
-            link = ex._connection.link
-            for _ in range(20):  # made after a command's exec (unless refused: the next)
-                if link.spare.held:
-                    break
-                ex.run_command("true", timeout=30)
-            assert link.spare.held, "no spare channel after 20 commands"
+            link = make_spare(ex)
             wait_for(lambda: ex.statistics().open_channels == 1, "only the spare open")
-            transport = link.transport
+            transport: Any = link.transport
             transport.clear_to_send_timeout = 10.0  # paramiko's 30 s, shortened for the test
             frozen = server.serving_pids()
             for pid in frozen:

@@ -15,7 +15,7 @@ import threading
 from typing import Any, Callable, List
 
 import pytest
-from helpers import at_line, call_in_thread, thread_stacks, wait_for
+from helpers import at_line, call_in_thread, make_spare, thread_stacks, wait_for
 from test_attack10f import _body_lines, _interrupt, _line
 
 from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor, internals, tunnels
@@ -68,16 +68,6 @@ def _interrupted_at(function: Callable[..., Any], line: int, call: Callable[[], 
     return _where(function, line)
 
 
-def _make_spare(ex: SSHExecutor, link: Any) -> None:
-    """A spare channel held: made after a command's exec, unless the server refused
-    it (a session it was still freeing); then after the next command's."""
-    for _ in range(20):
-        ex.run_command("true", timeout=30)
-        if link.spare.held:
-            return
-    raise AssertionError("no spare channel after 20 commands")
-
-
 @pytest.mark.hang_timeout(300)
 def test_a_command_interrupted_taking_the_spare_gives_the_spare_session_back(
         make_sshd: Any) -> None:
@@ -91,7 +81,7 @@ def test_a_command_interrupted_taking_the_spare_gives_the_spare_session_back(
         assert ex.run_command("true", timeout=30).exit_code == 0
         link: Any = ex._connection.link
         for line in _body_lines(function):
-            _make_spare(ex, link)
+            make_spare(ex)
             where = _interrupted_at(function, line, lambda: ex.run_command("true", timeout=30))
             try:
                 with ex.bounded_connection:
@@ -256,9 +246,7 @@ def test_a_close_held_back_by_a_stalled_key_exchange_does_not_spin(make_sshd: An
     rekey: Any = None
     try:
         with SSHExecutor(**server.executor_parameters()) as ex:
-            ex.run_command("true", timeout=30)
-            link: Any = ex._connection.link
-            _make_spare(ex, link)  # open before the freeze
+            link = make_spare(ex)  # open before the freeze
             transport = link.transport
             frozen = server.serving_pids()
             for pid in frozen:
