@@ -429,6 +429,7 @@ class SSHExecutor(Executor):
                           temp_name=temps[-1][0], probe_name=temps[-1][1] if mode is None else None)
 
         failed = False
+        started = time.monotonic()
         try:
             return self._transfer(local, attempt, timeout, sent=True)
         except ExecutorFailure:
@@ -438,7 +439,8 @@ class SSHExecutor(Executor):
             # An attempt broken with its connection left its file behind; a
             # failed last one may have too.
             self._remove_leftover([name for names in (temps if failed else temps[:-1])
-                                   for name in names], wait=timeout is None)
+                                   for name in names],
+                                  None if timeout is None else started + timeout)
 
     def get(self, remote: str, local: Source, *, timeout: Optional[float] = None,
             progress: Optional[Progress] = None) -> int:
@@ -502,15 +504,15 @@ class SSHExecutor(Executor):
         finally:
             counters.add(**{"commands_succeeded" if succeeded else "commands_failed": 1})
 
-    def _remove_leftover(self, temps: List[str], *, wait: bool = True) -> None:
+    def _remove_leftover(self, temps: List[str], deadline: Optional[float]) -> None:
         """Remove failed uploads' temporary files now if the connection lives, else later.
 
         Without a live connection the names are kept, and removed by the next
-        transfer once it has one (`_remove_leftovers`). During a key exchange,
-        or without ``wait`` (a caller with a timeout), they are removed from a
-        thread of their own: the caller has its outcome, and each removal may
-        wait `LEFTOVER_TIMEOUT` (the exchange holds every channel's OPEN, a
-        frozen server answers none).
+        transfer once it has one (`_remove_leftovers`). Each removal may wait
+        `LEFTOVER_TIMEOUT` (a frozen server answers none), in the caller's
+        thread until its ``deadline``; during a key exchange (which holds every
+        channel's OPEN), or past the deadline, they are removed from a thread of
+        their own: the caller has its outcome.
         """
         if not temps:
             return
@@ -518,22 +520,25 @@ class SSHExecutor(Executor):
             self._leftovers.update(temps)
         link = self._connection.link
         if link is not None and link.alive():
-            if not wait or key_exchange_running(link.transport):
+            if key_exchange_running(link.transport) or (
+                    deadline is not None and time.monotonic() >= deadline):
                 in_background(lambda: self._remove_leftovers(link))
             else:
-                self._remove_leftovers(link)
+                self._remove_leftovers(link, deadline)
 
-    def _remove_leftovers(self, link: Link) -> None:
+    def _remove_leftovers(self, link: Link, until: Optional[float] = None) -> None:
+        """Remove the pending temporary names, each within `LEFTOVER_TIMEOUT` and ``until``."""
         with self._connection.lock:
             pending, self._leftovers = self._leftovers, set()
         for temp in pending:
             try:
-                session = self._open_session(link, time.monotonic() + LEFTOVER_TIMEOUT)
+                bound = time.monotonic() + LEFTOVER_TIMEOUT
+                bound = bound if until is None else min(bound, until)
+                session = self._open_session(link, bound)
                 if session is not None:
                     try:
                         with translate(link.transport, what="the clean-up"):
-                            remove(session.hand_over(), temp,
-                                   deadline=time.monotonic() + LEFTOVER_TIMEOUT)
+                            remove(session.hand_over(), temp, deadline=bound)
                     finally:
                         session.hold(None)
                     continue
