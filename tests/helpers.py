@@ -41,8 +41,18 @@ def at_line(code: Any, line: int, act: Callable[[], None],
                 act()
         return local
 
+    return traced_in(code, local, done, call)
+
+
+def traced_in(code: Any, local: Callable[..., Any], done: List[bool],
+              call: Callable[[], Any], opcodes: bool = False) -> Callable[[], Any]:
+    """``call``, with ``local`` tracing each frame of the function of ``code`` in the
+    calling thread (each opcode too, with ``opcodes``) until ``done`` is not empty."""
     def tracer(frame: Any, event: str, arg: Any) -> Any:
-        return local if frame.f_code is code and not done else None
+        if frame.f_code is not code or done:
+            return None
+        frame.f_trace_opcodes = opcodes
+        return local
 
     def traced() -> Any:
         sys.settrace(tracer)
@@ -260,3 +270,14 @@ def make_spare(executor: Any) -> Any:
         if link is not None and link.spare.held:
             return link
     raise AssertionError("no spare channel after 20 commands")
+
+
+def connected_transport(executor: Any, clear_to_send_timeout: Optional[float] = None) -> Any:
+    """``executor``'s transport once a first command connected it; with paramiko's
+    ``clear_to_send_timeout`` (30 s) shortened to the one given, for a test."""
+    executor.run_command("true", timeout=20)
+    with executor.bounded_connection as transport:
+        pass
+    if clear_to_send_timeout is not None:
+        transport.clear_to_send_timeout = clear_to_send_timeout
+    return transport

@@ -11,13 +11,12 @@ what is left.
 from __future__ import annotations
 
 import dis
-import sys
 import threading
 from typing import Any, Callable, List
 
 import paramiko
 import pytest
-from helpers import at_line, call_in_thread, wait_for
+from helpers import at_line, call_in_thread, traced_in, wait_for
 from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_OPEN
 from test_attack10f import _line
 
@@ -47,16 +46,7 @@ def _as_it_returns(code: Any, act: Callable[[], None], call: Callable[[], Any],
             act()
         return local
 
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        return local if frame.f_code is code and not done else None
-
-    def traced() -> Any:
-        sys.settrace(tracer)
-        try:
-            return call()
-        finally:
-            sys.settrace(None)
-    return traced
+    return traced_in(code, local, done, call)
 
 
 def _after_the_write_of(kind: int, call: Callable[[], Any]) -> Callable[[], Any]:
@@ -74,16 +64,7 @@ def _after_the_write_of(kind: int, call: Callable[[], Any]) -> Callable[[], Any]
             raise KeyboardInterrupt
         return local
 
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        return local if frame.f_code is code and not done else None
-
-    def traced() -> Any:
-        sys.settrace(tracer)
-        try:
-            return call()
-        finally:
-            sys.settrace(None)
-    return traced
+    return traced_in(code, local, done, call)
 
 
 def _as_the_call_returns(code: Any, line: int, call: Callable[[], Any]) -> Callable[[], Any]:
@@ -105,19 +86,7 @@ def _as_the_call_returns(code: Any, line: int, call: Callable[[], Any]) -> Calla
                 raise KeyboardInterrupt
         return local
 
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        if frame.f_code is code and not done:
-            frame.f_trace_opcodes = True
-            return local
-        return None
-
-    def traced() -> Any:
-        sys.settrace(tracer)
-        try:
-            return call()
-        finally:
-            sys.settrace(None)
-    return traced
+    return traced_in(code, local, done, call, opcodes=True)
 
 
 def _free(ex: SSHExecutor) -> int:
