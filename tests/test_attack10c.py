@@ -14,6 +14,7 @@ import time
 from typing import Any, Dict, List
 
 import pytest
+from helpers import connected_transport
 from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_EOF
 from test_attack9b import _stall_a_key_exchange
 
@@ -37,10 +38,7 @@ def test_a_key_exchange_that_never_finishes_ends_the_connection_and_the_command_
     """
     server = make_test_server(max_sessions=1)
     with SSHExecutor(**server.executor_parameters()) as executor:
-        executor.run_command("true", timeout=20)
-        with executor.bounded_connection as transport:
-            pass
-        transport.clear_to_send_timeout = 2.0  # paramiko's 30 s, shortened for the test
+        transport = connected_transport(executor, clear_to_send_timeout=2.0)
         ended: Dict[str, Any] = {}
 
         def run() -> None:

@@ -17,7 +17,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 import pytest
-from helpers import at_line, thread_stacks, wait_for
+from helpers import at_line, connected_transport, thread_stacks, wait_for
 from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_EOF
 from test_attack9b import _stall_a_key_exchange, _times_out_in_a_stall
 from test_attack10f import _line
@@ -155,9 +155,7 @@ def test_a_close_held_by_an_exchange_the_connection_dies_in_leaves_no_thread(
     server = make_test_server(max_sessions=1)
     executor = SSHExecutor(**server.executor_parameters())
     try:
-        executor.run_command("true", timeout=20)
-        with executor.bounded_connection as transport:
-            pass
+        transport = connected_transport(executor)
 
         def on_eof(original: Any) -> Any:
             def handle(*args: Any) -> None:
@@ -190,10 +188,7 @@ def test_a_complete_command_whose_eof_an_exchange_given_up_held_is_not_run_again
     """
     server = make_test_server(max_sessions=1)
     with SSHExecutor(**server.executor_parameters()) as executor:
-        executor.run_command("true", timeout=20)
-        with executor.bounded_connection as transport:
-            pass
-        transport.clear_to_send_timeout = 2.0  # paramiko's 30 s, shortened for the test
+        transport = connected_transport(executor, clear_to_send_timeout=2.0)
         stalled: List[bool] = []
 
         def stall_at_eof(on_eof: Any) -> Any:
