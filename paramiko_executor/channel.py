@@ -742,17 +742,24 @@ class SessionChannel:
         #: When the OPEN went out: its answer times a round trip (`open_answered`).
         self._asked = time.monotonic()
         chan: Optional[paramiko.Channel] = None
+        sent: List[paramiko.Channel] = []
         try:
-            chan = new_session_channel(transport, self.answered, open_within)
+            chan = new_session_channel(transport, self.answered, open_within, sent=sent)
             if chan is not None:
                 self._adopt(chan, sessions, claim)
         except BaseException:
-            if chan is not None:
-                # An interrupt (Ctrl-C) once the OPEN was out: paramiko holds channels
-                # weakly and would forget this one, and the server's confirmation would
-                # keep a session open, and its slot here taken, for the connection's life.
-                self._adopt(chan, sessions, claim)
+            if sent:
+                # An interrupt (Ctrl-C) once the OPEN was out, even inside paramiko's
+                # send: paramiko holds channels weakly and would forget this one, and
+                # the server's confirmation would keep a session open, its slot freed
+                # here, for the connection's life.
+                self._adopt(sent[0], sessions, claim)
                 self.abandon_open()
+                # paramiko counts a packet just before its write: interrupted in
+                # between or amid the write, the stream is broken and no answer
+                # comes. A packet after it settles which: the server answers the
+                # OPEN, or ends the connection (and the slots with it).
+                in_background(transport.send_ignore)
             raise
         if chan is None:  # the server never heard of the channel: the claim frees the slot
             raise Overdue("a key exchange held back the channel's open")

@@ -87,10 +87,14 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     Replaced per transport (`thread_free_handshake_timer`): paramiko starts a
     ``threading.Timer`` thread per connection for that limit, which only sets
     a flag its reads test, and is cancelled at the server's first message.
-``Packetizer.__write_lock`` (``_Packetizer__write_lock``)
-    Taken with a time limit before a send that must not wait on another
-    thread's write to a peer that stopped reading (`send_if_clear` with
-    ``within``); reentrant, so paramiko's own send takes it again.
+``Packetizer.__write_lock`` (``_Packetizer__write_lock``), ``Packetizer.__sequence_number_out``
+    Taken by `send_if_clear` around paramiko's send (reentrant, so paramiko's
+    send takes it again): with ``within``, its wait ends then (another
+    thread's write may wait on a peer that stopped reading). Every level the
+    thread holds is given back (``RLock._release_save``): paramiko takes it
+    again before its own ``try``, where an interrupt (Ctrl-C) would leave it
+    taken for good. Under it, the sequence number tells whether the packet's
+    write began: whether the server will answer an interrupted OPEN.
 ``paramiko.transport._active_threads``
     Emptied in a forked child, whose exit hook would otherwise stop the
     parent's transports (`forget_parent_transports`). A transport leaves it
@@ -187,6 +191,7 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("Packetizer", "start_handshake"),
     ("Packetizer", "handshake_timed_out"),
     ("Packetizer", "_Packetizer__write_lock"),
+    ("Packetizer", "_Packetizer__sequence_number_out"),
     ("Packetizer", "_Packetizer__received_bytes"),
 )
 
@@ -273,12 +278,17 @@ def _take(lock: Any, timeout: float, taken: List[bool]) -> None:
 
 
 def send_if_clear(transport: paramiko.Transport, message: Message, *,
-                  within: Optional[float] = None) -> bool:
+                  within: Optional[float] = None, written: Optional[List[bool]] = None) -> bool:
     """Send ``message`` now if no key exchange runs; False (nothing sent) if one does.
 
     With ``within``, also False when another thread's send holds the connection
     that many seconds (both locks together): its write may wait on a peer that
     stopped reading, for as long as the peer lives.
+
+    ``written`` (a list of one item) has its item set True once the packet's
+    write began, however the call ends: an interrupt (Ctrl-C) inside paramiko's
+    send, after the write and before the return, cannot tell the caller
+    otherwise whether the server will see the message.
     """
     end = None if within is None else time.monotonic() + within
     # Each lock is taken inside the try that gives it back (`_take`): an interrupt
@@ -288,20 +298,30 @@ def send_if_clear(transport: paramiko.Transport, message: Message, *,
         _take(transport.clear_to_send_lock, -1.0 if within is None else within, held)
         if not held[0] or not transport.clear_to_send.is_set():
             return False
-        if end is None:  # every packet of every command: paramiko's send takes the lock
-            transport._send_message(message)  # type: ignore[attr-defined]
-            return True
         # paramiko's packet write lock is reentrant: _send_message takes it again.
-        write_lock = transport.packetizer._Packetizer__write_lock  # type: ignore[attr-defined]
+        packetizer = transport.packetizer
+        write_lock = packetizer._Packetizer__write_lock  # type: ignore[attr-defined]
         writing: List[bool] = []
+        before: Optional[int] = None
         try:
-            _take(write_lock, max(0.0, end - time.monotonic()), writing)
+            _take(write_lock, -1.0 if end is None else max(0.0, end - time.monotonic()),
+                  writing)
             if not writing[0]:
                 return False
+            # Under the write lock only this thread's packet moves the sequence
+            # number, which paramiko counts just before it writes the packet.
+            before = packetizer._Packetizer__sequence_number_out  # type: ignore[attr-defined]
             transport._send_message(message)  # type: ignore[attr-defined]
         finally:
             if writing and writing[0]:
-                write_lock.release()
+                if written is not None and before is not None:
+                    # A plain store, no call: no interrupt lands between it and the release.
+                    written[0] = written[0] or (
+                        packetizer._Packetizer__sequence_number_out != before)  # type: ignore[attr-defined]
+                # Every level this thread holds, not just ours: paramiko takes the
+                # lock again just before its own try, and an interrupt as that take
+                # returns would leave it taken, every other thread's send waiting.
+                write_lock._release_save()
         return True
     finally:
         if held and held[0]:
@@ -309,7 +329,8 @@ def send_if_clear(transport: paramiko.Transport, message: Message, *,
 
 
 def send_within(transport: paramiko.Transport, message: Message, timeout: Optional[float],
-                attempt: Optional[Callable[[Message], bool]] = None) -> bool:
+                attempt: Optional[Callable[[Message], bool]] = None,
+                written: Optional[List[bool]] = None) -> bool:
     """Send ``message`` once no key exchange runs; False (nothing sent) after ``timeout`` s.
 
     ``timeout`` None waits up to paramiko's ``clear_to_send_timeout`` (again
@@ -318,18 +339,20 @@ def send_within(transport: paramiko.Transport, message: Message, timeout: Option
     (`_give_up_key_exchange`); 0 tries once. Each try
     is ``attempt(message)`` (default `send_if_clear`): True once it is done
     with the message, False while a key exchange holds it back. Raises
-    `EOFError` when the connection ends during the wait.
+    `EOFError` when the connection ends during the wait. ``written``: as for
+    `send_if_clear` (the default attempt only).
     """
     end = time.monotonic() + (transport.clear_to_send_timeout if timeout is None else timeout)
     if attempt is None:
-        if timeout is None:
+        if timeout is None and written is None:
             send_when_clear(transport, message)
             return True
 
         def attempt(m: Message) -> bool:
             # Another thread's send may hold the connection (a peer that stopped
             # reading): that wait ends at the deadline too.
-            return send_if_clear(transport, m, within=max(BUSY_SEND_WAIT, end - time.monotonic()))
+            return send_if_clear(transport, m, written=written, within=None if timeout is None
+                                 else max(BUSY_SEND_WAIT, end - time.monotonic()))
     heard = _received(transport)
     while not attempt(message):
         remaining = end - time.monotonic()
@@ -354,7 +377,8 @@ def key_exchange_running(transport: paramiko.Transport) -> bool:
 
 def new_session_channel(transport: paramiko.Transport, answered: Any,
                         within: Optional[float] = None,
-                        direct: Optional[Tuple[Tuple[str, int], Tuple[str, int]]] = None
+                        direct: Optional[Tuple[Tuple[str, int], Tuple[str, int]]] = None,
+                        sent: Optional[List[paramiko.Channel]] = None,
                         ) -> Optional[paramiko.Channel]:
     """Register a session channel and send its OPEN without waiting for the answer.
 
@@ -363,6 +387,11 @@ def new_session_channel(transport: paramiko.Transport, answered: Any,
     The OPEN waits for a key exchange as `send_within` with ``within`` does;
     None when it was not sent in time, the channel forgotten again. With
     ``direct`` (the target and the origin), a ``direct-tcpip`` channel instead.
+
+    ``sent`` gets the channel appended once its OPEN was written, however the
+    call ends: interrupted (Ctrl-C) after the write, the caller still learns
+    of a channel the server will answer. One interrupted before the write is
+    forgotten again.
     """
     with transport.lock:
         window = transport._sanitize_window_size(None)  # type: ignore[attr-defined]
@@ -384,13 +413,30 @@ def new_session_channel(transport: paramiko.Transport, answered: Any,
         chan._set_transport(transport)  # type: ignore[attr-defined]
         chan._set_window(window, max_packet)  # type: ignore[attr-defined]
         chan.in_buffer.set_event(answered)
-    if send_within(transport, m, within):
+    written = [False]
+    try:
+        out = send_within(transport, m, within, written=written)
+    except BaseException:
+        if written[0]:
+            if sent is not None:
+                sent.append(chan)
+        else:
+            _forget_unsent(transport, chanid)
+        raise
+    if out:
+        if sent is not None:
+            sent.append(chan)
         return chan
+    _forget_unsent(transport, chanid)
+    return None
+
+
+def _forget_unsent(transport: paramiko.Transport, chanid: int) -> None:
+    """Forget channel ``chanid``, registered but never announced to the server."""
     with transport.lock:
         transport._channels.delete(chanid)  # type: ignore[attr-defined]
         transport.channel_events.pop(chanid, None)
         transport.channels_seen.pop(chanid, None)
-    return None
 
 
 class _SpentTimer:
