@@ -117,21 +117,21 @@ class Executor(abc.ABC):
     @overload
     def run_command(
         self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
-        check: bool = True, env: Optional[Dict[str, str]] = None, encoding: str = "utf-8",
+        check: bool = True, env: Optional[Mapping[str, str]] = None, encoding: str = "utf-8",
         pty: bool = False, on_output: Optional[Callable[[str, str], object]] = None,
         keep_output: bool = True,
     ) -> CommandResult[str]: ...
     @overload
     def run_command(
         self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
-        check: bool = True, env: Optional[Dict[str, str]] = None, encoding: None,
+        check: bool = True, env: Optional[Mapping[str, str]] = None, encoding: None,
         pty: bool = False, on_output: Optional[Callable[[str, bytes], object]] = None,
         keep_output: bool = True,
     ) -> CommandResult[bytes]: ...
     @abc.abstractmethod
     def run_command(
         self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
-        check: bool = True, env: Optional[Dict[str, str]] = None,
+        check: bool = True, env: Optional[Mapping[str, str]] = None,
         encoding: Optional[str] = "utf-8", pty: bool = False,
         on_output: Optional[OnOutput] = None, keep_output: bool = True,
     ) -> CommandResult[Output]:
@@ -553,20 +553,20 @@ class SSHExecutor(Executor):
     @overload
     def run_command(
         self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
-        check: bool = True, env: Optional[Dict[str, str]] = None, encoding: str = "utf-8",
+        check: bool = True, env: Optional[Mapping[str, str]] = None, encoding: str = "utf-8",
         pty: bool = False, on_output: Optional[Callable[[str, str], object]] = None,
         keep_output: bool = True,
     ) -> CommandResult[str]: ...
     @overload
     def run_command(
         self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
-        check: bool = True, env: Optional[Dict[str, str]] = None, encoding: None,
+        check: bool = True, env: Optional[Mapping[str, str]] = None, encoding: None,
         pty: bool = False, on_output: Optional[Callable[[str, bytes], object]] = None,
         keep_output: bool = True,
     ) -> CommandResult[bytes]: ...
     def run_command(
         self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
-        check: bool = True, env: Optional[Dict[str, str]] = None,
+        check: bool = True, env: Optional[Mapping[str, str]] = None,
         encoding: Optional[str] = "utf-8", pty: bool = False,
         on_output: Optional[OnOutput] = None, keep_output: bool = True,
     ) -> CommandResult[Output]:
@@ -870,8 +870,10 @@ class DupingSSHExecutor(SSHExecutor):
     and bash then runs the data): the default stays for configurations written
     for the asyncio executor (and for command keys, where the server runs its
     own command and ``SSH_ORIGINAL_COMMAND`` is ``/bin/bash``); on an ordinary
-    key pass ``wrapper=SAFE_WRAPPER``. A command holding a newline, carriage
-    return or NUL is refused with `ValueError`: it would break the line framing.
+    key pass ``wrapper=SAFE_WRAPPER``. A command of several lines is fed as
+    it is: ``/bin/bash`` runs every line, a wrapper that runs only its first
+    line (``SAFE_WRAPPER``) leaves the others to that command's stdin. A
+    command holding NUL is refused with `ValueError`, as `SSHExecutor` does.
     """
 
     def __init__(self, *, wrapper: str = "/bin/bash", **arguments: Any) -> None:
@@ -883,10 +885,8 @@ class DupingSSHExecutor(SSHExecutor):
 
     def _spec(self, command: str, stdin_input: StdinInput, options: RunOptions) -> CommandSpec:
         """The wrapper, fed the command as its first line and then ``stdin_input``."""
-        for bad in ("\n", "\r", "\0"):
-            if bad in command:
-                raise ValueError(f"command must be one line: it holds {bad!r}, which would "
-                                 "break the wrapper's line framing")
+        if "\0" in command:
+            raise ValueError("command must not hold NUL: no shell can run it")
         wrapper = self._wrapper.encode("utf-8")
         _check_request_texts(wrapper, options)  # the command itself goes as stdin
         payload = command.encode("utf-8") + b"\n"

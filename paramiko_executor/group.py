@@ -591,7 +591,7 @@ class HostGroup:
         for executor in executors:
             executor.close()
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True)  # workers not started yet find their call stopped
             # A host's call that had not connected yet when its executor was
             # closed above connects again (a closed executor reconnects on its
             # next command): close what it opened, or it stays open for good.

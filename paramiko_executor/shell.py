@@ -9,7 +9,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Callable, Dict, Optional, Tuple, overload
+from typing import Callable, Dict, Mapping, Optional, Tuple, overload
 
 from .command import (
     OnOutput,
@@ -53,20 +53,20 @@ class ShellExecutor(Executor):
     @overload
     def run_command(
         self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
-        check: bool = True, env: Optional[Dict[str, str]] = None, encoding: str = "utf-8",
+        check: bool = True, env: Optional[Mapping[str, str]] = None, encoding: str = "utf-8",
         pty: bool = False, on_output: Optional[Callable[[str, str], object]] = None,
         keep_output: bool = True,
     ) -> CommandResult[str]: ...
     @overload
     def run_command(
         self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
-        check: bool = True, env: Optional[Dict[str, str]] = None, encoding: None,
+        check: bool = True, env: Optional[Mapping[str, str]] = None, encoding: None,
         pty: bool = False, on_output: Optional[Callable[[str, bytes], object]] = None,
         keep_output: bool = True,
     ) -> CommandResult[bytes]: ...
     def run_command(
         self, command: str, stdin_input: StdinInput = None, *, timeout: Optional[float] = None,
-        check: bool = True, env: Optional[Dict[str, str]] = None,
+        check: bool = True, env: Optional[Mapping[str, str]] = None,
         encoding: Optional[str] = "utf-8", pty: bool = False,
         on_output: Optional[OnOutput] = None, keep_output: bool = True,
     ) -> CommandResult[Output]:

@@ -462,7 +462,12 @@ class LocalTunnel(Tunnel):
                     why = (f"no forward within {OPEN_TIMEOUT:g} s ({exc.description})"
                            if isinstance(exc, GaveUp) else exc.description)
                     log.warning("tunnel %s: %s; closing the client's connection", self.name, why)
-                _refuse(client)
+                if isinstance(exc, GaveUp):
+                    _refuse(client)
+                else:
+                    # Refused: closed as ``ssh -L`` closes it, an EOF (a reset if the
+                    # kernel still holds bytes of the client's unread).
+                    client.close()
                 return
             self._carry(client, chan, self.name)
         finally:

@@ -12,6 +12,7 @@ import pytest
 from helpers import wait_for
 
 from paramiko_executor import (
+    SAFE_WRAPPER,
     CommandExecutionFailure,
     CommandTimeout,
     DupingSSHExecutor,
@@ -236,6 +237,19 @@ def test_duping_executor_with_forced_command_key(sshd):
     # The same key cannot run anything else: the forced command (bash) reads stdin.
     with SSHExecutor(**params) as plain:
         assert plain.run_command("ignored", stdin_input="echo forced\n").stdout == "forced\n"
+
+
+def test_duping_executor_feeds_a_command_of_several_lines_as_it_is(sshd):
+    """The wrapper is fed ``f"{command}\\n"``, newlines and all: bash (on the command
+    key) runs every line; a wrapper that runs only its first line leaves the rest to
+    that command's stdin. NUL is refused, as for SSHExecutor."""
+    params = sshd.executor_parameters(client_keys=[sshd.forced_key_path])
+    with DupingSSHExecutor(**params) as ex:
+        assert ex.run_command("echo a\necho b").stdout == "a\nb\n"
+        with pytest.raises(ValueError, match="NUL"):
+            ex.run_command("echo a\0b")
+    with DupingSSHExecutor(**sshd.executor_parameters(), wrapper=SAFE_WRAPPER) as safe:
+        assert safe.run_command("cat\necho never run").stdout == "echo never run\n"
 
 
 def test_close_mid_command_fails_promptly_then_reconnects(sshd):

@@ -11,7 +11,8 @@ import io
 import selectors
 import socket
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Dict, List, Optional, Union
+from types import MappingProxyType
+from typing import Dict, List, Mapping, Optional, Union
 
 import paramiko
 
@@ -73,6 +74,8 @@ def everyday(executor: SSHExecutor) -> None:
         owner: Executor | None = failure.executor
         print(description, owner)
     executor.run_command("env | grep ^PEXEC_", env={"PEXEC_MODE": "fast"}, check=False)
+    settings: Mapping[str, str] = MappingProxyType({"PEXEC_MODE": "slow"})
+    executor.run_command("env | grep ^PEXEC_", env=settings, check=False)
     blob: bytes = executor.run_command("tar -C /data -c .", encoding=None).stdout
     raw: CommandResult[bytes] = executor.run_command("cat /bin/true", encoding=None)
     text: CommandResult[str] = executor.run_command("cat /etc/hostname", encoding="latin-1")
