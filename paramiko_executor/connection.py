@@ -467,6 +467,14 @@ class Link:
         self.remembered = False
         self._target = target
 
+    @property
+    def unproven(self) -> bool:
+        """True when the limit was not probed on this connection: remembered, or ``max_sessions``.
+
+        The server may allow fewer sessions than such a limit (`Connection.refused`).
+        """
+        return self.remembered or self.server is None
+
     def start(self, limit: int) -> None:
         """Publishable from here on: ``limit`` slots, the spare, and the keepalive if configured."""
         self.slots = Slots(limit)
@@ -1031,9 +1039,14 @@ class Connection:
         ``quiet``: no session of the link ended between a completed round trip
         and this refusal, so the server had freed every session we had
         closed, and the sessions it still confirmed for us are all it allows.
-        A link whose limit was remembered, not probed, is lowered to them
-        then (at least 1): a server restarted with a lower MaxSessions would
-        otherwise refuse the extra callers until their tries run out.
+        A link whose limit was not probed on it (`Link.unproven`: remembered,
+        or the ``max_sessions`` given) is lowered to them then (at least 1),
+        for the rest of its life: the callers past them wait for a slot
+        instead of being refused until their tries run out, as they would be
+        by a server restarted with a lower MaxSessions than the one
+        remembered, or one allowing fewer than ``max_sessions``. A reconnect
+        probes anew (the remembered limit was forgotten above), or starts
+        again from ``max_sessions``: the server may allow more by then.
         """
         slots = link.slots
         if slots is None:
@@ -1041,7 +1054,7 @@ class Connection:
         # The refused open's slot is already back: the others held, plus it.
         if link.server is not None and slots.limit - slots.available + 1 < slots.limit:
             LIMITS.forget(link.server)
-        if not (quiet and link.remembered):
+        if not (quiet and link.unproven):
             return
         with self.lock:
             held = link.server_sessions()
@@ -1052,7 +1065,8 @@ class Connection:
             if self._link is link:
                 self.limit = held
         log.info("%s refused a session with %d open: this connection's limit is now %d, "
-                 "not the %d remembered", self.target, held, held, before)
+                 "not the %d %s", self.target, held, held, before,
+                 "remembered" if link.remembered else "of max_sessions")
 
     def _discard_locked(self, link: Link) -> None:
         # Caller holds the lock; closing waits for paramiko's thread, so it

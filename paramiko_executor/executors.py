@@ -235,6 +235,10 @@ class SSHExecutor(Executor):
     connect to a server and remembered for the process, unless
     ``max_sessions`` is given) and the commands past that wait for a
     slot, first come, first served. Nothing connects until the first command.
+    ``max_sessions`` is each connection's cap, from every connect on; a
+    server that allows fewer sessions proves it by refusing one while it
+    frees none of ours, and that connection's cap comes down to the
+    sessions the server holds: the extra commands wait instead of failing.
 
     A command whose connection breaks is retried on a new connection up to
     ``on_disconnect_retry`` times. **A retried command may already have run
