@@ -188,20 +188,31 @@ def test_an_upload_broken_by_a_lost_connection_is_retried_and_leaves_nothing(
     assert len(temps) == 2  # each attempt made a temporary file of its own
 
 
+def connection_killer(server):
+    """A ``progress`` callback that kills ``server``'s connections once past 1 MiB,
+    and the event it sets then."""
+    killed = threading.Event()
+
+    def progress(done, total):
+        if done > 1024 * 1024 and not killed.is_set():
+            killed.set()
+            kill_connections(server)
+    return progress, killed
+
+
+def put_with_the_connection_killed(ex, server, remote):
+    """A put to ``remote`` whose connection ``server`` kills mid-way: an `ExecutorFailure`
+    once ``ex`` has no retries left."""
+    ex.run_command("true")
+    progress, _killed = connection_killer(server)
+    with pytest.raises(ExecutorFailure):
+        ex.put(io.BytesIO(os.urandom(32 * 1024 * 1024)), remote, progress=progress)
+
+
 def test_no_retries_left_removes_the_temporary_file(make_sshd, workdir):
     server = make_sshd(max_sessions=10)
     with SSHExecutor(**server.executor_parameters(on_disconnect_retry=0)) as ex:
-        ex.run_command("true")
-        killed = threading.Event()
-
-        def progress(done, total):
-            if done > 1024 * 1024 and not killed.is_set():
-                killed.set()
-                kill_connections(server)
-
-        with pytest.raises(ExecutorFailure):
-            ex.put(io.BytesIO(os.urandom(32 * 1024 * 1024)), str(workdir / "f"),
-                   progress=progress)
+        put_with_the_connection_killed(ex, server, str(workdir / "f"))
         assert ex.statistics().commands_failed == 1
         # The clean-up needs a connection: the next transfer's (re)connect brings one.
         ex.put(io.BytesIO(b"ok"), str(workdir / "g"))
@@ -301,17 +312,7 @@ def test_a_leftover_the_server_will_not_remove_is_tried_a_bounded_number_of_time
     source.write_bytes(b"data")
     source.chmod(0o644)
     with SSHExecutor(**server.executor_parameters(on_disconnect_retry=0)) as ex:
-        ex.run_command("true")
-        killed = threading.Event()
-
-        def progress(done, total):
-            if done > 1024 * 1024 and not killed.is_set():
-                killed.set()
-                kill_connections(server)
-
-        with pytest.raises(ExecutorFailure):
-            ex.put(io.BytesIO(os.urandom(32 * 1024 * 1024)), str(locked / "f"),
-                   progress=progress)
+        put_with_the_connection_killed(ex, server, str(locked / "f"))
         assert leftovers(locked), "the broken upload left no temporary file"
         locked.chmod(0o755)  # root's: the login may no longer remove what is in it
         sessions = []
@@ -538,12 +539,7 @@ def test_a_pipe_cannot_be_read_again_after_a_lost_connection(make_sshd, workdir)
     read_end, write_end = os.pipe()
     with SSHExecutor(**server.executor_parameters()) as ex, ThreadPoolExecutor(1) as pool:
         ex.run_command("true")
-        killed = threading.Event()
-
-        def progress(done, total):
-            if done > 1024 * 1024 and not killed.is_set():
-                killed.set()
-                kill_connections(server)
+        progress, killed = connection_killer(server)
 
         def feed():
             try:
