@@ -29,7 +29,6 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
-    Set,
     Type,
     TypeVar,
     Union,
@@ -62,13 +61,15 @@ from .retry import NEVER_STARTED_TRIES, Backoff, CommandRetry, ConnectRetry
 from .slots import Claim
 from .stats import ExecutorStatistics
 from .transfer import (
+    CLEANUP_GRACE,
+    NEGOTIATION_TIMEOUT,
     Local,
     Progress,
+    SFTPNotStarted,
     Source,
     check_mode,
     download,
     remove,
-    temp_path_for,
     upload,
 )
 from .tunnels import Forwarding, LocalTunnel, RemoteTunnel
@@ -81,8 +82,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("paramiko_executor.executors")
 
-#: How long a failed upload's temporary file may take to remove.
-LEFTOVER_TIMEOUT = 10.0
+#: How long one clean-up of failed uploads' temporary files may take: longer
+#: than SFTP's own start limit, so that a server that runs no SFTP says so.
+LEFTOVER_TIMEOUT = NEGOTIATION_TIMEOUT + CLEANUP_GRACE
+
+#: Clean-ups a temporary name gets before it is given up (a server that keeps
+#: failing them must not slow every later transfer down for good).
+LEFTOVER_TRIES = 3
 
 #: How often a channel the live server refused is asked for again: at once
 #: `QUICK_TRIES` times, then after a round trip and a backoff.
@@ -301,8 +307,9 @@ class SSHExecutor(Executor):
             retry=ConnectRetry(retries=connect_retries, backoff=connect_backoff),
             max_sessions=check_int("max_sessions", max_sessions, minimum=1, optional=True),
         )
-        #: Temporary files of failed uploads, to remove once a connection lets us.
-        self._leftovers: Set[str] = set()
+        #: Temporary files of failed uploads, to remove once a connection lets us,
+        #: with the clean-ups that failed so far.
+        self._leftovers: Dict[str, int] = {}
         self._forwarding = Forwarding(self, check_int("max_forwarded", max_forwarded, minimum=1))
 
     def __repr__(self) -> str:
@@ -425,12 +432,13 @@ class SSHExecutor(Executor):
         """
         timeout = check_transfer_arguments(local, remote, put=True, mode=mode, timeout=timeout,
                                            progress=progress)
-        temps: List[List[str]] = []  # one per attempt: its temporary file, and probe if any
+        # One per attempt: the files it may have created (none before SFTP started).
+        temps: List[List[str]] = []
 
         def attempt(chan: paramiko.Channel, deadline: Optional[float], source: Local) -> int:
-            temps.append([temp_path_for(remote) for _ in range(1 if mode is not None else 2)])
+            temps.append([])
             return upload(chan, source, remote, mode=mode, progress=progress, deadline=deadline,
-                          temp_name=temps[-1][0], probe_name=temps[-1][1] if mode is None else None)
+                          temps=temps[-1])
 
         failed = False
         started = time.monotonic()
@@ -478,7 +486,7 @@ class SSHExecutor(Executor):
 
         def attempt(link: Link, side: Local) -> Optional[int]:
             if self._leftovers:
-                self._remove_leftovers(link)
+                self._remove_leftovers(link, deadline)
             session = self._open_session(link, deadline)
             if session is None:
                 return None
@@ -512,16 +520,16 @@ class SSHExecutor(Executor):
         """Remove failed uploads' temporary files now if the connection lives, else later.
 
         Without a live connection the names are kept, and removed by the next
-        transfer once it has one (`_remove_leftovers`). Each removal may wait
-        `LEFTOVER_TIMEOUT` (a frozen server answers none), in the caller's
+        transfer once it has one (`_remove_leftovers`). A clean-up may take
+        `LEFTOVER_TIMEOUT` (a frozen server answers nothing), in the caller's
         thread until its ``deadline``; during a key exchange (which holds every
-        channel's OPEN), or past the deadline, they are removed from a thread of
-        their own: the caller has its outcome.
+        channel's OPEN), or past the deadline, it runs in a thread of its own:
+        the caller has its outcome.
         """
         if not temps:
             return
         with self._connection.lock:
-            self._leftovers.update(temps)
+            self._leftovers.update(dict.fromkeys(temps, 0))
         link = self._connection.link
         if link is not None and link.alive():
             if key_exchange_running(link.transport) or (
@@ -531,26 +539,47 @@ class SSHExecutor(Executor):
                 self._remove_leftovers(link, deadline)
 
     def _remove_leftovers(self, link: Link, until: Optional[float] = None) -> None:
-        """Remove the pending temporary names, each within `LEFTOVER_TIMEOUT` and ``until``."""
+        """Remove the pending temporary names in one SFTP session, within `LEFTOVER_TIMEOUT`.
+
+        It ends by ``until`` too. Names it could not remove are kept for the
+        next transfer's clean-up, up to `LEFTOVER_TRIES` clean-ups; then given
+        up, as every name is at once when the server does not start SFTP
+        (nothing to remove them with). Given-up names are logged at DEBUG.
+        """
         with self._connection.lock:
-            pending, self._leftovers = self._leftovers, set()
-        for temp in pending:
-            try:
-                bound = time.monotonic() + LEFTOVER_TIMEOUT
-                bound = bound if until is None else min(bound, until)
-                session = self._open_session(link, bound)
-                if session is not None:
-                    try:
-                        with translate(link.transport, what="the clean-up"):
-                            remove(session.hand_over(), temp, deadline=bound)
-                    finally:
-                        session.hold(None)
-                    continue
-            except (ExecutorFailure, OSError):
-                log.debug("could not remove the temporary file of a failed upload",
-                          exc_info=True)
-            with self._connection.lock:
-                self._leftovers.add(temp)  # tried again by the next transfer
+            pending, self._leftovers = self._leftovers, {}
+        if not pending:
+            return
+        settled = False
+        try:
+            bound = time.monotonic() + LEFTOVER_TIMEOUT
+            bound = bound if until is None else min(bound, until)
+            session = self._open_session(link, bound)
+            if session is not None:
+                try:
+                    with translate(link.transport, what="the clean-up"):
+                        remove(session.hand_over(), *pending, deadline=bound)
+                finally:
+                    session.hold(None)
+                settled = True
+        except SFTPNotStarted:
+            log.debug("gave up the temporary files of failed uploads %s: the server did not "
+                      "start SFTP", sorted(pending), exc_info=True)
+            settled = True
+        except (ExecutorFailure, OSError):
+            log.debug("could not remove the temporary files of failed uploads", exc_info=True)
+        finally:
+            if not settled:
+                self._keep_leftovers(pending)
+
+    def _keep_leftovers(self, failed: Dict[str, int]) -> None:
+        """Keep the names of a failed clean-up for the next, those with tries left."""
+        kept = {name: tries + 1 for name, tries in failed.items() if tries + 1 < LEFTOVER_TRIES}
+        if len(kept) < len(failed):
+            log.debug("gave up the temporary files of failed uploads %s after %d clean-ups",
+                      sorted(failed.keys() - kept.keys()), LEFTOVER_TRIES)
+        with self._connection.lock:
+            self._leftovers.update(kept)
 
     # --- running ----------------------------------------------------------------
 

@@ -42,7 +42,8 @@ failures `ExecutorFailure`; a server's own text in them went through
 packets, lengths past their packet, replies to requests never sent) is an
 `ExecutorFailure` saying "SFTP protocol error". A server that does not start
 SFTP (subsystem refused, or a command-restricted key whose forced command
-runs instead) raises `ExecutorFailure` within `NEGOTIATION_TIMEOUT`. Past
+runs instead) raises `SFTPNotStarted` (an `ExecutorFailure`) within
+`NEGOTIATION_TIMEOUT`. Past
 ``deadline`` (a `time.monotonic` value) `TimeoutError` is raised. A broken
 connection surfaces as paramiko raised it (`EOFError`, `OSError`,
 `paramiko.SSHException`), or as `EOFError` when the channel was closed by the
@@ -141,6 +142,7 @@ __all__ = [
     "temp_path_for",
     "Local",
     "ProtocolError",
+    "SFTPNotStarted",
     "NotARegularFile",
     "callers_own",
     "check_mode",
@@ -465,6 +467,14 @@ class ProtocolError(ExecutorFailure):
     """The SFTP server sent something malformed: the session cannot be trusted any further."""
 
 
+class SFTPNotStarted(ExecutorFailure):
+    """The server did not start SFTP on the channel: refused, or ran something else.
+
+    Nothing was sent to an SFTP server, so nothing was created; another
+    session on the same login gets the same answer (a command-restricted key).
+    """
+
+
 def _malformed(what: str) -> ProtocolError:
     return ProtocolError(f"SFTP protocol error: the server sent {what}")
 
@@ -645,7 +655,7 @@ class _Session:
             self._negotiation_timed_out(until, "no answer to the SFTP subsystem request")
         if not accepted:
             self._check_transport()
-            raise ExecutorFailure("the server refused to start the SFTP subsystem")
+            raise SFTPNotStarted("the server refused to start the SFTP subsystem")
 
     def _negotiate(self, until: float) -> memoryview:
         """The server's VERSION reply (from its type byte on), checked to be one."""
@@ -676,11 +686,11 @@ class _Session:
             raise TimeoutError(f"the deadline passed while starting SFTP ({why})")
         raise self._not_started(f"{why} within {NEGOTIATION_TIMEOUT:g} s")
 
-    def _not_started(self, why: str) -> ExecutorFailure:
+    def _not_started(self, why: str) -> SFTPNotStarted:
         said = self._stderr.decode("utf-8", "replace").strip()
         if said:
             why += f" (it wrote on stderr: \"{printable(said)}\")"
-        return ExecutorFailure(
+        return SFTPNotStarted(
             f"the server did not start SFTP: {why}. On a command-restricted key "
             "(authorized_keys command=...) the server runs the forced command "
             "instead of the SFTP subsystem."
@@ -1584,7 +1594,7 @@ def upload(
     progress: Optional[Progress] = None,
     deadline: Optional[float] = None,
     temp_name: Optional[str] = None,
-    probe_name: Optional[str] = None,
+    temps: Optional[List[str]] = None,
 ) -> int:
     """Write ``source`` to ``remote`` over SFTP on ``chan``, atomically; the bytes sent.
 
@@ -1597,9 +1607,11 @@ def upload(
     its owner only; it gets its final bits (see the module's Permissions)
     and is renamed over ``remote`` after the last byte. On failure it is
     removed if the SFTP session still works. Without ``mode``, an empty probe
-    file (``probe_name``, a path; default: a new random one) is created and
-    removed on the way (see `_Session.stat_and_create`): a caller that removes
-    a broken attempt's temporary file removes its probe too.
+    file (a new random name next to it) is created and removed on the way (see
+    `_Session.stat_and_create`). The paths of both are appended to
+    ``temps`` once SFTP started, just before the requests that create them
+    go out: a caller that removes a broken attempt's files later has exactly
+    the names that may exist (none when SFTP never started).
 
     ``progress(done, total)`` is called in this thread as the server confirms
     blocks; ``total`` is -1 when the source cannot tell its size.
@@ -1624,7 +1636,9 @@ def upload(
     with _session(chan, deadline) as session, \
             Local.of(source).reading() as (readinto, total, bits):
         # The bits of a new file matter only without ``mode``: a probe learns them.
-        probe = (probe_name or temp_path_for(remote)) if mode is None else None
+        probe = temp_path_for(remote) if mode is None else None
+        if temps is not None:
+            temps.extend([temp] if probe is None else [temp, probe])
         try:
             created = session.stat_and_create(remote, temp, bits, probe)
         except _StatusError as exc:
@@ -1715,18 +1729,23 @@ def download(
         return done
 
 
-def remove(chan: paramiko.Channel, remote: str, *, deadline: Optional[float] = None) -> bool:
-    """Remove remote file ``remote`` over SFTP on ``chan`` (closed on return); False if absent.
+def remove(chan: paramiko.Channel, remote: str, *more: str,
+           deadline: Optional[float] = None) -> bool:
+    """Remove remote files ``remote`` and ``more`` over SFTP on ``chan`` (closed on return).
 
-    For cleaning up the temporary file of an upload broken with its
-    connection (see `upload`'s ``temp_name``). Errors as for `upload`.
+    False if none of them was there. For cleaning up the files of uploads
+    broken with their connection (see `upload`'s ``temps``), in one SFTP
+    session. Errors as for `upload`; the first file the server refuses to
+    remove ends the call.
     """
+    found = False
     with _session(chan, deadline) as session:
-        try:
-            return session.remove(remote)
-        except _StatusError as exc:
-            _raise_for(exc, "cannot remove", remote)
-    raise AssertionError("unreachable")  # _raise_for always raises
+        for path in (remote, *more):
+            try:
+                found = session.remove(path) or found
+            except _StatusError as exc:
+                _raise_for(exc, "cannot remove", path)
+    return found
 
 
 def _local_copy(source: Source, target: Source, mode: Optional[int],

@@ -10,11 +10,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import logging
 import os
 import pathlib
 import signal
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -25,7 +27,10 @@ from paramiko_executor import (
     ShellExecutor,
     SSHExecutor,
     TransferTimeout,
+    executors,
+    transfer,
 )
+from paramiko_executor.transfer import SFTPNotStarted
 
 
 def digest(data: bytes) -> str:
@@ -183,20 +188,31 @@ def test_an_upload_broken_by_a_lost_connection_is_retried_and_leaves_nothing(
     assert len(temps) == 2  # each attempt made a temporary file of its own
 
 
+def connection_killer(server):
+    """A ``progress`` callback that kills ``server``'s connections once past 1 MiB,
+    and the event it sets then."""
+    killed = threading.Event()
+
+    def progress(done, total):
+        if done > 1024 * 1024 and not killed.is_set():
+            killed.set()
+            kill_connections(server)
+    return progress, killed
+
+
+def put_with_the_connection_killed(ex, server, remote):
+    """A put to ``remote`` whose connection ``server`` kills mid-way: an `ExecutorFailure`
+    once ``ex`` has no retries left."""
+    ex.run_command("true")
+    progress, _killed = connection_killer(server)
+    with pytest.raises(ExecutorFailure):
+        ex.put(io.BytesIO(os.urandom(32 * 1024 * 1024)), remote, progress=progress)
+
+
 def test_no_retries_left_removes_the_temporary_file(make_sshd, workdir):
     server = make_sshd(max_sessions=10)
     with SSHExecutor(**server.executor_parameters(on_disconnect_retry=0)) as ex:
-        ex.run_command("true")
-        killed = threading.Event()
-
-        def progress(done, total):
-            if done > 1024 * 1024 and not killed.is_set():
-                killed.set()
-                kill_connections(server)
-
-        with pytest.raises(ExecutorFailure):
-            ex.put(io.BytesIO(os.urandom(32 * 1024 * 1024)), str(workdir / "f"),
-                   progress=progress)
+        put_with_the_connection_killed(ex, server, str(workdir / "f"))
         assert ex.statistics().commands_failed == 1
         # The clean-up needs a connection: the next transfer's (re)connect brings one.
         ex.put(io.BytesIO(b"ok"), str(workdir / "g"))
@@ -223,6 +239,91 @@ def test_a_command_restricted_key_cannot_open_sftp(sshd, tmp_path):
             ex.put(io.BytesIO(b"x"), str(tmp_path / "x"), timeout=60)
         assert "command" in str(info.value)
         assert ex.run_command("echo still").stdout == "still\n"
+
+
+@pytest.fixture
+def sftp_starts(monkeypatch):
+    """A list that gets an item each time an SFTP session is started (clean-ups too)."""
+    starts = []
+    start = transfer._Session.start
+
+    def counted(session):
+        starts.append(session)
+        return start(session)
+    monkeypatch.setattr(transfer._Session, "start", counted)
+    return starts
+
+
+@pytest.mark.parametrize("calls", [
+    [("put", None), ("put", None), ("get", None)],
+    [("put", 30), ("put", 30), ("get", 30)],
+], ids=["no timeout", "timeout=30"])
+def test_transfers_on_a_command_restricted_key_each_start_sftp_once(
+        sshd, workdir, monkeypatch, sftp_starts, calls):
+    # A failed put's temporary names were kept for removal before SFTP had even
+    # started, and every later transfer tried them again, a new session (and a wait
+    # for a version that never comes) per name: 3 sessions for the first put, 7 for
+    # the second, 5 for the get after them (30, 70, 50 s; with timeout=30 the get was
+    # a TransferTimeout).
+    monkeypatch.setattr(transfer, "NEGOTIATION_TIMEOUT", 3.0)
+    params = sshd.executor_parameters(client_keys=[sshd.forced_key_path])
+    with DupingSSHExecutor(**params) as ex:
+        ex.run_command("true")
+        for kind, timeout in calls:
+            before = len(sftp_starts)
+            started = time.monotonic()
+            with pytest.raises(SFTPNotStarted, match="did not start SFTP"):
+                if kind == "put":
+                    ex.put(io.BytesIO(b"x"), str(workdir / "never"), timeout=timeout)
+                else:
+                    ex.get(str(workdir / "never"), io.BytesIO(), timeout=timeout)
+            took = time.monotonic() - started
+            assert len(sftp_starts) - before == 1, f"{kind}: {len(sftp_starts) - before} sessions"
+            assert took < 2 * transfer.NEGOTIATION_TIMEOUT, f"{kind} took {took:.1f} s"
+    assert leftovers(workdir) == []
+
+
+def test_a_leftover_where_sftp_does_not_start_is_given_up_at_once(
+        sshd, monkeypatch, sftp_starts, caplog):
+    # Kept for the next transfer, it cost each of them a session and a wait, for good.
+    monkeypatch.setattr(transfer, "NEGOTIATION_TIMEOUT", 1.0)
+    params = sshd.executor_parameters(client_keys=[sshd.forced_key_path])
+    with DupingSSHExecutor(**params) as ex, \
+            caplog.at_level(logging.DEBUG, logger="paramiko_executor.executors"):
+        ex.run_command("true")
+        ex._remove_leftover(["/tmp/.never.0000000000000000.tmp"], None)
+        assert len(sftp_starts) == 1
+        assert "did not start SFTP" in caplog.text
+        with pytest.raises(SFTPNotStarted):
+            ex.get("/etc/hostname", io.BytesIO())
+        assert len(sftp_starts) == 2
+
+
+def test_a_leftover_the_server_will_not_remove_is_tried_a_bounded_number_of_times(
+        make_sshd, workdir, sftp_starts, caplog):
+    # An upload broken with its connection leaves its temporary file; the next
+    # transfers remove it. One the server refuses to remove was kept and tried
+    # again by every later transfer, for good.
+    server = make_sshd(max_sessions=10)
+    locked = workdir / "locked"
+    locked.mkdir()
+    locked.chmod(0o777)
+    source = workdir / "source"
+    source.write_bytes(b"data")
+    source.chmod(0o644)
+    with SSHExecutor(**server.executor_parameters(on_disconnect_retry=0)) as ex:
+        put_with_the_connection_killed(ex, server, str(locked / "f"))
+        assert leftovers(locked), "the broken upload left no temporary file"
+        locked.chmod(0o755)  # root's: the login may no longer remove what is in it
+        sessions = []
+        with caplog.at_level(logging.DEBUG, logger="paramiko_executor.executors"):
+            for _ in range(executors.LEFTOVER_TRIES + 2):
+                before = len(sftp_starts)
+                assert ex.get(str(source), io.BytesIO(), timeout=60) == 4
+                sessions.append(len(sftp_starts) - before)
+    assert sessions == [2] * executors.LEFTOVER_TRIES + [1, 1]
+    assert "gave up the temporary files of failed uploads" in caplog.text
+    assert leftovers(locked)
 
 
 def test_atomic_put_seen_from_a_concurrent_reader(sshd, workdir):
@@ -438,12 +539,7 @@ def test_a_pipe_cannot_be_read_again_after_a_lost_connection(make_sshd, workdir)
     read_end, write_end = os.pipe()
     with SSHExecutor(**server.executor_parameters()) as ex, ThreadPoolExecutor(1) as pool:
         ex.run_command("true")
-        killed = threading.Event()
-
-        def progress(done, total):
-            if done > 1024 * 1024 and not killed.is_set():
-                killed.set()
-                kill_connections(server)
+        progress, killed = connection_killer(server)
 
         def feed():
             try:
