@@ -264,6 +264,8 @@ class ChannelOutcome:
     exit_status: Optional[int]  # None: timed out, or ended by a signal
     exit_signal: Optional[str]
     timed_out: bool
+    #: Bytes of stdout and stderr the command sent, kept or not (statistics' payload).
+    received: int
 
 
 @dataclass(frozen=True)
@@ -714,6 +716,11 @@ class SessionChannel:
         self.stderr: Union[OutputBuffer, LiveStream] = OutputBuffer()
         #: After the outcome is fixed, output is only acknowledged, not kept.
         self.discarding = False
+        #: False for ``keep_output=False`` without ``on_output``: output is dropped as it
+        #: arrives, as after the outcome, but counted.
+        self.keeping = True
+        #: Bytes of stdout and stderr data the command sent (`ChannelOutcome.received`).
+        self.output_bytes = 0
         #: Set first thing in `run`, which closes the channel on every path from there.
         self.running = False
         #: True while stdin is left to send: only then does the window matter.
@@ -784,7 +791,8 @@ class SessionChannel:
         More than the window granted is a protocol error: paramiko does not
         refuse it, and would let a server grow the buffers without bound.
         Output before the exec, past EOF (a server's error) or after the
-        outcome is dropped.
+        outcome is dropped; so is all of it for ``keep_output=False``
+        without ``on_output``, once counted in `output_bytes`.
         """
         if self.violation is not None:
             return
@@ -797,6 +805,10 @@ class SessionChannel:
             self.violated(f"{len(data)} bytes of data with {window} bytes of window left")
             return
         if self.discarding or stream is None or chan.eof_received or not self.exec_asked:
+            self._acknowledge(len(data))
+            return
+        self.output_bytes += len(data)
+        if not self.keeping:
             self._acknowledge(len(data))
             return
         buffer = self.stdout if stream == "stdout" else self.stderr
@@ -1175,6 +1187,8 @@ class SessionChannel:
             if spec.options.on_output is not None:
                 self.stdout = LiveStream()
                 self.stderr = LiveStream()
+            else:
+                self.keeping = spec.options.keep_output
             if spec.sent_input:  # only a sender of stdin waits for window
                 replace_send_condition(self.chan, _WakingCondition(self.chan, self))
             # The buffers' own events: a channel closed under us (the connection
@@ -1190,7 +1204,8 @@ class SessionChannel:
                         return None  # it never ran; the CLOSE below waits in the background
                     self._end_remote_command()
                     return ChannelOutcome(self._so_far(self.stdout, spec),
-                                          self._so_far(self.stderr, spec), None, None, True)
+                                          self._so_far(self.stderr, spec), None, None, True,
+                                          self.output_bytes)
         finally:
             if not self.discarding:
                 self._close_quietly()
@@ -1283,7 +1298,8 @@ class SessionChannel:
             if remaining is not None and remaining <= 0:
                 self._end_remote_command()
                 return ChannelOutcome(self._so_far(self.stdout, spec),
-                                      self._so_far(self.stderr, spec), None, None, True)
+                                      self._so_far(self.stderr, spec), None, None, True,
+                                      self.output_bytes)
             self._wait(deadline)
 
     def _complete(self) -> bool:
@@ -1299,7 +1315,7 @@ class SessionChannel:
             if splitters is not None:
                 self._hand_on(splitters, spec.options.keep_output, deadline, final=True)
             return ChannelOutcome(self._whole(self.stdout, spec), self._whole(self.stderr, spec),
-                                  self.exit_status, self.exit_signal, False)
+                                  self.exit_status, self.exit_signal, False, self.output_bytes)
         if self.remote_closed:
             if self.exec_accepted is not True:
                 raise NeverStarted("the server closed the channel before running the command")

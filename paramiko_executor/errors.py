@@ -164,7 +164,8 @@ class CommandExecutionFailure(ExecutorError):
 
 
 class CommandTimeout(CommandExecutionFailure):
-    """The command outran its ``timeout``: ``exit_code`` is None, output is what arrived."""
+    """The command outran its ``timeout``: ``exit_code`` is None, output is what arrived
+    (none with ``keep_output=False``)."""
 
 
 class ExecutorFailure(ExecutorError):

@@ -619,7 +619,10 @@ class SSHExecutor(Executor):
         pseudo-terminal (stderr then arrives merged into stdout).
         ``on_output(stream, line)`` is called from this thread with each
         complete line as it arrives; a retried command streams again from the
-        start. ``keep_output=False`` keeps no output in the result.
+        start. ``keep_output=False`` keeps no output, with or without
+        ``on_output``: it is dropped as it arrives, so memory stays flat, and
+        ``stdout``/``stderr`` are empty (``""``, ``b""`` with ``encoding=None``)
+        in the result and in a `CommandExecutionFailure` or `CommandTimeout`.
         """
         check_command(command)
         options = RunOptions.of(timeout=timeout, check=check, env=env, encoding=encoding,
@@ -645,7 +648,7 @@ class SSHExecutor(Executor):
                 lambda link: self._run_once(link, spec, deadline), deadline))
             if found is None:
                 return outcome(shown_command, shown_stdin, options, None, "", "", timed_out=True)
-            received = len(found.stdout) + len(found.stderr)
+            received = found.received
             result = outcome(shown_command, shown_stdin, options, found.exit_status, found.stdout,
                              found.stderr, timed_out=found.timed_out,
                              signal_name=found.exit_signal)

@@ -187,9 +187,9 @@ def _communicate(proc: subprocess.Popen[bytes], data: bytes, streams: Dict[int, 
     closed has the same deadline (a command that closed its output can still
     run). ``stdin_fd`` is where ``data`` goes (a pty's controller, which is
     also its output stream); by default the process's stdin pipe, closed
-    once ``data`` is written. Returns the output per stream and whether the
-    deadline passed. On a timeout or an exception (a raising callback) the
-    process group is ended.
+    once ``data`` is written. Returns the output kept per stream (none with
+    ``keep_output=False``) and whether the deadline passed. On a timeout or
+    an exception (a raising callback) the process group is ended.
     """
     collected = {"stdout": bytearray(), "stderr": bytearray()}
     splitters = line_splitters(options.on_output, options.encoding)
@@ -250,7 +250,7 @@ def _communicate(proc: subprocess.Popen[bytes], data: bytes, streams: Dict[int, 
                         if splitters is not None:
                             splitters[name].finish()
                         continue
-                    if splitters is None or options.keep_output:
+                    if options.keep_output:
                         collected[name] += chunk
                     if splitters is not None:
                         splitters[name].feed(chunk)

@@ -22,7 +22,9 @@ class ExecutorStatistics:
     a TOTP wait nobody waits for any more); ``commands_retried`` every re-send after a lost
     connection; ``refused_opens`` channel opens a live server refused;
     ``open_channels`` the server sessions held now, ``waiting`` the threads
-    queued for a slot; bytes are payload (stdin, output, file data).
+    queued for a slot; bytes are payload (stdin, output, file data), as sent
+    over the connection: output is counted in bytes, not decoded characters,
+    kept or not (``keep_output=False``).
     """
 
     connects: int = 0

@@ -11,6 +11,7 @@ import os
 import re
 import resource
 import threading
+import tracemalloc
 
 import pytest
 from conftest import start_openssh
@@ -196,6 +197,69 @@ def test_unkept_output_keeps_memory_flat(executor):
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert result.stdout == "" and count[1] == 100_000_000
     assert grown_kib < 50 * 1024, f"peak RSS grew by {grown_kib} KiB"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", None])
+def test_keep_output_false_keeps_nothing_without_on_output(executor, encoding):
+    """Was: without ``on_output`` the result (and a failure) held the whole output."""
+    empty = "" if encoding else b""
+    both = "echo out; echo err >&2"
+    result = executor.run_command(both, keep_output=False, encoding=encoding)
+    assert (result.stdout, result.stderr, result.exit_code) == (empty, empty, 0)
+    failed = executor.run_command(f"{both}; exit 3", keep_output=False, check=False,
+                                  encoding=encoding)
+    assert (failed.stdout, failed.stderr, failed.exit_code) == (empty, empty, 3)
+    with pytest.raises(CommandExecutionFailure) as info:
+        executor.run_command(f"{both}; exit 4", keep_output=False, encoding=encoding)
+    assert (info.value.stdout, info.value.stderr, info.value.exit_code) == (empty, empty, 4)
+    on_pty = executor.run_command(both, keep_output=False, pty=True, encoding=encoding)
+    assert (on_pty.stdout, on_pty.stderr) == (empty, empty)
+    # The same options keep the output again.
+    assert executor.run_command(both, encoding=encoding).stdout == ("out\n" if encoding
+                                                                    else b"out\n")
+
+
+def test_a_timeout_with_keep_output_false_carries_no_output(executor):
+    with pytest.raises(CommandTimeout) as info:
+        executor.run_command("echo out; echo err >&2; sleep 30", keep_output=False, timeout=2)
+    assert (info.value.stdout, info.value.stderr) == ("", "")
+
+
+def test_keep_output_false_without_on_output_keeps_memory_flat(executor):
+    """64 MB dropped as it arrives: Python's allocations (tracemalloc's peak) stay a few
+    windows small, where the buffer and the decoded text took 64 MB each."""
+    tracemalloc.start()
+    try:
+        result = executor.run_command("head -c 64000000 /dev/zero", keep_output=False,
+                                      timeout=120)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"tracemalloc peak {peak / 2**20:.1f} MiB"
+    assert result.stdout == "" and result.exit_code == 0
+
+
+def test_bytes_received_counts_the_bytes_the_command_printed(remote, env_sshd):
+    """Was: the decoded characters of the kept output (2 for two é, 0 when none was kept)."""
+
+    def counted(executor, command, **options):
+        before = executor.statistics().bytes_received
+        executor.run_command(command, **options)
+        return executor.statistics().bytes_received - before
+
+    def drop(stream, line):
+        pass
+
+    two_e = r"printf '\303\251\303\251'"
+    assert counted(remote, two_e) == 4
+    assert counted(remote, two_e, encoding=None) == 4
+    assert counted(remote, "echo abc", on_output=drop, keep_output=False) == 4
+    assert counted(remote, "echo abc; printf de >&2", keep_output=False) == 6
+    assert counted(remote, "echo abc; exit 5", keep_output=False, check=False) == 4
+    params = env_sshd.executor_parameters(client_keys=[env_sshd.forced_key_path])
+    with DupingSSHExecutor(**params) as duping:
+        assert counted(duping, two_e, keep_output=False) == 4
+        assert duping.run_command("echo abc", keep_output=False).stdout == ""
 
 
 def test_duping_executor_sends_env_and_live_lines(env_sshd):
