@@ -395,6 +395,10 @@ class Sessions(Dict[int, "SessionChannel"]):
 
     closes = 0
 
+    def left_by(self, thread: int) -> List[SessionChannel]:
+        """The sessions ``thread`` took and has not handed on (see `SessionChannel.left_by`)."""
+        return [session for session in list(self.values()) if session.left_by(thread)]
+
 
 def _readable_refusal(m: Message) -> Message:
     """An OPEN_FAILURE as paramiko can read it: its texts made UTF-8 if they are not.
@@ -697,6 +701,10 @@ class SessionChannel:
     timeout, by its reaper).
     """
 
+    #: The thread that took this session without its slot (out of the spare, or
+    #: made for it), until it hands the session on (see `left_by`).
+    taker: Optional[int] = None
+
     def __init__(self, transport: paramiko.Transport, claim: Claim,
                  sessions: Dict[int, SessionChannel],
                  open_within: Optional[float] = None) -> None:
@@ -890,6 +898,15 @@ class SessionChannel:
     def holds_slot(self) -> bool:
         return self._slots is not None
 
+    def left_by(self, thread: int) -> bool:
+        """Whether ``thread`` took this session (its slot held by it, or as its `taker`)
+        and has not handed it on: to a command (`running`), to paramiko's API
+        (`hand_over`), or to the spare. Such a session is no one else's: an
+        interrupt (Ctrl-C) as it was handed on by a return value leaves it so.
+        """
+        return (self._holder == thread or self.taker == thread) and not (
+            self.running or self.raw)
+
     # --- opening ------------------------------------------------------------------
 
     def wait_open(self, timeout: Optional[float]) -> bool:
@@ -956,12 +973,17 @@ class SessionChannel:
         self.abandoned = True
         self.hold(None)  # its thread leaves: the server's answer frees the slot
         threading.Thread(target=reap, name="paramiko_executor reap", daemon=True).start()
+        self.taker = None  # the reaper's now (see `left_by`)
 
     def discard(self) -> None:
-        """Close an unused channel (a spare); its slot frees on the server's CLOSE."""
+        """Close an unused channel (a spare); its slot frees on the server's CLOSE.
+
+        A second discard (after an interrupt) closes nothing more and frees no slot.
+        """
         self.hold(None)  # no thread's any more: the next command of the thread must not wait
         if self.answered.is_set():
             self._close_answered()
+            self.taker = None  # closed: the server's CLOSE frees the slot (see `left_by`)
         else:
             self.abandon_open()
 
@@ -972,11 +994,14 @@ class SessionChannel:
         discards the spare as it queues for a slot.
         """
         try:
-            if self.opened:
-                close_soon(self.chan)
+            # Confirmed, not whether still open: a second discard (an interrupted
+            # thread's boundary, see `left_by`) finds the channel closed by the
+            # first, and its slot still the session's, freed on the server's CLOSE.
+            if self.chan.active:
+                close_soon(self.chan)  # nothing to send once closed
             else:
                 self.release_refused()
-        except (*TRANSPORT_ERRORS, ConnectionLost):  # type: ignore[misc]  # mypy cannot unpack it
+        except TRANSPORT_ERRORS:
             pass  # the connection ended, and the session with it
 
     def hand_over(self) -> paramiko.Channel:

@@ -263,9 +263,7 @@ class Slots(threading.BoundedSemaphore):
             if self._closed:
                 raise ConnectionLost("the connection was lost", started=False)
             if self._value > 0 and not self._waiters:
-                self._value -= 1
-                if holder is not None:
-                    self._holders[holder] = self._holders.get(holder, 0) + 1
+                self._take_free(holder)
                 return True
             if not blocking:
                 return False
@@ -306,8 +304,7 @@ class Slots(threading.BoundedSemaphore):
             if self._closed:
                 raise ConnectionLost("the connection was lost", started=False)
             if self._value > 0 and not self._waiters:
-                self._value -= 1
-                self._holders[holder] = self._holders.get(holder, 0) + 1
+                self._take_free(holder)
                 return True
             if self._line_holds_all(holder):
                 raise self._refusal(holder)
@@ -335,6 +332,21 @@ class Slots(threading.BoundedSemaphore):
         if waiter.stuck:
             raise self._refusal(holder)
         return True
+
+    def _take_free(self, holder: Optional[int]) -> None:
+        """Take a free slot for ``holder`` (under ``_cond``).
+
+        The slot and its holder's count change together: no call lies between
+        them, where an interrupt (Ctrl-C) could land and leave one without the
+        other. One that lands after, as the slot is handed to the caller, leaves
+        the slot counted: the caller's boundary gives it back (`release_beyond`).
+        """
+        if holder is None:
+            self._value -= 1
+            return
+        count = self._holders.get(holder, 0) + 1
+        self._value -= 1
+        self._holders[holder] = count
 
     def _line_holds_all(self, holder: int, gone: Sequence[_Waiter] = ()) -> bool:
         """Whether ``holder`` and the threads in line (not ``gone``) hold all slots (under _cond).
@@ -402,6 +414,20 @@ class Slots(threading.BoundedSemaphore):
                     self._value += 1
                 if now is not None:
                     self._closing.append(now)
+
+    def release_beyond(self, holder: int, kept: int) -> None:
+        """Give back the slots thread ``holder`` holds beyond ``kept``, after an interrupt.
+
+        For the boundary of a call that took slots (a command's try, say),
+        ``kept`` being what the thread held as the call began: a Ctrl-C as a
+        slot was handed on by a return value, or at the entry of the claim's
+        ``__exit__``, leaves a slot counted to the thread that no claim or
+        session gives back. Those of the thread's outer calls (the transfer
+        whose ``progress`` callback runs this command) are kept.
+        """
+        extra = self._holders.get(holder, 0) - kept
+        if extra > 0:
+            self.release(extra, holder=holder)
 
     def pass_on(self, previous: Optional[int], holder: Optional[int]) -> None:
         """A held slot that thread ``previous`` held (None: none) is ``holder``'s from now on.

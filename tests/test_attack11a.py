@@ -119,15 +119,6 @@ def _all_back(ex: SSHExecutor, limit: int, where: str) -> None:
              explain=lambda: f"free {_free(ex)} of {limit}, holders {_slots(ex)._holders}")
 
 
-#: Each Ctrl-C below leaves a session or a slot no one's, or a slot freed under a
-#: server session. One owner of a session from its slot's taking to its command
-#: (or a sweep, at the public call's boundary, of what the interrupted thread still
-#: holds) would close them; the Claim hands the session on by return values,
-#: and each return is a point where a Ctrl-C lands.
-_LEFT = "a Ctrl-C here leaves the session, or the slot, no one's (attack11a)"
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_the_commands_channel_is_made_gives_its_session_back(
         make_sshd: Any) -> None:
@@ -144,7 +135,6 @@ def test_a_ctrl_c_as_the_commands_channel_is_made_gives_its_session_back(
         assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_the_spare_is_made_gives_its_session_back(make_sshd: Any) -> None:
     """MaxSessions 2: a Ctrl-C (in the command's thread, which makes the spare after its
@@ -164,7 +154,6 @@ def test_a_ctrl_c_as_the_spare_is_made_gives_its_session_back(make_sshd: Any) ->
         _all_back(ex, 2, "after a Ctrl-C as the spare was made")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_the_claim_gives_its_slot_back_still_gives_it_back(
         make_sshd: Any) -> None:
@@ -184,7 +173,6 @@ def test_a_ctrl_c_as_the_claim_gives_its_slot_back_still_gives_it_back(
         _all_back(ex, 1, "after a Ctrl-C as the claim began to give its slot back")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_the_slot_is_taken_gives_it_back(make_sshd: Any) -> None:
     """MaxSessions 1: a Ctrl-C in ``Slots.acquire`` once it counted the slot taken (after
@@ -269,7 +257,6 @@ def _raised(call: Callable[[], Any]) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_the_spare_is_popped_gives_its_session_back(make_sshd: Any) -> None:
     """MaxSessions 2: a Ctrl-C as ``Spare._pop`` left its ``with self._lock`` (after the
