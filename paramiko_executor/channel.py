@@ -875,8 +875,7 @@ class SessionChannel:
             return  # already so (a released slot has no holder): no lock taken
         with _RELEASE_LOCK:
             if self._slots is not None and holder != self._holder:
-                self._slots.pass_on(self._holder, holder)
-                self._holder = holder
+                self._slots.pass_on(self._holder, holder, self)  # stores _holder with the count
 
     def rebind(self, slots: Slots) -> Optional[Slots]:
         """Let ``slots`` (a slot taken there for it) cover this session; the slots that did.

@@ -11,8 +11,9 @@ what is left.
 from __future__ import annotations
 
 import dis
+import inspect
 import threading
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional, Set
 
 import paramiko
 import pytest
@@ -72,26 +73,54 @@ def _after_the_write_of(kind: int, call: Callable[[], Any]) -> Callable[[], Any]
     return _in_the_send_of(kind, _line(_SEND, "self.__sent_bytes += len(out)"), call, [])
 
 
-def _as_the_call_returns(code: Any, line: int, call: Callable[[], Any]) -> Callable[[], Any]:
+_CALLS = {dis.opmap[name] for name in ("CALL", "CALL_FUNCTION", "CALL_METHOD")
+          if name in dis.opmap}
+
+
+def _after_a_call(frame: Any) -> bool:
+    """Whether ``frame``'s next instruction is the one after a call, which just returned."""
+    code_bytes, before = frame.f_code.co_code, frame.f_lasti - 2
+    while before >= 0 and code_bytes[before] == dis.opmap.get("CACHE", -1):
+        before -= 2
+    return before >= 0 and code_bytes[before] in _CALLS
+
+
+def _as_the_call_returns(code: Any, line: int, call: Callable[[], Any],
+                         caller: Optional[str] = None) -> Callable[[], Any]:
     """``call``, with a Ctrl-C (once) as the first call on ``line`` of the function of
-    ``code`` returns, before the next instruction: where CPython checks for signals after
-    a call into C (a lock's ``acquire``, say)."""
-    calls = {dis.opmap[name] for name in ("CALL", "CALL_FUNCTION", "CALL_METHOD")
-             if name in dis.opmap}
+    ``code`` (called from a function of file ``caller``, if given) returns, before the
+    next instruction: where CPython checks for signals after a call into C (a lock's
+    ``acquire``, say)."""
     done: List[bool] = []
 
     def local(frame: Any, event: str, arg: Any) -> Any:
         frame.f_trace_opcodes = True
-        if event == "opcode" and not done and frame.f_lineno == line:
-            code_bytes, before = frame.f_code.co_code, frame.f_lasti - 2
-            while before >= 0 and code_bytes[before] == dis.opmap.get("CACHE", -1):
-                before -= 2
-            if before >= 0 and code_bytes[before] in calls:
+        if caller is not None and (frame.f_back is None
+                                   or frame.f_back.f_code.co_filename != caller):
+            return local
+        if event == "opcode" and not done and frame.f_lineno == line and _after_a_call(frame):
+            done.append(True)
+            raise KeyboardInterrupt
+        return local
+
+    return traced_in(code, local, done, call, opcodes=True)
+
+
+def _as_a_call_returns(codes: Set[Any], count: int, call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call``, with a Ctrl-C as the ``count``-th call (from 1) made in a function of
+    ``codes`` returns (in the calling thread); none if fewer calls returned there."""
+    returned: List[bool] = []
+    done: List[bool] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode" and not done and _after_a_call(frame):
+            returned.append(True)
+            if len(returned) == count:
                 done.append(True)
                 raise KeyboardInterrupt
         return local
 
-    return traced_in(code, local, done, call, opcodes=True)
+    return traced_in(frozenset(codes), local, done, call, opcodes=True)
 
 
 def _free(ex: SSHExecutor) -> int:
@@ -276,6 +305,97 @@ def test_a_ctrl_c_as_the_spare_is_popped_gives_its_session_back(make_sshd: Any) 
 
 
 @pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_the_spares_slot_passes_to_the_thread_gives_it_back(
+        make_sshd: Any) -> None:
+    """MaxSessions 2: a Ctrl-C in ``SessionChannel.hold`` as ``Slots.pass_on`` returned (the
+    spare's slot counted to the thread that took it) before the session recorded its new
+    holder: the thread stayed counted for a slot its session said was no thread's."""
+    server = make_sshd(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        link = ex._connection.link
+        assert link is not None and link.spare is not None
+        wait_for(lambda: _free(ex) == 2, "the probe's slots", timeout=10)
+        ex.run_command("true", timeout=30)  # leaves a spare
+        assert link.spare.held
+        _interrupted(_as_the_call_returns(
+            SessionChannel.hold.__code__, _line(SessionChannel.hold, "self._slots.pass_on("),
+            lambda: ex.run_command("true", timeout=30)))
+        wait_for(lambda: not link.sessions, "the server's CLOSE of the spare", timeout=10)
+        _all_back(ex, 2, "after a Ctrl-C as the spare's slot passed to the thread")
+        # Released twice (by the thread's boundary, then at the CLOSE), the slot's
+        # release raised in the transport thread, which ended the connection.
+        assert link.alive() and ex._connection.link is link, "the connection was lost"
+        assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
+
+
+@pytest.mark.parametrize("what", ["a bounded_connection block", "a command"])
+@pytest.mark.hang_timeout(300)
+def test_a_ctrl_c_as_any_call_of_the_slots_returns_gives_the_slot_back(
+        make_sshd: Any, what: str) -> None:
+    """MaxSessions 1: a Ctrl-C as each call made in the slots' own code returns, one after
+    the other, as ``what`` takes its slot and gives it back. ``Slots.acquire`` took the
+    slot and then counted it to its thread after ``self._holders.get`` (a call into C):
+    a Ctrl-C between left the slot taken and counted to no one, for good; ``release``
+    counted it off first: one landing next left it counted off and never freed."""
+    server = make_sshd(max_sessions=1)
+    codes = {function.__code__ for owner in (Slots, Claim) for function in vars(owner).values()
+             if inspect.isfunction(function)}
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+
+        def block() -> None:
+            with ex.bounded_connection:
+                pass
+
+        work = block if what == "a bounded_connection block" else (
+            lambda: ex.run_command("true", timeout=30))
+        _all_back(ex, 1, "before the sweep")
+        for count in range(1, 200):
+            try:
+                _as_a_call_returns(codes, count, work)()
+            except KeyboardInterrupt:
+                _all_back(ex, 1, f"after a Ctrl-C as call {count} of the slots returned")
+                continue
+            assert count > 3, f"only {count - 1} calls of the slots' code returned"
+            break
+        else:
+            raise AssertionError("the sweep did not end: a call returns at every run")
+        assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_session_discarded_twice_keeps_its_slot_until_the_server_closes(
+        make_test_server: Any) -> None:
+    """A second discard of a session (an interrupted thread's boundary sweeps what a first
+    discard closed) took the channel, closed by the first, for one whose open was refused,
+    and freed its slot at once, while the server still held the session (its CLOSE not
+    in yet): an open on that slot would be refused, or exceed MaxSessions."""
+    server = make_test_server(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true", timeout=20)
+        link = ex._connection.link
+        assert link is not None and link.spare is not None
+        spare_of = link.spare
+        wait_for(lambda: _free(ex) == 2, "the probe's slots", timeout=10)
+        ex.run_command("true", timeout=20)  # leaves a spare
+        wait_for(lambda: _free(ex) == 2 and spare_of._pending is not None
+                 and spare_of._pending.answered.is_set(),
+                 "the command's slot back, the spare's open answered", timeout=10)
+        spare = spare_of._pop()
+        assert spare is not None
+        free = _slots(ex).available
+        server.freeze()  # the server's CLOSE in reply waits
+        try:
+            spare.discard()
+            spare.discard()
+            assert _slots(ex).available == free, "a slot freed before the server's CLOSE"
+        finally:
+            server.thaw()
+        _all_back(ex, 2, "once the server closed the discarded session")
+
+
+@pytest.mark.hang_timeout(120)
 def test_a_close_held_past_a_stalled_key_exchange_does_not_keep_the_session(
         make_test_server: Any) -> None:
     """Our CLOSE, held by a key exchange the server stalls past paramiko's
@@ -363,6 +483,38 @@ def test_a_reply_to_the_servers_close_held_past_a_stalled_key_exchange_frees_the
         if link is not None and link.slots is not None and not link.slots.closed:
             _all_back(ex, 1, "after the stalled reply")
         assert ex.run_command("echo after", timeout=30).stdout == "after\n"
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_the_slots_lock_is_taken_leaves_the_connection_usable(
+        make_sshd: Any) -> None:
+    """A Ctrl-C as the slots' lock was got inside ``threading.Condition.__enter__`` (a
+    Python function: CPython checks for signals as the lock's acquire returns), before the
+    ``with`` held it: the lock stayed taken for good, and the next slot operation of any
+    thread (the next command; the transport thread's release at a CLOSE) waited forever.
+    The slots guard their state with a plain lock now, whose ``with`` is taken in C: with
+    no such point left, the command runs."""
+    server = make_sshd(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        slots = _slots(ex)
+        lock = slots._cond._lock  # type: ignore[attr-defined]  # the semaphore's, used before
+        try:
+            interrupted = call_in_thread(_as_the_call_returns(
+                threading.Condition.__enter__.__code__,
+                _line(threading.Condition.__enter__, "return self._lock.__enter__()"),
+                lambda: ex.run_command("true", timeout=30),
+                caller=Slots.acquire.__code__.co_filename))
+            interrupted["thread"].join(20)
+            assert not interrupted["thread"].is_alive(), "the interrupted command hung"
+            following = call_in_thread(lambda: ex.run_command("echo ok", timeout=5))
+            following["thread"].join(20)
+            assert not following["thread"].is_alive(), "the next command hung on the slots"
+            assert "error" not in following, repr(following.get("error"))
+            assert following["result"].stdout == "ok\n"
+        finally:
+            if lock.locked():  # kept by the interrupt: let the stuck threads go
+                lock.release()
 
 
 @pytest.mark.hang_timeout(120)
