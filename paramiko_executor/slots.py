@@ -435,6 +435,7 @@ class Slots(threading.BoundedSemaphore):
                 self._holders[waiter.holder] = gained
         else:
             self._value += 1
+        # Inline, as in `pass_on`: a helper's call would be a point where a Ctrl-C lands.
         if holder is not None:
             if left > 0:
                 self._holders[holder] = left

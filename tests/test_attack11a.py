@@ -13,11 +13,11 @@ from __future__ import annotations
 import dis
 import inspect
 import threading
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import paramiko
 import pytest
-from helpers import at_line, call_in_thread, traced_in, wait_for
+from helpers import at_line, call_in_thread, make_spare, traced_in, wait_for
 from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_OPEN
 from test_attack10f import _line
 
@@ -293,12 +293,7 @@ def test_a_ctrl_c_as_the_spare_is_popped_gives_its_session_back(make_sshd: Any) 
     ``Spare.take``: the spare's session stayed open and its slot taken for good."""
     server = make_sshd(max_sessions=2)
     with SSHExecutor(**server.executor_parameters()) as ex:
-        assert ex.run_command("true", timeout=30).exit_code == 0
-        link = ex._connection.link
-        assert link is not None and link.spare is not None
-        wait_for(lambda: _free(ex) == 2, "the probe's slots", timeout=10)
-        ex.run_command("true", timeout=30)  # leaves a spare
-        assert link.spare.held
+        make_spare(ex)
         _interrupted(at_line(Spare._pop.__code__, _line(Spare._pop, "return pending"),
                              _interrupt, lambda: ex.run_command("true", timeout=30)))
         _all_back(ex, 2, "after a Ctrl-C as the spare was popped")
@@ -312,12 +307,7 @@ def test_a_ctrl_c_as_the_spares_slot_passes_to_the_thread_gives_it_back(
     holder: the thread stayed counted for a slot its session said was no thread's."""
     server = make_sshd(max_sessions=2)
     with SSHExecutor(**server.executor_parameters()) as ex:
-        assert ex.run_command("true", timeout=30).exit_code == 0
-        link = ex._connection.link
-        assert link is not None and link.spare is not None
-        wait_for(lambda: _free(ex) == 2, "the probe's slots", timeout=10)
-        ex.run_command("true", timeout=30)  # leaves a spare
-        assert link.spare.held
+        link = make_spare(ex)
         _interrupted(_as_the_call_returns(
             SessionChannel.hold.__code__, _line(SessionChannel.hold, "self._slots.pass_on("),
             lambda: ex.run_command("true", timeout=30)))
@@ -373,12 +363,7 @@ def test_a_session_discarded_twice_keeps_its_slot_until_the_server_closes(
     in yet): an open on that slot would be refused, or exceed MaxSessions."""
     server = make_test_server(max_sessions=2)
     with SSHExecutor(**server.executor_parameters()) as ex:
-        ex.run_command("true", timeout=20)
-        link = ex._connection.link
-        assert link is not None and link.spare is not None
-        spare_of = link.spare
-        wait_for(lambda: _free(ex) == 2, "the probe's slots", timeout=10)
-        ex.run_command("true", timeout=20)  # leaves a spare
+        spare_of = make_spare(ex).spare
         wait_for(lambda: _free(ex) == 2 and spare_of._pending is not None
                  and spare_of._pending.answered.is_set(),
                  "the command's slot back, the spare's open answered", timeout=10)
@@ -485,6 +470,20 @@ def test_a_reply_to_the_servers_close_held_past_a_stalled_key_exchange_frees_the
         assert ex.run_command("echo after", timeout=30).stdout == "after\n"
 
 
+def _then_a_command(ex: SSHExecutor, interrupted: Callable[[], Any]) -> Dict[str, Any]:
+    """Run ``interrupted`` (a command a Ctrl-C may end), then a command, each in a thread
+    of its own: neither hangs, and the second runs. The first's `call_in_thread` outcome."""
+    outcome = call_in_thread(interrupted)
+    outcome["thread"].join(20)
+    assert not outcome["thread"].is_alive(), "the interrupted command hung"
+    following = call_in_thread(lambda: ex.run_command("echo ok", timeout=5))
+    following["thread"].join(20)
+    assert not following["thread"].is_alive(), "the next command hung (a lock kept taken)"
+    assert "error" not in following, repr(following.get("error"))
+    assert following["result"].stdout == "ok\n"
+    return outcome
+
+
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_the_slots_lock_is_taken_leaves_the_connection_usable(
         make_sshd: Any) -> None:
@@ -500,18 +499,11 @@ def test_a_ctrl_c_as_the_slots_lock_is_taken_leaves_the_connection_usable(
         slots = _slots(ex)
         lock = slots._cond._lock  # type: ignore[attr-defined]  # the semaphore's, used before
         try:
-            interrupted = call_in_thread(_as_the_call_returns(
+            _then_a_command(ex, _as_the_call_returns(
                 threading.Condition.__enter__.__code__,
                 _line(threading.Condition.__enter__, "return self._lock.__enter__()"),
                 lambda: ex.run_command("true", timeout=30),
                 caller=Slots.acquire.__code__.co_filename))
-            interrupted["thread"].join(20)
-            assert not interrupted["thread"].is_alive(), "the interrupted command hung"
-            following = call_in_thread(lambda: ex.run_command("echo ok", timeout=5))
-            following["thread"].join(20)
-            assert not following["thread"].is_alive(), "the next command hung on the slots"
-            assert "error" not in following, repr(following.get("error"))
-            assert following["result"].stdout == "ok\n"
         finally:
             if lock.locked():  # kept by the interrupt: let the stuck threads go
                 lock.release()
@@ -532,19 +524,11 @@ def test_a_ctrl_c_as_a_send_takes_the_send_lock_leaves_the_connection_usable(
         assert link is not None
         lock = link.transport.clear_to_send_lock
         try:
-            interrupted = call_in_thread(_as_the_call_returns(
+            interrupted = _then_a_command(ex, _as_the_call_returns(
                 send_if_clear.__code__,
                 _line(send_if_clear, "_take(transport.clear_to_send_lock,"),
                 lambda: ex.run_command("true", timeout=30)))
-            interrupted["thread"].join(20)
-            assert not interrupted["thread"].is_alive(), (
-                "the interrupted command hung closing its channel")
             assert isinstance(interrupted.get("error"), KeyboardInterrupt), interrupted
-            following = call_in_thread(lambda: ex.run_command("echo ok", timeout=5))
-            following["thread"].join(20)
-            assert not following["thread"].is_alive(), "the next command hung in its send"
-            assert "error" not in following, repr(following.get("error"))
-            assert following["result"].stdout == "ok\n"
         finally:
             if lock.locked():  # kept by the interrupt: let the stuck threads go
                 lock.release()
