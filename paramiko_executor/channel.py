@@ -600,6 +600,11 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
                     return
                 if s is not None:
                     s.open_answered(refused)
+                    if refused:
+                        # Freed here, before paramiko wakes the opener, where no Ctrl-C
+                        # lands: in the opener's thread one could land between the slot's
+                        # record cleared and its release (`settle_open` finds it done).
+                        s.release_refused()
                 if refused:
                     args = (*args[:-1], _readable_refusal(m))
                 on_answer(*args)

@@ -354,6 +354,40 @@ def test_a_ctrl_c_as_any_call_of_the_slots_returns_gives_the_slot_back(
         assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
 
 
+@pytest.mark.parametrize("refused", ["a command's open", "the spare's open"])
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_a_refused_opens_slot_is_freed_gives_it_back(
+        make_sshd: Any, refused: str) -> None:
+    """The server (MaxSessions 1, the executor told 2) refuses an open while another
+    session holds its one: a Ctrl-C in ``SessionChannel._release``, in the thread that
+    learnt of the refusal (the opener, or the command taking the refused spare), as its
+    ``with`` let go of the lock (the slot's record cleared, its release still to come),
+    lost the slot for good."""
+    server = make_sshd(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters(max_sessions=2)) as ex:
+        interrupted = at_line(SessionChannel._release.__code__,
+                              _line(SessionChannel._release, "if slots is not None"),
+                              _interrupt, lambda: ex.run_command("true", timeout=30))
+        if refused == "a command's open":
+            with ex.bounded_connection as transport:
+                chan = transport.open_session(timeout=10)
+                try:
+                    _interrupted(interrupted)
+                finally:
+                    chan.close()
+        else:
+            ex.run_command("sleep 0.5", timeout=30)  # its spare opens as it runs
+            link = ex._connection.link
+            assert link is not None and link.spare is not None
+            spare = link.spare._pending
+            assert spare is not None
+            wait_for(spare.answered.is_set, "the spare's refusal", timeout=10)
+            assert not spare.chan.active, "the spare was not refused"
+            _interrupted(interrupted)
+        _all_back(ex, 2, f"after a Ctrl-C as {refused}'s slot was freed")
+        assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
+
+
 @pytest.mark.hang_timeout(120)
 def test_a_session_discarded_twice_keeps_its_slot_until_the_server_closes(
         make_test_server: Any) -> None:
