@@ -37,8 +37,10 @@ class Spare:
 
     @property
     def held(self) -> bool:
-        """Whether a spare channel, and so one slot, is held right now."""
-        return self._pending is not None
+        """Whether a spare channel holding a slot is kept right now (a refused one, whose
+        slot the refusal freed, holds none)."""
+        pending = self._pending
+        return pending is not None and pending.holds_slot
 
     def _pop(self) -> Optional[SessionChannel]:
         """Take the spare out, the calling thread's (its `SessionChannel.taker`) from here on."""
