@@ -397,6 +397,10 @@ class Sessions(Dict[int, "SessionChannel"]):
 
     closes = 0
 
+    def left_by(self, thread: int) -> List[SessionChannel]:
+        """The sessions ``thread`` took and has not handed on (see `SessionChannel.left_by`)."""
+        return [session for session in list(self.values()) if session.left_by(thread)]
+
 
 def _readable_refusal(m: Message) -> Message:
     """An OPEN_FAILURE as paramiko can read it: its texts made UTF-8 if they are not.
@@ -598,6 +602,11 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
                     return
                 if s is not None:
                     s.open_answered(refused)
+                    if refused:
+                        # Freed here, before paramiko wakes the opener, where no Ctrl-C
+                        # lands: in the opener's thread one could land between the slot's
+                        # record cleared and its release (`settle_open` finds it done).
+                        s.release_refused()
                 if refused:
                     args = (*args[:-1], _readable_refusal(m))
                 on_answer(*args)
@@ -698,6 +707,10 @@ class SessionChannel:
     everything else is done by the thread that owns the channel (or, after a
     timeout, by its reaper).
     """
+
+    #: The thread that took this session without its slot (out of the spare, or
+    #: made for it), until it hands the session on (see `left_by`).
+    taker: Optional[int] = None
 
     def __init__(self, transport: paramiko.Transport, claim: Claim,
                  sessions: Dict[int, SessionChannel],
@@ -879,8 +892,7 @@ class SessionChannel:
             return  # already so (a released slot has no holder): no lock taken
         with _RELEASE_LOCK:
             if self._slots is not None and holder != self._holder:
-                self._slots.pass_on(self._holder, holder)
-                self._holder = holder
+                self._slots.pass_on(self._holder, holder, self)  # stores _holder with the count
 
     def rebind(self, slots: Slots) -> Optional[Slots]:
         """Let ``slots`` (a slot taken there for it) cover this session; the slots that did.
@@ -901,6 +913,15 @@ class SessionChannel:
     @property
     def holds_slot(self) -> bool:
         return self._slots is not None
+
+    def left_by(self, thread: int) -> bool:
+        """Whether ``thread`` took this session (its slot held by it, or as its `taker`)
+        and has not handed it on: to a command (`running`), to paramiko's API
+        (`hand_over`), or to the spare. Such a session is no one else's: an
+        interrupt (Ctrl-C) as it was handed on by a return value leaves it so.
+        """
+        return (self._holder == thread or self.taker == thread) and not (
+            self.running or self.raw)
 
     # --- opening ------------------------------------------------------------------
 
@@ -968,12 +989,17 @@ class SessionChannel:
         self.abandoned = True
         self.hold(None)  # its thread leaves: the server's answer frees the slot
         threading.Thread(target=reap, name="paramiko_executor reap", daemon=True).start()
+        self.taker = None  # the reaper's now (see `left_by`)
 
     def discard(self) -> None:
-        """Close an unused channel (a spare); its slot frees on the server's CLOSE."""
+        """Close an unused channel (a spare); its slot frees on the server's CLOSE.
+
+        A second discard (after an interrupt) closes nothing more and frees no slot.
+        """
         self.hold(None)  # no thread's any more: the next command of the thread must not wait
         if self.answered.is_set():
             self._close_answered()
+            self.taker = None  # closed: the server's CLOSE frees the slot (see `left_by`)
         else:
             self.abandon_open()
 
@@ -984,11 +1010,14 @@ class SessionChannel:
         discards the spare as it queues for a slot.
         """
         try:
-            if self.opened:
-                close_soon(self.chan)
+            # Confirmed, not whether still open: a second discard (an interrupted
+            # thread's boundary, see `left_by`) finds the channel closed by the
+            # first, and its slot still the session's, freed on the server's CLOSE.
+            if self.chan.active:
+                close_soon(self.chan)  # nothing to send once closed
             else:
                 self.release_refused()
-        except (*TRANSPORT_ERRORS, ConnectionLost):  # type: ignore[misc]  # mypy cannot unpack it
+        except TRANSPORT_ERRORS:
             pass  # the connection ended, and the session with it
 
     def hand_over(self) -> paramiko.Channel:

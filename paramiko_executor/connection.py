@@ -443,6 +443,26 @@ def close_transport(transport: paramiko.Transport) -> None:
         close_transport(sock.get_transport())
 
 
+class _Taking:
+    """The boundary of a call that takes sessions and slots of ``link`` (see `Link.taking`)."""
+
+    __slots__ = ("link", "thread", "held")
+
+    def __init__(self, link: Link) -> None:
+        assert link.slots is not None
+        self.link = link
+        self.thread = threading.get_ident()
+        #: The slots the thread held as the call began (an outer call's: kept).
+        self.held = link.slots.held_by(self.thread)
+
+    def __enter__(self) -> _Taking:
+        return self
+
+    def __exit__(self, kind: Optional[type], *rest: object) -> None:
+        if kind is not None:
+            self.link.give_back(self.thread, self.held)
+
+
 class Link:
     """One live connection: its transport and everything that belongs to it alone.
 
@@ -491,6 +511,25 @@ class Link:
 
     def alive(self) -> bool:
         return self.transport.is_active()
+
+    def taking(self) -> _Taking:
+        """The boundary of a call of this thread that takes sessions or slots here (a
+        command's try, a transfer's, a ``bounded_connection`` block): ``with link.taking():``.
+
+        An error out of the block, an interrupt (Ctrl-C) above all, gives back
+        what the thread took in it and did not hand on (`give_back`): each hand-off
+        by return value in the block (a slot's, a channel's, the spare's) is a point
+        where a Ctrl-C can land, after the callee let go and before the caller held on.
+        """
+        return _Taking(self)
+
+    def give_back(self, thread: int, held: int) -> None:
+        """Discard the sessions ``thread`` took and did not hand on (`Sessions.left_by`), then
+        release the slots it holds beyond ``held``, which no claim or session gives back."""
+        for session in self.sessions.left_by(thread):
+            session.discard()
+        if self.slots is not None:
+            self.slots.release_beyond(thread, held)
 
     def server_sessions(self) -> int:
         """How many of our sessions the server confirmed and has not closed yet."""

@@ -358,7 +358,7 @@ class SSHExecutor(Executor):
     def _bounded_connection(self) -> Iterator[paramiko.Transport]:
         link = self._get_link()
         assert link.slots is not None
-        with Claim(link.slots, threading.get_ident()) as claim:
+        with link.taking(), Claim(link.slots, threading.get_ident()) as claim:
             try:
                 self._take_slot(link, None, claim)
             except ExecutorFailure as exc:
@@ -487,19 +487,20 @@ class SSHExecutor(Executor):
         def attempt(link: Link, side: Local) -> Optional[int]:
             if self._leftovers:
                 self._remove_leftovers(link, deadline)
-            session = self._open_session(link, deadline)
-            if session is None:
-                return None
-            try:
-                return work(session.hand_over(), deadline, side)
-            except TimeoutError:
-                return None
-            except (FileNotFoundError, PermissionError):
-                raise  # the remote file's answer: not the connection's
-            except TRANSPORT_ERRORS as exc:
-                raise mapped(exc, link.transport, True, "the transfer") from None
-            finally:
-                session.hold(None)
+            with link.taking():
+                session = self._open_session(link, deadline)
+                if session is None:
+                    return None
+                try:
+                    return work(session.hand_over(), deadline, side)
+                except TimeoutError:
+                    return None
+                except (FileNotFoundError, PermissionError):
+                    raise  # the remote file's answer: not the connection's
+                except TRANSPORT_ERRORS as exc:
+                    raise mapped(exc, link.transport, True, "the transfer") from None
+                finally:
+                    session.hold(None)
 
         def run() -> int:
             side = Local(local)
@@ -554,14 +555,15 @@ class SSHExecutor(Executor):
         try:
             bound = time.monotonic() + LEFTOVER_TIMEOUT
             bound = bound if until is None else min(bound, until)
-            session = self._open_session(link, bound)
-            if session is not None:
-                try:
-                    with translate(link.transport, what="the clean-up"):
-                        remove(session.hand_over(), *pending, deadline=bound)
-                finally:
-                    session.hold(None)
-                settled = True
+            with link.taking():
+                session = self._open_session(link, bound)
+                if session is not None:
+                    try:
+                        with translate(link.transport, what="the clean-up"):
+                            remove(session.hand_over(), *pending, deadline=bound)
+                    finally:
+                        session.hold(None)
+                    settled = True
         except SFTPNotStarted:
             log.debug("gave up the temporary files of failed uploads %s: the server did not "
                       "start SFTP", sorted(pending), exc_info=True)
@@ -726,18 +728,13 @@ class SSHExecutor(Executor):
                                       "the command did not run") from None
         assert link.spare is not None
         log.debug("running %r", spec.command)
-        session: Optional[SessionChannel] = None
-        try:
+        # An interrupt (Ctrl-C) between the open and run's own cover (or as the
+        # spare is made after the exec): nothing else would close the session.
+        with link.taking():
             session = self._open_session(link, deadline)
             if session is None:
                 return None
             return session.run(spec, deadline, after_exec=link.spare.replenish)
-        except BaseException:
-            # An interrupt (Ctrl-C) between the open and run's own cover: nothing
-            # else would close the session, which would keep its slot for good.
-            if session is not None and not session.running:
-                session.discard()
-            raise
 
     def _take_slot(self, link: Link, deadline: Optional[float], claim: Claim) -> bool:
         """A slot of ``link`` for this thread by ``deadline``, into ``claim``; a spare gives

@@ -45,7 +45,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Callable, Deque, Dict, Optional, Sequence
+from typing import Callable, Deque, Dict, Optional, Protocol, Sequence
 
 from .errors import ConnectionLost, ExecutorFailure
 
@@ -88,6 +88,12 @@ def _own_every_slot(limit: int, alone: bool = True) -> ExecutorFailure:
     return ExecutorFailure(
         f"{who}, so nothing was sent. Run it on another executor (its own connection), or "
         f"let the connection have more sessions (the server's MaxSessions, max_sessions)")
+
+
+class _Held(Protocol):
+    """A session holding a slot, which records the thread it holds it for (`Slots.pass_on`)."""
+
+    _holder: Optional[int]
 
 
 class _Waiter:
@@ -145,12 +151,17 @@ class Slots(threading.BoundedSemaphore):
     """
 
     # BoundedSemaphore's own state, which typeshed leaves out.
-    _cond: threading.Condition
     _value: int
     _initial_value: int
 
     def __init__(self, value: int = 1) -> None:
         super().__init__(value)
+        #: Guards the state, in place of the semaphore's condition: a plain lock's
+        #: ``with`` is taken and let go in C, where no interrupt (Ctrl-C) lands, while
+        #: a `threading.Condition`'s ``__enter__`` and ``__exit__`` are Python
+        #: functions: one landing there left the lock held, and every later slot
+        #: operation of the connection (the transport thread's releases too) stuck.
+        self._mutex = threading.Lock()
         self._waiters: Deque[_Waiter] = collections.deque()
         #: How many slots each thread (by `threading.get_ident`) holds that only it gives back.
         self._holders: Dict[int, int] = {}
@@ -195,7 +206,7 @@ class Slots(threading.BoundedSemaphore):
         `pace` follows the shortest such round trip seen (a longer one
         measured queueing, not the path), from the first refusal on.
         """
-        with self._cond:
+        with self._mutex:
             if self._round_trip is None or seconds < self._round_trip:
                 self._round_trip = seconds
             elif not refused or self._refused:
@@ -216,13 +227,13 @@ class Slots(threading.BoundedSemaphore):
         """
         if not self._pace:
             return 0.0  # the common case (every fast path): no lock taken per command
-        with self._cond:
+        with self._mutex:
             if self._still_closing() <= self._value:
                 return 0.0
             return max(0.0, self._closing.popleft() + self._pace - time.monotonic())
 
     def _still_closing(self) -> int:
-        """How many released sessions the server may still be freeing (under ``_cond``)."""
+        """How many released sessions the server may still be freeing (under ``_mutex``)."""
         closing = self._closing
         if closing:
             since = time.monotonic() - self._pace
@@ -259,13 +270,11 @@ class Slots(threading.BoundedSemaphore):
         """
         if not blocking and timeout is not None:
             raise ValueError("can't specify timeout for non-blocking acquire")
-        with self._cond:
+        with self._mutex:
             if self._closed:
                 raise ConnectionLost("the connection was lost", started=False)
             if self._value > 0 and not self._waiters:
-                self._value -= 1
-                if holder is not None:
-                    self._holders[holder] = self._holders.get(holder, 0) + 1
+                self._take_free(holder)
                 return True
             if not blocking:
                 return False
@@ -302,12 +311,11 @@ class Slots(threading.BoundedSemaphore):
         is held without need, such as a spare channel's).
         """
         holder = threading.get_ident()
-        with self._cond:
+        with self._mutex:
             if self._closed:
                 raise ConnectionLost("the connection was lost", started=False)
             if self._value > 0 and not self._waiters:
-                self._value -= 1
-                self._holders[holder] = self._holders.get(holder, 0) + 1
+                self._take_free(holder)
                 return True
             if self._line_holds_all(holder):
                 raise self._refusal(holder)
@@ -336,8 +344,23 @@ class Slots(threading.BoundedSemaphore):
             raise self._refusal(holder)
         return True
 
+    def _take_free(self, holder: Optional[int]) -> None:
+        """Take a free slot for ``holder`` (under ``_mutex``).
+
+        The slot and its holder's count change together: no call lies between
+        them, where an interrupt (Ctrl-C) could land and leave one without the
+        other. One that lands after, as the slot is handed to the caller, leaves
+        the slot counted: the caller's boundary gives it back (`release_beyond`).
+        """
+        if holder is None:
+            self._value -= 1
+            return
+        count = self._holders.get(holder, 0) + 1
+        self._value -= 1
+        self._holders[holder] = count
+
     def _line_holds_all(self, holder: int, gone: Sequence[_Waiter] = ()) -> bool:
-        """Whether ``holder`` and the threads in line (not ``gone``) hold all slots (under _cond).
+        """Whether ``holder`` and the threads in line (not ``gone``) hold all slots (under _mutex).
 
         A thread in line without a deadline gives back what it holds only
         once handed a slot, and only the slots held outside the line can be
@@ -364,7 +387,7 @@ class Slots(threading.BoundedSemaphore):
 
     def _give_up(self, waiter: _Waiter) -> bool:
         """Leave the line; False if a release handed us the slot meanwhile (we hold it then)."""
-        with self._cond:
+        with self._mutex:
             try:
                 self._waiters.remove(waiter)
                 return True
@@ -381,52 +404,89 @@ class Slots(threading.BoundedSemaphore):
         """
         if n < 1:
             raise ValueError("n must be one or more")
-        with self._cond:
+        with self._mutex:
             if self._closed:
                 return
-            if holder is not None:
-                self._count_off(holder, n)
             now = time.monotonic() if self._pace else None
             for _ in range(n):
-                if self._kept_back:
-                    self._kept_back -= 1
-                    continue
-                if self._waiters:
-                    waiter = self._waiters.popleft()
-                    if waiter.holder is not None:
-                        self._holders[waiter.holder] = self._holders.get(waiter.holder, 0) + 1
-                    waiter.lock.release()
-                elif self._value >= self._initial_value:
-                    raise ValueError("Semaphore released too many times")
-                else:
-                    self._value += 1
-                if now is not None:
-                    self._closing.append(now)
+                self._release_one(holder, now)
 
-    def pass_on(self, previous: Optional[int], holder: Optional[int]) -> None:
+    def _release_one(self, holder: Optional[int], now: Optional[float]) -> None:
+        """Give back one slot of ``holder``, released at ``now`` (under ``_mutex``).
+
+        The counts are worked out first; the slot's hand-on (kept back, to the
+        next waiter, or free) and its holders' counts are then stored with no
+        call in between, where an interrupt (Ctrl-C) could land and leave a slot
+        counted off and never freed, or freed and still counted (which a
+        boundary would then release again, `release_beyond`).
+        """
+        kept = self._kept_back > 0
+        left = -1 if holder is None else self._holders.get(holder, 0) - 1
+        waiter = self._waiters[0] if self._waiters and not kept else None
+        gained = 0 if waiter is None or waiter.holder is None else (
+            self._holders.get(waiter.holder, 0) + 1)
+        if not kept and waiter is None and self._value >= self._initial_value:
+            raise ValueError("Semaphore released too many times")
+        if kept:
+            self._kept_back -= 1
+        elif waiter is not None:
+            del self._waiters[0]
+            if waiter.holder is not None:
+                self._holders[waiter.holder] = gained
+        else:
+            self._value += 1
+        # Inline, as in `pass_on`: a helper's call would be a point where a Ctrl-C lands.
+        if holder is not None:
+            if left > 0:
+                self._holders[holder] = left
+            elif holder in self._holders:
+                del self._holders[holder]
+        if waiter is not None:
+            waiter.lock.release()  # the hand-on is whole: the waiter runs
+        if now is not None and not kept:
+            self._closing.append(now)
+
+    def release_beyond(self, holder: int, kept: int) -> None:
+        """Give back the slots thread ``holder`` holds beyond ``kept``, after an interrupt.
+
+        For the boundary of a call that took slots (a command's try, say),
+        ``kept`` being what the thread held as the call began: a Ctrl-C as a
+        slot was handed on by a return value, or at the entry of the claim's
+        ``__exit__``, leaves a slot counted to the thread that no claim or
+        session gives back. Those of the thread's outer calls (the transfer
+        whose ``progress`` callback runs this command) are kept.
+        """
+        extra = self._holders.get(holder, 0) - kept
+        if extra > 0:
+            self.release(extra, holder=holder)
+
+    def pass_on(self, previous: Optional[int], holder: Optional[int],
+                owner: Optional[_Held] = None) -> None:
         """A held slot that thread ``previous`` held (None: none) is ``holder``'s from now on.
 
         A spare channel's slot becomes the thread's that takes the spare; a
         thread done with its channel, which only the server's CLOSE frees now,
-        passes its slot on to None.
+        passes its slot on to None. ``owner``, the session the slot covers,
+        records its holder with the counts: an interrupt (Ctrl-C) leaves both
+        as they were or both changed, never a thread counted for a slot its
+        session says is another's (which a boundary would then release twice).
         """
         if previous == holder:
             return
-        with self._cond:
-            if self._closed:
-                return
-            if previous is not None:
-                self._count_off(previous, 1)
-            if holder is not None:
-                self._holders[holder] = self._holders.get(holder, 0) + 1
-
-    def _count_off(self, holder: int, n: int) -> None:
-        """``holder`` holds ``n`` slots fewer (under ``_cond``)."""
-        left = self._holders.get(holder, 0) - n
-        if left > 0:
-            self._holders[holder] = left
-        else:
-            self._holders.pop(holder, None)
+        with self._mutex:
+            if not self._closed:
+                # Counted first; then stored with no call in between, where a Ctrl-C lands.
+                left = -1 if previous is None else self._holders.get(previous, 0) - 1
+                count = 0 if holder is None else self._holders.get(holder, 0) + 1
+                if previous is not None:
+                    if left > 0:
+                        self._holders[previous] = left
+                    elif previous in self._holders:
+                        del self._holders[previous]
+                if holder is not None:
+                    self._holders[holder] = count
+            if owner is not None:
+                owner._holder = holder
 
     def lower(self, limit: int) -> None:
         """Make ``limit`` (1 or more, below the current limit) the number of slots in all.
@@ -437,7 +497,7 @@ class Slots(threading.BoundedSemaphore):
         leaves the line with `ExecutorFailure` (see `take`); so do the newest
         waiting threads holding slots, while the line holds every slot.
         """
-        with self._cond:
+        with self._mutex:
             if not 1 <= limit < self._initial_value:
                 raise ValueError(f"limit must be from 1 to {self._initial_value - 1}, not {limit}")
             cut = self._initial_value - limit
@@ -462,7 +522,7 @@ class Slots(threading.BoundedSemaphore):
 
     def close(self) -> None:
         """The connection is gone: waiters leave with `ConnectionLost`; releases are ignored."""
-        with self._cond:
+        with self._mutex:
             self._closed = True
             waiters, self._waiters = self._waiters, collections.deque()
         for waiter in waiters:

@@ -37,12 +37,21 @@ class Spare:
 
     @property
     def held(self) -> bool:
-        """Whether a spare channel, and so one slot, is held right now."""
-        return self._pending is not None
+        """Whether a spare channel holding a slot is kept right now (a refused one, whose
+        slot the refusal freed, holds none)."""
+        pending = self._pending
+        return pending is not None and pending.holds_slot
 
     def _pop(self) -> Optional[SessionChannel]:
+        """Take the spare out, the calling thread's (its `SessionChannel.taker`) from here on."""
+        taker = threading.get_ident()
         with self._lock:
-            pending, self._pending = self._pending, None
+            pending = self._pending
+            if pending is not None:
+                # Marked as it leaves, with no call in between: a Ctrl-C as it is
+                # returned leaves it the thread's to give up (`SessionChannel.left_by`).
+                pending.taker = taker
+                self._pending = None
         return pending
 
     def take(self, deadline: Optional[float], holder: int) -> Optional[SessionChannel]:
@@ -78,9 +87,12 @@ class Spare:
         with self._lock:
             if self._pending is not None:
                 return
-            with Claim(self._slots, None) as claim:
+            # Taken for this thread until the spare is stored: a Ctrl-C as the channel
+            # is returned leaves it the thread's to give up (`SessionChannel.left_by`).
+            taker = threading.get_ident()
+            with Claim(self._slots, taker) as claim:
                 try:
-                    claim.taken = self._slots.acquire(blocking=False)
+                    claim.taken = self._slots.acquire(blocking=False, holder=taker)
                 except ConnectionLost:
                     return  # the connection is gone
                 if not claim.taken:
@@ -89,12 +101,16 @@ class Spare:
                 self._slots.hold_back(None)
                 try:
                     # Never waits for a key exchange: the command's thread made the call.
-                    self._pending = SessionChannel(self._transport, claim, self._sessions,
-                                                   open_within=0.0)
+                    spare = SessionChannel(self._transport, claim, self._sessions,
+                                           open_within=0.0)
                 except Overdue:
-                    pass  # its slot is back; the next command opens its own channel
+                    return  # its slot is back; the next command opens its own channel
                 except TRANSPORT_ERRORS:
-                    pass  # a dying transport: the command's own path reports it
+                    return  # a dying transport: the command's own path reports it
+            spare.taker = taker  # while its slot passes on to no thread
+            spare.hold(None)
+            self._pending = spare
+            spare.taker = None  # the spare's (no call since the store above)
 
     def adopt(self, channel: SessionChannel) -> None:
         """Make ``channel`` (open or opening, with its slot) the spare; closed if there is one."""

@@ -46,10 +46,13 @@ def at_line(code: Any, line: int, act: Callable[[], None],
 
 def traced_in(code: Any, local: Callable[..., Any], done: List[bool],
               call: Callable[[], Any], opcodes: bool = False) -> Callable[[], Any]:
-    """``call``, with ``local`` tracing each frame of the function of ``code`` in the
-    calling thread (each opcode too, with ``opcodes``) until ``done`` is not empty."""
+    """``call``, with ``local`` tracing each frame of the function of ``code`` (or of
+    those of a set of codes) in the calling thread (each opcode too, with ``opcodes``)
+    until ``done`` is not empty."""
+    codes = code if isinstance(code, (set, frozenset)) else {code}
+
     def tracer(frame: Any, event: str, arg: Any) -> Any:
-        if frame.f_code is not code or done:
+        if frame.f_code not in codes or done:
             return None
         frame.f_trace_opcodes = opcodes
         return local

@@ -15,7 +15,7 @@ import socket
 from typing import Any, Callable, List
 
 import pytest
-from helpers import at_line, wait_for
+from helpers import at_line, make_spare, wait_for
 
 from paramiko_executor import ExecutorFailure, SSHExecutor, pipe, tunnels
 from paramiko_executor.channel import SessionChannel
@@ -161,7 +161,7 @@ def test_a_command_interrupted_at_any_line_of_its_take_of_the_spare_gives_it_bac
         lines = _body_lines(Spare.take)
         assert lines
         for line in lines:
-            assert spare.held
+            make_spare(ex)  # one holding its slot: a refused one frees it at the refusal
             interrupted = at_line(Spare.take.__code__, line, _interrupt,
                                   lambda: ex.run_command("true", timeout=30))
             try:

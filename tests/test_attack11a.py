@@ -11,12 +11,13 @@ what is left.
 from __future__ import annotations
 
 import dis
+import inspect
 import threading
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import paramiko
 import pytest
-from helpers import at_line, call_in_thread, traced_in, wait_for
+from helpers import at_line, call_in_thread, make_spare, traced_in, wait_for
 from paramiko.common import MSG_CHANNEL_CLOSE, MSG_CHANNEL_OPEN
 from test_attack10f import _line
 
@@ -72,26 +73,54 @@ def _after_the_write_of(kind: int, call: Callable[[], Any]) -> Callable[[], Any]
     return _in_the_send_of(kind, _line(_SEND, "self.__sent_bytes += len(out)"), call, [])
 
 
-def _as_the_call_returns(code: Any, line: int, call: Callable[[], Any]) -> Callable[[], Any]:
+_CALLS = {dis.opmap[name] for name in ("CALL", "CALL_FUNCTION", "CALL_METHOD")
+          if name in dis.opmap}
+
+
+def _after_a_call(frame: Any) -> bool:
+    """Whether ``frame``'s next instruction is the one after a call, which just returned."""
+    code_bytes, before = frame.f_code.co_code, frame.f_lasti - 2
+    while before >= 0 and code_bytes[before] == dis.opmap.get("CACHE", -1):
+        before -= 2
+    return before >= 0 and code_bytes[before] in _CALLS
+
+
+def _as_the_call_returns(code: Any, line: int, call: Callable[[], Any],
+                         caller: Optional[str] = None) -> Callable[[], Any]:
     """``call``, with a Ctrl-C (once) as the first call on ``line`` of the function of
-    ``code`` returns, before the next instruction: where CPython checks for signals after
-    a call into C (a lock's ``acquire``, say)."""
-    calls = {dis.opmap[name] for name in ("CALL", "CALL_FUNCTION", "CALL_METHOD")
-             if name in dis.opmap}
+    ``code`` (called from a function of file ``caller``, if given) returns, before the
+    next instruction: where CPython checks for signals after a call into C (a lock's
+    ``acquire``, say)."""
     done: List[bool] = []
 
     def local(frame: Any, event: str, arg: Any) -> Any:
         frame.f_trace_opcodes = True
-        if event == "opcode" and not done and frame.f_lineno == line:
-            code_bytes, before = frame.f_code.co_code, frame.f_lasti - 2
-            while before >= 0 and code_bytes[before] == dis.opmap.get("CACHE", -1):
-                before -= 2
-            if before >= 0 and code_bytes[before] in calls:
+        if caller is not None and (frame.f_back is None
+                                   or frame.f_back.f_code.co_filename != caller):
+            return local
+        if event == "opcode" and not done and frame.f_lineno == line and _after_a_call(frame):
+            done.append(True)
+            raise KeyboardInterrupt
+        return local
+
+    return traced_in(code, local, done, call, opcodes=True)
+
+
+def _as_a_call_returns(codes: Set[Any], count: int, call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call``, with a Ctrl-C as the ``count``-th call (from 1) made in a function of
+    ``codes`` returns (in the calling thread); none if fewer calls returned there."""
+    returned: List[bool] = []
+    done: List[bool] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode" and not done and _after_a_call(frame):
+            returned.append(True)
+            if len(returned) == count:
                 done.append(True)
                 raise KeyboardInterrupt
         return local
 
-    return traced_in(code, local, done, call, opcodes=True)
+    return traced_in(frozenset(codes), local, done, call, opcodes=True)
 
 
 def _free(ex: SSHExecutor) -> int:
@@ -119,15 +148,6 @@ def _all_back(ex: SSHExecutor, limit: int, where: str) -> None:
              explain=lambda: f"free {_free(ex)} of {limit}, holders {_slots(ex)._holders}")
 
 
-#: Each Ctrl-C below leaves a session or a slot no one's, or a slot freed under a
-#: server session. One owner of a session from its slot's taking to its command
-#: (or a sweep, at the public call's boundary, of what the interrupted thread still
-#: holds) would close them; the Claim hands the session on by return values,
-#: and each return is a point where a Ctrl-C lands.
-_LEFT = "a Ctrl-C here leaves the session, or the slot, no one's (attack11a)"
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_the_commands_channel_is_made_gives_its_session_back(
         make_sshd: Any) -> None:
@@ -144,7 +164,6 @@ def test_a_ctrl_c_as_the_commands_channel_is_made_gives_its_session_back(
         assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_the_spare_is_made_gives_its_session_back(make_sshd: Any) -> None:
     """MaxSessions 2: a Ctrl-C (in the command's thread, which makes the spare after its
@@ -164,7 +183,6 @@ def test_a_ctrl_c_as_the_spare_is_made_gives_its_session_back(make_sshd: Any) ->
         _all_back(ex, 2, "after a Ctrl-C as the spare was made")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_the_claim_gives_its_slot_back_still_gives_it_back(
         make_sshd: Any) -> None:
@@ -184,7 +202,6 @@ def test_a_ctrl_c_as_the_claim_gives_its_slot_back_still_gives_it_back(
         _all_back(ex, 1, "after a Ctrl-C as the claim began to give its slot back")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_the_slot_is_taken_gives_it_back(make_sshd: Any) -> None:
     """MaxSessions 1: a Ctrl-C in ``Slots.acquire`` once it counted the slot taken (after
@@ -269,7 +286,6 @@ def _raised(call: Callable[[], Any]) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEFT)
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_the_spare_is_popped_gives_its_session_back(make_sshd: Any) -> None:
     """MaxSessions 2: a Ctrl-C as ``Spare._pop`` left its ``with self._lock`` (after the
@@ -277,15 +293,125 @@ def test_a_ctrl_c_as_the_spare_is_popped_gives_its_session_back(make_sshd: Any) 
     ``Spare.take``: the spare's session stayed open and its slot taken for good."""
     server = make_sshd(max_sessions=2)
     with SSHExecutor(**server.executor_parameters()) as ex:
-        assert ex.run_command("true", timeout=30).exit_code == 0
-        link = ex._connection.link
-        assert link is not None and link.spare is not None
-        wait_for(lambda: _free(ex) == 2, "the probe's slots", timeout=10)
-        ex.run_command("true", timeout=30)  # leaves a spare
-        assert link.spare.held
+        make_spare(ex)
         _interrupted(at_line(Spare._pop.__code__, _line(Spare._pop, "return pending"),
                              _interrupt, lambda: ex.run_command("true", timeout=30)))
         _all_back(ex, 2, "after a Ctrl-C as the spare was popped")
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_the_spares_slot_passes_to_the_thread_gives_it_back(
+        make_sshd: Any) -> None:
+    """MaxSessions 2: a Ctrl-C in ``SessionChannel.hold`` as ``Slots.pass_on`` returned (the
+    spare's slot counted to the thread that took it) before the session recorded its new
+    holder: the thread stayed counted for a slot its session said was no thread's."""
+    server = make_sshd(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        link = make_spare(ex)
+        _interrupted(_as_the_call_returns(
+            SessionChannel.hold.__code__, _line(SessionChannel.hold, "self._slots.pass_on("),
+            lambda: ex.run_command("true", timeout=30)))
+        wait_for(lambda: not link.sessions, "the server's CLOSE of the spare", timeout=10)
+        _all_back(ex, 2, "after a Ctrl-C as the spare's slot passed to the thread")
+        # Released twice (by the thread's boundary, then at the CLOSE), the slot's
+        # release raised in the transport thread, which ended the connection.
+        assert link.alive() and ex._connection.link is link, "the connection was lost"
+        assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
+
+
+@pytest.mark.parametrize("what", ["a bounded_connection block", "a command"])
+@pytest.mark.hang_timeout(300)
+def test_a_ctrl_c_as_any_call_of_the_slots_returns_gives_the_slot_back(
+        make_sshd: Any, what: str) -> None:
+    """MaxSessions 1: a Ctrl-C as each call made in the slots' own code returns, one after
+    the other, as ``what`` takes its slot and gives it back. ``Slots.acquire`` took the
+    slot and then counted it to its thread after ``self._holders.get`` (a call into C):
+    a Ctrl-C between left the slot taken and counted to no one, for good; ``release``
+    counted it off first: one landing next left it counted off and never freed."""
+    server = make_sshd(max_sessions=1)
+    codes = {function.__code__ for owner in (Slots, Claim) for function in vars(owner).values()
+             if inspect.isfunction(function)}
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+
+        def block() -> None:
+            with ex.bounded_connection:
+                pass
+
+        work = block if what == "a bounded_connection block" else (
+            lambda: ex.run_command("true", timeout=30))
+        _all_back(ex, 1, "before the sweep")
+        for count in range(1, 200):
+            try:
+                _as_a_call_returns(codes, count, work)()
+            except KeyboardInterrupt:
+                _all_back(ex, 1, f"after a Ctrl-C as call {count} of the slots returned")
+                continue
+            assert count > 3, f"only {count - 1} calls of the slots' code returned"
+            break
+        else:
+            raise AssertionError("the sweep did not end: a call returns at every run")
+        assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
+
+
+@pytest.mark.parametrize("refused", ["a command's open", "the spare's open"])
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_a_refused_opens_slot_is_freed_gives_it_back(
+        make_sshd: Any, refused: str) -> None:
+    """The server (MaxSessions 1, the executor told 2) refuses an open while another
+    session holds its one: a Ctrl-C in ``SessionChannel._release``, in the thread that
+    learnt of the refusal (the opener, or the command taking the refused spare), as its
+    ``with`` let go of the lock (the slot's record cleared, its release still to come),
+    lost the slot for good."""
+    server = make_sshd(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters(max_sessions=2)) as ex:
+        interrupted = at_line(SessionChannel._release.__code__,
+                              _line(SessionChannel._release, "if slots is not None"),
+                              _interrupt, lambda: ex.run_command("true", timeout=30))
+        if refused == "a command's open":
+            with ex.bounded_connection as transport:
+                chan = transport.open_session(timeout=10)
+                try:
+                    _interrupted(interrupted)
+                finally:
+                    chan.close()
+        else:
+            ex.run_command("sleep 0.5", timeout=30)  # its spare opens as it runs
+            link = ex._connection.link
+            assert link is not None and link.spare is not None
+            spare = link.spare._pending
+            assert spare is not None
+            wait_for(spare.answered.is_set, "the spare's refusal", timeout=10)
+            assert not spare.chan.active, "the spare was not refused"
+            _interrupted(interrupted)
+        _all_back(ex, 2, f"after a Ctrl-C as {refused}'s slot was freed")
+        assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_session_discarded_twice_keeps_its_slot_until_the_server_closes(
+        make_test_server: Any) -> None:
+    """A second discard of a session (an interrupted thread's boundary sweeps what a first
+    discard closed) took the channel, closed by the first, for one whose open was refused,
+    and freed its slot at once, while the server still held the session (its CLOSE not
+    in yet): an open on that slot would be refused, or exceed MaxSessions."""
+    server = make_test_server(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        spare_of = make_spare(ex).spare
+        wait_for(lambda: _free(ex) == 2 and spare_of._pending is not None
+                 and spare_of._pending.answered.is_set(),
+                 "the command's slot back, the spare's open answered", timeout=10)
+        spare = spare_of._pop()
+        assert spare is not None
+        free = _slots(ex).available
+        server.freeze()  # the server's CLOSE in reply waits
+        try:
+            spare.discard()
+            spare.discard()
+            assert _slots(ex).available == free, "a slot freed before the server's CLOSE"
+        finally:
+            server.thaw()
+        _all_back(ex, 2, "once the server closed the discarded session")
 
 
 @pytest.mark.hang_timeout(120)
@@ -378,6 +504,45 @@ def test_a_reply_to_the_servers_close_held_past_a_stalled_key_exchange_frees_the
         assert ex.run_command("echo after", timeout=30).stdout == "after\n"
 
 
+def _then_a_command(ex: SSHExecutor, interrupted: Callable[[], Any]) -> Dict[str, Any]:
+    """Run ``interrupted`` (a command a Ctrl-C may end), then a command, each in a thread
+    of its own: neither hangs, and the second runs. The first's `call_in_thread` outcome."""
+    outcome = call_in_thread(interrupted)
+    outcome["thread"].join(20)
+    assert not outcome["thread"].is_alive(), "the interrupted command hung"
+    following = call_in_thread(lambda: ex.run_command("echo ok", timeout=5))
+    following["thread"].join(20)
+    assert not following["thread"].is_alive(), "the next command hung (a lock kept taken)"
+    assert "error" not in following, repr(following.get("error"))
+    assert following["result"].stdout == "ok\n"
+    return outcome
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_the_slots_lock_is_taken_leaves_the_connection_usable(
+        make_sshd: Any) -> None:
+    """A Ctrl-C as the slots' lock was got inside ``threading.Condition.__enter__`` (a
+    Python function: CPython checks for signals as the lock's acquire returns), before the
+    ``with`` held it: the lock stayed taken for good, and the next slot operation of any
+    thread (the next command; the transport thread's release at a CLOSE) waited forever.
+    The slots guard their state with a plain lock now, whose ``with`` is taken in C: with
+    no such point left, the command runs."""
+    server = make_sshd(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        slots = _slots(ex)
+        lock = slots._cond._lock  # type: ignore[attr-defined]  # the semaphore's, used before
+        try:
+            _then_a_command(ex, _as_the_call_returns(
+                threading.Condition.__enter__.__code__,
+                _line(threading.Condition.__enter__, "return self._lock.__enter__()"),
+                lambda: ex.run_command("true", timeout=30),
+                caller=Slots.acquire.__code__.co_filename))
+        finally:
+            if lock.locked():  # kept by the interrupt: let the stuck threads go
+                lock.release()
+
+
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_a_send_takes_the_send_lock_leaves_the_connection_usable(
         make_sshd: Any) -> None:
@@ -393,19 +558,11 @@ def test_a_ctrl_c_as_a_send_takes_the_send_lock_leaves_the_connection_usable(
         assert link is not None
         lock = link.transport.clear_to_send_lock
         try:
-            interrupted = call_in_thread(_as_the_call_returns(
+            interrupted = _then_a_command(ex, _as_the_call_returns(
                 send_if_clear.__code__,
                 _line(send_if_clear, "_take(transport.clear_to_send_lock,"),
                 lambda: ex.run_command("true", timeout=30)))
-            interrupted["thread"].join(20)
-            assert not interrupted["thread"].is_alive(), (
-                "the interrupted command hung closing its channel")
             assert isinstance(interrupted.get("error"), KeyboardInterrupt), interrupted
-            following = call_in_thread(lambda: ex.run_command("echo ok", timeout=5))
-            following["thread"].join(20)
-            assert not following["thread"].is_alive(), "the next command hung in its send"
-            assert "error" not in following, repr(following.get("error"))
-            assert following["result"].stdout == "ok\n"
         finally:
             if lock.locked():  # kept by the interrupt: let the stuck threads go
                 lock.release()
