@@ -423,7 +423,8 @@ class SSHExecutor(Executor):
         read. ``progress(done, total)`` is called from this thread.
 
         Raises `FileNotFoundError`/`PermissionError` naming ``remote``,
-        `ValueError` when ``remote`` names a device, FIFO or socket (left as
+        `IsADirectoryError` naming it when it is a directory (or a link to
+        one), `ValueError` when it names a device, FIFO or socket (left as
         it is), `TransferTimeout` past ``timeout``, and `ExecutorFailure` when the
         connection cannot be had or the server runs no SFTP. What ``local``,
         the local file system or ``progress`` raise reaches the caller as it
@@ -495,7 +496,7 @@ class SSHExecutor(Executor):
                     return work(session.hand_over(), deadline, side)
                 except TimeoutError:
                     return None
-                except (FileNotFoundError, PermissionError):
+                except (FileNotFoundError, PermissionError, IsADirectoryError):
                     raise  # the remote file's answer: not the connection's
                 except TRANSPORT_ERRORS as exc:
                     raise mapped(exc, link.transport, True, "the transfer") from None

@@ -36,7 +36,8 @@ with owner-only bits and gets its final bits just before the rename: at no
 moment can more people read the data than can read the final file.
 
 Errors: a missing remote file or directory raises `FileNotFoundError`, a
-refused one `PermissionError` (both naming the remote path), other SFTP
+refused one `PermissionError`, a directory where a file belongs
+`IsADirectoryError` (all naming the remote path), other SFTP
 failures `ExecutorFailure`; a server's own text in them went through
 `text.printable`. Anything malformed the server sends (short or overlong
 packets, lengths past their packet, replies to requests never sent) is an
@@ -509,12 +510,6 @@ def _attrs(mode: Optional[int] = None, ids: Optional[Tuple[int, int]] = None) ->
     return flags + fields
 
 
-def _attributes(body: memoryview, at: int) -> Tuple[Optional[int], Optional[int]]:
-    """(size, permission bits) of the ATTRS at ``body[at:]``, each None if the server sent none."""
-    size, _ids, perms = _attribute_fields(body, at)
-    return size, None if perms is None else perms & 0o7777
-
-
 def _attribute_fields(body: memoryview, at: int
                       ) -> Tuple[Optional[int], Optional[Tuple[int, int]], Optional[int]]:
     """(size, (uid, gid), permissions with the file type) of the ATTRS at ``body[at:]``."""
@@ -532,6 +527,21 @@ def _attribute_fields(body: memoryview, at: int
     if flags & _ATTR_PERMISSIONS:
         (perms,) = _unpack(_U32, body, at, "ATTRS")
     return size, ids, perms
+
+
+def _check_regular(perms: Optional[int], path: str, action: str) -> None:
+    """Refuse remote ``path`` unless ``perms`` (with the file type) say a regular file.
+
+    A directory (or a link to one) is an `IsADirectoryError` naming ``path``, as the
+    local file system's; a device, FIFO or socket a `ValueError`. No type (None, or
+    a server that leaves the type bits out) passes: the transfer's own requests say.
+    """
+    if perms is None or not S_IFMT(perms) or S_ISREG(perms):
+        return
+    if S_ISDIR(perms):
+        raise IsADirectoryError(errno.EISDIR, f"{action}: {os.strerror(errno.EISDIR)} (remote)",
+                                path)
+    raise NotARegularFile(f"remote must name a regular file: {path!r} is not a regular file")
 
 
 def _remaining(until: Optional[float]) -> Optional[float]:
@@ -901,10 +911,11 @@ class _Session:
         """The final bits and owner of a file written over ``path``; a handle of new file ``temp``.
 
         One round trip, two when ``path`` exists: ``temp`` is created
-        exclusively, readable by its owner only. `_StatusError` if it cannot
-        be; a `ValueError` (``temp`` removed) if ``path`` is a device, FIFO
-        or socket, or a link to one. The bits: those a new file gets as sftp
-        creates it (see `_probed`: ``new_bits`` less the server's umask, learnt
+        exclusively, readable by its owner only. `IsADirectoryError` (``temp``
+        removed) if ``path`` is a directory, a `ValueError` if it is a device,
+        FIFO or socket, or a link to one, whether or not ``temp`` could be
+        created; else `_StatusError` if it could not be. The bits: those a new
+        file gets as sftp creates it (see `_probed`: ``new_bits`` less the server's umask, learnt
         from the new file ``probe``; ``new_bits`` as they are without one); a
         regular file of the user's (the owner of ``temp``) keeps its
         own (see `_rewritten`); anything else (another user's file, a symbolic link) may have
@@ -938,19 +949,24 @@ class _Session:
                     _check_status(*removed)
                 except _StatusError:
                     stuck = probe
-        handle = self.handle(*created)
+        exists = True
         try:
             _expect(*target, _FXP_ATTRS, "STAT")
         except _StatusError:  # missing, or hidden from us: a new file to the user
+            exists = False
+        kind = _attribute_fields(target[1], 5)[2] if exists else None
+        try:
+            # Before the temporary file's answer: put(local, "/tmp") cannot create one in
+            # "/", and the directory is what is wrong. Renamed over, a root login's
+            # /dev/null would become a regular file for every program of the server.
+            _check_regular(kind, path, "upload failed")
+        except (IsADirectoryError, ValueError) as error:
+            if created[0] == _FXP_HANDLE:
+                self.discard_upload(_string(self.handle(*created)), temp, error)
+            raise
+        handle = self.handle(*created)
+        if not exists:
             return _Created(new_bits, None, handle, probe_handle, stuck)
-        _size, _ids, kind = _attribute_fields(target[1], 5)
-        if kind is not None and S_IFMT(kind) and not (S_ISREG(kind) or S_ISDIR(kind)):
-            # Renamed over, a root login's /dev/null would become a regular file for
-            # every program of the server (a directory: the rename itself refuses).
-            error = ValueError(f"remote must name a regular file: {path!r} is not a "
-                               "regular file")
-            self.discard_upload(_string(handle), temp, error)
-            raise error
         bits = None if kind is None else kind & 0o7777
         # A second round trip only when a file is replaced: whose is it?
         found, ours = self.calls((_FXP_LSTAT, (_string(path),)), (_FXP_LSTAT, (_string(temp),)))
@@ -980,10 +996,12 @@ class _Session:
         return handle
 
     def fstat(self, handle: bytes) -> Tuple[Optional[int], Optional[int]]:
-        """(size, permission bits) of the open file, each None if the server does not say."""
+        """(size, permissions with the file type) of the open file, each None if the server
+        does not say."""
         reply, body = self.call(_FXP_FSTAT, _string(handle))
         _expect(reply, body, _FXP_ATTRS, "FSTAT")
-        return _attributes(body, 5)
+        size, _ids, perms = _attribute_fields(body, 5)
+        return size, perms
 
     def rename(self, old: str, new: str) -> None:
         """Rename ``old`` over ``new``: atomically where the server offers posix-rename."""
@@ -1476,10 +1494,11 @@ class Local:
 
 
 class NotARegularFile(ValueError):
-    """A local path names a device, FIFO or socket, which a download must not replace.
+    """A path names a device, FIFO or socket: a local one a download must not replace,
+    a remote one a transfer must not read or replace.
 
     A `ValueError` like any refused argument; its own type so that `HostGroup.get`
-    can tell one host's local file (its entry) from a bad argument of the call.
+    can tell one host's file (its entry) from a bad argument of the call.
     """
 
 
@@ -1617,8 +1636,9 @@ def upload(
     blocks; ``total`` is -1 when the source cannot tell its size.
 
     Raises `FileNotFoundError` (``remote``'s directory is missing) or
-    `PermissionError` (refused), naming ``remote``; `ValueError` if ``remote``
-    names a device, FIFO or socket (left as it is); `ExecutorFailure` for other
+    `PermissionError` (refused), naming ``remote``; `IsADirectoryError` naming
+    it if it is a directory, `ValueError` if it names a device, FIFO or socket
+    (left as they are); `ExecutorFailure` for other
     SFTP errors (an existing ``temp_name`` too) and a server that does not
     start SFTP; `TimeoutError` past ``deadline``; connection errors as
     paramiko raised them. An error of ``source`` or of ``progress`` comes out
@@ -1706,10 +1726,13 @@ def download(
     at the start (-1 if none), the transfer runs to the file's actual end.
 
     Raises `FileNotFoundError` or `PermissionError` naming ``remote``;
-    `ExecutorFailure` for other SFTP errors and a server that does not start
-    SFTP; `TimeoutError` past ``deadline``; connection errors as paramiko
-    raised them. An error of ``target``, of a local file or of ``progress``
-    comes out as a `CallerError` carrying it.
+    `IsADirectoryError` naming it if it is a directory, `ValueError` if it is a
+    device or socket (from the FSTAT that gives the size: before any READ and
+    before ``target`` is touched; a FIFO's OPEN waits on the server for a
+    writer, until ``deadline``); `ExecutorFailure` for other SFTP errors and a
+    server that does not start SFTP; `TimeoutError` past ``deadline``;
+    connection errors as paramiko raised them. An error of ``target``, of a
+    local file or of ``progress`` comes out as a `CallerError` carrying it.
     """
     if progress is not None:
         progress = _callers(progress)
@@ -1717,8 +1740,11 @@ def download(
         local = Local.of(target)
         try:
             handle = session.open(remote, _FXF_READ)
-            size, bits = session.fstat(handle)
-            new_bits = 0o666 if bits is None else bits & 0o777
+            size, perms = session.fstat(handle)
+            # sftp-server opens a directory (or a device) for reading: only its READ would
+            # fail (a directory: a bare FAILURE). The FSTAT the size needs tells first.
+            _check_regular(perms, remote, "download failed")
+            new_bits = 0o666 if perms is None else perms & 0o777
             with local.writing(new_bits) as write:
                 done = session.read_file(handle, size, write, progress)
             session.checked(_FXP_CLOSE, _string(handle))

@@ -129,6 +129,51 @@ def test_forbidden_remote_paths_are_permission_errors(sshd, tmp_path):
         assert ex.run_command("echo usable").stdout == "usable\n"
 
 
+def refused_as_a_directory(error, remote, executor):
+    """``error`` is the local file system's directory error for ``remote``."""
+    assert isinstance(error, IsADirectoryError) and error.errno == errno.EISDIR
+    assert error.filename == str(remote)
+    if isinstance(executor, SSHExecutor):
+        assert "(remote)" in str(error)
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["directory", "link-to-a-directory"])
+def test_a_remote_directory_is_a_directory_error_as_on_the_local_file_system(
+        executor, workdir, tmp_path, link):
+    """Was, on SSH: get raised ExecutorFailure("... Failure (SFTP status 4)"), put onto an
+    existing directory ExecutorFailure (its rename failed) or, where its parent takes no
+    new file (put onto "/tmp"), a PermissionError about the temporary file in "/"."""
+    directory = workdir / "a-directory"
+    directory.mkdir()
+    remote = workdir / "link" if link else directory
+    if link:
+        remote.symlink_to(directory)
+    with pytest.raises(IsADirectoryError) as got:
+        executor.get(str(remote), str(tmp_path / "copy"))
+    refused_as_a_directory(got.value, remote, executor)
+    assert list(tmp_path.iterdir()) == []  # the local side untouched: no temporary file
+    with pytest.raises(IsADirectoryError) as put:
+        executor.put(io.BytesIO(b"x"), str(remote))
+    refused_as_a_directory(put.value, remote, executor)
+    assert remote.is_symlink() == link and list(directory.iterdir()) == []
+    assert leftovers(workdir) == []
+    with pytest.raises(IsADirectoryError) as put:
+        executor.put(io.BytesIO(b"x"), "/tmp")
+    refused_as_a_directory(put.value, "/tmp", executor)
+    if isinstance(executor, SSHExecutor):
+        stats = executor.statistics()
+        assert stats.reconnects == 0 and stats.commands_retried == 0
+
+
+def test_a_remote_device_is_refused_not_read_for_ever(executor):
+    """Was, on SSH: get("/dev/zero") read zeros until the timeout (without one: for ever,
+    into a local file until the disk was full)."""
+    sink = _FullDisk()
+    sink.full = False
+    with pytest.raises(ValueError, match="regular file"):
+        executor.get("/dev/zero", sink, timeout=10)
+
+
 def test_bad_arguments_fail_at_the_call(executor):
     with pytest.raises(TypeError, match="remote"):
         executor.put(io.BytesIO(b""), None)

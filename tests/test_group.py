@@ -509,6 +509,23 @@ def test_put_and_get_on_every_host(sshd_hosts, shared_dir, tmp_path):
     assert all(isinstance(e, FileNotFoundError) for e in missing.values())
 
 
+def test_a_remote_directory_is_each_hosts_entry(sshd_hosts, shared_dir, tmp_path):
+    """Was an ExecutorFailure per host ("Failure (SFTP status 4)"); now each host's
+    IsADirectoryError, as a missing file's FileNotFoundError is."""
+    local = tmp_path / "payload"
+    local.write_bytes(b"x")
+    directory = os.path.join(shared_dir, "a-directory")
+    os.mkdir(directory)
+    (tmp_path / "got").mkdir()
+    with HostGroup(ADDRESSES[:2], **common(sshd_hosts)) as group:
+        for result in (group.put(local, directory), group.get(directory, tmp_path / "got")):
+            assert list(result) == list(ADDRESSES[:2])
+            assert all(isinstance(e, IsADirectoryError) and e.filename == directory
+                       for e in result.values())
+        assert all(s.reconnects == 0 for s in group.statistics().values())
+    assert os.listdir(directory) == [] and os.listdir(tmp_path / "got") == []
+
+
 @pytest.mark.parametrize("direction", ["put", "get"])
 def test_a_progress_callback_error_is_the_calls_not_a_hosts(sshd_hosts, shared_dir, tmp_path,
                                                              direction):

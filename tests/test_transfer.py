@@ -468,13 +468,39 @@ def test_download_of_an_unreadable_file(
 def test_other_sftp_failures_are_executor_failures(
     transport: paramiko.Transport, remote_dir: str
 ) -> None:
-    # Renaming a file over a directory fails with SFTP's generic FAILURE.
-    os.mkdir(os.path.join(remote_dir, "a-directory"))
-    with pytest.raises(ExecutorFailure) as caught:
-        transfer.upload(transport.open_session(), io.BytesIO(b"x"),
-                        os.path.join(remote_dir, "a-directory"))
-    assert "a-directory" in str(caught.value)
-    assert temp_files(remote_dir) == []
+    # A temporary name taken already (O_EXCL: EEXIST) is SFTP's generic FAILURE.
+    taken = os.path.join(remote_dir, ".file.taken.tmp")
+    random_file(taken, 1)
+    remote = os.path.join(remote_dir, "file")
+    with pytest.raises(ExecutorFailure, match="SFTP status 4") as caught:
+        transfer.upload(transport.open_session(), io.BytesIO(b"x"), remote,
+                        temp_name=".file.taken.tmp")
+    assert remote in str(caught.value)
+    assert sorted(os.listdir(remote_dir)) == [".file.taken.tmp"]
+
+
+@pytest.mark.parametrize("mode", [None, 0o600], ids=["probed", "mode"])
+def test_a_directory_is_refused_before_anything_is_written(
+    transport: paramiko.Transport, remote_dir: str, shared_dir: str, mode: Optional[int]
+) -> None:
+    """Was: a download read the directory and failed with a bare FAILURE (an
+    ExecutorFailure, a local temporary file made and removed); an upload wrote the whole
+    file and then its rename failed, also a FAILURE."""
+    directory = os.path.join(remote_dir, "a-directory")
+    os.mkdir(directory)
+    chan = transport.open_session()
+    with pytest.raises(IsADirectoryError) as caught:
+        transfer.download(chan, directory, os.path.join(shared_dir, "copy"))
+    assert caught.value.filename == directory and "(remote)" in str(caught.value)
+    assert chan.closed and sorted(os.listdir(shared_dir)) == ["remote"]
+    read_from = Progress()
+    with pytest.raises(IsADirectoryError) as caught:
+        transfer.upload(transport.open_session(), io.BytesIO(b"x" * MiB), directory, mode=mode,
+                        progress=read_from)
+    assert caught.value.filename == directory and "(remote)" in str(caught.value)
+    assert read_from.calls == []  # nothing was sent
+    assert sorted(os.listdir(remote_dir)) == ["a-directory"]  # temporary and probe files gone
+    assert os.listdir(directory) == []
 
 
 class Boom(Exception):
