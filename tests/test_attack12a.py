@@ -1,0 +1,182 @@
+"""attack12a: real Ctrl-Cs (SIGINT) as a send takes one of the connection's send locks.
+
+A SIGINT's C handler may run in any thread; the main thread then runs the Python
+handler at its next check, which comes as a call into C returns: a lock's
+``acquire`` that waited for another thread's send included. Here a helper
+thread holds the lock until the main thread waits on it, takes the SIGINT
+itself (so the main thread's wait is not cut short) and lets the lock go: the
+Ctrl-C lands exactly as the main thread's acquire returns, as it would on a
+busy connection.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import sys
+import threading
+from typing import Any, Callable, List, Tuple
+
+import paramiko
+import pytest
+from helpers import call_in_thread, wait_for
+from paramiko.common import MSG_CHANNEL_OPEN, MSG_CHANNEL_REQUEST
+from test_attack10f import _line
+
+from paramiko_executor import SSHExecutor
+from paramiko_executor.internals import send_if_clear
+
+#: (code, line of the lock's acquire, the lock, the kind of message being sent), of a frame.
+Acquire = Tuple[Any, int, Callable[[Any], Any], Callable[[Any], int]]
+
+
+def _message_kind(frame: Any) -> int:
+    local = frame.f_locals
+    message = local.get("message", local.get("data"))
+    return int(message.asbytes()[0])
+
+
+_USER_SEND = paramiko.Transport._send_user_message  # type: ignore[attr-defined]
+_CLEAR_TO_SEND: List[Acquire] = [
+    # paramiko's own send (that of a transfer without a time limit, say) ...
+    (_USER_SEND.__code__, _line(_USER_SEND, "self.clear_to_send_lock.acquire()"),
+     lambda frame: frame.f_locals["self"].clear_to_send_lock, _message_kind),
+    # ... and the executor's
+    (send_if_clear.__code__, _line(send_if_clear, "_take(transport.clear_to_send_lock"),
+     lambda frame: frame.f_locals["transport"].clear_to_send_lock, _message_kind),
+]
+_SEND = paramiko.packet.Packetizer.send_message
+_WRITE: List[Acquire] = [
+    (_SEND.__code__, _line(_SEND, "self.__write_lock.acquire()"),
+     lambda frame: frame.f_locals["self"]._Packetizer__write_lock,
+     lambda frame: int(frame.f_locals["cmd"])),
+    (send_if_clear.__code__, _line(send_if_clear, "_take(write_lock"),
+     lambda frame: frame.f_locals["write_lock"], _message_kind),
+]
+
+
+def _sigint_as_it_acquires(where: List[Acquire], kind: int,
+                           call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` in the main thread, with a real SIGINT handled as the first acquire of
+    ``where`` (by the main thread's send of a message ``kind``) returns, after a wait
+    for another thread that held the lock."""
+    codes = {code: (line, lock_of, kind_of) for code, line, lock_of, kind_of in where}
+    main = threading.main_thread()
+    done: List[bool] = []
+    reached = threading.Event()
+    taken = threading.Event()
+    box: List[Any] = []
+
+    def holder() -> None:
+        if not reached.wait(60) or not box:
+            return
+        frame, lock = box
+        lock.acquire()
+        taken.set()
+
+        def waiting() -> bool:  # the main thread in the acquire (``_take``'s, or its own)
+            top = sys._current_frames().get(main.ident or 0)
+            return top is frame or (top is not None and top.f_back is frame)
+
+        try:
+            wait_for(waiting, "the main thread waiting for the lock", timeout=10)
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        finally:
+            lock.release()
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        line, lock_of, kind_of = codes[frame.f_code]
+        if event == "line" and not done and frame.f_lineno == line and kind_of(frame) == kind:
+            lock = lock_of(frame)
+            # A lock this thread holds already (paramiko's send under the executor's)
+            # cannot be held by another thread meanwhile.
+            if not getattr(lock, "_is_owned", lambda: False)():
+                done.append(True)
+                box.extend((frame, lock))
+                reached.set()
+                assert taken.wait(10), "the helper did not take the lock"
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        return local if frame.f_code in codes and not done else None
+
+    def traced() -> Any:
+        assert threading.current_thread() is main
+        thread = threading.Thread(target=holder, daemon=True)
+        thread.start()
+        sys.settrace(tracer)
+        try:
+            return call()
+        finally:
+            sys.settrace(None)
+            reached.set()
+            thread.join(20)
+            assert done, "the send never took the lock"
+    return traced
+
+
+def _usable(ex: SSHExecutor) -> None:
+    """Another thread's command runs (its sends wait for no lock left taken)."""
+    following = call_in_thread(lambda: ex.run_command("echo ok", timeout=5))
+    following["thread"].join(20)
+    assert not following["thread"].is_alive(), "another thread's command hung in its send"
+    assert "error" not in following, repr(following.get("error"))
+    assert following["result"].stdout == "ok\n"
+
+
+@pytest.mark.parametrize("where", [_CLEAR_TO_SEND, _WRITE], ids=["clear_to_send", "write"])
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_a_transfers_send_takes_a_send_lock_leaves_the_connection_usable(
+        make_sshd: Any, shared_dir: str, where: List[Acquire]) -> None:
+    """A put without a time limit sent through paramiko's own ``_send_user_message``, which
+    takes ``clear_to_send_lock`` (a plain lock) and then the packet write lock each before
+    the ``try`` that gives it back. A Ctrl-C as the first acquire returned (the SFTP
+    subsystem request) kept ``clear_to_send_lock`` for good: the put's own CLOSE then
+    waited for it forever, Ctrl-C or not. One as the second returned kept the write lock,
+    the main thread's: every other thread's send (commands, the transport thread's
+    replies) waited until the main thread's next send of its own."""
+    server = make_sshd(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        link = ex._connection.link
+        assert link is not None
+        lock = link.transport.clear_to_send_lock
+        ended = threading.Event()
+        stuck: List[bool] = []
+
+        def watchdog() -> None:  # a put stuck for good: the lock let go, so the test ends
+            if not ended.wait(20):
+                stuck.append(True)
+                if lock.locked():
+                    lock.release()
+
+        guard = threading.Thread(target=watchdog, daemon=True)
+        guard.start()
+        put = _sigint_as_it_acquires(where, MSG_CHANNEL_REQUEST, lambda: ex.put(
+            io.BytesIO(b"x" * 100000), f"{shared_dir}/f"))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                put()
+        finally:
+            ended.set()
+            guard.join(30)
+        assert not stuck, "the interrupted put waited 20 s for the lock its Ctrl-C kept"
+        _usable(ex)
+
+
+@pytest.mark.parametrize("kind", [MSG_CHANNEL_OPEN, MSG_CHANNEL_REQUEST], ids=["open", "exec"])
+@pytest.mark.parametrize("where", [_CLEAR_TO_SEND, _WRITE], ids=["clear_to_send", "write"])
+@pytest.mark.parametrize("max_sessions", [1, 10])
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_a_commands_send_takes_a_send_lock_leaves_the_connection_usable(
+        make_sshd: Any, where: List[Acquire], kind: int, max_sessions: int) -> None:
+    """Held on c967edd: a command's sends (`send_if_clear`) take each lock in C
+    (``_take``), so the Ctrl-C comes after the outcome was stored, and the lock given back;
+    the slot comes back too (MaxSessions 1: the next command finds it)."""
+    server = make_sshd(max_sessions=max_sessions)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        run = _sigint_as_it_acquires(where, kind, lambda: ex.run_command("true", timeout=None))
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        _usable(ex)
