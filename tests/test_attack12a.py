@@ -15,16 +15,28 @@ import io
 import signal
 import sys
 import threading
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 import paramiko
 import pytest
 from helpers import call_in_thread, wait_for
-from paramiko.common import MSG_CHANNEL_OPEN, MSG_CHANNEL_REQUEST
+from paramiko.common import MSG_CHANNEL_OPEN, MSG_CHANNEL_OPEN_SUCCESS, MSG_CHANNEL_REQUEST
 from test_attack10f import _line
+from test_attack11a import _all_back
 
 from paramiko_executor import SSHExecutor
-from paramiko_executor.internals import send_if_clear
+from paramiko_executor.channel import SessionChannel, _NetworkEvent
+from paramiko_executor.internals import send_if_clear, wrap_handlers
+
+
+@pytest.fixture(autouse=True)
+def _python_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler (KeyboardInterrupt), even when the suite runs with
+    SIGINT ignored (a background job)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
 
 #: (code, line of the lock's acquire, the lock, the kind of message being sent), of a frame.
 Acquire = Tuple[Any, int, Callable[[Any], Any], Callable[[Any], int]]
@@ -166,17 +178,80 @@ def test_a_ctrl_c_as_a_transfers_send_takes_a_send_lock_leaves_the_connection_us
 
 @pytest.mark.parametrize("kind", [MSG_CHANNEL_OPEN, MSG_CHANNEL_REQUEST], ids=["open", "exec"])
 @pytest.mark.parametrize("where", [_CLEAR_TO_SEND, _WRITE], ids=["clear_to_send", "write"])
-@pytest.mark.parametrize("max_sessions", [1, 10])
 @pytest.mark.hang_timeout(120)
 def test_a_ctrl_c_as_a_commands_send_takes_a_send_lock_leaves_the_connection_usable(
-        make_sshd: Any, where: List[Acquire], kind: int, max_sessions: int) -> None:
-    """Held on c967edd: a command's sends (`send_if_clear`) take each lock in C
-    (``_take``), so the Ctrl-C comes after the outcome was stored, and the lock given back;
-    the slot comes back too (MaxSessions 1: the next command finds it)."""
-    server = make_sshd(max_sessions=max_sessions)
+        make_sshd: Any, where: List[Acquire], kind: int) -> None:
+    """Held on c967edd: a command's sends without a time limit (`send_if_clear` with
+    ``within`` None, which now takes the write lock too) take each lock in C (``_take``),
+    so the Ctrl-C comes after the outcome was stored, and the lock is given back; the
+    slot comes back too (MaxSessions 1: the next command finds it). test_attack11b
+    covers the OPEN with a time limit."""
+    server = make_sshd(max_sessions=1)
     with SSHExecutor(**server.executor_parameters()) as ex:
         assert ex.run_command("true", timeout=30).exit_code == 0
         run = _sigint_as_it_acquires(where, kind, lambda: ex.run_command("true", timeout=None))
         with pytest.raises(KeyboardInterrupt):
             run()
         _usable(ex)
+
+
+_WAIT = _NetworkEvent.wait
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_the_wait_for_the_opens_answer_returns_keeps_the_answer(
+        make_sshd: Any) -> None:
+    """MaxSessions 1: a real Ctrl-C as the command's wait for the server's answer to its
+    OPEN returned (``_NetworkEvent.wait`` takes the event's lock, held while the event is
+    clear, and gives it back after: an interrupt in between cleared the event). The
+    answer was lost: the channel was abandoned, its reaper waited for an answer that had
+    come, and the session stayed open on the server, its slot taken for the
+    connection's life: every later command waited for a slot (with MaxSessions 10, ten
+    such Ctrl-Cs)."""
+    server = make_sshd(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        _all_back(ex, 1, "after the first command")
+        link = ex._connection.link
+        assert link is not None
+        main = threading.main_thread()
+        go = threading.Event()
+        held: List[bool] = []
+
+        def hold_answer(on_answer: Any) -> Any:  # the answer waits until the wait began
+            def handle(*args: Any) -> None:
+                if not held:
+                    held.append(True)
+                    go.wait(20)
+                on_answer(*args)
+            return handle
+
+        wrap_handlers(link.transport, {}, {MSG_CHANNEL_OPEN_SUCCESS: hold_answer})
+        box: List[Any] = []
+
+        def interrupter() -> None:
+            def waiting() -> bool:  # in the event's acquire (its own, or ``_take``'s)
+                frame = sys._current_frames().get(main.ident or 0)
+                while frame is not None and frame.f_code is not _WAIT.__code__:
+                    frame = frame.f_back
+                return (frame is not None and frame.f_back is not None
+                        and frame.f_back.f_code is SessionChannel.wait_open.__code__)
+            try:
+                wait_for(lambda: bool(held) and waiting(), "the wait for the answer",
+                         timeout=10)
+                signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+                box.append(True)
+            finally:
+                go.set()
+
+        thread = threading.Thread(target=interrupter, daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ex.run_command("true", timeout=30)
+        finally:
+            go.set()
+            thread.join(20)
+        assert box, "the interrupt was not sent"
+        _all_back(ex, 1, "after a Ctrl-C as the wait for the open's answer returned")
+        assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
