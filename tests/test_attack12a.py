@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterator, List, Tuple
 
 import paramiko
 import pytest
-from helpers import call_in_thread, wait_for
+from helpers import at_line, call_in_thread, wait_for
 from paramiko.common import MSG_CHANNEL_OPEN, MSG_CHANNEL_OPEN_SUCCESS, MSG_CHANNEL_REQUEST
-from test_attack10f import _line
+from test_attack10f import _interrupt, _line
 from test_attack11a import _all_back
 
 from paramiko_executor import SSHExecutor
@@ -255,3 +255,54 @@ def test_a_ctrl_c_as_the_wait_for_the_opens_answer_returns_keeps_the_answer(
         assert box, "the interrupt was not sent"
         _all_back(ex, 1, "after a Ctrl-C as the wait for the open's answer returned")
         assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
+
+
+#: A transfer's channel is closed only from inside `upload`/`download`'s SFTP session
+#: (``transfer._session``'s ``finally``) and with paramiko's ``Channel.close``, which
+#: marks the channel closed before it sends EOF and CLOSE. A Ctrl-C before that
+#: ``try`` (`SessionChannel.hand_over`'s entry, ``_Session.__init__``, the setup in
+#: `upload`) or between the mark and the CLOSE leaves the server's session open, and
+#: its slot taken (freed only by the server's CLOSE) for the connection's life. One owner
+#: closing the channel on every path from `_open_session` on (close_soon when not
+#: closed; our CLOSE tracked as sent, not as marked) would fix it.
+_TRANSFER_LEFT = ("a Ctrl-C in a transfer before its SFTP session's try, or in paramiko's "
+                  "Channel.close between the mark and the CLOSE, leaves the session open "
+                  "(attack12a)")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_TRANSFER_LEFT)
+@pytest.mark.parametrize("timeout", [None, 30.0], ids=["no_timeout", "timeout"])
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_a_transfers_channel_is_handed_over_closes_its_session(
+        make_sshd: Any, shared_dir: str, timeout: Any) -> None:
+    """MaxSessions 1: a Ctrl-C at the entry of ``session.hand_over()`` (a Python call:
+    CPython checks for signals there) in ``_transfer``'s attempt, whose ``finally`` only
+    lets the slot go to the server's CLOSE: the channel was never closed, the session
+    stayed open on the server and its slot taken, every later command waited for it."""
+    server = make_sshd(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        hand_over = SessionChannel.hand_over
+        with pytest.raises(KeyboardInterrupt):
+            at_line(hand_over.__code__, _line(hand_over, "self.raw = True"), _interrupt,
+                    lambda: ex.put(io.BytesIO(b"x"), f"{shared_dir}/f", timeout=timeout))()
+        _all_back(ex, 1, "after a Ctrl-C as the transfer's channel was handed over")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_TRANSFER_LEFT)
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_in_a_transfers_close_still_closes_its_session(
+        make_sshd: Any, shared_dir: str) -> None:
+    """MaxSessions 1: a put without a time limit closes its channel with paramiko's
+    ``Channel.close``, which marks it closed under the channel's lock and sends EOF and
+    CLOSE after it. A Ctrl-C as the lock's release returned: the channel counted as
+    closed, no CLOSE ever went out (close_soon finds nothing to send), the session
+    stayed open on the server and its slot taken."""
+    server = make_sshd(max_sessions=1)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        close = paramiko.Channel.close
+        with pytest.raises(KeyboardInterrupt):
+            at_line(close.__code__, _line(close, "for m in msgs:"), _interrupt,
+                    lambda: ex.put(io.BytesIO(b"x"), f"{shared_dir}/f"))()
+        _all_back(ex, 1, "after a Ctrl-C in the transfer's close")
