@@ -345,7 +345,7 @@ def guard_user_sends(transport: paramiko.Transport) -> None:
     ``clear_to_send_timeout``, and a message for a connection that ended is
     dropped.
     """
-    def send_user_message(message: Message) -> None:
+    def _send_user_message(message: Message) -> None:
         start = time.monotonic()
         while True:
             transport.clear_to_send.wait(0.1)
@@ -356,7 +356,7 @@ def guard_user_sends(transport: paramiko.Transport) -> None:
             if time.monotonic() > start + transport.clear_to_send_timeout:
                 raise SSHException("Key-exchange timed out waiting for key negotiation")
 
-    transport._send_user_message = send_user_message  # type: ignore[attr-defined]
+    transport._send_user_message = _send_user_message  # type: ignore[attr-defined]
 
 
 def send_within(transport: paramiko.Transport, message: Message, timeout: Optional[float],
