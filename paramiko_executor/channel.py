@@ -79,6 +79,7 @@ from .inbox import gate_of
 from .internals import (
     BUSY_SEND_WAIT,
     Handler,
+    _take,
     close_messages,
     forget_channel,
     key_exchange_running,
@@ -187,10 +188,20 @@ class _NetworkEvent:
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """True once the event is set (at once if it is), False after ``timeout`` seconds."""
-        if not self._clear.acquire(True, -1 if timeout is None else max(0.0, timeout)):
-            return False
-        self._open()  # still set: waiting does not clear it
-        return True
+        got: List[bool] = []
+        try:
+            # Taken in C (`_take`): an interrupt (Ctrl-C) as the acquire returns would
+            # otherwise leave the event cleared, an open's answer lost for good.
+            _take(self._clear, -1 if timeout is None else max(0.0, timeout), got)
+        finally:
+            if got and got[0]:
+                # Still set: waiting does not clear it. Released here, not in a call
+                # (`_open`), at whose entry an interrupt could land first.
+                try:
+                    self._clear.release()
+                except RuntimeError:
+                    pass  # set already: by another thread since the acquire
+        return got[0]
 
 
 class _Wakeup(_NetworkEvent):

@@ -57,7 +57,12 @@ from .errors import (
     HostKeyFailure,
     TemporaryFailure,
 )
-from .internals import drop_handshake_timer, forget_parent_transports, thread_free_handshake_timer
+from .internals import (
+    drop_handshake_timer,
+    forget_parent_transports,
+    guard_user_sends,
+    thread_free_handshake_timer,
+)
 from .keepalive import GlobalRequests, Keepalive, Pinger
 from .options import Target
 from .retry import ConnectRetry
@@ -587,6 +592,7 @@ def _open(
         transport.use_compression(target.compress)
         _prefer_ciphers(transport)
         thread_free_handshake_timer(transport)
+        guard_user_sends(transport)
         if target.banner_timeout is not None:
             transport.banner_timeout = target.banner_timeout
         if target.auth_timeout is not None:

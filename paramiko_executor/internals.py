@@ -13,7 +13,10 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     ``_handler_table`` on the class with unbound functions (called with the
     transport first); newer versions bind it per instance.
 ``Transport._send_user_message``
-    Sends a message, waiting out a key exchange: `send_when_clear`.
+    Sends a message, waiting out a key exchange: `send_when_clear`. Replaced
+    per transport (`guard_user_sends`): paramiko takes ``clear_to_send_lock``
+    there before the ``try`` that gives it back, so an interrupt (Ctrl-C) as
+    that acquire returns kept it taken for good.
 ``Transport._send_message``, ``Transport.clear_to_send``, ``Transport.clear_to_send_lock``,
 ``Transport.clear_to_send_timeout``
     Send now or not at all while no key exchange runs (`send_if_clear`), so
@@ -131,6 +134,7 @@ __all__ = [
     "connection_error",
     "SPENT_TIMER",
     "drop_handshake_timer",
+    "guard_user_sends",
     "thread_free_handshake_timer",
     "receive_buffer",
     "replace_receive_buffers",
@@ -326,6 +330,33 @@ def send_if_clear(transport: paramiko.Transport, message: Message, *,
     finally:
         if held and held[0]:
             transport.clear_to_send_lock.release()
+
+
+def guard_user_sends(transport: paramiko.Transport) -> None:
+    """Make paramiko's own sends on ``transport`` (``Channel.send``, ``recv``'s window
+    adjust, ``close``, requests: those of transfers without a time limit and of
+    forwarded sockets, in the caller's thread) take their locks as `send_if_clear` does.
+
+    paramiko takes ``clear_to_send_lock`` (not reentrant), and then its packet
+    write lock, each before the ``try`` that gives it back: a Ctrl-C as either
+    acquire returned kept it taken for good, and every later send of every
+    thread waited forever (the interrupted transfer's own CLOSE too). Otherwise
+    as paramiko's: the wait for a key exchange raises `SSHException` after
+    ``clear_to_send_timeout``, and a message for a connection that ended is
+    dropped.
+    """
+    def _send_user_message(message: Message) -> None:
+        start = time.monotonic()
+        while True:
+            transport.clear_to_send.wait(0.1)
+            if not transport.is_active():
+                return
+            if send_if_clear(transport, message):
+                return
+            if time.monotonic() > start + transport.clear_to_send_timeout:
+                raise SSHException("Key-exchange timed out waiting for key negotiation")
+
+    transport._send_user_message = _send_user_message  # type: ignore[attr-defined]
 
 
 def send_within(transport: paramiko.Transport, message: Message, timeout: Optional[float],
