@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Set, Tuple
 
 import pytest
-from helpers import at_line
+from helpers import at_line, wait_for
 from test_files import connection_killer, kill_connections, leftovers
 from test_review11 import _thaw
 
@@ -102,6 +102,23 @@ def test_a_file_already_under_the_temporary_name_is_not_removed(
     assert planted.is_symlink()
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "the probe's REMOVE goes out in the round trip of its exclusive OPEN "
+    "(_Session.stat_and_create), so a file already under the probe's name (OPEN refused) is "
+    "removed all the same; reachable only with a name guessed in advance (16 random hex "
+    "digits from secrets), and a REMOVE only after the OPEN's answer costs every put "
+    "without mode a round trip"))
+def test_a_file_already_under_the_probes_name_is_not_removed(
+        sshd: Any, workdir: pathlib.Path, monkeypatch: Any) -> None:
+    names = iter(["1" * 16, "0" * 16])  # the temporary file's, then the probe's
+    monkeypatch.setattr(transfer.secrets, "token_hex", lambda n: next(names))
+    taken = workdir / ".f.0000000000000000.tmp"
+    taken.write_bytes(b"another client's")
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        assert ex.put(io.BytesIO(b"data"), str(workdir / "f")) == 4
+    assert taken.read_bytes() == b"another client's"
+
+
 def _put_killed_in_two_directories(ex: SSHExecutor, server: Any,
                                    first: pathlib.Path, second: pathlib.Path,
                                    monkeypatch: Any) -> None:
@@ -155,6 +172,36 @@ def test_a_leftover_the_server_refuses_to_remove_does_not_keep_the_others(
     assert leftovers(locked)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "a clean-up whose SFTP subsystem request is refused gives every pending name up at "
+    "once (SFTPNotStarted), as if the login could never start SFTP; a refusal can pass: "
+    "Dropbear refused it to 6 of 60 transfers in a row on one healthy connection here. "
+    "Only a server that ran something else (a forced command) is a lasting answer; a "
+    "refusal could count as one failed clean-up of LEFTOVER_TRIES"))
+def test_a_refused_sftp_subsystem_at_a_clean_up_does_not_give_the_names_up(
+        make_sshd: Any, workdir: pathlib.Path, monkeypatch: Any) -> None:
+    server = make_sshd(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters(on_disconnect_retry=0)) as ex:
+        ex.run_command("true")
+        progress, _killed = connection_killer(server)
+        with pytest.raises(ExecutorFailure):
+            ex.put(io.BytesIO(os.urandom(BIG)), str(workdir / "f"), progress=progress)
+        assert leftovers(workdir)
+        invoke = transfer._Session._invoke_subsystem
+        refusals = [1]
+
+        def refused_once(session: Any, until: float) -> None:
+            if refusals:
+                refusals.pop()
+                raise transfer.SFTPNotStarted("the server refused to start the SFTP subsystem")
+            invoke(session, until)
+        monkeypatch.setattr(transfer._Session, "_invoke_subsystem", refused_once)
+        for _ in range(executors.LEFTOVER_TRIES):
+            assert ex.get("/etc/hostname", io.BytesIO(), timeout=30) > 0
+    assert not refusals
+    assert leftovers(workdir) == []
+
+
 # --- what held ------------------------------------------------------------------------
 
 
@@ -177,14 +224,18 @@ def test_a_server_frozen_mid_upload_times_out_and_is_cleaned_up_once_it_thaws(
                        progress=progress)
             took = time.monotonic() - started
             _thaw(frozen)
-            # The clean-up runs past the deadline in a thread of its own, or in the next
-            # transfer's: either way one is done once the next put returns.
-            ex.put(io.BytesIO(b"x"), str(workdir / "g"), timeout=30)
-            ex.put(io.BytesIO(b"x"), str(workdir / "g"), timeout=30)
+
+            def cleaned() -> bool:
+                ex.put(io.BytesIO(b"x"), str(workdir / "g"), timeout=30)
+                return not leftovers(workdir)
+            # Past the deadline the clean-up runs in a thread of its own, which holds the
+            # names until it ends (LEFTOVER_TIMEOUT at most); a later transfer's if it
+            # failed.
+            wait_for(cleaned, "the temporary file's removal",
+                     timeout=executors.LEFTOVER_TIMEOUT + 10)
     finally:
         _thaw(frozen)
     assert took < 3 + transfer.CLEANUP_GRACE + 1
-    assert leftovers(workdir) == []
 
 
 def test_an_upload_only_drop_box_costs_later_transfers_nothing(
