@@ -440,7 +440,7 @@ class SSHExecutor(Executor):
             return upload(chan, source, remote, mode=mode, progress=progress, deadline=deadline,
                           temps=temps[-1])
 
-        failed = False
+        failed = interrupted = False
         started = time.monotonic()
         try:
             return self._transfer(local, attempt, timeout, sent=True)
@@ -449,13 +449,15 @@ class SSHExecutor(Executor):
             raise
         except BaseException as exc:
             # An interrupt (Ctrl-C) may come before the upload's own clean-up could.
-            failed = not isinstance(exc, Exception)
+            failed = interrupted = not isinstance(exc, Exception)
             raise
         finally:
             # An attempt broken with its connection left its file behind; a
-            # failed or interrupted last one may have too.
+            # failed or interrupted last one may have too. An interrupted
+            # caller waits for no clean-up: its deadline is now.
             self._remove_leftover([name for names in (temps if failed else temps[:-1])
                                    for name in names],
+                                  started if interrupted else
                                   None if timeout is None else started + timeout)
 
     def get(self, remote: str, local: Source, *, timeout: Optional[float] = None,
