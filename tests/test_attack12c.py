@@ -131,7 +131,6 @@ def _put_killed_in_two_directories(ex: SSHExecutor, server: Any,
     """Two puts, into ``first`` and ``second``, broken by one lost connection; their
     names recorded in that order."""
     ex.run_command("true")
-    both = threading.Barrier(2, timeout=60)
     recorded = threading.Event()
     record = ex._remove_leftover
 
@@ -141,21 +140,29 @@ def _put_killed_in_two_directories(ex: SSHExecutor, server: Any,
         record(temps, deadline)
         recorded.set()
     monkeypatch.setattr(ex, "_remove_leftover", in_order)
-    killed = threading.Event()
+    _puts_broken_together(ex, server, [first / "f", second / "f"], BIG)
+    monkeypatch.undo()
 
-    def put(directory: pathlib.Path) -> None:
+
+def _puts_broken_together(ex: SSHExecutor, server: Any, remotes: List[pathlib.Path],
+                          size: int) -> None:
+    """A put of ``size`` random bytes to each of ``remotes`` at once, in threads; ``server``
+    kills the connection once each is past 1 MiB: all raise `ExecutorFailure`."""
+    killed = threading.Event()
+    together = threading.Barrier(len(remotes), timeout=60)
+
+    def put(remote: pathlib.Path) -> None:
         def progress(done: int, total: int) -> None:
             if done > 1024 * 1024 and not killed.is_set():
-                both.wait()
+                together.wait()
                 if not killed.is_set():
                     killed.set()
                     kill_connections(server)
         with pytest.raises(ExecutorFailure):
-            ex.put(io.BytesIO(os.urandom(BIG)), str(directory / "f"), progress=progress)
-    with ThreadPoolExecutor(2) as pool:
-        for future in [pool.submit(put, directory) for directory in (first, second)]:
+            ex.put(io.BytesIO(os.urandom(size)), str(remote), progress=progress)
+    with ThreadPoolExecutor(len(remotes)) as pool:
+        for future in [pool.submit(put, remote) for remote in remotes]:
             future.result(timeout=120)
-    monkeypatch.undo()
 
 
 def test_a_leftover_the_server_refuses_to_remove_does_not_keep_the_others(
@@ -267,22 +274,8 @@ def test_many_puts_broken_at_once_are_cleaned_up_by_the_next_transfer(
     server = make_sshd(max_sessions=10)
     with SSHExecutor(**server.executor_parameters(on_disconnect_retry=0)) as ex:
         ex.run_command("true")
-        killed = threading.Event()
-        together = threading.Barrier(8, timeout=60)
-
-        def put(i: int) -> None:
-            def progress(done: int, total: int) -> None:
-                if done > 1024 * 1024 and not killed.is_set():
-                    together.wait()
-                    if not killed.is_set():
-                        killed.set()
-                        kill_connections(server)
-            with pytest.raises(ExecutorFailure):
-                ex.put(io.BytesIO(os.urandom(8 * 1024 * 1024)), str(workdir / f"f{i}"),
-                       progress=progress)
-        with ThreadPoolExecutor(8) as pool:
-            for future in [pool.submit(put, i) for i in range(8)]:
-                future.result(timeout=120)
+        _puts_broken_together(ex, server, [workdir / f"f{i}" for i in range(8)],
+                              8 * 1024 * 1024)
         assert len(ex._leftovers) == 16
         assert ex.get("/etc/hostname", io.BytesIO(), timeout=30) > 0
         assert not ex._leftovers
