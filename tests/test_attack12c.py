@@ -188,7 +188,8 @@ def test_a_leftover_the_server_refuses_to_remove_does_not_keep_the_others(
 @pytest.mark.xfail(strict=True, reason=(
     "a clean-up whose SFTP subsystem request is refused gives every pending name up at "
     "once (SFTPNotStarted), as if the login could never start SFTP; a refusal can pass: "
-    "Dropbear refused it to 6 of 60 transfers in a row on one healthy connection here. "
+    "Dropbear refused it to 0 to 9 of 60 back-to-back transfers on one healthy connection "
+    "here (6 runs). "
     "Only a server that ran something else (a forced command) is a lasting answer; a "
     "refusal could count as one failed clean-up of LEFTOVER_TRIES"))
 def test_a_refused_sftp_subsystem_at_a_clean_up_does_not_give_the_names_up(
