@@ -441,18 +441,24 @@ class SSHExecutor(Executor):
             return upload(chan, source, remote, mode=mode, progress=progress, deadline=deadline,
                           temps=temps[-1])
 
-        failed = False
+        failed = interrupted = False
         started = time.monotonic()
         try:
             return self._transfer(local, attempt, timeout, sent=True)
         except ExecutorFailure:
             failed = True
             raise
+        except BaseException as exc:
+            # An interrupt (Ctrl-C) may come before the upload's own clean-up could.
+            failed = interrupted = not isinstance(exc, Exception)
+            raise
         finally:
             # An attempt broken with its connection left its file behind; a
-            # failed last one may have too.
+            # failed or interrupted last one may have too. An interrupted
+            # caller waits for no clean-up: its deadline is now.
             self._remove_leftover([name for names in (temps if failed else temps[:-1])
                                    for name in names],
+                                  started if interrupted else
                                   None if timeout is None else started + timeout)
 
     def get(self, remote: str, local: Source, *, timeout: Optional[float] = None,
@@ -548,12 +554,13 @@ class SSHExecutor(Executor):
         up, as every name is at once when the server does not start SFTP
         (nothing to remove them with). Given-up names are logged at DEBUG.
         """
-        with self._connection.lock:
-            pending, self._leftovers = self._leftovers, {}
-        if not pending:
-            return
+        pending: Dict[str, int] = {}
         settled = False
-        try:
+        try:  # from the names' taking on: an interrupt keeps them
+            with self._connection.lock:
+                pending, self._leftovers = self._leftovers, {}
+            if not pending:
+                return
             bound = time.monotonic() + LEFTOVER_TIMEOUT
             bound = bound if until is None else min(bound, until)
             with link.taking():

@@ -1662,6 +1662,9 @@ def upload(
         try:
             created = session.stat_and_create(remote, temp, bits, probe)
         except _StatusError as exc:
+            if temps is not None:
+                # Refused (an existing name too): what is there is not this upload's.
+                temps.remove(temp)
             _raise_for(exc, "cannot create a temporary file for the upload", remote)
         except TimeoutError as exc:
             # A slow server may create the file after any later session looked: removed
@@ -1761,16 +1764,21 @@ def remove(chan: paramiko.Channel, remote: str, *more: str,
 
     False if none of them was there. For cleaning up the files of uploads
     broken with their connection (see `upload`'s ``temps``), in one SFTP
-    session. Errors as for `upload`; the first file the server refuses to
-    remove ends the call.
+    session. Errors as for `upload`; a file the server refuses to remove
+    does not keep the others: its error is raised once all were tried.
     """
     found = False
+    refused: Optional[_StatusError] = None
+    refused_path = remote
     with _session(chan, deadline) as session:
         for path in (remote, *more):
             try:
                 found = session.remove(path) or found
             except _StatusError as exc:
-                _raise_for(exc, "cannot remove", path)
+                if refused is None:
+                    refused, refused_path = exc, path
+    if refused is not None:
+        _raise_for(refused, "cannot remove", refused_path)
     return found
 
 
