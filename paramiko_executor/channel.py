@@ -44,6 +44,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import paramiko
 from paramiko.common import (
+    CONNECTION_FAILED_CODE,
     MSG_CHANNEL_CLOSE,
     MSG_CHANNEL_DATA,
     MSG_CHANNEL_EOF,
@@ -83,6 +84,7 @@ from .internals import (
     close_messages,
     forget_channel,
     key_exchange_running,
+    known_channel,
     new_session_channel,
     open_confirmed,
     replace_send_condition,
@@ -106,6 +108,7 @@ __all__ = [
     "close_soon",
     "in_background",
     "install_channel_hooks",
+    "refusal_of",
     "Sessions",
 ]
 
@@ -413,6 +416,37 @@ class Sessions(Dict[int, "SessionChannel"]):
         return [session for session in list(self.values()) if session.left_by(thread)]
 
 
+#: The attribute of a paramiko channel holding the server's refusal of its open.
+_REFUSAL = "_paramiko_executor_refusal"
+
+
+def _keep_refusal(transport: paramiko.Transport, m: Message) -> None:
+    """Keep an OPEN_FAILURE's refusal on its channel, for `refusal_of`.
+
+    paramiko keeps one per transport (``saved_exception``) and gives it to
+    whichever thread asks first: opens refused together would read another's
+    reason, or none. Called before paramiko wakes the opener.
+    """
+    start = m.packet.tell()
+    try:
+        chanid, code = _uint32(m.packet), _uint32(m.packet)
+    except _Malformed:
+        return
+    finally:
+        m.packet.seek(start)
+    chan = known_channel(transport, chanid)
+    if chan is not None:
+        # As paramiko words it (its own ChannelException for the refusal).
+        setattr(chan, _REFUSAL, paramiko.ChannelException(
+            code, CONNECTION_FAILED_CODE.get(code, "(unknown code)")))
+
+
+def refusal_of(chan: paramiko.Channel) -> Optional[paramiko.ChannelException]:
+    """The server's refusal of ``chan``'s open (a ``ChannelException``); None if none came."""
+    refusal: Optional[paramiko.ChannelException] = getattr(chan, _REFUSAL, None)
+    return refusal
+
+
 def _readable_refusal(m: Message) -> Message:
     """An OPEN_FAILURE as paramiko can read it: its texts made UTF-8 if they are not.
 
@@ -620,6 +654,7 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
                         s.release_refused()
                 if refused:
                     args = (*args[:-1], _readable_refusal(m))
+                    _keep_refusal(transport, m)
                 on_answer(*args)
                 if refused:
                     # paramiko forgets a refused channel everywhere but here.

@@ -490,6 +490,9 @@ class Link:
         #: True while the limit is one remembered from an earlier connection, not
         #: probed on this one: the server may allow fewer sessions now.
         self.remembered = False
+        #: ``bounded_connection`` blocks in progress: each holds a slot for a session
+        #: of the caller's own, one the executor does not see (`Connection.refused`).
+        self.reserved = 0
         self._target = target
 
     @property
@@ -1083,7 +1086,8 @@ class Connection:
         the server freeing sessions at saturation): the next connect probes again.
         ``quiet``: no session of the link ended between a completed round trip
         and this refusal, so the server had freed every session we had
-        closed, and the sessions it still confirmed for us are all it allows.
+        closed, and the sessions it still confirmed for us (a
+        ``bounded_connection`` block's among them) are all it allows.
         A link whose limit was not probed on it (`Link.unproven`: remembered,
         or the ``max_sessions`` given) is lowered to them then (at least 1),
         for the rest of its life: the callers past them wait for a slot
@@ -1102,7 +1106,9 @@ class Connection:
         if not (quiet and link.unproven):
             return
         with self.lock:
-            held = link.server_sessions()
+            # A bounded_connection block's session is the server's too: left out, the
+            # cap would leave that block's thread holding every slot.
+            held = link.server_sessions() + link.reserved
             if not 1 <= held < slots.limit:
                 return
             before = slots.limit

@@ -364,7 +364,13 @@ class SSHExecutor(Executor):
             except ExecutorFailure as exc:
                 raise for_executor(exc, self) from None
             link.slots.hold_back(None)  # the caller opens a channel next
-            yield link.transport
+            with self._connection.lock:
+                link.reserved += 1
+            try:
+                yield link.transport
+            finally:
+                with self._connection.lock:
+                    link.reserved -= 1
 
     @property
     def state(self) -> Optional[ConnectionState]:

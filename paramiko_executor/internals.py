@@ -539,9 +539,15 @@ def set_forward_handler(transport: paramiko.Transport, handler: Handler) -> None
     transport._tcp_handler = handler  # type: ignore[attr-defined]
 
 
+def known_channel(transport: paramiko.Transport, chanid: int) -> Optional[paramiko.Channel]:
+    """``transport``'s channel ``chanid``, None if paramiko does not know it (any more)."""
+    chan: Optional[paramiko.Channel] = transport._channels.get(chanid)  # type: ignore[attr-defined]
+    return chan
+
+
 def open_confirmed(transport: paramiko.Transport, chanid: int) -> bool:
     """Whether the server already confirmed the open of channel ``chanid``, one paramiko knows."""
-    chan = transport._channels.get(chanid)  # type: ignore[attr-defined]
+    chan = known_channel(transport, chanid)
     return chan is not None and bool(chan.active)
 
 

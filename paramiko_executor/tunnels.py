@@ -44,16 +44,17 @@ import socket
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple, Type, TypeVar
 
 import paramiko
 from paramiko.ssh_exception import SSHException
 
+from .channel import refusal_of
 from .checks import check_int, check_str, check_timeout
 from .connection import GaveUp, Link
 from .errors import TRANSPORT_ERRORS, ExecutorFailure, ForwardTimeout, for_executor, is_lost
 from .forwarded import ForwardedSocket
-from .internals import new_session_channel, set_forward_handler
+from .internals import connection_error, new_session_channel, set_forward_handler
 from .pipe import WRITE_POLL, Pipe, reset_on_close, writable_within
 from .text import printable
 from .waits import Signal, wait_any
@@ -98,6 +99,10 @@ OPEN_TIMEOUT = 60.0
 #: The texts of the SSH channel-open failure codes (RFC 4254 5.1).
 _REASONS = {1: "administratively prohibited", 2: "connect failed",
             3: "unknown channel type", 4: "resource shortage"}
+
+
+class _Refused(ExecutorFailure):
+    """A local tunnel's forward that the server refused (see `Forwarding.open_channel`)."""
 
 
 class ForwardLimit:
@@ -456,18 +461,20 @@ class LocalTunnel(Tunnel):
         try:
             try:
                 chan = self._forwarding.open_channel(
-                    self.remote, origin, time.monotonic() + OPEN_TIMEOUT, place, self._closed)
+                    self.remote, origin, time.monotonic() + OPEN_TIMEOUT, place, self._closed,
+                    refused=_Refused)
             except ExecutorFailure as exc:
                 if not self._closed.is_set():
                     why = (f"no forward within {OPEN_TIMEOUT:g} s ({exc.description})"
                            if isinstance(exc, GaveUp) else exc.description)
                     log.warning("tunnel %s: %s; closing the client's connection", self.name, why)
-                if isinstance(exc, GaveUp):
-                    _refuse(client)
-                else:
-                    # Refused: closed as ``ssh -L`` closes it, an EOF (a reset if the
-                    # kernel still holds bytes of the client's unread).
+                if isinstance(exc, _Refused):
+                    # Closed as ``ssh -L`` closes it, an EOF (a reset if the kernel
+                    # still holds bytes of the client's unread).
                     client.close()
+                else:
+                    # Never asked for (no connection, or it was lost): no answer at all.
+                    _refuse(client)
                 return
             self._carry(client, chan, self.name)
         finally:
@@ -716,7 +723,7 @@ def _open_direct(transport: paramiko.Transport, target: Address, origin: Address
     try:
         while chan is None:
             if not transport.is_active():
-                raise transport.get_exception() or SSHException("SSH session not active")
+                raise _ended(transport)
             # A key exchange holds the open back: looked at again every LIVENESS_POLL.
             chan = new_session_channel(transport, answered, LIVENESS_POLL, (target, origin))
             late = overdue() if chan is None else None
@@ -727,7 +734,7 @@ def _open_direct(transport: paramiko.Transport, target: Address, origin: Address
             if late is not None:
                 raise late
             if not transport.is_active():
-                raise transport.get_exception() or SSHException("Unable to open channel.")
+                raise _ended(transport)
             wait_any((answered, stop), LIVENESS_POLL)
     except BaseException:  # given up, an interrupt (Ctrl-C) included
         # From the moment the open is sent: an interrupt landing as it returns too, or
@@ -738,8 +745,13 @@ def _open_direct(transport: paramiko.Transport, target: Address, origin: Address
         raise
     if chan.active:
         return chan
-    # The server refused: paramiko left its reason (a ChannelException) for us.
-    raise transport.get_exception() or SSHException("Unable to open channel.")
+    # The server refused (its reason kept on the channel), or the connection ended.
+    raise refusal_of(chan) or _ended(transport)
+
+
+def _ended(transport: paramiko.Transport) -> BaseException:
+    """What ended ``transport``, never a refusal of an earlier open that paramiko kept."""
+    return connection_error(transport) or SSHException("SSH session not active")
 
 
 def _reap(transport: paramiko.Transport, chan: paramiko.Channel, answered: Signal,
@@ -856,8 +868,10 @@ class Forwarding:
             raise for_executor(exc, self._executor) from None
 
     def open_channel(self, target: Address, origin: Address, deadline: Optional[float],
-                     place: Place, stop: Optional[Signal] = None) -> paramiko.Channel:
-        """A ``direct-tcpip`` channel to ``target``; `ExecutorFailure` naming it when that fails.
+                     place: Place, stop: Optional[Signal] = None, *,
+                     refused: Type[ExecutorFailure] = ExecutorFailure) -> paramiko.Channel:
+        """A ``direct-tcpip`` channel to ``target``; `ExecutorFailure` naming it when that fails,
+        a ``refused`` when the server refused the open.
 
         ``place`` is the caller's under ``max_forwarded``. The caller waits
         for the connection and the server's answer until ``deadline`` (a
@@ -878,7 +892,7 @@ class Forwarding:
             except paramiko.ChannelException as exc:
                 reason = _REASONS.get(exc.code, f"code {exc.code}")
                 text = printable(str(exc.text or ""))
-                raise ExecutorFailure(f"the server refused to forward to {where} ({reason}"
+                raise refused(f"the server refused to forward to {where} ({reason}"
                                       f"{': ' + text if text and text.lower() != reason else ''})",
                                       self._executor) from None
             except TRANSPORT_ERRORS as exc:
