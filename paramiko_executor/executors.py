@@ -918,9 +918,12 @@ class DupingSSHExecutor(SSHExecutor):
     for the asyncio executor (and for command keys, where the server runs its
     own command and ``SSH_ORIGINAL_COMMAND`` is ``/bin/bash``); on an ordinary
     key pass ``wrapper=SAFE_WRAPPER``. A command of several lines is fed as
-    it is: ``/bin/bash`` runs every line, a wrapper that runs only its first
-    line (``SAFE_WRAPPER``) leaves the others to that command's stdin. A
-    command holding NUL is refused with `ValueError`, as `SSHExecutor` does.
+    it is, on the same input as ``stdin_input``: ``/bin/bash`` runs its lines
+    one by one, and a line that reads stdin reads the lines after it first
+    (``"cat\\necho done"`` prints ``echo done`` and the stdin); a wrapper
+    that runs only its first line (``SAFE_WRAPPER``) leaves the others to
+    that command's stdin. A command holding NUL is refused with
+    `ValueError`, as `SSHExecutor` does.
     """
 
     def __init__(self, *, wrapper: str = "/bin/bash", **arguments: Any) -> None:

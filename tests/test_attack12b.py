@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict
 import pytest
 from helpers import call_in_thread, run_threads, wait_for
 
-from paramiko_executor import DupingSSHExecutor, ExecutorFailure, SSHExecutor
+from paramiko_executor import ExecutorFailure, SSHExecutor
 
 LOWERED = "this connection's limit is now"
 
@@ -175,17 +175,3 @@ def test_a_right_cap_stays_after_a_block_closes_a_running_command(
         long["thread"].join(30)
         assert [r.getMessage() for r in caplog.records if LOWERED in r.getMessage()] == []
         assert ex.statistics().max_sessions == 2
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "DupingSSHExecutor feeds a command of several lines on the same stdin as stdin_input "
-    "(d5d04a5): a line that reads stdin takes the command's later lines as its data, so "
-    "'cat\\necho done' with stdin 'payload' gives 'echo done\\npayload' where SSHExecutor "
-    "gives 'payload\\ndone'; the docstring's '/bin/bash runs every line' does not hold. "
-    "Before, such a command was refused with ValueError"))
-def test_duping_a_command_of_several_lines_reading_stdin_runs_as_ssh_does(sshd: Any) -> None:
-    params = sshd.executor_parameters(client_keys=[sshd.forced_key_path])
-    with DupingSSHExecutor(**params) as duping, SSHExecutor(**sshd.executor_parameters()) as ex:
-        expected = ex.run_command("cat\necho done", stdin_input="payload\n").stdout
-        assert expected == "payload\ndone\n"
-        assert duping.run_command("cat\necho done", stdin_input="payload\n").stdout == expected

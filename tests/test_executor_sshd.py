@@ -246,6 +246,9 @@ def test_duping_executor_feeds_a_command_of_several_lines_as_it_is(sshd):
     params = sshd.executor_parameters(client_keys=[sshd.forced_key_path])
     with DupingSSHExecutor(**params) as ex:
         assert ex.run_command("echo a\necho b").stdout == "a\nb\n"
+        # One input: a line reading stdin reads the lines after it, then stdin_input.
+        assert ex.run_command("cat\necho done", stdin_input="payload\n").stdout == \
+            "echo done\npayload\n\n"
         with pytest.raises(ValueError, match="NUL"):
             ex.run_command("echo a\0b")
     with DupingSSHExecutor(**sshd.executor_parameters(), wrapper=SAFE_WRAPPER) as safe:
