@@ -12,6 +12,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from typing import Any, Callable, Iterator, List, NoReturn, Tuple
@@ -246,3 +247,12 @@ def down(make_sshd: Callable[..., Any]) -> Iterator[Tuple[Any, Any]]:
     # The connect a caller stopped waiting for ends with close().
     wait_for(lambda: threading.active_count() <= threads_before, "the threads to end",
              timeout=10)
+
+
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler (KeyboardInterrupt) for a test that sends real
+    SIGINTs, even when the suite runs with SIGINT ignored (a background job)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

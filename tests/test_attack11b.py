@@ -137,6 +137,7 @@ def _free(lock: Any) -> bool:
 
 
 @pytest.mark.hang_timeout(120)
+@pytest.mark.usefixtures("python_sigint")
 @pytest.mark.parametrize("lock_of", [
     pytest.param(lambda transport: transport.clear_to_send_lock, id="clear_to_send_lock"),
     pytest.param(lambda transport: transport.packetizer._Packetizer__write_lock,

@@ -15,7 +15,7 @@ import io
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Callable, List, Tuple
 
 import paramiko
 import pytest
@@ -28,14 +28,7 @@ from paramiko_executor import SSHExecutor
 from paramiko_executor.channel import SessionChannel, _NetworkEvent
 from paramiko_executor.internals import send_if_clear, wrap_handlers
 
-
-@pytest.fixture(autouse=True)
-def _python_sigint() -> Iterator[None]:
-    """Python's own SIGINT handler (KeyboardInterrupt), even when the suite runs with
-    SIGINT ignored (a background job)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
+pytestmark = pytest.mark.usefixtures("python_sigint")
 
 
 #: (code, line of the lock's acquire, the lock, the kind of message being sent), of a frame.

@@ -165,11 +165,11 @@ def test_a_right_cap_stays_after_a_block_closes_a_running_command(
     with SSHExecutor(**server.executor_parameters(), max_sessions=2) as ex:
         started = threading.Event()
         long = call_in_thread(lambda: ex.run_command(
-            "echo started; sleep 4", on_output=lambda name, text: started.set()))
+            "echo started; sleep 8", on_output=lambda name, text: started.set()))
         assert started.wait(30)
         with ex.bounded_connection as transport:
             chan = transport.open_session()
-            chan.exec_command("sleep 2")
+            chan.exec_command("sleep 6")  # ample: the next open comes within ms
             chan.close()  # closed as the contract asks; sshd keeps it until sleep ends
         assert ex.run_command("echo after", timeout=30).stdout == "after\n"
         long["thread"].join(30)
