@@ -18,7 +18,7 @@ from test_attack11a import _as_it_returns, _interrupt
 
 from paramiko_executor import SSHExecutor
 from paramiko_executor.channel import SessionChannel
-from paramiko_executor.connection import Link
+from paramiko_executor.connection import Link, _Taking
 from paramiko_executor.slots import Slots
 from paramiko_executor.warm import Spare
 
@@ -47,14 +47,6 @@ def _all_back(ex: SSHExecutor, link: Link, slots: Slots, spare: Spare) -> None:
     assert ex.run_command("echo ok", timeout=10).stdout == "ok\n"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Link.taking's clean-up releases every slot its thread holds beyond those it held as "
-    "the call began (Slots.release_beyond), and discards every session the thread took "
-    "and has not handed on (Sessions.left_by): by counts and thread, not by what this "
-    "call took. A bounded_connection block's boundary spans the caller's block (the "
-    "generator's yield), so one exited out of order (closed inside a later call of its "
-    "thread, or from another thread) gives back the later call's slot, which that call's "
-    "session releases again at the server's CLOSE"))
 @pytest.mark.hang_timeout(120)
 def test_a_bounded_connection_closed_inside_a_transfer_keeps_the_transfers_slot(
         make_sshd: Any, shared_dir: str) -> None:
@@ -62,7 +54,8 @@ def test_a_bounded_connection_closed_inside_a_transfer_keeps_the_transfers_slot(
     (``GeneratorExit``) from a ``progress`` callback of a put of the same thread, gave back
     the put's slot too: its boundary released every slot the thread held beyond those it
     held as the block began, the put's among them, which the put's session released again
-    at the server's CLOSE."""
+    at the server's CLOSE. The block's boundary now gives back its own claim alone once
+    the block is handed to its caller (`_Taking.only`)."""
     server = make_sshd(max_sessions=2)
     source = source_file(shared_dir, 1024 * 1024)
     with SSHExecutor(**server.executor_parameters()) as ex:
@@ -88,8 +81,9 @@ def test_a_bounded_connection_closed_inside_a_transfer_keeps_the_transfers_slot(
     "Link.taking's clean-up after a callback's error gives back by counts (the slots its "
     "thread holds beyond those it held as the call began), not what the call took: a "
     "bounded_connection block the callback entered and kept open (left suspended in a "
-    "generator) loses its slot to the command's boundary, and its claim releases it again "
-    "as the block ends"))
+    "generator) loses its slot to the command's or transfer's boundary, and its claim "
+    "releases it again as the block ends (the block's own boundary narrows to its claim, "
+    "_Taking.only; the outer call's cannot know the block's slot from one it leaked)"))
 @pytest.mark.parametrize("kind", ["on_output", "progress"])
 @pytest.mark.hang_timeout(120)
 def test_a_block_a_callback_keeps_open_keeps_its_slot_past_the_calls_error(
@@ -152,4 +146,34 @@ def test_a_second_ctrl_c_as_the_boundary_discards_a_session_leaves_the_thread_us
                            into=SSHExecutor._open_session.__code__)()
         monkeypatch.setattr(SessionChannel, "discard", discard)
         assert fired, "the boundary discarded nothing"
+        _all_back(ex, link, slots, spare)
+
+
+@pytest.mark.parametrize("where", ["the claim's release", "the boundary's narrowing"])
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_as_a_bounded_connection_block_ends_or_narrows_gives_its_slot_back(
+        make_sshd: Any, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """MaxSessions 1: a Ctrl-C at the entry of ``Slots.release`` as the block's claim gives
+    its slot back (the claim still taken: the boundary's second exit of the claim gives it
+    back), or as the boundary narrows to the claim (`_Taking.only`: the whole boundary
+    gives back): the slot comes back, no thread holding it."""
+    server = make_sshd(max_sessions=1)
+    owner, name = (Slots, "release") if where == "the claim's release" else (_Taking, "only")
+    original = getattr(owner, name)
+    fired: List[bool] = []
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        if not fired and (name == "only" or sys._getframe(1).f_code.co_name == "__exit__"):
+            fired.append(True)
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        link, slots, spare = _connected(ex)
+        monkeypatch.setattr(owner, name, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            with ex.bounded_connection:
+                pass
+        monkeypatch.setattr(owner, name, original)
+        assert fired
         _all_back(ex, link, slots, spare)
