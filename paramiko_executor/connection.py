@@ -148,11 +148,12 @@ class _ProbeSlots(Slots):
         self._owed = 0
         self._target: Optional[Slots] = None
 
-    def release(self, n: int = 1, *, holder: Optional[int] = None) -> None:
+    def release(self, n: int = 1, *, holder: Optional[int] = None,
+                claim: Optional[Claim] = None) -> None:
         with self._handoff_lock:
             owed = min(n, self._owed)
             self._owed -= owed
-            super().release(n, holder=holder)
+            super().release(n, holder=holder, claim=claim)
             target = self._target
         if owed and target is not None:
             target.release(owed)
@@ -451,7 +452,7 @@ def close_transport(transport: paramiko.Transport) -> None:
 class _Taking:
     """The boundary of a call that takes sessions and slots of ``link`` (see `Link.taking`)."""
 
-    __slots__ = ("link", "thread", "held")
+    __slots__ = ("link", "thread", "held", "claim")
 
     def __init__(self, link: Link) -> None:
         assert link.slots is not None
@@ -459,12 +460,26 @@ class _Taking:
         self.thread = threading.get_ident()
         #: The slots the thread held as the call began (an outer call's: kept).
         self.held = link.slots.held_by(self.thread)
+        #: Set by `only`: the one claim the call holds from then on.
+        self.claim: Optional[Claim] = None
 
     def __enter__(self) -> _Taking:
         return self
 
+    def only(self, claim: Claim) -> None:
+        """From here on the call holds ``claim``'s slot and takes nothing more: a
+        ``bounded_connection`` block handed to its caller, which may end it out of order
+        (a generator closed in a later call of the thread, or in another thread). An
+        error then gives back that claim alone, if its exit did not: not the slots and
+        sessions the thread took since, in calls of its own."""
+        self.claim = claim
+
     def __exit__(self, kind: Optional[type], *rest: object) -> None:
-        if kind is not None:
+        if kind is None:
+            return
+        if self.claim is not None:
+            self.claim.__exit__()  # again: a Ctrl-C at the first's entry skipped it
+        else:
             self.link.give_back(self.thread, self.held)
 
 

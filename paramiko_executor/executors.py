@@ -358,12 +358,13 @@ class SSHExecutor(Executor):
     def _bounded_connection(self) -> Iterator[paramiko.Transport]:
         link = self._get_link()
         assert link.slots is not None
-        with link.taking(), Claim(link.slots, threading.get_ident()) as claim:
+        with link.taking() as taking, Claim(link.slots, threading.get_ident()) as claim:
             try:
                 self._take_slot(link, None, claim)
             except ExecutorFailure as exc:
                 raise for_executor(exc, self) from None
             link.slots.hold_back(None)  # the caller opens a channel next
+            taking.only(claim)
             with self._connection.lock:
                 link.reserved += 1
             try:

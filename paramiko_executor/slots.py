@@ -136,8 +136,9 @@ class Claim:
 
     def __exit__(self, *exc_info: object) -> None:
         if self.taken:
-            self.taken = False
-            self.slots.release(holder=self.holder)
+            # `release` clears `taken` with the slot's hand-on: an interrupt (Ctrl-C)
+            # at its entry leaves the claim taken, for a second exit to give back.
+            self.slots.release(holder=self.holder, claim=self)
 
 
 class Slots(threading.BoundedSemaphore):
@@ -394,8 +395,12 @@ class Slots(threading.BoundedSemaphore):
             except ValueError:
                 return waiter.stuck  # sent away by `lower`, with no slot
 
-    def release(self, n: int = 1, *, holder: Optional[int] = None) -> None:
+    def release(self, n: int = 1, *, holder: Optional[int] = None,
+                claim: Optional[Claim] = None) -> None:
         """Give back ``n`` slots held by thread ``holder`` (see `acquire`); ignored once closed.
+
+        ``claim``, whose one slot this is, is marked given back (`Claim.taken`)
+        as the slot is handed on, with no call in between.
 
         The server may still be freeing those sessions (it just closed them,
         and our CLOSE in reply is on its way): `open_delay` allows for that.
@@ -406,13 +411,17 @@ class Slots(threading.BoundedSemaphore):
             raise ValueError("n must be one or more")
         with self._mutex:
             if self._closed:
+                if claim is not None:
+                    claim.taken = False
                 return
             now = time.monotonic() if self._pace else None
             for _ in range(n):
-                self._release_one(holder, now)
+                self._release_one(holder, now, claim)
 
-    def _release_one(self, holder: Optional[int], now: Optional[float]) -> None:
-        """Give back one slot of ``holder``, released at ``now`` (under ``_mutex``).
+    def _release_one(self, holder: Optional[int], now: Optional[float],
+                     claim: Optional[Claim] = None) -> None:
+        """Give back one slot of ``holder`` (``claim``'s, if given), released at ``now``
+        (under ``_mutex``).
 
         The counts are worked out first; the slot's hand-on (kept back, to the
         next waiter, or free) and its holders' counts are then stored with no
@@ -441,6 +450,8 @@ class Slots(threading.BoundedSemaphore):
                 self._holders[holder] = left
             elif holder in self._holders:
                 del self._holders[holder]
+        if claim is not None:
+            claim.taken = False
         if waiter is not None:
             waiter.lock.release()  # the hand-on is whole: the waiter runs
         if now is not None and not kept:
