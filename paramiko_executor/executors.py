@@ -558,8 +558,9 @@ class SSHExecutor(Executor):
 
         It ends by ``until`` too. Names it could not remove are kept for the
         next transfer's clean-up, up to `LEFTOVER_TRIES` clean-ups; then given
-        up, as every name is at once when the server does not start SFTP
-        (nothing to remove them with). Given-up names are logged at DEBUG.
+        up, as every name is at once when the server runs something else
+        than SFTP (nothing to remove them with; a refused SFTP subsystem is
+        one failed clean-up). Given-up names are logged at DEBUG.
         """
         pending: Dict[str, int] = {}
         settled = False
@@ -579,10 +580,16 @@ class SSHExecutor(Executor):
                     finally:
                         session.hold(None)
                     settled = True
-        except SFTPNotStarted:
-            log.debug("gave up the temporary files of failed uploads %s: the server did not "
-                      "start SFTP", sorted(pending), exc_info=True)
-            settled = True
+        except SFTPNotStarted as exc:
+            # Only a server that ran something else gives every later session that answer
+            # too; a refusal may pass (Dropbear refuses some under load): one failed try.
+            settled = exc.lasting
+            if settled:
+                log.debug("gave up the temporary files of failed uploads %s: the server did "
+                          "not start SFTP", sorted(pending), exc_info=True)
+            else:
+                log.debug("could not remove the temporary files of failed uploads",
+                          exc_info=True)
         except (ExecutorFailure, OSError):
             log.debug("could not remove the temporary files of failed uploads", exc_info=True)
         finally:

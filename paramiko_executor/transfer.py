@@ -471,9 +471,19 @@ class ProtocolError(ExecutorFailure):
 class SFTPNotStarted(ExecutorFailure):
     """The server did not start SFTP on the channel: refused, or ran something else.
 
-    Nothing was sent to an SFTP server, so nothing was created; another
-    session on the same login gets the same answer (a command-restricted key).
+    Nothing was sent to an SFTP server, so nothing was created. ``lasting``: the
+    server ran something else (a command-restricted key's forced command), which
+    another session on the same login gets too; a refusal, or no answer in time,
+    may pass (Dropbear refuses some requests under load).
     """
+
+    def __init__(self, description: str, executor: Optional[Any] = None, *,
+                 lasting: bool = False) -> None:
+        super().__init__(description, executor)
+        self.lasting = lasting
+
+    def _picklable_state(self) -> Optional[Dict[str, Any]]:
+        return {"lasting": self.lasting}
 
 
 def _malformed(what: str) -> ProtocolError:
@@ -557,36 +567,31 @@ class _Created(NamedTuple):
     owner: Optional[Tuple[int, int]]
     #: The temporary file's handle.
     handle: bytes
-    #: The probe's handle (its file is removed already), to close with the temporary file's.
-    probe: Optional[bytes]
-    #: The probe's name if the server refused to remove it (``sftp-server -P remove``):
-    #: the upload is renamed over it on its way, which leaves nothing behind.
-    stuck: Optional[str] = None
+    #: The id of the probe's REMOVE (see `_Session.later`), None without a probe of its own.
+    #: Refused (``sftp-server -P remove``): the upload is renamed over the probe on its
+    #: way, which leaves nothing behind.
+    removal: Optional[int] = None
 
 
-def _probed(new_bits: int, opened: Tuple[int, memoryview], looked: Tuple[int, memoryview]
-            ) -> Tuple[int, Optional[bytes]]:
-    """The bits of a new file as sftp leaves it, from the replies to the probe's OPEN and LSTAT
-    (or FSTAT).
+def _probed(new_bits: int, created: bool, looked: Tuple[int, memoryview]) -> int:
+    """The bits of a new file as sftp leaves it, from the reply to the probe's LSTAT (or FSTAT)
+    and whether its OPEN ``created`` it.
 
     The probe was created asking for ``new_bits``, as sftp creates a file: what the
     server took off (its umask, a default ACL) comes off the upload too. Only bits of
     ``new_bits``: a probe swapped for a wider file widens nothing. Without an answer,
-    ``new_bits`` for the owner only: narrower than sftp's, never wider. Also the probe's
-    handle, None if it was not opened.
+    ``new_bits`` for the owner only: narrower than sftp's, never wider.
     """
-    try:
-        handle = _Session.handle(*opened)
-    except _StatusError:
-        return new_bits & 0o700, None
+    if not created:
+        return new_bits & 0o700
     try:
         _expect(*looked, _FXP_ATTRS, "LSTAT")
     except _StatusError:
-        return new_bits & 0o700, handle
+        return new_bits & 0o700
     _size, _ids, perms = _attribute_fields(looked[1], 5)
     if perms is None or (S_IFMT(perms) and not S_ISREG(perms)):
-        return new_bits & 0o700, handle
-    return new_bits & perms, handle
+        return new_bits & 0o700
+    return new_bits & perms
 
 
 class _Session:
@@ -606,6 +611,10 @@ class _Session:
         # it first, which brings the stream back in step.
         self._unsent: Optional[bytes] = None
         self._stderr = b""  # the start of what the server wrote on stderr
+        # Requests that go out ahead of the next one sent (`later`), and their replies by
+        # id, None until each came (whichever wait took it in).
+        self._queued: List[bytes] = []
+        self._kept: Dict[int, Optional[Tuple[int, memoryview]]] = {}
         cond = threading.Condition(threading.Lock())
         self._window = _ReceiveWindow(chan)
         self._out = _Inbox(cond, want=1 << 62, window=self._window)
@@ -642,7 +651,8 @@ class _Session:
                 reply, limits = self.call(_FXP_EXTENDED, _string(_LIMITS), until=until)
             except TimeoutError:
                 # Still negotiating: bounded by NEGOTIATION_TIMEOUT, not only the deadline.
-                self._negotiation_timed_out(until, f"no answer to {_LIMITS}")
+                # An SFTP server answered the version: a slow one, not something else.
+                self._negotiation_timed_out(until, f"no answer to {_LIMITS}", lasting=False)
             if reply == _FXP_EXTENDED_REPLY:
                 _packet, read_max, write_max = _unpack(_LIMITS_REPLY, limits, 5, "limits")
                 # 0 means "no limit" in OpenSSH's extension.
@@ -662,7 +672,8 @@ class _Session:
             self._negotiation_timed_out(self.deadline, "a key exchange held back the request")
         answered, accepted = reply_arrived(chan, max(0.0, until - time.monotonic()))
         if not answered:
-            self._negotiation_timed_out(until, "no answer to the SFTP subsystem request")
+            self._negotiation_timed_out(until, "no answer to the SFTP subsystem request",
+                                        lasting=False)
         if not accepted:
             self._check_transport()
             raise SFTPNotStarted("the server refused to start the SFTP subsystem")
@@ -691,19 +702,21 @@ class _Session:
             raise _malformed(f"version {version} in answer to version 3")
         return body
 
-    def _negotiation_timed_out(self, until: float, why: str) -> NoReturn:
+    def _negotiation_timed_out(self, until: float, why: str, *, lasting: bool = True
+                               ) -> NoReturn:
         if self.deadline is not None and until >= self.deadline:
             raise TimeoutError(f"the deadline passed while starting SFTP ({why})")
-        raise self._not_started(f"{why} within {NEGOTIATION_TIMEOUT:g} s")
+        raise self._not_started(f"{why} within {NEGOTIATION_TIMEOUT:g} s", lasting=lasting)
 
-    def _not_started(self, why: str) -> SFTPNotStarted:
+    def _not_started(self, why: str, *, lasting: bool = True) -> SFTPNotStarted:
+        """What the server started instead of SFTP (``lasting``: see `SFTPNotStarted`)."""
         said = self._stderr.decode("utf-8", "replace").strip()
         if said:
             why += f" (it wrote on stderr: \"{printable(said)}\")"
         return SFTPNotStarted(
             f"the server did not start SFTP: {why}. On a command-restricted key "
             "(authorized_keys command=...) the server runs the forced command "
-            "instead of the SFTP subsystem."
+            "instead of the SFTP subsystem.", lasting=lasting
         )
 
     def close(self) -> None:
@@ -749,8 +762,47 @@ class _Session:
         """Send one request; return its id (a new one unless given; None: INIT, no id)."""
         if request_id == -1:
             request_id = self.new_id()
-        self.send_bytes(memoryview(_request(kind, request_id, fields)))
+        self._send_requests(memoryview(_request(kind, request_id, fields)))
         return request_id if request_id is not None else 0
+
+    def _send_requests(self, data: memoryview) -> None:
+        """Send whole requests ``data``, behind those `later` queued, in one send."""
+        queued, self._queued = self._queued, []
+        if queued:
+            data = memoryview(b"".join([*queued, data]))
+        try:
+            self.send_bytes(data)
+        except TimeoutError:
+            if self._unsent is None:  # none of it went out: the queued go with the next
+                self._queued[:0] = queued
+            raise
+
+    def later(self, kind: int, *fields: bytes) -> int:
+        """Queue a request to go out ahead of the next one sent: no round trip of its own.
+
+        Returns its id; its reply is kept for `kept`, whichever wait takes it in.
+        """
+        request_id = self.new_id()
+        self._queued.append(_request(kind, request_id, fields))
+        self._kept[request_id] = None
+        return request_id
+
+    def kept(self, request_id: int) -> Tuple[int, memoryview]:
+        """The reply to `later`'s request ``request_id``: sent now if still queued, and
+        waited for (replies to requests sent before it are dropped)."""
+        if self._queued:
+            self._send_requests(memoryview(b""))
+        while True:
+            reply = self._kept[request_id]
+            if reply is not None:
+                del self._kept[request_id]
+                return reply
+            self.receive()
+
+    def settle(self) -> None:
+        """Send what `later` queued and wait for the replies to all it sent."""
+        for request_id in list(self._kept):
+            self.kept(request_id)
 
     def send_bytes(self, data: memoryview) -> None:
         """Send ``data`` whole, bounded by the deadline."""
@@ -827,30 +879,34 @@ class _Session:
         Without ``block``, (0, empty) when no whole reply is here yet; with it,
         waits until ``until`` (default: the deadline), raising `TimeoutError` past it.
         A reply must answer a request sent and not answered yet: anything
-        else is a protocol error.
+        else is a protocol error. Replies to `later`'s requests are kept for
+        `kept`, not returned.
         """
         if until is None:
             until = self.deadline
-        head = self._out.peek(4)
-        if head is None:
-            if not block:
-                return 0, memoryview(b"")
-            self._wait(4, until)
-            head = self._out.peek(4) or b""
-        (size,) = _U32.unpack(head)
-        if not 5 <= size <= _MAX_REPLY:
-            raise _malformed(f"a packet of length {size}")
-        if len(self._out) < 4 + size:
-            if not block:
-                return 0, memoryview(b"")
-            self._wait(4 + size, until)
-        body = memoryview(self._recv(4 + size))[4:]
-        (request_id,) = _U32.unpack_from(body, 1)
-        try:
-            self._unanswered.remove(request_id)
-        except KeyError:
-            raise _malformed(f"a reply to request {request_id}, which awaits none") from None
-        return body[0], body
+        while True:
+            head = self._out.peek(4)
+            if head is None:
+                if not block:
+                    return 0, memoryview(b"")
+                self._wait(4, until)
+                head = self._out.peek(4) or b""
+            (size,) = _U32.unpack(head)
+            if not 5 <= size <= _MAX_REPLY:
+                raise _malformed(f"a packet of length {size}")
+            if len(self._out) < 4 + size:
+                if not block:
+                    return 0, memoryview(b"")
+                self._wait(4 + size, until)
+            body = memoryview(self._recv(4 + size))[4:]
+            (request_id,) = _U32.unpack_from(body, 1)
+            try:
+                self._unanswered.remove(request_id)
+            except KeyError:
+                raise _malformed(f"a reply to request {request_id}, which awaits none") from None
+            if request_id not in self._kept:
+                return body[0], body
+            self._kept[request_id] = body[0], body
 
     def _await(self, nbytes: int, until: Optional[float]) -> str:
         """Wait for ``nbytes`` of SFTP data: "ready", "closed" or "timeout" (see `_Inbox.wait_for`).
@@ -891,7 +947,7 @@ class _Session:
         """
         ids = [self.new_id() for _ in requests]
         # In one send: one SSH packet, and a deadline cuts the requests at one place only.
-        self.send_bytes(memoryview(b"".join(
+        self._send_requests(memoryview(b"".join(
             _request(kind, request_id, fields)
             for (kind, fields), request_id in zip(requests, ids))))
         replies: Dict[int, Tuple[int, memoryview]] = {}
@@ -906,15 +962,16 @@ class _Session:
         """Send a request answered by a STATUS; raise `_StatusError` unless it is OK."""
         _check_status(*self.call(kind, *fields))
 
-    def stat_and_create(self, path: str, temp: str, new_bits: int, probe: Optional[str]
-                        ) -> _Created:
+    def stat_and_create(self, path: str, temp: str, new_bits: int, probe: Optional[str],
+                        temps: Optional[List[str]] = None) -> _Created:
         """The final bits and owner of a file written over ``path``; a handle of new file ``temp``.
 
         One round trip, two when ``path`` exists: ``temp`` is created
-        exclusively, readable by its owner only. `IsADirectoryError` (``temp``
-        removed) if ``path`` is a directory, a `ValueError` if it is a device,
-        FIFO or socket, or a link to one, whether or not ``temp`` could be
-        created; else `_StatusError` if it could not be. The bits: those a new
+        exclusively, readable by its owner only. `IsADirectoryError` if ``path``
+        is a directory, a `ValueError` if it is a device, FIFO or socket, or a
+        link to one, whether or not ``temp`` could be created; else `_StatusError`
+        if it could not be; on these and `TimeoutError` what this call created
+        is removed first (`discard_upload`). The bits: those a new
         file gets as sftp creates it (see `_probed`: ``new_bits`` less the server's umask, learnt
         from the new file ``probe``; ``new_bits`` as they are without one); a
         regular file of the user's (the owner of ``temp``) keeps its
@@ -923,50 +980,74 @@ class _Session:
         anything) and gets only the bits it and a new file both have. The
         owner: (uid, gid) of the user's own file if its group is not ``temp``'s
         (a file shared with a group stays so), else None.
+
+        ``temp`` and ``probe`` are appended to ``temps`` just before the requests
+        that create them go out, and taken off again once their exclusive OPEN
+        was refused: what is there is not this upload's.
         """
         flags = _FXF_WRITE | _FXF_CREAT | _FXF_TRUNC | _FXF_EXCL
         requests = [(_FXP_STAT, (_string(path),)),
                     (_FXP_OPEN, (_string(temp), _U32.pack(flags), _attrs(0o600)))]
+        names = [temp]
         if probe is not None:
             # Created as sftp creates a new file (its OPEN asks for the source's bits and
-            # the server takes its umask off), looked at and removed in the same round
-            # trip as the temporary file's OPEN: no round trip of its own, and the data
-            # never has wider bits than the final file (the probe has no data).
+            # the server takes its umask off) and looked at in the same round trip as the
+            # temporary file's OPEN: no round trip of its own, and the data never has
+            # wider bits than the final file (the probe has no data).
             requests += [(_FXP_OPEN, (_string(probe), _U32.pack(flags), _attrs(new_bits))),
-                         (_FXP_LSTAT, (_string(probe),)),
-                         (_FXP_REMOVE, (_string(probe),))]
-        target, created, *probed = self.calls(*requests)
-        probe_handle = stuck = None
-        if probed:
-            opened, looked, removed = probed
-            if opened[0] == _FXP_HANDLE and looked[0] != _FXP_ATTRS:
-                # LSTAT refused (sftp-server -P lstat, a server without it): the probe's
-                # handle tells the same, at one more round trip.
-                looked = self.call(_FXP_FSTAT, _string(self.handle(*opened)))
-            new_bits, probe_handle = _probed(new_bits, opened, looked)
-            if probe_handle is not None:
-                try:
-                    _check_status(*removed)
-                except _StatusError:
-                    stuck = probe
+                         (_FXP_LSTAT, (_string(probe),))]
+            names.append(probe)
+        if temps is not None:
+            temps.extend(names)
+        try:
+            target, created, *probed = self.calls(*requests)
+        except TimeoutError as exc:
+            # A slow server may create them after any later session looked: removed in
+            # this one, after the requests that create them, whoever's they are.
+            self.discard_upload(None, names, exc)
+            raise
+        for name, (reply, _body) in zip(list(names), (created, *probed)):
+            if reply == _FXP_STATUS:
+                names.remove(name)
+                if temps is not None:
+                    temps.remove(name)
+        try:
+            return self._created(path, temp, new_bits, probe, target, created, probed)
+        except (_StatusError, TimeoutError, IsADirectoryError, ValueError) as exc:
+            self.discard_upload(None, [temp] if temp in names else [], exc)
+            raise
+
+    def _created(self, path: str, temp: str, new_bits: int, probe: Optional[str],
+                 target: Tuple[int, memoryview], created: Tuple[int, memoryview],
+                 probed: List[Tuple[int, memoryview]]) -> _Created:
+        """`stat_and_create`'s answer from the replies of its first round trip."""
+        removal = None
+        if probe is not None:
+            opened, looked = probed
+            if opened[0] == _FXP_HANDLE:
+                probe_handle = _string(self.handle(*opened))
+                # Removed with the next requests, once it is known to be this upload's own:
+                # a REMOVE in the OPEN's round trip removed a file already there too.
+                removal = self.later(_FXP_REMOVE, _string(probe))
+                if looked[0] != _FXP_ATTRS:
+                    # LSTAT refused (sftp-server -P lstat, a server without it): the probe's
+                    # handle tells the same, at one more round trip.
+                    looked = self.call(_FXP_FSTAT, probe_handle)
+                self.later(_FXP_CLOSE, probe_handle)
+            new_bits = _probed(new_bits, opened[0] == _FXP_HANDLE, looked)
         exists = True
         try:
             _expect(*target, _FXP_ATTRS, "STAT")
         except _StatusError:  # missing, or hidden from us: a new file to the user
             exists = False
         kind = _attribute_fields(target[1], 5)[2] if exists else None
-        try:
-            # Before the temporary file's answer: put(local, "/tmp") cannot create one in
-            # "/", and the directory is what is wrong. Renamed over, a root login's
-            # /dev/null would become a regular file for every program of the server.
-            _check_regular(kind, path, "upload failed")
-        except (IsADirectoryError, ValueError) as error:
-            if created[0] == _FXP_HANDLE:
-                self.discard_upload(_string(self.handle(*created)), temp, error)
-            raise
+        # Before the temporary file's answer: put(local, "/tmp") cannot create one in
+        # "/", and the directory is what is wrong. Renamed over, a root login's
+        # /dev/null would become a regular file for every program of the server.
+        _check_regular(kind, path, "upload failed")
         handle = self.handle(*created)
         if not exists:
-            return _Created(new_bits, None, handle, probe_handle, stuck)
+            return _Created(new_bits, None, handle, removal)
         bits = None if kind is None else kind & 0o7777
         # A second round trip only when a file is replaced: whose is it?
         found, ours = self.calls((_FXP_LSTAT, (_string(path),)), (_FXP_LSTAT, (_string(temp),)))
@@ -978,9 +1059,8 @@ class _Session:
             if (perms is not None and S_ISREG(perms) and ids is not None
                     and temp_ids is not None and ids[0] == temp_ids[0]):
                 return _Created(_rewritten(perms & 0o7777, root=ids[0] == 0),
-                                None if ids == temp_ids else ids, handle, probe_handle, stuck)
-        return _Created(new_bits if bits is None else bits & new_bits, None, handle,
-                        probe_handle, stuck)
+                                None if ids == temp_ids else ids, handle, removal)
+        return _Created(new_bits if bits is None else bits & new_bits, None, handle, removal)
 
     def open(self, path: str, flags: int, mode: Optional[int] = None) -> bytes:
         """Open remote ``path``; its handle."""
@@ -1053,7 +1133,7 @@ class _Session:
                 request_id = self.new_id()
                 _HEAD.pack_into(buffer, 0, head_size - 4 + size, _FXP_WRITE, request_id)
                 struct.pack_into(">QI", buffer, head_size - 12, offset, size)
-                self.send_bytes(view[: head_size + size])
+                self._send_requests(view[: head_size + size])
                 outstanding[request_id] = size
                 offset += size
                 # Take the statuses that are here already, without waiting.
@@ -1158,9 +1238,10 @@ class _Session:
             progress(0, total)
         return done
 
-    def discard_upload(self, handle_field: Optional[bytes], temp: str,
+    def discard_upload(self, handle_field: Optional[bytes], names: List[str],
                        error: BaseException) -> None:
-        """After an upload failed with ``error``: close the handle, remove ``temp``.
+        """After an upload failed with ``error``: close the handle, remove the files ``names``
+        and send what `later` queued (the probe's REMOVE).
 
         Only while the session still works (not after a protocol error).
         Bounded by `CLEANUP_GRACE`; gives up quietly (the caller raises the
@@ -1175,7 +1256,10 @@ class _Session:
                 self._unsent = None
             if handle_field is not None:
                 self.call(_FXP_CLOSE, handle_field)
-            self.remove(temp)
+            for name in names:
+                with suppress(_StatusError):
+                    self.remove(name)
+            self.settle()
         except (_StatusError, ExecutorFailure, TimeoutError, EOFError, OSError,
                 paramiko.SSHException):
             pass
@@ -1629,8 +1713,10 @@ def upload(
     file (a new random name next to it) is created and removed on the way (see
     `_Session.stat_and_create`). The paths of both are appended to
     ``temps`` once SFTP started, just before the requests that create them
-    go out: a caller that removes a broken attempt's files later has exactly
-    the names that may exist (none when SFTP never started).
+    go out, and taken off again once the server refused to create one (what
+    is there is not this upload's): a caller that removes a broken attempt's
+    files later has exactly the names that may be its own (none when SFTP
+    never started).
 
     ``progress(done, total)`` is called in this thread as the server confirms
     blocks; ``total`` is -1 when the source cannot tell its size.
@@ -1657,20 +1743,10 @@ def upload(
             Local.of(source).reading() as (readinto, total, bits):
         # The bits of a new file matter only without ``mode``: a probe learns them.
         probe = temp_path_for(remote) if mode is None else None
-        if temps is not None:
-            temps.extend([temp] if probe is None else [temp, probe])
         try:
-            created = session.stat_and_create(remote, temp, bits, probe)
+            created = session.stat_and_create(remote, temp, bits, probe, temps)
         except _StatusError as exc:
-            if temps is not None:
-                # Refused (an existing name too): what is there is not this upload's.
-                temps.remove(temp)
             _raise_for(exc, "cannot create a temporary file for the upload", remote)
-        except TimeoutError as exc:
-            # A slow server may create the file after any later session looked: removed
-            # in this one, after the requests that create it.
-            session.discard_upload(None, temp, exc)
-            raise
         handle_field = _string(created.handle)
         still_open: Optional[bytes] = handle_field  # for the clean-up
         try:
@@ -1679,11 +1755,9 @@ def upload(
             # The group first: a chown clears set-group-ID, which the chmod then sets.
             regroup = [] if created.owner is None else [
                 (_FXP_FSETSTAT, (handle_field, _attrs(None, created.owner)))]
-            # The probe's handle goes with them, its answer unread: its file is gone.
-            unprobe = [] if created.probe is None else [(_FXP_CLOSE, (_string(created.probe),))]
             *regrouped, chmod, close = session.calls(
-                *unprobe, *regroup, (_FXP_FSETSTAT, (handle_field, _attrs(final))),
-                (_FXP_CLOSE, (handle_field,)))[len(unprobe):]
+                *regroup, (_FXP_FSETSTAT, (handle_field, _attrs(final))),
+                (_FXP_CLOSE, (handle_field,)))
             still_open = None
             for status in regrouped:  # a group the login is not in: the login's, narrower
                 with suppress(_StatusError):
@@ -1697,13 +1771,17 @@ def upload(
                 # narrower than asked, never wider.
                 log.debug("the SFTP server did not set %s's mode", remote, exc_info=True)
             _check_status(*close)
-            if created.stuck is not None and _POSIX_RENAME in session.extensions:
-                # Over the probe first: the data under its name has the final bits already.
-                session.rename(temp, created.stuck)
-                temp = created.stuck
+            if created.removal is not None and probe is not None \
+                    and _POSIX_RENAME in session.extensions:
+                try:  # answered before the requests above were
+                    _check_status(*session.kept(created.removal))
+                except _StatusError:  # refused (sftp-server -P remove)
+                    # Over the probe first: the data under its name has the final bits already.
+                    session.rename(temp, probe)
+                    temp = probe
             session.rename(temp, remote)
         except BaseException as exc:
-            session.discard_upload(still_open, temp, exc)
+            session.discard_upload(still_open, [temp], exc)
             if isinstance(exc, _StatusError):
                 _raise_for(exc, "upload failed", remote)
             raise

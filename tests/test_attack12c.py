@@ -20,7 +20,12 @@ from typing import Any, Callable, Dict, List, Set, Tuple
 
 import pytest
 from helpers import at_line, wait_for
-from test_files import connection_killer, kill_connections, leftovers
+from test_files import (
+    connection_killer,
+    kill_connections,
+    leftovers,
+    put_with_the_connection_killed,
+)
 from test_review11 import _thaw
 
 from paramiko_executor import ExecutorFailure, SSHExecutor, TransferTimeout, executors, transfer
@@ -53,7 +58,8 @@ def _lines(function: Callable[..., Any]) -> List[int]:
 
 #: Ctrl-C at each line of these, during a put (the clean-up ones with a leftover to remove).
 _SWEPT: List[Callable[..., Any]] = [
-    transfer.upload, transfer._Session.stat_and_create, transfer.remove,
+    transfer.upload, transfer._Session.stat_and_create, transfer._Session._created,
+    transfer.remove,
     executors.SSHExecutor._remove_leftovers]
 _CASES: List[Tuple[Callable[..., Any], int]] = [
     (function, line) for function in _SWEPT for line in _lines(function)]
@@ -108,21 +114,104 @@ def test_a_file_already_under_the_temporary_name_is_not_removed(
     assert planted.is_symlink()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the probe's REMOVE goes out in the round trip of its exclusive OPEN "
-    "(_Session.stat_and_create), so a file already under the probe's name (OPEN refused) is "
-    "removed all the same; reachable only with a name guessed in advance (16 random hex "
-    "digits from secrets), and a REMOVE only after the OPEN's answer costs every put "
-    "without mode a round trip"))
-def test_a_file_already_under_the_probes_name_is_not_removed(
-        sshd: Any, workdir: pathlib.Path, monkeypatch: Any) -> None:
-    names = iter(["1" * 16, "0" * 16])  # the temporary file's, then the probe's
-    monkeypatch.setattr(transfer.secrets, "token_hex", lambda n: next(names))
+def _taken(monkeypatch: Any, workdir: pathlib.Path, *names: str) -> pathlib.Path:
+    """Another client's file, ``.f.<16 zeros>.tmp``; ``secrets.token_hex`` gives ``names``
+    in turn (a put to ``f``: its temporary file's, then its probe's)."""
+    given = iter(names)
+    monkeypatch.setattr(transfer.secrets, "token_hex", lambda n: next(given))
     taken = workdir / ".f.0000000000000000.tmp"
     taken.write_bytes(b"another client's")
+    return taken
+
+
+def _left_alone(workdir: pathlib.Path, taken: pathlib.Path) -> None:
+    """``taken`` is as it was, and the only temporary name in ``workdir``."""
+    assert taken.read_bytes() == b"another client's"
+    assert leftovers(workdir) == [taken.name]
+
+
+def test_a_file_already_under_the_probes_name_is_not_removed(
+        sshd: Any, workdir: pathlib.Path, monkeypatch: Any) -> None:
+    # The probe's REMOVE went out in the round trip of its exclusive OPEN: a file already
+    # under the probe's name (the OPEN refused) was removed all the same.
+    taken = _taken(monkeypatch, workdir, "1" * 16, "0" * 16)
     with SSHExecutor(**sshd.executor_parameters()) as ex:
         assert ex.put(io.BytesIO(b"data"), str(workdir / "f")) == 4
-    assert taken.read_bytes() == b"another client's"
+    _left_alone(workdir, taken)
+
+
+def test_a_file_already_under_the_probes_name_outlives_a_broken_put(
+        make_sshd: Any, workdir: pathlib.Path, monkeypatch: Any) -> None:
+    # Refused, the probe's name was still the put's: the clean-up of the put broken
+    # with its connection removed what was there.
+    taken = _taken(monkeypatch, workdir, "1" * 16, "0" * 16)
+    server = make_sshd(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters(on_disconnect_retry=0)) as ex:
+        put_with_the_connection_killed(ex, server, str(workdir / "f"))
+        assert ex.get("/etc/hostname", io.BytesIO(), timeout=30) > 0
+        assert not ex._leftovers
+    _left_alone(workdir, taken)
+
+
+def test_a_probe_is_removed_when_the_temporary_file_cannot_be_created(
+        sshd: Any, workdir: pathlib.Path, monkeypatch: Any) -> None:
+    # The probe's REMOVE waits for the next requests; the put ends at the temporary
+    # file's refusal, with none to come. Removed by the upload itself: the put's own
+    # clean-up (a session more) does not come for every refusal (PermissionError).
+    taken = _taken(monkeypatch, workdir, "0" * 16, "1" * 16)
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        monkeypatch.setattr(ex, "_remove_leftover", lambda temps, deadline: None)
+        with pytest.raises(ExecutorFailure, match="cannot create a temporary file"):
+            ex.put(io.BytesIO(b"data"), str(workdir / "f"))
+    _left_alone(workdir, taken)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_put_over_what_is_no_file_leaves_no_probe(
+        sshd: Any, workdir: pathlib.Path, kind: str) -> None:
+    target = workdir / "target"
+    if kind == "directory":
+        target.mkdir()
+    else:
+        os.mkfifo(target)
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        with pytest.raises(IsADirectoryError if kind == "directory" else ValueError):
+            ex.put(io.BytesIO(b"data"), str(target))
+    assert leftovers(workdir) == []
+
+
+def test_a_put_without_mode_takes_the_round_trips_of_one_with_mode(
+        sshd: Any, workdir: pathlib.Path, monkeypatch: Any) -> None:
+    # The probe's REMOVE goes with the next requests: none of its own (a new file: STAT
+    # and the OPENs, the WRITE, FSETSTAT and CLOSE, the rename; a replaced one: LSTATs).
+    # A flight: the requests sent together, until a reply is taken.
+    flights: List[str] = []
+    send, take = transfer._Session.send_bytes, transfer._Session._recv
+
+    def sending(session: Any, data: Any) -> None:
+        if not flights or flights[-1] != "send":
+            flights.append("send")
+        send(session, data)
+
+    def taking(session: Any, *args: Any) -> bytes:
+        if flights and flights[-1] == "send":
+            flights.append("reply")
+        return take(session, *args)
+    monkeypatch.setattr(transfer._Session, "send_bytes", sending)
+    monkeypatch.setattr(transfer._Session, "_recv", taking)
+    trips = {}
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        for mode in (0o644, None):
+            for name in ("new", "replaced"):
+                flights.clear()
+                ex.put(io.BytesIO(b"data"), str(workdir / f"{name}-{mode}"), mode=mode)
+                trips[name, mode] = flights.count("reply")
+                if name == "new":
+                    ex.put(io.BytesIO(b"data"), str(workdir / f"replaced-{mode}"), mode=mode)
+    # INIT, limits, STAT and OPEN(s), WRITE, FSETSTAT and CLOSE, posix-rename; LSTATs.
+    assert trips == {("new", 0o644): 6, ("replaced", 0o644): 7,
+                     ("new", None): 6, ("replaced", None): 7}, trips
+    assert leftovers(workdir) == []
 
 
 def _put_killed_in_two_directories(ex: SSHExecutor, server: Any,
@@ -185,21 +274,15 @@ def test_a_leftover_the_server_refuses_to_remove_does_not_keep_the_others(
     assert leftovers(locked)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a clean-up whose SFTP subsystem request is refused gives every pending name up at "
-    "once (SFTPNotStarted), as if the login could never start SFTP; a refusal can pass: "
-    "Dropbear refused it to 0 to 9 of 60 back-to-back transfers on one healthy connection "
-    "here (6 runs). "
-    "Only a server that ran something else (a forced command) is a lasting answer; a "
-    "refusal could count as one failed clean-up of LEFTOVER_TRIES"))
 def test_a_refused_sftp_subsystem_at_a_clean_up_does_not_give_the_names_up(
         make_sshd: Any, workdir: pathlib.Path, monkeypatch: Any) -> None:
+    # A refusal gave every pending name up at once, as if the login could never start
+    # SFTP; it can pass: Dropbear refused it to 0 to 9 of 60 back-to-back transfers on
+    # one healthy connection (6 runs). Only a server that ran something else (a forced
+    # command) is a lasting answer.
     server = make_sshd(max_sessions=10)
     with SSHExecutor(**server.executor_parameters(on_disconnect_retry=0)) as ex:
-        ex.run_command("true")
-        progress, _killed = connection_killer(server)
-        with pytest.raises(ExecutorFailure):
-            ex.put(io.BytesIO(os.urandom(BIG)), str(workdir / "f"), progress=progress)
+        put_with_the_connection_killed(ex, server, str(workdir / "f"))
         assert leftovers(workdir)
         invoke = transfer._Session._invoke_subsystem
         refusals = [1]
@@ -214,6 +297,42 @@ def test_a_refused_sftp_subsystem_at_a_clean_up_does_not_give_the_names_up(
             assert ex.get("/etc/hostname", io.BytesIO(), timeout=30) > 0
     assert not refusals
     assert leftovers(workdir) == []
+
+
+def test_a_clean_up_refused_every_time_gives_the_names_up_after_its_tries(
+        sshd: Any, workdir: pathlib.Path, monkeypatch: Any) -> None:
+    planted = workdir / ".planted.0000000000000000.tmp"
+    planted.write_bytes(b"x")
+    tries: List[str] = []
+
+    def refused(*paths: str, **kwargs: Any) -> bool:
+        tries.append(paths[-1])
+        raise transfer.SFTPNotStarted("the server refused to start the SFTP subsystem")
+    monkeypatch.setattr(executors, "remove", refused)
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        ex.run_command("true")
+        ex._leftovers[str(planted)] = 0
+        for done in range(1, executors.LEFTOVER_TRIES + 2):
+            assert ex.get("/etc/hostname", io.BytesIO(), timeout=30) > 0
+            assert len(tries) == min(done, executors.LEFTOVER_TRIES)
+            assert bool(ex._leftovers) == (done < executors.LEFTOVER_TRIES)
+    assert planted.exists()
+
+
+def test_a_forced_command_at_a_clean_up_gives_the_names_up_at_once(
+        sshd: Any, monkeypatch: Any) -> None:
+    # What the server runs instead of SFTP it runs for every later session too.
+    monkeypatch.setattr(transfer, "NEGOTIATION_TIMEOUT", 1.0)
+    params = sshd.executor_parameters(client_keys=[sshd.forced_key_path])
+    with SSHExecutor(**params) as ex:
+        ex.run_command("true")
+        with pytest.raises(transfer.SFTPNotStarted) as info:
+            ex.get("/etc/hostname", io.BytesIO())
+        assert info.value.lasting
+        ex._leftovers["/tmp/.never.0000000000000000.tmp"] = 0
+        with pytest.raises(transfer.SFTPNotStarted):
+            ex.get("/etc/hostname", io.BytesIO())
+        assert not ex._leftovers
 
 
 # --- what held ------------------------------------------------------------------------
