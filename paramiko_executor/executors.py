@@ -932,6 +932,13 @@ class DupingSSHExecutor(SSHExecutor):
     that runs only its first line (``SAFE_WRAPPER``) leaves the others to
     that command's stdin. A command holding NUL is refused with
     `ValueError`, as `SSHExecutor` does.
+
+    With ``pty=True`` the wrapper runs on the terminal too. A wrapper that is
+    not interactive (``SAFE_WRAPPER``, a script reading a line) works as on
+    `SSHExecutor`; an interactive shell (the default ``/bin/bash`` on a
+    terminal) echoes and prompts, and its line editing turns the terminal's
+    end-of-file sent ahead of it into a NUL, so such a call ends only at its
+    ``timeout``: give one.
     """
 
     def __init__(self, *, wrapper: str = "/bin/bash", **arguments: Any) -> None:

@@ -17,6 +17,7 @@ import pytest
 from conftest import start_openssh
 
 from paramiko_executor import (
+    SAFE_WRAPPER,
     CommandExecutionFailure,
     CommandResult,
     CommandTimeout,
@@ -124,6 +125,25 @@ def test_stdin_on_a_pty_ends_with_end_of_file(executor, stdin):
     result = executor.run_command("wc -l", stdin, pty=True, timeout=20)
     # The terminal echoes the input; wc's count follows it.
     assert re.search(r"(\d+)\s*$", result.stdout).group(1) == str(stdin.count("\n"))
+
+
+def test_a_duping_command_on_a_pty_ends_under_a_wrapper_that_is_not_interactive(env_sshd):
+    """A non-interactive wrapper reads its line in the terminal's line mode, so the
+    terminal's end-of-file sent after stdin reaches the command; an interactive bash
+    on the terminal (the command key's forced ``/bin/bash``) reads through line
+    editing, which turns the end-of-file sent ahead of it into a NUL, and the call
+    ends only at its timeout, as the docs say."""
+    with DupingSSHExecutor(**env_sshd.executor_parameters(), wrapper=SAFE_WRAPPER) as safe:
+        result = safe.run_command("wc -l", "a\nb\n", pty=True, timeout=20)
+        # The wrapper's feed ends stdin with one more newline (command, stdin, newline).
+        assert re.search(r"(\d+)\s*$", result.stdout).group(1) == "3"
+        assert "/dev/pts/" in safe.run_command("tty", pty=True, timeout=20).stdout
+    key = env_sshd.executor_parameters(client_keys=[env_sshd.forced_key_path])
+    with DupingSSHExecutor(**key) as interactive:
+        with pytest.raises(CommandTimeout) as info:
+            interactive.run_command("echo hi", pty=True, timeout=3)
+        assert "hi" in info.value.stdout
+        assert interactive.run_command("echo $((6 * 7))").stdout == "42\n"
 
 
 def test_live_lines_arrive_before_the_command_ends(executor):
