@@ -27,7 +27,7 @@ count them, nor does a block.
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import paramiko
 
@@ -51,12 +51,11 @@ class Reservation(Claim, Cover):
     second finishes what the first left.
     """
 
-    def __init__(self, slots: Slots, holder: int, blocks: Blocks) -> None:
+    def __init__(self, slots: Slots, holder: int) -> None:
         super().__init__(slots, holder)
-        self._blocks = blocks
         #: Guards the counts below and `ended` against paramiko's thread and the openers'.
         self._lock = threading.Lock()
-        #: Opens counted to the block (`opening`) and not answered yet.
+        #: Opens counted to the block (`open_channel`) and not answered yet.
         self._opens = 0
         #: The block's sessions the server has not closed yet, by channel id.
         #: Held here: paramiko holds channels weakly, and a channel collected
@@ -80,39 +79,48 @@ class Reservation(Claim, Cover):
             close_soon(chan)  # nothing to send for one the caller closed
         Claim.__exit__(self)
 
-    def opening(self) -> bool:
-        """Count an open about to be sent to this block (`opened` follows); False once
-        it ended. Under the `Blocks` lock."""
-        with self._lock:
-            if self.ended:
-                return False
-            self._opens += 1
-            return True
+    def open_channel(self, open_channel: Callable[..., paramiko.Channel], sessions: Sessions,
+                     *args: Any, **kwargs: Any) -> paramiko.Channel:
+        """``open_channel(*args, **kwargs)`` (paramiko's), its session counted to this block
+        unless the block ended; watched for the server's CLOSE from its return on.
 
-    def opened(self, chan: Optional[paramiko.Channel], sessions: Sessions) -> None:
-        """The open counted by `opening` returned ``chan`` (None: it failed or was refused).
-
-        The channel is watched for the server's CLOSE from here on; one
-        whose CLOSE came first (paramiko forgot it already) is settled here.
-        A block that ended meanwhile closes the channel at once.
+        The count and the watch are each stored under the lock with no call in
+        between, inside the ``try`` that takes the count back: an interrupt
+        (Ctrl-C) leaves neither a count no answer takes back (the slot would
+        be kept for good) nor a session unwatched. A session whose CLOSE came
+        before its watch (paramiko forgot it already) is settled here; one
+        answered after the block ended is closed at once.
         """
-        if chan is not None:
-            chanid = chan.chanid
+        counted = False
+        chan: Optional[paramiko.Channel] = None
+        try:
             with self._lock:
-                self._unclosed[chanid] = chan
-                sessions.watched[chanid] = lambda: self._server_closed(chanid)
-            # The watch set, then paramiko asked: a CLOSE handled before it was set is
-            # seen here, one after by the close hook; whichever pops the watch settles.
-            transport = chan.get_transport()
-            if (transport is None or known_channel(transport, chanid) is not chan) and (
-                    sessions.watched.pop(chanid, None) is not None):
-                self._server_closed(chanid)
-        with self._lock:
-            self._opens -= 1
-            ended = self.ended
-        if ended and chan is not None:
+                if not self.ended:
+                    self._opens += 1
+                    counted = True
+            chan = open_channel(*args, **kwargs)
+        finally:
+            if counted:
+                with self._lock:
+                    self._opens -= 1
+                    if chan is not None:
+                        chanid = chan.chanid
+                        self._unclosed[chanid] = chan
+                        sessions.watched[chanid] = lambda: self._server_closed(chanid)
+                    ended = self.ended
+        assert chan is not None  # paramiko returned it: its errors went past
+        if not counted:
+            return chan
+        # The watch set, then paramiko asked: a CLOSE handled before it was set is seen
+        # here, one after by the close hook; whichever pops the watch settles it.
+        transport = chan.get_transport()
+        if (transport is None or known_channel(transport, chanid) is not chan) and (
+                sessions.watched.pop(chanid, None) is not None):
+            self._server_closed(chanid)
+        if ended:
             close_soon(chan)
-        self._settle()
+            self._settle()
+        return chan
 
     def _server_closed(self, chanid: int) -> None:
         """The server closed channel ``chanid`` too (paramiko's thread, or `opened`)."""
@@ -165,26 +173,16 @@ class Blocks:
         """Forget the blocks whose slot is back (under ``_lock``)."""
         self._blocks = [block for block in self._blocks if block.counted]
 
-    def _count_open(self) -> Optional[Reservation]:
-        """The block an open from this thread counts to, counted (`Reservation.opening`);
-        None when no block runs."""
-        thread = threading.get_ident()
+    def _block_of(self, thread: int) -> Optional[Reservation]:
+        """The running block an open from ``thread`` counts to: its innermost, else the
+        block that began last; None when none runs."""
         with self._lock:
             running = [block for block in self._blocks if not block.ended]
-            own = [block for block in running if block.holder == thread]
-            # A block ending just now counts nothing: the next one in line does.
-            for block in reversed(own or running):
-                if block.opening():
-                    return block
-        return None
+        chosen = [block for block in running if block.holder == thread] or running
+        return chosen[-1] if chosen else None
 
     def _open_channel(self, kind: str, *args: Any, **kwargs: Any) -> paramiko.Channel:
-        block = self._count_open() if kind == "session" else None
+        block = self._block_of(threading.get_ident()) if kind == "session" else None
         if block is None:
             return self._open(kind, *args, **kwargs)
-        chan: Optional[paramiko.Channel] = None
-        try:
-            chan = self._open(kind, *args, **kwargs)
-        finally:
-            block.opened(chan, self._sessions)
-        return chan
+        return block.open_channel(self._open, self._sessions, kind, *args, **kwargs)

@@ -367,8 +367,7 @@ class SSHExecutor(Executor):
     def _bounded_connection(self) -> Iterator[paramiko.Transport]:
         link = self._get_link()
         assert link.slots is not None
-        with link.taking() as taking, Reservation(link.slots, threading.get_ident(),
-                                                  link.blocks) as block:
+        with link.taking() as taking, Reservation(link.slots, threading.get_ident()) as block:
             try:
                 self._take_slot(link, None, block)
             except ExecutorFailure as exc:

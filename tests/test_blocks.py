@@ -205,3 +205,23 @@ def test_a_ctrl_c_as_a_block_with_a_session_ends_leaves_its_slot_to_the_servers_
         assert chans[0].closed
         assert _taken(slots, spare) == 1
         _all_back(ex, link, slots, spare)
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_in_the_callers_open_leaves_no_count_behind(
+        make_sshd: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C in paramiko's ``open_channel`` before it sent the OPEN: the open counted
+    to the block is taken back, and the slot comes back as the block ends."""
+    server = make_sshd(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        link, slots, spare = _connected(ex)
+        fired: List[bool] = []
+        monkeypatch.setattr(link.blocks, "_open", interrupting(link.blocks._open, fired))
+        with pytest.raises(KeyboardInterrupt):
+            with ex.bounded_connection as transport:
+                transport.open_session(timeout=30)
+        assert fired
+        assert _taken(slots, spare) == 0 and not slots._holders
+        assert link.blocks.reserved() == 0
+        monkeypatch.undo()
+        _all_back(ex, link, slots, spare)
