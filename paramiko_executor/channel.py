@@ -103,6 +103,7 @@ from .text import EscapingFilter, printable
 __all__ = [
     "ChannelOutcome",
     "CommandSpec",
+    "Cover",
     "Overdue",
     "SessionChannel",
     "close_soon",
@@ -405,11 +406,19 @@ def _end(packet: io.BytesIO) -> None:
 class Sessions(Dict[int, "SessionChannel"]):
     """The executor's session channels of one transport, by id, and how many the server closed.
 
-    ``closes`` is counted by the transport thread only: a reader that sees it
-    unchanged knows that no session ended in between.
+    ``watched`` holds the sessions opened through paramiko's own API that the
+    executor still counts (a ``bounded_connection`` block's, see `blocks`):
+    by channel id, what to call once the server closed the channel too.
+    ``closes`` counts the server's closes of both kinds, by the transport
+    thread only: a reader that sees it unchanged knows that no session ended
+    in between.
     """
 
     closes = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: Dict[int, Callable[[], None]] = {}
 
     def left_by(self, thread: int) -> List[SessionChannel]:
         """The sessions ``thread`` took and has not handed on (see `SessionChannel.left_by`)."""
@@ -562,9 +571,13 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
                 except IndexError:  # another thread (see _outside_key_exchange) took it
                     break
             s = sessions.pop(chan.chanid, None)
-            if s is not None:
+            watcher = sessions.watched.pop(chan.chanid, None)
+            if s is not None or watcher is not None:
                 sessions.closes += 1
+            if s is not None:
                 s.server_closed()
+            if watcher is not None:
+                watcher()
 
         def handle(chan: paramiko.Channel, m: Message) -> None:
             def reply() -> None:
@@ -740,7 +753,40 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else deadline - time.monotonic()
 
 
-class SessionChannel:
+class Cover:
+    """What holds a slot of its own, taken over from a `Claim`, and gives it back once:
+    a `SessionChannel`, a ``bounded_connection`` block past its end (`blocks.Reservation`).
+
+    A subclass takes the slot over with plain stores (``_slots``, ``_holder``,
+    then the claim's ``taken`` cleared), no call in between.
+    """
+
+    #: The slot covering the session, once taken over from the claim; None once released.
+    _slots: Optional[Slots] = None
+    #: The thread the slot was taken for, while only it can give it back (`Slots.acquire`).
+    _holder: Optional[int] = None
+
+    def _release(self) -> None:
+        with _RELEASE_LOCK:
+            slots, self._slots = self._slots, None
+            holder, self._holder = self._holder, None
+        if slots is not None:
+            slots.release(holder=holder)
+
+    def hold(self, holder: Optional[int]) -> None:
+        """The slot is thread ``holder``'s from now on (None: the server's CLOSE frees it)."""
+        if holder == self._holder:
+            return  # already so (a released slot has no holder): no lock taken
+        with _RELEASE_LOCK:
+            if self._slots is not None and holder != self._holder:
+                self._slots.pass_on(self._holder, holder, self)  # stores _holder with the count
+
+    @property
+    def holds_slot(self) -> bool:
+        return self._slots is not None
+
+
+class SessionChannel(Cover):
     """One session channel of the executor, and the slot that covers it.
 
     Created with the caller's ``claim`` on a slot (`Claim`); sends the OPEN
@@ -762,10 +808,8 @@ class SessionChannel:
                  sessions: Dict[int, SessionChannel],
                  open_within: Optional[float] = None) -> None:
         self.transport = transport
-        #: The slot covering the session, once taken over from the claim (`_adopt`).
-        self._slots: Optional[Slots] = None
-        #: The thread the slot was taken for, while only it can give it back (`Slots.acquire`).
-        self._holder: Optional[int] = None
+        self._slots = None  # taken over from the claim by `_adopt`
+        self._holder = None
         self.wakeup = _Wakeup(transport)
         #: Set on the server's answer to the open. The same event as `wakeup`:
         #: nothing else sets it before the answer, and it is only reset after.
@@ -925,21 +969,6 @@ class SessionChannel:
 
     # --- the slot ---------------------------------------------------------------
 
-    def _release(self) -> None:
-        with _RELEASE_LOCK:
-            slots, self._slots = self._slots, None
-            holder, self._holder = self._holder, None
-        if slots is not None:
-            slots.release(holder=holder)
-
-    def hold(self, holder: Optional[int]) -> None:
-        """The slot is thread ``holder``'s from now on (None: the server's CLOSE frees it)."""
-        if holder == self._holder:
-            return  # already so (a released slot has no holder): no lock taken
-        with _RELEASE_LOCK:
-            if self._slots is not None and holder != self._holder:
-                self._slots.pass_on(self._holder, holder, self)  # stores _holder with the count
-
     def rebind(self, slots: Slots) -> Optional[Slots]:
         """Let ``slots`` (a slot taken there for it) cover this session; the slots that did.
 
@@ -955,10 +984,6 @@ class SessionChannel:
         """The server refused the open: it holds no session for us, so the slot is free."""
         self._sessions.pop(self.chan.chanid, None)
         self._release()
-
-    @property
-    def holds_slot(self) -> bool:
-        return self._slots is not None
 
     def left_by(self, thread: int) -> bool:
         """Whether ``thread`` took this session (its slot held by it, or as its `taker`)

@@ -27,6 +27,8 @@ Locks, and what each guards (taken in this order when nested; no other nesting):
    message is sent only while its channel is open and no key exchange runs
    (`SessionChannel._send`); never held while waiting.
 5. ``channel._RELEASE_LOCK``: that each channel's slot is released once.
+   ``blocks.Blocks._lock`` (the blocks of a connection), then
+   ``blocks.Reservation._lock`` (one block's opens and sessions), take no other.
 6. ``GlobalRequests._lock``: the order of global requests and their replies.
 7. ``Counters._lock``: the statistics.
 8. ``_TransportSocket._deferred_lock``: deferred wake-ups against the socket's close.
@@ -47,6 +49,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 import paramiko
 
 from .auth import authenticate
+from .blocks import Blocks
 from .channel import SessionChannel, Sessions, install_channel_hooks
 from .errors import (
     TRANSPORT_ERRORS,
@@ -505,9 +508,9 @@ class Link:
         #: True while the limit is one remembered from an earlier connection, not
         #: probed on this one: the server may allow fewer sessions now.
         self.remembered = False
-        #: ``bounded_connection`` blocks in progress: each holds a slot for a session
-        #: of the caller's own, one the executor does not see (`Connection.refused`).
-        self.reserved = 0
+        #: ``bounded_connection`` blocks: each holds a slot for sessions of the caller's
+        #: own, opened through paramiko's API (`Connection.refused` counts them).
+        self.blocks = Blocks(transport, sessions)
         self._target = target
 
     @property
@@ -1123,7 +1126,7 @@ class Connection:
         with self.lock:
             # A bounded_connection block's session is the server's too: left out, the
             # cap would leave that block's thread holding every slot.
-            held = link.server_sessions() + link.reserved
+            held = link.server_sessions() + link.blocks.reserved()
             if not 1 <= held < slots.limit:
                 return
             before = slots.limit

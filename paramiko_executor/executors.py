@@ -37,6 +37,7 @@ from typing import (
 
 import paramiko
 
+from .blocks import Reservation
 from .channel import CommandSpec, Overdue, SessionChannel, in_background
 from .checks import check_int, check_timeout
 from .command import OnOutput, RunOptions, StdinInput, check_command, outcome, stdin_bytes
@@ -350,7 +351,15 @@ class SSHExecutor(Executor):
     def bounded_connection(self) -> ContextManager[paramiko.Transport]:
         """A context manager yielding the current ``paramiko.Transport`` with one slot reserved.
 
-        The slot covers one session: close what you opened before the block ends.
+        The slot covers one session, opened through paramiko's API on the
+        transport (``open_session``, ``open_sftp_client``, ...) by the block's
+        thread or by a thread it started: close it before the block ends. A
+        session channel still open as the block ends (the block raised before
+        its ``close``, say) is closed then. The slot is free again once the
+        server has closed every session channel opened in the block, as a
+        command's is: OpenSSH keeps a closed session until its command ends,
+        so commands queued meanwhile wait for it rather than be refused.
+        ``direct-tcpip`` channels are not sessions, and are left as they are.
         """
         return self._bounded_connection()
 
@@ -358,20 +367,15 @@ class SSHExecutor(Executor):
     def _bounded_connection(self) -> Iterator[paramiko.Transport]:
         link = self._get_link()
         assert link.slots is not None
-        with link.taking() as taking, Claim(link.slots, threading.get_ident()) as claim:
+        with link.taking() as taking, Reservation(link.slots, threading.get_ident()) as block:
             try:
-                self._take_slot(link, None, claim)
+                self._take_slot(link, None, block)
             except ExecutorFailure as exc:
                 raise for_executor(exc, self) from None
             link.slots.hold_back(None)  # the caller opens a channel next
-            taking.only(claim)
-            with self._connection.lock:
-                link.reserved += 1
-            try:
-                yield link.transport
-            finally:
-                with self._connection.lock:
-                    link.reserved -= 1
+            taking.only(block)
+            link.blocks.begin(block)
+            yield link.transport
 
     @property
     def state(self) -> Optional[ConnectionState]:

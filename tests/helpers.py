@@ -100,6 +100,20 @@ def reap(pid: int, bound: float, what: str = "the child still ran") -> int:
     raise AssertionError(f"{what} after {bound} s")
 
 
+def interrupting(original: Callable[..., Any], fired: List[bool],
+                 caller: Optional[str] = None) -> Callable[..., Any]:
+    """``original``, raising KeyboardInterrupt at its entry the first time it is called
+    (from a function named ``caller``, if given) instead; ``fired`` records that it did."""
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        if not fired and (caller is None or sys._getframe(1).f_code.co_name == caller):
+            fired.append(True)
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    return interrupted
+
+
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0,
              explain: Optional[Callable[[], str]] = None) -> None:
     """Wait, bounded, for a condition that another thread or process makes true.

@@ -153,13 +153,12 @@ def test_a_connection_lost_under_an_open_is_no_refusal(
             assert sock.recv(4) == b"ping"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a bounded_connection block gives its slot back as it ends, not when the server frees "
-    "the session it closed: sshd keeps a session whose command still runs, so the refusals "
-    "that follow are quiet and lower a right cap (2 to 1) for the connection's life; a fix "
-    "would hold the block's slot until the server closes the channels opened in it"))
 def test_a_right_cap_stays_after_a_block_closes_a_running_command(
         make_sshd: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A block's slot is given back once the server closed the session the block closed,
+    not as the block ends: sshd keeps a session whose command still runs, so the opens
+    that followed were refused with no session ending, and lowered a right cap (2 to 1)
+    for the connection's life."""
     server = make_sshd(max_sessions=2)
     caplog.set_level(logging.INFO, logger="paramiko_executor.connection")
     with SSHExecutor(**server.executor_parameters(), max_sessions=2) as ex:

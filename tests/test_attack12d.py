@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Generator, List, Tuple
 
 import pytest
-from helpers import source_file, wait_for
+from helpers import interrupting, source_file, wait_for
 from test_attack11a import _as_it_returns, _interrupt
 
 from paramiko_executor import SSHExecutor
@@ -161,16 +161,10 @@ def test_a_ctrl_c_as_a_bounded_connection_block_ends_or_narrows_gives_its_slot_b
     owner, name = (Slots, "release") if where == "the claim's release" else (_Taking, "only")
     original = getattr(owner, name)
     fired: List[bool] = []
-
-    def interrupted(*args: Any, **kwargs: Any) -> Any:
-        if not fired and (name == "only" or sys._getframe(1).f_code.co_name == "__exit__"):
-            fired.append(True)
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
     with SSHExecutor(**server.executor_parameters()) as ex:
         link, slots, spare = _connected(ex)
-        monkeypatch.setattr(owner, name, interrupted)
+        monkeypatch.setattr(owner, name, interrupting(
+            original, fired, None if name == "only" else "__exit__"))
         with pytest.raises(KeyboardInterrupt):
             with ex.bounded_connection:
                 pass

@@ -1,0 +1,188 @@
+"""``bounded_connection`` blocks: the slot each holds, until the server closed its sessions.
+
+A block yields the connection's paramiko ``Transport`` with one slot
+reserved, and the caller opens session channels on it through paramiko's own
+API. The slot covers those sessions as it covers a command's: it is free
+again only once the server closed every session channel opened in the block.
+The block's end is not that moment: OpenSSH keeps a session whose command
+still runs after our CLOSE (until the command ends), so an open sent on a
+slot freed at the block's end would be refused, and a refusal with no
+session ending lowers an unprobed cap for the connection's life
+(`connection.Connection.refused`). A channel the caller left open is closed
+as the block ends, as the block's other resources are: a paramiko channel
+holds a session on the server for as long as it is open, and a slot that
+waited for the channel's user to close it could wait for good.
+
+Which opens are a block's: the session channels opened through the
+transport's ``open_channel`` (``open_session``, ``open_sftp_client``, ...)
+while the block runs; the executor opens its own channels without it
+(`internals.new_session_channel`), so no command of another thread is
+counted to a block. An open from a thread inside blocks of the connection
+counts to its innermost block; one from any other thread (a worker the
+block's thread started) to the block that began last. Channels of other
+kinds (``direct-tcpip``) are no sessions: the server's MaxSessions does not
+count them, nor does a block.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Dict, List, Optional
+
+import paramiko
+
+from .channel import Cover, Sessions, close_soon
+from .internals import known_channel
+from .slots import Claim, Slots
+
+__all__ = ["Blocks", "Reservation"]
+
+
+class Reservation(Claim, Cover):
+    """One ``bounded_connection`` block's slot for thread ``holder``, and the sessions
+    opened in the block.
+
+    A `Claim` for the block's duration: leaving ``with`` gives the slot back
+    on every path, unless the block's sessions are not all closed by the
+    server yet; then the reservation takes the slot over (`Cover`), no
+    thread's from then on, and gives it back as the server's CLOSE of the
+    last one arrives (in paramiko's thread). Its exit may run twice (the
+    block's boundary runs it again after an interrupt, `Link.taking`): the
+    second finishes what the first left.
+    """
+
+    def __init__(self, slots: Slots, holder: int) -> None:
+        super().__init__(slots, holder)
+        #: Guards the counts below and `ended` against paramiko's thread and the openers'.
+        self._lock = threading.Lock()
+        #: Opens counted to the block (`open_channel`) and not answered yet.
+        self._opens = 0
+        #: The block's sessions the server has not closed yet, by channel id.
+        #: Held here: paramiko holds channels weakly, and a channel collected
+        #: before the server's CLOSE would keep its slot for good.
+        self._unclosed: Dict[int, paramiko.Channel] = {}
+        #: Set as the block ends: no open counts to it from then on.
+        self.ended = False
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self.ended = True
+            if (self._opens or self._unclosed) and self.taken:
+                # Plain stores, no call: the slot is the claim's or the reservation's.
+                self._slots, self._holder = self.slots, self.holder
+                self.taken = False
+        self.hold(None)  # its thread is done: the server's CLOSE frees the slot
+        for chan in list(self._unclosed.values()):
+            close_soon(chan)  # nothing to send for one the caller closed
+        Claim.__exit__(self)
+
+    def open_channel(self, open_channel: Callable[..., paramiko.Channel], sessions: Sessions,
+                     *args: Any, **kwargs: Any) -> paramiko.Channel:
+        """``open_channel(*args, **kwargs)`` (paramiko's), its session counted to this block
+        unless the block ended; watched for the server's CLOSE from its return on.
+
+        The count and the watch are each stored under the lock with no call in
+        between, inside the ``try`` that takes the count back: an interrupt
+        (Ctrl-C) leaves neither a count no answer takes back (the slot would
+        be kept for good) nor a session unwatched. A session whose CLOSE came
+        before its watch (paramiko forgot it already) is settled here; one
+        answered after the block ended is closed at once.
+        """
+        counted = False
+        chan: Optional[paramiko.Channel] = None
+        try:
+            with self._lock:
+                if not self.ended:
+                    self._opens += 1
+                    counted = True
+            chan = open_channel(*args, **kwargs)
+        finally:
+            if counted:
+                with self._lock:
+                    self._opens -= 1
+                    if chan is not None:
+                        chanid = chan.chanid
+                        self._unclosed[chanid] = chan
+                        sessions.watched[chanid] = lambda: self._server_closed(chanid)
+                    ended = self.ended
+        assert chan is not None  # paramiko returned it: its errors went past
+        if not counted:
+            return chan
+        # The watch set, then paramiko asked: a CLOSE handled before it was set is seen
+        # here, one after by the close hook; whichever pops the watch settles it.
+        transport = chan.get_transport()
+        if (transport is None or known_channel(transport, chanid) is not chan) and (
+                sessions.watched.pop(chanid, None) is not None):
+            self._server_closed(chanid)
+        if ended:
+            close_soon(chan)
+            self._settle()
+        return chan
+
+    def _server_closed(self, chanid: int) -> None:
+        """The server closed channel ``chanid`` too (paramiko's thread, or `opened`)."""
+        with self._lock:
+            self._unclosed.pop(chanid, None)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Give the slot back once the block ended and the server closed all its sessions."""
+        with self._lock:
+            done = self.ended and not self._opens and not self._unclosed
+        if done:
+            self._release()  # once: nothing if the claim gave it back
+
+    @property
+    def counted(self) -> bool:
+        """Whether the block holds its slot (running, or waiting for the server's CLOSE)."""
+        return not self.ended or self.taken or self.holds_slot
+
+
+class Blocks:
+    """The ``bounded_connection`` blocks of one connection, and the opens counted to them.
+
+    Installs itself as the transport's ``open_channel`` (an instance
+    attribute in front of paramiko's, which ``open_session`` and the like
+    call): paramiko's, with the session opened counted to a block.
+    """
+
+    def __init__(self, transport: paramiko.Transport, sessions: Sessions) -> None:
+        self._sessions = sessions
+        self._lock = threading.Lock()
+        #: Begun, and running or still holding their slot, oldest first.
+        self._blocks: List[Reservation] = []
+        self._open = transport.open_channel
+        transport.open_channel = self._open_channel  # type: ignore[method-assign]
+
+    def begin(self, block: Reservation) -> None:
+        """``block`` runs: sessions opened from here on count to it."""
+        with self._lock:
+            self._prune()
+            self._blocks.append(block)
+
+    def reserved(self) -> int:
+        """How many blocks hold a slot: running, or their sessions not all closed yet."""
+        with self._lock:
+            self._prune()
+            return len(self._blocks)
+
+    def _prune(self) -> None:
+        """Forget the blocks whose slot is back (under ``_lock``)."""
+        self._blocks = [block for block in self._blocks if block.counted]
+
+    def _block_of(self, thread: int) -> Optional[Reservation]:
+        """The running block an open from ``thread`` counts to: its innermost, else the
+        block that began last; None when none runs."""
+        with self._lock:
+            running = [block for block in self._blocks if not block.ended]
+        chosen = [block for block in running if block.holder == thread] or running
+        return chosen[-1] if chosen else None
+
+    def _open_channel(self, kind: str, *args: Any, **kwargs: Any) -> paramiko.Channel:
+        block = self._block_of(threading.get_ident()) if kind == "session" else None
+        if block is None:
+            return self._open(kind, *args, **kwargs)
+        return block.open_channel(self._open, self._sessions, kind, *args, **kwargs)
