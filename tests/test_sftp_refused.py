@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import pathlib
+import threading
 import time
 from typing import Any, List, Tuple
 
@@ -55,6 +56,28 @@ def test_back_to_back_transfers_on_dropbear_all_succeed(dropbear: Any) -> None:
             assert copy.getvalue() == b"59"
         finally:
             ex.run_command(f"rm -f {target}", timeout=30, check=False)
+
+
+def test_transfers_on_dropbear_while_other_threads_commands_end(dropbear: Any) -> None:
+    # Any session's end closes the waiting channels, not only the transfer's own previous
+    # one: waiting for that (0 of 160 refused alone) left 18 to 46 of 160 refused here.
+    stop = threading.Event()
+    ran: List[int] = []
+    with SSHExecutor(**dropbear.executor_parameters()) as ex:
+        def commands() -> None:
+            while not stop.is_set() and len(ran) < 10000:
+                ex.run_command("true", timeout=30)
+                ran.append(1)
+        worker = threading.Thread(target=commands, daemon=True)
+        worker.start()
+        try:
+            for _ in range(100):
+                assert ex.get("/etc/hostname", io.BytesIO(), timeout=30) > 0
+        finally:
+            stop.set()
+            worker.join(60)
+        assert not worker.is_alive()
+        assert ran  # the commands did run meanwhile
 
 
 @pytest.mark.parametrize("kind", ["get", "put"])
