@@ -115,6 +115,13 @@ DROPBEAR_MAX_TEXT = 9000
 ExecutorT = TypeVar("ExecutorT", bound="Executor")
 
 
+def _turned_away(exc: ExecutorFailure) -> bool:
+    """Whether the server turned the work away before it ran, so that it may be tried again
+    on the same connection: `NeverStarted`, or a refused SFTP subsystem request (or one
+    whose channel it closed before answering: ``SFTPNotStarted.refused``)."""
+    return isinstance(exc, NeverStarted) or (isinstance(exc, SFTPNotStarted) and exc.refused)
+
+
 class Executor(abc.ABC):
     """Runs shell commands; the common base of the three executors.
 
@@ -694,7 +701,11 @@ class SSHExecutor(Executor):
         """Run ``attempt`` on the connection, trying again as `CommandRetry` allows.
 
         None when the deadline passed first (while connecting too). A lost
-        connection is dropped (only if still current) before the next try. A
+        connection is dropped (only if still current) before the next try; work
+        the server turned away (`_turned_away`: a command or a transfer) is tried
+        again on it after a pause (`NEVER_STARTED_BACKOFF`). Once the tries are
+        spent, an `ExecutorFailure` (an `SFTPNotStarted` for a transfer's refused
+        subsystem) says how many were made. A
         `CallerError` ends the call at once, touching nothing: no handler here
         takes it for a connection's failure, and the public method unwraps it
         (`callers_own`).
@@ -715,7 +726,9 @@ class SSHExecutor(Executor):
                 resend = False
             try:
                 return attempt(link)
-            except (ConnectionLost, NeverStarted) as exc:
+            except ExecutorFailure as exc:
+                if not isinstance(exc, ConnectionLost) and not _turned_away(exc):
+                    raise for_executor(exc, self) from None
                 if isinstance(exc, ConnectionLost):
                     self._connection.drop(link)
                     if epoch != self._connection.epoch:
@@ -724,13 +737,17 @@ class SSHExecutor(Executor):
                 try:
                     retry = retry.increment(exc)
                 except ExecutorFailure:
-                    raise ExecutorFailure(f"{exc.description} ({tries} attempts)", self) from None
+                    spent = f"{exc.description} ({tries} attempts)"
+                    if isinstance(exc, SFTPNotStarted):  # public: a caller tells it apart
+                        raise SFTPNotStarted(spent, self, refused=True) from None
+                    raise ExecutorFailure(spent, self) from None
                 if isinstance(exc, ConnectionLost) and exc.started:
                     resend = True
                     log.info("connection to %s lost during a command; retrying (%d of %d)",
                              self._connection.target, self._retries - retry.lost, self._retries)
-                elif isinstance(exc, NeverStarted):
-                    # A server that turns work away under load needs a moment.
+                elif not isinstance(exc, ConnectionLost):
+                    # A server that turns work away under load needs a moment (and
+                    # Dropbear's closing of waiting channels, a session's end to pass).
                     turned_away = NEVER_STARTED_TRIES - retry.never_started - 1
                     pause = NEVER_STARTED_BACKOFF.delay(turned_away)
                     time.sleep(pause if deadline is None
@@ -738,8 +755,6 @@ class SSHExecutor(Executor):
                 log.debug("trying again after: %s", exc.description)
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
-            except ExecutorFailure as exc:
-                raise for_executor(exc, self) from None
 
     def _run_once(self, link: Link, spec: CommandSpec,
                   deadline: Optional[float]) -> Optional[Any]:

@@ -611,11 +611,27 @@ def send_awaiting_reply(chan: paramiko.Channel, message: Message,
                         within: Optional[float] = None) -> bool:
     """Send a channel request that wants a reply; `reply_arrived` then waits for it.
 
-    A key exchange is waited out as `send_within` with ``within`` does: False
-    (nothing sent) when it held the request back that long.
+    A channel already closed gets nothing: `reply_arrived` then answers at once,
+    not accepted. A key exchange is waited out as `send_within` with ``within``
+    does: False (nothing sent) when it held the request back that long.
     """
-    chan._event_pending()  # type: ignore[attr-defined]
-    return send_within(chan.transport, message, within)  # type: ignore[arg-type]
+    transport: paramiko.Transport = chan.transport  # type: ignore[assignment]
+    end = None if within is None else time.monotonic() + within
+
+    def attempt(m: Message) -> bool:
+        # The check and the send under the channel's lock, as `SessionChannel._send`:
+        # nothing may follow paramiko's CLOSE (sent as the server's arrived), or the
+        # server ends the whole connection on a packet for a channel it freed
+        # (Dropbear: "Unknown channel"); and the event its close set stays set.
+        with chan.lock:
+            chan._event_pending()  # type: ignore[attr-defined]
+            if chan.closed:
+                chan.event.set()  # answered, not accepted (the open's answer is no reply)
+                return True
+            return send_if_clear(transport, m, within=None if end is None
+                                 else max(BUSY_SEND_WAIT, end - time.monotonic()))
+
+    return send_within(transport, message, within, attempt)
 
 
 def reply_arrived(chan: paramiko.Channel, timeout: float) -> Tuple[bool, bool]:

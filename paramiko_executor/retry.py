@@ -69,7 +69,7 @@ class CommandRetry:
     ``lost``: retries left after a lost connection (``on_disconnect_retry``);
     ``never_started``: free retries left after the work never reached the
     server (a connection lost before the exec, an open nobody answered, an
-    exec refused or closed before its reply).
+    exec or SFTP subsystem request refused or closed before its reply).
     """
 
     lost: int = 3
@@ -79,7 +79,8 @@ class CommandRetry:
         """The retries left after ``error``; raises ``error`` once none are left for its kind.
 
         A `ConnectionLost` with ``started`` counts against ``lost``; one
-        without, and a `NeverStarted`, against ``never_started``.
+        without, and any other error (a `NeverStarted`, a refused SFTP
+        subsystem), against ``never_started``.
         """
         if isinstance(error, ConnectionLost) and error.started:
             if self.lost <= 0:

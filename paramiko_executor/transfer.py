@@ -118,6 +118,7 @@ from .channel import close_soon
 from .errors import ExecutorFailure, callers_code, callers_own
 from .internals import (
     connection_error,
+    known_channel,
     replace_receive_buffers,
     replace_send_condition,
     reply_arrived,
@@ -474,16 +475,21 @@ class SFTPNotStarted(ExecutorFailure):
     Nothing was sent to an SFTP server, so nothing was created. ``lasting``: the
     server ran something else (a command-restricted key's forced command), which
     another session on the same login gets too; a refusal, or no answer in time,
-    may pass (Dropbear refuses some requests under load).
+    may pass. ``refused``: the server answered the subsystem request at once
+    with a refusal, or closed the channel before answering it; the executor
+    asks again on the same connection, as for a refused exec (Dropbear before
+    2024.86 closes every session channel still waiting for its request when
+    any session of the connection ends: see `_Session._invoke_subsystem`).
     """
 
     def __init__(self, description: str, executor: Optional[Any] = None, *,
-                 lasting: bool = False) -> None:
+                 lasting: bool = False, refused: bool = False) -> None:
         super().__init__(description, executor)
         self.lasting = lasting
+        self.refused = refused
 
     def _picklable_state(self) -> Optional[Dict[str, Any]]:
-        return {"lasting": self.lasting}
+        return {"lasting": self.lasting, "refused": self.refused}
 
 
 def _malformed(what: str) -> ProtocolError:
@@ -676,7 +682,18 @@ class _Session:
                                         lasting=False)
         if not accepted:
             self._check_transport()
-            raise SFTPNotStarted("the server refused to start the SFTP subsystem")
+            # Dropbear before 2024.86 (its issue 321, fixed by its commit 71521d1b) closes,
+            # EOF then CLOSE and no answer, every session channel still waiting for its
+            # request when any session of the connection ends: a SIGCHLD makes it check
+            # every channel for closing, and one that has no process yet passes that check.
+            # Back to back, the previous transfer's sftp-server ends as this channel opens
+            # (3 of 100 gets on one connection); with other threads' commands any of them
+            # does, so waiting for one's own previous session would not do. Nothing ran:
+            # the executor asks again (`refused`).
+            closed = known_channel(chan.transport, chan.chanid) is None  # type: ignore[arg-type]
+            raise SFTPNotStarted(
+                "the server closed the channel before answering the SFTP subsystem request"
+                if closed else "the server refused to start the SFTP subsystem", refused=True)
 
     def _negotiate(self, until: float) -> memoryview:
         """The server's VERSION reply (from its type byte on), checked to be one."""
