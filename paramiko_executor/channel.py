@@ -80,6 +80,7 @@ from .inbox import gate_of
 from .internals import (
     BUSY_SEND_WAIT,
     Handler,
+    WriteAbandoned,
     _take,
     close_messages,
     forget_channel,
@@ -1299,10 +1300,13 @@ class SessionChannel(Cover):
                            what="the command's channel"):
                 try:
                     return self._start(spec, deadline, after_exec)
-                except Overdue:
+                except (Overdue, WriteAbandoned):
+                    # WriteAbandoned: a send of its own outran the deadline, and the
+                    # connection went with it: timed out, never tried again.
                     if not self.exec_sent:
                         return None  # it never ran; the CLOSE below waits in the background
-                    self._end_remote_command()
+                    if not self.discarding:  # not asked to end already (`_hand_on`'s)
+                        self._end_remote_command()
                     return ChannelOutcome(self._so_far(self.stdout, spec),
                                           self._so_far(self.stderr, spec), None, None, True,
                                           self.output_bytes)

@@ -61,6 +61,7 @@ from .errors import (
     TemporaryFailure,
 )
 from .internals import (
+    bound_packet_writes,
     drop_handshake_timer,
     forget_parent_transports,
     guard_user_sends,
@@ -614,6 +615,7 @@ def _open(
         _prefer_ciphers(transport)
         thread_free_handshake_timer(transport)
         guard_user_sends(transport)
+        bound_packet_writes(transport)
         if target.banner_timeout is not None:
             transport.banner_timeout = target.banner_timeout
         if target.auth_timeout is not None:

@@ -90,7 +90,7 @@ from typing import (
 import paramiko
 import paramiko.packet
 
-from .internals import transport_reading
+from .internals import WriteAbandoned, transport_reading
 
 if TYPE_CHECKING:
     from .executors import Executor
@@ -221,12 +221,16 @@ class ConnectionLost(ExecutorFailure):
     """The connection broke under a command; the executor may retry it on a new one.
 
     ``started`` is False when the work cannot have reached the server.
+    ``timed_out``: the call's own packet write outran its deadline and was
+    given up, which broke the connection (`internals.WriteAbandoned`): the
+    call ends as timed out, never tried again.
     """
 
     def __init__(self, description: str, executor: Optional[Executor] = None, *,
-                 started: bool = True) -> None:
+                 started: bool = True, timed_out: bool = False) -> None:
         super().__init__(description, executor)
         self.started: bool = started
+        self.timed_out: bool = timed_out
 
 
 class NeverStarted(ExecutorFailure):
@@ -337,6 +341,8 @@ def translate(transport: paramiko.Transport, *,
 def mapped(exc: BaseException, transport: paramiko.Transport, started: bool,
            what: str) -> ExecutorFailure:
     """The library's error for ``exc`` (one of `TRANSPORT_ERRORS`), given the transport's state."""
+    if isinstance(exc, WriteAbandoned):
+        return ConnectionLost(f"{what} was given up: {exc}", started=started, timed_out=True)
     if is_lost(exc, transport):
         return ConnectionLost(f"{what} was lost: {exc!r}", started=started)
     return ExecutorFailure(f"SSH error on {what}: {exc!r}")

@@ -700,7 +700,9 @@ class SSHExecutor(Executor):
                       deadline: Optional[float]) -> Optional[T]:
         """Run ``attempt`` on the connection, trying again as `CommandRetry` allows.
 
-        None when the deadline passed first (while connecting too). A lost
+        None when the deadline passed first (while connecting too), or when
+        the call's own write outran it and was given up, breaking the
+        connection (`ConnectionLost.timed_out`). A lost
         connection is dropped (only if still current) before the next try; work
         the server turned away (`_turned_away`: a command or a transfer) is tried
         again on it after a pause (`NEVER_STARTED_BACKOFF`). Once the tries are
@@ -734,6 +736,8 @@ class SSHExecutor(Executor):
                     if epoch != self._connection.epoch:
                         raise ExecutorFailure("the executor was closed during the command",
                                               self) from None
+                    if exc.timed_out:
+                        return None  # its own write outran the deadline: no retry
                 try:
                     retry = retry.increment(exc)
                 except ExecutorFailure:

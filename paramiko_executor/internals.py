@@ -98,6 +98,11 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     again before its own ``try``, where an interrupt (Ctrl-C) would leave it
     taken for good. Under it, the sequence number tells whether the packet's
     write began: whether the server will answer an interrupted OPEN.
+``Packetizer.write_all``
+    Replaced per transport (`bound_packet_writes`) by `DeadlineWrites`: a
+    packet written under `send_if_clear` with a deadline gives up past it
+    (`WriteAbandoned`), where paramiko's retries on the socket's timeout for
+    as long as the peer lives. Every other write is paramiko's own.
 ``paramiko.transport._active_threads``
     Emptied in a forked child, whose exit hook would otherwise stop the
     parent's transports (`forget_parent_transports`). A transport leaves it
@@ -111,19 +116,34 @@ ignore`` naming the error, so a name that the stubs gain, or a new use, shows.
 
 from __future__ import annotations
 
+import socket
+import struct
+import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+if sys.platform != "win32":
+    import fcntl
+    import termios
 
 import paramiko
 import paramiko.transport
 from paramiko.auth_handler import AuthHandler
 from paramiko.common import cMSG_CHANNEL_OPEN, cMSG_CHANNEL_WINDOW_ADJUST
 from paramiko.message import Message
-from paramiko.ssh_exception import SSHException
+from paramiko.packet import Packetizer
+from paramiko.ssh_exception import ProxyCommandFailure, SSHException
+
+from .waits import writable_within
 
 __all__ = [
     "BUSY_SEND_WAIT",
+    "WITHIN",
+    "WRITE_GRACE",
+    "WriteAbandoned",
+    "WriteDeadline",
+    "bound_packet_writes",
     "PRIVATE_NAMES",
     "missing_private_names",
     "close_messages",
@@ -197,6 +217,7 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("Packetizer", "_Packetizer__write_lock"),
     ("Packetizer", "_Packetizer__sequence_number_out"),
     ("Packetizer", "_Packetizer__received_bytes"),
+    ("Packetizer", "write_all"),
 )
 
 Handler = Callable[..., None]
@@ -281,20 +302,43 @@ def _take(lock: Any, timeout: float, taken: List[bool]) -> None:
     taken.extend(map(lock.acquire, (True,), (timeout,)))
 
 
+class _Within:
+    """`send_if_clear`'s default ``deadline``: the end of its ``within``."""
+
+
+#: The default ``deadline`` of the sends: their ``within``'s end bounds the write too.
+WITHIN = _Within()
+
+#: A packet write's time limit: a `time.monotonic` value, None (none), or `WITHIN`.
+WriteDeadline = Union[float, None, _Within]
+
+
 def send_if_clear(transport: paramiko.Transport, message: Message, *,
-                  within: Optional[float] = None, written: Optional[List[bool]] = None) -> bool:
+                  within: Optional[float] = None, written: Optional[List[bool]] = None,
+                  deadline: WriteDeadline = WITHIN) -> bool:
     """Send ``message`` now if no key exchange runs; False (nothing sent) if one does.
 
     With ``within``, also False when another thread's send holds the connection
     that many seconds (both locks together): its write may wait on a peer that
     stopped reading, for as long as the peer lives.
 
+    The packet's own write is bounded by ``deadline`` (a `time.monotonic`
+    value; by default the end of ``within``; None: no bound, as paramiko's):
+    once it passed and the peer then took no byte for `WRITE_GRACE` seconds,
+    the write is given up, the connection's packetizer closed (the stream is
+    broken: the cipher moved on, part of the packet may be out), and
+    `WriteAbandoned` raised. The transport's thread then ends as on any lost
+    connection. Only on transports that `bound_packet_writes` prepared.
+
     ``written`` (a list of one item) has its item set True once the packet's
     write began, however the call ends: an interrupt (Ctrl-C) inside paramiko's
     send, after the write and before the return, cannot tell the caller
-    otherwise whether the server will see the message.
+    otherwise whether the server will see the message. After `WriteAbandoned`
+    it is True too, though the server never gets the whole packet: it gets
+    the connection's end instead, and answers nothing more.
     """
     end = None if within is None else time.monotonic() + within
+    until = end if isinstance(deadline, _Within) else deadline
     # Each lock is taken inside the try that gives it back (`_take`): an interrupt
     # (Ctrl-C) just as it is got would otherwise leave every later send waiting.
     held: List[bool] = []
@@ -307,6 +351,7 @@ def send_if_clear(transport: paramiko.Transport, message: Message, *,
         write_lock = packetizer._Packetizer__write_lock  # type: ignore[attr-defined]
         writing: List[bool] = []
         before: Optional[int] = None
+        writes: Any = None
         try:
             _take(write_lock, -1.0 if end is None else max(0.0, end - time.monotonic()),
                   writing)
@@ -315,9 +360,19 @@ def send_if_clear(transport: paramiko.Transport, message: Message, *,
             # Under the write lock only this thread's packet moves the sequence
             # number, which paramiko counts just before it writes the packet.
             before = packetizer._Packetizer__sequence_number_out  # type: ignore[attr-defined]
-            transport._send_message(message)  # type: ignore[attr-defined]
+            if until is not None:
+                writes = packetizer.write_all
+                if type(writes) is DeadlineWrites:
+                    writes.end = until  # read by the write under this lock only
+            try:
+                transport._send_message(message)  # type: ignore[attr-defined]
+            except WriteAbandoned:
+                packetizer.close()
+                raise
         finally:
             if writing and writing[0]:
+                if type(writes) is DeadlineWrites:
+                    writes.end = None
                 if written is not None and before is not None:
                     # A plain store, no call: no interrupt lands between it and the release.
                     written[0] = written[0] or (
@@ -330,6 +385,113 @@ def send_if_clear(transport: paramiko.Transport, message: Message, *,
     finally:
         if held and held[0]:
             transport.clear_to_send_lock.release()
+
+
+#: Seconds a packet write goes on past its deadline while the peer takes nothing: a
+#: live peer drains its socket buffer within moments (a slow link keeps taking bytes,
+#: and the write goes on), one that took nothing that long stopped reading.
+WRITE_GRACE = 2.0
+
+#: How often a write waiting for room in the socket looks whether the connection closed
+#: (paramiko's own write looks at every socket timeout, 0.1 s) and the peer took bytes.
+_WRITE_POLL = 0.1
+
+#: The ioctl that tells how much of a socket's send queue the peer has not taken
+#: (``SIOCOUTQ``, the same number as ``TIOCOUTQ`` on Linux); None elsewhere.
+_OUTQ: Optional[int] = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
+
+
+class WriteAbandoned(TimeoutError):
+    """A packet's write outran its deadline (`send_if_clear`) on a peer that took nothing
+    for `WRITE_GRACE` seconds: given up, the connection closed under it."""
+
+
+class DeadlineWrites:
+    """A transport's packetizer's ``write_all``: paramiko's own, unless the writing
+    thread's `send_if_clear` gave the write a deadline (`end`).
+
+    paramiko's write retries on the socket's timeout until the packetizer is
+    closed: for as long as a peer that stopped reading lives. This one gives
+    up (`WriteAbandoned`) once ``end`` passed and then no byte went out for
+    `WRITE_GRACE` seconds; a peer that still drains its buffer, however
+    slowly, gets the whole packet.
+    """
+
+    __slots__ = ("_packetizer", "_sock", "_paramikos", "end")
+
+    def __init__(self, packetizer: Packetizer, sock: Any) -> None:
+        self._packetizer = packetizer
+        self._sock = sock
+        self._paramikos: Callable[[bytes], None] = packetizer.write_all
+        #: The deadline of the write under way; set and cleared under the write lock.
+        self.end: Optional[float] = None
+
+    def __call__(self, out: bytes) -> None:
+        end = self.end
+        if end is None:
+            self._paramikos(out)
+            return
+        sock = self._sock
+        # Only a socket can be polled for room; anything else (a jump host's
+        # channel, a proxy command) blocks in its send for its own timeout.
+        polled = isinstance(sock, socket.socket)
+        moved = time.monotonic()  # when the peer last took bytes (or the write began)
+        queued: Optional[int] = None
+        zeros = 0
+        while True:
+            if self._packetizer.closed:
+                raise EOFError()
+            left = max(end, moved) + WRITE_GRACE - time.monotonic()
+            if left <= 0:
+                raise WriteAbandoned(f"the peer took nothing for {WRITE_GRACE:g} s past "
+                                     "the write's deadline")
+            try:
+                # A socket's own send waits for room up to its timeout (seconds
+                # after login): polled first, the wait ends with the grace.
+                if polled and not writable_within(sock, min(left, _WRITE_POLL)):
+                    # The socket reports room only once a good part of its buffer
+                    # is free: a slow peer takes bytes long before that.
+                    now_queued = _queued(sock)
+                    if now_queued is not None and queued is not None and now_queued < queued:
+                        moved = time.monotonic()
+                    queued = now_queued
+                    continue
+                n = sock.send(out)
+            except (socket.timeout, BlockingIOError):
+                continue
+            except ProxyCommandFailure:
+                raise  # as paramiko's
+            except Exception:
+                raise EOFError() from None  # paramiko's for any other failure (a broken pipe)
+            if n == len(out):
+                return
+            if n > 0:
+                out = out[n:]
+                moved = time.monotonic()
+                continue
+            # As paramiko's: a sender that keeps taking nothing without an error is gone.
+            zeros += 1
+            if zeros > 10:
+                raise EOFError()
+
+
+def _queued(sock: socket.socket) -> Optional[int]:
+    """Bytes in ``sock``'s send queue that the peer has not taken yet (Linux ``SIOCOUTQ``);
+    None where that cannot be told."""
+    if _OUTQ is None:
+        return None
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return None
+
+
+def bound_packet_writes(transport: paramiko.Transport) -> None:
+    """Let `send_if_clear` bound the packet writes on ``transport`` by their deadlines
+    (`DeadlineWrites`); writes without one stay paramiko's own."""
+    packetizer = transport.packetizer
+    packetizer.write_all = DeadlineWrites(  # type: ignore[method-assign, assignment]
+        packetizer, transport.sock)
 
 
 def guard_user_sends(transport: paramiko.Transport) -> None:
@@ -361,7 +523,7 @@ def guard_user_sends(transport: paramiko.Transport) -> None:
 
 def send_within(transport: paramiko.Transport, message: Message, timeout: Optional[float],
                 attempt: Optional[Callable[[Message], bool]] = None,
-                written: Optional[List[bool]] = None) -> bool:
+                written: Optional[List[bool]] = None, deadline: WriteDeadline = WITHIN) -> bool:
     """Send ``message`` once no key exchange runs; False (nothing sent) after ``timeout`` s.
 
     ``timeout`` None waits up to paramiko's ``clear_to_send_timeout`` (again
@@ -370,12 +532,13 @@ def send_within(transport: paramiko.Transport, message: Message, timeout: Option
     (`_give_up_key_exchange`); 0 tries once. Each try
     is ``attempt(message)`` (default `send_if_clear`): True once it is done
     with the message, False while a key exchange holds it back. Raises
-    `EOFError` when the connection ends during the wait. ``written``: as for
-    `send_if_clear` (the default attempt only).
+    `EOFError` when the connection ends during the wait. ``written`` and
+    ``deadline`` (the packet write's): as for `send_if_clear` (the default
+    attempt only); `WriteAbandoned` past it.
     """
     end = time.monotonic() + (transport.clear_to_send_timeout if timeout is None else timeout)
     if attempt is None:
-        if timeout is None and written is None:
+        if timeout is None and written is None and isinstance(deadline, _Within):
             send_when_clear(transport, message)
             return True
 
@@ -383,7 +546,8 @@ def send_within(transport: paramiko.Transport, message: Message, timeout: Option
             # Another thread's send may hold the connection (a peer that stopped
             # reading): that wait ends at the deadline too.
             return send_if_clear(transport, m, written=written, within=None if timeout is None
-                                 else max(BUSY_SEND_WAIT, end - time.monotonic()))
+                                 else max(BUSY_SEND_WAIT, end - time.monotonic()),
+                                 deadline=deadline)
     heard = _received(transport)
     while not attempt(message):
         remaining = end - time.monotonic()
@@ -410,13 +574,14 @@ def new_session_channel(transport: paramiko.Transport, answered: Any,
                         within: Optional[float] = None,
                         direct: Optional[Tuple[Tuple[str, int], Tuple[str, int]]] = None,
                         sent: Optional[List[paramiko.Channel]] = None,
-                        ) -> Optional[paramiko.Channel]:
+                        deadline: WriteDeadline = WITHIN) -> Optional[paramiko.Channel]:
     """Register a session channel and send its OPEN without waiting for the answer.
 
     ``answered`` (an Event) is set on the server's answer, and also when the
     channel is closed from our side, which paramiko does not signal otherwise.
     The OPEN waits for a key exchange as `send_within` with ``within`` does;
-    None when it was not sent in time, the channel forgotten again. With
+    None when it was not sent in time, the channel forgotten again. Its
+    write is bounded by ``deadline`` as `send_if_clear`'s. With
     ``direct`` (the target and the origin), a ``direct-tcpip`` channel instead.
 
     ``sent`` gets the channel appended once its OPEN was written, however the
@@ -446,7 +611,7 @@ def new_session_channel(transport: paramiko.Transport, answered: Any,
         chan.in_buffer.set_event(answered)
     written = [False]
     try:
-        out = send_within(transport, m, within, written=written)
+        out = send_within(transport, m, within, written=written, deadline=deadline)
     except BaseException:
         if written[0]:
             if sent is not None:

@@ -20,7 +20,6 @@ sends past the window ends it (the local socket is reset) with a WARNING.
 
 from __future__ import annotations
 
-import select
 import socket
 import struct
 import threading
@@ -34,10 +33,11 @@ from paramiko.message import Message
 
 from .errors import TRANSPORT_ERRORS
 from .inbox import Chunk, Inbox
-from .internals import send_within, take_send_window
+from .internals import WITHIN, WriteDeadline, send_within, take_send_window
 from .sendgate import SendGate
+from .waits import writable_within
 
-__all__ = ["Pipe", "reset_on_close", "send_all", "writable_within"]
+__all__ = ["Pipe", "reset_on_close", "send_all"]
 
 #: The buffer each forwarded connection reads its local socket into.
 UP_BUFFER = 256 * 1024
@@ -57,9 +57,6 @@ WRITE_POLL = 0.25
 SEND_BUFFERS = 256
 
 _SENDMSG = hasattr(socket.socket, "sendmsg")
-#: ``select.select`` fails on descriptors past FD_SETSIZE; poll is used where there is one.
-_POLL = hasattr(select, "poll")
-
 #: A data message's head: its type, the recipient channel and the data's length.
 _DATA = struct.Struct(">BII")
 
@@ -67,7 +64,7 @@ _T = TypeVar("_T")
 
 
 def send_all(chan: paramiko.Channel, gate: SendGate, data: Union[bytes, memoryview], *,
-             whole: bool = True) -> int:
+             whole: bool = True, deadline: WriteDeadline = WITHIN) -> int:
     """``chan.sendall`` (or, ``whole`` false, ``chan.send``), with the work per packet cut down.
 
     Each data message is built in one piece, with one copy of its slice of
@@ -78,6 +75,9 @@ def send_all(chan: paramiko.Channel, gate: SendGate, data: Union[bytes, memoryvi
     than the channel's timeout either. Each message passes ``gate`` (the
     channel's), so no CLOSE of the channel overtakes it. Returns the count
     sent: all of ``data``, or with ``whole`` false what one message took.
+    A packet's write is bounded by ``deadline`` (by default the channel's
+    timeout) as `internals.send_if_clear`'s, raising `WriteAbandoned` (a
+    `TimeoutError`) past it.
     """
     view = memoryview(data)
     transport = chan.get_transport()
@@ -91,7 +91,7 @@ def send_all(chan: paramiko.Channel, gate: SendGate, data: Union[bytes, memoryvi
                               + view[:size])
             # A key exchange the server stalls holds the send: no longer than the
             # channel's timeout, as a full window does.
-            if not send_within(transport, message, chan.gettimeout()):
+            if not send_within(transport, message, chan.gettimeout(), deadline=deadline):
                 with chan.lock:
                     chan.out_window_size += size  # taken above, never used
                 raise socket.timeout("a key exchange held the send past the timeout")
@@ -102,17 +102,6 @@ def send_all(chan: paramiko.Channel, gate: SendGate, data: Union[bytes, memoryvi
         if not whole:
             break
     return sent
-
-
-def writable_within(sock: socket.socket, timeout: float) -> bool:
-    """Whether ``sock`` takes data (or has an error or a connect's outcome to tell) within
-    ``timeout`` seconds."""
-    if _POLL:
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT)
-        return bool(poller.poll(timeout * 1000))
-    _, writable, failed = select.select([], [sock], [sock], timeout)
-    return bool(writable or failed)
 
 
 def reset_on_close(sock: socket.socket) -> None:

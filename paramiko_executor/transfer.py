@@ -117,6 +117,7 @@ from paramiko.message import Message
 from .channel import close_soon
 from .errors import ExecutorFailure, callers_code, callers_own
 from .internals import (
+    WriteAbandoned,
     connection_error,
     known_channel,
     replace_receive_buffers,
@@ -836,6 +837,9 @@ class _Session:
                 # paramiko sends one channel packet's worth per call; a
                 # memoryview slice spares a copy of the rest each time.
                 n = self._send_packet(data[sent:])
+            except WriteAbandoned:
+                self.in_sync = False
+                raise  # a TimeoutError: the connection is gone, nothing is left to send
             except socket.timeout:
                 self._check_window()
                 if left is None or left > _SEND_POLL:
@@ -862,8 +866,10 @@ class _Session:
         if self.deadline is None or chan.closed:  # closed: paramiko's error
             return chan.send(data)  # type: ignore[arg-type]  # it takes any buffer
         try:
-            return send_all(chan, self._gate, data, whole=False)
-        except socket.timeout:
+            # The write has the transfer's deadline, not the slice's: a server that
+            # pauses a moment must not cost the transfer its connection.
+            return send_all(chan, self._gate, data, whole=False, deadline=self.deadline)
+        except (socket.timeout, WriteAbandoned):
             raise
         except OSError:
             return 0  # the channel closed while waiting for window: Channel.send's 0

@@ -55,9 +55,9 @@ from .connection import GaveUp, Link
 from .errors import TRANSPORT_ERRORS, ExecutorFailure, ForwardTimeout, for_executor, is_lost
 from .forwarded import ForwardedSocket
 from .internals import connection_error, new_session_channel, set_forward_handler
-from .pipe import WRITE_POLL, Pipe, reset_on_close, writable_within
+from .pipe import WRITE_POLL, Pipe, reset_on_close
 from .text import printable
-from .waits import Signal, wait_any
+from .waits import Signal, wait_any, writable_within
 
 if TYPE_CHECKING:
     from .executors import SSHExecutor
@@ -725,7 +725,9 @@ def _open_direct(transport: paramiko.Transport, target: Address, origin: Address
             if not transport.is_active():
                 raise _ended(transport)
             # A key exchange holds the open back: looked at again every LIVENESS_POLL.
-            chan = new_session_channel(transport, answered, LIVENESS_POLL, (target, origin))
+            # Its write has the open's deadline, not the poll's.
+            ends = (target, origin)
+            chan = new_session_channel(transport, answered, LIVENESS_POLL, ends, deadline=deadline)
             late = overdue() if chan is None else None
             if late is not None:
                 raise late

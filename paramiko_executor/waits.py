@@ -1,4 +1,5 @@
-"""`Signal` and `wait_any`: one thread waits for the first of several events, with a bound.
+"""`Signal` and `wait_any`: one thread waits for the first of several events, with a bound;
+`writable_within`: for a socket's room, with a bound.
 
 A forwarded connection's open waits for a connect that other threads share
 and then for the server's answer, and must also stop at once when its
@@ -7,10 +8,15 @@ tunnel closes; `threading.Event` can only be waited for alone.
 
 from __future__ import annotations
 
+import select
+import socket
 import threading
 from typing import Optional, Sequence, Set
 
-__all__ = ["Signal", "wait_any"]
+__all__ = ["Signal", "wait_any", "writable_within"]
+
+#: ``select.select`` fails on descriptors past FD_SETSIZE; poll is used where there is one.
+_POLL = hasattr(select, "poll")
 
 
 class Signal(threading.Event):
@@ -62,3 +68,14 @@ def wait_any(signals: Sequence[Optional[Signal]], timeout: Optional[float]) -> b
     finally:
         for signal in present:
             signal.unwatch(woken)
+
+
+def writable_within(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` takes data (or has an error or a connect's outcome to tell) within
+    ``timeout`` seconds."""
+    if _POLL:
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        return bool(poller.poll(timeout * 1000))
+    _, writable, failed = select.select([], [sock], [sock], timeout)
+    return bool(writable or failed)

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 from helpers import at_line, call_in_thread, make_spare, outcome_within, thread_stacks, wait_for
@@ -215,23 +215,13 @@ def test_a_spare_given_up_during_a_stalled_key_exchange_does_not_hold_the_caller
         _thaw(frozen)
 
 
-@pytest.mark.hang_timeout(180)
-@pytest.mark.xfail(strict=True, reason="open: the thread whose own packet write blocks "
-                   "on a server that stopped reading waits for it, whatever its deadline")
-def test_every_command_with_stdin_ends_near_its_timeout_while_the_server_is_frozen(
-        make_sshd: Any, monkeypatch: Any) -> None:
-    """Nine commands (``cat``, 64 MiB of stdin each, ``timeout=6``) have their exec
-    answered with a window (sshd grants a session's window only then) when the server
-    freezes (SIGSTOP); then they send. Their windows (2 MiB each) hold more than the
-    socket buffers take, so one command's own packet write blocks in paramiko's
-    ``write_all``, which retries on the socket's timeout for as long as the peer lives:
-    `send_if_clear`'s ``within`` bounds only the waits for the locks, not the write
-    under them. That command ends when the server resumes, not at its timeout (the
-    others end at theirs: the fix of 88dbb9a)."""
-    server = make_sshd(max_sessions=10)
-    frozen: List[int] = []
-    timeout = 6.0
-    count = 9
+def frozen_with_writes_blocked(ex: SSHExecutor, server: Any, monkeypatch: Any, count: int,
+                               timeout: Optional[float], frozen: List[int]) -> List[Dict[str, Any]]:
+    """Start ``count`` commands on ``ex`` (``cat``, 64 MiB of stdin each, ``timeout``), and
+    freeze ``server`` (SIGSTOP; the pids appended to ``frozen``, for `_thaw`) once each has
+    its exec answered with a window (sshd grants a session's window only then); then they
+    send. Their windows (2 MiB each) hold more than the socket buffers take, so a
+    command's own packet write blocks. Returns their `call_in_thread` outcomes."""
     ready = threading.Barrier(count + 1, timeout=30)
     send_stdin = SessionChannel._send_stdin
 
@@ -243,18 +233,36 @@ def test_every_command_with_stdin_ends_near_its_timeout_while_the_server_is_froz
             ready.wait()
         return send_stdin(self, *args)
 
+    monkeypatch.setattr(SessionChannel, "_send_stdin", after_the_freeze)
+    commands = [call_in_thread(lambda: ex.run_command(
+        "cat >/dev/null", stdin_input=bytes(64 << 20), timeout=timeout))
+        for _ in range(count)]
+    ready.wait()
+    frozen.extend(server.serving_pids())
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    ready.wait()
+    return commands
+
+
+@pytest.mark.hang_timeout(180)
+def test_every_command_with_stdin_ends_near_its_timeout_while_the_server_is_frozen(
+        make_sshd: Any, monkeypatch: Any) -> None:
+    """Nine commands (``cat``, 64 MiB of stdin each, ``timeout=6``) send on a frozen
+    server (`frozen_with_writes_blocked`): one command's own packet write blocks in paramiko's
+    ``write_all``, which retries on the socket's timeout for as long as the peer lives:
+    `send_if_clear`'s ``within`` bounded only the waits for the locks, not the write
+    under them, and that command ended when the server resumed, not at its timeout
+    (the others end at theirs: the fix of 88dbb9a). The write now gives up
+    `WRITE_GRACE` past the deadline (`DeadlineWrites`): every command is a
+    `CommandTimeout`, and the executor runs commands again once the server resumes."""
+    server = make_sshd(max_sessions=10)
+    frozen: List[int] = []
+    timeout = 6.0
     try:
         with SSHExecutor(**server.executor_parameters()) as ex:
             ex.run_command("true", timeout=30)
-            monkeypatch.setattr(SessionChannel, "_send_stdin", after_the_freeze)
-            commands = [call_in_thread(lambda: ex.run_command(
-                "cat >/dev/null", stdin_input=bytes(64 << 20), timeout=timeout))
-                for _ in range(count)]
-            ready.wait()
-            frozen = server.serving_pids()
-            for pid in frozen:
-                os.kill(pid, signal.SIGSTOP)
-            ready.wait()
+            commands = frozen_with_writes_blocked(ex, server, monkeypatch, 9, timeout, frozen)
             end = time.monotonic() + timeout + 5
             for command in commands:
                 command["thread"].join(max(0.0, end - time.monotonic()))
@@ -264,5 +272,8 @@ def test_every_command_with_stdin_ends_near_its_timeout_while_the_server_is_froz
             for command in commands:
                 command["thread"].join(60)
             assert not stuck, f"{len(stuck)} command(s) with timeout=6 still ran:\n{stacks}"
+            errors = [command.get("error") for command in commands]
+            assert all(isinstance(error, CommandTimeout) for error in errors), errors
+            assert ex.run_command("echo ok", timeout=30).stdout == "ok\n"
     finally:
         _thaw(frozen)
