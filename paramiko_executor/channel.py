@@ -340,8 +340,10 @@ def close_soon(chan: paramiko.Channel) -> None:
     messages: List[Message] = []
     try:
         messages = close_messages(chan)
+        # No deadline on the writes: the call is done with the channel (its result
+        # may be complete), and a server that stalls must not cost the connection.
         while messages and send_if_clear(chan.transport, messages[0],  # type: ignore[arg-type]
-                                         within=BUSY_SEND_WAIT):
+                                         within=BUSY_SEND_WAIT, deadline=None):
             del messages[0]
     except TRANSPORT_ERRORS:
         return
@@ -792,7 +794,8 @@ class SessionChannel(Cover):
 
     Created with the caller's ``claim`` on a slot (`Claim`); sends the OPEN
     at once, waiting for a key exchange ``open_within`` seconds at most
-    (None: paramiko's ``clear_to_send_timeout``), else `Overdue`. The slot
+    (None: paramiko's ``clear_to_send_timeout``), else `Overdue`; the OPEN's
+    write is bounded by ``write_deadline`` (see `internals.send_if_clear`). The slot
     becomes the session's once the OPEN is out; until then, and on
     `Overdue`, the claim gives it back. Its states move forward only:
     opening, open, exec sent, running, decided (complete, timed out, ...),
@@ -807,8 +810,12 @@ class SessionChannel(Cover):
 
     def __init__(self, transport: paramiko.Transport, claim: Claim,
                  sessions: Dict[int, SessionChannel],
-                 open_within: Optional[float] = None) -> None:
+                 open_within: Optional[float] = None,
+                 write_deadline: Optional[float] = None) -> None:
         self.transport = transport
+        #: Bounds this channel's packet writes (`send_if_clear`'s ``deadline``): the
+        #: command's deadline once it runs; None (paramiko's own writes) without one.
+        self.write_deadline = write_deadline
         self._slots = None  # taken over from the claim by `_adopt`
         self._holder = None
         self.wakeup = _Wakeup(transport)
@@ -855,7 +862,8 @@ class SessionChannel(Cover):
         chan: Optional[paramiko.Channel] = None
         sent: List[paramiko.Channel] = []
         try:
-            chan = new_session_channel(transport, self.answered, open_within, sent=sent)
+            chan = new_session_channel(transport, self.answered, open_within, sent=sent,
+                                       deadline=write_deadline)
             if chan is not None:
                 self._adopt(chan, sessions, claim)
         except BaseException:
@@ -1133,7 +1141,12 @@ class SessionChannel(Cover):
                 else:
                     within = None if deadline is None else max(BUSY_SEND_WAIT,
                                                                deadline - time.monotonic())
-                if not send_if_clear(self.transport, m, within=within):
+                # The write itself is bounded by the command's deadline, never by
+                # the busy-wait slice: past a slice, a server that stalls a while
+                # would lose the connection, and every other command on it.
+                if not send_if_clear(self.transport, m, within=within,
+                                     deadline=self.write_deadline if deadline is None
+                                     else deadline):
                     return False
                 chan.out_window_size -= window
                 if eof:
@@ -1282,6 +1295,7 @@ class SessionChannel(Cover):
         """
         try:
             self.running = True
+            self.write_deadline = deadline
             # A command's session ends without its thread (the server closes it once the
             # command exits): a command the thread starts from ``on_output`` may wait for it.
             self.hold(None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -779,7 +780,8 @@ class SSHExecutor(Executor):
             session = self._open_session(link, deadline)
             if session is None:
                 return None
-            return session.run(spec, deadline, after_exec=link.spare.replenish)
+            return session.run(spec, deadline,
+                               after_exec=functools.partial(link.spare.replenish, deadline))
 
     def _take_slot(self, link: Link, deadline: Optional[float], claim: Claim) -> bool:
         """A slot of ``link`` for this thread by ``deadline``, into ``claim``; a spare gives
@@ -850,7 +852,8 @@ class SSHExecutor(Executor):
                     with translate(link.transport, started=False, what="opening a channel"):
                         session = SessionChannel(
                             link.transport, claim, link.sessions,
-                            None if deadline is None else max(0.0, deadline - time.monotonic()))
+                            None if deadline is None else max(0.0, deadline - time.monotonic()),
+                            deadline)
                 except Overdue:
                     return None  # a key exchange held the open back: the command never ran
             try:

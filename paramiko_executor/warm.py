@@ -80,8 +80,12 @@ class Spare:
             spare.discard()
             raise
 
-    def replenish(self) -> None:
-        """Ask for a new spare if there is none and a slot is free with nobody waiting."""
+    def replenish(self, deadline: Optional[float] = None) -> None:
+        """Ask for a new spare if there is none and a slot is free with nobody waiting.
+
+        Called by a command's thread after its exec: the OPEN's write is bounded by
+        that command's ``deadline`` (None: not at all, as paramiko's).
+        """
         if self._pending is not None:
             return
         with self._lock:
@@ -102,7 +106,7 @@ class Spare:
                 try:
                     # Never waits for a key exchange: the command's thread made the call.
                     spare = SessionChannel(self._transport, claim, self._sessions,
-                                           open_within=0.0)
+                                           open_within=0.0, write_deadline=deadline)
                 except Overdue:
                     return  # its slot is back; the next command opens its own channel
                 except TRANSPORT_ERRORS:

@@ -297,3 +297,42 @@ def test_the_keepalive_finds_a_frozen_sshd_dead_while_its_own_send_would_block(
             assert _transport(ex) is not first
     finally:
         _thaw(frozen)
+
+
+def test_only_a_calls_own_deadline_bounds_its_writes(sshd: Any, monkeypatch: Any) -> None:
+    """The busy-wait slices of a send (`BUSY_SEND_WAIT`: a command's CLOSE, its TERM, the
+    spare channel's OPEN after an exec) are no deadline: a write bounded by one would
+    lose the connection, and re-run every other command on it, to a server that
+    stalls a few seconds. Every write a call's thread makes is bounded by that call's
+    deadline, or by nothing without one."""
+    seen: List[Any] = []
+    original = DeadlineWrites.__call__
+
+    def recording(self: DeadlineWrites, out: bytes) -> None:
+        if threading.current_thread() is threading.main_thread():
+            seen.append(self.end)
+        original(self, out)
+    monkeypatch.setattr(DeadlineWrites, "__call__", recording)
+
+    def fails(stream: str, line: str) -> None:
+        raise ValueError("the caller's")
+
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        ex.run_command("true")  # connected, the spare made
+        seen.clear()
+        for _ in range(3):
+            ex.run_command("cat", stdin_input="x")
+        with pytest.raises(ValueError):  # ended with a TERM and a CLOSE
+            ex.run_command("echo a; sleep 30", on_output=fails)
+        ex.put(io.BytesIO(b"data"), "/tmp/pe-write-deadline-none")
+        assert seen and all(end is None for end in seen), seen
+        seen.clear()
+        started = time.monotonic()
+        for _ in range(3):
+            ex.run_command("cat", stdin_input="x", timeout=60)
+        with pytest.raises(ValueError):
+            ex.run_command("echo a; sleep 30", on_output=fails, timeout=60)
+        bounded = [end for end in seen if end is not None]
+        # Each bounded by its call's end (60 s on), never by a slice's (a moment on).
+        assert bounded and all(end > started + 50 for end in bounded), seen
+        ex.run_command("rm -f /tmp/pe-write-deadline-none")
