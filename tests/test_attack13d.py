@@ -19,9 +19,6 @@ def workdir(shared_dir: str) -> pathlib.Path:
     return pathlib.Path(shared_dir)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "each try of a retried transfer runs the leftover clean-up first, and a clean-up whose "
-    "subsystem request is refused (or closed unanswered) counts as one of LEFTOVER_TRIES"))
 def test_a_burst_of_refusals_within_one_retried_get_keeps_the_leftover_names(
         sshd: Any, workdir: pathlib.Path, monkeypatch: Any) -> None:
     # Each try of a retried transfer runs the leftover clean-up first, and each refused
@@ -45,11 +42,6 @@ def test_a_burst_of_refusals_within_one_retried_get_keeps_the_leftover_names(
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a broken put's temporary names are given up after LEFTOVER_TRIES failed clean-ups, "
-    "and on Dropbear < 2024.86 under many threads a clean-up fails as often as a transfer "
-    "(its subsystem request closed unanswered, issue 321, which only transfers retry; or "
-    "the connection lost to Dropbear's failed assertion): 2 to 40 files left per run"))
 def test_puts_on_dropbear_under_50_threads_leave_no_temporary_files(
         dropbear: Any, workdir: pathlib.Path) -> None:
     failures: Counter[str] = collections.Counter()
