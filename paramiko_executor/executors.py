@@ -569,13 +569,16 @@ class SSHExecutor(Executor):
         """Remove the pending temporary names in one SFTP session, within `LEFTOVER_TIMEOUT`.
 
         It ends by ``until`` too. Names it could not remove are kept for the
-        next transfer's clean-up, up to `LEFTOVER_TRIES` clean-ups; then given
-        up, as every name is at once when the server runs something else
-        than SFTP (nothing to remove them with; a refused SFTP subsystem is
-        one failed clean-up). Given-up names are logged at DEBUG.
+        next transfer's clean-up, up to `LEFTOVER_TRIES` clean-ups that reached
+        the files; then given up, as every name is at once when the server runs
+        something else than SFTP (nothing to remove them with). A clean-up that
+        never reached them (its SFTP subsystem refused, its connection lost)
+        does not count: Dropbear refuses bursts of them under load, and one
+        retried transfer may meet several. Given-up names are logged at DEBUG.
         """
         pending: Dict[str, int] = {}
         settled = False
+        reached = True  # whether this clean-up counts as one of the names' tries
         try:  # from the names' taking on: an interrupt keeps them
             with self._connection.lock:
                 pending, self._leftovers = self._leftovers, {}
@@ -596,21 +599,26 @@ class SSHExecutor(Executor):
             # Only a server that ran something else gives every later session that answer
             # too; a refusal may pass (Dropbear refuses some under load): one failed try.
             settled = exc.lasting
+            reached = not exc.refused
             if settled:
                 log.debug("gave up the temporary files of failed uploads %s: the server did "
                           "not start SFTP", sorted(pending), exc_info=True)
             else:
                 log.debug("could not remove the temporary files of failed uploads",
                           exc_info=True)
-        except (ExecutorFailure, OSError):
+        except (ExecutorFailure, OSError) as exc:
+            reached = not isinstance(exc, ConnectionLost)
             log.debug("could not remove the temporary files of failed uploads", exc_info=True)
         finally:
             if not settled:
-                self._keep_leftovers(pending)
+                self._keep_leftovers(pending, counted=reached)
 
-    def _keep_leftovers(self, failed: Dict[str, int]) -> None:
-        """Keep the names of a failed clean-up for the next, those with tries left."""
-        kept = {name: tries + 1 for name, tries in failed.items() if tries + 1 < LEFTOVER_TRIES}
+    def _keep_leftovers(self, failed: Dict[str, int], counted: bool = True) -> None:
+        """Keep the names of a failed clean-up for the next, those with tries left
+        (a clean-up not ``counted`` spends none)."""
+        spent = 1 if counted else 0
+        kept = {name: tries + spent for name, tries in failed.items()
+                if tries + spent < LEFTOVER_TRIES}
         if len(kept) < len(failed):
             log.debug("gave up the temporary files of failed uploads %s after %d clean-ups",
                       sorted(failed.keys() - kept.keys()), LEFTOVER_TRIES)
