@@ -1,7 +1,8 @@
 """Attacks on put's held probe requests (a5be47c): the probe's REMOVE and CLOSE go out
 with the next requests after its exclusive OPEN's answer (`_Session.later`), a refused
 OPEN takes its name off the put's temporary names, and `SFTPNotStarted.lasting` decides
-whether a clean-up gives its names up at once.
+whether a clean-up gives its names up at once. And on DupingSSHExecutor with ``pty=True``
+(74b36db).
 
 Against real sshds (and Dropbear): deadlines at each round trip, servers frozen or their
 SFTP process killed, file objects and progress callbacks that raise, many threads.
@@ -16,6 +17,7 @@ import os
 import pathlib
 import pickle
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -32,7 +34,15 @@ from test_files import leftovers, put_with_the_connection_killed
 from test_files_trust import _U32, FXP, HostileSFTPServer, packet, read_packet, string
 from test_review11 import _thaw
 
-from paramiko_executor import ExecutorFailure, SSHExecutor, TransferTimeout, executors, transfer
+from paramiko_executor import (
+    SAFE_WRAPPER,
+    DupingSSHExecutor,
+    ExecutorFailure,
+    SSHExecutor,
+    TransferTimeout,
+    executors,
+    transfer,
+)
 from testsupport.openssh import _cmdline, _descendants, _process_table
 
 
@@ -576,3 +586,62 @@ def test_a_refused_sftp_subsystem_is_not_lasting_and_a_forced_command_is(
         with pytest.raises(transfer.SFTPNotStarted) as ran:
             ex.get("/etc/hostname", io.BytesIO(), timeout=30)
     assert (refused.value.lasting, ran.value.lasting) == (False, True)
+
+
+# --- 74b36db: DupingSSHExecutor with pty=True -----------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "on a terminal the wrapper reads its command line through the line discipline's "
+    "canonical mode, which passes at most 4095 bytes of a line: the start of a longer "
+    "command runs, with exit status 0, where SSHExecutor (the command in the exec "
+    "request) runs it whole; the docs say a non-interactive wrapper works as there"))
+def test_a_long_duping_command_on_a_pty_runs_whole_or_not_at_all(sshd: Any) -> None:
+    # The terminal echoes the whole line, the marker too: "$((6 * 7))" tells what ran.
+    command = "true " + "x" * 5000 + "; echo $((6 * 7))-whole"
+    with DupingSSHExecutor(**sshd.executor_parameters(), wrapper=SAFE_WRAPPER) as ex:
+        assert "42-whole" in ex.run_command(command, timeout=20).stdout  # without a pty
+        try:
+            result = ex.run_command(command, pty=True, timeout=20, check=False)
+        except (ValueError, ExecutorFailure):
+            return  # refused before anything ran
+        assert "42-whole" in result.stdout, (result.exit_code, result.stdout[-100:])
+
+
+@pytest.mark.parametrize("taken", ["probe", "temporary file"])
+@pytest.mark.parametrize("refused", ["lstat", "remove"])
+def test_a_name_already_taken_on_a_restricted_sftp_server_is_left_alone(
+        make_sshd: Any, workdir: pathlib.Path, monkeypatch: Any, taken: str,
+        refused: str) -> None:
+    # sftp-server -P lstat (the probe's bits by FSTAT, one more round trip, which sends
+    # the held REMOVE) and -P remove (the upload renamed over its probe).
+    server = make_sshd(max_sessions=10,
+                       extra_config=[f"ForceCommand internal-sftp -P {refused}"])
+    names = ["1" * 16, "0" * 16] if taken == "probe" else ["0" * 16, "1" * 16]
+    other = _taken(monkeypatch, workdir, *names)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        if taken == "probe":
+            assert ex.put(io.BytesIO(b"data"), str(workdir / "f"), timeout=30) == 4
+            assert (workdir / "f").read_bytes() == b"data"
+        else:
+            with pytest.raises(ExecutorFailure, match="cannot create a temporary file"):
+                ex.put(io.BytesIO(b"data"), str(workdir / "f"), timeout=30)
+        monkeypatch.undo()
+        ex.put(io.BytesIO(b"ok"), str(workdir / "g"), mode=0o644, timeout=30)
+    assert other.read_bytes() == b"another client's"
+    left = leftovers(workdir)
+    # -P remove: a probe created (the temporary file refused) cannot be removed.
+    assert left == [other.name] or (refused == "remove" and taken != "probe"
+                                    and len(left) == 2), left
+
+
+def test_a_source_with_no_permission_bits_gives_a_file_with_none(
+        sshd: Any, workdir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    # The probe is created asking for 0o000, as sftp creates the file.
+    source = tmp_path / "source"
+    source.write_bytes(b"secret")
+    source.chmod(0)
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        assert ex.put(str(source), str(workdir / "f"), timeout=30) == 6
+    assert stat.S_IMODE((workdir / "f").stat().st_mode) == 0
+    assert leftovers(workdir) == []
