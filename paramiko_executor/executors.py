@@ -597,7 +597,8 @@ class SSHExecutor(Executor):
                     settled = True
         except SFTPNotStarted as exc:
             # Only a server that ran something else gives every later session that answer
-            # too; a refusal may pass (Dropbear refuses some under load): one failed try.
+            # too; a refusal may pass (Dropbear refuses some under load) and never reached
+            # the names.
             settled = exc.lasting
             reached = not exc.refused
             if settled:
@@ -944,6 +945,11 @@ class SSHExecutor(Executor):
 SAFE_WRAPPER = "/bin/bash -c 'IFS= read -r line && exec /bin/bash -c \"$line\"'"
 
 
+#: The longest line a terminal in its line mode passes to a reader (Linux: 4095
+#: bytes and the newline); `DupingSSHExecutor` refuses longer command lines on a pty.
+TERMINAL_LINE = 4095
+
+
 class DupingSSHExecutor(SSHExecutor):
     """For keys that may run one fixed command only (``authorized_keys`` ``command=``).
 
@@ -972,7 +978,8 @@ class DupingSSHExecutor(SSHExecutor):
     `SSHExecutor`; an interactive shell (the default ``/bin/bash`` on a
     terminal) echoes and prompts, and its line editing turns the terminal's
     end-of-file sent ahead of it into a NUL, so such a call ends only at its
-    ``timeout``: give one.
+    ``timeout``: give one. A terminal passes at most `TERMINAL_LINE` bytes of
+    a line: a longer command line is refused with `ValueError` there.
     """
 
     def __init__(self, *, wrapper: str = "/bin/bash", **arguments: Any) -> None:
@@ -986,6 +993,12 @@ class DupingSSHExecutor(SSHExecutor):
         """The wrapper, fed the command as its first line and then ``stdin_input``."""
         if "\0" in command:
             raise ValueError("command must not hold NUL: no shell can run it")
+        if options.pty and any(len(line.encode("utf-8")) > TERMINAL_LINE
+                               for line in command.split("\n")):
+            # The wrapper reads it from the terminal, whose line discipline passes
+            # the start of a longer line only: a cut command would run.
+            raise ValueError(f"with pty=True, command must not have a line over "
+                             f"{TERMINAL_LINE} bytes: a terminal passes no more of a line")
         wrapper = self._wrapper.encode("utf-8")
         _check_request_texts(wrapper, options)  # the command itself goes as stdin
         payload = command.encode("utf-8") + b"\n"

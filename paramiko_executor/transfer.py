@@ -786,13 +786,15 @@ class _Session:
     def _send_requests(self, data: memoryview) -> None:
         """Send whole requests ``data``, behind those `later` queued, in one send."""
         queued, self._queued = self._queued, []
-        if queued:
-            data = memoryview(b"".join([*queued, data]))
-        try:
+        sending = False
+        try:  # from the queue's taking on: an interrupt (Ctrl-C) before the send keeps it
+            if queued:
+                data = memoryview(b"".join([*queued, data]))
+            sending = True
             self.send_bytes(data)
-        except TimeoutError:
-            if self._unsent is None:  # none of it went out: the queued go with the next
-                self._queued[:0] = queued
+        except BaseException as exc:
+            if not sending or (isinstance(exc, TimeoutError) and self._unsent is None):
+                self._queued[:0] = queued  # none of it went out: the queued go with the next
             raise
 
     def later(self, kind: int, *fields: bytes) -> int:
@@ -815,7 +817,9 @@ class _Session:
             if reply is not None:
                 del self._kept[request_id]
                 return reply
-            self.receive()
+            # One reply at a time: the one awaited may be the last to come, with no
+            # other reply to return after it.
+            self.receive(kept_too=True)
 
     def settle(self) -> None:
         """Send what `later` queued and wait for the replies to all it sent."""
@@ -895,7 +899,7 @@ class _Session:
         return request_id
 
     def receive(
-        self, until: Optional[float] = None, *, block: bool = True
+        self, until: Optional[float] = None, *, block: bool = True, kept_too: bool = False
     ) -> Tuple[int, memoryview]:
         """The next reply: (its type, its body from the type byte on).
 
@@ -903,7 +907,7 @@ class _Session:
         waits until ``until`` (default: the deadline), raising `TimeoutError` past it.
         A reply must answer a request sent and not answered yet: anything
         else is a protocol error. Replies to `later`'s requests are kept for
-        `kept`, not returned.
+        `kept`, not returned; with ``kept_too``, (0, empty) once one is kept.
         """
         if until is None:
             until = self.deadline
@@ -930,6 +934,8 @@ class _Session:
             if request_id not in self._kept:
                 return body[0], body
             self._kept[request_id] = body[0], body
+            if kept_too:
+                return 0, memoryview(b"")
 
     def _await(self, nbytes: int, until: Optional[float]) -> str:
         """Wait for ``nbytes`` of SFTP data: "ready", "closed" or "timeout" (see `_Inbox.wait_for`).
