@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -15,6 +16,7 @@ import pytest
 from helpers import call_in_thread, thread_stacks, wait_for
 from test_attack11b import frozen_with_writes_blocked
 from test_review11 import _thaw
+from test_ssh_config_sshd import host_block, known_hosts
 
 from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor
 
@@ -136,12 +138,6 @@ def test_a_server_stopped_1_5_s_of_every_1_6_s_loses_no_connection(make_sshd: An
         _thaw(stopped)
 
 
-def _host_block(alias: str, server: Any, known: Any, extra: str = "") -> str:
-    return (f"Host {alias}\n    HostName 127.0.0.1\n    Port {server.port}\n"
-            f"    User {server.username}\n    IdentityFile {server.client_key_path}\n"
-            f"    UserKnownHostsFile {known}\n{extra}")
-
-
 @pytest.mark.hang_timeout(240)
 @pytest.mark.parametrize("frozen_side", ["target", "jump"])
 def test_writes_through_a_jump_host_end_near_their_timeout_when_a_side_is_frozen(
@@ -152,11 +148,10 @@ def test_writes_through_a_jump_host_end_near_their_timeout_when_a_side_is_frozen
     the executor runs commands again."""
     jump = make_sshd(max_sessions=10)
     target = make_sshd(max_sessions=10)
-    known = tmp_path / "known_hosts"
-    known.write_text("".join(open(s.known_hosts_path).read() for s in (jump, target)))
+    known = known_hosts(tmp_path, jump, target)
     config = tmp_path / "config"
-    config.write_text(_host_block("target", target, known, "    ProxyJump jump\n")
-                      + _host_block("jump", jump, known))
+    config.write_text(host_block("target", target, known, "    ProxyJump jump\n")
+                      + host_block("jump", jump, known))
     frozen: List[int] = []
     timeout = 4.0
     try:
@@ -187,3 +182,175 @@ def test_a_timed_out_command_counts_only_the_stdin_that_went_out(sshd: Any) -> N
             ex.run_command("sleep 5", stdin_input=bytes(64 << 20), timeout=2)
         assert ex.statistics().bytes_sent < 16 << 20, ex.statistics()
 
+
+
+class _PartialThenInterrupt:
+    """A transport's socket whose next armed send takes half of the bytes, and the
+    send after it raises KeyboardInterrupt: a Ctrl-C landing just after a partial send
+    (as on a nearly full socket), in the thread of ``owner`` only."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.owner: Optional[threading.Thread] = None
+        self.fired: List[str] = []
+
+    def send(self, data: bytes) -> int:
+        if self.owner is threading.current_thread() and len(self.fired) < 2:
+            if not self.fired:
+                self.fired.append("partial")
+                return int(self._sock.send(data[:len(data) // 2]))
+            self.fired.append("interrupt")
+            raise KeyboardInterrupt
+        return int(self._sock.send(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+@pytest.mark.hang_timeout(180)
+def test_a_ctrl_c_after_part_of_a_packet_went_out_costs_no_other_command(
+        make_sshd: Any, shared_dir: str) -> None:
+    """A Ctrl-C lands in `DeadlineWrites` just after a partial send of a command's
+    stdin: half a packet is out. Another thread's command (no timeout) on the same
+    connection must neither be lost nor re-run: a caller's exception costs no other
+    thread's command."""
+    server = make_sshd(max_sessions=10)
+    marker = os.path.join(shared_dir, "started")
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true", timeout=30)
+        link = ex._connection.link
+        assert link is not None
+        writes: Any = link.transport.packetizer.write_all
+        proxy = _PartialThenInterrupt(writes._sock)
+        writes._sock = proxy
+        other = call_in_thread(lambda: ex.run_command(
+            f"test -e {marker} && echo again && exit 0; touch {marker}; sleep 4; echo once"))
+        wait_for(lambda: os.path.exists(marker), "the other command to start")
+
+        def interrupted() -> Any:
+            proxy.owner = threading.current_thread()
+            return ex.run_command("cat >/dev/null", stdin_input=bytes(1 << 20), timeout=60)
+
+        call = call_in_thread(interrupted)
+        _all_end([call, other], time.monotonic() + 60)
+        assert proxy.fired == ["partial", "interrupt"], proxy.fired
+        assert isinstance(call.get("error"), KeyboardInterrupt), call
+        assert other.get("result") is not None, other
+        assert other["result"].stdout == "once\n", other["result"]
+        assert ex.statistics().commands_retried == 0, ex.statistics()
+
+
+class _InterruptFirst:
+    """A socket whose first send raises KeyboardInterrupt before taking any byte."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.calls = 0
+
+    def send(self, data: bytes) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            raise KeyboardInterrupt
+        return int(self._sock.send(data))
+
+
+def test_a_ctrl_c_before_a_packets_first_byte_still_sends_the_whole_packet() -> None:
+    """paramiko counts the packet (sequence number, cipher) before its write: a Ctrl-C
+    at the write's start leaves the stream whole only if the packet still goes out."""
+    from paramiko.packet import Packetizer
+
+    from paramiko_executor.internals import DeadlineWrites
+    ours, theirs = socket.socketpair()
+    try:
+        ours.settimeout(0.1)
+        fake = _InterruptFirst(ours)
+        writes = DeadlineWrites(Packetizer(ours), fake)
+        writes.end = time.monotonic() + 5
+        with pytest.raises(KeyboardInterrupt):
+            writes(b"x" * 1000)
+        theirs.settimeout(5)
+        got = b""
+        while len(got) < 1000:
+            got += theirs.recv(4096)
+        assert got == b"x" * 1000
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_ctrl_c_whose_packet_cannot_be_finished_closes_the_connection(
+        monkeypatch: Any) -> None:
+    """The peer takes nothing more: the rest of the interrupted packet is given up as
+    the write itself would be, and the connection closed, so nothing follows half a
+    packet; the Ctrl-C still reaches the caller."""
+    from paramiko.packet import Packetizer
+
+    from paramiko_executor import internals
+    from paramiko_executor.internals import DeadlineWrites
+    monkeypatch.setattr(internals, "WRITE_GRACE", 0.3)
+    ours, theirs = socket.socketpair()
+    try:
+        ours.settimeout(0.1)
+        packetizer = Packetizer(ours)
+        writes = DeadlineWrites(packetizer, _InterruptFirst(ours))
+        writes.end = time.monotonic()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            writes(bytes(64 << 20))  # more than the socket pair's buffers take; unread
+        assert time.monotonic() - started < 5
+        assert packetizer.closed
+    finally:
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.xfail(strict=True, reason="SessionChannel._end_remote_command's background "
+                   "escalation (KILL, a late TERM) writes with the timed-out command's "
+                   "deadline (write_deadline), long past: suggested fix in channel.py, "
+                   "escalate() sets self.write_deadline = None first (nobody waits on it)")
+@pytest.mark.hang_timeout(180)
+def test_the_background_kill_of_a_timed_out_command_costs_no_other_command(
+        make_sshd: Any, monkeypatch: Any, shared_dir: str) -> None:
+    """A timed-out command ignores TERM; its caller returned long ago when the KILL goes
+    out from the background, KILL_GRACE later. The server stalls then (frozen 2.5 s;
+    the socket was left full by earlier writes): the KILL's write, bounded by the
+    command's long-past deadline, is given up, and the connection with it: another
+    thread's command without timeout is re-run on a new connection."""
+    from paramiko_executor import channel as channel_module
+    from paramiko_executor.waits import writable_within
+    monkeypatch.setattr(channel_module, "KILL_GRACE", 3.0)
+    server = make_sshd(max_sessions=10)
+    marker = os.path.join(shared_dir, "started")
+    frozen: List[int] = []
+    try:
+        with SSHExecutor(**server.executor_parameters()) as ex:
+            ex.run_command("true", timeout=30)
+            link = ex._connection.link
+            assert link is not None
+            transport = link.transport
+            other = call_in_thread(lambda: ex.run_command(
+                f"test -e {marker} && echo again && exit 0; touch {marker}; sleep 10; "
+                "echo once"))
+            wait_for(lambda: os.path.exists(marker), "the other command to start")
+            termed_at = time.monotonic()
+            with pytest.raises(CommandTimeout):
+                ex.run_command("trap '' TERM; sleep 30", timeout=1)
+            frozen.extend(server.serving_pids())
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            # Leave the socket without room (each IGNORE goes out whole: no writer waits).
+            # (The kernel grows the send buffer for a while: room is judged over 1 s.)
+            for _ in range(4000):
+                if not writable_within(transport.sock, 1.0):
+                    break
+                transport.send_ignore(32 << 10)
+            assert not writable_within(transport.sock, 1.0)
+            # The KILL goes out KILL_GRACE after the TERM; the server stalls past the grace.
+            time.sleep(max(0.0, termed_at + 1 + 3.0 + 2.5 - time.monotonic()))
+            _thaw(frozen)
+            _all_end([other], time.monotonic() + 60)
+            assert other.get("result") is not None, other
+            assert other["result"].stdout == "once\n", other["result"]
+            assert ex.statistics().commands_retried == 0, ex.statistics()
+    finally:
+        _thaw(frozen)
