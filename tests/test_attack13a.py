@@ -328,6 +328,7 @@ def test_the_background_kill_of_a_timed_out_command_costs_no_other_command(
             link = ex._connection.link
             assert link is not None
             transport = link.transport
+            sock: Any = transport.sock
             other = call_in_thread(lambda: ex.run_command(
                 f"test -e {marker} && echo again && exit 0; touch {marker}; sleep 10; "
                 "echo once"))
@@ -341,10 +342,10 @@ def test_the_background_kill_of_a_timed_out_command_costs_no_other_command(
             # Leave the socket without room (each IGNORE goes out whole: no writer waits).
             # (The kernel grows the send buffer for a while: room is judged over 1 s.)
             for _ in range(4000):
-                if not writable_within(transport.sock, 1.0):
+                if not writable_within(sock, 1.0):
                     break
                 transport.send_ignore(32 << 10)
-            assert not writable_within(transport.sock, 1.0)
+            assert not writable_within(sock, 1.0)
             # The KILL goes out KILL_GRACE after the TERM; the server stalls past the grace.
             time.sleep(max(0.0, termed_at + 1 + 3.0 + 2.5 - time.monotonic()))
             _thaw(frozen)
@@ -354,3 +355,39 @@ def test_the_background_kill_of_a_timed_out_command_costs_no_other_command(
             assert ex.statistics().commands_retried == 0, ex.statistics()
     finally:
         _thaw(frozen)
+
+
+@pytest.mark.hang_timeout(180)
+def test_a_forwarded_sockets_sendall_with_a_timeout_ends_on_a_frozen_server(
+        make_sshd: Any) -> None:
+    """``open_connection`` to a listener that reads nothing, sshd then frozen: a
+    ``sendall`` of 64 MiB with ``settimeout(2)`` ends with a ``TimeoutError`` near its
+    timeout (its own writes are bounded by it), and the executor works after the thaw."""
+    server = make_sshd(max_sessions=10)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    frozen: List[int] = []
+    try:
+        with SSHExecutor(**server.executor_parameters()) as ex:
+            ex.run_command("true", timeout=30)
+            forwarded = ex.open_connection("127.0.0.1", listener.getsockname()[1], timeout=10)
+            accepted, _ = listener.accept()
+            try:
+                frozen.extend(server.serving_pids())
+                for pid in frozen:
+                    os.kill(pid, signal.SIGSTOP)
+                forwarded.settimeout(2)
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    forwarded.sendall(bytes(64 << 20))
+                took = time.monotonic() - started
+                assert took < 2 + 2 + 3, took
+            finally:
+                accepted.close()
+                forwarded.close()
+            _thaw(frozen)
+            assert ex.run_command("echo ok", timeout=30).stdout == "ok\n"
+    finally:
+        _thaw(frozen)
+        listener.close()
