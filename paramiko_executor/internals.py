@@ -414,7 +414,11 @@ class DeadlineWrites:
     closed: for as long as a peer that stopped reading lives. This one gives
     up (`WriteAbandoned`) once ``end`` passed and then no byte went out for
     `WRITE_GRACE` seconds; a peer that still drains its buffer, however
-    slowly, gets the whole packet.
+    slowly, gets the whole packet. An interrupt (Ctrl-C) during such a write
+    reaches the caller once the packet is all out (paramiko counted it before
+    the write: half a packet, or none, breaks the stream, and the server then
+    drops the connection, every other thread's calls with it); a packet that
+    cannot be finished so closes the connection first.
     """
 
     __slots__ = ("_packetizer", "_sock", "_paramikos", "end")
@@ -431,6 +435,25 @@ class DeadlineWrites:
         if end is None:
             self._paramikos(out)
             return
+        left = [out]  # what is still to go out, kept up to date by `_write`
+        try:
+            self._write(left, end)
+        except Exception:
+            raise
+        except BaseException:
+            # An interrupt (Ctrl-C) mid-write: paramiko already counted the packet
+            # (sequence number, cipher), so the stream stays whole only with all of
+            # it out. Finished first (bounded as the write itself); failing that,
+            # the connection is closed: nothing may follow a broken packet, or the
+            # server drops the connection on it, and every other thread's calls.
+            try:
+                self._write(left, end)
+            except BaseException:
+                self._packetizer.close()
+            raise
+
+    def _write(self, left: List[bytes], end: float) -> None:
+        """Write ``left[0]``, storing what remains in it as bytes go out."""
         sock = self._sock
         # Only a socket can be polled for room; anything else (a jump host's
         # channel, a proxy command) blocks in its send for its own timeout.
@@ -438,17 +461,17 @@ class DeadlineWrites:
         moved = time.monotonic()  # when the peer last took bytes (or the write began)
         queued: Optional[int] = None
         zeros = 0
-        while True:
+        while left[0]:
             if self._packetizer.closed:
                 raise EOFError()
-            left = max(end, moved) + WRITE_GRACE - time.monotonic()
-            if left <= 0:
+            remaining = max(end, moved) + WRITE_GRACE - time.monotonic()
+            if remaining <= 0:
                 raise WriteAbandoned(f"the peer took nothing for {WRITE_GRACE:g} s past "
                                      "the write's deadline")
             try:
                 # A socket's own send waits for room up to its timeout (seconds
                 # after login): polled first, the wait ends with the grace.
-                if polled and not writable_within(sock, min(left, _WRITE_POLL)):
+                if polled and not writable_within(sock, min(remaining, _WRITE_POLL)):
                     # The socket reports room only once a good part of its buffer
                     # is free: a slow peer takes bytes long before that.
                     now_queued = _queued(sock)
@@ -456,17 +479,16 @@ class DeadlineWrites:
                         moved = time.monotonic()
                     queued = now_queued
                     continue
-                n = sock.send(out)
+                before = len(left[0])
+                # Stored with no call between: an interrupt lands before or after it.
+                left[0] = left[0][sock.send(left[0]):]
             except (socket.timeout, BlockingIOError):
                 continue
             except ProxyCommandFailure:
                 raise  # as paramiko's
             except Exception:
                 raise EOFError() from None  # paramiko's for any other failure (a broken pipe)
-            if n == len(out):
-                return
-            if n > 0:
-                out = out[n:]
+            if len(left[0]) < before:
                 moved = time.monotonic()
                 continue
             # As paramiko's: a sender that keeps taking nothing without an error is gone.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import pytest
 from helpers import at_line, connected_transport, thread_stacks, wait_for
@@ -111,8 +111,8 @@ def test_a_send_after_the_exec_held_by_a_stalled_exchange_times_out_the_command(
     stalled = threading.Event()
     original = channel_module.send_if_clear
 
-    def send_if_clear(transport: Any, message: Any, *, within: Optional[float] = None) -> bool:
-        sent = original(transport, message, within=within)
+    def send_if_clear(transport: Any, message: Any, **options: Any) -> bool:
+        sent = original(transport, message, **options)
         if sent and not stalled.is_set() and b"exec" in message.asbytes():
             stalled.set()
             server.freeze()
