@@ -1507,6 +1507,10 @@ class SessionChannel(Cover):
         termed = self._signal("TERM", wait=False)
 
         def escalate() -> None:
+            # Nobody waits on this thread: its sends are bounded by nothing, as paramiko's.
+            # The command's long-past deadline would cost the connection, and every other
+            # command on it, to a server that stalls 2 s.
+            self.write_deadline = None
             if not termed:
                 # Sent from here, not the caller's thread: a key exchange the server
                 # stalls holds every send up to paramiko's clear_to_send_timeout.

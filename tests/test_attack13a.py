@@ -304,10 +304,6 @@ def test_a_ctrl_c_whose_packet_cannot_be_finished_closes_the_connection(
         theirs.close()
 
 
-@pytest.mark.xfail(strict=True, reason="SessionChannel._end_remote_command's background "
-                   "escalation (KILL, a late TERM) writes with the timed-out command's "
-                   "deadline (write_deadline), long past: suggested fix in channel.py, "
-                   "escalate() sets self.write_deadline = None first (nobody waits on it)")
 @pytest.mark.hang_timeout(180)
 def test_the_background_kill_of_a_timed_out_command_costs_no_other_command(
         make_sshd: Any, monkeypatch: Any, shared_dir: str) -> None:
