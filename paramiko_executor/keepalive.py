@@ -27,11 +27,15 @@ from paramiko.common import MSG_REQUEST_FAILURE, MSG_REQUEST_SUCCESS, cMSG_GLOBA
 from paramiko.message import Message
 
 from .errors import TRANSPORT_ERRORS
-from .internals import Handler, send_when_clear, wrap_handlers
+from .internals import Handler, send_when_clear, transport_reading, wrap_handlers
 
 __all__ = ["GlobalRequests", "Keepalive", "Pinger"]
 
 log = logging.getLogger("paramiko_executor.keepalive")
+
+#: How often a wait for a reply checks that the connection still lives: nothing
+#: sets a reply's event when the connection ends before the reply came.
+LIVENESS_POLL = 0.1
 
 
 class _Reply:
@@ -42,6 +46,21 @@ class _Reply:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.message: Optional[Message] = None
+
+    def wait(self, transport: paramiko.Transport, timeout: Optional[float]) -> bool:
+        """True once the reply arrived; False once ``timeout`` seconds (None: no limit) passed,
+        or as soon as ``transport`` stopped reading (no reply can come then)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = LIVENESS_POLL if deadline is None else min(
+                LIVENESS_POLL, deadline - time.monotonic())
+            if self.event.wait(max(0.0, remaining)):
+                return True
+            if not transport_reading(transport):
+                # The transport thread may have set it just before it stopped.
+                return self.event.is_set()
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
 
 
 def _request(kind: str, data: Optional[Iterable[Any]], *, want_reply: bool) -> Message:
@@ -101,10 +120,7 @@ class GlobalRequests:
             send_when_clear(self._transport, _request(kind, data, want_reply=False))
             return None
         reply = self.send(kind, data)
-        while not reply.event.wait(0.1):
-            if not self._transport.is_active():
-                return None
-        return reply.message
+        return reply.message if reply.wait(self._transport, None) else None
 
 
 class Pinger:
@@ -115,7 +131,12 @@ class Pinger:
         self._requests = requests
 
     def round_trip(self, timeout: float) -> bool:
-        """Send a keepalive request; True once any reply arrives within ``timeout``."""
+        """Send a keepalive request; True once any reply arrives within ``timeout``.
+
+        False within `LIVENESS_POLL` of the connection's end: a server that
+        died with the request unanswered (Dropbear's failed assertions) costs
+        no wait for the rest of ``timeout``.
+        """
         if not self.transport.is_active():
             return False
         sent = threading.Event()
@@ -135,7 +156,7 @@ class Pinger:
         threading.Thread(target=send, daemon=True, name="paramiko_executor ping").start()
         if not sent.wait(timeout) or not box:
             return False
-        return box[0].event.wait(max(0.0, deadline - time.monotonic()))
+        return box[0].wait(self.transport, deadline - time.monotonic())
 
 
 class Keepalive:

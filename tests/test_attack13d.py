@@ -6,9 +6,11 @@ import collections
 import io
 import pathlib
 import threading
-from typing import Any, Counter, List
+import time
+from typing import Any, Counter, List, Tuple
 
 import pytest
+from helpers import call_in_thread, wait_for
 from test_sftp_refused import _answers
 
 from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor, executors
@@ -80,3 +82,74 @@ def test_puts_on_dropbear_under_50_threads_leave_no_temporary_files(
     assert not temps, (f"{len(temps)} left ({len(pending)} still pending); "
                        f"{len(done)} calls done, failed {dict(failures)}; "
                        f"Dropbear's failed assertions: {crashes}")
+
+
+def test_a_round_trip_ends_with_its_connection_not_at_its_timeout(
+        make_test_server: Any) -> None:
+    # The request is sent, never answered (frozen), then the connection ends: no
+    # reply can come, and the wait for one must not last out its timeout.
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true", timeout=30)
+        link: Any = ex._connection.link
+        server.freeze()
+        try:
+            def ping() -> Tuple[bool, float]:
+                started = time.monotonic()
+                return link.pinger.round_trip(30), time.monotonic() - started
+
+            call = call_in_thread(ping)
+            wait_for(lambda: bool(link.requests._waiting), "the keepalive to be sent")
+            server.drop_connections()
+        finally:
+            server.thaw()
+        call["thread"].join(40)
+        assert not call["thread"].is_alive()
+        answered, took = call["result"]
+        assert not answered
+        assert took < 5, f"the round trip waited {took:.1f} s for a reply on a closed connection"
+
+
+def test_a_command_whose_connection_dies_during_a_refusals_round_trip_runs_again_at_once(
+        make_test_server: Any, monkeypatch: Any) -> None:
+    # What Dropbear under 50 threads did: opens refused (its issue 321), the round
+    # trip after them sent, then the connection's process died of a failed assertion
+    # before answering. The command waited out its whole timeout on the dead connection.
+    server = make_test_server(max_sessions=10)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true", timeout=30)
+        link: Any = ex._connection.link
+        link.spare.discard()
+        real = link.pinger
+        pings: List[float] = []
+
+        class Dying:
+            """The real round trip, on a server that stops answering and then dies."""
+
+            transport = real.transport
+
+            def round_trip(self, timeout: float) -> bool:
+                pings.append(timeout)
+                server.freeze()
+
+                def die() -> None:
+                    try:
+                        wait_for(lambda: bool(link.requests._waiting), "the keepalive to be sent")
+                        server.max_sessions = 10  # the next connection's opens go through
+                        server.drop_connections()
+                    finally:
+                        server.thaw()
+                threading.Thread(target=die, daemon=True).start()
+                return real.round_trip(timeout)
+
+        monkeypatch.setattr(link, "pinger", Dying())
+        server.max_sessions = 0
+        started = time.monotonic()
+        call = call_in_thread(lambda: ex.run_command("echo 36", timeout=30))
+        call["thread"].join(40)
+        took = time.monotonic() - started
+        assert not call["thread"].is_alive()
+        assert pings, "no round trip after the refusals"
+        assert "error" not in call, (call["error"], took)
+        assert call["result"].stdout == "36\n"
+        assert took < 10, f"the command took {took:.1f} s"
