@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from types import SimpleNamespace
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 from helpers import run_threads, wait_for
@@ -32,6 +32,10 @@ class FakeTransport:
 
     def close(self) -> None:
         self.active = False
+
+    def open_channel(self, kind: str, *args: Any, **kwargs: Any) -> Any:
+        # A Link puts its bounded_connection blocks' count in front of it (blocks.Blocks).
+        raise AssertionError("no channel is opened in these tests")
 
 
 class FakeConnect:
