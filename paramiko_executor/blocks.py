@@ -27,11 +27,11 @@ count them, nor does a block.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import paramiko
 
-from .channel import Cover, Sessions, close_soon
+from .channel import LIVENESS_POLL, Cover, Sessions, close_soon, in_background
 from .internals import known_channel
 from .slots import Claim, Slots
 
@@ -89,38 +89,74 @@ class Reservation(Claim, Cover):
         (Ctrl-C) leaves neither a count no answer takes back (the slot would
         be kept for good) nor a session unwatched. A session whose CLOSE came
         before its watch (paramiko forgot it already) is settled here; one
-        answered after the block ended is closed at once.
+        answered after the block ended is closed at once. An open given up
+        with its OPEN out (its timeout, a Ctrl-C in its wait) stays counted:
+        the server confirms it later, a session like any other, closed once
+        confirmed (`_reap`). An open that failed settles the block: it may
+        have been the last thing its slot waited for.
         """
         counted = False
         chan: Optional[paramiko.Channel] = None
+        given_up: Optional[Tuple[paramiko.Channel, threading.Event]] = None
         try:
             with self._lock:
                 if not self.ended:
                     self._opens += 1
                     counted = True
-            chan = open_channel(*args, **kwargs)
+            try:
+                chan = open_channel(*args, **kwargs)
+            except BaseException as exc:
+                if counted:
+                    given_up = _unanswered(exc)
+                raise
         finally:
             if counted:
+                kept = chan if given_up is None else given_up[0]
                 with self._lock:
                     self._opens -= 1
-                    if chan is not None:
-                        chanid = chan.chanid
-                        self._unclosed[chanid] = chan
+                    if kept is not None:
+                        chanid = kept.chanid
+                        self._unclosed[chanid] = kept
                         sessions.watched[chanid] = lambda: self._server_closed(chanid)
                     ended = self.ended
+                if given_up is not None:
+                    self._reap(given_up[0], given_up[1], sessions)
+                elif chan is None:
+                    self._settle()
         assert chan is not None  # paramiko returned it: its errors went past
         if not counted:
             return chan
         # The watch set, then paramiko asked: a CLOSE handled before it was set is seen
         # here, one after by the close hook; whichever pops the watch settles it.
-        transport = chan.get_transport()
-        if (transport is None or known_channel(transport, chanid) is not chan) and (
-                sessions.watched.pop(chanid, None) is not None):
-            self._server_closed(chanid)
+        self._unless_known(chan, sessions)
         if ended:
             close_soon(chan)
             self._settle()
         return chan
+
+    def _unless_known(self, chan: paramiko.Channel, sessions: Sessions) -> None:
+        """Settle ``chan`` once here if paramiko forgot it (its CLOSE came before the watch)."""
+        chanid = chan.chanid
+        transport = chan.get_transport()
+        if (transport is None or known_channel(transport, chanid) is not chan) and (
+                sessions.watched.pop(chanid, None) is not None):
+            self._server_closed(chanid)
+
+    def _reap(self, chan: paramiko.Channel, answered: threading.Event,
+              sessions: Sessions) -> None:
+        """Close ``chan``, an open given up with its OPEN out, once the server answers it
+        (in a thread of its own); a refusal (paramiko forgot it) settles it at once."""
+
+        def reap() -> None:
+            transport = chan.get_transport()
+            while not answered.wait(LIVENESS_POLL):
+                if transport is None or not transport.is_active():
+                    return  # the connection is gone, and its slots with it
+            if chan.active:
+                close_soon(chan)  # its CLOSE in reply settles it (the close hook)
+            self._unless_known(chan, sessions)
+
+        in_background(reap)
 
     def _server_closed(self, chanid: int) -> None:
         """The server closed channel ``chanid`` too (paramiko's thread, or `opened`)."""
@@ -139,6 +175,32 @@ class Reservation(Claim, Cover):
     def counted(self) -> bool:
         """Whether the block holds its slot (running, or waiting for the server's CLOSE)."""
         return not self.ended or self.taken or self.holds_slot
+
+
+def _unanswered(exc: BaseException) -> Optional[Tuple[paramiko.Channel, threading.Event]]:
+    """The channel and answer event of paramiko's ``open_channel`` that raised ``exc`` after
+    sending the OPEN (timed out, interrupted in its wait); None when it sent none.
+
+    Read from the raising frame (its locals in the traceback): paramiko does
+    not give the channel up, and forgets it once collected, so its late
+    confirmation (a session on the server) would be covered by no slot and
+    closed by no one. ``start_ts`` is set only once the OPEN is written.
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code is _OPEN_CHANNEL_CODE:
+            local = frame.f_locals
+            chan, event = local.get("chan"), local.get("event")
+            if ("start_ts" in local and isinstance(chan, paramiko.Channel)
+                    and isinstance(event, threading.Event)):
+                return chan, event
+            return None
+        tb = tb.tb_next
+    return None
+
+
+_OPEN_CHANNEL_CODE = paramiko.Transport.open_channel.__code__
 
 
 class Blocks:
