@@ -6,17 +6,23 @@ Each test fails on main at the time of the attack; see the report of branch atta
 from __future__ import annotations
 
 import inspect
+import linecache
 import os
 import signal
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, List
 
 import paramiko
 import pytest
 from helpers import at_line, call_in_thread, wait_for
-from test_blocks import _all_back, _connected, _settled
+from test_blocks import _all_back, _connected, _exec, _settled, _taken
 from test_review11 import _thaw
 
-from paramiko_executor import SSHExecutor
+from paramiko_executor import ExecutorFailure, SSHExecutor
+from paramiko_executor.blocks import Reservation
+from paramiko_executor.connection import Link
+from paramiko_executor.slots import Slots
+from paramiko_executor.warm import Spare
 
 
 def _sent(transport: paramiko.Transport, before: int) -> Callable[[], bool]:
@@ -80,6 +86,13 @@ def test_an_open_refused_after_the_block_ended_gives_the_slot_back(
         _all_back(ex, link, slots, spare)
 
 
+def _back_soon(ex: SSHExecutor, link: Link, slots: Slots, spare: Spare) -> None:
+    """`_all_back`, failing within seconds when a slot is kept (a loop's many tries)."""
+    wait_for(lambda: _taken(slots, spare) == 0 and not slots._holders, "every slot back",
+             timeout=5)
+    _all_back(ex, link, slots, spare)
+
+
 def _line_of(function: Callable[..., Any], text: str) -> int:
     """The line of ``function``'s source holding ``text`` (the first)."""
     lines, first = inspect.getsourcelines(function)
@@ -112,4 +125,122 @@ def test_a_ctrl_c_in_the_callers_open_after_its_open_was_sent_leaves_no_session_
         refused = ex.statistics().refused_opens
         assert ex.run_command("echo after", timeout=15).stdout == "after\n"
         assert ex.statistics().refused_opens == refused, "the server held a session no slot covered"
+        _all_back(ex, link, slots, spare)
+
+
+@pytest.mark.hang_timeout(120)
+def test_an_open_from_outside_every_block_is_covered_while_several_blocks_run(
+        make_sshd: Callable[..., Any]) -> None:
+    """MaxSessions 2, both slots held by blocks A (begun first) and B: a thread in no
+    block opens a session through the transport (a worker A started, say), and B opens
+    its own. The outsider's open counts to B, the block that began last, so A's slot
+    comes back as A ends while both sessions stay on the server: the command that takes
+    it is refused, a quiet refusal that lowers the cap given (2) to 1 for the
+    connection's life. Every block that could own the open must keep its slot for it."""
+    server = make_sshd(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters(max_sessions=2)) as ex:
+        link, slots, spare = _connected(ex)
+        a_in, a_end = threading.Event(), threading.Event()
+
+        def block_a() -> None:
+            with ex.bounded_connection:
+                a_in.set()
+                assert a_end.wait(30)
+
+        a = call_in_thread(block_a)
+        assert a_in.wait(30)
+        chans: List[paramiko.Channel] = []
+        with ex.bounded_connection as transport:
+            _settled(transport)
+            chans.append(_exec(transport, "sleep 3"))
+            outsider = call_in_thread(lambda: _exec(transport, "sleep 3"))
+            outsider["thread"].join(30)
+            assert "error" not in outsider, outsider
+            a_end.set()
+            a["thread"].join(30)
+            assert "error" not in a, a
+            _settled(transport)
+            refused = ex.statistics().refused_opens
+            command = call_in_thread(lambda: ex.run_command("echo after", timeout=10))
+            command["thread"].join(30)
+            assert command.get("result") is not None, command
+            assert ex.statistics().refused_opens == refused, "a session no slot covered"
+            chans[0].close()
+        outsider["result"].close()
+        assert slots.limit == 2
+        _all_back(ex, link, slots, spare)
+
+
+@pytest.mark.hang_timeout(300)
+def test_a_ctrl_c_at_any_line_of_a_blocks_open_leaves_every_slot_and_session_settled(
+        make_sshd: Callable[..., Any]) -> None:
+    """MaxSessions 1: a Ctrl-C at each line of the open counted to a block (paramiko's
+    open returning a channel the caller closes). At the line storing ``counted`` after
+    the count, or at the first lines of the ``finally`` taking it back, the count
+    stayed: the slot was kept for good, and the next command timed out."""
+    server = make_sshd(max_sessions=1)
+    functions = [getattr(Reservation, name) for name in ("open_channel", "_finish")
+                 if hasattr(Reservation, name)]
+    bad: List[str] = []
+    for function in functions:
+        code = function.__code__
+        lines = sorted({line for _, _, line in code.co_lines()
+                        if line is not None and line > code.co_firstlineno})
+        for line in lines:
+            with SSHExecutor(**server.executor_parameters()) as ex:
+                link, slots, spare = _connected(ex)
+
+                def interrupt() -> None:
+                    raise KeyboardInterrupt
+
+                def block() -> None:
+                    with ex.bounded_connection as transport:
+                        _settled(transport)
+                        chan = _exec(transport, "sleep 0.2")
+                        chan.close()
+
+                try:
+                    at_line(code, line, interrupt, block)()
+                except KeyboardInterrupt:
+                    pass
+                try:
+                    _back_soon(ex, link, slots, spare)
+                except (AssertionError, ExecutorFailure) as exc:
+                    text = linecache.getline(code.co_filename, line).strip()
+                    bad.append(f"{function.__name__} line {line}: {text!r}: {exc!r:.60}")
+    assert not bad, bad
+
+
+@pytest.mark.hang_timeout(120)
+def test_an_outsiders_session_is_closed_by_the_last_block_running_as_it_opened(
+        make_sshd: Callable[..., Any]) -> None:
+    """Blocks A and B run; a thread in no block (A's worker, say) opens a session and
+    uses it. B ends first: it closed the worker's channel under it (counted to B, the
+    block that began last), though A, which may own it, still ran."""
+    server = make_sshd(max_sessions=3)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        link, slots, spare = _connected(ex)
+        b_in, b_end = threading.Event(), threading.Event()
+        with ex.bounded_connection as transport:
+            _settled(transport)
+
+            def block_b() -> None:
+                with ex.bounded_connection:
+                    b_in.set()
+                    assert b_end.wait(30)
+
+            b = call_in_thread(block_b)
+            assert b_in.wait(30)
+            outsider = call_in_thread(lambda: _exec(transport, "cat"))
+            outsider["thread"].join(30)
+            assert "error" not in outsider, outsider
+            chan = outsider["result"]
+            b_end.set()
+            b["thread"].join(30)
+            assert "error" not in b, b
+            assert not chan.closed, "block B closed a session that was not (only) its"
+            chan.sendall(b"still\n")
+            chan.shutdown_write()
+            assert chan.makefile("rb").read() == b"still\n"
+        assert chan.closed
         _all_back(ex, link, slots, spare)
