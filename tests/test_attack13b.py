@@ -10,7 +10,7 @@ import linecache
 import os
 import signal
 import threading
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List
 
 import paramiko
 import pytest
@@ -50,11 +50,7 @@ def test_an_open_that_timed_out_in_a_block_is_covered_until_the_server_closed_it
                     transport.open_session(timeout=1)
         finally:
             _thaw(pids)
-        _settled(link.transport)  # the late confirmation has come
-        refused = ex.statistics().refused_opens
-        assert ex.run_command("echo after", timeout=15).stdout == "after\n"
-        assert ex.statistics().refused_opens == refused, "the server held a session no slot covered"
-        _all_back(ex, link, slots, spare)
+        _no_session_uncovered(ex, link, slots, spare)
 
 
 @pytest.mark.hang_timeout(120)
@@ -84,6 +80,31 @@ def test_an_open_refused_after_the_block_ended_gives_the_slot_back(
         wait_for(lambda: full.closed and link.transport._channels.get(full.chanid) is None,  # type: ignore[attr-defined]
                  "the server's close")
         _all_back(ex, link, slots, spare)
+
+
+def _no_session_uncovered(ex: SSHExecutor, link: Link, slots: Slots, spare: Spare) -> None:
+    """Once the server's late answers came (a round trip), a command on MaxSessions 1 is
+    not refused: the server holds no session that no slot covers; then `_all_back`."""
+    _settled(link.transport)
+    refused = ex.statistics().refused_opens
+    assert ex.run_command("echo after", timeout=15).stdout == "after\n"
+    assert ex.statistics().refused_opens == refused, "the server held a session no slot covered"
+    _all_back(ex, link, slots, spare)
+
+
+def _block_in_thread(ex: SSHExecutor, end: threading.Event) -> Dict[str, Any]:
+    """A block of ``ex`` running in a thread of its own (`call_in_thread`'s outcome) once
+    it began, until ``end`` is set."""
+    began = threading.Event()
+
+    def block() -> None:
+        with ex.bounded_connection:
+            began.set()
+            assert end.wait(30)
+
+    outcome = call_in_thread(block)
+    assert began.wait(30), outcome
+    return outcome
 
 
 def _back_soon(ex: SSHExecutor, link: Link, slots: Slots, spare: Spare) -> None:
@@ -121,11 +142,7 @@ def test_a_ctrl_c_in_the_callers_open_after_its_open_was_sent_leaves_no_session_
 
         with pytest.raises(KeyboardInterrupt):
             at_line(open_channel.__code__, wait, interrupt, block)()
-        _settled(link.transport)  # the confirmation has come
-        refused = ex.statistics().refused_opens
-        assert ex.run_command("echo after", timeout=15).stdout == "after\n"
-        assert ex.statistics().refused_opens == refused, "the server held a session no slot covered"
-        _all_back(ex, link, slots, spare)
+        _no_session_uncovered(ex, link, slots, spare)
 
 
 @pytest.mark.hang_timeout(120)
@@ -140,15 +157,8 @@ def test_an_open_from_outside_every_block_is_covered_while_several_blocks_run(
     server = make_sshd(max_sessions=2)
     with SSHExecutor(**server.executor_parameters(max_sessions=2)) as ex:
         link, slots, spare = _connected(ex)
-        a_in, a_end = threading.Event(), threading.Event()
-
-        def block_a() -> None:
-            with ex.bounded_connection:
-                a_in.set()
-                assert a_end.wait(30)
-
-        a = call_in_thread(block_a)
-        assert a_in.wait(30)
+        a_end = threading.Event()
+        a = _block_in_thread(ex, a_end)
         chans: List[paramiko.Channel] = []
         with ex.bounded_connection as transport:
             _settled(transport)
@@ -220,17 +230,10 @@ def test_an_outsiders_session_is_closed_by_the_last_block_running_as_it_opened(
     server = make_sshd(max_sessions=3)
     with SSHExecutor(**server.executor_parameters()) as ex:
         link, slots, spare = _connected(ex)
-        b_in, b_end = threading.Event(), threading.Event()
+        b_end = threading.Event()
         with ex.bounded_connection as transport:
             _settled(transport)
-
-            def block_b() -> None:
-                with ex.bounded_connection:
-                    b_in.set()
-                    assert b_end.wait(30)
-
-            b = call_in_thread(block_b)
-            assert b_in.wait(30)
+            b = _block_in_thread(ex, b_end)
             outsider = call_in_thread(lambda: _exec(transport, "cat"))
             outsider["thread"].join(30)
             assert "error" not in outsider, outsider
