@@ -30,6 +30,7 @@ import pytest
 from conftest import start_openssh
 from helpers import at_line, wait_for
 from test_attack10b import SFTP_SERVER, RelaySFTPServer
+from test_attack12c import _taken
 from test_files import leftovers, put_with_the_connection_killed
 from test_files_trust import _U32, FXP, HostileSFTPServer, packet, read_packet, string
 from test_review11 import _thaw
@@ -57,16 +58,6 @@ def _freeze(server: Any) -> List[int]:
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     return pids
-
-
-def _taken(monkeypatch: Any, workdir: pathlib.Path, *names: str) -> pathlib.Path:
-    """Another client's file, ``.f.<16 zeros>.tmp``; ``secrets.token_hex`` gives ``names``
-    in turn (a put to ``f``: its temporary file's, then its probe's)."""
-    given = iter(names)
-    monkeypatch.setattr(transfer.secrets, "token_hex", lambda n: next(given))
-    taken = workdir / ".f.0000000000000000.tmp"
-    taken.write_bytes(b"another client's")
-    return taken
 
 
 @pytest.mark.xfail(strict=True, reason=(
