@@ -114,7 +114,9 @@ def test_a_block_a_callback_keeps_open_keeps_its_slot_past_the_calls_error(
         _all_back(ex, link, slots, spare)
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=False, reason=(
+    "not strict: it passed in 1 of 11 runs on a loaded machine (paramiko 3.4.1, after "
+    "test_attack13b and test_blocks), when the session's late answer ends it; "
     "a second Ctrl-C in Link.give_back, as it discards the session the first left (at "
     "SessionChannel.discard's entry), leaves that session open and its slot counted to "
     "the thread for the connection's life: nothing gives back a session left by a thread "
