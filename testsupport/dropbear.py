@@ -5,13 +5,16 @@ ed25519 host key, pid file and log in a temporary directory, at a free port.
 Logins go to the user an `OpenSSHServer` created, with that server's client
 key: Dropbear reads ``~user/.ssh/authorized_keys``, so the key is written there
 (owned by the user, mode 0600, in a 0700 ``.ssh``) for as long as the server
-runs; whatever file was there before is put back at `close`.
+runs: its line is added, and taken away again at `close`, under a lock, so
+servers of test runs sharing the user keep each other's keys.
 
 Needs root and the ``dropbear-bin`` package.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pwd
 import shutil
@@ -20,12 +23,20 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 from testsupport.private import PrivateServer
 
 DROPBEAR_PATH = "/usr/sbin/dropbear"
 DROPBEARKEY_PATH = "/usr/bin/dropbearkey"
+AUTHORIZED_LOCK_PATH = "/run/pe-test-dropbear.lock"
+
+
+@contextlib.contextmanager
+def _authorized_lock() -> Iterator[None]:
+    with open(AUTHORIZED_LOCK_PATH, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 class DropbearUnavailable(RuntimeError):
@@ -55,8 +66,7 @@ class DropbearServer(PrivateServer):
         self.port = 0
         self._proc: Optional[subprocess.Popen] = None
         self._authorized_path: Optional[str] = None
-        self._saved_authorized: Optional[bytes] = None
-        self._made_ssh_dir = False
+        self._authorized_line = b""
 
     @property
     def known_hosts_path(self) -> str:
@@ -115,40 +125,42 @@ class DropbearServer(PrivateServer):
     def _install_authorized_key(self) -> None:
         entry = pwd.getpwnam(self.username)
         ssh_dir = os.path.join(entry.pw_dir, ".ssh")
-        if not os.path.isdir(ssh_dir):
-            os.mkdir(ssh_dir, 0o700)
-            os.chown(ssh_dir, entry.pw_uid, entry.pw_gid)
-            self._made_ssh_dir = True
-        path = os.path.join(ssh_dir, "authorized_keys")
-        if os.path.exists(path):
-            with open(path, "rb") as file:
-                self._saved_authorized = file.read()
         with open(self.client_key_path + ".pub", "rb") as file:
-            key = file.read()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as file:
-            file.write(key)
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-        os.chmod(path, 0o600)
+            line = file.read().strip() + b"\n"
+        # Several test runs (or servers) may share the user: each adds its own line and
+        # takes only that line away, under one lock, so none logs out another's key.
+        with _authorized_lock():
+            if not os.path.isdir(ssh_dir):
+                os.mkdir(ssh_dir, 0o700)
+                os.chown(ssh_dir, entry.pw_uid, entry.pw_gid)
+            path = os.path.join(ssh_dir, "authorized_keys")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "r+b") as file:
+                size = file.seek(0, os.SEEK_END)
+                if size:
+                    file.seek(size - 1)
+                    if file.read(1) != b"\n":
+                        file.write(b"\n")
+                file.write(line)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+            os.chmod(path, 0o600)
         self._authorized_path = path
+        self._authorized_line = line
 
     def _restore_authorized_key(self) -> None:
         path, self._authorized_path = self._authorized_path, None
         if path is None:
             return
-        if self._saved_authorized is not None:
-            with open(path, "wb") as file:
-                file.write(self._saved_authorized)
-        else:
+        with _authorized_lock():
             try:
-                os.unlink(path)
+                with open(path, "rb") as file:
+                    lines = file.read().splitlines(keepends=True)
             except FileNotFoundError:
-                pass
-            if self._made_ssh_dir:
-                try:
-                    os.rmdir(os.path.dirname(path))
-                except OSError:
-                    pass
+                return
+            if self._authorized_line in lines:
+                lines.remove(self._authorized_line)
+            with open(path, "wb") as file:
+                file.writelines(lines)
 
     def _stop_process(self) -> None:
         proc, self._proc = self._proc, None
