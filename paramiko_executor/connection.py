@@ -71,6 +71,7 @@ from .keepalive import GlobalRequests, Keepalive, Pinger
 from .options import Target
 from .retry import ConnectRetry
 from .slots import Claim, Slots
+from .starts import Starts, closes_waiting_sessions
 from .stats import Counters
 from .text import printable
 from .totp import LoginAbandoned
@@ -512,6 +513,8 @@ class Link:
         #: ``bounded_connection`` blocks: each holds a slot for sessions of the caller's
         #: own, opened through paramiko's API (`Connection.refused` counts them).
         self.blocks = Blocks(transport, sessions)
+        #: One session start at a time on a server that closes sessions waiting for their request.
+        self.starts = Starts(closes_waiting_sessions(transport.remote_version))
         self._target = target
 
     @property

@@ -61,6 +61,7 @@ from .registry import connection_key, shared_connection
 from .results import CommandResult, Output
 from .retry import NEVER_STARTED_TRIES, Backoff, CommandRetry, ConnectRetry
 from .slots import Claim
+from .starts import FREE, Start
 from .stats import ExecutorStatistics
 from .transfer import (
     CLEANUP_GRACE,
@@ -121,6 +122,25 @@ def _turned_away(exc: ExecutorFailure) -> bool:
     on the same connection: `NeverStarted`, or a refused SFTP subsystem request (or one
     whose channel it closed before answering: ``SFTPNotStarted.refused``)."""
     return isinstance(exc, NeverStarted) or (isinstance(exc, SFTPNotStarted) and exc.refused)
+
+
+def _begin(link: Link, deadline: Optional[float]) -> Optional[Start]:
+    """This thread's session start on ``link`` (`Starts.begin`); None once ``deadline`` passed.
+
+    A thread holding a slot of the link already (a call from a callback or a
+    ``bounded_connection`` block) does not wait for other starts: the running
+    start may be waiting for its slot.
+    """
+    starts = link.starts
+    if not starts.serial:
+        return FREE
+    assert link.slots is not None
+    return starts.begin(deadline, exempt=link.slots.held_by(threading.get_ident()) > 0)
+
+
+def _after_start(start: Start, then: Callable[[], None]) -> None:
+    start.done()  # the exec went out: the next command may open its channel
+    then()
 
 
 class Executor(abc.ABC):
@@ -514,7 +534,11 @@ class SSHExecutor(Executor):
             if self._leftovers:
                 self._remove_leftovers(link, deadline)
             with link.taking():
-                session = self._open_session(link, deadline)
+                start = _begin(link, deadline)
+                if start is None:
+                    return None
+                with start:
+                    session = self._open_session(link, deadline)
                 if session is None:
                     return None
                 try:
@@ -786,11 +810,17 @@ class SSHExecutor(Executor):
         # An interrupt (Ctrl-C) between the open and run's own cover (or as the
         # spare is made after the exec): nothing else would close the session.
         with link.taking():
-            session = self._open_session(link, deadline)
-            if session is None:
+            start = _begin(link, deadline)
+            if start is None:
                 return None
-            return session.run(spec, deadline,
-                               after_exec=functools.partial(link.spare.replenish, deadline))
+            with start:
+                session = self._open_session(link, deadline)
+                if session is None:
+                    return None
+                after_exec = functools.partial(link.spare.replenish, deadline)
+                if start is not FREE:
+                    after_exec = functools.partial(_after_start, start, after_exec)
+                return session.run(spec, deadline, after_exec=after_exec)
 
     def _take_slot(self, link: Link, deadline: Optional[float], claim: Claim) -> bool:
         """A slot of ``link`` for this thread by ``deadline``, into ``claim``; a spare gives
