@@ -457,14 +457,20 @@ def close_transport(transport: paramiko.Transport) -> None:
 class _Taking:
     """The boundary of a call that takes sessions and slots of ``link`` (see `Link.taking`)."""
 
-    __slots__ = ("link", "thread", "held", "claim")
+    __slots__ = ("link", "slots", "thread", "held", "claim")
 
     def __init__(self, link: Link) -> None:
         assert link.slots is not None
         self.link = link
+        self.slots = link.slots
         self.thread = threading.get_ident()
-        #: The slots the thread held as the call began (an outer call's: kept).
-        self.held = link.slots.held_by(self.thread)
+        # Sessions an earlier call of the thread left (Ctrl-C as its boundary gave them
+        # back): none is an outer call's, whose session runs its command or is paramiko's
+        # (a transfer's) while its callbacks run, so every one is given back here.
+        link.discard_left(self.thread)
+        #: The loose slots the thread held as the call began (an outer call's: kept), its
+        #: kept blocks' left out (`Slots.loose`): one may end inside the call.
+        self.held = link.slots.loose(self.thread)
         #: Set by `only`: the one claim the call holds from then on.
         self.claim: Optional[Claim] = None
 
@@ -476,8 +482,12 @@ class _Taking:
         ``bounded_connection`` block handed to its caller, which may end it out of order
         (a generator closed in a later call of the thread, or in another thread). An
         error then gives back that claim alone, if its exit did not: not the slots and
-        sessions the thread took since, in calls of its own."""
+        sessions the thread took since, in calls of its own. Nor does the boundary of an
+        outer call of the thread (the command whose ``on_output`` callback entered the
+        block): the claim is kept (`Slots.keep`)."""
         self.claim = claim
+        # After the store: a Ctrl-C between them ends the block, and its claim gives back.
+        self.slots.keep(claim)
 
     def __exit__(self, kind: Optional[type], *rest: object) -> None:
         if kind is None:
@@ -547,19 +557,31 @@ class Link:
         command's try, a transfer's, a ``bounded_connection`` block): ``with link.taking():``.
 
         An error out of the block, an interrupt (Ctrl-C) above all, gives back
-        what the thread took in it and did not hand on (`give_back`): each hand-off
+        what the thread took in it and did not hand on (`give_back`), and the
+        boundary's start what an earlier one left (`discard_left`): each hand-off
         by return value in the block (a slot's, a channel's, the spare's) is a point
         where a Ctrl-C can land, after the callee let go and before the caller held on.
         """
         return _Taking(self)
 
     def give_back(self, thread: int, held: int) -> None:
-        """Discard the sessions ``thread`` took and did not hand on (`Sessions.left_by`), then
-        release the slots it holds beyond ``held``, which no claim or session gives back."""
+        """Discard the sessions ``thread`` took and did not hand on (`discard_left`), then
+        release the loose slots it holds beyond ``held`` (`Slots.release_beyond`), which
+        no claim or session gives back."""
+        try:
+            self.discard_left(thread)
+        finally:
+            # Again: a second interrupt (Ctrl-C) at a discard's entry left that session
+            # (and its slot) the thread's, until the thread's next call (`taking`).
+            self.discard_left(thread)
+            if self.slots is not None:
+                self.slots.release_beyond(thread, held)
+
+    def discard_left(self, thread: int) -> None:
+        """Discard the sessions ``thread`` took and did not hand on (`Sessions.left_by`):
+        a slot of each comes back on the server's CLOSE."""
         for session in self.sessions.left_by(thread):
             session.discard()
-        if self.slots is not None:
-            self.slots.release_beyond(thread, held)
 
     def server_sessions(self) -> int:
         """How many of our sessions the server confirmed and has not closed yet."""

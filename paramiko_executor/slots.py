@@ -45,7 +45,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Callable, Deque, Dict, Optional, Protocol, Sequence
+from typing import Callable, Deque, Dict, List, Optional, Protocol, Sequence
 
 from .errors import ConnectionLost, ExecutorFailure
 
@@ -141,6 +141,20 @@ class Claim:
             self.slots.release(holder=self.holder, claim=self)
 
 
+def _counted_to(claim: Claim) -> Optional[int]:
+    """The thread ``claim``'s slot is counted to: its holder while taken; once the claim
+    took the slot over as its cover (a ``bounded_connection`` block past its end, see
+    `channel.Cover`), the cover's holder; None when it holds no slot for a thread.
+
+    The cover's stores come before the claim's ``taken`` is cleared: between them
+    both name the same thread, counted once.
+    """
+    if claim.taken:
+        return claim.holder
+    holder: Optional[int] = getattr(claim, "_holder", None)
+    return holder
+
+
 class Slots(threading.BoundedSemaphore):
     """A `threading.BoundedSemaphore` that hands out slots in the order they were asked for.
 
@@ -166,6 +180,8 @@ class Slots(threading.BoundedSemaphore):
         self._waiters: Deque[_Waiter] = collections.deque()
         #: How many slots each thread (by `threading.get_ident`) holds that only it gives back.
         self._holders: Dict[int, int] = {}
+        #: The claims whose slots outlive the boundary they were taken in (`keep`).
+        self._kept: List[Claim] = []
         self._closed = False
         #: Releases still to be kept back after `lower` took away slots that were held.
         self._kept_back = 0
@@ -195,6 +211,30 @@ class Slots(threading.BoundedSemaphore):
     def held_by(self, holder: int) -> int:
         """How many slots thread ``holder`` (`threading.get_ident`) holds, to give back itself."""
         return self._holders.get(holder, 0)
+
+    def loose(self, holder: int) -> int:
+        """How many slots thread ``holder`` holds that no kept claim (`keep`) holds: its
+        calls' sessions and slots, the mark a call's boundary gives back down to
+        (`release_beyond`)."""
+        if not self._kept:
+            return self._holders.get(holder, 0)  # the common case: no lock taken per call
+        with self._mutex:
+            return self._holders.get(holder, 0) - self._kept_by(holder)
+
+    def keep(self, claim: Claim) -> None:
+        """``claim``'s slot outlives the boundary it was taken in (a ``bounded_connection``
+        block handed to its caller, which may end it in a later call of its thread, or in
+        another thread): no call's boundary gives it back (`release_beyond`) while the
+        claim, or the claim itself as its slot's cover (a block past its end), holds it
+        for its thread. The claim gives it back, once."""
+        with self._mutex:
+            self._kept.append(claim)
+
+    def _kept_by(self, holder: int) -> int:
+        """How many of thread ``holder``'s slots kept claims hold (under ``_mutex``); the
+        claims that hold none any more are forgotten."""
+        self._kept = kept = [claim for claim in self._kept if _counted_to(claim) is not None]
+        return sum(1 for claim in kept if _counted_to(claim) == holder)
 
     @property
     def pace(self) -> float:
@@ -458,18 +498,28 @@ class Slots(threading.BoundedSemaphore):
             self._closing.append(now)
 
     def release_beyond(self, holder: int, kept: int) -> None:
-        """Give back the slots thread ``holder`` holds beyond ``kept``, after an interrupt.
+        """Give back the loose slots (`loose`) thread ``holder`` holds beyond ``kept``, after
+        an interrupt.
 
         For the boundary of a call that took slots (a command's try, say),
-        ``kept`` being what the thread held as the call began: a Ctrl-C as a
-        slot was handed on by a return value, or at the entry of the claim's
+        ``kept`` being the thread's loose slots as the call began: a Ctrl-C as
+        a slot was handed on by a return value, or at the entry of the claim's
         ``__exit__``, leaves a slot counted to the thread that no claim or
         session gives back. Those of the thread's outer calls (the transfer
-        whose ``progress`` callback runs this command) are kept.
+        whose ``progress`` callback runs this command) are kept, and so are
+        kept claims' (`keep`): a ``bounded_connection`` block a callback of
+        the call entered and left open, whose claim gives its slot back as it
+        ends, even after the call's boundary. Counted and given back under one
+        lock: a kept claim given back meanwhile (in another thread) is not
+        counted loose.
         """
-        extra = self._holders.get(holder, 0) - kept
-        if extra > 0:
-            self.release(extra, holder=holder)
+        with self._mutex:
+            if self._closed:
+                return
+            extra = self._holders.get(holder, 0) - self._kept_by(holder) - kept
+            now = time.monotonic() if self._pace and extra > 0 else None
+            for _ in range(extra):
+                self._release_one(holder, now)
 
     def pass_on(self, previous: Optional[int], holder: Optional[int],
                 owner: Optional[_Held] = None) -> None:

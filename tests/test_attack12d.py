@@ -1,8 +1,9 @@
 """attack12d: the boundary of a call that takes sessions and slots (`Link.taking`).
 
 Its clean-up gives back what *its thread* holds beyond what that thread held
-as the call began. One regression test per defect; a strict xfail names
-what is left.
+as the call began, a ``bounded_connection`` block's slot left out, and its
+start what an earlier boundary of the thread left. One regression test per
+defect; a strict xfail names what is left.
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ from __future__ import annotations
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Generator, List, Tuple
+from typing import Any, Callable, Generator, List, Tuple
 
 import pytest
-from helpers import interrupting, source_file, wait_for
+from helpers import at_line, interrupting, source_file, wait_for
 from test_attack11a import _as_it_returns, _interrupt
+from test_attack12c import _lines
 
 from paramiko_executor import SSHExecutor
+from paramiko_executor.blocks import Reservation
 from paramiko_executor.channel import SessionChannel
 from paramiko_executor.connection import Link, _Taking
-from paramiko_executor.slots import Slots
+from paramiko_executor.slots import Claim, Slots
 from paramiko_executor.warm import Spare
 
 
@@ -27,6 +30,21 @@ def _bounded(ex: SSHExecutor) -> Generator[None, None, None]:
     """A generator holding a ``bounded_connection`` block open while suspended."""
     with ex.bounded_connection:
         yield
+
+
+def _opening_a_block(ex: SSHExecutor) -> Tuple[List[Generator[None, None, None]],
+                                                Callable[..., None]]:
+    """A callback that enters a ``bounded_connection`` block of ``ex`` the first time
+    (kept open, in the list returned), then raises ValueError each time."""
+    blocks: List[Generator[None, None, None]] = []
+
+    def callback(*args: Any) -> None:
+        if not blocks:
+            blocks.append(_bounded(ex))
+            next(blocks[0])
+        raise ValueError("the callback's own error")
+
+    return blocks, callback
 
 
 def _connected(ex: SSHExecutor) -> Tuple[Link, Slots, Spare]:
@@ -77,13 +95,6 @@ def test_a_bounded_connection_closed_inside_a_transfer_keeps_the_transfers_slot(
         _all_back(ex, link, slots, spare)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Link.taking's clean-up after a callback's error gives back by counts (the slots its "
-    "thread holds beyond those it held as the call began), not what the call took: a "
-    "bounded_connection block the callback entered and kept open (left suspended in a "
-    "generator) loses its slot to the command's or transfer's boundary, and its claim "
-    "releases it again as the block ends (the block's own boundary narrows to its claim, "
-    "_Taking.only; the outer call's cannot know the block's slot from one it leaked)"))
 @pytest.mark.parametrize("kind", ["on_output", "progress"])
 @pytest.mark.hang_timeout(120)
 def test_a_block_a_callback_keeps_open_keeps_its_slot_past_the_calls_error(
@@ -96,14 +107,7 @@ def test_a_block_a_callback_keeps_open_keeps_its_slot_past_the_calls_error(
     with SSHExecutor(**server.executor_parameters()) as ex:
         link, slots, spare = _connected(ex)
         me = threading.get_ident()
-        blocks: List[Generator[None, None, None]] = []
-
-        def callback(*args: Any) -> None:
-            if not blocks:
-                blocks.append(_bounded(ex))
-                next(blocks[0])
-            raise ValueError("the callback's own error")
-
+        blocks, callback = _opening_a_block(ex)
         with pytest.raises(ValueError):
             if kind == "on_output":
                 ex.run_command("echo first; sleep 0.2", timeout=30, on_output=callback)
@@ -114,27 +118,52 @@ def test_a_block_a_callback_keeps_open_keeps_its_slot_past_the_calls_error(
         _all_back(ex, link, slots, spare)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "not strict: it passed in 1 of 11 runs on a loaded machine (paramiko 3.4.1, after "
-    "test_attack13b and test_blocks), when the session's late answer ends it; "
-    "a second Ctrl-C in Link.give_back, as it discards the session the first left (at "
-    "SessionChannel.discard's entry), leaves that session open and its slot counted to "
-    "the thread for the connection's life: nothing gives back a session left by a thread "
-    "once its call's boundary is past (a boundary's entry could: no outer call of the "
-    "thread holds a session that is not running, raw or the spare)"))
+@pytest.mark.parametrize("taken_over", [False, True])
+def test_a_boundary_gives_back_a_leaked_slot_and_not_a_kept_blocks(taken_over: bool) -> None:
+    """A thread holds a kept block's slot (`Slots.keep`), by its claim or, past the
+    block's end with a session not closed yet, by the reservation itself (a Ctrl-C
+    before it passed the slot on to no thread), and a slot no one gives back (leaked
+    by a Ctrl-C): the boundary gives back the leaked one alone, the block its own."""
+    slots = Slots(3)
+    me = threading.get_ident()
+    block = Reservation(slots, me)
+    block.taken = slots.acquire(blocking=False, holder=me)
+    slots.keep(block)
+    if taken_over:
+        block._slots, block._holder = slots, me  # as `Reservation.__exit__` takes it over
+        block.taken = False
+    assert slots.acquire(blocking=False, holder=me)  # the leaked one
+    assert (slots.held_by(me), slots.loose(me)) == (2, 1)
+    slots.release_beyond(me, 0)
+    assert (slots.available, slots.held_by(me), slots.loose(me)) == (2, 1, 0)
+    if taken_over:
+        block._release()
+    else:
+        Claim.__exit__(block)
+    assert (slots.available, slots._holders, slots.loose(me)) == (3, {}, 0)
+    assert not slots._kept, "a claim holding no slot is still kept"  # no lock per call again
+
+
+@pytest.mark.parametrize("interrupts", [1, 2])
 @pytest.mark.hang_timeout(120)
-def test_a_second_ctrl_c_as_the_boundary_discards_a_session_leaves_the_thread_usable(
-        make_sshd: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_more_ctrl_cs_as_the_boundary_discards_a_session_leave_the_thread_usable(
+        make_sshd: Any, monkeypatch: pytest.MonkeyPatch, interrupts: int) -> None:
     """MaxSessions 1: a Ctrl-C as ``SessionChannel(...)`` returned into ``_open_session``
-    (which the boundary covers), then a second one as the boundary began to discard that
-    session: every later command of the thread raised "already holds all 1 session(s)"."""
+    (which the boundary covers), then more as the boundary discarded that session (at
+    ``SessionChannel.discard``'s entry): every later command of the thread raised "already
+    holds all 1 session(s)", the session left open for the connection's life. The
+    boundary discards again after a second Ctrl-C; after a third, the thread's next
+    call's boundary does as it begins (no outer call of the thread holds a session that
+    is not running, paramiko's or the spare)."""
     server = make_sshd(max_sessions=1)
     discard = SessionChannel.discard
     fired: List[bool] = []
 
     def interrupted_discard(session: SessionChannel) -> None:
-        # A trace function that raised is switched off: the second Ctrl-C is raised here.
-        if not fired and sys._getframe(1).f_code.co_name == "give_back":
+        # A trace function that raised is switched off: the later Ctrl-Cs are raised here.
+        caller = sys._getframe(1)
+        callers = (caller.f_code.co_name, caller.f_back.f_code.co_name if caller.f_back else "")
+        if len(fired) < interrupts and "give_back" in callers:
             fired.append(True)
             raise KeyboardInterrupt
         discard(session)
@@ -147,7 +176,10 @@ def test_a_second_ctrl_c_as_the_boundary_discards_a_session_leaves_the_thread_us
                            lambda: ex.run_command("true", timeout=30),
                            into=SSHExecutor._open_session.__code__)()
         monkeypatch.setattr(SessionChannel, "discard", discard)
-        assert fired, "the boundary discarded nothing"
+        assert len(fired) == interrupts, "the boundary discarded less often"
+        if interrupts > 1:
+            assert slots.held_by(threading.get_ident()) == 1, "the session was given back"
+            assert ex.run_command("true", timeout=30).exit_code == 0
         _all_back(ex, link, slots, spare)
 
 
@@ -172,4 +204,34 @@ def test_a_ctrl_c_as_a_bounded_connection_block_ends_or_narrows_gives_its_slot_b
                 pass
         monkeypatch.setattr(owner, name, original)
         assert fired
+        _all_back(ex, link, slots, spare)
+
+
+#: Ctrl-C at each line of these (the first time the calling thread reaches it), as an
+#: ``on_output`` callback enters a block it keeps open and raises.
+_SWEPT: List[Callable[..., Any]] = [
+    _Taking.__init__, _Taking.only, _Taking.__exit__, Link.give_back, Link.discard_left,
+    Slots.loose, Slots.keep, Slots._kept_by, Slots.release_beyond]
+_CASES: List[Tuple[Callable[..., Any], int]] = [
+    (function, line) for function in _SWEPT for line in _lines(function)]
+
+
+@pytest.mark.parametrize("function,line", _CASES,
+                         ids=[f"{function.__qualname__}:{line}" for function, line in _CASES])
+@pytest.mark.hang_timeout(120)
+def test_a_ctrl_c_at_any_line_of_the_boundary_leaves_every_slot_given_back_once(
+        make_sshd: Any, function: Callable[..., Any], line: int) -> None:
+    """MaxSessions 2: a callback enters a block it keeps open, then raises; a Ctrl-C at
+    one line of the boundary's code on the way (lines this path does not reach, such as
+    a loop's body with nothing to give back, are passed): once the block ends, every
+    slot is back, none released twice (`Slots` raises on one released too many)."""
+    server = make_sshd(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        link, slots, spare = _connected(ex)
+        blocks, callback = _opening_a_block(ex)
+        with pytest.raises((ValueError, KeyboardInterrupt)):
+            at_line(function.__code__, line, _interrupt, lambda: ex.run_command(
+                "echo first; sleep 0.2", timeout=30, on_output=callback))()
+        for block in blocks:
+            block.close()
         _all_back(ex, link, slots, spare)
