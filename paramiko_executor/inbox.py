@@ -106,7 +106,7 @@ class Inbox:
     buffer at a time, so once it fed or closed the inbox, the old buffer gets
     nothing more.
 
-    Locks: the condition guards everything above and is taken last (under
+    Locks: the condition's lock (``_lock``) guards everything above and is taken last (under
     the channel's lock by ``Channel.fileno`` and at the channel's EOF and
     close); the old buffer's lock, which pokes the inbox, is never taken
     while it is held.
@@ -115,7 +115,10 @@ class Inbox:
     def __init__(self, chan: paramiko.Channel, name: str) -> None:
         self._chan = chan
         self._name = name
-        self._cond = threading.Condition(threading.Lock())
+        # Taken by ``with self._lock``: the lock's own __enter__ is C, where an
+        # interrupt (Ctrl-C) cannot land between taking it and the block's start.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._chunks: Deque[Chunk] = deque()
         self._size = 0
         self._taken = 0  # handed to a reader and not yet given back as window
@@ -154,7 +157,7 @@ class Inbox:
 
     def feed(self, data: bytes) -> None:
         size = len(data)
-        with self._cond:
+        with self._lock:
             self._reached = True
             if self._closed:
                 return
@@ -192,12 +195,12 @@ class Inbox:
                 self._cond.notify_all()
 
     def _wake(self) -> None:
-        with self._cond:
+        with self._lock:
             self._wake_due = False
             self._cond.notify_all()
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._reached = True
             self._end()
 
@@ -220,12 +223,12 @@ class Inbox:
             raise PipeTimeout() from None
 
     def read_ready(self) -> bool:
-        with self._cond:
+        with self._lock:
             return self._size > 0
 
     def set_event(self, event: Any) -> None:
         """Set ``event`` while a `take` would not wait, clear it otherwise (``Channel.fileno``)."""
-        with self._cond:
+        with self._lock:
             self._event = event
             if self._ready():
                 event.set()
@@ -238,11 +241,11 @@ class Inbox:
     @property
     def held(self) -> int:
         """Bytes received and not yet given back as window: held here, or taken by a reader."""
-        with self._cond:
+        with self._lock:
             return self._size + self._taken
 
     def poke(self) -> None:
-        with self._cond:
+        with self._lock:
             self._poked = True
             if self._event is not None:
                 self._event.set()
@@ -264,11 +267,11 @@ class Inbox:
             before = self._before
             if before is None:
                 return True
-            with self._cond:
+            with self._lock:
                 reached = self._reached
                 self._poked = False  # a poke from now on means more data
             early = before.empty()  # never with our lock: it pokes us with its own
-            with self._cond:
+            with self._lock:
                 if reached:
                     self._before = None
                 if early:
@@ -290,7 +293,7 @@ class Inbox:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             gathered = self._gather()
-            with self._cond:
+            with self._lock:
                 if self.violation is not None:
                     return []
                 if not gathered and self._reached:
@@ -345,7 +348,7 @@ class Inbox:
 
     def written(self) -> None:
         """Give back the window of what was taken, as paramiko's ``recv`` does, once due."""
-        with self._cond:
+        with self._lock:
             size, self._taken = self._taken, 0
         chan = self._chan
         ack = window_to_return(chan, size)

@@ -391,7 +391,8 @@ class TOTPLedger:
     ) -> None:
         self._clock = clock
         self._wait_hook = wait
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()  # ``with self._lock``: see `inbox.Inbox`
+        self._cond = threading.Condition(self._lock)
         self._last: Dict[bytes, int] = {}
         # Steps wait_until_fresh claimed for logins of this process, oldest first, each for
         # one later issue() (the keyboard-interactive handler runs in paramiko's thread, so a
@@ -404,7 +405,8 @@ class TOTPLedger:
             ledger = ref()
             if ledger is not None:
                 # Another thread may have held the lock at fork time; it does not exist here.
-                ledger._cond = threading.Condition()
+                ledger._lock = threading.RLock()
+                ledger._cond = threading.Condition(ledger._lock)
 
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=reset_lock_in_child)
@@ -508,7 +510,7 @@ class TOTPLedger:
         ``ValueError`` (``TypeError`` if not a str) naming it, and quoting none of it.
         """
         secret = checked_secret("secret", secret)
-        with self._cond:
+        with self._lock:
             step, _code = self._take_turn(secret, deadline, abandoned)
             self._reserved.setdefault(self._key(secret), []).append(step)
 
@@ -522,7 +524,7 @@ class TOTPLedger:
         """
         secret = checked_secret("secret", secret)
         key = self._key(secret)
-        with self._cond:
+        with self._lock:
             now = self._clock()
             totp = make_totp(secret)
             step = int(now // totp.interval)

@@ -113,13 +113,14 @@ class ForwardLimit:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # ``with self._lock``: see `Inbox`
+        self._cond = threading.Condition(self._lock)
         self._used = 0
         self._queue: List[object] = []
 
     @property
     def used(self) -> int:
-        with self._cond:
+        with self._lock:
             return self._used
 
     def acquire(self, deadline: Optional[float], cancelled: Callable[[], bool]
@@ -129,7 +130,7 @@ class ForwardLimit:
         ``cancelled`` is checked whenever `wake` is called.
         """
         me = object()
-        with self._cond:
+        with self._lock:
             self._queue.append(me)
             try:
                 while self._queue[0] is not me or self._used >= self.limit:
@@ -148,13 +149,13 @@ class ForwardLimit:
                 self._cond.notify_all()
 
     def _free(self) -> None:
-        with self._cond:
+        with self._lock:
             self._used -= 1
             self._cond.notify_all()
 
     def wake(self) -> None:
         """Let the waiters look at their ``cancelled`` again."""
-        with self._cond:
+        with self._lock:
             self._cond.notify_all()
 
 
