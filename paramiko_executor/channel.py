@@ -282,6 +282,9 @@ class ChannelOutcome:
     timed_out: bool
     #: Bytes of stdout and stderr the command sent, kept or not (statistics' payload).
     received: int
+    #: Bytes of ``CommandSpec.stdin`` that went out (statistics' payload): all of it, or
+    #: less when the command ended or timed out first (a terminal's end-of-file not counted).
+    sent: int
 
 
 @dataclass(frozen=True)
@@ -837,6 +840,10 @@ class SessionChannel(Cover):
         #: True while stdin is left to send: only then does the window matter.
         self.sending = False
         self.unsent = 0
+        #: Bytes of stdin data whose packets went out (`ChannelOutcome.sent`): counted
+        #: per packet, so a send cut off by a closed channel, a deadline or an
+        #: abandoned write counts what went before it.
+        self.stdin_sent = 0
         self.window_peak = 0
         self.exit_status: Optional[int] = None
         self.exit_signal: Optional[str] = None
@@ -1208,6 +1215,7 @@ class SessionChannel(Cover):
             if not self._send(m, window=size, deadline=deadline):
                 return -1
             sent += size
+            self.stdin_sent += size
         return sent
 
     def _send_eof(self, deadline: Optional[float]) -> None:
@@ -1321,9 +1329,7 @@ class SessionChannel(Cover):
                         return None  # it never ran; the CLOSE below waits in the background
                     if not self.discarding:  # not asked to end already (`_hand_on`'s)
                         self._end_remote_command()
-                    return ChannelOutcome(self._so_far(self.stdout, spec),
-                                          self._so_far(self.stderr, spec), None, None, True,
-                                          self.output_bytes)
+                    return self._timed_out(spec)
         finally:
             if not self.discarding:
                 self._close_quietly()
@@ -1415,9 +1421,7 @@ class SessionChannel(Cover):
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 self._end_remote_command()
-                return ChannelOutcome(self._so_far(self.stdout, spec),
-                                      self._so_far(self.stderr, spec), None, None, True,
-                                      self.output_bytes)
+                return self._timed_out(spec)
             self._wait(deadline)
 
     def _complete(self) -> bool:
@@ -1433,7 +1437,8 @@ class SessionChannel(Cover):
             if splitters is not None:
                 self._hand_on(splitters, spec.options.keep_output, deadline, final=True)
             return ChannelOutcome(self._whole(self.stdout, spec), self._whole(self.stderr, spec),
-                                  self.exit_status, self.exit_signal, False, self.output_bytes)
+                                  self.exit_status, self.exit_signal, False, self.output_bytes,
+                                  self._stdin_out(spec))
         if self.remote_closed:
             if self.exec_accepted is not True:
                 raise NeverStarted("the server closed the channel before running the command")
@@ -1447,6 +1452,15 @@ class SessionChannel(Cover):
         if not transport_reading(self.transport):
             raise self._lost()
         return None
+
+    def _timed_out(self, spec: CommandSpec) -> ChannelOutcome:
+        """The outcome of a command past its deadline: the output so far, no exit."""
+        return ChannelOutcome(self._so_far(self.stdout, spec), self._so_far(self.stderr, spec),
+                              None, None, True, self.output_bytes, self._stdin_out(spec))
+
+    def _stdin_out(self, spec: CommandSpec) -> int:
+        """Bytes of ``spec.stdin`` that went out; a terminal's end-of-file after it is not stdin."""
+        return min(self.stdin_sent, len(spec.stdin))
 
     # --- output ----------------------------------------------------------------------
 
