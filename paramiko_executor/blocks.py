@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import paramiko
 
 from .channel import LIVENESS_POLL, Cover, Sessions, close_soon, in_background
-from .internals import known_channel
+from .internals import given_up_open, known_channel
 from .slots import Claim, Slots
 
 __all__ = ["Blocks", "Reservation"]
@@ -119,7 +119,7 @@ class Reservation(Claim, Cover):
             try:
                 entry.chan = open_channel(*args, **kwargs)
             except BaseException as exc:
-                entry.given_up = _unanswered(exc)
+                entry.given_up = given_up_open(exc)
                 raise
         finally:
             ended = self._finish(entry)
@@ -221,32 +221,6 @@ class _Open:
         self.sharers = sharers
         self.chan: Optional[paramiko.Channel] = None
         self.given_up: Optional[Tuple[paramiko.Channel, threading.Event]] = None
-
-
-def _unanswered(exc: BaseException) -> Optional[Tuple[paramiko.Channel, threading.Event]]:
-    """The channel and answer event of paramiko's ``open_channel`` that raised ``exc`` after
-    sending the OPEN (timed out, interrupted in its wait); None when it sent none.
-
-    Read from the raising frame (its locals in the traceback): paramiko does
-    not give the channel up, and forgets it once collected, so its late
-    confirmation (a session on the server) would be covered by no slot and
-    closed by no one. ``start_ts`` is set only once the OPEN is written.
-    """
-    tb = exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        if frame.f_code is _OPEN_CHANNEL_CODE:
-            local = frame.f_locals
-            chan, event = local.get("chan"), local.get("event")
-            if ("start_ts" in local and isinstance(chan, paramiko.Channel)
-                    and isinstance(event, threading.Event)):
-                return chan, event
-            return None
-        tb = tb.tb_next
-    return None
-
-
-_OPEN_CHANNEL_CODE = paramiko.Transport.open_channel.__code__
 
 
 class Blocks:

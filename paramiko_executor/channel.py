@@ -282,6 +282,9 @@ class ChannelOutcome:
     timed_out: bool
     #: Bytes of stdout and stderr the command sent, kept or not (statistics' payload).
     received: int
+    #: Bytes of ``CommandSpec.stdin`` that went out (statistics' payload): all of it, or
+    #: less when the command ended or timed out first (a terminal's end-of-file not counted).
+    sent: int
 
 
 @dataclass(frozen=True)
@@ -813,9 +816,6 @@ class SessionChannel(Cover):
                  open_within: Optional[float] = None,
                  write_deadline: Optional[float] = None) -> None:
         self.transport = transport
-        #: Bounds this channel's packet writes (`send_if_clear`'s ``deadline``): the
-        #: command's deadline once it runs; None (paramiko's own writes) without one.
-        self.write_deadline = write_deadline
         self._slots = None  # taken over from the claim by `_adopt`
         self._holder = None
         self.wakeup = _Wakeup(transport)
@@ -837,6 +837,10 @@ class SessionChannel(Cover):
         #: True while stdin is left to send: only then does the window matter.
         self.sending = False
         self.unsent = 0
+        #: Bytes of stdin data whose packets went out (`ChannelOutcome.sent`): counted
+        #: per packet, so a send cut off by a closed channel, a deadline or an
+        #: abandoned write counts what went before it.
+        self.stdin_sent = 0
         self.window_peak = 0
         self.exit_status: Optional[int] = None
         self.exit_signal: Optional[str] = None
@@ -1122,7 +1126,9 @@ class SessionChannel(Cover):
         thread may need it to finish one). ``window`` is taken from the send
         window, and ``eof`` marks EOF sent, only with the send. A key exchange
         is waited out until ``deadline`` (`Overdue` past it, nothing sent), or
-        paramiko's ``clear_to_send_timeout`` without one. With ``wait`` false,
+        paramiko's ``clear_to_send_timeout`` without one; the packet's write is
+        bounded by ``deadline`` too (`send_if_clear`; None: unbounded, as
+        paramiko's, for the sends nobody waits for). With ``wait`` false,
         a key exchange running, or another thread's send holding the
         connection `BUSY_SEND_WAIT` seconds, is a False too (nothing sent).
         """
@@ -1144,9 +1150,7 @@ class SessionChannel(Cover):
                 # The write itself is bounded by the command's deadline, never by
                 # the busy-wait slice: past a slice, a server that stalls a while
                 # would lose the connection, and every other command on it.
-                if not send_if_clear(self.transport, m, within=within,
-                                     deadline=self.write_deadline if deadline is None
-                                     else deadline):
+                if not send_if_clear(self.transport, m, within=within, deadline=deadline):
                     return False
                 chan.out_window_size -= window
                 if eof:
@@ -1208,6 +1212,7 @@ class SessionChannel(Cover):
             if not self._send(m, window=size, deadline=deadline):
                 return -1
             sent += size
+            self.stdin_sent += size
         return sent
 
     def _send_eof(self, deadline: Optional[float]) -> None:
@@ -1295,7 +1300,6 @@ class SessionChannel(Cover):
         """
         try:
             self.running = True
-            self.write_deadline = deadline
             # A command's session ends without its thread (the server closes it once the
             # command exits): a command the thread starts from ``on_output`` may wait for it.
             self.hold(None)
@@ -1320,10 +1324,8 @@ class SessionChannel(Cover):
                     if not self.exec_sent:
                         return None  # it never ran; the CLOSE below waits in the background
                     if not self.discarding:  # not asked to end already (`_hand_on`'s)
-                        self._end_remote_command()
-                    return ChannelOutcome(self._so_far(self.stdout, spec),
-                                          self._so_far(self.stderr, spec), None, None, True,
-                                          self.output_bytes)
+                        self._end_remote_command(deadline)
+                    return self._timed_out(spec)
         finally:
             if not self.discarding:
                 self._close_quietly()
@@ -1407,17 +1409,15 @@ class SessionChannel(Cover):
                 try:
                     self._hand_on(splitters, spec.options.keep_output, deadline, final=False)
                 except BaseException:  # a CallerError, or KeyboardInterrupt and the like
-                    self._end_remote_command()
+                    self._end_remote_command(deadline)
                     raise
             outcome = self._decide(spec, splitters, deadline)
             if outcome is not None:
                 return outcome
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
-                self._end_remote_command()
-                return ChannelOutcome(self._so_far(self.stdout, spec),
-                                      self._so_far(self.stderr, spec), None, None, True,
-                                      self.output_bytes)
+                self._end_remote_command(deadline)
+                return self._timed_out(spec)
             self._wait(deadline)
 
     def _complete(self) -> bool:
@@ -1433,7 +1433,8 @@ class SessionChannel(Cover):
             if splitters is not None:
                 self._hand_on(splitters, spec.options.keep_output, deadline, final=True)
             return ChannelOutcome(self._whole(self.stdout, spec), self._whole(self.stderr, spec),
-                                  self.exit_status, self.exit_signal, False, self.output_bytes)
+                                  self.exit_status, self.exit_signal, False, self.output_bytes,
+                                  self._stdin_out(spec))
         if self.remote_closed:
             if self.exec_accepted is not True:
                 raise NeverStarted("the server closed the channel before running the command")
@@ -1447,6 +1448,15 @@ class SessionChannel(Cover):
         if not transport_reading(self.transport):
             raise self._lost()
         return None
+
+    def _timed_out(self, spec: CommandSpec) -> ChannelOutcome:
+        """The outcome of a command past its deadline: the output so far, no exit."""
+        return ChannelOutcome(self._so_far(self.stdout, spec), self._so_far(self.stderr, spec),
+                              None, None, True, self.output_bytes, self._stdin_out(spec))
+
+    def _stdin_out(self, spec: CommandSpec) -> int:
+        """Bytes of ``spec.stdin`` that went out; a terminal's end-of-file after it is not stdin."""
+        return min(self.stdin_sent, len(spec.stdin))
 
     # --- output ----------------------------------------------------------------------
 
@@ -1489,14 +1499,16 @@ class SessionChannel(Cover):
         self.sending = False
         close_soon(self.chan)
 
-    def _end_remote_command(self) -> None:
+    def _end_remote_command(self, deadline: Optional[float]) -> None:
         """Ask the server to end the command, in the background; keep the slot until CLOSE.
 
-        TERM at once; KILL if the server has not closed the channel `KILL_GRACE`
-        seconds later; our CLOSE as long again after that. The caller returns
-        at once. sshd refuses signals to a forced-command session, and keeps a
-        session whose command ignores them until it ends: the slot stays taken
-        that long, and commands queued meanwhile wait for it.
+        TERM at once, its write bounded by the command's ``deadline``; KILL if
+        the server has not closed the channel `KILL_GRACE` seconds later; our
+        CLOSE as long again after that, their writes unbounded (nobody waits
+        for them). The caller returns at once. sshd refuses signals to a
+        forced-command session, and keeps a session whose command ignores them
+        until it ends: the slot stays taken that long, and commands queued
+        meanwhile wait for it.
         """
         self.discarding = True
         self.sending = False
@@ -1504,13 +1516,12 @@ class SessionChannel(Cover):
         # thread's send holds it:
         # the caller may close the connection next, and sshd leaves a command with
         # no terminal running when its connection ends.
-        termed = self._signal("TERM", wait=False)
+        termed = self._signal("TERM", wait=False, deadline=deadline)
 
         def escalate() -> None:
-            # Nobody waits on this thread: its sends are bounded by nothing, as paramiko's.
-            # The command's long-past deadline would cost the connection, and every other
-            # command on it, to a server that stalls 2 s.
-            self.write_deadline = None
+            # Nobody waits on this thread: its sends pass no deadline, unbounded as
+            # paramiko's. The command's long-past deadline would cost the connection,
+            # and every other command on it, to a server that stalls 2 s.
             if not termed:
                 # Sent from here, not the caller's thread: a key exchange the server
                 # stalls holds every send up to paramiko's clear_to_send_timeout.
@@ -1535,9 +1546,12 @@ class SessionChannel(Cover):
 
         threading.Thread(target=escalate, name="paramiko_executor escalate", daemon=True).start()
 
-    def _signal(self, name: str, wait: bool = True) -> bool:
-        """Ask the server to send signal ``name`` to the command; False if it was not sent."""
+    def _signal(self, name: str, wait: bool = True, deadline: Optional[float] = None) -> bool:
+        """Ask the server to send signal ``name`` to the command; False if it was not sent.
+
+        ``deadline`` bounds the write (`_send`); None: unbounded, as paramiko's.
+        """
         try:
-            return self._request("signal", name, want_reply=False, wait=wait)
+            return self._request("signal", name, want_reply=False, wait=wait, deadline=deadline)
         except TRANSPORT_ERRORS:
             return False  # the connection ended: so did the command's session

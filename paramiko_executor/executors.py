@@ -710,14 +710,14 @@ class SSHExecutor(Executor):
         counters = self._connection.counters
         counters.add(commands_started=1)
         succeeded = False
-        received = -1  # none: the command never finished
+        received = sent = -1  # none: the command never finished
         try:
             deadline = None if options.timeout is None else time.monotonic() + options.timeout
             found = callers_own(lambda: self._with_retries(
                 lambda link: self._run_once(link, spec, deadline), deadline))
             if found is None:
                 return outcome(shown_command, shown_stdin, options, None, "", "", timed_out=True)
-            received = found.received
+            received, sent = found.received, found.sent
             result = outcome(shown_command, shown_stdin, options, found.exit_status, found.stdout,
                              found.stderr, timed_out=found.timed_out,
                              signal_name=found.exit_signal)
@@ -727,7 +727,7 @@ class SSHExecutor(Executor):
             # One update for the command's end: its bytes (if it finished) and how it ended.
             ended = {"commands_succeeded" if succeeded else "commands_failed": 1}
             if received >= 0:
-                ended.update(bytes_sent=len(spec.stdin), bytes_received=received)
+                ended.update(bytes_sent=sent, bytes_received=received)
             counters.add(**ended)
 
     def _with_retries(self, attempt: Callable[[Link], Optional[T]],

@@ -109,6 +109,13 @@ loudly when one disappears. Checked on paramiko 3.4.1, 3.5.1, 4.0.0 and 5.1.0.
     when its thread leaves the read loop, before it unlinks its channels and
     marks itself inactive: read to tell that the connection is ending
     (`transport_reading`).
+``Transport.open_channel``'s locals ``chan``, ``event``, ``start_ts`` (`OPEN_CHANNEL_LOCALS`)
+    Read from the frame of an open it gave up after its OPEN went out (its
+    timeout, an interrupt in its wait), in the traceback (`given_up_open`):
+    paramiko drops that channel, whose late confirmation is a session on the
+    server that a ``bounded_connection`` block must still cover and close.
+    ``start_ts`` is set only once the OPEN is written. Frame locals are no
+    attributes: the canary looks them up in the function's code.
 
 paramiko's type stubs leave these names out: each use carries a ``type:
 ignore`` naming the error, so a name that the stubs gain, or a new use, shows.
@@ -146,6 +153,8 @@ __all__ = [
     "bound_packet_writes",
     "PRIVATE_NAMES",
     "missing_private_names",
+    "OPEN_CHANNEL_LOCALS",
+    "given_up_open",
     "close_messages",
     "forget_channel",
     "open_confirmed",
@@ -219,6 +228,14 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("Packetizer", "_Packetizer__received_bytes"),
     ("Packetizer", "write_all"),
 )
+
+#: The locals of paramiko's ``Transport.open_channel`` that `given_up_open` reads: the
+#: channel, its answer event, and the time set once the OPEN is written.
+OPEN_CHANNEL_LOCALS: Tuple[str, str, str] = ("chan", "event", "start_ts")
+
+#: The code of paramiko's ``Transport.open_channel``, whose frame `given_up_open` looks
+#: for (taken from the class: `blocks.Blocks` puts its own in front per transport).
+_OPEN_CHANNEL_CODE = paramiko.Transport.open_channel.__code__
 
 Handler = Callable[..., None]
 
@@ -954,12 +971,41 @@ def private_key_object(key: paramiko.PKey) -> Any:
     return getattr(key, "key", None) or getattr(key, "signing_key", None)
 
 
+def given_up_open(exc: BaseException) -> Optional[Tuple[paramiko.Channel, threading.Event]]:
+    """The channel and answer event of paramiko's ``open_channel`` that raised ``exc`` after
+    sending the OPEN (timed out, interrupted in its wait); None when it sent none.
+
+    Read from the raising frame (its locals in the traceback, `OPEN_CHANNEL_LOCALS`):
+    paramiko does not give the channel up, and forgets it once collected, so
+    its late confirmation (a session on the server) would be covered by no
+    slot and closed by no one.
+    """
+    chan_name, event_name, written_name = OPEN_CHANNEL_LOCALS
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code is _OPEN_CHANNEL_CODE:
+            local = frame.f_locals
+            chan, event = local.get(chan_name), local.get(event_name)
+            if (written_name in local and isinstance(chan, paramiko.Channel)
+                    and isinstance(event, threading.Event)):
+                return chan, event
+            return None
+        tb = tb.tb_next
+    return None
+
+
 def missing_private_names() -> List[str]:
-    """The names of `PRIVATE_NAMES` that the installed paramiko lacks; empty when all are there.
+    """The names of `PRIVATE_NAMES` and `OPEN_CHANNEL_LOCALS` that the installed paramiko
+    lacks; empty when all are there.
 
     Looked up on live objects (an unstarted transport over a socket pair, a
-    channel, an Ed25519 key), since several are set per instance.
+    channel, an Ed25519 key), since several are set per instance; the locals
+    in the code of ``Transport.open_channel`` (``Transport.open_channel.<local>``).
     """
+    code = _OPEN_CHANNEL_CODE
+    locals_missing = [f"Transport.open_channel.{name}" for name in OPEN_CHANNEL_LOCALS
+                      if name not in code.co_varnames + code.co_cellvars]
     import io
     import socket
 
@@ -981,7 +1027,7 @@ def missing_private_names() -> List[str]:
             "Packetizer": transport.packetizer,
         }
         return [f"{owner}.{name}" for owner, name in PRIVATE_NAMES
-                if not hasattr(owners[owner], name)]
+                if not hasattr(owners[owner], name)] + locals_missing
     finally:
         ours.close()
         theirs.close()

@@ -23,8 +23,9 @@ class ExecutorStatistics:
     connection; ``refused_opens`` channel opens a live server refused;
     ``open_channels`` the server sessions held now, ``waiting`` the threads
     queued for a slot; bytes are payload (stdin, output, file data), as sent
-    over the connection: output is counted in bytes, not decoded characters,
-    kept or not (``keep_output=False``).
+    over the connection: stdin as far as it went out (a command that timed
+    out or ended before taking all of it counts less), output in bytes, not
+    decoded characters, kept or not (``keep_output=False``).
     """
 
     connects: int = 0

@@ -17,7 +17,7 @@ import paramiko
 import pytest
 from helpers import call_in_thread, interrupting, wait_for
 
-from paramiko_executor import SSHExecutor
+from paramiko_executor import SSHExecutor, internals
 from paramiko_executor import blocks as blocks_module
 from paramiko_executor.blocks import Reservation
 from paramiko_executor.connection import Link
@@ -225,3 +225,15 @@ def test_a_ctrl_c_in_the_callers_open_leaves_no_count_behind(
         assert link.blocks.reserved() == 0
         monkeypatch.undo()
         _all_back(ex, link, slots, spare)
+
+
+def test_the_canary_names_a_local_of_open_channel_that_paramiko_renamed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block reads ``chan``, ``event`` and ``start_ts`` from the frame of an open paramiko
+    gave up (`internals.given_up_open`): a paramiko whose ``open_channel`` renamed one
+    would leave such a session to no slot, silently; the canary names the local."""
+    def open_channel(self: Any, kind: str) -> None:
+        chan = event = sent_at = None  # noqa: F841 (the locals are what is looked at)
+
+    monkeypatch.setattr(internals, "_OPEN_CHANNEL_CODE", open_channel.__code__)
+    assert internals.missing_private_names() == ["Transport.open_channel.start_ts"]
