@@ -484,17 +484,18 @@ class SSHExecutor(Executor):
         started = time.monotonic()
         try:
             return self._transfer(local, attempt, timeout, sent=True)
-        except ExecutorFailure:
-            failed = True
-            raise
         except BaseException as exc:
-            # An interrupt (Ctrl-C) may come before the upload's own clean-up could.
-            failed = interrupted = not isinstance(exc, Exception)
+            # Whatever the error (the caller's file object or progress too): the upload's
+            # own clean-up may have run out of time. An interrupt (Ctrl-C) may come before
+            # it could run at all.
+            failed = True
+            interrupted = not isinstance(exc, Exception)
             raise
         finally:
             # An attempt broken with its connection left its file behind; a
-            # failed or interrupted last one may have too. An interrupted
-            # caller waits for no clean-up: its deadline is now.
+            # failed or interrupted last one may have too (what its own clean-up
+            # removed is no longer among its names). An interrupted caller waits
+            # for no clean-up: its deadline is now.
             self._remove_leftover([name for names in (temps if failed else temps[:-1])
                                    for name in names],
                                   started if interrupted else

@@ -176,6 +176,11 @@ MAX_BLOCK = 1024 * 1024
 #: Block size of local copies.
 LOCAL_BLOCK = 1024 * 1024
 
+#: Seconds a server that sent no SFTP version in `NEGOTIATION_TIMEOUT` has to answer a
+#: request on the channel, to show that the silence is what the session runs (lasting:
+#: see `SFTPNotStarted`) rather than a slow or stalled server.
+_ANSWER_WAIT = 5.0
+
 #: Longest SFTP packet accepted while negotiating; a longer "length" means the
 #: channel carries something else (a forced command's output).
 _MAX_VERSION_PACKET = 256 * 1024
@@ -475,10 +480,13 @@ class SFTPNotStarted(ExecutorFailure):
 
     Nothing was sent to an SFTP server, so nothing was created. ``lasting``: the
     server ran something else (a command-restricted key's forced command), which
-    another session on the same login gets too; a refusal, or no answer in time,
-    may pass. ``refused``: the server answered the subsystem request at once
-    with a refusal, or closed the channel before answering it; the executor
-    asks again on the same connection, as for a refused exec (Dropbear before
+    another session on the same login gets too: it answered something that is not
+    SFTP, ended the session without a version, or stayed silent while the
+    connection answered a request on the channel at once (`_ANSWER_WAIT`). A
+    refusal, or silence on a connection that did not answer either (a slow or
+    stalled server), may pass. ``refused``: the server answered the subsystem
+    request at once with a refusal, or closed the channel before answering it; the
+    executor asks again on the same connection, as for a refused exec (Dropbear before
     2024.86 closes every session channel still waiting for its request when
     any session of the connection ends: see `_Session._invoke_subsystem`).
     """
@@ -622,6 +630,10 @@ class _Session:
         # id, None until each came (whichever wait took it in).
         self._queued: List[bytes] = []
         self._kept: Dict[int, Optional[Tuple[int, memoryview]]] = {}
+        # `later`'s REMOVEs of the upload's names (id: name), and those names
+        # (`stat_and_create`'s ``temps``): what may still be the upload's own.
+        self._removing: Dict[int, str] = {}
+        self._temps: Optional[List[str]] = None
         cond = threading.Condition(threading.Lock())
         self._window = _ReceiveWindow(chan)
         self._out = _Inbox(cond, want=1 << 62, window=self._window)
@@ -709,7 +721,10 @@ class _Session:
             self._check_transport()
             raise self._not_started("it ended the session without answering")
         if reason == "timeout":
-            self._negotiation_timed_out(until, "no SFTP version came")
+            # Silence alone may be a slow or stalled server as much as a forced command
+            # waiting for input: only a connection that answers at once tells the latter.
+            self._negotiation_timed_out(until, "no SFTP version came",
+                                        lasting=self._answers_at_once(until))
         body = memoryview(self._recv(_U32.unpack(self._recv(4))[0]))
         if body[0] != _FXP_VERSION:
             raise self._not_started("it answered something that is not SFTP")
@@ -719,6 +734,31 @@ class _Session:
         if version > 3:
             raise _malformed(f"version {version} in answer to version 3")
         return body
+
+    def _answers_at_once(self, until: float) -> bool:
+        """Whether the server answers a request on the channel within `_ANSWER_WAIT` (and
+        the deadline): its SSH side and the session serve, so that the silence of what
+        the session runs is its own. After `NEGOTIATION_TIMEOUT` without a VERSION (past
+        ``until``).
+
+        The request (``keepalive@openssh.com``, as OpenSSH's own) is one no server knows:
+        its refusal closes the channel (paramiko's way), which ends the session anyway.
+        """
+        if self.deadline is not None and until >= self.deadline:
+            return False  # not asked: `_negotiation_timed_out` raises TimeoutError
+        end = time.monotonic() + _ANSWER_WAIT
+        if self.deadline is not None:
+            end = min(end, self.deadline)
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_REQUEST)
+        m.add_int(self.chan.remote_chanid)
+        m.add_string("keepalive@openssh.com")
+        m.add_boolean(True)
+        if not send_awaiting_reply(self.chan, m, max(0.0, end - time.monotonic())):
+            return False  # a key exchange held it back
+        answered, _accepted = reply_arrived(self.chan, max(0.0, end - time.monotonic()))
+        self._check_transport()  # a channel closed with its connection answered nothing
+        return answered
 
     def _negotiation_timed_out(self, until: float, why: str, *, lasting: bool = True
                                ) -> NoReturn:
@@ -797,34 +837,41 @@ class _Session:
                 self._queued[:0] = queued  # none of it went out: the queued go with the next
             raise
 
-    def later(self, kind: int, *fields: bytes) -> int:
+    def later(self, kind: int, *fields: bytes, removes: Optional[str] = None) -> int:
         """Queue a request to go out ahead of the next one sent: no round trip of its own.
 
         Returns its id; its reply is kept for `kept`, whichever wait takes it in.
+        ``removes``: the request is a REMOVE of that name of the upload's (see
+        `stat_and_create`'s ``temps``), which its answer takes off them as it comes
+        unless it refused.
         """
         request_id = self.new_id()
         self._queued.append(_request(kind, request_id, fields))
         self._kept[request_id] = None
+        if removes is not None:
+            self._removing[request_id] = removes
         return request_id
 
-    def kept(self, request_id: int) -> Tuple[int, memoryview]:
-        """The reply to `later`'s request ``request_id``: sent now if still queued, and
-        waited for (replies to requests sent before it are dropped)."""
+    def kept(self, *request_ids: int) -> List[Tuple[int, memoryview]]:
+        """The replies to `later`'s requests ``request_ids``, in order: sent now if still
+        queued, and waited for (replies to requests sent before them are dropped). Each
+        stays kept until all came: a wait cut short by the deadline takes none."""
         if self._queued:
             self._send_requests(memoryview(b""))
-        while True:
-            reply = self._kept[request_id]
-            if reply is not None:
-                del self._kept[request_id]
-                return reply
+        while any(self._kept[request_id] is None for request_id in request_ids):
             # One reply at a time: the one awaited may be the last to come, with no
             # other reply to return after it.
             self.receive(kept_too=True)
+        replies = []
+        for request_id in request_ids:
+            reply = self._kept.pop(request_id)
+            assert reply is not None
+            replies.append(reply)
+        return replies
 
     def settle(self) -> None:
         """Send what `later` queued and wait for the replies to all it sent."""
-        for request_id in list(self._kept):
-            self.kept(request_id)
+        self.kept(*self._kept)
 
     def send_bytes(self, data: memoryview) -> None:
         """Send ``data`` whole, bounded by the deadline."""
@@ -934,6 +981,9 @@ class _Session:
             if request_id not in self._kept:
                 return body[0], body
             self._kept[request_id] = body[0], body
+            name = self._removing.pop(request_id, None)
+            if name is not None and _gone(body[0], body):
+                self._disown(name)  # at once: a wait cut short before its turn keeps it
             if kept_too:
                 return 0, memoryview(b"")
 
@@ -1000,7 +1050,8 @@ class _Session:
         is a directory, a `ValueError` if it is a device, FIFO or socket, or a
         link to one, whether or not ``temp`` could be created; else `_StatusError`
         if it could not be; on these and `TimeoutError` what this call created
-        is removed first (`discard_upload`). The bits: those a new
+        is removed first (`discard_upload`; past the deadline, what the OPENs' answers,
+        awaited within its grace, say was created). The bits: those a new
         file gets as sftp creates it (see `_probed`: ``new_bits`` less the server's umask, learnt
         from the new file ``probe``; ``new_bits`` as they are without one); a
         regular file of the user's (the owner of ``temp``) keeps its
@@ -1012,7 +1063,8 @@ class _Session:
 
         ``temp`` and ``probe`` are appended to ``temps`` just before the requests
         that create them go out, and taken off again once their exclusive OPEN
-        was refused: what is there is not this upload's.
+        was refused (what is there is not this upload's), once the clean-up removed
+        them, and when it gave them up (see `discard_upload`).
         """
         flags = _FXF_WRITE | _FXF_CREAT | _FXF_TRUNC | _FXF_EXCL
         requests = [(_FXP_STAT, (_string(path),)),
@@ -1026,20 +1078,24 @@ class _Session:
             requests += [(_FXP_OPEN, (_string(probe), _U32.pack(flags), _attrs(new_bits))),
                          (_FXP_LSTAT, (_string(probe),))]
             names.append(probe)
+        self._temps = temps
         if temps is not None:
             temps.extend(names)
+        # Through `later` and `kept`, in one send as `calls` sends them: an OPEN's answer
+        # that came before the deadline passed stays known to the clean-up.
+        ids = [self.later(kind, *fields) for kind, fields in requests]
+        creating = dict(zip(names, ids[1:3]))  # each name: its exclusive OPEN
         try:
-            target, created, *probed = self.calls(*requests)
+            target, created, *probed = self.kept(*ids)
         except TimeoutError as exc:
             # A slow server may create them after any later session looked: removed in
-            # this one, after the requests that create them, whoever's they are.
-            self.discard_upload(None, names, exc)
+            # this one once their OPENs' answers say which were created by this upload.
+            self.discard_upload(None, [], exc, creating=creating)
             raise
         for name, (reply, _body) in zip(list(names), (created, *probed)):
             if reply == _FXP_STATUS:
                 names.remove(name)
-                if temps is not None:
-                    temps.remove(name)
+                self._disown(name)
         try:
             return self._created(path, temp, new_bits, probe, target, created, probed)
         except (_StatusError, TimeoutError, IsADirectoryError, ValueError) as exc:
@@ -1057,7 +1113,7 @@ class _Session:
                 probe_handle = _string(self.handle(*opened))
                 # Removed with the next requests, once it is known to be this upload's own:
                 # a REMOVE in the OPEN's round trip removed a file already there too.
-                removal = self.later(_FXP_REMOVE, _string(probe))
+                removal = self.later(_FXP_REMOVE, _string(probe), removes=probe)
                 if looked[0] != _FXP_ATTRS:
                     # LSTAT refused (sftp-server -P lstat, a server without it): the probe's
                     # handle tells the same, at one more round trip.
@@ -1268,30 +1324,76 @@ class _Session:
         return done
 
     def discard_upload(self, handle_field: Optional[bytes], names: List[str],
-                       error: BaseException) -> None:
+                       error: BaseException, *, creating: Optional[Dict[str, int]] = None
+                       ) -> None:
         """After an upload failed with ``error``: close the handle, remove the files ``names``
-        and send what `later` queued (the probe's REMOVE).
+        and send what `later` queued (the probe's REMOVE), in one round trip. A name
+        removed, or found gone, is taken off the upload's names (`stat_and_create`'s
+        ``temps``); the others stay there for the caller's later clean-up.
+
+        ``creating``: names whose exclusive OPEN (name: its request id) had no answer
+        yet when ``error`` came. Each is removed only once that answer says the OPEN
+        created it; refused, what is there is not the upload's, and the name is taken
+        off. One whose answer does not come (within the grace, or the session ended
+        first) is given up, taken off too and logged at DEBUG: it may be the upload's
+        own empty file or another's file, and another's must not be removed on a guess.
 
         Only while the session still works (not after a protocol error).
         Bounded by `CLEANUP_GRACE`; gives up quietly (the caller raises the
         original error). ``handle_field``: the handle as an SFTP string.
         """
-        if isinstance(error, ProtocolError) or not self.in_sync or self.chan.closed:
-            return
-        self.deadline = time.monotonic() + CLEANUP_GRACE
+        undecided = dict(creating or {})
         try:
-            if self._unsent is not None:
-                self.send_bytes(memoryview(self._unsent))
-                self._unsent = None
-            if handle_field is not None:
-                self.call(_FXP_CLOSE, handle_field)
-            for name in names:
-                with suppress(_StatusError):
-                    self.remove(name)
-            self.settle()
-        except (_StatusError, ExecutorFailure, TimeoutError, EOFError, OSError,
-                paramiko.SSHException):
-            pass
+            if isinstance(error, ProtocolError) or not self.in_sync or self.chan.closed:
+                return
+            self.deadline = time.monotonic() + CLEANUP_GRACE
+            try:
+                if self._unsent is not None:
+                    self.send_bytes(memoryview(self._unsent))
+                    self._unsent = None
+                self._unqueue(undecided)
+                if handle_field is not None:
+                    self.later(_FXP_CLOSE, handle_field)
+                removing = list(names)
+                for name, request_id in list(undecided.items()):
+                    (opened,) = self.kept(request_id)
+                    del undecided[name]
+                    if opened[0] != _FXP_HANDLE:
+                        self._disown(name)  # refused: not this upload's
+                        continue
+                    removing.append(name)
+                    self.later(_FXP_CLOSE, _string(self.handle(*opened)))
+                for name in removing:
+                    self.later(_FXP_REMOVE, _string(name), removes=name)
+                self.settle()
+            except (_StatusError, ExecutorFailure, TimeoutError, EOFError, OSError,
+                    paramiko.SSHException):
+                pass
+        finally:
+            if undecided:
+                log.debug("gave up the temporary names %s of a failed upload: no answer to "
+                          "the requests that would have created them", sorted(undecided))
+                for name in undecided:
+                    self._disown(name)
+
+    def _unqueue(self, opens: Dict[str, int]) -> None:
+        """Take the requests of ``opens`` (name: request id) that never went out (still
+        queued, see `later`) off the queue, and their names off ``opens`` and the upload's:
+        nothing created them."""
+        for name, request_id in list(opens.items()):
+            for packet in self._queued:
+                if _HEAD.unpack_from(packet)[2] == request_id:
+                    self._queued.remove(packet)
+                    del self._kept[request_id]
+                    self._unanswered.discard(request_id)
+                    del opens[name]
+                    self._disown(name)
+                    break
+
+    def _disown(self, name: str) -> None:
+        """Take ``name`` off the upload's names: gone, or not the upload's."""
+        if self._temps is not None and name in self._temps:
+            self._temps.remove(name)
 
 
 _MAX_REPLY = MAX_BLOCK + 1024
@@ -1314,6 +1416,13 @@ def _check_status(reply: int, body: memoryview) -> None:
         if len(body) > 9:  # the message is optional in version 3
             message = bytes(_get_string(body, 9, "a STATUS reply")[0])
         raise _StatusError(code, message.decode("utf-8", "replace"))
+
+
+def _gone(reply: int, body: memoryview) -> bool:
+    """Whether a REMOVE's reply says the file is gone: removed, or not there."""
+    if reply != _FXP_STATUS or len(body) < 9:
+        return False  # malformed: the reply's reader says so
+    return _U32.unpack_from(body, 5)[0] in (_FX_OK, _FX_NO_SUCH_FILE)
 
 
 def _expect(reply: int, body: memoryview, wanted: int, request: str) -> None:
@@ -1803,7 +1912,7 @@ def upload(
             if created.removal is not None and probe is not None \
                     and _POSIX_RENAME in session.extensions:
                 try:  # answered before the requests above were
-                    _check_status(*session.kept(created.removal))
+                    _check_status(*session.kept(created.removal)[0])
                 except _StatusError:  # refused (sftp-server -P remove)
                     # Over the probe first: the data under its name has the final bits already.
                     session.rename(temp, probe)

@@ -396,7 +396,8 @@ def test_many_puts_broken_at_once_are_cleaned_up_by_the_next_transfer(
         ex.run_command("true")
         _puts_broken_together(ex, server, [workdir / f"f{i}" for i in range(8)],
                               8 * 1024 * 1024)
-        assert len(ex._leftovers) == 16
+        # The temporary files; the probes' REMOVEs were answered before the WRITEs'.
+        assert len(ex._leftovers) == 8
         assert ex.get("/etc/hostname", io.BytesIO(), timeout=30) > 0
         assert not ex._leftovers
     assert leftovers(workdir) == []
