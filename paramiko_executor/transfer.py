@@ -119,7 +119,6 @@ from .errors import ExecutorFailure, callers_code, callers_own
 from .internals import (
     WriteAbandoned,
     connection_error,
-    known_channel,
     replace_receive_buffers,
     replace_send_condition,
     reply_arrived,
@@ -686,6 +685,7 @@ class _Session:
         m.add_string("subsystem")
         m.add_boolean(True)
         m.add_string("sftp")
+        closed_before = chan.closed  # then nothing goes out: `send_awaiting_reply`
         if not send_awaiting_reply(chan, m, _remaining(self.deadline)):
             assert self.deadline is not None  # without one, the send waits or raises
             self._negotiation_timed_out(self.deadline, "a key exchange held back the request")
@@ -703,10 +703,13 @@ class _Session:
             # (3 of 100 gets on one connection); with other threads' commands any of them
             # does, so waiting for one's own previous session would not do. Nothing ran:
             # the executor asks again (`refused`).
-            closed = known_channel(chan.transport, chan.chanid) is None  # type: ignore[arg-type]
+            # Its EOF says the server closed it; not whether paramiko still knows the
+            # channel: paramiko closes a refused request's channel itself, and the server's
+            # CLOSE in reply may come before this check or after it.
             raise SFTPNotStarted(
                 "the server closed the channel before answering the SFTP subsystem request"
-                if closed else "the server refused to start the SFTP subsystem", refused=True)
+                if closed_before or chan.eof_received else "the server refused to start the SFTP subsystem",
+                refused=True)
 
     def _negotiate(self, until: float) -> memoryview:
         """The server's VERSION reply (from its type byte on), checked to be one."""
