@@ -13,8 +13,13 @@ Measured on Dropbear 2022.83, 50 threads x 40 ``echo`` on one connection:
 10-35 % of the commands failed after their retries, with 60-180 reconnects;
 with one start at a time, none failed and the run took a third of the time.
 
-`Starts` lets one thread at a time go from its channel's open to its request
-sent on such a server, and every thread at once on any other. It is an
+`Starts` lets one thread at a time go from its channel's open to the server's
+answer to its request on such a server, and every thread at once on any other.
+Not just until the request went out: the next channel's OPEN would reach the
+server with that request, and the command's exit (at once, for an ``echo``)
+would close it; over 50 ms, 37-45 % of 100 commands from 10 threads failed so.
+Nor is a spare channel made there (`Spare`): it waits for its request all its
+life. It is an
 optimisation, never a wait without bound: a start held longer than
 `START_HOLD` (a slow server, or an interrupt that left it held) no longer
 keeps the next one waiting.
@@ -53,7 +58,8 @@ class Start:
         self._starts = starts
 
     def done(self) -> None:
-        """The request went out: the next start may begin (idempotent)."""
+        """The server answered the request (or closed the channel): the next start may
+        begin (idempotent; safe from paramiko's thread)."""
         starts, self._starts = self._starts, None
         if starts is not None:
             starts.leave(self)

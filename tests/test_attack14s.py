@@ -1,0 +1,109 @@
+"""attack14s: defects found attacking `paramiko_executor.starts` (one session start at a
+time on a Dropbear before 2024.86) against a real Dropbear 2022.83.
+
+Each test fails on main at the time of the attack (3529c90); see the report of branch
+attack14s.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import subprocess
+import sys
+from typing import Any, Dict, Iterator, List
+
+import pytest
+from helpers import run_threads
+
+from paramiko_executor import ExecutorFailure, SSHExecutor
+
+RELAY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "benchmarks", "relay.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def far_dropbear(dropbear: Any, tmp_path: Any) -> Iterator[Dict[str, Any]]:
+    """Executor parameters reaching ``dropbear`` through benchmarks/relay.py: 25 ms each way."""
+    port = _free_port()
+    relay = subprocess.Popen(
+        [sys.executable, RELAY, "--delay-ms", "25", "--mbit", "1000",
+         "--map", f"127.0.0.1:{port}=127.0.0.1:{dropbear.port}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert relay.stdout is not None
+        ready = json.loads(relay.stdout.readline() or "{}")
+        assert ready.get("ready"), ready
+        with open(dropbear.known_hosts_path, encoding="ascii") as file:
+            key = file.read().split(" ", 1)[1]
+        known_hosts = tmp_path / "known_hosts"
+        known_hosts.write_text(f"[127.0.0.1]:{port} {key}")
+        yield dropbear.executor_parameters(port=port, known_hosts=str(known_hosts))
+    finally:
+        relay.terminate()
+        try:
+            relay.wait(10)
+        except subprocess.TimeoutExpired:
+            relay.kill()
+            relay.wait(10)
+
+
+@pytest.mark.hang_timeout(300)
+def test_commands_on_a_dropbear_50_ms_away_all_run(far_dropbear: Dict[str, Any],
+                                                   capsys: Any) -> None:
+    """10 callers x 10 ``echo`` on one connection, 50 ms round trip. The start was over
+    once the exec went out: the next channel's OPEN reached Dropbear with that exec, so
+    the command's exit (at once, for an ``echo``) closed it, and the next exec crossed
+    the CLOSE and ended the connection (Dropbear's failed assertion); the spare, asked
+    for at the same moment, met the same end. 37-45 % of the commands failed after
+    9-11 tries each (4 runs), 3-4 commands/s, 39-55 reconnects; with no gate at all,
+    none failed (13-22 reconnects)."""
+    callers, per_caller = 10, 10
+    with SSHExecutor(**far_dropbear) as ex:
+        ex.run_command("true", timeout=60)
+
+        def work(i: int) -> List[str]:
+            seen = []
+            for j in range(per_caller):
+                try:
+                    result = ex.run_command(f"echo {i}-{j}", timeout=60)
+                    seen.append("ok" if result.stdout == f"{i}-{j}\n" else result.stdout)
+                except ExecutorFailure as exc:
+                    seen.append(f"{type(exc).__name__}: {exc}"[:80])
+            return seen
+
+        results, errors = run_threads(work, callers, timeout=280)
+        stats = ex.statistics()
+    assert not errors, errors[:3]
+    seen = collections.Counter(outcome for outcomes in results.values() for outcome in outcomes)
+    with capsys.disabled():
+        print(f"\n[far dropbear] {seen.most_common(3)} reconnects={stats.reconnects} "
+              f"retried={stats.commands_retried}")
+    assert seen == {"ok": callers * per_caller}, seen.most_common(4)
+
+
+def test_no_spare_waits_for_its_request_on_a_dropbear(dropbear: Any) -> None:
+    """A spare is a channel with no process for as long as it waits: the end of any
+    command of the connection closes it on this Dropbear (the command it was made
+    behind, as a rule), and a command taking it as the CLOSE comes sends its exec
+    across it (the connection ends). 10 commands one after the other opened 20
+    channels: every spare was closed before its use."""
+    with SSHExecutor(**dropbear.executor_parameters()) as ex:
+        ex.run_command("true", timeout=30)
+        link = ex._connection.link
+        assert link is not None
+        before = link.transport._channel_counter  # type: ignore[attr-defined]
+        for _ in range(10):
+            ex.run_command("true", timeout=30)
+        opened = link.transport._channel_counter - before  # type: ignore[attr-defined]
+        assert ex._connection.link is link
+    assert opened <= 11, f"{opened} channels for 10 commands"
