@@ -85,6 +85,7 @@ class Starts:
         self._cond = threading.Condition(self._lock)
         self._current: Optional[Start] = None
         self._since = 0.0
+        self._closed = False
 
     def begin(self, deadline: Optional[float], exempt: bool = False) -> Optional[Start]:
         """This thread's `Start`, once no other start runs (or the last ran `START_HOLD`);
@@ -93,24 +94,36 @@ class Starts:
         Free (no wait) on a server that keeps waiting sessions, and when
         ``exempt``: a thread already holding a session of the connection (a
         call from a callback, a ``bounded_connection`` block) may be what the
-        running start waits for.
+        running start waits for. Free too after `close`: the open that follows fails.
         """
-        if not self.serial or exempt:
+        if not self.serial or exempt or self._closed:
             return FREE
         start = Start(self)
         with self._lock:
-            while self._current is not None:
-                now = time.monotonic()
-                left = self._since + START_HOLD - now
-                if left <= 0:
-                    break  # held too long: this one need not wait for it any more
-                if deadline is not None:
-                    if now >= deadline:
-                        return None
-                    left = min(left, deadline - now)
-                self._cond.wait(left)
+            try:
+                while self._current is not None and not self._closed:
+                    now = time.monotonic()
+                    left = self._since + START_HOLD - now
+                    if left <= 0:
+                        break  # held too long: this one need not wait for it any more
+                    if deadline is not None:
+                        if now >= deadline:
+                            return None
+                        left = min(left, deadline - now)
+                    self._cond.wait(left)
+            except BaseException:
+                # An interrupt (Ctrl-C) as this thread was woken: the wake was maybe
+                # its, and the next waiter would sleep out `START_HOLD` without it.
+                self._cond.notify()
+                raise
             self._current, self._since = start, time.monotonic()
         return start
+
+    def close(self) -> None:
+        """The connection is gone: the waiting threads go on (to fail over), none waits again."""
+        with self._lock:
+            self._closed = True
+            self._cond.notify_all()
 
     def leave(self, start: Start) -> None:
         with self._lock:

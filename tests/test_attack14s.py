@@ -8,17 +8,20 @@ attack14s.
 from __future__ import annotations
 
 import collections
+import inspect
 import json
 import os
 import socket
 import subprocess
 import sys
-from typing import Any, Dict, Iterator, List
+import time
+from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
-from helpers import run_threads
+from helpers import at_line, call_in_thread, run_threads, wait_for
 
-from paramiko_executor import ExecutorFailure, SSHExecutor
+from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor, starts
+from paramiko_executor.starts import Starts
 
 RELAY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                      "benchmarks", "relay.py")
@@ -107,3 +110,87 @@ def test_no_spare_waits_for_its_request_on_a_dropbear(dropbear: Any) -> None:
         opened = link.transport._channel_counter - before  # type: ignore[attr-defined]
         assert ex._connection.link is link
     assert opened <= 11, f"{opened} channels for 10 commands"
+
+
+def _wait_at_gate(link: Any, count: int) -> None:
+    """Until ``count`` threads wait at ``link``'s starts."""
+    wait_for(lambda: len(link.starts._cond._waiters) >= count,  # type: ignore[attr-defined]
+             f"{count} threads at the gate", timeout=30)
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_deadline_ends_a_wait_at_the_gate_in_time(dropbear: Any) -> None:
+    """A start held (a slow server, a Ctrl-C that left it): 50 threads queue behind it;
+    one with ``timeout=0.5`` ends as `CommandTimeout` within its bound."""
+    with SSHExecutor(**dropbear.executor_parameters()) as ex:
+        ex.run_command("true", timeout=30)
+        link = ex._connection.link
+        assert link is not None
+        held = link.starts.begin(None)
+        assert held is not None
+        queued = [call_in_thread(lambda: ex.run_command("true", timeout=60)) for _ in range(50)]
+        _wait_at_gate(link, 50)
+        began = time.monotonic()
+        with pytest.raises(CommandTimeout):
+            ex.run_command("echo late", timeout=0.5)
+        took = time.monotonic() - began
+        held.done()
+        for outcome in queued:
+            outcome["thread"].join(60)
+            assert outcome.get("result") is not None, outcome
+    assert took < 0.9, took
+
+
+@pytest.mark.hang_timeout(120)
+def test_close_wakes_the_threads_waiting_at_the_gate(dropbear: Any, monkeypatch: Any) -> None:
+    """``close()`` while 30 threads wait at the gate behind a held start: they waited for
+    the start to be given up (`START_HOLD`, made 10 s here to tell it from a close),
+    as the connection's slots' waiters do not: on sshd every call returns at once."""
+    monkeypatch.setattr(starts, "START_HOLD", 10.0)
+    with SSHExecutor(**dropbear.executor_parameters()) as ex:
+        ex.run_command("true", timeout=30)
+        link = ex._connection.link
+        assert link is not None
+        held = link.starts.begin(None)
+        assert held is not None
+        queued = [call_in_thread(lambda: ex.run_command("true")) for _ in range(30)]
+        _wait_at_gate(link, 30)
+        began = time.monotonic()
+        ex.close()
+        for outcome in queued:
+            outcome["thread"].join(30)
+        took = time.monotonic() - began
+        errors = collections.Counter(type(outcome.get("error")).__name__ for outcome in queued)
+    assert errors == {"ExecutorFailure": 30}, errors
+    assert took < 2, took
+
+
+def test_a_ctrl_c_as_a_waiter_is_woken_passes_the_wake_on(monkeypatch: Any) -> None:
+    """Two threads wait at the gate; the start they wait for ends, and the one woken is
+    interrupted (Ctrl-C) as it wakes: the other waited for `START_HOLD` (10 s here)."""
+    monkeypatch.setattr(starts, "START_HOLD", 10.0)
+    gate = Starts(serial=True)
+    first = gate.begin(None)
+    assert first is not None
+    wait = _line_of(Starts.begin, "self._cond.wait(")
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    woken = call_in_thread(at_line(Starts.begin.__code__, wait, interrupt,
+                                   lambda: gate.begin(None), after=True))
+    wait_for(lambda: len(gate._cond._waiters) == 1, "the first waiter")  # type: ignore[attr-defined]
+    other = call_in_thread(lambda: gate.begin(None))
+    wait_for(lambda: len(gate._cond._waiters) == 2, "the second waiter")  # type: ignore[attr-defined]
+    began = time.monotonic()
+    first.done()
+    woken["thread"].join(30)
+    assert isinstance(woken.get("error"), KeyboardInterrupt), woken
+    other["thread"].join(30)
+    assert other.get("result") is not None, other
+    assert time.monotonic() - began < 2
+
+
+def _line_of(function: Callable[..., Any], text: str) -> int:
+    lines, first = inspect.getsourcelines(function)
+    return first + next(i for i, line in enumerate(lines) if text in line)
