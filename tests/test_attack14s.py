@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import inspect
 import json
+import linecache
 import os
 import socket
 import subprocess
@@ -194,3 +195,130 @@ def test_a_ctrl_c_as_a_waiter_is_woken_passes_the_wake_on(monkeypatch: Any) -> N
 def _line_of(function: Callable[..., Any], text: str) -> int:
     lines, first = inspect.getsourcelines(function)
     return first + next(i for i, line in enumerate(lines) if text in line)
+
+
+def _codes() -> List[Any]:
+    """The code run from a command's or a transfer's start to its exec (or open)."""
+    from paramiko_executor import executors
+    from paramiko_executor.starts import Start
+
+    transfer = executors.SSHExecutor._transfer.__code__
+    attempt = next(const for const in transfer.co_consts
+                   if getattr(const, "co_name", "") == "attempt")
+    return [executors._begin.__code__, Starts.begin.__code__, Starts.leave.__code__,
+            Start.done.__code__, Start.__exit__.__code__,
+            executors.SSHExecutor._run_once.__code__, attempt]
+
+
+@pytest.mark.hang_timeout(600)
+def test_a_ctrl_c_at_any_line_of_a_start_holds_the_next_no_longer_than_start_hold(
+        dropbear: Any, tmp_path: Any, shared_dir: str, capsys: Any) -> None:
+    """A Ctrl-C at each line from a command's (a put's) start to its exec: the next
+    command runs within `START_HOLD` and every slot comes back."""
+    from test_blocks import _all_back, _connected
+
+    source = tmp_path / "src"
+    source.write_bytes(b"x" * 1000)
+    remote = os.path.join(shared_dir, "put-target")
+    slow: List[str] = []
+    bad: List[str] = []
+    cases = 0
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    with SSHExecutor(**dropbear.executor_parameters()) as ex:
+        for code in _codes():
+            # Not a ``try:`` line: CPython 3.11 leaves a ``with``'s lock held when a trace
+            # function raises at one inside it, where no signal is ever handled (a NOP).
+            lines = sorted({line for _, _, line in code.co_lines()
+                            if line is not None and line > code.co_firstlineno
+                            and linecache.getline(code.co_filename, line).strip() != "try:"})
+            if code.co_name == "attempt":
+                # From the hand-over on, the transfer's own (test_attack12a's xfails).
+                lines = lines[:next(i for i, line in enumerate(lines) if "return work(" in
+                                    linecache.getline(code.co_filename, line))]
+            for line in lines:
+                for name, call in (("command", lambda: ex.run_command("true", timeout=30)),
+                                   ("put", lambda: ex.put(str(source), remote, timeout=30))):
+                    cases += 1
+                    if os.environ.get("PE_TRACE_CASES"):
+                        print(f"case {code.co_name}:{line} {name}", file=sys.__stderr__,
+                              flush=True)
+                    link, slots, spare = _connected(ex)
+                    try:
+                        at_line(code, line, interrupt, call)()
+                    except KeyboardInterrupt:
+                        pass
+                    began = time.monotonic()
+                    try:
+                        _all_back(ex, link, slots, spare)
+                    except (AssertionError, ExecutorFailure) as exc:
+                        bad.append(f"{code.co_name}:{line} {name}: {exc!r:.80}")
+                    took = time.monotonic() - began
+                    if took > starts.START_HOLD + 1:
+                        bad.append(f"{code.co_name}:{line} {name}: next after {took:.2f} s")
+                    elif took > 0.5:
+                        slow.append(f"{code.co_name}:{line} {name}: {took:.2f} s")
+    with capsys.disabled():
+        print(f"\n[ctrl-c sweep] {cases} cases; held a while: {slow}")
+    assert not bad, bad
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_fork_while_threads_wait_at_the_gate_leaves_the_child_a_working_executor(
+        dropbear: Any) -> None:
+    """20 threads wait at the gate behind a held start as the process forks: the child's
+    command runs at once on a connection of its own (no start of the parent's holds it)."""
+    with SSHExecutor(**dropbear.executor_parameters()) as ex:
+        ex.run_command("true", timeout=30)
+        link = ex._connection.link
+        assert link is not None
+        held = link.starts.begin(None)
+        assert held is not None
+        queued = [call_in_thread(lambda: ex.run_command("true", timeout=60)) for _ in range(20)]
+        _wait_at_gate(link, 20)
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest from here on
+            code = 1
+            try:
+                began = time.monotonic()
+                result = ex.run_command("echo child", timeout=10)
+                code = 0 if result.stdout == "child\n" and time.monotonic() - began < 1.5 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        held.done()
+        for outcome in queued:
+            outcome["thread"].join(60)
+            assert outcome.get("result") is not None, outcome
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+@pytest.mark.hang_timeout(300)
+def test_a_group_of_a_dropbear_and_an_sshd_gates_only_the_dropbear(dropbear: Any,
+                                                                  sshd: Any) -> None:
+    """20 threads x 10 group commands on a Dropbear and an sshd: every one runs on both;
+    only the Dropbear's connection starts one session at a time."""
+    from paramiko_executor import HostGroup
+
+    hosts = [{**dropbear.executor_parameters(), "name": "dropbear"},
+             {**sshd.executor_parameters(), "name": "sshd"}]
+    with HostGroup(hosts) as group:
+
+        def work(i: int) -> List[str]:
+            failed = []
+            for j in range(10):
+                outcome = group.run_command(f"echo {i}-{j}", timeout=60)
+                for name, result in outcome.items():
+                    if getattr(result, "stdout", None) != f"{i}-{j}\n":
+                        failed.append(f"{name}: {result!r:.80}")
+            return failed
+
+        results, errors = run_threads(work, 20, timeout=280)
+        serial = {name: group._executors[name]._connection.link.starts.serial  # type: ignore[attr-defined]
+                  for name in ("dropbear", "sshd")}
+    assert not errors, errors[:3]
+    failed = [f for fails in results.values() for f in fails]
+    assert not failed, failed[:5]
+    assert serial == {"dropbear": True, "sshd": False}
