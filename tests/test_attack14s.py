@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List
 
@@ -322,3 +323,46 @@ def test_a_group_of_a_dropbear_and_an_sshd_gates_only_the_dropbear(dropbear: Any
     failed = [f for fails in results.values() for f in fails]
     assert not failed, failed[:5]
     assert serial == {"dropbear": True, "sshd": False}
+
+
+@pytest.mark.hang_timeout(120)
+def test_callbacks_running_calls_on_the_same_dropbear_connection_wait_for_no_start(
+        dropbear: Any, shared_dir: str, tmp_path: Any) -> None:
+    """``on_output`` running a command and a put, and a put's ``progress`` running a
+    command, on the same executor while 10 other threads keep starting commands: no
+    nested call waits for a start (`START_HOLD`), every one runs."""
+    source = tmp_path / "src"
+    source.write_bytes(b"y" * 300_000)
+    took: List[float] = []
+
+    def nested(*_: Any) -> None:
+        began = time.monotonic()
+        assert ex.run_command("echo inner", timeout=30).stdout == "inner\n"
+        if len(took) % 3 == 0:
+            ex.put(str(source), os.path.join(shared_dir, f"n{len(took)}"), timeout=30)
+        took.append(time.monotonic() - began)
+
+    with SSHExecutor(**dropbear.executor_parameters()) as ex:
+        ex.run_command("true", timeout=30)
+        stop = threading.Event()
+
+        def others(i: int) -> int:
+            count = 0
+            while not stop.is_set() and count < 500:
+                ex.run_command("true", timeout=30)
+                count += 1
+            return count
+
+        background = call_in_thread(lambda: run_threads(others, 10, timeout=100))
+        try:
+            ex.run_command("for i in 1 2 3 4 5 6; do echo $i; done", timeout=60,
+                           on_output=nested)
+            ex.put(str(source), os.path.join(shared_dir, "outer"), timeout=60,
+                   progress=nested)
+        finally:
+            stop.set()
+            background["thread"].join(110)
+    assert "error" not in background, background
+    _, errors = background["result"]
+    assert not errors, errors[:3]
+    assert len(took) >= 7 and max(took) < 1.5, took
