@@ -17,10 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from helpers import at_line, call_in_thread, run_threads, wait_for
+from test_starts import echoes_from_threads
 
 from paramiko_executor import CommandTimeout, ExecutorFailure, SSHExecutor, starts
 from paramiko_executor.starts import Starts
@@ -75,21 +76,7 @@ def test_commands_on_a_dropbear_50_ms_away_all_run(far_dropbear: Dict[str, Any],
     callers, per_caller = 10, 10
     with SSHExecutor(**far_dropbear) as ex:
         ex.run_command("true", timeout=60)
-
-        def work(i: int) -> List[str]:
-            seen = []
-            for j in range(per_caller):
-                try:
-                    result = ex.run_command(f"echo {i}-{j}", timeout=60)
-                    seen.append("ok" if result.stdout == f"{i}-{j}\n" else result.stdout)
-                except ExecutorFailure as exc:
-                    seen.append(f"{type(exc).__name__}: {exc}"[:80])
-            return seen
-
-        results, errors = run_threads(work, callers, timeout=280)
-        stats = ex.statistics()
-    assert not errors, errors[:3]
-    seen = collections.Counter(outcome for outcomes in results.values() for outcome in outcomes)
+        seen, stats = echoes_from_threads(ex, callers, per_caller)
     with capsys.disabled():
         print(f"\n[far dropbear] {seen.most_common(3)} reconnects={stats.reconnects} "
               f"retried={stats.commands_retried}")
@@ -114,10 +101,21 @@ def test_no_spare_waits_for_its_request_on_a_dropbear(dropbear: Any) -> None:
     assert opened <= 11, f"{opened} channels for 10 commands"
 
 
-def _wait_at_gate(link: Any, count: int) -> None:
-    """Until ``count`` threads wait at ``link``'s starts."""
+def _queued_behind_a_held_start(ex: SSHExecutor, count: int, timeout: Optional[float]
+                                ) -> Tuple[Any, Any, List[Dict[str, Any]]]:
+    """``ex`` connected to a Dropbear, a start held on it (a slow server's, or one a
+    Ctrl-C left), and ``count`` threads running ``true`` waiting behind it at the gate:
+    the link, the held start and the threads' outcomes (`call_in_thread`)."""
+    ex.run_command("true", timeout=30)
+    link = ex._connection.link
+    assert link is not None
+    held = link.starts.begin(None)
+    assert held is not None
+    queued = [call_in_thread(lambda: ex.run_command("true", timeout=timeout))
+              for _ in range(count)]
     wait_for(lambda: len(link.starts._cond._waiters) >= count,  # type: ignore[attr-defined]
              f"{count} threads at the gate", timeout=30)
+    return link, held, queued
 
 
 @pytest.mark.hang_timeout(120)
@@ -125,13 +123,7 @@ def test_a_deadline_ends_a_wait_at_the_gate_in_time(dropbear: Any) -> None:
     """A start held (a slow server, a Ctrl-C that left it): 50 threads queue behind it;
     one with ``timeout=0.5`` ends as `CommandTimeout` within its bound."""
     with SSHExecutor(**dropbear.executor_parameters()) as ex:
-        ex.run_command("true", timeout=30)
-        link = ex._connection.link
-        assert link is not None
-        held = link.starts.begin(None)
-        assert held is not None
-        queued = [call_in_thread(lambda: ex.run_command("true", timeout=60)) for _ in range(50)]
-        _wait_at_gate(link, 50)
+        link, held, queued = _queued_behind_a_held_start(ex, 50, timeout=60)
         began = time.monotonic()
         with pytest.raises(CommandTimeout):
             ex.run_command("echo late", timeout=0.5)
@@ -150,13 +142,7 @@ def test_close_wakes_the_threads_waiting_at_the_gate(dropbear: Any, monkeypatch:
     as the connection's slots' waiters do not: on sshd every call returns at once."""
     monkeypatch.setattr(starts, "START_HOLD", 10.0)
     with SSHExecutor(**dropbear.executor_parameters()) as ex:
-        ex.run_command("true", timeout=30)
-        link = ex._connection.link
-        assert link is not None
-        held = link.starts.begin(None)
-        assert held is not None
-        queued = [call_in_thread(lambda: ex.run_command("true")) for _ in range(30)]
-        _wait_at_gate(link, 30)
+        link, held, queued = _queued_behind_a_held_start(ex, 30, timeout=None)
         began = time.monotonic()
         ex.close()
         for outcome in queued:
@@ -272,13 +258,7 @@ def test_a_fork_while_threads_wait_at_the_gate_leaves_the_child_a_working_execut
     """20 threads wait at the gate behind a held start as the process forks: the child's
     command runs at once on a connection of its own (no start of the parent's holds it)."""
     with SSHExecutor(**dropbear.executor_parameters()) as ex:
-        ex.run_command("true", timeout=30)
-        link = ex._connection.link
-        assert link is not None
-        held = link.starts.begin(None)
-        assert held is not None
-        queued = [call_in_thread(lambda: ex.run_command("true", timeout=60)) for _ in range(20)]
-        _wait_at_gate(link, 20)
+        link, held, queued = _queued_behind_a_held_start(ex, 20, timeout=60)
         pid = os.fork()
         if pid == 0:  # the child: no pytest from here on
             code = 1
