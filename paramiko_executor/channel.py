@@ -855,6 +855,9 @@ class SessionChannel(Cover):
         self.exec_asked = False
         self.exec_sent = False
         self.exec_accepted: Optional[bool] = None
+        #: Called once (from paramiko's thread) when the server answered the exec or
+        #: closed the channel: the server has no channel waiting for its request then.
+        self.on_exec_answer: Optional[Callable[[], None]] = None
         #: Handed over for paramiko's own use (`hand_over`): only the CLOSE is ours.
         self.raw = False
         #: True from a given-up open (`abandon_open`) until the server answers it.
@@ -945,6 +948,7 @@ class SessionChannel(Cover):
         kind = self._awaiting.popleft()
         if kind == "exec":
             self.exec_accepted = success
+            self._exec_answered()
         self.replies.append((kind, success))
         if self._reply_wakes or not success:
             self.wakeup.set()
@@ -975,8 +979,14 @@ class SessionChannel(Cover):
         if slots is not None:
             slots.open_answered(time.monotonic() - self._asked, refused=refused)
 
+    def _exec_answered(self) -> None:
+        call, self.on_exec_answer = self.on_exec_answer, None
+        if call is not None:
+            call()
+
     def server_closed(self) -> None:
         self.remote_closed = True
+        self._exec_answered()
         self.wakeup.set()
         self._release()
 

@@ -594,6 +594,7 @@ class Link:
             self.keepalive.stop()
         if self.slots is not None:
             self.slots.close()
+        self.starts.close()
         close_transport(self.transport)
 
 
@@ -1170,6 +1171,7 @@ class Connection:
         self._link = None
         if link.slots is not None:
             link.slots.close()
+        link.starts.close()
         threading.Thread(target=link.end, daemon=True, name="paramiko_executor close").start()
 
     def drop(self, link: Link) -> None:

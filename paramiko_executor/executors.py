@@ -138,11 +138,6 @@ def _begin(link: Link, deadline: Optional[float]) -> Optional[Start]:
     return starts.begin(deadline, exempt=link.slots.held_by(threading.get_ident()) > 0)
 
 
-def _after_start(start: Start, then: Callable[[], None]) -> None:
-    start.done()  # the exec went out: the next command may open its channel
-    then()
-
-
 class Executor(abc.ABC):
     """Runs shell commands; the common base of the three executors.
 
@@ -818,9 +813,15 @@ class SSHExecutor(Executor):
                 session = self._open_session(link, deadline)
                 if session is None:
                     return None
-                after_exec = functools.partial(link.spare.replenish, deadline)
-                if start is not FREE:
-                    after_exec = functools.partial(_after_start, start, after_exec)
+                after_exec: Optional[Callable[[], None]] = None
+                if link.starts.serial:
+                    # Dropbear has a process for the channel once it answered the exec;
+                    # the next start's channel, created before, would be closed by this
+                    # command's exit (an ``echo`` ends as its answer goes out), and a
+                    # spare waits for its request all its life: none is made.
+                    session.on_exec_answer = start.done
+                else:
+                    after_exec = functools.partial(link.spare.replenish, deadline)
                 return session.run(spec, deadline, after_exec=after_exec)
 
     def _take_slot(self, link: Link, deadline: Optional[float], claim: Claim) -> bool:

@@ -23,6 +23,8 @@ class FakeTransport:
     """What Connection and Link touch of a paramiko Transport."""
 
     sock = None
+    #: Read by `Link` (its `Starts`): a server whose sessions may start side by side.
+    remote_version = "SSH-2.0-OpenSSH_9.2p1"
 
     def __init__(self) -> None:
         self.active = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Any, List
+from typing import Any, List, Tuple
 
 import pytest
 from helpers import run_threads
@@ -142,27 +142,33 @@ def test_dropbear_gets_serial_starts_and_sshd_does_not(dropbear: Any, sshd: Any)
         assert link is not None and not link.starts.serial
 
 
+def echoes_from_threads(ex: SSHExecutor, threads: int,
+                        per_thread: int) -> Tuple[collections.Counter[str], Any]:
+    """``threads`` threads running ``per_thread`` ``echo`` each on ``ex``: how each call
+    ended ("ok", else the output or the failure), and ``ex``'s statistics after."""
+    def work(i: int) -> List[str]:
+        seen = []
+        for j in range(per_thread):
+            try:
+                result = ex.run_command(f"echo {i}-{j}", timeout=60)
+                seen.append("ok" if result.stdout == f"{i}-{j}\n" else result.stdout)
+            except ExecutorFailure as exc:
+                seen.append(f"{type(exc).__name__}: {exc}")
+        return seen
+
+    results, errors = run_threads(work, threads, timeout=280)
+    assert not errors, errors[:3]
+    seen = collections.Counter(outcome for outcomes in results.values() for outcome in outcomes)
+    return seen, ex.statistics()
+
+
 @pytest.mark.hang_timeout(300)
 def test_many_threads_on_dropbear_all_run(dropbear: Any, capsys: Any) -> None:
     # Before: 10-35 % of these failed (10 runs of 50 x 40); fails on a free start.
     threads, per_thread = 50, 40
     with SSHExecutor(**dropbear.executor_parameters()) as ex:
         ex.run_command("true")
-
-        def work(i: int) -> List[str]:
-            seen = []
-            for j in range(per_thread):
-                try:
-                    result = ex.run_command(f"echo {i}-{j}", timeout=60)
-                    seen.append("ok" if result.stdout == f"{i}-{j}\n" else result.stdout)
-                except ExecutorFailure as exc:
-                    seen.append(f"{type(exc).__name__}: {exc}")
-            return seen
-
-        results, errors = run_threads(work, threads, timeout=280)
-        stats = ex.statistics()
-    assert not errors, errors[:3]
-    seen = collections.Counter(outcome for outcomes in results.values() for outcome in outcomes)
+        seen, stats = echoes_from_threads(ex, threads, per_thread)
     with capsys.disabled():
         print(f"\n[dropbear starts] {seen.most_common(4)} reconnects={stats.reconnects} "
               f"retried={stats.commands_retried}")
