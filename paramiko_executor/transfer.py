@@ -708,8 +708,8 @@ class _Session:
             # CLOSE in reply may come before this check or after it.
             raise SFTPNotStarted(
                 "the server closed the channel before answering the SFTP subsystem request"
-                if closed_before or chan.eof_received else "the server refused to start the SFTP subsystem",
-                refused=True)
+                if closed_before or chan.eof_received
+                else "the server refused to start the SFTP subsystem", refused=True)
 
     def _negotiate(self, until: float) -> memoryview:
         """The server's VERSION reply (from its type byte on), checked to be one."""
