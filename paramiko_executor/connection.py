@@ -457,7 +457,7 @@ def close_transport(transport: paramiko.Transport) -> None:
 class _Taking:
     """The boundary of a call that takes sessions and slots of ``link`` (see `Link.taking`)."""
 
-    __slots__ = ("link", "slots", "thread", "held", "claim")
+    __slots__ = ("link", "slots", "thread", "held", "claim", "running", "__weakref__")
 
     def __init__(self, link: Link) -> None:
         assert link.slots is not None
@@ -465,14 +465,24 @@ class _Taking:
         self.slots = link.slots
         self.thread = threading.get_ident()
         # Sessions an earlier call of the thread left (Ctrl-C as its boundary gave them
-        # back): none is an outer call's, whose session runs its command or is paramiko's
-        # (a transfer's) while its callbacks run, so every one is given back here.
-        link.discard_left(self.thread)
+        # back) are given back here, unless a call of the thread is still in its boundary:
+        # code the thread runs amid a call (a signal handler, a finalizer) may call
+        # again while that call's session is not running yet, its open being answered.
+        # Its callbacks come later (the session runs its command, or is paramiko's).
+        outer = link.boundaries.get(self.thread)
+        if outer is not None:
+            outer[:] = [ref for ref in outer if _running(ref)]
+        if not outer:
+            link.discard_left(self.thread)
         #: The loose slots the thread held as the call began (an outer call's: kept), its
         #: kept blocks' left out (`Slots.loose`): one may end inside the call.
         self.held = link.slots.loose(self.thread)
         #: Set by `only`: the one claim the call holds from then on.
         self.claim: Optional[Claim] = None
+        #: Cleared as the boundary is left; a boundary whose exit a Ctrl-C skipped is gone
+        #: with its frame (a weak reference), so it holds back no later start's discard.
+        self.running = True
+        link.boundaries.setdefault(self.thread, []).append(weakref.ref(self))
 
     def __enter__(self) -> _Taking:
         return self
@@ -490,12 +500,21 @@ class _Taking:
         self.slots.keep(claim)
 
     def __exit__(self, kind: Optional[type], *rest: object) -> None:
+        self.running = False
         if kind is None:
             return
         if self.claim is not None:
             self.claim.__exit__()  # again: a Ctrl-C at the first's entry skipped it
         else:
             self.link.give_back(self.thread, self.held)
+
+
+def _running(ref: weakref.ref[_Taking]) -> bool:
+    """Whether the boundary ``ref`` refers to lives, was not left yet, and may hold a
+    session: a ``bounded_connection`` block's, narrowed to its claim (`_Taking.only`),
+    holds none, and a block may stay open for the whole of the thread's work."""
+    boundary = ref()
+    return boundary is not None and boundary.running and boundary.claim is None
 
 
 class Link:
@@ -525,6 +544,9 @@ class Link:
         self.blocks = Blocks(transport, sessions)
         #: One session start at a time on a server that closes sessions waiting for their request.
         self.starts = Starts(closes_waiting_sessions(transport.remote_version))
+        #: Each thread's boundaries (`taking`) begun here, weakly held; a thread's are
+        #: pruned by its next one, which is the only one to change its list.
+        self.boundaries: Dict[int, List[weakref.ref[_Taking]]] = {}
         self._target = target
 
     @property

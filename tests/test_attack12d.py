@@ -153,8 +153,8 @@ def test_more_ctrl_cs_as_the_boundary_discards_a_session_leave_the_thread_usable
     ``SessionChannel.discard``'s entry): every later command of the thread raised "already
     holds all 1 session(s)", the session left open for the connection's life. The
     boundary discards again after a second Ctrl-C; after a third, the thread's next
-    call's boundary does as it begins (no outer call of the thread holds a session that
-    is not running, paramiko's or the spare)."""
+    call's boundary does as it begins (when no other call of the thread is in its
+    boundary: see test_attack14c)."""
     server = make_sshd(max_sessions=1)
     discard = SessionChannel.discard
     fired: List[bool] = []

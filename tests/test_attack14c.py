@@ -1,0 +1,163 @@
+"""attack14c: a call's boundary (`Link.taking`) discards at its start the sessions an
+earlier boundary of its thread left (`Link.discard_left`), on the claim that no outer
+call of the thread holds a session not running while code of the thread runs.
+
+Code other than the call's callbacks runs in a thread amid a call: a signal handler
+(in the main thread, between two lines, or while a wait is interrupted), a finalizer.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, List
+
+import pytest
+from helpers import at_line, source_file, wait_for
+from test_attack11a import _as_it_returns, _interrupt
+from test_attack12d import _all_back, _connected
+
+from paramiko_executor import SSHExecutor
+from paramiko_executor.channel import SessionChannel
+from paramiko_executor.executors import SSHExecutor as _SSH
+
+
+def _line_of(code: Any, text: str) -> int:
+    """The number of the line of the function of ``code`` holding ``text`` (once)."""
+    lines = Path(code.co_filename).read_text().splitlines()
+    first = code.co_firstlineno
+    found = [number for number in range(first, first + 200)
+             if number <= len(lines) and text in lines[number - 1]]
+    assert len(found) == 1, (text, found)
+    return found[0]
+
+
+def _by_signal(act: Callable[[], None]) -> Callable[[], None]:
+    """``act`` run by a SIGUSR1 handler raised now: a signal arriving in the main thread."""
+
+    def fire() -> None:
+        previous = signal.signal(signal.SIGUSR1, lambda *_: act())
+        try:
+            signal.raise_signal(signal.SIGUSR1)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+
+    return fire
+
+
+WHERE = {
+    # The open answered, its session this thread's: the wait for the answer is where a
+    # signal lands most (a round trip per command).
+    "settle_open": (SessionChannel.settle_open, "if self.opened:"),
+    # The same, for the spare the command takes (its taker this thread).
+    "spare": (SessionChannel.settle_open, "if self.opened:"),
+    # Between the open and the run.
+    "run_once": (_SSH._run_once, "return session.run(spec, deadline, after_exec=after_exec)"),
+    # A transfer's, between the open and its hand-over to paramiko's SFTP client.
+    "transfer": (next(code for code in _SSH._transfer.__code__.co_consts
+                      if getattr(code, "co_name", None) == "attempt"),
+                 "return work(session.hand_over(), deadline, side)"),
+}
+
+
+@pytest.mark.parametrize("where", sorted(WHERE))
+@pytest.mark.hang_timeout(120)
+def test_a_signal_handlers_command_leaves_the_interrupted_commands_session_alone(
+        make_sshd: Any, shared_dir: str, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """A command run by a signal handler (SIGUSR1, say, to stop a remote job) landing as
+    a command of the main thread holds its session, not running yet: the handler's call
+    discarded that session at its boundary's start, as one left by an earlier call."""
+    server = make_sshd(max_sessions=3)
+    function, text = WHERE[where]
+    code = getattr(function, "__code__", function)
+    line = _line_of(code, text)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        assert ex.run_command("true", timeout=30).exit_code == 0
+        link = ex._connection.link
+        assert link is not None and link.slots is not None and link.spare is not None
+        slots, spare = link.slots, link.spare
+        if where == "spare":
+            # A spare's open may be refused while the probe's sessions are being freed:
+            # the next command's exec makes another.
+            for _ in range(20):
+                if spare.held:
+                    break
+                assert ex.run_command("true", timeout=30).exit_code == 0
+            assert spare.held, "no spare was made in 20 commands"
+        else:
+            spare.discard()  # the command opens its own channel
+            wait_for(lambda: slots.available == slots.limit, "the spare's slot back", 10)
+        nested: List[str] = []
+        discarded: List[SessionChannel] = []
+        original = SessionChannel.discard
+
+        def discard(session: SessionChannel) -> None:
+            discarded.append(session)
+            original(session)
+
+        def handler() -> None:
+            nested.append(ex.run_command("echo nested", timeout=30).stdout)
+
+        if where == "transfer":
+            source = source_file(shared_dir, 64 * 1024)
+
+            def outer() -> Any:
+                return ex.put(str(source), str(Path(shared_dir, "copy")), timeout=30)
+        else:
+            def outer() -> Any:
+                return ex.run_command("echo outer", timeout=30).stdout
+
+        before = ex.statistics()
+        monkeypatch.setattr(SessionChannel, "discard", discard)
+        result = at_line(code, line, _by_signal(handler), outer)()
+        assert nested == ["nested\n"], "the handler did not run"
+        assert result == (64 * 1024 if where == "transfer" else "outer\n")
+        after = ex.statistics()
+        assert not discarded, "the handler's call discarded the outer call's session"
+        assert after.refused_opens == before.refused_opens, "an open was refused"
+        assert after.reconnects == before.reconnects, "the connection was lost"
+        wait_for(lambda: slots.available + spare.held == slots.limit and not slots._holders,
+                 "every slot back", timeout=10,
+                 explain=lambda: f"{slots.available} free, holders {slots._holders}")
+        assert ex._connection.link is link
+
+
+@pytest.mark.hang_timeout(120)
+def test_a_session_left_inside_a_block_is_discarded_by_the_threads_next_call(
+        make_sshd: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MaxSessions 2, inside a ``bounded_connection`` block of the thread (its boundary
+    running for as long as the block): a Ctrl-C as ``SessionChannel(...)`` returned into
+    ``_open_session``, then two more as the boundary discarded that session, leave it the
+    thread's; the thread's next call discards it as it begins: the block's boundary,
+    narrowed to its claim, holds no session (it does not hold that discard back)."""
+    server = make_sshd(max_sessions=2)
+    discard = SessionChannel.discard
+    fired: List[bool] = []
+
+    def interrupted_discard(session: SessionChannel) -> None:
+        caller = sys._getframe(1)
+        callers = (caller.f_code.co_name, caller.f_back.f_code.co_name if caller.f_back else "")
+        if len(fired) < 2 and "give_back" in callers:
+            fired.append(True)
+            raise KeyboardInterrupt
+        discard(session)
+
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        link, slots, spare = _connected(ex)
+        me = threading.get_ident()
+        with ex.bounded_connection:
+            spare.discard()  # the command opens its own channel
+            wait_for(lambda: slots.available == 1, "the spare's slot back", 10)
+            monkeypatch.setattr(SessionChannel, "discard", interrupted_discard)
+            with pytest.raises(KeyboardInterrupt):
+                _as_it_returns(SessionChannel.__init__.__code__, _interrupt,
+                               lambda: ex.run_command("true", timeout=30),
+                               into=SSHExecutor._open_session.__code__)()
+            monkeypatch.setattr(SessionChannel, "discard", discard)
+            assert len(fired) == 2
+            assert slots.held_by(me) == 2, "the block's slot and the session left"
+            assert ex.run_command("echo ok", timeout=30).stdout == "ok\n"
+            assert slots.held_by(me) == 1, "the session left is still the thread's"
+        _all_back(ex, link, slots, spare)
