@@ -8,20 +8,24 @@ Code other than the call's callbacks runs in a thread amid a call: a signal hand
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, Generator, List, Tuple
 
 import pytest
-from helpers import at_line, source_file, wait_for
+from helpers import at_line, call_in_thread, source_file, wait_for
 from test_attack11a import _as_it_returns, _interrupt
-from test_attack12d import _all_back, _connected
+from test_attack12c import _lines
+from test_attack12d import _all_back, _bounded, _connected
 
-from paramiko_executor import SSHExecutor
+from paramiko_executor import ExecutorFailure, SSHExecutor
 from paramiko_executor.channel import SessionChannel
+from paramiko_executor.connection import Link, _Taking
 from paramiko_executor.executors import SSHExecutor as _SSH
+from paramiko_executor.slots import Slots
 
 
 def _line_of(code: Any, text: str) -> int:
@@ -160,4 +164,154 @@ def test_a_session_left_inside_a_block_is_discarded_by_the_threads_next_call(
             assert slots.held_by(me) == 2, "the block's slot and the session left"
             assert ex.run_command("echo ok", timeout=30).stdout == "ok\n"
             assert slots.held_by(me) == 1, "the session left is still the thread's"
+        _all_back(ex, link, slots, spare)
+
+
+def _put_interrupted_by_progress(ex: SSHExecutor, shared_dir: str) -> None:
+    """A put whose ``progress`` raises KeyboardInterrupt (its boundary gives back)."""
+    def progress(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    ex.put(str(source_file(shared_dir, 64 * 1024)), str(Path(shared_dir, "copy")),
+           progress=progress, timeout=30)
+
+
+def _blocks_three_deep(ex: SSHExecutor, shared_dir: str) -> None:
+    """Three ``bounded_connection`` blocks of the thread, one in the other, each opening a
+    session; the innermost raises KeyboardInterrupt."""
+    with ex.bounded_connection as transport:
+        _exec(transport, "true").recv_exit_status()
+        with ex.bounded_connection:
+            with ex.bounded_connection:
+                _exec(transport, "true").recv_exit_status()
+                raise KeyboardInterrupt
+
+
+def _kept_block_closed_in_another_thread(ex: SSHExecutor, shared_dir: str) -> None:
+    """A block kept in a generator by a command's ``on_output``, which raises; the
+    generator is closed by another thread (the sweep's Ctrl-C traces that one too)."""
+    held: List[Generator[None, None, None]] = []
+
+    def callback(*args: Any) -> None:
+        if not held:
+            held.append(_bounded(ex))
+            next(held[0])
+        raise ValueError("the callback's own error")
+
+    try:
+        ex.run_command("echo first; sleep 0.1", timeout=30, on_output=callback)
+    finally:
+        for block in held:
+            closer = call_in_thread(functools.partial(_traced_like_caller, block.close))
+            closer["thread"].join(30)
+            assert not closer["thread"].is_alive()
+            if isinstance(closer.get("error"), KeyboardInterrupt):
+                block.close()  # the Ctrl-C landed in the closer: the caller ends it
+
+
+#: The sweep's tracer, set in the calling thread; a closer thread traces the same lines.
+_TRACE: List[Callable[[Callable[[], Any]], Callable[[], Any]]] = []
+
+
+def _traced_like_caller(call: Callable[[], Any]) -> Any:
+    return (_TRACE[0](call) if _TRACE else call)()
+
+
+def _exec(transport: Any, command: str) -> Any:
+    chan = transport.open_session(timeout=30)
+    chan.exec_command(command)
+    return chan
+
+
+_PATHS: Dict[str, Tuple[int, Callable[[SSHExecutor, str], None]]] = {
+    "put": (1, _put_interrupted_by_progress),
+    "blocks three deep": (3, _blocks_three_deep),
+    "kept block closed in another thread": (2, _kept_block_closed_in_another_thread),
+}
+_BOUNDARY: List[Callable[..., Any]] = [
+    _Taking.__init__, _Taking.only, _Taking.__exit__, Link.give_back, Link.discard_left,
+    Slots.loose, Slots.keep, Slots._kept_by, Slots.release_beyond]
+
+
+def _fire(fired: List[bool]) -> None:
+    fired.append(True)
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("path", sorted(_PATHS))
+@pytest.mark.hang_timeout(600)
+def test_a_ctrl_c_at_each_line_of_the_boundary_on_other_paths(
+        make_sshd: Any, shared_dir: str, path: str) -> None:
+    """A Ctrl-C at each line of the boundary's code (the first time a thread of the path
+    reaches it) on a put whose ``progress`` raises KeyboardInterrupt (MaxSessions 1), three
+    nested blocks raising it (MaxSessions 3), and a block an ``on_output`` callback keeps
+    then closed by another thread (MaxSessions 2): every slot back, none twice, the
+    connection kept, the next command runs."""
+    sessions, run = _PATHS[path]
+    server = make_sshd(max_sessions=sessions)
+    bad: List[str] = []
+    reached = 0
+    for function in _BOUNDARY:
+        for line in _lines(function):
+            fired: List[bool] = []
+            _TRACE[:] = [functools.partial(at_line, function.__code__, line,
+                                           functools.partial(_fire, fired))]
+            with SSHExecutor(**server.executor_parameters()) as ex:
+                link, slots, spare = _connected(ex)
+                try:
+                    _traced_like_caller(lambda: run(ex, shared_dir))
+                except (KeyboardInterrupt, ValueError):
+                    pass
+                _TRACE.clear()
+                reached += bool(fired)
+                try:
+                    _all_back(ex, link, slots, spare)
+                    assert not any(ref() is not None and ref().running  # type: ignore[union-attr]
+                                   for refs in link.boundaries.values() for ref in refs)
+                except AssertionError as exc:
+                    bad.append(f"{function.__qualname__}:{line}: {exc}")
+    assert not bad, "\n".join(bad)
+    assert reached, "no line of the boundary was reached"
+
+
+@pytest.mark.xfail(strict=True, reason="a nested call's boundary that fails gives back every "
+                   "session its thread took and did not hand on, an outer call's too "
+                   "(Link.give_back: Sessions.left_by tells no call from another)")
+@pytest.mark.hang_timeout(120)
+def test_a_signal_handlers_failing_command_leaves_the_interrupted_commands_session_alone(
+        make_sshd: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MaxSessions 1: a signal handler runs a command as a command of the main thread has
+    its open answered (its session the only one, the thread's): the handler's command
+    fails at once ("already holds all 1 session(s)"), as it should, and its boundary's
+    clean-up discards the outer command's session, which then runs on a closed channel."""
+    server = make_sshd(max_sessions=1)
+    line = _line_of(SessionChannel.settle_open.__code__, "if self.opened:")
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        link, slots, spare = _connected(ex)
+        spare.discard()
+        wait_for(lambda: slots.available == slots.limit, "the spare's slot back", 10)
+        # A round trip: the server freed the sessions closed before it (else the open is
+        # refused, read with our CLOSE in reply, and the handler's command may run).
+        link.transport.global_request("keepalive@openssh.com", wait=True)
+        failures: List[BaseException] = []
+        discarded: List[SessionChannel] = []
+        original = SessionChannel.discard
+
+        def discard(session: SessionChannel) -> None:
+            discarded.append(session)
+            original(session)
+
+        def handler() -> None:
+            try:
+                ex.run_command("echo nested", timeout=30)
+            except ExecutorFailure as exc:
+                failures.append(exc)
+
+        monkeypatch.setattr(SessionChannel, "discard", discard)
+        result = at_line(SessionChannel.settle_open.__code__, line, _by_signal(handler),
+                         lambda: ex.run_command("echo outer", timeout=30))()
+        monkeypatch.setattr(SessionChannel, "discard", original)
+        assert len(failures) == 1, "the handler's command did not fail"
+        assert result.stdout == "outer\n"
+        assert not discarded, "the handler's call discarded the outer call's session"
         _all_back(ex, link, slots, spare)
