@@ -44,7 +44,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import paramiko
 
@@ -457,7 +457,7 @@ def close_transport(transport: paramiko.Transport) -> None:
 class _Taking:
     """The boundary of a call that takes sessions and slots of ``link`` (see `Link.taking`)."""
 
-    __slots__ = ("link", "slots", "thread", "held", "claim", "running", "__weakref__")
+    __slots__ = ("link", "slots", "thread", "held", "spared", "claim", "running", "__weakref__")
 
     def __init__(self, link: Link) -> None:
         assert link.slots is not None
@@ -472,7 +472,12 @@ class _Taking:
         outer = link.boundaries.get(self.thread)
         if outer is not None:
             outer[:] = [ref for ref in outer if _running(ref)]
-        if not outer:
+        #: The sessions the thread's outer calls hold, which this boundary's clean-up
+        #: leaves alone (`give_back`): none unless such a call runs.
+        self.spared: Sequence[SessionChannel] = ()
+        if outer:
+            self.spared = link.sessions.left_by(self.thread)
+        else:
             link.discard_left(self.thread)
         #: The loose slots the thread held as the call began (an outer call's: kept), its
         #: kept blocks' left out (`Slots.loose`): one may end inside the call.
@@ -506,7 +511,7 @@ class _Taking:
         if self.claim is not None:
             self.claim.__exit__()  # again: a Ctrl-C at the first's entry skipped it
         else:
-            self.link.give_back(self.thread, self.held)
+            self.link.give_back(self.thread, self.held, self.spared)
 
 
 def _running(ref: weakref.ref[_Taking]) -> bool:
@@ -586,24 +591,25 @@ class Link:
         """
         return _Taking(self)
 
-    def give_back(self, thread: int, held: int) -> None:
-        """Discard the sessions ``thread`` took and did not hand on (`discard_left`), then
-        release the loose slots it holds beyond ``held`` (`Slots.release_beyond`), which
-        no claim or session gives back."""
+    def give_back(self, thread: int, held: int, spared: Sequence[SessionChannel] = ()) -> None:
+        """Discard the sessions ``thread`` took and did not hand on (`discard_left`), but
+        ``spared`` (an outer call's), then release the loose slots it holds beyond ``held``
+        (`Slots.release_beyond`), which no claim or session gives back."""
         try:
-            self.discard_left(thread)
+            self.discard_left(thread, spared)
         finally:
             # Again: a second interrupt (Ctrl-C) at a discard's entry left that session
             # (and its slot) the thread's, until the thread's next call (`taking`).
-            self.discard_left(thread)
+            self.discard_left(thread, spared)
             if self.slots is not None:
                 self.slots.release_beyond(thread, held)
 
-    def discard_left(self, thread: int) -> None:
-        """Discard the sessions ``thread`` took and did not hand on (`Sessions.left_by`):
-        a slot of each comes back on the server's CLOSE."""
+    def discard_left(self, thread: int, spared: Sequence[SessionChannel] = ()) -> None:
+        """Discard the sessions ``thread`` took and did not hand on (`Sessions.left_by`),
+        but ``spared``: a slot of each comes back on the server's CLOSE."""
         for session in self.sessions.left_by(thread):
-            session.discard()
+            if session not in spared:
+                session.discard()
 
     def server_sessions(self) -> int:
         """How many of our sessions the server confirmed and has not closed yet."""
