@@ -26,6 +26,7 @@ from paramiko_executor.channel import SessionChannel
 from paramiko_executor.connection import Link, _Taking
 from paramiko_executor.executors import SSHExecutor as _SSH
 from paramiko_executor.slots import Slots
+from paramiko_executor.warm import Spare
 
 
 def _line_of(code: Any, text: str) -> int:
@@ -314,3 +315,46 @@ def test_a_signal_handlers_failing_command_leaves_the_interrupted_commands_sessi
         assert result.stdout == "outer\n"
         assert not discarded, "the handler's call discarded the outer call's session"
         _all_back(ex, link, slots, spare)
+
+
+@pytest.mark.xfail(strict=True, reason="a command that a signal handler runs while its thread "
+                   "makes the spare waits for the spare's lock, which that thread holds: "
+                   "for good (Spare.replenish; warm.py, not changed here)")
+@pytest.mark.hang_timeout(120)
+def test_a_signal_handlers_command_as_the_spare_is_made_does_not_wait_for_good(
+        make_sshd: Any) -> None:
+    """MaxSessions 3: a signal handler runs a command as a command of the main thread
+    makes the spare after its exec (`Spare.replenish`, under the spare's lock): the
+    handler's command takes the spare, waiting for that lock, held by its own thread.
+    A watchdog lets go of the lock after 5 s (the test would hang for good else)."""
+    server = make_sshd(max_sessions=3)
+    line = _line_of(Spare.replenish.__code__, "spare.hold(None)")
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        link, slots, spare = _connected(ex)
+        spare.discard()
+        wait_for(lambda: slots.available == slots.limit, "the spare's slot back", 10)
+        began = threading.Event()
+        ended = threading.Event()
+        freed: List[bool] = []
+
+        def watchdog() -> None:
+            if began.wait(30) and not ended.wait(5) and spare._lock.locked():
+                freed.append(True)
+                spare._lock.release()
+
+        def handler() -> None:
+            began.set()
+            try:
+                ex.run_command("echo nested", timeout=30)
+            finally:
+                ended.set()
+
+        guard = threading.Thread(target=watchdog, daemon=True)
+        guard.start()
+        try:
+            at_line(Spare.replenish.__code__, line, _by_signal(handler),
+                    lambda: ex.run_command("echo outer", timeout=30))()
+        except RuntimeError:
+            pass  # the watchdog's release: the lock was let go twice
+        guard.join(30)
+        assert not freed, "the handler's command waited for its own thread's lock"
