@@ -70,7 +70,7 @@ from .internals import (
 from .keepalive import GlobalRequests, Keepalive, Pinger
 from .options import Target
 from .retry import ConnectRetry
-from .slots import Claim, Slots
+from .slots import Claim, Slots, _Held
 from .starts import Starts, closes_waiting_sessions
 from .stats import Counters
 from .text import printable
@@ -154,11 +154,11 @@ class _ProbeSlots(Slots):
         self._target: Optional[Slots] = None
 
     def release(self, n: int = 1, *, holder: Optional[int] = None,
-                claim: Optional[Claim] = None) -> None:
+                claim: Optional[Claim] = None, owner: Optional[_Held] = None) -> None:
         with self._handoff_lock:
             owed = min(n, self._owed)
             self._owed -= owed
-            super().release(n, holder=holder, claim=claim)
+            super().release(n, holder=holder, claim=claim, owner=owner)
             target = self._target
         if owed and target is not None:
             target.release(owed)

@@ -8,6 +8,7 @@ Code other than the call's callbacks runs in a thread amid a call: a signal hand
 
 from __future__ import annotations
 
+import dis
 import functools
 import signal
 import sys
@@ -22,7 +23,8 @@ from test_attack12c import _lines
 from test_attack12d import _all_back, _bounded, _connected
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
-from paramiko_executor.channel import SessionChannel
+from paramiko_executor.blocks import Reservation
+from paramiko_executor.channel import Cover, SessionChannel
 from paramiko_executor.connection import Link, _Taking
 from paramiko_executor.executors import SSHExecutor as _SSH
 from paramiko_executor.slots import Slots
@@ -33,8 +35,8 @@ def _line_of(code: Any, text: str) -> int:
     """The number of the line of the function of ``code`` holding ``text`` (once)."""
     lines = Path(code.co_filename).read_text().splitlines()
     first = code.co_firstlineno
-    found = [number for number in range(first, first + 200)
-             if number <= len(lines) and text in lines[number - 1]]
+    last = max(line for _, line in dis.findlinestarts(code))
+    found = [number for number in range(first, last + 1) if text in lines[number - 1]]
     assert len(found) == 1, (text, found)
     return found[0]
 
@@ -358,3 +360,37 @@ def test_a_signal_handlers_command_as_the_spare_is_made_does_not_wait_for_good(
             pass  # the watchdog's release: the lock was let go twice
         guard.join(30)
         assert not freed, "the handler's command waited for its own thread's lock"
+
+
+def test_a_boundary_does_not_count_a_kept_blocks_slot_loose_as_its_cover_releases_it() -> None:
+    """A block kept by thread ``me`` ended in another thread with a session unclosed (its
+    reservation took the slot over, still ``me``'s), and the server's CLOSE of that session
+    releases it in paramiko's thread (`Cover._release`: the holder cleared, then the
+    slot released) just as a call of ``me`` fails (`Slots.release_beyond`): in between, the
+    slot is counted to ``me`` and to no kept claim, so the boundary released it as leaked,
+    and the cover released it again."""
+    slots = Slots(3)
+    me = threading.get_ident()
+    block = Reservation(slots, me)
+    block.taken = slots.acquire(blocking=False, holder=me)
+    slots.keep(block)
+    held = slots.loose(me)  # a call of ``me`` begins: the block's slot is not loose
+    block._slots, block._holder = slots, me  # taken over, as `Reservation.__exit__` does
+    block.taken = False
+    paused = threading.Event()
+    go = threading.Event()
+
+    def pause() -> None:
+        paused.set()
+        assert go.wait(10)
+
+    line = _line_of(Cover._release.__code__, "if slots is not None:")
+    closer = call_in_thread(at_line(Cover._release.__code__, line, pause, block._release))
+    assert paused.wait(10), closer
+    try:
+        slots.release_beyond(me, held)  # the call's boundary, after an error
+    finally:
+        go.set()
+        closer["thread"].join(10)
+    assert "error" not in closer, closer
+    assert (slots.available, slots._holders) == (3, {})
