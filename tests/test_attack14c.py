@@ -11,7 +11,6 @@ from __future__ import annotations
 import dis
 import functools
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Generator, List, Tuple
@@ -20,7 +19,7 @@ import pytest
 from helpers import at_line, call_in_thread, source_file, wait_for
 from test_attack11a import _as_it_returns, _interrupt
 from test_attack12c import _lines
-from test_attack12d import _all_back, _bounded, _connected
+from test_attack12d import _all_back, _bounded, _connected, _interrupted_discard
 
 from paramiko_executor import ExecutorFailure, SSHExecutor
 from paramiko_executor.blocks import Reservation
@@ -52,6 +51,29 @@ def _by_signal(act: Callable[[], None]) -> Callable[[], None]:
             signal.signal(signal.SIGUSR1, previous)
 
     return fire
+
+
+def _without_spare(ex: SSHExecutor) -> Tuple[Link, Slots, Spare]:
+    """`_connected`, its spare closed, and the server done freeing its session (a round
+    trip: an open read with our CLOSE in reply would be refused)."""
+    link, slots, spare = _connected(ex)
+    spare.discard()
+    wait_for(lambda: slots.available == slots.limit, "the spare's slot back", 10)
+    link.transport.global_request("keepalive@openssh.com", wait=True)
+    return link, slots, spare
+
+
+def _recording_discards(monkeypatch: pytest.MonkeyPatch) -> List[SessionChannel]:
+    """The sessions discarded (`SessionChannel.discard`) from now on, in a list kept up."""
+    discarded: List[SessionChannel] = []
+    original = SessionChannel.discard
+
+    def discard(session: SessionChannel) -> None:
+        discarded.append(session)
+        original(session)
+
+    monkeypatch.setattr(SessionChannel, "discard", discard)
+    return discarded
 
 
 WHERE = {
@@ -94,15 +116,8 @@ def test_a_signal_handlers_command_leaves_the_interrupted_commands_session_alone
                 assert ex.run_command("true", timeout=30).exit_code == 0
             assert spare.held, "no spare was made in 20 commands"
         else:
-            spare.discard()  # the command opens its own channel
-            wait_for(lambda: slots.available == slots.limit, "the spare's slot back", 10)
+            _without_spare(ex)  # the command opens its own channel
         nested: List[str] = []
-        discarded: List[SessionChannel] = []
-        original = SessionChannel.discard
-
-        def discard(session: SessionChannel) -> None:
-            discarded.append(session)
-            original(session)
 
         def handler() -> None:
             nested.append(ex.run_command("echo nested", timeout=30).stdout)
@@ -117,7 +132,7 @@ def test_a_signal_handlers_command_leaves_the_interrupted_commands_session_alone
                 return ex.run_command("echo outer", timeout=30).stdout
 
         before = ex.statistics()
-        monkeypatch.setattr(SessionChannel, "discard", discard)
+        discarded = _recording_discards(monkeypatch)
         result = at_line(code, line, _by_signal(handler), outer)()
         assert nested == ["nested\n"], "the handler did not run"
         assert result == (64 * 1024 if where == "transfer" else "outer\n")
@@ -143,21 +158,13 @@ def test_a_session_left_inside_a_block_is_discarded_by_the_threads_next_call(
     discard = SessionChannel.discard
     fired: List[bool] = []
 
-    def interrupted_discard(session: SessionChannel) -> None:
-        caller = sys._getframe(1)
-        callers = (caller.f_code.co_name, caller.f_back.f_code.co_name if caller.f_back else "")
-        if len(fired) < 2 and "give_back" in callers:
-            fired.append(True)
-            raise KeyboardInterrupt
-        discard(session)
-
     with SSHExecutor(**server.executor_parameters()) as ex:
         link, slots, spare = _connected(ex)
         me = threading.get_ident()
         with ex.bounded_connection:
             spare.discard()  # the command opens its own channel
             wait_for(lambda: slots.available == 1, "the spare's slot back", 10)
-            monkeypatch.setattr(SessionChannel, "discard", interrupted_discard)
+            monkeypatch.setattr(SessionChannel, "discard", _interrupted_discard(fired, 2))
             with pytest.raises(KeyboardInterrupt):
                 _as_it_returns(SessionChannel.__init__.__code__, _interrupt,
                                lambda: ex.run_command("true", timeout=30),
@@ -289,19 +296,8 @@ def test_a_signal_handlers_failing_command_leaves_the_interrupted_commands_sessi
     server = make_sshd(max_sessions=1)
     line = _line_of(SessionChannel.settle_open.__code__, "if self.opened:")
     with SSHExecutor(**server.executor_parameters()) as ex:
-        link, slots, spare = _connected(ex)
-        spare.discard()
-        wait_for(lambda: slots.available == slots.limit, "the spare's slot back", 10)
-        # A round trip: the server freed the sessions closed before it (else the open is
-        # refused, read with our CLOSE in reply, and the handler's command may run).
-        link.transport.global_request("keepalive@openssh.com", wait=True)
+        link, slots, spare = _without_spare(ex)
         failures: List[BaseException] = []
-        discarded: List[SessionChannel] = []
-        original = SessionChannel.discard
-
-        def discard(session: SessionChannel) -> None:
-            discarded.append(session)
-            original(session)
 
         def handler() -> None:
             try:
@@ -309,10 +305,10 @@ def test_a_signal_handlers_failing_command_leaves_the_interrupted_commands_sessi
             except ExecutorFailure as exc:
                 failures.append(exc)
 
-        monkeypatch.setattr(SessionChannel, "discard", discard)
+        discarded = _recording_discards(monkeypatch)
         result = at_line(SessionChannel.settle_open.__code__, line, _by_signal(handler),
                          lambda: ex.run_command("echo outer", timeout=30))()
-        monkeypatch.setattr(SessionChannel, "discard", original)
+        monkeypatch.undo()
         assert len(failures) == 1, "the handler's command did not fail"
         assert result.stdout == "outer\n"
         assert not discarded, "the handler's call discarded the outer call's session"
@@ -332,9 +328,7 @@ def test_a_signal_handlers_command_as_the_spare_is_made_does_not_wait_for_good(
     server = make_sshd(max_sessions=3)
     line = _line_of(Spare.replenish.__code__, "spare.hold(None)")
     with SSHExecutor(**server.executor_parameters()) as ex:
-        link, slots, spare = _connected(ex)
-        spare.discard()
-        wait_for(lambda: slots.available == slots.limit, "the spare's slot back", 10)
+        link, slots, spare = _without_spare(ex)
         began = threading.Event()
         ended = threading.Event()
         freed: List[bool] = []
