@@ -775,9 +775,12 @@ class Cover:
     def _release(self) -> None:
         with _RELEASE_LOCK:
             slots, self._slots = self._slots, None
-            holder, self._holder = self._holder, None
+            holder = self._holder
         if slots is not None:
-            slots.release(holder=holder)
+            # `_holder` is cleared with the holder's count (`Slots.release`'s ``owner``): a
+            # boundary counting the slots between them would take a kept block's slot,
+            # still counted to its thread, for a leaked one (`Slots.release_beyond`).
+            slots.release(holder=holder, owner=self)
 
     def hold(self, holder: Optional[int]) -> None:
         """The slot is thread ``holder``'s from now on (None: the server's CLOSE frees it)."""

@@ -44,7 +44,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import paramiko
 
@@ -70,7 +70,7 @@ from .internals import (
 from .keepalive import GlobalRequests, Keepalive, Pinger
 from .options import Target
 from .retry import ConnectRetry
-from .slots import Claim, Slots
+from .slots import Claim, Slots, _Held
 from .starts import Starts, closes_waiting_sessions
 from .stats import Counters
 from .text import printable
@@ -154,11 +154,11 @@ class _ProbeSlots(Slots):
         self._target: Optional[Slots] = None
 
     def release(self, n: int = 1, *, holder: Optional[int] = None,
-                claim: Optional[Claim] = None) -> None:
+                claim: Optional[Claim] = None, owner: Optional[_Held] = None) -> None:
         with self._handoff_lock:
             owed = min(n, self._owed)
             self._owed -= owed
-            super().release(n, holder=holder, claim=claim)
+            super().release(n, holder=holder, claim=claim, owner=owner)
             target = self._target
         if owed and target is not None:
             target.release(owed)
@@ -457,7 +457,7 @@ def close_transport(transport: paramiko.Transport) -> None:
 class _Taking:
     """The boundary of a call that takes sessions and slots of ``link`` (see `Link.taking`)."""
 
-    __slots__ = ("link", "slots", "thread", "held", "claim")
+    __slots__ = ("link", "slots", "thread", "held", "spared", "claim", "running", "__weakref__")
 
     def __init__(self, link: Link) -> None:
         assert link.slots is not None
@@ -465,14 +465,29 @@ class _Taking:
         self.slots = link.slots
         self.thread = threading.get_ident()
         # Sessions an earlier call of the thread left (Ctrl-C as its boundary gave them
-        # back): none is an outer call's, whose session runs its command or is paramiko's
-        # (a transfer's) while its callbacks run, so every one is given back here.
-        link.discard_left(self.thread)
+        # back) are given back here, unless a call of the thread is still in its boundary:
+        # code the thread runs amid a call (a signal handler, a finalizer) may call
+        # again while that call's session is not running yet, its open being answered.
+        # Its callbacks come later (the session runs its command, or is paramiko's).
+        outer = link.boundaries.get(self.thread)
+        if outer is not None:
+            outer[:] = [ref for ref in outer if _running(ref)]
+        #: The sessions the thread's outer calls hold, which this boundary's clean-up
+        #: leaves alone (`give_back`): none unless such a call runs.
+        self.spared: Sequence[SessionChannel] = ()
+        if outer:
+            self.spared = link.sessions.left_by(self.thread)
+        else:
+            link.discard_left(self.thread)
         #: The loose slots the thread held as the call began (an outer call's: kept), its
         #: kept blocks' left out (`Slots.loose`): one may end inside the call.
         self.held = link.slots.loose(self.thread)
         #: Set by `only`: the one claim the call holds from then on.
         self.claim: Optional[Claim] = None
+        #: Cleared as the boundary is left; a boundary whose exit a Ctrl-C skipped is gone
+        #: with its frame (a weak reference), so it holds back no later start's discard.
+        self.running = True
+        link.boundaries.setdefault(self.thread, []).append(weakref.ref(self))
 
     def __enter__(self) -> _Taking:
         return self
@@ -490,12 +505,21 @@ class _Taking:
         self.slots.keep(claim)
 
     def __exit__(self, kind: Optional[type], *rest: object) -> None:
+        self.running = False
         if kind is None:
             return
         if self.claim is not None:
             self.claim.__exit__()  # again: a Ctrl-C at the first's entry skipped it
         else:
-            self.link.give_back(self.thread, self.held)
+            self.link.give_back(self.thread, self.held, self.spared)
+
+
+def _running(ref: weakref.ref[_Taking]) -> bool:
+    """Whether the boundary ``ref`` refers to lives, was not left yet, and may hold a
+    session: a ``bounded_connection`` block's, narrowed to its claim (`_Taking.only`),
+    holds none, and a block may stay open for the whole of the thread's work."""
+    boundary = ref()
+    return boundary is not None and boundary.running and boundary.claim is None
 
 
 class Link:
@@ -525,6 +549,9 @@ class Link:
         self.blocks = Blocks(transport, sessions)
         #: One session start at a time on a server that closes sessions waiting for their request.
         self.starts = Starts(closes_waiting_sessions(transport.remote_version))
+        #: Each thread's boundaries (`taking`) begun here, weakly held; a thread's are
+        #: pruned by its next one, which is the only one to change its list.
+        self.boundaries: Dict[int, List[weakref.ref[_Taking]]] = {}
         self._target = target
 
     @property
@@ -564,24 +591,25 @@ class Link:
         """
         return _Taking(self)
 
-    def give_back(self, thread: int, held: int) -> None:
-        """Discard the sessions ``thread`` took and did not hand on (`discard_left`), then
-        release the loose slots it holds beyond ``held`` (`Slots.release_beyond`), which
-        no claim or session gives back."""
+    def give_back(self, thread: int, held: int, spared: Sequence[SessionChannel] = ()) -> None:
+        """Discard the sessions ``thread`` took and did not hand on (`discard_left`), but
+        ``spared`` (an outer call's), then release the loose slots it holds beyond ``held``
+        (`Slots.release_beyond`), which no claim or session gives back."""
         try:
-            self.discard_left(thread)
+            self.discard_left(thread, spared)
         finally:
             # Again: a second interrupt (Ctrl-C) at a discard's entry left that session
             # (and its slot) the thread's, until the thread's next call (`taking`).
-            self.discard_left(thread)
+            self.discard_left(thread, spared)
             if self.slots is not None:
                 self.slots.release_beyond(thread, held)
 
-    def discard_left(self, thread: int) -> None:
-        """Discard the sessions ``thread`` took and did not hand on (`Sessions.left_by`):
-        a slot of each comes back on the server's CLOSE."""
+    def discard_left(self, thread: int, spared: Sequence[SessionChannel] = ()) -> None:
+        """Discard the sessions ``thread`` took and did not hand on (`Sessions.left_by`),
+        but ``spared``: a slot of each comes back on the server's CLOSE."""
         for session in self.sessions.left_by(thread):
-            session.discard()
+            if session not in spared:
+                session.discard()
 
     def server_sessions(self) -> int:
         """How many of our sessions the server confirmed and has not closed yet."""

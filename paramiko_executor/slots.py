@@ -436,11 +436,12 @@ class Slots(threading.BoundedSemaphore):
                 return waiter.stuck  # sent away by `lower`, with no slot
 
     def release(self, n: int = 1, *, holder: Optional[int] = None,
-                claim: Optional[Claim] = None) -> None:
+                claim: Optional[Claim] = None, owner: Optional[_Held] = None) -> None:
         """Give back ``n`` slots held by thread ``holder`` (see `acquire`); ignored once closed.
 
         ``claim``, whose one slot this is, is marked given back (`Claim.taken`)
-        as the slot is handed on, with no call in between.
+        as the slot is handed on, with no call in between; so is ``owner``, the
+        session or block that covered it (its holder cleared, as in `pass_on`).
 
         The server may still be freeing those sessions (it just closed them,
         and our CLOSE in reply is on its way): `open_delay` allows for that.
@@ -453,15 +454,17 @@ class Slots(threading.BoundedSemaphore):
             if self._closed:
                 if claim is not None:
                     claim.taken = False
+                if owner is not None:
+                    owner._holder = None
                 return
             now = time.monotonic() if self._pace else None
             for _ in range(n):
-                self._release_one(holder, now, claim)
+                self._release_one(holder, now, claim, owner)
 
     def _release_one(self, holder: Optional[int], now: Optional[float],
-                     claim: Optional[Claim] = None) -> None:
-        """Give back one slot of ``holder`` (``claim``'s, if given), released at ``now``
-        (under ``_mutex``).
+                     claim: Optional[Claim] = None, owner: Optional[_Held] = None) -> None:
+        """Give back one slot of ``holder`` (``claim``'s or ``owner``'s, if given), released
+        at ``now`` (under ``_mutex``).
 
         The counts are worked out first; the slot's hand-on (kept back, to the
         next waiter, or free) and its holders' counts are then stored with no
@@ -492,6 +495,8 @@ class Slots(threading.BoundedSemaphore):
                 del self._holders[holder]
         if claim is not None:
             claim.taken = False
+        if owner is not None:
+            owner._holder = None
         if waiter is not None:
             waiter.lock.release()  # the hand-on is whole: the waiter runs
         if now is not None and not kept:

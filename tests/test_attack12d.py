@@ -144,6 +144,23 @@ def test_a_boundary_gives_back_a_leaked_slot_and_not_a_kept_blocks(taken_over: b
     assert not slots._kept, "a claim holding no slot is still kept"  # no lock per call again
 
 
+def _interrupted_discard(fired: List[bool], interrupts: int) -> Callable[[SessionChannel], None]:
+    """`SessionChannel.discard`, raising KeyboardInterrupt at its entry the first
+    ``interrupts`` times a boundary's clean-up (`Link.give_back`) calls it (a trace function
+    that raised is switched off: the later Ctrl-Cs are raised here)."""
+    discard = SessionChannel.discard
+
+    def interrupted_discard(session: SessionChannel) -> None:
+        caller = sys._getframe(1)
+        callers = (caller.f_code.co_name, caller.f_back.f_code.co_name if caller.f_back else "")
+        if len(fired) < interrupts and "give_back" in callers:
+            fired.append(True)
+            raise KeyboardInterrupt
+        discard(session)
+
+    return interrupted_discard
+
+
 @pytest.mark.parametrize("interrupts", [1, 2])
 @pytest.mark.hang_timeout(120)
 def test_more_ctrl_cs_as_the_boundary_discards_a_session_leave_the_thread_usable(
@@ -153,24 +170,14 @@ def test_more_ctrl_cs_as_the_boundary_discards_a_session_leave_the_thread_usable
     ``SessionChannel.discard``'s entry): every later command of the thread raised "already
     holds all 1 session(s)", the session left open for the connection's life. The
     boundary discards again after a second Ctrl-C; after a third, the thread's next
-    call's boundary does as it begins (no outer call of the thread holds a session that
-    is not running, paramiko's or the spare)."""
+    call's boundary does as it begins (when no other call of the thread is in its
+    boundary: see test_attack14c)."""
     server = make_sshd(max_sessions=1)
     discard = SessionChannel.discard
     fired: List[bool] = []
-
-    def interrupted_discard(session: SessionChannel) -> None:
-        # A trace function that raised is switched off: the later Ctrl-Cs are raised here.
-        caller = sys._getframe(1)
-        callers = (caller.f_code.co_name, caller.f_back.f_code.co_name if caller.f_back else "")
-        if len(fired) < interrupts and "give_back" in callers:
-            fired.append(True)
-            raise KeyboardInterrupt
-        discard(session)
-
     with SSHExecutor(**server.executor_parameters()) as ex:
         link, slots, spare = _connected(ex)
-        monkeypatch.setattr(SessionChannel, "discard", interrupted_discard)
+        monkeypatch.setattr(SessionChannel, "discard", _interrupted_discard(fired, interrupts))
         with pytest.raises(KeyboardInterrupt):
             _as_it_returns(SessionChannel.__init__.__code__, _interrupt,
                            lambda: ex.run_command("true", timeout=30),

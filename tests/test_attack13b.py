@@ -153,7 +153,13 @@ def test_an_open_from_outside_every_block_is_covered_while_several_blocks_run(
     its own. The outsider's open counts to B, the block that began last, so A's slot
     comes back as A ends while both sessions stay on the server: the command that takes
     it is refused, a quiet refusal that lowers the cap given (2) to 1 for the
-    connection's life. Every block that could own the open must keep its slot for it."""
+    connection's life. Every block that could own the open must keep its slot for it.
+
+    The outsider's command runs until the test ends it (its stdin's end): the command
+    waits in line for as long (it ran at once, refused, before). Once the server closed
+    the outsider's session, the command's open may still be refused, read by the server
+    with our CLOSE in reply (a slot freed by a CLOSE, `slots`): it is tried again, and
+    that refusal is no quiet one (the cap stays 2)."""
     server = make_sshd(max_sessions=2)
     with SSHExecutor(**server.executor_parameters(max_sessions=2)) as ex:
         link, slots, spare = _connected(ex)
@@ -163,7 +169,7 @@ def test_an_open_from_outside_every_block_is_covered_while_several_blocks_run(
         with ex.bounded_connection as transport:
             _settled(transport)
             chans.append(_exec(transport, "sleep 3"))
-            outsider = call_in_thread(lambda: _exec(transport, "sleep 3"))
+            outsider = call_in_thread(lambda: _exec(transport, "read line"))
             outsider["thread"].join(30)
             assert "error" not in outsider, outsider
             a_end.set()
@@ -171,10 +177,15 @@ def test_an_open_from_outside_every_block_is_covered_while_several_blocks_run(
             assert "error" not in a, a
             _settled(transport)
             refused = ex.statistics().refused_opens
-            command = call_in_thread(lambda: ex.run_command("echo after", timeout=10))
+            command = call_in_thread(lambda: ex.run_command("echo after", timeout=30))
+            wait_for(lambda: slots.waiting == 1 or not command["thread"].is_alive(),
+                     "the command in line for a slot")
+            _settled(transport)  # an open sent on a slot it got meanwhile is answered
+            assert slots.waiting == 1 and ex.statistics().refused_opens == refused, (
+                f"a session no slot covered: {command}")
+            outsider["result"].shutdown_write()  # its read ends, and the session with it
             command["thread"].join(30)
             assert command.get("result") is not None, command
-            assert ex.statistics().refused_opens == refused, "a session no slot covered"
             chans[0].close()
         outsider["result"].close()
         assert slots.limit == 2
