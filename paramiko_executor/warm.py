@@ -34,6 +34,8 @@ class Spare:
         self._sessions = sessions
         self._lock = threading.Lock()
         self._pending: Optional[SessionChannel] = None
+        #: The thread making a spare (under ``_lock``), if any.
+        self._maker: Optional[int] = None
 
     @property
     def held(self) -> bool:
@@ -45,6 +47,10 @@ class Spare:
     def _pop(self) -> Optional[SessionChannel]:
         """Take the spare out, the calling thread's (its `SessionChannel.taker`) from here on."""
         taker = threading.get_ident()
+        if self._maker == taker:
+            # A signal handler's call, as its own thread makes the spare under the lock:
+            # waiting for that lock would be for good. No spare for it, as when none is made.
+            return None
         with self._lock:
             pending = self._pending
             if pending is not None:
@@ -86,35 +92,43 @@ class Spare:
         Called by a command's thread after its exec: the OPEN's write is bounded by
         that command's ``deadline`` (None: not at all, as paramiko's).
         """
-        if self._pending is not None:
-            return
+        if self._pending is not None or self._maker == threading.get_ident():
+            return  # one made already, or by this thread below a signal handler's call
         with self._lock:
             if self._pending is not None:
                 return
             # Taken for this thread until the spare is stored: a Ctrl-C as the channel
             # is returned leaves it the thread's to give up (`SessionChannel.left_by`).
             taker = threading.get_ident()
-            with Claim(self._slots, taker) as claim:
-                try:
-                    claim.taken = self._slots.acquire(blocking=False, holder=taker)
-                except ConnectionLost:
-                    return  # the connection is gone
-                if not claim.taken:
-                    return
-                # Called after a command's exec: the wait passes while the command runs.
-                self._slots.hold_back(None)
-                try:
-                    # Never waits for a key exchange: the command's thread made the call.
-                    spare = SessionChannel(self._transport, claim, self._sessions,
-                                           open_within=0.0, write_deadline=deadline)
-                except Overdue:
-                    return  # its slot is back; the next command opens its own channel
-                except TRANSPORT_ERRORS:
-                    return  # a dying transport: the command's own path reports it
-            spare.taker = taker  # while its slot passes on to no thread
-            spare.hold(None)
-            self._pending = spare
-            spare.taker = None  # the spare's (no call since the store above)
+            self._maker = taker
+            try:
+                self._make(taker, deadline)
+            finally:
+                self._maker = None
+
+    def _make(self, taker: int, deadline: Optional[float]) -> None:
+        """`replenish`'s work, under the lock."""
+        with Claim(self._slots, taker) as claim:
+            try:
+                claim.taken = self._slots.acquire(blocking=False, holder=taker)
+            except ConnectionLost:
+                return  # the connection is gone
+            if not claim.taken:
+                return
+            # Called after a command's exec: the wait passes while the command runs.
+            self._slots.hold_back(None)
+            try:
+                # Never waits for a key exchange: the command's thread made the call.
+                spare = SessionChannel(self._transport, claim, self._sessions,
+                                       open_within=0.0, write_deadline=deadline)
+            except Overdue:
+                return  # its slot is back; the next command opens its own channel
+            except TRANSPORT_ERRORS:
+                return  # a dying transport: the command's own path reports it
+        spare.taker = taker  # while its slot passes on to no thread
+        spare.hold(None)
+        self._pending = spare
+        spare.taker = None  # the spare's (no call since the store above)
 
     def adopt(self, channel: SessionChannel) -> None:
         """Make ``channel`` (open or opening, with its slot) the spare; closed if there is one."""

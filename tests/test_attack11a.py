@@ -179,7 +179,7 @@ def test_a_ctrl_c_as_the_spare_is_made_gives_its_session_back(make_sshd: Any) ->
         wait_for(lambda: _free(ex) == 2, "the spare's slot", timeout=10)
         _interrupted(_as_it_returns(SessionChannel.__init__.__code__, _interrupt,
                                     lambda: ex.run_command("true", timeout=30),
-                                    into=Spare.replenish.__code__))
+                                    into=Spare._make.__code__))
         _all_back(ex, 2, "after a Ctrl-C as the spare was made")
 
 

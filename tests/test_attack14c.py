@@ -315,9 +315,6 @@ def test_a_signal_handlers_failing_command_leaves_the_interrupted_commands_sessi
         _all_back(ex, link, slots, spare)
 
 
-@pytest.mark.xfail(strict=True, reason="a command that a signal handler runs while its thread "
-                   "makes the spare waits for the spare's lock, which that thread holds: "
-                   "for good (Spare.replenish; warm.py, not changed here)")
 @pytest.mark.hang_timeout(120)
 def test_a_signal_handlers_command_as_the_spare_is_made_does_not_wait_for_good(
         make_sshd: Any) -> None:
@@ -326,7 +323,7 @@ def test_a_signal_handlers_command_as_the_spare_is_made_does_not_wait_for_good(
     handler's command takes the spare, waiting for that lock, held by its own thread.
     A watchdog lets go of the lock after 5 s (the test would hang for good else)."""
     server = make_sshd(max_sessions=3)
-    line = _line_of(Spare.replenish.__code__, "spare.hold(None)")
+    line = _line_of(Spare._make.__code__, "spare.hold(None)")
     with SSHExecutor(**server.executor_parameters()) as ex:
         link, slots, spare = _without_spare(ex)
         began = threading.Event()
@@ -348,7 +345,7 @@ def test_a_signal_handlers_command_as_the_spare_is_made_does_not_wait_for_good(
         guard = threading.Thread(target=watchdog, daemon=True)
         guard.start()
         try:
-            at_line(Spare.replenish.__code__, line, _by_signal(handler),
+            at_line(Spare._make.__code__, line, _by_signal(handler),
                     lambda: ex.run_command("echo outer", timeout=30))()
         except RuntimeError:
             pass  # the watchdog's release: the lock was let go twice
