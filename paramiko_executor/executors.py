@@ -39,7 +39,7 @@ from typing import (
 import paramiko
 
 from .blocks import Reservation
-from .channel import CommandSpec, Overdue, SessionChannel, in_background
+from .channel import CommandSpec, Overdue, SessionChannel, close_soon, in_background
 from .checks import check_int, check_timeout
 from .command import OnOutput, RunOptions, StdinInput, check_command, outcome, stdin_bytes
 from .connection import Connection, ConnectionState, GaveUp, Link
@@ -546,6 +546,10 @@ class SSHExecutor(Executor):
                 except TRANSPORT_ERRORS as exc:
                     raise mapped(exc, link.transport, True, "the transfer") from None
                 finally:
+                    # However the try ended, the channel is closed (a closed one gets nothing
+                    # more): an interrupt (Ctrl-C) as it was handed over came before the
+                    # transfer's own close, and its slot waits for the server's CLOSE.
+                    close_soon(session.chan)
                     session.hold(None)
 
         def run() -> int:

@@ -783,17 +783,12 @@ class _Session:
     def close(self) -> None:
         """Close the channel; a connection that already broke is not an error here.
 
-        With a deadline, what holds the CLOSE back (a key exchange: paramiko's
-        close waits it out, up to its ``clear_to_send_timeout``, whatever the
-        deadline) is waited out in the background (`close_soon`).
+        What holds the CLOSE back (a key exchange, a server that stopped
+        reading) is waited out in the background (`close_soon`), which an
+        interrupt (Ctrl-C) cannot cut between marking the channel closed and
+        sending its CLOSE, as it can paramiko's ``Channel.close``.
         """
-        if self.deadline is not None:
-            close_soon(self.chan)
-            return
-        try:
-            self.chan.close()
-        except (EOFError, OSError, paramiko.SSHException):
-            pass
+        close_soon(self.chan)
 
     def _check_transport(self) -> None:
         """Raise `EOFError` if the channel ended because the connection did."""
