@@ -12,6 +12,7 @@ import pytest
 from paramiko.buffered_pipe import PipeTimeout
 from test_interrupt_locks import _interrupting_condition_enter
 
+from paramiko_executor import SAFE_WRAPPER, DupingSSHExecutor, SSHExecutor
 from paramiko_executor.transfer import _Inbox, _ReceiveWindow
 
 
@@ -60,3 +61,22 @@ def test_a_ctrl_c_as_an_sftp_inbox_takes_its_lock_leaves_it_free(
         lock.release()
     assert taken, f"the lock stayed held after {interrupted!r}"
 
+
+@pytest.mark.parametrize("pty", [False, True], ids=["pipe", "pty"])
+def test_bytes_sent_counts_the_callers_stdin_only_on_a_duping_executor(
+        sshd: Any, pty: bool) -> None:
+    """`DupingSSHExecutor` sends the command line (and a newline after the stdin) on
+    the wrapper's stdin: ``bytes_sent`` counted them as stdin, 8 for ``echo hi`` run
+    without any (16 for ``cat`` fed 3 bytes), where `SSHExecutor` counts 0 (3): more
+    than the caller's stdin. A timed-out command whose stdin never went past its
+    command line counts none."""
+    with DupingSSHExecutor(**sshd.executor_parameters(), wrapper=SAFE_WRAPPER) as ex, \
+            SSHExecutor(**sshd.executor_parameters()) as plain:
+        for executor in (ex, plain):
+            executor.run_command("echo hi", pty=pty)
+            assert executor.statistics().bytes_sent == 0
+            out = executor.run_command("cat", stdin_input="abc", pty=pty).stdout
+            assert "abc" in out  # a terminal echoes it as well
+            stats = executor.statistics()
+            assert stats.bytes_sent == 3, stats
+            assert stats.commands_started == stats.commands_succeeded + stats.commands_failed == 2
