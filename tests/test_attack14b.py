@@ -181,3 +181,53 @@ def test_a_ctrl_c_as_a_blocks_open_went_out_leaves_no_session_open(make_sshd: An
         wait_for(lambda: orphans[0].active, "the server's confirmation", timeout=10)
         # The server opened a session: the executor must close it.
         wait_for(lambda: orphans[0].closed, "the interrupted open's session closed", timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+_NO_TERM_ON_CTRL_C = ("a Ctrl-C while a command waits closes its channel and sends no TERM "
+                      "(only on_output's errors and timeouts end the remote command): "
+                      "without a terminal sshd leaves the command running, its session and "
+                      "slot held until it ends")
+
+
+@pytest.mark.hang_timeout(120)
+@pytest.mark.usefixtures("python_sigint")
+@pytest.mark.parametrize("pty", [
+    pytest.param(False, id="pipe", marks=pytest.mark.xfail(strict=True, reason=_NO_TERM_ON_CTRL_C)),
+    pytest.param(True, id="pty")])
+def test_a_ctrl_c_while_a_command_runs_ends_the_remote_command(
+        sshd: Any, shared_dir: str, pty: bool) -> None:
+    """A real SIGINT as the caller's thread waits for ``sleep 60``: the call raises
+    KeyboardInterrupt, and the remote command should end as on a timeout (TERM, then
+    KILL within `channel.KILL_GRACE`); without a terminal it ran its 60 s (sshd ends a
+    terminal's command as the channel closes)."""
+    pidfile = os.path.join(shared_dir, "pid")
+    pid = 0
+    main = threading.main_thread()
+
+    def interrupt_once_started() -> None:
+        wait_for(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile) > 0,
+                 "the command to start", timeout=30)
+        signal.pthread_kill(main.ident or 0, signal.SIGINT)
+
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        ex.run_command("true", timeout=30)
+        thread = threading.Thread(target=interrupt_once_started, daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ex.run_command(f"echo $$ > {pidfile}; exec sleep 60", pty=pty, timeout=90)
+            thread.join(10)
+            with open(pidfile) as file:
+                pid = int(file.read())
+            wait_for(lambda: not _alive(pid), "the remote command's end", timeout=15)
+        finally:
+            if pid and _alive(pid):
+                os.kill(pid, signal.SIGKILL)  # our sshd's child: ended here, not left
