@@ -310,7 +310,14 @@ class ForwardedSocket:
         if release is None:
             return
         self._finalizer.detach()
-        _end(self._inbox.gate, release)
+        try:
+            _end(self._inbox.gate, release)
+        except BaseException:
+            # An interrupt (Ctrl-C) before the place was given back (``release`` runs
+            # once, whole): the next close gives it back.
+            with self._lock:
+                self._release = release
+            raise
 
     def _forget_after_fork(self) -> None:
         """In a forked child: closed, without touching the parent's channel."""

@@ -233,31 +233,41 @@ def test_a_ctrl_c_while_a_command_runs_ends_the_remote_command(
                 os.kill(pid, signal.SIGKILL)  # our sshd's child: ended here, not left
 
 
-@pytest.mark.xfail(strict=True, reason="a Ctrl-C as a forwarded socket's last holder gives its "
-                   "place back (entering ForwardLimit._free, a Python call whose start takes "
-                   "pending signals) leaves the place counted for good; so does one as "
-                   "ForwardLimit.acquire builds the Place after counting it, or as _once "
-                   "calls place.release after marking it done")
 @pytest.mark.hang_timeout(120)
-def test_a_ctrl_c_as_a_forwarded_socket_gives_its_place_back_leaves_it_free(
-        sshd: Any, make_backend: Any) -> None:
-    """``max_forwarded=1``: a Ctrl-C raised as ``ForwardLimit._free`` begins (where a
-    real SIGINT is taken: the start of a Python call) while ``close()`` gives the only
-    place back. The place stays counted: every later ``open_connection`` raises
-    `ForwardTimeout` ("no forwarded channel came free"), and a tunnel's connections
-    wait for good."""
+@pytest.mark.parametrize("function, text, during", [
+    (tunnels.Place.release, "with self._lock", "close"),
+    (tunnels.Place.release, "notify_all", "close"),
+    (tunnels.ForwardLimit.acquire, "Place(self)", "open"),
+], ids=["release", "release-notify", "acquire"])
+def test_a_ctrl_c_as_a_forwarded_sockets_place_changes_hands_leaves_it_free(
+        sshd: Any, make_backend: Any, function: Any, text: str, during: str) -> None:
+    """``max_forwarded=1``: a Ctrl-C where a real SIGINT is taken (as a Python call
+    begins) while a forwarded socket's place is given back (``close()``) or taken
+    (``open_connection``). Before, one as the last holder entered
+    ``ForwardLimit._free``, as `tunnels._once` called ``Place.release`` (marked done
+    first), or as ``acquire`` built the Place after counting it left the place counted
+    for good: every later ``open_connection`` raised `ForwardTimeout` ("no forwarded
+    channel came free"), and a tunnel's connections waited for good."""
     echo = make_backend("echo")
-    free = tunnels.ForwardLimit._free
 
     def interrupt() -> None:
         raise KeyboardInterrupt
 
     with SSHExecutor(**sshd.executor_parameters(), max_forwarded=1) as ex:
-        sock = ex.open_connection("127.0.0.1", echo.port, timeout=10)
-        sock.sendall(b"ping")
-        assert sock.recv(4) == b"ping"
-        with pytest.raises(KeyboardInterrupt):
-            at_line(free.__code__, _line_of(free, "with self._lock"), interrupt, sock.close)()
+        traced = at_line(function.__code__, _line_of(function, text), interrupt,
+                         lambda: ex.open_connection("127.0.0.1", echo.port, timeout=10))
+        if during == "open":
+            with pytest.raises(KeyboardInterrupt):
+                traced()
+        else:
+            sock = ex.open_connection("127.0.0.1", echo.port, timeout=10)
+            sock.sendall(b"ping")
+            assert sock.recv(4) == b"ping"
+            with pytest.raises(KeyboardInterrupt):
+                at_line(function.__code__, _line_of(function, text), interrupt, sock.close)()
+            sock.close()  # the caller's next close finishes it
         again = ex.open_connection("127.0.0.1", echo.port, timeout=3)
+        again.sendall(b"pong")
+        assert again.recv(4) == b"pong"
         again.close()
         assert ex._forwarding.limit.used == 0
