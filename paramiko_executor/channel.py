@@ -282,8 +282,8 @@ class ChannelOutcome:
     timed_out: bool
     #: Bytes of stdout and stderr the command sent, kept or not (statistics' payload).
     received: int
-    #: Bytes of ``CommandSpec.stdin`` that went out (statistics' payload): all of it, or
-    #: less when the command ended or timed out first (a terminal's end-of-file not counted).
+    #: Bytes of the caller's stdin (``CommandSpec.given``) that went out (statistics'
+    #: payload): all of it, or less when the command ended or timed out first.
     sent: int
 
 
@@ -294,6 +294,10 @@ class CommandSpec:
     command: bytes
     stdin: bytes = b""
     options: RunOptions = RunOptions()
+    #: Where the caller's own stdin lies in ``stdin`` (offset, length): the part
+    #: `ChannelOutcome.sent` counts. None: all of ``stdin``. `DupingSSHExecutor`
+    #: sends the command line (and a newline after the stdin) on stdin too.
+    given: Optional[Tuple[int, int]] = None
 
     @property
     def sent_input(self) -> bytes:
@@ -1468,8 +1472,10 @@ class SessionChannel(Cover):
                               None, None, True, self.output_bytes, self._stdin_out(spec))
 
     def _stdin_out(self, spec: CommandSpec) -> int:
-        """Bytes of ``spec.stdin`` that went out; a terminal's end-of-file after it is not stdin."""
-        return min(self.stdin_sent, len(spec.stdin))
+        """Bytes of the caller's stdin (``spec.given``) that went out; what goes around it
+        (a terminal's end-of-file, `DupingSSHExecutor`'s command line) is not counted."""
+        offset, length = (0, len(spec.stdin)) if spec.given is None else spec.given
+        return max(0, min(self.stdin_sent - offset, length))
 
     # --- output ----------------------------------------------------------------------
 

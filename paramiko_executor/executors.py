@@ -1039,6 +1039,7 @@ class DupingSSHExecutor(SSHExecutor):
         _check_request_texts(wrapper, options)  # the command itself goes as stdin
         payload = command.encode("utf-8") + b"\n"
         data = stdin_bytes(stdin_input)
+        given = (len(payload), len(data))  # bytes_sent counts the caller's stdin only
         if data:
             payload += data + b"\n"
-        return CommandSpec(wrapper, payload, options)
+        return CommandSpec(wrapper, payload, options, given)

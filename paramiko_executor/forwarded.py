@@ -309,8 +309,15 @@ class ForwardedSocket:
             release, self._release = self._release, None
         if release is None:
             return
+        try:
+            _end(self._inbox.gate, release)
+        except BaseException:
+            # An interrupt (Ctrl-C) before the place was given back (``release`` runs
+            # once, whole): the next close gives it back, or the finalizer.
+            with self._lock:
+                self._release = release
+            raise
         self._finalizer.detach()
-        _end(self._inbox.gate, release)
 
     def _forget_after_fork(self) -> None:
         """In a forked child: closed, without touching the parent's channel."""

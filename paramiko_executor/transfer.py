@@ -277,7 +277,11 @@ class _Inbox:
     window ends them (see `_ReceiveWindow`).
     """
 
-    def __init__(self, cond: threading.Condition, want: int, window: _ReceiveWindow) -> None:
+    def __init__(self, lock: Any, cond: threading.Condition, want: int,
+                 window: _ReceiveWindow) -> None:
+        # Taken by ``with self._lock`` (``cond``'s lock), as `inbox.Inbox` does: an
+        # interrupt cannot land between a C ``__enter__`` taking it and the block.
+        self._lock = lock
         self._cond = cond
         self._window = window
         window.inboxes.append(self)
@@ -291,7 +295,7 @@ class _Inbox:
     # --- paramiko's side (the BufferedPipe interface) -------------------
 
     def feed(self, data: bytes) -> None:
-        with self._cond:
+        with self._lock:
             if not self._window.admit(len(data)):
                 return
             self._chunks.append(data)
@@ -302,7 +306,7 @@ class _Inbox:
                 self._cond.notify_all()
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self.end()
 
     def end(self) -> None:
@@ -313,7 +317,7 @@ class _Inbox:
         self._cond.notify_all()
 
     def set_event(self, event: threading.Event) -> None:
-        with self._cond:
+        with self._lock:
             self._event = event
             if self._size or self._closed:
                 event.set()
@@ -321,11 +325,11 @@ class _Inbox:
                 event.clear()
 
     def read_ready(self) -> bool:
-        with self._cond:
+        with self._lock:
             return self._size > 0
 
     def empty(self) -> bytes:
-        with self._cond:
+        with self._lock:
             out = b"".join(self._chunks)
             self._chunks.clear()
             self._size = 0
@@ -336,7 +340,7 @@ class _Inbox:
 
     def read(self, nbytes: int, timeout: Optional[float] = None) -> bytes:
         """Up to ``nbytes`` bytes, waiting up to ``timeout`` for the first; b"" at the end."""
-        with self._cond:
+        with self._lock:
             if not self._size and not self._closed:
                 if timeout == 0.0:
                     raise PipeTimeout()
@@ -377,7 +381,7 @@ class _Inbox:
 
     def peek(self, nbytes: int) -> Optional[bytes]:
         """The first ``nbytes`` bytes without taking them, or None if fewer are here."""
-        with self._cond:
+        with self._lock:
             if self._size < nbytes:
                 return None
             first = self._chunks[0]
@@ -392,7 +396,7 @@ class _Inbox:
         ``"other"``: ``other`` (the channel's other stream) has data;
         ``"timeout"``: ``until`` (a monotonic time) passed.
         """
-        with self._cond:
+        with self._lock:
             self._want = nbytes
             try:
                 while True:
@@ -633,10 +637,11 @@ class _Session:
         # (`stat_and_create`'s ``temps``): what may still be the upload's own.
         self._removing: Dict[int, str] = {}
         self._temps: Optional[List[str]] = None
-        cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        cond = threading.Condition(lock)
         self._window = _ReceiveWindow(chan)
-        self._out = _Inbox(cond, want=1 << 62, window=self._window)
-        self._err = _Inbox(cond, want=1, window=self._window)
+        self._out = _Inbox(lock, cond, want=1 << 62, window=self._window)
+        self._err = _Inbox(lock, cond, want=1, window=self._window)
         # Replaced before the subsystem starts: nothing can have arrived yet.
         replace_receive_buffers(chan, self._out, self._err)
         replace_send_condition(chan, _WindowCondition(chan))

@@ -105,6 +105,11 @@ class _Refused(ExecutorFailure):
     """A local tunnel's forward that the server refused (see `Forwarding.open_channel`)."""
 
 
+#: How long a wait for a place under the limit sleeps at most between looks (a
+#: notify cut short by an interrupt costs that much).
+_PLACE_POLL = 0.5
+
+
 class ForwardLimit:
     """A cap on the forwarded channels of one executor; those past it wait their turn.
 
@@ -139,19 +144,20 @@ class ForwardLimit:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return None
-                    self._cond.wait(remaining)
+                    # Bounded: a notify an interrupt (Ctrl-C) cut short is made up for.
+                    self._cond.wait(_PLACE_POLL if remaining is None
+                                    else min(remaining, _PLACE_POLL))
                 if cancelled():
                     return None
-                self._used += 1
-                return Place(self)
             finally:
                 self._queue.remove(me)
                 self._cond.notify_all()
-
-    def _free(self) -> None:
-        with self._lock:
-            self._used -= 1
-            self._cond.notify_all()
+            # Counted with no call between it and the return: an interrupt (Ctrl-C) is
+            # taken as a Python call begins, and one after the count (in a Place made
+            # after it, or in the clean-up above) left the place counted for good.
+            place = Place(self)
+            self._used += 1
+            return place
 
     def wake(self) -> None:
         """Let the waiters look at their ``cancelled`` again."""
@@ -179,14 +185,23 @@ class Place:
             self._holders += 1
 
     def release(self) -> None:
-        """Let go of the place; the last holder to do so gives it back to the limit."""
+        """Let go of the place; the last holder to do so gives it back to the limit.
+
+        Every count changes after the last call that an interrupt (Ctrl-C) can
+        cut short (one is taken as a Python call begins): the place is given
+        back whole, or not at all and still held.
+        """
         with self._lock:
             if self._holders == 0:
                 raise RuntimeError("a place given back twice")
-            self._holders -= 1
-            free = self._holders == 0
-        if free:
-            self._limit._free()
+            if self._holders > 1:
+                self._holders -= 1
+                return
+            limit = self._limit
+            with limit._lock:
+                limit._cond.notify_all()  # the waiters look once the lock is let go
+                limit._used -= 1
+                self._holders = 0
 
 
 class Tunnel:
@@ -483,16 +498,19 @@ class LocalTunnel(Tunnel):
 
 
 def _once(action: Callable[[], None]) -> Callable[[], None]:
-    """``action``, run by the first call only (from any thread)."""
-    lock = threading.Lock()
+    """``action``, run by the first call that completes it (from any thread).
+
+    Marked done only once it returned: an interrupt (Ctrl-C) as it began
+    (`Place.release` changes nothing before its last call) leaves it to the next call.
+    """
+    lock = threading.RLock()
     done: List[bool] = []
 
     def run() -> None:
         with lock:
-            if done:
-                return
-            done.append(True)
-        action()
+            if not done:
+                action()
+                done.append(True)  # no call between the return and it
     return run
 
 
