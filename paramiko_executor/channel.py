@@ -1395,6 +1395,18 @@ class SessionChannel(Cover):
 
     def _converse(self, spec: CommandSpec, deadline: Optional[float],
                   after_exec: Optional[Callable[[], None]]) -> ChannelOutcome:
+        try:
+            return self._converse_until_decided(spec, deadline, after_exec)
+        except BaseException as exc:
+            # An interrupt (Ctrl-C) as the caller waits: the command is ended as on a
+            # timeout. Without a terminal sshd would run it on, its session (and slot)
+            # taken, after our CLOSE.
+            if not isinstance(exc, Exception) and not self.discarding:
+                self._end_remote_command(deadline)
+            raise
+
+    def _converse_until_decided(self, spec: CommandSpec, deadline: Optional[float],
+                                after_exec: Optional[Callable[[], None]]) -> ChannelOutcome:
         pending = memoryview(spec.sent_input)
         eof_sent = False
         splitters = line_splitters(spec.options.on_output, spec.options.encoding)

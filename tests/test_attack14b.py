@@ -191,16 +191,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_NO_TERM_ON_CTRL_C = ("a Ctrl-C while a command waits closes its channel and sends no TERM "
-                      "(only on_output's errors and timeouts end the remote command): "
-                      "without a terminal sshd leaves the command running, its session and "
-                      "slot held until it ends")
-
-
 @pytest.mark.hang_timeout(120)
 @pytest.mark.usefixtures("python_sigint")
 @pytest.mark.parametrize("pty", [
-    pytest.param(False, id="pipe", marks=pytest.mark.xfail(strict=True, reason=_NO_TERM_ON_CTRL_C)),
+    pytest.param(False, id="pipe"),
     pytest.param(True, id="pty")])
 def test_a_ctrl_c_while_a_command_runs_ends_the_remote_command(
         sshd: Any, shared_dir: str, pty: bool) -> None:

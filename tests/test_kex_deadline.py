@@ -210,8 +210,8 @@ def test_a_complete_command_whose_eof_an_exchange_given_up_held_is_not_run_again
         wrap_handlers(transport, {MSG_CHANNEL_EOF: stall_at_eof,
                                   MSG_CHANNEL_CLOSE: close_late}, {})
         # The command's thread reaches its EOF only once the server's EOF is in.
-        command = at_line(SessionChannel._converse.__code__,
-                          _line(SessionChannel._converse, "self._send_eof(deadline)"),
+        command = at_line(SessionChannel._converse_until_decided.__code__,
+                          _line(SessionChannel._converse_until_decided, "self._send_eof(deadline)"),
                           lambda: wait_for(lambda: bool(stalled), "the server's EOF"),
                           lambda: executor.run_command("echo done", "input"))
         try:
