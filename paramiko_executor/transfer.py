@@ -852,10 +852,11 @@ class _Session:
             self._removing[request_id] = removes
         return request_id
 
-    def kept(self, *request_ids: int) -> List[Tuple[int, memoryview]]:
+    def kept(self, *request_ids: int, keep: bool = False) -> List[Tuple[int, memoryview]]:
         """The replies to `later`'s requests ``request_ids``, in order: sent now if still
         queued, and waited for (replies to requests sent before them are dropped). Each
-        stays kept until all came: a wait cut short by the deadline takes none."""
+        stays kept until all came: a wait cut short by the deadline takes none. With
+        ``keep``, they stay kept after too, until the caller takes them off `_kept`."""
         if self._queued:
             self._send_requests(memoryview(b""))
         while any(self._kept[request_id] is None for request_id in request_ids):
@@ -864,7 +865,7 @@ class _Session:
             self.receive(kept_too=True)
         replies = []
         for request_id in request_ids:
-            reply = self._kept.pop(request_id)
+            reply = self._kept[request_id] if keep else self._kept.pop(request_id)
             assert reply is not None
             replies.append(reply)
         return replies
@@ -1079,23 +1080,37 @@ class _Session:
                          (_FXP_LSTAT, (_string(probe),))]
             names.append(probe)
         self._temps = temps
-        if temps is not None:
-            temps.extend(names)
-        # Through `later` and `kept`, in one send as `calls` sends them: an OPEN's answer
-        # that came before the deadline passed stays known to the clean-up.
-        ids = [self.later(kind, *fields) for kind, fields in requests]
-        creating = dict(zip(names, ids[1:3]))  # each name: its exclusive OPEN
+        asked = tuple(names)
+        creating: Dict[str, int] = {}  # each name: its exclusive OPEN, once queued
+        ids: List[int] = []
+        replies: List[Tuple[int, memoryview]] = []
         try:
-            target, created, *probed = self.kept(*ids)
+            if temps is not None:
+                temps.extend(names)
+            # Through `later` and `kept`, in one send as `calls` sends them: an OPEN's
+            # answer that came before the deadline passed stays known to the clean-up.
+            ids = [self.later(kind, *fields) for kind, fields in requests]
+            creating.update(zip(names, ids[1:3]))
+            # Kept until the refused names are off the upload's: an interrupt meanwhile
+            # still finds the answers (`_disown_refused`).
+            replies = self.kept(*ids, keep=True)
+            target, created, *probed = replies
+            for name, (reply, _body) in zip(asked, (created, *probed)):
+                if reply == _FXP_STATUS:
+                    names.remove(name)
+                    self._disown(name)
+            for request_id in ids:
+                del self._kept[request_id]
         except TimeoutError as exc:
             # A slow server may create them after any later session looked: removed in
             # this one once their OPENs' answers say which were created by this upload.
             self.discard_upload(None, [], exc, creating=creating)
             raise
-        for name, (reply, _body) in zip(list(names), (created, *probed)):
-            if reply == _FXP_STATUS:
-                names.remove(name)
-                self._disown(name)
+        except BaseException:
+            # An interrupt (Ctrl-C) leaves the names to the caller's clean-up: not those
+            # whose OPEN never went out or was refused (another client's file).
+            self._disown_refused(asked, creating, dict(zip(ids, replies)))
+            raise
         try:
             return self._created(path, temp, new_bits, probe, target, created, probed)
         except (_StatusError, TimeoutError, IsADirectoryError, ValueError) as exc:
@@ -1389,6 +1404,21 @@ class _Session:
                     del opens[name]
                     self._disown(name)
                     break
+
+    def _disown_refused(self, names: Tuple[str, ...], opens: Dict[str, int],
+                        replies: Dict[int, Tuple[int, memoryview]]) -> None:
+        """After an interrupt in `stat_and_create`: take those of ``names`` off the upload's
+        that nothing created, their OPEN not queued (not in ``opens``, name: its request
+        id) or still queued (see `_unqueue`: a session interrupted sends nothing more),
+        and those whose OPEN's answer, among ``replies`` (request id: reply) or still
+        kept, refused it."""
+        self._unqueue(opens)
+        for name in names:
+            request_id = opens.get(name)
+            answer = None if request_id is None else (
+                replies.get(request_id) or self._kept.get(request_id))
+            if request_id is None or answer is not None and answer[0] == _FXP_STATUS:
+                self._disown(name)
 
     def _disown(self, name: str) -> None:
         """Take ``name`` off the upload's names: gone, or not the upload's."""
