@@ -825,9 +825,10 @@ class _Session:
 
     def _send_requests(self, data: memoryview) -> None:
         """Send whole requests ``data``, behind those `later` queued, in one send."""
-        queued, self._queued = self._queued, []
+        queued: List[bytes] = []
         sending = False
         try:  # from the queue's taking on: an interrupt (Ctrl-C) before the send keeps it
+            queued, self._queued = self._queued, []
             if queued:
                 data = memoryview(b"".join([*queued, data]))
             sending = True
