@@ -1,0 +1,429 @@
+"""Attacks on put's clean-up of its temporary and probe files (276a870): the exclusive
+OPENs' answers awaited within CLEANUP_GRACE after a deadline, REMOVE answers taking names
+off the put's temps, every failed attempt's names handed to the executor's clean-up, and
+`SFTPNotStarted.lasting` after a silent start needing an answered keepalive@openssh.com.
+
+Against the shared sshd, relays of a real sftp-server (test_attack10b, test_attack13c)
+and Dropbear: Ctrl-C at every line, deadlines, slow starts, caller errors.
+"""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import secrets
+import subprocess
+import threading
+import time
+from contextlib import suppress
+from typing import Any, List, Set
+
+import paramiko
+import pytest
+from helpers import at_line, traced_in, wait_for
+from paramiko.common import MSG_CHANNEL_REQUEST
+from test_attack10b import SFTP_SERVER, RelaySFTPServer
+from test_attack13c import _interrupt, _line_of, _lines
+from test_files import leftovers
+from test_files_trust import _U32, FXP, HostileSFTPServer, read_packet
+
+from paramiko_executor import SSHExecutor, TransferTimeout, executors, transfer
+
+
+@pytest.fixture
+def workdir(shared_dir: str) -> pathlib.Path:
+    return pathlib.Path(shared_dir)
+
+
+def _taken(monkeypatch: Any, workdir: pathlib.Path, *names: str) -> pathlib.Path:
+    """Another client's file ``.f.<16 zeros>.tmp``; ``secrets.token_hex`` gives ``names``
+    first (a put to ``f``: its temporary file's, then its probe's), then random ones."""
+    given = iter(names)
+    token_hex = secrets.token_hex
+    monkeypatch.setattr(transfer.secrets, "token_hex",
+                        lambda n: next(given, None) or token_hex(n))
+    taken = workdir / ".f.0000000000000000.tmp"
+    taken.write_bytes(b"another client's")
+    return taken
+
+
+_INTERRUPTED: List[Any] = [transfer._Session.stat_and_create, transfer._Session._unqueue,
+                           transfer._Session.later, transfer._Session._send_requests,
+                           transfer._Session.kept, transfer._Session._disown_refused]
+#: kept's wait for the OPENs' answers, once they went out: see the xfail below.
+_WAITING = {_line_of(transfer._Session.kept, "while any("),
+            _line_of(transfer._Session.kept, "self.receive(kept_too=True)")}
+_INTERRUPT_CASES = [(function, line) for function in _INTERRUPTED for line in _lines(function)
+                    if function is not transfer._Session.kept or line not in _WAITING]
+
+
+@pytest.mark.parametrize("which", ["probe", "temporary file"])
+@pytest.mark.parametrize("function,line", _INTERRUPT_CASES,
+                         ids=[f"{f.__name__}:{line}" for f, line in _INTERRUPT_CASES])
+def test_ctrl_c_anywhere_in_the_creating_round_trip_leaves_another_clients_file(
+        sshd: Any, workdir: pathlib.Path, monkeypatch: Any, function: Any, line: int,
+        which: str) -> None:
+    # A Ctrl-C before the exclusive OPENs went out (the requests still queued by
+    # `later`): nothing was created, yet both names stayed among the put's temps, and the
+    # executor's clean-up removed them: another client's file under one of them too. So
+    # did a Ctrl-C once the answers had come, before the refused name was taken off.
+    names = ["1" * 16, "0" * 16] if which == "probe" else ["0" * 16, "1" * 16]
+    taken = _taken(monkeypatch, workdir, *names)
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        ex.run_command("true")
+        with suppress(KeyboardInterrupt, transfer.ExecutorFailure):
+            at_line(function.__code__, line, _interrupt,
+                    lambda: ex.put(io.BytesIO(b"data"), str(workdir / "f"), timeout=30))()
+
+        def cleaned() -> bool:
+            ex.put(io.BytesIO(b"ok"), str(workdir / "g"), timeout=30)
+            return not ex._leftovers and set(leftovers(workdir)) <= {taken.name}
+        wait_for(cleaned, "the temporary files' removal", timeout=executors.LEFTOVER_TIMEOUT,
+                 explain=lambda: str(leftovers(workdir)))
+    assert taken.read_bytes() == b"another client's"
+    assert leftovers(workdir) == [taken.name]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "an interrupt while the exclusive OPENs' answers are on their way leaves both names to "
+    "the executor's clean-up, which removes them on a guess (another client's file under "
+    "one too), as after a lost connection; a deadline there gives them up instead (this "
+    "put's own file then stays). Knowing needs the answers: a session kept on in the "
+    "background to read them, not a small change"))
+@pytest.mark.parametrize("which", ["probe", "temporary file"])
+def test_ctrl_c_while_the_creating_answers_are_on_their_way_leaves_another_clients_file(
+        sshd: Any, workdir: pathlib.Path, monkeypatch: Any, which: str) -> None:
+    names = ["1" * 16, "0" * 16] if which == "probe" else ["0" * 16, "1" * 16]
+    taken = _taken(monkeypatch, workdir, *names)
+    line = _line_of(transfer._Session.kept, "self.receive(kept_too=True)")
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        ex.run_command("true")
+        with pytest.raises(KeyboardInterrupt):
+            at_line(transfer._Session.kept.__code__, line, _interrupt,
+                    lambda: ex.put(io.BytesIO(b"data"), str(workdir / "f"), timeout=30))()
+
+        def cleaned() -> bool:
+            ex.put(io.BytesIO(b"ok"), str(workdir / "g"), timeout=30)
+            return not ex._leftovers and set(leftovers(workdir)) <= {taken.name}
+        wait_for(cleaned, "the temporary files' removal", timeout=executors.LEFTOVER_TIMEOUT,
+                 explain=lambda: str(leftovers(workdir)))
+    assert taken.exists(), "another client's file was removed"
+
+
+# --- a slow SFTP start on a connection that answers at once -------------------------------
+
+
+class SlowStartRelay(HostileSFTPServer):
+    """An SSH server (paramiko's: it answers channel requests it does not know at once)
+    whose ``sftp`` is a real OpenSSH sftp-server (as root), relayed; the sessions whose
+    number (from 0) is in ``slow`` forward the INIT only ``delay`` seconds after it came:
+    an sftp-server slow to start (a loaded machine, a slow PAM or home directory) behind
+    an SSH server that serves."""
+
+    def __init__(self, directory: pathlib.Path, slow: Set[int], delay: float) -> None:
+        super().__init__(directory, {})
+        self.slow = slow
+        self.delay = delay
+        self.sessions = 0
+        self.lock = threading.Lock()
+        self.stopping_sessions = threading.Event()
+
+    def serve(self, chan: paramiko.Channel) -> None:
+        with self.lock:
+            number = self.sessions
+            self.sessions += 1
+        proc = subprocess.Popen([SFTP_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            while True:
+                head = proc.stdout.read(4)
+                if len(head) < 4:
+                    return
+                try:
+                    chan.sendall(head + proc.stdout.read(_U32.unpack(head)[0]))
+                except (EOFError, OSError, paramiko.SSHException):
+                    return
+
+        pumper = threading.Thread(target=pump, daemon=True)
+        pumper.start()
+        try:
+            chan.settimeout(30)
+            while True:
+                kind, request_id, payload = read_packet(chan)
+                if kind == FXP["INIT"] and number in self.slow:
+                    self.stopping_sessions.wait(self.delay)
+                body = bytes((kind,)) + (b"" if kind == FXP["INIT"]
+                                         else _U32.pack(request_id)) + payload
+                assert proc.stdin is not None
+                proc.stdin.write(_U32.pack(len(body)) + body)
+                proc.stdin.flush()
+        except (EOFError, OSError, paramiko.SSHException):
+            pass
+        finally:
+            with suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.close()
+            proc.wait(10)
+            pumper.join(10)
+
+    def close(self) -> None:
+        self.stopping_sessions.set()
+        super().close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "no VERSION within NEGOTIATION_TIMEOUT while the SSH server answers the "
+    "keepalive@openssh.com request at once is SFTPNotStarted(lasting=True): a clean-up "
+    "gives every name up at once, although a slow sftp-server (its SSH server serving) "
+    "looks the same as a silent forced command; the names came from SFTP sessions "
+    "started on this very login"))
+def test_a_slow_sftp_server_behind_a_serving_ssh_server_does_not_give_names_up(
+        tmp_path: pathlib.Path, monkeypatch: Any) -> None:
+    directory = tmp_path / "remote"
+    directory.mkdir()
+    (directory / "f").write_bytes(b"data")
+    left = directory / ".g.0123456789abcdef.tmp"  # a broken put's
+    left.write_bytes(b"")
+    monkeypatch.setattr(transfer, "NEGOTIATION_TIMEOUT", 1.0)
+    server = SlowStartRelay(tmp_path, slow={1}, delay=2.0)  # the clean-up's session
+    try:
+        with SSHExecutor(**server.executor_parameters()) as ex:
+            assert ex.get(f"{directory}/f", io.BytesIO(), timeout=30) == 4
+            started = time.monotonic()
+            ex._remove_leftover([str(left)], None)
+            took = time.monotonic() - started
+            assert took < transfer.NEGOTIATION_TIMEOUT + transfer._ANSWER_WAIT, took
+            for _ in range(2):
+                assert ex.get(f"{directory}/f", io.BytesIO(), timeout=30) == 4
+        assert not left.exists(), "the name was given up: the file stays for good"
+    finally:
+        server.close()
+
+
+# --- what a silent SFTP start is taken for, server by server --------------------------------
+
+
+class _SilentSFTP(HostileSFTPServer):
+    """paramiko's SSH server, whose ``sftp`` accepts and never answers (a forced command
+    waiting for input); with ``deaf``, channel requests it does not know get no answer
+    either (as some servers do with ``want reply``)."""
+
+    def __init__(self, directory: pathlib.Path, deaf: bool) -> None:
+        super().__init__(directory, {})
+        self.deaf = deaf
+        self.done = threading.Event()
+
+    def serve(self, chan: paramiko.Channel) -> None:
+        self.done.wait(30)
+
+
+def _dropbear_forced(sshd: Any, tmp_path: pathlib.Path) -> Any:
+    """Dropbear logging in sshd's user with a key restricted to /bin/bash (command=)."""
+    from testsupport.dropbear import DropbearServer, DropbearUnavailable
+
+    key = paramiko.Ed25519Key(filename=sshd.forced_key_path)
+    path = tmp_path / "forced"
+    path.write_bytes(pathlib.Path(sshd.forced_key_path).read_bytes())
+    path.chmod(0o600)
+    (tmp_path / "forced.pub").write_text(
+        f'command="/bin/bash" {key.get_name()} {key.get_base64()}\n')
+    try:
+        return DropbearServer(username=sshd.username, client_key_path=str(path)).start()
+    except DropbearUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("server_kind", ["openssh", "dropbear", "paramiko",
+                                         "paramiko deaf"])
+def test_a_forced_command_is_lasting_within_a_round_trip_of_the_version_wait(
+        sshd: Any, tmp_path: pathlib.Path, monkeypatch: Any, server_kind: str) -> None:
+    # keepalive@openssh.com on the session channel: OpenSSH, Dropbear 2022.83, asyncssh
+    # and paramiko refuse it at once (a silent forced command is lasting, and costs no
+    # more than the version's wait); a server that ignores it costs _ANSWER_WAIT more
+    # and is taken for a slow one (not lasting).
+    monkeypatch.setattr(transfer, "NEGOTIATION_TIMEOUT", 1.0)
+    closing: List[Any] = []
+    if server_kind == "openssh":
+        params = sshd.executor_parameters(client_keys=[sshd.forced_key_path])
+    elif server_kind == "dropbear":
+        server = _dropbear_forced(sshd, tmp_path)
+        closing.append(server)
+        params = server.executor_parameters()
+    else:
+        deaf = server_kind == "paramiko deaf"
+        server = _SilentSFTP(tmp_path, deaf)
+        closing.append(server)
+        params = server.executor_parameters()
+        if deaf:
+            table = paramiko.Transport._channel_handler_table  # type: ignore[attr-defined]
+            handle = table[MSG_CHANNEL_REQUEST]
+
+            def deafened(chan: Any, m: Any) -> None:
+                if chan.transport.server_mode and b"keepalive@openssh.com" in m.asbytes():
+                    return
+                handle(chan, m)
+            monkeypatch.setitem(table, MSG_CHANNEL_REQUEST, deafened)
+    try:
+        with SSHExecutor(**params) as ex:
+            started = time.monotonic()
+            with pytest.raises(transfer.SFTPNotStarted) as info:
+                ex.get("/etc/hostname", io.BytesIO(), timeout=30)
+            took = time.monotonic() - started
+    finally:
+        for server in closing:
+            if isinstance(server, _SilentSFTP):
+                server.done.set()
+            server.close()
+    if server_kind == "paramiko deaf":
+        assert not info.value.lasting
+        assert took < transfer.NEGOTIATION_TIMEOUT + transfer._ANSWER_WAIT + 1.5, took
+    else:
+        assert info.value.lasting, info.value
+        assert took < transfer.NEGOTIATION_TIMEOUT + 1.5, took
+
+
+def test_asyncssh_answers_the_keepalive_on_a_silent_session() -> None:
+    # asyncssh refuses the sftp subsystem without an sftp_factory: the probe asked
+    # directly, on a session running a silent command (what a forced command is).
+    from testsupport.asyncssh_server import AsyncSSHServer
+
+    with AsyncSSHServer() as server:
+        client = paramiko.SSHClient()
+        client.load_host_keys(server.known_hosts_path)
+        client.connect("127.0.0.1", server.port, username=server.username,
+                       key_filename=server.client_key_path, look_for_keys=False,
+                       allow_agent=False, timeout=10)
+        try:
+            transport = client.get_transport()
+            assert transport is not None
+            chan = transport.open_session(timeout=10)
+            session = transfer._Session(chan, time.monotonic() + 20)
+            chan.exec_command("sleep 30")
+            started = time.monotonic()
+            assert session._answers_at_once(time.monotonic())
+            assert time.monotonic() - started < 1.0
+        finally:
+            client.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the exclusive OPENs' answers come after CLEANUP_GRACE: discard_upload gives the names "
+    "up (not removed on a guess), and the put's own empty temporary file (and probe) stays "
+    "for good although the server works; before 276a870 the put handed them to the "
+    "executor's clean-up (mode given: none left in this sweep, 2 now). Knowing needs the "
+    "answers: a session kept on in the background to read them, not a small change"))
+@pytest.mark.parametrize("at", [1, 2])  # limits@openssh.com is 0, then STAT, OPEN...
+def test_answers_after_the_grace_leave_no_file_of_the_put(
+        tmp_path: pathlib.Path, monkeypatch: Any, at: int) -> None:
+    monkeypatch.setattr(transfer, "CLEANUP_GRACE", 1.0)
+    directory = tmp_path / "remote"
+    directory.mkdir()
+    (directory / "up").write_bytes(b"old")
+    server = RelaySFTPServer(tmp_path, lambda index, kind: False,
+                             hold=lambda index, kind: 3.5 if index == at else 0.0)
+    try:
+        with SSHExecutor(**server.executor_parameters()) as ex:
+            with pytest.raises(TransferTimeout):
+                ex.put(io.BytesIO(b"data"), f"{directory}/up", mode=0o640, timeout=1.0)
+            assert server.first_done.wait(20)
+            for _ in range(2):
+                assert ex.get(f"{directory}/up", io.BytesIO(), timeout=30) == 3
+        assert sorted(p.name for p in directory.iterdir()) == ["up"]
+    finally:
+        server.close()
+
+
+# --- the caller's own errors -----------------------------------------------------------------
+
+
+class _Reader(io.RawIOBase):
+    """A source of ``size`` bytes whose ``fail_at``-th read (from 1) raises ``error``."""
+
+    def __init__(self, size: int, fail_at: int, error: BaseException) -> None:
+        self.left = size
+        self.reads = 0
+        self.fail_at = fail_at
+        self.error = error
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self.reads += 1
+        if self.reads == self.fail_at:
+            raise self.error
+        n = min(len(buffer), self.left)
+        buffer[:n] = b"x" * n
+        self.left -= n
+        return n
+
+
+_CALLER_ERRORS = [ValueError("mine"), TimeoutError("mine"), ConnectionResetError("mine"),
+                  EOFError("mine"), paramiko.SSHException("mine"), KeyboardInterrupt()]
+
+
+@pytest.mark.parametrize("at", [1, 2, 4])
+@pytest.mark.parametrize("where", ["file object", "progress"])
+@pytest.mark.parametrize("error", _CALLER_ERRORS, ids=lambda e: type(e).__name__)
+def test_a_callers_error_at_any_call_is_its_own_and_leaves_nothing(
+        sshd: Any, workdir: pathlib.Path, where: str, at: int, error: BaseException) -> None:
+    (workdir / "f").write_bytes(b"old")
+    calls: List[int] = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        if where == "progress" and len(calls) == at:
+            raise error
+    source: Any = _Reader(3 * 1024 * 1024, at if where == "file object" else 0, error)
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        ex.run_command("true")
+        with pytest.raises(type(error)) as info:
+            ex.put(source, str(workdir / "f"), timeout=30, progress=progress)
+        assert info.value is error
+        assert calls == sorted(calls), f"retried: {calls}"  # a retry starts from 0 again
+        ex.put(io.BytesIO(b"ok"), str(workdir / "g"), timeout=30)
+        assert not ex._leftovers
+    assert (workdir / "f").read_bytes() == b"old"
+    assert leftovers(workdir) == []
+
+
+def _at_line_of_the_creating_send(line: int, call: Any) -> Any:
+    """``call``, interrupted as `_Session._send_requests` reaches ``line`` while sending
+    the exclusive OPENs (its first call once `stat_and_create` took the upload's names)."""
+    done: List[bool] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and not done and frame.f_lineno == line \
+                and frame.f_locals["self"]._temps is not None:
+            done.append(True)
+            _interrupt()
+        return local
+    return traced_in(transfer._Session._send_requests.__code__, local, done, call)
+
+
+_SEND_LINES = [line for line in _lines(transfer._Session._send_requests)
+               if line < _line_of(transfer._Session._send_requests, "self.send_bytes(data)")]
+
+
+@pytest.mark.parametrize("which", ["probe", "temporary file"])
+@pytest.mark.parametrize("line", _SEND_LINES)
+def test_ctrl_c_before_the_creating_requests_go_out_leaves_another_clients_file(
+        sshd: Any, workdir: pathlib.Path, monkeypatch: Any, line: int, which: str) -> None:
+    # Up to the send's call nothing went out: the requests stay queued (and are never
+    # sent), and the names come off the put's.
+    names = ["1" * 16, "0" * 16] if which == "probe" else ["0" * 16, "1" * 16]
+    taken = _taken(monkeypatch, workdir, *names)
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        ex.run_command("true")
+        with pytest.raises(KeyboardInterrupt):
+            _at_line_of_the_creating_send(
+                line, lambda: ex.put(io.BytesIO(b"data"), str(workdir / "f"), timeout=30))()
+
+        def cleaned() -> bool:
+            ex.put(io.BytesIO(b"ok"), str(workdir / "g"), timeout=30)
+            return not ex._leftovers and set(leftovers(workdir)) <= {taken.name}
+        wait_for(cleaned, "the temporary files' removal", timeout=executors.LEFTOVER_TIMEOUT,
+                 explain=lambda: str(leftovers(workdir)))
+    assert taken.read_bytes() == b"another client's"
+    assert leftovers(workdir) == [taken.name]
