@@ -1358,39 +1358,48 @@ class _Session:
         Bounded by `CLEANUP_GRACE`; gives up quietly (the caller raises the
         original error). ``handle_field``: the handle as an SFTP string.
         """
-        undecided = dict(creating or {})
+        # ``creating`` itself loses each name as its answer decides it: an interrupt (Ctrl-C)
+        # anywhere in the clean-up gives up only the names still undecided.
         try:
-            if isinstance(error, ProtocolError) or not self.in_sync or self.chan.closed:
-                return
-            self.deadline = time.monotonic() + CLEANUP_GRACE
-            try:
-                if self._unsent is not None:
-                    self.send_bytes(memoryview(self._unsent))
-                    self._unsent = None
-                self._unqueue(undecided)
-                if handle_field is not None:
-                    self.later(_FXP_CLOSE, handle_field)
-                removing = list(names)
-                for name, request_id in list(undecided.items()):
-                    (opened,) = self.kept(request_id)
-                    del undecided[name]
-                    if opened[0] != _FXP_HANDLE:
-                        self._disown(name)  # refused: not this upload's
-                        continue
-                    removing.append(name)
-                    self.later(_FXP_CLOSE, _string(self.handle(*opened)))
-                for name in removing:
-                    self.later(_FXP_REMOVE, _string(name), removes=name)
-                self.settle()
-            except (_StatusError, ExecutorFailure, TimeoutError, EOFError, OSError,
-                    paramiko.SSHException):
-                pass
+            self._discard(handle_field, names, error, {} if creating is None else creating)
         finally:
-            if undecided:
+            if creating:
                 log.debug("gave up the temporary names %s of a failed upload: no answer to "
-                          "the requests that would have created them", sorted(undecided))
-                for name in undecided:
+                          "the requests that would have created them", sorted(creating))
+                for name in creating:
                     self._disown(name)
+
+    def _discard(self, handle_field: Optional[bytes], names: List[str],
+                 error: BaseException, undecided: Dict[str, int]) -> None:
+        """`discard_upload`'s work; a name of ``undecided`` comes off it once decided."""
+        if isinstance(error, ProtocolError) or not self.in_sync or self.chan.closed:
+            return
+        self.deadline = time.monotonic() + CLEANUP_GRACE
+        try:
+            if self._unsent is not None:
+                self.send_bytes(memoryview(self._unsent))
+                self._unsent = None
+            self._unqueue(undecided)
+            if handle_field is not None:
+                self.later(_FXP_CLOSE, handle_field)
+            removing = list(names)
+            for name, request_id in list(undecided.items()):
+                (opened,) = self.kept(request_id)
+                if opened[0] != _FXP_HANDLE:
+                    self._disown(name)  # refused: not this upload's
+                    del undecided[name]
+                    continue
+                # Off the undecided first: interrupted before its REMOVE went out, it
+                # stays among the upload's names for the caller's clean-up.
+                del undecided[name]
+                removing.append(name)
+                self.later(_FXP_CLOSE, _string(self.handle(*opened)))
+            for name in removing:
+                self.later(_FXP_REMOVE, _string(name), removes=name)
+            self.settle()
+        except (_StatusError, ExecutorFailure, TimeoutError, EOFError, OSError,
+                paramiko.SSHException):
+            pass
 
     def _unqueue(self, opens: Dict[str, int]) -> None:
         """Take the requests of ``opens`` (name: request id) that never went out (still
