@@ -9,6 +9,7 @@ and Dropbear: Ctrl-C at every line, deadlines, slow starts, caller errors.
 
 from __future__ import annotations
 
+import dis
 import io
 import pathlib
 import secrets
@@ -16,16 +17,17 @@ import subprocess
 import threading
 import time
 from contextlib import suppress
-from typing import Any, List, Set
+from typing import Any, Dict, List, Set
 
 import paramiko
 import pytest
 from helpers import at_line, traced_in, wait_for
 from paramiko.common import MSG_CHANNEL_REQUEST
 from test_attack10b import SFTP_SERVER, RelaySFTPServer
-from test_attack13c import _interrupt, _line_of, _lines
+from test_attack13c import _freeze, _interrupt, _line_of, _lines
 from test_files import leftovers
 from test_files_trust import _U32, FXP, HostileSFTPServer, read_packet
+from test_review11 import _thaw
 
 from paramiko_executor import SSHExecutor, TransferTimeout, executors, transfer
 
@@ -427,3 +429,107 @@ def test_ctrl_c_before_the_creating_requests_go_out_leaves_another_clients_file(
                  explain=lambda: str(leftovers(workdir)))
     assert taken.read_bytes() == b"another client's"
     assert leftovers(workdir) == [taken.name]
+
+
+def test_twelve_threads_with_deadlines_landing_anywhere_leave_whole_files_only(
+        sshd: Any, workdir: pathlib.Path) -> None:
+    # Deadlines of 5 to 120 ms land in every round trip of the puts (the OPENs' too):
+    # each name is old or whole, and the clean-ups leave no temporary or probe file.
+    payloads = [b"old", b"small", bytes(range(256)) * 800]
+    names = [workdir / f"same{i}" for i in range(3)]
+    for name in names:
+        name.write_bytes(b"old")
+    outcomes: Dict[str, int] = {}
+    lock = threading.Lock()
+
+    def work(index: int) -> None:
+        for round_ in range(8):
+            target = names[(index + round_) % len(names)]
+            data = payloads[1 + (index + round_) % 2]
+            mode = None if (index * 3 + round_) % 2 else 0o640
+            timeout = 0.005 + 0.115 * ((index * 8 + round_) % 12) / 11
+            try:
+                ex.put(io.BytesIO(data), str(target), mode=mode, timeout=timeout)
+                outcome = "done"
+            except TransferTimeout:
+                outcome = "timeout"
+            with lock:
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    with SSHExecutor(**sshd.executor_parameters()) as ex:
+        ex.run_command("true")
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not any(thread.is_alive() for thread in threads)
+
+        def cleaned() -> bool:
+            ex.put(io.BytesIO(b"ok"), str(workdir / "g"), timeout=30)
+            return not ex._leftovers and not leftovers(workdir)
+        wait_for(cleaned, "the temporary files' removal", timeout=3 * executors.LEFTOVER_TIMEOUT,
+                 explain=lambda: f"{leftovers(workdir)} {ex._leftovers}")
+    assert sum(outcomes.values()) == 96 and outcomes.get("timeout"), outcomes
+    for name in names:
+        assert name.read_bytes() in payloads
+
+
+def _signalled_lines(function: Any) -> List[int]:
+    """`_lines` of ``function`` but those that run only a NOP (a ``try:``): a real SIGINT
+    is never taken there, and one injected there (a line event) escapes CPython 3.11's
+    enclosing ``finally`` blocks too (a NOP lies outside the exception table's ranges)."""
+    ops: Dict[int, Set[str]] = {}
+    for instruction in dis.get_instructions(function):
+        line = instruction.positions.lineno if instruction.positions else None
+        if line is not None:
+            ops.setdefault(line, set()).add(instruction.opname)
+    return [line for line in _lines(function) if ops.get(line, {"NOP"}) != {"NOP"}]
+
+
+_DISCARD_CASES = [(function, line)
+                  for function in (transfer._Session.discard_upload, transfer._Session._discard)
+                  for line in _signalled_lines(function)]
+
+
+@pytest.mark.parametrize("which", ["probe", "temporary file"])
+@pytest.mark.parametrize("function,line", _DISCARD_CASES,
+                         ids=[f"{f.__name__}:{line}" for f, line in _DISCARD_CASES])
+def test_ctrl_c_in_the_clean_up_after_a_creating_deadline_leaves_another_clients_file(
+        make_sshd: Any, workdir: pathlib.Path, monkeypatch: Any, function: Any, line: int,
+        which: str) -> None:
+    # The deadline passed in the exclusive OPENs' round trip (the server frozen), the
+    # answers come in the grace; a Ctrl-C at any line of that clean-up. The names were
+    # copied before the try whose finally gives the undecided up, and a refused name was
+    # taken off the undecided before it was taken off the put's: a Ctrl-C there left it
+    # to the executor's clean-up, which removed another client's file.
+    names = ["1" * 16, "0" * 16] if which == "probe" else ["0" * 16, "1" * 16]
+    taken = _taken(monkeypatch, workdir, *names)
+    server = make_sshd(max_sessions=10)
+    frozen: List[int] = []
+    create, discard = transfer._Session.stat_and_create, transfer._Session.discard_upload
+
+    def creating(session: Any, *args: Any) -> Any:
+        frozen.extend(_freeze(server))
+        return create(session, *args)
+
+    def discarding(session: Any, *args: Any, **kwargs: Any) -> None:
+        _thaw(frozen)
+        at_line(function.__code__, line, _interrupt,
+                lambda: discard(session, *args, **kwargs))()
+    monkeypatch.setattr(transfer._Session, "stat_and_create", creating)
+    monkeypatch.setattr(transfer._Session, "discard_upload", discarding)
+    try:
+        with SSHExecutor(**server.executor_parameters(on_disconnect_retry=0)) as ex:
+            ex.run_command("true")
+            with suppress(KeyboardInterrupt, TransferTimeout):
+                ex.put(io.BytesIO(b"data"), str(workdir / "f"), timeout=2)
+            monkeypatch.setattr(transfer._Session, "stat_and_create", create)
+            monkeypatch.setattr(transfer._Session, "discard_upload", discard)
+
+            def cleaned() -> bool:
+                ex.put(io.BytesIO(b"ok"), str(workdir / "g"), timeout=30)
+                return not ex._leftovers
+            wait_for(cleaned, "the clean-ups", timeout=executors.LEFTOVER_TIMEOUT)
+    finally:
+        _thaw(frozen)
+    assert taken.read_bytes() == b"another client's"
