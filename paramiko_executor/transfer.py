@@ -1066,7 +1066,8 @@ class _Session:
         ``temp`` and ``probe`` are appended to ``temps`` just before the requests
         that create them go out, and taken off again once their exclusive OPEN
         was refused (what is there is not this upload's), once the clean-up removed
-        them, and when it gave them up (see `discard_upload`).
+        them, and when it gave them up (see `discard_upload`); interrupted (Ctrl-C),
+        also when their OPEN never went out.
         """
         flags = _FXF_WRITE | _FXF_CREAT | _FXF_TRUNC | _FXF_EXCL
         requests = [(_FXP_STAT, (_string(path),)),
