@@ -13,20 +13,19 @@ import dis
 import io
 import pathlib
 import secrets
-import subprocess
 import threading
 import time
 from contextlib import suppress
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import paramiko
 import pytest
 from helpers import at_line, traced_in, wait_for
 from paramiko.common import MSG_CHANNEL_REQUEST
-from test_attack10b import SFTP_SERVER, RelaySFTPServer
+from test_attack10b import RelaySFTPServer
 from test_attack13c import _freeze, _interrupt, _line_of, _lines
 from test_files import leftovers
-from test_files_trust import _U32, FXP, HostileSFTPServer, read_packet
+from test_files_trust import HostileSFTPServer
 from test_review11 import _thaw
 
 from paramiko_executor import SSHExecutor, TransferTimeout, executors, transfer
@@ -47,6 +46,13 @@ def _taken(monkeypatch: Any, workdir: pathlib.Path, *names: str) -> pathlib.Path
     taken = workdir / ".f.0000000000000000.tmp"
     taken.write_bytes(b"another client's")
     return taken
+
+
+def _taken_as(which: str, monkeypatch: Any, workdir: pathlib.Path) -> pathlib.Path:
+    """Another client's file under the name of a put's ``which`` ("probe" or "temporary
+    file") to ``workdir``/f (see `_taken`)."""
+    names = ["1" * 16, "0" * 16] if which == "probe" else ["0" * 16, "1" * 16]
+    return _taken(monkeypatch, workdir, *names)
 
 
 @pytest.fixture
@@ -81,6 +87,15 @@ def _settle(ex: SSHExecutor, workdir: pathlib.Path, running: List[int],
              explain=lambda: f"{leftovers(workdir)} {ex._leftovers} {running}")
 
 
+def _at_each(cases: List[Tuple[Any, int]]) -> Any:
+    """Parametrize a test by ``which`` name is taken and by (function, line) ``cases``."""
+    def mark(test: Any) -> Any:
+        test = pytest.mark.parametrize("function,line", cases, ids=[
+            f"{function.__name__}:{line}" for function, line in cases])(test)
+        return pytest.mark.parametrize("which", ["probe", "temporary file"])(test)
+    return mark
+
+
 _INTERRUPTED: List[Any] = [transfer._Session.stat_and_create, transfer._Session._unqueue,
                            transfer._Session.later, transfer._Session._send_requests,
                            transfer._Session.kept, transfer._Session._disown_refused]
@@ -91,9 +106,7 @@ _INTERRUPT_CASES = [(function, line) for function in _INTERRUPTED for line in _l
                     if function is not transfer._Session.kept or line not in _WAITING]
 
 
-@pytest.mark.parametrize("which", ["probe", "temporary file"])
-@pytest.mark.parametrize("function,line", _INTERRUPT_CASES,
-                         ids=[f"{f.__name__}:{line}" for f, line in _INTERRUPT_CASES])
+@_at_each(_INTERRUPT_CASES)
 def test_ctrl_c_anywhere_in_the_creating_round_trip_leaves_another_clients_file(
         sshd: Any, workdir: pathlib.Path, monkeypatch: Any, cleanups: List[int],
         function: Any, line: int, which: str) -> None:
@@ -101,8 +114,7 @@ def test_ctrl_c_anywhere_in_the_creating_round_trip_leaves_another_clients_file(
     # `later`): nothing was created, yet both names stayed among the put's temps, and the
     # executor's clean-up removed them: another client's file under one of them too. So
     # did a Ctrl-C once the answers had come, before the refused name was taken off.
-    names = ["1" * 16, "0" * 16] if which == "probe" else ["0" * 16, "1" * 16]
-    taken = _taken(monkeypatch, workdir, *names)
+    taken = _taken_as(which, monkeypatch, workdir)
     with SSHExecutor(**sshd.executor_parameters()) as ex:
         ex.run_command("true")
         with suppress(KeyboardInterrupt, transfer.ExecutorFailure):
@@ -124,8 +136,7 @@ def test_ctrl_c_anywhere_in_the_creating_round_trip_leaves_another_clients_file(
 def test_ctrl_c_while_the_creating_answers_are_on_their_way_leaves_another_clients_file(
         sshd: Any, workdir: pathlib.Path, monkeypatch: Any, cleanups: List[int],
         which: str) -> None:
-    names = ["1" * 16, "0" * 16] if which == "probe" else ["0" * 16, "1" * 16]
-    taken = _taken(monkeypatch, workdir, *names)
+    taken = _taken_as(which, monkeypatch, workdir)
     line = _line_of(transfer._Session.kept, "self.receive(kept_too=True)")
     with SSHExecutor(**sshd.executor_parameters()) as ex:
         ex.run_command("true")
@@ -140,62 +151,29 @@ def test_ctrl_c_while_the_creating_answers_are_on_their_way_leaves_another_clien
 # --- a slow SFTP start on a connection that answers at once -------------------------------
 
 
-class SlowStartRelay(HostileSFTPServer):
-    """An SSH server (paramiko's: it answers channel requests it does not know at once)
-    whose ``sftp`` is a real OpenSSH sftp-server (as root), relayed; the sessions whose
-    number (from 0) is in ``slow`` forward the INIT only ``delay`` seconds after it came:
-    an sftp-server slow to start (a loaded machine, a slow PAM or home directory) behind
-    an SSH server that serves."""
+class SlowStartRelay(RelaySFTPServer):
+    """A `RelaySFTPServer` (paramiko's SSH server: it answers channel requests it does
+    not know at once) whose sessions numbered (from 0) in ``slow`` start relaying only
+    ``delay`` seconds after they began: an sftp-server slow to start (a loaded machine, a
+    slow PAM or home directory) behind an SSH server that serves."""
 
     def __init__(self, directory: pathlib.Path, slow: Set[int], delay: float) -> None:
-        super().__init__(directory, {})
+        super().__init__(directory, lambda index, kind: False)
         self.slow = slow
         self.delay = delay
-        self.sessions = 0
-        self.lock = threading.Lock()
-        self.stopping_sessions = threading.Event()
+        self.started = 0
+        self.closing = threading.Event()
 
     def serve(self, chan: paramiko.Channel) -> None:
         with self.lock:
-            number = self.sessions
-            self.sessions += 1
-        proc = subprocess.Popen([SFTP_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            while True:
-                head = proc.stdout.read(4)
-                if len(head) < 4:
-                    return
-                try:
-                    chan.sendall(head + proc.stdout.read(_U32.unpack(head)[0]))
-                except (EOFError, OSError, paramiko.SSHException):
-                    return
-
-        pumper = threading.Thread(target=pump, daemon=True)
-        pumper.start()
-        try:
-            chan.settimeout(30)
-            while True:
-                kind, request_id, payload = read_packet(chan)
-                if kind == FXP["INIT"] and number in self.slow:
-                    self.stopping_sessions.wait(self.delay)
-                body = bytes((kind,)) + (b"" if kind == FXP["INIT"]
-                                         else _U32.pack(request_id)) + payload
-                assert proc.stdin is not None
-                proc.stdin.write(_U32.pack(len(body)) + body)
-                proc.stdin.flush()
-        except (EOFError, OSError, paramiko.SSHException):
-            pass
-        finally:
-            with suppress(OSError):
-                assert proc.stdin is not None
-                proc.stdin.close()
-            proc.wait(10)
-            pumper.join(10)
+            number = self.started
+            self.started += 1
+        if number in self.slow:
+            self.closing.wait(self.delay)
+        super().serve(chan)
 
     def close(self) -> None:
-        self.stopping_sessions.set()
+        self.closing.set()
         super().close()
 
 
@@ -343,6 +321,7 @@ def test_asyncssh_answers_the_keepalive_on_a_silent_session() -> None:
 @pytest.mark.parametrize("at", [1, 2])  # limits@openssh.com is 0, then STAT, OPEN...
 def test_answers_after_the_grace_leave_no_file_of_the_put(
         tmp_path: pathlib.Path, monkeypatch: Any, at: int) -> None:
+    # As attack13c's deadline at a request, with the answers 1.5 s after the grace.
     monkeypatch.setattr(transfer, "CLEANUP_GRACE", 1.0)
     directory = tmp_path / "remote"
     directory.mkdir()
@@ -440,8 +419,7 @@ def test_ctrl_c_before_the_creating_requests_go_out_leaves_another_clients_file(
         which: str) -> None:
     # Up to the send's call nothing went out: the requests stay queued (and are never
     # sent), and the names come off the put's.
-    names = ["1" * 16, "0" * 16] if which == "probe" else ["0" * 16, "1" * 16]
-    taken = _taken(monkeypatch, workdir, *names)
+    taken = _taken_as(which, monkeypatch, workdir)
     with SSHExecutor(**sshd.executor_parameters()) as ex:
         ex.run_command("true")
         with pytest.raises(KeyboardInterrupt):
@@ -508,9 +486,7 @@ _DISCARD_CASES = [(function, line)
                   for line in _signalled_lines(function)]
 
 
-@pytest.mark.parametrize("which", ["probe", "temporary file"])
-@pytest.mark.parametrize("function,line", _DISCARD_CASES,
-                         ids=[f"{f.__name__}:{line}" for f, line in _DISCARD_CASES])
+@_at_each(_DISCARD_CASES)
 def test_ctrl_c_in_the_clean_up_after_a_creating_deadline_leaves_another_clients_file(
         make_sshd: Any, workdir: pathlib.Path, monkeypatch: Any, cleanups: List[int],
         function: Any, line: int, which: str) -> None:
@@ -519,8 +495,7 @@ def test_ctrl_c_in_the_clean_up_after_a_creating_deadline_leaves_another_clients
     # copied before the try whose finally gives the undecided up, and a refused name was
     # taken off the undecided before it was taken off the put's: a Ctrl-C there left it
     # to the executor's clean-up, which removed another client's file.
-    names = ["1" * 16, "0" * 16] if which == "probe" else ["0" * 16, "1" * 16]
-    taken = _taken(monkeypatch, workdir, *names)
+    taken = _taken_as(which, monkeypatch, workdir)
     server = make_sshd(max_sessions=10)
     frozen: List[int] = []
     create, discard = transfer._Session.stat_and_create, transfer._Session.discard_upload
