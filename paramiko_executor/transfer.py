@@ -828,9 +828,10 @@ class _Session:
 
     def _send_requests(self, data: memoryview) -> None:
         """Send whole requests ``data``, behind those `later` queued, in one send."""
-        queued, self._queued = self._queued, []
+        queued: List[bytes] = []
         sending = False
         try:  # from the queue's taking on: an interrupt (Ctrl-C) before the send keeps it
+            queued, self._queued = self._queued, []
             if queued:
                 data = memoryview(b"".join([*queued, data]))
             sending = True
@@ -855,10 +856,11 @@ class _Session:
             self._removing[request_id] = removes
         return request_id
 
-    def kept(self, *request_ids: int) -> List[Tuple[int, memoryview]]:
+    def kept(self, *request_ids: int, keep: bool = False) -> List[Tuple[int, memoryview]]:
         """The replies to `later`'s requests ``request_ids``, in order: sent now if still
         queued, and waited for (replies to requests sent before them are dropped). Each
-        stays kept until all came: a wait cut short by the deadline takes none."""
+        stays kept until all came: a wait cut short by the deadline takes none. With
+        ``keep``, they stay kept after too, until the caller takes them off `_kept`."""
         if self._queued:
             self._send_requests(memoryview(b""))
         while any(self._kept[request_id] is None for request_id in request_ids):
@@ -867,7 +869,7 @@ class _Session:
             self.receive(kept_too=True)
         replies = []
         for request_id in request_ids:
-            reply = self._kept.pop(request_id)
+            reply = self._kept[request_id] if keep else self._kept.pop(request_id)
             assert reply is not None
             replies.append(reply)
         return replies
@@ -1067,7 +1069,8 @@ class _Session:
         ``temp`` and ``probe`` are appended to ``temps`` just before the requests
         that create them go out, and taken off again once their exclusive OPEN
         was refused (what is there is not this upload's), once the clean-up removed
-        them, and when it gave them up (see `discard_upload`).
+        them, and when it gave them up (see `discard_upload`); interrupted (Ctrl-C),
+        also when their OPEN never went out.
         """
         flags = _FXF_WRITE | _FXF_CREAT | _FXF_TRUNC | _FXF_EXCL
         requests = [(_FXP_STAT, (_string(path),)),
@@ -1082,23 +1085,37 @@ class _Session:
                          (_FXP_LSTAT, (_string(probe),))]
             names.append(probe)
         self._temps = temps
-        if temps is not None:
-            temps.extend(names)
-        # Through `later` and `kept`, in one send as `calls` sends them: an OPEN's answer
-        # that came before the deadline passed stays known to the clean-up.
-        ids = [self.later(kind, *fields) for kind, fields in requests]
-        creating = dict(zip(names, ids[1:3]))  # each name: its exclusive OPEN
+        asked = tuple(names)
+        creating: Dict[str, int] = {}  # each name: its exclusive OPEN, once queued
+        ids: List[int] = []
+        replies: List[Tuple[int, memoryview]] = []
         try:
-            target, created, *probed = self.kept(*ids)
+            if temps is not None:
+                temps.extend(names)
+            # Through `later` and `kept`, in one send as `calls` sends them: an OPEN's
+            # answer that came before the deadline passed stays known to the clean-up.
+            ids = [self.later(kind, *fields) for kind, fields in requests]
+            creating.update(zip(names, ids[1:3]))
+            # Kept until the refused names are off the upload's: an interrupt meanwhile
+            # still finds the answers (`_disown_refused`).
+            replies = self.kept(*ids, keep=True)
+            target, created, *probed = replies
+            for name, (reply, _body) in zip(asked, (created, *probed)):
+                if reply == _FXP_STATUS:
+                    names.remove(name)
+                    self._disown(name)
+            for request_id in ids:
+                del self._kept[request_id]
         except TimeoutError as exc:
             # A slow server may create them after any later session looked: removed in
             # this one once their OPENs' answers say which were created by this upload.
             self.discard_upload(None, [], exc, creating=creating)
             raise
-        for name, (reply, _body) in zip(list(names), (created, *probed)):
-            if reply == _FXP_STATUS:
-                names.remove(name)
-                self._disown(name)
+        except BaseException:
+            # An interrupt (Ctrl-C) leaves the names to the caller's clean-up: not those
+            # whose OPEN never went out or was refused (another client's file).
+            self._disown_refused(asked, creating, dict(zip(ids, replies)))
+            raise
         try:
             return self._created(path, temp, new_bits, probe, target, created, probed)
         except (_StatusError, TimeoutError, IsADirectoryError, ValueError) as exc:
@@ -1345,39 +1362,48 @@ class _Session:
         Bounded by `CLEANUP_GRACE`; gives up quietly (the caller raises the
         original error). ``handle_field``: the handle as an SFTP string.
         """
-        undecided = dict(creating or {})
+        # ``creating`` itself loses each name as its answer decides it: an interrupt (Ctrl-C)
+        # anywhere in the clean-up gives up only the names still undecided.
         try:
-            if isinstance(error, ProtocolError) or not self.in_sync or self.chan.closed:
-                return
-            self.deadline = time.monotonic() + CLEANUP_GRACE
-            try:
-                if self._unsent is not None:
-                    self.send_bytes(memoryview(self._unsent))
-                    self._unsent = None
-                self._unqueue(undecided)
-                if handle_field is not None:
-                    self.later(_FXP_CLOSE, handle_field)
-                removing = list(names)
-                for name, request_id in list(undecided.items()):
-                    (opened,) = self.kept(request_id)
-                    del undecided[name]
-                    if opened[0] != _FXP_HANDLE:
-                        self._disown(name)  # refused: not this upload's
-                        continue
-                    removing.append(name)
-                    self.later(_FXP_CLOSE, _string(self.handle(*opened)))
-                for name in removing:
-                    self.later(_FXP_REMOVE, _string(name), removes=name)
-                self.settle()
-            except (_StatusError, ExecutorFailure, TimeoutError, EOFError, OSError,
-                    paramiko.SSHException):
-                pass
+            self._discard(handle_field, names, error, {} if creating is None else creating)
         finally:
-            if undecided:
+            if creating:
                 log.debug("gave up the temporary names %s of a failed upload: no answer to "
-                          "the requests that would have created them", sorted(undecided))
-                for name in undecided:
+                          "the requests that would have created them", sorted(creating))
+                for name in creating:
                     self._disown(name)
+
+    def _discard(self, handle_field: Optional[bytes], names: List[str],
+                 error: BaseException, undecided: Dict[str, int]) -> None:
+        """`discard_upload`'s work; a name of ``undecided`` comes off it once decided."""
+        if isinstance(error, ProtocolError) or not self.in_sync or self.chan.closed:
+            return
+        self.deadline = time.monotonic() + CLEANUP_GRACE
+        try:
+            if self._unsent is not None:
+                self.send_bytes(memoryview(self._unsent))
+                self._unsent = None
+            self._unqueue(undecided)
+            if handle_field is not None:
+                self.later(_FXP_CLOSE, handle_field)
+            removing = list(names)
+            for name, request_id in list(undecided.items()):
+                (opened,) = self.kept(request_id)
+                if opened[0] != _FXP_HANDLE:
+                    self._disown(name)  # refused: not this upload's
+                    del undecided[name]
+                    continue
+                # Off the undecided first: interrupted before its REMOVE went out, it
+                # stays among the upload's names for the caller's clean-up.
+                del undecided[name]
+                removing.append(name)
+                self.later(_FXP_CLOSE, _string(self.handle(*opened)))
+            for name in removing:
+                self.later(_FXP_REMOVE, _string(name), removes=name)
+            self.settle()
+        except (_StatusError, ExecutorFailure, TimeoutError, EOFError, OSError,
+                paramiko.SSHException):
+            pass
 
     def _unqueue(self, opens: Dict[str, int]) -> None:
         """Take the requests of ``opens`` (name: request id) that never went out (still
@@ -1392,6 +1418,21 @@ class _Session:
                     del opens[name]
                     self._disown(name)
                     break
+
+    def _disown_refused(self, names: Tuple[str, ...], opens: Dict[str, int],
+                        replies: Dict[int, Tuple[int, memoryview]]) -> None:
+        """After an interrupt in `stat_and_create`: take those of ``names`` off the upload's
+        that nothing created, their OPEN not queued (not in ``opens``, name: its request
+        id) or still queued (see `_unqueue`: a session interrupted sends nothing more),
+        and those whose OPEN's answer, among ``replies`` (request id: reply) or still
+        kept, refused it."""
+        self._unqueue(opens)
+        for name in names:
+            request_id = opens.get(name)
+            answer = None if request_id is None else (
+                replies.get(request_id) or self._kept.get(request_id))
+            if request_id is None or answer is not None and answer[0] == _FXP_STATUS:
+                self._disown(name)
 
     def _disown(self, name: str) -> None:
         """Take ``name`` off the upload's names: gone, or not the upload's."""
