@@ -819,15 +819,19 @@ class SSHExecutor(Executor):
         before, would be closed by this one's exit (an ``echo`` ends as its answer goes
         out), or by any session's end for a channel still waiting for its request.
         """
+        # Not a ``with``: a Ctrl-C at its line would leave the start held (`START_HOLD`).
         start = _begin(link, deadline)
-        if start is None:
-            yield None
-            return
-        with start:
+        try:
+            if start is None:
+                yield None
+                return
             session = self._open_session(link, deadline)
             if session is not None and start is not FREE:
                 session.on_request_answer = start.done
             yield session
+        finally:
+            if start is not None:
+                start.done()
 
     def _take_slot(self, link: Link, deadline: Optional[float], claim: Claim) -> bool:
         """A slot of ``link`` for this thread by ``deadline``, into ``claim``; a spare gives
