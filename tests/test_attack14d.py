@@ -4,11 +4,13 @@ per-thread boundaries (037ad75, 6b7a90c, 929ec28); see the report of branch atta
 from __future__ import annotations
 
 import io
+import random
 from typing import Any, List
 
 import pytest
+from helpers import run_threads, wait_for
 
-from paramiko_executor import SSHExecutor, transfer
+from paramiko_executor import ExecutorFailure, SSHExecutor, transfer
 
 
 @pytest.mark.parametrize("leftovers", [False, True])
@@ -38,3 +40,52 @@ def test_a_transfer_holds_its_start_until_the_subsystem_answers(dropbear: Any, m
         assert held == [True] * (2 if leftovers else 1)
         assert link.starts._current is None
         assert not ex._leftovers
+
+
+def _mixed_calls(ex: SSHExecutor, i: int) -> List[str]:
+    """Thread ``i``'s three calls on ``ex``, each chosen at random (seeded by ``i``): a
+    command, an empty ``bounded_connection`` block, a command inside one, or a command
+    whose ``on_output`` runs another; how each ended."""
+    rnd = random.Random(i)
+    seen = []
+    for _ in range(3):
+        kind = rnd.choice(["command", "block", "callback", "block command"])
+        try:
+            if kind == "command":
+                ex.run_command("echo a", timeout=30)
+            elif kind == "callback":
+                ex.run_command("echo outer", timeout=30,
+                               on_output=lambda *_: ex.run_command("echo in", timeout=5))
+            else:
+                with ex.bounded_connection:
+                    if kind == "block command":
+                        ex.run_command("echo b", timeout=30)
+            seen.append("ok")
+        except ExecutorFailure as exc:
+            seen.append(f"{kind}: {exc}")
+    return seen
+
+
+@pytest.mark.hang_timeout(300)
+@pytest.mark.xfail(strict=True, reason="attack14d: 200 threads mixing commands, blocks and "
+                   "callbacks on MaxSessions 2 leave ~90 threads waiting for a slot in "
+                   "bounded_connection for good, no call holding one (2 of 2 runs; also "
+                   "on 63da3ba); MaxSessions 1 passes; not diagnosed")
+def test_two_hundred_threads_mixing_calls_give_every_slot_back(make_sshd: Any) -> None:
+    server = make_sshd(max_sessions=2)
+    with SSHExecutor(**server.executor_parameters()) as ex:
+        ex.run_command("true", timeout=30)
+        link = ex._connection.link
+        assert link is not None and link.slots is not None
+        try:
+            results, errors = run_threads(lambda i: _mixed_calls(ex, i), 200, timeout=150)
+        except AssertionError:
+            raise AssertionError(
+                f"threads still waiting: available {link.slots.available} of "
+                f"{link.slots.limit}, holders {link.slots._holders}, "
+                f"spare held {link.spare is not None and link.spare.held}") from None
+        assert not errors, errors[:3]
+        wait_for(lambda: link.slots is not None and link.slots.available == link.slots.limit,
+                 "every slot back",
+                 timeout=10)
+        assert not link.slots._holders
