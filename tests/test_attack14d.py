@@ -70,7 +70,9 @@ def _mixed_calls(ex: SSHExecutor, i: int) -> List[str]:
 @pytest.mark.xfail(strict=True, reason="attack14d: 200 threads mixing commands, blocks and "
                    "callbacks on MaxSessions 2 leave ~90 threads waiting for a slot in "
                    "bounded_connection for good, no call holding one (2 of 2 runs; also "
-                   "on 63da3ba); MaxSessions 1 passes; not diagnosed")
+                   "on 63da3ba, and on paramiko 3.4.1): 0 of 2 slots free, each counted to a "
+                   "thread (Slots._holders) whose earlier call had returned; MaxSessions 1 "
+                   "passes; not diagnosed")
 def test_two_hundred_threads_mixing_calls_give_every_slot_back(make_sshd: Any) -> None:
     server = make_sshd(max_sessions=2)
     with SSHExecutor(**server.executor_parameters()) as ex:
