@@ -4,6 +4,7 @@ per-thread boundaries (037ad75, 6b7a90c, 929ec28); see the report of branch atta
 from __future__ import annotations
 
 import io
+import os
 import random
 from typing import Any, List
 
@@ -67,6 +68,9 @@ def _mixed_calls(ex: SSHExecutor, i: int) -> List[str]:
 
 
 @pytest.mark.hang_timeout(300)
+@pytest.mark.skipif(not os.environ.get("PE_ATTACK14D_SLOTS"),
+                    reason="its stuck threads outlive the executor's close and keep the test "
+                    "process from exiting: set PE_ATTACK14D_SLOTS=1 to run it")
 @pytest.mark.xfail(strict=True, reason="attack14d: 200 threads mixing commands, blocks and "
                    "callbacks on MaxSessions 2 leave ~90 threads waiting for a slot in "
                    "bounded_connection for good, no call holding one (2 of 2 runs; also "
