@@ -645,7 +645,11 @@ def install_channel_hooks(transport: paramiko.Transport, sessions: Sessions) -> 
         def wrap(on_reply: Handler) -> Handler:
             def handle(chan: paramiko.Channel, m: Message) -> None:
                 s = sessions.get(chan.chanid)
-                if s is not None and not s.raw and not s.replied(success):
+                if s is not None and s.raw:
+                    # A handed-over channel's one request wanting a reply (a transfer's
+                    # subsystem) was answered: the server has a process for it or none.
+                    s.request_answered()
+                elif s is not None and not s.replied(success):
                     return  # paramiko would close the channel at a failure answering nothing
                 if success:
                     on_reply(chan, m)
@@ -862,9 +866,10 @@ class SessionChannel(Cover):
         self.exec_asked = False
         self.exec_sent = False
         self.exec_accepted: Optional[bool] = None
-        #: Called once (from paramiko's thread) when the server answered the exec or
-        #: closed the channel: the server has no channel waiting for its request then.
-        self.on_exec_answer: Optional[Callable[[], None]] = None
+        #: Called once (from paramiko's thread) when the server answered the exec (a
+        #: handed-over channel's subsystem request) or closed the channel: the server has
+        #: no channel waiting for its request then.
+        self.on_request_answer: Optional[Callable[[], None]] = None
         #: Handed over for paramiko's own use (`hand_over`): only the CLOSE is ours.
         self.raw = False
         #: True from a given-up open (`abandon_open`) until the server answers it.
@@ -955,7 +960,7 @@ class SessionChannel(Cover):
         kind = self._awaiting.popleft()
         if kind == "exec":
             self.exec_accepted = success
-            self._exec_answered()
+            self.request_answered()
         self.replies.append((kind, success))
         if self._reply_wakes or not success:
             self.wakeup.set()
@@ -986,14 +991,15 @@ class SessionChannel(Cover):
         if slots is not None:
             slots.open_answered(time.monotonic() - self._asked, refused=refused)
 
-    def _exec_answered(self) -> None:
-        call, self.on_exec_answer = self.on_exec_answer, None
+    def request_answered(self) -> None:
+        """Call `on_request_answer`, once (paramiko's thread)."""
+        call, self.on_request_answer = self.on_request_answer, None
         if call is not None:
             call()
 
     def server_closed(self) -> None:
         self.remote_closed = True
-        self._exec_answered()
+        self.request_answered()
         self.wakeup.set()
         self._release()
 

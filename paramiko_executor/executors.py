@@ -529,12 +529,7 @@ class SSHExecutor(Executor):
         def attempt(link: Link, side: Local) -> Optional[int]:
             if self._leftovers:
                 self._remove_leftovers(link, deadline)
-            with link.taking():
-                start = _begin(link, deadline)
-                if start is None:
-                    return None
-                with start:
-                    session = self._open_session(link, deadline)
+            with link.taking(), self._started_session(link, deadline) as session:
                 if session is None:
                     return None
                 try:
@@ -610,8 +605,7 @@ class SSHExecutor(Executor):
                 return
             bound = time.monotonic() + LEFTOVER_TIMEOUT
             bound = bound if until is None else min(bound, until)
-            with link.taking():
-                session = self._open_session(link, bound)
+            with link.taking(), self._started_session(link, bound) as session:
                 if session is not None:
                     try:
                         with translate(link.transport, what="the clean-up"):
@@ -809,24 +803,39 @@ class SSHExecutor(Executor):
         log.debug("running %r", spec.command)
         # An interrupt (Ctrl-C) between the open and run's own cover (or as the
         # spare is made after the exec): nothing else would close the session.
-        with link.taking():
-            start = _begin(link, deadline)
-            if start is None:
+        with link.taking(), self._started_session(link, deadline) as session:
+            if session is None:
                 return None
-            with start:
-                session = self._open_session(link, deadline)
-                if session is None:
-                    return None
-                after_exec: Optional[Callable[[], None]] = None
-                if link.starts.serial:
-                    # Dropbear has a process for the channel once it answered the exec;
-                    # the next start's channel, created before, would be closed by this
-                    # command's exit (an ``echo`` ends as its answer goes out), and a
-                    # spare waits for its request all its life: none is made.
-                    session.on_exec_answer = start.done
-                else:
-                    after_exec = functools.partial(link.spare.replenish, deadline)
-                return session.run(spec, deadline, after_exec=after_exec)
+            # A spare waits for its request all its life: none on a serial link (`Starts`).
+            after_exec = None if link.starts.serial else functools.partial(
+                link.spare.replenish, deadline)
+            return session.run(spec, deadline, after_exec=after_exec)
+
+    @contextlib.contextmanager
+    def _started_session(self, link: Link, deadline: Optional[float]
+                         ) -> Iterator[Optional[SessionChannel]]:
+        """`_open_session` as this thread's start on ``link`` (`_begin`); None once
+        ``deadline`` passed.
+
+        The start lasts until the server answers the channel's request (a command's
+        exec, a transfer's subsystem) or closes it, else to the block's end: Dropbear
+        has a process for the channel only then, and the next start's channel, opened
+        before, would be closed by this one's exit (an ``echo`` ends as its answer goes
+        out), or by any session's end for a channel still waiting for its request.
+        """
+        # Not a ``with``: a Ctrl-C at its line would leave the start held (`START_HOLD`).
+        start = _begin(link, deadline)
+        try:
+            if start is None:
+                yield None
+                return
+            session = self._open_session(link, deadline)
+            if session is not None and start is not FREE:
+                session.on_request_answer = start.done
+            yield session
+        finally:
+            if start is not None:
+                start.done()
 
     def _take_slot(self, link: Link, deadline: Optional[float], claim: Claim) -> bool:
         """A slot of ``link`` for this thread by ``deadline``, into ``claim``; a spare gives
