@@ -38,7 +38,9 @@ def test_a_transfer_holds_its_start_until_the_subsystem_answers(dropbear: Any, m
         if leftovers:
             ex._leftovers["/tmp/attack14d-never-made"] = 0
         ex.put(io.BytesIO(b"x"), "/tmp/attack14d-put", timeout=30)
-        assert held == [True] * (2 if leftovers else 1)
+        # A subsystem request Dropbear turned away anyway (a session's end is beyond
+        # any gate) is asked again: one more, held too.
+        assert all(held) and len(held) >= (2 if leftovers else 1), held
         assert link.starts._current is None
         assert not ex._leftovers
 
